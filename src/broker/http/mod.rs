@@ -1,0 +1,297 @@
+//! HTTP/1.1 serving on the single-threaded executor: hyper over async-io sockets.
+//!
+//! What runs here: `accept` on TCP and Unix listeners, one task per connection on the
+//! `LocalExecutor`, `getsockopt(SO_PEERCRED)` for Unix peers, async-io timers for header read
+//! timeouts. No threads of its own. Limits: request headers must arrive within
+//! [`HEADER_TIMEOUT`] (slow-loris), the read buffer is capped at [`MAX_BUF`], and handlers bound body
+//! sizes themselves (`read_body`). On shutdown every connection is told to finish its in-flight
+//! request and close; [`Connections::drain`] waits for them up to a deadline.
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixListener;
+use std::pin::{Pin, pin};
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use async_io::{Async, Timer};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use smol::LocalExecutor;
+use smol_hyper::rt::{FuturesIo, SmolTimer};
+
+use crate::os::{self, PeerCredentials};
+
+/// Time allowed for a request's headers to arrive.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest read buffer per connection (bounds header size).
+pub const MAX_BUF: usize = 64 * 1024;
+
+/// Response body type used everywhere (not `Send`: the executor is single-threaded).
+pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+/// Who is on the other end.
+#[derive(Clone, Copy, Debug)]
+pub enum Peer {
+    /// A TCP client.
+    Tcp(SocketAddr),
+    /// A local process on the Unix socket.
+    Unix(PeerCredentials),
+}
+
+/// A request handler.
+pub type Handler =
+    Rc<dyn Fn(Request<Incoming>, Peer) -> Pin<Box<dyn Future<Output = Response<Body>>>>>;
+
+/// A body from bytes.
+pub fn body(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(body(serde_json::to_vec(value).unwrap_or_default()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, content_type: &'static str, s: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(body(s));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// A JSON error: `{"error": code, "message": message}`.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
+    json(
+        status,
+        &serde_json::json!({ "error": code, "message": message.into() }),
+    )
+}
+
+/// Why a request body could not be read.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Longer than the limit.
+    TooLarge(usize),
+    /// The client stopped sending or the connection failed.
+    Io(String),
+}
+
+impl BodyError {
+    /// The matching HTTP error response.
+    pub fn response(&self) -> Response<Body> {
+        match self {
+            BodyError::TooLarge(max) => error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body exceeds {max} bytes"),
+            ),
+            BodyError::Io(e) => error(StatusCode::BAD_REQUEST, "body_unreadable", e.clone()),
+        }
+    }
+}
+
+/// Reads a whole request body, refusing more than `max` bytes (checked against Content-Length
+/// first, then while reading) and giving up after `timeout`.
+pub async fn read_body(
+    req: Request<Incoming>,
+    max: usize,
+    timeout: Duration,
+) -> Result<Bytes, BodyError> {
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        if len > max as u64 {
+            return Err(BodyError::TooLarge(max));
+        }
+    }
+    let collect = async {
+        Limited::new(req.into_body(), max)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    BodyError::TooLarge(max)
+                } else {
+                    BodyError::Io(e.to_string())
+                }
+            })
+    };
+    futures_lite::future::or(collect, async {
+        Timer::after(timeout).await;
+        Err(BodyError::Io(format!(
+            "request body not received within {}s",
+            timeout.as_secs()
+        )))
+    })
+    .await
+}
+
+/// Counts live connections so shutdown can wait for them.
+#[derive(Clone, Default)]
+pub struct Connections(Rc<Cell<usize>>);
+
+impl Connections {
+    /// Live connection count.
+    pub fn count(&self) -> usize {
+        self.0.get()
+    }
+
+    /// Waits until no connection is left or `deadline` passes; returns how many remain.
+    pub async fn drain(&self, deadline: Instant) -> usize {
+        while self.count() > 0 && Instant::now() < deadline {
+            Timer::after(Duration::from_millis(5)).await;
+        }
+        self.count()
+    }
+}
+
+struct Guard(Connections);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.0.set(self.0.0.get().saturating_sub(1));
+    }
+}
+
+/// Serves one connection until it closes, or until `shutdown` fires and the in-flight request
+/// (if any) has been answered.
+async fn serve_conn<S>(io: S, peer: Peer, handler: Handler, shutdown: async_channel::Receiver<()>)
+where
+    S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let fut = handler(req, peer);
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(SmolTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_BUF);
+    let conn = builder.serve_connection(FuturesIo::new(io), service);
+    let mut conn = pin!(conn);
+    let mut stop = pin!(shutdown.recv());
+    let mut stopping = false;
+    let result = std::future::poll_fn(|cx| {
+        if !stopping && stop.as_mut().poll(cx).is_ready() {
+            conn.as_mut().graceful_shutdown();
+            stopping = true;
+        }
+        match conn.as_mut().poll(cx) {
+            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    if let Err(e) = result {
+        log::debug!("connection from {peer:?} ended: {e}");
+    }
+}
+
+/// Accepts TCP connections until `shutdown` fires.
+pub async fn serve_tcp(
+    ex: Rc<LocalExecutor<'static>>,
+    listener: TcpListener,
+    handler: Handler,
+    shutdown: async_channel::Receiver<()>,
+    conns: Connections,
+) -> io::Result<()> {
+    let listener = Async::new(listener)?;
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            let _ = shutdown.recv().await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else {
+            return Ok(());
+        };
+        let (stream, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                log::warn!("accept failed: {e}");
+                Timer::after(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.get_ref().set_nodelay(true);
+        conns.0.set(conns.0.get() + 1);
+        let guard = Guard(conns.clone());
+        let (h, s) = (handler.clone(), shutdown.clone());
+        ex.spawn(async move {
+            let _guard = guard;
+            serve_conn(stream, Peer::Tcp(addr), h, s).await;
+        })
+        .detach();
+    }
+}
+
+/// Accepts Unix-socket connections until `shutdown` fires; each request carries the peer's
+/// kernel-verified credentials.
+pub async fn serve_unix(
+    ex: Rc<LocalExecutor<'static>>,
+    listener: UnixListener,
+    handler: Handler,
+    shutdown: async_channel::Receiver<()>,
+    conns: Connections,
+) -> io::Result<()> {
+    let listener = Async::new(listener)?;
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            let _ = shutdown.recv().await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else {
+            return Ok(());
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                log::warn!("accept failed on the local socket: {e}");
+                Timer::after(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let creds = match os::peer_credentials(stream.get_ref().as_fd()) {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("SO_PEERCRED failed: {e}");
+                continue;
+            }
+        };
+        conns.0.set(conns.0.get() + 1);
+        let guard = Guard(conns.clone());
+        let (h, s) = (handler.clone(), shutdown.clone());
+        ex.spawn(async move {
+            let _guard = guard;
+            serve_conn(stream, Peer::Unix(creds), h, s).await;
+        })
+        .detach();
+    }
+}

@@ -1,0 +1,224 @@
+//! The local API on the Unix socket (`<data-dir>/ephyr.sock` or `--socket`).
+//!
+//! What runs here: HTTP/1.1 over the Unix socket; the caller's identity is the kernel's
+//! `SO_PEERCRED` (no passwords on this path). Operators are uid 0 and the broker's own uid.
+//! Routes:
+//!
+//! | route | who | what |
+//! |---|---|---|
+//! | `GET /v1/status` | operator | broker and signer state (pids, sandbox, limits, CA key) |
+//! | `POST /v1/certs` | operator | break-glass operator certificate for a public key |
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde::Deserialize;
+
+use super::Broker;
+use super::http::{Body, Handler, Peer, error, json, read_body};
+use super::signer_client::CallError;
+use crate::signer::protocol::{CertRequest, ErrorCode, Request, Response, SignerLimits};
+use crate::time::{now, parse_duration};
+
+const MAX_BODY: usize = 16 * 1024;
+
+fn is_operator(broker: &Broker, peer: Peer) -> bool {
+    match peer {
+        Peer::Unix(c) => c.uid == 0 || c.uid == broker.identity.uid,
+        Peer::Tcp(_) => false,
+    }
+}
+
+fn limits_json(l: &SignerLimits) -> serde_json::Value {
+    serde_json::json!({
+        "max_cert_ttl_secs": l.max_cert_ttl_secs,
+        "principals": l.principals,
+        "rate_limit": l.rate_limit,
+        "rate_window_secs": l.rate_window_secs,
+    })
+}
+
+/// Full status for operators.
+pub fn status_json(broker: &Broker) -> serde_json::Value {
+    let h = broker.signer.health();
+    let sandbox = h.status.as_ref().map(|s| {
+        let b = &s.sandbox;
+        serde_json::json!({
+            "enforced": b.enforced,
+            "insecure_override": b.insecure_override,
+            "uid": b.uid,
+            "gid": b.gid,
+            "no_new_privs": b.no_new_privs,
+            "dumpable": b.dumpable,
+            "caps_cleared": b.caps_cleared,
+            "landlock_abi": b.landlock_abi,
+            "landlock": format!("{:?}", b.landlock),
+            "seccomp": format!("{:?}", b.seccomp),
+            "problems": b.problems,
+        })
+    });
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "uid": broker.identity.uid,
+        "gid": broker.identity.gid,
+        "uptime_secs": broker.started.elapsed().as_secs(),
+        "data_dir": broker.data_dir.root,
+        "listen": broker.listen.to_string(),
+        "dashboard_listen": broker.dashboard_listen.to_string(),
+        "signer": {
+            "available": h.available,
+            "keeper_pid": h.keeper_pid,
+            "worker_pid": h.worker_pid,
+            "restarts": h.restarts,
+            "problem": h.problem,
+            "ca_public_key": h.status.as_ref().map(|s| s.ca_public_key.clone()),
+            "limits": h.status.as_ref().map(|s| limits_json(&s.limits)),
+            "sandbox": sandbox,
+        },
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OperatorCertRequest {
+    public_key: String,
+    principals: Vec<String>,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    key_id: Option<String>,
+    #[serde(default)]
+    force_command: Option<String>,
+    #[serde(default)]
+    source_address: Option<String>,
+    #[serde(default)]
+    extensions: Option<Vec<String>>,
+}
+
+/// Maps a signer call error to an HTTP answer.
+pub fn signer_error_response(e: &CallError) -> http::Response<Body> {
+    match e {
+        CallError::Refused(r) => {
+            let status = match r.code {
+                ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::FORBIDDEN,
+            };
+            error(status, r.code.as_str(), r.message.clone())
+        }
+        CallError::Unavailable(_) | CallError::WorkerDied | CallError::Timeout => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "signer_unavailable",
+            e.to_string(),
+        ),
+        CallError::Protocol(_) => error(StatusCode::BAD_GATEWAY, "signer_protocol", e.to_string()),
+    }
+}
+
+async fn operator_cert(
+    broker: &Broker,
+    peer: Peer,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<Body> {
+    let body = match read_body(req, MAX_BODY, Duration::from_secs(10)).await {
+        Ok(b) => b,
+        Err(e) => return e.response(),
+    };
+    let r: OperatorCertRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("request body: {e}"),
+            );
+        }
+    };
+    let ttl = match r.ttl.as_deref().map(parse_duration).transpose() {
+        Ok(t) => t.unwrap_or(Duration::from_secs(300)),
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_ttl", format!("ttl: {e}")),
+    };
+    let cap = broker.policy().limits.cert_ttl_max;
+    if ttl > cap {
+        return error(
+            StatusCode::FORBIDDEN,
+            "ttl_too_long",
+            format!(
+                "ttl {}s exceeds the policy cap of {}s",
+                ttl.as_secs(),
+                cap.as_secs()
+            ),
+        );
+    }
+    let t = now().secs().max(0) as u64;
+    let uid = match peer {
+        Peer::Unix(c) => c.uid,
+        Peer::Tcp(_) => u32::MAX,
+    };
+    let key_id = r
+        .key_id
+        .unwrap_or_else(|| format!("ephyr:operator:uid{uid}:{t}"));
+    let request = Request::SignUserCert(CertRequest {
+        public_key: r.public_key,
+        principals: r.principals,
+        key_id: key_id.clone(),
+        valid_after: t.saturating_sub(30),
+        valid_before: t + ttl.as_secs(),
+        force_command: r.force_command,
+        source_address: r.source_address,
+        extensions: r.extensions.unwrap_or_else(|| vec!["permit-pty".into()]),
+    });
+    match broker.signer.call(request).await {
+        Ok(Response::Certificate {
+            serial,
+            certificate,
+        }) => {
+            log::info!(
+                "operator certificate issued to uid {uid}: serial {serial:016x} key_id {key_id}"
+            );
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "serial": format!("{serial:016x}"),
+                    "key_id": key_id,
+                    "valid_after": t.saturating_sub(30),
+                    "valid_before": t + ttl.as_secs(),
+                    "certificate": certificate,
+                }),
+            )
+        }
+        Ok(other) => error(
+            StatusCode::BAD_GATEWAY,
+            "signer_protocol",
+            format!("unexpected answer {other:?}"),
+        ),
+        Err(e) => signer_error_response(&e),
+    }
+}
+
+/// Handler for the local socket.
+pub fn local_handler(broker: Rc<Broker>) -> Handler {
+    Rc::new(move |req, peer| {
+        let broker = broker.clone();
+        Box::pin(async move {
+            if !is_operator(&broker, peer) {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "not_an_operator",
+                    "only root and the broker's user may use this API",
+                );
+            }
+            match (req.method().clone(), req.uri().path()) {
+                (Method::GET, "/v1/status") => json(StatusCode::OK, &status_json(&broker)),
+                (Method::POST, "/v1/certs") => operator_cert(&broker, peer, req).await,
+                (_, path) => error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no route for {path}"),
+                ),
+            }
+        })
+    })
+}

@@ -1,0 +1,335 @@
+//! `ephyr serve`: start-up, the executor, signals and shutdown.
+//!
+//! Order of start-up (DESIGN.md §1), each step before the next:
+//! 1. read the policy (file, or the built-in dev policy) and resolve users — no threads exist yet;
+//! 2. prepare the data dir, then `socketpair` + fork/exec the signer keeper;
+//! 3. bind the TCP listeners and the local Unix socket (as root, if started as root);
+//! 4. drop the broker's privileges;
+//! 5. run everything else on one `LocalExecutor` on the main thread: wait for the signer, serve,
+//!    handle SIGTERM/SIGINT (graceful stop) and SIGHUP (reload hook).
+//!
+//! Shutdown: stop accepting, let in-flight requests finish (up to `--shutdown-timeout`), close the
+//! signer's control socket (keeper and worker exit), remove a temporary data dir, exit 0.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use async_signal::{Signal, Signals};
+use futures_lite::StreamExt;
+use smol::LocalExecutor;
+
+use super::blocking::BlockingPool;
+use super::datadir::{DEFAULT_CONFIG_DIR, DEFAULT_DATA_DIR, DataDir};
+use super::http::{self, Connections};
+use super::policy::{self, DEV_POLICY, Policy};
+use super::privileges::{self, drop_privileges, resolve_identities};
+use super::signer_client::{Launch, Signer};
+use super::{Broker, local, routes};
+use crate::signer::{SignerConfig, TargetIds};
+
+/// Options of `ephyr serve`.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Policy file (default `/etc/ephyr/policy.yaml`; with `--dev`, the built-in dev policy).
+    pub config: Option<PathBuf>,
+    /// Data dir (default `/var/lib/ephyr`; with `--dev`, a temporary one).
+    pub data_dir: Option<PathBuf>,
+    /// MCP/API listener.
+    pub listen: SocketAddr,
+    /// Dashboard listener.
+    pub dashboard_listen: SocketAddr,
+    /// Local socket path (default `<data-dir>/ephyr.sock`).
+    pub socket: Option<PathBuf>,
+    /// Development mode.
+    pub dev: bool,
+    /// Let the signer serve without a complete sandbox.
+    pub insecure_no_sandbox: bool,
+    /// Broker account when started as root.
+    pub broker_user: Option<String>,
+    /// Signer account when started as root.
+    pub signer_user: Option<String>,
+    /// How long in-flight requests may take to finish on shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            config: None,
+            data_dir: None,
+            listen: "127.0.0.1:8554".parse().expect("literal address"),
+            dashboard_listen: "127.0.0.1:8553".parse().expect("literal address"),
+            socket: None,
+            dev: false,
+            insecure_no_sandbox: false,
+            broker_user: None,
+            signer_user: None,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why `serve` stopped with an error; each maps to a documented exit code.
+#[derive(Debug)]
+pub enum ServeError {
+    /// The policy or options are invalid (exit 3).
+    Config(String),
+    /// Start-up failed: files, listeners, privileges, signer (exit 1).
+    Startup(String),
+    /// The signer was lost for good while running (exit 70).
+    SignerLost(String),
+}
+
+impl fmt::Display for ServeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServeError::Config(m) | ServeError::Startup(m) | ServeError::SignerLost(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
+impl ServeError {
+    /// Process exit code (documented in docs/cli.md).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ServeError::Config(_) => 3,
+            ServeError::Startup(_) => 1,
+            ServeError::SignerLost(_) => 70,
+        }
+    }
+}
+
+fn startup<E: fmt::Display>(what: &str) -> impl FnOnce(E) -> ServeError + '_ {
+    move |e| ServeError::Startup(format!("{what}: {e}"))
+}
+
+fn bind_tcp(addr: SocketAddr, what: &str) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .map_err(|e| ServeError::Startup(format!("cannot listen on {addr} ({what}): {e}")))
+}
+
+fn bind_unix(path: &PathBuf) -> Result<UnixListener, ServeError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            // A live broker would still answer; a stale socket file from a killed one is removed.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServeError::Startup(format!(
+                    "{} is in use: another ephyr broker is running with this data dir",
+                    path.display()
+                )));
+            }
+            std::fs::remove_file(path).map_err(startup("removing a stale socket"))?;
+        }
+        Ok(_) => {
+            return Err(ServeError::Startup(format!(
+                "{} exists and is not a socket",
+                path.display()
+            )));
+        }
+        Err(_) => {}
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| ServeError::Startup(format!("{}: {e}", path.display())))?;
+    // Anyone may connect; SO_PEERCRED decides what they may do.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(startup("socket mode"))?;
+    Ok(l)
+}
+
+/// Runs the broker until it is told to stop.
+pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
+    crate::logging::init("broker");
+    let started = Instant::now();
+
+    // 1. Policy and identities.
+    let policy = match (&opts.config, opts.dev) {
+        (Some(path), _) => policy::load_file(path),
+        (None, true) => Policy::parse(DEV_POLICY, "built-in dev policy"),
+        (None, false) => policy::load_file(&PathBuf::from(DEFAULT_CONFIG_DIR).join("policy.yaml")),
+    }
+    .map_err(|e| ServeError::Config(format!("policy not loaded:\n{e}")))?;
+    let root = privileges::is_root();
+    let ids = if root {
+        Some(
+            resolve_identities(opts.broker_user.as_deref(), opts.signer_user.as_deref())
+                .map_err(ServeError::Config)?,
+        )
+    } else {
+        None
+    };
+
+    // 2. Data dir, then the signer — before any thread exists.
+    let data_dir = match (&opts.data_dir, opts.dev) {
+        (Some(d), _) => DataDir::at(d),
+        (None, true) => DataDir::temporary().map_err(startup("temporary data dir"))?,
+        (None, false) => DataDir::at(DEFAULT_DATA_DIR),
+    };
+    data_dir
+        .prepare(ids.as_ref().map(|i| &i.broker))
+        .map_err(ServeError::Startup)?;
+    if !opts.dev && !data_dir.keys().ca_key().exists() {
+        return Err(ServeError::Startup(format!(
+            "{} does not exist: run `ephyr init --data-dir {}` first",
+            data_dir.keys().ca_key().display(),
+            data_dir.root.display()
+        )));
+    }
+    let signer_config = SignerConfig {
+        max_cert_ttl_secs: policy.limits.cert_ttl_max.as_secs() as u32,
+        principals: policy.signer_principals(),
+        rate_limit: policy.limits.signer_rate,
+        rate_window_secs: policy.limits.signer_window.as_secs() as u32,
+    };
+    signer_config.validate().map_err(ServeError::Config)?;
+    let launch = Launch::new(
+        (!data_dir.temporary).then(|| data_dir.root.clone()),
+        opts.dev,
+        ids.as_ref().map(|i| TargetIds {
+            uid: i.signer.uid,
+            gid: i.signer.gid,
+        }),
+        &signer_config,
+        opts.insecure_no_sandbox,
+    );
+    let keeper = launch
+        .spawn(false)
+        .map_err(startup("starting the signer"))?;
+
+    // 3. Listeners (as root if started as root).
+    let api = bind_tcp(opts.listen, "MCP/API")?;
+    let dashboard = bind_tcp(opts.dashboard_listen, "dashboard")?;
+    let socket_path = opts.socket.clone().unwrap_or_else(|| data_dir.socket());
+    let unix = bind_unix(&socket_path)?;
+    let (listen, dashboard_listen) = (
+        api.local_addr().map_err(startup("listener address"))?,
+        dashboard
+            .local_addr()
+            .map_err(startup("listener address"))?,
+    );
+
+    // 4. Privileges.
+    let identity = drop_privileges(ids.as_ref().map(|i| &i.broker)).map_err(ServeError::Startup)?;
+    if identity.changed_identity {
+        log::info!(
+            "broker dropped privileges to uid {} gid {}",
+            identity.uid,
+            identity.gid
+        );
+    } else {
+        log::warn!(
+            "running unprivileged as uid {}: the broker and signer share a user, so the CA key on disk is \
+             readable by the broker; start as root for privilege separation",
+            identity.uid
+        );
+    }
+
+    // 5. The executor.
+    let ex = Rc::new(LocalExecutor::new());
+    let result = smol::block_on(ex.run(async {
+        let mut signals = Signals::new([Signal::Term, Signal::Int, Signal::Hup]).map_err(startup("signal handlers"))?;
+        let (fatal_tx, fatal_rx) = async_channel::bounded(1);
+        let (signer, supervisor) = Signer::start(launch, keeper, fatal_tx).await.map_err(|e| {
+            ServeError::Startup(e.to_string())
+        })?;
+        ex.spawn(supervisor).detach();
+        let broker = Rc::new(Broker {
+            signer: signer.clone(),
+            policy: RefCell::new(Rc::new(policy)),
+            started,
+            identity,
+            data_dir: data_dir.clone(),
+            listen,
+            dashboard_listen,
+            socket: socket_path.clone(),
+            pool: BlockingPool::new(2, 64),
+        });
+        let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
+        let conns = Connections::default();
+        for (name, fut) in [
+            ("MCP/API", Box::pin(http::serve_tcp(ex.clone(), api, routes::api_handler(broker.clone()), stop_rx.clone(), conns.clone()))
+                as std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>>>>),
+            ("dashboard", Box::pin(http::serve_tcp(ex.clone(), dashboard, routes::dashboard_handler(broker.clone()), stop_rx.clone(), conns.clone()))),
+            ("local socket", Box::pin(http::serve_unix(ex.clone(), unix, local::local_handler(broker.clone()), stop_rx.clone(), conns.clone()))),
+        ] {
+            ex.spawn(async move {
+                if let Err(e) = fut.await {
+                    log::error!("{name} listener failed: {e}");
+                }
+            })
+            .detach();
+        }
+        let ca = signer.health().status.map(|s| s.ca_public_key).unwrap_or_default();
+        log::info!(
+            "serving: MCP/API http://{listen} dashboard http://{dashboard_listen} socket {} (ready in {:.1} ms)",
+            socket_path.display(),
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+        if opts.dev {
+            print_dev_banner(&broker, &ca);
+        }
+
+        // Wait for a reason to stop.
+        let outcome = loop {
+            let next = futures_lite::future::or(async { Ok(signals.next().await) }, async {
+                Err(fatal_rx.recv().await.unwrap_or_else(|_| "signer supervisor ended".into()))
+            })
+            .await;
+            match next {
+                Ok(Some(Ok(Signal::Hup))) => {
+                    log::info!("SIGHUP received: reload requested");
+                }
+                Ok(Some(Ok(sig))) => {
+                    log::info!("{sig:?} received: shutting down");
+                    break Ok(());
+                }
+                Ok(Some(Err(e))) => log::warn!("signal stream error: {e}"),
+                Ok(None) => break Ok(()),
+                Err(msg) => break Err(ServeError::SignerLost(msg)),
+            }
+        };
+
+        // Graceful stop: no new connections, finish in-flight requests, then the signer.
+        stop_rx.close();
+        drop(stop_tx);
+        let left = conns.drain(Instant::now() + opts.shutdown_timeout).await;
+        if left > 0 {
+            log::warn!("{left} connection(s) still open after {}s; closing", opts.shutdown_timeout.as_secs());
+        }
+        signer.shutdown().await;
+        outcome
+    }));
+    drop(unix_cleanup(&socket_path));
+    data_dir.remove_if_temporary();
+    log::info!("stopped");
+    result
+}
+
+fn unix_cleanup(path: &PathBuf) -> std::io::Result<()> {
+    std::fs::remove_file(path)
+}
+
+fn print_dev_banner(broker: &Broker, ca: &str) {
+    let url = format!("http://{}/mcp", broker.listen);
+    let where_ = if broker.data_dir.temporary {
+        format!(
+            "temporary data dir {} (removed on exit)",
+            broker.data_dir.root.display()
+        )
+    } else {
+        format!("data dir {}", broker.data_dir.root.display())
+    };
+    println!(
+        "\nephyr {} dev broker is running ({where_})\n\n  MCP endpoint:   {url}\n  Health:         http://{}/healthz\n  Local socket:   {}\n  CA public key (put this line in TrustedUserCAKeys on your targets):\n    {ca}\n\nStop with Ctrl-C.\n",
+        env!("CARGO_PKG_VERSION"),
+        broker.listen,
+        broker.socket.display()
+    );
+}

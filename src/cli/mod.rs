@@ -1,0 +1,106 @@
+//! Subcommand implementations. `main.rs` parses arguments and calls these; each returns an exit
+//! code or an error message (documented exit codes: docs/cli.md).
+
+pub mod client;
+pub mod doctor;
+pub mod init;
+
+use std::path::{Path, PathBuf};
+
+/// Options of `ephyr cert sign`.
+#[derive(Debug, Default)]
+pub struct CertSignOptions {
+    /// Local socket.
+    pub socket: PathBuf,
+    /// Public key file (`-` = stdin).
+    pub public_key: PathBuf,
+    /// Principals.
+    pub principals: Vec<String>,
+    /// Validity, e.g. `5m`.
+    pub ttl: Option<String>,
+    /// `force-command`.
+    pub force_command: Option<String>,
+    /// `source-address`.
+    pub source_address: Option<String>,
+    /// Print the whole JSON answer instead of the certificate line.
+    pub json: bool,
+}
+
+fn read_input(path: &Path) -> Result<String, String> {
+    if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| format!("stdin: {e}"))?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// `ephyr cert sign`: asks the running broker's signer for an operator certificate.
+pub fn cert_sign(o: &CertSignOptions) -> Result<(), String> {
+    let key = read_input(&o.public_key)?;
+    let body = serde_json::json!({
+        "public_key": key.trim(),
+        "principals": o.principals,
+        "ttl": o.ttl,
+        "force_command": o.force_command,
+        "source_address": o.source_address,
+    });
+    let (status, v) = client::request(&o.socket, http::Method::POST, "/v1/certs", Some(&body))?;
+    if !status.is_success() {
+        return Err(format!(
+            "{} ({status}): {}",
+            v["error"].as_str().unwrap_or("error"),
+            v["message"].as_str().unwrap_or("")
+        ));
+    }
+    if o.json {
+        println!("{v}");
+    } else {
+        println!("{}", v["certificate"].as_str().unwrap_or_default());
+        eprintln!(
+            "serial {} key id {} valid until {}",
+            v["serial"], v["key_id"], v["valid_before"]
+        );
+    }
+    Ok(())
+}
+
+/// `ephyr status`: the running broker's status.
+pub fn status(socket: &Path, json: bool) -> Result<(), String> {
+    let (code, v) = client::request(socket, http::Method::GET, "/v1/status", None)?;
+    if !code.is_success() {
+        return Err(format!("{code}: {}", v["message"].as_str().unwrap_or("")));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    let s = &v["signer"];
+    println!(
+        "ephyr {}  pid {}  uid {}  up {}s",
+        v["version"].as_str().unwrap_or("?"),
+        v["pid"],
+        v["uid"],
+        v["uptime_secs"]
+    );
+    println!(
+        "listen {}  dashboard {}  data dir {}",
+        v["listen"], v["dashboard_listen"], v["data_dir"]
+    );
+    println!(
+        "signer: {}  keeper pid {}  worker pid {}  restarts {}",
+        if s["available"].as_bool() == Some(true) {
+            "available"
+        } else {
+            "UNAVAILABLE"
+        },
+        s["keeper_pid"],
+        s["worker_pid"],
+        s["restarts"]
+    );
+    println!("sandbox: {}", s["sandbox"]);
+    println!("CA: {}", s["ca_public_key"].as_str().unwrap_or("?"));
+    Ok(())
+}

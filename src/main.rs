@@ -1,0 +1,353 @@
+//! `ephyr`: command-line parsing and dispatch only. The work happens in the library.
+//!
+//! Exit codes (docs/cli.md): 0 success; 1 failure (runtime error, or `doctor` found problems);
+//! 2 usage error; 3 invalid configuration or input; 70 the signer was lost while serving.
+
+#![forbid(unsafe_code)]
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use ephyr::broker::datadir::{DEFAULT_CONFIG_DIR, DEFAULT_DATA_DIR};
+use ephyr::broker::serve::{self, ServeOptions};
+use ephyr::cli;
+use ephyr::signer::{SignerArgs, SignerConfig, TargetIds};
+use lexopt::prelude::*;
+
+const USAGE: &str = "\
+ephyr — access broker between AI agents and infrastructure
+
+Usage: ephyr <command> [options]
+
+Commands:
+  serve        run the broker (and its sandboxed signer)
+  init         create the data dir, keys and an example policy
+  doctor       check files, keys, the policy and the signer sandbox
+  status       show a running broker's state
+  cert sign    issue an operator SSH certificate through the running broker
+  version      print the version
+
+Run `ephyr <command> --help` for a command's options. Exit codes: 0 ok, 1 failure,
+2 usage error, 3 invalid configuration or input, 70 signer lost.";
+
+const SERVE_HELP: &str = "\
+Usage: ephyr serve [options]
+
+Runs the broker. The signer (which alone holds the CA key) is started as a separate,
+sandboxed process. Stop with SIGTERM or Ctrl-C; SIGHUP reloads the policy.
+
+Options:
+  --dev                      no setup: temporary data dir, built-in dev policy, prints
+                             how to connect an MCP client
+  --config FILE              policy file (default /etc/ephyr/policy.yaml; --dev: built in)
+  --data-dir DIR             data dir (default /var/lib/ephyr; --dev: a temporary dir,
+                             or DIR to keep keys and state across restarts)
+  --listen ADDR              MCP/API listener (default 127.0.0.1:8554)
+  --dashboard-listen ADDR    dashboard listener (default 127.0.0.1:8553)
+  --socket PATH              local API socket (default <data-dir>/ephyr.sock)
+  --broker-user USER         account the broker drops to when started as root
+                             (default: ephyr if it exists, else uid 65533)
+  --signer-user USER         account the signer drops to when started as root
+                             (default: ephyr-signer if it exists, else 65534)
+  --shutdown-timeout DUR     time for in-flight requests on shutdown (default 10s)
+  --insecure-no-sandbox      let the signer run without a complete sandbox (emulators,
+                             old kernels); logged loudly and shown by doctor and metrics";
+
+const INIT_HELP: &str = "\
+Usage: ephyr init [options]
+
+Creates the data dir (keys/, state/, audit/), the Ed25519 CA key (0600), the sealing key
+and an example policy, then prints the CA public key line for TrustedUserCAKeys on your
+targets. Running it again keeps existing keys.
+
+Options:
+  --data-dir DIR         data dir (default /var/lib/ephyr)
+  --config-dir DIR       config dir for policy.yaml (default /etc/ephyr)
+  --force-new-ca         replace the CA key (targets must then trust the new line)
+  --broker-user USER     broker account (when run as root), owns state/ and audit/
+  --signer-user USER     signer account (when run as root)";
+
+const DOCTOR_HELP: &str = "\
+Usage: ephyr doctor [options]
+
+Checks file modes and ownership, the keys, the policy, the sandbox of a real signer
+(it tries to escape and must fail), and a running broker. Exit 1 if anything failed.
+
+Options:
+  --data-dir DIR      data dir (default /var/lib/ephyr)
+  --config FILE       policy file (default /etc/ephyr/policy.yaml)
+  --socket PATH       local API socket of a running broker (default <data-dir>/ephyr.sock)
+  --broker-user USER  as for serve
+  --signer-user USER  as for serve
+  --json              machine-readable output";
+
+const STATUS_HELP: &str = "\
+Usage: ephyr status [--socket PATH | --data-dir DIR] [--json]
+
+Shows a running broker's state (needs root or the broker's user).";
+
+const CERT_HELP: &str = "\
+Usage: ephyr cert sign --public-key FILE --principal NAME [options]
+
+Issues a short-lived operator certificate through the running broker's signer (root or
+the broker's user only). Prints the certificate line; save it as <key>-cert.pub.
+
+Options:
+  --public-key FILE       OpenSSH ed25519 public key (- for stdin)
+  --principal NAME        remote user (repeatable; must be on the signer's allow-list)
+  --ttl DUR               validity (default 5m, at most the policy's cert_ttl_max)
+  --force-command CMD     force-command critical option
+  --source-address CIDRS  source-address critical option
+  --socket PATH / --data-dir DIR   where the broker's local socket is
+  --json                  print the full JSON answer";
+
+fn main() -> ExitCode {
+    let mut p = lexopt::Parser::from_env();
+    match dispatch(&mut p) {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure::Usage(e)) => {
+            eprintln!("ephyr: {e}\nTry 'ephyr --help'.");
+            ExitCode::from(2)
+        }
+        Err(Failure::Run(code, e)) => {
+            eprintln!("ephyr: {e}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Run(u8, String),
+}
+
+impl From<lexopt::Error> for Failure {
+    fn from(e: lexopt::Error) -> Self {
+        Failure::Usage(e.to_string())
+    }
+}
+
+fn usage(msg: impl Into<String>) -> Failure {
+    Failure::Usage(msg.into())
+}
+
+fn help(text: &str) -> Result<u8, Failure> {
+    println!("{text}");
+    Ok(0)
+}
+
+fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let cmd = match p.next()? {
+        Some(Value(v)) => v.string()?,
+        Some(Long("version") | Short('V')) => "version".into(),
+        Some(Long("help") | Short('h')) => return help(USAGE),
+        Some(other) => return Err(other.unexpected().into()),
+        None => {
+            eprintln!("{USAGE}");
+            return Ok(2);
+        }
+    };
+    match cmd.as_str() {
+        "serve" => cmd_serve(p),
+        "init" => cmd_init(p),
+        "doctor" => cmd_doctor(p),
+        "status" => cmd_status(p),
+        "cert" => cmd_cert(p),
+        "version" => {
+            println!("ephyr {}", env!("CARGO_PKG_VERSION"));
+            Ok(0)
+        }
+        "help" => help(USAGE),
+        "__signer" => cmd_signer(p),
+        other => Err(usage(format!("unknown command {other:?}"))),
+    }
+}
+
+fn path(v: OsString) -> PathBuf {
+    PathBuf::from(v)
+}
+
+fn addr(p: &mut lexopt::Parser, flag: &str) -> Result<SocketAddr, Failure> {
+    let v = p.value()?.string()?;
+    v.parse().map_err(|_| {
+        usage(format!(
+            "{flag}: {v:?} is not an address like 127.0.0.1:8554"
+        ))
+    })
+}
+
+fn cmd_serve(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let mut o = ServeOptions::default();
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("dev") => o.dev = true,
+            Long("config") => o.config = Some(path(p.value()?)),
+            Long("data-dir") => o.data_dir = Some(path(p.value()?)),
+            Long("listen") => o.listen = addr(p, "--listen")?,
+            Long("dashboard-listen") => o.dashboard_listen = addr(p, "--dashboard-listen")?,
+            Long("socket") => o.socket = Some(path(p.value()?)),
+            Long("broker-user") => o.broker_user = Some(p.value()?.string()?),
+            Long("signer-user") => o.signer_user = Some(p.value()?.string()?),
+            Long("shutdown-timeout") => {
+                let v = p.value()?.string()?;
+                o.shutdown_timeout = ephyr::time::parse_duration(&v)
+                    .map_err(|e| usage(format!("--shutdown-timeout: {e}")))?;
+            }
+            Long("insecure-no-sandbox") => o.insecure_no_sandbox = true,
+            Long("help") | Short('h') => return help(SERVE_HELP),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    match serve::run(o) {
+        Ok(()) => Ok(0),
+        Err(e) => Err(Failure::Run(e.exit_code() as u8, e.to_string())),
+    }
+}
+
+fn cmd_init(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let mut o = cli::init::InitOptions {
+        data_dir: DEFAULT_DATA_DIR.into(),
+        config_dir: DEFAULT_CONFIG_DIR.into(),
+        ..Default::default()
+    };
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("data-dir") => o.data_dir = path(p.value()?),
+            Long("config-dir") => o.config_dir = path(p.value()?),
+            Long("force-new-ca") => o.force_new_ca = true,
+            Long("broker-user") => o.broker_user = Some(p.value()?.string()?),
+            Long("signer-user") => o.signer_user = Some(p.value()?.string()?),
+            Long("help") | Short('h') => return help(INIT_HELP),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    cli::init::run(&o)
+        .map(|()| 0)
+        .map_err(|e| Failure::Run(1, e))
+}
+
+fn cmd_doctor(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let mut o = cli::doctor::DoctorOptions {
+        data_dir: DEFAULT_DATA_DIR.into(),
+        config: PathBuf::from(DEFAULT_CONFIG_DIR).join("policy.yaml"),
+        ..Default::default()
+    };
+    let mut socket = None;
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("data-dir") => o.data_dir = path(p.value()?),
+            Long("config") => o.config = path(p.value()?),
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("broker-user") => o.broker_user = Some(p.value()?.string()?),
+            Long("signer-user") => o.signer_user = Some(p.value()?.string()?),
+            Long("json") => o.json = true,
+            Long("help") | Short('h') => return help(DOCTOR_HELP),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    o.socket = cli::client::socket_path(socket, Some(&o.data_dir));
+    match cli::doctor::run(&o) {
+        Ok(true) => Ok(0),
+        Ok(false) => Ok(1),
+        Err(e) => Err(Failure::Run(1, e)),
+    }
+}
+
+fn cmd_status(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let (mut socket, mut data_dir, mut json) = (None, None, false);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("data-dir") => data_dir = Some(path(p.value()?)),
+            Long("json") => json = true,
+            Long("help") | Short('h') => return help(STATUS_HELP),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let sock = cli::client::socket_path(socket, data_dir.as_deref());
+    cli::status(&sock, json)
+        .map(|()| 0)
+        .map_err(|e| Failure::Run(1, e))
+}
+
+fn cmd_cert(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    match p.next()? {
+        Some(Value(v)) if v == "sign" => {}
+        Some(Long("help") | Short('h')) => return help(CERT_HELP),
+        _ => return Err(usage("expected `ephyr cert sign ...`")),
+    }
+    let mut o = cli::CertSignOptions::default();
+    let (mut socket, mut data_dir, mut key) = (None, None, None);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("data-dir") => data_dir = Some(path(p.value()?)),
+            Long("public-key") => key = Some(path(p.value()?)),
+            Long("principal") => o.principals.push(p.value()?.string()?),
+            Long("ttl") => o.ttl = Some(p.value()?.string()?),
+            Long("force-command") => o.force_command = Some(p.value()?.string()?),
+            Long("source-address") => o.source_address = Some(p.value()?.string()?),
+            Long("json") => o.json = true,
+            Long("help") | Short('h') => return help(CERT_HELP),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    o.public_key = key.ok_or_else(|| usage("--public-key is required"))?;
+    if o.principals.is_empty() {
+        return Err(usage("at least one --principal is required"));
+    }
+    o.socket = cli::client::socket_path(socket, data_dir.as_deref());
+    cli::cert_sign(&o)
+        .map(|()| 0)
+        .map_err(|e| Failure::Run(1, e))
+}
+
+/// The signer keeper, started by the broker (not for interactive use).
+fn cmd_signer(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let mut a = SignerArgs {
+        data_dir: None,
+        generate_missing_keys: false,
+        target: None,
+        config: SignerConfig {
+            max_cert_ttl_secs: 3600,
+            principals: Default::default(),
+            rate_limit: 600,
+            rate_window_secs: 60,
+        },
+        insecure_no_sandbox: false,
+        self_check: false,
+    };
+    let (mut uid, mut gid): (Option<u32>, Option<u32>) = (None, None);
+    let mut ephemeral = false;
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("data-dir") => a.data_dir = Some(path(p.value()?)),
+            Long("ephemeral-keys") => ephemeral = true,
+            Long("generate-missing-keys") => a.generate_missing_keys = true,
+            Long("uid") => uid = Some(p.value()?.parse()?),
+            Long("gid") => gid = Some(p.value()?.parse()?),
+            Long("max-cert-ttl") => a.config.max_cert_ttl_secs = p.value()?.parse()?,
+            Long("rate-limit") => a.config.rate_limit = p.value()?.parse()?,
+            Long("rate-window") => a.config.rate_window_secs = p.value()?.parse()?,
+            Long("principal") => {
+                a.config.principals.insert(p.value()?.string()?);
+            }
+            Long("insecure-no-sandbox") => a.insecure_no_sandbox = true,
+            Long("self-check") => a.self_check = true,
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if ephemeral == a.data_dir.is_some() {
+        return Err(usage(
+            "__signer needs exactly one of --data-dir or --ephemeral-keys",
+        ));
+    }
+    a.target = match (uid, gid) {
+        (Some(uid), Some(gid)) => Some(TargetIds { uid, gid }),
+        (None, None) => None,
+        _ => return Err(usage("--uid and --gid go together")),
+    };
+    Ok(ephyr::signer::run(a).clamp(0, 255) as u8)
+}
