@@ -19,10 +19,7 @@ impl log::Log for StderrLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let target = record
-            .target()
-            .strip_prefix("ephyr::")
-            .unwrap_or(record.target());
+        let target = record.target().strip_prefix("ephyr::").unwrap_or(record.target());
         let line = format!(
             "{} {:<5} {}[{}] {}: {}\n",
             crate::time::now().to_rfc3339_micros(),
@@ -41,12 +38,7 @@ impl log::Log for StderrLogger {
 
 /// Installs the logger for this process. `process` names it in every line (`broker`, `signer`).
 pub fn init(process: &'static str) {
-    let level = match std::env::var("EPHYR_LOG")
-        .ok()
-        .as_deref()
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
+    let level = match std::env::var("EPHYR_LOG").ok().as_deref().map(str::to_ascii_lowercase).as_deref() {
         Some("error") => log::LevelFilter::Error,
         Some("warn") => log::LevelFilter::Warn,
         Some("debug") => log::LevelFilter::Debug,

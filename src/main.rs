@@ -171,11 +171,7 @@ fn path(v: OsString) -> PathBuf {
 
 fn addr(p: &mut lexopt::Parser, flag: &str) -> Result<SocketAddr, Failure> {
     let v = p.value()?.string()?;
-    v.parse().map_err(|_| {
-        usage(format!(
-            "{flag}: {v:?} is not an address like 127.0.0.1:8554"
-        ))
-    })
+    v.parse().map_err(|_| usage(format!("{flag}: {v:?} is not an address like 127.0.0.1:8554")))
 }
 
 fn cmd_serve(p: &mut lexopt::Parser) -> Result<u8, Failure> {
@@ -192,8 +188,8 @@ fn cmd_serve(p: &mut lexopt::Parser) -> Result<u8, Failure> {
             Long("signer-user") => o.signer_user = Some(p.value()?.string()?),
             Long("shutdown-timeout") => {
                 let v = p.value()?.string()?;
-                o.shutdown_timeout = ephyr::time::parse_duration(&v)
-                    .map_err(|e| usage(format!("--shutdown-timeout: {e}")))?;
+                o.shutdown_timeout =
+                    ephyr::time::parse_duration(&v).map_err(|e| usage(format!("--shutdown-timeout: {e}")))?;
             }
             Long("insecure-no-sandbox") => o.insecure_no_sandbox = true,
             Long("help") | Short('h') => return help(SERVE_HELP),
@@ -223,9 +219,7 @@ fn cmd_init(p: &mut lexopt::Parser) -> Result<u8, Failure> {
             other => return Err(other.unexpected().into()),
         }
     }
-    cli::init::run(&o)
-        .map(|()| 0)
-        .map_err(|e| Failure::Run(1, e))
+    cli::init::run(&o).map(|()| 0).map_err(|e| Failure::Run(1, e))
 }
 
 fn cmd_doctor(p: &mut lexopt::Parser) -> Result<u8, Failure> {
@@ -267,9 +261,7 @@ fn cmd_status(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         }
     }
     let sock = cli::client::socket_path(socket, data_dir.as_deref());
-    cli::status(&sock, json)
-        .map(|()| 0)
-        .map_err(|e| Failure::Run(1, e))
+    cli::status(&sock, json).map(|()| 0).map_err(|e| Failure::Run(1, e))
 }
 
 fn cmd_cert(p: &mut lexopt::Parser) -> Result<u8, Failure> {
@@ -299,9 +291,7 @@ fn cmd_cert(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         return Err(usage("at least one --principal is required"));
     }
     o.socket = cli::client::socket_path(socket, data_dir.as_deref());
-    cli::cert_sign(&o)
-        .map(|()| 0)
-        .map_err(|e| Failure::Run(1, e))
+    cli::cert_sign(&o).map(|()| 0).map_err(|e| Failure::Run(1, e))
 }
 
 /// The signer keeper, started by the broker (not for interactive use).
@@ -340,9 +330,7 @@ fn cmd_signer(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         }
     }
     if ephemeral == a.data_dir.is_some() {
-        return Err(usage(
-            "__signer needs exactly one of --data-dir or --ephemeral-keys",
-        ));
+        return Err(usage("__signer needs exactly one of --data-dir or --ephemeral-keys"));
     }
     a.target = match (uid, gid) {
         (Some(uid), Some(gid)) => Some(TargetIds { uid, gid }),

@@ -10,8 +10,6 @@
 //! Every `unsafe` block states why it is sound. Callers elsewhere in the crate are
 //! `#![forbid(unsafe_code)]`, so any invariant a wrapper relies on is checked here, at run time.
 
-#![allow(unsafe_code)]
-
 use std::ffi::CString;
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -21,19 +19,11 @@ use std::process::Command;
 use std::sync::atomic::AtomicU64;
 
 fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
+    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
 fn cvt_size(rc: libc::ssize_t) -> io::Result<usize> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc as usize)
-    }
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc as usize) }
 }
 
 /// A connected pair of `AF_UNIX`/`SOCK_SEQPACKET` sockets, both close-on-exec.
@@ -43,14 +33,7 @@ fn cvt_size(rc: libc::ssize_t) -> io::Result<usize> {
 pub fn socketpair_seqpacket() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: `fds` is a valid, writable array of two ints, as socketpair(2) requires.
-    cvt(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
+    cvt(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) })?;
     // SAFETY: on success both descriptors are freshly created and owned by nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
@@ -89,18 +72,10 @@ pub fn inherited_seqpacket(fd: RawFd) -> io::Result<OwnedFd> {
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: out-pointer and length describe `ty` exactly.
     cvt(unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut len,
-        )
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut libc::c_int).cast(), &mut len)
     })?;
     if ty != libc::SOCK_SEQPACKET {
-        return Err(io::Error::other(format!(
-            "descriptor {fd} is not a SOCK_SEQPACKET socket"
-        )));
+        return Err(io::Error::other(format!("descriptor {fd} is not a SOCK_SEQPACKET socket")));
     }
     // SAFETY: F_SETFD with an int flag on a descriptor checked above.
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
@@ -126,9 +101,7 @@ pub fn single_threaded() -> io::Result<SingleThreaded> {
     if threads == 1 {
         Ok(SingleThreaded(std::marker::PhantomData))
     } else {
-        Err(io::Error::other(format!(
-            "process has {threads} threads; fork needs exactly one"
-        )))
+        Err(io::Error::other(format!("process has {threads} threads; fork needs exactly one")))
     }
 }
 
@@ -167,36 +140,15 @@ pub struct Packet {
 pub fn recv_packet(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Packet> {
     // SAFETY: `buf` is valid for writes of `buf.len()` bytes. With MSG_TRUNC the return value is the
     // real message length, which may exceed the buffer; the kernel never writes past `buf.len()`.
-    let n = cvt_size(unsafe {
-        libc::recv(
-            sock.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_TRUNC,
-        )
-    })?;
-    Ok(Packet {
-        len: n.min(buf.len()),
-        truncated: n > buf.len(),
-    })
+    let n = cvt_size(unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) })?;
+    Ok(Packet { len: n.min(buf.len()), truncated: n > buf.len() })
 }
 
 /// Sends one message (never raises SIGPIPE).
 pub fn send_packet(sock: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
     // SAFETY: `data` is valid for reads of `data.len()` bytes.
-    let n = cvt_size(unsafe {
-        libc::send(
-            sock.as_raw_fd(),
-            data.as_ptr().cast(),
-            data.len(),
-            libc::MSG_NOSIGNAL,
-        )
-    })?;
-    if n == data.len() {
-        Ok(())
-    } else {
-        Err(io::Error::other("short send on a SEQPACKET socket"))
-    }
+    let n = cvt_size(unsafe { libc::send(sock.as_raw_fd(), data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) })?;
+    if n == data.len() { Ok(()) } else { Err(io::Error::other("short send on a SEQPACKET socket")) }
 }
 
 const CMSG_SPACE_ONE_FD: usize = 64; // comfortably >= CMSG_SPACE(sizeof(int)) on every ABI
@@ -204,10 +156,7 @@ const CMSG_SPACE_ONE_FD: usize = 64; // comfortably >= CMSG_SPACE(sizeof(int)) o
 /// Sends `data` with one file descriptor attached (`SCM_RIGHTS`).
 pub fn send_with_fd(sock: BorrowedFd<'_>, data: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
     let mut control = [0u8; CMSG_SPACE_ONE_FD];
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
     // SAFETY: msghdr is plain old data; all-zero is a valid empty header that we then fill in.
     let mut msg: libc::msghdr = unsafe { zeroed() };
     msg.msg_iov = &mut iov;
@@ -226,20 +175,13 @@ pub fn send_with_fd(sock: BorrowedFd<'_>, data: &[u8], fd: BorrowedFd<'_>) -> io
     }
     // SAFETY: `msg` and everything it points to (iov, data, control) outlive the call.
     let n = cvt_size(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) })?;
-    if n == data.len() {
-        Ok(())
-    } else {
-        Err(io::Error::other("short sendmsg"))
-    }
+    if n == data.len() { Ok(()) } else { Err(io::Error::other("short sendmsg")) }
 }
 
 /// Receives one message and at most one attached descriptor (made close-on-exec).
 pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(Packet, Option<OwnedFd>)> {
     let mut control = [0u8; CMSG_SPACE_ONE_FD];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: all-zero msghdr is a valid empty header.
     let mut msg: libc::msghdr = unsafe { zeroed() };
     msg.msg_iov = &mut iov;
@@ -247,13 +189,7 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(Packet,
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = control.len() as _;
     // SAFETY: `msg` points at live buffers of the stated lengths.
-    let n = cvt_size(unsafe {
-        libc::recvmsg(
-            sock.as_raw_fd(),
-            &mut msg,
-            libc::MSG_CMSG_CLOEXEC | libc::MSG_TRUNC,
-        )
-    })?;
+    let n = cvt_size(unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_TRUNC) })?;
     let mut received = None;
     // SAFETY: the kernel filled `control` and set msg_controllen; CMSG_FIRSTHDR/NXTHDR walk only
     // within it. Each SCM_RIGHTS payload holds ints that are new descriptors owned by us now.
@@ -276,29 +212,14 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(Packet,
         }
     }
     let truncated = n > buf.len() || msg.msg_flags & libc::MSG_CTRUNC != 0;
-    Ok((
-        Packet {
-            len: n.min(buf.len()),
-            truncated,
-        },
-        received,
-    ))
+    Ok((Packet { len: n.min(buf.len()), truncated }, received))
 }
 
 /// `prctl(PR_SET_PDEATHSIG, SIGKILL)`: die when the parent thread exits. Must be set *after* any
 /// uid/gid change, because the kernel clears it on credential changes.
 pub fn set_parent_death_kill() -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
-    cvt(unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    })
-    .map(drop)
+    cvt(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) }).map(drop)
 }
 
 /// `prctl(PR_SET_DUMPABLE, 0)`: no core dumps, no ptrace or `/proc/<pid>/mem` access by the same
@@ -357,10 +278,7 @@ pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
     cvt(unsafe { libc::setresgid(gid, gid, gid) })?;
     // SAFETY: as above.
     cvt(unsafe { libc::setresuid(uid, uid, uid) })?;
-    if user_ids() != (uid, uid, uid)
-        || group_ids() != (gid, gid, gid)
-        || supplementary_group_count()? != 0
-    {
+    if user_ids() != (uid, uid, uid) || group_ids() != (gid, gid, gid) || supplementary_group_count()? != 0 {
         return Err(io::Error::other("uid/gid change did not take full effect"));
     }
     Ok(())
@@ -438,10 +356,7 @@ impl SharedCounters {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self {
-            ptr: ptr.cast(),
-            len: Self::BYTES / size_of::<AtomicU64>(),
-        })
+        Ok(Self { ptr: ptr.cast(), len: Self::BYTES / size_of::<AtomicU64>() })
     }
 
     /// The counters (all zero initially).
@@ -485,11 +400,7 @@ pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<PeerCredentials> {
             &mut len,
         )
     })?;
-    Ok(PeerCredentials {
-        pid: cred.pid,
-        uid: cred.uid,
-        gid: cred.gid,
-    })
+    Ok(PeerCredentials { pid: cred.pid, uid: cred.uid, gid: cred.gid })
 }
 
 /// Sandbox probe: `execve(path)`. Returns the error if it fails; on success the process image is
@@ -508,8 +419,7 @@ pub fn probe_execve(path: &str) -> io::Error {
 /// Sandbox probe: `socket(AF_INET, SOCK_STREAM)`. Closes the socket if one was created.
 pub fn probe_socket_inet() -> io::Result<()> {
     // SAFETY: integer arguments only.
-    let fd =
-        cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `fd` is a fresh descriptor we own.
     drop(unsafe { OwnedFd::from_raw_fd(fd) });
     Ok(())
@@ -521,9 +431,7 @@ pub fn probe_connect(sock: BorrowedFd<'_>, port: u16) -> io::Result<()> {
     let mut addr: libc::sockaddr_in = unsafe { zeroed() };
     addr.sin_family = libc::AF_INET as libc::sa_family_t;
     addr.sin_port = port.to_be();
-    addr.sin_addr = libc::in_addr {
-        s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
-    };
+    addr.sin_addr = libc::in_addr { s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be() };
     // SAFETY: pointer and length describe `addr` exactly.
     cvt(unsafe {
         libc::connect(

@@ -23,18 +23,12 @@ impl UnixMicros {
 
     /// Adds a duration, saturating.
     pub fn plus(self, d: Duration) -> Self {
-        Self(
-            self.0
-                .saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
-        )
+        Self(self.0.saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)))
     }
 
     /// Subtracts a duration, saturating.
     pub fn minus(self, d: Duration) -> Self {
-        Self(
-            self.0
-                .saturating_sub(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
-        )
+        Self(self.0.saturating_sub(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)))
     }
 
     /// RFC 3339 in UTC with second precision, e.g. `2030-01-01T00:00:00Z`.
@@ -50,9 +44,7 @@ impl UnixMicros {
 
 /// Reads the system clock. Only the I/O edges call this.
 pub fn now() -> UnixMicros {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     UnixMicros(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
@@ -92,15 +84,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let mp = (5 * doy + 2) / 153;
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (
-        if m <= 2 {
-            yoe + era * 400 + 1
-        } else {
-            yoe + era * 400
-        },
-        m,
-        d,
-    )
+    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
 }
 
 fn days_in_month(y: i64, m: u32) -> u32 {
@@ -133,24 +117,15 @@ pub fn format_rfc3339_offset(secs: i64, offset_secs: i32) -> String {
     }
     let sign = if offset_secs < 0 { '-' } else { '+' };
     let o = offset_secs.unsigned_abs();
-    format!(
-        "{}{sign}{:02}:{:02}",
-        &base[..base.len() - 1],
-        o / 3600,
-        o % 3600 / 60
-    )
+    format!("{}{sign}{:02}:{:02}", &base[..base.len() - 1], o / 3600, o % 3600 / 60)
 }
 
 fn digits(s: &[u8], at: usize, n: usize, what: &str) -> Result<u32, TimeError> {
-    let part = s
-        .get(at..at + n)
-        .ok_or_else(|| err(format!("timestamp too short: missing {what}")))?;
+    let part = s.get(at..at + n).ok_or_else(|| err(format!("timestamp too short: missing {what}")))?;
     if !part.iter().all(u8::is_ascii_digit) {
         return Err(err(format!("timestamp: {what} must be {n} digits")));
     }
-    Ok(part
-        .iter()
-        .fold(0u32, |acc, b| acc * 10 + u32::from(b - b'0')))
+    Ok(part.iter().fold(0u32, |acc, b| acc * 10 + u32::from(b - b'0')))
 }
 
 /// Parses an RFC 3339 timestamp (`2030-01-01T00:00:00Z`, `...T01:00:00+01:00`, optional fraction)
@@ -162,14 +137,7 @@ pub fn parse_rfc3339(input: &str) -> Result<UnixMicros, TimeError> {
     }
     let y = digits(s, 0, 4, "year")? as i64;
     let sep = |i: usize, c: u8| -> Result<(), TimeError> {
-        if s[i] == c {
-            Ok(())
-        } else {
-            Err(err(format!(
-                "timestamp: expected {:?} at byte {i}",
-                c as char
-            )))
-        }
+        if s[i] == c { Ok(()) } else { Err(err(format!("timestamp: expected {:?} at byte {i}", c as char))) }
     };
     sep(4, b'-')?;
     let mo = digits(s, 5, 2, "month")?;
@@ -183,13 +151,7 @@ pub fn parse_rfc3339(input: &str) -> Result<UnixMicros, TimeError> {
     let mi = digits(s, 14, 2, "minute")?;
     sep(16, b':')?;
     let ss = digits(s, 17, 2, "second")?;
-    if !(1..=12).contains(&mo)
-        || d == 0
-        || d > days_in_month(y, mo)
-        || hh > 23
-        || mi > 59
-        || ss > 59
-    {
+    if !(1..=12).contains(&mo) || d == 0 || d > days_in_month(y, mo) || hh > 23 || mi > 59 || ss > 59 {
         return Err(err(format!("timestamp out of range: {input:?}")));
     }
     let mut i = 19;
@@ -226,9 +188,7 @@ pub fn parse_rfc3339(input: &str) -> Result<UnixMicros, TimeError> {
             if *sign == b'+' { o } else { -o }
         }
         _ => {
-            return Err(err(format!(
-                "timestamp needs a 'Z' or ±hh:mm offset: {input:?}"
-            )));
+            return Err(err(format!("timestamp needs a 'Z' or ±hh:mm offset: {input:?}")));
         }
     };
     let secs = days_from_civil(y, mo, d) * 86_400 + (hh * 3600 + mi * 60 + ss) as i64 - offset;
@@ -251,14 +211,9 @@ pub fn parse_duration(input: &str) -> Result<Duration, TimeError> {
             i += 1;
         }
         if start == i {
-            return Err(err(format!(
-                "duration {input:?}: expected a number at {:?}",
-                &s[i..]
-            )));
+            return Err(err(format!("duration {input:?}: expected a number at {:?}", &s[i..])));
         }
-        let n: u128 = s[start..i]
-            .parse()
-            .map_err(|_| err(format!("duration {input:?}: number too large")))?;
+        let n: u128 = s[start..i].parse().map_err(|_| err(format!("duration {input:?}: number too large")))?;
         let ustart = i;
         while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
             i += 1;
@@ -270,14 +225,10 @@ pub fn parse_duration(input: &str) -> Result<Duration, TimeError> {
             "h" => 3_600_000,
             "d" => 86_400_000,
             "" => {
-                return Err(err(format!(
-                    "duration {input:?}: missing unit (use ms, s, m, h or d)"
-                )));
+                return Err(err(format!("duration {input:?}: missing unit (use ms, s, m, h or d)")));
             }
             u => {
-                return Err(err(format!(
-                    "duration {input:?}: unknown unit {u:?} (use ms, s, m, h or d)"
-                )));
+                return Err(err(format!("duration {input:?}: unknown unit {u:?} (use ms, s, m, h or d)")));
             }
         };
         total = total.saturating_add(n.saturating_mul(ms_per));
@@ -294,7 +245,7 @@ pub fn format_duration(d: Duration) -> String {
     if ms == 0 {
         return "0s".into();
     }
-    if ms % 1000 != 0 && ms < 60_000 {
+    if !ms.is_multiple_of(1000) && ms < 60_000 {
         return format!("{ms}ms");
     }
     let mut secs = (ms / 1000) as u64;
@@ -333,10 +284,7 @@ mod tests {
         let b = parse_rfc3339("2030-01-01T00:00:00.1234567Z").unwrap();
         assert_eq!(b.0 % 1_000_000, 123_456);
         assert_eq!(b.to_rfc3339_micros(), "2030-01-01T00:00:00.123456Z");
-        assert_eq!(
-            format_rfc3339_offset(0, -5 * 3600),
-            "1969-12-31T19:00:00-05:00"
-        );
+        assert_eq!(format_rfc3339_offset(0, -5 * 3600), "1969-12-31T19:00:00-05:00");
     }
 
     #[test]
@@ -364,15 +312,7 @@ mod tests {
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
-        for bad in [
-            "",
-            "30",
-            "5x",
-            "m",
-            "-5m",
-            "1.5h",
-            "99999999999999999999999d",
-        ] {
+        for bad in ["", "30", "5x", "m", "-5m", "1.5h", "99999999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should fail");
         }
         assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");

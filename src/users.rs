@@ -36,35 +36,19 @@ pub fn find_in_passwd(passwd: &str, name: &str) -> Option<Account> {
         let _pw = f.next()?;
         let uid = f.next()?.parse().ok()?;
         let gid = f.next()?.parse().ok()?;
-        Some(Account {
-            name: Some(n.to_owned()),
-            uid,
-            gid,
-        })
+        Some(Account { name: Some(n.to_owned()), uid, gid })
     })
 }
 
 /// Looks up `spec`: a user name from `/etc/passwd`, or `uid[:gid]` numbers (gid defaults to uid).
 pub fn resolve(spec: &str) -> Result<Account, String> {
     if let Some((u, g)) = spec.split_once(':') {
-        let uid = u
-            .parse()
-            .map_err(|_| format!("{spec:?}: expected NAME, UID or UID:GID"))?;
-        let gid = g
-            .parse()
-            .map_err(|_| format!("{spec:?}: expected NAME, UID or UID:GID"))?;
-        return Ok(Account {
-            name: None,
-            uid,
-            gid,
-        });
+        let uid = u.parse().map_err(|_| format!("{spec:?}: expected NAME, UID or UID:GID"))?;
+        let gid = g.parse().map_err(|_| format!("{spec:?}: expected NAME, UID or UID:GID"))?;
+        return Ok(Account { name: None, uid, gid });
     }
     if let Ok(uid) = spec.parse::<u32>() {
-        return Ok(Account {
-            name: None,
-            uid,
-            gid: uid,
-        });
+        return Ok(Account { name: None, uid, gid: uid });
     }
     let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("/etc/passwd: {e}"))?;
     find_in_passwd(&passwd, spec).ok_or_else(|| format!("no user {spec:?} in /etc/passwd"))
@@ -82,33 +66,11 @@ mod tests {
 
     #[test]
     fn parses_passwd_and_numbers() {
-        let p =
-            "root:x:0:0:root:/root:/bin/bash\nephyr:x:990:985::/var/lib/ephyr:/usr/sbin/nologin\n";
-        assert_eq!(
-            find_in_passwd(p, "ephyr"),
-            Some(Account {
-                name: Some("ephyr".into()),
-                uid: 990,
-                gid: 985
-            })
-        );
+        let p = "root:x:0:0:root:/root:/bin/bash\nephyr:x:990:985::/var/lib/ephyr:/usr/sbin/nologin\n";
+        assert_eq!(find_in_passwd(p, "ephyr"), Some(Account { name: Some("ephyr".into()), uid: 990, gid: 985 }));
         assert_eq!(find_in_passwd(p, "ephy"), None);
-        assert_eq!(
-            resolve("65533").unwrap(),
-            Account {
-                name: None,
-                uid: 65533,
-                gid: 65533
-            }
-        );
-        assert_eq!(
-            resolve("1000:100").unwrap(),
-            Account {
-                name: None,
-                uid: 1000,
-                gid: 100
-            }
-        );
+        assert_eq!(resolve("65533").unwrap(), Account { name: None, uid: 65533, gid: 65533 });
+        assert_eq!(resolve("1000:100").unwrap(), Account { name: None, uid: 1000, gid: 100 });
         assert!(resolve("1000:x").is_err());
     }
 }

@@ -22,12 +22,7 @@ impl BlockingPool {
     /// A pool of at most `threads` threads and `queue` waiting jobs.
     pub fn new(threads: usize, queue: usize) -> Self {
         let (tx, rx) = async_channel::bounded(queue.max(1));
-        Self {
-            tx,
-            rx,
-            started: Arc::new(Mutex::new(0)),
-            threads: threads.max(1),
-        }
+        Self { tx, rx, started: Arc::new(Mutex::new(0)), threads: threads.max(1) }
     }
 
     fn ensure_thread(&self) {
@@ -35,13 +30,11 @@ impl BlockingPool {
         // Start another thread only when every existing one might be busy.
         if *started < self.threads && (*started == 0 || !self.rx.is_empty()) {
             let rx = self.rx.clone();
-            let spawned = thread::Builder::new()
-                .name("ephyr-blocking".into())
-                .spawn(move || {
-                    while let Ok(job) = rx.recv_blocking() {
-                        job();
-                    }
-                });
+            let spawned = thread::Builder::new().name("ephyr-blocking".into()).spawn(move || {
+                while let Ok(job) = rx.recv_blocking() {
+                    job();
+                }
+            });
             if spawned.is_ok() {
                 *started += 1;
             }
@@ -49,10 +42,7 @@ impl BlockingPool {
     }
 
     /// Runs `f` on the pool and returns its result. `None` if the pool is shut down.
-    pub async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Option<T> {
+    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
         let (tx, rx) = async_channel::bounded(1);
         let job: Job = Box::new(move || {
             let _ = tx.send_blocking(f());

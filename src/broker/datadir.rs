@@ -37,23 +37,16 @@ pub struct DataDir {
 impl DataDir {
     /// A persistent data dir at `root`.
     pub fn at(root: impl Into<PathBuf>) -> Self {
-        Self {
-            root: root.into(),
-            temporary: false,
-        }
+        Self { root: root.into(), temporary: false }
     }
 
     /// Creates a fresh temporary data dir.
     pub fn temporary() -> io::Result<Self> {
         let mut r = [0u8; 6];
         crate::signer::keys::random_bytes(&mut r).map_err(|e| io::Error::other(e.to_string()))?;
-        let root =
-            std::env::temp_dir().join(format!("ephyr-dev-{}", data_encoding::HEXLOWER.encode(&r)));
+        let root = std::env::temp_dir().join(format!("ephyr-dev-{}", data_encoding::HEXLOWER.encode(&r)));
         fs::DirBuilder::new().mode(0o700).create(&root)?;
-        Ok(Self {
-            root,
-            temporary: true,
-        })
+        Ok(Self { root, temporary: true })
     }
 
     /// Key file paths.
@@ -84,17 +77,9 @@ impl DataDir {
             move |e: io::Error| format!("{}: {e}", p.display())
         };
         let root_mode = if self.temporary { 0o700 } else { 0o711 };
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(root_mode)
-            .create(&self.root)
-            .map_err(ctx(&self.root))?;
+        fs::DirBuilder::new().recursive(true).mode(root_mode).create(&self.root).map_err(ctx(&self.root))?;
         for dir in [self.state(), self.audit()] {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)
-                .map_err(ctx(&dir))?;
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(ctx(&dir))?;
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(ctx(&dir))?;
         }
         if let Some(o) = owner {
@@ -111,13 +96,10 @@ impl DataDir {
 
     /// Removes a temporary data dir (no-op for a persistent one).
     pub fn remove_if_temporary(&self) {
-        if self.temporary {
-            if let Err(e) = fs::remove_dir_all(&self.root) {
-                log::warn!(
-                    "could not remove the temporary data dir {}: {e}",
-                    self.root.display()
-                );
-            }
+        if self.temporary
+            && let Err(e) = fs::remove_dir_all(&self.root)
+        {
+            log::warn!("could not remove the temporary data dir {}: {e}", self.root.display());
         }
     }
 }

@@ -108,20 +108,14 @@ pub fn signer_error_response(e: &CallError) -> http::Response<Body> {
             };
             error(status, r.code.as_str(), r.message.clone())
         }
-        CallError::Unavailable(_) | CallError::WorkerDied | CallError::Timeout => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "signer_unavailable",
-            e.to_string(),
-        ),
+        CallError::Unavailable(_) | CallError::WorkerDied | CallError::Timeout => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "signer_unavailable", e.to_string())
+        }
         CallError::Protocol(_) => error(StatusCode::BAD_GATEWAY, "signer_protocol", e.to_string()),
     }
 }
 
-async fn operator_cert(
-    broker: &Broker,
-    peer: Peer,
-    req: http::Request<hyper::body::Incoming>,
-) -> http::Response<Body> {
+async fn operator_cert(broker: &Broker, peer: Peer, req: http::Request<hyper::body::Incoming>) -> http::Response<Body> {
     let body = match read_body(req, MAX_BODY, Duration::from_secs(10)).await {
         Ok(b) => b,
         Err(e) => return e.response(),
@@ -129,11 +123,7 @@ async fn operator_cert(
     let r: OperatorCertRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                format!("request body: {e}"),
-            );
+            return error(StatusCode::BAD_REQUEST, "invalid_json", format!("request body: {e}"));
         }
     };
     let ttl = match r.ttl.as_deref().map(parse_duration).transpose() {
@@ -145,11 +135,7 @@ async fn operator_cert(
         return error(
             StatusCode::FORBIDDEN,
             "ttl_too_long",
-            format!(
-                "ttl {}s exceeds the policy cap of {}s",
-                ttl.as_secs(),
-                cap.as_secs()
-            ),
+            format!("ttl {}s exceeds the policy cap of {}s", ttl.as_secs(), cap.as_secs()),
         );
     }
     let t = now().secs().max(0) as u64;
@@ -157,9 +143,7 @@ async fn operator_cert(
         Peer::Unix(c) => c.uid,
         Peer::Tcp(_) => u32::MAX,
     };
-    let key_id = r
-        .key_id
-        .unwrap_or_else(|| format!("ephyr:operator:uid{uid}:{t}"));
+    let key_id = r.key_id.unwrap_or_else(|| format!("ephyr:operator:uid{uid}:{t}"));
     let request = Request::SignUserCert(CertRequest {
         public_key: r.public_key,
         principals: r.principals,
@@ -171,13 +155,8 @@ async fn operator_cert(
         extensions: r.extensions.unwrap_or_else(|| vec!["permit-pty".into()]),
     });
     match broker.signer.call(request).await {
-        Ok(Response::Certificate {
-            serial,
-            certificate,
-        }) => {
-            log::info!(
-                "operator certificate issued to uid {uid}: serial {serial:016x} key_id {key_id}"
-            );
+        Ok(Response::Certificate { serial, certificate }) => {
+            log::info!("operator certificate issued to uid {uid}: serial {serial:016x} key_id {key_id}");
             json(
                 StatusCode::OK,
                 &serde_json::json!({
@@ -189,11 +168,7 @@ async fn operator_cert(
                 }),
             )
         }
-        Ok(other) => error(
-            StatusCode::BAD_GATEWAY,
-            "signer_protocol",
-            format!("unexpected answer {other:?}"),
-        ),
+        Ok(other) => error(StatusCode::BAD_GATEWAY, "signer_protocol", format!("unexpected answer {other:?}")),
         Err(e) => signer_error_response(&e),
     }
 }
@@ -213,11 +188,7 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
             match (req.method().clone(), req.uri().path()) {
                 (Method::GET, "/v1/status") => json(StatusCode::OK, &status_json(&broker)),
                 (Method::POST, "/v1/certs") => operator_cert(&broker, peer, req).await,
-                (_, path) => error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("no route for {path}"),
-                ),
+                (_, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
             }
         })
     })

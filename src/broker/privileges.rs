@@ -34,18 +34,11 @@ pub struct Identities {
 }
 
 /// Resolves `--broker-user` / `--signer-user` (or their defaults) and checks they differ.
-pub fn resolve_identities(
-    broker: Option<&str>,
-    signer: Option<&str>,
-) -> Result<Identities, String> {
+pub fn resolve_identities(broker: Option<&str>, signer: Option<&str>) -> Result<Identities, String> {
     let pick = |spec: Option<&str>, default: &str, fallback: u32| -> Result<Account, String> {
         match spec {
             Some(s) => users::resolve(s),
-            None => Ok(users::lookup(default).unwrap_or(Account {
-                name: None,
-                uid: fallback,
-                gid: fallback,
-            })),
+            None => Ok(users::lookup(default).unwrap_or(Account { name: None, uid: fallback, gid: fallback })),
         }
     };
     let ids = Identities {
@@ -86,32 +79,19 @@ pub fn drop_privileges(target: Option<&Account>) -> Result<Dropped, String> {
     let root = is_root();
     if root {
         let t = target.ok_or("started as root but no broker user was resolved")?;
-        caps::clear(None, caps::CapSet::Bounding)
-            .map_err(|e| format!("dropping the bounding set: {e}"))?;
+        caps::clear(None, caps::CapSet::Bounding).map_err(|e| format!("dropping the bounding set: {e}"))?;
         os::become_user(t.uid, t.gid).map_err(|e| format!("switching to {t}: {e}"))?;
     }
-    for set in [
-        caps::CapSet::Ambient,
-        caps::CapSet::Inheritable,
-        caps::CapSet::Effective,
-        caps::CapSet::Permitted,
-    ] {
+    for set in [caps::CapSet::Ambient, caps::CapSet::Inheritable, caps::CapSet::Effective, caps::CapSet::Permitted] {
         caps::clear(None, set).map_err(|e| format!("clearing {set:?}: {e}"))?;
     }
     os::set_no_new_privs().map_err(|e| format!("PR_SET_NO_NEW_PRIVS: {e}"))?;
     os::set_not_dumpable().map_err(|e| format!("PR_SET_DUMPABLE: {e}"))?;
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| format!("/proc/self/status: {e}"))?;
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| format!("/proc/self/status: {e}"))?;
     for field in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
-        let v = status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .unwrap_or("?");
+        let v = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).unwrap_or("?");
         if u64::from_str_radix(v.trim(), 16) != Ok(0) {
-            return Err(format!(
-                "{field} is not empty after the drop ({})",
-                v.trim()
-            ));
+            return Err(format!("{field} is not empty after the drop ({})", v.trim()));
         }
     }
     let (_, uid, _) = os::user_ids();
@@ -119,11 +99,7 @@ pub fn drop_privileges(target: Option<&Account>) -> Result<Dropped, String> {
     if root && uid == 0 {
         return Err("still uid 0 after the drop".into());
     }
-    Ok(Dropped {
-        uid,
-        gid,
-        changed_identity: root,
-    })
+    Ok(Dropped { uid, gid, changed_identity: root })
 }
 
 #[cfg(test)]
@@ -132,16 +108,8 @@ mod tests {
 
     #[test]
     fn identities_must_differ_and_not_be_root() {
-        assert!(
-            resolve_identities(Some("1000"), Some("1000"))
-                .unwrap_err()
-                .contains("different users")
-        );
-        assert!(
-            resolve_identities(Some("0"), Some("1000"))
-                .unwrap_err()
-                .contains("must not be root")
-        );
+        assert!(resolve_identities(Some("1000"), Some("1000")).unwrap_err().contains("different users"));
+        assert!(resolve_identities(Some("0"), Some("1000")).unwrap_err().contains("must not be root"));
         let ids = resolve_identities(Some("2000"), Some("2001")).unwrap();
         assert_eq!((ids.broker.uid, ids.signer.uid), (2000, 2001));
     }

@@ -26,14 +26,7 @@ fn healthz(broker: &Broker) -> http::Response<super::http::Body> {
         },
     });
     // A broker whose signer is down or unsandboxed is not healthy for load balancers and probes.
-    json(
-        if h.available {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        },
-        &body,
-    )
+    json(if h.available { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
 }
 
 /// Handler for the MCP/API listener.
@@ -43,16 +36,8 @@ pub fn api_handler(broker: Rc<Broker>) -> Handler {
         Box::pin(async move {
             match (req.method(), req.uri().path()) {
                 (&Method::GET, "/healthz") => healthz(&broker),
-                (_, "/healthz") => error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    "use GET",
-                ),
-                (_, path) => error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("no route for {path}"),
-                ),
+                (_, "/healthz") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+                (_, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
             }
         })
     })
@@ -65,11 +50,7 @@ pub fn dashboard_handler(broker: Rc<Broker>) -> Handler {
         Box::pin(async move {
             match (req.method(), req.uri().path()) {
                 (&Method::GET, "/healthz") => healthz(&broker),
-                (_, path) => error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("no route for {path}"),
-                ),
+                (_, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
             }
         })
     })

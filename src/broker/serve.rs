@@ -89,9 +89,7 @@ pub enum ServeError {
 impl fmt::Display for ServeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ServeError::Config(m) | ServeError::Startup(m) | ServeError::SignerLost(m) => {
-                f.write_str(m)
-            }
+            ServeError::Config(m) | ServeError::Startup(m) | ServeError::SignerLost(m) => f.write_str(m),
         }
     }
 }
@@ -112,8 +110,7 @@ fn startup<E: fmt::Display>(what: &str) -> impl FnOnce(E) -> ServeError + '_ {
 }
 
 fn bind_tcp(addr: SocketAddr, what: &str) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr)
-        .map_err(|e| ServeError::Startup(format!("cannot listen on {addr} ({what}): {e}")))
+    TcpListener::bind(addr).map_err(|e| ServeError::Startup(format!("cannot listen on {addr} ({what}): {e}")))
 }
 
 fn bind_unix(path: &PathBuf) -> Result<UnixListener, ServeError> {
@@ -129,18 +126,13 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener, ServeError> {
             std::fs::remove_file(path).map_err(startup("removing a stale socket"))?;
         }
         Ok(_) => {
-            return Err(ServeError::Startup(format!(
-                "{} exists and is not a socket",
-                path.display()
-            )));
+            return Err(ServeError::Startup(format!("{} exists and is not a socket", path.display())));
         }
         Err(_) => {}
     }
-    let l = UnixListener::bind(path)
-        .map_err(|e| ServeError::Startup(format!("{}: {e}", path.display())))?;
+    let l = UnixListener::bind(path).map_err(|e| ServeError::Startup(format!("{}: {e}", path.display())))?;
     // Anyone may connect; SO_PEERCRED decides what they may do.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(startup("socket mode"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(startup("socket mode"))?;
     Ok(l)
 }
 
@@ -158,10 +150,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     .map_err(|e| ServeError::Config(format!("policy not loaded:\n{e}")))?;
     let root = privileges::is_root();
     let ids = if root {
-        Some(
-            resolve_identities(opts.broker_user.as_deref(), opts.signer_user.as_deref())
-                .map_err(ServeError::Config)?,
-        )
+        Some(resolve_identities(opts.broker_user.as_deref(), opts.signer_user.as_deref()).map_err(ServeError::Config)?)
     } else {
         None
     };
@@ -172,9 +161,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         (None, true) => DataDir::temporary().map_err(startup("temporary data dir"))?,
         (None, false) => DataDir::at(DEFAULT_DATA_DIR),
     };
-    data_dir
-        .prepare(ids.as_ref().map(|i| &i.broker))
-        .map_err(ServeError::Startup)?;
+    data_dir.prepare(ids.as_ref().map(|i| &i.broker)).map_err(ServeError::Startup)?;
     if !opts.dev && !data_dir.keys().ca_key().exists() {
         return Err(ServeError::Startup(format!(
             "{} does not exist: run `ephyr init --data-dir {}` first",
@@ -192,16 +179,11 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let launch = Launch::new(
         (!data_dir.temporary).then(|| data_dir.root.clone()),
         opts.dev,
-        ids.as_ref().map(|i| TargetIds {
-            uid: i.signer.uid,
-            gid: i.signer.gid,
-        }),
+        ids.as_ref().map(|i| TargetIds { uid: i.signer.uid, gid: i.signer.gid }),
         &signer_config,
         opts.insecure_no_sandbox,
     );
-    let keeper = launch
-        .spawn(false)
-        .map_err(startup("starting the signer"))?;
+    let keeper = launch.spawn(false).map_err(startup("starting the signer"))?;
 
     // 3. Listeners (as root if started as root).
     let api = bind_tcp(opts.listen, "MCP/API")?;
@@ -210,19 +192,13 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let unix = bind_unix(&socket_path)?;
     let (listen, dashboard_listen) = (
         api.local_addr().map_err(startup("listener address"))?,
-        dashboard
-            .local_addr()
-            .map_err(startup("listener address"))?,
+        dashboard.local_addr().map_err(startup("listener address"))?,
     );
 
     // 4. Privileges.
     let identity = drop_privileges(ids.as_ref().map(|i| &i.broker)).map_err(ServeError::Startup)?;
     if identity.changed_identity {
-        log::info!(
-            "broker dropped privileges to uid {} gid {}",
-            identity.uid,
-            identity.gid
-        );
+        log::info!("broker dropped privileges to uid {} gid {}", identity.uid, identity.gid);
     } else {
         log::warn!(
             "running unprivileged as uid {}: the broker and signer share a user, so the CA key on disk is \
@@ -236,9 +212,8 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let result = smol::block_on(ex.run(async {
         let mut signals = Signals::new([Signal::Term, Signal::Int, Signal::Hup]).map_err(startup("signal handlers"))?;
         let (fatal_tx, fatal_rx) = async_channel::bounded(1);
-        let (signer, supervisor) = Signer::start(launch, keeper, fatal_tx).await.map_err(|e| {
-            ServeError::Startup(e.to_string())
-        })?;
+        let (signer, supervisor) =
+            Signer::start(launch, keeper, fatal_tx).await.map_err(|e| ServeError::Startup(e.to_string()))?;
         ex.spawn(supervisor).detach();
         let broker = Rc::new(Broker {
             signer: signer.clone(),
@@ -254,10 +229,36 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
         let conns = Connections::default();
         for (name, fut) in [
-            ("MCP/API", Box::pin(http::serve_tcp(ex.clone(), api, routes::api_handler(broker.clone()), stop_rx.clone(), conns.clone()))
-                as std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>>>>),
-            ("dashboard", Box::pin(http::serve_tcp(ex.clone(), dashboard, routes::dashboard_handler(broker.clone()), stop_rx.clone(), conns.clone()))),
-            ("local socket", Box::pin(http::serve_unix(ex.clone(), unix, local::local_handler(broker.clone()), stop_rx.clone(), conns.clone()))),
+            (
+                "MCP/API",
+                Box::pin(http::serve_tcp(
+                    ex.clone(),
+                    api,
+                    routes::api_handler(broker.clone()),
+                    stop_rx.clone(),
+                    conns.clone(),
+                )) as std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>>>>,
+            ),
+            (
+                "dashboard",
+                Box::pin(http::serve_tcp(
+                    ex.clone(),
+                    dashboard,
+                    routes::dashboard_handler(broker.clone()),
+                    stop_rx.clone(),
+                    conns.clone(),
+                )),
+            ),
+            (
+                "local socket",
+                Box::pin(http::serve_unix(
+                    ex.clone(),
+                    unix,
+                    local::local_handler(broker.clone()),
+                    stop_rx.clone(),
+                    conns.clone(),
+                )),
+            ),
         ] {
             ex.spawn(async move {
                 if let Err(e) = fut.await {
@@ -319,10 +320,7 @@ fn unix_cleanup(path: &PathBuf) -> std::io::Result<()> {
 fn print_dev_banner(broker: &Broker, ca: &str) {
     let url = format!("http://{}/mcp", broker.listen);
     let where_ = if broker.data_dir.temporary {
-        format!(
-            "temporary data dir {} (removed on exit)",
-            broker.data_dir.root.display()
-        )
+        format!("temporary data dir {} (removed on exit)", broker.data_dir.root.display())
     } else {
         format!("data dir {}", broker.data_dir.root.display())
     };

@@ -28,8 +28,7 @@ use futures_lite::future;
 use crate::os;
 use crate::signer::keeper::CONTROL_FD;
 use crate::signer::protocol::{
-    ControlRequest, ControlResponse, MAX_FRAME, ProbeResult, Request, Response, SignerError,
-    StatusReport,
+    ControlRequest, ControlResponse, MAX_FRAME, ProbeResult, Request, Response, SignerError, StatusReport,
 };
 use crate::signer::{SignerConfig, TargetIds};
 
@@ -43,6 +42,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How to start a keeper: the command line of `ephyr __signer`.
 #[derive(Clone, Debug)]
 pub struct Launch {
+    exe: PathBuf,
     args: Vec<OsString>,
     /// Whether a relaunch would find the same keys (they are on disk).
     pub persistent_keys: bool,
@@ -88,17 +88,20 @@ impl Launch {
         if insecure_no_sandbox {
             args.push("--insecure-no-sandbox".into());
         }
-        Self {
-            args,
-            persistent_keys,
-        }
+        Self { exe: PathBuf::from("/proc/self/exe"), args, persistent_keys }
+    }
+
+    /// Uses another `ephyr` executable (tests launch the built binary from their own process).
+    pub fn with_exe(mut self, exe: impl Into<PathBuf>) -> Self {
+        self.exe = exe.into();
+        self
     }
 
     /// Creates the control socket pair and fork+execs the keeper. Safe to call before any thread
     /// exists (it is the first thing `serve` does) and later for relaunches.
     pub fn spawn(&self, self_check: bool) -> io::Result<KeeperProcess> {
         let (ours, theirs) = os::socketpair_seqpacket()?;
-        let mut cmd = Command::new("/proc/self/exe");
+        let mut cmd = Command::new(&self.exe);
         std::os::unix::process::CommandExt::arg0(&mut cmd, "ephyr-signer");
         cmd.args(&self.args);
         if self_check {
@@ -109,10 +112,7 @@ impl Launch {
         let child = cmd.spawn()?;
         // Dropping `cmd` closes our copy of the keeper's end, so its death reads as EOF here.
         drop(cmd);
-        Ok(KeeperProcess {
-            child,
-            control: Some(ours),
-        })
+        Ok(KeeperProcess { child, control: Some(ours) })
     }
 }
 
@@ -168,14 +168,10 @@ impl fmt::Display for CallError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CallError::Unavailable(m) => write!(f, "signer unavailable: {m}"),
-            CallError::WorkerDied => f.write_str(
-                "the signer worker died while handling this request; nothing was issued, retry",
-            ),
-            CallError::Timeout => write!(
-                f,
-                "the signer did not answer within {}s",
-                CALL_TIMEOUT.as_secs()
-            ),
+            CallError::WorkerDied => {
+                f.write_str("the signer worker died while handling this request; nothing was issued, retry")
+            }
+            CallError::Timeout => write!(f, "the signer did not answer within {}s", CALL_TIMEOUT.as_secs()),
             CallError::Refused(e) => write!(f, "refused by the signer: {e}"),
             CallError::Protocol(m) => write!(f, "signer protocol error: {m}"),
         }
@@ -232,27 +228,20 @@ pub struct Signer(Rc<Inner>);
 
 async fn recv_control(sock: &Async<OwnedFd>) -> io::Result<(ControlResponse, Option<OwnedFd>)> {
     let mut buf = vec![0u8; MAX_FRAME];
-    let (pkt, fd) = sock
-        .read_with(|s| os::recv_with_fd(s.as_fd(), &mut buf))
-        .await?;
+    let (pkt, fd) = sock.read_with(|s| os::recv_with_fd(s.as_fd(), &mut buf)).await?;
     if pkt.len == 0 && !pkt.truncated {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the signer keeper closed its control socket",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the signer keeper closed its control socket"));
     }
     if pkt.truncated {
         return Err(io::Error::other("oversized control frame from the keeper"));
     }
-    let (_, msg) =
-        ControlResponse::decode(&buf[..pkt.len]).map_err(|e| io::Error::other(e.to_string()))?;
+    let (_, msg) = ControlResponse::decode(&buf[..pkt.len]).map_err(|e| io::Error::other(e.to_string()))?;
     Ok((msg, fd))
 }
 
 async fn send_control(sock: &Async<OwnedFd>, req: &ControlRequest, id: u64) -> io::Result<()> {
     let frame = req.encode(id);
-    sock.write_with(|s| os::send_packet(s.as_fd(), &frame))
-        .await
+    sock.write_with(|s| os::send_packet(s.as_fd(), &frame)).await
 }
 
 async fn with_timeout<T>(d: Duration, f: impl std::future::Future<Output = T>) -> Option<T> {
@@ -264,42 +253,27 @@ async fn with_timeout<T>(d: Duration, f: impl std::future::Future<Output = T>) -
 }
 
 /// Waits for the keeper's first message. Returns its status report.
-pub async fn wait_ready(
-    keeper: &mut KeeperProcess,
-) -> Result<(StatusReport, Rc<Async<OwnedFd>>), StartError> {
-    let fd = keeper
-        .control
-        .take()
-        .ok_or_else(|| StartError::Failed("control socket already taken".into()))?;
+pub async fn wait_ready(keeper: &mut KeeperProcess) -> Result<(StatusReport, Rc<Async<OwnedFd>>), StartError> {
+    let fd = keeper.control.take().ok_or_else(|| StartError::Failed("control socket already taken".into()))?;
     let sock = Rc::new(Async::new(fd).map_err(|e| StartError::Failed(e.to_string()))?);
     match with_timeout(READY_TIMEOUT, recv_control(&sock)).await {
-        None => Err(StartError::Failed(format!(
-            "no answer within {}s",
-            READY_TIMEOUT.as_secs()
-        ))),
+        None => Err(StartError::Failed(format!("no answer within {}s", READY_TIMEOUT.as_secs()))),
         Some(Err(e)) => {
             let status = keeper.child.try_wait().ok().flatten();
-            Err(StartError::Failed(format!(
-                "{e}{}",
-                status.map(|s| format!(" (keeper {s})")).unwrap_or_default()
-            )))
+            Err(StartError::Failed(format!("{e}{}", status.map(|s| format!(" (keeper {s})")).unwrap_or_default())))
         }
         Some(Ok((ControlResponse::Ready(s), _))) => Ok((s, sock)),
         Some(Ok((ControlResponse::Failed(e), _))) => {
             let _ = keeper.child.wait();
             Err(StartError::Refused(e))
         }
-        Some(Ok((other, _))) => Err(StartError::Failed(format!(
-            "unexpected first message {other:?}"
-        ))),
+        Some(Ok((other, _))) => Err(StartError::Failed(format!("unexpected first message {other:?}"))),
     }
 }
 
 /// Runs a self-check keeper to completion: its status and the probe results (for `doctor`).
 pub async fn self_check(launch: &Launch) -> Result<(StatusReport, Vec<ProbeResult>), StartError> {
-    let mut keeper = launch
-        .spawn(true)
-        .map_err(|e| StartError::Failed(e.to_string()))?;
+    let mut keeper = launch.spawn(true).map_err(|e| StartError::Failed(e.to_string()))?;
     let (status, sock) = wait_ready(&mut keeper).await?;
     let probes = match with_timeout(READY_TIMEOUT, recv_control(&sock)).await {
         Some(Ok((ControlResponse::Probes(p), _))) => p,
@@ -351,20 +325,13 @@ impl Signer {
         let (tx, rx) = async_channel::bounded(1);
         self.0.state.borrow_mut().pending.insert(id, tx);
         let frame = req.encode(id);
-        if let Err(e) = sock
-            .write_with(|s| os::send_packet(s.as_fd(), &frame))
-            .await
-        {
+        if let Err(e) = sock.write_with(|s| os::send_packet(s.as_fd(), &frame)).await {
             self.0.state.borrow_mut().pending.remove(&id);
-            return Err(
-                if e.kind() == io::ErrorKind::BrokenPipe
-                    || e.kind() == io::ErrorKind::ConnectionReset
-                {
-                    CallError::WorkerDied
-                } else {
-                    CallError::Unavailable(e.to_string())
-                },
-            );
+            return Err(if e.kind() == io::ErrorKind::BrokenPipe || e.kind() == io::ErrorKind::ConnectionReset {
+                CallError::WorkerDied
+            } else {
+                CallError::Unavailable(e.to_string())
+            });
         }
         match with_timeout(CALL_TIMEOUT, rx.recv()).await {
             None => {
@@ -409,10 +376,7 @@ impl Signer {
                 match child.try_wait() {
                     Ok(Some(_)) | Err(_) => break,
                     Ok(None) if Instant::now() >= deadline => {
-                        log::warn!(
-                            "signer keeper {} did not exit after its control socket closed",
-                            child.id()
-                        );
+                        log::warn!("signer keeper {} did not exit after its control socket closed", child.id());
                         break;
                     }
                     Ok(None) => {
@@ -438,27 +402,14 @@ impl Signer {
             }
             let now = Instant::now();
             if now >= deadline || with_timeout(deadline - now, listener).await.is_none() {
-                let why = self
-                    .0
-                    .state
-                    .borrow()
-                    .problem
-                    .clone()
-                    .unwrap_or_else(|| "restarting".into());
+                let why = self.0.state.borrow().problem.clone().unwrap_or_else(|| "restarting".into());
                 return Err(CallError::Unavailable(why));
             }
         }
     }
 
     fn fail_pending(&self, err: CallError) {
-        let pending: Vec<Reply> = self
-            .0
-            .state
-            .borrow_mut()
-            .pending
-            .drain()
-            .map(|(_, tx)| tx)
-            .collect();
+        let pending: Vec<Reply> = self.0.state.borrow_mut().pending.drain().map(|(_, tx)| tx).collect();
         for tx in pending {
             let _ = tx.try_send(Err(err.clone()));
         }
@@ -522,10 +473,7 @@ impl Signer {
     async fn read_responses(&self, sock: &Async<OwnedFd>) -> String {
         let mut buf = vec![0u8; MAX_FRAME];
         loop {
-            let pkt = match sock
-                .read_with(|s| os::recv_packet(s.as_fd(), &mut buf))
-                .await
-            {
+            let pkt = match sock.read_with(|s| os::recv_packet(s.as_fd(), &mut buf)).await {
                 Ok(p) => p,
                 Err(e) => return e.to_string(),
             };
@@ -558,13 +506,7 @@ impl Signer {
 
     async fn spawn_worker(&self) -> Result<Worker, SpawnError> {
         for attempt in 0..2 {
-            let control = self
-                .0
-                .state
-                .borrow()
-                .keeper
-                .as_ref()
-                .map(|(_, c)| c.clone());
+            let control = self.0.state.borrow().keeper.as_ref().map(|(_, c)| c.clone());
             let control = match control {
                 Some(c) => c,
                 None => self.relaunch_keeper().await?,
@@ -576,21 +518,13 @@ impl Signer {
             match with_timeout(READY_TIMEOUT, result).await {
                 Some(Ok((ControlResponse::Spawned { pid }, Some(fd)))) => {
                     let sock = Async::new(fd).map_err(|e| SpawnError::Retry(e.to_string()))?;
-                    return Ok(Worker {
-                        sock: Rc::new(sock),
-                        pid,
-                    });
+                    return Ok(Worker { sock: Rc::new(sock), pid });
                 }
                 Some(Ok((ControlResponse::Failed(e), _))) => {
-                    return Err(SpawnError::Retry(format!(
-                        "the keeper could not start a worker: {}",
-                        e.message
-                    )));
+                    return Err(SpawnError::Retry(format!("the keeper could not start a worker: {}", e.message)));
                 }
                 Some(Ok((other, _))) => {
-                    return Err(SpawnError::Retry(format!(
-                        "unexpected keeper answer {other:?}"
-                    )));
+                    return Err(SpawnError::Retry(format!("unexpected keeper answer {other:?}")));
                 }
                 Some(Err(e)) if attempt == 0 => {
                     // The keeper is gone: reap it and relaunch once.
@@ -603,15 +537,11 @@ impl Signer {
                     return Err(SpawnError::Fatal(format!("signer keeper lost again: {e}")));
                 }
                 None => {
-                    return Err(SpawnError::Retry(
-                        "the keeper did not answer a spawn request".into(),
-                    ));
+                    return Err(SpawnError::Retry("the keeper did not answer a spawn request".into()));
                 }
             }
         }
-        Err(SpawnError::Fatal(
-            "the signer keeper could not be recovered".into(),
-        ))
+        Err(SpawnError::Fatal("the signer keeper could not be recovered".into()))
     }
 
     async fn relaunch_keeper(&self) -> Result<Rc<Async<OwnedFd>>, SpawnError> {
@@ -620,18 +550,9 @@ impl Signer {
                 "the signer keeper died and its keys were ephemeral (temporary dev broker); stopping".into(),
             ));
         }
-        let expected = self
-            .0
-            .state
-            .borrow()
-            .status
-            .as_ref()
-            .map(|s| s.ca_public_key.clone());
-        let mut keeper = self
-            .0
-            .launch
-            .spawn(false)
-            .map_err(|e| SpawnError::Fatal(format!("relaunching the signer: {e}")))?;
+        let expected = self.0.state.borrow().status.as_ref().map(|s| s.ca_public_key.clone());
+        let mut keeper =
+            self.0.launch.spawn(false).map_err(|e| SpawnError::Fatal(format!("relaunching the signer: {e}")))?;
         let (status, control) = wait_ready(&mut keeper).await.map_err(|e| {
             SpawnError::Fatal(format!(
                 "the signer keeper died and could not be relaunched ({e}); restart the ephyr service \
@@ -639,9 +560,7 @@ impl Signer {
             ))
         })?;
         if expected.is_some() && expected.as_deref() != Some(status.ca_public_key.as_str()) {
-            return Err(SpawnError::Fatal(
-                "the relaunched signer has a different CA key; stopping".into(),
-            ));
+            return Err(SpawnError::Fatal("the relaunched signer has a different CA key; stopping".into()));
         }
         log::warn!("signer keeper relaunched as pid {}", keeper.child.id());
         let mut st = self.0.state.borrow_mut();

@@ -17,11 +17,7 @@ use crate::broker::datadir::DEFAULT_DATA_DIR;
 pub fn socket_path(socket: Option<PathBuf>, data_dir: Option<&Path>) -> PathBuf {
     socket
         .or_else(|| std::env::var_os("EPHYR_SOCKET").map(PathBuf::from))
-        .unwrap_or_else(|| {
-            data_dir
-                .unwrap_or(Path::new(DEFAULT_DATA_DIR))
-                .join("ephyr.sock")
-        })
+        .unwrap_or_else(|| data_dir.unwrap_or(Path::new(DEFAULT_DATA_DIR)).join("ephyr.sock"))
 }
 
 /// One request to the local API; returns (status, JSON body).
@@ -34,19 +30,11 @@ pub fn request(
     smol::block_on(async {
         let stream = Async::<std::os::unix::net::UnixStream>::connect(socket)
             .await
-            .map_err(|e| {
-                format!(
-                    "cannot reach the broker at {}: {e} (is `ephyr serve` running?)",
-                    socket.display()
-                )
-            })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(FuturesIo::new(stream))
-                .await
-                .map_err(|e| format!("local API handshake: {e}"))?;
-        let bytes = body
-            .map(|b| serde_json::to_vec(b).unwrap_or_default())
-            .unwrap_or_default();
+            .map_err(|e| format!("cannot reach the broker at {}: {e} (is `ephyr serve` running?)", socket.display()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(FuturesIo::new(stream))
+            .await
+            .map_err(|e| format!("local API handshake: {e}"))?;
+        let bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default()).unwrap_or_default();
         let req = http::Request::builder()
             .method(method)
             .uri(path)
@@ -55,17 +43,9 @@ pub fn request(
             .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| e.to_string())?;
         let exchange = async {
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| format!("local API request: {e}"))?;
+            let resp = sender.send_request(req).await.map_err(|e| format!("local API request: {e}"))?;
             let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
+            let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
             let json = serde_json::from_slice(&body)
                 .map_err(|e| format!("local API answered {status} with a non-JSON body: {e}"))?;
             Ok::<_, String>((status, json))

@@ -59,27 +59,17 @@ struct Report(Vec<Check>);
 
 impl Report {
     fn add(&mut self, check: impl Into<String>, status: Status, detail: impl Into<String>) {
-        self.0.push(Check {
-            check: check.into(),
-            status,
-            detail: detail.into(),
-        });
+        self.0.push(Check { check: check.into(), status, detail: detail.into() });
     }
 }
 
 fn mode_owner(path: &Path) -> Option<(u32, u32)> {
-    fs::metadata(path)
-        .ok()
-        .map(|m| (m.mode() & 0o7777, m.uid()))
+    fs::metadata(path).ok().map(|m| (m.mode() & 0o7777, m.uid()))
 }
 
 fn check_dir(r: &mut Report, name: &str, path: &Path, want_owner: Option<u32>) {
     match mode_owner(path) {
-        None => r.add(
-            name,
-            Status::Fail,
-            format!("{} is missing (run `ephyr init`)", path.display()),
-        ),
+        None => r.add(name, Status::Fail, format!("{} is missing (run `ephyr init`)", path.display())),
         Some((mode, uid)) => {
             let mut status = Status::Ok;
             let mut notes = vec![format!("{mode:04o} uid {uid}")];
@@ -90,11 +80,11 @@ fn check_dir(r: &mut Report, name: &str, path: &Path, want_owner: Option<u32>) {
                 status = Status::Fail;
                 notes.push("must be 0700".into());
             }
-            if let Some(w) = want_owner {
-                if uid != w {
-                    status = Status::Fail;
-                    notes.push(format!("should be owned by uid {w}"));
-                }
+            if let Some(w) = want_owner
+                && uid != w
+            {
+                status = Status::Fail;
+                notes.push(format!("should be owned by uid {w}"));
             }
             r.add(name, status, notes.join(", "));
         }
@@ -103,24 +93,19 @@ fn check_dir(r: &mut Report, name: &str, path: &Path, want_owner: Option<u32>) {
 
 fn check_secret_file(r: &mut Report, name: &str, path: &Path, want_owner: u32) {
     match mode_owner(path) {
-        None => r.add(
-            name,
-            Status::Fail,
-            format!("{} is missing (run `ephyr init`)", path.display()),
-        ),
+        None => r.add(name, Status::Fail, format!("{} is missing (run `ephyr init`)", path.display())),
         Some((mode, uid)) => {
             if mode & 0o077 != 0 {
                 r.add(
                     name,
                     Status::Fail,
-                    format!("permissions {mode:04o}: must be 0600 (readable by the signer only): chmod 600 {}", path.display()),
+                    format!(
+                        "permissions {mode:04o}: must be 0600 (readable by the signer only): chmod 600 {}",
+                        path.display()
+                    ),
                 );
             } else if uid != want_owner {
-                r.add(
-                    name,
-                    Status::Fail,
-                    format!("owned by uid {uid}, expected uid {want_owner}"),
-                );
+                r.add(name, Status::Fail, format!("owned by uid {uid}, expected uid {want_owner}"));
             } else {
                 r.add(name, Status::Ok, format!("{mode:04o} uid {uid}"));
             }
@@ -172,11 +157,7 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
             }
         },
         Err(e) => {
-            r.add(
-                "CA key type",
-                Status::Warn,
-                format!("cannot read the CA key as uid {me}: {e}"),
-            );
+            r.add("CA key type", Status::Warn, format!("cannot read the CA key as uid {me}: {e}"));
             false
         }
     };
@@ -186,11 +167,7 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
 
     let policy = match policy::load_file(&o.config) {
         Ok(p) => {
-            r.add(
-                "policy",
-                Status::Ok,
-                format!("{}: {} target(s)", o.config.display(), p.targets.len()),
-            );
+            r.add("policy", Status::Ok, format!("{}: {} target(s)", o.config.display(), p.targets.len()));
             Some(p)
         }
         Err(e) => {
@@ -201,23 +178,15 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
 
     // A real signer in self-check mode: same code, same sandbox, plus escape probes.
     let cfg = SignerConfig {
-        max_cert_ttl_secs: policy
-            .as_ref()
-            .map_or(3600, |p| p.limits.cert_ttl_max.as_secs() as u32),
-        principals: policy
-            .as_ref()
-            .map(|p| p.signer_principals())
-            .unwrap_or_default(),
+        max_cert_ttl_secs: policy.as_ref().map_or(3600, |p| p.limits.cert_ttl_max.as_secs() as u32),
+        principals: policy.as_ref().map(|p| p.signer_principals()).unwrap_or_default(),
         rate_limit: 1,
         rate_window_secs: 60,
     };
     let launch = Launch::new(
         ca_ok.then(|| data.root.clone()),
         false,
-        ids.as_ref().map(|i| TargetIds {
-            uid: i.signer.uid,
-            gid: i.signer.gid,
-        }),
+        ids.as_ref().map(|i| TargetIds { uid: i.signer.uid, gid: i.signer.gid }),
         &cfg,
         false,
     );
@@ -228,11 +197,7 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
                 "uid {} gid {}, caps {}, no_new_privs {}, dumpable {}, landlock ABI {} {:?}, seccomp {:?}",
                 s.uid,
                 s.gid,
-                if s.caps_cleared {
-                    "cleared"
-                } else {
-                    "NOT cleared"
-                },
+                if s.caps_cleared { "cleared" } else { "NOT cleared" },
                 s.no_new_privs,
                 s.dumpable,
                 s.landlock_abi,
@@ -242,11 +207,7 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
             if s.enforced {
                 r.add("signer sandbox", Status::Ok, layers);
             } else {
-                r.add(
-                    "signer sandbox",
-                    Status::Fail,
-                    format!("{layers}; problems: {}", s.problems.join("; ")),
-                );
+                r.add("signer sandbox", Status::Fail, format!("{layers}; problems: {}", s.problems.join("; ")));
             }
             if !root {
                 r.add(
@@ -261,9 +222,7 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
                     (true, _) => Status::Ok,
                     (false, ProbeLayer::Worker) => Status::Fail,
                     // Landlock alone does not cover everything on older ABIs; seccomp does.
-                    (false, ProbeLayer::Landlock) if s.seccomp == SeccompState::Enforced => {
-                        Status::Warn
-                    }
+                    (false, ProbeLayer::Landlock) if s.seccomp == SeccompState::Enforced => Status::Warn,
                     (false, ProbeLayer::Landlock) => Status::Fail,
                 };
                 r.add(name, status, p.outcome.describe());
@@ -276,14 +235,8 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
         Ok((code, v)) if code.is_success() => {
             let available = v["signer"]["available"].as_bool().unwrap_or(false);
             let restarts = v["signer"]["restarts"].as_u64().unwrap_or(0);
-            let enforced = v["signer"]["sandbox"]["enforced"]
-                .as_bool()
-                .unwrap_or(false);
-            let status = if available && enforced {
-                Status::Ok
-            } else {
-                Status::Fail
-            };
+            let enforced = v["signer"]["sandbox"]["enforced"].as_bool().unwrap_or(false);
+            let status = if available && enforced { Status::Ok } else { Status::Fail };
             r.add(
                 "running broker",
                 status,
@@ -291,33 +244,18 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
                     "pid {} uid {}, signer {} (restarts {restarts}, sandbox {})",
                     v["pid"],
                     v["uid"],
-                    if available {
-                        "available"
-                    } else {
-                        "UNAVAILABLE"
-                    },
+                    if available { "available" } else { "UNAVAILABLE" },
                     if enforced { "enforced" } else { "NOT enforced" }
                 ),
             );
         }
-        Ok((code, v)) => r.add(
-            "running broker",
-            Status::Warn,
-            format!("{code}: {}", v["message"]),
-        ),
-        Err(_) => r.add(
-            "running broker",
-            Status::Ok,
-            format!("not running (no answer on {})", o.socket.display()),
-        ),
+        Ok((code, v)) => r.add("running broker", Status::Warn, format!("{code}: {}", v["message"])),
+        Err(_) => r.add("running broker", Status::Ok, format!("not running (no answer on {})", o.socket.display())),
     }
 
     let healthy = r.0.iter().all(|c| c.status != Status::Fail);
     if o.json {
-        println!(
-            "{}",
-            serde_json::json!({ "healthy": healthy, "checks": r.0 })
-        );
+        println!("{}", serde_json::json!({ "healthy": healthy, "checks": r.0 }));
     } else {
         let w = r.0.iter().map(|c| c.check.len()).max().unwrap_or(10).max(5);
         println!("{:<w$}  {:<6}  DETAIL", "CHECK", "STATUS");
@@ -329,14 +267,7 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
             };
             println!("{:<w$}  {:<6}  {}", c.check, s, c.detail);
         }
-        println!(
-            "\n{}",
-            if healthy {
-                "No problems found."
-            } else {
-                "Problems found (FAIL above)."
-            }
-        );
+        println!("\n{}", if healthy { "No problems found." } else { "Problems found (FAIL above)." });
     }
     Ok(healthy)
 }

@@ -33,10 +33,7 @@ pub struct InitOptions {
 pub fn run(o: &InitOptions) -> Result<(), String> {
     let root = privileges::is_root();
     let ids = if root {
-        Some(privileges::resolve_identities(
-            o.broker_user.as_deref(),
-            o.signer_user.as_deref(),
-        )?)
+        Some(privileges::resolve_identities(o.broker_user.as_deref(), o.signer_user.as_deref())?)
     } else {
         None
     };
@@ -51,10 +48,7 @@ pub fn run(o: &InitOptions) -> Result<(), String> {
         FileAction::Replaced => eprintln!("REPLACED {what}"),
     };
     say(&data.keys().ca_key().display().to_string(), report.ca_key);
-    say(
-        &data.keys().sealing_key().display().to_string(),
-        report.sealing_key,
-    );
+    say(&data.keys().sealing_key().display().to_string(), report.sealing_key);
     if report.ca_key == FileAction::Replaced {
         eprintln!(
             "warning: the CA key was replaced (--force-new-ca). Targets that trust only the old CA line will \
@@ -78,8 +72,7 @@ pub fn run(o: &InitOptions) -> Result<(), String> {
             .mode(0o640)
             .open(&policy)
             .map_err(|e| format!("{}: {e}", policy.display()))?;
-        f.write_all(EXAMPLE_POLICY.as_bytes())
-            .map_err(|e| format!("{}: {e}", policy.display()))?;
+        f.write_all(EXAMPLE_POLICY.as_bytes()).map_err(|e| format!("{}: {e}", policy.display()))?;
         if let Some(i) = &ids {
             // root owns it, the broker's group may read it (reloads happen after the drop).
             std::os::unix::fs::chown(&policy, Some(0), Some(i.broker.gid))
@@ -90,10 +83,7 @@ pub fn run(o: &InitOptions) -> Result<(), String> {
     if let Some(i) = &ids {
         eprintln!("broker user: {}   signer user: {}", i.broker, i.signer);
     }
-    eprintln!(
-        "\nCA public key for TrustedUserCAKeys on your targets (also in {}):",
-        data.keys().ca_pub().display()
-    );
+    eprintln!("\nCA public key for TrustedUserCAKeys on your targets (also in {}):", data.keys().ca_pub().display());
     println!("{}", report.ca_public_line);
     Ok(())
 }

@@ -29,8 +29,7 @@ pub struct CertSignOptions {
 fn read_input(path: &Path) -> Result<String, String> {
     if path == Path::new("-") {
         let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-            .map_err(|e| format!("stdin: {e}"))?;
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| format!("stdin: {e}"))?;
         Ok(s)
     } else {
         std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
@@ -59,10 +58,7 @@ pub fn cert_sign(o: &CertSignOptions) -> Result<(), String> {
         println!("{v}");
     } else {
         println!("{}", v["certificate"].as_str().unwrap_or_default());
-        eprintln!(
-            "serial {} key id {} valid until {}",
-            v["serial"], v["key_id"], v["valid_before"]
-        );
+        eprintln!("serial {} key id {} valid until {}", v["serial"], v["key_id"], v["valid_before"]);
     }
     Ok(())
 }
@@ -85,17 +81,10 @@ pub fn status(socket: &Path, json: bool) -> Result<(), String> {
         v["uid"],
         v["uptime_secs"]
     );
-    println!(
-        "listen {}  dashboard {}  data dir {}",
-        v["listen"], v["dashboard_listen"], v["data_dir"]
-    );
+    println!("listen {}  dashboard {}  data dir {}", v["listen"], v["dashboard_listen"], v["data_dir"]);
     println!(
         "signer: {}  keeper pid {}  worker pid {}  restarts {}",
-        if s["available"].as_bool() == Some(true) {
-            "available"
-        } else {
-            "UNAVAILABLE"
-        },
+        if s["available"].as_bool() == Some(true) { "available" } else { "UNAVAILABLE" },
         s["keeper_pid"],
         s["worker_pid"],
         s["restarts"]

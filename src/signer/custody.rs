@@ -23,8 +23,8 @@ use zeroize::Zeroizing;
 
 use super::keys::{CaKey, SealingKey, random_bytes};
 use super::protocol::{
-    CertRequest, ErrorCode, MAX_SEAL_PLAINTEXT, Request, Response, SandboxReport, SignerError,
-    SignerLimits, StatusReport,
+    CertRequest, ErrorCode, MAX_SEAL_PLAINTEXT, Request, Response, SandboxReport, SignerError, SignerLimits,
+    StatusReport,
 };
 use crate::os::SharedCounters;
 use crate::secret::SecretBytes;
@@ -81,18 +81,13 @@ impl SignerConfig {
     /// Checks the configuration itself.
     pub fn validate(&self) -> Result<(), String> {
         if self.max_cert_ttl_secs == 0 || self.max_cert_ttl_secs > HARD_MAX_CERT_TTL_SECS {
-            return Err(format!(
-                "certificate TTL cap must be between 1s and 24h, got {}s",
-                self.max_cert_ttl_secs
-            ));
+            return Err(format!("certificate TTL cap must be between 1s and 24h, got {}s", self.max_cert_ttl_secs));
         }
         if self.rate_limit == 0 || self.rate_window_secs == 0 {
             return Err("signer rate limit and window must both be at least 1".into());
         }
         if let Some(bad) = self.principals.iter().find(|p| !valid_principal(p)) {
-            return Err(format!(
-                "invalid principal {bad:?} (use letters, digits, '_', '-', '.', max 32)"
-            ));
+            return Err(format!("invalid principal {bad:?} (use letters, digits, '_', '-', '.', max 32)"));
         }
         Ok(())
     }
@@ -111,8 +106,7 @@ impl SignerConfig {
 pub fn valid_principal(p: &str) -> bool {
     !p.is_empty()
         && p.len() <= 32
-        && p.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && p.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
         && !p.starts_with('-')
 }
 
@@ -147,17 +141,10 @@ pub struct Custody {
 
 impl Custody {
     /// Builds the custody from loaded keys. `rate` must be shared with every worker.
-    pub fn new(
-        ca: &CaKey,
-        sealing: &SealingKey,
-        config: SignerConfig,
-        rate: SharedCounters,
-    ) -> Self {
+    pub fn new(ca: &CaKey, sealing: &SealingKey, config: SignerConfig, rate: SharedCounters) -> Self {
         let aead_key = derive(sealing.expose(), b"seal aes-256-gcm");
         let ckpt_seed = derive(sealing.expose(), b"audit checkpoint ed25519");
-        let seal = LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, &aead_key[..]).expect("32-byte AES key"),
-        );
+        let seal = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &aead_key[..]).expect("32-byte AES key"));
         let checkpoint = Ed25519KeyPair::from_seed_unchecked(&ckpt_seed[..]).expect("32-byte seed");
         Self {
             ca_public_line: ca.public_line(),
@@ -204,18 +191,11 @@ impl Custody {
         let result = match req {
             Request::Status => Ok(Response::Status(self.status())),
             Request::SignUserCert(c) => self.sign_cert(&c, now_secs),
-            Request::Seal { context, plaintext } => {
-                self.seal(&context, &plaintext).map(Response::Sealed)
+            Request::Seal { context, plaintext } => self.seal(&context, &plaintext).map(Response::Sealed),
+            Request::Unseal { context, sealed } => self.unseal(&context, &sealed).map(Response::Unsealed),
+            Request::SignCheckpoint { digest } => {
+                Ok(Response::CheckpointSignature(self.checkpoint.sign(&checkpoint_message(&digest)).as_ref().to_vec()))
             }
-            Request::Unseal { context, sealed } => {
-                self.unseal(&context, &sealed).map(Response::Unsealed)
-            }
-            Request::SignCheckpoint { digest } => Ok(Response::CheckpointSignature(
-                self.checkpoint
-                    .sign(&checkpoint_message(&digest))
-                    .as_ref()
-                    .to_vec(),
-            )),
         };
         result.unwrap_or_else(Response::Error)
     }
@@ -236,8 +216,7 @@ impl Custody {
                     "signer rate limit reached: {} certificates per {}s; retry in {}s",
                     self.config.rate_limit,
                     self.config.rate_window_secs,
-                    u64::from(self.config.rate_window_secs)
-                        - now_secs % u64::from(self.config.rate_window_secs)
+                    u64::from(self.config.rate_window_secs) - now_secs % u64::from(self.config.rate_window_secs)
                 ),
             ));
         }
@@ -252,41 +231,27 @@ impl Custody {
         random_bytes(&mut nonce).map_err(|_| internal("random number generator failed"))?;
         random_bytes(&mut serial_bytes).map_err(|_| internal("random number generator failed"))?;
         let serial = u64::from_be_bytes(serial_bytes);
-        let bad = |what: &str| {
-            refuse(
-                ErrorCode::InvalidRequest,
-                format!("certificate builder rejected {what}"),
-            )
-        };
-        let mut b = Builder::new(nonce.to_vec(), subject, c.valid_after, c.valid_before)
-            .map_err(|_| bad("the validity"))?;
+        let bad = |what: &str| refuse(ErrorCode::InvalidRequest, format!("certificate builder rejected {what}"));
+        let mut b =
+            Builder::new(nonce.to_vec(), subject, c.valid_after, c.valid_before).map_err(|_| bad("the validity"))?;
         b.serial(serial).map_err(|_| bad("the serial"))?;
         b.cert_type(CertType::User).map_err(|_| bad("the type"))?;
         b.key_id(c.key_id.clone()).map_err(|_| bad("the key id"))?;
         for p in &c.principals {
-            b.valid_principal(p.clone())
-                .map_err(|_| bad("a principal"))?;
+            b.valid_principal(p.clone()).map_err(|_| bad("a principal"))?;
         }
         if let Some(fc) = &c.force_command {
-            b.critical_option("force-command", fc.clone())
-                .map_err(|_| bad("force-command"))?;
+            b.critical_option("force-command", fc.clone()).map_err(|_| bad("force-command"))?;
         }
         if let Some(sa) = &c.source_address {
-            b.critical_option("source-address", sa.clone())
-                .map_err(|_| bad("source-address"))?;
+            b.critical_option("source-address", sa.clone()).map_err(|_| bad("source-address"))?;
         }
         for e in &c.extensions {
-            b.extension(e.clone(), "")
-                .map_err(|_| bad("an extension"))?;
+            b.extension(e.clone(), "").map_err(|_| bad("an extension"))?;
         }
-        let signer = RingCa {
-            kp: &self.ca,
-            public: self.ca_public,
-        };
+        let signer = RingCa { kp: &self.ca, public: self.ca_public };
         let cert = b.sign(&signer).map_err(|_| internal("signing failed"))?;
-        let certificate = cert
-            .to_openssh()
-            .map_err(|_| internal("encoding the certificate failed"))?;
+        let certificate = cert.to_openssh().map_err(|_| internal("encoding the certificate failed"))?;
         log::info!(
             "signed certificate serial={serial:016x} key_id={:?} principals={:?} validity={}..{}",
             c.key_id,
@@ -294,18 +259,12 @@ impl Custody {
             c.valid_after,
             c.valid_before
         );
-        Ok(Response::Certificate {
-            serial,
-            certificate,
-        })
+        Ok(Response::Certificate { serial, certificate })
     }
 
     fn seal(&self, context: &str, plaintext: &SecretBytes) -> Result<Vec<u8>, SignerError> {
         if plaintext.len() > MAX_SEAL_PLAINTEXT {
-            return Err(refuse(
-                ErrorCode::InvalidRequest,
-                "plaintext larger than 8 KiB",
-            ));
+            return Err(refuse(ErrorCode::InvalidRequest, "plaintext larger than 8 KiB"));
         }
         let mut nonce = [0u8; 12];
         random_bytes(&mut nonce).map_err(|_| internal("random number generator failed"))?;
@@ -315,11 +274,7 @@ impl Custody {
         let mut buf = Zeroizing::new(plaintext.expose().to_vec());
         let tag = self
             .seal
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                seal_aad(context),
-                &mut buf[..],
-            )
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), seal_aad(context), &mut buf[..])
             .map_err(|_| internal("sealing failed"))?;
         out.extend_from_slice(&buf);
         out.extend_from_slice(tag.as_ref());
@@ -338,10 +293,7 @@ impl Custody {
         }
         let nonce = Nonce::try_assume_unique_for_key(&sealed[1..13]).map_err(|_| fail())?;
         let mut buf = Zeroizing::new(sealed[13..].to_vec());
-        let plain = self
-            .seal
-            .open_in_place(nonce, seal_aad(context), &mut buf[..])
-            .map_err(|_| fail())?;
+        let plain = self.seal.open_in_place(nonce, seal_aad(context), &mut buf[..]).map_err(|_| fail())?;
         Ok(SecretBytes::new(plain.to_vec()))
     }
 }
@@ -353,10 +305,7 @@ fn seal_aad(context: &str) -> Aad<Vec<u8>> {
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> SignerError {
-    SignerError {
-        code,
-        message: message.into(),
-    }
+    SignerError { code, message: message.into() }
 }
 
 fn internal(message: &str) -> SignerError {
@@ -364,32 +313,18 @@ fn internal(message: &str) -> SignerError {
 }
 
 /// Checks a certificate request against the signer's limits; returns the parsed subject key.
-pub fn check_cert_request(
-    c: &CertRequest,
-    cfg: &SignerConfig,
-    now: u64,
-) -> Result<KeyData, SignerError> {
+pub fn check_cert_request(c: &CertRequest, cfg: &SignerConfig, now: u64) -> Result<KeyData, SignerError> {
     let invalid = |m: String| refuse(ErrorCode::InvalidRequest, m);
-    let subject = PublicKey::from_openssh(c.public_key.trim()).map_err(|_| {
-        refuse(
-            ErrorCode::InvalidPublicKey,
-            "subject public key is not an OpenSSH public key",
-        )
-    })?;
+    let subject = PublicKey::from_openssh(c.public_key.trim())
+        .map_err(|_| refuse(ErrorCode::InvalidPublicKey, "subject public key is not an OpenSSH public key"))?;
     if subject.algorithm() != Algorithm::Ed25519 {
         return Err(refuse(
             ErrorCode::InvalidPublicKey,
-            format!(
-                "subject key must be ssh-ed25519, got {}",
-                subject.algorithm()
-            ),
+            format!("subject key must be ssh-ed25519, got {}", subject.algorithm()),
         ));
     }
     if c.principals.is_empty() {
-        return Err(refuse(
-            ErrorCode::PrincipalNotAllowed,
-            "a certificate needs at least one principal",
-        ));
+        return Err(refuse(ErrorCode::PrincipalNotAllowed, "a certificate needs at least one principal"));
     }
     let mut seen = BTreeSet::new();
     for p in &c.principals {
@@ -403,25 +338,14 @@ pub fn check_cert_request(
             return Err(invalid(format!("principal {p:?} listed twice")));
         }
     }
-    if c.key_id.is_empty()
-        || c.key_id.len() > 256
-        || !c.key_id.bytes().all(|b| b.is_ascii_graphic())
-    {
-        return Err(invalid(
-            "key id must be 1-256 printable ASCII characters without spaces".into(),
-        ));
+    if c.key_id.is_empty() || c.key_id.len() > 256 || !c.key_id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid("key id must be 1-256 printable ASCII characters without spaces".into()));
     }
     if c.valid_before <= c.valid_after {
-        return Err(refuse(
-            ErrorCode::ValidityInvalid,
-            "valid_before must be after valid_after",
-        ));
+        return Err(refuse(ErrorCode::ValidityInvalid, "valid_before must be after valid_after"));
     }
     if c.valid_before <= now {
-        return Err(refuse(
-            ErrorCode::ValidityInvalid,
-            "the validity window is already over",
-        ));
+        return Err(refuse(ErrorCode::ValidityInvalid, "the validity window is already over"));
     }
     if c.valid_after + MAX_BACKDATE_SECS < now {
         return Err(refuse(
@@ -439,12 +363,10 @@ pub fn check_cert_request(
             ),
         ));
     }
-    if let Some(fc) = &c.force_command {
-        if fc.is_empty() || fc.len() > 4096 || fc.contains('\0') {
-            return Err(invalid(
-                "force-command must be 1-4096 bytes without NUL".into(),
-            ));
-        }
+    if let Some(fc) = &c.force_command
+        && (fc.is_empty() || fc.len() > 4096 || fc.contains('\0'))
+    {
+        return Err(invalid("force-command must be 1-4096 bytes without NUL".into()));
     }
     if let Some(sa) = &c.source_address {
         check_source_address(sa).map_err(invalid)?;
@@ -470,17 +392,13 @@ fn check_source_address(list: &str) -> Result<(), String> {
             Some((a, p)) => (a, Some(p)),
             None => (item, None),
         };
-        let ip: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("source-address entry {item:?} is not an IP or CIDR"))?;
+        let ip: IpAddr = addr.parse().map_err(|_| format!("source-address entry {item:?} is not an IP or CIDR"))?;
         if let Some(p) = prefix {
             let max = if ip.is_ipv4() { 32 } else { 128 };
             match p.parse::<u8>() {
                 Ok(n) if n <= max && !p.starts_with('+') => {}
                 _ => {
-                    return Err(format!(
-                        "source-address entry {item:?} has a bad prefix length"
-                    ));
+                    return Err(format!("source-address entry {item:?} has a bad prefix length"));
                 }
             }
         }
@@ -496,8 +414,7 @@ struct RingCa<'a> {
 
 impl signature::Signer<Signature> for RingCa<'_> {
     fn try_sign(&self, msg: &[u8]) -> Result<Signature, signature::Error> {
-        Signature::new(Algorithm::Ed25519, self.kp.sign(msg).as_ref().to_vec())
-            .map_err(|_| signature::Error::new())
+        Signature::new(Algorithm::Ed25519, self.kp.sign(msg).as_ref().to_vec()).map_err(|_| signature::Error::new())
     }
 }
 
@@ -519,12 +436,7 @@ mod tests {
             rate_limit: rate,
             rate_window_secs: 60,
         };
-        Custody::new(
-            &CaKey::generate().unwrap(),
-            &SealingKey::generate().unwrap(),
-            cfg,
-            SharedCounters::new().unwrap(),
-        )
+        Custody::new(&CaKey::generate().unwrap(), &SealingKey::generate().unwrap(), cfg, SharedCounters::new().unwrap())
     }
 
     fn subject() -> String {
@@ -549,44 +461,27 @@ mod tests {
     #[test]
     fn signs_a_certificate_that_verifies_under_the_ca() {
         let c = custody(10);
-        let Response::Certificate {
-            serial,
-            certificate,
-        } = c.handle(Request::SignUserCert(req(NOW)), NOW)
-        else {
+        let Response::Certificate { serial, certificate } = c.handle(Request::SignUserCert(req(NOW)), NOW) else {
             panic!("expected a certificate")
         };
         let cert = Certificate::from_openssh(&certificate).unwrap();
         assert_eq!(cert.serial(), serial);
         assert_eq!(cert.valid_principals(), ["agent-read"]);
         assert_eq!(cert.key_id(), "ephyr:claude:01J:1");
-        assert_eq!(
-            cert.critical_options()
-                .get("force-command")
-                .map(String::as_str),
-            Some("/usr/bin/id -un")
-        );
+        assert_eq!(cert.critical_options().get("force-command").map(String::as_str), Some("/usr/bin/id -un"));
         assert!(cert.extensions().contains_key("permit-pty"));
         assert!(!cert.extensions().contains_key("permit-port-forwarding"));
         // The CA signature verifies with ring over the to-be-signed bytes (everything before the
         // trailing signature field: u32 length + string "ssh-ed25519" + string(64-byte signature)).
-        let KeyData::Ed25519(ca) = cert.signature_key() else {
-            panic!("ed25519 CA")
-        };
+        let KeyData::Ed25519(ca) = cert.signature_key() else { panic!("ed25519 CA") };
         assert_eq!(ca.0, c.ca_public);
         let wire = cert.to_bytes().unwrap();
         let tbs = &wire[..wire.len() - (4 + 4 + 11 + 4 + 64)];
         let verifier = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, ca.0);
-        verifier
-            .verify(tbs, cert.signature().as_bytes())
-            .expect("CA signature verifies");
+        verifier.verify(tbs, cert.signature().as_bytes()).expect("CA signature verifies");
         let mut forged = tbs.to_vec();
         forged[20] ^= 1;
-        assert!(
-            verifier
-                .verify(&forged, cert.signature().as_bytes())
-                .is_err()
-        );
+        assert!(verifier.verify(&forged, cert.signature().as_bytes()).is_err());
         let line = c.status().ca_public_key;
         assert!(line.ends_with(&format!(" {}", super::super::keys::CA_COMMENT)));
     }
@@ -594,71 +489,24 @@ mod tests {
     #[test]
     fn refuses_outside_its_own_limits() {
         let c = custody(10);
-        let cases: Vec<(Box<dyn Fn(&mut CertRequest)>, ErrorCode)> = vec![
-            (
-                Box::new(|r| r.principals = vec!["root".into()]),
-                ErrorCode::PrincipalNotAllowed,
-            ),
-            (
-                Box::new(|r| r.principals = vec![]),
-                ErrorCode::PrincipalNotAllowed,
-            ),
-            (
-                Box::new(|r| r.principals = vec!["agent-read".into(), "agent-read".into()]),
-                ErrorCode::InvalidRequest,
-            ),
-            (
-                Box::new(|r| r.valid_before = NOW + 3601),
-                ErrorCode::TtlTooLong,
-            ),
-            (
-                Box::new(|r| r.valid_before = NOW + 90_000),
-                ErrorCode::TtlTooLong,
-            ),
-            (
-                Box::new(|r| r.valid_after = NOW - 10_000),
-                ErrorCode::ValidityInvalid,
-            ),
-            (
-                Box::new(|r| r.valid_before = NOW - 1),
-                ErrorCode::ValidityInvalid,
-            ),
-            (
-                Box::new(|r| r.valid_before = r.valid_after),
-                ErrorCode::ValidityInvalid,
-            ),
-            (
-                Box::new(|r| r.public_key = "ssh-rsa AAAA".into()),
-                ErrorCode::InvalidPublicKey,
-            ),
-            (
-                Box::new(|r| r.public_key = "not a key".into()),
-                ErrorCode::InvalidPublicKey,
-            ),
-            (
-                Box::new(|r| r.key_id = String::new()),
-                ErrorCode::InvalidRequest,
-            ),
-            (
-                Box::new(|r| r.key_id = "has space".into()),
-                ErrorCode::InvalidRequest,
-            ),
-            (
-                Box::new(|r| r.extensions = vec!["permit-everything".into()]),
-                ErrorCode::InvalidRequest,
-            ),
-            (
-                Box::new(|r| r.source_address = Some("10.0.0.0/33".into())),
-                ErrorCode::InvalidRequest,
-            ),
-            (
-                Box::new(|r| r.source_address = Some("example.com".into())),
-                ErrorCode::InvalidRequest,
-            ),
-            (
-                Box::new(|r| r.force_command = Some("a\0b".into())),
-                ErrorCode::InvalidRequest,
-            ),
+        type Mutation = Box<dyn Fn(&mut CertRequest)>;
+        let cases: Vec<(Mutation, ErrorCode)> = vec![
+            (Box::new(|r| r.principals = vec!["root".into()]), ErrorCode::PrincipalNotAllowed),
+            (Box::new(|r| r.principals = vec![]), ErrorCode::PrincipalNotAllowed),
+            (Box::new(|r| r.principals = vec!["agent-read".into(), "agent-read".into()]), ErrorCode::InvalidRequest),
+            (Box::new(|r| r.valid_before = NOW + 3601), ErrorCode::TtlTooLong),
+            (Box::new(|r| r.valid_before = NOW + 90_000), ErrorCode::TtlTooLong),
+            (Box::new(|r| r.valid_after = NOW - 10_000), ErrorCode::ValidityInvalid),
+            (Box::new(|r| r.valid_before = NOW - 1), ErrorCode::ValidityInvalid),
+            (Box::new(|r| r.valid_before = r.valid_after), ErrorCode::ValidityInvalid),
+            (Box::new(|r| r.public_key = "ssh-rsa AAAA".into()), ErrorCode::InvalidPublicKey),
+            (Box::new(|r| r.public_key = "not a key".into()), ErrorCode::InvalidPublicKey),
+            (Box::new(|r| r.key_id = String::new()), ErrorCode::InvalidRequest),
+            (Box::new(|r| r.key_id = "has space".into()), ErrorCode::InvalidRequest),
+            (Box::new(|r| r.extensions = vec!["permit-everything".into()]), ErrorCode::InvalidRequest),
+            (Box::new(|r| r.source_address = Some("10.0.0.0/33".into())), ErrorCode::InvalidRequest),
+            (Box::new(|r| r.source_address = Some("example.com".into())), ErrorCode::InvalidRequest),
+            (Box::new(|r| r.force_command = Some("a\0b".into())), ErrorCode::InvalidRequest),
         ];
         for (i, (mutate, code)) in cases.iter().enumerate() {
             let mut r = req(NOW);
@@ -674,117 +522,55 @@ mod tests {
     fn rate_limit_is_per_window_and_shared() {
         let c = custody(2);
         for _ in 0..2 {
-            assert!(matches!(
-                c.handle(Request::SignUserCert(req(NOW)), NOW),
-                Response::Certificate { .. }
-            ));
+            assert!(matches!(c.handle(Request::SignUserCert(req(NOW)), NOW), Response::Certificate { .. }));
         }
-        let Response::Error(e) = c.handle(Request::SignUserCert(req(NOW)), NOW) else {
-            panic!()
-        };
+        let Response::Error(e) = c.handle(Request::SignUserCert(req(NOW)), NOW) else { panic!() };
         assert_eq!(e.code, ErrorCode::RateLimited);
         assert!(e.message.contains("retry in"), "{}", e.message);
         // A refused request (bad principal) does not consume budget, and a new window resets it.
         let later = NOW + 60;
-        assert!(matches!(
-            c.handle(Request::SignUserCert(req(later)), later),
-            Response::Certificate { .. }
-        ));
+        assert!(matches!(c.handle(Request::SignUserCert(req(later)), later), Response::Certificate { .. }));
     }
 
     #[test]
     fn seal_round_trips_and_binds_context() {
         let c = custody(1);
         let secret = SecretBytes::new(b"root key bytes".to_vec());
-        let Response::Sealed(blob) = c.handle(
-            Request::Seal {
-                context: "rootkey:A".into(),
-                plaintext: secret.clone(),
-            },
-            NOW,
-        ) else {
+        let Response::Sealed(blob) =
+            c.handle(Request::Seal { context: "rootkey:A".into(), plaintext: secret.clone() }, NOW)
+        else {
             panic!()
         };
-        assert!(
-            !blob.windows(5).any(|w| w == b"root "),
-            "plaintext visible in blob"
-        );
-        let Response::Unsealed(back) = c.handle(
-            Request::Unseal {
-                context: "rootkey:A".into(),
-                sealed: blob.clone(),
-            },
-            NOW,
-        ) else {
+        assert!(!blob.windows(5).any(|w| w == b"root "), "plaintext visible in blob");
+        let Response::Unsealed(back) =
+            c.handle(Request::Unseal { context: "rootkey:A".into(), sealed: blob.clone() }, NOW)
+        else {
             panic!()
         };
         assert_eq!(back.expose(), secret.expose());
-        let wrong = c.handle(
-            Request::Unseal {
-                context: "rootkey:B".into(),
-                sealed: blob.clone(),
-            },
-            NOW,
-        );
-        assert!(matches!(
-            wrong,
-            Response::Error(SignerError {
-                code: ErrorCode::UnsealFailed,
-                ..
-            })
-        ));
+        let wrong = c.handle(Request::Unseal { context: "rootkey:B".into(), sealed: blob.clone() }, NOW);
+        assert!(matches!(wrong, Response::Error(SignerError { code: ErrorCode::UnsealFailed, .. })));
         let mut tampered = blob.clone();
         *tampered.last_mut().unwrap() ^= 1;
-        let t = c.handle(
-            Request::Unseal {
-                context: "rootkey:A".into(),
-                sealed: tampered,
-            },
-            NOW,
-        );
-        assert!(matches!(
-            t,
-            Response::Error(SignerError {
-                code: ErrorCode::UnsealFailed,
-                ..
-            })
-        ));
+        let t = c.handle(Request::Unseal { context: "rootkey:A".into(), sealed: tampered }, NOW);
+        assert!(matches!(t, Response::Error(SignerError { code: ErrorCode::UnsealFailed, .. })));
         // Another signer's key cannot open it.
         let other = custody(1);
-        let o = other.handle(
-            Request::Unseal {
-                context: "rootkey:A".into(),
-                sealed: blob,
-            },
-            NOW,
-        );
-        assert!(matches!(
-            o,
-            Response::Error(SignerError {
-                code: ErrorCode::UnsealFailed,
-                ..
-            })
-        ));
+        let o = other.handle(Request::Unseal { context: "rootkey:A".into(), sealed: blob }, NOW);
+        assert!(matches!(o, Response::Error(SignerError { code: ErrorCode::UnsealFailed, .. })));
     }
 
     #[test]
     fn checkpoint_signatures_are_domain_separated() {
         let c = custody(1);
         let digest = [5u8; 32];
-        let Response::CheckpointSignature(sig) = c.handle(Request::SignCheckpoint { digest }, NOW)
-        else {
-            panic!()
-        };
+        let Response::CheckpointSignature(sig) = c.handle(Request::SignCheckpoint { digest }, NOW) else { panic!() };
         let pk = c.status().checkpoint_public_key;
         assert!(verify_checkpoint(&pk, &digest, &sig));
         assert!(!verify_checkpoint(&pk, &[6u8; 32], &sig));
         // The checkpoint key is not the CA key, and a raw-digest signature would not verify.
         assert_ne!(pk, c.ca_public.to_vec());
-        assert!(
-            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &pk)
-                .verify(&digest, &sig)
-                .is_err()
-        );
+        assert!(ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &pk).verify(&digest, &sig).is_err());
     }
 
     #[test]

@@ -18,8 +18,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use super::custody::Custody;
 use super::keys::{CaKey, SealingKey, ensure_keys, load_keys};
 use super::protocol::{
-    ControlRequest, ControlResponse, ErrorCode, MAX_FRAME, ProbeKind, ProbeLayer, ProbeResult,
-    SeccompState, SignerError,
+    ControlRequest, ControlResponse, ErrorCode, MAX_FRAME, ProbeKind, ProbeLayer, ProbeResult, SeccompState,
+    SignerError,
 };
 use super::sandbox::{self, Profile};
 use super::{SignerArgs, worker};
@@ -36,11 +36,7 @@ fn send(control: &OwnedFd, msg: &ControlResponse, id: u64) {
 
 fn fail(control: &OwnedFd, code: ErrorCode, message: String) -> i32 {
     log::error!("{message}");
-    send(
-        control,
-        &ControlResponse::Failed(SignerError { code, message }),
-        0,
-    );
+    send(control, &ControlResponse::Failed(SignerError { code, message }), 0);
     2
 }
 
@@ -56,11 +52,7 @@ pub fn run(args: SignerArgs) -> i32 {
     let proof = match os::single_threaded() {
         Ok(p) => p,
         Err(e) => {
-            return fail(
-                &control,
-                ErrorCode::Internal,
-                format!("signer start-up: {e}"),
-            );
+            return fail(&control, ErrorCode::Internal, format!("signer start-up: {e}"));
         }
     };
     let parent = std::os::unix::process::parent_id();
@@ -69,42 +61,26 @@ pub fn run(args: SignerArgs) -> i32 {
         let _ = os::ignore_signal(sig);
     }
     if let Err(e) = args.config.validate() {
-        return fail(
-            &control,
-            ErrorCode::Internal,
-            format!("signer configuration: {e}"),
-        );
+        return fail(&control, ErrorCode::Internal, format!("signer configuration: {e}"));
     }
 
     let keys = match &args.data_dir {
         None => CaKey::generate().and_then(|ca| Ok((ca, SealingKey::generate()?))),
         Some(dir) => {
-            let ensured = if args.generate_missing_keys {
-                ensure_keys(dir, false).map(drop)
-            } else {
-                Ok(())
-            };
+            let ensured = if args.generate_missing_keys { ensure_keys(dir, false).map(drop) } else { Ok(()) };
             ensured.and_then(|()| load_keys(dir))
         }
     };
     let (ca, sealing) = match keys {
         Ok(k) => k,
         Err(e) => {
-            return fail(
-                &control,
-                ErrorCode::KeysUnavailable,
-                format!("signer cannot load its keys: {e}"),
-            );
+            return fail(&control, ErrorCode::KeysUnavailable, format!("signer cannot load its keys: {e}"));
         }
     };
     let rate = match os::SharedCounters::new() {
         Ok(r) => r,
         Err(e) => {
-            return fail(
-                &control,
-                ErrorCode::Internal,
-                format!("signer: shared page: {e}"),
-            );
+            return fail(&control, ErrorCode::Internal, format!("signer: shared page: {e}"));
         }
     };
     let mut custody = Custody::new(&ca, &sealing, args.config.clone(), rate);
@@ -122,24 +98,12 @@ pub fn run(args: SignerArgs) -> i32 {
         // (ptrace is not probed here: Landlock only restricts tracing across domains, and the
         // probe's parent is in the same one; seccomp covers it below.)
         for kind in [ProbeKind::OpenFile, ProbeKind::Connect, ProbeKind::Execve] {
-            probes.push(run_probe(
-                ProbeLayer::Landlock,
-                kind,
-                &control,
-                &proof,
-                args.insecure_no_sandbox,
-            ));
+            probes.push(run_probe(ProbeLayer::Landlock, kind, &control, &proof, args.insecure_no_sandbox));
         }
     }
     let (seccomp, sc_problem) = sandbox::apply_seccomp(Profile::Keeper);
     problems.extend(sc_problem);
-    let report = sandbox::report(
-        problems,
-        &observed,
-        (landlock, abi),
-        seccomp,
-        args.insecure_no_sandbox,
-    );
+    let report = sandbox::report(problems, &observed, (landlock, abi), seccomp, args.insecure_no_sandbox);
     custody.set_sandbox(report.clone());
 
     if args.self_check {
@@ -162,9 +126,7 @@ pub fn run(args: SignerArgs) -> i32 {
                 ),
             );
         }
-        log::error!(
-            "!!! INSECURE: the signer runs WITHOUT a complete sandbox (--insecure-no-sandbox): {why} !!!"
-        );
+        log::error!("!!! INSECURE: the signer runs WITHOUT a complete sandbox (--insecure-no-sandbox): {why} !!!");
     }
     log::info!(
         "signer ready: uid={} landlock_abi={} seccomp={:?} ca={}",
@@ -174,14 +136,7 @@ pub fn run(args: SignerArgs) -> i32 {
         custody.status().ca_public_key
     );
     send(&control, &ControlResponse::Ready(custody.status()), 0);
-    Keeper {
-        control: Some(control),
-        custody,
-        proof,
-        worker: None,
-        insecure: args.insecure_no_sandbox,
-    }
-    .serve()
+    Keeper { control: Some(control), custody, proof, worker: None, insecure: args.insecure_no_sandbox }.serve()
 }
 
 struct Keeper {
@@ -194,9 +149,7 @@ struct Keeper {
 
 impl Keeper {
     fn control(&self) -> &OwnedFd {
-        self.control
-            .as_ref()
-            .expect("the keeper owns its control socket")
+        self.control.as_ref().expect("the keeper owns its control socket")
     }
 
     fn serve(mut self) -> i32 {
@@ -218,17 +171,11 @@ impl Keeper {
             let frame = &buf[..pkt.len];
             let id = super::protocol::frame_id(frame);
             let request = if pkt.truncated {
-                Err(SignerError {
-                    code: ErrorCode::TooLarge,
-                    message: "control frame exceeds 16 KiB".into(),
-                })
+                Err(SignerError { code: ErrorCode::TooLarge, message: "control frame exceeds 16 KiB".into() })
             } else {
                 ControlRequest::decode(frame)
                     .map(|(_, r)| r)
-                    .map_err(|e| SignerError {
-                        code: e.code,
-                        message: e.reason.into(),
-                    })
+                    .map_err(|e| SignerError { code: e.code, message: e.reason.into() })
             };
             match request {
                 Ok(ControlRequest::SpawnWorker) => self.spawn_worker(id),
@@ -261,10 +208,7 @@ impl Keeper {
                 let msg = format!("cannot create the worker socket: {e}");
                 return send(
                     self.control(),
-                    &ControlResponse::Failed(SignerError {
-                        code: ErrorCode::Internal,
-                        message: msg,
-                    }),
+                    &ControlResponse::Failed(SignerError { code: ErrorCode::Internal, message: msg }),
                     id,
                 );
             }
@@ -274,17 +218,12 @@ impl Keeper {
             Ok(os::Forked::Child) => {
                 drop(self.control.take());
                 drop(broker_end);
-                if os::set_parent_death_kill().is_err()
-                    || std::os::unix::process::parent_id() != keeper_pid
-                {
+                if os::set_parent_death_kill().is_err() || std::os::unix::process::parent_id() != keeper_pid {
                     os::exit_now(3);
                 }
                 let (state, problem) = sandbox::apply_seccomp(Profile::Worker);
                 if state != SeccompState::Enforced && !self.insecure {
-                    log::error!(
-                        "worker seccomp filter failed: {}",
-                        problem.unwrap_or_default()
-                    );
+                    log::error!("worker seccomp filter failed: {}", problem.unwrap_or_default());
                     os::exit_now(2);
                 }
                 worker::serve(worker_end, &self.custody)
@@ -302,10 +241,7 @@ impl Keeper {
                 let msg = format!("fork failed: {e}");
                 send(
                     self.control(),
-                    &ControlResponse::Failed(SignerError {
-                        code: ErrorCode::Internal,
-                        message: msg,
-                    }),
+                    &ControlResponse::Failed(SignerError { code: ErrorCode::Internal, message: msg }),
                     id,
                 );
             }
@@ -330,16 +266,8 @@ fn run_probe(
         }
         Ok(os::Forked::Parent { child }) => match os::wait_child(child, true) {
             Ok(Some((_, status))) => sandbox::probe_outcome(layer, kind, status),
-            _ => ProbeResult {
-                layer,
-                kind,
-                outcome: super::protocol::ProbeOutcome::Unexpected(-1),
-            },
+            _ => ProbeResult { layer, kind, outcome: super::protocol::ProbeOutcome::Unexpected(-1) },
         },
-        Err(_) => ProbeResult {
-            layer,
-            kind,
-            outcome: super::protocol::ProbeOutcome::Unexpected(-2),
-        },
+        Err(_) => ProbeResult { layer, kind, outcome: super::protocol::ProbeOutcome::Unexpected(-2) },
     }
 }

@@ -47,9 +47,7 @@ pub struct KeyPaths {
 impl KeyPaths {
     /// Key paths for `data_dir`.
     pub fn new(data_dir: &Path) -> Self {
-        Self {
-            dir: data_dir.join(KEYS_DIR),
-        }
+        Self { dir: data_dir.join(KEYS_DIR) }
     }
     /// The CA private key.
     pub fn ca_key(&self) -> PathBuf {
@@ -100,10 +98,7 @@ impl fmt::Display for KeyError {
 impl std::error::Error for KeyError {}
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> KeyError + '_ {
-    move |source| KeyError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| KeyError::Io { path: path.to_owned(), source }
 }
 
 /// Fills `buf` from the system CSPRNG.
@@ -134,29 +129,16 @@ impl CaKey {
     /// The key for a 32-byte Ed25519 seed.
     pub fn from_seed(seed: &[u8; 32]) -> Result<Self, KeyError> {
         let kp = Ed25519KeyPair::from_seed_unchecked(seed).map_err(|_| KeyError::Random)?;
-        let public: [u8; 32] = kp
-            .public_key()
-            .as_ref()
-            .try_into()
-            .map_err(|_| KeyError::Random)?;
-        Ok(Self {
-            seed: SecretBytes::new(seed.to_vec()),
-            public,
-        })
+        let public: [u8; 32] = kp.public_key().as_ref().try_into().map_err(|_| KeyError::Random)?;
+        Ok(Self { seed: SecretBytes::new(seed.to_vec()), public })
     }
 
     /// Parses an unencrypted OpenSSH Ed25519 private key.
     pub fn parse_openssh(text: &[u8], path: &Path) -> Result<Self, KeyError> {
-        let invalid = |reason: &str| KeyError::Invalid {
-            path: path.to_owned(),
-            reason: reason.into(),
-        };
-        let key =
-            PrivateKey::from_openssh(text).map_err(|_| invalid("not an OpenSSH private key"))?;
+        let invalid = |reason: &str| KeyError::Invalid { path: path.to_owned(), reason: reason.into() };
+        let key = PrivateKey::from_openssh(text).map_err(|_| invalid("not an OpenSSH private key"))?;
         if key.is_encrypted() {
-            return Err(invalid(
-                "the CA key is passphrase-encrypted; the signer needs it unencrypted",
-            ));
+            return Err(invalid("the CA key is passphrase-encrypted; the signer needs it unencrypted"));
         }
         let KeypairData::Ed25519(kp) = key.key_data() else {
             return Err(invalid("the CA key must be Ed25519"));
@@ -164,26 +146,17 @@ impl CaKey {
         let seed: Zeroizing<[u8; 32]> = Zeroizing::new(kp.private.to_bytes());
         let ca = Self::from_seed(&seed)?;
         if ca.public != kp.public.0 {
-            return Err(invalid(
-                "the private and public halves of the CA key do not match",
-            ));
+            return Err(invalid("the private and public halves of the CA key do not match"));
         }
         Ok(ca)
     }
 
     /// OpenSSH private key text (secret).
     pub fn to_openssh(&self) -> Result<Zeroizing<String>, KeyError> {
-        let seed: [u8; 32] = self
-            .seed
-            .expose()
-            .try_into()
-            .map_err(|_| KeyError::Random)?;
-        let kp = Ed25519Keypair {
-            public: Ed25519PublicKey(self.public),
-            private: Ed25519PrivateKey::from_bytes(&seed),
-        };
-        let key =
-            PrivateKey::new(KeypairData::Ed25519(kp), CA_COMMENT).map_err(|_| KeyError::Random)?;
+        let seed: [u8; 32] = self.seed.expose().try_into().map_err(|_| KeyError::Random)?;
+        let kp =
+            Ed25519Keypair { public: Ed25519PublicKey(self.public), private: Ed25519PrivateKey::from_bytes(&seed) };
+        let key = PrivateKey::new(KeypairData::Ed25519(kp), CA_COMMENT).map_err(|_| KeyError::Random)?;
         key.to_openssh(LineEnding::LF).map_err(|_| KeyError::Random)
     }
 
@@ -229,10 +202,7 @@ impl SealingKey {
     }
 
     fn encode(&self) -> Zeroizing<String> {
-        Zeroizing::new(format!(
-            "{SEALING_HEADER} {}\n",
-            BASE64URL_NOPAD.encode(self.0.expose())
-        ))
+        Zeroizing::new(format!("{SEALING_HEADER} {}\n", BASE64URL_NOPAD.encode(self.0.expose())))
     }
 
     fn parse(text: &[u8], path: &Path) -> Result<Self, KeyError> {
@@ -241,16 +211,9 @@ impl SealingKey {
             reason: format!("expected one line '{SEALING_HEADER} <43 base64url characters>'"),
         };
         let text = std::str::from_utf8(text).map_err(|_| invalid())?;
-        let rest = text
-            .trim_end_matches('\n')
-            .strip_prefix(SEALING_HEADER)
-            .ok_or_else(invalid)?;
+        let rest = text.trim_end_matches('\n').strip_prefix(SEALING_HEADER).ok_or_else(invalid)?;
         let b64 = rest.strip_prefix(' ').ok_or_else(invalid)?;
-        let bytes = Zeroizing::new(
-            BASE64URL_NOPAD
-                .decode(b64.as_bytes())
-                .map_err(|_| invalid())?,
-        );
+        let bytes = Zeroizing::new(BASE64URL_NOPAD.decode(b64.as_bytes()).map_err(|_| invalid())?);
         if bytes.len() != 32 {
             return Err(invalid());
         }
@@ -284,25 +247,14 @@ pub struct EnsureReport {
 /// `force_new_ca` (which replaces only the CA key). Rewrites `ca_key.pub` from the private key.
 pub fn ensure_keys(data_dir: &Path, force_new_ca: bool) -> Result<EnsureReport, KeyError> {
     let paths = KeyPaths::new(data_dir);
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&paths.dir)
-        .map_err(io_err(&paths.dir))?;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(&paths.dir).map_err(io_err(&paths.dir))?;
     let ca_path = paths.ca_key();
     let (ca, ca_action) = match read_existing(&ca_path)? {
         Some(text) if !force_new_ca => (CaKey::parse_openssh(&text, &ca_path)?, FileAction::Kept),
         existing => {
             let ca = CaKey::generate()?;
             write_file_atomic(&ca_path, ca.to_openssh()?.as_bytes(), 0o600)?;
-            (
-                ca,
-                if existing.is_some() {
-                    FileAction::Replaced
-                } else {
-                    FileAction::Created
-                },
-            )
+            (ca, if existing.is_some() { FileAction::Replaced } else { FileAction::Created })
         }
     };
     let line = ca.public_line();
@@ -318,19 +270,11 @@ pub fn ensure_keys(data_dir: &Path, force_new_ca: bool) -> Result<EnsureReport, 
             FileAction::Kept
         }
         None => {
-            write_file_atomic(
-                &seal_path,
-                SealingKey::generate()?.encode().as_bytes(),
-                0o600,
-            )?;
+            write_file_atomic(&seal_path, SealingKey::generate()?.encode().as_bytes(), 0o600)?;
             FileAction::Created
         }
     };
-    Ok(EnsureReport {
-        ca_key: ca_action,
-        sealing_key: sealing_action,
-        ca_public_line: line,
-    })
+    Ok(EnsureReport { ca_key: ca_action, sealing_key: sealing_action, ca_public_line: line })
 }
 
 /// Loads both keys.
@@ -349,10 +293,8 @@ pub fn read_ca_public_line(data_dir: &Path) -> Result<String, KeyError> {
     let path = KeyPaths::new(data_dir).ca_pub();
     let text = fs::read_to_string(&path).map_err(io_err(&path))?;
     let line = text.trim_end().to_owned();
-    PublicKey::from_openssh(&line).map_err(|_| KeyError::Invalid {
-        path: path.clone(),
-        reason: "not an OpenSSH public key".into(),
-    })?;
+    PublicKey::from_openssh(&line)
+        .map_err(|_| KeyError::Invalid { path: path.clone(), reason: "not an OpenSSH public key".into() })?;
     Ok(line)
 }
 
@@ -360,10 +302,7 @@ fn read_existing(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, KeyError> {
     match fs::read(path) {
         Ok(b) => Ok(Some(Zeroizing::new(b))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(KeyError::Io {
-            path: path.to_owned(),
-            source: e,
-        }),
+        Err(e) => Err(KeyError::Io { path: path.to_owned(), source: e }),
     }
 }
 
@@ -378,11 +317,7 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), 
         BASE64URL_NOPAD.encode(&suffix)
     ));
     let result = (|| -> io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         f.write_all(contents)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -416,30 +351,17 @@ mod tests {
     fn ensure_is_idempotent_and_force_replaces_only_the_ca() {
         let dir = tempdir();
         let first = ensure_keys(&dir, false).unwrap();
-        assert_eq!(
-            (first.ca_key, first.sealing_key),
-            (FileAction::Created, FileAction::Created)
-        );
+        assert_eq!((first.ca_key, first.sealing_key), (FileAction::Created, FileAction::Created));
         let seal_before = fs::read(KeyPaths::new(&dir).sealing_key()).unwrap();
         let again = ensure_keys(&dir, false).unwrap();
-        assert_eq!(
-            (again.ca_key, again.sealing_key),
-            (FileAction::Kept, FileAction::Kept)
-        );
+        assert_eq!((again.ca_key, again.sealing_key), (FileAction::Kept, FileAction::Kept));
         assert_eq!(first.ca_public_line, again.ca_public_line);
-        let mode = fs::metadata(KeyPaths::new(&dir).ca_key())
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = fs::metadata(KeyPaths::new(&dir).ca_key()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let forced = ensure_keys(&dir, true).unwrap();
         assert_eq!(forced.ca_key, FileAction::Replaced);
         assert_ne!(forced.ca_public_line, first.ca_public_line);
-        assert_eq!(
-            fs::read(KeyPaths::new(&dir).sealing_key()).unwrap(),
-            seal_before
-        );
+        assert_eq!(fs::read(KeyPaths::new(&dir).sealing_key()).unwrap(), seal_before);
         let (ca, _) = load_keys(&dir).unwrap();
         assert_eq!(ca.public_line(), forced.ca_public_line);
         assert_eq!(read_ca_public_line(&dir).unwrap(), forced.ca_public_line);
@@ -454,10 +376,7 @@ mod tests {
         let p = KeyPaths::new(&dir);
         fs::write(p.sealing_key(), "ephyr-sealing-key-v1 short\n").unwrap();
         let err = ensure_keys(&dir, false).unwrap_err().to_string();
-        assert!(
-            err.contains("sealing_key") && err.contains("43 base64url"),
-            "{err}"
-        );
+        assert!(err.contains("sealing_key") && err.contains("43 base64url"), "{err}");
         fs::write(p.ca_key(), "garbage").unwrap();
         let err = load_keys(&dir).unwrap_err().to_string();
         assert!(err.contains("not an OpenSSH private key"), "{err}");

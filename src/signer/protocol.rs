@@ -167,10 +167,7 @@ impl ErrorCode {
     ];
 
     fn to_u16(self) -> u16 {
-        Self::ALL
-            .iter()
-            .position(|c| *c == self)
-            .map_or(0, |i| i as u16 + 1)
+        Self::ALL.iter().position(|c| *c == self).map_or(0, |i| i as u16 + 1)
     }
 
     fn from_u16(v: u16) -> Option<Self> {
@@ -294,14 +291,8 @@ pub enum ProbeKind {
 
 impl ProbeKind {
     /// Every probe, in report order.
-    pub const ALL: [ProbeKind; 6] = [
-        Self::OpenFile,
-        Self::SocketInet,
-        Self::Connect,
-        Self::Execve,
-        Self::Ptrace,
-        Self::Fork,
-    ];
+    pub const ALL: [ProbeKind; 6] =
+        [Self::OpenFile, Self::SocketInet, Self::Connect, Self::Execve, Self::Ptrace, Self::Fork];
 
     /// Stable name.
     pub fn as_str(self) -> &'static str {
@@ -316,10 +307,7 @@ impl ProbeKind {
     }
 
     fn to_u8(self) -> u8 {
-        Self::ALL
-            .iter()
-            .position(|k| *k == self)
-            .map_or(0, |i| i as u8 + 1)
+        Self::ALL.iter().position(|k| *k == self).map_or(0, |i| i as u8 + 1)
     }
 
     fn from_u8(v: u8) -> Option<Self> {
@@ -431,10 +419,7 @@ impl fmt::Display for DecodeError {
 impl std::error::Error for DecodeError {}
 
 fn malformed(reason: &'static str) -> DecodeError {
-    DecodeError {
-        code: ErrorCode::Malformed,
-        reason,
-    }
+    DecodeError { code: ErrorCode::Malformed, reason }
 }
 
 mod kind {
@@ -528,24 +513,16 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, DecodeError> {
-        Ok(u16::from_be_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes")))
     }
     fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_be_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
     fn i32(&mut self) -> Result<i32, DecodeError> {
-        Ok(i32::from_be_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(i32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
     fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_be_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
     fn bool(&mut self) -> Result<bool, DecodeError> {
         match self.u8()? {
@@ -557,26 +534,18 @@ impl<'a> Reader<'a> {
     fn bytes(&mut self, max: usize) -> Result<&'a [u8], DecodeError> {
         let n = self.u16()? as usize;
         if n > max {
-            return Err(DecodeError {
-                code: ErrorCode::TooLarge,
-                reason: "field longer than its limit",
-            });
+            return Err(DecodeError { code: ErrorCode::TooLarge, reason: "field longer than its limit" });
         }
         self.take(n)
     }
     fn str(&mut self, max: usize) -> Result<String, DecodeError> {
         let b = self.bytes(max)?;
-        std::str::from_utf8(b)
-            .map(str::to_owned)
-            .map_err(|_| malformed("string field is not UTF-8"))
+        std::str::from_utf8(b).map(str::to_owned).map_err(|_| malformed("string field is not UTF-8"))
     }
     fn strs(&mut self, max_items: usize, max_len: usize) -> Result<Vec<String>, DecodeError> {
         let n = self.u8()? as usize;
         if n > max_items {
-            return Err(DecodeError {
-                code: ErrorCode::TooLarge,
-                reason: "list has too many items",
-            });
+            return Err(DecodeError { code: ErrorCode::TooLarge, reason: "list has too many items" });
         }
         (0..n).map(|_| self.str(max_len)).collect()
     }
@@ -588,46 +557,28 @@ impl<'a> Reader<'a> {
         }
     }
     fn finish(self) -> Result<(), DecodeError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(malformed("trailing bytes after the frame body"))
-        }
+        if self.buf.is_empty() { Ok(()) } else { Err(malformed("trailing bytes after the frame body")) }
     }
 }
 
 /// Splits a frame into (kind, id, body) after checking size and version.
 fn open_frame(frame: &[u8]) -> Result<(u8, u64, Reader<'_>), DecodeError> {
     if frame.len() > MAX_FRAME {
-        return Err(DecodeError {
-            code: ErrorCode::TooLarge,
-            reason: "frame exceeds 16 KiB",
-        });
+        return Err(DecodeError { code: ErrorCode::TooLarge, reason: "frame exceeds 16 KiB" });
     }
     if frame.len() < HEADER {
         return Err(malformed("frame shorter than its 10-byte header"));
     }
     if frame[0] != PROTOCOL_VERSION {
-        return Err(DecodeError {
-            code: ErrorCode::UnsupportedVersion,
-            reason: "unsupported protocol version",
-        });
+        return Err(DecodeError { code: ErrorCode::UnsupportedVersion, reason: "unsupported protocol version" });
     }
     let id = u64::from_be_bytes(frame[2..10].try_into().expect("8 bytes"));
-    Ok((
-        frame[1],
-        id,
-        Reader {
-            buf: &frame[HEADER..],
-        },
-    ))
+    Ok((frame[1], id, Reader { buf: &frame[HEADER..] }))
 }
 
 /// The request id of a frame, if its header is readable (used to address an error reply).
 pub fn frame_id(frame: &[u8]) -> u64 {
-    frame
-        .get(2..10)
-        .map_or(0, |b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+    frame.get(2..10).map_or(0, |b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
 }
 
 const MAX_STR: usize = 4096;
@@ -687,22 +638,14 @@ impl Request {
                 context: r.str(MAX_NAME)?,
                 plaintext: SecretBytes::new(r.bytes(MAX_SEAL_PLAINTEXT)?.to_vec()),
             },
-            kind::UNSEAL => Request::Unseal {
-                context: r.str(MAX_NAME)?,
-                sealed: r.bytes(MAX_FRAME)?.to_vec(),
-            },
+            kind::UNSEAL => Request::Unseal { context: r.str(MAX_NAME)?, sealed: r.bytes(MAX_FRAME)?.to_vec() },
             kind::SIGN_CHECKPOINT => {
                 let d = r.bytes(32)?;
-                let digest: [u8; 32] = d
-                    .try_into()
-                    .map_err(|_| malformed("checkpoint digest must be 32 bytes"))?;
+                let digest: [u8; 32] = d.try_into().map_err(|_| malformed("checkpoint digest must be 32 bytes"))?;
                 Request::SignCheckpoint { digest }
             }
             _ => {
-                return Err(DecodeError {
-                    code: ErrorCode::UnexpectedKind,
-                    reason: "not a signer request kind",
-                });
+                return Err(DecodeError { code: ErrorCode::UnexpectedKind, reason: "not a signer request kind" });
             }
         };
         r.finish()?;
@@ -717,10 +660,7 @@ fn put_error(w: &mut Writer, e: &SignerError) {
 
 fn get_error(r: &mut Reader<'_>) -> Result<SignerError, DecodeError> {
     let code = ErrorCode::from_u16(r.u16()?).ok_or(malformed("unknown error code"))?;
-    Ok(SignerError {
-        code,
-        message: r.str(MAX_STR)?,
-    })
+    Ok(SignerError { code, message: r.str(MAX_STR)? })
 }
 
 fn put_status(w: &mut Writer, s: &StatusReport) {
@@ -800,10 +740,7 @@ impl Response {
                 w = Writer::new(kind::R_STATUS, id);
                 put_status(&mut w, s);
             }
-            Response::Certificate {
-                serial,
-                certificate,
-            } => {
+            Response::Certificate { serial, certificate } => {
                 w = Writer::new(kind::R_CERT, id);
                 w.u64(*serial);
                 w.str(certificate);
@@ -833,21 +770,13 @@ impl Response {
         let (k, id, mut r) = open_frame(frame)?;
         let resp = match k {
             kind::R_STATUS => Response::Status(get_status(&mut r)?),
-            kind::R_CERT => Response::Certificate {
-                serial: r.u64()?,
-                certificate: r.str(8192)?,
-            },
+            kind::R_CERT => Response::Certificate { serial: r.u64()?, certificate: r.str(8192)? },
             kind::R_SEALED => Response::Sealed(r.bytes(MAX_FRAME)?.to_vec()),
-            kind::R_UNSEALED => {
-                Response::Unsealed(SecretBytes::new(r.bytes(MAX_SEAL_PLAINTEXT)?.to_vec()))
-            }
+            kind::R_UNSEALED => Response::Unsealed(SecretBytes::new(r.bytes(MAX_SEAL_PLAINTEXT)?.to_vec())),
             kind::R_CHECKPOINT => Response::CheckpointSignature(r.bytes(64)?.to_vec()),
             kind::ERROR => Response::Error(get_error(&mut r)?),
             _ => {
-                return Err(DecodeError {
-                    code: ErrorCode::UnexpectedKind,
-                    reason: "not a signer response kind",
-                });
+                return Err(DecodeError { code: ErrorCode::UnexpectedKind, reason: "not a signer response kind" });
             }
         };
         r.finish()?;
@@ -873,14 +802,9 @@ impl ControlRequest {
         let (k, id, mut r) = open_frame(frame)?;
         let req = match k {
             kind::C_SPAWN => ControlRequest::SpawnWorker,
-            kind::C_PROBE => ControlRequest::Probe(
-                ProbeKind::from_u8(r.u8()?).ok_or(malformed("unknown probe"))?,
-            ),
+            kind::C_PROBE => ControlRequest::Probe(ProbeKind::from_u8(r.u8()?).ok_or(malformed("unknown probe"))?),
             _ => {
-                return Err(DecodeError {
-                    code: ErrorCode::UnexpectedKind,
-                    reason: "not a control request kind",
-                });
+                return Err(DecodeError { code: ErrorCode::UnexpectedKind, reason: "not a control request kind" });
             }
         };
         r.finish()?;
@@ -956,20 +880,13 @@ impl ControlResponse {
                         4 => ProbeOutcome::Unexpected(v),
                         _ => return Err(malformed("unknown probe outcome")),
                     };
-                    list.push(ProbeResult {
-                        layer,
-                        kind,
-                        outcome,
-                    });
+                    list.push(ProbeResult { layer, kind, outcome });
                 }
                 ControlResponse::Probes(list)
             }
             kind::ERROR => ControlResponse::Failed(get_error(&mut r)?),
             _ => {
-                return Err(DecodeError {
-                    code: ErrorCode::UnexpectedKind,
-                    reason: "not a control response kind",
-                });
+                return Err(DecodeError { code: ErrorCode::UnexpectedKind, reason: "not a control response kind" });
             }
         };
         r.finish()?;
@@ -1024,14 +941,8 @@ mod tests {
         for req in [
             Request::Status,
             Request::SignUserCert(cert),
-            Request::Seal {
-                context: "c".into(),
-                plaintext: SecretBytes::new(vec![1, 2, 3]),
-            },
-            Request::Unseal {
-                context: "c".into(),
-                sealed: vec![9; 40],
-            },
+            Request::Seal { context: "c".into(), plaintext: SecretBytes::new(vec![1, 2, 3]) },
+            Request::Unseal { context: "c".into(), sealed: vec![9; 40] },
             Request::SignCheckpoint { digest: [3; 32] },
         ] {
             let (id, back) = Request::decode(&req.encode(77)).unwrap();
@@ -1040,42 +951,25 @@ mod tests {
         }
         for resp in [
             Response::Status(sample_status()),
-            Response::Certificate {
-                serial: 5,
-                certificate: "ssh-ed25519-cert-v01@openssh.com AAAA".into(),
-            },
+            Response::Certificate { serial: 5, certificate: "ssh-ed25519-cert-v01@openssh.com AAAA".into() },
             Response::Sealed(vec![1; 60]),
             Response::CheckpointSignature(vec![2; 64]),
-            Response::Error(SignerError {
-                code: ErrorCode::RateLimited,
-                message: "slow down".into(),
-            }),
+            Response::Error(SignerError { code: ErrorCode::RateLimited, message: "slow down".into() }),
         ] {
             assert_eq!(Response::decode(&resp.encode(3)).unwrap(), (3, resp));
         }
-        for c in [
-            ControlRequest::SpawnWorker,
-            ControlRequest::Probe(ProbeKind::Execve),
-        ] {
+        for c in [ControlRequest::SpawnWorker, ControlRequest::Probe(ProbeKind::Execve)] {
             assert_eq!(ControlRequest::decode(&c.encode(9)).unwrap(), (9, c));
         }
         let probes = ControlResponse::Probes(vec![
-            ProbeResult {
-                layer: ProbeLayer::Landlock,
-                kind: ProbeKind::OpenFile,
-                outcome: ProbeOutcome::Denied(13),
-            },
+            ProbeResult { layer: ProbeLayer::Landlock, kind: ProbeKind::OpenFile, outcome: ProbeOutcome::Denied(13) },
             ProbeResult {
                 layer: ProbeLayer::Worker,
                 kind: ProbeKind::SocketInet,
                 outcome: ProbeOutcome::KilledBySeccomp,
             },
         ]);
-        for c in [
-            ControlResponse::Ready(sample_status()),
-            ControlResponse::Spawned { pid: 4 },
-            probes,
-        ] {
+        for c in [ControlResponse::Ready(sample_status()), ControlResponse::Spawned { pid: 4 }, probes] {
             assert_eq!(ControlResponse::decode(&c.encode(1)).unwrap(), (1, c));
         }
     }
@@ -1083,48 +977,22 @@ mod tests {
     #[test]
     fn malformed_frames_are_rejected_with_reasons() {
         let good = Request::Status.encode(1);
-        assert_eq!(
-            Request::decode(&good[..5]).unwrap_err().code,
-            ErrorCode::Malformed
-        );
+        assert_eq!(Request::decode(&good[..5]).unwrap_err().code, ErrorCode::Malformed);
         let mut v2 = good.clone();
         v2[0] = 2;
-        assert_eq!(
-            Request::decode(&v2).unwrap_err().code,
-            ErrorCode::UnsupportedVersion
-        );
+        assert_eq!(Request::decode(&v2).unwrap_err().code, ErrorCode::UnsupportedVersion);
         let mut trailing = good.clone();
         trailing.push(0);
-        assert_eq!(
-            Request::decode(&trailing).unwrap_err().reason,
-            "trailing bytes after the frame body"
-        );
+        assert_eq!(Request::decode(&trailing).unwrap_err().reason, "trailing bytes after the frame body");
         let mut unknown = good.clone();
         unknown[1] = 0x42;
-        assert_eq!(
-            Request::decode(&unknown).unwrap_err().code,
-            ErrorCode::UnexpectedKind
-        );
-        assert_eq!(
-            Request::decode(&vec![1u8; MAX_FRAME + 1]).unwrap_err().code,
-            ErrorCode::TooLarge
-        );
+        assert_eq!(Request::decode(&unknown).unwrap_err().code, ErrorCode::UnexpectedKind);
+        assert_eq!(Request::decode(&vec![1u8; MAX_FRAME + 1]).unwrap_err().code, ErrorCode::TooLarge);
         // A response kind is not a request.
-        assert_eq!(
-            Request::decode(&Response::Sealed(vec![]).encode(1))
-                .unwrap_err()
-                .code,
-            ErrorCode::UnexpectedKind
-        );
+        assert_eq!(Request::decode(&Response::Sealed(vec![]).encode(1)).unwrap_err().code, ErrorCode::UnexpectedKind);
         // Oversized seal plaintext.
-        let big = Request::Seal {
-            context: "c".into(),
-            plaintext: SecretBytes::new(vec![0; MAX_SEAL_PLAINTEXT + 1]),
-        };
-        assert_eq!(
-            Request::decode(&big.encode(1)).unwrap_err().code,
-            ErrorCode::TooLarge
-        );
+        let big = Request::Seal { context: "c".into(), plaintext: SecretBytes::new(vec![0; MAX_SEAL_PLAINTEXT + 1]) };
+        assert_eq!(Request::decode(&big.encode(1)).unwrap_err().code, ErrorCode::TooLarge);
         // Wrong digest length.
         let mut w = Writer::new(kind::SIGN_CHECKPOINT, 1);
         w.bytes(&[0; 31]);

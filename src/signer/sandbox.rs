@@ -19,13 +19,9 @@
 
 use std::collections::BTreeMap;
 
-use landlock::{
-    ABI, Access, AccessFs, AccessNet, LandlockStatus, Ruleset, RulesetAttr, RulesetStatus, Scope,
-};
+use landlock::{ABI, Access, AccessFs, AccessNet, LandlockStatus, Ruleset, RulesetAttr, RulesetStatus, Scope};
 
-use super::protocol::{
-    LandlockState, ProbeKind, ProbeLayer, ProbeOutcome, ProbeResult, SandboxReport, SeccompState,
-};
+use super::protocol::{LandlockState, ProbeKind, ProbeLayer, ProbeOutcome, ProbeResult, SandboxReport, SeccompState};
 use crate::os;
 
 /// Where the signer should end up (only used when it starts as root).
@@ -48,10 +44,7 @@ pub fn drop_privileges(target: Option<TargetIds>, expected_parent: u32) -> Vec<S
                     problems.push(format!("could not drop the capability bounding set: {e}"));
                 }
                 if let Err(e) = os::become_user(t.uid, t.gid) {
-                    problems.push(format!(
-                        "could not change to uid {} gid {}: {e}",
-                        t.uid, t.gid
-                    ));
+                    problems.push(format!("could not change to uid {} gid {}: {e}", t.uid, t.gid));
                 }
             }
             _ => problems.push("started as root without an unprivileged target uid".into()),
@@ -67,12 +60,7 @@ pub fn drop_privileges(target: Option<TargetIds>, expected_parent: u32) -> Vec<S
     if let Err(e) = os::set_not_dumpable() {
         problems.push(format!("PR_SET_DUMPABLE(0) failed: {e}"));
     }
-    for set in [
-        caps::CapSet::Ambient,
-        caps::CapSet::Inheritable,
-        caps::CapSet::Effective,
-        caps::CapSet::Permitted,
-    ] {
+    for set in [caps::CapSet::Ambient, caps::CapSet::Inheritable, caps::CapSet::Effective, caps::CapSet::Permitted] {
         if let Err(e) = caps::clear(None, set) {
             problems.push(format!("could not clear capability set {set:?}: {e}"));
         }
@@ -119,20 +107,11 @@ pub fn observe(was_root: bool) -> Observed {
         Ok(s) => s,
         Err(e) => {
             problems.push(format!("cannot read /proc/self/status: {e}"));
-            return Observed {
-                caps_cleared: false,
-                uid,
-                gid,
-                no_new_privs,
-                dumpable,
-                problems,
-            };
+            return Observed { caps_cleared: false, uid, gid, no_new_privs, dumpable, problems };
         }
     };
     for field in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        let value = status
-            .lines()
-            .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')));
+        let value = status.lines().find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')));
         let zero = value.map(|v| u64::from_str_radix(v.trim(), 16) == Ok(0));
         match zero {
             Some(true) => {}
@@ -144,14 +123,7 @@ pub fn observe(was_root: bool) -> Observed {
         }
     }
     let caps_cleared = !problems.iter().any(|p| p.starts_with("Cap"));
-    Observed {
-        caps_cleared,
-        uid,
-        gid,
-        no_new_privs,
-        dumpable,
-        problems,
-    }
+    Observed { caps_cleared, uid, gid, no_new_privs, dumpable, problems }
 }
 
 /// Step 3: Landlock. Returns (state, kernel ABI, problem).
@@ -168,10 +140,9 @@ pub fn apply_landlock() -> (LandlockState, u8, Option<String>) {
     match result {
         Ok(status) => {
             let kernel_abi = match status.landlock {
-                LandlockStatus::Available {
-                    effective_abi,
-                    kernel_abi,
-                } => kernel_abi.map_or(effective_abi as i32, |k| k.max(effective_abi as i32)),
+                LandlockStatus::Available { effective_abi, kernel_abi } => {
+                    kernel_abi.map_or(effective_abi as i32, |k| k.max(effective_abi as i32))
+                }
                 _ => 0,
             };
             let kernel_abi = u8::try_from(kernel_abi.clamp(0, 255)).unwrap_or(0);
@@ -179,7 +150,10 @@ pub fn apply_landlock() -> (LandlockState, u8, Option<String>) {
                 (LandlockStatus::NotEnabled | LandlockStatus::NotImplemented, _) => (
                     LandlockState::Unsupported,
                     0,
-                    Some("Landlock is not available (kernel without CONFIG_SECURITY_LANDLOCK or not in the lsm= list)".into()),
+                    Some(
+                        "Landlock is not available (kernel without CONFIG_SECURITY_LANDLOCK or not in the lsm= list)"
+                            .into(),
+                    ),
                 ),
                 (_, RulesetStatus::NotEnforced) => {
                     (LandlockState::NotEnforced, kernel_abi, Some("the Landlock ruleset was not enforced".into()))
@@ -188,11 +162,7 @@ pub fn apply_landlock() -> (LandlockState, u8, Option<String>) {
                 _ => (LandlockState::Enforced, kernel_abi, None),
             }
         }
-        Err(e) => (
-            LandlockState::NotEnforced,
-            0,
-            Some(format!("Landlock failed: {e}")),
-        ),
+        Err(e) => (LandlockState::NotEnforced, 0, Some(format!("Landlock failed: {e}"))),
     }
 }
 
@@ -205,16 +175,11 @@ pub enum Profile {
     Worker,
 }
 
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    target_arch = "riscv64"
-))]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64"))]
 mod filter {
     use super::*;
     use seccompiler::{
-        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-        SeccompRule,
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
     };
 
     fn arch() -> seccompiler::TargetArch {
@@ -227,8 +192,7 @@ mod filter {
     }
 
     fn when(arg: u8, op: SeccompCmpOp, value: u64) -> Vec<SeccompRule> {
-        let cond = SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
-            .expect("valid condition");
+        let cond = SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).expect("valid condition");
         vec![SeccompRule::new(vec![cond]).expect("valid rule")]
     }
 
@@ -264,62 +228,34 @@ mod filter {
             rules.insert(nr, vec![]);
         }
         // std checks a descriptor with fcntl(F_GETFD) before closing it in debug builds.
-        rules.insert(
-            libc::SYS_fcntl,
-            when(1, SeccompCmpOp::Eq, libc::F_GETFD as u64),
-        );
+        rules.insert(libc::SYS_fcntl, when(1, SeccompCmpOp::Eq, libc::F_GETFD as u64));
         if profile == Profile::Keeper {
-            rules.insert(
-                libc::SYS_socketpair,
-                when(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64),
-            );
+            rules.insert(libc::SYS_socketpair, when(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64));
             // fork(): clone without CLONE_THREAD (no threads, ever).
-            rules.insert(
-                libc::SYS_clone,
-                when(0, SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64), 0),
-            );
+            rules.insert(libc::SYS_clone, when(0, SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64), 0));
             rules.insert(libc::SYS_set_robust_list, vec![]);
             rules.insert(libc::SYS_wait4, vec![]);
-            rules.insert(
-                libc::SYS_kill,
-                when(1, SeccompCmpOp::Eq, libc::SIGKILL as u64),
-            );
+            rules.insert(libc::SYS_kill, when(1, SeccompCmpOp::Eq, libc::SIGKILL as u64));
             rules.insert(libc::SYS_getppid, vec![]);
             // A forked worker arms PDEATHSIG and installs its own, stricter filter.
             let prctl = [libc::PR_SET_PDEATHSIG, libc::PR_SET_NO_NEW_PRIVS]
                 .into_iter()
                 .map(|op| {
-                    let c = SeccompCondition::new(
-                        0,
-                        SeccompCmpArgLen::Dword,
-                        SeccompCmpOp::Eq,
-                        op as u64,
-                    )
-                    .expect("valid condition");
+                    let c = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, op as u64)
+                        .expect("valid condition");
                     SeccompRule::new(vec![c]).expect("valid rule")
                 })
                 .collect();
             rules.insert(libc::SYS_prctl, prctl);
-            rules.insert(
-                libc::SYS_seccomp,
-                when(0, SeccompCmpOp::Eq, libc::SECCOMP_SET_MODE_FILTER as u64),
-            );
+            rules.insert(libc::SYS_seccomp, when(0, SeccompCmpOp::Eq, libc::SECCOMP_SET_MODE_FILTER as u64));
         }
-        let filter = SeccompFilter::new(
-            rules,
-            SeccompAction::KillProcess,
-            SeccompAction::Allow,
-            arch(),
-        )
-        .map_err(|e| format!("building the seccomp filter failed: {e}"))?;
-        BpfProgram::try_from(filter)
-            .map_err(|e| format!("compiling the seccomp filter failed: {e}"))
+        let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, arch())
+            .map_err(|e| format!("building the seccomp filter failed: {e}"))?;
+        BpfProgram::try_from(filter).map_err(|e| format!("compiling the seccomp filter failed: {e}"))
     }
 
     pub fn apply(profile: Profile) -> (SeccompState, Option<String>) {
-        match build(profile)
-            .and_then(|p| seccompiler::apply_filter(&p).map_err(|e| format!("seccomp: {e}")))
-        {
+        match build(profile).and_then(|p| seccompiler::apply_filter(&p).map_err(|e| format!("seccomp: {e}"))) {
             Ok(()) => (SeccompState::Enforced, None),
             Err(e) => (SeccompState::NotEnforced, Some(e)),
         }
@@ -328,23 +264,12 @@ mod filter {
 
 /// Step 4: installs the seccomp allow-list for `profile`.
 pub fn apply_seccomp(profile: Profile) -> (SeccompState, Option<String>) {
-    #[cfg(any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "riscv64"
-    ))]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64"))]
     return filter::apply(profile);
-    #[cfg(not(any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "riscv64"
-    )))]
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64")))]
     {
         let _ = profile;
-        (
-            SeccompState::Unsupported,
-            Some("seccomp filters are not built for this architecture".into()),
-        )
+        (SeccompState::Unsupported, Some("seccomp filters are not built for this architecture".into()))
     }
 }
 
@@ -432,9 +357,5 @@ pub fn probe_outcome(layer: ProbeLayer, kind: ProbeKind, status: os::ExitStatus)
         os::ExitStatus::Exited(c) => ProbeOutcome::Unexpected(c),
         os::ExitStatus::Signaled(s) => ProbeOutcome::Unexpected(-s),
     };
-    ProbeResult {
-        layer,
-        kind,
-        outcome,
-    }
+    ProbeResult { layer, kind, outcome }
 }

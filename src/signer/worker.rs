@@ -25,26 +25,14 @@ pub fn serve(sock: OwnedFd, custody: &Custody) -> ! {
         }
         let frame = &buf[..pkt.len];
         let (id, response) = if pkt.truncated {
-            let e = SignerError {
-                code: ErrorCode::TooLarge,
-                message: format!("frame exceeds {MAX_FRAME} bytes"),
-            };
+            let e = SignerError { code: ErrorCode::TooLarge, message: format!("frame exceeds {MAX_FRAME} bytes") };
             (frame_id(frame), Response::Error(e))
         } else {
             match Request::decode(frame) {
-                Ok((id, req)) => (
-                    id,
-                    custody.handle(req, crate::time::now().secs().max(0) as u64),
-                ),
+                Ok((id, req)) => (id, custody.handle(req, crate::time::now().secs().max(0) as u64)),
                 Err(e) => {
                     log::warn!("rejected a request frame: {e}");
-                    (
-                        frame_id(frame),
-                        Response::Error(SignerError {
-                            code: e.code,
-                            message: e.reason.into(),
-                        }),
-                    )
+                    (frame_id(frame), Response::Error(SignerError { code: e.code, message: e.reason.into() }))
                 }
             }
         };

@@ -48,26 +48,19 @@ pub enum Peer {
 }
 
 /// A request handler.
-pub type Handler =
-    Rc<dyn Fn(Request<Incoming>, Peer) -> Pin<Box<dyn Future<Output = Response<Body>>>>>;
+pub type Handler = Rc<dyn Fn(Request<Incoming>, Peer) -> Pin<Box<dyn Future<Output = Response<Body>>>>>;
 
 /// A body from bytes.
 pub fn body(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never: Infallible| match never {})
-        .boxed_unsync()
+    Full::new(bytes.into()).map_err(|never: Infallible| match never {}).boxed_unsync()
 }
 
 /// A JSON response.
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut r = Response::new(body(serde_json::to_vec(value).unwrap_or_default()));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 
@@ -75,17 +68,13 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
 pub fn text(status: StatusCode, content_type: &'static str, s: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(body(s));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
 /// A JSON error: `{"error": code, "message": message}`.
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
-    json(
-        status,
-        &serde_json::json!({ "error": code, "message": message.into() }),
-    )
+    json(status, &serde_json::json!({ "error": code, "message": message.into() }))
 }
 
 /// Why a request body could not be read.
@@ -101,11 +90,9 @@ impl BodyError {
     /// The matching HTTP error response.
     pub fn response(&self) -> Response<Body> {
         match self {
-            BodyError::TooLarge(max) => error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("request body exceeds {max} bytes"),
-            ),
+            BodyError::TooLarge(max) => {
+                error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds {max} bytes"))
+            }
             BodyError::Io(e) => error(StatusCode::BAD_REQUEST, "body_unreadable", e.clone()),
         }
     }
@@ -113,39 +100,24 @@ impl BodyError {
 
 /// Reads a whole request body, refusing more than `max` bytes (checked against Content-Length
 /// first, then while reading) and giving up after `timeout`.
-pub async fn read_body(
-    req: Request<Incoming>,
-    max: usize,
-    timeout: Duration,
-) -> Result<Bytes, BodyError> {
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+pub async fn read_body(req: Request<Incoming>, max: usize, timeout: Duration) -> Result<Bytes, BodyError> {
+    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && len > max as u64
     {
-        if len > max as u64 {
-            return Err(BodyError::TooLarge(max));
-        }
+        return Err(BodyError::TooLarge(max));
     }
     let collect = async {
-        Limited::new(req.into_body(), max)
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    BodyError::TooLarge(max)
-                } else {
-                    BodyError::Io(e.to_string())
-                }
-            })
+        Limited::new(req.into_body(), max).collect().await.map(|c| c.to_bytes()).map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                BodyError::TooLarge(max)
+            } else {
+                BodyError::Io(e.to_string())
+            }
+        })
     };
     futures_lite::future::or(collect, async {
         Timer::after(timeout).await;
-        Err(BodyError::Io(format!(
-            "request body not received within {}s",
-            timeout.as_secs()
-        )))
+        Err(BodyError::Io(format!("request body not received within {}s", timeout.as_secs())))
     })
     .await
 }
@@ -188,10 +160,7 @@ where
         async move { Ok::<_, Infallible>(fut.await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(SmolTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(MAX_BUF);
+    builder.timer(SmolTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_BUF);
     let conn = builder.serve_connection(FuturesIo::new(io), service);
     let mut conn = pin!(conn);
     let mut stop = pin!(shutdown.recv());

@@ -73,13 +73,8 @@ impl Policy {
     /// Parses and validates YAML text; `origin` names the source in messages.
     pub fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         let raw: file::PolicyFile = serde_yaml_ng::from_str(text).map_err(|e| {
-            let at = e
-                .location()
-                .map(|l| format!("{origin}:{}:{}", l.line(), l.column()))
-                .unwrap_or(origin.into());
-            PolicyError {
-                problems: vec![format!("{at}: {e}")],
-            }
+            let at = e.location().map(|l| format!("{origin}:{}:{}", l.line(), l.column())).unwrap_or(origin.into());
+            PolicyError { problems: vec![format!("{at}: {e}")] }
         })?;
         Policy::try_from(raw).map_err(|mut e| {
             for p in &mut e.problems {
@@ -91,29 +86,20 @@ impl Policy {
 
     /// Every principal any target role uses: the signer's allow-list.
     pub fn signer_principals(&self) -> BTreeSet<String> {
-        self.targets
-            .values()
-            .flat_map(|t| t.roles.values().cloned())
-            .collect()
+        self.targets.values().flat_map(|t| t.roles.values().cloned()).collect()
     }
 }
 
 /// Reads and parses a policy file.
 pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
-    let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
-        problems: vec![format!("{}: {e}", path.display())],
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| PolicyError { problems: vec![format!("{}: {e}", path.display())] })?;
     Policy::parse(&text, &path.display().to_string())
 }
 
 fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
-    let (n, w) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s:?}: expected COUNT/WINDOW, e.g. 600/1m"))?;
-    let n: u32 = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: COUNT must be a positive integer"))?;
+    let (n, w) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected COUNT/WINDOW, e.g. 600/1m"))?;
+    let n: u32 = n.trim().parse().map_err(|_| format!("{s:?}: COUNT must be a positive integer"))?;
     let w = parse_duration(w).map_err(|e| format!("{s:?}: {e}"))?;
     if n == 0 || w.as_secs() == 0 {
         return Err(format!("{s:?}: COUNT and WINDOW must be at least 1 and 1s"));
@@ -127,16 +113,11 @@ impl TryFrom<file::PolicyFile> for Policy {
     fn try_from(raw: file::PolicyFile) -> Result<Self, PolicyError> {
         let mut problems = Vec::new();
         if raw.version != 1 {
-            problems.push(format!(
-                "version: unsupported policy version {} (this broker reads version 1)",
-                raw.version
-            ));
+            problems.push(format!("version: unsupported policy version {} (this broker reads version 1)", raw.version));
         }
         let cert_ttl_max = match raw.limits.cert_ttl_max.as_deref().map(parse_duration) {
             None => Duration::from_secs(3600),
-            Some(Ok(d)) if d.as_secs() >= 1 && d.as_secs() <= u64::from(HARD_MAX_CERT_TTL_SECS) => {
-                d
-            }
+            Some(Ok(d)) if d.as_secs() >= 1 && d.as_secs() <= u64::from(HARD_MAX_CERT_TTL_SECS) => d,
             Some(Ok(_)) => {
                 problems.push("limits.cert_ttl_max: must be between 1s and 24h".into());
                 Duration::from_secs(3600)
@@ -170,26 +151,12 @@ impl TryFrom<file::PolicyFile> for Policy {
                 }
                 roles.insert(role, r.principal);
             }
-            targets.insert(
-                name,
-                Target {
-                    host: t.host,
-                    port: t.port.unwrap_or(22),
-                    roles,
-                },
-            );
+            targets.insert(name, Target { host: t.host, port: t.port.unwrap_or(22), roles });
         }
         if !problems.is_empty() {
             return Err(PolicyError { problems });
         }
-        Ok(Policy {
-            limits: Limits {
-                cert_ttl_max,
-                signer_rate,
-                signer_window,
-            },
-            targets,
-        })
+        Ok(Policy { limits: Limits { cert_ttl_max, signer_rate, signer_window }, targets })
     }
 }
 
@@ -205,13 +172,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_reported_with_location() {
-        let e = Policy::parse("version: 1\ntargetz: {}\n", "p.yaml")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("p.yaml:2:1:") && e.contains("unknown field `targetz`"),
-            "{e}"
-        );
+        let e = Policy::parse("version: 1\ntargetz: {}\n", "p.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("p.yaml:2:1:") && e.contains("unknown field `targetz`"), "{e}");
         let e = Policy::parse(
             "version: 2\nlimits: {cert_ttl_max: 48h, signer_rate: 5}\ntargets: {w: {host: '', roles: {r: {principal: '-x'}}}}\n",
             "p.yaml",

@@ -1,0 +1,365 @@
+//! Shared helpers for the integration tests: run the real `ephyr` binary, a real OpenSSH `sshd`
+//! on 127.0.0.1, and small Python helpers (tests/helpers/).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn ephyr_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ephyr"))
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Tests that need root (privilege drop, sshd, other uids) call this first. CI runs as root; a
+/// developer without root can set EPHYR_SKIP_ROOT_TESTS=1 to skip them knowingly.
+pub fn require_root() -> bool {
+    if ephyr::os::user_ids().1 == 0 {
+        return true;
+    }
+    if std::env::var_os("EPHYR_SKIP_ROOT_TESTS").is_some() {
+        eprintln!("SKIPPED (not root, EPHYR_SKIP_ROOT_TESTS set)");
+        return false;
+    }
+    panic!("this test needs root (run scripts/test.sh as root, or set EPHYR_SKIP_ROOT_TESTS=1)");
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("ephyr-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (small race window; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Runs `ephyr ARGS` to completion.
+pub fn ephyr(args: &[&str]) -> Output {
+    Command::new(ephyr_bin()).args(args).output().expect("run ephyr")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A running `ephyr serve`.
+pub struct Broker {
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub api: String,
+    pub dashboard: String,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+    _dir: Option<TempDir>,
+}
+
+/// Options for starting a broker.
+pub struct BrokerOpts<'a> {
+    pub policy: Option<&'a str>,
+    pub dev: bool,
+    pub extra: Vec<String>,
+    /// Wrap the command (e.g. `setpriv ...`, or a Python seccomp wrapper).
+    pub wrapper: Vec<String>,
+    pub data_dir: Option<PathBuf>,
+    pub expect_ready: bool,
+}
+
+impl Default for BrokerOpts<'_> {
+    fn default() -> Self {
+        Self { policy: None, dev: false, extra: vec![], wrapper: vec![], data_dir: None, expect_ready: true }
+    }
+}
+
+impl Broker {
+    pub fn start(o: BrokerOpts<'_>) -> Broker {
+        let dir = TempDir::new("broker");
+        let data_dir = o.data_dir.clone().unwrap_or_else(|| dir.join("data"));
+        if !o.dev && !data_dir.join("keys/ca_key").exists() {
+            let out = ephyr(&[
+                "init",
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+                "--config-dir",
+                dir.join("etc").to_str().unwrap(),
+            ]);
+            assert!(out.status.success(), "init failed: {}", stderr(&out));
+        }
+        let socket = dir.join("ephyr.sock");
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--dashboard-listen".into(),
+            "127.0.0.1:0".into(),
+            "--socket".into(),
+            socket.to_str().unwrap().into(),
+        ];
+        if o.dev {
+            args.push("--dev".into());
+        }
+        if !o.dev || o.data_dir.is_some() {
+            args.push("--data-dir".into());
+            args.push(data_dir.to_str().unwrap().into());
+        }
+        if let Some(p) = o.policy {
+            let path = dir.join("policy.yaml");
+            std::fs::write(&path, p).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            args.push("--config".into());
+            args.push(path.to_str().unwrap().into());
+        }
+        args.extend(o.extra.iter().cloned());
+        // The socket dir must be reachable by the dropped broker uid and by test clients.
+        use std::os::unix::fs::PermissionsExt;
+        // (An unprivileged broker started through a wrapper must be able to create its socket.)
+        let mode = if o.wrapper.is_empty() { 0o755 } else { 0o1777 };
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut cmd = if o.wrapper.is_empty() {
+            Command::new(ephyr_bin())
+        } else {
+            let mut c = Command::new(&o.wrapper[0]);
+            c.args(&o.wrapper[1..]).arg(ephyr_bin());
+            c
+        };
+        cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn ephyr serve");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        for pipe in
+            [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push_str(&(line + "\n"));
+                }
+            });
+        }
+        let mut b = Broker {
+            child: Some(child),
+            socket,
+            data_dir,
+            api: String::new(),
+            dashboard: String::new(),
+            log,
+            _dir: Some(dir),
+        };
+        if o.expect_ready {
+            let st = b.wait_ready(Duration::from_secs(20));
+            b.api = st["listen"].as_str().unwrap().to_string();
+            b.dashboard = st["dashboard_listen"].as_str().unwrap().to_string();
+        }
+        b
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Polls the local status until the signer has a worker.
+    pub fn wait_ready(&mut self, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_status()
+                && st["signer"]["available"].as_bool() == Some(true)
+            {
+                return st;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("broker exited early ({status}):\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "broker not ready in time:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        let out = ephyr(&["status", "--json", "--socket", self.socket.to_str().unwrap()]);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.try_status().unwrap_or_else(|| panic!("status failed:\n{}", self.log()))
+    }
+
+    /// Waits for the process to exit; returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "broker did not exit in time:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        ephyr::os::kill(self.pid() as i32, sig).unwrap();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = ephyr::os::kill(c.id() as i32, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Creates a local user with a usable-but-passwordless account (for sshd) if missing.
+pub fn ensure_user(name: &str) {
+    if ephyr::users::lookup(name).is_some() {
+        return;
+    }
+    let out = Command::new("useradd").args(["-m", "-s", "/bin/sh", name]).output().expect("useradd");
+    // Another test may have created it concurrently.
+    assert!(out.status.success() || ephyr::users::lookup(name).is_some(), "useradd {name}: {:?}", out);
+    // '*' = no password login, but not "locked" (sshd refuses locked accounts without PAM).
+    let _ = Command::new("usermod").args(["-p", "*", name]).output();
+}
+
+/// A real OpenSSH sshd on 127.0.0.1 trusting one CA.
+pub struct Sshd {
+    pub port: u16,
+    pub dir: TempDir,
+    child: Child,
+}
+
+impl Sshd {
+    pub fn start(ca_pub: &Path, extra_config: &str) -> Sshd {
+        let dir = TempDir::new("sshd");
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let hostkey = dir.join("host_ed25519");
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f", hostkey.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::copy(ca_pub, dir.join("ca.pub")).unwrap();
+        let port = free_port();
+        let cfg = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {pid}\nTrustedUserCAKeys {ca}\n\
+             AuthorizedKeysFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nLogLevel VERBOSE\n{extra_config}\n",
+            hk = hostkey.display(),
+            pid = dir.join("sshd.pid").display(),
+            ca = dir.join("ca.pub").display(),
+        );
+        std::fs::write(dir.join("sshd_config"), cfg).unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f", dir.join("sshd_config").to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
+            .spawn()
+            .expect("start /usr/sbin/sshd (install openssh-server)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not start: {}",
+                std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Sshd { port, dir, child }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
+    }
+
+    /// Runs `command` as `user` with key + certificate; returns the output.
+    pub fn ssh(&self, key: &Path, cert: &Path, user: &str, command: &str) -> Output {
+        Command::new("ssh")
+            .args(["-p", &self.port.to_string(), "-i", key.to_str().unwrap()])
+            .args(["-o", &format!("CertificateFile={}", cert.display())])
+            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR"])
+            .arg(format!("{user}@127.0.0.1"))
+            .arg(command)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Generates an ed25519 key pair in `dir`; returns the private key path.
+pub fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let key = dir.join(name);
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f", key.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    key
+}
+
+/// Runs a Python helper from tests/helpers/.
+pub fn python(script: &str) -> Command {
+    let mut c = Command::new("python3");
+    c.arg(repo().join("tests/helpers").join(script));
+    c
+}
