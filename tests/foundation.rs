@@ -466,3 +466,31 @@ fn malformed_truncated_and_oversized_frames_are_rejected_and_the_signer_lives_on
         }
     });
 }
+
+#[test]
+fn every_command_has_help_and_usage_errors_exit_2() {
+    for cmd in [&["serve"][..], &["init"], &["doctor"], &["status"], &["cert", "sign"], &["cert"]] {
+        let out = ephyr(&[cmd, &["--help"]].concat());
+        assert!(out.status.success(), "{cmd:?} --help: {}", stderr(&out));
+        assert!(stdout(&out).starts_with("Usage: ephyr"), "{cmd:?}: {}", stdout(&out));
+    }
+    let v = ephyr(&["--version"]);
+    assert_eq!(stdout(&v), format!("ephyr {}\n", env!("CARGO_PKG_VERSION")));
+    for bad in [&["serve", "--bogus"][..], &["frobnicate"], &["serve", "--listen", "nope"], &["cert", "sign"]] {
+        let out = ephyr(bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("ephyr:"), "{bad:?}: {}", stderr(&out));
+    }
+    // Invalid configuration is exit 3 and names the problem.
+    let dir = TempDir::new("badcfg");
+    std::fs::write(dir.join("p.yaml"), "version: 1\ntargets: {a: {host: x, rolez: {}}}\n").unwrap();
+    let out = ephyr(&[
+        "serve",
+        "--config",
+        dir.join("p.yaml").to_str().unwrap(),
+        "--data-dir",
+        dir.join("d").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("unknown field `rolez`") && stderr(&out).contains("p.yaml:2:"), "{}", stderr(&out));
+}
