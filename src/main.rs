@@ -27,6 +27,7 @@ Commands:
   doctor       check files, keys, the policy and the signer sandbox
   status       show a running broker's state
   cert sign    issue an operator SSH certificate through the running broker
+  inspect      decode a task token and show what it allows
   version      print the version
 
 Run `ephyr <command> --help` for a command's options. Exit codes: 0 ok, 1 failure,
@@ -82,6 +83,14 @@ Options:
   --broker-user USER  as for serve
   --signer-user USER  as for serve
   --json              machine-readable output";
+
+const INSPECT_HELP: &str = "\
+Usage: ephyr inspect TOKEN|- [--json] [--root-key-file FILE]
+
+Decodes a task token (mac_...) and shows its caveats in order, the envelope they reduce to,
+the task lineage, expiry in UTC and local time, and its size. Needs no key; with
+--root-key-file (the tree's raw root key) it also verifies the signature chain.
+Exit 3 if the token does not decode, does not reduce, or fails verification.";
 
 const STATUS_HELP: &str = "\
 Usage: ephyr status [--socket PATH | --data-dir DIR] [--json]
@@ -155,6 +164,7 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "doctor" => cmd_doctor(p),
         "status" => cmd_status(p),
         "cert" => cmd_cert(p),
+        "inspect" => cmd_inspect(p),
         "version" => {
             println!("ephyr {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
@@ -292,6 +302,22 @@ fn cmd_cert(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     }
     o.socket = cli::client::socket_path(socket, data_dir.as_deref());
     cli::cert_sign(&o).map(|()| 0).map_err(|e| Failure::Run(1, e))
+}
+
+fn cmd_inspect(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let mut o = cli::inspect::InspectOptions::default();
+    let mut token = None;
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("json") => o.json = true,
+            Long("root-key-file") => o.root_key_file = Some(path(p.value()?)),
+            Long("help") | Short('h') => return help(INSPECT_HELP),
+            Value(v) if token.is_none() => token = Some(v.string()?),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    o.token = token.ok_or_else(|| usage("inspect needs a token (or - to read it from stdin)"))?;
+    cli::inspect::run(&o).map(|c| c as u8).map_err(|e| Failure::Run(1, e))
 }
 
 /// The signer keeper, started by the broker (not for interactive use).

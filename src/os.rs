@@ -449,6 +449,17 @@ pub fn probe_ptrace_traceme() -> io::Result<()> {
     cvt(unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) } as libc::c_int).map(drop)
 }
 
+/// The local time zone's offset from UTC, in seconds east, at Unix time `secs` (from `TZ` or
+/// `/etc/localtime`, via `localtime_r`). 0 if it cannot be determined.
+pub fn utc_offset_at(secs: i64) -> i32 {
+    let t: libc::time_t = secs as libc::time_t;
+    // SAFETY: tm is plain old data; localtime_r writes into it and reads `t`.
+    let mut tm: libc::tm = unsafe { zeroed() };
+    // SAFETY: both pointers are valid for the call; localtime_r is the thread-safe variant.
+    let r = unsafe { libc::localtime_r(&t, &mut tm) };
+    if r.is_null() { 0 } else { tm.tm_gmtoff as i32 }
+}
+
 /// Terminates the process immediately with `code`, without running destructors or atexit handlers
 /// (used by forked children so they never touch state that belongs to the parent).
 pub fn exit_now(code: i32) -> ! {

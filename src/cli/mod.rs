@@ -4,6 +4,7 @@
 pub mod client;
 pub mod doctor;
 pub mod init;
+pub mod inspect;
 
 use std::path::{Path, PathBuf};
 
