@@ -28,6 +28,8 @@ Commands:
   status       show a running broker's state
   cert sign    issue an operator SSH certificate through the running broker
   inspect      decode a task token and show what it allows
+  policy       check, diff, explain or reload a policy
+  keygen       generate an agent API key and its hash line
   version      print the version
 
 Run `ephyr <command> --help` for a command's options. Exit codes: 0 ok, 1 failure,
@@ -91,6 +93,30 @@ Decodes a task token (mac_...) and shows its caveats in order, the envelope they
 the task lineage, expiry in UTC and local time, and its size. Needs no key; with
 --root-key-file (the tree's raw root key) it also verifies the signature chain.
 Exit 3 if the token does not decode, does not reduce, or fails verification.";
+
+const POLICY_HELP: &str = "\
+Usage: ephyr policy <check|diff|explain|reload> ...
+
+  ephyr policy check FILE [--json]
+      Validate a policy; lists every problem with file:line:column, the key and a hint.
+      Exit 0 if valid, 3 if not.
+  ephyr policy diff OLD NEW
+      What each agent gains (+) or loses (-), and settings that change (~).
+  ephyr policy explain --agent NAME --action ACTION [--config FILE] [--tool TOOL]
+                       [--token mac_...] [--json]
+      The decision the broker would make, and the rule behind it. Exit 0 allow, 1 deny.
+      ACTION: ssh:TARGET:ROLE | http:SERVICE:METHOD:/PATH | tool:REMOTE:TOOL[:{json args}]
+              task:create:TTL | task:delegate:TTL:CHILD_DEPTH | task:read | task:revoke
+              task:bind | dashboard:LEVEL | discover
+  ephyr policy reload [--socket PATH | --data-dir DIR]
+      Ask the running broker to re-read its policy (like SIGHUP) and show the result.
+      An invalid policy is refused and the running one stays in force (exit 3).";
+
+const KEYGEN_HELP: &str = "\
+Usage: ephyr keygen agent NAME [--json]
+
+Generates a new API key for agent NAME, prints it once, and prints the Argon2id
+api_key_hash line to paste under agents.NAME in policy.yaml. The key itself is not stored.";
 
 const STATUS_HELP: &str = "\
 Usage: ephyr status [--socket PATH | --data-dir DIR] [--json]
@@ -165,6 +191,8 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "status" => cmd_status(p),
         "cert" => cmd_cert(p),
         "inspect" => cmd_inspect(p),
+        "policy" => cmd_policy(p),
+        "keygen" => cmd_keygen(p),
         "version" => {
             println!("ephyr {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
@@ -302,6 +330,99 @@ fn cmd_cert(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     }
     o.socket = cli::client::socket_path(socket, data_dir.as_deref());
     cli::cert_sign(&o).map(|()| 0).map_err(|e| Failure::Run(1, e))
+}
+
+fn cmd_policy(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let sub = match p.next()? {
+        Some(Value(v)) => v.string()?,
+        Some(Long("help") | Short('h')) | None => return help(POLICY_HELP),
+        Some(other) => return Err(other.unexpected().into()),
+    };
+    let run = |r: Result<i32, String>| r.map(|c| c as u8).map_err(|e| Failure::Run(3, e));
+    match sub.as_str() {
+        "check" => {
+            let (mut file, mut json) = (None, false);
+            while let Some(arg) = p.next()? {
+                match arg {
+                    Long("json") => json = true,
+                    Long("help") | Short('h') => return help(POLICY_HELP),
+                    Value(v) if file.is_none() => file = Some(path(v)),
+                    other => return Err(other.unexpected().into()),
+                }
+            }
+            let file = file.ok_or_else(|| usage("policy check needs a FILE"))?;
+            Ok(cli::policy::check(&file, json) as u8)
+        }
+        "diff" => {
+            let mut files = Vec::new();
+            while let Some(arg) = p.next()? {
+                match arg {
+                    Long("help") | Short('h') => return help(POLICY_HELP),
+                    Value(v) if files.len() < 2 => files.push(path(v)),
+                    other => return Err(other.unexpected().into()),
+                }
+            }
+            if files.len() != 2 {
+                return Err(usage("policy diff needs OLD and NEW files"));
+            }
+            run(cli::policy::diff(&files[0], &files[1]))
+        }
+        "explain" => {
+            let mut o = cli::policy::ExplainOptions {
+                config: PathBuf::from(DEFAULT_CONFIG_DIR).join("policy.yaml"),
+                ..Default::default()
+            };
+            while let Some(arg) = p.next()? {
+                match arg {
+                    Long("config") => o.config = path(p.value()?),
+                    Long("agent") => o.agent = p.value()?.string()?,
+                    Long("action") => o.action = p.value()?.string()?,
+                    Long("tool") => o.tool = Some(p.value()?.string()?),
+                    Long("token") => o.token = Some(p.value()?.string()?),
+                    Long("json") => o.json = true,
+                    Long("help") | Short('h') => return help(POLICY_HELP),
+                    other => return Err(other.unexpected().into()),
+                }
+            }
+            if o.agent.is_empty() || o.action.is_empty() {
+                return Err(usage("policy explain needs --agent and --action"));
+            }
+            run(cli::policy::explain(&o))
+        }
+        "reload" => {
+            let (mut socket, mut data_dir) = (None, None);
+            while let Some(arg) = p.next()? {
+                match arg {
+                    Long("socket") => socket = Some(path(p.value()?)),
+                    Long("data-dir") => data_dir = Some(path(p.value()?)),
+                    Long("help") | Short('h') => return help(POLICY_HELP),
+                    other => return Err(other.unexpected().into()),
+                }
+            }
+            let sock = cli::client::socket_path(socket, data_dir.as_deref());
+            cli::policy::reload(&sock).map(|c| c as u8).map_err(|e| Failure::Run(1, e))
+        }
+        other => Err(usage(format!("unknown policy command {other:?} (check, diff, explain, reload)"))),
+    }
+}
+
+fn cmd_keygen(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    match p.next()? {
+        Some(Value(v)) if v == "agent" => {}
+        Some(Long("help") | Short('h')) => return help(KEYGEN_HELP),
+        _ => return Err(usage("expected `ephyr keygen agent NAME`")),
+    }
+    let (mut name, mut json) = (None, false);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("json") => json = true,
+            Long("help") | Short('h') => return help(KEYGEN_HELP),
+            Value(v) if name.is_none() => name = Some(v.string()?),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let name = name.ok_or_else(|| usage("keygen agent needs a NAME"))?;
+    cli::policy::keygen_agent(&name, json).map(|c| c as u8).map_err(|e| Failure::Run(3, e))
 }
 
 fn cmd_inspect(p: &mut lexopt::Parser) -> Result<u8, Failure> {

@@ -14,7 +14,7 @@ use ephyr::signer::protocol::{CertRequest, ControlRequest, ControlResponse, Erro
 use ephyr::signer::{SignerConfig, TargetIds};
 
 const POLICY: &str = "version: 1\nlimits: {cert_ttl_max: 10m, signer_rate: 100/1m}\n\
-targets:\n  local:\n    host: 127.0.0.1\n    roles:\n      test: {principal: ephyrtest}\n";
+roles: {test: {principal: ephyrtest}}\ntargets:\n  local:\n    host: 127.0.0.1\n    allowed_roles: [test]\n";
 
 #[test]
 fn doctor_self_check_shows_every_escape_from_the_signer_blocked() {
@@ -483,7 +483,7 @@ fn every_command_has_help_and_usage_errors_exit_2() {
     }
     // Invalid configuration is exit 3 and names the problem.
     let dir = TempDir::new("badcfg");
-    std::fs::write(dir.join("p.yaml"), "version: 1\ntargets: {a: {host: x, rolez: {}}}\n").unwrap();
+    std::fs::write(dir.join("p.yaml"), "version: 1\ntargets:\n  a: {host: x, rolez: {}}\n").unwrap();
     let out = ephyr(&[
         "serve",
         "--config",
@@ -492,5 +492,9 @@ fn every_command_has_help_and_usage_errors_exit_2() {
         dir.join("d").to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(stderr(&out).contains("unknown field `rolez`") && stderr(&out).contains("p.yaml:2:"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unknown field `rolez`") && stderr(&out).contains("p.yaml:3:3: targets.a.rolez"),
+        "{}",
+        stderr(&out)
+    );
 }

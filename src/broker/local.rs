@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `GET /v1/status` | operator | broker and signer state (pids, sandbox, limits, CA key) |
 //! | `POST /v1/certs` | operator | break-glass operator certificate for a public key |
+//! | `POST /v1/policy/reload` | operator | re-read the policy; keep the current one if the new one is invalid |
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -64,6 +65,7 @@ pub fn status_json(broker: &Broker) -> serde_json::Value {
         "uid": broker.identity.uid,
         "gid": broker.identity.gid,
         "uptime_secs": broker.started.elapsed().as_secs(),
+        "policy_digest": broker.policy().digest,
         "data_dir": broker.data_dir.root,
         "listen": broker.listen.to_string(),
         "dashboard_listen": broker.dashboard_listen.to_string(),
@@ -188,6 +190,21 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
             match (req.method().clone(), req.uri().path()) {
                 (Method::GET, "/v1/status") => json(StatusCode::OK, &status_json(&broker)),
                 (Method::POST, "/v1/certs") => operator_cert(&broker, peer, req).await,
+                (Method::POST, "/v1/policy/reload") => match broker.reload_policy().await {
+                    Ok(r) => json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "ok": true, "digest": r.digest, "warnings": r.warnings }),
+                    ),
+                    Err(e) => json(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        &serde_json::json!({
+                            "ok": false,
+                            "error": "invalid_policy",
+                            "message": "the new policy is invalid; the previous policy stays in force",
+                            "problems": e.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                        }),
+                    ),
+                },
                 (_, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
             }
         })

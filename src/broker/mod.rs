@@ -21,8 +21,48 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Instant;
 
+/// Where the policy comes from (re-read on every reload).
+#[derive(Clone, Debug)]
+pub enum PolicySource {
+    /// A file.
+    File(PathBuf),
+    /// The built-in dev policy, with the dev agent's API-key hash.
+    BuiltinDev {
+        /// PHC hash of the dev API key.
+        dev_key_hash: String,
+    },
+}
+
+impl PolicySource {
+    /// Reads and validates the policy.
+    pub fn load(&self) -> Result<policy::Policy, policy::PolicyError> {
+        match self {
+            PolicySource::File(p) => policy::load_file(p),
+            PolicySource::BuiltinDev { dev_key_hash } => {
+                let mut p = policy::Policy::parse(policy::DEV_POLICY, "built-in dev policy")?;
+                if let Some(a) = p.agents.get_mut("dev") {
+                    a.api_key_hash = Some(dev_key_hash.clone());
+                }
+                p.warnings.retain(|w| !w.contains("agents.dev: has neither"));
+                Ok(p)
+            }
+        }
+    }
+}
+
+/// What a successful reload did.
+#[derive(Clone, Debug)]
+pub struct Reloaded {
+    /// Digest of the new policy.
+    pub digest: String,
+    /// Its warnings, plus principals the signer will refuse until a restart.
+    pub warnings: Vec<String>,
+}
+
 /// Shared broker state, owned by the executor thread.
 pub struct Broker {
+    /// Where the policy comes from.
+    pub policy_source: PolicySource,
     /// The signer.
     pub signer: signer_client::Signer,
     /// The current policy (swapped whole on reload).
@@ -44,8 +84,48 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// The current policy.
+    /// The current policy. Callers hold the `Rc` for the whole request, so a reload in between
+    /// never mixes two policies in one decision.
     pub fn policy(&self) -> Rc<policy::Policy> {
         self.policy.borrow().clone()
+    }
+
+    /// Re-reads the policy (on the blocking pool) and swaps it in whole, or keeps the current one
+    /// and returns every problem. Certificates and sessions are not touched.
+    pub async fn reload_policy(&self) -> Result<Reloaded, policy::PolicyError> {
+        let source = self.policy_source.clone();
+        let loaded = self.pool.run(move || source.load()).await.unwrap_or_else(|| {
+            Err(policy::PolicyError {
+                problems: vec![policy::Problem {
+                    at: "broker".into(),
+                    path: String::new(),
+                    message: "the blocking pool is gone".into(),
+                    hint: None,
+                }],
+            })
+        });
+        match loaded {
+            Ok(new) => {
+                let mut warnings = new.warnings.clone();
+                let allowed: std::collections::BTreeSet<String> =
+                    self.signer.health().status.map(|s| s.limits.principals.into_iter().collect()).unwrap_or_default();
+                for p in new.signer_principals().difference(&allowed) {
+                    warnings.push(format!(
+                        "principal {p:?} is not on the signer's allow-list (fixed at start): certificates for it are refused until ephyr restarts"
+                    ));
+                }
+                let digest = new.digest.clone();
+                *self.policy.borrow_mut() = Rc::new(new);
+                log::info!("policy reloaded: {digest}");
+                for w in &warnings {
+                    log::warn!("policy: {w}");
+                }
+                Ok(Reloaded { digest, warnings })
+            }
+            Err(e) => {
+                log::error!("policy reload failed; keeping the current policy:\n{e}");
+                Err(e)
+            }
+        }
     }
 }

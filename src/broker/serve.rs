@@ -24,10 +24,10 @@ use async_signal::{Signal, Signals};
 use futures_lite::StreamExt;
 use smol::LocalExecutor;
 
+use super::PolicySource;
 use super::blocking::BlockingPool;
 use super::datadir::{DEFAULT_CONFIG_DIR, DEFAULT_DATA_DIR, DataDir};
 use super::http::{self, Connections};
-use super::policy::{self, DEV_POLICY, Policy};
 use super::privileges::{self, drop_privileges, resolve_identities};
 use super::signer_client::{Launch, Signer};
 use super::{Broker, local, routes};
@@ -142,12 +142,6 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let started = Instant::now();
 
     // 1. Policy and identities.
-    let policy = match (&opts.config, opts.dev) {
-        (Some(path), _) => policy::load_file(path),
-        (None, true) => Policy::parse(DEV_POLICY, "built-in dev policy"),
-        (None, false) => policy::load_file(&PathBuf::from(DEFAULT_CONFIG_DIR).join("policy.yaml")),
-    }
-    .map_err(|e| ServeError::Config(format!("policy not loaded:\n{e}")))?;
     let root = privileges::is_root();
     let ids = if root {
         Some(resolve_identities(opts.broker_user.as_deref(), opts.signer_user.as_deref()).map_err(ServeError::Config)?)
@@ -162,6 +156,20 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         (None, false) => DataDir::at(DEFAULT_DATA_DIR),
     };
     data_dir.prepare(ids.as_ref().map(|i| &i.broker)).map_err(ServeError::Startup)?;
+    let mut dev_key = None;
+    let source = match (&opts.config, opts.dev) {
+        (Some(path), _) => PolicySource::File(path.clone()),
+        (None, true) => {
+            let (key, hash) = dev_api_key(&data_dir, ids.as_ref().map(|i| &i.broker)).map_err(ServeError::Startup)?;
+            dev_key = Some(key);
+            PolicySource::BuiltinDev { dev_key_hash: hash }
+        }
+        (None, false) => PolicySource::File(PathBuf::from(DEFAULT_CONFIG_DIR).join("policy.yaml")),
+    };
+    let policy = source.load().map_err(|e| ServeError::Config(format!("policy not loaded:\n{e}")))?;
+    for w in &policy.warnings {
+        log::warn!("policy: {w}");
+    }
     if !opts.dev && !data_dir.keys().ca_key().exists() {
         return Err(ServeError::Startup(format!(
             "{} does not exist: run `ephyr init --data-dir {}` first",
@@ -172,8 +180,8 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let signer_config = SignerConfig {
         max_cert_ttl_secs: policy.limits.cert_ttl_max.as_secs() as u32,
         principals: policy.signer_principals(),
-        rate_limit: policy.limits.signer_rate,
-        rate_window_secs: policy.limits.signer_window.as_secs() as u32,
+        rate_limit: policy.limits.signer_rate.count,
+        rate_window_secs: policy.limits.signer_rate.window.as_secs() as u32,
     };
     signer_config.validate().map_err(ServeError::Config)?;
     let launch = Launch::new(
@@ -216,6 +224,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             Signer::start(launch, keeper, fatal_tx).await.map_err(|e| ServeError::Startup(e.to_string()))?;
         ex.spawn(supervisor).detach();
         let broker = Rc::new(Broker {
+            policy_source: source,
             signer: signer.clone(),
             policy: RefCell::new(Rc::new(policy)),
             started,
@@ -273,8 +282,8 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             socket_path.display(),
             started.elapsed().as_secs_f64() * 1000.0
         );
-        if opts.dev {
-            print_dev_banner(&broker, &ca);
+        if let Some(key) = &dev_key {
+            print_dev_banner(&broker, &ca, key);
         }
 
         // Wait for a reason to stop.
@@ -285,7 +294,8 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             .await;
             match next {
                 Ok(Some(Ok(Signal::Hup))) => {
-                    log::info!("SIGHUP received: reload requested");
+                    log::info!("SIGHUP received: reloading the policy");
+                    let _ = broker.reload_policy().await;
                 }
                 Ok(Some(Ok(sig))) => {
                     log::info!("{sig:?} received: shutting down");
@@ -317,17 +327,60 @@ fn unix_cleanup(path: &PathBuf) -> std::io::Result<()> {
     std::fs::remove_file(path)
 }
 
-fn print_dev_banner(broker: &Broker, ca: &str) {
+/// The dev agent's API key: kept in `<data-dir>/state/dev_api_key` for a persistent dev data dir,
+/// generated fresh for a temporary one. Hashed with cheap Argon2 parameters: the key is 256 random
+/// bits, so hashing cost adds nothing against guessing.
+fn dev_api_key(
+    data_dir: &DataDir,
+    owner: Option<&crate::users::Account>,
+) -> Result<(crate::secret::SecretString, String), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.state().join("dev_api_key");
+    let key = match std::fs::read_to_string(&path) {
+        Ok(k) if k.trim().starts_with(crate::cli::policy::API_KEY_PREFIX) => {
+            crate::secret::SecretString::new(k.trim().to_owned())
+        }
+        _ => {
+            let (k, _) = crate::cli::policy::new_api_key()?;
+            if !data_dir.temporary {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                f.write_all(k.expose().as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+                if let Some(o) = owner {
+                    std::os::unix::fs::chown(&path, Some(o.uid), Some(o.gid))
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                }
+            }
+            k
+        }
+    };
+    let cheap = argon2::Params::new(1024, 1, 1, None).map_err(|e| e.to_string())?;
+    let hash = crate::cli::policy::hash_api_key_with(key.expose(), cheap)?;
+    Ok((key, hash))
+}
+
+fn print_dev_banner(broker: &Broker, ca: &str, key: &crate::secret::SecretString) {
     let url = format!("http://{}/mcp", broker.listen);
     let where_ = if broker.data_dir.temporary {
         format!("temporary data dir {} (removed on exit)", broker.data_dir.root.display())
     } else {
         format!("data dir {}", broker.data_dir.root.display())
     };
+    let key = key.expose();
+    let snippet = serde_json::json!({
+        "mcpServers": { "ephyr": { "type": "http", "url": url, "headers": { "Authorization": format!("Bearer {key}") } } }
+    });
     println!(
-        "\nephyr {} dev broker is running ({where_})\n\n  MCP endpoint:   {url}\n  Health:         http://{}/healthz\n  Local socket:   {}\n  CA public key (put this line in TrustedUserCAKeys on your targets):\n    {ca}\n\nStop with Ctrl-C.\n",
+        "\nephyr {} dev broker is running ({where_})\n\n  MCP endpoint:   {url}\n  API key:        {key}   (agent \"dev\")\n  Health:         http://{}/healthz\n  Local socket:   {}\n  CA public key (put this line in TrustedUserCAKeys on your targets):\n    {ca}\n\nConnect Claude Code:\n  claude mcp add --transport http ephyr {url} --header \"Authorization: Bearer {key}\"\n\nOr paste into an MCP client's JSON configuration (Cursor, Claude Desktop, SDKs):\n{}\n\nStop with Ctrl-C.\n",
         env!("CARGO_PKG_VERSION"),
         broker.listen,
-        broker.socket.display()
+        broker.socket.display(),
+        serde_json::to_string_pretty(&snippet).unwrap_or_default()
     );
 }

@@ -5,6 +5,7 @@ pub mod client;
 pub mod doctor;
 pub mod init;
 pub mod inspect;
+pub mod policy;
 
 use std::path::{Path, PathBuf};
 

@@ -1,32 +1,92 @@
 //! The policy file as YAML shapes it (serde). Nothing outside `policy` sees these types: they are
 //! validated into [`super::Policy`].
+//!
+//! The schema is a superset of the Go Ephyr policy (`roles`, `targets.*.allowed_roles`,
+//! `agents.*.ssh/services/remotes`, `templates`, `inherits`, `global`), so an Ephyr file loads or
+//! gets a precise message for each key we treat differently (see `validate`).
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-/// Top level of `policy.yaml`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyFile {
-    /// Schema version; must be 1.
-    pub version: u32,
-    /// Global limits.
-    #[serde(default)]
-    pub limits: LimitsFile,
-    /// SSH targets by name.
-    #[serde(default)]
-    pub targets: BTreeMap<String, TargetFile>,
-}
-
-/// `limits:`.
+/// `limits:` (ours) — also reachable through Go's `global:` keys.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
-    /// Longest certificate validity (also the signer's cap), e.g. `1h`.
+    /// Certificate TTL when a request names none (`5m`).
+    pub cert_ttl_default: Option<String>,
+    /// Longest certificate validity, also the signer's cap (`30m`).
     pub cert_ttl_max: Option<String>,
-    /// Signer rate limit, `COUNT/WINDOW`, e.g. `600/1m`.
+    /// Live certificates per agent.
+    pub max_certs_per_agent: Option<u32>,
+    /// Live certificates in total.
+    pub max_certs_total: Option<u32>,
+    /// Requests per agent and window (`600/1m`).
+    pub requests_per_agent: Option<String>,
+    /// Certificates the signer signs per window (`600/1m`).
     pub signer_rate: Option<String>,
+    /// Longest task lifetime.
+    pub task_ttl_max: Option<String>,
+    /// Task lifetime when a request names none.
+    pub task_ttl_default: Option<String>,
+    /// Deepest delegation chain (levels below a root task).
+    pub delegation_depth_max: Option<u8>,
+    /// How long an unbound delegated task may wait for `task_bind`.
+    pub bind_deadline: Option<String>,
+    /// Every target must pin a host key or a host CA.
+    pub host_key_strict: Option<bool>,
+}
+
+/// Go Ephyr's `global:` section (compatibility).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalFile {
+    /// → `limits.max_certs_total`.
+    pub max_active_certs: Option<u32>,
+    /// → `limits.cert_ttl_default`.
+    pub default_ttl: Option<String>,
+    /// → `limits.cert_ttl_max`.
+    pub max_ttl: Option<String>,
+    /// → `limits.requests_per_agent`.
+    pub rate_limit: Option<GoRateLimit>,
+    /// → `limits.host_key_strict`.
+    pub host_key_strict: Option<bool>,
+}
+
+/// Go's `global.rate_limit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoRateLimit {
+    /// Requests per window.
+    pub requests_per_window: i64,
+    /// Window in seconds.
+    pub window_seconds: i64,
+}
+
+/// `roles.<name>:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleFile {
+    /// Remote Unix user the certificate names.
+    pub principal: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// Login shell for `ephyr target setup-script` (absolute path).
+    pub shell: Option<String>,
+    /// sudo rights for the setup script: `true` or a list of command patterns.
+    pub sudo: Option<SudoFile>,
+    /// Create it as a system account (setup script).
+    pub system: Option<bool>,
+}
+
+/// `roles.<name>.sudo`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SudoFile {
+    /// All or nothing.
+    All(bool),
+    /// Only these commands.
+    Commands(Vec<String>),
 }
 
 /// `targets.<name>:`.
@@ -36,16 +96,240 @@ pub struct TargetFile {
     /// Host name or IP.
     pub host: String,
     /// SSH port (default 22).
-    pub port: Option<u16>,
-    /// Roles by name.
+    pub port: Option<u32>,
+    /// Free text.
+    pub description: Option<String>,
+    /// Display only (Go).
+    pub vlan: Option<serde_yaml_ng::Value>,
+    /// Roles usable on this target (names from `roles:`).
     #[serde(default)]
-    pub roles: BTreeMap<String, RoleFile>,
+    pub allowed_roles: Vec<String>,
+    /// Pinned host key (`ssh-ed25519 AAAA...`).
+    pub host_key: Option<String>,
+    /// Pinned host key fingerprint (`SHA256:...`).
+    pub host_key_fingerprint: Option<String>,
+    /// A host CA whose host certificates are accepted (`ssh-ed25519 AAAA...`).
+    pub host_ca: Option<String>,
+    /// Longest certificate for this target (Go name).
+    pub max_ttl: Option<String>,
+    /// Longest certificate for this target.
+    pub cert_ttl_max: Option<String>,
+    /// Certificate TTL when a request names none.
+    pub cert_ttl_default: Option<String>,
+    /// `force-command` critical option on every certificate for this target.
+    pub force_command: Option<String>,
+    /// `source-address` critical option (comma-separated CIDRs).
+    pub source_address: Option<String>,
+    /// Certificate extensions (default: `permit-pty`).
+    pub extensions: Option<Vec<String>>,
+    /// Serve this target (default true).
+    pub enabled: Option<bool>,
+    /// Go: enable the command filter (ours: implied by `command_allow`/`command_deny`).
+    pub command_filter: Option<bool>,
+    /// Command patterns allowed (defence in depth, not a boundary).
+    pub command_allow: Option<Vec<String>>,
+    /// Command patterns denied (defence in depth, not a boundary).
+    pub command_deny: Option<Vec<String>>,
+    /// Go: disable the agent after a denied command (not supported).
+    pub auto_revoke_on_deny: Option<bool>,
+    /// Go: pending-approval flow (only `true`, i.e. no approval, is supported).
+    pub auto_approve: Option<bool>,
 }
 
-/// `targets.<name>.roles.<role>:`.
+/// A reference to a secret as written: `env:NAME`, `file:/path` or `store:NAME`.
+pub type SecretText = String;
+
+/// How a credential is injected.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RoleFile {
-    /// Remote user the certificate names.
-    pub principal: String,
+pub struct CredentialFile {
+    /// `bearer`, `basic`, `header` or `query`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Where the secret comes from.
+    pub secret: SecretText,
+    /// Header name (`header`, default `Authorization`).
+    pub header: Option<String>,
+    /// Prefix before the secret in the header (`header`), e.g. `Token `.
+    pub prefix: Option<String>,
+    /// Query parameter (`query`, default `token`).
+    pub param: Option<String>,
+    /// User name (`basic`).
+    pub username: Option<String>,
+}
+
+/// TLS settings of an upstream.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// PEM file of CA certificates to trust instead of the system roots.
+    pub ca_file: Option<String>,
+    /// PEM client certificate (mutual TLS).
+    pub client_cert: Option<String>,
+    /// PEM client key (mutual TLS); a secret reference.
+    pub client_key: Option<SecretText>,
+}
+
+/// `services.<name>:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFile {
+    /// Base URL (`https://api.openai.com`).
+    pub url: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// Credential injection.
+    pub credential: Option<CredentialFile>,
+    /// Hosts the credential may be sent to (default: the URL's host).
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Methods allowed on this service (default all).
+    pub methods: Option<Vec<String>>,
+    /// Path patterns allowed (`/v1/*` or exact paths; default all).
+    pub paths: Option<Vec<String>>,
+    /// Static, non-secret headers.
+    pub headers: Option<BTreeMap<String, String>>,
+    /// TLS settings.
+    pub tls: Option<TlsFile>,
+    /// Total request timeout (`30s`).
+    pub timeout: Option<String>,
+    /// Largest response (`10MiB`).
+    pub max_response: Option<String>,
+    /// Largest request body.
+    pub max_request: Option<String>,
+    /// Serve this service (default true).
+    pub enabled: Option<bool>,
+}
+
+/// `remotes.<name>:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteFile {
+    /// MCP endpoint URL.
+    pub url: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// Credential injection.
+    pub credential: Option<CredentialFile>,
+    /// Tools offered (default all the remote lists).
+    pub tools: Option<Vec<String>>,
+    /// Namespace of its tools (`<prefix>.<tool>`, default the remote's name).
+    pub tool_prefix: Option<String>,
+    /// TLS settings.
+    pub tls: Option<TlsFile>,
+    /// Per-call timeout.
+    pub timeout: Option<String>,
+    /// Serve this remote (default true).
+    pub enabled: Option<bool>,
+}
+
+/// `network:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkFile {
+    /// Destination CIDRs allowed (also lifts the default denials).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Destination CIDRs denied.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+/// `agents.<a>.ssh.<target>:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshGrantFile {
+    /// Roles on the target(s).
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Go: parsed, never used there; only `true` is accepted here.
+    pub auto_approve: Option<bool>,
+}
+
+/// `agents.<a>.services.<service>:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceGrantFile {
+    /// Methods (default all the service allows).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Path patterns (default all the service allows).
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+/// One argument constraint in a policy grant.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArgFile {
+    /// Path prefix (normalised, absolute).
+    pub prefix: Option<String>,
+    /// Maximum number.
+    pub max: Option<f64>,
+    /// Allowed values.
+    pub one_of: Option<Vec<String>>,
+}
+
+/// `agents.<a>.remotes.<remote>:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteGrantFile {
+    /// Tools (default all the remote offers).
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Argument constraints by argument name.
+    #[serde(default)]
+    pub args: BTreeMap<String, ArgFile>,
+}
+
+/// The grant blocks shared by agents and templates.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateFile {
+    /// Free text.
+    pub description: Option<String>,
+    /// SSH: target name or pattern → roles.
+    pub ssh: Option<BTreeMap<String, SshGrantFile>>,
+    /// HTTP services: name or pattern → methods/paths.
+    pub services: Option<BTreeMap<String, Option<ServiceGrantFile>>>,
+    /// Remote MCP servers: name or pattern → tools/args.
+    pub remotes: Option<BTreeMap<String, Option<RemoteGrantFile>>>,
+    /// Dashboard access level.
+    pub dashboard: Option<String>,
+}
+
+/// `agents.<name>:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    /// Free text.
+    pub description: Option<String>,
+    /// Argon2id PHC hash of the agent's API key (`ephyr keygen agent NAME`).
+    pub api_key_hash: Option<String>,
+    /// Local uid for the Unix socket (SO_PEERCRED).
+    pub uid: Option<u32>,
+    /// Templates to inherit, in order (the first definition of a key wins).
+    #[serde(default)]
+    pub inherits: Vec<String>,
+    /// SSH grants.
+    pub ssh: Option<BTreeMap<String, SshGrantFile>>,
+    /// HTTP grants.
+    pub services: Option<BTreeMap<String, Option<ServiceGrantFile>>>,
+    /// Remote MCP grants.
+    pub remotes: Option<BTreeMap<String, Option<RemoteGrantFile>>>,
+    /// Dashboard access level.
+    pub dashboard: Option<String>,
+    /// May delegate tasks (default false).
+    pub can_delegate: Option<bool>,
+    /// Deepest delegation below its root tasks.
+    pub max_delegation_depth: Option<u8>,
+    /// Longest task it may create.
+    pub max_task_ttl: Option<String>,
+    /// Every task of this agent must be bound to a holder key.
+    pub require_pop: Option<bool>,
+    /// Live certificates (Go name).
+    pub max_concurrent_certs: Option<u32>,
+    /// Requests per window (`100/1m`).
+    pub rate_limit: Option<String>,
+    /// Serve this agent (default true).
+    pub enabled: Option<bool>,
 }

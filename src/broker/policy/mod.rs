@@ -1,40 +1,116 @@
-//! Policy: the typed, validated form of `policy.yaml`.
+//! Policy: the typed, validated, indexed form of `policy.yaml`, and the one decision function.
 //!
-//! Pure: parsing and validation take text and return values; nothing here reads files except
-//! [`load_file`], a thin wrapper. `file` holds the serde (YAML-shaped) types, which become a
-//! [`Policy`] through `TryFrom` and are never seen elsewhere.
+//! Pure: parsing, validation and [`authorize`] take values and return values; only [`load_file`]
+//! reads a file. `file` holds the serde (YAML-shaped) types, which [`validate`] turns into a
+//! [`Policy`]; nothing else sees the raw form. Every problem is reported with `file:line:column`,
+//! the key path, and a hint; all problems are listed, not just the first.
+//!
+//! The schema, with every key and default, is documented in docs/policy.md and as a JSON Schema in
+//! docs/policy.schema.json.
 
+pub mod authorize;
+pub mod diff;
 pub mod file;
+pub mod locate;
+pub mod network;
+pub mod pattern;
+mod validate;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::signer::custody::{HARD_MAX_CERT_TTL_SECS, valid_principal};
-use crate::time::parse_duration;
+pub use authorize::{Action, ActionKind, Decision, Denial, DenyCode, Grant, Principal, TaskOp, authorize};
+
+use crate::macaroon::envelope::ArgRule;
+use network::NetworkPolicy;
+use pattern::{NamePattern, PathPattern};
 
 /// The built-in development policy used by `ephyr serve --dev`.
 pub const DEV_POLICY: &str = include_str!("../../../policies/dev.yaml");
 
-/// A validated policy.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Policy {
-    /// Global limits.
-    pub limits: Limits,
-    /// SSH targets by name.
-    pub targets: BTreeMap<String, Target>,
+/// A rate: `count` per `window`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    /// Events allowed per window.
+    pub count: u32,
+    /// Window length.
+    pub window: Duration,
 }
 
 /// Global limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Longest certificate validity.
+    /// Certificate TTL when a request names none.
+    pub cert_ttl_default: Duration,
+    /// Longest certificate (also the signer's cap).
     pub cert_ttl_max: Duration,
-    /// Signatures per window the signer allows.
-    pub signer_rate: u32,
-    /// The window.
-    pub signer_window: Duration,
+    /// Live certificates per agent (default for agents that set none).
+    pub max_certs_per_agent: u32,
+    /// Live certificates in total.
+    pub max_certs_total: u32,
+    /// Requests per agent (default for agents that set none).
+    pub requests_per_agent: Rate,
+    /// Certificates the signer signs per window.
+    pub signer_rate: Rate,
+    /// Longest task.
+    pub task_ttl_max: Duration,
+    /// Task TTL when a request names none.
+    pub task_ttl_default: Duration,
+    /// Deepest delegation chain.
+    pub delegation_depth_max: u8,
+    /// How long an unbound delegated task may wait for `task_bind`.
+    pub bind_deadline: Duration,
+    /// Every target must pin a host key or a host CA.
+    pub host_key_strict: bool,
+}
+
+/// sudo rights of a role (used only by `ephyr target setup-script`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sudo {
+    /// None.
+    None,
+    /// Everything.
+    All,
+    /// Only these command patterns.
+    Commands(Vec<String>),
+}
+
+/// A role: a remote user on targets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Role {
+    /// The Unix user certificates name.
+    pub principal: String,
+    /// Free text.
+    pub description: String,
+    /// Login shell for the setup script.
+    pub shell: Option<String>,
+    /// sudo rights for the setup script.
+    pub sudo: Sudo,
+    /// System account (setup script).
+    pub system: bool,
+}
+
+/// How a target's host key is checked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostKeyPin {
+    /// Pinned key (OpenSSH public key line).
+    pub key: Option<String>,
+    /// Pinned SHA-256 fingerprint (`SHA256:...`).
+    pub fingerprint: Option<String>,
+    /// Host CA (OpenSSH public key line).
+    pub ca: Option<String>,
+}
+
+impl HostKeyPin {
+    /// Whether anything is pinned.
+    pub fn is_set(&self) -> bool {
+        self.key.is_some() || self.fingerprint.is_some() || self.ca.is_some()
+    }
 }
 
 /// An SSH target.
@@ -44,15 +120,367 @@ pub struct Target {
     pub host: String,
     /// Port.
     pub port: u16,
-    /// Role name → principal.
-    pub roles: BTreeMap<String, String>,
+    /// Free text.
+    pub description: String,
+    /// Roles usable here.
+    pub allowed_roles: BTreeSet<String>,
+    /// Host key checking.
+    pub host_key: HostKeyPin,
+    /// Certificate TTL when a request names none.
+    pub cert_ttl_default: Duration,
+    /// Longest certificate.
+    pub cert_ttl_max: Duration,
+    /// `force-command` on every certificate.
+    pub force_command: Option<String>,
+    /// `source-address` on every certificate.
+    pub source_address: Option<String>,
+    /// Certificate extensions.
+    pub extensions: Vec<String>,
+    /// Served at all.
+    pub enabled: bool,
+    /// Command patterns allowed (defence in depth, not a boundary).
+    pub command_allow: Vec<String>,
+    /// Command patterns denied (defence in depth, not a boundary).
+    pub command_deny: Vec<String>,
 }
 
-/// Why a policy did not load: every problem found, each with where it is.
+/// Where a secret comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretRef {
+    /// An environment variable of the broker.
+    Env(String),
+    /// A file readable by the broker.
+    File(String),
+    /// The encrypted store (`ephyr secret set NAME`).
+    Store(String),
+}
+
+impl fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretRef::Env(n) => write!(f, "env:{n}"),
+            SecretRef::File(p) => write!(f, "file:{p}"),
+            SecretRef::Store(n) => write!(f, "store:{n}"),
+        }
+    }
+}
+
+/// How a credential is injected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// `Authorization: Bearer <secret>`.
+    Bearer,
+    /// `Authorization: Basic base64(user:secret)`.
+    Basic {
+        /// User name.
+        username: String,
+    },
+    /// `<header>: <prefix><secret>`.
+    Header {
+        /// Header name.
+        name: String,
+        /// Text before the secret.
+        prefix: String,
+    },
+    /// `?<param>=<secret>`.
+    Query {
+        /// Parameter name.
+        param: String,
+    },
+}
+
+/// A credential: how and what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credential {
+    /// How it is injected.
+    pub kind: CredentialKind,
+    /// Where the secret comes from (the value is never in the policy).
+    pub secret: SecretRef,
+}
+
+/// TLS settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tls {
+    /// CA bundle file instead of the system roots.
+    pub ca_file: Option<String>,
+    /// Client certificate file.
+    pub client_cert: Option<String>,
+    /// Client key.
+    pub client_key: Option<SecretRef>,
+}
+
+/// An absolute http(s) URL, split.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Host name or IP literal (no brackets).
+    pub host: String,
+    /// Port (scheme default when absent).
+    pub port: u16,
+    /// Base path (no trailing `/`, `""` for the root).
+    pub base_path: String,
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        write!(f, "{}://{host}:{}{}", self.scheme, self.port, self.base_path)
+    }
+}
+
+/// An HTTP service the broker proxies to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Base URL.
+    pub url: UpstreamUrl,
+    /// Free text.
+    pub description: String,
+    /// Credential injection.
+    pub credential: Option<Credential>,
+    /// Hosts the credential may be sent to.
+    pub allowed_hosts: BTreeSet<String>,
+    /// Methods allowed (`None` = all).
+    pub methods: Option<BTreeSet<String>>,
+    /// Path patterns allowed (`None` = all).
+    pub paths: Option<Vec<PathPattern>>,
+    /// Static headers.
+    pub headers: Vec<(String, String)>,
+    /// TLS settings.
+    pub tls: Tls,
+    /// Total timeout.
+    pub timeout: Duration,
+    /// Largest response body.
+    pub max_response: u64,
+    /// Largest request body.
+    pub max_request: u64,
+    /// Served at all.
+    pub enabled: bool,
+}
+
+/// A federated MCP server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Remote {
+    /// Endpoint.
+    pub url: UpstreamUrl,
+    /// Free text.
+    pub description: String,
+    /// Credential injection.
+    pub credential: Option<Credential>,
+    /// Tools offered (`None` = all it lists).
+    pub tools: Option<BTreeSet<String>>,
+    /// Namespace of its tools.
+    pub tool_prefix: String,
+    /// TLS settings.
+    pub tls: Tls,
+    /// Per-call timeout.
+    pub timeout: Duration,
+    /// Served at all.
+    pub enabled: bool,
+}
+
+/// Dashboard access levels, ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DashboardLevel {
+    /// No access.
+    None,
+    /// Read-only.
+    Viewer,
+    /// Can revoke, toggle.
+    Operator,
+    /// Everything.
+    Admin,
+}
+
+impl DashboardLevel {
+    /// Parses `none|viewer|operator|admin`.
+    pub fn parse(s: &str) -> Option<DashboardLevel> {
+        Some(match s {
+            "none" => DashboardLevel::None,
+            "viewer" => DashboardLevel::Viewer,
+            "operator" => DashboardLevel::Operator,
+            "admin" => DashboardLevel::Admin,
+            _ => return None,
+        })
+    }
+
+    /// The name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DashboardLevel::None => "none",
+            DashboardLevel::Viewer => "viewer",
+            DashboardLevel::Operator => "operator",
+            DashboardLevel::Admin => "admin",
+        }
+    }
+}
+
+/// One grant and where it was written (for `policy explain` and audit).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GrantEntry<T> {
+    /// Names it covers.
+    pub pattern: NamePattern,
+    /// What it grants.
+    pub value: T,
+    /// Where: `agents.claude.ssh.web` or `templates.readonly.ssh.*`.
+    pub source: String,
+}
+
+/// Grants by name, most specific first (exact names, then longer patterns, then `*`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grants<T> {
+    entries: Vec<GrantEntry<T>>,
+    exact: BTreeMap<String, usize>,
+}
+
+impl<T> Default for Grants<T> {
+    fn default() -> Self {
+        Grants { entries: Vec::new(), exact: BTreeMap::new() }
+    }
+}
+
+impl<T> Grants<T> {
+    /// The grant for `name`: an exact entry if there is one (even an empty one: it shadows
+    /// patterns), else the most specific matching pattern.
+    pub fn lookup(&self, name: &str) -> Option<&GrantEntry<T>> {
+        if let Some(&i) = self.exact.get(name) {
+            return Some(&self.entries[i]);
+        }
+        self.entries.iter().find(|e| e.pattern.is_wildcard() && e.pattern.matches(name))
+    }
+
+    /// All entries, most specific first.
+    pub fn entries(&self) -> &[GrantEntry<T>] {
+        &self.entries
+    }
+
+    /// Adds an entry unless one with the same pattern exists (the first definition wins).
+    fn add(&mut self, entry: GrantEntry<T>) {
+        if self.entries.iter().any(|e| e.pattern == entry.pattern) {
+            return;
+        }
+        self.entries.push(entry);
+        self.entries.sort_by_key(|e| std::cmp::Reverse(e.pattern.specificity()));
+        self.exact.clear();
+        for (i, e) in self.entries.iter().enumerate() {
+            if let NamePattern::Exact(n) = &e.pattern {
+                self.exact.insert(n.clone(), i);
+            }
+        }
+    }
+}
+
+/// What an agent may do on a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceGrant {
+    /// Methods (`None` = all the service allows).
+    pub methods: Option<BTreeSet<String>>,
+    /// Path patterns (`None` = all the service allows).
+    pub paths: Option<Vec<PathPattern>>,
+}
+
+/// What an agent may do on a remote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemoteGrant {
+    /// Tools (`None` = all the remote offers).
+    pub tools: Option<BTreeSet<String>>,
+    /// Argument constraints.
+    pub args: BTreeMap<String, ArgRule>,
+}
+
+/// An agent, with templates already merged.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Agent {
+    /// Its name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// Argon2id PHC string of its API key.
+    pub api_key_hash: Option<String>,
+    /// Local uid for the Unix socket.
+    pub uid: Option<u32>,
+    /// SSH: target → roles.
+    pub ssh: Grants<BTreeSet<String>>,
+    /// HTTP services.
+    pub services: Grants<ServiceGrant>,
+    /// Remote MCP servers.
+    pub remotes: Grants<RemoteGrant>,
+    /// Dashboard level.
+    pub dashboard: DashboardLevel,
+    /// May delegate.
+    pub can_delegate: bool,
+    /// Deepest delegation below its root tasks.
+    pub max_delegation_depth: u8,
+    /// Longest task.
+    pub max_task_ttl: Duration,
+    /// Tasks must be bound to a holder key.
+    pub require_pop: bool,
+    /// Live certificates.
+    pub max_concurrent_certs: u32,
+    /// Requests per window.
+    pub rate_limit: Rate,
+    /// Served at all.
+    pub enabled: bool,
+}
+
+/// A validated policy. Built once per load and shared read-only (`Rc<Policy>`); a reload swaps
+/// the whole value, so no reader ever sees a half-applied policy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// Global limits.
+    pub limits: Limits,
+    /// Roles by name.
+    pub roles: BTreeMap<String, Role>,
+    /// SSH targets by name.
+    pub targets: BTreeMap<String, Target>,
+    /// HTTP services by name.
+    pub services: BTreeMap<String, Service>,
+    /// Remote MCP servers by name.
+    pub remotes: BTreeMap<String, Remote>,
+    /// Destination network rules.
+    pub network: NetworkPolicy,
+    /// Agents by name.
+    pub agents: BTreeMap<String, Agent>,
+    /// Agent names by local uid.
+    pub agents_by_uid: BTreeMap<u32, String>,
+    /// Non-fatal findings (Go-compatibility notes, agents with no grants, ...).
+    pub warnings: Vec<String>,
+    /// SHA-256 of the source text, hex (identifies a policy version in the audit log).
+    pub digest: String,
+}
+
+/// One problem found while loading.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// `file:line:col` or `file`.
+    pub at: String,
+    /// Key path, e.g. `agents.claude.ssh.web.roles`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it, if we can say.
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.at)?;
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, " (hint: {h})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a policy did not load: every problem found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyError {
-    /// One entry per problem: `path: message`.
-    pub problems: Vec<String>,
+    /// The problems, in file order where known.
+    pub problems: Vec<Problem>,
 }
 
 impl fmt::Display for PolicyError {
@@ -61,7 +489,7 @@ impl fmt::Display for PolicyError {
             if i > 0 {
                 f.write_str("\n")?;
             }
-            f.write_str(p)?;
+            p.fmt(f)?;
         }
         Ok(())
     }
@@ -72,113 +500,30 @@ impl std::error::Error for PolicyError {}
 impl Policy {
     /// Parses and validates YAML text; `origin` names the source in messages.
     pub fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
-        let raw: file::PolicyFile = serde_yaml_ng::from_str(text).map_err(|e| {
-            let at = e.location().map(|l| format!("{origin}:{}:{}", l.line(), l.column())).unwrap_or(origin.into());
-            PolicyError { problems: vec![format!("{at}: {e}")] }
-        })?;
-        Policy::try_from(raw).map_err(|mut e| {
-            for p in &mut e.problems {
-                *p = format!("{origin}: {p}");
-            }
-            e
-        })
+        validate::build(text, origin)
     }
 
-    /// Every principal any target role uses: the signer's allow-list.
+    /// Every principal any role uses that some target allows: the signer's allow-list.
     pub fn signer_principals(&self) -> BTreeSet<String> {
-        self.targets.values().flat_map(|t| t.roles.values().cloned()).collect()
+        let used: BTreeSet<&String> = self.targets.values().flat_map(|t| t.allowed_roles.iter()).collect();
+        self.roles.iter().filter(|(name, _)| used.contains(name)).map(|(_, r)| r.principal.clone()).collect()
+    }
+
+    /// The agent mapped to a local uid.
+    pub fn agent_for_uid(&self, uid: u32) -> Option<&Agent> {
+        self.agents_by_uid.get(&uid).and_then(|n| self.agents.get(n))
     }
 }
 
 /// Reads and parses a policy file.
 pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| PolicyError { problems: vec![format!("{}: {e}", path.display())] })?;
+    let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
+        problems: vec![Problem {
+            at: path.display().to_string(),
+            path: String::new(),
+            message: e.to_string(),
+            hint: None,
+        }],
+    })?;
     Policy::parse(&text, &path.display().to_string())
-}
-
-fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
-    let (n, w) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected COUNT/WINDOW, e.g. 600/1m"))?;
-    let n: u32 = n.trim().parse().map_err(|_| format!("{s:?}: COUNT must be a positive integer"))?;
-    let w = parse_duration(w).map_err(|e| format!("{s:?}: {e}"))?;
-    if n == 0 || w.as_secs() == 0 {
-        return Err(format!("{s:?}: COUNT and WINDOW must be at least 1 and 1s"));
-    }
-    Ok((n, w))
-}
-
-impl TryFrom<file::PolicyFile> for Policy {
-    type Error = PolicyError;
-
-    fn try_from(raw: file::PolicyFile) -> Result<Self, PolicyError> {
-        let mut problems = Vec::new();
-        if raw.version != 1 {
-            problems.push(format!("version: unsupported policy version {} (this broker reads version 1)", raw.version));
-        }
-        let cert_ttl_max = match raw.limits.cert_ttl_max.as_deref().map(parse_duration) {
-            None => Duration::from_secs(3600),
-            Some(Ok(d)) if d.as_secs() >= 1 && d.as_secs() <= u64::from(HARD_MAX_CERT_TTL_SECS) => d,
-            Some(Ok(_)) => {
-                problems.push("limits.cert_ttl_max: must be between 1s and 24h".into());
-                Duration::from_secs(3600)
-            }
-            Some(Err(e)) => {
-                problems.push(format!("limits.cert_ttl_max: {e}"));
-                Duration::from_secs(3600)
-            }
-        };
-        let (signer_rate, signer_window) = match raw.limits.signer_rate.as_deref().map(parse_rate) {
-            None => (600, Duration::from_secs(60)),
-            Some(Ok(r)) => r,
-            Some(Err(e)) => {
-                problems.push(format!("limits.signer_rate: {e}"));
-                (600, Duration::from_secs(60))
-            }
-        };
-        let mut targets = BTreeMap::new();
-        for (name, t) in raw.targets {
-            if t.host.trim().is_empty() {
-                problems.push(format!("targets.{name}.host: must not be empty"));
-            }
-            let mut roles = BTreeMap::new();
-            for (role, r) in t.roles {
-                if !valid_principal(&r.principal) {
-                    problems.push(format!(
-                        "targets.{name}.roles.{role}.principal: {:?} is not a valid user name \
-                         (letters, digits, '_', '-', '.', at most 32, not starting with '-')",
-                        r.principal
-                    ));
-                }
-                roles.insert(role, r.principal);
-            }
-            targets.insert(name, Target { host: t.host, port: t.port.unwrap_or(22), roles });
-        }
-        if !problems.is_empty() {
-            return Err(PolicyError { problems });
-        }
-        Ok(Policy { limits: Limits { cert_ttl_max, signer_rate, signer_window }, targets })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dev_policy_loads() {
-        let p = Policy::parse(DEV_POLICY, "dev.yaml").unwrap();
-        assert!(!p.signer_principals().is_empty());
-    }
-
-    #[test]
-    fn unknown_keys_and_bad_values_are_reported_with_location() {
-        let e = Policy::parse("version: 1\ntargetz: {}\n", "p.yaml").unwrap_err().to_string();
-        assert!(e.starts_with("p.yaml:2:1:") && e.contains("unknown field `targetz`"), "{e}");
-        let e = Policy::parse(
-            "version: 2\nlimits: {cert_ttl_max: 48h, signer_rate: 5}\ntargets: {w: {host: '', roles: {r: {principal: '-x'}}}}\n",
-            "p.yaml",
-        )
-        .unwrap_err();
-        assert_eq!(e.problems.len(), 5, "{e}");
-    }
 }

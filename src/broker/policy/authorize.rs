@@ -1,0 +1,499 @@
+//! `authorize(principal, action) -> Decision`: the one function that decides (DESIGN.md §3).
+//!
+//! Pure: no I/O, no clock, no state. Authority is `policy(agent) ∩ envelope(token)`; nothing is
+//! allowed by the absence of a rule. Evaluation order (docs/policy.md documents it for users):
+//!
+//! 1. the agent exists and is enabled;
+//! 2. if the action comes through an MCP tool, the token's `tool` dimension allows that tool;
+//! 3. the resource exists and is enabled (target, service, remote);
+//! 4. the agent's policy grants it (most specific grant: exact name, then longest pattern, then
+//!    `*`; an exact grant with no roles shadows patterns and grants nothing);
+//! 5. resource-level rules (a role allowed on the target, a service's methods and paths, a
+//!    remote's tool list);
+//! 6. the token's envelope (every dimension it constrains, and its argument constraints);
+//! 7. argument constraints of the policy grant.
+//!
+//! The first failing step gives the `Deny`, with a machine-readable code and a human reason.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{Agent, DashboardLevel, Policy};
+use crate::macaroon::SetKey;
+use crate::macaroon::envelope::{ArgRule, Envelope};
+
+/// Who is asking.
+#[derive(Clone, Copy, Debug)]
+pub struct Principal<'a> {
+    /// The agent (from the API key, uid, or the task token's task).
+    pub agent: &'a str,
+    /// The task token's envelope, if authenticated with one.
+    pub token: Option<&'a Envelope>,
+}
+
+/// What is being done.
+#[derive(Clone, Copy, Debug)]
+pub struct Action<'a> {
+    /// The MCP tool the action comes through, if any (checked against the token's `tool` set).
+    pub tool: Option<&'a str>,
+    /// The action itself.
+    pub kind: ActionKind<'a>,
+}
+
+/// The typed actions.
+#[derive(Clone, Copy, Debug)]
+pub enum ActionKind<'a> {
+    /// Listing and reading what the caller may see (tools/list, resources).
+    Discover,
+    /// An SSH certificate / command as `role` on `target`.
+    Ssh {
+        /// Target name.
+        target: &'a str,
+        /// Role name.
+        role: &'a str,
+    },
+    /// An HTTP request through a service. `path` is normalised and percent-decoded.
+    Http {
+        /// Service name.
+        service: &'a str,
+        /// Method (upper case).
+        method: &'a str,
+        /// Path relative to the service's base URL.
+        path: &'a str,
+    },
+    /// A federated tool call.
+    RemoteTool {
+        /// Remote name.
+        remote: &'a str,
+        /// Tool name on the remote.
+        tool: &'a str,
+        /// The call's arguments.
+        arguments: &'a serde_json::Map<String, Value>,
+        /// Arguments the tool's input schema declares (a declared but missing argument fails an
+        /// argument constraint: defaults cannot sneak past it).
+        declared: &'a [String],
+    },
+    /// A task operation.
+    Task(TaskOp),
+    /// A dashboard operation needing this level.
+    Dashboard(DashboardLevel),
+}
+
+/// Task operations (the task store checks the tree; this checks policy and token).
+#[derive(Clone, Copy, Debug)]
+pub enum TaskOp {
+    /// Create a root task living `ttl`.
+    Create {
+        /// Requested lifetime.
+        ttl: Duration,
+    },
+    /// Delegate a child at `child_depth` (root = 0) living `ttl`.
+    Delegate {
+        /// Requested lifetime.
+        ttl: Duration,
+        /// Depth of the new child.
+        child_depth: u8,
+        /// Depth of the task the token acts as.
+        parent_depth: u8,
+    },
+    /// Read task information.
+    Read,
+    /// Revoke a task.
+    Revoke,
+    /// Bind a holder key.
+    Bind,
+}
+
+/// Deny codes (stable, machine-readable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenyCode {
+    /// No such agent in the policy.
+    UnknownAgent,
+    /// The agent is disabled.
+    AgentDisabled,
+    /// The token's `tool` set does not include the tool.
+    TokenDeniesTool,
+    /// No such target.
+    UnknownTarget,
+    /// The target is disabled.
+    TargetDisabled,
+    /// No such role.
+    UnknownRole,
+    /// The role is not in the target's `allowed_roles`.
+    RoleNotAllowedOnTarget,
+    /// No grant covers the target.
+    PolicyDeniesTarget,
+    /// The grant does not include the role.
+    PolicyDeniesRole,
+    /// The token excludes the target.
+    TokenDeniesTarget,
+    /// The token excludes the role.
+    TokenDeniesRole,
+    /// No such service.
+    UnknownService,
+    /// The service is disabled.
+    ServiceDisabled,
+    /// No grant covers the service.
+    PolicyDeniesService,
+    /// The method is not allowed (service or grant).
+    MethodNotAllowed,
+    /// The path is not allowed (service or grant).
+    PathNotAllowed,
+    /// The token excludes the service.
+    TokenDeniesService,
+    /// The token excludes the method.
+    TokenDeniesMethod,
+    /// No such remote.
+    UnknownRemote,
+    /// The remote is disabled.
+    RemoteDisabled,
+    /// No grant covers the remote.
+    PolicyDeniesRemote,
+    /// The remote or the grant does not offer the tool.
+    PolicyDeniesTool,
+    /// The token excludes the remote.
+    TokenDeniesRemote,
+    /// An argument constraint (token or policy) is not met.
+    ArgumentConstraint,
+    /// The agent or the token may not delegate.
+    DelegationNotAllowed,
+    /// The delegation would be too deep.
+    DepthExceeded,
+    /// The requested lifetime is too long.
+    TtlExceeded,
+    /// The dashboard level is too low.
+    DashboardLevel,
+}
+
+impl DenyCode {
+    /// Stable snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyCode::UnknownAgent => "unknown_agent",
+            DenyCode::AgentDisabled => "agent_disabled",
+            DenyCode::TokenDeniesTool => "token_denies_tool",
+            DenyCode::UnknownTarget => "unknown_target",
+            DenyCode::TargetDisabled => "target_disabled",
+            DenyCode::UnknownRole => "unknown_role",
+            DenyCode::RoleNotAllowedOnTarget => "role_not_allowed_on_target",
+            DenyCode::PolicyDeniesTarget => "policy_denies_target",
+            DenyCode::PolicyDeniesRole => "policy_denies_role",
+            DenyCode::TokenDeniesTarget => "token_denies_target",
+            DenyCode::TokenDeniesRole => "token_denies_role",
+            DenyCode::UnknownService => "unknown_service",
+            DenyCode::ServiceDisabled => "service_disabled",
+            DenyCode::PolicyDeniesService => "policy_denies_service",
+            DenyCode::MethodNotAllowed => "method_not_allowed",
+            DenyCode::PathNotAllowed => "path_not_allowed",
+            DenyCode::TokenDeniesService => "token_denies_service",
+            DenyCode::TokenDeniesMethod => "token_denies_method",
+            DenyCode::UnknownRemote => "unknown_remote",
+            DenyCode::RemoteDisabled => "remote_disabled",
+            DenyCode::PolicyDeniesRemote => "policy_denies_remote",
+            DenyCode::PolicyDeniesTool => "policy_denies_tool",
+            DenyCode::TokenDeniesRemote => "token_denies_remote",
+            DenyCode::ArgumentConstraint => "argument_constraint",
+            DenyCode::DelegationNotAllowed => "delegation_not_allowed",
+            DenyCode::DepthExceeded => "depth_exceeded",
+            DenyCode::TtlExceeded => "ttl_exceeded",
+            DenyCode::DashboardLevel => "dashboard_level",
+        }
+    }
+}
+
+/// A denial: code and reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    /// What kind.
+    pub code: DenyCode,
+    /// Why, for humans (and the audit log).
+    pub reason: String,
+}
+
+/// An allowance, with the rule behind it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The policy rule that allowed it (`agents.claude.ssh.web`, `templates.ro.services.*`).
+    pub rule: String,
+    /// For SSH: the principal to put in the certificate.
+    pub principal: Option<String>,
+}
+
+/// The decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed.
+    Allow(Grant),
+    /// Denied.
+    Deny(Denial),
+}
+
+impl Decision {
+    /// Whether allowed.
+    pub fn is_allow(&self) -> bool {
+        matches!(self, Decision::Allow(_))
+    }
+}
+
+fn deny(code: DenyCode, reason: impl Into<String>) -> Decision {
+    Decision::Deny(Denial { code, reason: reason.into() })
+}
+
+fn allow(rule: &str) -> Decision {
+    Decision::Allow(Grant { rule: rule.to_owned(), principal: None })
+}
+
+/// Checks argument constraints. A constraint on an argument the tool declares but the call omits
+/// fails; one on an argument the tool does not have is vacuous.
+fn check_args(
+    rules: &std::collections::BTreeMap<String, ArgRule>,
+    args: &serde_json::Map<String, Value>,
+    declared: &[String],
+    whose: &str,
+) -> Result<(), Denial> {
+    for (name, rule) in rules {
+        match args.get(name) {
+            Some(v) => rule.check(v).map_err(|e| Denial {
+                code: DenyCode::ArgumentConstraint,
+                reason: format!("argument {name:?}: {e} ({whose})"),
+            })?,
+            None if declared.iter().any(|d| d == name) => {
+                return Err(Denial {
+                    code: DenyCode::ArgumentConstraint,
+                    reason: format!("argument {name:?} is constrained ({whose}) and must be given explicitly"),
+                });
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// Decides.
+pub fn authorize(policy: &Policy, principal: &Principal<'_>, action: &Action<'_>) -> Decision {
+    let Some(agent) = policy.agents.get(principal.agent) else {
+        return deny(DenyCode::UnknownAgent, format!("agent {:?} is not in the policy", principal.agent));
+    };
+    if !agent.enabled {
+        return deny(DenyCode::AgentDisabled, format!("agent {:?} is disabled", agent.name));
+    }
+    let token = principal.token;
+    if let (Some(tool), Some(env)) = (action.tool, token)
+        && !env.dim(SetKey::Tool).allows(tool)
+    {
+        return deny(DenyCode::TokenDeniesTool, format!("the task token does not allow tool {tool:?}"));
+    }
+    match action.kind {
+        ActionKind::Discover => allow(&format!("agents.{}", agent.name)),
+        ActionKind::Ssh { target, role } => ssh(policy, agent, token, target, role),
+        ActionKind::Http { service, method, path } => http(policy, agent, token, service, method, path),
+        ActionKind::RemoteTool { remote, tool, arguments, declared } => {
+            remote_tool(policy, agent, token, remote, tool, arguments, declared)
+        }
+        ActionKind::Task(op) => task(policy, agent, token, op),
+        ActionKind::Dashboard(level) => {
+            if agent.dashboard >= level {
+                allow(&format!("agents.{}.dashboard", agent.name))
+            } else {
+                deny(
+                    DenyCode::DashboardLevel,
+                    format!(
+                        "dashboard level {} needed, agent {:?} has {}",
+                        level.as_str(),
+                        agent.name,
+                        agent.dashboard.as_str()
+                    ),
+                )
+            }
+        }
+    }
+}
+
+fn ssh(policy: &Policy, agent: &Agent, token: Option<&Envelope>, target: &str, role: &str) -> Decision {
+    let Some(t) = policy.targets.get(target) else {
+        return deny(DenyCode::UnknownTarget, format!("no target {target:?}"));
+    };
+    if !t.enabled {
+        return deny(DenyCode::TargetDisabled, format!("target {target:?} is disabled"));
+    }
+    let Some(r) = policy.roles.get(role) else {
+        return deny(DenyCode::UnknownRole, format!("no role {role:?}"));
+    };
+    let Some(grant) = agent.ssh.lookup(target) else {
+        return deny(
+            DenyCode::PolicyDeniesTarget,
+            format!("agent {:?} has no SSH grant for target {target:?}", agent.name),
+        );
+    };
+    if !grant.value.contains(role) {
+        let has: Vec<&str> = grant.value.iter().map(String::as_str).collect();
+        return deny(
+            DenyCode::PolicyDeniesRole,
+            format!("{} grants roles [{}] on {target:?}, not {role:?}", grant.source, has.join(", ")),
+        );
+    }
+    if !t.allowed_roles.contains(role) {
+        return deny(
+            DenyCode::RoleNotAllowedOnTarget,
+            format!("role {role:?} is not in targets.{target}.allowed_roles"),
+        );
+    }
+    if let Some(env) = token {
+        if !env.dim(SetKey::Target).allows(target) {
+            return deny(DenyCode::TokenDeniesTarget, format!("the task token does not allow target {target:?}"));
+        }
+        if !env.dim(SetKey::Role).allows(role) {
+            return deny(DenyCode::TokenDeniesRole, format!("the task token does not allow role {role:?}"));
+        }
+    }
+    Decision::Allow(Grant { rule: grant.source.clone(), principal: Some(r.principal.clone()) })
+}
+
+fn http(policy: &Policy, agent: &Agent, token: Option<&Envelope>, service: &str, method: &str, path: &str) -> Decision {
+    let Some(s) = policy.services.get(service) else {
+        return deny(DenyCode::UnknownService, format!("no service {service:?}"));
+    };
+    if !s.enabled {
+        return deny(DenyCode::ServiceDisabled, format!("service {service:?} is disabled"));
+    }
+    let Some(grant) = agent.services.lookup(service) else {
+        return deny(
+            DenyCode::PolicyDeniesService,
+            format!("agent {:?} has no grant for service {service:?}", agent.name),
+        );
+    };
+    if s.methods.as_ref().is_some_and(|m| !m.contains(method)) {
+        return deny(DenyCode::MethodNotAllowed, format!("service {service:?} does not allow {method}"));
+    }
+    if grant.value.methods.as_ref().is_some_and(|m| !m.contains(method)) {
+        return deny(DenyCode::MethodNotAllowed, format!("{} does not allow {method}", grant.source));
+    }
+    if s.paths.as_ref().is_some_and(|ps| !ps.iter().any(|p| p.matches(path))) {
+        return deny(DenyCode::PathNotAllowed, format!("service {service:?} does not allow path {path:?}"));
+    }
+    if grant.value.paths.as_ref().is_some_and(|ps| !ps.iter().any(|p| p.matches(path))) {
+        return deny(DenyCode::PathNotAllowed, format!("{} does not allow path {path:?}", grant.source));
+    }
+    if let Some(env) = token {
+        if !env.dim(SetKey::Service).allows(service) {
+            return deny(DenyCode::TokenDeniesService, format!("the task token does not allow service {service:?}"));
+        }
+        if !env.dim(SetKey::Method).allows(method) {
+            return deny(DenyCode::TokenDeniesMethod, format!("the task token does not allow method {method}"));
+        }
+        if !env.args.is_empty() {
+            let mut args = serde_json::Map::new();
+            args.insert("service".into(), Value::String(service.into()));
+            args.insert("method".into(), Value::String(method.into()));
+            args.insert("path".into(), Value::String(path.into()));
+            let declared = ["service".to_string(), "method".to_string(), "path".to_string()];
+            if let Err(d) = check_args(&env.args, &args, &declared, "task token") {
+                return Decision::Deny(d);
+            }
+        }
+    }
+    allow(&grant.source)
+}
+
+fn remote_tool(
+    policy: &Policy,
+    agent: &Agent,
+    token: Option<&Envelope>,
+    remote: &str,
+    tool: &str,
+    arguments: &serde_json::Map<String, Value>,
+    declared: &[String],
+) -> Decision {
+    let Some(r) = policy.remotes.get(remote) else {
+        return deny(DenyCode::UnknownRemote, format!("no remote {remote:?}"));
+    };
+    if !r.enabled {
+        return deny(DenyCode::RemoteDisabled, format!("remote {remote:?} is disabled"));
+    }
+    let Some(grant) = agent.remotes.lookup(remote) else {
+        return deny(
+            DenyCode::PolicyDeniesRemote,
+            format!("agent {:?} has no grant for remote {remote:?}", agent.name),
+        );
+    };
+    if r.tools.as_ref().is_some_and(|t| !t.contains(tool)) {
+        return deny(DenyCode::PolicyDeniesTool, format!("remote {remote:?} does not offer tool {tool:?}"));
+    }
+    if grant.value.tools.as_ref().is_some_and(|t| !t.contains(tool)) {
+        return deny(DenyCode::PolicyDeniesTool, format!("{} does not include tool {tool:?}", grant.source));
+    }
+    if let Some(env) = token {
+        if !env.dim(SetKey::Remote).allows(remote) {
+            return deny(DenyCode::TokenDeniesRemote, format!("the task token does not allow remote {remote:?}"));
+        }
+        if let Err(d) = check_args(&env.args, arguments, declared, "task token") {
+            return Decision::Deny(d);
+        }
+    }
+    if let Err(d) = check_args(&grant.value.args, arguments, declared, &grant.source) {
+        return Decision::Deny(d);
+    }
+    allow(&grant.source)
+}
+
+fn task(policy: &Policy, agent: &Agent, token: Option<&Envelope>, op: TaskOp) -> Decision {
+    let rule = format!("agents.{}", agent.name);
+    match op {
+        TaskOp::Create { ttl } => {
+            if ttl > agent.max_task_ttl || ttl > policy.limits.task_ttl_max {
+                return deny(
+                    DenyCode::TtlExceeded,
+                    format!(
+                        "task TTL {}s exceeds the agent's maximum {}s",
+                        ttl.as_secs(),
+                        agent.max_task_ttl.as_secs()
+                    ),
+                );
+            }
+            allow(&rule)
+        }
+        TaskOp::Delegate { ttl, child_depth, parent_depth } => {
+            if !agent.can_delegate {
+                return deny(
+                    DenyCode::DelegationNotAllowed,
+                    format!("agent {:?} may not delegate (can_delegate is false)", agent.name),
+                );
+            }
+            if let Some(env) = token {
+                if !env.can_delegate {
+                    return deny(DenyCode::DelegationNotAllowed, "the task token says can_delegate = false");
+                }
+                if let Some(n) = env.delegation_depth
+                    && child_depth.saturating_sub(parent_depth) > n
+                {
+                    return deny(
+                        DenyCode::DepthExceeded,
+                        format!("the task token allows {n} more level(s) of delegation"),
+                    );
+                }
+            }
+            if child_depth > agent.max_delegation_depth || child_depth > policy.limits.delegation_depth_max {
+                return deny(
+                    DenyCode::DepthExceeded,
+                    format!(
+                        "depth {child_depth} exceeds the limit {}",
+                        agent.max_delegation_depth.min(policy.limits.delegation_depth_max)
+                    ),
+                );
+            }
+            if ttl > agent.max_task_ttl {
+                return deny(
+                    DenyCode::TtlExceeded,
+                    format!(
+                        "task TTL {}s exceeds the agent's maximum {}s",
+                        ttl.as_secs(),
+                        agent.max_task_ttl.as_secs()
+                    ),
+                );
+            }
+            allow(&format!("{rule}.can_delegate"))
+        }
+        TaskOp::Read | TaskOp::Revoke | TaskOp::Bind => allow(&rule),
+    }
+}

@@ -1,0 +1,428 @@
+//! Table-driven tests of policy loading and of `authorize`.
+
+#![allow(clippy::type_complexity)] // table-driven tests list tuples
+
+use std::time::Duration;
+
+use super::*;
+use crate::macaroon::{Envelope, reduce};
+
+const ARGON: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQxMjM0NTY3OA$Vg6mXS4CYp5R4u+8s9GF1DvJ2Kq3yEa4TuaOI2p1y5c";
+
+fn policy_text() -> String {
+    format!(
+        r#"version: 1
+limits:
+  cert_ttl_max: 30m
+  task_ttl_max: 2h
+  delegation_depth_max: 4
+roles:
+  read: {{ principal: agent-read }}
+  op: {{ principal: agent-op }}
+  admin: {{ principal: agent-admin }}
+targets:
+  web: {{ host: 10.0.0.5, allowed_roles: [read, op] }}
+  db: {{ host: 10.0.0.6, allowed_roles: [read, op, admin] }}
+  web-2: {{ host: 10.0.0.7, allowed_roles: [read, op] }}
+  off: {{ host: 10.0.0.8, allowed_roles: [read], enabled: false }}
+services:
+  openai:
+    url: https://api.openai.com/v1
+    credential: {{ type: bearer, secret: env:OPENAI_API_KEY }}
+    methods: [GET, POST]
+    paths: ["/chat/*", /models]
+  github:
+    url: https://api.github.com
+    credential: {{ type: header, header: Authorization, prefix: "token ", secret: store:github }}
+remotes:
+  fs:
+    url: http://127.0.0.1:3001/mcp
+    tools: [read_file, write_file, list_directory]
+templates:
+  readonly:
+    ssh: {{ "*": {{ roles: [read] }} }}
+    services: {{ github: {{ methods: [GET] }} }}
+    dashboard: viewer
+  ops:
+    ssh: {{ "web*": {{ roles: [read, op] }} }}
+    dashboard: operator
+agents:
+  claude:
+    api_key_hash: "{ARGON}"
+    inherits: [readonly, ops]
+    ssh:
+      db: {{ roles: [admin] }}
+      web-2: {{ roles: [] }}
+    services:
+      openai: {{ methods: [POST], paths: ["/chat/*"] }}
+    remotes:
+      fs: {{ tools: [read_file, list_directory], args: {{ path: {{ prefix: /data }} }} }}
+    can_delegate: true
+    max_delegation_depth: 3
+    max_task_ttl: 1h
+  nobody:
+    uid: 1234
+    ssh: {{ web: {{ roles: [] }} }}
+  disabled:
+    uid: 1235
+    enabled: false
+    ssh: {{ "*": {{ roles: [read] }} }}
+"#
+    )
+}
+
+fn policy() -> Policy {
+    Policy::parse(&policy_text(), "p.yaml").unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn env(caveats: &[&str]) -> Envelope {
+    reduce(caveats.iter().map(|c| c.as_bytes())).unwrap().envelope
+}
+
+fn decide(p: &Policy, agent: &str, token: Option<&Envelope>, tool: Option<&str>, kind: ActionKind<'_>) -> Decision {
+    authorize(p, &Principal { agent, token }, &Action { tool, kind })
+}
+
+fn code(d: &Decision) -> Option<&'static str> {
+    match d {
+        Decision::Deny(x) => Some(x.code.as_str()),
+        Decision::Allow(_) => None,
+    }
+}
+
+#[test]
+fn ssh_table() {
+    let p = policy();
+    let t_web = env(&["target IN [web]"]);
+    let r_read = env(&["role IN [read]"]);
+    let cases: Vec<(&str, &str, &str, Option<&Envelope>, Option<&str>)> = vec![
+        // agent, target, role, token, expected deny code (None = allow)
+        ("claude", "web", "read", None, None), // template ops (web*) more specific than readonly (*)
+        ("claude", "web", "op", None, None),
+        ("claude", "db", "admin", None, None), // exact grant beats templates
+        ("claude", "db", "read", None, Some("policy_denies_role")), // exact db grant shadows the * template
+        ("claude", "web-2", "read", None, Some("policy_denies_role")), // roles: [] grants nothing and shadows web*
+        ("claude", "nowhere", "read", None, Some("unknown_target")),
+        ("claude", "web", "sudo", None, Some("unknown_role")),
+        ("claude", "off", "read", None, Some("target_disabled")),
+        ("claude", "web", "read", Some(&t_web), None),
+        ("claude", "db", "admin", Some(&t_web), Some("token_denies_target")),
+        ("claude", "web", "op", Some(&r_read), Some("token_denies_role")),
+        ("nobody", "web", "read", None, Some("policy_denies_role")),
+        ("nobody", "db", "read", None, Some("policy_denies_target")),
+        ("disabled", "web", "read", None, Some("agent_disabled")),
+        ("ghost", "web", "read", None, Some("unknown_agent")),
+    ];
+    for (agent, target, role, token, want) in cases {
+        let d = decide(&p, agent, token, Some("exec"), ActionKind::Ssh { target, role });
+        assert_eq!(code(&d), want, "{agent} {target} {role} {token:?}: {d:?}");
+        if let Decision::Deny(x) = &d {
+            assert!(!x.reason.is_empty());
+        }
+    }
+    // The rule behind an allow, and the principal.
+    match decide(&p, "claude", None, None, ActionKind::Ssh { target: "web", role: "op" }) {
+        Decision::Allow(g) => {
+            assert_eq!(g.rule, "templates.ops.ssh.web*");
+            assert_eq!(g.principal.as_deref(), Some("agent-op"));
+        }
+        d => panic!("{d:?}"),
+    }
+    match decide(&p, "claude", None, None, ActionKind::Ssh { target: "db", role: "admin" }) {
+        Decision::Allow(g) => assert_eq!(g.rule, "agents.claude.ssh.db"),
+        d => panic!("{d:?}"),
+    }
+    // A role granted by a wildcard but not allowed on the target.
+    let admin_everywhere = Policy::parse(
+        "roles: {read: {principal: r}, admin: {principal: a}}\ntargets: {web: {host: h, allowed_roles: [read]}}\nagents: {x: {uid: 1, ssh: {'*': {roles: [admin]}}}}\n",
+        "q.yaml",
+    )
+    .unwrap();
+    let d = decide(&admin_everywhere, "x", None, None, ActionKind::Ssh { target: "web", role: "admin" });
+    assert_eq!(code(&d), Some("role_not_allowed_on_target"));
+}
+
+#[test]
+fn tool_dimension_of_the_token() {
+    let p = policy();
+    let only_list = env(&["tool IN [list_targets]"]);
+    let d = decide(&p, "claude", Some(&only_list), Some("exec"), ActionKind::Ssh { target: "web", role: "read" });
+    assert_eq!(code(&d), Some("token_denies_tool"));
+    let d = decide(&p, "claude", Some(&only_list), Some("list_targets"), ActionKind::Discover);
+    assert_eq!(code(&d), None);
+    // API-key callers have no token: the tool dimension does not apply.
+    assert_eq!(code(&decide(&p, "claude", None, Some("exec"), ActionKind::Ssh { target: "web", role: "read" })), None);
+}
+
+#[test]
+fn http_table() {
+    let p = policy();
+    let svc_gh = env(&["service IN [github]"]);
+    let get_only = env(&["method IN [GET]"]);
+    let under_chat = env(&["arg.path prefix /chat/completions"]);
+    let cases: Vec<(&str, &str, &str, Option<&Envelope>, Option<&str>)> = vec![
+        ("openai", "POST", "/chat/completions", None, None),
+        ("openai", "GET", "/chat/completions", None, Some("method_not_allowed")), // grant: POST only
+        ("openai", "DELETE", "/chat/x", None, Some("method_not_allowed")),        // service: GET, POST
+        ("openai", "POST", "/models", None, Some("path_not_allowed")),            // grant: /chat/* only
+        ("openai", "POST", "/files", None, Some("path_not_allowed")),             // service paths
+        ("openai", "POST", "/chatty", None, Some("path_not_allowed")),            // segment boundary
+        ("github", "GET", "/repos/x", None, None),
+        ("github", "POST", "/repos/x", None, Some("method_not_allowed")),
+        ("stripe", "GET", "/", None, Some("unknown_service")),
+        ("openai", "POST", "/chat/completions", Some(&svc_gh), Some("token_denies_service")),
+        ("github", "GET", "/user", Some(&get_only), None),
+        ("openai", "POST", "/chat/completions", Some(&get_only), Some("token_denies_method")),
+        ("openai", "POST", "/chat/completions", Some(&under_chat), None),
+        ("openai", "POST", "/chat/other", Some(&under_chat), Some("argument_constraint")),
+    ];
+    for (service, method, path, token, want) in cases {
+        let d = decide(&p, "claude", token, Some("http_request"), ActionKind::Http { service, method, path });
+        assert_eq!(code(&d), want, "{service} {method} {path} {token:?}: {d:?}");
+    }
+    assert_eq!(
+        code(&decide(&p, "nobody", None, None, ActionKind::Http { service: "github", method: "GET", path: "/" })),
+        Some("policy_denies_service")
+    );
+}
+
+#[test]
+fn remote_tool_table_with_argument_constraints() {
+    let p = policy();
+    let declared = vec!["path".to_string()];
+    let args = |path: Option<&str>| {
+        let mut m = serde_json::Map::new();
+        if let Some(x) = path {
+            m.insert("path".into(), serde_json::json!(x));
+        }
+        m
+    };
+    let narrow = env(&["arg.path prefix /data/reports"]);
+    let no_fs = env(&["remote IN [other]"]);
+    let cases: Vec<(&str, Option<&str>, Option<&Envelope>, Option<&str>)> = vec![
+        ("read_file", Some("/data/x.txt"), None, None),
+        ("read_file", Some("/data/../etc/passwd"), None, Some("argument_constraint")),
+        ("read_file", Some("/database/x"), None, Some("argument_constraint")),
+        ("read_file", None, None, Some("argument_constraint")), // declared but omitted: no default sneaks past
+        ("write_file", Some("/data/x"), None, Some("policy_denies_tool")), // grant lists read_file, list_directory
+        ("delete_everything", Some("/data/x"), None, Some("policy_denies_tool")), // remote does not offer it
+        ("read_file", Some("/data/reports/q3"), Some(&narrow), None),
+        ("read_file", Some("/data/other"), Some(&narrow), Some("argument_constraint")),
+        ("read_file", Some("/data/x"), Some(&no_fs), Some("token_denies_remote")),
+    ];
+    for (tool, path, token, want) in cases {
+        let a = args(path);
+        let d = decide(
+            &p,
+            "claude",
+            token,
+            Some("fs.read_file"),
+            ActionKind::RemoteTool { remote: "fs", tool, arguments: &a, declared: &declared },
+        );
+        assert_eq!(code(&d), want, "{tool} {path:?} {token:?}: {d:?}");
+    }
+    // A tool without a `path` argument is not affected by a `path` constraint.
+    let a = args(None);
+    let d = decide(
+        &p,
+        "claude",
+        None,
+        None,
+        ActionKind::RemoteTool { remote: "fs", tool: "list_directory", arguments: &a, declared: &[] },
+    );
+    assert_eq!(code(&d), None);
+    assert_eq!(
+        code(&decide(
+            &p,
+            "nobody",
+            None,
+            None,
+            ActionKind::RemoteTool { remote: "fs", tool: "read_file", arguments: &a, declared: &[] }
+        )),
+        Some("policy_denies_remote")
+    );
+    assert_eq!(
+        code(&decide(
+            &p,
+            "claude",
+            None,
+            None,
+            ActionKind::RemoteTool { remote: "nope", tool: "x", arguments: &a, declared: &[] }
+        )),
+        Some("unknown_remote")
+    );
+}
+
+#[test]
+fn task_and_dashboard_table() {
+    let p = policy();
+    let h = Duration::from_secs(3600);
+    let no_deleg = env(&["can_delegate = false"]);
+    let one_more = env(&["delegation_depth <= 1"]);
+    let cases: Vec<(&str, Option<&Envelope>, TaskOp, Option<&str>)> = vec![
+        ("claude", None, TaskOp::Create { ttl: h }, None),
+        ("claude", None, TaskOp::Create { ttl: 2 * h }, Some("ttl_exceeded")),
+        ("claude", None, TaskOp::Delegate { ttl: h, child_depth: 3, parent_depth: 2 }, None),
+        ("claude", None, TaskOp::Delegate { ttl: h, child_depth: 4, parent_depth: 3 }, Some("depth_exceeded")),
+        ("claude", None, TaskOp::Delegate { ttl: 2 * h, child_depth: 1, parent_depth: 0 }, Some("ttl_exceeded")),
+        (
+            "claude",
+            Some(&no_deleg),
+            TaskOp::Delegate { ttl: h, child_depth: 1, parent_depth: 0 },
+            Some("delegation_not_allowed"),
+        ),
+        ("claude", Some(&one_more), TaskOp::Delegate { ttl: h, child_depth: 1, parent_depth: 0 }, None),
+        (
+            "claude",
+            Some(&one_more),
+            TaskOp::Delegate { ttl: h, child_depth: 2, parent_depth: 0 },
+            Some("depth_exceeded"),
+        ),
+        ("nobody", None, TaskOp::Delegate { ttl: h, child_depth: 1, parent_depth: 0 }, Some("delegation_not_allowed")),
+        ("nobody", None, TaskOp::Read, None),
+    ];
+    for (agent, token, op, want) in cases {
+        let d = decide(&p, agent, token, Some("task_delegate"), ActionKind::Task(op));
+        assert_eq!(code(&d), want, "{agent} {op:?} {token:?}: {d:?}");
+    }
+    // readonly (viewer) comes before ops (operator) in inherits: viewer.
+    assert_eq!(code(&decide(&p, "claude", None, None, ActionKind::Dashboard(DashboardLevel::Viewer))), None);
+    assert_eq!(
+        code(&decide(&p, "claude", None, None, ActionKind::Dashboard(DashboardLevel::Operator))),
+        Some("dashboard_level")
+    );
+    assert_eq!(
+        code(&decide(&p, "nobody", None, None, ActionKind::Dashboard(DashboardLevel::Viewer))),
+        Some("dashboard_level")
+    );
+}
+
+#[test]
+fn templates_first_definition_wins_and_agent_overrides() {
+    let p = policy();
+    let a = &p.agents["claude"];
+    // readonly is listed first: its dashboard level wins over ops'.
+    assert_eq!(a.dashboard, DashboardLevel::Viewer, "first template that sets dashboard wins");
+    let sources: Vec<&str> = a.ssh.entries().iter().map(|e| e.source.as_str()).collect();
+    assert_eq!(
+        sources,
+        ["agents.claude.ssh.db", "agents.claude.ssh.web-2", "templates.ops.ssh.web*", "templates.readonly.ssh.*"],
+        "most specific first"
+    );
+    assert_eq!(p.signer_principals().into_iter().collect::<Vec<_>>(), ["agent-admin", "agent-op", "agent-read"]);
+    assert_eq!(p.agent_for_uid(1234).unwrap().name, "nobody");
+    assert_eq!(p.digest.len(), 64);
+}
+
+fn problems(text: &str) -> Vec<String> {
+    Policy::parse(text, "p.yaml").map(|_| vec![]).unwrap_or_else(|e| e.problems.iter().map(|p| p.to_string()).collect())
+}
+
+#[test]
+fn every_problem_is_listed_with_its_location_key_and_hint() {
+    let text = "version: 1\nroles:\n  read: {principal: agent-read}\ntargets:\n  web:\n    host: 10.0.0.5\n    allowed_roles: [read, admin]\n  typo:\n    host: 10.0.0.9\n    rolez: [x]\n  db:\n    host: 10.0.0.6\n    port: 99999\nagents:\n  claude:\n    ssh:\n      web: {roles: [op]}\n    api_key_hash: \"$2b$10$abcdefghijklmnopqrstuv\"\n  other:\n    dashbord: admin\ntargetz: {}\n";
+    let ps = problems(text);
+    let find = |needle: &str| {
+        ps.iter()
+            .find(|p| p.contains(needle))
+            .unwrap_or_else(|| panic!("no problem containing {needle:?} in {ps:#?}"))
+            .clone()
+    };
+    assert!(find("unknown field `rolez`").starts_with("p.yaml:10:5: targets.typo.rolez: unknown field"), "{ps:#?}");
+    assert!(find("unknown role \"admin\"").starts_with("p.yaml:7:5: targets.web.allowed_roles:"));
+    assert!(find("port 99999").starts_with("p.yaml:13:5: targets.db.port:"));
+    assert!(find("unknown role \"op\"").starts_with("p.yaml:17:7: agents.claude.ssh.web.roles:"));
+    assert!(find("bcrypt hashes").contains("hint: run `ephyr keygen agent claude`"));
+    assert!(find("unknown field `dashbord`").starts_with("p.yaml:20:5: agents.other.dashbord:"));
+    assert!(find("unknown section \"targetz\"").starts_with("p.yaml:21:1:"));
+    // All problems are listed, not just the first.
+    assert_eq!(ps.len(), 7, "{ps:#?}");
+}
+
+#[test]
+fn a_typo_in_a_value_gets_a_line_and_column() {
+    let ps =
+        problems("roles:\n  read: {principal: agent-read}\ntargets:\n  web:\n    host: x\n    allowed_roles: [raed]\n");
+    assert_eq!(ps.len(), 1, "{ps:?}");
+    assert!(ps[0].starts_with("p.yaml:6:5: targets.web.allowed_roles: unknown role \"raed\" (hint: define it under roles: (roles defined: read))"), "{}", ps[0]);
+    let syntax = problems("agents:\n  a: [1,\n  b: 2\n");
+    assert!(syntax[0].starts_with("p.yaml:4:1:") && syntax[0].contains("YAML syntax"), "{syntax:?}");
+}
+
+#[test]
+fn semantic_checks() {
+    let cases = [
+        ("limits: {cert_ttl_max: 48h}", "limits.cert_ttl_max: must be between 1s and 24h"),
+        ("limits: {cert_ttl_max: soon}", "durations look like"),
+        ("limits: {signer_rate: '5'}", "is not a rate"),
+        ("limits: {signer_rate: 5}", "limits.signer_rate: invalid type: integer `5`, expected a string"),
+        ("roles: {r: {principal: '-rf'}}", "is not a valid user name"),
+        ("roles: {r: {principal: x, shell: bash}}", "absolute path"),
+        ("targets: {a: {host: h1}, b: {host: h1}}", "is already target"),
+        ("targets: {a: {host: h, host_key: 'ssh-ed25519 nope'}}", "not an OpenSSH public key"),
+        ("targets: {a: {host: h, host_key_fingerprint: 'MD5:aa'}}", "is not a SHA256"),
+        ("limits: {host_key_strict: true}\ntargets: {a: {host: h}}", "requires a host_key"),
+        ("targets: {a: {host: h, max_ttl: 2h}}", "exceeds limits.cert_ttl_max"),
+        ("targets: {a: {host: h, auto_approve: false}}", "pending approvals are not supported"),
+        ("targets: {a: {host: h, extensions: [permit-everything]}}", "unknown extension"),
+        ("targets: {a: {host: h, source_address: 'not-an-ip'}}", "is not an IP or CIDR"),
+        ("services: {s: {url: 'ftp://x'}}", "only http and https"),
+        ("services: {s: {url: 'https://u:p@x'}}", "credentials in the URL are not allowed"),
+        ("services: {s: {url: 'https://x', credential: {type: bearer, secret: hunter2}}}", "is not a secret reference"),
+        ("services: {s: {url: 'https://x', credential: {type: magic, secret: 'env:X'}}}", "unknown credential type"),
+        (
+            "services: {s: {url: 'https://x', credential: {type: bearer, secret: 'env:X'}, allowed_hosts: [y]}}",
+            "must include the service's own host",
+        ),
+        ("services: {s: {url: 'https://x', methods: [get]}}", "upper case"),
+        ("services: {s: {url: 'https://x', paths: ['/a/../b']}}", "path pattern"),
+        ("services: {s: {url: 'https://x', headers: {Authorization: x}}}", "cannot be a static header"),
+        ("services: {s: {url: 'https://x', max_response: 10MB}}", "a size looks like"),
+        ("remotes: {r.x: {url: 'http://x'}}", "no dots"),
+        ("network: {allow: [10.0.0.0/33]}", "prefix length"),
+        ("agents: {a: {inherits: [nope]}}", "unknown template"),
+        ("agents: {a: {ssh: {nowhere: {roles: []}}}}", "unknown target"),
+        ("agents: {a: {api_key_hash: plain}}", "not an Argon2id PHC string"),
+        ("agents: {a: {uid: 5}, b: {uid: 5}}", "uid 5 is already agent"),
+        ("agents: {a: {dashboard: god}}", "unknown dashboard level"),
+        ("agents: {a: {max_task_ttl: 3h}}", "exceeds limits.task_ttl_max"),
+        ("agents: {a: {remotes: {'*': {args: {p: {}}}}}}", "needs prefix, max or one_of"),
+        ("version: 2", "unsupported policy version"),
+        ("- a\n- b", "must be a YAML mapping"),
+        ("limits: {}\nglobal: {}", "not both"),
+    ];
+    for (text, want) in cases {
+        let ps = problems(text);
+        assert!(ps.iter().any(|p| p.contains(want)), "{text:?}: want {want:?} in {ps:#?}");
+    }
+    assert!(problems("").is_empty(), "an empty policy loads (and grants nothing)");
+}
+
+#[test]
+fn go_ephyr_policy_loads_or_gets_precise_messages() {
+    // Every key of the Go Ephyr schema (reference/ephyr-features.md §5.1).
+    let go = include_str!("../../../tests/fixtures/ephyr-go-policy.yaml");
+    let ps = problems(go);
+    let want = [
+        "targets.legacy-box.auto_approve: pending approvals are not supported",
+        "targets.dockerhost.auto_revoke_on_deny: not supported",
+        "agents.claude.api_key_hash: bcrypt hashes (Go Ephyr) are not accepted",
+        "agents.ops-bot.ssh.dockerhost.auto_approve: pending approvals are not supported",
+    ];
+    for w in want {
+        assert!(ps.iter().any(|p| p.contains(w)), "missing {w:?} in {ps:#?}");
+    }
+    assert_eq!(ps.len(), want.len(), "only the unsupported keys are reported: {ps:#?}");
+    // With those four lines fixed, the same file loads, global: is read as limits:.
+    let fixed = go
+        .replace("auto_approve: false", "auto_approve: true")
+        .replace("auto_revoke_on_deny: true", "auto_revoke_on_deny: false")
+        .replace("\"$2a$10$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy\"", &format!("\"{ARGON}\""));
+    let p = Policy::parse(&fixed, "go.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.limits.max_certs_total, 20);
+    assert_eq!(p.limits.cert_ttl_max, Duration::from_secs(3600));
+    assert_eq!(p.limits.requests_per_agent.count, 30);
+    assert!(p.warnings.iter().any(|w| w.contains("Go Ephyr section read as limits")), "{:?}", p.warnings);
+    assert!(p.warnings.iter().any(|w| w.contains("agents.legacy") && w.contains("full access")), "{:?}", p.warnings);
+    assert!(decide(&p, "claude", None, None, ActionKind::Ssh { target: "dockerhost", role: "agent-op" }).is_allow());
+}

@@ -1,0 +1,1075 @@
+//! `policy.yaml` text → [`Policy`], collecting every problem with its location.
+//!
+//! Steps: YAML syntax (serde_yaml_ng, with line/column); top-level sections (unknown ones are
+//! listed); each entry of each section deserialized on its own (`serde_path_to_error` gives the
+//! exact key path of a type error or unknown field, `locate` its line); then semantic checks and
+//! cross-references (roles, targets, templates, durations, URLs, CIDRs, hashes), and finally the
+//! indexed [`Policy`] with templates merged.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::Value;
+
+use super::file::*;
+use super::locate::locate;
+use super::network::{Cidr, NetworkPolicy};
+use super::pattern::{NamePattern, PathPattern};
+use super::*;
+use crate::macaroon::caveat::NormPath;
+use crate::signer::custody::{HARD_MAX_CERT_TTL_SECS, KNOWN_EXTENSIONS, valid_principal};
+use crate::time::parse_duration;
+
+const SECTIONS: [&str; 11] = [
+    "version",
+    "limits",
+    "global",
+    "roles",
+    "targets",
+    "services",
+    "remotes",
+    "network",
+    "templates",
+    "agents",
+    "$schema",
+];
+const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"];
+
+struct Ctx<'t> {
+    text: &'t str,
+    origin: &'t str,
+    problems: Vec<Problem>,
+    warnings: Vec<String>,
+}
+
+impl Ctx<'_> {
+    fn at(&self, path: &[&str]) -> String {
+        match locate(self.text, path) {
+            Some((l, c)) => format!("{}:{l}:{c}", self.origin),
+            None => self.origin.to_owned(),
+        }
+    }
+
+    fn err(&mut self, path: &[&str], message: impl Into<String>, hint: Option<String>) {
+        let at = self.at(path);
+        self.problems.push(Problem { at, path: path.join("."), message: message.into(), hint });
+    }
+
+    fn warn(&mut self, path: &[&str], message: impl Into<String>) {
+        let at = self.at(path);
+        self.warnings.push(format!("{at}: {}: {}", path.join("."), message.into()));
+    }
+
+    /// Deserializes one entry, reporting the exact failing key.
+    fn entry<T: DeserializeOwned>(&mut self, path: &[&str], v: &Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(v.clone()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let mut full: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+                if inner != "." {
+                    full.extend(inner.split('.').map(str::to_owned));
+                }
+                let msg = e.into_inner().to_string();
+                // For an unknown field, point at the field itself.
+                let field = msg.strip_prefix("unknown field `").and_then(|r| r.split('`').next()).map(str::to_owned);
+                if let Some(f) = &field
+                    && full.last() != Some(f)
+                {
+                    full.push(f.clone());
+                }
+                let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+                let hint = field.map(|f| unknown_key_hint(&f));
+                self.err(&refs, msg, hint);
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &[&str], v: Option<&str>, default: Duration) -> Duration {
+        match v.map(parse_duration) {
+            None => default,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                self.err(path, e.to_string(), Some("durations look like 30s, 5m, 1h30m".into()));
+                default
+            }
+        }
+    }
+
+    fn rate(&mut self, path: &[&str], v: Option<&str>, default: Rate) -> Rate {
+        let Some(s) = v else { return default };
+        let parsed =
+            s.split_once('/').and_then(|(n, w)| Some((n.trim().parse::<u32>().ok()?, parse_duration(w).ok()?)));
+        match parsed {
+            Some((n, w)) if n > 0 && w.as_millis() >= 1000 => Rate { count: n, window: w },
+            _ => {
+                self.err(path, format!("{s:?} is not a rate"), Some("write COUNT/WINDOW, e.g. 600/1m".into()));
+                default
+            }
+        }
+    }
+}
+
+fn unknown_key_hint(field: &str) -> String {
+    match field {
+        "roles" => "targets list the roles they accept in allowed_roles; the roles themselves (with their principals) are defined under the top-level roles: section".into(),
+        "api_key" => "store only the hash: run `ephyr keygen agent NAME` and paste its api_key_hash line".into(),
+        "password" | "credential" | "token" => "secrets are never written in the policy: use credential: {type: bearer, secret: env:NAME | file:/path | store:NAME}".into(),
+        _ => "check the spelling against docs/policy.md (or point your editor at docs/policy.schema.json)".into(),
+    }
+}
+
+fn name_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mul) = [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1)]
+        .iter()
+        .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))?;
+    num.trim().parse::<u64>().ok().and_then(|n| n.checked_mul(mul))
+}
+
+fn parse_url(s: &str) -> Result<UpstreamUrl, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    let scheme =
+        uri.scheme_str().ok_or_else(|| format!("{s:?} needs a scheme (http:// or https://)"))?.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return Err(format!("{s:?}: only http and https upstreams are supported"));
+    }
+    let auth = uri.authority().ok_or_else(|| format!("{s:?} has no host"))?;
+    if auth.as_str().contains('@') {
+        return Err(format!("{s:?}: credentials in the URL are not allowed (use credential:)"));
+    }
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("{s:?}: a base URL has no query string"));
+    }
+    let port = auth.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    Ok(UpstreamUrl { scheme, host, port, base_path })
+}
+
+fn parse_secret_ref(s: &str) -> Result<SecretRef, String> {
+    let hint = "secrets are referenced, never written here: env:NAME, file:/absolute/path or store:NAME";
+    match s.split_once(':') {
+        Some(("env", n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
+            Ok(SecretRef::Env(n.into()))
+        }
+        Some(("file", p)) if p.starts_with('/') => Ok(SecretRef::File(p.into())),
+        Some(("store", n)) if name_ok(n) => Ok(SecretRef::Store(n.into())),
+        _ => Err(format!("{s:?} is not a secret reference ({hint})")),
+    }
+}
+
+fn header_name_ok(h: &str) -> bool {
+    !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn credential(cx: &mut Ctx<'_>, path: &[&str], c: &CredentialFile) -> Option<Credential> {
+    let mut p: Vec<&str> = path.to_vec();
+    p.push("secret");
+    let secret = match parse_secret_ref(&c.secret) {
+        Ok(s) => s,
+        Err(e) => {
+            cx.err(&p, e, Some("store a value with `ephyr secret set NAME` and write store:NAME".into()));
+            return None;
+        }
+    };
+    p.pop();
+    let kind = match c.kind.as_str() {
+        "bearer" => CredentialKind::Bearer,
+        "basic" => match &c.username {
+            Some(u) if !u.is_empty() && !u.contains(':') => CredentialKind::Basic { username: u.clone() },
+            _ => {
+                cx.err(path, "basic credentials need a username (without ':')", None);
+                return None;
+            }
+        },
+        "header" => {
+            let name = c.header.clone().unwrap_or_else(|| "Authorization".into());
+            if !header_name_ok(&name) {
+                cx.err(path, format!("{name:?} is not a valid header name"), None);
+                return None;
+            }
+            CredentialKind::Header { name, prefix: c.prefix.clone().unwrap_or_default() }
+        }
+        "query" => {
+            let param = c.param.clone().unwrap_or_else(|| "token".into());
+            if param.is_empty() || !param.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b)) {
+                cx.err(path, format!("{param:?} is not a valid query parameter name"), None);
+                return None;
+            }
+            CredentialKind::Query { param }
+        }
+        other => {
+            p.push("type");
+            cx.err(&p, format!("unknown credential type {other:?}"), Some("use bearer, basic, header or query".into()));
+            return None;
+        }
+    };
+    Some(Credential { kind, secret })
+}
+
+fn tls(cx: &mut Ctx<'_>, path: &[&str], t: Option<&TlsFile>) -> Tls {
+    let Some(t) = t else { return Tls::default() };
+    let key = t.client_key.as_deref().and_then(|k| match parse_secret_ref(k) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            let mut p = path.to_vec();
+            p.extend(["tls", "client_key"]);
+            cx.err(&p, e, None);
+            None
+        }
+    });
+    if t.client_cert.is_some() != t.client_key.is_some() {
+        let mut p = path.to_vec();
+        p.push("tls");
+        cx.err(&p, "client_cert and client_key go together", None);
+    }
+    for f in [&t.ca_file, &t.client_cert].into_iter().flatten() {
+        if !f.starts_with('/') {
+            let mut p = path.to_vec();
+            p.push("tls");
+            cx.err(&p, format!("{f:?}: use an absolute path"), None);
+        }
+    }
+    Tls { ca_file: t.ca_file.clone(), client_cert: t.client_cert.clone(), client_key: key }
+}
+
+fn methods(cx: &mut Ctx<'_>, path: &[&str], list: &[String]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for m in list {
+        let up = m.to_ascii_uppercase();
+        if !METHODS.contains(&up.as_str()) {
+            cx.err(path, format!("unknown HTTP method {m:?}"), Some(format!("use {}", METHODS.join(", "))));
+        } else if up != *m {
+            cx.err(path, format!("write HTTP methods in upper case: {up}"), None);
+        } else {
+            out.insert(up);
+        }
+    }
+    out
+}
+
+fn path_patterns(cx: &mut Ctx<'_>, path: &[&str], list: &[String]) -> Vec<PathPattern> {
+    let mut out = Vec::new();
+    for p in list {
+        match PathPattern::parse(p) {
+            Ok(pp) => out.push(pp),
+            Err(e) => cx.err(path, e, Some("e.g. /v1/* for /v1 and everything below, or an exact path".into())),
+        }
+    }
+    out
+}
+
+fn ssh_key_line(cx: &mut Ctx<'_>, path: &[&str], s: &str) -> Option<String> {
+    match ssh_key::PublicKey::from_openssh(s.trim()) {
+        Ok(k) => Some(k.to_openssh().unwrap_or_else(|_| s.trim().to_owned())),
+        Err(_) => {
+            cx.err(
+                path,
+                "not an OpenSSH public key line",
+                Some("paste the output of `ssh-keyscan -t ed25519 HOST` without the host name".into()),
+            );
+            None
+        }
+    }
+}
+
+struct Grantable<'a> {
+    ssh: Option<&'a BTreeMap<String, SshGrantFile>>,
+    services: Option<&'a BTreeMap<String, Option<ServiceGrantFile>>>,
+    remotes: Option<&'a BTreeMap<String, Option<RemoteGrantFile>>>,
+    dashboard: Option<&'a str>,
+}
+
+/// Validates one grant block (an agent's own or a template's) into the agent's tables.
+#[allow(clippy::too_many_arguments)]
+fn merge_grants(
+    cx: &mut Ctx<'_>,
+    base: &[&str],
+    g: &Grantable<'_>,
+    roles: &BTreeMap<String, Role>,
+    targets: &BTreeMap<String, Target>,
+    services: &BTreeMap<String, Service>,
+    remotes: &BTreeMap<String, Remote>,
+    agent: &mut Agent,
+    dashboard_set: &mut bool,
+) {
+    let src = base.join(".");
+    for (pat, grant) in g.ssh.into_iter().flatten() {
+        let path: Vec<&str> = base.iter().copied().chain(["ssh", pat.as_str()]).collect();
+        let pattern = match NamePattern::parse(pat) {
+            Ok(p) => p,
+            Err(e) => {
+                cx.err(&path, e, None);
+                continue;
+            }
+        };
+        if grant.auto_approve == Some(false) {
+            let mut p = path.clone();
+            p.push("auto_approve");
+            cx.err(
+                &p,
+                "pending approvals are not supported: ephyr decides from the policy alone",
+                Some("remove auto_approve (true is accepted and means the same as leaving it out)".into()),
+            );
+        }
+        if let NamePattern::Exact(t) = &pattern
+            && !targets.contains_key(t)
+        {
+            cx.err(&path, format!("unknown target {t:?}"), Some(format!("targets defined: {}", join_keys(targets))));
+            continue;
+        }
+        let mut rs = BTreeSet::new();
+        for r in &grant.roles {
+            let mut p = path.clone();
+            p.push("roles");
+            if !roles.contains_key(r) {
+                cx.err(&p, format!("unknown role {r:?}"), Some(format!("roles defined: {}", join_keys(roles))));
+                continue;
+            }
+            if let NamePattern::Exact(t) = &pattern {
+                let allowed = &targets[t].allowed_roles;
+                if !allowed.contains(r) {
+                    cx.err(
+                        &p,
+                        format!("role {r:?} is not allowed on target {t:?}"),
+                        Some(format!(
+                            "targets.{t}.allowed_roles is [{}]",
+                            allowed.iter().cloned().collect::<Vec<_>>().join(", ")
+                        )),
+                    );
+                    continue;
+                }
+            }
+            rs.insert(r.clone());
+        }
+        agent.ssh.add(GrantEntry { pattern, value: rs, source: format!("{src}.ssh.{pat}") });
+    }
+    for (pat, grant) in g.services.into_iter().flatten() {
+        let path: Vec<&str> = base.iter().copied().chain(["services", pat.as_str()]).collect();
+        let pattern = match NamePattern::parse(pat) {
+            Ok(p) => p,
+            Err(e) => {
+                cx.err(&path, e, None);
+                continue;
+            }
+        };
+        if let NamePattern::Exact(s) = &pattern
+            && !services.contains_key(s)
+        {
+            cx.err(&path, format!("unknown service {s:?}"), Some(format!("services defined: {}", join_keys(services))));
+            continue;
+        }
+        let default = ServiceGrantFile::default();
+        let grant = grant.as_ref().unwrap_or(&default);
+        let m = (!grant.methods.is_empty()).then(|| {
+            let mut p = path.clone();
+            p.push("methods");
+            methods(cx, &p, &grant.methods)
+        });
+        let ps = (!grant.paths.is_empty()).then(|| {
+            let mut p = path.clone();
+            p.push("paths");
+            path_patterns(cx, &p, &grant.paths)
+        });
+        agent.services.add(GrantEntry {
+            pattern,
+            value: ServiceGrant { methods: m, paths: ps },
+            source: format!("{src}.services.{pat}"),
+        });
+    }
+    for (pat, grant) in g.remotes.into_iter().flatten() {
+        let path: Vec<&str> = base.iter().copied().chain(["remotes", pat.as_str()]).collect();
+        let pattern = match NamePattern::parse(pat) {
+            Ok(p) => p,
+            Err(e) => {
+                cx.err(&path, e, None);
+                continue;
+            }
+        };
+        if let NamePattern::Exact(r) = &pattern
+            && !remotes.contains_key(r)
+        {
+            cx.err(&path, format!("unknown remote {r:?}"), Some(format!("remotes defined: {}", join_keys(remotes))));
+            continue;
+        }
+        let default = RemoteGrantFile::default();
+        let grant = grant.as_ref().unwrap_or(&default);
+        let mut args = BTreeMap::new();
+        for (name, a) in &grant.args {
+            let p: Vec<&str> = path.iter().copied().chain(["args", name.as_str()]).collect();
+            let mut rule = crate::macaroon::envelope::ArgRule::default();
+            if let Some(pre) = &a.prefix {
+                match NormPath::normalise(pre).filter(|n| n.as_str() == pre) {
+                    Some(n) => rule.prefixes.push(n),
+                    None => cx.err(&p, format!("prefix {pre:?} is not a normalised absolute path"), None),
+                }
+            }
+            if let Some(m) = a.max {
+                if m.is_finite() && m >= 0.0 {
+                    rule.at_most = Some(m);
+                } else {
+                    cx.err(&p, "max must be a finite non-negative number", None);
+                }
+            }
+            if let Some(set) = &a.one_of {
+                if set.is_empty() {
+                    cx.err(&p, "one_of must not be empty", None);
+                }
+                rule.one_of = Some(set.iter().cloned().collect());
+            }
+            if a.prefix.is_none() && a.max.is_none() && a.one_of.is_none() {
+                cx.err(&p, "an argument constraint needs prefix, max or one_of", None);
+            }
+            args.insert(name.clone(), rule);
+        }
+        let tools = (!grant.tools.is_empty()).then(|| grant.tools.iter().cloned().collect());
+        agent.remotes.add(GrantEntry {
+            pattern,
+            value: RemoteGrant { tools, args },
+            source: format!("{src}.remotes.{pat}"),
+        });
+    }
+    if let Some(d) = g.dashboard
+        && !*dashboard_set
+    {
+        match DashboardLevel::parse(d) {
+            Some(l) => {
+                agent.dashboard = l;
+                *dashboard_set = true;
+            }
+            None => {
+                let p: Vec<&str> = base.iter().copied().chain(["dashboard"]).collect();
+                cx.err(
+                    &p,
+                    format!("unknown dashboard level {d:?}"),
+                    Some("use none, viewer, operator or admin".into()),
+                );
+            }
+        }
+    }
+}
+
+fn join_keys<T>(m: &BTreeMap<String, T>) -> String {
+    if m.is_empty() { "(none)".into() } else { m.keys().cloned().collect::<Vec<_>>().join(", ") }
+}
+
+fn section<'v>(cx: &mut Ctx<'_>, top: &'v serde_yaml_ng::Mapping, name: &str) -> Vec<(String, &'v Value)> {
+    match top.get(name) {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Mapping(m)) => m
+            .iter()
+            .filter_map(|(k, v)| match k.as_str() {
+                Some(k) => Some((k.to_owned(), v)),
+                None => {
+                    cx.err(&[name], format!("keys under {name} must be names (strings), found {k:?}"), None);
+                    None
+                }
+            })
+            .collect(),
+        Some(_) => {
+            cx.err(&[name], format!("{name} must be a mapping of names to entries"), None);
+            vec![]
+        }
+    }
+}
+
+/// Parses and validates.
+pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
+    let mut cx = Ctx { text, origin, problems: vec![], warnings: vec![] };
+    let doc: Value = match serde_yaml_ng::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let at = e.location().map(|l| format!("{origin}:{}:{}", l.line(), l.column())).unwrap_or(origin.into());
+            return Err(PolicyError {
+                problems: vec![Problem {
+                    at,
+                    path: String::new(),
+                    message: e.to_string(),
+                    hint: Some("this is YAML syntax; check indentation and quoting".into()),
+                }],
+            });
+        }
+    };
+    let empty = serde_yaml_ng::Mapping::new();
+    let top = match &doc {
+        Value::Mapping(m) => m,
+        Value::Null => &empty,
+        _ => {
+            cx.err(&[], "the policy must be a YAML mapping (sections such as agents:, targets:)", None);
+            &empty
+        }
+    };
+    for k in top.keys() {
+        match k.as_str() {
+            Some(s) if SECTIONS.contains(&s) => {}
+            Some(s) => {
+                cx.err(&[s], format!("unknown section {s:?}"), Some(format!("sections are {}", SECTIONS.join(", "))))
+            }
+            None => cx.err(&[], format!("section names must be strings, found {k:?}"), None),
+        }
+    }
+    match top.get("version") {
+        None => {}
+        Some(Value::Number(n)) if n.as_u64() == Some(1) => {}
+        Some(v) => cx.err(
+            &["version"],
+            format!("unsupported policy version {v:?}"),
+            Some("this broker reads version 1".into()),
+        ),
+    }
+
+    // Limits (ours) or Go's global.
+    let limits_file: LimitsFile = top.get("limits").and_then(|v| cx.entry(&["limits"], v)).unwrap_or_default();
+    let global: Option<GlobalFile> = top.get("global").and_then(|v| cx.entry(&["global"], v));
+    if top.contains_key("limits") && top.contains_key("global") {
+        cx.err(
+            &["global"],
+            "use limits: or global:, not both",
+            Some("global: is read for Go Ephyr compatibility; move its keys into limits:".into()),
+        );
+    }
+    let g = global.unwrap_or_default();
+    if top.contains_key("global") {
+        cx.warn(&["global"], "Go Ephyr section read as limits: (max_active_certs → max_certs_total, default_ttl → cert_ttl_default, max_ttl → cert_ttl_max, rate_limit → requests_per_agent)");
+    }
+    let go_rate = g.rate_limit.as_ref().and_then(|r| {
+        if r.requests_per_window <= 0 || r.window_seconds <= 0 {
+            cx.err(
+                &["global", "rate_limit"],
+                "requests_per_window and window_seconds must be positive (ephyr has no 'disabled' rate limit)",
+                None,
+            );
+            None
+        } else {
+            Some(format!("{}/{}s", r.requests_per_window, r.window_seconds))
+        }
+    });
+    let cert_ttl_max = cx.duration(
+        &["limits", "cert_ttl_max"],
+        limits_file.cert_ttl_max.as_deref().or(g.max_ttl.as_deref()),
+        Duration::from_secs(1800),
+    );
+    if cert_ttl_max.as_secs() == 0 || cert_ttl_max.as_secs() > u64::from(HARD_MAX_CERT_TTL_SECS) {
+        cx.err(&["limits", "cert_ttl_max"], "must be between 1s and 24h (the signer's hard cap)", None);
+    }
+    let cert_ttl_default = cx.duration(
+        &["limits", "cert_ttl_default"],
+        limits_file.cert_ttl_default.as_deref().or(g.default_ttl.as_deref()),
+        Duration::from_secs(300).min(cert_ttl_max),
+    );
+    if cert_ttl_default > cert_ttl_max {
+        cx.err(&["limits", "cert_ttl_default"], "must not exceed cert_ttl_max", None);
+    }
+    let task_ttl_max =
+        cx.duration(&["limits", "task_ttl_max"], limits_file.task_ttl_max.as_deref(), Duration::from_secs(3600));
+    let task_ttl_default = cx.duration(
+        &["limits", "task_ttl_default"],
+        limits_file.task_ttl_default.as_deref(),
+        Duration::from_secs(1800).min(task_ttl_max),
+    );
+    if task_ttl_default > task_ttl_max {
+        cx.err(&["limits", "task_ttl_default"], "must not exceed task_ttl_max", None);
+    }
+    let limits = Limits {
+        cert_ttl_default,
+        cert_ttl_max,
+        max_certs_per_agent: limits_file.max_certs_per_agent.unwrap_or(10),
+        max_certs_total: limits_file.max_certs_total.or(g.max_active_certs).unwrap_or(100),
+        requests_per_agent: cx.rate(
+            &["limits", "requests_per_agent"],
+            limits_file.requests_per_agent.as_deref().or(go_rate.as_deref()),
+            Rate { count: 600, window: Duration::from_secs(60) },
+        ),
+        signer_rate: cx.rate(
+            &["limits", "signer_rate"],
+            limits_file.signer_rate.as_deref(),
+            Rate { count: 600, window: Duration::from_secs(60) },
+        ),
+        task_ttl_max,
+        task_ttl_default,
+        delegation_depth_max: limits_file.delegation_depth_max.unwrap_or(5),
+        bind_deadline: cx.duration(
+            &["limits", "bind_deadline"],
+            limits_file.bind_deadline.as_deref(),
+            Duration::from_secs(30),
+        ),
+        host_key_strict: limits_file.host_key_strict.or(g.host_key_strict).unwrap_or(false),
+    };
+    if limits.delegation_depth_max > 32 {
+        cx.err(&["limits", "delegation_depth_max"], "at most 32 levels", None);
+    }
+
+    // Roles.
+    let mut roles = BTreeMap::new();
+    for (name, v) in section(&mut cx, top, "roles") {
+        if !name_ok(&name) {
+            cx.err(&["roles", &name], "role names are 1-64 of [A-Za-z0-9_.-]", None);
+        }
+        let Some(r) = cx.entry::<RoleFile>(&["roles", &name], v) else { continue };
+        if !valid_principal(&r.principal) {
+            cx.err(
+                &["roles", &name, "principal"],
+                format!("{:?} is not a valid user name", r.principal),
+                Some("letters, digits, '_', '-', '.', at most 32, not starting with '-'".into()),
+            );
+        }
+        if let Some(sh) = &r.shell
+            && !sh.starts_with('/')
+        {
+            cx.err(&["roles", &name, "shell"], "the shell must be an absolute path", None);
+        }
+        let sudo = match r.sudo {
+            None | Some(SudoFile::All(false)) => Sudo::None,
+            Some(SudoFile::All(true)) => Sudo::All,
+            Some(SudoFile::Commands(c)) => {
+                if c.iter().any(|x| x.trim().is_empty()) {
+                    cx.err(&["roles", &name, "sudo"], "sudo commands must not be empty", None);
+                }
+                Sudo::Commands(c)
+            }
+        };
+        roles.insert(
+            name,
+            Role {
+                principal: r.principal,
+                description: r.description.unwrap_or_default(),
+                shell: r.shell,
+                sudo,
+                system: r.system.unwrap_or(true),
+            },
+        );
+    }
+
+    // Targets.
+    let mut targets = BTreeMap::new();
+    let mut endpoints: BTreeMap<(String, u16), String> = BTreeMap::new();
+    for (name, v) in section(&mut cx, top, "targets") {
+        if !name_ok(&name) {
+            cx.err(&["targets", &name], "target names are 1-64 of [A-Za-z0-9_.-]", None);
+        }
+        let Some(t) = cx.entry::<TargetFile>(&["targets", &name], v) else { continue };
+        if t.host.trim().is_empty() || t.host.contains(char::is_whitespace) {
+            cx.err(&["targets", &name, "host"], "must be a host name or IP address", None);
+        }
+        let port = match t.port {
+            None => 22,
+            Some(n) if (1..=65535).contains(&n) => n as u16,
+            Some(n) => {
+                cx.err(&["targets", &name, "port"], format!("port {n} is out of range (1-65535)"), None);
+                22
+            }
+        };
+        if let Some(other) = endpoints.insert((t.host.to_ascii_lowercase(), port), name.clone()) {
+            cx.err(&["targets", &name, "host"], format!("{}:{port} is already target {other:?}", t.host), None);
+        }
+        let mut allowed = BTreeSet::new();
+        for r in &t.allowed_roles {
+            if roles.contains_key(r) {
+                allowed.insert(r.clone());
+            } else {
+                cx.err(
+                    &["targets", &name, "allowed_roles"],
+                    format!("unknown role {r:?}"),
+                    Some(format!("define it under roles: (roles defined: {})", join_keys(&roles))),
+                );
+            }
+        }
+        let mut pin = HostKeyPin::default();
+        if let Some(k) = &t.host_key {
+            pin.key = ssh_key_line(&mut cx, &["targets", &name, "host_key"], k);
+        }
+        if let Some(fp) = &t.host_key_fingerprint {
+            match fp.parse::<ssh_key::Fingerprint>() {
+                Ok(f) if f.algorithm() == ssh_key::HashAlg::Sha256 => {
+                    if let Some(k) = pin.key.as_deref().and_then(|k| ssh_key::PublicKey::from_openssh(k).ok())
+                        && k.fingerprint(ssh_key::HashAlg::Sha256) != f
+                    {
+                        cx.err(&["targets", &name, "host_key_fingerprint"], "does not match host_key", None);
+                    }
+                    pin.fingerprint = Some(f.to_string());
+                }
+                _ => cx.err(
+                    &["targets", &name, "host_key_fingerprint"],
+                    format!("{fp:?} is not a SHA256:... fingerprint"),
+                    Some("ssh-keygen -lf <(ssh-keyscan HOST) prints it".into()),
+                ),
+            }
+        }
+        if let Some(ca) = &t.host_ca {
+            pin.ca = ssh_key_line(&mut cx, &["targets", &name, "host_ca"], ca);
+        }
+        if limits.host_key_strict && !pin.is_set() {
+            cx.err(
+                &["targets", &name],
+                "limits.host_key_strict requires a host_key, host_key_fingerprint or host_ca",
+                None,
+            );
+        }
+        let max = cx.duration(
+            &["targets", &name, "cert_ttl_max"],
+            t.cert_ttl_max.as_deref().or(t.max_ttl.as_deref()),
+            limits.cert_ttl_max,
+        );
+        if max > limits.cert_ttl_max {
+            cx.err(
+                &["targets", &name, if t.cert_ttl_max.is_some() { "cert_ttl_max" } else { "max_ttl" }],
+                format!("exceeds limits.cert_ttl_max ({}s)", limits.cert_ttl_max.as_secs()),
+                None,
+            );
+        }
+        let def = cx.duration(
+            &["targets", &name, "cert_ttl_default"],
+            t.cert_ttl_default.as_deref(),
+            limits.cert_ttl_default.min(max),
+        );
+        if def > max {
+            cx.err(&["targets", &name, "cert_ttl_default"], "exceeds this target's cert_ttl_max", None);
+        }
+        // Go files write `force_command: ""` for "none".
+        let force_command = t.force_command.clone().filter(|fc| !fc.is_empty());
+        if force_command.as_ref().is_some_and(|fc| fc.trim().is_empty() || fc.contains('\0')) {
+            cx.err(&["targets", &name, "force_command"], "must be a command, not blanks", None);
+        }
+        if let Some(sa) = &t.source_address {
+            for item in sa.split(',') {
+                if Cidr::parse(item.trim()).is_err() {
+                    cx.err(&["targets", &name, "source_address"], format!("{item:?} is not an IP or CIDR"), None);
+                }
+            }
+        }
+        let extensions = t.extensions.clone().unwrap_or_else(|| vec!["permit-pty".into()]);
+        for e in &extensions {
+            if !KNOWN_EXTENSIONS.contains(&e.as_str()) {
+                cx.err(
+                    &["targets", &name, "extensions"],
+                    format!("unknown extension {e:?}"),
+                    Some(format!("known: {}", KNOWN_EXTENSIONS.join(", "))),
+                );
+            }
+        }
+        if t.auto_approve == Some(false) {
+            cx.err(
+                &["targets", &name, "auto_approve"],
+                "pending approvals are not supported: ephyr decides from the policy alone",
+                Some("remove auto_approve".into()),
+            );
+        }
+        if t.auto_revoke_on_deny == Some(true) {
+            cx.err(
+                &["targets", &name, "auto_revoke_on_deny"],
+                "not supported: command filters are defence in depth, not a revocation trigger",
+                Some("remove it; revoke tasks explicitly".into()),
+            );
+        }
+        for (k, list) in [("command_allow", &t.command_allow), ("command_deny", &t.command_deny)] {
+            if list.as_ref().is_some_and(|l| l.iter().any(|x| x.trim().is_empty())) {
+                cx.err(&["targets", &name, k], "patterns must not be empty", None);
+            }
+        }
+        targets.insert(
+            name,
+            Target {
+                host: t.host,
+                port,
+                description: t.description.unwrap_or_default(),
+                allowed_roles: allowed,
+                host_key: pin,
+                cert_ttl_default: def,
+                cert_ttl_max: max,
+                force_command,
+                source_address: t.source_address,
+                extensions,
+                enabled: t.enabled.unwrap_or(true),
+                command_allow: t.command_allow.unwrap_or_default(),
+                command_deny: t.command_deny.unwrap_or_default(),
+            },
+        );
+    }
+
+    // Services.
+    let mut services = BTreeMap::new();
+    for (name, v) in section(&mut cx, top, "services") {
+        if !name_ok(&name) {
+            cx.err(&["services", &name], "service names are 1-64 of [A-Za-z0-9_.-]", None);
+        }
+        let Some(s) = cx.entry::<ServiceFile>(&["services", &name], v) else { continue };
+        let url = match parse_url(&s.url) {
+            Ok(u) => u,
+            Err(e) => {
+                cx.err(&["services", &name, "url"], e, None);
+                continue;
+            }
+        };
+        let credential = s.credential.as_ref().and_then(|c| credential(&mut cx, &["services", &name, "credential"], c));
+        let allowed_hosts: BTreeSet<String> = match &s.allowed_hosts {
+            Some(h) => h.iter().map(|x| x.to_ascii_lowercase()).collect(),
+            None => [url.host.clone()].into(),
+        };
+        if credential.is_some() && !allowed_hosts.contains(&url.host) {
+            cx.err(
+                &["services", &name, "allowed_hosts"],
+                format!("must include the service's own host {:?}", url.host),
+                Some("allowed_hosts lists where the credential may be sent".into()),
+            );
+        }
+        let m = s.methods.as_ref().map(|m| methods(&mut cx, &["services", &name, "methods"], m));
+        let paths = s.paths.as_ref().map(|p| path_patterns(&mut cx, &["services", &name, "paths"], p));
+        let mut headers = Vec::new();
+        for (k, v) in s.headers.iter().flatten() {
+            let lk = k.to_ascii_lowercase();
+            if !header_name_ok(k) || v.contains(['\r', '\n']) {
+                cx.err(&["services", &name, "headers"], format!("invalid header {k:?}"), None);
+            } else if [
+                "authorization",
+                "cookie",
+                "proxy-authorization",
+                "host",
+                "content-length",
+                "transfer-encoding",
+                "connection",
+            ]
+            .contains(&lk.as_str())
+            {
+                cx.err(
+                    &["services", &name, "headers"],
+                    format!("{k} cannot be a static header"),
+                    Some(
+                        "credentials go in credential:; hop-by-hop and framing headers are managed by the proxy".into(),
+                    ),
+                );
+            } else {
+                headers.push((k.clone(), v.clone()));
+            }
+        }
+        let tls = tls(&mut cx, &["services", &name], s.tls.as_ref());
+        let timeout = cx.duration(&["services", &name, "timeout"], s.timeout.as_deref(), Duration::from_secs(30));
+        let size = |cx: &mut Ctx<'_>, key: &str, v: &Option<String>, d: u64| -> u64 {
+            match v.as_deref().map(parse_size) {
+                None => d,
+                Some(Some(n)) if n > 0 => n,
+                _ => {
+                    cx.err(&["services", &name, key], "a size looks like 512KiB, 10MiB or 1GiB", None);
+                    d
+                }
+            }
+        };
+        let max_response = size(&mut cx, "max_response", &s.max_response, 10 << 20);
+        let max_request = size(&mut cx, "max_request", &s.max_request, 1 << 20);
+        services.insert(
+            name,
+            Service {
+                url,
+                description: s.description.unwrap_or_default(),
+                credential,
+                allowed_hosts,
+                methods: m,
+                paths,
+                headers,
+                tls,
+                timeout,
+                max_response,
+                max_request,
+                enabled: s.enabled.unwrap_or(true),
+            },
+        );
+    }
+
+    // Remotes.
+    let mut remotes = BTreeMap::new();
+    for (name, v) in section(&mut cx, top, "remotes") {
+        if !name_ok(&name) || name.contains('.') {
+            cx.err(
+                &["remotes", &name],
+                "remote names are 1-64 of [A-Za-z0-9_-] (no dots: they prefix tool names)",
+                None,
+            );
+        }
+        let Some(r) = cx.entry::<RemoteFile>(&["remotes", &name], v) else { continue };
+        let url = match parse_url(&r.url) {
+            Ok(u) => u,
+            Err(e) => {
+                cx.err(&["remotes", &name, "url"], e, None);
+                continue;
+            }
+        };
+        let credential = r.credential.as_ref().and_then(|c| credential(&mut cx, &["remotes", &name, "credential"], c));
+        let tls = tls(&mut cx, &["remotes", &name], r.tls.as_ref());
+        let timeout = cx.duration(&["remotes", &name, "timeout"], r.timeout.as_deref(), Duration::from_secs(30));
+        let prefix = r.tool_prefix.clone().unwrap_or_else(|| name.clone());
+        if !name_ok(&prefix) || prefix.contains('.') {
+            cx.err(&["remotes", &name, "tool_prefix"], "1-64 of [A-Za-z0-9_-]", None);
+        }
+        remotes.insert(
+            name,
+            Remote {
+                url,
+                description: r.description.unwrap_or_default(),
+                credential,
+                tools: r.tools.map(|t| t.into_iter().collect()),
+                tool_prefix: prefix,
+                tls,
+                timeout,
+                enabled: r.enabled.unwrap_or(true),
+            },
+        );
+    }
+
+    // Network.
+    let nf: NetworkFile = top.get("network").and_then(|v| cx.entry(&["network"], v)).unwrap_or_default();
+    let mut network = NetworkPolicy::default();
+    for (key, list, out) in [("allow", &nf.allow, &mut network.allow), ("deny", &nf.deny, &mut network.deny)] {
+        for c in list {
+            match Cidr::parse(c) {
+                Ok(c) => out.push(c),
+                Err(e) => cx.err(&["network", key], e, None),
+            }
+        }
+    }
+
+    // Templates (validated as they are merged into agents; parsed once here).
+    let mut templates: BTreeMap<String, TemplateFile> = BTreeMap::new();
+    for (name, v) in section(&mut cx, top, "templates") {
+        if let Some(t) = cx.entry::<TemplateFile>(&["templates", &name], v) {
+            templates.insert(name, t);
+        }
+    }
+
+    // Agents.
+    let mut agents = BTreeMap::new();
+    let mut by_uid = BTreeMap::new();
+    for (name, v) in section(&mut cx, top, "agents") {
+        if !name_ok(&name) {
+            cx.err(&["agents", &name], "agent names are 1-64 of [A-Za-z0-9_.-]", None);
+        }
+        let Some(a) = cx.entry::<AgentFile>(&["agents", &name], v) else { continue };
+        if let Some(h) = &a.api_key_hash {
+            if h.starts_with("$2") {
+                cx.err(
+                    &["agents", &name, "api_key_hash"],
+                    "bcrypt hashes (Go Ephyr) are not accepted",
+                    Some(format!("run `ephyr keygen agent {name}` and paste the new api_key_hash line")),
+                );
+            } else {
+                match argon2::password_hash::phc::PasswordHash::new(h) {
+                    Ok(ph) if ph.algorithm.as_str() == "argon2id" => {}
+                    Ok(ph) => cx.err(
+                        &["agents", &name, "api_key_hash"],
+                        format!("algorithm {} is not argon2id", ph.algorithm),
+                        Some(format!("run `ephyr keygen agent {name}`")),
+                    ),
+                    Err(_) => cx.err(
+                        &["agents", &name, "api_key_hash"],
+                        "not an Argon2id PHC string ($argon2id$v=19$m=...,t=...,p=...$salt$hash)",
+                        Some(format!("run `ephyr keygen agent {name}`")),
+                    ),
+                }
+            }
+        }
+        if let Some(uid) = a.uid
+            && let Some(other) = by_uid.insert(uid, name.clone())
+        {
+            cx.err(&["agents", &name, "uid"], format!("uid {uid} is already agent {other:?}"), None);
+        }
+        let max_task_ttl =
+            cx.duration(&["agents", &name, "max_task_ttl"], a.max_task_ttl.as_deref(), limits.task_ttl_max);
+        if max_task_ttl > limits.task_ttl_max {
+            cx.err(&["agents", &name, "max_task_ttl"], "exceeds limits.task_ttl_max", None);
+        }
+        let depth = a.max_delegation_depth.unwrap_or(limits.delegation_depth_max);
+        if depth > limits.delegation_depth_max {
+            cx.err(&["agents", &name, "max_delegation_depth"], "exceeds limits.delegation_depth_max", None);
+        }
+        let rate = cx.rate(&["agents", &name, "rate_limit"], a.rate_limit.as_deref(), limits.requests_per_agent);
+        let mut agent = Agent {
+            name: name.clone(),
+            description: a.description.clone().unwrap_or_default(),
+            api_key_hash: a.api_key_hash.clone(),
+            uid: a.uid,
+            ssh: Grants::default(),
+            services: Grants::default(),
+            remotes: Grants::default(),
+            dashboard: DashboardLevel::None,
+            can_delegate: a.can_delegate.unwrap_or(false),
+            max_delegation_depth: depth,
+            max_task_ttl,
+            require_pop: a.require_pop.unwrap_or(false),
+            max_concurrent_certs: a.max_concurrent_certs.unwrap_or(limits.max_certs_per_agent),
+            rate_limit: rate,
+            enabled: a.enabled.unwrap_or(true),
+        };
+        let mut dash = false;
+        let own = Grantable {
+            ssh: a.ssh.as_ref(),
+            services: a.services.as_ref(),
+            remotes: a.remotes.as_ref(),
+            dashboard: a.dashboard.as_deref(),
+        };
+        merge_grants(&mut cx, &["agents", &name], &own, &roles, &targets, &services, &remotes, &mut agent, &mut dash);
+        for t in &a.inherits {
+            match templates.get(t) {
+                None => cx.err(
+                    &["agents", &name, "inherits"],
+                    format!("unknown template {t:?}"),
+                    Some(format!("templates defined: {}", join_keys(&templates))),
+                ),
+                Some(tf) => {
+                    let g = Grantable {
+                        ssh: tf.ssh.as_ref(),
+                        services: tf.services.as_ref(),
+                        remotes: tf.remotes.as_ref(),
+                        dashboard: tf.dashboard.as_deref(),
+                    };
+                    merge_grants(
+                        &mut cx,
+                        &["templates", t],
+                        &g,
+                        &roles,
+                        &targets,
+                        &services,
+                        &remotes,
+                        &mut agent,
+                        &mut dash,
+                    );
+                }
+            }
+        }
+        if agent.ssh.entries().is_empty()
+            && agent.services.entries().is_empty()
+            && agent.remotes.entries().is_empty()
+            && agent.dashboard == DashboardLevel::None
+        {
+            cx.warn(&["agents", &name], "has no grants and can do nothing but create tasks over nothing (Go Ephyr gave such 'legacy' agents full access; ephyr gives nothing)");
+        }
+        if agent.api_key_hash.is_none() && agent.uid.is_none() {
+            cx.warn(&["agents", &name], "has neither api_key_hash nor uid, so it cannot authenticate");
+        }
+        agents.insert(name, agent);
+    }
+
+    if !cx.problems.is_empty() {
+        return Err(PolicyError { problems: cx.problems });
+    }
+    let digest = data_encoding::HEXLOWER.encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref());
+    Ok(Policy {
+        limits,
+        roles,
+        targets,
+        services,
+        remotes,
+        network,
+        agents,
+        agents_by_uid: by_uid,
+        warnings: cx.warnings,
+        digest,
+    })
+}

@@ -1,0 +1,263 @@
+//! `ephyr policy check|diff|explain|reload` and `ephyr keygen agent`.
+//!
+//! What runs here: reads policy files; `explain` calls the same `authorize` the broker uses;
+//! `reload` asks the running broker over the local socket; `keygen` reads the CSPRNG and runs one
+//! Argon2id hash (about 25 ms).
+
+use std::path::Path;
+
+use crate::broker::policy::{self, Action, ActionKind, DashboardLevel, Decision, Policy, Principal, TaskOp, authorize};
+use crate::macaroon::Macaroon;
+
+/// `policy check FILE`: prints problems and warnings; returns the exit code (0 ok, 3 invalid).
+pub fn check(file: &Path, json: bool) -> i32 {
+    match policy::load_file(file) {
+        Ok(p) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": true, "warnings": p.warnings, "digest": p.digest, "agents": p.agents.len(), "targets": p.targets.len(), "services": p.services.len(), "remotes": p.remotes.len() })
+                );
+            } else {
+                for w in &p.warnings {
+                    println!("warning: {w}");
+                }
+                println!(
+                    "{}: OK ({} agent(s), {} target(s), {} service(s), {} remote(s); {} warning(s))",
+                    file.display(),
+                    p.agents.len(),
+                    p.targets.len(),
+                    p.services.len(),
+                    p.remotes.len(),
+                    p.warnings.len()
+                );
+            }
+            0
+        }
+        Err(e) => {
+            if json {
+                let list: Vec<serde_json::Value> = e
+                    .problems
+                    .iter()
+                    .map(|p| serde_json::json!({ "at": p.at, "path": p.path, "message": p.message, "hint": p.hint }))
+                    .collect();
+                println!("{}", serde_json::json!({ "ok": false, "problems": list }));
+            } else {
+                for p in &e.problems {
+                    println!("error: {p}");
+                }
+                println!("{}: {} problem(s)", file.display(), e.problems.len());
+            }
+            3
+        }
+    }
+}
+
+/// `policy diff OLD NEW`.
+pub fn diff(old: &Path, new: &Path) -> Result<i32, String> {
+    let o = policy::load_file(old).map_err(|e| format!("{}:\n{e}", old.display()))?;
+    let n = policy::load_file(new).map_err(|e| format!("{}:\n{e}", new.display()))?;
+    let d = policy::diff::diff(&o, &n);
+    if d.is_empty() {
+        println!("no change in what any agent may do");
+    }
+    for (agent, changes) in d {
+        println!("agent {agent}:");
+        for c in changes {
+            match c {
+                policy::diff::Change::Gain(s) => println!("  + {s}"),
+                policy::diff::Change::Loss(s) => println!("  - {s}"),
+                policy::diff::Change::Changed(k, a, b) => println!("  ~ {k}: {a} -> {b}"),
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// What to explain.
+#[derive(Debug, Default)]
+pub struct ExplainOptions {
+    /// Policy file.
+    pub config: std::path::PathBuf,
+    /// Agent.
+    pub agent: String,
+    /// Action spec (see [`parse_action`]).
+    pub action: String,
+    /// Tool it comes through (checked against a token's tool set).
+    pub tool: Option<String>,
+    /// A task token whose caveats (not verified here) narrow the decision.
+    pub token: Option<String>,
+    /// JSON output.
+    pub json: bool,
+}
+
+enum Owned {
+    Discover,
+    Ssh(String, String),
+    Http(String, String, String),
+    Tool(String, String, serde_json::Map<String, serde_json::Value>),
+    Task(TaskOp),
+    Dashboard(DashboardLevel),
+}
+
+/// Parses `ssh:TARGET:ROLE`, `http:SERVICE:METHOD:/PATH`, `tool:REMOTE:TOOL[:{json args}]`,
+/// `task:create:TTL`, `task:delegate:TTL:CHILD_DEPTH`, `task:read|revoke|bind`,
+/// `dashboard:LEVEL` or `discover`.
+fn parse_action(s: &str) -> Result<Owned, String> {
+    let parts: Vec<&str> = s.splitn(4, ':').collect();
+    let dur = |x: &str| crate::time::parse_duration(x).map_err(|e| e.to_string());
+    Ok(match parts.as_slice() {
+        ["discover"] => Owned::Discover,
+        ["ssh", t, r] => Owned::Ssh(t.to_string(), r.to_string()),
+        ["http", svc, m, p] => {
+            let path = crate::macaroon::caveat::NormPath::normalise(p)
+                .ok_or_else(|| format!("{p:?} is not an absolute path"))?;
+            Owned::Http(svc.to_string(), m.to_ascii_uppercase(), path.as_str().to_owned())
+        }
+        ["tool", r, t] => Owned::Tool(r.to_string(), t.to_string(), serde_json::Map::new()),
+        ["tool", r, t, args] => {
+            let v: serde_json::Value = serde_json::from_str(args).map_err(|e| format!("tool arguments: {e}"))?;
+            let serde_json::Value::Object(m) = v else { return Err("tool arguments must be a JSON object".into()) };
+            Owned::Tool(r.to_string(), t.to_string(), m)
+        }
+        ["task", "create", ttl] => Owned::Task(TaskOp::Create { ttl: dur(ttl)? }),
+        ["task", "delegate", ttl, depth] => {
+            let d: u8 = depth.parse().map_err(|_| "CHILD_DEPTH must be a number".to_string())?;
+            Owned::Task(TaskOp::Delegate { ttl: dur(ttl)?, child_depth: d, parent_depth: d.saturating_sub(1) })
+        }
+        ["task", "read"] => Owned::Task(TaskOp::Read),
+        ["task", "revoke"] => Owned::Task(TaskOp::Revoke),
+        ["task", "bind"] => Owned::Task(TaskOp::Bind),
+        ["dashboard", l] => {
+            Owned::Dashboard(DashboardLevel::parse(l).ok_or("levels are none, viewer, operator, admin")?)
+        }
+        _ => {
+            return Err(format!(
+                "cannot read action {s:?}; try ssh:TARGET:ROLE, http:SERVICE:METHOD:/PATH, tool:REMOTE:TOOL[:{{json}}], task:create:30m, task:delegate:10m:1, dashboard:viewer, discover"
+            ));
+        }
+    })
+}
+
+/// `policy explain`: the decision and the rule behind it. Exit 0 allowed, 1 denied.
+pub fn explain(o: &ExplainOptions) -> Result<i32, String> {
+    let p: Policy = policy::load_file(&o.config).map_err(|e| e.to_string())?;
+    let action = parse_action(&o.action)?;
+    let envelope = match &o.token {
+        Some(t) => {
+            let m = Macaroon::decode(t).map_err(|e| format!("--token: {e}"))?;
+            Some(crate::macaroon::reduce(m.caveats()).map_err(|e| format!("--token: {e}"))?.envelope)
+        }
+        None => None,
+    };
+    let declared: Vec<String> = match &action {
+        Owned::Tool(_, _, a) => a.keys().cloned().collect(),
+        _ => vec![],
+    };
+    let kind = match &action {
+        Owned::Discover => ActionKind::Discover,
+        Owned::Ssh(t, r) => ActionKind::Ssh { target: t, role: r },
+        Owned::Http(s, m, path) => ActionKind::Http { service: s, method: m, path },
+        Owned::Tool(r, t, a) => ActionKind::RemoteTool { remote: r, tool: t, arguments: a, declared: &declared },
+        Owned::Task(op) => ActionKind::Task(*op),
+        Owned::Dashboard(l) => ActionKind::Dashboard(*l),
+    };
+    let d = authorize(
+        &p,
+        &Principal { agent: &o.agent, token: envelope.as_ref() },
+        &Action { tool: o.tool.as_deref(), kind },
+    );
+    let (code, v) = match &d {
+        Decision::Allow(g) => (0, serde_json::json!({ "decision": "allow", "rule": g.rule, "principal": g.principal })),
+        Decision::Deny(x) => {
+            (1, serde_json::json!({ "decision": "deny", "code": x.code.as_str(), "reason": x.reason }))
+        }
+    };
+    if o.json {
+        println!("{v}");
+    } else {
+        match &d {
+            Decision::Allow(g) => {
+                print!("ALLOW  by rule {}", g.rule);
+                if let Some(pr) = &g.principal {
+                    print!(" (certificate principal {pr})");
+                }
+                println!();
+            }
+            Decision::Deny(x) => println!("DENY   {}: {}", x.code.as_str(), x.reason),
+        }
+        if envelope.is_some() {
+            println!("(the token's caveats were applied but its signature was not checked)");
+        }
+    }
+    Ok(code)
+}
+
+/// Prefix of every agent API key.
+pub const API_KEY_PREFIX: &str = "ephyr_ak_";
+
+/// A fresh API key and its Argon2id PHC hash.
+pub fn new_api_key() -> Result<(crate::secret::SecretString, String), String> {
+    let mut raw = zeroize::Zeroizing::new([0u8; 32]);
+    crate::signer::keys::random_bytes(&mut raw[..]).map_err(|e| e.to_string())?;
+    let key = crate::secret::SecretString::new(format!(
+        "{API_KEY_PREFIX}{}",
+        data_encoding::BASE64URL_NOPAD.encode(&raw[..])
+    ));
+    let hash = hash_api_key(key.expose())?;
+    Ok((key, hash))
+}
+
+/// Argon2id (m=19456 KiB, t=2, p=1: the OWASP profile) PHC string for `key`.
+pub fn hash_api_key(key: &str) -> Result<String, String> {
+    hash_api_key_with(key, argon2::Params::default())
+}
+
+/// Argon2id PHC string with explicit parameters.
+pub fn hash_api_key_with(key: &str, params: argon2::Params) -> Result<String, String> {
+    use argon2::password_hash::PasswordHasher;
+    let mut salt = [0u8; 16];
+    crate::signer::keys::random_bytes(&mut salt).map_err(|e| e.to_string())?;
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+        .hash_password_with_salt(key.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| format!("argon2: {e}"))
+}
+
+/// `keygen agent NAME`.
+pub fn keygen_agent(name: &str, json: bool) -> Result<i32, String> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
+        return Err(format!("{name:?} is not an agent name (1-64 of A-Za-z0-9_.-)"));
+    }
+    let (key, hash) = new_api_key()?;
+    if json {
+        println!("{}", serde_json::json!({ "agent": name, "api_key": key.expose(), "api_key_hash": hash }));
+    } else {
+        println!(
+            "API key for agent {name:?} (shown once; give it to the agent, it is not stored anywhere):\n\n  {}\n",
+            key.expose()
+        );
+        println!(
+            "Add this line under agents.{name} in policy.yaml, then `ephyr policy reload`:\n\n  api_key_hash: \"{hash}\""
+        );
+    }
+    Ok(0)
+}
+
+/// `policy reload`: asks the running broker.
+pub fn reload(socket: &Path) -> Result<i32, String> {
+    let (status, v) = super::client::request(socket, http::Method::POST, "/v1/policy/reload", None)?;
+    for w in v["warnings"].as_array().into_iter().flatten() {
+        println!("warning: {}", w.as_str().unwrap_or_default());
+    }
+    if status.is_success() {
+        println!("reloaded: policy {}", v["digest"].as_str().unwrap_or("?"));
+        Ok(0)
+    } else {
+        for p in v["problems"].as_array().into_iter().flatten() {
+            println!("error: {}", p.as_str().unwrap_or_default());
+        }
+        println!("{}", v["message"].as_str().unwrap_or("reload failed; the previous policy stays in force"));
+        Ok(3)
+    }
+}

@@ -1,0 +1,212 @@
+//! The policy engine from the outside: every example policy loads (and matches the JSON Schema
+//! editors use), `policy check/diff/explain`, `keygen`, and live reloads of a running broker.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn examples() -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(repo().join("policies"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    v.sort();
+    assert!(v.len() >= 4, "dev, example, homelab, production at least: {v:?}");
+    v
+}
+
+#[test]
+fn every_example_policy_loads_and_matches_the_json_schema() {
+    for p in examples() {
+        let out = ephyr(&["policy", "check", p.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0), "{}: {}", p.display(), stdout(&out));
+    }
+    let mut files: Vec<String> = examples().iter().map(|p| p.to_str().unwrap().to_owned()).collect();
+    let dir = TempDir::new("schema");
+    let typo = dir.join("typo.yaml");
+    std::fs::write(&typo, "targets:\n  web:\n    host: x\n    alowed_roles: [read]\n").unwrap();
+    files.push(typo.to_str().unwrap().to_owned());
+    let out = python("schema_check.py").arg(repo().join("docs/policy.schema.json")).args(&files).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for line in stdout(&out).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let errors = v["errors"].as_array().unwrap();
+        if v["file"].as_str().unwrap().ends_with("typo.yaml") {
+            assert!(
+                errors.iter().any(|e| e.as_str().unwrap().contains("'alowed_roles' was unexpected")),
+                "the schema catches typos too: {v}"
+            );
+        } else {
+            assert!(errors.is_empty(), "{v}");
+        }
+    }
+}
+
+#[test]
+fn check_lists_every_problem_with_location_and_exits_3() {
+    let dir = TempDir::new("check");
+    let f = dir.join("bad.yaml");
+    std::fs::write(&f, "roles:\n  read: {principal: agent-read}\ntargets:\n  web:\n    host: x\n    allowed_roles: [raed]\nagents:\n  a:\n    ssh:\n      nowhere: {roles: [read]}\n").unwrap();
+    let out = ephyr(&["policy", "check", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = stdout(&out);
+    assert!(text.contains(&format!("{}:6:5: targets.web.allowed_roles: unknown role \"raed\"", f.display())), "{text}");
+    assert!(
+        text.contains(&format!("{}:10:7: agents.a.ssh.nowhere: unknown target \"nowhere\"", f.display())),
+        "{text}"
+    );
+    assert!(text.contains("2 problem(s)"), "{text}");
+    let json = ephyr(&["policy", "check", "--json", f.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["problems"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn explain_gives_the_decision_and_the_rule_behind_it() {
+    let homelab = repo().join("policies/homelab.yaml");
+    let h = homelab.to_str().unwrap();
+    let allow = ephyr(&["policy", "explain", "--config", h, "--agent", "claude", "--action", "ssh:nas:op"]);
+    assert_eq!(allow.status.code(), Some(0));
+    assert_eq!(stdout(&allow), "ALLOW  by rule agents.claude.ssh.nas (certificate principal agent-op)\n");
+    let via_template =
+        ephyr(&["policy", "explain", "--config", h, "--agent", "claude", "--action", "ssh:pihole:read", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&via_template.stdout).unwrap();
+    assert_eq!(v["rule"], "templates.observer.ssh.*");
+    let deny = ephyr(&["policy", "explain", "--config", h, "--agent", "cron", "--action", "ssh:nas:op"]);
+    assert_eq!(deny.status.code(), Some(1));
+    assert!(
+        stdout(&deny).starts_with(
+            "DENY   policy_denies_role: templates.observer.ssh.* grants roles [read] on \"nas\", not \"op\""
+        ),
+        "{}",
+        stdout(&deny)
+    );
+    let args = ephyr(&[
+        "policy",
+        "explain",
+        "--config",
+        h,
+        "--agent",
+        "claude",
+        "--action",
+        r#"tool:files:read_file:{"path":"/srv/shared/../../etc/shadow"}"#,
+    ]);
+    assert!(stdout(&args).contains("argument_constraint"), "{}", stdout(&args));
+    let http = ephyr(&[
+        "policy",
+        "explain",
+        "--config",
+        h,
+        "--agent",
+        "claude",
+        "--action",
+        "http:homeassistant:POST:/states/light.kitchen",
+    ]);
+    assert!(stdout(&http).contains("method_not_allowed"), "{}", stdout(&http));
+    // A token narrows what the policy allows.
+    let token = {
+        let start = ephyr::macaroon::RootKey::from_bytes(&[1; 32]).start(b"01ARZ3NDEKTSV4RRFFQ69G5FAV");
+        start.mint("ephyr", &["task = 01ARZ3NDEKTSV4RRFFQ69G5FAV", "target IN [pihole]"]).encode()
+    };
+    let narrowed = ephyr(&[
+        "policy",
+        "explain",
+        "--config",
+        h,
+        "--agent",
+        "claude",
+        "--action",
+        "ssh:nas:read",
+        "--token",
+        &token,
+    ]);
+    assert!(stdout(&narrowed).contains("token_denies_target"), "{}", stdout(&narrowed));
+    let bad = ephyr(&["policy", "explain", "--config", h, "--agent", "claude", "--action", "ftp:x"]);
+    assert_eq!(bad.status.code(), Some(3));
+    assert!(stderr(&bad).contains("cannot read action"));
+}
+
+#[test]
+fn diff_shows_gains_and_losses_per_agent() {
+    let dir = TempDir::new("diff");
+    let homelab = std::fs::read_to_string(repo().join("policies/homelab.yaml")).unwrap();
+    let changed = homelab
+        .replace("nas: { roles: [read, op] }", "nas: { roles: [read] }")
+        .replace("    max_task_ttl: 1h\n", "    max_task_ttl: 30m\n");
+    std::fs::write(dir.join("new.yaml"), changed).unwrap();
+    let out = ephyr(&[
+        "policy",
+        "diff",
+        repo().join("policies/homelab.yaml").to_str().unwrap(),
+        dir.join("new.yaml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "agent claude:\n  - ssh nas as op\n  ~ max_task_ttl: 1h -> 30m\n");
+}
+
+#[test]
+fn keygen_prints_a_key_whose_hash_verifies_and_loads() {
+    let out = ephyr(&["keygen", "agent", "bot", "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = v["api_key"].as_str().unwrap();
+    let hash = v["api_key_hash"].as_str().unwrap();
+    assert!(key.starts_with("ephyr_ak_") && key.len() == 9 + 43, "{key}");
+    assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+    use argon2::password_hash::PasswordVerifier;
+    let phc = argon2::password_hash::phc::PasswordHash::new(hash).unwrap();
+    assert!(argon2::Argon2::default().verify_password(key.as_bytes(), &phc).is_ok());
+    assert!(argon2::Argon2::default().verify_password(b"ephyr_ak_wrong", &phc).is_err());
+    let dir = TempDir::new("keygen");
+    std::fs::write(dir.join("p.yaml"), format!("agents:\n  bot:\n    api_key_hash: \"{hash}\"\n")).unwrap();
+    assert_eq!(ephyr(&["policy", "check", dir.join("p.yaml").to_str().unwrap()]).status.code(), Some(0));
+    assert_eq!(ephyr(&["keygen", "agent", "bad name"]).status.code(), Some(3));
+}
+
+const LIVE: &str = "roles: {read: {principal: ephyrtest}}\ntargets: {local: {host: 127.0.0.1, allowed_roles: [read]}}\nagents: {a: {uid: 4242, ssh: {local: {roles: [read]}}}}\n";
+
+#[test]
+fn reload_swaps_valid_policies_and_keeps_the_old_one_when_invalid() {
+    if !require_root() {
+        return;
+    }
+    let b = Broker::start(BrokerOpts { policy: Some(LIVE), ..Default::default() });
+    let policy_file = b.socket.parent().unwrap().join("policy.yaml");
+    let digest = || b.status()["policy_digest"].as_str().unwrap().to_owned();
+    let first = digest();
+    // A valid change through `ephyr policy reload`.
+    std::fs::write(&policy_file, LIVE.replace("uid: 4242", "uid: 4243")).unwrap();
+    let out = ephyr(&["policy", "reload", "--socket", b.socket.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(stdout(&out).starts_with("reloaded: policy "));
+    let second = digest();
+    assert_ne!(second, first);
+    // An invalid one is refused with its problems; the previous one stays.
+    std::fs::write(&policy_file, "agents: {a: {ssh: {nowhere: {roles: [read]}}}}\n").unwrap();
+    let out = ephyr(&["policy", "reload", "--socket", b.socket.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stdout(&out).contains("unknown target \"nowhere\"") && stdout(&out).contains("previous policy stays in force"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(digest(), second);
+    // A new principal reloads, with a warning that the signer refuses it until a restart.
+    std::fs::write(&policy_file, LIVE.replace("principal: ephyrtest", "principal: newuser")).unwrap();
+    let out = ephyr(&["policy", "reload", "--socket", b.socket.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).contains("principal \"newuser\" is not on the signer's allow-list"), "{}", stdout(&out));
+    // SIGHUP does the same.
+    std::fs::write(&policy_file, LIVE).unwrap();
+    b.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while digest() != first {
+        assert!(std::time::Instant::now() < deadline, "SIGHUP did not reload:\n{}", b.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(b.log().contains("SIGHUP received: reloading the policy"));
+}
