@@ -202,6 +202,7 @@ type Reply = async_channel::Sender<Result<Response, CallError>>;
 struct Worker {
     sock: Rc<Async<OwnedFd>>,
     pid: u32,
+    generation: u64,
 }
 
 struct State {
@@ -318,21 +319,35 @@ impl Signer {
     }
 
     /// Sends one request and waits for its answer.
+    ///
+    /// A request that could not even be sent because the worker was already dead (its EOF not yet
+    /// read) was never in flight: it waits for the replacement and is sent there. A request the
+    /// worker received and died on fails with [`CallError::WorkerDied`].
     pub async fn call(&self, req: Request) -> Result<Response, CallError> {
-        let sock = self.current_worker().await?;
-        let id = self.0.next_id.get();
-        self.0.next_id.set(id.wrapping_add(1));
-        let (tx, rx) = async_channel::bounded(1);
-        self.0.state.borrow_mut().pending.insert(id, tx);
-        let frame = req.encode(id);
-        if let Err(e) = sock.write_with(|s| os::send_packet(s.as_fd(), &frame)).await {
-            self.0.state.borrow_mut().pending.remove(&id);
-            return Err(if e.kind() == io::ErrorKind::BrokenPipe || e.kind() == io::ErrorKind::ConnectionReset {
-                CallError::WorkerDied
-            } else {
-                CallError::Unavailable(e.to_string())
-            });
-        }
+        let frame_for = |id: u64| req.encode(id);
+        let mut dead_generation = None;
+        let (id, rx) = loop {
+            let (sock, generation) = self.current_worker(dead_generation).await?;
+            let id = self.0.next_id.get();
+            self.0.next_id.set(id.wrapping_add(1));
+            let (tx, rx) = async_channel::bounded(1);
+            self.0.state.borrow_mut().pending.insert(id, tx);
+            let frame = frame_for(id);
+            match sock.write_with(|s| os::send_packet(s.as_fd(), &frame)).await {
+                Ok(()) => break (id, rx),
+                Err(e) => {
+                    self.0.state.borrow_mut().pending.remove(&id);
+                    let dead = matches!(
+                        e.kind(),
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected
+                    );
+                    if !dead || dead_generation.is_some() {
+                        return Err(if dead { CallError::WorkerDied } else { CallError::Unavailable(e.to_string()) });
+                    }
+                    dead_generation = Some(generation);
+                }
+            }
+        };
         match with_timeout(CALL_TIMEOUT, rx.recv()).await {
             None => {
                 self.0.state.borrow_mut().pending.remove(&id);
@@ -387,14 +402,16 @@ impl Signer {
         }
     }
 
-    async fn current_worker(&self) -> Result<Rc<Async<OwnedFd>>, CallError> {
+    /// The current worker's socket and generation, waiting (up to [`WORKER_WAIT`]) while there is
+    /// none or while it is still the generation known to be dead.
+    async fn current_worker(&self, not: Option<u64>) -> Result<(Rc<Async<OwnedFd>>, u64), CallError> {
         let deadline = Instant::now() + WORKER_WAIT;
         loop {
             let listener = self.0.worker_up.listen();
             {
                 let st = self.0.state.borrow();
-                if let Some(w) = &st.worker {
-                    return Ok(w.sock.clone());
+                if let Some(w) = st.worker.as_ref().filter(|w| Some(w.generation) != not) {
+                    return Ok((w.sock.clone(), w.generation));
                 }
                 if st.stopping {
                     return Err(CallError::Unavailable("the broker is shutting down".into()));
@@ -518,7 +535,9 @@ impl Signer {
             match with_timeout(READY_TIMEOUT, result).await {
                 Some(Ok((ControlResponse::Spawned { pid }, Some(fd)))) => {
                     let sock = Async::new(fd).map_err(|e| SpawnError::Retry(e.to_string()))?;
-                    return Ok(Worker { sock: Rc::new(sock), pid });
+                    let generation = self.0.next_id.get();
+                    self.0.next_id.set(generation.wrapping_add(1));
+                    return Ok(Worker { sock: Rc::new(sock), pid, generation });
                 }
                 Some(Ok((ControlResponse::Failed(e), _))) => {
                     return Err(SpawnError::Retry(format!("the keeper could not start a worker: {}", e.message)));
