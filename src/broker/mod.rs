@@ -15,7 +15,6 @@ pub mod routes;
 pub mod serve;
 pub mod signer_client;
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -66,7 +65,7 @@ pub struct Broker {
     /// The signer.
     pub signer: signer_client::Signer,
     /// The current policy (swapped whole on reload).
-    pub policy: RefCell<Rc<policy::Policy>>,
+    pub policy: policy::PolicyCell,
     /// When the broker started.
     pub started: Instant,
     /// Who the broker runs as.
@@ -87,7 +86,7 @@ impl Broker {
     /// The current policy. Callers hold the `Rc` for the whole request, so a reload in between
     /// never mixes two policies in one decision.
     pub fn policy(&self) -> Rc<policy::Policy> {
-        self.policy.borrow().clone()
+        self.policy.snapshot()
     }
 
     /// Re-reads the policy (on the blocking pool) and swaps it in whole, or keeps the current one
@@ -115,7 +114,7 @@ impl Broker {
                     ));
                 }
                 let digest = new.digest.clone();
-                *self.policy.borrow_mut() = Rc::new(new);
+                self.policy.replace(new);
                 log::info!("policy reloaded: {digest}");
                 for w in &warnings {
                     log::warn!("policy: {w}");

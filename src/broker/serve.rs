@@ -11,7 +11,6 @@
 //! Shutdown: stop accepting, let in-flight requests finish (up to `--shutdown-timeout`), close the
 //! signer's control socket (keeper and worker exit), remove a temporary data dir, exit 0.
 
-use std::cell::RefCell;
 use std::fmt;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
@@ -226,7 +225,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         let broker = Rc::new(Broker {
             policy_source: source,
             signer: signer.clone(),
-            policy: RefCell::new(Rc::new(policy)),
+            policy: super::policy::PolicyCell::new(policy),
             started,
             identity,
             data_dir: data_dir.clone(),

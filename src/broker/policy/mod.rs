@@ -515,6 +515,28 @@ impl Policy {
     }
 }
 
+/// The current policy, swapped whole. Readers take a snapshot (`Rc<Policy>`) and use only that
+/// for a whole request, so a reload between two of their steps can never mix versions.
+#[derive(Debug)]
+pub struct PolicyCell(std::cell::RefCell<std::rc::Rc<Policy>>);
+
+impl PolicyCell {
+    /// A cell holding `p`.
+    pub fn new(p: Policy) -> Self {
+        PolicyCell(std::cell::RefCell::new(std::rc::Rc::new(p)))
+    }
+
+    /// The current policy.
+    pub fn snapshot(&self) -> std::rc::Rc<Policy> {
+        self.0.borrow().clone()
+    }
+
+    /// Replaces the policy in one step.
+    pub fn replace(&self, p: Policy) {
+        *self.0.borrow_mut() = std::rc::Rc::new(p);
+    }
+}
+
 /// Reads and parses a policy file.
 pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
     let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
