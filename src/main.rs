@@ -30,6 +30,7 @@ Commands:
   inspect      decode a task token and show what it allows
   policy       check, diff, explain or reload a policy
   keygen       generate an agent API key and its hash line
+  audit        verify or query the audit trail
   version      print the version
 
 Run `ephyr <command> --help` for a command's options. Exit codes: 0 ok, 1 failure,
@@ -118,6 +119,20 @@ Usage: ephyr keygen agent NAME [--json]
 Generates a new API key for agent NAME, prints it once, and prints the Argon2id
 api_key_hash line to paste under agents.NAME in policy.yaml. The key itself is not stored.";
 
+const AUDIT_HELP: &str = "\
+Usage: ephyr audit <verify|query> ...
+
+  ephyr audit verify [FILE...] [--data-dir DIR] [--public-key B64|FILE] [--socket PATH] [--json]
+      Checks the hash chain, every signed checkpoint, and the end of the log. Without FILEs it
+      reads every file in <data-dir>/audit in order and also uses audit/HEAD and, if one answers
+      on the socket, the running broker's live chain head. The trusted checkpoint key comes from
+      --public-key, else keys/audit_checkpoint.pub, else the running broker.
+      Exit 0 verified, 1 tampering or damage found (each with file:line), 3 no key to trust.
+  ephyr audit query [--data-dir DIR] [--task ULID] [--agent NAME] [--since T] [--until T]
+                    [--decision allow|deny] [--kind K] [--event E] [--json] [FILE...]
+      Events in log order. --task selects the task's whole tree. T is RFC 3339 or a duration
+      (1h = one hour ago). --json prints the raw lines.";
+
 const STATUS_HELP: &str = "\
 Usage: ephyr status [--socket PATH | --data-dir DIR] [--json]
 
@@ -193,6 +208,7 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "inspect" => cmd_inspect(p),
         "policy" => cmd_policy(p),
         "keygen" => cmd_keygen(p),
+        "audit" => cmd_audit(p),
         "version" => {
             println!("ephyr {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
@@ -404,6 +420,55 @@ fn cmd_policy(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         }
         other => Err(usage(format!("unknown policy command {other:?} (check, diff, explain, reload)"))),
     }
+}
+
+fn cmd_audit(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let sub = match p.next()? {
+        Some(Value(v)) => v.string()?,
+        Some(Long("help") | Short('h')) | None => return help(AUDIT_HELP),
+        Some(other) => return Err(other.unexpected().into()),
+    };
+    let mut data_dir = PathBuf::from(DEFAULT_DATA_DIR);
+    let mut files = Vec::new();
+    let (mut json, mut socket, mut key) = (false, None, None);
+    let mut f = ephyr::broker::audit::query::Filter::default();
+    let when = |v: String| cli::audit::parse_when(&v).map_err(usage);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("data-dir") => data_dir = path(p.value()?),
+            Long("json") => json = true,
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("public-key") if sub == "verify" => key = Some(p.value()?.string()?),
+            Long("task") if sub == "query" => f.task = Some(p.value()?.string()?),
+            Long("agent") if sub == "query" => f.agent = Some(p.value()?.string()?),
+            Long("since") if sub == "query" => f.since = Some(when(p.value()?.string()?)?),
+            Long("until") if sub == "query" => f.until = Some(when(p.value()?.string()?)?),
+            Long("decision") if sub == "query" => {
+                let d = p.value()?.string()?;
+                if d != "allow" && d != "deny" {
+                    return Err(usage("--decision is allow or deny"));
+                }
+                f.decision = Some(d);
+            }
+            Long("kind") if sub == "query" => f.kind = Some(p.value()?.string()?),
+            Long("event") if sub == "query" => f.event = Some(p.value()?.string()?),
+            Long("help") | Short('h') => return help(AUDIT_HELP),
+            Value(v) => files.push(path(v)),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let r = match sub.as_str() {
+        "verify" => cli::audit::verify_cmd(&cli::audit::VerifyOptions {
+            files,
+            socket: cli::client::socket_path(socket, Some(&data_dir)),
+            data_dir,
+            public_key: key,
+            json,
+        }),
+        "query" => cli::audit::query_cmd(&data_dir, &files, &f, json),
+        other => return Err(usage(format!("unknown audit command {other:?} (verify, query)"))),
+    };
+    r.map(|c| c as u8).map_err(|e| Failure::Run(1, e))
 }
 
 fn cmd_keygen(p: &mut lexopt::Parser) -> Result<u8, Failure> {

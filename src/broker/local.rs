@@ -17,6 +17,7 @@ use http::{Method, StatusCode};
 use serde::Deserialize;
 
 use super::Broker;
+use super::audit::{AuditSink, Event, Kind};
 use super::http::{Body, Handler, Peer, error, json, read_body};
 use super::signer_client::CallError;
 use crate::signer::protocol::{CertRequest, ErrorCode, Request, Response, SignerLimits};
@@ -59,7 +60,14 @@ pub fn status_json(broker: &Broker) -> serde_json::Value {
             "problems": b.problems,
         })
     });
+    let (seq, head) = broker.audit.head();
     serde_json::json!({
+        "audit": {
+            "seq": seq,
+            "head": data_encoding::HEXLOWER.encode(&head),
+            "failure": broker.audit.failure(),
+            "checkpoint_public_key": h.status.as_ref().map(|s| data_encoding::BASE64.encode(&s.checkpoint_public_key)),
+        },
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
         "uid": broker.identity.uid,
@@ -146,6 +154,7 @@ async fn operator_cert(broker: &Broker, peer: Peer, req: http::Request<hyper::bo
         Peer::Tcp(_) => u32::MAX,
     };
     let key_id = r.key_id.unwrap_or_else(|| format!("ephyr:operator:uid{uid}:{t}"));
+    let principals = r.principals.clone();
     let request = Request::SignUserCert(CertRequest {
         public_key: r.public_key,
         principals: r.principals,
@@ -156,8 +165,23 @@ async fn operator_cert(broker: &Broker, peer: Peer, req: http::Request<hyper::bo
         source_address: r.source_address,
         extensions: r.extensions.unwrap_or_else(|| vec!["permit-pty".into()]),
     });
+    let action = serde_json::json!({ "operator_cert": { "principals": principals, "ttl_secs": ttl.as_secs() } });
     match broker.signer.call(request).await {
         Ok(Response::Certificate { serial, certificate }) => {
+            // The certificate leaves the broker only once its issuance is on disk.
+            let ev = Event::new(Kind::Cert, "cert_issued")
+                .agent(format!("operator:uid{uid}"))
+                .action(action)
+                .allow()
+                .outcome(serde_json::json!({ "serial": format!("{serial:016x}"), "key_id": key_id, "valid_after": t.saturating_sub(30), "valid_before": t + ttl.as_secs() }));
+            let durable = match broker.audit.record(ev) {
+                Ok(ticket) => ticket.durable().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = durable {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", e.to_string());
+            }
+            broker.metrics.inc("ephyr_certificates_issued_total", &[("requester", "operator")]);
             log::info!("operator certificate issued to uid {uid}: serial {serial:016x} key_id {key_id}");
             json(
                 StatusCode::OK,
@@ -171,7 +195,21 @@ async fn operator_cert(broker: &Broker, peer: Peer, req: http::Request<hyper::bo
             )
         }
         Ok(other) => error(StatusCode::BAD_GATEWAY, "signer_protocol", format!("unexpected answer {other:?}")),
-        Err(e) => signer_error_response(&e),
+        Err(e) => {
+            let (code, reason) = match &e {
+                CallError::Refused(r) => (r.code.as_str().to_owned(), r.message.clone()),
+                other => ("signer_unavailable".to_owned(), other.to_string()),
+            };
+            broker
+                .audit_now(
+                    Event::new(Kind::Cert, "cert_refused")
+                        .agent(format!("operator:uid{uid}"))
+                        .action(action)
+                        .deny(code, reason),
+                )
+                .await;
+            signer_error_response(&e)
+        }
     }
 }
 

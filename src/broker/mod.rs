@@ -5,10 +5,12 @@
 //! `routes` (the TCP endpoints), `local` (the Unix-socket API), `privileges` (the drop),
 //! `blocking` (the bounded pool for blocking work), `datadir` (files), `policy` (configuration).
 
+pub mod audit;
 pub mod blocking;
 pub mod datadir;
 pub mod http;
 pub mod local;
+pub mod metrics;
 pub mod policy;
 pub mod privileges;
 pub mod routes;
@@ -80,9 +82,27 @@ pub struct Broker {
     pub socket: PathBuf,
     /// Pool for blocking work.
     pub pool: blocking::BlockingPool,
+    /// The audit trail.
+    pub audit: Rc<audit::AuditLog>,
+    /// Metrics.
+    pub metrics: Rc<metrics::Metrics>,
 }
 
 impl Broker {
+    /// Records an event and waits until it is durable; on failure logs it (for events that do not
+    /// gate a response — those call `audit.record` themselves and refuse on error).
+    pub async fn audit_now(&self, e: audit::Event) {
+        use audit::AuditSink as _;
+        match self.audit.record(e) {
+            Ok(t) => {
+                if let Err(err) = t.durable().await {
+                    log::error!("{err}");
+                }
+            }
+            Err(err) => log::error!("{err}"),
+        }
+    }
+
     /// The current policy. Callers hold the `Rc` for the whole request, so a reload in between
     /// never mixes two policies in one decision.
     pub fn policy(&self) -> Rc<policy::Policy> {
@@ -105,6 +125,7 @@ impl Broker {
         });
         match loaded {
             Ok(new) => {
+                self.metrics.inc("ephyr_policy_reloads_total", &[("outcome", "ok")]);
                 let mut warnings = new.warnings.clone();
                 let allowed: std::collections::BTreeSet<String> =
                     self.signer.health().status.map(|s| s.limits.principals.into_iter().collect()).unwrap_or_default();
@@ -114,8 +135,13 @@ impl Broker {
                     ));
                 }
                 let digest = new.digest.clone();
+                let old = self.policy().digest.clone();
                 self.policy.replace(new);
                 log::info!("policy reloaded: {digest}");
+                let ev = audit::Event::new(audit::Kind::Policy, "policy_reload").outcome(
+                    serde_json::json!({ "ok": true, "previous": old, "digest": digest, "warnings": warnings.len() }),
+                );
+                self.audit_now(ev).await;
                 for w in &warnings {
                     log::warn!("policy: {w}");
                 }
@@ -123,6 +149,14 @@ impl Broker {
             }
             Err(e) => {
                 log::error!("policy reload failed; keeping the current policy:\n{e}");
+                self.metrics.inc("ephyr_policy_reloads_total", &[("outcome", "invalid")]);
+                let first: Vec<String> = e.problems.iter().take(5).map(|p| p.to_string()).collect();
+                let ev = audit::Event::new(audit::Kind::Policy, "policy_reload")
+                    .error("invalid_policy", first.join("; "))
+                    .outcome(
+                        serde_json::json!({ "ok": false, "kept": self.policy().digest, "problems": e.problems.len() }),
+                    );
+                self.audit_now(ev).await;
                 Err(e)
             }
         }

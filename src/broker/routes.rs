@@ -29,16 +29,46 @@ fn healthz(broker: &Broker) -> http::Response<super::http::Body> {
     json(if h.available { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
 }
 
+fn count(broker: &Broker, listener: &'static str, r: &http::Response<super::http::Body>) {
+    let class = match r.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    broker.metrics.inc("ephyr_http_requests_total", &[("listener", listener), ("code", class)]);
+}
+
+/// `GET /metrics`: Prometheus text format. Gauges are refreshed at scrape time.
+pub fn metrics(broker: &Broker) -> http::Response<super::http::Body> {
+    let m = &broker.metrics;
+    let h = broker.signer.health();
+    let sandbox = h.status.as_ref().map(|s| &s.sandbox);
+    m.set("ephyr_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+    m.set("ephyr_uptime_seconds", &[], broker.started.elapsed().as_secs_f64());
+    if let Some(rss) = super::metrics::rss_bytes() {
+        m.set("process_resident_memory_bytes", &[], rss as f64);
+    }
+    m.set("ephyr_signer_available", &[], f64::from(u8::from(h.available)));
+    m.set("ephyr_signer_sandbox_enforced", &[], f64::from(u8::from(sandbox.is_some_and(|s| s.enforced))));
+    m.set("ephyr_signer_insecure", &[], f64::from(u8::from(sandbox.is_some_and(|s| s.insecure_override))));
+    m.set("ephyr_audit_available", &[], f64::from(u8::from(broker.audit.failure().is_none())));
+    super::http::text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", m.render())
+}
+
 /// Handler for the MCP/API listener.
 pub fn api_handler(broker: Rc<Broker>) -> Handler {
     Rc::new(move |req, _peer| {
         let broker = broker.clone();
         Box::pin(async move {
-            match (req.method(), req.uri().path()) {
+            let r = match (req.method(), req.uri().path()) {
                 (&Method::GET, "/healthz") => healthz(&broker),
                 (_, "/healthz") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
                 (_, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
-            }
+            };
+            count(&broker, "api", &r);
+            r
         })
     })
 }
@@ -48,10 +78,13 @@ pub fn dashboard_handler(broker: Rc<Broker>) -> Handler {
     Rc::new(move |req, _peer| {
         let broker = broker.clone();
         Box::pin(async move {
-            match (req.method(), req.uri().path()) {
+            let r = match (req.method(), req.uri().path()) {
                 (&Method::GET, "/healthz") => healthz(&broker),
+                (&Method::GET, "/metrics") => metrics(&broker),
                 (_, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
-            }
+            };
+            count(&broker, "dashboard", &r);
+            r
         })
     })
 }

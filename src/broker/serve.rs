@@ -24,11 +24,13 @@ use futures_lite::StreamExt;
 use smol::LocalExecutor;
 
 use super::PolicySource;
+use super::audit::{AuditConfig, AuditLog, Event, Kind};
 use super::blocking::BlockingPool;
 use super::datadir::{DEFAULT_CONFIG_DIR, DEFAULT_DATA_DIR, DataDir};
 use super::http::{self, Connections};
+use super::metrics::Metrics;
 use super::privileges::{self, drop_privileges, resolve_identities};
-use super::signer_client::{Launch, Signer};
+use super::signer_client::{Launch, Signer, SignerEvent};
 use super::{Broker, local, routes};
 use crate::signer::{SignerConfig, TargetIds};
 
@@ -219,10 +221,20 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let result = smol::block_on(ex.run(async {
         let mut signals = Signals::new([Signal::Term, Signal::Int, Signal::Hup]).map_err(startup("signal handlers"))?;
         let (fatal_tx, fatal_rx) = async_channel::bounded(1);
-        let (signer, supervisor) =
-            Signer::start(launch, keeper, fatal_tx).await.map_err(|e| ServeError::Startup(e.to_string()))?;
+        let metrics = Rc::new(Metrics::default());
+        let (signer_events_tx, signer_events) = async_channel::bounded(64);
+        let (signer, supervisor) = Signer::start(launch, keeper, fatal_tx, metrics.clone(), signer_events_tx)
+            .await
+            .map_err(|e| ServeError::Startup(e.to_string()))?;
         ex.spawn(supervisor).detach();
+        let pool = BlockingPool::new(2, 64);
+        let audit = AuditLog::open(&data_dir.audit(), pool.clone(), AuditConfig::default(), metrics.clone())
+            .map_err(|e| ServeError::Startup(format!("audit log: {e}")))?;
+        ex.spawn(audit.clone().run_flusher()).detach();
+        ex.spawn(audit.clone().run_checkpoints(Rc::new(signer.clone()))).detach();
         let broker = Rc::new(Broker {
+            audit: audit.clone(),
+            metrics: metrics.clone(),
             policy_source: source,
             signer: signer.clone(),
             policy: super::policy::PolicyCell::new(policy),
@@ -232,8 +244,18 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             listen,
             dashboard_listen,
             socket: socket_path.clone(),
-            pool: BlockingPool::new(2, 64),
+            pool,
         });
+        record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
+        {
+            let broker = broker.clone();
+            ex.spawn(async move {
+                while let Ok(e) = signer_events.recv().await {
+                    broker.audit_now(signer_event(e)).await;
+                }
+            })
+            .detach();
+        }
         let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
         let conns = Connections::default();
         for (name, fut) in [
@@ -313,6 +335,18 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         if left > 0 {
             log::warn!("{left} connection(s) still open after {}s; closing", opts.shutdown_timeout.as_secs());
         }
+        let stop = Event::new(Kind::Broker, "broker_stop").outcome(serde_json::json!({
+            "reason": match &outcome { Ok(()) => "signal".to_string(), Err(e) => e.to_string() },
+            "uptime_secs": started.elapsed().as_secs(),
+        }));
+        broker.audit_now(stop).await;
+        if outcome.is_ok() {
+            // Sign everything up to here, so a verifier can tell a clean end from a truncation.
+            if let Err(e) = audit.checkpoint(&signer, true).await {
+                log::error!("final audit checkpoint failed: {e}");
+            }
+        }
+        let _ = audit.flushed().await;
         signer.shutdown().await;
         outcome
     }));
@@ -320,6 +354,51 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     data_dir.remove_if_temporary();
     log::info!("stopped");
     result
+}
+
+async fn record_start(broker: &Broker) -> Result<(), super::audit::AuditError> {
+    use super::audit::AuditSink as _;
+    let h = broker.signer.health();
+    let start = Event::new(Kind::Broker, "broker_start").outcome(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "uid": broker.identity.uid,
+        "listen": broker.listen.to_string(),
+        "dashboard_listen": broker.dashboard_listen.to_string(),
+        "policy_digest": broker.policy().digest,
+    }));
+    broker.audit.record(start)?.durable().await?;
+    if let Some(s) = h.status {
+        let b = &s.sandbox;
+        let ev = Event::new(Kind::Signer, "sandbox_status").outcome(serde_json::json!({
+            "enforced": b.enforced,
+            "insecure_override": b.insecure_override,
+            "uid": b.uid,
+            "landlock_abi": b.landlock_abi,
+            "landlock": format!("{:?}", b.landlock),
+            "seccomp": format!("{:?}", b.seccomp),
+            "caps_cleared": b.caps_cleared,
+            "problems": b.problems,
+            "ca_public_key": s.ca_public_key,
+        }));
+        broker.audit.record(ev)?.durable().await?;
+    }
+    Ok(())
+}
+
+fn signer_event(e: SignerEvent) -> Event {
+    match e {
+        SignerEvent::WorkerStarted { pid } => {
+            Event::new(Kind::Signer, "worker_started").outcome(serde_json::json!({ "pid": pid }))
+        }
+        SignerEvent::WorkerEnded { pid, why } => Event::new(Kind::Signer, "worker_ended")
+            .error("signer_worker_ended", why)
+            .outcome(serde_json::json!({ "pid": pid })),
+        SignerEvent::KeeperRelaunched { pid } => {
+            Event::new(Kind::Signer, "keeper_relaunched").outcome(serde_json::json!({ "pid": pid }))
+        }
+        SignerEvent::Lost { why } => Event::new(Kind::Signer, "signer_lost").error("signer_lost", why),
+    }
 }
 
 fn unix_cleanup(path: &PathBuf) -> std::io::Result<()> {

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use async_io::{Async, Timer};
 use futures_lite::future;
 
+use super::audit::CheckpointSigner;
+use super::metrics::Metrics;
 use crate::os;
 use crate::signer::keeper::CONTROL_FD;
 use crate::signer::protocol::{
@@ -199,6 +201,33 @@ pub struct Health {
 
 type Reply = async_channel::Sender<Result<Response, CallError>>;
 
+/// Lifecycle events the broker audits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SignerEvent {
+    /// A worker was started.
+    WorkerStarted {
+        /// Its pid.
+        pid: u32,
+    },
+    /// A worker ended (crash, kill).
+    WorkerEnded {
+        /// Its pid.
+        pid: u32,
+        /// What the broker saw.
+        why: String,
+    },
+    /// The keeper was relaunched (unprivileged brokers only).
+    KeeperRelaunched {
+        /// The new keeper's pid.
+        pid: u32,
+    },
+    /// The signer is lost for good.
+    Lost {
+        /// Why.
+        why: String,
+    },
+}
+
 struct Worker {
     sock: Rc<Async<OwnedFd>>,
     pid: u32,
@@ -221,6 +250,8 @@ struct Inner {
     restarts: Cell<u64>,
     worker_up: event_listener::Event,
     fatal: RefCell<Option<async_channel::Sender<String>>>,
+    metrics: Rc<Metrics>,
+    events: async_channel::Sender<SignerEvent>,
 }
 
 /// Handle to the signer, cheap to clone, for the single-threaded executor.
@@ -296,6 +327,8 @@ impl Signer {
         launch: Launch,
         mut keeper: KeeperProcess,
         fatal: async_channel::Sender<String>,
+        metrics: Rc<Metrics>,
+        events: async_channel::Sender<SignerEvent>,
     ) -> Result<(Signer, impl std::future::Future<Output = ()>), StartError> {
         let (status, control) = wait_ready(&mut keeper).await?;
         let inner = Rc::new(Inner {
@@ -312,6 +345,8 @@ impl Signer {
             restarts: Cell::new(0),
             worker_up: event_listener::Event::new(),
             fatal: RefCell::new(Some(fatal)),
+            metrics,
+            events,
         });
         let signer = Signer(inner);
         let sup = signer.clone();
@@ -324,6 +359,24 @@ impl Signer {
     /// read) was never in flight: it waits for the replacement and is sent there. A request the
     /// worker received and died on fails with [`CallError::WorkerDied`].
     pub async fn call(&self, req: Request) -> Result<Response, CallError> {
+        let kind = match &req {
+            Request::Status => "status",
+            Request::SignUserCert(_) => "sign_cert",
+            Request::Seal { .. } => "seal",
+            Request::Unseal { .. } => "unseal",
+            Request::SignCheckpoint { .. } => "checkpoint",
+        };
+        let started = Instant::now();
+        let result = self.call_inner(&req).await;
+        self.0.metrics.observe(
+            "ephyr_signer_request_duration_seconds",
+            &[("kind", kind)],
+            started.elapsed().as_secs_f64(),
+        );
+        result
+    }
+
+    async fn call_inner(&self, req: &Request) -> Result<Response, CallError> {
         let frame_for = |id: u64| req.encode(id);
         let mut dead_generation = None;
         let (id, rx) = loop {
@@ -434,6 +487,7 @@ impl Signer {
 
     fn fatal(&self, msg: String) {
         log::error!("{msg}");
+        let _ = self.0.events.try_send(SignerEvent::Lost { why: msg.clone() });
         self.0.state.borrow_mut().problem = Some(msg.clone());
         if let Some(tx) = self.0.fatal.borrow_mut().take() {
             let _ = tx.try_send(msg);
@@ -463,6 +517,7 @@ impl Signer {
                 st.worker = Some(worker);
                 st.problem = None;
             }
+            let _ = self.0.events.try_send(SignerEvent::WorkerStarted { pid });
             self.0.worker_up.notify(usize::MAX);
             let why = self.read_responses(&sock).await;
             let stopping = {
@@ -476,6 +531,8 @@ impl Signer {
                 return;
             }
             self.0.restarts.set(self.0.restarts.get() + 1);
+            self.0.metrics.inc("ephyr_signer_restarts_total", &[]);
+            let _ = self.0.events.try_send(SignerEvent::WorkerEnded { pid, why: why.clone() });
             log::warn!("signer worker {pid} ended ({why}); starting a new one");
             // Crash-loop guard: more than 5 restarts in 10 s backs off a little.
             let now = Instant::now();
@@ -582,10 +639,24 @@ impl Signer {
             return Err(SpawnError::Fatal("the relaunched signer has a different CA key; stopping".into()));
         }
         log::warn!("signer keeper relaunched as pid {}", keeper.child.id());
+        let _ = self.0.events.try_send(SignerEvent::KeeperRelaunched { pid: keeper.child.id() });
         let mut st = self.0.state.borrow_mut();
         st.status = Some(status);
         st.keeper = Some((keeper.child, control.clone()));
         Ok(control)
+    }
+}
+
+impl CheckpointSigner for Signer {
+    fn sign<'a>(&'a self, digest: [u8; 32]) -> super::audit::Signed<'a> {
+        Box::pin(async move {
+            let key = self.health().status.map(|s| s.checkpoint_public_key).ok_or("signer status unknown")?;
+            match self.call(Request::SignCheckpoint { digest }).await {
+                Ok(Response::CheckpointSignature(sig)) => Ok((sig, key)),
+                Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(e) => Err(e.to_string()),
+            }
+        })
     }
 }
 

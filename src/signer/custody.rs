@@ -127,6 +127,13 @@ fn derive(master: &[u8], info: &[u8]) -> Zeroizing<[u8; 32]> {
     out
 }
 
+/// The audit checkpoint key pair derived from the sealing key (the signer signs with it; `ephyr
+/// init` writes its public half to `keys/audit_checkpoint.pub` for `ephyr audit verify`).
+pub fn checkpoint_keypair(sealing: &SealingKey) -> Ed25519KeyPair {
+    let seed = derive(sealing.expose(), b"audit checkpoint ed25519");
+    Ed25519KeyPair::from_seed_unchecked(&seed[..]).expect("32-byte seed")
+}
+
 /// The keys in memory plus the limits; answers requests.
 pub struct Custody {
     ca_public_line: String,
@@ -143,9 +150,8 @@ impl Custody {
     /// Builds the custody from loaded keys. `rate` must be shared with every worker.
     pub fn new(ca: &CaKey, sealing: &SealingKey, config: SignerConfig, rate: SharedCounters) -> Self {
         let aead_key = derive(sealing.expose(), b"seal aes-256-gcm");
-        let ckpt_seed = derive(sealing.expose(), b"audit checkpoint ed25519");
         let seal = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &aead_key[..]).expect("32-byte AES key"));
-        let checkpoint = Ed25519KeyPair::from_seed_unchecked(&ckpt_seed[..]).expect("32-byte seed");
+        let checkpoint = checkpoint_keypair(sealing);
         Self {
             ca_public_line: ca.public_line(),
             ca: ca.keypair(),

@@ -33,6 +33,7 @@ pub const KEYS_DIR: &str = "keys";
 const CA_KEY: &str = "ca_key";
 const CA_PUB: &str = "ca_key.pub";
 const SEALING_KEY: &str = "sealing_key";
+const CHECKPOINT_PUB: &str = "audit_checkpoint.pub";
 const SEALING_HEADER: &str = "ephyr-sealing-key-v1";
 /// Comment on the CA public key line.
 pub const CA_COMMENT: &str = "ephyr-ca";
@@ -60,6 +61,10 @@ impl KeyPaths {
     /// The sealing key.
     pub fn sealing_key(&self) -> PathBuf {
         self.dir.join(SEALING_KEY)
+    }
+    /// The audit checkpoint public key (base64 of the raw Ed25519 key, one line).
+    pub fn checkpoint_pub(&self) -> PathBuf {
+        self.dir.join(CHECKPOINT_PUB)
     }
 }
 
@@ -264,16 +269,21 @@ pub fn ensure_keys(data_dir: &Path, force_new_ca: bool) -> Result<EnsureReport, 
         write_file_atomic(&pub_path, want.as_bytes(), 0o644)?;
     }
     let seal_path = paths.sealing_key();
-    let sealing_action = match read_existing(&seal_path)? {
-        Some(text) => {
-            SealingKey::parse(&text, &seal_path)?;
-            FileAction::Kept
-        }
+    let (sealing, sealing_action) = match read_existing(&seal_path)? {
+        Some(text) => (SealingKey::parse(&text, &seal_path)?, FileAction::Kept),
         None => {
-            write_file_atomic(&seal_path, SealingKey::generate()?.encode().as_bytes(), 0o600)?;
-            FileAction::Created
+            let s = SealingKey::generate()?;
+            write_file_atomic(&seal_path, s.encode().as_bytes(), 0o600)?;
+            (s, FileAction::Created)
         }
     };
+    // The audit checkpoint public key, for verifiers (public, 0644).
+    use ring::signature::KeyPair as _;
+    let ckpt = base64(super::custody::checkpoint_keypair(&sealing).public_key().as_ref());
+    let ckpt_path = paths.checkpoint_pub();
+    if read_existing(&ckpt_path)?.as_deref().map(|b| &b[..]) != Some(format!("{ckpt}\n").as_bytes()) {
+        write_file_atomic(&ckpt_path, format!("{ckpt}\n").as_bytes(), 0o644)?;
+    }
     Ok(EnsureReport { ca_key: ca_action, sealing_key: sealing_action, ca_public_line: line })
 }
 

@@ -85,7 +85,8 @@ pub struct Broker {
     pub api: String,
     pub dashboard: String,
     pub log: std::sync::Arc<std::sync::Mutex<String>>,
-    _dir: Option<TempDir>,
+    /// The broker's temp dir (socket, policy, default data dir); removed on drop.
+    pub dir: Option<TempDir>,
 }
 
 /// Options for starting a broker.
@@ -97,11 +98,21 @@ pub struct BrokerOpts<'a> {
     pub wrapper: Vec<String>,
     pub data_dir: Option<PathBuf>,
     pub expect_ready: bool,
+    /// Extra environment for the broker process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for BrokerOpts<'_> {
     fn default() -> Self {
-        Self { policy: None, dev: false, extra: vec![], wrapper: vec![], data_dir: None, expect_ready: true }
+        Self {
+            policy: None,
+            dev: false,
+            extra: vec![],
+            wrapper: vec![],
+            data_dir: None,
+            expect_ready: true,
+            env: vec![],
+        }
     }
 }
 
@@ -157,7 +168,11 @@ impl Broker {
             c.args(&o.wrapper[1..]).arg(ephyr_bin());
             c
         };
-        cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(&args)
+            .envs(o.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn ephyr serve");
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         for pipe in
@@ -177,7 +192,7 @@ impl Broker {
             api: String::new(),
             dashboard: String::new(),
             log,
-            _dir: Some(dir),
+            dir: Some(dir),
         };
         if o.expect_ready {
             let st = b.wait_ready(Duration::from_secs(20));
