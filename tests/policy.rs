@@ -155,7 +155,7 @@ fn keygen_prints_a_key_whose_hash_verifies_and_loads() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let key = v["api_key"].as_str().unwrap();
     let hash = v["api_key_hash"].as_str().unwrap();
-    assert!(key.starts_with("ephyr_ak_") && key.len() == 9 + 43, "{key}");
+    assert!(key.starts_with("ephyr_ak_") && key.len() == 9 + 54, "{key}");
     assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
     use argon2::password_hash::PasswordVerifier;
     let phc = argon2::password_hash::phc::PasswordHash::new(hash).unwrap();

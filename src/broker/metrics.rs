@@ -29,6 +29,8 @@ pub const METRICS: &[(&str, Type, &str)] = &[
     ("ephyr_http_requests_total", Type::Counter, "HTTP requests by listener and status class."),
     ("ephyr_mcp_requests_total", Type::Counter, "MCP JSON-RPC requests by method and outcome."),
     ("ephyr_mcp_request_duration_seconds", Type::Histogram, "MCP request handling time by method."),
+    ("ephyr_mcp_sessions", Type::Gauge, "Live session-era MCP sessions."),
+    ("ephyr_mcp_streams", Type::Gauge, "Open MCP notification streams."),
     ("ephyr_tool_calls_total", Type::Counter, "MCP tool calls by tool and outcome."),
     ("ephyr_tool_call_duration_seconds", Type::Histogram, "MCP tool call time by tool."),
     ("ephyr_auth_total", Type::Counter, "Authentication attempts by method and outcome."),

@@ -6,6 +6,7 @@
 //! `blocking` (the bounded pool for blocking work), `datadir` (files), `policy` (configuration).
 
 pub mod audit;
+pub mod auth;
 pub mod blocking;
 pub mod datadir;
 pub mod http;
@@ -13,9 +14,13 @@ pub mod local;
 pub mod metrics;
 pub mod policy;
 pub mod privileges;
+pub mod rate;
+pub mod resources;
 pub mod routes;
 pub mod serve;
 pub mod signer_client;
+pub mod tasks;
+pub mod tools;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -86,6 +91,16 @@ pub struct Broker {
     pub audit: Rc<audit::AuditLog>,
     /// Metrics.
     pub metrics: Rc<metrics::Metrics>,
+    /// Authentication (API-key cache, failure limits).
+    pub auth: auth::Authenticator,
+    /// Requests per agent.
+    pub agent_limits: rate::RateLimiter<String>,
+    /// Task trees.
+    pub tasks: tasks::TaskStore,
+    /// MCP sessions (session-era clients).
+    pub sessions: http::mcp::Sessions,
+    /// Change notifications for open MCP streams (policy reloads, shutdown).
+    pub changes: http::mcp::ChangeFeed,
 }
 
 impl Broker {
@@ -137,6 +152,7 @@ impl Broker {
                 let digest = new.digest.clone();
                 let old = self.policy().digest.clone();
                 self.policy.replace(new);
+                self.changes.notify();
                 log::info!("policy reloaded: {digest}");
                 let ev = audit::Event::new(audit::Kind::Policy, "policy_reload").outcome(
                     serde_json::json!({ "ok": true, "previous": old, "digest": digest, "warnings": warnings.len() }),

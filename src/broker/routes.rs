@@ -54,15 +54,22 @@ pub fn metrics(broker: &Broker) -> http::Response<super::http::Body> {
     m.set("ephyr_signer_sandbox_enforced", &[], f64::from(u8::from(sandbox.is_some_and(|s| s.enforced))));
     m.set("ephyr_signer_insecure", &[], f64::from(u8::from(sandbox.is_some_and(|s| s.insecure_override))));
     m.set("ephyr_audit_available", &[], f64::from(u8::from(broker.audit.failure().is_none())));
+    m.set("ephyr_mcp_sessions", &[], broker.sessions.len() as f64);
+    m.set("ephyr_mcp_streams", &[], broker.changes.streams() as f64);
     super::http::text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", m.render())
 }
 
 /// Handler for the MCP/API listener.
 pub fn api_handler(broker: Rc<Broker>) -> Handler {
-    Rc::new(move |req, _peer| {
+    Rc::new(move |req, peer| {
         let broker = broker.clone();
         Box::pin(async move {
             let r = match (req.method(), req.uri().path()) {
+                (_, "/mcp") => super::http::mcp::handle(broker.clone(), req, peer).await,
+                (
+                    &Method::GET,
+                    "/.well-known/oauth-protected-resource" | "/.well-known/oauth-protected-resource/mcp",
+                ) => super::http::mcp::protected_resource_metadata(&broker, req.headers()),
                 (&Method::GET, "/healthz") => healthz(&broker),
                 (_, "/healthz") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
                 (_, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),

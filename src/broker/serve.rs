@@ -245,6 +245,11 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             dashboard_listen,
             socket: socket_path.clone(),
             pool,
+            auth: super::auth::Authenticator::new(),
+            agent_limits: super::rate::RateLimiter::new(10_000),
+            tasks: super::tasks::TaskStore::new(),
+            sessions: http::mcp::Sessions::default(),
+            changes: http::mcp::ChangeFeed::default(),
         });
         record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
         {
@@ -328,7 +333,9 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             }
         };
 
-        // Graceful stop: no new connections, finish in-flight requests, then the signer.
+        // Graceful stop: no new connections, end notification streams, finish in-flight requests,
+        // then the signer.
+        broker.changes.close();
         stop_rx.close();
         drop(stop_tx);
         let left = conns.drain(Instant::now() + opts.shutdown_timeout).await;
@@ -415,12 +422,13 @@ fn dev_api_key(
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.state().join("dev_api_key");
+    let cheap = argon2::Params::new(1024, 1, 1, None).map_err(|e| e.to_string())?;
     let key = match std::fs::read_to_string(&path) {
-        Ok(k) if k.trim().starts_with(crate::cli::policy::API_KEY_PREFIX) => {
+        Ok(k) if crate::broker::auth::api_key::key_id(k.trim()).is_some() => {
             crate::secret::SecretString::new(k.trim().to_owned())
         }
         _ => {
-            let (k, _) = crate::cli::policy::new_api_key()?;
+            let (k, _) = crate::broker::auth::api_key::generate(cheap.clone())?;
             if !data_dir.temporary {
                 let mut f = std::fs::OpenOptions::new()
                     .write(true)
@@ -438,8 +446,7 @@ fn dev_api_key(
             k
         }
     };
-    let cheap = argon2::Params::new(1024, 1, 1, None).map_err(|e| e.to_string())?;
-    let hash = crate::cli::policy::hash_api_key_with(key.expose(), cheap)?;
+    let hash = crate::broker::auth::api_key::hash(key.expose(), cheap)?;
     Ok((key, hash))
 }
 

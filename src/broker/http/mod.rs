@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use async_io::{Async, Timer};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use smol::LocalExecutor;
@@ -30,13 +29,16 @@ use smol_hyper::rt::{FuturesIo, SmolTimer};
 
 use crate::os::{self, PeerCredentials};
 
+pub mod mcp;
+
 /// Time allowed for a request's headers to arrive.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest read buffer per connection (bounds header size).
 pub const MAX_BUF: usize = 64 * 1024;
 
-/// Response body type used everywhere (not `Send`: the executor is single-threaded).
-pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+/// Response body type used everywhere. Not `Send`: the executor is single-threaded, so a
+/// streaming body may hold `Rc` state (the broker, a session).
+pub type Body = Pin<Box<dyn http_body::Body<Data = Bytes, Error = io::Error>>>;
 
 /// Who is on the other end.
 #[derive(Clone, Copy, Debug)]
@@ -52,7 +54,7 @@ pub type Handler = Rc<dyn Fn(Request<Incoming>, Peer) -> Pin<Box<dyn Future<Outp
 
 /// A body from bytes.
 pub fn body(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never: Infallible| match never {}).boxed_unsync()
+    Box::pin(Full::new(bytes.into()).map_err(|never: Infallible| match never {}))
 }
 
 /// A JSON response.
@@ -84,6 +86,8 @@ pub enum BodyError {
     TooLarge(usize),
     /// The client stopped sending or the connection failed.
     Io(String),
+    /// The body did not arrive in time (a slow or stalled client).
+    Timeout(Duration),
 }
 
 impl BodyError {
@@ -94,6 +98,20 @@ impl BodyError {
                 error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds {max} bytes"))
             }
             BodyError::Io(e) => error(StatusCode::BAD_REQUEST, "body_unreadable", e.clone()),
+            BodyError::Timeout(d) => error(StatusCode::REQUEST_TIMEOUT, "body_timeout", self.message(*d)),
+        }
+    }
+
+    fn message(&self, d: Duration) -> String {
+        format!("request body not received within {}s", d.as_secs())
+    }
+
+    /// Human text.
+    pub fn describe(&self) -> String {
+        match self {
+            BodyError::TooLarge(max) => format!("request body exceeds {max} bytes"),
+            BodyError::Io(e) => format!("request body unreadable: {e}"),
+            BodyError::Timeout(d) => self.message(*d),
         }
     }
 }
@@ -117,7 +135,7 @@ pub async fn read_body(req: Request<Incoming>, max: usize, timeout: Duration) ->
     };
     futures_lite::future::or(collect, async {
         Timer::after(timeout).await;
-        Err(BodyError::Io(format!("request body not received within {}s", timeout.as_secs())))
+        Err(BodyError::Timeout(timeout))
     })
     .await
 }

@@ -234,6 +234,29 @@ pub struct NetworkFile {
     pub deny: Vec<String>,
 }
 
+/// `mcp:` — the MCP endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpFile {
+    /// Browser origins allowed besides loopback ones (`https://host:port`).
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Host names allowed in the Host header when the listener is on loopback (besides
+    /// localhost, 127.0.0.1 and ::1).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Largest request body (`1MiB`).
+    pub max_request_size: Option<String>,
+    /// How long a verified API key is cached (`60s`; `0s` disables the cache).
+    pub auth_cache_ttl: Option<String>,
+    /// Idle time after which a session-era MCP session ends (`30m`).
+    pub session_idle_timeout: Option<String>,
+    /// Most live session-era MCP sessions.
+    pub max_sessions: Option<u32>,
+    /// Most open notification streams (GET streams and subscriptions).
+    pub max_streams: Option<u32>,
+}
+
 /// `agents.<a>.ssh.<target>:`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

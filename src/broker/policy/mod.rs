@@ -30,6 +30,9 @@ use crate::macaroon::envelope::ArgRule;
 use network::NetworkPolicy;
 use pattern::{NamePattern, PathPattern};
 
+/// HTTP methods a service or grant may name.
+pub const HTTP_METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"];
+
 /// The built-in development policy used by `ephyr serve --dev`.
 pub const DEV_POLICY: &str = include_str!("../../../policies/dev.yaml");
 
@@ -423,10 +426,65 @@ pub struct Agent {
     pub enabled: bool,
 }
 
+/// MCP endpoint settings (`mcp:`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct McpSettings {
+    /// Browser origins allowed besides loopback ones, normalised (`scheme://host:port`).
+    pub allowed_origins: Vec<String>,
+    /// Extra Host names accepted on a loopback listener.
+    pub allowed_hosts: Vec<String>,
+    /// Largest request body, bytes.
+    pub max_request_size: usize,
+    /// How long a verified API key is cached.
+    pub auth_cache_ttl: Duration,
+    /// Idle time after which a session ends.
+    pub session_idle_timeout: Duration,
+    /// Most live sessions.
+    pub max_sessions: u32,
+    /// Most open notification streams.
+    pub max_streams: u32,
+}
+
+impl Default for McpSettings {
+    fn default() -> Self {
+        McpSettings {
+            allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+            max_request_size: 1 << 20,
+            auth_cache_ttl: Duration::from_secs(60),
+            session_idle_timeout: Duration::from_secs(30 * 60),
+            max_sessions: 1000,
+            max_streams: 64,
+        }
+    }
+}
+
+/// `scheme://host[:port]` with the default port made explicit and the host lower-cased, or
+/// `None` if `s` is not an origin.
+pub fn normalize_origin(s: &str) -> Option<String> {
+    let uri: http::Uri = s.parse().ok()?;
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    let auth = uri.authority()?;
+    if auth.as_str().contains('@') || uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+    {
+        return None;
+    }
+    let host = auth.host().to_ascii_lowercase();
+    let port = auth.port_u16().unwrap_or(default_port);
+    Some(format!("{scheme}://{host}:{port}"))
+}
+
 /// A validated policy. Built once per load and shared read-only (`Rc<Policy>`); a reload swaps
 /// the whole value, so no reader ever sees a half-applied policy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
+    /// The MCP endpoint.
+    pub mcp: McpSettings,
     /// Global limits.
     pub limits: Limits,
     /// Roles by name.

@@ -97,6 +97,13 @@ impl PathPattern {
         Err(format!("{s:?}: a path pattern is an absolute normalised path, optionally ending in /*"))
     }
 
+    /// A path this pattern matches (for "could anything here be allowed" checks).
+    pub fn example(&self) -> &str {
+        match self {
+            PathPattern::Exact(p) | PathPattern::Under(p) => p,
+        }
+    }
+
     /// Whether a normalised `path` matches.
     pub fn matches(&self, path: &str) -> bool {
         match self {

@@ -21,8 +21,9 @@ use crate::macaroon::caveat::NormPath;
 use crate::signer::custody::{HARD_MAX_CERT_TTL_SECS, KNOWN_EXTENSIONS, valid_principal};
 use crate::time::parse_duration;
 
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "version",
+    "mcp",
     "limits",
     "global",
     "roles",
@@ -34,7 +35,11 @@ const SECTIONS: [&str; 11] = [
     "agents",
     "$schema",
 ];
-const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"];
+/// Largest Argon2 memory cost accepted for an API-key hash (64 MiB).
+const MAX_ARGON2_KIB: u32 = 65_536;
+/// Largest Argon2 time cost accepted.
+const MAX_ARGON2_T: u32 = 10;
+use super::HTTP_METHODS as METHODS;
 
 struct Ctx<'t> {
     text: &'t str,
@@ -936,6 +941,45 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         }
     }
 
+    // The MCP endpoint.
+    let mf: McpFile = top.get("mcp").and_then(|v| cx.entry(&["mcp"], v)).unwrap_or_default();
+    let mut mcp = McpSettings::default();
+    for o in &mf.allowed_origins {
+        match normalize_origin(o) {
+            Some(n) => mcp.allowed_origins.push(n),
+            None => cx.err(
+                &["mcp", "allowed_origins"],
+                format!("{o:?} is not an origin"),
+                Some("an origin is scheme://host[:port] with no path, e.g. https://pi.local:8554".into()),
+            ),
+        }
+    }
+    for h in &mf.allowed_hosts {
+        if h.is_empty() || h.contains(['/', ' ', '@']) {
+            cx.err(&["mcp", "allowed_hosts"], format!("{h:?} is not a host name"), None);
+        } else {
+            mcp.allowed_hosts.push(h.to_ascii_lowercase());
+        }
+    }
+    if let Some(v) = &mf.max_request_size {
+        match parse_size(v) {
+            Some(n) if (1024..=(64 << 20)).contains(&n) => mcp.max_request_size = n as usize,
+            _ => cx.err(&["mcp", "max_request_size"], "a size between 1KiB and 64MiB, e.g. 1MiB", None),
+        }
+    }
+    mcp.auth_cache_ttl = cx.duration(&["mcp", "auth_cache_ttl"], mf.auth_cache_ttl.as_deref(), mcp.auth_cache_ttl);
+    mcp.session_idle_timeout =
+        cx.duration(&["mcp", "session_idle_timeout"], mf.session_idle_timeout.as_deref(), mcp.session_idle_timeout);
+    if mcp.session_idle_timeout.is_zero() {
+        cx.err(&["mcp", "session_idle_timeout"], "must be longer than 0s", None);
+    }
+    if let Some(n) = mf.max_sessions {
+        mcp.max_sessions = n;
+    }
+    if let Some(n) = mf.max_streams {
+        mcp.max_streams = n;
+    }
+
     // Templates (validated as they are merged into agents; parsed once here).
     let mut templates: BTreeMap<String, TemplateFile> = BTreeMap::new();
     for (name, v) in section(&mut cx, top, "templates") {
@@ -961,7 +1005,22 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
                 );
             } else {
                 match argon2::password_hash::phc::PasswordHash::new(h) {
-                    Ok(ph) if ph.algorithm.as_str() == "argon2id" => {}
+                    Ok(ph) if ph.algorithm.as_str() == "argon2id" => {
+                        // Each verification runs this cost on a small appliance: bound it so a
+                        // typo cannot exhaust memory or stall logins.
+                        let m = ph.params.get_decimal("m").unwrap_or(0);
+                        let t = ph.params.get_decimal("t").unwrap_or(0);
+                        let p = ph.params.get_decimal("p").unwrap_or(0);
+                        if m > MAX_ARGON2_KIB || t > MAX_ARGON2_T || p > 4 {
+                            cx.err(
+                                &["agents", &name, "api_key_hash"],
+                                format!(
+                                    "Argon2 cost m={m},t={t},p={p} exceeds m={MAX_ARGON2_KIB},t={MAX_ARGON2_T},p=4"
+                                ),
+                                Some(format!("run `ephyr keygen agent {name}` (m=19456,t=2,p=1)")),
+                            );
+                        }
+                    }
                     Ok(ph) => cx.err(
                         &["agents", &name, "api_key_hash"],
                         format!("algorithm {} is not argon2id", ph.algorithm),
@@ -1061,6 +1120,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     }
     let digest = data_encoding::HEXLOWER.encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref());
     Ok(Policy {
+        mcp,
         limits,
         roles,
         targets,

@@ -1,0 +1,540 @@
+//! Who is calling: API keys and task tokens from request headers, to a [`Caller`].
+//!
+//! What runs here: header parsing and cache lookups on the executor thread; Argon2id
+//! verification on the blocking pool (`BlockingPool`, ~25 ms and 19 MiB per key with the default
+//! cost). Credentials are accepted only in headers: `Authorization: Bearer <key or mac_…>` or
+//! `X-API-Key: <key>` (Go Ephyr clients); a credential in the query string is refused.
+//!
+//! Costs are bounded three ways:
+//! - a verified key is cached for `ttl` under SHA-256 of the key (the key itself is not kept), and
+//!   a cache entry is valid only for the policy it was verified against;
+//! - concurrent first uses of one key share a single Argon2 run;
+//! - failures are rate-limited per source address (10, then one per 6 s): a source over its
+//!   limit gets 429 for any key that would need hashing (a cached key keeps working), and its
+//!   further failures are counted in metrics but not audited, so neither the CPU nor the audit
+//!   log can be flooded. A key in ephyr's format whose id matches no agent is refused without
+//!   hashing at all (see [`api_key`]).
+
+pub mod api_key;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+
+use super::policy::{Policy, Principal, Rate};
+use super::rate::RateLimiter;
+use crate::macaroon::Envelope;
+
+/// Failed attempts allowed per source address before it is slowed down.
+pub const FAILURE_RATE: Rate = Rate { count: 10, window: Duration::from_secs(60) };
+/// Most Argon2 verifications queued or running at once.
+const MAX_PENDING_HASHES: usize = 8;
+/// Largest credential accepted (a task token is at most 8 KiB encoded).
+const MAX_CREDENTIAL: usize = 12 * 1024;
+
+/// What a verified task token says. Filled in by the task store.
+#[derive(Clone, Debug)]
+pub struct TokenIdentity {
+    /// The agent that holds the task (delegation can hand a task to another agent).
+    pub agent: String,
+    /// The task the token acts as.
+    pub task: String,
+    /// Its tree's root task.
+    pub root: String,
+    /// Root to task.
+    pub lineage: Vec<String>,
+    /// Who started the tree.
+    pub initiated_by: String,
+    /// The reduced authority.
+    pub envelope: Envelope,
+}
+
+/// How the caller authenticated.
+#[derive(Clone, Debug)]
+pub enum Via {
+    /// An agent API key.
+    ApiKey,
+    /// A task token.
+    Token(Box<TokenIdentity>),
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The agent.
+    pub agent: String,
+    /// How.
+    pub via: Via,
+    /// SHA-256 of the credential (binds sessions to it; never logged).
+    pub fingerprint: [u8; 32],
+    /// Source address (TCP).
+    pub source: Option<IpAddr>,
+}
+
+impl Caller {
+    /// The task token, if authenticated with one.
+    pub fn token(&self) -> Option<&TokenIdentity> {
+        match &self.via {
+            Via::Token(t) => Some(t),
+            Via::ApiKey => None,
+        }
+    }
+
+    /// As `authorize` sees it.
+    pub fn principal(&self) -> Principal<'_> {
+        Principal { agent: &self.agent, token: self.token().map(|t| &t.envelope) }
+    }
+
+    /// `api_key` or `task_token` (metrics, audit).
+    pub fn method(&self) -> &'static str {
+        match self.via {
+            Via::ApiKey => "api_key",
+            Via::Token(_) => "task_token",
+        }
+    }
+}
+
+/// Why a request is not authenticated. Each maps to an HTTP status and an RFC 6750 error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthError {
+    /// No credential at all.
+    Missing,
+    /// A credential header is malformed, repeated or contradicted.
+    Malformed(String),
+    /// A credential in the query string (never accepted: URLs end up in logs).
+    InQuery,
+    /// No agent holds this API key.
+    InvalidKey,
+    /// The task token failed verification.
+    InvalidToken(String),
+    /// The agent is disabled in the policy.
+    AgentDisabled(String),
+    /// Too many failures from this source; retry after the duration.
+    RateLimited(Duration),
+    /// Too many key verifications in flight; retry shortly.
+    Busy,
+}
+
+impl AuthError {
+    /// HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            AuthError::Missing | AuthError::InvalidKey | AuthError::InvalidToken(_) => 401,
+            AuthError::Malformed(_) | AuthError::InQuery => 400,
+            AuthError::AgentDisabled(_) => 403,
+            AuthError::RateLimited(_) => 429,
+            AuthError::Busy => 503,
+        }
+    }
+
+    /// Stable code (audit, metrics).
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_credential",
+            AuthError::Malformed(_) => "malformed_credential",
+            AuthError::InQuery => "credential_in_query",
+            AuthError::InvalidKey => "invalid_api_key",
+            AuthError::InvalidToken(_) => "invalid_token",
+            AuthError::AgentDisabled(_) => "agent_disabled",
+            AuthError::RateLimited(_) => "rate_limited",
+            AuthError::Busy => "busy",
+        }
+    }
+
+    /// The RFC 6750 `error` parameter, if any (none when no credential was sent).
+    pub fn bearer_error(&self) -> Option<&'static str> {
+        match self {
+            AuthError::Missing | AuthError::RateLimited(_) | AuthError::Busy => None,
+            AuthError::Malformed(_) | AuthError::InQuery => Some("invalid_request"),
+            AuthError::InvalidKey | AuthError::InvalidToken(_) => Some("invalid_token"),
+            AuthError::AgentDisabled(_) => Some("insufficient_scope"),
+        }
+    }
+
+    /// Human text (never contains the credential).
+    pub fn message(&self) -> String {
+        match self {
+            AuthError::Missing => {
+                "authentication required: send Authorization: Bearer <API key or task token> (or X-API-Key)".into()
+            }
+            AuthError::Malformed(m) => m.clone(),
+            AuthError::InQuery => "credentials are accepted only in headers, never in the URL".into(),
+            AuthError::InvalidKey => "invalid API key".into(),
+            AuthError::InvalidToken(r) => format!("invalid task token: {r}"),
+            AuthError::AgentDisabled(a) => format!("agent {a:?} is disabled"),
+            AuthError::RateLimited(d) => format!("too many failed attempts; retry in {}s", d.as_secs().max(1)),
+            AuthError::Busy => "too many authentications in progress; retry in 1s".into(),
+        }
+    }
+
+    /// Seconds for `Retry-After`, if any.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            AuthError::RateLimited(d) => Some(d.as_secs().max(1)),
+            AuthError::Busy => Some(1),
+            _ => None,
+        }
+    }
+}
+
+/// The credential found in the headers.
+#[derive(Debug)]
+pub enum Credential<'a> {
+    /// An API key.
+    ApiKey(&'a str),
+    /// A task token (`mac_…`).
+    Token(&'a str),
+}
+
+fn one_header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, AuthError> {
+    let mut it = headers.get_all(name).iter();
+    let Some(v) = it.next() else { return Ok(None) };
+    if it.next().is_some() {
+        return Err(AuthError::Malformed(format!("more than one {name} header")));
+    }
+    let s = v.to_str().map_err(|_| AuthError::Malformed(format!("{name} is not ASCII")))?;
+    Ok(Some(s))
+}
+
+const QUERY_CREDENTIALS: [&str; 5] = ["access_token", "api_key", "apikey", "token", "key"];
+
+/// Extracts the credential from the headers (and refuses one in the query).
+pub fn credential<'a>(headers: &'a HeaderMap, query: Option<&str>) -> Result<Credential<'a>, AuthError> {
+    if let Some(q) = query
+        && q.split('&')
+            .any(|kv| QUERY_CREDENTIALS.contains(&kv.split('=').next().unwrap_or("").to_ascii_lowercase().as_str()))
+    {
+        return Err(AuthError::InQuery);
+    }
+    let bearer = match one_header(headers, "authorization")? {
+        None => None,
+        Some(v) => {
+            let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return Err(AuthError::Malformed(format!(
+                    "Authorization scheme {scheme:?} is not supported; use Bearer"
+                )));
+            }
+            let t = rest.trim_matches(' ');
+            if t.is_empty() {
+                return Err(AuthError::Malformed("Authorization: Bearer has no credential".into()));
+            }
+            Some(t)
+        }
+    };
+    let x_key = one_header(headers, "x-api-key")?.map(str::trim);
+    let cred = match (bearer, x_key) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(AuthError::Malformed("Authorization and X-API-Key carry different credentials".into()));
+        }
+        (Some(a), _) => a,
+        (None, Some(b)) if !b.is_empty() => b,
+        _ => return Err(AuthError::Missing),
+    };
+    if cred.len() > MAX_CREDENTIAL || !cred.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(AuthError::Malformed("the credential is too long or has invalid characters".into()));
+    }
+    Ok(if cred.starts_with("mac_") { Credential::Token(cred) } else { Credential::ApiKey(cred) })
+}
+
+/// SHA-256 of a credential.
+pub fn fingerprint(cred: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, cred.as_bytes());
+    d.as_ref().try_into().unwrap_or([0; 32])
+}
+
+struct Cached {
+    agent: String,
+    policy: String,
+    expires: Instant,
+}
+
+#[derive(Default)]
+struct Inflight {
+    done: event_listener::Event,
+    result: RefCell<Option<Option<String>>>,
+}
+
+/// The authenticator (one per broker, executor thread only).
+pub struct Authenticator {
+    cache: RefCell<HashMap<[u8; 32], Cached>>,
+    inflight: RefCell<HashMap<[u8; 32], Rc<Inflight>>>,
+    pending: std::cell::Cell<usize>,
+    failures: RateLimiter<IpAddr>,
+    index: RefCell<Option<(String, Rc<api_key::KeyIndex>)>>,
+}
+
+/// Most cached keys.
+const MAX_CACHED: usize = 4096;
+
+impl Default for Authenticator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Authenticator {
+    /// An authenticator with an empty cache.
+    pub fn new() -> Self {
+        Authenticator {
+            cache: RefCell::default(),
+            inflight: RefCell::default(),
+            pending: std::cell::Cell::new(0),
+            failures: RateLimiter::new(10_000),
+            index: RefCell::default(),
+        }
+    }
+
+    /// Refuses early if `source` has failed too often.
+    pub fn check_source(&self, source: Option<IpAddr>, now: Instant) -> Result<(), AuthError> {
+        match source {
+            Some(ip) => self.failures.check(&ip, FAILURE_RATE, now).map_err(AuthError::RateLimited),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a failure against `source`.
+    pub fn failed(&self, source: Option<IpAddr>, now: Instant) {
+        if let Some(ip) = source {
+            let _ = self.failures.take(&ip, FAILURE_RATE, now);
+        }
+    }
+
+    fn key_index(&self, policy: &Policy) -> Rc<api_key::KeyIndex> {
+        let mut ix = self.index.borrow_mut();
+        match &*ix {
+            Some((digest, index)) if *digest == policy.digest => index.clone(),
+            _ => {
+                let index = Rc::new(api_key::KeyIndex::build(policy));
+                *ix = Some((policy.digest.clone(), index.clone()));
+                index
+            }
+        }
+    }
+
+    /// The agent a cached key belongs to, if the cache holds it for this policy.
+    pub fn cached_agent(&self, policy: &Policy, fp: &[u8; 32], now: Instant) -> Option<String> {
+        let cache = self.cache.borrow();
+        let c = cache.get(fp)?;
+        (c.policy == policy.digest && c.expires > now).then(|| c.agent.clone())
+    }
+
+    /// The agent holding `key` under `policy`, from the cache or by Argon2 on the pool; a
+    /// verified key is cached for `policy.mcp.auth_cache_ttl` (zero: not cached).
+    pub async fn api_key_agent(
+        &self,
+        pool: &super::blocking::BlockingPool,
+        policy: &Policy,
+        key: &str,
+        fp: [u8; 32],
+        now: Instant,
+    ) -> Result<String, AuthError> {
+        let ttl = policy.mcp.auth_cache_ttl;
+        if let Some(a) = self.cached_agent(policy, &fp, now) {
+            return Ok(a);
+        }
+        // Another request is verifying this key right now: wait for its answer.
+        let existing = self.inflight.borrow().get(&fp).cloned();
+        if let Some(f) = existing {
+            loop {
+                let listener = f.done.listen();
+                if let Some(r) = f.result.borrow().clone() {
+                    return r.ok_or(AuthError::InvalidKey);
+                }
+                listener.await;
+            }
+        }
+        let candidates: Vec<(String, String)> = self.key_index(policy).candidates(key).to_vec();
+        if candidates.is_empty() {
+            return Err(AuthError::InvalidKey);
+        }
+        if self.pending.get() >= MAX_PENDING_HASHES {
+            return Err(AuthError::Busy);
+        }
+        let flight = Rc::new(Inflight::default());
+        self.inflight.borrow_mut().insert(fp, flight.clone());
+        self.pending.set(self.pending.get() + 1);
+        let secret = crate::secret::SecretString::new(key.to_owned());
+        let found = pool
+            .run(move || candidates.into_iter().find(|(_, phc)| api_key::verify(secret.expose(), phc)).map(|c| c.0))
+            .await
+            .flatten();
+        self.pending.set(self.pending.get() - 1);
+        self.inflight.borrow_mut().remove(&fp);
+        *flight.result.borrow_mut() = Some(found.clone());
+        flight.done.notify(usize::MAX);
+        let agent = found.ok_or(AuthError::InvalidKey)?;
+        if !ttl.is_zero() {
+            let mut cache = self.cache.borrow_mut();
+            if cache.len() >= MAX_CACHED {
+                cache.retain(|_, c| c.expires > now);
+                if cache.len() >= MAX_CACHED {
+                    cache.clear();
+                }
+            }
+            cache.insert(fp, Cached { agent: agent.clone(), policy: policy.digest.clone(), expires: now + ttl });
+        }
+        Ok(agent)
+    }
+
+    /// Cached keys (tests, metrics).
+    pub fn cached(&self) -> usize {
+        self.cache.borrow().len()
+    }
+}
+
+/// Authenticates a request against `policy`: the credential from the headers, then the task
+/// store (tokens) or the key cache and Argon2 (API keys), then the agent's state. Failures are
+/// counted against the source, audited (except a missing credential and refusals before any
+/// check), and reported without the credential.
+pub async fn authenticate(
+    broker: &super::Broker,
+    policy: &Policy,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    source: Option<IpAddr>,
+) -> Result<Caller, AuthError> {
+    let now = Instant::now();
+    let auth = &broker.auth;
+    let mut method = "none";
+    let result = async {
+        let cred = credential(headers, query)?;
+        let (agent, via, fp) = match cred {
+            Credential::Token(t) => {
+                method = "task_token";
+                let id = broker.tasks.verify_token(t, crate::time::now()).map_err(AuthError::InvalidToken)?;
+                (id.agent.clone(), Via::Token(Box::new(id)), fingerprint(t))
+            }
+            Credential::ApiKey(k) => {
+                method = "api_key";
+                let fp = fingerprint(k);
+                let agent = match auth.cached_agent(policy, &fp, now) {
+                    Some(a) => a,
+                    None => {
+                        // Only an uncached key costs Argon2: refuse it early for a source
+                        // that keeps failing. A key already verified still works from there.
+                        auth.check_source(source, now)?;
+                        auth.api_key_agent(&broker.pool, policy, k, fp, now).await?
+                    }
+                };
+                (agent, Via::ApiKey, fp)
+            }
+        };
+        match policy.agents.get(&agent) {
+            Some(a) if a.enabled => Ok(Caller { agent, via, fingerprint: fp, source }),
+            Some(_) => Err(AuthError::AgentDisabled(agent)),
+            None => Err(AuthError::InvalidToken(format!("agent {agent:?} is not in the policy"))),
+        }
+    }
+    .await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    };
+    broker.metrics.inc("ephyr_auth_total", &[("method", method), ("outcome", outcome)]);
+    if let Err(e) = &result {
+        match e {
+            AuthError::Missing | AuthError::RateLimited(_) | AuthError::Busy => {}
+            _ => {
+                // Audit while the source is within its failure budget; beyond it only the
+                // metrics count (an attacker cannot flood the audit log).
+                let audit = auth.check_source(source, now).is_ok();
+                auth.failed(source, now);
+                if !audit {
+                    return result;
+                }
+                let mut ev = super::audit::Event::new(super::audit::Kind::Auth, "auth_failed")
+                    .error(e.code(), e.message())
+                    .action(serde_json::json!({ "method": method, "source": source.map(|s| s.to_string()) }));
+                if let AuthError::AgentDisabled(a) = e {
+                    ev = ev.agent(a.clone());
+                }
+                use super::audit::AuditSink as _;
+                if let Err(err) = broker.audit.record(ev) {
+                    log::error!("audit: {err}");
+                }
+            }
+        }
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn credentials_come_from_headers_only() {
+        assert!(matches!(credential(&h(&[("authorization", "Bearer abc")]), None), Ok(Credential::ApiKey("abc"))));
+        assert!(matches!(credential(&h(&[("authorization", "bearer mac_x")]), None), Ok(Credential::Token("mac_x"))));
+        assert!(matches!(credential(&h(&[("x-api-key", "abc")]), None), Ok(Credential::ApiKey("abc"))));
+        assert!(matches!(
+            credential(&h(&[("authorization", "Bearer abc"), ("x-api-key", "abc")]), None),
+            Ok(Credential::ApiKey("abc"))
+        ));
+        for (headers, query, code) in [
+            (h(&[]), None, "missing_credential"),
+            (h(&[("authorization", "Basic Zm9vOmJhcg==")]), None, "malformed_credential"),
+            (h(&[("authorization", "Bearer ")]), None, "malformed_credential"),
+            (h(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]), None, "malformed_credential"),
+            (h(&[("authorization", "Bearer a"), ("x-api-key", "b")]), None, "malformed_credential"),
+            (h(&[("authorization", "Bearer abc")]), Some("x=1&api_key=abc"), "credential_in_query"),
+            (h(&[]), Some("access_token=abc"), "credential_in_query"),
+        ] {
+            let e = credential(&headers, query).unwrap_err();
+            assert_eq!(e.code(), code, "{headers:?} {query:?}");
+            assert!(!e.message().contains("abc"), "the credential is never echoed");
+        }
+        let long = format!("Bearer {}", "a".repeat(MAX_CREDENTIAL + 1));
+        assert_eq!(credential(&h(&[("authorization", &long)]), None).unwrap_err().code(), "malformed_credential");
+    }
+
+    #[test]
+    fn api_keys_verify_once_then_hit_the_cache_and_wrong_keys_fail() {
+        let cheap = argon2::Params::new(256, 1, 1, None).unwrap();
+        let (key, phc) = api_key::generate(cheap.clone()).unwrap();
+        let policy = Policy::parse(&format!("agents:\n  a: {{api_key_hash: '{phc}'}}\n"), "t").unwrap();
+        let auth = Authenticator::new();
+        let pool = super::super::blocking::BlockingPool::new(1, 4);
+        let now = Instant::now();
+        smol::block_on(async {
+            let fp = fingerprint(key.expose());
+            assert_eq!(auth.api_key_agent(&pool, &policy, key.expose(), fp, now).await.unwrap(), "a");
+            assert_eq!(auth.cached(), 1);
+            assert_eq!(auth.api_key_agent(&pool, &policy, key.expose(), fp, now).await.unwrap(), "a");
+            // A changed policy invalidates the entry: the key is verified again (and still valid).
+            let mut p2 = policy.clone();
+            p2.digest = "other".into();
+            assert_eq!(auth.api_key_agent(&pool, &p2, key.expose(), fp, now).await.unwrap(), "a");
+            let (wrong, _) = api_key::generate(cheap).unwrap();
+            let e = auth.api_key_agent(&pool, &policy, wrong.expose(), fingerprint(wrong.expose()), now).await;
+            assert_eq!(e.unwrap_err(), AuthError::InvalidKey);
+        });
+    }
+
+    #[test]
+    fn failures_are_rate_limited_per_source() {
+        let auth = Authenticator::new();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let now = Instant::now();
+        for _ in 0..FAILURE_RATE.count {
+            auth.check_source(Some(ip), now).unwrap();
+            auth.failed(Some(ip), now);
+        }
+        assert!(matches!(auth.check_source(Some(ip), now), Err(AuthError::RateLimited(_))));
+        auth.check_source(Some("192.0.2.2".parse().unwrap()), now).unwrap();
+        auth.check_source(Some(ip), now + Duration::from_secs(7)).unwrap();
+    }
+}

@@ -1,0 +1,818 @@
+//! MCP Streamable HTTP at `/mcp`, for both protocol eras, and the RFC 9728 protected-resource
+//! metadata.
+//!
+//! What runs here: request handling on the executor thread (no threads of its own), async-io
+//! timers for body deadlines and stream keep-alives. Per request, in order:
+//!
+//! 1. method (`POST`, `GET`, `DELETE`; else 405), `Host` and `Origin` (403: DNS rebinding);
+//! 2. authentication (`broker::auth`; 401 with `WWW-Authenticate` and the metadata URL);
+//! 3. `Content-Type` (415), `Accept` (406), body size (413) and deadline (408);
+//! 4. JSON-RPC decoding (400 with -32700/-32600);
+//! 5. the era: an `MCP-Protocol-Version` header naming a stateless-era (or unknown) version, or
+//!    a body carrying `_meta` protocol fields without a session, is the stateless era; the rest
+//!    is the session era, which needs `initialize` and then `Mcp-Session-Id` on every request;
+//! 6. dispatch (`mcp::server` classifies; tools and resources answer), JSON response.
+//!
+//! Streams (`text/event-stream`) are used only where a response is a stream: the session era's
+//! `GET` (one per session) and the stateless era's `subscriptions/listen`. Both carry
+//! `tools/list_changed` and `resources/list_changed` after a policy reload, keep-alive comments
+//! every 15 s, and end on shutdown.
+
+mod sessions;
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use async_io::Timer;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::StreamBody;
+use hyper::body::{Frame, Incoming};
+use serde_json::{Map, Value, json};
+
+pub use sessions::{ChangeFeed, Session, Sessions, SessionsFull};
+
+use super::{Body, Peer, body, read_body};
+use crate::broker::Broker;
+use crate::broker::audit::{AuditSink as _, Event, Kind};
+use crate::broker::auth::{self, AuthError, Caller};
+use crate::broker::policy::{Policy, normalize_origin};
+use crate::broker::{resources, tools};
+use crate::mcp::jsonrpc::{self, Message, Request as RpcRequest, RequestId, RpcError, code};
+use crate::mcp::server::{self, Call, Capabilities, ListenFilter, RoutingHeaders, ServerIdentity};
+use crate::mcp::types::text_contents;
+use crate::mcp::version::{Era, META_PROTOCOL_VERSION, Version};
+
+/// The server's identity in results.
+pub const IDENTITY: ServerIdentity = ServerIdentity {
+    name: "ephyr",
+    version: env!("CARGO_PKG_VERSION"),
+    instructions: "ephyr brokers access to SSH hosts, HTTP APIs and remote MCP tools. Read ephyr://overview \
+                   or call list_targets / list_services to see what you may use. Requests outside your policy \
+                   are denied with a reason; do not retry a denial unchanged.",
+};
+
+const CAPS: Capabilities = Capabilities { list_changed: true };
+/// How long a request body may take to arrive.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alive comment interval on open streams.
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+/// How long list results may be cached by stateless-era clients (per caller).
+const LIST_TTL_MS: u64 = 30_000;
+
+const SESSION_HEADER: &str = "mcp-session-id";
+const VERSION_HEADER: &str = "mcp-protocol-version";
+const METHOD_HEADER: &str = "mcp-method";
+const NAME_HEADER: &str = "mcp-name";
+
+fn with_json(mut r: Response<Body>) -> Response<Body> {
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn rpc(status: StatusCode, bytes: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(body(bytes));
+    *r.status_mut() = status;
+    with_json(r)
+}
+
+fn rpc_error(status: StatusCode, id: Option<&RequestId>, e: &RpcError) -> Response<Body> {
+    rpc(status, jsonrpc::encode_error(id, e))
+}
+
+/// A refusal before dispatch: status and error (id null).
+struct Refused(StatusCode, RpcError);
+
+impl Refused {
+    fn new(status: StatusCode, code: i64, message: impl Into<String>) -> Refused {
+        Refused(status, RpcError::new(code, message))
+    }
+
+    fn response(self) -> Response<Body> {
+        rpc_error(self.0, None, &self.1)
+    }
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    let mut r = Response::new(body(Bytes::new()));
+    *r.status_mut() = status;
+    r
+}
+
+/// HTTP status for a JSON-RPC error in revision `v`. Stateless-era errors map by code (the
+/// revision requires it); session-era errors after decoding are 200 with the error in the body,
+/// as the 2025 revisions and their SDKs expect.
+fn status_for(v: Version, code: i64) -> StatusCode {
+    if v.era() == Era::Session {
+        return StatusCode::OK;
+    }
+    match code {
+        code::PARSE_ERROR
+        | code::INVALID_REQUEST
+        | code::INVALID_PARAMS
+        | code::HEADER_MISMATCH
+        | code::MISSING_CLIENT_CAPABILITY
+        | code::UNSUPPORTED_PROTOCOL_VERSION => StatusCode::BAD_REQUEST,
+        code::METHOD_NOT_FOUND => StatusCode::NOT_FOUND,
+        _ => StatusCode::OK,
+    }
+}
+
+fn host_name(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("");
+    }
+    host.rsplit_once(':').map_or(host, |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { host })
+}
+
+fn is_loopback_name(h: &str) -> bool {
+    let h = h.to_ascii_lowercase();
+    h == "localhost" || h.ends_with(".localhost") || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// DNS-rebinding protection: on a loopback listener the `Host` must be a loopback name (or one
+/// listed in `mcp.allowed_hosts`); a browser `Origin` must be a loopback origin or listed in
+/// `mcp.allowed_origins`. Non-browser clients send no `Origin`.
+pub fn check_host_origin(listen: std::net::SocketAddr, policy: &Policy, headers: &HeaderMap) -> Result<(), String> {
+    if listen.ip().is_loopback()
+        && let Some(h) = headers.get(header::HOST)
+    {
+        let h = h.to_str().map_err(|_| "the Host header is not ASCII".to_string())?;
+        let name = host_name(h).to_ascii_lowercase();
+        if !is_loopback_name(&name) && !policy.mcp.allowed_hosts.contains(&name) {
+            return Err(format!(
+                "Host {h:?} is not allowed on a loopback listener (DNS rebinding protection); add it to mcp.allowed_hosts if it is yours"
+            ));
+        }
+    }
+    if let Some(o) = headers.get(header::ORIGIN) {
+        let o = o.to_str().map_err(|_| "the Origin header is not ASCII".to_string())?;
+        let allowed = normalize_origin(o).is_some_and(|n| {
+            let host = n.split("://").nth(1).map(host_name).unwrap_or("");
+            is_loopback_name(host) || policy.mcp.allowed_origins.contains(&n)
+        });
+        if !allowed {
+            return Err(format!("Origin {o:?} is not allowed; add it to mcp.allowed_origins if it is yours"));
+        }
+    }
+    Ok(())
+}
+
+/// The resource URL clients use (`http://<host>/mcp`), from a well-formed Host header or the
+/// listener address.
+fn resource_url(broker: &Broker, headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty() && h.len() < 256 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .map_or_else(|| broker.listen.to_string(), str::to_owned);
+    format!("http://{host}/mcp")
+}
+
+/// `GET /.well-known/oauth-protected-resource[/mcp]` (RFC 9728).
+pub fn protected_resource_metadata(broker: &Broker, headers: &HeaderMap) -> Response<Body> {
+    let v = json!({
+        "resource": resource_url(broker, headers),
+        "resource_name": "ephyr access broker",
+        "bearer_methods_supported": ["header"],
+        "authorization_servers": [],
+        "ephyr_credentials": "an agent API key (ephyr keygen agent NAME) or a task token (mac_...) as Authorization: Bearer",
+    });
+    rpc(StatusCode::OK, serde_json::to_vec(&v).unwrap_or_default())
+}
+
+fn auth_failure(broker: &Broker, headers: &HeaderMap, e: &AuthError) -> Response<Body> {
+    let code = match e.status() {
+        401 => code::UNAUTHENTICATED,
+        403 => code::FORBIDDEN,
+        429 => code::RATE_LIMITED,
+        400 => code::INVALID_REQUEST,
+        _ => code::INTERNAL_ERROR,
+    };
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+    let mut r = rpc_error(status, None, &RpcError::new(code, e.message()));
+    if matches!(e.status(), 400 | 401 | 403) {
+        let url = resource_url(broker, headers).replace("/mcp", "/.well-known/oauth-protected-resource/mcp");
+        let mut v = format!("Bearer realm=\"ephyr\", resource_metadata=\"{url}\"");
+        if let Some(err) = e.bearer_error() {
+            v.push_str(&format!(", error=\"{err}\", error_description=\"{}\"", e.message().replace(['"', '\\'], "'")));
+        }
+        if let Ok(hv) = HeaderValue::from_str(&v) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, hv);
+        }
+    }
+    if let Some(secs) = e.retry_after() {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    r
+}
+
+/// The one value of a header that must not repeat: `Ok(None)` if absent, `Err` if repeated
+/// or not ASCII.
+fn single<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, String> {
+    let mut it = headers.get_all(name).iter();
+    let Some(v) = it.next() else { return Ok(None) };
+    if it.next().is_some() {
+        return Err(format!("the {name} header appears more than once"));
+    }
+    v.to_str().map(Some).map_err(|_| format!("the {name} header is not ASCII"))
+}
+
+fn accepts(headers: &HeaderMap, wanted: &str) -> bool {
+    let Some(a) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        // No Accept header: anything goes (curl, simple clients).
+        return true;
+    };
+    let major = wanted.split('/').next().unwrap_or("");
+    a.split(',').any(|part| {
+        let t = part.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        t == wanted || t == "*/*" || t == format!("{major}/*")
+    })
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+fn method_label(m: &str) -> &'static str {
+    match m {
+        "initialize" => "initialize",
+        "ping" => "ping",
+        "server/discover" => "server/discover",
+        "tools/list" => "tools/list",
+        "tools/call" => "tools/call",
+        "resources/list" => "resources/list",
+        "resources/templates/list" => "resources/templates/list",
+        "resources/read" => "resources/read",
+        "logging/setLevel" => "logging/setLevel",
+        "subscriptions/listen" => "subscriptions/listen",
+        _ => "other",
+    }
+}
+
+/// Handles a request to `/mcp`.
+pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+    let policy = broker.policy();
+    let method = req.method().clone();
+    if method != Method::POST && method != Method::GET && method != Method::DELETE {
+        let mut r = rpc_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            None,
+            &RpcError::new(code::INVALID_REQUEST, format!("{method} is not allowed on /mcp; use POST, GET or DELETE")),
+        );
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+        return r;
+    }
+    if let Err(msg) = check_host_origin(broker.listen, &policy, req.headers()) {
+        broker.metrics.inc("ephyr_mcp_requests_total", &[("method", "any"), ("outcome", "forbidden_origin")]);
+        return rpc_error(StatusCode::FORBIDDEN, None, &RpcError::new(code::FORBIDDEN, msg));
+    }
+    let source = match peer {
+        Peer::Tcp(a) => Some(a.ip()),
+        Peer::Unix(_) => None,
+    };
+    let caller = match auth::authenticate(&broker, &policy, req.headers(), req.uri().query(), source).await {
+        Ok(c) => c,
+        Err(e) => return auth_failure(&broker, req.headers(), &e),
+    };
+    match method {
+        Method::GET => get_stream(&broker, &policy, &caller, req.headers()),
+        Method::DELETE => delete_session(&broker, &policy, &caller, req.headers()),
+        _ => post(&broker, &policy, &caller, req).await,
+    }
+}
+
+/// The session named by the request.
+fn session_for(broker: &Broker, policy: &Policy, caller: &Caller, headers: &HeaderMap) -> Result<Rc<Session>, Refused> {
+    let sid =
+        single(headers, SESSION_HEADER).map_err(|m| Refused::new(StatusCode::BAD_REQUEST, code::INVALID_REQUEST, m))?;
+    let Some(sid) = sid else {
+        return Err(Refused::new(
+            StatusCode::BAD_REQUEST,
+            code::INVALID_REQUEST,
+            "the Mcp-Session-Id header is required: send initialize first (or use protocol 2026-07-28, which needs no session)",
+        ));
+    };
+    broker.sessions.get(sid, &caller.fingerprint, policy.mcp.session_idle_timeout).ok_or_else(|| {
+        Refused::new(
+            StatusCode::NOT_FOUND,
+            code::SESSION_NOT_FOUND,
+            "session not found or expired: send initialize again",
+        )
+    })
+}
+
+fn delete_session(broker: &Broker, policy: &Policy, caller: &Caller, headers: &HeaderMap) -> Response<Body> {
+    match session_for(broker, policy, caller, headers) {
+        Err(r) => r.response(),
+        Ok(_) => {
+            if let Ok(Some(sid)) = single(headers, SESSION_HEADER) {
+                broker.sessions.remove(sid);
+            }
+            broker.metrics.set("ephyr_mcp_sessions", &[], broker.sessions.len() as f64);
+            broker.changes.wake();
+            empty(StatusCode::OK)
+        }
+    }
+}
+
+async fn post(broker: &Rc<Broker>, policy: &Rc<Policy>, caller: &Caller, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    if !is_json(req.headers()) {
+        let e = RpcError::new(code::INVALID_REQUEST, "Content-Type must be application/json");
+        return rpc_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, None, &e);
+    }
+    if !accepts(req.headers(), "application/json") {
+        let e = RpcError::new(code::INVALID_REQUEST, "Accept must include application/json (and text/event-stream)");
+        return rpc_error(StatusCode::NOT_ACCEPTABLE, None, &e);
+    }
+    let headers = req.headers().clone();
+    let body = match read_body(req, policy.mcp.max_request_size, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(e) => {
+            let status = match e {
+                super::BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                super::BodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+                super::BodyError::Io(_) => StatusCode::BAD_REQUEST,
+            };
+            return rpc_error(status, None, &RpcError::new(code::INVALID_REQUEST, e.describe()));
+        }
+    };
+    let msg = match jsonrpc::decode(&body) {
+        Ok(m) => m,
+        Err(rej) => {
+            broker.metrics.inc("ephyr_mcp_requests_total", &[("method", "invalid"), ("outcome", "rejected")]);
+            return rpc_error(StatusCode::BAD_REQUEST, rej.id.as_ref(), &rej.error);
+        }
+    };
+    let mut routing = [None; 3];
+    for (i, name) in [VERSION_HEADER, METHOD_HEADER, NAME_HEADER].into_iter().enumerate() {
+        match single(&headers, name) {
+            Ok(v) => routing[i] = v,
+            Err(m) => {
+                let id = match &msg {
+                    Message::Request(r) => Some(&r.id),
+                    _ => None,
+                };
+                return rpc_error(StatusCode::BAD_REQUEST, id, &RpcError::new(code::HEADER_MISMATCH, m));
+            }
+        }
+    }
+    let [version_header, method_header, name_header] = routing;
+    let has_session = headers.contains_key(SESSION_HEADER);
+    let body_is_stateless = match &msg {
+        Message::Request(r) => r.params.get("_meta").and_then(|m| m.get(META_PROTOCOL_VERSION)).is_some(),
+        _ => false,
+    };
+    let stateless = match version_header {
+        Some(v) => Version::parse(v).is_none_or(|v| v.era() == Era::Stateless),
+        None => !has_session && body_is_stateless,
+    };
+    let response = if stateless {
+        let h = RoutingHeaders { protocol_version: version_header, method: method_header, name: name_header };
+        post_stateless(broker, policy, caller, msg, h, &headers).await
+    } else {
+        post_session(broker, policy, caller, msg, version_header, &headers).await
+    };
+    broker.metrics.observe(
+        "ephyr_mcp_request_duration_seconds",
+        &[("method", "post")],
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+async fn post_stateless(
+    broker: &Rc<Broker>,
+    policy: &Rc<Policy>,
+    caller: &Caller,
+    msg: Message,
+    h: RoutingHeaders<'_>,
+    headers: &HeaderMap,
+) -> Response<Body> {
+    match msg {
+        Message::Notification(_) => {
+            let requested = h.protocol_version.unwrap_or("");
+            match Version::parse(requested) {
+                Some(v) if v.era() == Era::Stateless => empty(StatusCode::ACCEPTED),
+                _ => rpc_error(StatusCode::BAD_REQUEST, None, &server::unsupported_version(requested)),
+            }
+        }
+        Message::Response => rpc_error(
+            StatusCode::BAD_REQUEST,
+            None,
+            &RpcError::new(code::INVALID_REQUEST, "the body must be a single JSON-RPC request or notification"),
+        ),
+        Message::Request(r) => match server::check_stateless(&r.method, &r.params, h) {
+            Err(e) => {
+                broker
+                    .metrics
+                    .inc("ephyr_mcp_requests_total", &[("method", method_label(&r.method)), ("outcome", "rejected")]);
+                rpc_error(StatusCode::BAD_REQUEST, Some(&r.id), &e)
+            }
+            Ok(st) => dispatch(broker, policy, caller, st.version, r, None, headers).await,
+        },
+    }
+}
+
+async fn post_session(
+    broker: &Rc<Broker>,
+    policy: &Rc<Policy>,
+    caller: &Caller,
+    msg: Message,
+    version_header: Option<&str>,
+    headers: &HeaderMap,
+) -> Response<Body> {
+    if let Message::Request(r) = &msg
+        && r.method == "initialize"
+    {
+        let Message::Request(r) = msg else { unreachable!() };
+        return initialize(broker, policy, caller, r);
+    }
+    let session = match session_for(broker, policy, caller, headers) {
+        Ok(s) => s,
+        Err(r) => return r.response(),
+    };
+    if let Some(v) = version_header
+        && Version::parse(v).is_none_or(|v| v.era() != Era::Session)
+    {
+        let e = RpcError::new(code::INVALID_REQUEST, format!("unsupported MCP-Protocol-Version {v:?}"));
+        return rpc_error(StatusCode::BAD_REQUEST, None, &e);
+    }
+    match msg {
+        Message::Notification(n) => {
+            if n.method == "notifications/initialized" {
+                session.initialized.set(true);
+            }
+            empty(StatusCode::ACCEPTED)
+        }
+        Message::Response => empty(StatusCode::ACCEPTED),
+        Message::Request(r) => dispatch(broker, policy, caller, session.version, r, Some(&session), headers).await,
+    }
+}
+
+fn initialize(broker: &Broker, policy: &Policy, caller: &Caller, r: RpcRequest) -> Response<Body> {
+    let init = match server::initialize(&r.params) {
+        Ok(i) => i,
+        Err(e) => return rpc_error(StatusCode::BAD_REQUEST, Some(&r.id), &e),
+    };
+    let s = Session {
+        version: init.version,
+        agent: caller.agent.clone(),
+        fingerprint: caller.fingerprint,
+        client: init.client.clone(),
+        initialized: std::cell::Cell::new(false),
+        last_used: std::cell::Cell::new(Instant::now()),
+        stream_open: std::cell::Cell::new(false),
+        log_level: std::cell::RefCell::new("info".into()),
+    };
+    let sid = match broker.sessions.create(s, policy.mcp.max_sessions as usize, policy.mcp.session_idle_timeout) {
+        Ok(id) => id,
+        Err(SessionsFull) => {
+            let e = RpcError::new(code::INTERNAL_ERROR, "no MCP sessions available (mcp.max_sessions is 0)");
+            return rpc_error(StatusCode::SERVICE_UNAVAILABLE, Some(&r.id), &e);
+        }
+    };
+    broker.metrics.set("ephyr_mcp_sessions", &[], broker.sessions.len() as f64);
+    broker.metrics.inc("ephyr_mcp_requests_total", &[("method", "initialize"), ("outcome", "ok")]);
+    let ev = Event::new(Kind::Auth, "mcp_session_started").agent(caller.agent.clone()).outcome(json!({
+        "method": caller.method(),
+        "client": init.client.name,
+        "client_version": init.client.version,
+        "requested_version": init.requested,
+        "version": init.version.as_str(),
+        "source": caller.source.map(|s| s.to_string()),
+    }));
+    if let Err(e) = broker.audit.record(ev) {
+        log::error!("audit: {e}");
+    }
+    let result = server::initialize_result(init.version, &IDENTITY, CAPS);
+    let mut resp = rpc(StatusCode::OK, jsonrpc::encode_result(&r.id, &result));
+    if let Ok(v) = HeaderValue::from_str(&sid) {
+        resp.headers_mut().insert(SESSION_HEADER, v);
+    }
+    resp
+}
+
+async fn dispatch(
+    broker: &Rc<Broker>,
+    policy: &Rc<Policy>,
+    caller: &Caller,
+    v: Version,
+    r: RpcRequest,
+    session: Option<&Rc<Session>>,
+    headers: &HeaderMap,
+) -> Response<Body> {
+    let label = method_label(&r.method);
+    let call = match server::classify(&r.method, r.params, v) {
+        Ok(c) => c,
+        Err(e) => {
+            broker.metrics.inc("ephyr_mcp_requests_total", &[("method", label), ("outcome", "error")]);
+            return rpc_error(status_for(v, e.code), Some(&r.id), &e);
+        }
+    };
+    let principal = caller.principal();
+    let result: Result<Value, RpcError> = match call {
+        Call::Ping => Ok(json!({})),
+        Call::Discover => Ok(server::discover_result(&IDENTITY, CAPS)),
+        Call::ToolsList => {
+            let mut m = Map::new();
+            m.insert("tools".into(), Value::Array(tools::list(policy, &principal)));
+            Ok(server::finish(v, &IDENTITY, server::cacheable(v, m, LIST_TTL_MS, false)))
+        }
+        Call::ToolsCall { name, arguments } => match tools::call(broker, caller, &name, arguments).await {
+            None => Err(RpcError::invalid_params(format!("unknown tool {name:?}"))),
+            Some(out) => Ok(server::tool_result(v, &IDENTITY, out.text, out.is_error)),
+        },
+        Call::ResourcesList => {
+            let list: Vec<Value> = resources::RESOURCES.iter().map(|d| d.to_json()).collect();
+            let mut m = Map::new();
+            m.insert("resources".into(), Value::Array(list));
+            Ok(server::finish(v, &IDENTITY, server::cacheable(v, m, LIST_TTL_MS, false)))
+        }
+        Call::ResourceTemplatesList => {
+            let mut m = Map::new();
+            m.insert("resourceTemplates".into(), json!([]));
+            Ok(server::finish(v, &IDENTITY, server::cacheable(v, m, LIST_TTL_MS, true)))
+        }
+        Call::ResourcesRead { uri } => match resources::read(broker, policy, caller, &uri) {
+            Some(text) => {
+                let mut m = Map::new();
+                m.insert("contents".into(), json!([text_contents(&uri, "text/markdown", text)]));
+                Ok(server::finish(v, &IDENTITY, server::cacheable(v, m, 0, false)))
+            }
+            None => Err(RpcError::new(v.resource_not_found_code(), format!("unknown resource {uri:?}"))
+                .with_data(json!({ "uri": uri }))),
+        },
+        Call::SetLogLevel(level) => {
+            if let Some(s) = session {
+                *s.log_level.borrow_mut() = level;
+            }
+            Ok(json!({}))
+        }
+        Call::Listen(filter) => return listen(broker, policy, r.id, filter, headers),
+    };
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    broker.metrics.inc("ephyr_mcp_requests_total", &[("method", label), ("outcome", outcome)]);
+    match result {
+        Ok(value) => rpc(StatusCode::OK, jsonrpc::encode_result(&r.id, &value)),
+        Err(e) => rpc_error(status_for(v, e.code), Some(&r.id), &e),
+    }
+}
+
+/// Where a stream's notifications go.
+enum StreamKind {
+    /// The session era's GET stream.
+    Session(String),
+    /// A stateless-era subscription.
+    Listen(RequestId, ListenFilter),
+}
+
+struct StreamState {
+    broker: Rc<Broker>,
+    kind: StreamKind,
+    seen: u64,
+    started: bool,
+    done: bool,
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        self.broker.changes.ended();
+        if let StreamKind::Session(id) = &self.kind
+            && let Some(s) = self.broker.sessions.peek(id)
+        {
+            s.stream_open.set(false);
+        }
+    }
+}
+
+fn sse_event(json: &[u8]) -> Bytes {
+    let mut b = Vec::with_capacity(json.len() + 24);
+    b.extend_from_slice(b"event: message\ndata: ");
+    b.extend_from_slice(json);
+    b.extend_from_slice(b"\n\n");
+    Bytes::from(b)
+}
+
+impl StreamState {
+    /// The next chunk, or `None` when the stream ends.
+    async fn next(&mut self) -> Option<Bytes> {
+        if self.done {
+            return None;
+        }
+        if !self.started {
+            self.started = true;
+            return Some(match &self.kind {
+                StreamKind::Session(_) => Bytes::from_static(b": ephyr notification stream\n\n"),
+                StreamKind::Listen(id, f) => sse_event(&jsonrpc::encode_notification(
+                    "notifications/subscriptions/acknowledged",
+                    &server::listen_acknowledged(id, *f),
+                )),
+            });
+        }
+        loop {
+            let feed = &self.broker.changes;
+            if feed.closed() {
+                self.done = true;
+                return match &self.kind {
+                    StreamKind::Listen(id, _) => {
+                        Some(sse_event(&jsonrpc::encode_result(id, &server::listen_ended(id, &IDENTITY))))
+                    }
+                    StreamKind::Session(_) => None,
+                };
+            }
+            if let StreamKind::Session(id) = &self.kind
+                && !self.broker.sessions.exists(id)
+            {
+                self.done = true;
+                return None;
+            }
+            if feed.generation() != self.seen {
+                self.seen = feed.generation();
+                let (tools, resources, sub) = match &self.kind {
+                    StreamKind::Session(_) => (true, true, None),
+                    StreamKind::Listen(id, f) => (f.tools, f.resources, Some(id)),
+                };
+                let params = server::list_changed_params(sub);
+                let mut out = Vec::new();
+                if tools {
+                    out.extend_from_slice(&sse_event(&jsonrpc::encode_notification(
+                        "notifications/tools/list_changed",
+                        &params,
+                    )));
+                }
+                if resources {
+                    out.extend_from_slice(&sse_event(&jsonrpc::encode_notification(
+                        "notifications/resources/list_changed",
+                        &params,
+                    )));
+                }
+                if !out.is_empty() {
+                    return Some(Bytes::from(out));
+                }
+                continue;
+            }
+            let listener = feed.listen();
+            if feed.generation() != self.seen || feed.closed() {
+                continue;
+            }
+            let woke = futures_lite::future::or(
+                async {
+                    listener.await;
+                    true
+                },
+                async {
+                    Timer::after(KEEPALIVE).await;
+                    false
+                },
+            )
+            .await;
+            if !woke {
+                return Some(Bytes::from_static(b": keep-alive\n\n"));
+            }
+        }
+    }
+}
+
+fn stream_response(state: StreamState) -> Response<Body> {
+    let s = futures_lite::stream::unfold(state, |mut st| async move {
+        let chunk = st.next().await?;
+        Some((Ok::<_, std::io::Error>(Frame::data(chunk)), st))
+    });
+    let mut r = Response::new(Box::pin(StreamBody::new(s)) as Body);
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-transform"));
+    r.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+fn open_stream(broker: &Rc<Broker>, policy: &Policy, kind: StreamKind) -> Result<Response<Body>, Refused> {
+    if broker.changes.closed() {
+        return Err(Refused::new(StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR, "the broker is shutting down"));
+    }
+    if broker.changes.streams() >= policy.mcp.max_streams as usize {
+        return Err(Refused::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code::RATE_LIMITED,
+            "too many open notification streams (mcp.max_streams); retry later",
+        ));
+    }
+    broker.changes.opened();
+    let seen = broker.changes.generation();
+    Ok(stream_response(StreamState { broker: broker.clone(), kind, seen, started: false, done: false }))
+}
+
+fn get_stream(broker: &Rc<Broker>, policy: &Policy, caller: &Caller, headers: &HeaderMap) -> Response<Body> {
+    if let Ok(Some(v)) = single(headers, VERSION_HEADER)
+        && Version::parse(v).is_none_or(|v| v.era() == Era::Stateless)
+    {
+        let mut r = rpc_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            None,
+            &RpcError::new(code::INVALID_REQUEST, "protocol 2026-07-28 has no GET stream: use subscriptions/listen"),
+        );
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    if !accepts(headers, "text/event-stream") {
+        let e = RpcError::new(code::INVALID_REQUEST, "Accept must include text/event-stream");
+        return rpc_error(StatusCode::NOT_ACCEPTABLE, None, &e);
+    }
+    let session = match session_for(broker, policy, caller, headers) {
+        Ok(s) => s,
+        Err(r) => return r.response(),
+    };
+    if session.stream_open.get() {
+        let e = RpcError::new(code::INVALID_REQUEST, "a notification stream is already open for this session");
+        return rpc_error(StatusCode::CONFLICT, None, &e);
+    }
+    let sid = single(headers, SESSION_HEADER).ok().flatten().unwrap_or_default().to_owned();
+    match open_stream(broker, policy, StreamKind::Session(sid)) {
+        Ok(r) => {
+            session.stream_open.set(true);
+            r
+        }
+        Err(r) => r.response(),
+    }
+}
+
+fn listen(
+    broker: &Rc<Broker>,
+    policy: &Policy,
+    id: RequestId,
+    filter: ListenFilter,
+    headers: &HeaderMap,
+) -> Response<Body> {
+    if !accepts(headers, "text/event-stream") {
+        let e = RpcError::new(
+            code::INVALID_REQUEST,
+            "subscriptions/listen answers with a stream: Accept must include text/event-stream",
+        );
+        return rpc_error(StatusCode::NOT_ACCEPTABLE, Some(&id), &e);
+    }
+    broker.metrics.inc("ephyr_mcp_requests_total", &[("method", "subscriptions/listen"), ("outcome", "ok")]);
+    open_stream(broker, policy, StreamKind::Listen(id, filter)).unwrap_or_else(Refused::response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn dns_rebinding_protection() {
+        let p = Policy::parse("mcp: {allowed_origins: ['https://pi.example:8554'], allowed_hosts: [pi.example]}", "t")
+            .unwrap();
+        let lo: std::net::SocketAddr = "127.0.0.1:8554".parse().unwrap();
+        let lan: std::net::SocketAddr = "0.0.0.0:8554".parse().unwrap();
+        let ok = |a, h: &[(&str, &str)]| check_host_origin(a, &p, &hm(h));
+        ok(lo, &[("host", "127.0.0.1:8554")]).unwrap();
+        ok(lo, &[("host", "localhost:8554"), ("origin", "http://localhost:3000")]).unwrap();
+        ok(lo, &[("host", "[::1]:8554")]).unwrap();
+        ok(lo, &[("host", "pi.example:8554")]).unwrap();
+        ok(lo, &[]).unwrap();
+        assert!(ok(lo, &[("host", "evil.example.com")]).unwrap_err().contains("DNS rebinding"));
+        assert!(
+            ok(lo, &[("host", "localhost"), ("origin", "http://evil.example.com")]).unwrap_err().contains("Origin")
+        );
+        assert!(ok(lo, &[("host", "localhost"), ("origin", "null")]).is_err());
+        ok(lan, &[("host", "anything:8554")]).unwrap();
+        ok(lan, &[("host", "x"), ("origin", "https://pi.example:8554")]).unwrap();
+        ok(lan, &[("host", "x"), ("origin", "https://PI.example:8554/")]).unwrap();
+        assert!(ok(lan, &[("host", "x"), ("origin", "http://pi.example:8554")]).is_err(), "scheme matters");
+    }
+
+    #[test]
+    fn accept_and_content_type() {
+        assert!(accepts(&hm(&[("accept", "application/json, text/event-stream")]), "application/json"));
+        assert!(accepts(&hm(&[("accept", "text/event-stream;q=0.9, */*")]), "application/json"));
+        assert!(accepts(&hm(&[]), "text/event-stream"));
+        assert!(!accepts(&hm(&[("accept", "text/html")]), "application/json"));
+        assert!(is_json(&hm(&[("content-type", "application/json; charset=utf-8")])));
+        assert!(!is_json(&hm(&[("content-type", "text/plain")])));
+        assert!(!is_json(&hm(&[])));
+    }
+
+    #[test]
+    fn error_statuses_per_era() {
+        assert_eq!(status_for(Version::V2026_07_28, code::METHOD_NOT_FOUND), StatusCode::NOT_FOUND);
+        assert_eq!(status_for(Version::V2026_07_28, code::UNSUPPORTED_PROTOCOL_VERSION), StatusCode::BAD_REQUEST);
+        assert_eq!(status_for(Version::V2026_07_28, code::INTERNAL_ERROR), StatusCode::OK);
+        assert_eq!(status_for(Version::V2025_11_25, code::METHOD_NOT_FOUND), StatusCode::OK);
+    }
+}

@@ -1,0 +1,471 @@
+//! The MCP tool registry: the one place where each tool declares its name, argument schema,
+//! annotations, what it needs to be visible, and the code that runs it.
+//!
+//! What runs here: argument validation and tool bodies on the executor thread; tools that touch
+//! the network or the signer await those (later issues add them as entries in [`REGISTRY`]).
+//!
+//! Every call goes through the same path ([`call`]): the arguments are checked against the
+//! declared parameters (unknown, missing, wrongly typed or out-of-range arguments are a tool
+//! error naming the argument); `authorize` decides whether the caller may use the tool at all
+//! (the task token's `tool` set, the agent being enabled); the tool body then asks `authorize`
+//! for its own typed action; the outcome is audited; and a denial or failure is an `isError`
+//! result with its reason, never a protocol error.
+
+pub mod discovery;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::Instant;
+
+use serde_json::{Map, Value, json};
+
+use super::Broker;
+use super::audit::{Event, Kind};
+use super::auth::Caller;
+use super::policy::{Action, ActionKind, Decision, Denial, HTTP_METHODS, Policy, Principal, authorize};
+use crate::mcp::types::{Annotations, ToolDescriptor};
+
+/// An argument's type.
+#[derive(Clone, Copy, Debug)]
+pub enum ParamType {
+    /// A string.
+    String,
+    /// One of these strings.
+    Enum(&'static [&'static str]),
+    /// An integer in `min..=max`.
+    Integer {
+        /// Smallest allowed.
+        min: i64,
+        /// Largest allowed.
+        max: i64,
+    },
+    /// `true` or `false`.
+    Boolean,
+    /// A list of strings.
+    StringList,
+    /// An object of string values.
+    StringMap,
+    /// An object with these members.
+    Object(&'static [Param]),
+}
+
+/// One declared argument.
+#[derive(Clone, Copy, Debug)]
+pub struct Param {
+    /// Its name.
+    pub name: &'static str,
+    /// Its type.
+    pub ty: ParamType,
+    /// Whether it must be given.
+    pub required: bool,
+    /// What it means, for the model.
+    pub description: &'static str,
+}
+
+/// What a caller needs for a tool to be listed: the tool is shown only if some action of this
+/// kind could be allowed for the caller right now (checked with `authorize` itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Needs {
+    /// Nothing beyond being an enabled agent (and the token allowing the tool).
+    Nothing,
+    /// Some role on some target.
+    AnyTarget,
+    /// Some method and path on some service.
+    AnyService,
+    /// Some remote MCP server.
+    AnyRemote,
+}
+
+/// What a tool body returns.
+#[derive(Debug)]
+pub struct Output {
+    /// The text shown to the model (JSON for data, a sentence for errors).
+    pub text: String,
+    /// A failure (the result is `isError`).
+    pub is_error: bool,
+    /// A policy denial behind the failure, if that is what it was.
+    pub denial: Option<Denial>,
+    /// What the call acted on, for the audit line (names, never secrets).
+    pub action: Map<String, Value>,
+    /// What happened, for the audit line.
+    pub outcome: Map<String, Value>,
+}
+
+impl Output {
+    /// Data, as indented JSON (the Go project's output shape, which agent prompts expect).
+    pub fn data(value: &Value) -> Output {
+        Output {
+            text: serde_json::to_string_pretty(value).unwrap_or_default(),
+            is_error: false,
+            denial: None,
+            action: Map::new(),
+            outcome: Map::new(),
+        }
+    }
+
+    /// Plain text.
+    pub fn text(text: impl Into<String>) -> Output {
+        Output { text: text.into(), is_error: false, denial: None, action: Map::new(), outcome: Map::new() }
+    }
+
+    /// A failure with its reason.
+    pub fn error(reason: impl Into<String>) -> Output {
+        Output { text: reason.into(), is_error: true, denial: None, action: Map::new(), outcome: Map::new() }
+    }
+
+    /// A policy denial.
+    pub fn denied(d: Denial) -> Output {
+        Output {
+            text: format!("denied ({}): {}", d.code.as_str(), d.reason),
+            is_error: true,
+            denial: Some(d),
+            action: Map::new(),
+            outcome: Map::new(),
+        }
+    }
+}
+
+/// Everything a tool body may use.
+pub struct Ctx<'a> {
+    /// The broker.
+    pub broker: &'a Rc<Broker>,
+    /// Who calls.
+    pub caller: &'a Caller,
+    /// The policy snapshot for this request.
+    pub policy: &'a Rc<Policy>,
+    /// Validated arguments.
+    pub args: &'a Map<String, Value>,
+}
+
+/// A tool body.
+pub type Run = for<'a> fn(Ctx<'a>) -> Pin<Box<dyn Future<Output = Output> + 'a>>;
+
+/// A tool.
+pub struct ToolDef {
+    /// Name (Go Ephyr's, so existing prompts keep working).
+    pub name: &'static str,
+    /// Display title.
+    pub title: &'static str,
+    /// What it does, for the model.
+    pub description: &'static str,
+    /// Arguments.
+    pub params: &'static [Param],
+    /// Behaviour hints.
+    pub annotations: Annotations,
+    /// When it is listed.
+    pub needs: Needs,
+    /// Its body.
+    pub run: Run,
+}
+
+/// Every tool, in listing order.
+pub static REGISTRY: &[&ToolDef] = &[&discovery::LIST_TARGETS, &discovery::LIST_SERVICES, &discovery::LIST_REMOTES];
+
+/// The tool named `name`.
+pub fn find(name: &str) -> Option<&'static ToolDef> {
+    REGISTRY.iter().copied().find(|t| t.name == name)
+}
+
+fn type_schema(ty: ParamType, description: &str) -> Value {
+    let mut s = match ty {
+        ParamType::String => json!({ "type": "string" }),
+        ParamType::Enum(values) => json!({ "type": "string", "enum": values }),
+        ParamType::Integer { min, max } => json!({ "type": "integer", "minimum": min, "maximum": max }),
+        ParamType::Boolean => json!({ "type": "boolean" }),
+        ParamType::StringList => json!({ "type": "array", "items": { "type": "string" } }),
+        ParamType::StringMap => json!({ "type": "object", "additionalProperties": { "type": "string" } }),
+        ParamType::Object(params) => object_schema(params),
+    };
+    if !description.is_empty() {
+        s["description"] = Value::from(description);
+    }
+    s
+}
+
+fn object_schema(params: &[Param]) -> Value {
+    let mut props = Map::new();
+    for p in params {
+        props.insert(p.name.into(), type_schema(p.ty, p.description));
+    }
+    let required: Vec<&str> = params.iter().filter(|p| p.required).map(|p| p.name).collect();
+    json!({ "type": "object", "properties": props, "required": required, "additionalProperties": false })
+}
+
+/// The JSON Schema (2020-12) of a tool's arguments.
+pub fn input_schema(t: &ToolDef) -> Value {
+    let mut s = object_schema(t.params);
+    s["$schema"] = Value::from("https://json-schema.org/draft/2020-12/schema");
+    s
+}
+
+fn check_value(path: &str, ty: ParamType, v: &Value) -> Result<(), String> {
+    let bad = |what: &str| Err(format!("argument {path:?} must be {what}"));
+    match ty {
+        ParamType::String => v.as_str().map(|_| ()).ok_or(()).or_else(|()| bad("a string")),
+        ParamType::Enum(values) => match v.as_str() {
+            Some(s) if values.contains(&s) => Ok(()),
+            _ => bad(&format!("one of {}", values.join(", "))),
+        },
+        ParamType::Integer { min, max } => match v.as_i64() {
+            Some(n) if (min..=max).contains(&n) => Ok(()),
+            Some(_) => bad(&format!("between {min} and {max}")),
+            None => bad("an integer"),
+        },
+        ParamType::Boolean => v.as_bool().map(|_| ()).ok_or(()).or_else(|()| bad("true or false")),
+        ParamType::StringList => match v.as_array() {
+            Some(a) if a.iter().all(Value::is_string) => Ok(()),
+            _ => bad("a list of strings"),
+        },
+        ParamType::StringMap => match v.as_object() {
+            Some(m) if m.values().all(Value::is_string) => Ok(()),
+            _ => bad("an object of strings"),
+        },
+        ParamType::Object(params) => match v.as_object() {
+            Some(m) => check_object(path, params, m),
+            None => bad("an object"),
+        },
+    }
+}
+
+fn check_object(prefix: &str, params: &[Param], args: &Map<String, Value>) -> Result<(), String> {
+    let join = |n: &str| if prefix.is_empty() { n.to_owned() } else { format!("{prefix}.{n}") };
+    for k in args.keys() {
+        if !params.iter().any(|p| p.name == k) {
+            let known: Vec<&str> = params.iter().map(|p| p.name).collect();
+            return Err(if known.is_empty() {
+                format!("unknown argument {:?} (this takes no arguments)", join(k))
+            } else {
+                format!("unknown argument {:?} (arguments: {})", join(k), known.join(", "))
+            });
+        }
+    }
+    for p in params {
+        match args.get(p.name) {
+            None | Some(Value::Null) if p.required => {
+                return Err(format!("argument {:?} is required", join(p.name)));
+            }
+            None | Some(Value::Null) => {}
+            Some(v) => check_value(&join(p.name), p.ty, v)?,
+        }
+    }
+    Ok(())
+}
+
+/// Checks arguments against a tool's declared parameters.
+pub fn check_args(t: &ToolDef, args: &Map<String, Value>) -> Result<(), String> {
+    check_object("", t.params, args)
+}
+
+fn allowed(policy: &Policy, principal: &Principal<'_>, tool: Option<&str>, kind: ActionKind<'_>) -> bool {
+    authorize(policy, principal, &Action { tool, kind }).is_allow()
+}
+
+/// Whether the caller could use some service (some method on some path the grant and the
+/// service both name).
+pub fn any_service(policy: &Policy, principal: &Principal<'_>, tool: Option<&str>, service: &str) -> bool {
+    let Some(s) = policy.services.get(service) else { return false };
+    let mut paths: Vec<&str> = s.paths.iter().flatten().map(|p| p.example()).collect();
+    if let Some(g) = policy.agents.get(principal.agent).and_then(|a| a.services.lookup(service)) {
+        paths.extend(g.value.paths.iter().flatten().map(|p| p.example()));
+    }
+    if paths.is_empty() {
+        paths.push("/");
+    }
+    HTTP_METHODS.iter().any(|m| {
+        paths.iter().any(|p| allowed(policy, principal, tool, ActionKind::Http { service, method: m, path: p }))
+    })
+}
+
+/// Whether the caller could use some tool of a remote.
+pub fn any_remote_tool(policy: &Policy, principal: &Principal<'_>, tool: Option<&str>, remote: &str) -> bool {
+    let Some(r) = policy.remotes.get(remote) else { return false };
+    let grant_tools =
+        policy.agents.get(principal.agent).and_then(|a| a.remotes.lookup(remote)).and_then(|g| g.value.tools.clone());
+    let names: Vec<String> = match (&r.tools, grant_tools) {
+        (Some(t), _) => t.iter().cloned().collect(),
+        (None, Some(t)) => t.into_iter().collect(),
+        (None, None) => vec!["*".into()],
+    };
+    let args = Map::new();
+    names.iter().any(|t| {
+        allowed(policy, principal, tool, ActionKind::RemoteTool { remote, tool: t, arguments: &args, declared: &[] })
+    })
+}
+
+/// Whether `t` is listed for the caller.
+pub fn visible(t: &ToolDef, policy: &Policy, principal: &Principal<'_>) -> bool {
+    let tool = Some(t.name);
+    if !allowed(policy, principal, tool, ActionKind::Discover) {
+        return false;
+    }
+    match t.needs {
+        Needs::Nothing => true,
+        Needs::AnyTarget => policy.targets.iter().any(|(name, target)| {
+            target
+                .allowed_roles
+                .iter()
+                .any(|role| allowed(policy, principal, tool, ActionKind::Ssh { target: name, role }))
+        }),
+        Needs::AnyService => policy.services.keys().any(|s| any_service(policy, principal, tool, s)),
+        Needs::AnyRemote => policy.remotes.keys().any(|r| any_remote_tool(policy, principal, tool, r)),
+    }
+}
+
+/// The denial for calling a tool that is not listed for the caller: nothing it works on is
+/// reachable under the caller's policy and token.
+fn unreachable(t: &ToolDef, agent: &str) -> Denial {
+    use super::policy::DenyCode;
+    let (code, what) = match t.needs {
+        Needs::AnyTarget => (DenyCode::PolicyDeniesTarget, "SSH target and role"),
+        Needs::AnyService => (DenyCode::PolicyDeniesService, "HTTP service"),
+        Needs::AnyRemote | Needs::Nothing => (DenyCode::PolicyDeniesRemote, "remote MCP server"),
+    };
+    Denial {
+        code,
+        reason: format!("{} is not available to agent {agent:?}: no {what} is allowed by its policy and token", t.name),
+    }
+}
+
+/// The `tools/list` entries for the caller.
+pub fn list(policy: &Policy, principal: &Principal<'_>) -> Vec<Value> {
+    REGISTRY
+        .iter()
+        .filter(|t| visible(t, policy, principal))
+        .map(|t| {
+            let schema = input_schema(t);
+            ToolDescriptor {
+                name: t.name,
+                title: t.title,
+                description: t.description,
+                input_schema: &schema,
+                annotations: t.annotations,
+            }
+            .to_json()
+        })
+        .collect()
+}
+
+/// What happened to a call: `None` when the tool does not exist (a protocol error, `-32602`).
+pub async fn call(broker: &Rc<Broker>, caller: &Caller, name: &str, args: Map<String, Value>) -> Option<Output> {
+    let t = find(name)?;
+    let started = Instant::now();
+    let policy = broker.policy();
+    let principal = caller.principal();
+    let mut out = match check_args(t, &args) {
+        Err(e) => Output::error(format!("invalid arguments: {e}")),
+        Ok(()) => match authorize(&policy, &principal, &Action { tool: Some(t.name), kind: ActionKind::Discover }) {
+            Decision::Deny(d) => Output::denied(d),
+            Decision::Allow(_) if !visible(t, &policy, &principal) => Output::denied(unreachable(t, &caller.agent)),
+            Decision::Allow(_) => {
+                let agent_rate = policy.agents.get(&caller.agent).map(|a| a.rate_limit);
+                match agent_rate.map(|r| broker.agent_limits.take(&caller.agent, r, started)) {
+                    Some(Err(wait)) => Output::error(format!(
+                        "rate limit exceeded for agent {:?}; retry in {}s",
+                        caller.agent,
+                        wait.as_secs().max(1)
+                    )),
+                    _ => (t.run)(Ctx { broker, caller, policy: &policy, args: &args }).await,
+                }
+            }
+        },
+    };
+    let elapsed = started.elapsed();
+    let outcome = if out.denial.is_some() {
+        "denied"
+    } else if out.is_error {
+        "error"
+    } else {
+        "ok"
+    };
+    broker.metrics.inc("ephyr_tool_calls_total", &[("tool", t.name), ("outcome", outcome)]);
+    broker.metrics.observe("ephyr_tool_call_duration_seconds", &[("tool", t.name)], elapsed.as_secs_f64());
+    let mut action = std::mem::take(&mut out.action);
+    action.insert("tool".into(), Value::from(t.name));
+    let mut result = std::mem::take(&mut out.outcome);
+    result.insert("is_error".into(), Value::Bool(out.is_error));
+    result.insert("duration_us".into(), Value::from(elapsed.as_micros() as u64));
+    let mut ev = Event::new(Kind::Decision, "tool_call")
+        .agent(caller.agent.clone())
+        .action(Value::Object(action))
+        .outcome(Value::Object(result));
+    ev = match &out.denial {
+        Some(d) => ev.deny(d.code.as_str(), d.reason.clone()),
+        None if out.is_error => ev.error("tool_error", first_line(&out.text)),
+        None => ev.allow(),
+    };
+    if let Some(tok) = caller.token() {
+        ev = ev.task(tok.task.clone(), tok.lineage.clone()).initiated_by(tok.initiated_by.clone());
+    }
+    // Read-only tools do not wait for the line to be durable; tools with effects record their
+    // effect themselves, before acting, and wait (fail closed).
+    use super::audit::AuditSink as _;
+    if let Err(e) = broker.audit.record(ev) {
+        log::error!("audit: {e}");
+    }
+    Some(out)
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").chars().take(300).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemas_are_strict_objects_and_arguments_are_checked_against_them() {
+        static NESTED: &[Param] =
+            &[Param { name: "targets", ty: ParamType::StringList, required: false, description: "" }];
+        static PARAMS: &[Param] = &[
+            Param { name: "target", ty: ParamType::String, required: true, description: "the target" },
+            Param { name: "timeout", ty: ParamType::Integer { min: 1, max: 300 }, required: false, description: "" },
+            Param { name: "method", ty: ParamType::Enum(&["GET", "POST"]), required: false, description: "" },
+            Param { name: "headers", ty: ParamType::StringMap, required: false, description: "" },
+            Param { name: "envelope", ty: ParamType::Object(NESTED), required: false, description: "" },
+        ];
+        let t = ToolDef {
+            name: "t",
+            title: "T",
+            description: "",
+            params: PARAMS,
+            annotations: Annotations { read_only: true, destructive: false, idempotent: true, open_world: false },
+            needs: Needs::Nothing,
+            run: |_| Box::pin(async { Output::text("") }),
+        };
+        let s = input_schema(&t);
+        assert_eq!(s["type"], "object");
+        assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["required"], json!(["target"]));
+        assert_eq!(s["properties"]["timeout"]["maximum"], 300);
+        assert_eq!(s["properties"]["envelope"]["properties"]["targets"]["type"], "array");
+        let a = |v: Value| v.as_object().cloned().unwrap();
+        check_args(&t, &a(json!({"target": "web", "timeout": 30, "method": "GET"}))).unwrap();
+        for (args, words) in [
+            (json!({}), "\"target\" is required"),
+            (json!({"target": 1}), "\"target\" must be a string"),
+            (json!({"target": "w", "timeout": 0}), "between 1 and 300"),
+            (json!({"target": "w", "timeout": "30"}), "an integer"),
+            (json!({"target": "w", "method": "DELETE"}), "one of GET, POST"),
+            (json!({"target": "w", "headers": {"a": 1}}), "object of strings"),
+            (json!({"target": "w", "envelope": {"targets": [1]}}), "\"envelope.targets\" must be a list"),
+            (json!({"target": "w", "envelope": {"x": 1}}), "unknown argument \"envelope.x\""),
+            (json!({"target": "w", "extra": 1}), "unknown argument \"extra\""),
+        ] {
+            let e = check_args(&t, &a(args.clone())).unwrap_err();
+            assert!(e.contains(words), "{args}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_registered_tool_has_a_unique_name_and_a_valid_schema() {
+        let mut names = std::collections::BTreeSet::new();
+        for t in REGISTRY {
+            assert!(names.insert(t.name), "duplicate {}", t.name);
+            assert!(!t.description.is_empty());
+            let s = input_schema(t);
+            assert_eq!(s["type"], "object");
+        }
+    }
+}
