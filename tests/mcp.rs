@@ -135,6 +135,19 @@ fn audit_lines(b: &Broker) -> Vec<Value> {
     text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
+/// Read-only tool calls and refusals are audited without holding up the reply (the flusher lingers
+/// up to 10 ms to batch them), so a test waits for the line it expects, and gives up after 5 s.
+fn audit_until(b: &Broker, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let log = audit_lines(b);
+        if done(&log) || std::time::Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn names(tools: &Value) -> Vec<String> {
     tools.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_owned()).collect()
 }
@@ -214,7 +227,10 @@ fn typescript_and_python_sdks_connect_list_read_and_call() {
     assert!(res["content"][0]["text"].as_str().unwrap().contains("policy_denies_target"), "{res}");
 
     // Every call is audited with its decision, and no key appears in the log.
-    let log = audit_lines(&b);
+    let log = audit_until(&b, |log| {
+        log.iter().any(|l| l["agent"] == "bob" && l["event"] == "tool_call")
+            && log.iter().any(|l| l["agent"] == "alice" && l["event"] == "tool_call")
+    });
     let calls: Vec<&Value> = log.iter().filter(|l| l["event"] == "tool_call").collect();
     assert!(calls.iter().any(|l| l["agent"] == "alice" && l["decision"] == "allow"), "{calls:?}");
     assert!(
@@ -358,7 +374,9 @@ fn authentication_refusals_rate_limits_and_metadata() {
     assert_eq!(modern(&[("Authorization", &auth(&k.bob))]).status, 429);
 
     // Failures are audited (a bounded number), never with the key.
-    let log = audit_lines(&b);
+    let log = audit_until(&b, |log| {
+        log.iter().any(|l| l["code"] == "agent_disabled") && log.iter().any(|l| l["code"] == "invalid_api_key")
+    });
     let fails: Vec<&Value> = log.iter().filter(|l| l["event"] == "auth_failed").collect();
     assert!(fails.iter().any(|l| l["code"] == "invalid_api_key"));
     assert!(fails.iter().any(|l| l["code"] == "agent_disabled" && l["agent"] == "carol"));
@@ -376,7 +394,7 @@ fn bad_input_gets_the_right_error_and_changes_nothing() {
     let (b, k) = start();
     let sid = initialize(&b, &k.alice);
     let sessions_before = metric(&b, "ephyr_mcp_sessions");
-    let audit_before = audit_lines(&b).len();
+    let audit_before = audit_until(&b, |log| log.iter().any(|l| l["event"] == "mcp_session_started")).len();
     let a = auth(&k.alice);
     let raw = |method: &str, headers: &[(&str, &str)], body: &[u8]| {
         let mut h = vec![("Authorization", a.as_str()), ("Mcp-Session-Id", sid.as_str())];

@@ -7,7 +7,7 @@
 //! tests.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 /// Metric type.
@@ -68,15 +68,49 @@ struct Histogram {
     sum: f64,
 }
 
-/// The registry.
+/// One time series: a metric name and its label values.
+#[derive(Debug)]
+struct Series {
+    name: &'static str,
+    labels: Labels,
+    value: f64,
+    hist: Histogram,
+}
+
+/// The registry. Updating an existing series allocates nothing: series are found by a hash of
+/// the borrowed name and labels (the hot path runs several updates per request).
 #[derive(Default)]
 pub struct Metrics {
-    values: RefCell<BTreeMap<(&'static str, Labels), f64>>,
-    histograms: RefCell<BTreeMap<(&'static str, Labels), Histogram>>,
+    series: RefCell<Vec<Series>>,
+    index: RefCell<HashMap<u64, Vec<usize>>>,
+}
+
+/// FNV-1a over the name and labels. Names and label values come from fixed sets in the code
+/// (methods, tools, codes), never from request input, so a fast non-keyed hash is safe here.
+fn key_hash(name: &str, l: &[(&'static str, &str)]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h = (h ^ 0xff).wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    eat(name.as_bytes());
+    for (k, v) in l {
+        eat(k.as_bytes());
+        eat(v.as_bytes());
+    }
+    h
 }
 
 fn labels(l: &[(&'static str, &str)]) -> Labels {
     l.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+}
+
+fn same(s: &Series, name: &str, l: &[(&'static str, &str)]) -> bool {
+    s.name == name
+        && s.labels.len() == l.len()
+        && s.labels.iter().zip(l).all(|((k1, v1), (k2, v2))| k1 == k2 && v1 == v2)
 }
 
 fn declared(name: &str, t: Type) -> bool {
@@ -100,10 +134,27 @@ fn num(v: f64) -> String {
 }
 
 impl Metrics {
+    /// Runs `f` on the series `name{l}`, creating it on first use.
+    fn with<R>(&self, name: &'static str, l: &[(&'static str, &str)], f: impl FnOnce(&mut Series) -> R) -> R {
+        let h = key_hash(name, l);
+        let mut series = self.series.borrow_mut();
+        let mut index = self.index.borrow_mut();
+        let slot = index.entry(h).or_default();
+        let i = match slot.iter().copied().find(|&i| same(&series[i], name, l)) {
+            Some(i) => i,
+            None => {
+                series.push(Series { name, labels: labels(l), value: 0.0, hist: Histogram::default() });
+                slot.push(series.len() - 1);
+                series.len() - 1
+            }
+        };
+        f(&mut series[i])
+    }
+
     /// Adds `by` to a counter.
     pub fn add(&self, name: &'static str, l: &[(&'static str, &str)], by: u64) {
         debug_assert!(declared(name, Type::Counter), "undeclared counter {name}");
-        *self.values.borrow_mut().entry((name, labels(l))).or_insert(0.0) += by as f64;
+        self.with(name, l, |s| s.value += by as f64);
     }
 
     /// Adds one to a counter.
@@ -114,49 +165,58 @@ impl Metrics {
     /// Sets a gauge.
     pub fn set(&self, name: &'static str, l: &[(&'static str, &str)], v: f64) {
         debug_assert!(declared(name, Type::Gauge), "undeclared gauge {name}");
-        self.values.borrow_mut().insert((name, labels(l)), v);
+        self.with(name, l, |s| s.value = v);
     }
 
     /// Records a duration in seconds.
     pub fn observe(&self, name: &'static str, l: &[(&'static str, &str)], seconds: f64) {
         debug_assert!(declared(name, Type::Histogram), "undeclared histogram {name}");
-        let mut hs = self.histograms.borrow_mut();
-        let h = hs.entry((name, labels(l))).or_default();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if seconds <= *b {
-                h.counts[i] += 1;
+        self.with(name, l, |s| {
+            let h = &mut s.hist;
+            for (i, b) in BUCKETS.iter().enumerate() {
+                if seconds <= *b {
+                    h.counts[i] += 1;
+                }
             }
-        }
-        h.count += 1;
-        h.sum += seconds;
+            h.count += 1;
+            h.sum += seconds;
+        });
     }
 
     /// A counter's or gauge's current value (tests, status).
     pub fn get(&self, name: &'static str, l: &[(&'static str, &str)]) -> f64 {
-        self.values.borrow().get(&(name, labels(l))).copied().unwrap_or(0.0)
+        let h = key_hash(name, l);
+        let series = self.series.borrow();
+        let index = self.index.borrow();
+        index
+            .get(&h)
+            .and_then(|slot| slot.iter().find(|&&i| same(&series[i], name, l)))
+            .map_or(0.0, |&i| series[i].value)
     }
 
     /// Renders the text exposition format.
     pub fn render(&self) -> String {
-        let values = self.values.borrow();
-        let hs = self.histograms.borrow();
+        let series = self.series.borrow();
         let mut out = String::with_capacity(8192);
         for (name, ty, help) in METRICS {
-            let samples: Vec<_> = values.iter().filter(|((n, _), _)| n == name).collect();
-            let hists: Vec<_> = hs.iter().filter(|((n, _), _)| n == name).collect();
-            if samples.is_empty() && hists.is_empty() {
+            let mut mine: Vec<&Series> = series.iter().filter(|s| s.name == *name).collect();
+            if mine.is_empty() {
                 continue;
             }
+            mine.sort_by(|a, b| a.labels.cmp(&b.labels));
             let t = match ty {
                 Type::Counter => "counter",
                 Type::Gauge => "gauge",
                 Type::Histogram => "histogram",
             };
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {t}");
-            for ((_, l), v) in samples {
-                let _ = writeln!(out, "{name}{} {}", fmt_labels(l, None), num(*v));
-            }
-            for ((_, l), h) in hists {
+            for s in mine {
+                let l = &s.labels;
+                if *ty != Type::Histogram {
+                    let _ = writeln!(out, "{name}{} {}", fmt_labels(l, None), num(s.value));
+                    continue;
+                }
+                let h = &s.hist;
                 for (i, b) in BUCKETS.iter().enumerate() {
                     let _ =
                         writeln!(out, "{name}_bucket{} {}", fmt_labels(l, Some(("le", format!("{b}")))), h.counts[i]);

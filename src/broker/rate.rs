@@ -51,7 +51,16 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
             return Err(rate.window);
         }
         let mut map = self.buckets.borrow_mut();
-        if !map.contains_key(key) && map.len() >= self.max_keys {
+        if let Some(b) = map.get_mut(key) {
+            b.refill(rate, now);
+            return if b.tokens >= 1.0 {
+                b.tokens -= 1.0;
+                Ok(())
+            } else {
+                Err(b.wait(rate))
+            };
+        }
+        if map.len() >= self.max_keys {
             map.retain(|_, b| {
                 b.refill(rate, now);
                 b.tokens < f64::from(rate.count)

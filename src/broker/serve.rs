@@ -192,6 +192,16 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         &signer_config,
         opts.insecure_no_sandbox,
     );
+    // Profilers that run the broker under an interpreter (valgrind) change /proc/self/exe; they
+    // may name the real binary for the signer. Only an unprivileged broker honours this: a root
+    // broker always re-executes itself.
+    let launch = match std::env::var_os("EPHYR_SIGNER_EXE") {
+        Some(exe) if !root => {
+            log::warn!("EPHYR_SIGNER_EXE: the signer runs from {}", std::path::Path::new(&exe).display());
+            launch.with_exe(exe)
+        }
+        _ => launch,
+    };
     let keeper = launch.spawn(false).map_err(startup("starting the signer"))?;
 
     // 3. Listeners (as root if started as root).
@@ -462,7 +472,7 @@ fn print_dev_banner(broker: &Broker, ca: &str, key: &crate::secret::SecretString
         "mcpServers": { "ephyr": { "type": "http", "url": url, "headers": { "Authorization": format!("Bearer {key}") } } }
     });
     println!(
-        "\nephyr {} dev broker is running ({where_})\n\n  MCP endpoint:   {url}\n  API key:        {key}   (agent \"dev\")\n  Health:         http://{}/healthz\n  Local socket:   {}\n  CA public key (put this line in TrustedUserCAKeys on your targets):\n    {ca}\n\nConnect Claude Code:\n  claude mcp add --transport http ephyr {url} --header \"Authorization: Bearer {key}\"\n\nOr paste into an MCP client's JSON configuration (Cursor, Claude Desktop, SDKs):\n{}\n\nStop with Ctrl-C.\n",
+        "\nephyr {} dev broker is running ({where_})\n\n  MCP endpoint:   {url}\n  API key:        {key}   (agent \"dev\")\n  Health:         http://{}/healthz\n  Local socket:   {}\n  CA public key (put this line in TrustedUserCAKeys on your targets):\n    {ca}\n\nConnect Claude Code:\n  claude mcp add --transport http ephyr {url} --header \"Authorization: Bearer {key}\"\n\nOr paste into a JSON configuration (Claude Code's .mcp.json, Cursor's mcp.json):\n{}\n\nOther clients (Claude Desktop, SDKs): docs/mcp-clients.md\nStop with Ctrl-C.\n",
         env!("CARGO_PKG_VERSION"),
         broker.listen,
         broker.socket.display(),

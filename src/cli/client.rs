@@ -9,7 +9,6 @@ use std::time::Duration;
 use async_io::{Async, Timer};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use smol_hyper::rt::FuturesIo;
 
 use crate::broker::datadir::DEFAULT_DATA_DIR;
 
@@ -31,9 +30,10 @@ pub fn request(
         let stream = Async::<std::os::unix::net::UnixStream>::connect(socket)
             .await
             .map_err(|e| format!("cannot reach the broker at {}: {e} (is `ephyr serve` running?)", socket.display()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(FuturesIo::new(stream))
-            .await
-            .map_err(|e| format!("local API handshake: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(crate::broker::http::Io::new(stream))
+                .await
+                .map_err(|e| format!("local API handshake: {e}"))?;
         let bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default()).unwrap_or_default();
         let req = http::Request::builder()
             .method(method)

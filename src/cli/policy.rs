@@ -168,7 +168,9 @@ pub fn explain(o: &ExplainOptions) -> Result<i32, String> {
         &Action { tool: o.tool.as_deref(), kind },
     );
     let (code, v) = match &d {
-        Decision::Allow(g) => (0, serde_json::json!({ "decision": "allow", "rule": g.rule, "principal": g.principal })),
+        Decision::Allow(g) => {
+            (0, serde_json::json!({ "decision": "allow", "rule": g.rule.to_string(), "principal": g.principal }))
+        }
         Decision::Deny(x) => {
             (1, serde_json::json!({ "decision": "deny", "code": x.code.as_str(), "reason": x.reason }))
         }

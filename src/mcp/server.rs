@@ -14,7 +14,7 @@ use super::version::{
 };
 
 /// Who we are, as results report it.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ServerIdentity {
     /// `ephyr`.
     pub name: &'static str,
@@ -22,11 +22,20 @@ pub struct ServerIdentity {
     pub version: &'static str,
     /// Guidance for the model (sent as `instructions`).
     pub instructions: &'static str,
+    /// `serverInfo`, built once.
+    pub info_cache: std::sync::OnceLock<Value>,
 }
 
 impl ServerIdentity {
+    /// An identity.
+    pub const fn new(name: &'static str, version: &'static str, instructions: &'static str) -> Self {
+        ServerIdentity { name, version, instructions, info_cache: std::sync::OnceLock::new() }
+    }
+
     fn info(&self) -> Value {
-        json!({ "name": self.name, "title": "ephyr access broker", "version": self.version })
+        self.info_cache
+            .get_or_init(|| json!({ "name": self.name, "title": "ephyr access broker", "version": self.version }))
+            .clone()
     }
 }
 
@@ -408,7 +417,7 @@ pub fn listen_ended(id: &RequestId, who: &ServerIdentity) -> Value {
 mod tests {
     use super::*;
 
-    const WHO: ServerIdentity = ServerIdentity { name: "ephyr", version: "0", instructions: "" };
+    static WHO: ServerIdentity = ServerIdentity::new("ephyr", "0", "");
 
     fn modern(extra: Value) -> Map<String, Value> {
         let mut p = json!({ "_meta": {

@@ -80,6 +80,12 @@ impl Ticket {
 pub trait AuditSink {
     /// Appends `e` to the chain now; the ticket says when it is durable.
     fn record(&self, e: Event) -> Result<Ticket, AuditError>;
+
+    /// Records `e` without waiting for it to be durable (events that gate nothing: read-only
+    /// tool calls, refusals). It is written with the next batch all the same.
+    fn note(&self, e: Event) -> Result<(), AuditError> {
+        self.record(e).map(drop)
+    }
 }
 
 /// An in-memory sink for tests.
@@ -101,6 +107,11 @@ pub trait CheckpointSigner {
     /// Signs `digest` with the checkpoint key.
     fn sign<'a>(&'a self, digest: [u8; 32]) -> Signed<'a>;
 }
+
+/// Longest time an event nobody waits for stays in memory before it is written and synced.
+pub const LINGER: Duration = Duration::from_millis(10);
+/// Buffered bytes that end the linger early.
+const LINGER_BYTES: usize = 256 * 1024;
 
 /// Tuning.
 #[derive(Clone, Debug)]
@@ -140,8 +151,10 @@ pub struct AuditLog {
     config: AuditConfig,
     state: RefCell<State>,
     kick: event_listener::Event,
+    urgent: event_listener::Event,
     idle: event_listener::Event,
     metrics: Rc<Metrics>,
+    ids: crate::ids::Monotonic,
 }
 
 fn io_ctx(path: &Path) -> impl Fn(io::Error) -> String + '_ {
@@ -277,7 +290,9 @@ impl AuditLog {
                 signed_through,
             }),
             kick: event_listener::Event::new(),
+            urgent: event_listener::Event::new(),
             idle: event_listener::Event::new(),
+            ids: crate::ids::Monotonic::default(),
             metrics,
         }))
     }
@@ -293,30 +308,56 @@ impl AuditLog {
         self.state.borrow().failed.clone()
     }
 
-    fn append(&self, e: &Event) -> Result<Ticket, AuditError> {
+    fn append(&self, e: &Event, wait: bool) -> Result<Option<Ticket>, AuditError> {
         let mut st = self.state.borrow_mut();
         if let Some(f) = &st.failed {
             return Err(AuditError::Unavailable(f.clone()));
         }
         let now = crate::time::now();
-        let id = crate::ids::new_ulid(now).to_string();
+        let id = self.ids.next(now).to_string();
         st.seq += 1;
         let line = event::encode(e, st.seq, &id, now.0, &st.head);
         st.head = event::line_hash(&line);
         st.buf.extend_from_slice(&line);
         st.since_checkpoint += 1;
         self.metrics.inc("ephyr_audit_events_total", &[]);
-        let (tx, rx) = async_channel::bounded(1);
-        st.waiters.push(tx);
+        let ticket = wait.then(|| {
+            let (tx, rx) = async_channel::bounded(1);
+            st.waiters.push(tx);
+            Ticket(rx)
+        });
         drop(st);
         self.kick.notify(1);
-        Ok(Ticket(rx))
+        if wait {
+            self.urgent.notify(1);
+        }
+        Ok(ticket)
     }
 
     /// The flusher: writes and syncs batches until the log fails. Spawn it once.
     pub async fn run_flusher(self: Rc<Self>) {
         loop {
             let listener = self.kick.listen();
+            // Only events nobody waits for (`note`): let more gather, up to LINGER, so a stream
+            // of read-only calls costs one write and one sync per LINGER, not one per call. An
+            // event someone waits for, or a full buffer, ends the wait at once.
+            let lingering = {
+                let st = self.state.borrow();
+                !st.buf.is_empty() && st.waiters.is_empty() && st.buf.len() < LINGER_BYTES && st.failed.is_none()
+            };
+            if lingering {
+                let urgent = self.urgent.listen();
+                let still_lingering = {
+                    let st = self.state.borrow();
+                    st.waiters.is_empty() && st.buf.len() < LINGER_BYTES
+                };
+                if still_lingering {
+                    futures_lite::future::or(urgent, async {
+                        async_io::Timer::after(LINGER).await;
+                    })
+                    .await;
+                }
+            }
             let batch = {
                 let mut st = self.state.borrow_mut();
                 if st.buf.is_empty() {
@@ -404,6 +445,7 @@ impl AuditLog {
 
     /// Waits until everything recorded so far is durable (or the log failed).
     pub async fn flushed(&self) -> Result<(), AuditError> {
+        self.urgent.notify(usize::MAX);
         loop {
             let listener = self.idle.listen();
             {
@@ -437,7 +479,7 @@ impl AuditLog {
         });
         let name = if final_ { "final_checkpoint" } else { "checkpoint" };
         let ticket =
-            self.append(&Event::new(Kind::Checkpoint, name).outcome(outcome.clone())).map_err(|e| e.to_string())?;
+            self.record(Event::new(Kind::Checkpoint, name).outcome(outcome.clone())).map_err(|e| e.to_string())?;
         {
             let mut st = self.state.borrow_mut();
             st.since_checkpoint = 0;
@@ -483,7 +525,11 @@ impl AuditLog {
 
 impl AuditSink for AuditLog {
     fn record(&self, e: Event) -> Result<Ticket, AuditError> {
-        self.append(&e)
+        self.append(&e, true).map(|t| t.unwrap_or_else(|| Ticket::ready(Ok(()))))
+    }
+
+    fn note(&self, e: Event) -> Result<(), AuditError> {
+        self.append(&e, false).map(drop)
     }
 }
 

@@ -454,7 +454,7 @@ pub async fn authenticate(
                     ev = ev.agent(a.clone());
                 }
                 use super::audit::AuditSink as _;
-                if let Err(err) = broker.audit.record(ev) {
+                if let Err(err) = broker.audit.note(ev) {
                     log::error!("audit: {err}");
                 }
             }

@@ -211,37 +211,58 @@ pub struct Denial {
     pub reason: String,
 }
 
+/// The policy rule behind an allowance, borrowed from the policy (no allocation on the hot path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule<'p> {
+    /// A grant entry: `agents.claude.ssh.web`, `templates.ro.services.*`.
+    Source(&'p str),
+    /// The agent itself: `agents.<name>`.
+    Agent(&'p str),
+    /// One of the agent's settings: `agents.<name>.<key>`.
+    AgentKey(&'p str, &'static str),
+}
+
+impl std::fmt::Display for Rule<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rule::Source(s) => f.write_str(s),
+            Rule::Agent(a) => write!(f, "agents.{a}"),
+            Rule::AgentKey(a, k) => write!(f, "agents.{a}.{k}"),
+        }
+    }
+}
+
 /// An allowance, with the rule behind it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Grant {
-    /// The policy rule that allowed it (`agents.claude.ssh.web`, `templates.ro.services.*`).
-    pub rule: String,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant<'p> {
+    /// The policy rule that allowed it.
+    pub rule: Rule<'p>,
     /// For SSH: the principal to put in the certificate.
-    pub principal: Option<String>,
+    pub principal: Option<&'p str>,
 }
 
 /// The decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
+pub enum Decision<'p> {
     /// Allowed.
-    Allow(Grant),
+    Allow(Grant<'p>),
     /// Denied.
     Deny(Denial),
 }
 
-impl Decision {
+impl Decision<'_> {
     /// Whether allowed.
     pub fn is_allow(&self) -> bool {
         matches!(self, Decision::Allow(_))
     }
 }
 
-fn deny(code: DenyCode, reason: impl Into<String>) -> Decision {
+fn deny<'p>(code: DenyCode, reason: impl Into<String>) -> Decision<'p> {
     Decision::Deny(Denial { code, reason: reason.into() })
 }
 
-fn allow(rule: &str) -> Decision {
-    Decision::Allow(Grant { rule: rule.to_owned(), principal: None })
+fn allow(rule: Rule<'_>) -> Decision<'_> {
+    Decision::Allow(Grant { rule, principal: None })
 }
 
 /// Checks argument constraints. A constraint on an argument the tool declares but the call omits
@@ -271,7 +292,7 @@ fn check_args(
 }
 
 /// Decides.
-pub fn authorize(policy: &Policy, principal: &Principal<'_>, action: &Action<'_>) -> Decision {
+pub fn authorize<'p>(policy: &'p Policy, principal: &Principal<'_>, action: &Action<'_>) -> Decision<'p> {
     let Some(agent) = policy.agents.get(principal.agent) else {
         return deny(DenyCode::UnknownAgent, format!("agent {:?} is not in the policy", principal.agent));
     };
@@ -285,7 +306,7 @@ pub fn authorize(policy: &Policy, principal: &Principal<'_>, action: &Action<'_>
         return deny(DenyCode::TokenDeniesTool, format!("the task token does not allow tool {tool:?}"));
     }
     match action.kind {
-        ActionKind::Discover => allow(&format!("agents.{}", agent.name)),
+        ActionKind::Discover => allow(Rule::Agent(&agent.name)),
         ActionKind::Ssh { target, role } => ssh(policy, agent, token, target, role),
         ActionKind::Http { service, method, path } => http(policy, agent, token, service, method, path),
         ActionKind::RemoteTool { remote, tool, arguments, declared } => {
@@ -294,7 +315,7 @@ pub fn authorize(policy: &Policy, principal: &Principal<'_>, action: &Action<'_>
         ActionKind::Task(op) => task(policy, agent, token, op),
         ActionKind::Dashboard(level) => {
             if agent.dashboard >= level {
-                allow(&format!("agents.{}.dashboard", agent.name))
+                allow(Rule::AgentKey(&agent.name, "dashboard"))
             } else {
                 deny(
                     DenyCode::DashboardLevel,
@@ -310,7 +331,7 @@ pub fn authorize(policy: &Policy, principal: &Principal<'_>, action: &Action<'_>
     }
 }
 
-fn ssh(policy: &Policy, agent: &Agent, token: Option<&Envelope>, target: &str, role: &str) -> Decision {
+fn ssh<'p>(policy: &'p Policy, agent: &'p Agent, token: Option<&Envelope>, target: &str, role: &str) -> Decision<'p> {
     let Some(t) = policy.targets.get(target) else {
         return deny(DenyCode::UnknownTarget, format!("no target {target:?}"));
     };
@@ -347,10 +368,17 @@ fn ssh(policy: &Policy, agent: &Agent, token: Option<&Envelope>, target: &str, r
             return deny(DenyCode::TokenDeniesRole, format!("the task token does not allow role {role:?}"));
         }
     }
-    Decision::Allow(Grant { rule: grant.source.clone(), principal: Some(r.principal.clone()) })
+    Decision::Allow(Grant { rule: Rule::Source(&grant.source), principal: Some(&r.principal) })
 }
 
-fn http(policy: &Policy, agent: &Agent, token: Option<&Envelope>, service: &str, method: &str, path: &str) -> Decision {
+fn http<'p>(
+    policy: &'p Policy,
+    agent: &'p Agent,
+    token: Option<&Envelope>,
+    service: &str,
+    method: &str,
+    path: &str,
+) -> Decision<'p> {
     let Some(s) = policy.services.get(service) else {
         return deny(DenyCode::UnknownService, format!("no service {service:?}"));
     };
@@ -393,18 +421,18 @@ fn http(policy: &Policy, agent: &Agent, token: Option<&Envelope>, service: &str,
             }
         }
     }
-    allow(&grant.source)
+    allow(Rule::Source(&grant.source))
 }
 
-fn remote_tool(
-    policy: &Policy,
-    agent: &Agent,
+fn remote_tool<'p>(
+    policy: &'p Policy,
+    agent: &'p Agent,
     token: Option<&Envelope>,
     remote: &str,
     tool: &str,
     arguments: &serde_json::Map<String, Value>,
     declared: &[String],
-) -> Decision {
+) -> Decision<'p> {
     let Some(r) = policy.remotes.get(remote) else {
         return deny(DenyCode::UnknownRemote, format!("no remote {remote:?}"));
     };
@@ -434,11 +462,11 @@ fn remote_tool(
     if let Err(d) = check_args(&grant.value.args, arguments, declared, &grant.source) {
         return Decision::Deny(d);
     }
-    allow(&grant.source)
+    allow(Rule::Source(&grant.source))
 }
 
-fn task(policy: &Policy, agent: &Agent, token: Option<&Envelope>, op: TaskOp) -> Decision {
-    let rule = format!("agents.{}", agent.name);
+fn task<'p>(policy: &Policy, agent: &'p Agent, token: Option<&Envelope>, op: TaskOp) -> Decision<'p> {
+    let rule = Rule::Agent(&agent.name);
     match op {
         TaskOp::Create { ttl } => {
             if ttl > agent.max_task_ttl || ttl > policy.limits.task_ttl_max {
@@ -451,7 +479,7 @@ fn task(policy: &Policy, agent: &Agent, token: Option<&Envelope>, op: TaskOp) ->
                     ),
                 );
             }
-            allow(&rule)
+            allow(rule)
         }
         TaskOp::Delegate { ttl, child_depth, parent_depth } => {
             if !agent.can_delegate {
@@ -492,8 +520,8 @@ fn task(policy: &Policy, agent: &Agent, token: Option<&Envelope>, op: TaskOp) ->
                     ),
                 );
             }
-            allow(&format!("{rule}.can_delegate"))
+            allow(Rule::AgentKey(&agent.name, "can_delegate"))
         }
-        TaskOp::Read | TaskOp::Revoke | TaskOp::Bind => allow(&rule),
+        TaskOp::Read | TaskOp::Revoke | TaskOp::Bind => allow(rule),
     }
 }

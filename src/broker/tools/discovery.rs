@@ -18,7 +18,7 @@ pub static LIST_TARGETS: ToolDef = ToolDef {
     params: &[],
     annotations: READ_ONLY,
     needs: Needs::AnyTarget,
-    run: |cx| Box::pin(async move { Output::data(&targets(cx.policy, &cx.caller.principal())) }),
+    run: |cx| Box::pin(async move { Output::data(&target_views(cx.policy, &cx.caller.principal())) }),
 };
 
 /// `list_services`.
@@ -53,8 +53,23 @@ pub static LIST_REMOTES: ToolDef = ToolDef {
     },
 };
 
+/// A target as `list_targets` shows it (fields in the Go project's order).
+#[derive(serde::Serialize)]
+pub struct TargetView<'p> {
+    /// Name.
+    pub name: &'p str,
+    /// Host.
+    pub host: &'p str,
+    /// Port.
+    pub port: u16,
+    /// Roles the caller may use there.
+    pub roles: Vec<&'p str>,
+    /// Free text.
+    pub description: &'p str,
+}
+
 /// Targets the caller may use, with the roles it may use on each.
-pub fn targets(policy: &Policy, principal: &Principal<'_>) -> Value {
+pub fn target_views<'p>(policy: &'p Policy, principal: &Principal<'_>) -> Vec<TargetView<'p>> {
     let mut out = Vec::new();
     for (name, t) in &policy.targets {
         let roles: Vec<&str> = t
@@ -66,15 +81,14 @@ pub fn targets(policy: &Policy, principal: &Principal<'_>) -> Value {
         if roles.is_empty() {
             continue;
         }
-        out.push(json!({
-            "name": name,
-            "host": t.host,
-            "port": t.port,
-            "roles": roles,
-            "description": t.description,
-        }));
+        out.push(TargetView { name, host: &t.host, port: t.port, roles, description: &t.description });
     }
-    Value::Array(out)
+    out
+}
+
+/// [`target_views`] as JSON.
+pub fn targets(policy: &Policy, principal: &Principal<'_>) -> Value {
+    serde_json::to_value(target_views(policy, principal)).unwrap_or_default()
 }
 
 /// Services the caller may call, with the methods it may use.

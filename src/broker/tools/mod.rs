@@ -94,7 +94,7 @@ pub struct Output {
 
 impl Output {
     /// Data, as indented JSON (the Go project's output shape, which agent prompts expect).
-    pub fn data(value: &Value) -> Output {
+    pub fn data<T: serde::Serialize + ?Sized>(value: &T) -> Output {
         Output {
             text: serde_json::to_string_pretty(value).unwrap_or_default(),
             is_error: false,
@@ -400,7 +400,7 @@ pub async fn call(broker: &Rc<Broker>, caller: &Caller, name: &str, args: Map<St
     // Read-only tools do not wait for the line to be durable; tools with effects record their
     // effect themselves, before acting, and wait (fail closed).
     use super::audit::AuditSink as _;
-    if let Err(e) = broker.audit.record(ev) {
+    if let Err(e) = broker.audit.note(ev) {
         log::error!("audit: {e}");
     }
     Some(out)

@@ -32,7 +32,7 @@ use serde_json::{Map, Value, json};
 
 pub use sessions::{ChangeFeed, Session, Sessions, SessionsFull};
 
-use super::{Body, Peer, body, read_body};
+use super::{Body, Peer, body, read_incoming};
 use crate::broker::Broker;
 use crate::broker::audit::{AuditSink as _, Event, Kind};
 use crate::broker::auth::{self, AuthError, Caller};
@@ -44,13 +44,13 @@ use crate::mcp::types::text_contents;
 use crate::mcp::version::{Era, META_PROTOCOL_VERSION, Version};
 
 /// The server's identity in results.
-pub const IDENTITY: ServerIdentity = ServerIdentity {
-    name: "ephyr",
-    version: env!("CARGO_PKG_VERSION"),
-    instructions: "ephyr brokers access to SSH hosts, HTTP APIs and remote MCP tools. Read ephyr://overview \
-                   or call list_targets / list_services to see what you may use. Requests outside your policy \
-                   are denied with a reason; do not retry a denial unchanged.",
-};
+pub static IDENTITY: ServerIdentity = ServerIdentity::new(
+    "ephyr",
+    env!("CARGO_PKG_VERSION"),
+    "ephyr brokers access to SSH hosts, HTTP APIs and remote MCP tools. Read ephyr://overview \
+     or call list_targets / list_services to see what you may use. Requests outside your policy \
+     are denied with a reason; do not retry a denial unchanged.",
+);
 
 const CAPS: Capabilities = Capabilities { list_changed: true };
 /// How long a request body may take to arrive.
@@ -333,8 +333,9 @@ async fn post(broker: &Rc<Broker>, policy: &Rc<Policy>, caller: &Caller, req: Re
         let e = RpcError::new(code::INVALID_REQUEST, "Accept must include application/json (and text/event-stream)");
         return rpc_error(StatusCode::NOT_ACCEPTABLE, None, &e);
     }
-    let headers = req.headers().clone();
-    let body = match read_body(req, policy.mcp.max_request_size, BODY_TIMEOUT).await {
+    let (parts, incoming) = req.into_parts();
+    let headers = parts.headers;
+    let body = match read_incoming(&headers, incoming, policy.mcp.max_request_size, BODY_TIMEOUT).await {
         Ok(b) => b,
         Err(e) => {
             let status = match e {
@@ -490,7 +491,7 @@ fn initialize(broker: &Broker, policy: &Policy, caller: &Caller, r: RpcRequest) 
         "version": init.version.as_str(),
         "source": caller.source.map(|s| s.to_string()),
     }));
-    if let Err(e) = broker.audit.record(ev) {
+    if let Err(e) = broker.audit.note(ev) {
         log::error!("audit: {e}");
     }
     let result = server::initialize_result(init.version, &IDENTITY, CAPS);
