@@ -69,8 +69,13 @@ fn load_50_agents_200_targets(b: Bencher) {
 
 fn bench_action(b: Bencher, agent: &str, token: Option<&ephyr::macaroon::Envelope>, action: Action<'_>) {
     let p = big();
-    assert!(authorize(&p, &Principal { agent, token }, &action).is_allow(), "bench action must be allowed");
-    b.bench_local(|| authorize(divan::black_box(&p), &Principal { agent, token }, divan::black_box(&action)));
+    assert!(
+        authorize(&p, &Principal { agent, token, delegators: &[] }, &action).is_allow(),
+        "bench action must be allowed"
+    );
+    b.bench_local(|| {
+        authorize(divan::black_box(&p), &Principal { agent, token, delegators: &[] }, divan::black_box(&action))
+    });
 }
 
 #[divan::bench]
@@ -162,6 +167,10 @@ fn authorize_deny_unknown_target(b: Bencher) {
     let p = big();
     let action = Action { tool: Some("exec"), kind: ActionKind::Ssh { target: "host-999", role: "op" } };
     b.bench_local(|| {
-        authorize(divan::black_box(&p), &Principal { agent: "agent-37", token: None }, divan::black_box(&action))
+        authorize(
+            divan::black_box(&p),
+            &Principal { agent: "agent-37", token: None, delegators: &[] },
+            divan::black_box(&action),
+        )
     });
 }

@@ -148,6 +148,13 @@ fn audit_until(b: &Broker, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     }
 }
 
+/// The task tools every enabled agent sees (tasks issue), after the discovery tools it may use.
+const TASK_TOOLS: [&str; 6] = ["task_create", "task_delegate", "task_info", "task_list", "task_revoke", "task_bind"];
+
+fn alice_tools() -> Vec<String> {
+    ["list_targets", "list_services"].into_iter().chain(TASK_TOOLS).map(String::from).collect()
+}
+
 fn names(tools: &Value) -> Vec<String> {
     tools.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_owned()).collect()
 }
@@ -169,11 +176,13 @@ fn typescript_and_python_sdks_connect_list_read_and_call() {
     assert!(ts["sessionId"].as_str().is_some_and(|s| s.len() == 22));
     assert_eq!(ts["serverInfo"]["name"], "ephyr");
     assert_eq!(ts["capabilities"]["tools"]["listChanged"], true);
-    assert_eq!(names(&ts["tools"]), ["list_targets", "list_services"], "alice has SSH and a service, no remotes");
+    assert_eq!(names(&ts["tools"]), alice_tools(), "alice has SSH and a service, no remotes");
     for t in ts["tools"].as_array().unwrap() {
         assert_eq!(t["inputSchema"]["type"], "object");
         assert_eq!(t["inputSchema"]["additionalProperties"], false);
-        assert_eq!(t["annotations"]["readOnlyHint"], true);
+        let read_only =
+            ["list_targets", "list_services", "task_info", "task_list"].contains(&t["name"].as_str().unwrap());
+        assert_eq!(t["annotations"]["readOnlyHint"], read_only, "{t}");
     }
     let resources: Vec<&str> = ts["resources"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     for r in ["overview", "targets", "services", "remotes", "roles", "status", "tools"] {
@@ -199,7 +208,7 @@ fn typescript_and_python_sdks_connect_list_read_and_call() {
     assert!(out.status.success(), "{}", stderr(&out));
     let py: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(py["protocol_version"], "2026-07-28");
-    assert_eq!(names(&py["tools"]), ["list_targets", "list_services"]);
+    assert_eq!(names(&py["tools"]), alice_tools());
     assert!(py["status"].as_str().unwrap().contains("agent **alice**"));
     assert_eq!(py["list_targets"]["is_error"], false);
     assert_eq!(py["bad_args"]["is_error"], true);
@@ -210,12 +219,13 @@ fn typescript_and_python_sdks_connect_list_read_and_call() {
     assert!(out.status.success(), "{}", stderr(&out));
     let legacy: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(legacy["protocol_version"], "2025-11-25");
-    assert_eq!(names(&legacy["tools"]), ["list_targets", "list_services"]);
+    assert_eq!(names(&legacy["tools"]), alice_tools());
 
-    // bob has no grants: nothing is listed, and calling a hidden tool is a denial with a reason.
+    // bob has no grants: only the task tools are listed, and calling a hidden tool is a denial
+    // with a reason.
     let sid = initialize(&b, &k.bob);
     let r = post(&b, &k.bob, Some(&sid), &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
-    assert_eq!(r.json()["result"]["tools"], json!([]));
+    assert_eq!(names(&r.json()["result"]["tools"]), TASK_TOOLS);
     let r = post(
         &b,
         &k.bob,

@@ -39,6 +39,8 @@ pub const METRICS: &[(&str, Type, &str)] = &[
     ("ephyr_tokens_verified_total", Type::Counter, "Task tokens verified successfully."),
     ("ephyr_tokens_rejected_total", Type::Counter, "Task tokens rejected, by reason."),
     ("ephyr_tasks_active", Type::Gauge, "Live tasks."),
+    ("ephyr_tasks_total", Type::Counter, "Task operations by op (create, delegate, handoff, bind, revoke)."),
+    ("ephyr_pop_total", Type::Counter, "Proof-of-possession checks by form and outcome."),
     ("ephyr_certificates_issued_total", Type::Counter, "SSH certificates issued, by requester kind."),
     ("ephyr_signer_request_duration_seconds", Type::Histogram, "Signer round trip time by request kind."),
     ("ephyr_signer_restarts_total", Type::Counter, "Signer worker restarts."),

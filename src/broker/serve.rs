@@ -242,6 +242,33 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             .map_err(|e| ServeError::Startup(format!("audit log: {e}")))?;
         ex.spawn(audit.clone().run_flusher()).detach();
         ex.spawn(audit.clone().run_checkpoints(Rc::new(signer.clone()))).detach();
+        let (tasks, loaded) = {
+            let signer = signer.clone();
+            super::tasks::TaskStore::load(
+                &data_dir.state().join("tasks.journal"),
+                pool.clone(),
+                crate::time::now(),
+                move |context, sealed| {
+                    let signer = signer.clone();
+                    async move {
+                        let key = signer.unseal(context, sealed).await?;
+                        Ok(crate::macaroon::RootKey::from_bytes(key.expose()))
+                    }
+                },
+            )
+            .await
+            .map_err(|e| ServeError::Startup(format!("task state: {e}")))?
+        };
+        if let Some(j) = tasks.journal() {
+            ex.spawn(j.run_flusher()).detach();
+        }
+        if loaded.torn_bytes > 0 {
+            log::warn!("task journal: cut off a torn last record ({} bytes, never acknowledged)", loaded.torn_bytes);
+        }
+        for u in &loaded.unsealable {
+            log::error!("task journal: {u}: its tasks are dropped (journal from another data dir?)");
+        }
+        log::info!("tasks: {} live in {} trees", loaded.tasks, loaded.trees);
         let broker = Rc::new(Broker {
             audit: audit.clone(),
             metrics: metrics.clone(),
@@ -257,11 +284,26 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             pool,
             auth: super::auth::Authenticator::new(),
             agent_limits: super::rate::RateLimiter::new(10_000),
-            tasks: super::tasks::TaskStore::new(),
+            tasks,
             sessions: http::mcp::Sessions::default(),
             changes: http::mcp::ChangeFeed::default(),
         });
         record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
+        {
+            // Expired tasks, their watermarks and trees' keys, and stale proof nonces go.
+            let broker = broker.clone();
+            ex.spawn(async move {
+                loop {
+                    async_io::Timer::after(std::time::Duration::from_secs(30)).await;
+                    let gone = broker.tasks.collect(crate::time::now());
+                    if gone > 0 {
+                        log::info!("tasks: {gone} expired and removed");
+                    }
+                    broker.metrics.set("ephyr_tasks_active", &[], broker.tasks.len() as f64);
+                }
+            })
+            .detach();
+        }
         {
             let broker = broker.clone();
             ex.spawn(async move {

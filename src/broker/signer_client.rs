@@ -647,6 +647,26 @@ impl Signer {
     }
 }
 
+impl Signer {
+    /// Seals `plaintext` under the data dir's sealing key, bound to `context`.
+    pub async fn seal(&self, context: String, plaintext: crate::secret::SecretBytes) -> Result<Vec<u8>, String> {
+        match self.call(Request::Seal { context, plaintext }).await {
+            Ok(Response::Sealed(b)) => Ok(b),
+            Ok(_) => Err("unexpected answer to seal".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Opens a blob made by [`Signer::seal`] with the same `context`.
+    pub async fn unseal(&self, context: String, sealed: Vec<u8>) -> Result<crate::secret::SecretBytes, String> {
+        match self.call(Request::Unseal { context, sealed }).await {
+            Ok(Response::Unsealed(b)) => Ok(b),
+            Ok(_) => Err("unexpected answer to unseal".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
 impl CheckpointSigner for Signer {
     fn sign<'a>(&'a self, digest: [u8; 32]) -> super::audit::Signed<'a> {
         Box::pin(async move {

@@ -164,7 +164,7 @@ pub fn explain(o: &ExplainOptions) -> Result<i32, String> {
     };
     let d = authorize(
         &p,
-        &Principal { agent: &o.agent, token: envelope.as_ref() },
+        &Principal { agent: &o.agent, token: envelope.as_ref(), delegators: &[] },
         &Action { tool: o.tool.as_deref(), kind },
     );
     let (code, v) = match &d {

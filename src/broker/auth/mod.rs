@@ -49,8 +49,21 @@ pub struct TokenIdentity {
     pub lineage: Vec<String>,
     /// Who started the tree.
     pub initiated_by: String,
+    /// Agents above `agent` in the lineage (cross-agent hand-offs): their policies bound it too.
+    pub delegators: Vec<String>,
+    /// The task's depth (root = 0).
+    pub depth: u8,
+    /// Who must prove possession.
+    pub holder: super::tasks::Holder,
+    /// The verified token (memoised; shared).
+    pub verified: Rc<super::tasks::Verified>,
+}
+
+impl TokenIdentity {
     /// The reduced authority.
-    pub envelope: Envelope,
+    pub fn envelope(&self) -> &Envelope {
+        &self.verified.reduced.envelope
+    }
 }
 
 /// How the caller authenticated.
@@ -86,7 +99,10 @@ impl Caller {
 
     /// As `authorize` sees it.
     pub fn principal(&self) -> Principal<'_> {
-        Principal { agent: &self.agent, token: self.token().map(|t| &t.envelope) }
+        match self.token() {
+            Some(t) => Principal { agent: &self.agent, token: Some(t.envelope()), delegators: &t.delegators },
+            None => Principal { agent: &self.agent, token: None, delegators: &[] },
+        }
     }
 
     /// `api_key` or `task_token` (metrics, audit).
@@ -214,14 +230,18 @@ pub fn credential<'a>(headers: &'a HeaderMap, query: Option<&str>) -> Result<Cre
         None => None,
         Some(v) => {
             let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
-            if !scheme.eq_ignore_ascii_case("bearer") {
+            let dpop = scheme.eq_ignore_ascii_case("dpop");
+            if !scheme.eq_ignore_ascii_case("bearer") && !dpop {
                 return Err(AuthError::Malformed(format!(
-                    "Authorization scheme {scheme:?} is not supported; use Bearer"
+                    "Authorization scheme {scheme:?} is not supported; use Bearer (or DPoP with a task token)"
                 )));
             }
             let t = rest.trim_matches(' ');
             if t.is_empty() {
-                return Err(AuthError::Malformed("Authorization: Bearer has no credential".into()));
+                return Err(AuthError::Malformed(format!("Authorization: {scheme} has no credential")));
+            }
+            if dpop && !t.starts_with("mac_") {
+                return Err(AuthError::Malformed("the DPoP scheme is for task tokens only".into()));
             }
             Some(t)
         }
@@ -406,8 +426,9 @@ pub async fn authenticate(
         let (agent, via, fp) = match cred {
             Credential::Token(t) => {
                 method = "task_token";
-                let id = broker.tasks.verify_token(t, crate::time::now()).map_err(AuthError::InvalidToken)?;
-                (id.agent.clone(), Via::Token(Box::new(id)), fingerprint(t))
+                let fp = fingerprint(t);
+                let id = broker.tasks.verify_token(t, &fp, crate::time::now()).map_err(AuthError::InvalidToken)?;
+                (id.agent.clone(), Via::Token(Box::new(id)), fp)
             }
             Credential::ApiKey(k) => {
                 method = "api_key";
@@ -457,6 +478,108 @@ pub async fn authenticate(
                 if let Err(err) = broker.audit.note(ev) {
                     log::error!("audit: {err}");
                 }
+            }
+        }
+    }
+    result
+}
+
+/// Why a token caller's request is held back after authentication.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PossessionError {
+    /// The task awaits a holder key (423): only `task_bind` (and session set-up) is served.
+    Locked(String),
+    /// The proof of possession is missing or wrong (401).
+    Proof(super::tasks::pop::PopError),
+}
+
+impl PossessionError {
+    /// Stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            PossessionError::Locked(_) => "task_locked",
+            PossessionError::Proof(p) => p.code(),
+        }
+    }
+
+    /// Human text.
+    pub fn message(&self) -> String {
+        match self {
+            PossessionError::Locked(m) => m.clone(),
+            PossessionError::Proof(p) => p.message(),
+        }
+    }
+}
+
+/// MCP methods an unbound task that awaits its key may still use (to reach `task_bind`).
+const WHILE_AWAITING_BIND: [&str; 3] = ["initialize", "ping", "notifications/initialized"];
+
+/// Holder checks for a token caller (DESIGN.md invariant 3), after authentication and before
+/// anything is served: a bound task's request must carry a valid proof, signed by its holder
+/// key, whose nonce is then consumed and journaled (this waits until the nonce is durable, so a
+/// restart cannot reopen the replay window); a task awaiting its key is locked except for
+/// `task_bind`. Failures are counted and audited like authentication failures.
+pub async fn prove_possession(
+    broker: &super::Broker,
+    caller: &Caller,
+    headers: &HeaderMap,
+    facts: &super::tasks::pop::Facts<'_>,
+) -> Result<(), PossessionError> {
+    use super::tasks::Holder;
+    let Some(t) = caller.token() else { return Ok(()) };
+    let now = crate::time::now();
+    let result = match t.holder {
+        Holder::Bearer => return Ok(()),
+        Holder::AwaitingBind { deadline } => {
+            let binding = facts.mcp_method == "tools/call" && facts.tool == "task_bind";
+            if deadline <= now {
+                Err(PossessionError::Locked(format!(
+                    "task {} required a holder key by {} and was not bound: it can no longer be used",
+                    t.task,
+                    deadline.to_rfc3339()
+                )))
+            } else if binding || WHILE_AWAITING_BIND.contains(&facts.mcp_method) {
+                return Ok(());
+            } else {
+                Err(PossessionError::Locked(format!(
+                    "task {} must be bound to a holder key first: call task_bind before {}",
+                    t.task,
+                    deadline.to_rfc3339()
+                )))
+            }
+        }
+        Holder::Key(key) => match super::tasks::pop::check(headers, facts, &key, now) {
+            Err(e) => Err(PossessionError::Proof(e)),
+            Ok(c) => {
+                broker.metrics.inc("ephyr_pop_total", &[("form", c.form.as_str()), ("outcome", "ok")]);
+                match broker.tasks.consume_nonce(&c, now) {
+                    Err(e) => Err(PossessionError::Proof(e)),
+                    Ok(None) => return Ok(()),
+                    Ok(Some(durable)) => {
+                        return durable
+                            .wait()
+                            .await
+                            .map_err(|_| PossessionError::Proof(super::tasks::pop::PopError::CacheFull));
+                    }
+                }
+            }
+        },
+    };
+    if let Err(e) = &result {
+        broker.metrics.inc("ephyr_pop_total", &[("form", "any"), ("outcome", e.code())]);
+        let source = caller.source;
+        let auth = &broker.auth;
+        let instant = Instant::now();
+        if auth.check_source(source, instant).is_ok() {
+            auth.failed(source, instant);
+            let ev = super::audit::Event::new(super::audit::Kind::Auth, "pop_rejected")
+                .agent(caller.agent.clone())
+                .task(t.task.clone(), t.lineage.clone())
+                .error(e.code(), e.message())
+                .action(serde_json::json!({ "mcp_method": facts.mcp_method, "tool": facts.tool }));
+            use super::audit::AuditSink as _;
+            if let Err(err) = broker.audit.note(ev) {
+                log::error!("audit: {err}");
             }
         }
     }

@@ -30,6 +30,9 @@ pub struct Principal<'a> {
     pub agent: &'a str,
     /// The task token's envelope, if authenticated with one.
     pub token: Option<&'a Envelope>,
+    /// Other agents whose tasks the token passed through (cross-agent delegation): their policies
+    /// bound every resource action too, so a hand-off never exceeds the delegator's authority.
+    pub delegators: &'a [String],
 }
 
 /// What is being done.
@@ -291,15 +294,27 @@ fn check_args(
     Ok(())
 }
 
-/// Decides.
+/// Decides. Authority is `policy(agent) ∩ envelope(token)`, and for SSH, HTTP and federated
+/// actions also `∩ policy(d)` for every delegating agent `d` of a cross-agent hand-off.
 pub fn authorize<'p>(policy: &'p Policy, principal: &Principal<'_>, action: &Action<'_>) -> Decision<'p> {
-    let Some(agent) = policy.agents.get(principal.agent) else {
-        return deny(DenyCode::UnknownAgent, format!("agent {:?} is not in the policy", principal.agent));
+    if matches!(action.kind, ActionKind::Ssh { .. } | ActionKind::Http { .. } | ActionKind::RemoteTool { .. }) {
+        for d in principal.delegators.iter().filter(|d| d.as_str() != principal.agent) {
+            if let Decision::Deny(mut denial) = authorize_one(policy, d, principal.token, action) {
+                denial.reason = format!("delegating agent {d:?}: {}", denial.reason);
+                return Decision::Deny(denial);
+            }
+        }
+    }
+    authorize_one(policy, principal.agent, principal.token, action)
+}
+
+fn authorize_one<'p>(policy: &'p Policy, agent: &str, token: Option<&Envelope>, action: &Action<'_>) -> Decision<'p> {
+    let Some(agent) = policy.agents.get(agent) else {
+        return deny(DenyCode::UnknownAgent, format!("agent {agent:?} is not in the policy"));
     };
     if !agent.enabled {
         return deny(DenyCode::AgentDisabled, format!("agent {:?} is disabled", agent.name));
     }
-    let token = principal.token;
     if let (Some(tool), Some(env)) = (action.tool, token)
         && !env.dim(SetKey::Tool).allows(tool)
     {

@@ -29,7 +29,7 @@ fn ssh_pairs(p: &Policy, agent: &str, targets: &BTreeSet<String>, roles: &BTreeS
         for r in roles {
             let d = authorize(
                 p,
-                &Principal { agent, token: None },
+                &Principal { agent, token: None, delegators: &[] },
                 &Action { tool: None, kind: ActionKind::Ssh { target: t, role: r } },
             );
             if d.is_allow() {

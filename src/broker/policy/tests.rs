@@ -86,7 +86,7 @@ fn decide<'p>(
     tool: Option<&str>,
     kind: ActionKind<'_>,
 ) -> Decision<'p> {
-    authorize(p, &Principal { agent, token }, &Action { tool, kind })
+    authorize(p, &Principal { agent, token, delegators: &[] }, &Action { tool, kind })
 }
 
 fn code(d: &Decision) -> Option<&'static str> {
@@ -467,13 +467,13 @@ fn reload_under_concurrent_readers_never_mixes_two_policies() {
                     let p = cell.snapshot();
                     let read = authorize(
                         &p,
-                        &Principal { agent: "x", token: None },
+                        &Principal { agent: "x", token: None, delegators: &[] },
                         &Action { tool: None, kind: ActionKind::Ssh { target: "web", role: "read" } },
                     );
                     futures_lite::future::yield_now().await;
                     let op = authorize(
                         &p,
-                        &Principal { agent: "x", token: None },
+                        &Principal { agent: "x", token: None, delegators: &[] },
                         &Action { tool: None, kind: ActionKind::Ssh { target: "web", role: "op" } },
                     );
                     // Exactly one of the two roles is granted in either version.

@@ -1,25 +1,929 @@
-//! Tasks: the trees that task tokens name. The store, delegation, binding and revocation arrive
-//! with the tasks issue; until then no task tree exists, so every task token is refused with a
-//! reason after it has been decoded.
+//! Tasks: the trees that task tokens name, with delegation, holder binding and revocation.
+//!
+//! What runs here: in-memory state on the executor thread; [`journal`] persists every change to
+//! `<data-dir>/state/tasks.journal` (group-committed `fdatasync` on the blocking pool) and the
+//! caller awaits durability before acknowledging. Root keys are random 32-byte secrets sealed by
+//! the signer (AES-256-GCM under the data dir's sealing key, context `ephyr-task-root:<ULID>`);
+//! only the sealed blobs are written, and at start-up each live tree's key is unsealed into
+//! memory (the derived chain start, never the raw key, is kept).
+//!
+//! Model (DESIGN.md §4):
+//! - A token names its tasks with MACed `task =` caveats; the engine records the digest of the
+//!   chain signature right after each, and a task stores the digest of its own minting. So a
+//!   token acts as a task only if it carries exactly the prefix the broker minted for it, and each
+//!   task of the lineage must be the previous one's child here.
+//! - Revocation sets a watermark (`revoked_at`) on one task. Every use checks the watermark of
+//!   each task on the token's lineage (O(depth)), so revoking an ancestor kills every descendant
+//!   token, including ones attenuated offline afterwards, without enumerating anything.
+//! - A task's holder key is its own binding or the nearest bound ancestor's; attenuation cannot
+//!   shed it, and only the broker re-binds (a child key given at delegation).
+//! - Expired tasks, their watermarks and their trees' keys are dropped by [`TaskStore::collect`];
+//!   a child never outlives its parent, so no live task loses an ancestor.
+
+pub mod journal;
+pub mod pop;
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::rc::Rc;
+
+use data_encoding::{BASE64, BASE64URL_NOPAD, HEXLOWER};
+use serde::{Deserialize, Serialize};
+use ulid::Ulid;
 
 use super::auth::TokenIdentity;
-use crate::macaroon::Macaroon;
+use crate::macaroon::{ChainStart, Envelope, LOCATION, Macaroon, Reduced, RootKey, attenuate};
 use crate::time::UnixMicros;
 
-/// The task store.
-#[derive(Debug, Default)]
-pub struct TaskStore {}
+/// Most memoised token verifications.
+const MEMO_CAPACITY: usize = 4096;
 
-impl TaskStore {
-    /// An empty store.
-    pub fn new() -> Self {
-        TaskStore {}
+/// Seal context for a tree's root key.
+pub fn seal_context(root: Ulid) -> String {
+    format!("ephyr-task-root:{root}")
+}
+
+/// Who must prove possession for a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holder {
+    /// Nobody: a bearer token (the agent's policy does not require a holder key).
+    Bearer,
+    /// Requests must be signed by this Ed25519 key (the task's own, or inherited).
+    Key([u8; 32]),
+    /// A holder key is required but not bound yet: only `task_bind` is served until `deadline`.
+    AwaitingBind {
+        /// When the task becomes unusable for good.
+        deadline: UnixMicros,
+    },
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&data_encoding::HEXLOWER.encode(v))
     }
-
-    /// Verifies a `mac_…` token: decoded strictly, then checked against its tree's root key.
-    pub fn verify_token(&self, token: &str, _now: UnixMicros) -> Result<TokenIdentity, String> {
-        let m = Macaroon::decode(token).map_err(|e| format!("not a task token: {e}"))?;
-        let id = String::from_utf8_lossy(m.identifier()).into_owned();
-        Err(format!("no task tree {id:?} exists on this broker"))
+    pub fn deserialize<'d, D: Deserializer<'d>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        data_encoding::HEXLOWER
+            .decode(s.as_bytes())
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| serde::de::Error::custom("expected 32 bytes of hex"))
     }
 }
+
+mod ulid_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use ulid::Ulid;
+    pub fn serialize<S: Serializer>(v: &Ulid, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.to_string())
+    }
+    pub fn deserialize<'d, D: Deserializer<'d>>(d: D) -> Result<Ulid, D::Error> {
+        Ulid::from_string(&String::deserialize(d)?).map_err(|_| serde::de::Error::custom("expected a ULID"))
+    }
+    pub mod opt {
+        use super::*;
+        pub fn serialize<S: Serializer>(v: &Option<Ulid>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(u) => s.serialize_some(&u.to_string()),
+                None => s.serialize_none(),
+            }
+        }
+        pub fn deserialize<'d, D: Deserializer<'d>>(d: D) -> Result<Option<Ulid>, D::Error> {
+            match Option::<String>::deserialize(d)? {
+                None => Ok(None),
+                Some(t) => Ulid::from_string(&t).map(Some).map_err(|_| serde::de::Error::custom("expected a ULID")),
+            }
+        }
+    }
+}
+
+mod key32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(k) => s.serialize_some(&data_encoding::BASE64URL_NOPAD.encode(k)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'d, D: Deserializer<'d>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(s) => super::parse_holder_key(&s).map(Some).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses a holder public key: 32 bytes, base64url without padding (Go Ephyr's form).
+pub fn parse_holder_key(s: &str) -> Result<[u8; 32], String> {
+    BASE64URL_NOPAD
+        .decode(s.trim().as_bytes())
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| "holder_pub_key must be a 32-byte Ed25519 public key, base64url without padding".to_string())
+}
+
+/// One task.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Task {
+    /// Its id.
+    #[serde(with = "ulid_text")]
+    pub id: Ulid,
+    /// Its tree's root task.
+    #[serde(with = "ulid_text")]
+    pub root: Ulid,
+    /// Its parent (none for a root).
+    #[serde(with = "ulid_text::opt")]
+    pub parent: Option<Ulid>,
+    /// The agent that holds it.
+    pub agent: String,
+    /// The agent that delegated it, when that is another agent (a hand-off).
+    pub delegated_by: Option<String>,
+    /// What it is for.
+    pub description: String,
+    /// 0 for a root.
+    pub depth: u8,
+    /// Who started the tree (`agent:<name>` or `uid:<n>`).
+    pub initiated_by: String,
+    /// Created (µs).
+    pub created: i64,
+    /// Expires (µs, whole seconds).
+    pub expires: i64,
+    /// Whether its token allows delegation.
+    pub can_delegate: bool,
+    /// The caveats appended when its token was minted, its `task =` caveat last.
+    pub caveats: Vec<String>,
+    /// SHA-256 of the chain signature right after its `task =` caveat.
+    #[serde(with = "hex32")]
+    pub binding: [u8; 32],
+    /// Its own holder key.
+    #[serde(with = "key32", default)]
+    pub holder_key: Option<[u8; 32]>,
+    /// A holder key must be bound by then (µs), if the task awaits one.
+    pub bind_deadline: Option<i64>,
+    /// When it was bound (µs).
+    pub bound_at: Option<i64>,
+    /// Its watermark: revoked at (µs). Every token naming it, or a descendant, is dead.
+    pub revoked_at: Option<i64>,
+    /// The reduced envelope of its minted token (for display).
+    pub envelope: serde_json::Value,
+}
+
+impl Task {
+    /// Expiry.
+    pub fn expires_at(&self) -> UnixMicros {
+        UnixMicros(self.expires)
+    }
+}
+
+/// Journal records.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Record {
+    /// A new tree and its sealed root key.
+    Tree {
+        /// Root task.
+        #[serde(with = "ulid_text")]
+        root: Ulid,
+        /// Sealed root key (standard base64).
+        sealed: String,
+        /// The root task's expiry (µs): the key is dropped after it.
+        expires: i64,
+    },
+    /// A new task.
+    Task(Box<Task>),
+    /// A holder key bound to a task.
+    Bind {
+        /// The task.
+        #[serde(with = "ulid_text")]
+        task: Ulid,
+        /// The key (base64url).
+        key: String,
+        /// When (µs).
+        at: i64,
+    },
+    /// A revocation watermark.
+    Revoke {
+        /// The task.
+        #[serde(with = "ulid_text")]
+        task: Ulid,
+        /// When (µs).
+        at: i64,
+    },
+    /// A consumed proof nonce (hashed), remembered until `until` (µs).
+    Nonce {
+        /// Hex of the 16-byte replay key.
+        key: String,
+        /// Expiry (µs).
+        until: i64,
+    },
+}
+
+impl Record {
+    /// JSON bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Why a task operation is refused. Each names what was wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskError {
+    /// No such live task (or not visible to the caller).
+    NotFound(String),
+    /// The request is inconsistent with the tree (TTL, depth, binding, caller scope).
+    Refused(String),
+    /// The state could not be made durable (journal or signer failure): nothing was acknowledged.
+    Unavailable(String),
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TaskError::NotFound(m) | TaskError::Refused(m) => f.write_str(m),
+            TaskError::Unavailable(m) => write!(f, "task state unavailable: {m}"),
+        }
+    }
+}
+
+struct Tree {
+    start: ChainStart,
+    sealed: Vec<u8>,
+    expires: i64,
+}
+
+/// A verified token (memoised by the SHA-256 of its text).
+pub struct Verified {
+    /// The decoded token.
+    pub macaroon: Macaroon,
+    /// Its reduction.
+    pub reduced: Reduced,
+}
+
+impl fmt::Debug for Verified {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Verified(task {:?}, [token redacted])", self.reduced.task())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    tasks: HashMap<Ulid, Task>,
+    children: HashMap<Ulid, Vec<Ulid>>,
+    trees: HashMap<Ulid, Tree>,
+    replay: pop::ReplayCache,
+    memo: HashMap<[u8; 32], Rc<Verified>>,
+}
+
+impl State {
+    fn insert(&mut self, t: Task) {
+        if let Some(p) = t.parent {
+            self.children.entry(p).or_default().push(t.id);
+        }
+        self.tasks.insert(t.id, t);
+    }
+
+    fn apply(&mut self, r: Record, trees: &mut Vec<(Ulid, Vec<u8>, i64)>) -> Result<(), String> {
+        match r {
+            Record::Tree { root, sealed, expires } => {
+                let s =
+                    BASE64.decode(sealed.as_bytes()).map_err(|_| format!("tree {root}: sealed key is not base64"))?;
+                trees.push((root, s, expires));
+            }
+            Record::Task(t) => self.insert(*t),
+            Record::Bind { task, key, at } => {
+                if let Some(t) = self.tasks.get_mut(&task) {
+                    t.holder_key = Some(parse_holder_key(&key)?);
+                    t.bind_deadline = None;
+                    t.bound_at = Some(at);
+                }
+            }
+            Record::Revoke { task, at } => {
+                if let Some(t) = self.tasks.get_mut(&task) {
+                    t.revoked_at.get_or_insert(at);
+                }
+            }
+            Record::Nonce { key, until } => {
+                let k: [u8; 16] = HEXLOWER
+                    .decode(key.as_bytes())
+                    .ok()
+                    .and_then(|v| v.try_into().ok())
+                    .ok_or("nonce record: bad key")?;
+                self.replay.restore(k, UnixMicros(until));
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops expired tasks (children first never matters: a child expires no later than its
+    /// parent), trees whose root expired, and stale nonces. Returns how many tasks went.
+    fn collect(&mut self, now: UnixMicros) -> usize {
+        let before = self.tasks.len();
+        self.tasks.retain(|_, t| t.expires > now.0);
+        let tasks = &self.tasks;
+        self.children.retain(|p, kids| {
+            kids.retain(|k| tasks.contains_key(k));
+            tasks.contains_key(p) && !kids.is_empty()
+        });
+        self.trees.retain(|_, t| t.expires > now.0);
+        self.replay.prune(now);
+        if before != self.tasks.len() {
+            self.memo.clear();
+        }
+        before - self.tasks.len()
+    }
+
+    /// The live state as journal records (for compaction).
+    fn snapshot(&self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut roots: Vec<(&Ulid, &Tree)> = self.trees.iter().collect();
+        roots.sort_by_key(|(id, _)| **id);
+        for (root, t) in roots {
+            out.push(Record::Tree { root: *root, sealed: BASE64.encode(&t.sealed), expires: t.expires }.encode());
+        }
+        let mut tasks: Vec<&Task> = self.tasks.values().collect();
+        tasks.sort_by_key(|t| (t.depth, t.id));
+        for t in tasks {
+            out.push(Record::Task(Box::new(t.clone())).encode());
+        }
+        for (k, until) in self.replay.entries() {
+            out.push(Record::Nonce { key: HEXLOWER.encode(k), until: until.0 }.encode());
+        }
+        out
+    }
+
+    /// Root to `id`, or the first missing link.
+    fn chain(&self, id: Ulid) -> Vec<&Task> {
+        let mut out = Vec::new();
+        let mut cur = self.tasks.get(&id);
+        while let Some(t) = cur {
+            out.push(t);
+            cur = t.parent.and_then(|p| self.tasks.get(&p));
+        }
+        out.reverse();
+        out
+    }
+
+    fn holder_of(&self, id: Ulid) -> Holder {
+        let chain = self.chain(id);
+        if let Some(t) = chain.iter().rev().find(|t| t.holder_key.is_some()) {
+            return Holder::Key(t.holder_key.unwrap_or_default());
+        }
+        match chain.last().and_then(|t| t.bind_deadline) {
+            Some(d) => Holder::AwaitingBind { deadline: UnixMicros(d) },
+            None => Holder::Bearer,
+        }
+    }
+
+    fn revoked_ancestor(&self, id: Ulid) -> Option<(Ulid, i64)> {
+        self.chain(id).iter().find_map(|t| t.revoked_at.map(|at| (t.id, at)))
+    }
+
+    fn descendants(&self, id: Ulid) -> Vec<Ulid> {
+        let mut out = Vec::new();
+        let mut stack = vec![id];
+        while let Some(x) = stack.pop() {
+            if let Some(kids) = self.children.get(&x) {
+                for k in kids {
+                    out.push(*k);
+                    stack.push(*k);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A task view for tools and the dashboard.
+#[derive(Clone, Debug)]
+pub struct TaskView {
+    /// The record.
+    pub task: Task,
+    /// Its effective holder.
+    pub holder: Holder,
+    /// The task whose watermark kills it (itself or an ancestor) and when.
+    pub revoked: Option<(Ulid, i64)>,
+}
+
+/// What a new task needs.
+pub struct NewTask {
+    /// The holding agent.
+    pub agent: String,
+    /// The delegating agent, when another.
+    pub delegated_by: Option<String>,
+    /// Description.
+    pub description: String,
+    /// Expiry (whole seconds).
+    pub expires: UnixMicros,
+    /// May delegate further.
+    pub can_delegate: bool,
+    /// Levels of delegation allowed below it.
+    pub delegation_depth: u8,
+    /// Envelope caveats (`target IN [..]`, …) beyond the fixed ones.
+    pub narrowing: Vec<String>,
+    /// Holder key given now.
+    pub holder_key: Option<[u8; 32]>,
+    /// A key must be bound before this (when the agent requires one and none was given).
+    pub bind_deadline: Option<UnixMicros>,
+}
+
+/// The task store.
+#[derive(Default)]
+pub struct TaskStore {
+    state: RefCell<State>,
+    journal: RefCell<Option<Rc<journal::Journal>>>,
+}
+
+impl fmt::Debug for TaskStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TaskStore({} tasks)", self.state.borrow().tasks.len())
+    }
+}
+
+/// What loading found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Live tasks.
+    pub tasks: usize,
+    /// Live trees.
+    pub trees: usize,
+    /// Trees whose root key could not be unsealed (another data dir's journal?): dropped.
+    pub unsealable: Vec<String>,
+    /// Bytes of a torn last record that were cut off.
+    pub torn_bytes: usize,
+}
+
+impl TaskStore {
+    /// An empty in-memory store (tests; nothing is persisted until [`TaskStore::attach`]).
+    pub fn new() -> Self {
+        TaskStore::default()
+    }
+
+    /// Loads the journal at `path`: replays it, drops what expired, unseals each live tree's root
+    /// key with `unseal`, rewrites the journal compacted, and opens it for appending.
+    pub async fn load<F, Fut>(
+        path: &std::path::Path,
+        pool: super::blocking::BlockingPool,
+        now: UnixMicros,
+        unseal: F,
+    ) -> Result<(TaskStore, Loaded), String>
+    where
+        F: Fn(String, Vec<u8>) -> Fut,
+        Fut: std::future::Future<Output = Result<RootKey, String>>,
+    {
+        let p = path.to_owned();
+        let replayed =
+            pool.run(move || journal::read(&p)).await.unwrap_or_else(|| Err("blocking pool stopped".into()))?;
+        let mut st = State::default();
+        let mut trees = Vec::new();
+        for (i, bytes) in replayed.records.iter().enumerate() {
+            let r: Record = serde_json::from_slice(bytes)
+                .map_err(|e| format!("{}: record {i} does not parse: {e}", path.display()))?;
+            st.apply(r, &mut trees).map_err(|e| format!("{}: record {i}: {e}", path.display()))?;
+        }
+        let mut loaded = Loaded { torn_bytes: replayed.torn_bytes, ..Loaded::default() };
+        for (root, sealed, expires) in trees {
+            if expires <= now.0 {
+                continue;
+            }
+            match unseal(seal_context(root), sealed.clone()).await {
+                Ok(key) => {
+                    st.trees.insert(root, Tree { start: key.start(root.to_string().as_bytes()), sealed, expires });
+                }
+                Err(e) => loaded.unsealable.push(format!("tree {root}: {e}")),
+            }
+        }
+        // Tasks of trees without a key can never verify: drop them too.
+        let keyed: BTreeSet<Ulid> = st.trees.keys().copied().collect();
+        st.tasks.retain(|_, t| keyed.contains(&t.root));
+        st.collect(now);
+        loaded.tasks = st.tasks.len();
+        loaded.trees = st.trees.len();
+        let records = st.snapshot();
+        let p = path.to_owned();
+        pool.run(move || journal::rewrite(&p, &records))
+            .await
+            .unwrap_or_else(|| Err(std::io::Error::other("blocking pool stopped")))
+            .map_err(|e| format!("{}: compaction failed: {e}", path.display()))?;
+        let store = TaskStore { state: RefCell::new(st), journal: RefCell::new(None) };
+        store.attach(journal::Journal::open(path, pool)?);
+        Ok((store, loaded))
+    }
+
+    /// Persists further changes to `j` (its flusher must be spawned by the caller).
+    pub fn attach(&self, j: Rc<journal::Journal>) {
+        *self.journal.borrow_mut() = Some(j);
+    }
+
+    /// The journal, for spawning its flusher.
+    pub fn journal(&self) -> Option<Rc<journal::Journal>> {
+        self.journal.borrow().clone()
+    }
+
+    /// Appends records and waits until they are durable (no journal: in-memory store).
+    async fn persist(&self, records: Vec<Record>) -> Result<(), TaskError> {
+        let Some(j) = self.journal() else { return Ok(()) };
+        let mut last = None;
+        for r in &records {
+            last = Some(j.append(&r.encode()).map_err(TaskError::Unavailable)?);
+        }
+        match last {
+            Some(d) => d.wait().await.map_err(TaskError::Unavailable),
+            None => Ok(()),
+        }
+    }
+
+    /// Live tasks.
+    pub fn len(&self) -> usize {
+        self.state.borrow().tasks.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Live trees.
+    pub fn trees(&self) -> usize {
+        self.state.borrow().trees.len()
+    }
+
+    /// Drops expired tasks, trees and nonces; returns how many tasks went.
+    pub fn collect(&self, now: UnixMicros) -> usize {
+        self.state.borrow_mut().collect(now)
+    }
+
+    /// Verifies a `mac_…` token at `now`: decoded strictly, the chain checked under its tree's
+    /// root key and reduced (memoised by `fingerprint`, the SHA-256 of the text), then — on
+    /// every use — its validity window, and each task of its lineage: minted here with exactly
+    /// this prefix, the previous one's child, live, and under no revocation watermark.
+    pub fn verify_token(&self, token: &str, fingerprint: &[u8; 32], now: UnixMicros) -> Result<TokenIdentity, String> {
+        let mut st = self.state.borrow_mut();
+        let verified = match st.memo.get(fingerprint) {
+            Some(v) => v.clone(),
+            None => {
+                let m = Macaroon::decode(token).map_err(|e| format!("not a task token: {e}"))?;
+                let root = std::str::from_utf8(m.identifier())
+                    .ok()
+                    .and_then(|s| Ulid::from_string(s).ok())
+                    .ok_or("the token's identifier is not a task id")?;
+                let tree = st.trees.get(&root).ok_or_else(|| {
+                    format!("no task tree {root} on this broker (expired, revoked, or issued by another broker)")
+                })?;
+                let reduced = tree.start.verify_and_reduce(&m).map_err(|e| e.to_string())?;
+                let v = Rc::new(Verified { macaroon: m, reduced });
+                if st.memo.len() >= MEMO_CAPACITY {
+                    st.memo.clear();
+                }
+                st.memo.insert(*fingerprint, v.clone());
+                v
+            }
+        };
+        drop(st);
+        verified.reduced.envelope.check_time(now).map_err(|e| e.to_string())?;
+        let st = self.state.borrow();
+        let lineage = &verified.reduced.lineage;
+        let mut parent: Option<Ulid> = None;
+        let mut delegators: Vec<String> = Vec::new();
+        let mut last: Option<&Task> = None;
+        for entry in lineage {
+            let t = st
+                .tasks
+                .get(&entry.task)
+                .filter(|t| t.expires > now.0)
+                .ok_or_else(|| format!("task {} no longer exists (expired or removed)", entry.task))?;
+            if !crate::secret::constant_time_eq(&t.binding, &entry.binding) {
+                return Err(format!("the token's caveat for task {} was not minted by this broker", entry.task));
+            }
+            if t.parent != parent {
+                return Err(format!("task {} is not a child of the token's previous task", entry.task));
+            }
+            if let Some(at) = t.revoked_at {
+                return Err(format!("task {} was revoked at {}", t.id, UnixMicros(at).to_rfc3339()));
+            }
+            if let Some(prev) = last
+                && prev.agent != t.agent
+                && !delegators.contains(&prev.agent)
+            {
+                delegators.push(prev.agent.clone());
+            }
+            parent = Some(t.id);
+            last = Some(t);
+        }
+        let t = last.ok_or("the token names no task")?;
+        let root = lineage.first().map(|l| l.task).unwrap_or(t.id);
+        Ok(TokenIdentity {
+            agent: t.agent.clone(),
+            task: t.id.to_string(),
+            root: root.to_string(),
+            lineage: lineage.iter().map(|l| l.task.to_string()).collect(),
+            initiated_by: t.initiated_by.clone(),
+            delegators,
+            depth: t.depth,
+            holder: st.holder_of(t.id),
+            verified,
+        })
+    }
+
+    /// Consumes a checked proof's nonce (journaled; await the returned future before serving).
+    pub fn consume_nonce(&self, c: &pop::Checked, now: UnixMicros) -> Result<Option<journal::Durable>, pop::PopError> {
+        self.state.borrow_mut().replay.consume(c, now)?;
+        let Some(j) = self.journal() else { return Ok(None) };
+        let rec = Record::Nonce { key: HEXLOWER.encode(&c.replay_key), until: c.until.0 };
+        // A journal failure fails the request (closed), never silently forgets the nonce.
+        j.append(&rec.encode()).map(Some).map_err(|_| pop::PopError::CacheFull)
+    }
+
+    /// A task and its effective state.
+    pub fn view(&self, id: Ulid) -> Option<TaskView> {
+        let st = self.state.borrow();
+        let t = st.tasks.get(&id)?.clone();
+        Some(TaskView { holder: st.holder_of(id), revoked: st.revoked_ancestor(id), task: t })
+    }
+
+    /// Tasks visible from `scope`: a token caller sees its own task's subtree; an API-key caller
+    /// sees the tasks its agent holds and everything below them.
+    pub fn visible(&self, scope: &Scope<'_>) -> Vec<TaskView> {
+        let st = self.state.borrow();
+        let roots: Vec<Ulid> = match scope {
+            Scope::Task(id) => vec![*id],
+            Scope::Agent(a) => st.tasks.values().filter(|t| t.agent == *a).map(|t| t.id).collect(),
+        };
+        let mut ids = BTreeSet::new();
+        for r in roots {
+            if st.tasks.contains_key(&r) {
+                ids.insert(r);
+                ids.extend(st.descendants(r));
+            }
+        }
+        ids.into_iter()
+            .filter_map(|id| {
+                let t = st.tasks.get(&id)?.clone();
+                Some(TaskView { holder: st.holder_of(id), revoked: st.revoked_ancestor(id), task: t })
+            })
+            .collect()
+    }
+
+    /// Whether `id` is visible from `scope`.
+    pub fn in_scope(&self, scope: &Scope<'_>, id: Ulid) -> bool {
+        let st = self.state.borrow();
+        st.chain(id).iter().any(|t| match scope {
+            Scope::Task(s) => t.id == *s,
+            Scope::Agent(a) => t.agent == *a,
+        })
+    }
+
+    /// The token the broker minted for `id` (rebuilt from the root key and the stored caveats),
+    /// for API-key callers who delegate from a task without presenting its token.
+    pub fn minted_token(&self, id: Ulid) -> Option<Macaroon> {
+        let st = self.state.borrow();
+        let chain = st.chain(id);
+        let root = chain.first()?;
+        let tree = st.trees.get(&root.id)?;
+        let first: Vec<&str> = root.caveats.iter().map(String::as_str).collect();
+        let mut m = tree.start.mint(LOCATION, &first);
+        for t in &chain[1..] {
+            for c in &t.caveats {
+                m = attenuate(&m, c);
+            }
+        }
+        Some(m)
+    }
+
+    /// Creates a root task with a fresh tree. `root_key` is the new tree's key and `sealed` the
+    /// signer's sealing of it under [`seal_context`]`(id)`; `id` comes from [`crate::ids::new_ulid`].
+    pub async fn create(
+        &self,
+        id: Ulid,
+        new: NewTask,
+        initiated_by: String,
+        root_key: &RootKey,
+        sealed: Vec<u8>,
+        now: UnixMicros,
+    ) -> Result<(Task, String), TaskError> {
+        let start = root_key.start(id.to_string().as_bytes());
+        let caveats = fixed_caveats(id, &new, Some((&new.agent, &initiated_by)));
+        let refs: Vec<&str> = caveats.iter().map(String::as_str).collect();
+        let m = start.mint(LOCATION, &refs);
+        let task = self.task_from(&start, &m, id, None, 0, new, initiated_by, caveats, now)?;
+        let records = vec![
+            Record::Tree { root: id, sealed: BASE64.encode(&sealed), expires: task.expires },
+            Record::Task(Box::new(task.clone())),
+        ];
+        {
+            let mut st = self.state.borrow_mut();
+            st.trees.insert(id, Tree { start, sealed, expires: task.expires });
+            st.insert(task.clone());
+        }
+        if let Err(e) = self.persist(records).await {
+            self.forget(id);
+            return Err(e);
+        }
+        Ok((task, m.encode()))
+    }
+
+    /// Delegates a child of `parent` from `parent_token` (the presented token, or the minted one
+    /// for API-key callers): the child's caveats are appended, so the chain proves accumulation
+    /// and the reducer proves narrowing; the tree's root key is not touched.
+    pub async fn delegate(
+        &self,
+        parent: Ulid,
+        parent_token: &Macaroon,
+        id: Ulid,
+        new: NewTask,
+        now: UnixMicros,
+    ) -> Result<(Task, String), TaskError> {
+        let (root, depth, initiated_by) = {
+            let st = self.state.borrow();
+            let p = st
+                .tasks
+                .get(&parent)
+                .filter(|p| p.expires > now.0)
+                .ok_or_else(|| TaskError::NotFound(format!("no live task {parent}")))?;
+            if let Some((x, _)) = st.revoked_ancestor(parent) {
+                return Err(TaskError::Refused(format!("task {parent} is revoked (watermark on {x})")));
+            }
+            if new.expires.0 > p.expires {
+                return Err(TaskError::Refused(format!(
+                    "the child would outlive its parent (parent expires {})",
+                    p.expires_at().to_rfc3339()
+                )));
+            }
+            (p.root, p.depth.saturating_add(1), p.initiated_by.clone())
+        };
+        let caveats = fixed_caveats(id, &new, None);
+        let mut m = parent_token.clone();
+        for c in &caveats {
+            m = attenuate(&m, c);
+        }
+        let task = {
+            let st = self.state.borrow();
+            let tree = st.trees.get(&root).ok_or_else(|| TaskError::NotFound(format!("no task tree {root}")))?;
+            self.task_from(&tree.start, &m, id, Some(parent), depth, new, initiated_by, caveats, now)?
+        };
+        self.state.borrow_mut().insert(task.clone());
+        if let Err(e) = self.persist(vec![Record::Task(Box::new(task.clone()))]).await {
+            self.forget(id);
+            return Err(e);
+        }
+        Ok((task, m.encode()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn task_from(
+        &self,
+        start: &ChainStart,
+        m: &Macaroon,
+        id: Ulid,
+        parent: Option<Ulid>,
+        depth: u8,
+        new: NewTask,
+        initiated_by: String,
+        caveats: Vec<String>,
+        now: UnixMicros,
+    ) -> Result<Task, TaskError> {
+        // Verify what we minted: it must reduce, act as `id`, and give us the lineage binding.
+        let reduced = start
+            .verify_and_reduce(m)
+            .map_err(|e| TaskError::Refused(format!("the new token does not verify: {e}")))?;
+        let entry =
+            reduced.lineage.last().filter(|l| l.task == id).ok_or_else(|| {
+                TaskError::Refused("the parent token acts as another task (offline task caveat?)".into())
+            })?;
+        Ok(Task {
+            id,
+            root: reduced.lineage.first().map(|l| l.task).unwrap_or(id),
+            parent,
+            agent: new.agent,
+            delegated_by: new.delegated_by,
+            description: new.description,
+            depth,
+            initiated_by,
+            created: now.0,
+            expires: new.expires.0,
+            can_delegate: new.can_delegate && reduced.envelope.can_delegate,
+            caveats,
+            binding: entry.binding,
+            holder_key: new.holder_key,
+            bind_deadline: if new.holder_key.is_some() { None } else { new.bind_deadline.map(|d| d.0) },
+            bound_at: new.holder_key.map(|_| now.0),
+            revoked_at: None,
+            envelope: reduced.envelope.to_json(),
+        })
+    }
+
+    fn forget(&self, id: Ulid) {
+        let mut st = self.state.borrow_mut();
+        if let Some(t) = st.tasks.remove(&id)
+            && let Some(p) = t.parent
+            && let Some(kids) = st.children.get_mut(&p)
+        {
+            kids.retain(|k| *k != id);
+        }
+        st.trees.remove(&id);
+    }
+
+    /// Binds `key` to the unbound task `id` (idempotent for the same key). A task bound through
+    /// an ancestor cannot be re-bound: only the broker re-binds, at delegation.
+    pub async fn bind(&self, id: Ulid, key: [u8; 32], now: UnixMicros) -> Result<i64, TaskError> {
+        {
+            let st = self.state.borrow();
+            let t = st
+                .tasks
+                .get(&id)
+                .filter(|t| t.expires > now.0)
+                .ok_or_else(|| TaskError::NotFound(format!("no live task {id}")))?;
+            if let Some((x, _)) = st.revoked_ancestor(id) {
+                return Err(TaskError::Refused(format!("task {id} is revoked (watermark on {x})")));
+            }
+            match (t.holder_key, st.holder_of(id)) {
+                (Some(k), _) if k == key => return Ok(t.bound_at.unwrap_or(now.0)),
+                (Some(_), _) => return Err(TaskError::Refused(format!("task {id} is already bound to another key"))),
+                (None, Holder::Key(_)) => {
+                    return Err(TaskError::Refused(format!(
+                        "task {id} is bound through an ancestor's holder key; bindings are inherited and cannot be replaced"
+                    )));
+                }
+                (None, Holder::AwaitingBind { deadline }) if deadline <= now => {
+                    return Err(TaskError::Refused(format!(
+                        "the bind deadline of task {id} passed at {}",
+                        deadline.to_rfc3339()
+                    )));
+                }
+                _ => {}
+            }
+        }
+        {
+            let mut st = self.state.borrow_mut();
+            if let Some(t) = st.tasks.get_mut(&id) {
+                t.holder_key = Some(key);
+                t.bind_deadline = None;
+                t.bound_at = Some(now.0);
+            }
+        }
+        self.persist(vec![Record::Bind { task: id, key: BASE64URL_NOPAD.encode(&key), at: now.0 }]).await?;
+        Ok(now.0)
+    }
+
+    /// Sets the revocation watermark on `id`; returns how many live descendants it takes along.
+    /// The watermark applies in memory at once; the caller acknowledges after it is durable.
+    pub async fn revoke(&self, id: Ulid, now: UnixMicros) -> Result<usize, TaskError> {
+        let cascade = {
+            let mut st = self.state.borrow_mut();
+            let t = st.tasks.get_mut(&id).ok_or_else(|| TaskError::NotFound(format!("no live task {id}")))?;
+            if t.revoked_at.is_some() {
+                return Err(TaskError::Refused(format!("task {id} is already revoked")));
+            }
+            t.revoked_at = Some(now.0);
+            st.descendants(id).len()
+        };
+        self.persist(vec![Record::Revoke { task: id, at: now.0 }]).await?;
+        Ok(cascade)
+    }
+}
+
+/// Whose tasks a caller may see and act on.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// The subtree of this task (token callers).
+    Task(Ulid),
+    /// Everything this agent holds, and below (API-key callers).
+    Agent(&'a str),
+}
+
+/// The caveats a new task's token gets, its `task =` caveat **last**: the lineage binding is the
+/// digest of the chain right after it, so it covers every caveat minted for the task. (With the
+/// task caveat first, the holder of a parent token could append just `task = <child>` and act as
+/// the child without the child's narrowing caveats; a unit test keeps this closed.)
+fn fixed_caveats(id: Ulid, new: &NewTask, root_meta: Option<(&str, &str)>) -> Vec<String> {
+    let mut c = Vec::new();
+    if let Some((agent, initiated_by)) = root_meta {
+        if is_meta_value(agent) {
+            c.push(format!("agent = {agent}"));
+        }
+        if is_meta_value(initiated_by) {
+            c.push(format!("initiated_by = {initiated_by}"));
+        }
+    }
+    c.push(format!("expires_before = {}", new.expires.to_rfc3339()));
+    if !new.can_delegate {
+        c.push("can_delegate = false".into());
+    }
+    c.push(format!("delegation_depth <= {}", new.delegation_depth));
+    c.extend(new.narrowing.iter().cloned());
+    c.push(format!("task = {id}"));
+    c
+}
+
+fn is_meta_value(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:@/-".contains(&b))
+}
+
+/// The envelope of a verified token.
+pub fn envelope_of(v: &Verified) -> &Envelope {
+    &v.reduced.envelope
+}
+
+#[cfg(test)]
+mod tests;

@@ -12,6 +12,7 @@
 //! result with its reason, never a protocol error.
 
 pub mod discovery;
+pub mod tasks;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -160,7 +161,17 @@ pub struct ToolDef {
 }
 
 /// Every tool, in listing order.
-pub static REGISTRY: &[&ToolDef] = &[&discovery::LIST_TARGETS, &discovery::LIST_SERVICES, &discovery::LIST_REMOTES];
+pub static REGISTRY: &[&ToolDef] = &[
+    &discovery::LIST_TARGETS,
+    &discovery::LIST_SERVICES,
+    &discovery::LIST_REMOTES,
+    &tasks::TASK_CREATE,
+    &tasks::TASK_DELEGATE,
+    &tasks::TASK_INFO,
+    &tasks::TASK_LIST,
+    &tasks::TASK_REVOKE,
+    &tasks::TASK_BIND,
+];
 
 /// The tool named `name`.
 pub fn find(name: &str) -> Option<&'static ToolDef> {

@@ -282,10 +282,66 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
         Ok(c) => c,
         Err(e) => return auth_failure(&broker, req.headers(), &e),
     };
+    if method != Method::POST
+        && let Err(r) = possession(&broker, &caller, req.method(), req.uri().path(), req.headers(), "-", "-", b"").await
+    {
+        return r;
+    }
     match method {
         Method::GET => get_stream(&broker, &policy, &caller, req.headers()),
         Method::DELETE => delete_session(&broker, &policy, &caller, req.headers()),
         _ => post(&broker, &policy, &caller, req).await,
+    }
+}
+
+/// Holder checks for token callers (`auth::prove_possession`): 423 while a task awaits its key,
+/// 401 with the reason for a missing or bad proof.
+#[allow(clippy::too_many_arguments)]
+async fn possession(
+    broker: &Broker,
+    caller: &Caller,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    mcp_method: &str,
+    tool: &str,
+    body: &[u8],
+) -> Result<(), Response<Body>> {
+    if caller.token().is_none() {
+        return Ok(());
+    }
+    let token = match auth::credential(headers, None) {
+        Ok(auth::Credential::Token(t)) => t,
+        _ => return Ok(()),
+    };
+    let authority = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let facts = crate::broker::tasks::pop::Facts {
+        http_method: method.as_str(),
+        authority,
+        path,
+        mcp_method,
+        tool,
+        body,
+        token,
+    };
+    match auth::prove_possession(broker, caller, headers, &facts).await {
+        Ok(()) => Ok(()),
+        Err(auth::PossessionError::Locked(m)) => {
+            Err(rpc_error(StatusCode::LOCKED, None, &RpcError::new(code::FORBIDDEN, m)))
+        }
+        Err(e) => {
+            let mut r = rpc_error(StatusCode::UNAUTHORIZED, None, &RpcError::new(code::UNAUTHENTICATED, e.message()));
+            let scheme = if headers.contains_key(crate::broker::tasks::pop::DPOP_HEADER) {
+                "DPoP algs=\"EdDSA\", error=\"invalid_dpop_proof\""
+            } else {
+                "Bearer realm=\"ephyr\", error=\"invalid_token\""
+            };
+            let v = format!("{scheme}, error_description=\"{}\"", e.message().replace(['"', '\\'], "'"));
+            if let Ok(hv) = HeaderValue::from_str(&v) {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, hv);
+            }
+            Err(r)
+        }
     }
 }
 
@@ -353,6 +409,18 @@ async fn post(broker: &Rc<Broker>, policy: &Rc<Policy>, caller: &Caller, req: Re
             return rpc_error(StatusCode::BAD_REQUEST, rej.id.as_ref(), &rej.error);
         }
     };
+    let (mcp_method, tool) = match &msg {
+        Message::Request(r) => (
+            r.method.as_str(),
+            if r.method == "tools/call" { r.params.get("name").and_then(Value::as_str).unwrap_or("-") } else { "-" },
+        ),
+        Message::Notification(n) => (n.method.as_str(), "-"),
+        Message::Response => ("-", "-"),
+    };
+    if let Err(r) = possession(broker, caller, &parts.method, parts.uri.path(), &headers, mcp_method, tool, &body).await
+    {
+        return r;
+    }
     let mut routing = [None; 3];
     for (i, name) in [VERSION_HEADER, METHOD_HEADER, NAME_HEADER].into_iter().enumerate() {
         match single(&headers, name) {

@@ -1,0 +1,297 @@
+//! The task journal: an append-only file of checksummed records, group-committed.
+//!
+//! What runs here: `<data-dir>/state/tasks.journal` (0600). At start-up (before the executor
+//! serves anything) the file is read whole, a torn last record — a crash in the middle of a
+//! write that was never acknowledged — is cut off, and the live state is written to a fresh file
+//! that replaces the old one by `rename` (compaction; `fsync` of file and directory). While
+//! serving, one flusher task writes batches with `write` + `fdatasync` on the blocking pool;
+//! `append` returns a [`Durable`] that resolves once the batch holding the record is synced, and
+//! callers await it before they acknowledge (DESIGN.md invariant 10).
+//!
+//! Frame: `len: u32 LE | check: first 8 bytes of SHA-256(payload) | payload (JSON, `len` bytes)`,
+//! after an 8-byte file header `EPHYRJ1\n`. A bad frame that is not the last one is corruption:
+//! start-up refuses with the offset rather than silently dropping revocations. The decision and
+//! the alternatives are in `docs/decisions/0006-task-state-journal.md`.
+
+use std::cell::RefCell;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use super::super::blocking::BlockingPool;
+
+/// File header.
+pub const MAGIC: &[u8; 8] = b"EPHYRJ1\n";
+/// Largest record (a task record with its caveats is well under this).
+pub const MAX_RECORD: usize = 64 * 1024;
+
+fn check(payload: &[u8]) -> [u8; 8] {
+    let d = ring::digest::digest(&ring::digest::SHA256, payload);
+    d.as_ref()[..8].try_into().unwrap_or([0; 8])
+}
+
+/// Encodes one frame.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12 + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&check(payload));
+    out.extend_from_slice(payload);
+    out
+}
+
+/// What reading a journal found.
+#[derive(Debug)]
+pub struct Replayed {
+    /// Record payloads, in order.
+    pub records: Vec<Vec<u8>>,
+    /// Bytes of a torn last record that were dropped (0 when the file ended cleanly).
+    pub torn_bytes: usize,
+}
+
+/// Splits a journal's bytes into record payloads. A damaged frame followed by further data is
+/// corruption (`Err` names the offset); a damaged or short frame at the very end is a torn write.
+pub fn parse(bytes: &[u8]) -> Result<Replayed, String> {
+    if bytes.is_empty() {
+        return Ok(Replayed { records: vec![], torn_bytes: 0 });
+    }
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err("not an ephyr task journal (bad header)".into());
+    }
+    let mut at = MAGIC.len();
+    let mut records = Vec::new();
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        let torn = |what: &str| -> Result<Replayed, String> {
+            Err(format!("record at byte {at}: {what}, and more data follows (the journal is corrupt)"))
+        };
+        if rest.len() < 12 {
+            return Ok(Replayed { records, torn_bytes: rest.len() });
+        }
+        let len = u32::from_le_bytes(rest[..4].try_into().unwrap_or([0; 4])) as usize;
+        if len > MAX_RECORD {
+            // A garbage length: torn if nothing plausible could follow, corrupt otherwise.
+            return if rest.len() <= 12 + MAX_RECORD {
+                Ok(Replayed { records, torn_bytes: rest.len() })
+            } else {
+                torn("impossible length")
+            };
+        }
+        if rest.len() < 12 + len {
+            return Ok(Replayed { records, torn_bytes: rest.len() });
+        }
+        let payload = &rest[12..12 + len];
+        if rest[4..12] != check(payload) {
+            if rest.len() == 12 + len {
+                return Ok(Replayed { records, torn_bytes: rest.len() });
+            }
+            return torn("checksum mismatch");
+        }
+        records.push(payload.to_vec());
+        at += 12 + len;
+    }
+    Ok(Replayed { records, torn_bytes: 0 })
+}
+
+/// Reads the journal at `path` (a missing file is an empty journal).
+pub fn read(path: &Path) -> Result<Replayed, String> {
+    let mut bytes = Vec::new();
+    match File::open(path) {
+        Ok(mut f) => {
+            f.read_to_end(&mut bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    }
+    parse(&bytes).map_err(|e| format!("{}: {e}; move it aside to start with no tasks", path.display()))
+}
+
+/// Replaces the journal at `path` with exactly these records (write to a temporary file, sync,
+/// rename over, sync the directory), so a crash leaves either the old or the new file.
+pub fn rewrite(path: &Path, records: &[Vec<u8>]) -> io::Result<()> {
+    let tmp = path.with_extension("journal.tmp");
+    let mut buf = MAGIC.to_vec();
+    for r in records {
+        buf.extend_from_slice(&frame(r));
+    }
+    {
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&buf)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Resolves when a record is durable (or the journal failed).
+pub struct Durable(async_channel::Receiver<Result<(), String>>);
+
+impl Durable {
+    /// Waits for the record's batch to be written and synced.
+    pub async fn wait(self) -> Result<(), String> {
+        self.0.recv().await.unwrap_or_else(|_| Err("the journal writer stopped".into()))
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    buf: Vec<u8>,
+    waiters: Vec<async_channel::Sender<Result<(), String>>>,
+    failed: Option<String>,
+}
+
+/// The open journal (executor thread only).
+pub struct Journal {
+    path: PathBuf,
+    pool: BlockingPool,
+    file: RefCell<Option<File>>,
+    pending: RefCell<Pending>,
+    kick: event_listener::Event,
+}
+
+impl Journal {
+    /// Opens `path` for appending (after [`read`] and [`rewrite`] at start-up).
+    pub fn open(path: &Path, pool: BlockingPool) -> Result<Rc<Journal>, String> {
+        let f = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Rc::new(Journal {
+            path: path.to_owned(),
+            pool,
+            file: RefCell::new(Some(f)),
+            pending: RefCell::default(),
+            kick: event_listener::Event::new(),
+        }))
+    }
+
+    /// Queues a record; the returned [`Durable`] resolves once it is on disk.
+    pub fn append(&self, payload: &[u8]) -> Result<Durable, String> {
+        let mut p = self.pending.borrow_mut();
+        if let Some(f) = &p.failed {
+            return Err(f.clone());
+        }
+        p.buf.extend_from_slice(&frame(payload));
+        let (tx, rx) = async_channel::bounded(1);
+        p.waiters.push(tx);
+        drop(p);
+        self.kick.notify(1);
+        Ok(Durable(rx))
+    }
+
+    /// Writes batches until the journal fails. Spawn once.
+    pub async fn run_flusher(self: Rc<Self>) {
+        loop {
+            let listener = self.kick.listen();
+            let (buf, waiters) = {
+                let mut p = self.pending.borrow_mut();
+                (std::mem::take(&mut p.buf), std::mem::take(&mut p.waiters))
+            };
+            if buf.is_empty() {
+                listener.await;
+                continue;
+            }
+            let file = self.file.borrow_mut().take();
+            let result = match file {
+                None => Err("the journal file is closed".to_string()),
+                Some(mut f) => self
+                    .pool
+                    .run(move || -> Result<File, String> {
+                        f.write_all(&buf).map_err(|e| e.to_string())?;
+                        f.sync_data().map_err(|e| e.to_string())?;
+                        Ok(f)
+                    })
+                    .await
+                    .unwrap_or_else(|| Err("the blocking pool stopped".into())),
+            };
+            match result {
+                Ok(f) => {
+                    *self.file.borrow_mut() = Some(f);
+                    for w in waiters {
+                        let _ = w.try_send(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    let reason = format!("task journal {} failed: {e}", self.path.display());
+                    log::error!("{reason}; refusing task changes until restart");
+                    let mut p = self.pending.borrow_mut();
+                    p.failed = Some(reason.clone());
+                    let later = std::mem::take(&mut p.waiters);
+                    drop(p);
+                    for w in waiters.into_iter().chain(later) {
+                        let _ = w.try_send(Err(reason.clone()));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(records: &[&[u8]]) -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        for r in records {
+            b.extend_from_slice(&frame(r));
+        }
+        b
+    }
+
+    #[test]
+    fn frames_round_trip_and_a_torn_tail_is_dropped() {
+        let b = file(&[b"one", b"two", b"three"]);
+        let r = parse(&b).unwrap();
+        assert_eq!(r.records, vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+        assert_eq!(r.torn_bytes, 0);
+        // Every cut inside the last record leaves the first two.
+        let last = frame(b"three").len();
+        for cut in 1..last {
+            let r = parse(&b[..b.len() - cut]).unwrap();
+            assert_eq!(r.records.len(), 2, "cut {cut}");
+            assert_eq!(r.torn_bytes, last - cut);
+        }
+        // A flipped bit in the last payload is a torn write too.
+        let mut bad = b.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert_eq!(parse(&bad).unwrap().records.len(), 2);
+    }
+
+    #[test]
+    fn damage_before_the_end_is_corruption_not_truncation() {
+        let mut b = file(&[b"one", b"two", b"three"]);
+        b[MAGIC.len() + 12] ^= 0x20; // first payload byte
+        let e = parse(&b).unwrap_err();
+        assert!(e.contains("byte 8") && e.contains("corrupt"), "{e}");
+        assert!(parse(b"garbage!").unwrap_err().contains("bad header"));
+        assert!(parse(b"").unwrap().records.is_empty());
+    }
+
+    #[test]
+    fn rewrite_replaces_atomically_and_appends_are_durable() {
+        let dir = std::env::temp_dir().join(format!("ephyr-journal-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tasks.journal");
+        rewrite(&path, &[b"a".to_vec()]).unwrap();
+        let pool = BlockingPool::new(1, 4);
+        let j = Journal::open(&path, pool).unwrap();
+        let ex = smol::LocalExecutor::new();
+        smol::block_on(ex.run(async {
+            ex.spawn(j.clone().run_flusher()).detach();
+            let d1 = j.append(b"b").unwrap();
+            let d2 = j.append(b"c").unwrap();
+            d1.wait().await.unwrap();
+            d2.wait().await.unwrap();
+        }));
+        assert_eq!(read(&path).unwrap().records, vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
