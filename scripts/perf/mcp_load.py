@@ -97,7 +97,7 @@ try:
         # A root task token minted through the MCP task_create tool (the tasks issue).
         st, _, body = request(
             {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
-                "name": "task_create", "arguments": {"description": "load test", "ttl": 3600},
+                "name": "task_create", "arguments": {"description": "load test", "ttl": "1h"},
                 "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
                           "io.modelcontextprotocol/clientCapabilities": {}}}},
             {"Authorization": f"Bearer {key}", "Content-Type": "application/json",
