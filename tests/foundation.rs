@@ -211,6 +211,12 @@ fn a_killed_signer_worker_or_keeper_is_replaced_and_the_next_request_succeeds() 
     let worker = st["signer"]["worker_pid"].as_u64().unwrap() as i32;
     let keeper = st["signer"]["keeper_pid"].as_u64().unwrap() as i32;
     ephyr::os::kill(worker, libc::SIGKILL).unwrap();
+    // kill() returns before the signal lands; a request written to a worker that is still dying
+    // is (correctly) reported as lost. "The next request" is the one after the worker is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while alive(worker as u32) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let out = cert_sign(&b, &pubkey, "ephyrtest", &[]);
     assert!(out.status.success(), "sign after worker kill: {}\n{}", stderr(&out), b.log());
     let st = b.status();

@@ -242,6 +242,13 @@ fn parse_list<'a>(key: &str, value: &'a str, item_ok: impl Fn(&str) -> bool) -> 
     Ok(Items(inner))
 }
 
+/// Whether `v` may be the value of a metadata caveat (`agent = v`, `initiated_by = v`): at most
+/// 128 printable ASCII characters or spaces (the grammar also refuses empty, leading or trailing
+/// spaces).
+pub fn metadata_value_ok(v: &str) -> bool {
+    v.len() <= 128 && v.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+}
+
 fn name_ok(s: &str) -> bool {
     (1..=128).contains(&s.len()) && s.bytes().all(is_name_byte)
 }
@@ -349,7 +356,7 @@ impl<'a> CaveatRef<'a> {
             }
             "agent" | "initiated_by" => {
                 want("=")?;
-                if value.len() > 128 || !value.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+                if !metadata_value_ok(value) {
                     return Err(bad(format!("{key}: 1-128 printable ASCII characters")));
                 }
                 Ok(if key == "agent" { CaveatRef::Agent(value) } else { CaveatRef::InitiatedBy(value) })

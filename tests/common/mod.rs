@@ -449,7 +449,9 @@ pub fn http_request(addr: &str, method: &str, path: &str, headers: &[(&str, &str
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
+    // A server may answer from the head alone (413 from Content-Length) and close while the body
+    // is still being sent: the write then fails with EPIPE, and the answer is still there to read.
+    let _ = s.write_all(body);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     parse_response(&raw)

@@ -206,14 +206,19 @@ pub enum Credential<'a> {
     Token(&'a str),
 }
 
-fn one_header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, AuthError> {
+/// The one value of a header that must not repeat: `Ok(None)` if absent, `Err` (naming the
+/// header) if repeated or not ASCII. Every single-valued header the broker reads goes through here.
+pub fn single_header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, String> {
     let mut it = headers.get_all(name).iter();
     let Some(v) = it.next() else { return Ok(None) };
     if it.next().is_some() {
-        return Err(AuthError::Malformed(format!("more than one {name} header")));
+        return Err(format!("the {name} header appears more than once"));
     }
-    let s = v.to_str().map_err(|_| AuthError::Malformed(format!("{name} is not ASCII")))?;
-    Ok(Some(s))
+    v.to_str().map(Some).map_err(|_| format!("the {name} header is not ASCII"))
+}
+
+fn one_header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, AuthError> {
+    single_header(headers, name).map_err(AuthError::Malformed)
 }
 
 const QUERY_CREDENTIALS: [&str; 5] = ["access_token", "api_key", "apikey", "token", "key"];
@@ -511,6 +516,13 @@ impl PossessionError {
     }
 }
 
+fn proof_headers(headers: &HeaderMap) -> Result<(Option<&str>, Option<&str>), super::tasks::pop::PopError> {
+    use super::tasks::pop::{DPOP_HEADER, HEADER, PopError};
+    let ours = single_header(headers, HEADER).map_err(PopError::Malformed)?;
+    let dpop = single_header(headers, DPOP_HEADER).map_err(PopError::Malformed)?;
+    Ok((ours, dpop))
+}
+
 /// MCP methods an unbound task that awaits its key may still use (to reach `task_bind`).
 const WHILE_AWAITING_BIND: [&str; 3] = ["initialize", "ping", "notifications/initialized"];
 
@@ -548,7 +560,9 @@ pub async fn prove_possession(
                 )))
             }
         }
-        Holder::Key(key) => match super::tasks::pop::check(headers, facts, &key, now) {
+        Holder::Key(key) => match proof_headers(headers)
+            .and_then(|(ours, dpop)| super::tasks::pop::check(ours, dpop, facts, &key, now))
+        {
             Err(e) => Err(PossessionError::Proof(e)),
             Ok(c) => {
                 broker.metrics.inc("ephyr_pop_total", &[("form", c.form.as_str()), ("outcome", "ok")]);

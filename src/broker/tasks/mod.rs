@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use ulid::Ulid;
 
 use super::auth::TokenIdentity;
-use crate::macaroon::{ChainStart, Envelope, LOCATION, Macaroon, Reduced, RootKey, attenuate};
+use crate::macaroon::{ChainStart, LOCATION, Macaroon, Reduced, RootKey, attenuate};
 use crate::time::UnixMicros;
 
 /// Most memoised token verifications.
@@ -367,13 +367,8 @@ impl State {
 
     fn holder_of(&self, id: Ulid) -> Holder {
         let chain = self.chain(id);
-        if let Some(t) = chain.iter().rev().find(|t| t.holder_key.is_some()) {
-            return Holder::Key(t.holder_key.unwrap_or_default());
-        }
-        match chain.last().and_then(|t| t.bind_deadline) {
-            Some(d) => Holder::AwaitingBind { deadline: UnixMicros(d) },
-            None => Holder::Bearer,
-        }
+        let key = chain.iter().rev().find_map(|t| t.holder_key);
+        holder(key, chain.last().and_then(|t| t.bind_deadline))
     }
 
     fn revoked_ancestor(&self, id: Ulid) -> Option<(Ulid, i64)> {
@@ -392,6 +387,15 @@ impl State {
             }
         }
         out
+    }
+}
+
+/// A task's holder from the nearest key on its lineage and its own bind deadline.
+fn holder(key: Option<[u8; 32]>, bind_deadline: Option<i64>) -> Holder {
+    match (key, bind_deadline) {
+        (Some(k), _) => Holder::Key(k),
+        (None, Some(d)) => Holder::AwaitingBind { deadline: UnixMicros(d) },
+        (None, None) => Holder::Bearer,
     }
 }
 
@@ -587,6 +591,8 @@ impl TaskStore {
         let mut parent: Option<Ulid> = None;
         let mut delegators: Vec<String> = Vec::new();
         let mut last: Option<&Task> = None;
+        // The nearest holder key on the lineage (the lineage is the chain from the root).
+        let mut key: Option<[u8; 32]> = None;
         for entry in lineage {
             let t = st
                 .tasks
@@ -608,6 +614,7 @@ impl TaskStore {
             {
                 delegators.push(prev.agent.clone());
             }
+            key = t.holder_key.or(key);
             parent = Some(t.id);
             last = Some(t);
         }
@@ -621,7 +628,7 @@ impl TaskStore {
             initiated_by: t.initiated_by.clone(),
             delegators,
             depth: t.depth,
-            holder: st.holder_of(t.id),
+            holder: holder(key, t.bind_deadline),
             verified,
         })
     }
@@ -663,6 +670,11 @@ impl TaskStore {
                 Some(TaskView { holder: st.holder_of(id), revoked: st.revoked_ancestor(id), task: t })
             })
             .collect()
+    }
+
+    /// Root to `id`, as ids (audit lines).
+    pub fn lineage(&self, id: Ulid) -> Vec<String> {
+        self.state.borrow().chain(id).iter().map(|t| t.id.to_string()).collect()
     }
 
     /// Whether `id` is visible from `scope`.
@@ -916,13 +928,9 @@ fn fixed_caveats(id: Ulid, new: &NewTask, root_meta: Option<(&str, &str)>) -> Ve
     c
 }
 
+/// Metadata the caveat grammar accepts as written (otherwise it is left out: it is never authority).
 fn is_meta_value(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:@/-".contains(&b))
-}
-
-/// The envelope of a verified token.
-pub fn envelope_of(v: &Verified) -> &Envelope {
-    &v.reduced.envelope
+    !s.is_empty() && s.trim() == s && crate::macaroon::caveat::metadata_value_ok(s)
 }
 
 #[cfg(test)]

@@ -29,7 +29,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use data_encoding::{BASE64URL_NOPAD, HEXLOWER};
-use http::HeaderMap;
 use serde_json::Value;
 
 use crate::time::UnixMicros;
@@ -193,22 +192,20 @@ fn verify_sig(key: &[u8; 32], msg: &[u8], sig: &[u8]) -> Result<(), PopError> {
         .map_err(|_| PopError::BadSignature)
 }
 
-fn one<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, PopError> {
-    let mut it = headers.get_all(name).iter();
-    let Some(v) = it.next() else { return Ok(None) };
-    if it.next().is_some() {
-        return Err(PopError::Malformed(format!("more than one {name} header")));
-    }
-    v.to_str().map(Some).map_err(|_| PopError::Malformed(format!("{name} is not ASCII")))
-}
-
 fn is_nonce(s: &str) -> bool {
     (16..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// Checks the request's proof against the holder `key` at `now`.
-pub fn check(headers: &HeaderMap, f: &Facts<'_>, key: &[u8; 32], now: UnixMicros) -> Result<Checked, PopError> {
-    match (one(headers, HEADER)?, one(headers, DPOP_HEADER)?) {
+/// Checks the request's proof (the values of its `Ephyr-PoP` and `DPoP` headers) against the
+/// holder `key` at `now`.
+pub fn check(
+    ephyr: Option<&str>,
+    dpop: Option<&str>,
+    f: &Facts<'_>,
+    key: &[u8; 32],
+    now: UnixMicros,
+) -> Result<Checked, PopError> {
+    match (ephyr, dpop) {
         (Some(_), Some(_)) => Err(PopError::Malformed("send either Ephyr-PoP or DPoP, not both".into())),
         (Some(h), None) => check_ephyr(h, f, key, now),
         (None, Some(h)) => check_dpop(h, f, key, now),
@@ -384,14 +381,19 @@ mod tests {
         }
     }
 
-    fn ephyr_header(kp: &Ed25519KeyPair, f: &Facts<'_>, ts: i64, nonce: &str) -> HeaderMap {
-        let sig = BASE64URL_NOPAD.encode(kp.sign(signed_text(f, ts, nonce).as_bytes()).as_ref());
-        let mut h = HeaderMap::new();
-        h.insert(HEADER, format!("ts={ts}; nonce={nonce}; sig={sig}").parse().unwrap());
-        h
+    /// (Ephyr-PoP, DPoP) header values, as `check` takes them.
+    type Headers = (Option<String>, Option<String>);
+
+    fn run(h: &Headers, f: &Facts<'_>, key: &[u8; 32], now: UnixMicros) -> Result<Checked, PopError> {
+        check(h.0.as_deref(), h.1.as_deref(), f, key, now)
     }
 
-    fn dpop_header(kp: &Ed25519KeyPair, pk: &[u8; 32], claims: Value) -> HeaderMap {
+    fn ephyr_header(kp: &Ed25519KeyPair, f: &Facts<'_>, ts: i64, nonce: &str) -> Headers {
+        let sig = BASE64URL_NOPAD.encode(kp.sign(signed_text(f, ts, nonce).as_bytes()).as_ref());
+        (Some(format!("ts={ts}; nonce={nonce}; sig={sig}")), None)
+    }
+
+    fn dpop_header(kp: &Ed25519KeyPair, pk: &[u8; 32], claims: Value) -> Headers {
         let header = serde_json::json!({"typ": "dpop+jwt", "alg": "EdDSA",
             "jwk": {"kty": "OKP", "crv": "Ed25519", "x": BASE64URL_NOPAD.encode(pk)}});
         let input = format!(
@@ -400,9 +402,7 @@ mod tests {
             BASE64URL_NOPAD.encode(claims.to_string().as_bytes())
         );
         let sig = BASE64URL_NOPAD.encode(kp.sign(input.as_bytes()).as_ref());
-        let mut h = HeaderMap::new();
-        h.insert(DPOP_HEADER, format!("{input}.{sig}").parse().unwrap());
-        h
+        (None, Some(format!("{input}.{sig}")))
     }
 
     #[test]
@@ -426,7 +426,7 @@ mod tests {
         let f = facts("list_targets", body);
         let ts = NOW.secs();
         let h = ephyr_header(&kp, &f, ts, "nonce-0123456789abcdef");
-        let ok = check(&h, &f, &pk, NOW).unwrap();
+        let ok = run(&h, &f, &pk, NOW).unwrap();
         assert_eq!(ok.form, Form::Ephyr);
         // The same proof for another tool, body, token, path or key fails.
         for (other, what) in [
@@ -436,21 +436,19 @@ mod tests {
             (Facts { path: "/other", ..f }, "path"),
             (Facts { mcp_method: "tools/list", ..f }, "method"),
         ] {
-            assert_eq!(check(&h, &other, &pk, NOW).unwrap_err(), PopError::BadSignature, "{what}");
+            assert_eq!(run(&h, &other, &pk, NOW).unwrap_err(), PopError::BadSignature, "{what}");
         }
         let (_, other_pk) = keypair(0x22);
-        assert_eq!(check(&h, &f, &other_pk, NOW).unwrap_err(), PopError::BadSignature);
+        assert_eq!(run(&h, &f, &other_pk, NOW).unwrap_err(), PopError::BadSignature);
         // Stale in both directions, checked before the signature.
         let late = UnixMicros(NOW.0 + 31_000_000);
-        assert_eq!(check(&h, &f, &pk, late).unwrap_err(), PopError::Stale { off_by: 31 });
+        assert_eq!(run(&h, &f, &pk, late).unwrap_err(), PopError::Stale { off_by: 31 });
         let early = UnixMicros(NOW.0 - 31_000_000);
-        assert!(check(&h, &f, &pk, early).unwrap_err().message().contains("ahead of"));
+        assert!(run(&h, &f, &pk, early).unwrap_err().message().contains("ahead of"));
         // Missing and malformed.
-        assert_eq!(check(&HeaderMap::new(), &f, &pk, NOW).unwrap_err(), PopError::Missing);
+        assert_eq!(check(None, None, &f, &pk, NOW).unwrap_err(), PopError::Missing);
         for bad in ["ts=1", "ts=x; nonce=nonce-0123456789abcdef; sig=AA", "ts=1; nonce=short; sig=AA", "bogus"] {
-            let mut h = HeaderMap::new();
-            h.insert(HEADER, bad.parse().unwrap());
-            assert!(matches!(check(&h, &f, &pk, NOW), Err(PopError::Malformed(_))), "{bad}");
+            assert!(matches!(check(Some(bad), None, &f, &pk, NOW), Err(PopError::Malformed(_))), "{bad}");
         }
     }
 
@@ -461,28 +459,27 @@ mod tests {
         let ath = BASE64URL_NOPAD.encode(&sha256(f.token.as_bytes()));
         let claims = |htu: &str, htm: &str, ath: &str, iat: i64| serde_json::json!({"jti": "j-1", "htm": htm, "htu": htu, "iat": iat, "ath": ath});
         let good = dpop_header(&kp, &pk, claims("http://127.0.0.1:8554/mcp", "POST", &ath, NOW.secs()));
-        assert_eq!(check(&good, &f, &pk, NOW).unwrap().form, Form::Dpop);
+        assert_eq!(run(&good, &f, &pk, NOW).unwrap().form, Form::Dpop);
         let https = dpop_header(&kp, &pk, claims("https://127.0.0.1:8554/mcp?x=1", "POST", &ath, NOW.secs()));
-        check(&https, &f, &pk, NOW).unwrap();
+        run(&https, &f, &pk, NOW).unwrap();
         for (h, code) in [
             (dpop_header(&kp, &pk, claims("http://evil/mcp", "POST", &ath, NOW.secs())), "pop_mismatch"),
             (dpop_header(&kp, &pk, claims("http://127.0.0.1:8554/mcp", "GET", &ath, NOW.secs())), "pop_mismatch"),
             (dpop_header(&kp, &pk, claims("http://127.0.0.1:8554/mcp", "POST", "xyz", NOW.secs())), "pop_mismatch"),
             (dpop_header(&kp, &pk, claims("http://127.0.0.1:8554/mcp", "POST", &ath, NOW.secs() - 60)), "pop_stale"),
         ] {
-            assert_eq!(check(&h, &f, &pk, NOW).unwrap_err().code(), code);
+            assert_eq!(run(&h, &f, &pk, NOW).unwrap_err().code(), code);
         }
         // A proof signed by another key that names the bound key in its jwk fails the signature.
         let (other, _) = keypair(0x33);
         let forged = dpop_header(&other, &pk, claims("http://127.0.0.1:8554/mcp", "POST", &ath, NOW.secs()));
-        assert_eq!(check(&forged, &f, &pk, NOW).unwrap_err(), PopError::BadSignature);
+        assert_eq!(run(&forged, &f, &pk, NOW).unwrap_err(), PopError::BadSignature);
         // A proof with its own (other) key names the wrong holder.
         let (_, other_pk) = keypair(0x33);
         let own = dpop_header(&other, &other_pk, claims("http://127.0.0.1:8554/mcp", "POST", &ath, NOW.secs()));
-        assert_eq!(check(&own, &f, &pk, NOW).unwrap_err().code(), "pop_mismatch");
-        let mut both = good.clone();
-        both.insert(HEADER, "ts=1".parse().unwrap());
-        assert!(check(&both, &f, &pk, NOW).unwrap_err().message().contains("not both"));
+        assert_eq!(run(&own, &f, &pk, NOW).unwrap_err().code(), "pop_mismatch");
+        let both = (Some("ts=1".to_string()), good.1.clone());
+        assert!(run(&both, &f, &pk, NOW).unwrap_err().message().contains("not both"));
     }
 
     #[test]
@@ -490,14 +487,14 @@ mod tests {
         let (kp, pk) = keypair(0x11);
         let f = facts("a", b"{}");
         let h = ephyr_header(&kp, &f, NOW.secs(), "nonce-0123456789abcdef");
-        let c = check(&h, &f, &pk, NOW).unwrap();
+        let c = run(&h, &f, &pk, NOW).unwrap();
         let mut cache = ReplayCache::default();
         cache.consume(&c, NOW).unwrap();
         assert_eq!(cache.consume(&c, NOW).unwrap_err(), PopError::Replayed);
         // The same nonce under another tool is a different proof but the same nonce: refused.
         let g = facts("b", b"{}");
         let h2 = ephyr_header(&kp, &g, NOW.secs(), "nonce-0123456789abcdef");
-        let c2 = check(&h2, &g, &pk, NOW).unwrap();
+        let c2 = run(&h2, &g, &pk, NOW).unwrap();
         assert_eq!(cache.consume(&c2, NOW).unwrap_err(), PopError::Replayed);
         let later = UnixMicros(NOW.0 + 40_000_000);
         cache.prune(later);

@@ -12,7 +12,7 @@ use ulid::Ulid;
 
 use super::{Ctx, Needs, Output, Param, ParamType, ToolDef};
 use crate::broker::audit::{AuditSink as _, Event, Kind};
-use crate::broker::policy::{Action, ActionKind, Decision, HTTP_METHODS, Policy, TaskOp, authorize};
+use crate::broker::policy::{Action, ActionKind, Decision, HTTP_METHODS, Policy, Principal, TaskOp, authorize};
 use crate::broker::tasks::{Holder, NewTask, Scope, TaskError, TaskView, parse_holder_key, seal_context};
 use crate::macaroon::{Dim, Envelope, RootKey, SetKey};
 use crate::mcp::types::Annotations;
@@ -187,7 +187,7 @@ fn expiry(now: UnixMicros, ttl: Duration) -> UnixMicros {
 fn narrowing(policy: &Policy, cx: &Ctx<'_>, agent: &str, within: Option<&Envelope>) -> Result<Vec<String>, Output> {
     let Some(env) = cx.args.get("envelope").and_then(Value::as_object) else { return Ok(vec![]) };
     let mut caveats = Vec::new();
-    let principal = crate::broker::policy::Principal { agent, token: within, delegators: &[] };
+    let principal = Principal { agent, token: within, delegators: &[] };
     let can = |kind: ActionKind<'_>| authorize(policy, &principal, &Action { tool: None, kind }).is_allow();
     for (field, key) in [
         ("targets", SetKey::Target),
@@ -235,15 +235,8 @@ fn narrowing(policy: &Policy, cx: &Ctx<'_>, agent: &str, within: Option<&Envelop
     Ok(caveats)
 }
 
-fn decide(
-    policy: &Policy,
-    agent: &str,
-    token: Option<&Envelope>,
-    delegators: &[String],
-    op: TaskOp,
-) -> Result<(), Output> {
-    let principal = crate::broker::policy::Principal { agent, token, delegators };
-    match authorize(policy, &principal, &Action { tool: None, kind: ActionKind::Task(op) }) {
+fn decide(policy: &Policy, principal: &Principal<'_>, op: TaskOp) -> Result<(), Output> {
+    match authorize(policy, principal, &Action { tool: None, kind: ActionKind::Task(op) }) {
         Decision::Allow(_) => Ok(()),
         Decision::Deny(d) => Err(Output::denied(d)),
     }
@@ -289,7 +282,7 @@ async fn create_inner(cx: &Ctx<'_>) -> Result<Output, Output> {
     let policy = cx.policy;
     let agent = policy.agents.get(&cx.caller.agent).ok_or_else(|| Output::error("unknown agent"))?;
     let ttl = ttl(cx.args, policy.limits.task_ttl_default.min(agent.max_task_ttl))?;
-    decide(policy, &agent.name, None, &[], TaskOp::Create { ttl })?;
+    decide(policy, &cx.caller.principal(), TaskOp::Create { ttl })?;
     let key = holder_key(cx.args)?;
     let narrowing = narrowing(policy, cx, &agent.name, None)?;
     let now = crate::time::now();
@@ -355,7 +348,6 @@ async fn delegate_inner(cx: &Ctx<'_>) -> Result<Output, Output> {
     // The parent, and its token: the presented one (token callers, who may delegate only from
     // their own task), or the one the broker minted (API-key callers, from a task they hold).
     let requested = task_id(cx.args, "parent_task_id")?;
-    let minted;
     let (parent_id, parent_token, identity) = match cx.caller.token() {
         Some(t) => {
             let own = Ulid::from_string(&t.task).map_err(|_| Output::error("bad task id"))?;
@@ -375,10 +367,10 @@ async fn delegate_inner(cx: &Ctx<'_>) -> Result<Output, Output> {
                 .ok_or_else(|| Output::error(format!("no live task {p} held by agent {:?}", cx.caller.agent)))?;
             let m = store.minted_token(v.task.id).ok_or_else(|| Output::error(format!("no task tree for {p}")))?;
             let text = m.encode();
-            minted = store
+            let minted = store
                 .verify_token(&text, &crate::broker::auth::fingerprint(&text), now)
                 .map_err(|e| Output::error(format!("task {p} cannot delegate: {e}")))?;
-            (p, m, minted.clone())
+            (p, m, minted)
         }
     };
     let parent = store.view(parent_id).ok_or_else(|| Output::error(format!("no live task {parent_id}")))?;
@@ -394,13 +386,8 @@ async fn delegate_inner(cx: &Ctx<'_>) -> Result<Output, Output> {
         )));
     }
     let child_depth = parent.task.depth.saturating_add(1);
-    decide(
-        policy,
-        &agent.name,
-        Some(env),
-        &identity.delegators,
-        TaskOp::Delegate { ttl, child_depth, parent_depth: parent.task.depth },
-    )?;
+    let principal = Principal { agent: &agent.name, token: Some(env), delegators: &identity.delegators };
+    decide(policy, &principal, TaskOp::Delegate { ttl, child_depth, parent_depth: parent.task.depth })?;
     // Cross-agent: the child agent must exist and be enabled; its policy bounds the child too.
     let child_agent = match arg_str(cx.args, "agent").map(str::trim) {
         None | Some("") => agent,
@@ -537,7 +524,7 @@ async fn revoke(cx: Ctx<'_>) -> Output {
         Err(o) => return o,
     };
     let policy = cx.policy;
-    if let Err(o) = decide(policy, &cx.caller.agent, None, &[], TaskOp::Revoke) {
+    if let Err(o) = decide(policy, &cx.caller.principal(), TaskOp::Revoke) {
         return o;
     }
     let now = crate::time::now();
@@ -547,7 +534,7 @@ async fn revoke(cx: Ctx<'_>) -> Output {
     };
     let ev = Event::new(Kind::Task, "task_revoke")
         .agent(cx.caller.agent.clone())
-        .task(v.task.id.to_string(), ancestry(&cx, v.task.id))
+        .task(v.task.id.to_string(), cx.broker.tasks.lineage(v.task.id))
         .initiated_by(v.task.initiated_by.clone())
         .allow()
         .outcome(json!({"cascade_count": cascade, "holder_agent": v.task.agent}));
@@ -557,17 +544,6 @@ async fn revoke(cx: Ctx<'_>) -> Output {
     cx.broker.metrics.inc("ephyr_tasks_total", &[("op", "revoke")]);
     Output::data(&json!({"revoked": v.task.id.to_string(), "cascade_count": cascade,
         "status": "all tokens invalidated"}))
-}
-
-fn ancestry(cx: &Ctx<'_>, id: Ulid) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = cx.broker.tasks.view(id);
-    while let Some(v) = cur {
-        out.push(v.task.id.to_string());
-        cur = v.task.parent.and_then(|p| cx.broker.tasks.view(p));
-    }
-    out.reverse();
-    out
 }
 
 async fn bind(cx: Ctx<'_>) -> Output {
@@ -580,7 +556,7 @@ async fn bind(cx: Ctx<'_>) -> Output {
         Ok(None) => return Output::error("invalid arguments: holder_pub_key is required"),
         Err(o) => return o,
     };
-    if let Err(o) = decide(cx.policy, &cx.caller.agent, None, &[], TaskOp::Bind) {
+    if let Err(o) = decide(cx.policy, &cx.caller.principal(), TaskOp::Bind) {
         return o;
     }
     let now = crate::time::now();
@@ -590,7 +566,7 @@ async fn bind(cx: Ctx<'_>) -> Output {
     };
     let ev = Event::new(Kind::Task, "task_bind")
         .agent(cx.caller.agent.clone())
-        .task(v.task.id.to_string(), ancestry(&cx, v.task.id))
+        .task(v.task.id.to_string(), cx.broker.tasks.lineage(v.task.id))
         .initiated_by(v.task.initiated_by.clone())
         .allow()
         .outcome(json!({"holder_key": data_encoding::BASE64URL_NOPAD.encode(&key)}));

@@ -210,17 +210,6 @@ fn auth_failure(broker: &Broker, headers: &HeaderMap, e: &AuthError) -> Response
     r
 }
 
-/// The one value of a header that must not repeat: `Ok(None)` if absent, `Err` if repeated
-/// or not ASCII.
-fn single<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, String> {
-    let mut it = headers.get_all(name).iter();
-    let Some(v) = it.next() else { return Ok(None) };
-    if it.next().is_some() {
-        return Err(format!("the {name} header appears more than once"));
-    }
-    v.to_str().map(Some).map_err(|_| format!("the {name} header is not ASCII"))
-}
-
 fn accepts(headers: &HeaderMap, wanted: &str) -> bool {
     let Some(a) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
         // No Accept header: anything goes (curl, simple clients).
@@ -347,8 +336,8 @@ async fn possession(
 
 /// The session named by the request.
 fn session_for(broker: &Broker, policy: &Policy, caller: &Caller, headers: &HeaderMap) -> Result<Rc<Session>, Refused> {
-    let sid =
-        single(headers, SESSION_HEADER).map_err(|m| Refused::new(StatusCode::BAD_REQUEST, code::INVALID_REQUEST, m))?;
+    let sid = auth::single_header(headers, SESSION_HEADER)
+        .map_err(|m| Refused::new(StatusCode::BAD_REQUEST, code::INVALID_REQUEST, m))?;
     let Some(sid) = sid else {
         return Err(Refused::new(
             StatusCode::BAD_REQUEST,
@@ -369,7 +358,7 @@ fn delete_session(broker: &Broker, policy: &Policy, caller: &Caller, headers: &H
     match session_for(broker, policy, caller, headers) {
         Err(r) => r.response(),
         Ok(_) => {
-            if let Ok(Some(sid)) = single(headers, SESSION_HEADER) {
+            if let Ok(Some(sid)) = auth::single_header(headers, SESSION_HEADER) {
                 broker.sessions.remove(sid);
             }
             broker.metrics.set("ephyr_mcp_sessions", &[], broker.sessions.len() as f64);
@@ -423,7 +412,7 @@ async fn post(broker: &Rc<Broker>, policy: &Rc<Policy>, caller: &Caller, req: Re
     }
     let mut routing = [None; 3];
     for (i, name) in [VERSION_HEADER, METHOD_HEADER, NAME_HEADER].into_iter().enumerate() {
-        match single(&headers, name) {
+        match auth::single_header(&headers, name) {
             Ok(v) => routing[i] = v,
             Err(m) => {
                 let id = match &msg {
@@ -780,7 +769,7 @@ fn open_stream(broker: &Rc<Broker>, policy: &Policy, kind: StreamKind) -> Result
 }
 
 fn get_stream(broker: &Rc<Broker>, policy: &Policy, caller: &Caller, headers: &HeaderMap) -> Response<Body> {
-    if let Ok(Some(v)) = single(headers, VERSION_HEADER)
+    if let Ok(Some(v)) = auth::single_header(headers, VERSION_HEADER)
         && Version::parse(v).is_none_or(|v| v.era() == Era::Stateless)
     {
         let mut r = rpc_error(
@@ -803,7 +792,7 @@ fn get_stream(broker: &Rc<Broker>, policy: &Policy, caller: &Caller, headers: &H
         let e = RpcError::new(code::INVALID_REQUEST, "a notification stream is already open for this session");
         return rpc_error(StatusCode::CONFLICT, None, &e);
     }
-    let sid = single(headers, SESSION_HEADER).ok().flatten().unwrap_or_default().to_owned();
+    let sid = auth::single_header(headers, SESSION_HEADER).ok().flatten().unwrap_or_default().to_owned();
     match open_stream(broker, policy, StreamKind::Session(sid)) {
         Ok(r) => {
             session.stream_open.set(true);
