@@ -27,6 +27,9 @@ Commands:
   doctor       check files, keys, the policy and the signer sandbox
   status       show a running broker's state
   cert sign    issue an operator SSH certificate through the running broker
+  cert revoke  put a certificate on the broker's revocation list (KRL)
+  exec         run a command on a target through the broker (`exec TARGET --role R -- CMD`)
+  target       print the setup script for target hosts (`target setup-script`)
   inspect      decode a task token and show what it allows
   policy       check, diff, explain or reload a policy
   keygen       generate an agent API key and its hash line
@@ -138,8 +141,45 @@ Usage: ephyr status [--socket PATH | --data-dir DIR] [--json]
 
 Shows a running broker's state (needs root or the broker's user).";
 
+const EXEC_HELP: &str = "\
+Usage: ephyr exec TARGET --role ROLE [options] -- COMMAND...
+       ephyr exec --session ID [options] -- COMMAND...
+
+Runs COMMAND on TARGET as ROLE through the broker (a fresh short-lived certificate per
+command). Prints the command's stdout and stderr and exits with its exit code (124: timed
+out, 125: the broker refused or failed, 255: no exit code).
+
+On the broker host the local socket is used and your uid selects the agent (`uid:` in the
+policy). Against a remote broker, pass --url and a task token or API key in EPHYR_TOKEN
+(or --token, which other local users can see in the process list).
+
+Options:
+  --role ROLE             role on the target
+  --session ID            run on an open session instead (see the session_create tool)
+  --timeout SECS          kill the command after SECS (default 30)
+  --url URL               remote broker, e.g. http://broker:8554
+  --token TOKEN           credential for --url (prefer EPHYR_TOKEN)
+  --socket PATH / --data-dir DIR   where the local socket is
+  --json                  print the tool's JSON result instead";
+
+const TARGET_HELP: &str = "\
+Usage: ephyr target setup-script [--config FILE] [--target NAME]... [options]
+
+Prints a shell script to run as root on a target host: role accounts (no passwords),
+the CA line in /etc/ssh/ephyr_ca.pub, principals files, an empty KRL and an sshd drop-in
+(TrustedUserCAKeys, AuthorizedPrincipalsFile, RevokedKeys); with --broker-url, a timer that
+fetches the broker's KRL every minute. See docs/target-setup.md.
+
+Options:
+  --config FILE           policy (default /etc/ephyr/policy.yaml)
+  --target NAME           only the roles of this target (repeatable; default all)
+  --broker-url URL        where targets fetch the KRL, e.g. http://192.168.1.5:8554
+  --ca-key FILE           CA public key (default: the running broker's, else <data-dir>/keys/ca.pub)
+  --socket PATH / --data-dir DIR   where the broker is";
+
 const CERT_HELP: &str = "\
 Usage: ephyr cert sign --public-key FILE --principal NAME [options]
+       ephyr cert revoke SERIAL [--socket PATH | --data-dir DIR]
 
 Issues a short-lived operator certificate through the running broker's signer (root or
 the broker's user only). Prints the certificate line; save it as <key>-cert.pub.
@@ -205,6 +245,8 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "doctor" => cmd_doctor(p),
         "status" => cmd_status(p),
         "cert" => cmd_cert(p),
+        "exec" => cmd_exec(p),
+        "target" => cmd_target(p),
         "inspect" => cmd_inspect(p),
         "policy" => cmd_policy(p),
         "keygen" => cmd_keygen(p),
@@ -318,9 +360,83 @@ fn cmd_status(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     cli::status(&sock, json).map(|()| 0).map_err(|e| Failure::Run(1, e))
 }
 
+fn cmd_exec(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let mut o = cli::exec::ExecOptions::default();
+    let (mut socket, mut data_dir, mut words) = (None, None, Vec::new());
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("role") => o.role = Some(p.value()?.string()?),
+            Long("session") => o.session = Some(p.value()?.string()?),
+            Long("timeout") => {
+                let v = p.value()?.string()?;
+                o.timeout = Some(v.parse().map_err(|_| usage(format!("--timeout: {v:?} is not a number of seconds")))?);
+            }
+            Long("url") => o.url = Some(p.value()?.string()?),
+            Long("token") => o.token = Some(p.value()?.string()?),
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("data-dir") => data_dir = Some(path(p.value()?)),
+            Long("json") => o.json = true,
+            Long("help") | Short('h') => return help(EXEC_HELP),
+            Value(v) if o.target.is_none() && o.session.is_none() && words.is_empty() => o.target = Some(v.string()?),
+            Value(v) => words.push(v.string()?),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if words.is_empty() {
+        return Err(usage("no command: `ephyr exec TARGET --role ROLE -- COMMAND...`"));
+    }
+    if o.session.is_none() && (o.target.is_none() || o.role.is_none()) {
+        return Err(usage("TARGET and --role are required (or --session ID)"));
+    }
+    o.command = words.join(" ");
+    o.socket = cli::client::socket_path(socket, data_dir.as_deref());
+    cli::exec::run(&o).map_err(|e| Failure::Run(cli::exec::REFUSED, e))
+}
+
+fn cmd_target(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    match p.next()? {
+        Some(Value(v)) if v == "setup-script" => {}
+        Some(Long("help") | Short('h')) => return help(TARGET_HELP),
+        _ => return Err(usage("expected `ephyr target setup-script ...`")),
+    }
+    let mut o = cli::target::SetupOptions::default();
+    let (mut socket, mut data_dir, mut config) = (None, None, None);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("config") => config = Some(path(p.value()?)),
+            Long("target") => o.targets.push(p.value()?.string()?),
+            Long("broker-url") => o.broker_url = Some(p.value()?.string()?),
+            Long("ca-key") => o.ca_key = Some(path(p.value()?)),
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("data-dir") => data_dir = Some(path(p.value()?)),
+            Long("help") | Short('h') => return help(TARGET_HELP),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    o.policy = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_DIR).join("policy.yaml"));
+    o.socket = cli::client::socket_path(socket, data_dir.as_deref());
+    o.data_dir = data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    cli::target::setup_script(&o).map(|()| 0).map_err(|e| Failure::Run(3, e))
+}
+
 fn cmd_cert(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     match p.next()? {
         Some(Value(v)) if v == "sign" => {}
+        Some(Value(v)) if v == "revoke" => {
+            let (mut socket, mut data_dir, mut serial) = (None, None, None);
+            while let Some(arg) = p.next()? {
+                match arg {
+                    Long("socket") => socket = Some(path(p.value()?)),
+                    Long("data-dir") => data_dir = Some(path(p.value()?)),
+                    Long("help") | Short('h') => return help(CERT_HELP),
+                    Value(v) if serial.is_none() => serial = Some(v.string()?),
+                    other => return Err(other.unexpected().into()),
+                }
+            }
+            let serial = serial.ok_or_else(|| usage("cert revoke needs a SERIAL (hex, as list_certs shows it)"))?;
+            let socket = cli::client::socket_path(socket, data_dir.as_deref());
+            return cli::cert_revoke(&socket, &serial).map(|()| 0).map_err(|e| Failure::Run(1, e));
+        }
         Some(Long("help") | Short('h')) => return help(CERT_HELP),
         _ => return Err(usage("expected `ephyr cert sign ...`")),
     }

@@ -9,6 +9,10 @@
 //! | `GET /v1/status` | operator | broker and signer state (pids, sandbox, limits, CA key) |
 //! | `POST /v1/certs` | operator | break-glass operator certificate for a public key |
 //! | `POST /v1/policy/reload` | operator | re-read the policy; keep the current one if the new one is invalid |
+//! | `POST /v1/certs/<serial>/revoke` | operator | put a certificate on the KRL (`/v1/ssh/krl`) |
+//! | `POST /v1/tools/call` | an agent whose `uid` is the caller's | call an MCP tool as that agent (`ephyr exec`) |
+//!
+//! A uid mapped to an agent acts with that agent's whole policy, like its API key.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -182,6 +186,29 @@ async fn operator_cert(broker: &Broker, peer: Peer, req: http::Request<hyper::bo
                 return error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", e.to_string());
             }
             broker.metrics.inc("ephyr_certificates_issued_total", &[("requester", "operator")]);
+            // Registered so an operator can put it on the KRL; the broker never holds its key.
+            let issued = super::ssh::registry::Issued {
+                serial,
+                key_id: key_id.clone(),
+                agent: format!("operator:uid{uid}"),
+                task: None,
+                lineage: Vec::new(),
+                target: String::new(),
+                role: String::new(),
+                principal: principals.join(","),
+                valid_after: t.saturating_sub(30),
+                valid_before: t + ttl.as_secs(),
+                session: None,
+            };
+            match broker.ssh.registry.add(issued, false) {
+                Ok(Some(d)) => {
+                    if let Err(e) = d.wait().await {
+                        return error(StatusCode::SERVICE_UNAVAILABLE, "state_unavailable", e);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "state_unavailable", e),
+            }
             log::info!("operator certificate issued to uid {uid}: serial {serial:016x} key_id {key_id}");
             json(
                 StatusCode::OK,
@@ -213,11 +240,92 @@ async fn operator_cert(broker: &Broker, peer: Peer, req: http::Request<hyper::bo
     }
 }
 
+async fn revoke_cert(broker: &Broker, peer: Peer, serial: &str) -> http::Response<Body> {
+    let Ok(n) = u64::from_str_radix(serial, 16) else {
+        return error(StatusCode::BAD_REQUEST, "invalid_serial", format!("{serial:?} is not a hexadecimal serial"));
+    };
+    let at = now().0;
+    match broker.ssh.registry.revoke(n, at).await {
+        Ok(true) => {
+            let uid = match peer {
+                Peer::Unix(c) => c.uid,
+                Peer::Tcp(_) => u32::MAX,
+            };
+            broker
+                .audit_now(
+                    Event::new(Kind::Cert, "cert_revoked")
+                        .agent(format!("operator:uid{uid}"))
+                        .action(serde_json::json!({ "serial": format!("{n:016x}") }))
+                        .allow(),
+                )
+                .await;
+            json(StatusCode::OK, &serde_json::json!({ "serial": format!("{n:016x}"), "revoked": true }))
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_certificate",
+            format!("no valid certificate with serial {n:016x} was issued by this broker"),
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "state_unavailable", e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToolCall {
+    name: String,
+    #[serde(default)]
+    arguments: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `POST /v1/tools/call` for a uid mapped to an agent.
+async fn agent_tool_call(
+    broker: &Rc<Broker>,
+    agent: String,
+    uid: u32,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<Body> {
+    let body = match read_body(req, 256 * 1024, Duration::from_secs(10)).await {
+        Ok(b) => b,
+        Err(e) => return e.response(),
+    };
+    let call: ToolCall = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", format!("request body: {e}")),
+    };
+    let mut fp = [0u8; 32];
+    fp[..4].copy_from_slice(&uid.to_be_bytes());
+    let caller = super::auth::Caller { agent, via: super::auth::Via::ApiKey, fingerprint: fp, source: None };
+    match super::tools::call(broker, &caller, &call.name, call.arguments).await {
+        Some(out) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "agent": caller.agent, "is_error": out.is_error, "text": out.text }),
+        ),
+        None => error(StatusCode::NOT_FOUND, "unknown_tool", format!("no tool {:?}", call.name)),
+    }
+}
+
+/// The enabled agent whose `uid` is the caller's.
+fn agent_for(broker: &Broker, peer: Peer) -> Option<(String, u32)> {
+    let Peer::Unix(c) = peer else { return None };
+    broker.policy().agents.values().find(|a| a.uid == Some(c.uid) && a.enabled).map(|a| (a.name.clone(), c.uid))
+}
+
 /// Handler for the local socket.
 pub fn local_handler(broker: Rc<Broker>) -> Handler {
     Rc::new(move |req, peer| {
         let broker = broker.clone();
         Box::pin(async move {
+            if req.method() == Method::POST && req.uri().path() == "/v1/tools/call" {
+                return match agent_for(&broker, peer) {
+                    Some((agent, uid)) => agent_tool_call(&broker, agent, uid, req).await,
+                    None => error(
+                        StatusCode::FORBIDDEN,
+                        "no_agent_for_uid",
+                        "no enabled agent in the policy has this uid (set `uid:` on the agent)",
+                    ),
+                };
+            }
             if !is_operator(&broker, peer) {
                 return error(
                     StatusCode::FORBIDDEN,
@@ -228,6 +336,10 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
             match (req.method().clone(), req.uri().path()) {
                 (Method::GET, "/v1/status") => json(StatusCode::OK, &status_json(&broker)),
                 (Method::POST, "/v1/certs") => operator_cert(&broker, peer, req).await,
+                (Method::POST, path) if path.starts_with("/v1/certs/") && path.ends_with("/revoke") => {
+                    let serial = &path["/v1/certs/".len()..path.len() - "/revoke".len()];
+                    revoke_cert(&broker, peer, serial).await
+                }
                 (Method::POST, "/v1/policy/reload") => match broker.reload_policy().await {
                     Ok(r) => json(
                         StatusCode::OK,

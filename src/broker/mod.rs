@@ -19,6 +19,7 @@ pub mod resources;
 pub mod routes;
 pub mod serve;
 pub mod signer_client;
+pub mod ssh;
 pub mod tasks;
 pub mod tools;
 
@@ -101,6 +102,8 @@ pub struct Broker {
     pub sessions: http::mcp::Sessions,
     /// Change notifications for open MCP streams (policy reloads, shutdown).
     pub changes: http::mcp::ChangeFeed,
+    /// SSH: issued certificates, sessions, first-use host keys.
+    pub ssh: ssh::Ssh,
 }
 
 impl Broker {

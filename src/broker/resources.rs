@@ -256,6 +256,11 @@ pub fn read(broker: &Broker, policy: &Policy, caller: &Caller, uri: &str) -> Opt
                     crate::time::format_duration(a.rate_limit.window)
                 );
             }
+            let sessions = broker.ssh.sessions_of(caller);
+            let _ = writeln!(out, "\nYour open SSH sessions: {}.", sessions.len());
+            for s in &sessions {
+                let _ = writeln!(out, "- `{}`: {} as {}", s.id, s.target, s.role);
+            }
         }
         _ => return None,
     }

@@ -59,6 +59,15 @@ pub fn metrics(broker: &Broker) -> http::Response<super::http::Body> {
     super::http::text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", m.render())
 }
 
+/// `GET /v1/ssh/krl`: the OpenSSH revocation list for targets' `RevokedKeys` (public: serials
+/// only). Targets fetch it on a timer (docs/target-setup.md).
+fn krl(broker: &Broker) -> http::Response<super::http::Body> {
+    match broker.ssh.krl(broker) {
+        Some(bytes) => super::http::text(StatusCode::OK, "application/octet-stream", bytes),
+        None => error(StatusCode::SERVICE_UNAVAILABLE, "signer_unavailable", "the CA key is not known yet; retry"),
+    }
+}
+
 /// Handler for the MCP/API listener.
 pub fn api_handler(broker: Rc<Broker>) -> Handler {
     Rc::new(move |req, peer| {
@@ -72,6 +81,8 @@ pub fn api_handler(broker: Rc<Broker>) -> Handler {
                 ) => super::http::mcp::protected_resource_metadata(&broker, req.headers()),
                 (&Method::GET, "/healthz") => healthz(&broker),
                 (_, "/healthz") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+                (&Method::GET, "/v1/ssh/krl") => krl(&broker),
+                (_, "/v1/ssh/krl") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
                 (_, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
             };
             count(&broker, "api", &r);
@@ -88,6 +99,7 @@ pub fn dashboard_handler(broker: Rc<Broker>) -> Handler {
             let r = match (req.method(), req.uri().path()) {
                 (&Method::GET, "/healthz") => healthz(&broker),
                 (&Method::GET, "/metrics") => metrics(&broker),
+                (&Method::GET, "/v1/ssh/krl") => krl(&broker),
                 (_, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
             };
             count(&broker, "dashboard", &r);

@@ -269,6 +269,20 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             log::error!("task journal: {u}: its tasks are dropped (journal from another data dir?)");
         }
         log::info!("tasks: {} live in {} trees", loaded.tasks, loaded.trees);
+        let (certs, torn) = super::ssh::registry::Registry::load(
+            &data_dir.state().join("certs.journal"),
+            pool.clone(),
+            crate::time::now().secs().max(0) as u64,
+        )
+        .map_err(|e| ServeError::Startup(format!("certificate registry: {e}")))?;
+        if torn > 0 {
+            log::warn!("certificate journal: cut off a torn last record ({torn} bytes, never acknowledged)");
+        }
+        if let Some(j) = certs.journal() {
+            ex.spawn(j.run_flusher()).detach();
+        }
+        let known = super::ssh::hosts::KnownHosts::load(&data_dir.state().join("known_hosts"))
+            .map_err(|e| ServeError::Startup(format!("known hosts: {e}")))?;
         let broker = Rc::new(Broker {
             audit: audit.clone(),
             metrics: metrics.clone(),
@@ -287,6 +301,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             tasks,
             sessions: http::mcp::Sessions::default(),
             changes: http::mcp::ChangeFeed::default(),
+            ssh: super::ssh::Ssh::new(certs, known),
         });
         record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
         {
@@ -300,6 +315,17 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
                         log::info!("tasks: {gone} expired and removed");
                     }
                     broker.metrics.set("ephyr_tasks_active", &[], broker.tasks.len() as f64);
+                }
+            })
+            .detach();
+        }
+        {
+            // Idle, expired and revoked SSH sessions close; expired certificates leave the registry.
+            let broker = broker.clone();
+            ex.spawn(async move {
+                loop {
+                    async_io::Timer::after(std::time::Duration::from_secs(5)).await;
+                    broker.ssh.sweep(&broker).await;
                 }
             })
             .detach();

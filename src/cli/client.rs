@@ -61,3 +61,55 @@ pub fn request(
         .await
     })
 }
+
+/// One POST to a broker's TCP listener (`http://` only; put TLS in front with a reverse proxy
+/// and use the proxy's plain-HTTP side, or run the CLI on the broker host). Returns (status,
+/// body).
+pub fn post_tcp(url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<(http::StatusCode, Vec<u8>), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("--url {url:?}: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => return Err(format!("--url {url:?}: scheme {other:?} is not supported by the CLI; use http://")),
+        None => return Err(format!("--url {url:?} needs a scheme, e.g. http://broker:8554")),
+    }
+    let auth = uri.authority().ok_or_else(|| format!("--url {url:?} has no host"))?.clone();
+    let port = auth.port_u16().unwrap_or(80);
+    smol::block_on(async {
+        let addrs: Vec<std::net::SocketAddr> = {
+            let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+            smol::unblock(move || std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port)).map(|a| a.collect()))
+                .await
+                .map_err(|e| format!("{}: {e}", auth.host()))?
+        };
+        let addr = addrs.first().ok_or_else(|| format!("{}: no address", auth.host()))?;
+        let stream =
+            Async::<std::net::TcpStream>::connect(*addr).await.map_err(|e| format!("cannot reach {addr}: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(crate::broker::http::Io::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+        let mut b = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(uri.path())
+            .header(http::header::HOST, auth.as_str());
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
+        let exchange = async {
+            let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+            Ok::<_, String>((status, body.to_vec()))
+        };
+        let driven = futures_lite::future::or(exchange, async {
+            let _ = conn.await;
+            Err("the broker closed the connection".to_string())
+        });
+        futures_lite::future::or(driven, async {
+            Timer::after(Duration::from_secs(3700)).await;
+            Err("the broker did not answer".to_string())
+        })
+        .await
+    })
+}

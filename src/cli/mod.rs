@@ -4,9 +4,11 @@
 pub mod audit;
 pub mod client;
 pub mod doctor;
+pub mod exec;
 pub mod init;
 pub mod inspect;
 pub mod policy;
+pub mod target;
 
 use std::path::{Path, PathBuf};
 
@@ -63,6 +65,24 @@ pub fn cert_sign(o: &CertSignOptions) -> Result<(), String> {
         println!("{}", v["certificate"].as_str().unwrap_or_default());
         eprintln!("serial {} key id {} valid until {}", v["serial"], v["key_id"], v["valid_before"]);
     }
+    Ok(())
+}
+
+/// `ephyr cert revoke SERIAL`: puts a certificate on the broker's KRL.
+pub fn cert_revoke(socket: &Path, serial: &str) -> Result<(), String> {
+    let path = format!("/v1/certs/{}/revoke", serial.trim().trim_start_matches("0x"));
+    let (status, v) = client::request(socket, http::Method::POST, &path, None)?;
+    if !status.is_success() {
+        return Err(format!(
+            "{} ({status}): {}",
+            v["error"].as_str().unwrap_or("error"),
+            v["message"].as_str().unwrap_or("")
+        ));
+    }
+    println!(
+        "certificate {} revoked; targets refuse it once they fetch /v1/ssh/krl",
+        v["serial"].as_str().unwrap_or(serial)
+    );
     Ok(())
 }
 

@@ -532,3 +532,37 @@ pub fn agent_key(name: &str) -> (String, String) {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     (v["api_key"].as_str().unwrap().to_owned(), v["api_key_hash"].as_str().unwrap().to_owned())
 }
+
+/// A stateless-era `tools/call` with a bearer credential: `Ok(parsed JSON or text)` or
+/// `Err(error text)` for an `isError` result. Panics on protocol-level failures.
+pub fn tool_call(api: &str, cred: &str, tool: &str, args: serde_json::Value) -> Result<serde_json::Value, String> {
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": tool, "arguments": args,
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "ephyr-tests", "version": "1"},
+        },
+    }})
+    .to_string();
+    let auth = format!("Bearer {cred}");
+    let h = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+        ("Accept", "application/json, text/event-stream"),
+        ("MCP-Protocol-Version", "2026-07-28"),
+        ("Mcp-Method", "tools/call"),
+        ("Mcp-Name", tool),
+    ];
+    let r = http_request(api, "POST", "/mcp", &h, body.as_bytes());
+    assert_eq!(r.status, 200, "{tool}: {}", r.text());
+    let v = r.json();
+    let res = &v["result"];
+    assert!(res.is_object(), "{tool}: {v}");
+    let text = res["content"][0]["text"].as_str().unwrap_or("").to_owned();
+    if res["isError"] == true {
+        Err(text)
+    } else {
+        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+}

@@ -12,6 +12,7 @@
 //! result with its reason, never a protocol error.
 
 pub mod discovery;
+pub mod ssh;
 pub mod tasks;
 
 use std::future::Future;
@@ -163,6 +164,11 @@ pub struct ToolDef {
 /// Every tool, in listing order.
 pub static REGISTRY: &[&ToolDef] = &[
     &discovery::LIST_TARGETS,
+    &ssh::EXEC,
+    &ssh::SESSION_CREATE,
+    &ssh::SESSION_CLOSE,
+    &ssh::LIST_SESSIONS,
+    &ssh::LIST_CERTS,
     &discovery::LIST_SERVICES,
     &discovery::LIST_REMOTES,
     &tasks::TASK_CREATE,

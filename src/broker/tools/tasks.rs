@@ -542,6 +542,8 @@ async fn revoke(cx: Ctx<'_>) -> Output {
         return Output::error(format!("task {} is revoked, but {}", v.task.id, o.text));
     }
     cx.broker.metrics.inc("ephyr_tasks_total", &[("op", "revoke")]);
+    // Its SSH sessions close now rather than at the next sweep (each use is refused either way).
+    cx.broker.ssh.sweep(cx.broker).await;
     Output::data(&json!({"revoked": v.task.id.to_string(), "cascade_count": cascade,
         "status": "all tokens invalidated"}))
 }

@@ -1,0 +1,506 @@
+//! The SSH client: russh, on one tokio current-thread runtime confined to this file
+//! (docs/decisions/0007-ssh-client.md).
+//!
+//! What runs here: a dedicated thread (`ephyr-ssh`, started on first use) drives a tokio
+//! current-thread runtime; every connection and channel lives there. The broker's smol executor
+//! hands work over with [`on_runtime`] and awaits tokio's `JoinHandle`, which is an ordinary
+//! future. Nothing else in the broker sees tokio or russh types: callers get [`Conn`],
+//! [`ExecResult`] and [`SshError`].
+//!
+//! Sockets set `TCP_NODELAY` (without it every round trip waits for a delayed ACK, ~40 ms on
+//! loopback). Host keys are checked inside the handshake by [`HostCheck`]; a mismatch ends the
+//! connection before authentication, so the certificate is never offered to a wrong host.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use russh::keys::ssh_key::{self, Certificate, HashAlg, PrivateKey, PublicKey};
+use russh::{ChannelMsg, Sig, client};
+
+/// Why an SSH operation failed. Each names what went wrong, for the agent and the audit line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SshError {
+    /// TCP connect failed (refused, no route, DNS).
+    Unreachable(String),
+    /// The host presented a key that is not the pinned one (or not signed by the host CA).
+    HostKeyMismatch {
+        /// What policy (or the trust-on-first-use record) expects.
+        expected: String,
+        /// What the host presented (SHA-256 fingerprint).
+        presented: String,
+    },
+    /// sshd refused the certificate.
+    AuthRefused(String),
+    /// Connecting (TCP + handshake + authentication) took too long.
+    Timeout(Duration),
+    /// Anything else on the wire.
+    Protocol(String),
+}
+
+impl SshError {
+    /// Stable code for audit lines and error texts.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SshError::Unreachable(_) => "host_unreachable",
+            SshError::HostKeyMismatch { .. } => "host_key_mismatch",
+            SshError::AuthRefused(_) => "auth_refused",
+            SshError::Timeout(_) => "connect_timeout",
+            SshError::Protocol(_) => "ssh_error",
+        }
+    }
+}
+
+impl std::fmt::Display for SshError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SshError::Unreachable(m) => write!(f, "host unreachable: {m}"),
+            SshError::HostKeyMismatch { expected, presented } => write!(
+                f,
+                "host key mismatch: the host presented {presented} but {expected} is expected; refusing to authenticate"
+            ),
+            SshError::AuthRefused(m) => write!(f, "authentication refused by the host: {m}"),
+            SshError::Timeout(d) => write!(f, "connecting took longer than {}s", d.as_secs_f32()),
+            SshError::Protocol(m) => write!(f, "ssh: {m}"),
+        }
+    }
+}
+
+/// How the host's key is checked.
+#[derive(Clone, Debug)]
+pub enum HostCheck {
+    /// Exactly this key.
+    Key(PublicKey),
+    /// A key with this `SHA256:` fingerprint.
+    Fingerprint(String),
+    /// A host certificate signed by this CA, naming `host` as a principal, valid now.
+    Ca {
+        /// The host CA.
+        ca: PublicKey,
+        /// The name the certificate must carry.
+        host: String,
+    },
+    /// Trust on first use: `Some` = the key recorded earlier; `None` = accept and report.
+    Tofu(Option<String>),
+}
+
+impl HostCheck {
+    fn expected(&self) -> String {
+        match self {
+            HostCheck::Key(k) => format!("pinned key {}", k.fingerprint(HashAlg::Sha256)),
+            HostCheck::Fingerprint(f) => format!("pinned fingerprint {f}"),
+            HostCheck::Ca { ca, host } => {
+                format!("a certificate for {host:?} from host CA {}", ca.fingerprint(HashAlg::Sha256))
+            }
+            HostCheck::Tofu(Some(f)) => format!("{f} (recorded on first use)"),
+            HostCheck::Tofu(None) => "any key (first use)".into(),
+        }
+    }
+
+    /// Whether `presented` passes; its fingerprint for the record.
+    fn check(&self, presented: &russh::keys::PublicKeyOrCertificate) -> (bool, String) {
+        use russh::keys::PublicKeyOrCertificate as P;
+        match presented {
+            P::PublicKey { key, .. } => {
+                let fp = key.fingerprint(HashAlg::Sha256).to_string();
+                let ok = match self {
+                    HostCheck::Key(k) => k.key_data() == key.key_data(),
+                    HostCheck::Fingerprint(f) | HostCheck::Tofu(Some(f)) => *f == fp,
+                    HostCheck::Tofu(None) => true,
+                    HostCheck::Ca { .. } => false,
+                };
+                (ok, fp)
+            }
+            P::Certificate(cert) => {
+                let fp = format!("host certificate of {}", cert.public_key().fingerprint(HashAlg::Sha256));
+                let ok = match self {
+                    HostCheck::Ca { ca, host } => {
+                        let now = crate::time::now().secs().max(0) as u64;
+                        cert.cert_type() == ssh_key::certificate::CertType::Host
+                            && cert.validate_at(now, [&ca.fingerprint(HashAlg::Sha256)]).is_ok()
+                            && cert.valid_principals().iter().any(|p| p == host)
+                    }
+                    _ => false,
+                };
+                (ok, fp)
+            }
+        }
+    }
+}
+
+struct Handler {
+    check: HostCheck,
+    /// What the host presented, and whether it passed.
+    seen: Arc<Mutex<Option<(bool, String)>>>,
+}
+
+impl client::Handler for Handler {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        let (ok, fp) = self.check.check(key);
+        if let Ok(mut s) = self.seen.lock() {
+            *s = Some((ok, fp));
+        }
+        Ok(ok)
+    }
+}
+
+static RUNTIME: OnceLock<tokio::runtime::Handle> = OnceLock::new();
+
+fn runtime() -> &'static tokio::runtime::Handle {
+    RUNTIME.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new().name("ephyr-ssh".into()).stack_size(512 * 1024).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
+                Ok(rt) => {
+                    let _ = tx.send(Some(rt.handle().clone()));
+                    rt.block_on(std::future::pending::<()>());
+                }
+                Err(e) => {
+                    log::error!("ssh runtime: {e}");
+                    let _ = tx.send(None);
+                }
+            }
+        });
+        match spawned.ok().and_then(|_| rx.recv().ok().flatten()) {
+            Some(h) => h,
+            // Without a runtime thread the broker cannot do SSH at all; every later call would
+            // hang, so stop loudly instead (the thread spawn failing means the process is out
+            // of resources).
+            None => panic!("ssh runtime thread could not start"),
+        }
+    })
+}
+
+/// Runs `f` on the SSH runtime and awaits it from any executor.
+async fn on_runtime<F>(f: F) -> Result<F::Output, SshError>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    runtime().spawn(f).await.map_err(|e| SshError::Protocol(format!("ssh task ended: {e}")))
+}
+
+/// What one connection needs.
+pub struct ConnectSpec {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Remote user (the role's principal).
+    pub user: String,
+    /// The ephemeral private key (zeroized when dropped).
+    pub key: PrivateKey,
+    /// Its certificate from the signer.
+    pub cert: Certificate,
+    /// Host key check.
+    pub host_check: HostCheck,
+    /// TCP + handshake + authentication deadline.
+    pub timeout: Duration,
+}
+
+/// A connected, authenticated SSH connection.
+pub struct Conn {
+    handle: Arc<client::Handle<Handler>>,
+    /// Fingerprint of the host key the host presented.
+    pub host_key: String,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Conn({})", self.host_key)
+    }
+}
+
+/// A new Ed25519 key, in memory only.
+pub fn ephemeral_key() -> Result<PrivateKey, SshError> {
+    use ring::rand::SecureRandom as _;
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    ring::rand::SystemRandom::new().fill(&mut seed[..]).map_err(|_| SshError::Protocol("no randomness".into()))?;
+    let pair = ssh_key::private::Ed25519Keypair::from_seed(&seed);
+    Ok(PrivateKey::from(pair))
+}
+
+/// The OpenSSH text of `key`'s public half (what the signer certifies).
+pub fn public_openssh(key: &PrivateKey) -> String {
+    key.public_key().to_openssh().unwrap_or_default()
+}
+
+/// Parses a certificate from the signer.
+pub fn parse_cert(text: &str) -> Result<Certificate, SshError> {
+    Certificate::from_openssh(text).map_err(|e| SshError::Protocol(format!("certificate from the signer: {e}")))
+}
+
+/// A public key line (policy pins).
+pub fn parse_public_key(text: &str) -> Result<PublicKey, String> {
+    PublicKey::from_openssh(text.trim()).map_err(|e| format!("not an OpenSSH public key: {e}"))
+}
+
+/// Connects, checks the host key, authenticates with the certificate.
+pub async fn connect(spec: ConnectSpec) -> Result<Conn, SshError> {
+    on_runtime(async move {
+        let timeout = spec.timeout;
+        match tokio::time::timeout(timeout, connect_inner(spec)).await {
+            Ok(r) => r,
+            Err(_) => Err(SshError::Timeout(timeout)),
+        }
+    })
+    .await?
+}
+
+/// A TCP stream that re-arms `TCP_QUICKACK` after every read. sshd sets `TCP_NODELAY` only for
+/// sessions with a terminal, so for `exec` it holds back its second small packet (Nagle) until
+/// ours is acknowledged, and Linux delays that acknowledgement by up to 40 ms; the first command
+/// on every connection paid it. Linux clears quick-ack mode on its own, hence per read.
+struct QuickAck(tokio::net::TcpStream);
+
+impl tokio::io::AsyncRead for QuickAck {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.0).poll_read(cx, buf);
+        if r.is_ready() {
+            let _ = self.0.set_quickack(true);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for QuickAck {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+async fn connect_inner(spec: ConnectSpec) -> Result<Conn, SshError> {
+    let stream = tokio::net::TcpStream::connect((spec.host.as_str(), spec.port))
+        .await
+        .map_err(|e| SshError::Unreachable(format!("{}:{}: {e}", spec.host, spec.port)))?;
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_quickack(true);
+    let stream = QuickAck(stream);
+    let mut config = client::Config { nodelay: true, ..Default::default() };
+    if matches!(spec.host_check, HostCheck::Ca { .. }) {
+        config.preferred.host_key_certificates = std::borrow::Cow::Borrowed(&[ssh_key::Algorithm::Ed25519]);
+    }
+    let expected = spec.host_check.expected();
+    let seen = Arc::new(Mutex::new(None));
+    let handler = Handler { check: spec.host_check, seen: seen.clone() };
+    let connected = client::connect_stream(Arc::new(config), stream, handler).await;
+    let presented = seen.lock().ok().and_then(|s| s.clone());
+    let mut handle = match (connected, presented) {
+        (Ok(h), Some((true, _))) => h,
+        (_, Some((false, presented))) => return Err(SshError::HostKeyMismatch { expected, presented }),
+        (Err(e), _) => return Err(SshError::Protocol(format!("handshake: {e}"))),
+        (Ok(_), None) => return Err(SshError::Protocol("the host key was never checked".into())),
+    };
+    let host_key = presented_fp(&seen);
+    let auth = handle
+        .authenticate_openssh_cert(spec.user.clone(), Arc::new(spec.key), spec.cert)
+        .await
+        .map_err(|e| SshError::Protocol(format!("authentication: {e}")))?;
+    if !auth.success() {
+        return Err(SshError::AuthRefused(format!(
+            "user {:?} with the broker's certificate (is the CA in TrustedUserCAKeys and the principal allowed?)",
+            spec.user
+        )));
+    }
+    Ok(Conn { handle: Arc::new(handle), host_key })
+}
+
+fn presented_fp(seen: &Mutex<Option<(bool, String)>>) -> String {
+    seen.lock().ok().and_then(|s| s.as_ref().map(|(_, f)| f.clone())).unwrap_or_default()
+}
+
+/// Output limits and deadline of one command.
+#[derive(Clone, Copy, Debug)]
+pub struct ExecLimits {
+    /// Bytes of stdout kept.
+    pub max_stdout: usize,
+    /// Bytes of stderr kept.
+    pub max_stderr: usize,
+    /// Until the command is killed.
+    pub timeout: Duration,
+}
+
+/// How a command ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecResult {
+    /// Standard output (at most `max_stdout` bytes).
+    pub stdout: Vec<u8>,
+    /// Standard error (at most `max_stderr` bytes).
+    pub stderr: Vec<u8>,
+    /// More stdout was produced than kept (the command was stopped).
+    pub stdout_truncated: bool,
+    /// More stderr was produced than kept (the command was stopped).
+    pub stderr_truncated: bool,
+    /// Exit status, when the command exited.
+    pub exit_status: Option<u32>,
+    /// The signal that ended it, when one did.
+    pub exit_signal: Option<String>,
+    /// The deadline passed and the command was killed.
+    pub timed_out: bool,
+    /// Wall time from channel open to the end.
+    pub duration: Duration,
+}
+
+fn keep(buf: &mut Vec<u8>, data: &[u8], cap: usize) -> bool {
+    let room = cap.saturating_sub(buf.len());
+    buf.extend_from_slice(&data[..data.len().min(room)]);
+    data.len() > room
+}
+
+impl Conn {
+    /// Whether the connection is gone.
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    /// Runs `command` on a new channel: no PTY, no stdin, no environment.
+    ///
+    /// When the output passes a cap or the deadline passes, the command is sent `SIGKILL`
+    /// (sshd refuses signals for forced commands) and the channel is closed.
+    pub async fn exec(&self, command: String, limits: ExecLimits) -> Result<ExecResult, SshError> {
+        let handle = self.handle.clone();
+        on_runtime(async move {
+            let started = Instant::now();
+            let mut ch = handle
+                .channel_open_session()
+                .await
+                .map_err(|e| SshError::Protocol(format!("opening a channel: {e}")))?;
+            ch.exec(true, command).await.map_err(|e| SshError::Protocol(format!("exec request: {e}")))?;
+            let mut r = ExecResult::default();
+            let deadline = tokio::time::Instant::from_std(started + limits.timeout);
+            let mut stop = false;
+            loop {
+                let msg = match tokio::time::timeout_at(deadline, ch.wait()).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(_) => {
+                        r.timed_out = true;
+                        stop = true;
+                        break;
+                    }
+                };
+                match msg {
+                    ChannelMsg::Data { data } => {
+                        r.stdout_truncated = keep(&mut r.stdout, &data, limits.max_stdout);
+                        if r.stdout_truncated {
+                            stop = true;
+                            break;
+                        }
+                    }
+                    ChannelMsg::ExtendedData { data, ext: 1 } => {
+                        r.stderr_truncated = keep(&mut r.stderr, &data, limits.max_stderr);
+                        if r.stderr_truncated {
+                            stop = true;
+                            break;
+                        }
+                    }
+                    ChannelMsg::ExitStatus { exit_status } => r.exit_status = Some(exit_status),
+                    ChannelMsg::ExitSignal { signal_name, .. } => r.exit_signal = Some(sig_name(&signal_name)),
+                    ChannelMsg::Failure => {
+                        return Err(SshError::Protocol("the host refused to run the command".into()));
+                    }
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+            if stop {
+                let _ = ch.signal(Sig::KILL).await;
+                let _ = ch.close().await;
+            }
+            r.duration = started.elapsed();
+            Ok(r)
+        })
+        .await?
+    }
+
+    /// Ends the connection.
+    pub async fn close(&self) {
+        let handle = self.handle.clone();
+        let _ = on_runtime(async move {
+            let _ = handle.disconnect(russh::Disconnect::ByApplication, "session closed", "en").await;
+        })
+        .await;
+    }
+}
+
+fn sig_name(s: &Sig) -> String {
+    match s {
+        Sig::ABRT => "ABRT".into(),
+        Sig::ALRM => "ALRM".into(),
+        Sig::FPE => "FPE".into(),
+        Sig::HUP => "HUP".into(),
+        Sig::ILL => "ILL".into(),
+        Sig::INT => "INT".into(),
+        Sig::KILL => "KILL".into(),
+        Sig::PIPE => "PIPE".into(),
+        Sig::QUIT => "QUIT".into(),
+        Sig::SEGV => "SEGV".into(),
+        Sig::TERM => "TERM".into(),
+        Sig::USR1 => "USR1".into(),
+        Sig::Custom(c) => c.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_kept_up_to_the_cap_and_overflow_is_reported() {
+        let mut b = Vec::new();
+        assert!(!keep(&mut b, b"hello", 8));
+        assert!(keep(&mut b, b"world", 8));
+        assert_eq!(b, b"hellowor");
+        assert!(keep(&mut b, b"!", 8));
+        assert_eq!(b.len(), 8);
+    }
+
+    #[test]
+    fn ephemeral_keys_differ_and_print_as_openssh_lines() {
+        let a = ephemeral_key().unwrap();
+        let b = ephemeral_key().unwrap();
+        let (pa, pb) = (public_openssh(&a), public_openssh(&b));
+        assert!(pa.starts_with("ssh-ed25519 AAAA"), "{pa}");
+        assert_ne!(pa, pb);
+    }
+
+    #[test]
+    fn host_checks_compare_keys_fingerprints_and_first_use_records() {
+        let k = ephemeral_key().unwrap().public_key().clone();
+        let other = ephemeral_key().unwrap().public_key().clone();
+        let presented = russh::keys::PublicKeyOrCertificate::from(k.clone());
+        let fp = k.fingerprint(HashAlg::Sha256).to_string();
+        assert!(HostCheck::Key(k.clone()).check(&presented).0);
+        assert!(!HostCheck::Key(other.clone()).check(&presented).0);
+        assert!(HostCheck::Fingerprint(fp.clone()).check(&presented).0);
+        assert!(!HostCheck::Fingerprint(other.fingerprint(HashAlg::Sha256).to_string()).check(&presented).0);
+        assert!(HostCheck::Tofu(None).check(&presented).0);
+        assert!(HostCheck::Tofu(Some(fp.clone())).check(&presented).0);
+        assert!(!HostCheck::Tofu(Some("SHA256:x".into())).check(&presented).0);
+        // A plain key never satisfies a host-CA target.
+        assert!(!HostCheck::Ca { ca: other, host: "h".into() }.check(&presented).0);
+    }
+}

@@ -1,0 +1,723 @@
+//! SSH access: per-request ephemeral certificates, persistent sessions, the issued-certificate
+//! registry and the revocation list (KRL).
+//!
+//! What runs here: orchestration on the executor thread — `authorize`, limits, a fresh Ed25519
+//! key in memory, a certificate from the signer, the audit record, then the connection and the
+//! command on the SSH runtime (`client`, the only file that sees russh or tokio). The agent never
+//! sees a key or a certificate.
+//!
+//! A session belongs to the agent and task that opened it. Every command on it is authorized
+//! again against the session's **own** target and role under the caller's current token, so a
+//! revoked task, or a token narrowed away from that target, cannot use it (DESIGN.md invariant
+//! 6). A session ends after [`SESSION_IDLE`] without use, when its task is revoked or expires,
+//! or when its certificate expires unused; a command within [`RENEW_MARGIN`] of the
+//! certificate's expiry first renews it (new key, new certificate, new connection).
+
+pub mod client;
+pub mod hosts;
+pub mod krl;
+pub mod registry;
+pub mod setup;
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::Broker;
+use super::audit::{AuditSink as _, Event, Kind};
+use super::auth::Caller;
+use super::policy::{Action, ActionKind, Decision, Denial, Policy, Target};
+use super::signer_client::CallError;
+use crate::signer::protocol::{CertRequest, ErrorCode, Request, Response};
+use client::{Conn, ExecLimits, ExecResult, HostCheck, SshError};
+
+/// A session with no command for this long is closed.
+pub const SESSION_IDLE: Duration = Duration::from_secs(5 * 60);
+/// A command on a session whose certificate expires sooner than this renews it first.
+pub const RENEW_MARGIN: u64 = 30;
+/// Certificates start this far in the past (clock skew between broker and host).
+pub const BACKDATE: u64 = 60;
+/// TCP + handshake + authentication.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of stdout and of stderr returned (each).
+pub const MAX_OUTPUT: usize = 1 << 20;
+/// Command deadline when the call names none, and the longest allowed.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest command deadline.
+pub const MAX_TIMEOUT_SECS: i64 = 3600;
+/// Longest command text.
+pub const MAX_COMMAND: usize = 64 * 1024;
+/// Characters of a command kept in audit lines.
+const AUDIT_COMMAND_CHARS: usize = 1024;
+
+/// Why an SSH operation did not happen (or failed). Each names what was wrong.
+#[derive(Debug)]
+pub enum Failure {
+    /// `authorize` said no.
+    Denied(Denial),
+    /// Refused before acting: limits, command patterns, unknown session, bad input.
+    Refused(String),
+    /// The signer refused or failed (its rate limit is named as such).
+    Signer(String),
+    /// Connecting or running failed.
+    Ssh(SshError),
+    /// The audit trail is failing: nothing is done without a record.
+    Audit(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Denied(d) => write!(f, "denied ({}): {}", d.code.as_str(), d.reason),
+            Failure::Refused(m) | Failure::Signer(m) => f.write_str(m),
+            Failure::Ssh(e) => write!(f, "{} ({})", e, e.code()),
+            Failure::Audit(m) => write!(f, "audit unavailable, refusing to act: {m}"),
+        }
+    }
+}
+
+/// An open session.
+pub struct Session {
+    /// Its id (16 random bytes, hex).
+    pub id: String,
+    /// The agent that opened it.
+    pub agent: String,
+    /// The task that opened it (`None`: an API-key caller).
+    pub task: Option<String>,
+    /// Target name.
+    pub target: String,
+    /// Role name.
+    pub role: String,
+    /// The remote user.
+    pub principal: String,
+    /// Unix seconds.
+    pub created: u64,
+    conn: RefCell<Rc<Conn>>,
+    serial: Cell<u64>,
+    cert_until: Cell<u64>,
+    last_used: Cell<Instant>,
+    commands: Cell<u64>,
+}
+
+impl Session {
+    /// As `list_sessions` shows it.
+    pub fn view(&self) -> Value {
+        json!({
+            "session_id": self.id,
+            "target": self.target,
+            "role": self.role,
+            "principal": self.principal,
+            "task_id": self.task,
+            "created_at": crate::time::format_rfc3339(self.created as i64, None),
+            "idle_secs": self.last_used.get().elapsed().as_secs(),
+            "commands": self.commands.get(),
+            "cert_serial": format!("{:016x}", self.serial.get()),
+            "cert_expires_at": crate::time::format_rfc3339(self.cert_until.get() as i64, None),
+        })
+    }
+}
+
+/// What a command produced, with the certificate and connection it used.
+#[derive(Debug)]
+pub struct Ran {
+    /// The command's result.
+    pub result: ExecResult,
+    /// Serial of the certificate used.
+    pub serial: u64,
+    /// A first-use host key warning, if this connection recorded one.
+    pub host_key_warning: Option<String>,
+    /// Connect + authentication time (zero on a kept session).
+    pub connect: Duration,
+}
+
+/// The SSH service.
+#[derive(Debug, Default)]
+pub struct Ssh {
+    /// Issued certificates.
+    pub registry: registry::Registry,
+    /// First-use host keys.
+    pub known: hosts::KnownHosts,
+    sessions: RefCell<BTreeMap<String, Rc<Session>>>,
+    krl_version: Cell<u64>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Session({} {}@{}/{})", self.id, self.agent, self.target, self.role)
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && p[pi] != '*' && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// The target's command patterns (defence in depth, not a boundary: a shell can always spell
+/// a command another way).
+pub fn check_command(target_name: &str, t: &Target, command: &str) -> Result<(), String> {
+    let cmd = command.trim();
+    if let Some(p) = t.command_deny.iter().find(|p| glob(p, cmd)) {
+        return Err(format!("command matches {p:?} in command_deny of target {target_name:?}"));
+    }
+    if !t.command_allow.is_empty() && !t.command_allow.iter().any(|p| glob(p, cmd)) {
+        return Err(format!("command matches no pattern in command_allow of target {target_name:?}"));
+    }
+    Ok(())
+}
+
+/// Validates a command argument.
+pub fn check_command_text(command: &str) -> Result<(), String> {
+    if command.trim().is_empty() {
+        return Err("argument \"command\" is empty".into());
+    }
+    if command.len() > MAX_COMMAND {
+        return Err(format!("argument \"command\" is {} bytes; the limit is {MAX_COMMAND}", command.len()));
+    }
+    if command.contains('\0') {
+        return Err("argument \"command\" contains a NUL byte".into());
+    }
+    Ok(())
+}
+
+fn now_secs() -> u64 {
+    crate::time::now().secs().max(0) as u64
+}
+
+fn audit_command(c: &str) -> String {
+    if c.chars().count() <= AUDIT_COMMAND_CHARS {
+        c.to_owned()
+    } else {
+        let mut s: String = c.chars().take(AUDIT_COMMAND_CHARS).collect();
+        s.push('…');
+        s
+    }
+}
+
+fn signer_failure(e: &CallError) -> Failure {
+    match e {
+        CallError::Refused(r) if r.code == ErrorCode::RateLimited => Failure::Signer(format!(
+            "the signer's certificate rate limit is reached ({}); retry shortly or use a session",
+            r.message
+        )),
+        CallError::Refused(r) => Failure::Signer(format!("the signer refused the certificate: {}", r.message)),
+        other => Failure::Signer(format!("no certificate: {other}")),
+    }
+}
+
+fn random_id() -> String {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 16];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    data_encoding::HEXLOWER.encode(&b)
+}
+
+/// Whether a caller may use a session: same agent, and the same task (or a task below it).
+fn owns(caller: &Caller, s: &Session) -> bool {
+    if caller.agent != s.agent {
+        return false;
+    }
+    match (caller.token(), &s.task) {
+        (None, None) => true,
+        (Some(t), Some(task)) => t.lineage.iter().any(|x| x == task),
+        _ => false,
+    }
+}
+
+fn with_task(ev: Event, caller: &Caller) -> Event {
+    match caller.token() {
+        Some(t) => ev.task(t.task.clone(), t.lineage.clone()).initiated_by(t.initiated_by.clone()),
+        None => ev,
+    }
+}
+
+impl Ssh {
+    /// The service with a loaded registry and first-use host keys.
+    pub fn new(registry: registry::Registry, known: hosts::KnownHosts) -> Ssh {
+        Ssh { registry, known, sessions: RefCell::default(), krl_version: Cell::new(0) }
+    }
+
+    /// Open sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.borrow().len()
+    }
+
+    fn authorize(policy: &Policy, caller: &Caller, tool: &str, target: &str, role: &str) -> Result<String, Failure> {
+        let principal = caller.principal();
+        match super::policy::authorize(
+            policy,
+            &principal,
+            &Action { tool: Some(tool), kind: ActionKind::Ssh { target, role } },
+        ) {
+            Decision::Allow(g) => g
+                .principal
+                .map(str::to_owned)
+                .ok_or_else(|| Failure::Refused(format!("role {role:?} names no principal"))),
+            Decision::Deny(d) => Err(Failure::Denied(d)),
+        }
+    }
+
+    fn host_check(&self, name: &str, t: &Target, strict: bool) -> Result<HostCheck, Failure> {
+        let pin = &t.host_key;
+        if let Some(k) = &pin.key {
+            return client::parse_public_key(k)
+                .map(HostCheck::Key)
+                .map_err(|e| Failure::Refused(format!("target {name:?}: host_key: {e}")));
+        }
+        if let Some(f) = &pin.fingerprint {
+            return Ok(HostCheck::Fingerprint(f.clone()));
+        }
+        if let Some(ca) = &pin.ca {
+            return client::parse_public_key(ca)
+                .map(|ca| HostCheck::Ca { ca, host: t.host.clone() })
+                .map_err(|e| Failure::Refused(format!("target {name:?}: host_ca: {e}")));
+        }
+        if strict {
+            return Err(Failure::Refused(format!(
+                "target {name:?} pins no host key and limits.host_key_strict is set; add host_key, host_key_fingerprint or host_ca"
+            )));
+        }
+        Ok(HostCheck::Tofu(self.known.get(name, &format!("{}:{}", t.host, t.port))))
+    }
+
+    /// Certificate + connection for `target`/`role` (already authorized as `principal`).
+    #[allow(clippy::too_many_arguments)]
+    async fn connect(
+        &self,
+        broker: &Broker,
+        caller: &Caller,
+        policy: &Policy,
+        target_name: &str,
+        role: &str,
+        principal: &str,
+        session: Option<&str>,
+        ttl: Duration,
+    ) -> Result<(Conn, registry::Issued, Option<String>), Failure> {
+        let t =
+            policy.targets.get(target_name).ok_or_else(|| Failure::Refused(format!("no target {target_name:?}")))?;
+        let host_check = self.host_check(target_name, t, policy.limits.host_key_strict)?;
+        let agent = policy.agents.get(&caller.agent);
+        let per_agent = agent.map_or(policy.limits.max_certs_per_agent, |a| a.max_concurrent_certs);
+        let (mine, total) = self.registry.in_use(&caller.agent);
+        if mine >= per_agent {
+            return Err(Failure::Refused(format!(
+                "agent {:?} holds {mine} certificates (its limit is {per_agent}); close a session or wait for a command to finish",
+                caller.agent
+            )));
+        }
+        if total >= policy.limits.max_certs_total {
+            return Err(Failure::Refused(format!(
+                "the broker holds {total} certificates (limits.max_certs_total); retry later"
+            )));
+        }
+        let now = now_secs();
+        // Never past the token's own expiry: a certificate must not outlive the task.
+        let mut until = now + ttl.as_secs().max(1);
+        if let Some(exp) = caller.token().and_then(|t| t.envelope().expires_before) {
+            until = until.min(exp.secs().max(0) as u64);
+        }
+        if until <= now {
+            return Err(Failure::Refused("the task expires now; no certificate".into()));
+        }
+        let key = client::ephemeral_key().map_err(Failure::Ssh)?;
+        let request_id = crate::ids::new_ulid(crate::time::now());
+        let task = caller.token().map(|t| t.task.clone());
+        let key_id =
+            format!("ephyr:{}:{}:{target_name}/{role}:{request_id}", caller.agent, task.as_deref().unwrap_or("-"));
+        let req = CertRequest {
+            public_key: client::public_openssh(&key),
+            principals: vec![principal.to_owned()],
+            key_id: key_id.clone(),
+            valid_after: now.saturating_sub(BACKDATE),
+            valid_before: until,
+            force_command: t.force_command.clone(),
+            source_address: t.source_address.clone(),
+            extensions: t.extensions.clone(),
+        };
+        let (serial, certificate) = match broker.signer.call(Request::SignUserCert(req)).await {
+            Ok(Response::Certificate { serial, certificate }) => (serial, certificate),
+            Ok(other) => return Err(Failure::Signer(format!("unexpected signer answer {other:?}"))),
+            Err(e) => {
+                broker.metrics.inc("ephyr_certificates_refused_total", &[]);
+                return Err(signer_failure(&e));
+            }
+        };
+        broker.metrics.inc("ephyr_certificates_issued_total", &[("requester", "agent")]);
+        let cert = client::parse_cert(&certificate).map_err(Failure::Ssh)?;
+        let issued = registry::Issued {
+            serial,
+            key_id: key_id.clone(),
+            agent: caller.agent.clone(),
+            task,
+            lineage: caller.token().map(|t| t.lineage.clone()).unwrap_or_default(),
+            target: target_name.to_owned(),
+            role: role.to_owned(),
+            principal: principal.to_owned(),
+            valid_after: now.saturating_sub(BACKDATE),
+            valid_before: until,
+            session: session.map(str::to_owned),
+        };
+        // The issuance is recorded (audit + registry) before the certificate is used; both
+        // syncs run while the connection is set up, and are awaited before anything is returned.
+        let ev = with_task(Event::new(Kind::Cert, "cert_issued"), caller)
+            .agent(caller.agent.clone())
+            .action(json!({ "target": target_name, "role": role, "principal": principal, "session": session }))
+            .allow()
+            .outcome(json!({ "serial": format!("{serial:016x}"), "key_id": key_id, "valid_after": issued.valid_after, "valid_before": until }));
+        let ticket = broker.audit.record(ev).map_err(|e| Failure::Audit(e.to_string()))?;
+        let registered = self.registry.add(issued.clone(), true).map_err(Failure::Audit)?;
+        let spec = client::ConnectSpec {
+            host: t.host.clone(),
+            port: t.port,
+            user: principal.to_owned(),
+            key,
+            cert,
+            host_check: host_check.clone(),
+            timeout: CONNECT_TIMEOUT,
+        };
+        let (connected, durable) = futures_lite::future::zip(client::connect(spec), async {
+            ticket.durable().await.map_err(|e| e.to_string())?;
+            if let Some(d) = registered {
+                d.wait().await?;
+            }
+            Ok::<(), String>(())
+        })
+        .await;
+        let fail = |f: Failure| {
+            self.registry.release(serial);
+            Err(f)
+        };
+        if let Err(e) = durable {
+            if let Ok(c) = &connected {
+                c.close().await;
+            }
+            return fail(Failure::Audit(e));
+        }
+        let conn = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                broker.metrics.inc("ephyr_ssh_connects_total", &[("outcome", e.code())]);
+                if let SshError::HostKeyMismatch { expected, presented } = &e {
+                    log::error!(
+                        "target {target_name:?}: host key mismatch: presented {presented}, expected {expected}"
+                    );
+                    broker
+                        .audit_now(
+                            with_task(Event::new(Kind::Ssh, "host_key_mismatch"), caller)
+                                .agent(caller.agent.clone())
+                                .action(json!({ "target": target_name, "host": t.host, "port": t.port }))
+                                .error("host_key_mismatch", e.to_string()),
+                        )
+                        .await;
+                }
+                return fail(Failure::Ssh(e));
+            }
+        };
+        broker.metrics.inc("ephyr_ssh_connects_total", &[("outcome", "ok")]);
+        let mut warning = None;
+        if let HostCheck::Tofu(None) = host_check {
+            let addr = format!("{}:{}", t.host, t.port);
+            if let Some((path, text)) = self.known.record(target_name, &addr, &conn.host_key) {
+                let _ = broker.pool.run(move || hosts::write(&path, &text)).await;
+            }
+            let w = format!(
+                "target {target_name:?} pins no host key: trusted {} on first use and recorded it; pin it in the policy (host_key_fingerprint)",
+                conn.host_key
+            );
+            log::warn!("{w}");
+            broker
+                .audit_now(
+                    Event::new(Kind::Ssh, "host_key_first_use")
+                        .agent(caller.agent.clone())
+                        .action(json!({ "target": target_name, "host": t.host, "port": t.port }))
+                        .outcome(json!({ "fingerprint": conn.host_key })),
+                )
+                .await;
+            warning = Some(w);
+        }
+        Ok((conn, issued, warning))
+    }
+
+    fn check_target_command(policy: &Policy, target: &str, command: &str) -> Result<(), Failure> {
+        check_command_text(command).map_err(Failure::Refused)?;
+        let t = policy.targets.get(target).ok_or_else(|| Failure::Refused(format!("no target {target:?}")))?;
+        check_command(target, t, command).map_err(Failure::Refused)
+    }
+
+    /// Records that a command is about to run (fails closed when the audit trail is down); the
+    /// returned ticket is awaited before the result is returned.
+    fn record_exec(
+        broker: &Broker,
+        caller: &Caller,
+        target: &str,
+        role: &str,
+        command: &str,
+        session: Option<&str>,
+    ) -> Result<super::audit::Ticket, Failure> {
+        let ev = with_task(Event::new(Kind::Ssh, "ssh_exec"), caller)
+            .agent(caller.agent.clone())
+            .action(json!({ "target": target, "role": role, "command": audit_command(command), "session": session }))
+            .allow();
+        broker.audit.record(ev).map_err(|e| Failure::Audit(e.to_string()))
+    }
+
+    /// One command with a new certificate and connection.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn exec_once(
+        &self,
+        broker: &Broker,
+        caller: &Caller,
+        policy: &Policy,
+        target: &str,
+        role: &str,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<Ran, Failure> {
+        let principal = Self::authorize(policy, caller, "exec", target, role)?;
+        Self::check_target_command(policy, target, command)?;
+        let ttl = policy.targets.get(target).map_or(policy.limits.cert_ttl_default, |t| t.cert_ttl_default);
+        let started = Instant::now();
+        let (conn, issued, warning) = self.connect(broker, caller, policy, target, role, &principal, None, ttl).await?;
+        let connect = started.elapsed();
+        let ticket = Self::record_exec(broker, caller, target, role, command, None);
+        let ran = match ticket {
+            Ok(ticket) => {
+                let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
+                let (r, d) = futures_lite::future::zip(conn.exec(command.to_owned(), limits), ticket.durable()).await;
+                d.map_err(|e| Failure::Audit(format!("{e} (the command ran; its record may be incomplete)")))
+                    .and(r.map_err(Failure::Ssh))
+            }
+            Err(e) => Err(e),
+        };
+        conn.close().await;
+        self.registry.release(issued.serial);
+        Ok(Ran { result: ran?, serial: issued.serial, host_key_warning: warning, connect })
+    }
+
+    /// Opens a session.
+    pub async fn session_create(
+        &self,
+        broker: &Broker,
+        caller: &Caller,
+        policy: &Policy,
+        target: &str,
+        role: &str,
+    ) -> Result<(Rc<Session>, Option<String>), Failure> {
+        let principal = Self::authorize(policy, caller, "session_create", target, role)?;
+        let ttl = policy.targets.get(target).map_or(policy.limits.cert_ttl_max, |t| t.cert_ttl_max);
+        let id = random_id();
+        let (conn, issued, warning) =
+            self.connect(broker, caller, policy, target, role, &principal, Some(&id), ttl).await?;
+        let s = Rc::new(Session {
+            id: id.clone(),
+            agent: caller.agent.clone(),
+            task: caller.token().map(|t| t.task.clone()),
+            target: target.to_owned(),
+            role: role.to_owned(),
+            principal,
+            created: now_secs(),
+            conn: RefCell::new(Rc::new(conn)),
+            serial: Cell::new(issued.serial),
+            cert_until: Cell::new(issued.valid_before),
+            last_used: Cell::new(Instant::now()),
+            commands: Cell::new(0),
+        });
+        self.sessions.borrow_mut().insert(id.clone(), s.clone());
+        broker.metrics.set("ephyr_ssh_sessions", &[], self.session_count() as f64);
+        broker
+            .audit_now(
+                with_task(Event::new(Kind::Ssh, "session_create"), caller)
+                    .agent(caller.agent.clone())
+                    .action(json!({ "target": target, "role": role, "session": id }))
+                    .allow()
+                    .outcome(json!({ "serial": format!("{:016x}", issued.serial), "expires": issued.valid_before })),
+            )
+            .await;
+        Ok((s, warning))
+    }
+
+    /// The caller's session `id` (the same answer whether it does not exist or is another's).
+    pub fn session_for(&self, caller: &Caller, id: &str) -> Result<Rc<Session>, Failure> {
+        match self.sessions.borrow().get(id) {
+            Some(s) if owns(caller, s) => Ok(s.clone()),
+            _ => Err(Failure::Refused(format!(
+                "no session {id:?} for this caller (sessions belong to the agent and task that opened them)"
+            ))),
+        }
+    }
+
+    /// A command on a session, authorized against the session's own target and role under the
+    /// caller's current token.
+    pub async fn session_exec(
+        &self,
+        broker: &Broker,
+        caller: &Caller,
+        policy: &Policy,
+        id: &str,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<Ran, Failure> {
+        let s = self.session_for(caller, id)?;
+        let principal = Self::authorize(policy, caller, "exec", &s.target, &s.role)?;
+        if principal != s.principal {
+            self.close(broker, &s, "role principal changed").await;
+            return Err(Failure::Refused(format!(
+                "session {id:?} was closed: role {:?} now maps to another principal; open a new session",
+                s.role
+            )));
+        }
+        Self::check_target_command(policy, &s.target, command)?;
+        let mut connect = Duration::ZERO;
+        let mut warning = None;
+        let conn = s.conn.borrow().clone();
+        if conn.is_closed() || s.cert_until.get() <= now_secs() + RENEW_MARGIN {
+            // Renew: a new key and certificate (authorized just above), a new connection.
+            let started = Instant::now();
+            let ttl = policy.targets.get(&s.target).map_or(policy.limits.cert_ttl_max, |t| t.cert_ttl_max);
+            let (fresh, issued, w) =
+                self.connect(broker, caller, policy, &s.target, &s.role, &principal, Some(&s.id), ttl).await?;
+            let old = s.conn.replace(Rc::new(fresh));
+            old.close().await;
+            self.registry.release(s.serial.replace(issued.serial));
+            s.cert_until.set(issued.valid_before);
+            connect = started.elapsed();
+            warning = w;
+        }
+        let conn = s.conn.borrow().clone();
+        let ticket = Self::record_exec(broker, caller, &s.target, &s.role, command, Some(&s.id))?;
+        s.last_used.set(Instant::now());
+        s.commands.set(s.commands.get() + 1);
+        let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
+        let (r, d) = futures_lite::future::zip(conn.exec(command.to_owned(), limits), ticket.durable()).await;
+        s.last_used.set(Instant::now());
+        d.map_err(|e| Failure::Audit(format!("{e} (the command ran; its record may be incomplete)")))?;
+        let result = r.map_err(Failure::Ssh)?;
+        Ok(Ran { result, serial: s.serial.get(), host_key_warning: warning, connect })
+    }
+
+    /// Closes a session (its connection, its certificate's key).
+    pub async fn close(&self, broker: &Broker, s: &Rc<Session>, why: &str) {
+        if self.sessions.borrow_mut().remove(&s.id).is_none() {
+            return;
+        }
+        let conn = s.conn.borrow().clone();
+        conn.close().await;
+        self.registry.release(s.serial.get());
+        broker.metrics.set("ephyr_ssh_sessions", &[], self.session_count() as f64);
+        broker
+            .audit_now(
+                Event::new(Kind::Ssh, "session_close")
+                    .agent(s.agent.clone())
+                    .action(json!({ "target": s.target, "role": s.role, "session": s.id }))
+                    .outcome(json!({ "reason": why, "commands": s.commands.get() })),
+            )
+            .await;
+    }
+
+    /// The caller's sessions.
+    pub fn sessions_of(&self, caller: &Caller) -> Vec<Rc<Session>> {
+        self.sessions.borrow().values().filter(|s| owns(caller, s)).cloned().collect()
+    }
+
+    /// Closes sessions that are idle, whose certificate has expired, whose task is revoked or
+    /// gone, or whose agent may no longer use their target and role; drops expired
+    /// certificates from the registry.
+    pub async fn sweep(&self, broker: &Broker) {
+        let now = now_secs();
+        let policy = broker.policy();
+        let doomed: Vec<(Rc<Session>, &'static str)> = self
+            .sessions
+            .borrow()
+            .values()
+            .filter_map(|s| {
+                let why = if s.last_used.get().elapsed() >= SESSION_IDLE {
+                    "idle"
+                } else if s.cert_until.get() <= now {
+                    "certificate expired"
+                } else if s.conn.borrow().is_closed() {
+                    "connection lost"
+                } else if s.task.as_deref().is_some_and(|t| task_unusable(broker, t)) {
+                    "task revoked or expired"
+                } else if !policy_allows(&policy, &s.agent, &s.target, &s.role) {
+                    "policy no longer allows it"
+                } else {
+                    return None;
+                };
+                Some((s.clone(), why))
+            })
+            .collect();
+        for (s, why) in doomed {
+            self.close(broker, &s, why).await;
+        }
+        self.registry.collect(now);
+    }
+
+    /// The current KRL: certificates of revoked (or vanished) tasks and operator-revoked ones
+    /// that are still valid. `None` while the CA key is unknown (signer not up yet).
+    pub fn krl(&self, broker: &Broker) -> Option<Vec<u8>> {
+        let ca = broker.signer.health().status.map(|s| s.ca_public_key)?;
+        let blob = ca.split_whitespace().nth(1).and_then(|b| data_encoding::BASE64.decode(b.as_bytes()).ok())?;
+        let now = now_secs();
+        let serials = self.registry.revoked_serials(now, |t| task_unusable(broker, t));
+        let v = self.krl_version.get().max(crate::time::now().0.max(0) as u64);
+        self.krl_version.set(v + 1);
+        Some(krl::encode(&blob, &serials, v, now, "ephyr revoked certificates"))
+    }
+}
+
+fn task_unusable(broker: &Broker, task: &str) -> bool {
+    match task.parse::<ulid::Ulid>() {
+        Ok(id) => broker.tasks.view(id).is_none_or(|v| v.revoked.is_some()),
+        Err(_) => true,
+    }
+}
+
+fn policy_allows(policy: &Policy, agent: &str, target: &str, role: &str) -> bool {
+    let p = super::policy::Principal { agent, token: None, delegators: &[] };
+    super::policy::authorize(policy, &p, &Action { tool: None, kind: ActionKind::Ssh { target, role } }).is_allow()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_patterns_match_whole_commands() {
+        assert!(glob("rm *", "rm -rf /"));
+        assert!(!glob("rm *", "echo rm -rf"));
+        assert!(glob("*reboot*", "sudo reboot now"));
+        assert!(glob("uptime", "uptime"));
+        assert!(!glob("uptime", "uptime; id"));
+        assert!(glob("*", ""));
+        assert!(glob("a*b*c", "axxbyyc"));
+        assert!(!glob("a*b*c", "axxbyy"));
+    }
+
+    #[test]
+    fn command_text_is_checked() {
+        assert!(check_command_text("  ").unwrap_err().contains("empty"));
+        assert!(check_command_text("a\0b").unwrap_err().contains("NUL"));
+        assert!(check_command_text(&"x".repeat(MAX_COMMAND + 1)).unwrap_err().contains("limit"));
+        check_command_text("uptime").unwrap();
+    }
+}

@@ -1,0 +1,280 @@
+//! The issued-certificate registry: every SSH certificate the broker obtained, for `list_certs`,
+//! the concurrency limits and the revocation list (KRL).
+//!
+//! What runs here: in memory on the executor thread; records are appended to
+//! `<data-dir>/state/certs.journal` (the task journal's framing, `tasks::journal`) so the KRL
+//! still lists a revoked task's certificates after a restart. At start the journal is replayed,
+//! expired certificates are dropped and the file is rewritten compacted.
+//!
+//! A certificate is *in use* while the broker holds its private key (a running one-shot command
+//! or an open session); keys live only in memory, so after a restart nothing is in use.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::rc::Rc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::broker::blocking::BlockingPool;
+use crate::broker::tasks::journal::{self, Durable, Journal};
+
+/// One issued certificate (no key material: the certificate itself is public, but it is not
+/// kept either).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issued {
+    /// Serial chosen by the signer.
+    pub serial: u64,
+    /// Key id (names agent, task, target/role and a request id).
+    pub key_id: String,
+    /// The agent (or `operator:uidN`).
+    pub agent: String,
+    /// The task it was issued under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// Root to task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lineage: Vec<String>,
+    /// Target name (empty for operator certificates).
+    #[serde(default)]
+    pub target: String,
+    /// Role name.
+    #[serde(default)]
+    pub role: String,
+    /// The principal it names.
+    pub principal: String,
+    /// Unix seconds.
+    pub valid_after: u64,
+    /// Unix seconds.
+    pub valid_before: u64,
+    /// The session holding it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Record {
+    Issued(Issued),
+    Revoked { serial: u64, at: i64 },
+}
+
+struct Entry {
+    cert: Issued,
+    in_use: bool,
+    revoked_at: Option<i64>,
+}
+
+/// A certificate as listed.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    /// The record.
+    pub cert: Issued,
+    /// The broker holds its key.
+    pub in_use: bool,
+    /// Revoked by an operator.
+    pub revoked_at: Option<i64>,
+}
+
+/// The registry.
+#[derive(Default)]
+pub struct Registry {
+    entries: RefCell<BTreeMap<u64, Entry>>,
+    journal: RefCell<Option<Rc<Journal>>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Registry({} certificates)", self.entries.borrow().len())
+    }
+}
+
+impl Registry {
+    /// Replays `path`, drops certificates expired at `now` (Unix seconds), rewrites the file
+    /// compacted and opens it for appending. Returns the registry and the torn bytes cut off.
+    pub fn load(path: &Path, pool: BlockingPool, now: u64) -> Result<(Registry, usize), String> {
+        let replayed = journal::read(path)?;
+        let reg = Registry::default();
+        {
+            let mut e = reg.entries.borrow_mut();
+            for (i, raw) in replayed.records.iter().enumerate() {
+                let r: Record = serde_json::from_slice(raw)
+                    .map_err(|err| format!("{}: record {}: {err}", path.display(), i + 1))?;
+                match r {
+                    Record::Issued(c) => {
+                        e.insert(c.serial, Entry { cert: c, in_use: false, revoked_at: None });
+                    }
+                    Record::Revoked { serial, at } => {
+                        if let Some(x) = e.get_mut(&serial) {
+                            x.revoked_at.get_or_insert(at);
+                        }
+                    }
+                }
+            }
+            e.retain(|_, x| x.cert.valid_before > now);
+        }
+        journal::rewrite(path, &reg.snapshot()).map_err(|e| format!("{}: {e}", path.display()))?;
+        *reg.journal.borrow_mut() = Some(Journal::open(path, pool)?);
+        Ok((reg, replayed.torn_bytes))
+    }
+
+    /// The journal, for spawning its flusher.
+    pub fn journal(&self) -> Option<Rc<Journal>> {
+        self.journal.borrow().clone()
+    }
+
+    fn snapshot(&self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for x in self.entries.borrow().values() {
+            out.push(serde_json::to_vec(&Record::Issued(x.cert.clone())).unwrap_or_default());
+            if let Some(at) = x.revoked_at {
+                out.push(serde_json::to_vec(&Record::Revoked { serial: x.cert.serial, at }).unwrap_or_default());
+            }
+        }
+        out
+    }
+
+    fn append(&self, r: &Record) -> Result<Option<Durable>, String> {
+        match self.journal() {
+            Some(j) => j.append(&serde_json::to_vec(r).unwrap_or_default()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Certificates whose keys the broker holds: `(for this agent, in total)`.
+    pub fn in_use(&self, agent: &str) -> (u32, u32) {
+        let e = self.entries.borrow();
+        let total = e.values().filter(|x| x.in_use).count() as u32;
+        let mine = e.values().filter(|x| x.in_use && x.cert.agent == agent).count() as u32;
+        (mine, total)
+    }
+
+    /// Records a new certificate (in use when `in_use`); the returned [`Durable`] resolves once
+    /// it is on disk.
+    pub fn add(&self, cert: Issued, in_use: bool) -> Result<Option<Durable>, String> {
+        let d = self.append(&Record::Issued(cert.clone()))?;
+        self.entries.borrow_mut().insert(cert.serial, Entry { cert, in_use, revoked_at: None });
+        Ok(d)
+    }
+
+    /// The broker no longer holds the key (its command ended or its session closed).
+    pub fn release(&self, serial: u64) {
+        if let Some(x) = self.entries.borrow_mut().get_mut(&serial) {
+            x.in_use = false;
+        }
+    }
+
+    /// Marks a certificate revoked (operator); `Ok(false)` when there is no such live one.
+    pub async fn revoke(&self, serial: u64, at: i64) -> Result<bool, String> {
+        let fresh = match self.entries.borrow_mut().get_mut(&serial) {
+            Some(x) if x.revoked_at.is_none() => {
+                x.revoked_at = Some(at);
+                true
+            }
+            Some(_) => false,
+            None => return Ok(false),
+        };
+        if fresh && let Some(d) = self.append(&Record::Revoked { serial, at })? {
+            d.wait().await?;
+        }
+        Ok(true)
+    }
+
+    /// Certificates valid at `now` (Unix seconds) matching `which`.
+    pub fn list(&self, now: u64, which: impl Fn(&Issued) -> bool) -> Vec<Listed> {
+        self.entries
+            .borrow()
+            .values()
+            .filter(|x| x.cert.valid_before > now && which(&x.cert))
+            .map(|x| Listed { cert: x.cert.clone(), in_use: x.in_use, revoked_at: x.revoked_at })
+            .collect()
+    }
+
+    /// Serials of certificates valid at `now` that are revoked: by an operator, or because
+    /// `task_revoked` says so of their task.
+    pub fn revoked_serials(&self, now: u64, task_revoked: impl Fn(&str) -> bool) -> Vec<u64> {
+        self.entries
+            .borrow()
+            .values()
+            .filter(|x| x.cert.valid_before > now)
+            .filter(|x| x.revoked_at.is_some() || x.cert.task.as_deref().is_some_and(&task_revoked))
+            .map(|x| x.cert.serial)
+            .collect()
+    }
+
+    /// Drops certificates expired at `now`.
+    pub fn collect(&self, now: u64) {
+        self.entries.borrow_mut().retain(|_, x| x.cert.valid_before > now || x.in_use);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(serial: u64, agent: &str, task: Option<&str>, until: u64) -> Issued {
+        Issued {
+            serial,
+            key_id: format!("k{serial}"),
+            agent: agent.into(),
+            task: task.map(Into::into),
+            lineage: Vec::new(),
+            target: "t".into(),
+            role: "r".into(),
+            principal: "p".into(),
+            valid_after: 0,
+            valid_before: until,
+            session: None,
+        }
+    }
+
+    #[test]
+    fn limits_count_held_keys_and_the_krl_lists_revoked_live_certificates() {
+        let r = Registry::default();
+        r.add(cert(1, "a", Some("T1"), 100), true).unwrap();
+        r.add(cert(2, "a", Some("T2"), 100), true).unwrap();
+        r.add(cert(3, "b", None, 100), false).unwrap();
+        r.add(cert(4, "a", Some("T1"), 10), false).unwrap();
+        assert_eq!(r.in_use("a"), (2, 2));
+        r.release(2);
+        assert_eq!(r.in_use("a"), (1, 1));
+        // T1 revoked: certificate 1 is listed, 4 has expired at 50 and needs no entry.
+        let mut s = r.revoked_serials(50, |t| t == "T1");
+        s.sort();
+        assert_eq!(s, vec![1]);
+        assert!(smol::block_on(r.revoke(3, 5)).unwrap());
+        assert!(!smol::block_on(r.revoke(99, 5)).unwrap());
+        let mut s = r.revoked_serials(50, |_| false);
+        s.sort();
+        assert_eq!(s, vec![3]);
+        assert_eq!(r.list(50, |c| c.agent == "a").len(), 2);
+        r.collect(50);
+        assert_eq!(r.list(0, |_| true).len(), 3);
+    }
+
+    #[test]
+    fn the_journal_survives_a_restart_and_drops_expired_certificates() {
+        let dir = std::env::temp_dir().join(format!("ephyr-certs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("certs.journal");
+        let pool = BlockingPool::new(1, 8);
+        let ex = smol::LocalExecutor::new();
+        smol::block_on(ex.run(async {
+            let (r, _) = Registry::load(&path, pool.clone(), 0).unwrap();
+            let j = r.journal().unwrap();
+            let flusher = ex.spawn(j.clone().run_flusher());
+            r.add(cert(1, "a", Some("T"), 100), true).unwrap().unwrap().wait().await.unwrap();
+            r.add(cert(2, "a", Some("T"), 10), true).unwrap().unwrap().wait().await.unwrap();
+            assert!(r.revoke(1, 5).await.unwrap());
+            drop(flusher);
+        }));
+        let (r, torn) = Registry::load(&path, pool, 50).unwrap();
+        assert_eq!(torn, 0);
+        let l = r.list(50, |_| true);
+        assert_eq!(l.len(), 1);
+        assert!(!l[0].in_use, "keys do not survive a restart");
+        assert_eq!(l[0].revoked_at, Some(5));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

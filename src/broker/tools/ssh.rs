@@ -1,0 +1,290 @@
+//! SSH tools: `exec`, `session_create`, `session_close`, `list_sessions`, `list_certs`. The
+//! work is in `broker::ssh`; these turn arguments into calls and results into the Go project's
+//! output shapes (plus our additions: truncation flags, exit signal, timeout, certificate serial).
+
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+
+use super::{Ctx, Needs, Output, Param, ParamType, ToolDef};
+use crate::broker::ssh::{self, Failure, Ran};
+use crate::mcp::types::Annotations;
+
+const READ_ONLY: Annotations = Annotations { read_only: true, destructive: false, idempotent: true, open_world: false };
+
+/// `exec`.
+pub static EXEC: ToolDef = ToolDef {
+    name: "exec",
+    title: "Run a command over SSH",
+    description: "Run a shell command on a target as a role, with a fresh short-lived certificate (or on an open \
+                  session with session_id). Returns stdout, stderr (each capped at 1 MiB, with a truncation flag), \
+                  the exit code and timings. No terminal, no stdin.",
+    params: &[
+        Param {
+            name: "target",
+            ty: ParamType::String,
+            required: false,
+            description: "Target name from list_targets (not needed with session_id)",
+        },
+        Param {
+            name: "role",
+            ty: ParamType::String,
+            required: false,
+            description: "Role to use on the target (not needed with session_id)",
+        },
+        Param { name: "command", ty: ParamType::String, required: true, description: "Shell command to run" },
+        Param {
+            name: "timeout",
+            ty: ParamType::Integer { min: 1, max: ssh::MAX_TIMEOUT_SECS },
+            required: false,
+            description: "Seconds before the command is killed (default 30)",
+        },
+        Param { name: "session_id", ty: ParamType::String, required: false, description: "Run on this open session" },
+    ],
+    annotations: Annotations { read_only: false, destructive: true, idempotent: false, open_world: true },
+    needs: Needs::AnyTarget,
+    run: |cx| Box::pin(exec(cx)),
+};
+
+/// `session_create`.
+pub static SESSION_CREATE: ToolDef = ToolDef {
+    name: "session_create",
+    title: "Open an SSH session",
+    description: "Open a persistent SSH connection to a target as a role; pass its session_id to exec to run \
+                  commands without reconnecting (much faster). Sessions close after 5 minutes idle or when the \
+                  task ends.",
+    params: &[
+        Param { name: "target", ty: ParamType::String, required: true, description: "Target name from list_targets" },
+        Param { name: "role", ty: ParamType::String, required: true, description: "Role to use on the target" },
+    ],
+    annotations: Annotations { read_only: false, destructive: false, idempotent: false, open_world: true },
+    needs: Needs::AnyTarget,
+    run: |cx| Box::pin(session_create(cx)),
+};
+
+/// `session_close`.
+pub static SESSION_CLOSE: ToolDef = ToolDef {
+    name: "session_close",
+    title: "Close an SSH session",
+    description: "Close a persistent SSH session.",
+    params: &[Param { name: "session_id", ty: ParamType::String, required: true, description: "Session to close" }],
+    annotations: Annotations { read_only: false, destructive: false, idempotent: true, open_world: false },
+    needs: Needs::AnyTarget,
+    run: |cx| Box::pin(session_close(cx)),
+};
+
+/// `list_sessions`.
+pub static LIST_SESSIONS: ToolDef = ToolDef {
+    name: "list_sessions",
+    title: "List SSH sessions",
+    description: "List your open SSH sessions.",
+    params: &[],
+    annotations: READ_ONLY,
+    needs: Needs::AnyTarget,
+    run: |cx| {
+        Box::pin(async move {
+            let v: Vec<Value> = cx.broker.ssh.sessions_of(cx.caller).iter().map(|s| s.view()).collect();
+            Output::data(&v)
+        })
+    },
+};
+
+/// `list_certs`.
+pub static LIST_CERTS: ToolDef = ToolDef {
+    name: "list_certs",
+    title: "List SSH certificates",
+    description: "List the SSH certificates issued to you that are still valid (serial, target, role, validity, \
+                  and whether the broker still holds the key).",
+    params: &[],
+    annotations: READ_ONLY,
+    needs: Needs::AnyTarget,
+    run: |cx| Box::pin(async move { Output::data(&list_certs(&cx)) }),
+};
+
+fn arg<'a>(args: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
+    args.get(name).and_then(Value::as_str)
+}
+
+fn failed(f: Failure, action: Map<String, Value>) -> Output {
+    let mut o = match f {
+        Failure::Denied(d) => Output::denied(d),
+        other => Output::error(other.to_string()),
+    };
+    o.action = action;
+    o
+}
+
+fn exec_output(
+    ran: &Ran,
+    target: &str,
+    role: &str,
+    session: Option<&str>,
+    total: Duration,
+    timeout: Duration,
+) -> Value {
+    let r = &ran.result;
+    let mut stderr = String::from_utf8_lossy(&r.stderr).into_owned();
+    if r.timed_out {
+        stderr.push_str(&format!("\n[killed: timeout after {}s]", timeout.as_secs()));
+    }
+    if r.stdout_truncated || r.stderr_truncated {
+        stderr.push_str(&format!("\n[killed: output passed the {} MiB cap]", ssh::MAX_OUTPUT >> 20));
+    }
+    let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
+    let mut v = json!({
+        "stdout": String::from_utf8_lossy(&r.stdout),
+        "stderr": stderr,
+        "exit_code": r.exit_status.map_or(-1, i64::from),
+        "target": target,
+        "role": role,
+        "duration_ms": ms(total),
+        "timings": {
+            "cert_ms": ms(ran.connect),
+            "ssh_ms": ms(r.duration),
+            "total_ms": ms(total),
+            "session": session.is_some(),
+        },
+        "stdout_truncated": r.stdout_truncated,
+        "stderr_truncated": r.stderr_truncated,
+        "timed_out": r.timed_out,
+        "exit_signal": r.exit_signal,
+        "cert_serial": format!("{:016x}", ran.serial),
+    });
+    if let Some(s) = session {
+        v["session_id"] = Value::from(s);
+    }
+    if let Some(w) = &ran.host_key_warning {
+        v["host_key_warning"] = Value::from(w.as_str());
+    }
+    v
+}
+
+async fn exec(cx: Ctx<'_>) -> Output {
+    let started = std::time::Instant::now();
+    let command = arg(cx.args, "command").unwrap_or_default();
+    let timeout =
+        Duration::from_secs(cx.args.get("timeout").and_then(Value::as_u64).unwrap_or(ssh::DEFAULT_TIMEOUT.as_secs()));
+    let session = arg(cx.args, "session_id");
+    let (target, role, ran) = match session {
+        Some(id) => {
+            let s = match cx.broker.ssh.session_for(cx.caller, id) {
+                Ok(s) => s,
+                Err(f) => return failed(f, Map::new()),
+            };
+            for (k, v) in [("target", &s.target), ("role", &s.role)] {
+                if arg(cx.args, k).is_some_and(|a| a != v.as_str()) {
+                    return Output::error(format!(
+                        "argument {k:?} does not match session {id:?}, which is on {}/{}",
+                        s.target, s.role
+                    ));
+                }
+            }
+            let r = cx.broker.ssh.session_exec(cx.broker, cx.caller, cx.policy, id, command, timeout).await;
+            (s.target.clone(), s.role.clone(), r)
+        }
+        None => {
+            let (Some(target), Some(role)) = (arg(cx.args, "target"), arg(cx.args, "role")) else {
+                return Output::error("invalid arguments: \"target\" and \"role\" are required without \"session_id\"");
+            };
+            let r = cx.broker.ssh.exec_once(cx.broker, cx.caller, cx.policy, target, role, command, timeout).await;
+            (target.to_owned(), role.to_owned(), r)
+        }
+    };
+    let mut action = Map::new();
+    action.insert("target".into(), Value::from(target.as_str()));
+    action.insert("role".into(), Value::from(role.as_str()));
+    if let Some(s) = session {
+        action.insert("session".into(), Value::from(s));
+    }
+    match ran {
+        Ok(ran) => {
+            let how = if ran.result.timed_out {
+                "timeout"
+            } else if ran.result.stdout_truncated || ran.result.stderr_truncated {
+                "output_cap"
+            } else {
+                "exited"
+            };
+            cx.broker.metrics.inc("ephyr_ssh_commands_total", &[("outcome", how)]);
+            let mut o = Output::data(&exec_output(&ran, &target, &role, session, started.elapsed(), timeout));
+            o.outcome.insert("exit_code".into(), ran.result.exit_status.map_or(Value::from(-1), Value::from));
+            o.outcome.insert("serial".into(), Value::from(format!("{:016x}", ran.serial)));
+            o.outcome.insert("ended".into(), Value::from(how));
+            o.action = action;
+            o
+        }
+        Err(f) => {
+            cx.broker.metrics.inc("ephyr_ssh_commands_total", &[("outcome", "failed")]);
+            failed(f, action)
+        }
+    }
+}
+
+async fn session_create(cx: Ctx<'_>) -> Output {
+    let target = arg(cx.args, "target").unwrap_or_default();
+    let role = arg(cx.args, "role").unwrap_or_default();
+    let mut action = Map::new();
+    action.insert("target".into(), Value::from(target));
+    action.insert("role".into(), Value::from(role));
+    match cx.broker.ssh.session_create(cx.broker, cx.caller, cx.policy, target, role).await {
+        Ok((s, warning)) => {
+            let mut v = s.view();
+            v["status"] = Value::from("open");
+            v["idle_timeout_secs"] = Value::from(ssh::SESSION_IDLE.as_secs());
+            if let Some(w) = warning {
+                v["host_key_warning"] = Value::from(w);
+            }
+            let mut o = Output::data(&v);
+            o.outcome.insert("session".into(), Value::from(s.id.as_str()));
+            o.action = action;
+            o
+        }
+        Err(f) => failed(f, action),
+    }
+}
+
+async fn session_close(cx: Ctx<'_>) -> Output {
+    let id = arg(cx.args, "session_id").unwrap_or_default();
+    match cx.broker.ssh.session_for(cx.caller, id) {
+        Ok(s) => {
+            cx.broker.ssh.close(cx.broker, &s, "closed by the agent").await;
+            let mut o =
+                Output::data(&json!({ "session_id": id, "status": "closed", "commands": s.view()["commands"] }));
+            o.action.insert("session".into(), Value::from(id));
+            o
+        }
+        Err(f) => failed(f, Map::new()),
+    }
+}
+
+fn list_certs(cx: &Ctx<'_>) -> Vec<Value> {
+    let now = crate::time::now().secs().max(0) as u64;
+    let caller = cx.caller;
+    cx.broker
+        .ssh
+        .registry
+        .list(now, |c| {
+            c.agent == caller.agent
+                && match caller.token() {
+                    None => true,
+                    Some(t) => c.lineage.contains(&t.task),
+                }
+        })
+        .into_iter()
+        .map(|l| {
+            json!({
+                "serial": format!("{:016x}", l.cert.serial),
+                "key_id": l.cert.key_id,
+                "target": l.cert.target,
+                "role": l.cert.role,
+                "principal": l.cert.principal,
+                "task_id": l.cert.task,
+                "session_id": l.cert.session,
+                "valid_after": crate::time::format_rfc3339(l.cert.valid_after as i64, None),
+                "valid_before": crate::time::format_rfc3339(l.cert.valid_before as i64, None),
+                "in_use": l.in_use,
+                "revoked": l.revoked_at.is_some(),
+            })
+        })
+        .collect()
+}
