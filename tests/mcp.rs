@@ -152,7 +152,11 @@ fn audit_until(b: &Broker, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
 const TASK_TOOLS: [&str; 6] = ["task_create", "task_delegate", "task_info", "task_list", "task_revoke", "task_bind"];
 
 fn alice_tools() -> Vec<String> {
-    ["list_targets", "list_services"].into_iter().chain(TASK_TOOLS).map(String::from).collect()
+    ["list_targets", "exec", "session_create", "session_close", "list_sessions", "list_certs", "list_services"]
+        .into_iter()
+        .chain(TASK_TOOLS)
+        .map(String::from)
+        .collect()
 }
 
 fn names(tools: &Value) -> Vec<String> {
@@ -180,8 +184,8 @@ fn typescript_and_python_sdks_connect_list_read_and_call() {
     for t in ts["tools"].as_array().unwrap() {
         assert_eq!(t["inputSchema"]["type"], "object");
         assert_eq!(t["inputSchema"]["additionalProperties"], false);
-        let read_only =
-            ["list_targets", "list_services", "task_info", "task_list"].contains(&t["name"].as_str().unwrap());
+        let read_only = ["list_targets", "list_sessions", "list_certs", "list_services", "task_info", "task_list"]
+            .contains(&t["name"].as_str().unwrap());
         assert_eq!(t["annotations"]["readOnlyHint"], read_only, "{t}");
     }
     let resources: Vec<&str> = ts["resources"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();

@@ -182,6 +182,55 @@ fn force_command_is_enforced_by_sshd_and_host_keys_are_checked() {
 }
 
 #[test]
+fn a_host_ca_vouches_only_for_the_names_it_signed() {
+    // A second sshd whose host key carries a certificate from a host CA, naming 127.0.0.7 only.
+    let l = lab("");
+    let dir = TempDir::new("ssh-hostca");
+    let hostca = keygen(dir.path(), "hostca");
+    let data = TempDir::new("ssh-hostca-sshd");
+    let host = keygen(data.path(), "host");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-s", hostca.to_str().unwrap(), "-h", "-I", "test-host", "-n", "127.0.0.7"])
+        .arg(format!("{}.pub", host.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let ca = l.data.join("keys/ca_key.pub");
+    let sshd = Sshd::start(
+        &ca,
+        &format!(
+            "HostKey {h}\nHostCertificate {h}-cert.pub\nListenAddress 127.0.0.7\nListenAddress 127.0.0.8\n",
+            h = host.display()
+        ),
+    );
+    let ca_line = std::fs::read_to_string(format!("{}.pub", hostca.display())).unwrap();
+    let policy = l.policy.replace(
+        "  closed: { host: 127.0.0.1, port: 1, allowed_roles: [read] }",
+        &format!(
+            "  closed: {{ host: 127.0.0.1, port: 1, allowed_roles: [read] }}\n  \
+             signed: {{ host: 127.0.0.7, port: {p}, allowed_roles: [read], host_ca: \"{c}\" }}\n  \
+             unsigned: {{ host: 127.0.0.8, port: {p}, allowed_roles: [read], host_ca: \"{c}\" }}",
+            p = sshd.port,
+            c = ca_line.trim()
+        ),
+    );
+    assert_ne!(policy, l.policy);
+    drop(l.broker);
+    let b = Broker::start(BrokerOpts {
+        policy: Some(&policy),
+        data_dir: Some(l.data.path().to_path_buf()),
+        ..Default::default()
+    });
+    let r =
+        tool_call(&b.api, &l.alice, "exec", json!({"target": "signed", "role": "read", "command": "id -un"})).unwrap();
+    assert_eq!(r["stdout"], format!("{READ}\n"));
+    assert!(r.get("host_key_warning").is_none());
+    let e = tool_call(&b.api, &l.alice, "exec", json!({"target": "unsigned", "role": "read", "command": "id -un"}))
+        .unwrap_err();
+    assert!(e.contains("host_key_mismatch"), "a host certificate for 127.0.0.7 vouched for 127.0.0.8: {e}");
+}
+
+#[test]
 fn sessions_belong_to_their_agent_and_task_and_follow_the_current_token() {
     let l = lab("");
     let s = l.call(&l.alice, "session_create", json!({"target": "a", "role": "read"})).unwrap();
