@@ -120,16 +120,6 @@ fn post_modern(b: &Broker, key: &str, method: &str, params: Value, extra: &[(&st
     http_request(&b.api, "POST", "/mcp", &h, body.to_string().as_bytes())
 }
 
-fn metric(b: &Broker, name: &str) -> f64 {
-    let r = http_request(&b.dashboard, "GET", "/metrics", &[], b"");
-    r.text()
-        .lines()
-        .find(|l| l.starts_with(name) && (l.as_bytes().get(name.len()) == Some(&b' ')))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn audit_lines(b: &Broker) -> Vec<Value> {
     let text = std::fs::read_to_string(b.data_dir.join("audit/audit.jsonl")).unwrap_or_default();
     text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()

@@ -104,19 +104,6 @@ impl Lab {
     fn krl_path(&self) -> PathBuf {
         PathBuf::from(std::fs::read_to_string(self.data.join("krl-path")).unwrap())
     }
-    fn audit(&self, event: &str) -> Vec<Value> {
-        let text = std::fs::read_to_string(self.broker.data_dir.join("audit/audit.jsonl")).unwrap_or_default();
-        text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|l| l["event"] == event).collect()
-    }
-    fn sessions_gauge(&self) -> f64 {
-        let r = http_request(&self.broker.dashboard, "GET", "/metrics", &[], b"");
-        r.text()
-            .lines()
-            .find(|l| l.starts_with("ephyr_ssh_sessions "))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    }
 }
 
 #[test]
@@ -149,9 +136,9 @@ fn exec_uses_the_role_principal_and_refuses_roles_the_agent_lacks() {
     }
     // The certificate named the agent and task in its key id (sshd logs it) and was audited first.
     assert!(l.sshd.log().contains("ephyr:alice:-:a/read:"), "{}", l.sshd.log());
-    let issued = l.audit("cert_issued");
+    let issued = audit_events(&l.broker, "cert_issued");
     assert!(issued.len() >= 2, "{issued:?}");
-    assert!(!l.audit("ssh_exec").is_empty());
+    assert!(!audit_events(&l.broker, "ssh_exec").is_empty());
     // After a one-shot command the broker no longer holds the key; the cert is still listed.
     let certs = l.call(&l.alice, "list_certs", json!({})).unwrap();
     let certs = certs.as_array().unwrap();
@@ -170,7 +157,7 @@ fn force_command_is_enforced_by_sshd_and_host_keys_are_checked() {
     assert_eq!(r["stdout"], format!("{READ}\n"), "sshd ran the forced command");
     let e = l.exec(&l.alice, "wrongkey", "read", "id").unwrap_err();
     assert!(e.contains("host key mismatch") && e.contains("host_key_mismatch"), "{e}");
-    assert_eq!(l.audit("host_key_mismatch").len(), 1);
+    assert_eq!(audit_events(&l.broker, "host_key_mismatch").len(), 1);
     // Target b pins nothing: trusted on first use, recorded, warned about; later uses are checked.
     let r = l.exec(&l.alice, "b", "read", "true").unwrap();
     assert!(r["host_key_warning"].as_str().unwrap().contains("first use"), "{r}");
@@ -295,7 +282,7 @@ fn sessions_belong_to_their_agent_and_task_and_follow_the_current_token() {
         .unwrap()
         .to_owned();
     // Revoking the task: its token stops working and its session is closed at once.
-    assert_eq!(l.sessions_gauge(), 1.0);
+    assert_eq!(metric(&l.broker, "ephyr_ssh_sessions"), 1.0);
     l.call(&l.alice, "task_revoke", json!({"task_id": task})).unwrap();
     let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}).to_string();
     let r = http_request(
@@ -310,8 +297,8 @@ fn sessions_belong_to_their_agent_and_task_and_follow_the_current_token() {
         body.as_bytes(),
     );
     assert_eq!(r.status, 401);
-    assert_eq!(l.sessions_gauge(), 0.0);
-    let closed = l.audit("session_close");
+    assert_eq!(metric(&l.broker, "ephyr_ssh_sessions"), 0.0);
+    let closed = audit_events(&l.broker, "session_close");
     assert!(closed.iter().any(|e| e["outcome"]["reason"] == "task revoked or expired"), "{closed:?}");
     // ... and the revoked task's unexpired certificate is on the KRL targets fetch.
     let krl = http_request(&l.broker.api, "GET", "/v1/ssh/krl", &[], b"");

@@ -187,11 +187,6 @@ fn targets(v: &Value) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
-fn audit_events(b: &Broker, name: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(b.data_dir.join("audit/audit.jsonl")).unwrap_or_default();
-    text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|l| l["event"] == name).collect()
-}
-
 #[test]
 fn create_delegate_and_revoke_with_cascade_over_mcp() {
     if !require_root() {

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod blocking;
 pub mod datadir;
 pub mod http;
+pub mod journal;
 pub mod local;
 pub mod metrics;
 pub mod policy;

@@ -274,6 +274,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             pool.clone(),
             crate::time::now().secs().max(0) as u64,
         )
+        .await
         .map_err(|e| ServeError::Startup(format!("certificate registry: {e}")))?;
         if torn > 0 {
             log::warn!("certificate journal: cut off a torn last record ({torn} bytes, never acknowledged)");

@@ -19,6 +19,36 @@ pub fn socket_path(socket: Option<PathBuf>, data_dir: Option<&Path>) -> PathBuf 
         .unwrap_or_else(|| data_dir.unwrap_or(Path::new(DEFAULT_DATA_DIR)).join("ephyr.sock"))
 }
 
+/// Sends `req` over `stream` (HTTP/1.1) and reads the whole answer, or gives up after `limit`.
+async fn exchange<S>(
+    stream: S,
+    req: http::Request<Full<Bytes>>,
+    limit: Duration,
+) -> Result<(http::StatusCode, Bytes), String>
+where
+    S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(crate::broker::http::Io::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+    let exchange = async {
+        let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>((status, body))
+    };
+    let driven = futures_lite::future::or(exchange, async {
+        let _ = conn.await;
+        Err("the broker closed the connection".to_string())
+    });
+    futures_lite::future::or(driven, async {
+        Timer::after(limit).await;
+        Err(format!("the broker did not answer within {}s", limit.as_secs()))
+    })
+    .await
+}
+
 /// One request to the local API; returns (status, JSON body).
 pub fn request(
     socket: &Path,
@@ -30,10 +60,6 @@ pub fn request(
         let stream = Async::<std::os::unix::net::UnixStream>::connect(socket)
             .await
             .map_err(|e| format!("cannot reach the broker at {}: {e} (is `ephyr serve` running?)", socket.display()))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(crate::broker::http::Io::new(stream))
-                .await
-                .map_err(|e| format!("local API handshake: {e}"))?;
         let bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default()).unwrap_or_default();
         let req = http::Request::builder()
             .method(method)
@@ -42,23 +68,11 @@ pub fn request(
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| e.to_string())?;
-        let exchange = async {
-            let resp = sender.send_request(req).await.map_err(|e| format!("local API request: {e}"))?;
-            let status = resp.status();
-            let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-            let json = serde_json::from_slice(&body)
-                .map_err(|e| format!("local API answered {status} with a non-JSON body: {e}"))?;
-            Ok::<_, String>((status, json))
-        };
-        let driven = futures_lite::future::or(exchange, async {
-            let _ = conn.await;
-            Err("the broker closed the connection".to_string())
-        });
-        futures_lite::future::or(driven, async {
-            Timer::after(Duration::from_secs(30)).await;
-            Err("the broker did not answer within 30s".to_string())
-        })
-        .await
+        let (status, body) =
+            exchange(stream, req, Duration::from_secs(30)).await.map_err(|e| format!("local API: {e}"))?;
+        let json = serde_json::from_slice(&body)
+            .map_err(|e| format!("local API answered {status} with a non-JSON body: {e}"))?;
+        Ok((status, json))
     })
 }
 
@@ -84,10 +98,6 @@ pub fn post_tcp(url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<(h
         let addr = addrs.first().ok_or_else(|| format!("{}: no address", auth.host()))?;
         let stream =
             Async::<std::net::TcpStream>::connect(*addr).await.map_err(|e| format!("cannot reach {addr}: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(crate::broker::http::Io::new(stream))
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
         let mut b = http::Request::builder()
             .method(http::Method::POST)
             .uri(uri.path())
@@ -96,20 +106,8 @@ pub fn post_tcp(url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<(h
             b = b.header(*k, *v);
         }
         let req = b.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
-        let exchange = async {
-            let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
-            let status = resp.status();
-            let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-            Ok::<_, String>((status, body.to_vec()))
-        };
-        let driven = futures_lite::future::or(exchange, async {
-            let _ = conn.await;
-            Err("the broker closed the connection".to_string())
-        });
-        futures_lite::future::or(driven, async {
-            Timer::after(Duration::from_secs(3700)).await;
-            Err("the broker did not answer".to_string())
-        })
-        .await
+        // A command may run for up to an hour (the exec tool's longest timeout).
+        let (status, body) = exchange(stream, req, Duration::from_secs(3700)).await?;
+        Ok((status, body.to_vec()))
     })
 }

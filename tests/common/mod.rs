@@ -566,3 +566,23 @@ pub fn tool_call(api: &str, cred: &str, tool: &str, args: serde_json::Value) -> 
         Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
     }
 }
+
+/// The value of an unlabelled metric on the broker's dashboard `/metrics` (0 when absent).
+pub fn metric(b: &Broker, name: &str) -> f64 {
+    let r = http_request(&b.dashboard, "GET", "/metrics", &[], b"");
+    r.text()
+        .lines()
+        .find(|l| l.starts_with(name) && (l.as_bytes().get(name.len()) == Some(&b' ')))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The broker's audit lines for `event`.
+pub fn audit_events(b: &Broker, name: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(b.data_dir.join("audit/audit.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["event"] == name)
+        .collect()
+}

@@ -49,12 +49,22 @@ pub struct Action<'a> {
 pub enum ActionKind<'a> {
     /// Listing and reading what the caller may see (tools/list, resources).
     Discover,
-    /// An SSH certificate / command as `role` on `target`.
+    /// An SSH certificate / connection as `role` on `target`.
     Ssh {
         /// Target name.
         target: &'a str,
         /// Role name.
         role: &'a str,
+    },
+    /// A command as `role` on `target`: [`ActionKind::Ssh`] plus the target's command patterns
+    /// (`command_allow` / `command_deny`, defence in depth, not a boundary).
+    SshCommand {
+        /// Target name.
+        target: &'a str,
+        /// Role name.
+        role: &'a str,
+        /// The command text.
+        command: &'a str,
     },
     /// An HTTP request through a service. `path` is normalised and percent-decoded.
     Http {
@@ -133,6 +143,8 @@ pub enum DenyCode {
     TokenDeniesTarget,
     /// The token excludes the role.
     TokenDeniesRole,
+    /// The command matches `command_deny`, or no `command_allow` pattern of the target.
+    CommandDenied,
     /// No such service.
     UnknownService,
     /// The service is disabled.
@@ -184,6 +196,7 @@ impl DenyCode {
             DenyCode::PolicyDeniesRole => "policy_denies_role",
             DenyCode::TokenDeniesTarget => "token_denies_target",
             DenyCode::TokenDeniesRole => "token_denies_role",
+            DenyCode::CommandDenied => "command_denied",
             DenyCode::UnknownService => "unknown_service",
             DenyCode::ServiceDisabled => "service_disabled",
             DenyCode::PolicyDeniesService => "policy_denies_service",
@@ -297,7 +310,13 @@ fn check_args(
 /// Decides. Authority is `policy(agent) ∩ envelope(token)`, and for SSH, HTTP and federated
 /// actions also `∩ policy(d)` for every delegating agent `d` of a cross-agent hand-off.
 pub fn authorize<'p>(policy: &'p Policy, principal: &Principal<'_>, action: &Action<'_>) -> Decision<'p> {
-    if matches!(action.kind, ActionKind::Ssh { .. } | ActionKind::Http { .. } | ActionKind::RemoteTool { .. }) {
+    if matches!(
+        action.kind,
+        ActionKind::Ssh { .. }
+            | ActionKind::SshCommand { .. }
+            | ActionKind::Http { .. }
+            | ActionKind::RemoteTool { .. }
+    ) {
         for d in principal.delegators.iter().filter(|d| d.as_str() != principal.agent) {
             if let Decision::Deny(mut denial) = authorize_one(policy, d, principal.token, action) {
                 denial.reason = format!("delegating agent {d:?}: {}", denial.reason);
@@ -323,6 +342,13 @@ fn authorize_one<'p>(policy: &'p Policy, agent: &str, token: Option<&Envelope>, 
     match action.kind {
         ActionKind::Discover => allow(Rule::Agent(&agent.name)),
         ActionKind::Ssh { target, role } => ssh(policy, agent, token, target, role),
+        ActionKind::SshCommand { target, role, command } => match ssh(policy, agent, token, target, role) {
+            Decision::Allow(g) => match policy.targets.get(target).map(|t| command_patterns(target, t, command)) {
+                Some(Err(reason)) => deny(DenyCode::CommandDenied, reason),
+                _ => Decision::Allow(g),
+            },
+            deny => deny,
+        },
         ActionKind::Http { service, method, path } => http(policy, agent, token, service, method, path),
         ActionKind::RemoteTool { remote, tool, arguments, declared } => {
             remote_tool(policy, agent, token, remote, tool, arguments, declared)
@@ -384,6 +410,19 @@ fn ssh<'p>(policy: &'p Policy, agent: &'p Agent, token: Option<&Envelope>, targe
         }
     }
     Decision::Allow(Grant { rule: Rule::Source(&grant.source), principal: Some(&r.principal) })
+}
+
+/// The target's command patterns: a `command_deny` match refuses; with any `command_allow`
+/// patterns, one must match. Whole-command globs (`*` = any run of characters).
+fn command_patterns(name: &str, t: &super::Target, command: &str) -> Result<(), String> {
+    let cmd = command.trim();
+    if let Some(p) = t.command_deny.iter().find(|p| super::pattern::glob(p, cmd)) {
+        return Err(format!("command matches {p:?} in command_deny of target {name:?}"));
+    }
+    if !t.command_allow.is_empty() && !t.command_allow.iter().any(|p| super::pattern::glob(p, cmd)) {
+        return Err(format!("command matches no pattern in command_allow of target {name:?}"));
+    }
+    Ok(())
 }
 
 fn http<'p>(

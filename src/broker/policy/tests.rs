@@ -502,3 +502,16 @@ fn reload_under_concurrent_readers_never_mixes_two_policies() {
     assert_eq!(checked.get(), 64 * 50);
     assert_eq!(mixed.get(), 0, "a reader saw a half-applied policy");
 }
+
+#[test]
+fn command_globs_match_whole_commands() {
+    use super::pattern::glob;
+    assert!(glob("rm *", "rm -rf /"));
+    assert!(!glob("rm *", "echo rm -rf"));
+    assert!(glob("*reboot*", "sudo reboot now"));
+    assert!(glob("uptime", "uptime"));
+    assert!(!glob("uptime", "uptime; id"));
+    assert!(glob("*", ""));
+    assert!(glob("a*b*c", "axxbyyc"));
+    assert!(!glob("a*b*c", "axxbyy"));
+}

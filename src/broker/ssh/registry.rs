@@ -2,7 +2,7 @@
 //! the concurrency limits and the revocation list (KRL).
 //!
 //! What runs here: in memory on the executor thread; records are appended to
-//! `<data-dir>/state/certs.journal` (the task journal's framing, `tasks::journal`) so the KRL
+//! `<data-dir>/state/certs.journal` (`broker::journal` framing) so the KRL
 //! still lists a revoked task's certificates after a restart. At start the journal is replayed,
 //! expired certificates are dropped and the file is rewritten compacted.
 //!
@@ -17,7 +17,7 @@ use std::rc::Rc;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::blocking::BlockingPool;
-use crate::broker::tasks::journal::{self, Durable, Journal};
+use crate::broker::journal::{self, Durable, Journal};
 
 /// One issued certificate (no key material: the certificate itself is public, but it is not
 /// kept either).
@@ -91,9 +91,13 @@ impl std::fmt::Debug for Registry {
 
 impl Registry {
     /// Replays `path`, drops certificates expired at `now` (Unix seconds), rewrites the file
-    /// compacted and opens it for appending. Returns the registry and the torn bytes cut off.
-    pub fn load(path: &Path, pool: BlockingPool, now: u64) -> Result<(Registry, usize), String> {
-        let replayed = journal::read(path)?;
+    /// compacted when that changed anything (or it is new or had a torn tail), and opens it for
+    /// appending; file work runs on the blocking pool. Returns the registry and the torn bytes.
+    pub async fn load(path: &Path, pool: BlockingPool, now: u64) -> Result<(Registry, usize), String> {
+        let p = path.to_owned();
+        let exists = path.exists();
+        let replayed =
+            pool.run(move || journal::read(&p)).await.unwrap_or_else(|| Err("blocking pool stopped".into()))?;
         let reg = Registry::default();
         {
             let mut e = reg.entries.borrow_mut();
@@ -113,7 +117,14 @@ impl Registry {
             }
             e.retain(|_, x| x.cert.valid_before > now);
         }
-        journal::rewrite(path, &reg.snapshot()).map_err(|e| format!("{}: {e}", path.display()))?;
+        let snapshot = reg.snapshot();
+        if !exists || replayed.torn_bytes > 0 || snapshot.len() != replayed.records.len() {
+            let p = path.to_owned();
+            pool.run(move || journal::rewrite(&p, &snapshot))
+                .await
+                .unwrap_or_else(|| Err(std::io::Error::other("blocking pool stopped")))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
         *reg.journal.borrow_mut() = Some(Journal::open(path, pool)?);
         Ok((reg, replayed.torn_bytes))
     }
@@ -261,7 +272,7 @@ mod tests {
         let pool = BlockingPool::new(1, 8);
         let ex = smol::LocalExecutor::new();
         smol::block_on(ex.run(async {
-            let (r, _) = Registry::load(&path, pool.clone(), 0).unwrap();
+            let (r, _) = Registry::load(&path, pool.clone(), 0).await.unwrap();
             let j = r.journal().unwrap();
             let flusher = ex.spawn(j.clone().run_flusher());
             r.add(cert(1, "a", Some("T"), 100), true).unwrap().unwrap().wait().await.unwrap();
@@ -269,7 +280,7 @@ mod tests {
             assert!(r.revoke(1, 5).await.unwrap());
             drop(flusher);
         }));
-        let (r, torn) = Registry::load(&path, pool, 50).unwrap();
+        let (r, torn) = smol::block_on(Registry::load(&path, pool, 50)).unwrap();
         assert_eq!(torn, 0);
         let l = r.list(50, |_| true);
         assert_eq!(l.len(), 1);

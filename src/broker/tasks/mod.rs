@@ -20,7 +20,6 @@
 //! - Expired tasks, their watermarks and their trees' keys are dropped by [`TaskStore::collect`];
 //!   a child never outlives its parent, so no live task loses an ancestor.
 
-pub mod journal;
 pub mod pop;
 
 use std::cell::RefCell;
@@ -33,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use ulid::Ulid;
 
 use super::auth::TokenIdentity;
+use super::journal;
 use crate::macaroon::{ChainStart, LOCATION, Macaroon, Reduced, RootKey, attenuate};
 use crate::time::UnixMicros;
 

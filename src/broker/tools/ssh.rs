@@ -248,8 +248,7 @@ async fn session_close(cx: Ctx<'_>) -> Output {
     match cx.broker.ssh.session_for(cx.caller, id) {
         Ok(s) => {
             cx.broker.ssh.close(cx.broker, &s, "closed by the agent").await;
-            let mut o =
-                Output::data(&json!({ "session_id": id, "status": "closed", "commands": s.view()["commands"] }));
+            let mut o = Output::data(&json!({ "session_id": id, "status": "closed", "commands": s.commands() }));
             o.action.insert("session".into(), Value::from(id));
             o
         }

@@ -1,6 +1,8 @@
-//! The task journal: an append-only file of checksummed records, group-committed.
+//! Journals: append-only files of checksummed records, group-committed. Two use it: the task
+//! store (`<data-dir>/state/tasks.journal`) and the SSH certificate registry
+//! (`state/certs.journal`); each owns its record types, this module only the framing and syncing.
 //!
-//! What runs here: `<data-dir>/state/tasks.journal` (0600). At start-up (before the executor
+//! What runs here: one file per journal (0600). At start-up (before the executor
 //! serves anything) the file is read whole, a torn last record — a crash in the middle of a
 //! write that was never acknowledged — is cut off, and the live state is written to a fresh file
 //! that replaces the old one by `rename` (compaction; `fsync` of file and directory). While
@@ -20,7 +22,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use super::super::blocking::BlockingPool;
+use super::blocking::BlockingPool;
 
 /// File header.
 pub const MAGIC: &[u8; 8] = b"EPHYRJ1\n";
@@ -104,7 +106,7 @@ pub fn read(path: &Path) -> Result<Replayed, String> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("{}: {e}", path.display())),
     }
-    parse(&bytes).map_err(|e| format!("{}: {e}; move it aside to start with no tasks", path.display()))
+    parse(&bytes).map_err(|e| format!("{}: {e}; move it aside to start without the state it holds", path.display()))
 }
 
 /// Replaces the journal at `path` with exactly these records (write to a temporary file, sync,
