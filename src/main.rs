@@ -33,6 +33,7 @@ Commands:
   inspect      decode a task token and show what it allows
   policy       check, diff, explain or reload a policy
   keygen       generate an agent API key and its hash line
+  secret       store upstream credentials sealed (`secret set NAME` reads stdin), list, rm
   audit        verify or query the audit trail
   version      print the version
 
@@ -121,6 +122,19 @@ Usage: ephyr keygen agent NAME [--json]
 
 Generates a new API key for agent NAME, prints it once, and prints the Argon2id
 api_key_hash line to paste under agents.NAME in policy.yaml. The key itself is not stored.";
+
+const SECRET_HELP: &str = "\
+Usage: ephyr secret <set|list|rm> ...
+
+  ephyr secret set NAME      read the value from stdin (never the command line), seal it with
+                             the signer's key and store it; the policy uses it as store:NAME
+  ephyr secret list [--json] stored names (never values) and store: references not yet set
+  ephyr secret rm NAME       remove a stored secret
+
+Talks to the running broker over its local socket (root or the broker's user). Options:
+  --socket PATH   --data-dir DIR
+
+Example: read -rs KEY && printf %s \"$KEY\" | ephyr secret set openai";
 
 const AUDIT_HELP: &str = "\
 Usage: ephyr audit <verify|query> ...
@@ -250,6 +264,7 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "inspect" => cmd_inspect(p),
         "policy" => cmd_policy(p),
         "keygen" => cmd_keygen(p),
+        "secret" => cmd_secret(p),
         "audit" => cmd_audit(p),
         "version" => {
             println!("ephyr {}", env!("CARGO_PKG_VERSION"));
@@ -604,6 +619,34 @@ fn cmd_keygen(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     }
     let name = name.ok_or_else(|| usage("keygen agent needs a NAME"))?;
     cli::policy::keygen_agent(&name, json).map(|c| c as u8).map_err(|e| Failure::Run(3, e))
+}
+
+fn cmd_secret(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let sub = match p.next()? {
+        Some(Value(v)) => v.string()?,
+        Some(Long("help") | Short('h')) | None => return help(SECRET_HELP),
+        Some(other) => return Err(other.unexpected().into()),
+    };
+    let (mut socket, mut data_dir, mut name, mut json) = (None, None, None, false);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("data-dir") => data_dir = Some(path(p.value()?)),
+            Long("json") if sub == "list" => json = true,
+            Long("help") | Short('h') => return help(SECRET_HELP),
+            Value(v) if name.is_none() && sub != "list" => name = Some(v.string()?),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let socket = cli::client::socket_path(socket, data_dir.as_deref());
+    let need = |n: Option<String>| n.ok_or_else(|| usage(format!("secret {sub} needs a NAME")));
+    let r = match sub.as_str() {
+        "set" => cli::secret::set(&socket, &need(name)?),
+        "rm" => cli::secret::remove(&socket, &need(name)?),
+        "list" => cli::secret::list(&socket, json),
+        other => return Err(usage(format!("unknown `secret {other}`; expected set, list or rm"))),
+    };
+    r.map(|()| 0).map_err(|e| Failure::Run(1, e))
 }
 
 fn cmd_inspect(p: &mut lexopt::Parser) -> Result<u8, Failure> {

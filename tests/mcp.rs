@@ -142,11 +142,20 @@ fn audit_until(b: &Broker, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
 const TASK_TOOLS: [&str; 6] = ["task_create", "task_delegate", "task_info", "task_list", "task_revoke", "task_bind"];
 
 fn alice_tools() -> Vec<String> {
-    ["list_targets", "exec", "session_create", "session_close", "list_sessions", "list_certs", "list_services"]
-        .into_iter()
-        .chain(TASK_TOOLS)
-        .map(String::from)
-        .collect()
+    [
+        "list_targets",
+        "exec",
+        "session_create",
+        "session_close",
+        "list_sessions",
+        "list_certs",
+        "http_request",
+        "list_services",
+    ]
+    .into_iter()
+    .chain(TASK_TOOLS)
+    .map(String::from)
+    .collect()
 }
 
 fn names(tools: &Value) -> Vec<String> {

@@ -12,7 +12,10 @@ reported. Every request is checked to be a success (wrk counts non-2xx; a sample
 checked to be a JSON-RPC result, not an error). Run as root (the production layout: privilege
 drop, separate uids) on the static release binary (scripts/build-static.sh).
 """
-import argparse, http.client, json, os, re, shutil, socket, subprocess, sys, tempfile, threading, time
+import argparse, http.client, json, os, re, subprocess, sys, threading, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lab import Lab  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ephyr")
@@ -27,23 +30,9 @@ a = ap.parse_args()
 binary = os.path.abspath(a.bin)
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def run(*args, **kw):
-    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
-
-
-work = tempfile.mkdtemp(prefix="ephyr-load-")
-os.chmod(work, 0o755)
-data, etc = os.path.join(work, "data"), os.path.join(work, "etc")
-run(binary, "init", "--data-dir", data, "--config-dir", etc)
-key_info = json.loads(run(binary, "keygen", "agent", "bench", "--json").stdout)
+lab = Lab(binary, "ephyr-load-")
+work = lab.work
+key_info = lab.agent_key("bench")
 key = key_info["api_key"]
 targets = "\n".join(
     f"  t{i:03}: {{host: 10.0.{i // 250}.{i % 250 + 1}, allowed_roles: [read, op]}}" for i in range(a.targets)
@@ -60,17 +49,7 @@ agents:
     can_delegate: true
     rate_limit: 100000000/1s
 """
-policy_path = os.path.join(etc, "bench.yaml")
-with open(policy_path, "w") as f:
-    f.write(policy)
-os.chmod(policy_path, 0o644)
-port, dport = free_port(), free_port()
-broker = subprocess.Popen(
-    ["taskset", "-c", "0", binary, "serve", "--config", policy_path, "--data-dir", data,
-     "--listen", f"127.0.0.1:{port}", "--dashboard-listen", f"127.0.0.1:{dport}",
-     "--socket", os.path.join(work, "ephyr.sock")],
-    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "EPHYR_LOG": "warn"},
-)
+broker, port, dport = lab.serve(policy, cpu=0)
 
 
 def request(body, headers):
@@ -211,9 +190,4 @@ try:
         print(f"| {r['conns']} | {r['req_per_s']:,} | {allr} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} "
               f"| {r['non_2xx']} | {r['broker_cpu_us_per_req']} | {r['broker_peak_rss_kb']:,} KB | {r['steal_pct']}% |")
 finally:
-    broker.terminate()
-    try:
-        broker.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        broker.kill()
-    shutil.rmtree(work, ignore_errors=True)
+    lab.close()

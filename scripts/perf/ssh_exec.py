@@ -14,7 +14,10 @@ broker's own split (cert_ms = key + signer + connect + auth, ssh_ms = channel + 
 Then opens `--sessions` sessions and reports the broker's VmRSS (and the signer's) before and after.
 Run as root (users for sshd, the production privilege drop).
 """
-import argparse, http.client, json, os, shutil, socket, statistics, subprocess, tempfile, time
+import argparse, http.client, json, os, shutil, statistics, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lab import free_port, run  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ephyr")
@@ -24,18 +27,6 @@ ap.add_argument("--command", default="true")
 a = ap.parse_args()
 binary = os.path.abspath(a.bin)
 USER = "ephyrt-read"
-
-
-def run(*args, **kw):
-    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 if subprocess.run(["id", "-u", USER], capture_output=True).returncode != 0:

@@ -9,21 +9,16 @@ keeper and the signer worker after 3 s idle. PSS splits shared pages between the
 PSS sum is the honest total; the RSS sum double-counts the signer's forked pages.
 Run as root for the production layout (privilege drop, separate uids).
 """
-import argparse, http.client, json, os, socket, statistics, subprocess, sys, tempfile, time
+import argparse, http.client, json, os, statistics, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lab import free_port  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ephyr")
 ap.add_argument("--runs", type=int, default=15)
 ap.add_argument("--mode", choices=["dev", "prod"], default="prod")
 a = ap.parse_args()
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def healthy(port):

@@ -10,6 +10,9 @@
 //! | `POST /v1/certs` | operator | break-glass operator certificate for a public key |
 //! | `POST /v1/policy/reload` | operator | re-read the policy; keep the current one if the new one is invalid |
 //! | `POST /v1/certs/<serial>/revoke` | operator | put a certificate on the KRL (`/v1/ssh/krl`) |
+//! | `GET /v1/secrets` | operator | stored secret names (never values) and the policy's `store:` references |
+//! | `PUT /v1/secrets/<name>` | operator | seal the body (the value) and store it (`ephyr secret set`) |
+//! | `DELETE /v1/secrets/<name>` | operator | remove a stored secret |
 //! | `POST /v1/tools/call` | an agent whose `uid` is the caller's | call an MCP tool as that agent (`ephyr exec`) |
 //!
 //! A uid mapped to an agent acts with that agent's whole policy, like its API key.
@@ -270,6 +273,91 @@ async fn revoke_cert(broker: &Broker, peer: Peer, serial: &str) -> http::Respons
     }
 }
 
+fn operator_name(peer: Peer) -> String {
+    match peer {
+        Peer::Unix(c) => format!("operator:uid{}", c.uid),
+        Peer::Tcp(_) => "operator".into(),
+    }
+}
+
+/// `GET /v1/secrets`: names and times only.
+fn list_secrets(broker: &Broker) -> http::Response<Body> {
+    let stored = broker.secrets.list();
+    let policy = broker.policy();
+    let mut referenced = std::collections::BTreeMap::new();
+    let refs = policy
+        .services
+        .iter()
+        .flat_map(|(n, s)| {
+            let cred = s.credential.as_ref().map(|c| (n, &c.secret));
+            cred.into_iter().chain(s.tls.client_key.as_ref().map(|k| (n, k)))
+        })
+        .chain(policy.remotes.iter().filter_map(|(n, r)| r.credential.as_ref().map(|c| (n, &c.secret))));
+    for (user, r) in refs {
+        if let crate::broker::policy::SecretRef::Store(name) = r {
+            referenced.entry(name.clone()).or_insert_with(Vec::new).push(user.clone());
+        }
+    }
+    let names: Vec<serde_json::Value> = stored
+        .iter()
+        .map(|(n, t)| serde_json::json!({ "name": n, "updated": t, "used_by": referenced.get(n).cloned().unwrap_or_default() }))
+        .collect();
+    let missing: Vec<&String> = referenced.keys().filter(|n| !stored.iter().any(|(s, _)| s == *n)).collect();
+    json(StatusCode::OK, &serde_json::json!({ "secrets": names, "missing": missing }))
+}
+
+/// `PUT /v1/secrets/<name>`: the body is the value.
+async fn set_secret(
+    broker: &Broker,
+    peer: Peer,
+    name: &str,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<Body> {
+    let body = match read_body(req, super::secrets::MAX_SECRET + 2, Duration::from_secs(10)).await {
+        Ok(b) => b,
+        Err(e) => return e.response(),
+    };
+    let value = crate::secret::SecretBytes::new(super::secrets::trim_newline(body.to_vec()));
+    match broker.secrets.set(&broker.pool, &broker.signer, name, value).await {
+        Ok(()) => {
+            broker.proxy.clear();
+            broker
+                .audit_now(
+                    Event::new(Kind::Policy, "secret_set")
+                        .agent(operator_name(peer))
+                        .action(serde_json::json!({ "name": name }))
+                        .allow(),
+                )
+                .await;
+            json(StatusCode::OK, &serde_json::json!({ "name": name, "stored": true }))
+        }
+        Err(e) if e.starts_with("sealing") || e.starts_with("writing") => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "secret_not_stored", e)
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, "invalid_secret", e),
+    }
+}
+
+/// `DELETE /v1/secrets/<name>`.
+async fn remove_secret(broker: &Broker, peer: Peer, name: &str) -> http::Response<Body> {
+    match broker.secrets.remove(&broker.pool, name).await {
+        Ok(true) => {
+            broker.proxy.clear();
+            broker
+                .audit_now(
+                    Event::new(Kind::Policy, "secret_removed")
+                        .agent(operator_name(peer))
+                        .action(serde_json::json!({ "name": name }))
+                        .allow(),
+                )
+                .await;
+            json(StatusCode::OK, &serde_json::json!({ "name": name, "removed": true }))
+        }
+        Ok(false) => error(StatusCode::NOT_FOUND, "unknown_secret", format!("no stored secret {name:?}")),
+        Err(e) => error(StatusCode::BAD_REQUEST, "invalid_secret", e),
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ToolCall {
@@ -336,6 +424,14 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
             match (req.method().clone(), req.uri().path()) {
                 (Method::GET, "/v1/status") => json(StatusCode::OK, &status_json(&broker)),
                 (Method::POST, "/v1/certs") => operator_cert(&broker, peer, req).await,
+                (Method::GET, "/v1/secrets") => list_secrets(&broker),
+                (Method::PUT, path) if path.starts_with("/v1/secrets/") => {
+                    let name = path["/v1/secrets/".len()..].to_owned();
+                    set_secret(&broker, peer, &name, req).await
+                }
+                (Method::DELETE, path) if path.starts_with("/v1/secrets/") => {
+                    remove_secret(&broker, peer, &path["/v1/secrets/".len()..]).await
+                }
                 (Method::POST, path) if path.starts_with("/v1/certs/") && path.ends_with("/revoke") => {
                     let serial = &path["/v1/certs/".len()..path.len() - "/revoke".len()];
                     revoke_cert(&broker, peer, serial).await

@@ -15,9 +15,11 @@ pub mod local;
 pub mod metrics;
 pub mod policy;
 pub mod privileges;
+pub mod proxy;
 pub mod rate;
 pub mod resources;
 pub mod routes;
+pub mod secrets;
 pub mod serve;
 pub mod signer_client;
 pub mod ssh;
@@ -105,6 +107,10 @@ pub struct Broker {
     pub changes: http::mcp::ChangeFeed,
     /// SSH: issued certificates, sessions, first-use host keys.
     pub ssh: ssh::Ssh,
+    /// Upstream credentials (`env:`, `file:`, the sealed store).
+    pub secrets: secrets::Secrets,
+    /// The HTTP proxy (pooled upstream connections, TLS settings).
+    pub proxy: proxy::Proxy,
 }
 
 impl Broker {
@@ -156,6 +162,8 @@ impl Broker {
                 let digest = new.digest.clone();
                 let old = self.policy().digest.clone();
                 self.policy.replace(new);
+                self.secrets.clear();
+                self.proxy.clear();
                 self.changes.notify();
                 log::info!("policy reloaded: {digest}");
                 let ev = audit::Event::new(audit::Kind::Policy, "policy_reload").outcome(

@@ -75,6 +75,9 @@ pub fn api_handler(broker: Rc<Broker>) -> Handler {
         Box::pin(async move {
             let r = match (req.method(), req.uri().path()) {
                 (_, "/mcp") => super::http::mcp::handle(broker.clone(), req, peer).await,
+                (_, p) if p.starts_with(super::proxy::route::PREFIX) => {
+                    super::proxy::route::handle(broker.clone(), req, peer).await
+                }
                 (
                     &Method::GET,
                     "/.well-known/oauth-protected-resource" | "/.well-known/oauth-protected-resource/mcp",

@@ -303,6 +303,8 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             sessions: http::mcp::Sessions::default(),
             changes: http::mcp::ChangeFeed::default(),
             ssh: super::ssh::Ssh::new(certs, known),
+            secrets: super::secrets::Secrets::new(data_dir.state().join("secrets")),
+            proxy: super::proxy::Proxy::new(ex.clone()),
         });
         record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
         {

@@ -56,17 +56,30 @@ pub fn request(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<(http::StatusCode, serde_json::Value), String> {
+    let bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default()).unwrap_or_default();
+    request_bytes(socket, method, path, "application/json", bytes)
+}
+
+/// One request to the local API with a raw body (a secret: the buffer is zeroized after
+/// sending); returns (status, JSON body).
+pub fn request_bytes(
+    socket: &Path,
+    method: http::Method,
+    path: &str,
+    content_type: &'static str,
+    bytes: Vec<u8>,
+) -> Result<(http::StatusCode, serde_json::Value), String> {
+    let bytes = zeroize::Zeroizing::new(bytes);
     smol::block_on(async {
         let stream = Async::<std::os::unix::net::UnixStream>::connect(socket)
             .await
             .map_err(|e| format!("cannot reach the broker at {}: {e} (is `ephyr serve` running?)", socket.display()))?;
-        let bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default()).unwrap_or_default();
         let req = http::Request::builder()
             .method(method)
             .uri(path)
             .header(http::header::HOST, "localhost")
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(bytes)))
+            .header(http::header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::copy_from_slice(&bytes)))
             .map_err(|e| e.to_string())?;
         let (status, body) =
             exchange(stream, req, Duration::from_secs(30)).await.map_err(|e| format!("local API: {e}"))?;

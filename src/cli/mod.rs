@@ -8,6 +8,7 @@ pub mod exec;
 pub mod init;
 pub mod inspect;
 pub mod policy;
+pub mod secret;
 pub mod target;
 
 use std::path::{Path, PathBuf};

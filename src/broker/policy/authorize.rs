@@ -75,6 +75,22 @@ pub enum ActionKind<'a> {
         /// Path relative to the service's base URL.
         path: &'a str,
     },
+    /// An HTTP request about to be sent: [`ActionKind::Http`] plus where it goes — the host must
+    /// be one the service allows (the credential goes only there) and every address the host
+    /// resolved to must pass the network rules (DESIGN.md invariant 6: what is touched is what
+    /// is checked).
+    HttpUpstream {
+        /// Service name.
+        service: &'a str,
+        /// Method (upper case).
+        method: &'a str,
+        /// Path relative to the service's base URL.
+        path: &'a str,
+        /// Destination host (lower case, no brackets).
+        host: &'a str,
+        /// Every address the host resolved to (the connection goes to one of them).
+        addrs: &'a [std::net::IpAddr],
+    },
     /// A federated tool call.
     RemoteTool {
         /// Remote name.
@@ -159,6 +175,10 @@ pub enum DenyCode {
     TokenDeniesService,
     /// The token excludes the method.
     TokenDeniesMethod,
+    /// The destination host is not one the service allows.
+    HostNotAllowed,
+    /// A destination address is denied by the network rules (SSRF protection).
+    NetworkDenied,
     /// No such remote.
     UnknownRemote,
     /// The remote is disabled.
@@ -201,6 +221,8 @@ impl DenyCode {
             DenyCode::ServiceDisabled => "service_disabled",
             DenyCode::PolicyDeniesService => "policy_denies_service",
             DenyCode::MethodNotAllowed => "method_not_allowed",
+            DenyCode::HostNotAllowed => "host_not_allowed",
+            DenyCode::NetworkDenied => "network_denied",
             DenyCode::PathNotAllowed => "path_not_allowed",
             DenyCode::TokenDeniesService => "token_denies_service",
             DenyCode::TokenDeniesMethod => "token_denies_method",
@@ -315,6 +337,7 @@ pub fn authorize<'p>(policy: &'p Policy, principal: &Principal<'_>, action: &Act
         ActionKind::Ssh { .. }
             | ActionKind::SshCommand { .. }
             | ActionKind::Http { .. }
+            | ActionKind::HttpUpstream { .. }
             | ActionKind::RemoteTool { .. }
     ) {
         for d in principal.delegators.iter().filter(|d| d.as_str() != principal.agent) {
@@ -350,6 +373,15 @@ fn authorize_one<'p>(policy: &'p Policy, agent: &str, token: Option<&Envelope>, 
             deny => deny,
         },
         ActionKind::Http { service, method, path } => http(policy, agent, token, service, method, path),
+        ActionKind::HttpUpstream { service, method, path, host, addrs } => {
+            match http(policy, agent, token, service, method, path) {
+                Decision::Allow(g) => match upstream(policy, service, host, addrs) {
+                    Some(d) => Decision::Deny(d),
+                    None => Decision::Allow(g),
+                },
+                deny => deny,
+            }
+        }
         ActionKind::RemoteTool { remote, tool, arguments, declared } => {
             remote_tool(policy, agent, token, remote, tool, arguments, declared)
         }
@@ -476,6 +508,31 @@ fn http<'p>(
         }
     }
     allow(Rule::Source(&grant.source))
+}
+
+/// Where a request goes: the host against the service's `allowed_hosts`, every address against
+/// the network rules.
+fn upstream(policy: &Policy, service: &str, host: &str, addrs: &[std::net::IpAddr]) -> Option<Denial> {
+    let s = policy.services.get(service)?;
+    if !s.host_allowed(host) {
+        return Some(Denial {
+            code: DenyCode::HostNotAllowed,
+            reason: format!("service {service:?} does not allow host {host:?} (allowed_hosts)"),
+        });
+    }
+    if addrs.is_empty() {
+        return Some(Denial { code: DenyCode::NetworkDenied, reason: format!("{host} resolved to no address") });
+    }
+    addrs.iter().find_map(|ip| {
+        policy.network.check(*ip).err().map(|why| Denial {
+            code: DenyCode::NetworkDenied,
+            reason: if host.parse::<std::net::IpAddr>().is_ok() {
+                why
+            } else {
+                format!("{host} resolves to {ip}; {why}")
+            },
+        })
+    })
 }
 
 fn remote_tool<'p>(

@@ -180,7 +180,8 @@ pub struct ServiceFile {
     pub description: Option<String>,
     /// Credential injection.
     pub credential: Option<CredentialFile>,
-    /// Hosts the credential may be sent to (default: the URL's host).
+    /// Hosts requests (and the credential) may go to: names, `*.suffix`, or `*` without a
+    /// credential (default: the URL's host).
     pub allowed_hosts: Option<Vec<String>>,
     /// Methods allowed on this service (default all).
     pub methods: Option<Vec<String>>,
@@ -190,8 +191,12 @@ pub struct ServiceFile {
     pub headers: Option<BTreeMap<String, String>>,
     /// TLS settings.
     pub tls: Option<TlsFile>,
-    /// Total request timeout (`30s`).
+    /// Whole exchange, streaming included (`120s`).
     pub timeout: Option<String>,
+    /// TCP connect and TLS handshake (`10s`).
+    pub connect_timeout: Option<String>,
+    /// Until the response headers, and between body chunks (`30s`).
+    pub read_timeout: Option<String>,
     /// Largest response (`10MiB`).
     pub max_response: Option<String>,
     /// Largest request body.

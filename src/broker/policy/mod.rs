@@ -241,7 +241,8 @@ pub struct Service {
     pub description: String,
     /// Credential injection.
     pub credential: Option<Credential>,
-    /// Hosts the credential may be sent to.
+    /// Hosts requests and the credential may go to: exact names (lower case), `*.suffix`, or
+    /// `*` (only for a service without a credential). Always includes the URL's own host.
     pub allowed_hosts: BTreeSet<String>,
     /// Methods allowed (`None` = all).
     pub methods: Option<BTreeSet<String>>,
@@ -251,14 +252,44 @@ pub struct Service {
     pub headers: Vec<(String, String)>,
     /// TLS settings.
     pub tls: Tls,
-    /// Total timeout.
+    /// The whole exchange, response body included.
     pub timeout: Duration,
+    /// TCP connect and TLS handshake.
+    pub connect_timeout: Duration,
+    /// Until the response headers arrive, and between body chunks.
+    pub read_timeout: Duration,
     /// Largest response body.
     pub max_response: u64,
     /// Largest request body.
     pub max_request: u64,
     /// Served at all.
     pub enabled: bool,
+}
+
+impl Service {
+    /// Whether a request (and the credential) may go to `host` (lower case): the URL's host, a
+    /// listed name, a `*.suffix` pattern (a proper subdomain), or `*`.
+    pub fn host_allowed(&self, host: &str) -> bool {
+        host_specificity(&self.allowed_hosts, host).is_some()
+    }
+}
+
+/// How closely `patterns` name `host`: `None` if not at all; otherwise higher is more specific
+/// (an exact name beats a longer suffix pattern, which beats a shorter one, which beats `*`).
+pub fn host_specificity(patterns: &BTreeSet<String>, host: &str) -> Option<usize> {
+    patterns
+        .iter()
+        .filter_map(|p| {
+            if p == host {
+                Some(usize::MAX)
+            } else if p == "*" {
+                Some(0)
+            } else {
+                let suffix = p.strip_prefix('*')?;
+                (host.len() > suffix.len() && host.ends_with(suffix)).then_some(suffix.len())
+            }
+        })
+        .max()
 }
 
 /// A federated MCP server.

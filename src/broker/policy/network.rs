@@ -65,6 +65,23 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Whether `host` is a number-like name that resolvers read as an IPv4 address in a form other
+/// than canonical dotted decimal (`2130706433`, `0177.0.0.1`, `0x7f.1`, `127.1`, `127.0.0.1.`).
+/// Such names are refused wherever a host is accepted: what they mean depends on the resolver.
+pub fn numeric_host_form(host: &str) -> bool {
+    if host.parse::<Ipv4Addr>().is_ok() {
+        return false;
+    }
+    let labels: Vec<&str> = host.strip_suffix('.').unwrap_or(host).split('.').collect();
+    labels.iter().all(|l| {
+        let hex = l.strip_prefix("0x").or_else(|| l.strip_prefix("0X"));
+        match hex {
+            Some(h) => h.bytes().all(|b| b.is_ascii_hexdigit()),
+            None => !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()),
+        }
+    })
+}
+
 /// Blocks denied unless `network.allow` lists them, with the reason given to callers.
 pub const DEFAULT_DENY: [(&str, &str); 14] = [
     ("0.0.0.0/8", "unspecified/this-network address"),
@@ -77,8 +94,8 @@ pub const DEFAULT_DENY: [(&str, &str); 14] = [
     ("::/128", "unspecified address"),
     ("::1/128", "loopback address"),
     ("fe80::/10", "link-local address"),
-    ("fc00::/7", "unique local address (ULA)"),
     ("fd00:ec2::254/128", "cloud metadata address"),
+    ("fc00::/7", "unique local address (ULA)"),
     ("ff00::/8", "multicast address"),
     ("64:ff9b::/96", "NAT64 address (could reach IPv4 internals)"),
 ];
@@ -144,6 +161,16 @@ mod tests {
         }
         for ip in ["8.8.8.8", "192.168.1.10", "10.0.0.5", "2001:db8::1"] {
             assert!(n.check(ip.parse().unwrap()).is_ok(), "{ip}");
+        }
+    }
+
+    #[test]
+    fn number_like_hosts_are_recognised() {
+        for h in ["2130706433", "0177.0.0.1", "0x7f.0.0.1", "0x7f000001", "127.1", "127.0.0.1.", "017700000001", "0x"] {
+            assert!(numeric_host_form(h), "{h}");
+        }
+        for h in ["127.0.0.1", "10.0.0.5", "example.com", "1password.com", "123.example", "api.v1", "::1"] {
+            assert!(!numeric_host_form(h), "{h}");
         }
     }
 

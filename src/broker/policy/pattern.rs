@@ -125,6 +125,115 @@ impl fmt::Display for PathPattern {
     }
 }
 
+/// A request path after normalisation: what policy checks and what is sent are the same path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NormalPath {
+    /// The path as [`PathPattern`]s match it: percent-decoded, dot segments resolved, no empty
+    /// segments; a trailing `/` is kept.
+    pub decoded: String,
+    /// The path as sent upstream: the same segments, still percent-encoded as the caller wrote them.
+    pub encoded: String,
+    /// The query string (without `?`), as given.
+    pub query: Option<String>,
+}
+
+fn pchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@%".contains(&b)
+}
+
+fn percent_decode(seg: &str) -> Result<Vec<u8>, String> {
+    let b = seg.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                Some(v) => out.push(v),
+                None => return Err(format!("path segment {seg:?} has a malformed percent escape")),
+            }
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a segment is a dot segment, also in the `..;param` form some servers accept.
+fn dot_segment(seg: &[u8]) -> bool {
+    let head = seg.split(|b| *b == b';').next().unwrap_or(seg);
+    head == b"." || head == b".."
+}
+
+/// Normalises a request path (with an optional `?query`): `.` and `..` segments written plainly
+/// are resolved (never above the root), empty segments dropped; anything whose meaning differs
+/// between servers is refused: encoded dot segments (`%2e%2e`, `..;x`), encoded or raw
+/// backslashes, NUL and control bytes, characters outside RFC 3986, a fragment. So `/api/..`
+/// becomes `/` (which `/api/*` does not match) and `/api/%2e%2e/admin` is an error.
+pub fn normalise_path(input: &str) -> Result<NormalPath, String> {
+    let (path, query) = match input.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (input, None),
+    };
+    if input.contains('#') {
+        return Err("a path cannot carry a fragment (#)".into());
+    }
+    if !path.starts_with('/') {
+        return Err(format!("path {path:?} must start with /"));
+    }
+    if let Some(q) = query
+        && let Some(c) = q.bytes().find(|b| !pchar(*b) && *b != b'/' && *b != b'?')
+    {
+        return Err(format!("query has a character that must be percent-encoded: {:?}", char::from(c)));
+    }
+    if let Some(c) = path.bytes().find(|b| !pchar(*b) && *b != b'/') {
+        return Err(format!("path has a character that must be percent-encoded: {:?}", char::from(c)));
+    }
+    let mut segs: Vec<(&str, String)> = Vec::new();
+    for seg in path.split('/').filter(|s| !s.is_empty()) {
+        if seg == "." {
+            continue;
+        }
+        if seg == ".." {
+            if segs.pop().is_none() {
+                return Err(format!("path {path:?} climbs above the root"));
+            }
+            continue;
+        }
+        let raw = seg.as_bytes();
+        let decoded = percent_decode(seg)?;
+        if dot_segment(raw) {
+            return Err(format!("path segment {seg:?} is a dot segment with parameters"));
+        }
+        if decoded.iter().any(|b| *b == b'\\' || *b < 0x20 || *b == 0x7f) {
+            return Err(format!("path segment {seg:?} decodes to a backslash or control character"));
+        }
+        if decoded.split(|b| *b == b'/').any(dot_segment) {
+            return Err(format!("path segment {seg:?} hides a dot segment in percent-encoding"));
+        }
+        segs.push((seg, String::from_utf8_lossy(&decoded).into_owned()));
+    }
+    let trailing = path.len() > 1 && path.ends_with('/') && !segs.is_empty();
+    let join = |f: &dyn Fn(&(&str, String)) -> String| {
+        let mut s = String::with_capacity(path.len());
+        for seg in &segs {
+            s.push('/');
+            s.push_str(&f(seg));
+        }
+        if segs.is_empty() || trailing {
+            s.push('/');
+        }
+        s
+    };
+    Ok(NormalPath {
+        decoded: join(&|(_, d)| d.clone()),
+        encoded: join(&|(e, _)| (*e).to_owned()),
+        query: query.map(str::to_owned),
+    })
+}
+
 /// Whole-text glob for command patterns: `*` matches any run of characters (none included);
 /// everything else matches itself.
 pub fn glob(pattern: &str, text: &str) -> bool {
@@ -177,6 +286,41 @@ mod tests {
         assert!(p("/v1/models").matches("/v1/models") && !p("/v1/models").matches("/v1/models/x"));
         for bad in ["api", "/api/..", "/api/../x/*", "/a//b", "/a*", "/a/*/b"] {
             assert!(PathPattern::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn paths_are_normalised_before_matching() {
+        let n = |s| normalise_path(s).unwrap();
+        let api = PathPattern::parse("/api/*").unwrap();
+        assert_eq!(n("/api/..").decoded, "/");
+        assert!(!api.matches(&n("/api/..").decoded), "/api/.. never matches /api/*");
+        assert_eq!(n("/api/../admin").encoded, "/admin");
+        assert_eq!(n("/api/./x//y/").encoded, "/api/x/y/");
+        assert_eq!(n("/api/a%20b?x=1&y=%2F").decoded, "/api/a b");
+        assert_eq!(n("/api/a%20b?x=1&y=%2F").encoded, "/api/a%20b");
+        assert_eq!(n("/api/a%20b?x=1&y=%2F").query.as_deref(), Some("x=1&y=%2F"));
+        assert_eq!(n("/repos/a%2Fb").decoded, "/repos/a/b", "an encoded slash stays inside its segment");
+        assert_eq!(n("/repos/a%2Fb").encoded, "/repos/a%2Fb");
+        assert_eq!(n("/").encoded, "/");
+        for bad in [
+            "/api/%2e%2e/admin",
+            "/api/%2E%2E",
+            "/api/.%2e/x",
+            "/api/a%2F..%2Fb",
+            "/api/..;/admin",
+            "/api/x%5C..%5Cadmin",
+            "/api/x\\y",
+            "/api/%00",
+            "/api/%0d%0aHost:x",
+            "/api/%zz",
+            "/api/a b",
+            "/../etc",
+            "/api#frag",
+            "api",
+            "/api?q=\"x\"",
+        ] {
+            assert!(normalise_path(bad).is_err(), "{bad:?}");
         }
     }
 }

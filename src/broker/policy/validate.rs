@@ -153,11 +153,18 @@ fn parse_url(s: &str) -> Result<UpstreamUrl, String> {
     if host.is_empty() {
         return Err(format!("{s:?} has no host"));
     }
+    if super::network::numeric_host_form(&host) {
+        return Err(format!("{s:?}: write an IPv4 address in dotted-decimal form, not {host:?}"));
+    }
     if uri.query().is_some() {
         return Err(format!("{s:?}: a base URL has no query string"));
     }
     let port = auth.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
-    let base_path = uri.path().trim_end_matches('/').to_owned();
+    let normal = super::pattern::normalise_path(uri.path()).map_err(|e| format!("{s:?}: {e}"))?;
+    if normal.encoded != uri.path() && normal.encoded != format!("{}/", uri.path()) {
+        return Err(format!("{s:?}: write the base path normalised, as {:?}", normal.encoded));
+    }
+    let base_path = normal.encoded.trim_end_matches('/').to_owned();
     Ok(UpstreamUrl { scheme, host, port, base_path })
 }
 
@@ -816,16 +823,29 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             }
         };
         let credential = s.credential.as_ref().and_then(|c| credential(&mut cx, &["services", &name, "credential"], c));
-        let allowed_hosts: BTreeSet<String> = match &s.allowed_hosts {
-            Some(h) => h.iter().map(|x| x.to_ascii_lowercase()).collect(),
-            None => [url.host.clone()].into(),
-        };
-        if credential.is_some() && !allowed_hosts.contains(&url.host) {
-            cx.err(
-                &["services", &name, "allowed_hosts"],
-                format!("must include the service's own host {:?}", url.host),
-                Some("allowed_hosts lists where the credential may be sent".into()),
-            );
+        let mut allowed_hosts: BTreeSet<String> = [url.host.clone()].into();
+        for h in s.allowed_hosts.iter().flatten() {
+            let h = h.to_ascii_lowercase().trim_start_matches('[').trim_end_matches(']').to_owned();
+            let bare = h.strip_prefix("*.").unwrap_or(&h);
+            let host_ok = !bare.is_empty()
+                && bare.len() <= 253
+                && bare.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                && !super::network::numeric_host_form(bare);
+            if h == "*" && credential.is_some() {
+                cx.err(
+                    &["services", &name, "allowed_hosts"],
+                    "\"*\" cannot be used with a credential: a secret is bound to the hosts it is for",
+                    Some("list the hosts (or *.domain) the credential may be sent to".into()),
+                );
+            } else if h != "*" && !host_ok && h.parse::<std::net::IpAddr>().is_err() {
+                cx.err(
+                    &["services", &name, "allowed_hosts"],
+                    format!("{h:?} is not a host name, an IP address, *.domain or *"),
+                    None,
+                );
+            } else {
+                allowed_hosts.insert(h);
+            }
         }
         let m = s.methods.as_ref().map(|m| methods(&mut cx, &["services", &name, "methods"], m));
         let paths = s.paths.as_ref().map(|p| path_patterns(&mut cx, &["services", &name, "paths"], p));
@@ -857,7 +877,16 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             }
         }
         let tls = tls(&mut cx, &["services", &name], s.tls.as_ref());
-        let timeout = cx.duration(&["services", &name, "timeout"], s.timeout.as_deref(), Duration::from_secs(30));
+        let timeout = cx.duration(&["services", &name, "timeout"], s.timeout.as_deref(), Duration::from_secs(120));
+        let connect_timeout =
+            cx.duration(&["services", &name, "connect_timeout"], s.connect_timeout.as_deref(), Duration::from_secs(10));
+        let read_timeout =
+            cx.duration(&["services", &name, "read_timeout"], s.read_timeout.as_deref(), Duration::from_secs(30));
+        for (key, d) in [("timeout", timeout), ("connect_timeout", connect_timeout), ("read_timeout", read_timeout)] {
+            if d.is_zero() {
+                cx.err(&["services", &name, key], "must be longer than 0s", None);
+            }
+        }
         let size = |cx: &mut Ctx<'_>, key: &str, v: &Option<String>, d: u64| -> u64 {
             match v.as_deref().map(parse_size) {
                 None => d,
@@ -882,6 +911,8 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
                 headers,
                 tls,
                 timeout,
+                connect_timeout,
+                read_timeout,
                 max_response,
                 max_request,
                 enabled: s.enabled.unwrap_or(true),

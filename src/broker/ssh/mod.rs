@@ -628,7 +628,7 @@ impl Ssh {
                     "certificate expired"
                 } else if s.conn.borrow().is_closed() {
                     "connection lost"
-                } else if s.task.as_deref().is_some_and(|t| task_unusable(broker, t)) {
+                } else if s.task.as_deref().is_some_and(|t| broker.tasks.unusable(t)) {
                     "task revoked or expired"
                 } else if !policy_allows(&policy, &s.agent, &s.target, &s.role) {
                     "policy no longer allows it"
@@ -650,17 +650,10 @@ impl Ssh {
         let ca = broker.signer.health().status.map(|s| s.ca_public_key)?;
         let blob = ca.split_whitespace().nth(1).and_then(|b| data_encoding::BASE64.decode(b.as_bytes()).ok())?;
         let now = now_secs();
-        let serials = self.registry.revoked_serials(now, |t| task_unusable(broker, t));
+        let serials = self.registry.revoked_serials(now, |t| broker.tasks.unusable(t));
         let v = self.krl_version.get().max(crate::time::now().0.max(0) as u64);
         self.krl_version.set(v + 1);
         Some(krl::encode(&blob, &serials, v, now, "ephyr revoked certificates"))
-    }
-}
-
-fn task_unusable(broker: &Broker, task: &str) -> bool {
-    match task.parse::<ulid::Ulid>() {
-        Ok(id) => broker.tasks.view(id).is_none_or(|v| v.revoked.is_some()),
-        Err(_) => true,
     }
 }
 

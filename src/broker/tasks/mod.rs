@@ -633,6 +633,18 @@ impl TaskStore {
         })
     }
 
+    /// Whether the task `id` (text) can no longer act: unknown, expired or removed, or it or an
+    /// ancestor revoked. Checked by things that outlive a request (SSH sessions, proxied streams).
+    pub fn unusable(&self, id: &str) -> bool {
+        match id.parse::<Ulid>() {
+            Ok(id) => {
+                let now = crate::time::now().0;
+                self.view(id).is_none_or(|v| v.revoked.is_some() || v.task.expires <= now)
+            }
+            Err(_) => true,
+        }
+    }
+
     /// Consumes a checked proof's nonce (journaled; await the returned future before serving).
     pub fn consume_nonce(&self, c: &pop::Checked, now: UnixMicros) -> Result<Option<journal::Durable>, pop::PopError> {
         self.state.borrow_mut().replay.consume(c, now)?;

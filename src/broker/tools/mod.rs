@@ -12,6 +12,7 @@
 //! result with its reason, never a protocol error.
 
 pub mod discovery;
+pub mod http;
 pub mod ssh;
 pub mod tasks;
 
@@ -169,6 +170,7 @@ pub static REGISTRY: &[&ToolDef] = &[
     &ssh::SESSION_CLOSE,
     &ssh::LIST_SESSIONS,
     &ssh::LIST_CERTS,
+    &http::HTTP_REQUEST,
     &discovery::LIST_SERVICES,
     &discovery::LIST_REMOTES,
     &tasks::TASK_CREATE,

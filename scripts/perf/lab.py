@@ -1,0 +1,68 @@
+"""Shared set-up for the load scripts: a work dir with an initialised data dir, agent keys, and
+`ephyr serve` on free loopback ports (optionally pinned to a CPU)."""
+import json, os, shutil, socket, subprocess, tempfile, time
+
+
+def run(*args, **kw):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+class Lab:
+    """A broker's files under a fresh temp dir (removed by `close`)."""
+
+    def __init__(self, binary, prefix):
+        self.binary = binary
+        self.work = tempfile.mkdtemp(prefix=prefix)
+        os.chmod(self.work, 0o755)
+        self.data, self.etc = os.path.join(self.work, "data"), os.path.join(self.work, "etc")
+        run(binary, "init", "--data-dir", self.data, "--config-dir", self.etc)
+        self.broker = None
+
+    def agent_key(self, name):
+        """{api_key, api_key_hash} for a new agent key."""
+        return json.loads(run(self.binary, "keygen", "agent", name, "--json").stdout)
+
+    def serve(self, policy, cpu=None, env=None):
+        """Starts `ephyr serve` with `policy` (text); returns (process, api port, dashboard port)
+        once the API port accepts connections."""
+        path = os.path.join(self.etc, "bench.yaml")
+        with open(path, "w") as f:
+            f.write(policy)
+        os.chmod(path, 0o644)
+        port, dport = free_port(), free_port()
+        cmd = [self.binary, "serve", "--config", path, "--data-dir", self.data, "--listen", f"127.0.0.1:{port}",
+               "--dashboard-listen", f"127.0.0.1:{dport}", "--socket", os.path.join(self.work, "ephyr.sock")]
+        if cpu is not None:
+            cmd = ["taskset", "-c", str(cpu), *cmd]
+        self.broker = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       env={**os.environ, "EPHYR_LOG": "warn", **(env or {})})
+        wait_port(port)
+        return self.broker, port, dport
+
+    def close(self):
+        if self.broker:
+            self.broker.terminate()
+            try:
+                self.broker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.broker.kill()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def wait_port(port, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")

@@ -1,0 +1,528 @@
+//! The credential-injecting HTTP proxy: one request from an agent (the `http_request` tool or the
+//! `/v1/proxy/<service>/...` route) to a service's upstream, with the service's secret added.
+//!
+//! What runs here, on the executor thread: `authorize` for the service, method and normalised
+//! path; name resolution (blocking pool) and `authorize` again for the host and **every**
+//! resolved address (network rules: loopback, link-local, metadata, ULA, CGNAT, ... denied by
+//! default); the secret from the store (signer unseal, cached); for methods other than GET,
+//! HEAD and OPTIONS, an audit record that is durable before the request leaves; then the request
+//! on a pooled or new connection to one of the checked addresses ([`conn`]). Redirects are
+//! returned, never followed. The response streams back through [`UpstreamBody`]: bounded by the
+//! service's `max_response`, `read_timeout` between chunks and `timeout` overall, scrubbed of
+//! the secret ([`scrub`]), and cut when the caller's task is revoked or expires. Memory per
+//! request is hyper's read buffer plus one chunk: nothing is buffered beyond what the client
+//! has not yet taken (hyper's backpressure reaches the upstream socket).
+
+pub mod conn;
+pub mod plan;
+pub mod route;
+pub mod scrub;
+
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_io::Timer;
+use bytes::Bytes;
+use futures_lite::{FutureExt as _, StreamExt as _};
+use http::{HeaderMap, StatusCode};
+use http_body::{Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::Broker;
+use super::audit::{AuditSink as _, Event, Kind};
+use super::auth::Caller;
+use super::policy::{Action, ActionKind, Decision, Denial, Policy, authorize, pattern::normalise_path};
+use scrub::Scrubber;
+
+/// How often a streaming response checks that the caller's task is still usable.
+const TASK_CHECK: Duration = Duration::from_millis(500);
+
+/// Methods that are sent without waiting for their audit record to be durable (they change
+/// nothing upstream by definition; their outcome is still recorded).
+pub fn safe_method(m: &str) -> bool {
+    matches!(m, "GET" | "HEAD" | "OPTIONS")
+}
+
+/// One proxied request, as the agent asked for it.
+pub struct Call<'a> {
+    /// The MCP tool it comes through (`None` for the proxy route).
+    pub tool: Option<&'a str>,
+    /// Service name.
+    pub service: &'a str,
+    /// Destination host when a URL named one (default: the service's).
+    pub host: Option<&'a str>,
+    /// Method, upper case.
+    pub method: &'a str,
+    /// Path and query relative to the service's base path, as given.
+    pub path: &'a str,
+    /// The agent's headers (filtered by [`plan::request_headers`]).
+    pub headers: &'a HeaderMap,
+    /// Request body.
+    pub body: Bytes,
+    /// A shorter overall timeout than the service's.
+    pub timeout: Option<Duration>,
+    /// `tool` or `route`, for audit and metrics.
+    pub via: &'static str,
+}
+
+/// Why a request was not proxied.
+#[derive(Debug)]
+pub enum Failure {
+    /// Policy, token or network rules deny it.
+    Denied(Denial),
+    /// The request itself is malformed (path, headers).
+    Invalid(String),
+    /// The request body is larger than the service allows.
+    TooLarge(String),
+    /// The broker cannot serve it now (audit log down, secret missing).
+    Unavailable(String),
+    /// The upstream could not be reached or answered badly.
+    Upstream(String),
+    /// The upstream did not answer in time.
+    Timeout(String),
+}
+
+impl Failure {
+    /// HTTP status for the proxy route.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Failure::Denied(_) => StatusCode::FORBIDDEN,
+            Failure::Invalid(_) => StatusCode::BAD_REQUEST,
+            Failure::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Failure::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Failure::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Failure::Denied(d) => d.code.as_str(),
+            Failure::Invalid(_) => "invalid_request",
+            Failure::TooLarge(_) => "body_too_large",
+            Failure::Unavailable(_) => "unavailable",
+            Failure::Upstream(_) => "upstream_failed",
+            Failure::Timeout(_) => "upstream_timeout",
+        }
+    }
+
+    /// Human text.
+    pub fn message(&self) -> String {
+        match self {
+            Failure::Denied(d) => d.reason.clone(),
+            Failure::Invalid(m)
+            | Failure::TooLarge(m)
+            | Failure::Unavailable(m)
+            | Failure::Upstream(m)
+            | Failure::Timeout(m) => m.clone(),
+        }
+    }
+}
+
+/// The upstream's answer.
+pub struct Answer {
+    /// Status (3xx included: redirects are not followed).
+    pub status: StatusCode,
+    /// Filtered headers.
+    pub headers: HeaderMap,
+    /// The streaming body.
+    pub body: UpstreamBody,
+    /// Request id (also in `X-Ephyr-Request-Id` on both sides).
+    pub request_id: String,
+    /// `scheme://host[:port]/path` (no query: it may hold the credential).
+    pub url: String,
+    /// The normalised path relative to the service (what policy checked).
+    pub path: String,
+    /// The address connected to.
+    pub addr: std::net::SocketAddr,
+}
+
+/// How a response body ended.
+#[derive(Debug)]
+pub struct End {
+    /// Bytes passed on.
+    pub bytes: u64,
+    /// Why it stopped early, if it did.
+    pub error: Option<String>,
+}
+
+/// What [`UpstreamBody`] calls when it ends.
+pub type OnEnd = Box<dyn FnOnce(&End)>;
+
+/// The proxy (executor thread only).
+pub struct Proxy {
+    conns: Rc<conn::Conns>,
+}
+
+impl Proxy {
+    /// A proxy whose connections are driven on `ex`.
+    pub fn new(ex: Rc<smol::LocalExecutor<'static>>) -> Self {
+        Proxy { conns: Rc::new(conn::Conns::new(ex)) }
+    }
+
+    /// Forgets pooled connections and TLS settings (policy reload, secret change).
+    pub fn clear(&self) {
+        self.conns.clear();
+    }
+
+    /// Idle pooled connections (metrics).
+    pub fn idle_connections(&self) -> usize {
+        self.conns.idle_count()
+    }
+
+    /// Authorizes, resolves, checks and sends one request; the answer's body streams.
+    pub async fn send(
+        &self,
+        broker: &Rc<Broker>,
+        caller: &Caller,
+        policy: &Policy,
+        call: Call<'_>,
+    ) -> Result<Answer, Failure> {
+        let started = Instant::now();
+        let path = normalise_path(call.path).map_err(|e| Failure::Invalid(format!("path: {e}")))?;
+        let principal = caller.principal();
+        let (service, method) = (call.service, call.method);
+        let http = ActionKind::Http { service, method, path: &path.decoded };
+        if let Decision::Deny(d) = authorize(policy, &principal, &Action { tool: call.tool, kind: http }) {
+            return Err(Failure::Denied(d));
+        }
+        let Some(s) = policy.services.get(service) else {
+            return Err(Failure::Invalid(format!("no service {service:?}")));
+        };
+        if call.body.len() as u64 > s.max_request {
+            return Err(Failure::TooLarge(format!(
+                "request body is {} bytes; service {service:?} accepts at most {} (max_request)",
+                call.body.len(),
+                s.max_request
+            )));
+        }
+        if let Some(f) = broker.audit.failure() {
+            return Err(Failure::Unavailable(format!("the audit log is unavailable ({f}); requests are refused")));
+        }
+        let host = call.host.unwrap_or(&s.url.host).to_owned();
+        let total = call.timeout.map_or(s.timeout, |t| t.min(s.timeout));
+        let deadline = started + total;
+        let addrs: Vec<IpAddr> =
+            conn::resolve(&broker.pool, &host, s.url.port, s.connect_timeout).await.map_err(Failure::Upstream)?;
+        let upstream = ActionKind::HttpUpstream { service, method, path: &path.decoded, host: &host, addrs: &addrs };
+        if let Decision::Deny(d) = authorize(policy, &principal, &Action { tool: call.tool, kind: upstream }) {
+            return Err(Failure::Denied(d));
+        }
+        let secret = match &s.credential {
+            None => None,
+            Some(c) => Some(
+                broker.secrets.resolve(&broker.pool, &broker.signer, &c.secret).await.map_err(Failure::Unavailable)?,
+            ),
+        };
+        let scrub = match (&s.credential, &secret) {
+            (Some(c), Some(v)) => Scrubber::new(plan::secret_forms(&c.kind, v)),
+            _ => Scrubber::default(),
+        };
+        let request_id = crate::ids::new_ulid(crate::time::now()).to_string();
+        let headers = plan::request_headers(call.headers, s, &host, secret.as_ref(), &request_id)
+            .map_err(|e| Failure::Invalid(format!("service {service:?}: {e}")))?;
+        let uri = plan::upstream_path(s, &path, secret.as_ref());
+        drop(secret);
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Full::new(call.body))
+            .map_err(|e| Failure::Invalid(format!("request: {e}")))?;
+        *req.headers_mut() = headers;
+        let url = format!(
+            "{}://{}{}{}",
+            s.url.scheme,
+            plan::host_header(&s.url.scheme, &host, s.url.port),
+            s.url.base_path,
+            path.encoded
+        );
+
+        // A request that may change something upstream is on disk before it leaves.
+        let ticket = if safe_method(method) {
+            None
+        } else {
+            let mut ev = Event::new(Kind::Http, "http_request")
+                .agent(caller.agent.clone())
+                .action(json!({
+                    "service": service, "method": method, "path": path.decoded, "host": host,
+                    "request_id": request_id, "via": call.via,
+                }))
+                .allow();
+            if let Some(t) = caller.token() {
+                ev = ev.task(t.task.clone(), t.lineage.clone()).initiated_by(t.initiated_by.clone());
+            }
+            Some(broker.audit.record(ev).map_err(|e| Failure::Unavailable(format!("audit: {e}")))?)
+        };
+        let tls = if s.url.scheme == "https" {
+            let client = match (&s.tls.client_cert, &s.tls.client_key) {
+                (Some(c), Some(k)) => Some((
+                    c.as_str(),
+                    broker.secrets.resolve(&broker.pool, &broker.signer, k).await.map_err(Failure::Unavailable)?,
+                )),
+                _ => None,
+            };
+            let key = format!("{}/{service}", policy.digest);
+            Some(
+                self.conns
+                    .tls_config(&broker.pool, &key, s.tls.ca_file.as_deref(), client)
+                    .await
+                    .map_err(|e| Failure::Unavailable(format!("service {service:?}: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let pool_key = format!("{}/{service}/{host}/{}", policy.digest, s.url.port);
+        let dest = conn::Dest { host: &host, port: s.url.port, addrs: &addrs, tls, timeout: s.connect_timeout };
+        let remaining = |what: &str| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            (left, format!("{what} took longer than the {}s allowed", total.as_secs_f64()))
+        };
+
+        // A pooled connection first; if the request could not be written on it, a new one.
+        let exchange = async {
+            if let Some(d) = ticket {
+                d.durable().await.map_err(|e| Failure::Unavailable(format!("audit: {e}")))?;
+            }
+            let mut req = Some(req);
+            let mut reused = self.conns.checkout(&pool_key);
+            loop {
+                let (mut sender, addr) = match reused.take() {
+                    Some(s) => (s, None),
+                    None => {
+                        let (s, a) = self.conns.connect(&dest).await.map_err(|e| match e {
+                            conn::ConnectError::Timeout(_) => Failure::Timeout(format!("connecting to {host}: {e}")),
+                            other => Failure::Upstream(format!("connecting to {host}: {other}")),
+                        })?;
+                        (s, Some(a))
+                    }
+                };
+                let was_reused = addr.is_none();
+                let Some(r) = req.take() else { return Err(Failure::Upstream("request lost".into())) };
+                match sender.try_send_request(r).await {
+                    Ok(resp) => return Ok((sender, resp, addr)),
+                    Err(mut e) => match e.take_message() {
+                        Some(r) if was_reused => req = Some(r),
+                        _ => return Err(Failure::Upstream(format!("{host}: {}", chain(&e.into_error())))),
+                    },
+                }
+            }
+        };
+        let (left, late) = remaining("the upstream's answer");
+        let head_limit = left.min(s.read_timeout);
+        let (sender, resp, addr) = exchange
+            .or(async {
+                Timer::after(head_limit).await;
+                Err(Failure::Timeout(if head_limit < left {
+                    format!("{host} sent no response headers within {}s (read_timeout)", head_limit.as_secs_f64())
+                } else {
+                    late
+                }))
+            })
+            .await?;
+        let addr = addr.unwrap_or_else(|| std::net::SocketAddr::new(addrs[0], s.url.port));
+        let (parts, incoming) = resp.into_parts();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Failure::Upstream(format!("{host} switched protocols, which the proxy does not carry")));
+        }
+        if scrub.is_active()
+            && let Some(enc) = parts.headers.get(http::header::CONTENT_ENCODING)
+            && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
+        {
+            return Err(Failure::Upstream(format!(
+                "{host} sent a {}-encoded body although identity was asked for; it cannot be checked for the credential, so it is not passed on",
+                String::from_utf8_lossy(enc.as_bytes())
+            )));
+        }
+        broker.metrics.inc("ephyr_proxy_requests_total", &[("service", service), ("code", class(parts.status))]);
+        let headers = plan::response_headers(&parts.headers, &scrub, service, &request_id);
+        let watch: Option<Box<dyn Fn() -> bool>> = caller.token().map(|t| {
+            let (b, task) = (broker.clone(), t.task.clone());
+            Box::new(move || b.tasks.unusable(&task)) as Box<dyn Fn() -> bool>
+        });
+        let body = UpstreamBody {
+            inner: incoming,
+            scrub,
+            limit: s.max_response,
+            bytes: 0,
+            read_timeout: s.read_timeout,
+            read_timer: Timer::after(s.read_timeout),
+            total,
+            deadline: Timer::at(deadline),
+            watch,
+            watch_timer: Timer::interval(TASK_CHECK),
+            pool: Some((self.conns.clone(), pool_key, sender)),
+            pending: None,
+            done: false,
+            on_end: None,
+        };
+        Ok(Answer { status: parts.status, headers, body, request_id, url, path: path.decoded, addr })
+    }
+}
+
+/// An error with its causes (`operation was canceled: connection closed: received fatal alert`).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// `2xx`-style status class.
+pub fn class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// A streaming upstream response body: bounded, timed, scrubbed, and cut when the caller's task
+/// ends. Its connection returns to the pool when it is read to the end.
+pub struct UpstreamBody {
+    inner: Incoming,
+    scrub: Scrubber,
+    limit: u64,
+    bytes: u64,
+    read_timeout: Duration,
+    read_timer: Timer,
+    total: Duration,
+    deadline: Timer,
+    watch: Option<Box<dyn Fn() -> bool>>,
+    watch_timer: Timer,
+    pool: Option<(Rc<conn::Conns>, String, conn::Sender)>,
+    pending: Option<Bytes>,
+    done: bool,
+    on_end: Option<OnEnd>,
+}
+
+impl UpstreamBody {
+    /// Calls `f` once when the body ends (completely, with an error, or dropped unfinished).
+    pub fn on_end(&mut self, f: OnEnd) {
+        self.on_end = Some(f);
+    }
+
+    /// Bytes passed on so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn end(&mut self, error: Option<String>) {
+        self.done = true;
+        if error.is_some() {
+            self.pool = None;
+        } else if let Some((conns, key, sender)) = self.pool.take() {
+            conns.checkin(key, sender);
+        }
+        if let Some(f) = self.on_end.take() {
+            f(&End { bytes: self.bytes, error });
+        }
+    }
+
+    fn fail(&mut self, msg: String) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.end(Some(msg.clone()));
+        Poll::Ready(Some(Err(io::Error::other(msg))))
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        if let Some(tail) = this.pending.take() {
+            return Poll::Ready(Some(Ok(Frame::data(tail))));
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            if this.deadline.poll(cx).is_ready() {
+                return this.fail(format!(
+                    "the exchange took longer than the {}s allowed (timeout)",
+                    this.total.as_secs_f64()
+                ));
+            }
+            if let Some(w) = &this.watch {
+                while this.watch_timer.poll_next(cx).is_ready() {
+                    if w() {
+                        return this.fail("the task was revoked or expired; the stream was stopped".into());
+                    }
+                }
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else { continue }; // trailers are not passed on
+                    this.bytes += data.len() as u64;
+                    if this.bytes > this.limit {
+                        return this.fail(format!(
+                            "the response is larger than the service's max_response ({} bytes)",
+                            this.limit
+                        ));
+                    }
+                    this.read_timer.set_after(this.read_timeout);
+                    let out = if this.scrub.is_active() { Bytes::from(this.scrub.push(&data)) } else { data };
+                    if out.is_empty() {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                Poll::Ready(Some(Err(e))) => return this.fail(format!("the upstream's body failed: {}", chain(&e))),
+                Poll::Ready(None) => {
+                    let tail = this.scrub.finish();
+                    this.end(None);
+                    return if tail.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Ok(Frame::data(Bytes::from(tail)))))
+                    };
+                }
+                Poll::Pending => {
+                    if this.read_timer.poll(cx).is_ready() {
+                        return this.fail(format!(
+                            "the upstream sent nothing for {}s (read_timeout)",
+                            this.read_timeout.as_secs_f64()
+                        ));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.pending.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Scrubbing keeps lengths, so the upstream's length is ours.
+        if self.done { SizeHint::with_exact(0) } else { self.inner.size_hint() }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if !self.done {
+            // hyper stops polling a body once it has sent as many bytes as its length said.
+            if http_body::Body::is_end_stream(&self.inner) && self.scrub.finish().is_empty() {
+                self.end(None);
+            } else {
+                self.pool = None;
+                self.end(Some("the client stopped reading".into()));
+            }
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! `/v1/proxy/<service>/<path>`: the proxy for clients that are not MCP clients — an OpenAI or
+//! Anthropic SDK configured with `base_url = http://broker:8554/v1/proxy/openai` and the task
+//! token (or an API key) as its API key works unchanged.
+//!
+//! What runs here: authentication (`Authorization: Bearer`, or `X-API-Key` as the Anthropic SDK
+//! sends it), the proof of possession for bound tasks (over the method, authority, path and
+//! body), the agent's rate limit, the request body read up to the service's `max_request`, then
+//! [`super::Proxy::send`]. The response streams back as it arrives (chunked and SSE included).
+//! Every request's outcome is audited (`http_response`, with status, bytes and duration) when
+//! its body ends; a refusal is audited as `http_request` with its reason.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::{Call, Failure};
+use crate::broker::Broker;
+use crate::broker::audit::{AuditSink as _, Event, Kind};
+use crate::broker::auth::{self, Caller};
+use crate::broker::http::{Body, Peer, error, read_incoming};
+
+/// The route's prefix.
+pub const PREFIX: &str = "/v1/proxy/";
+/// Time allowed for a request body to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Body limit before the service is known (it is checked against the service's afterwards).
+const MAX_BODY_UNKNOWN: usize = 1 << 20;
+
+fn refuse(status: StatusCode, code: &str, message: String) -> Response<Body> {
+    let mut r = error(status, code, message);
+    r.headers_mut().insert(super::plan::PROXY_HEADER, HeaderValue::from_static("ephyr"));
+    r
+}
+
+fn audit_refusal(broker: &Broker, caller: Option<&Caller>, service: &str, method: &str, f: &Failure) {
+    let mut ev =
+        Event::new(Kind::Http, "http_request").action(json!({ "service": service, "method": method, "via": "route" }));
+    ev = match f {
+        Failure::Denied(d) => ev.deny(d.code.as_str(), d.reason.clone()),
+        other => ev.error(other.code(), other.message()),
+    };
+    if let Some(c) = caller {
+        ev = ev.agent(c.agent.clone());
+        if let Some(t) = c.token() {
+            ev = ev.task(t.task.clone(), t.lineage.clone()).initiated_by(t.initiated_by.clone());
+        }
+    }
+    if let Err(e) = broker.audit.note(ev) {
+        log::error!("audit: {e}");
+    }
+}
+
+/// Handles a request under [`PREFIX`].
+pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+    let started = Instant::now();
+    let policy = broker.policy();
+    let full = req.uri().path().to_owned();
+    let rest = full.strip_prefix(PREFIX).unwrap_or("");
+    let (service, sub) = match rest.split_once('/') {
+        Some((s, p)) => (s.to_owned(), format!("/{p}")),
+        None => (rest.to_owned(), "/".to_owned()),
+    };
+    let path = match req.uri().query() {
+        Some(q) => format!("{sub}?{q}"),
+        None => sub,
+    };
+    let method = req.method().as_str().to_owned();
+    let source = match peer {
+        Peer::Tcp(a) => Some(a.ip()),
+        Peer::Unix(_) => None,
+    };
+    if service.is_empty() {
+        return refuse(StatusCode::NOT_FOUND, "not_found", format!("{PREFIX}<service>/<path>: name a service"));
+    }
+    // The query belongs to the upstream here; credentials are read from the headers only.
+    let caller = match auth::authenticate(&broker, &policy, req.headers(), None, source).await {
+        Ok(c) => c,
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            let mut r = refuse(status, e.code(), e.message());
+            if status == StatusCode::UNAUTHORIZED {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"ephyr\""));
+            }
+            if let Some(s) = e.retry_after() {
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+            }
+            return r;
+        }
+    };
+    let max = policy.services.get(&service).map_or(MAX_BODY_UNKNOWN, |s| s.max_request.min(usize::MAX as u64) as usize);
+    let (parts, body) = req.into_parts();
+    let body = match read_incoming(&parts.headers, body, max, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(e) => {
+            let f = match e {
+                crate::broker::http::BodyError::TooLarge(_) => {
+                    Failure::TooLarge(format!("request body exceeds {max} bytes (service {service:?} max_request)"))
+                }
+                other => Failure::Invalid(other.describe()),
+            };
+            audit_refusal(&broker, Some(&caller), &service, &method, &f);
+            return refuse(f.status(), f.code(), f.message());
+        }
+    };
+    if caller.token().is_some()
+        && let Ok(auth::Credential::Token(token)) = auth::credential(&parts.headers, None)
+    {
+        let authority = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        let facts = crate::broker::tasks::pop::Facts {
+            http_method: &method,
+            authority,
+            path: &full,
+            mcp_method: "-",
+            tool: "-",
+            body: &body,
+            token,
+        };
+        if let Err(e) = auth::prove_possession(&broker, &caller, &parts.headers, &facts).await {
+            let status = match e {
+                auth::PossessionError::Locked(_) => StatusCode::LOCKED,
+                auth::PossessionError::Proof(_) => StatusCode::UNAUTHORIZED,
+            };
+            return refuse(status, e.code(), e.message());
+        }
+    }
+    if let Some(a) = policy.agents.get(&caller.agent)
+        && let Err(wait) = broker.agent_limits.take(&caller.agent, a.rate_limit, started)
+    {
+        let mut r = refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("rate limit exceeded for agent {:?}", caller.agent),
+        );
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs().max(1)));
+        return r;
+    }
+    let call = Call {
+        tool: None,
+        service: &service,
+        host: None,
+        method: &method,
+        path: &path,
+        headers: &parts.headers,
+        body,
+        timeout: None,
+        via: "route",
+    };
+    let answer = match broker.proxy.send(&broker, &caller, &policy, call).await {
+        Ok(a) => a,
+        Err(f) => {
+            broker.metrics.inc("ephyr_proxy_requests_total", &[("service", &service), ("code", f.code())]);
+            audit_refusal(&broker, Some(&caller), &service, &method, &f);
+            return refuse(f.status(), f.code(), f.message());
+        }
+    };
+    let limit = policy.services.get(&service).map_or(u64::MAX, |s| s.max_response);
+    if let Some(len) = answer.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && len > limit
+    {
+        let f = Failure::Upstream(format!(
+            "the upstream's response is {len} bytes; service {service:?} passes at most {limit} (max_response)"
+        ));
+        audit_refusal(&broker, Some(&caller), &service, &method, &f);
+        return refuse(f.status(), f.code(), f.message());
+    }
+    let super::Answer { status, headers, mut body, request_id, path, .. } = answer;
+    let (b, agent, task) =
+        (broker.clone(), caller.agent.clone(), caller.token().map(|t| (t.task.clone(), t.lineage.clone())));
+    let code = status.as_u16();
+    body.on_end(Box::new(move |end| {
+        let mut ev = Event::new(Kind::Http, "http_response").agent(agent).action(json!({
+            "service": service, "method": method, "path": path, "request_id": request_id, "via": "route",
+        }));
+        let outcome = json!({
+            "status": code,
+            "bytes": end.bytes,
+            "duration_ms": started.elapsed().as_millis() as u64,
+        });
+        ev = match &end.error {
+            None => ev.allow().outcome(outcome),
+            Some(e) => ev.error("stream_ended", e.clone()).outcome(outcome),
+        };
+        if let Some((t, lineage)) = task {
+            ev = ev.task(t, lineage);
+        }
+        if let Err(e) = b.audit.note(ev) {
+            log::error!("audit: {e}");
+        }
+    }));
+    let mut r = Response::new(Box::pin(body) as Body);
+    *r.status_mut() = status;
+    *r.headers_mut() = headers;
+    r
+}
