@@ -16,7 +16,7 @@
 //! the alternatives are in `docs/decisions/0006-task-state-journal.md`.
 
 use std::cell::RefCell;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -109,24 +109,14 @@ pub fn read(path: &Path) -> Result<Replayed, String> {
     parse(&bytes).map_err(|e| format!("{}: {e}; move it aside to start without the state it holds", path.display()))
 }
 
-/// Replaces the journal at `path` with exactly these records (write to a temporary file, sync,
-/// rename over, sync the directory), so a crash leaves either the old or the new file.
+/// Replaces the journal at `path` with exactly these records (`datadir::write_atomic`), so a
+/// crash leaves either the old or the new file.
 pub fn rewrite(path: &Path, records: &[Vec<u8>]) -> io::Result<()> {
-    let tmp = path.with_extension("journal.tmp");
     let mut buf = MAGIC.to_vec();
     for r in records {
         buf.extend_from_slice(&frame(r));
     }
-    {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(&buf)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    super::datadir::write_atomic(path, &buf)
 }
 
 /// Resolves when a record is durable (or the journal failed).
@@ -280,7 +270,7 @@ mod tests {
     #[test]
     fn rewrite_replaces_atomically_and_appends_are_durable() {
         let dir = std::env::temp_dir().join(format!("ephyr-journal-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tasks.journal");
         rewrite(&path, &[b"a".to_vec()]).unwrap();
         let pool = BlockingPool::new(1, 4);
@@ -294,6 +284,6 @@ mod tests {
             d2.wait().await.unwrap();
         }));
         assert_eq!(read(&path).unwrap().records, vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
-        fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

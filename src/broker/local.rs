@@ -280,6 +280,15 @@ fn operator_name(peer: Peer) -> String {
     }
 }
 
+/// After a secret changed: TLS settings built with the old value go, and the change is audited
+/// (the name, never the value).
+async fn secret_changed(broker: &Broker, peer: Peer, event: &'static str, name: &str) {
+    broker.proxy.clear();
+    let ev =
+        Event::new(Kind::Policy, event).agent(operator_name(peer)).action(serde_json::json!({ "name": name })).allow();
+    broker.audit_now(ev).await;
+}
+
 /// `GET /v1/secrets`: names and times only.
 fn list_secrets(broker: &Broker) -> http::Response<Body> {
     let stored = broker.secrets.list();
@@ -320,21 +329,11 @@ async fn set_secret(
     let value = crate::secret::SecretBytes::new(super::secrets::trim_newline(body.to_vec()));
     match broker.secrets.set(&broker.pool, &broker.signer, name, value).await {
         Ok(()) => {
-            broker.proxy.clear();
-            broker
-                .audit_now(
-                    Event::new(Kind::Policy, "secret_set")
-                        .agent(operator_name(peer))
-                        .action(serde_json::json!({ "name": name }))
-                        .allow(),
-                )
-                .await;
+            secret_changed(broker, peer, "secret_set", name).await;
             json(StatusCode::OK, &serde_json::json!({ "name": name, "stored": true }))
         }
-        Err(e) if e.starts_with("sealing") || e.starts_with("writing") => {
-            error(StatusCode::SERVICE_UNAVAILABLE, "secret_not_stored", e)
-        }
-        Err(e) => error(StatusCode::BAD_REQUEST, "invalid_secret", e),
+        Err(super::secrets::SetError::NotStored(e)) => error(StatusCode::SERVICE_UNAVAILABLE, "secret_not_stored", e),
+        Err(super::secrets::SetError::Invalid(e)) => error(StatusCode::BAD_REQUEST, "invalid_secret", e),
     }
 }
 
@@ -342,15 +341,7 @@ async fn set_secret(
 async fn remove_secret(broker: &Broker, peer: Peer, name: &str) -> http::Response<Body> {
     match broker.secrets.remove(&broker.pool, name).await {
         Ok(true) => {
-            broker.proxy.clear();
-            broker
-                .audit_now(
-                    Event::new(Kind::Policy, "secret_removed")
-                        .agent(operator_name(peer))
-                        .action(serde_json::json!({ "name": name }))
-                        .allow(),
-                )
-                .await;
+            secret_changed(broker, peer, "secret_removed", name).await;
             json(StatusCode::OK, &serde_json::json!({ "name": name, "removed": true }))
         }
         Ok(false) => error(StatusCode::NOT_FOUND, "unknown_secret", format!("no stored secret {name:?}")),

@@ -114,6 +114,14 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// Counts one request against the agent's `rate_limit`; `Err` says how long to wait.
+    pub fn take_request(&self, policy: &policy::Policy, agent: &str, now: Instant) -> Result<(), std::time::Duration> {
+        match policy.agents.get(agent) {
+            Some(a) => self.agent_limits.take(&a.name, a.rate_limit, now),
+            None => Ok(()),
+        }
+    }
+
     /// Records an event and waits until it is durable; on failure logs it (for events that do not
     /// gate a response — those call `audit.record` themselves and refuse on error).
     pub async fn audit_now(&self, e: audit::Event) {

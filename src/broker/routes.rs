@@ -30,13 +30,7 @@ fn healthz(broker: &Broker) -> http::Response<super::http::Body> {
 }
 
 fn count(broker: &Broker, listener: &'static str, r: &http::Response<super::http::Body>) {
-    let class = match r.status().as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
+    let class = super::http::status_class(r.status());
     broker.metrics.inc("ephyr_http_requests_total", &[("listener", listener), ("code", class)]);
 }
 

@@ -11,9 +11,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use super::blocking::BlockingPool;
@@ -29,12 +27,9 @@ fn context(name: &str) -> String {
     format!("ephyr-secret:v1:{name}")
 }
 
-/// Whether `name` can name a stored secret (the policy's service-name rule).
+/// Whether `name` can name a stored secret: the rule the policy applies to `store:NAME`.
 pub fn name_ok(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-        && !name.starts_with('.')
+    super::policy::name_ok(name)
 }
 
 /// Drops one trailing newline (what `echo` and editors add); nothing else is changed.
@@ -46,6 +41,15 @@ pub fn trim_newline(mut v: Vec<u8>) -> Vec<u8> {
         }
     }
     v
+}
+
+/// Why a secret was not stored.
+#[derive(Debug)]
+pub enum SetError {
+    /// The name or the value is not acceptable (the caller's to fix).
+    Invalid(String),
+    /// Sealing or writing failed (the broker's side).
+    NotStored(String),
 }
 
 /// The secrets of one broker (executor thread only).
@@ -115,22 +119,22 @@ impl Secrets {
         signer: &Signer,
         name: &str,
         value: SecretBytes,
-    ) -> Result<(), String> {
+    ) -> Result<(), SetError> {
         if !name_ok(name) {
-            return Err(format!("{name:?} is not a secret name (1-64 of [A-Za-z0-9_.-], not starting with a dot)"));
+            return Err(SetError::Invalid(format!("{name:?} is not a secret name (1-64 of [A-Za-z0-9_.-])")));
         }
         if value.is_empty() {
-            return Err("the secret is empty".into());
+            return Err(SetError::Invalid("the secret is empty".into()));
         }
         if value.len() > MAX_SECRET {
-            return Err(format!("the secret is longer than {MAX_SECRET} bytes"));
+            return Err(SetError::Invalid(format!("the secret is longer than {MAX_SECRET} bytes")));
         }
-        let blob = signer.seal(context(name), value).await.map_err(|e| format!("sealing: {e}"))?;
+        let blob = signer.seal(context(name), value).await.map_err(|e| SetError::NotStored(format!("sealing: {e}")))?;
         let (dir, path) = (self.dir.clone(), self.path(name));
         pool.run(move || write_atomic(&dir, &path, &blob))
             .await
-            .ok_or("the blocking pool is shut down")?
-            .map_err(|e| format!("writing {}: {e}", self.path(name).display()))?;
+            .ok_or_else(|| SetError::NotStored("the blocking pool is shut down".into()))?
+            .map_err(|e| SetError::NotStored(format!("writing {}: {e}", self.path(name).display())))?;
         self.clear();
         Ok(())
     }
@@ -182,14 +186,7 @@ fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
 fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fs::create_dir_all(dir)?;
     fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    super::datadir::write_atomic(path, bytes)
 }
 
 #[cfg(test)]
@@ -198,7 +195,7 @@ mod tests {
 
     #[test]
     fn names_and_newlines() {
-        assert!(name_ok("openai") && name_ok("gh.token_2") && !name_ok("") && !name_ok("../x") && !name_ok(".x"));
+        assert!(name_ok("openai") && name_ok("gh.token_2") && !name_ok("") && !name_ok("../x"));
         assert!(!name_ok("a/b") && !name_ok(&"x".repeat(65)));
         assert_eq!(trim_newline(b"sk-1\n".to_vec()), b"sk-1");
         assert_eq!(trim_newline(b"sk-1\r\n".to_vec()), b"sk-1");
@@ -212,7 +209,7 @@ mod tests {
         let store = dir.join("store");
         write_atomic(&store, &store.join("a.sealed"), b"blob").unwrap();
         assert_eq!(read_limited(&store.join("a.sealed")).unwrap(), b"blob");
-        assert!(!store.join("a.tmp").exists());
+        assert!(!store.join("a.sealed.tmp").exists());
         let mode =
             std::os::unix::fs::PermissionsExt::mode(&fs::metadata(store.join("a.sealed")).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600);

@@ -526,6 +526,28 @@ fn proof_headers(headers: &HeaderMap) -> Result<(Option<&str>, Option<&str>), su
 /// MCP methods an unbound task that awaits its key may still use (to reach `task_bind`).
 const WHILE_AWAITING_BIND: [&str; 3] = ["initialize", "ping", "notifications/initialized"];
 
+/// [`prove_possession`] for one HTTP request: the token as sent, the `Host` header as the
+/// authority. Nothing to prove for an API-key caller.
+#[allow(clippy::too_many_arguments)]
+pub async fn prove_request(
+    broker: &super::Broker,
+    caller: &Caller,
+    method: &str,
+    path: &str,
+    headers: &HeaderMap,
+    mcp_method: &str,
+    tool: &str,
+    body: &[u8],
+) -> Result<(), PossessionError> {
+    if caller.token().is_none() {
+        return Ok(());
+    }
+    let Ok(Credential::Token(token)) = credential(headers, None) else { return Ok(()) };
+    let authority = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let facts = super::tasks::pop::Facts { http_method: method, authority, path, mcp_method, tool, body, token };
+    prove_possession(broker, caller, headers, &facts).await
+}
+
 /// Holder checks for a token caller (DESIGN.md invariant 3), after authentication and before
 /// anything is served: a bound task's request must carry a valid proof, signed by its holder
 /// key, whose nonce is then consumed and journaled (this waits until the nonce is durable, so a

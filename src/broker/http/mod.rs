@@ -79,6 +79,17 @@ pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
     json(status, &serde_json::json!({ "error": code, "message": message.into() }))
 }
 
+/// A status as its class, `1xx`..`5xx` (metric labels).
+pub fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
 /// Why a request body could not be read.
 #[derive(Debug)]
 pub enum BodyError {

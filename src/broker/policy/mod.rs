@@ -30,6 +30,12 @@ use crate::macaroon::envelope::ArgRule;
 use network::NetworkPolicy;
 use pattern::{NamePattern, PathPattern};
 
+/// Whether `s` can name a service, remote, target, role or stored secret: 1-64 of
+/// `[A-Za-z0-9_.-]` (never a `/`, so a name is also a safe file name).
+pub fn name_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
 /// HTTP methods a service or grant may name.
 pub const HTTP_METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"];
 

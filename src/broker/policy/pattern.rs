@@ -141,7 +141,8 @@ fn pchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@%".contains(&b)
 }
 
-fn percent_decode(seg: &str) -> Result<Vec<u8>, String> {
+/// Decodes `%XX` escapes; a malformed escape is an error naming the text.
+pub fn percent_decode(seg: &str) -> Result<Vec<u8>, String> {
     let b = seg.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -14,6 +14,7 @@ use serde_yaml_ng::Value;
 
 use super::file::*;
 use super::locate::locate;
+use super::name_ok;
 use super::network::{Cidr, NetworkPolicy};
 use super::pattern::{NamePattern, PathPattern};
 use super::*;
@@ -124,10 +125,6 @@ fn unknown_key_hint(field: &str) -> String {
         "password" | "credential" | "token" => "secrets are never written in the policy: use credential: {type: bearer, secret: env:NAME | file:/path | store:NAME}".into(),
         _ => "check the spelling against docs/policy.md (or point your editor at docs/policy.schema.json)".into(),
     }
-}
-
-fn name_ok(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 fn parse_size(s: &str) -> Option<u64> {

@@ -184,11 +184,6 @@ impl Conns {
         self.tls.borrow_mut().clear();
     }
 
-    /// Number of idle connections.
-    pub fn idle_count(&self) -> usize {
-        self.idle.borrow().values().map(Vec::len).sum()
-    }
-
     /// An idle connection for `key` that can take a request now.
     pub fn checkout(&self, key: &str) -> Option<Sender> {
         let mut idle = self.idle.borrow_mut();
@@ -228,7 +223,7 @@ impl Conns {
     }
 
     /// A new connection to one of `d.addrs`.
-    pub async fn connect(&self, d: &Dest<'_>) -> Result<(Sender, SocketAddr), ConnectError> {
+    pub async fn connect(&self, d: &Dest<'_>) -> Result<Sender, ConnectError> {
         let attempt = async {
             let mut last = String::from("no address to connect to");
             for ip in d.addrs {
@@ -268,7 +263,7 @@ impl Conns {
                     }
                 })
                 .detach();
-            Ok((sender, addr))
+            Ok(sender)
         };
         futures_lite::future::or(connected, async {
             Timer::after(d.timeout).await;

@@ -140,8 +140,6 @@ pub struct Answer {
     pub url: String,
     /// The normalised path relative to the service (what policy checked).
     pub path: String,
-    /// The address connected to.
-    pub addr: std::net::SocketAddr,
 }
 
 /// How a response body ended.
@@ -170,11 +168,6 @@ impl Proxy {
     /// Forgets pooled connections and TLS settings (policy reload, secret change).
     pub fn clear(&self) {
         self.conns.clear();
-    }
-
-    /// Idle pooled connections (metrics).
-    pub fn idle_connections(&self) -> usize {
-        self.conns.idle_count()
     }
 
     /// Authorizes, resolves, checks and sends one request; the answer's body streams.
@@ -293,20 +286,17 @@ impl Proxy {
             let mut req = Some(req);
             let mut reused = self.conns.checkout(&pool_key);
             loop {
-                let (mut sender, addr) = match reused.take() {
-                    Some(s) => (s, None),
-                    None => {
-                        let (s, a) = self.conns.connect(&dest).await.map_err(|e| match e {
-                            conn::ConnectError::Timeout(_) => Failure::Timeout(format!("connecting to {host}: {e}")),
-                            other => Failure::Upstream(format!("connecting to {host}: {other}")),
-                        })?;
-                        (s, Some(a))
-                    }
+                let was_reused = reused.is_some();
+                let mut sender = match reused.take() {
+                    Some(s) => s,
+                    None => self.conns.connect(&dest).await.map_err(|e| match e {
+                        conn::ConnectError::Timeout(_) => Failure::Timeout(format!("connecting to {host}: {e}")),
+                        other => Failure::Upstream(format!("connecting to {host}: {other}")),
+                    })?,
                 };
-                let was_reused = addr.is_none();
                 let Some(r) = req.take() else { return Err(Failure::Upstream("request lost".into())) };
                 match sender.try_send_request(r).await {
-                    Ok(resp) => return Ok((sender, resp, addr)),
+                    Ok(resp) => return Ok((sender, resp)),
                     Err(mut e) => match e.take_message() {
                         Some(r) if was_reused => req = Some(r),
                         _ => return Err(Failure::Upstream(format!("{host}: {}", chain(&e.into_error())))),
@@ -316,7 +306,7 @@ impl Proxy {
         };
         let (left, late) = remaining("the upstream's answer");
         let head_limit = left.min(s.read_timeout);
-        let (sender, resp, addr) = exchange
+        let (sender, resp) = exchange
             .or(async {
                 Timer::after(head_limit).await;
                 Err(Failure::Timeout(if head_limit < left {
@@ -326,7 +316,6 @@ impl Proxy {
                 }))
             })
             .await?;
-        let addr = addr.unwrap_or_else(|| std::net::SocketAddr::new(addrs[0], s.url.port));
         let (parts, incoming) = resp.into_parts();
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(Failure::Upstream(format!("{host} switched protocols, which the proxy does not carry")));
@@ -340,7 +329,10 @@ impl Proxy {
                 String::from_utf8_lossy(enc.as_bytes())
             )));
         }
-        broker.metrics.inc("ephyr_proxy_requests_total", &[("service", service), ("code", class(parts.status))]);
+        broker.metrics.inc(
+            "ephyr_proxy_requests_total",
+            &[("service", service), ("code", super::http::status_class(parts.status))],
+        );
         let headers = plan::response_headers(&parts.headers, &scrub, service, &request_id);
         let watch: Option<Box<dyn Fn() -> bool>> = caller.token().map(|t| {
             let (b, task) = (broker.clone(), t.task.clone());
@@ -358,11 +350,10 @@ impl Proxy {
             watch,
             watch_timer: Timer::interval(TASK_CHECK),
             pool: Some((self.conns.clone(), pool_key, sender)),
-            pending: None,
             done: false,
             on_end: None,
         };
-        Ok(Answer { status: parts.status, headers, body, request_id, url, path: path.decoded, addr })
+        Ok(Answer { status: parts.status, headers, body, request_id, url, path: path.decoded })
     }
 }
 
@@ -376,17 +367,6 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
-}
-
-/// `2xx`-style status class.
-pub fn class(s: StatusCode) -> &'static str {
-    match s.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
 }
 
 /// A streaming upstream response body: bounded, timed, scrubbed, and cut when the caller's task
@@ -403,7 +383,6 @@ pub struct UpstreamBody {
     watch: Option<Box<dyn Fn() -> bool>>,
     watch_timer: Timer,
     pool: Option<(Rc<conn::Conns>, String, conn::Sender)>,
-    pending: Option<Bytes>,
     done: bool,
     on_end: Option<OnEnd>,
 }
@@ -443,9 +422,6 @@ impl http_body::Body for UpstreamBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
-        if let Some(tail) = this.pending.take() {
-            return Poll::Ready(Some(Ok(Frame::data(tail))));
-        }
         if this.done {
             return Poll::Ready(None);
         }
@@ -474,8 +450,20 @@ impl http_body::Body for UpstreamBody {
                         ));
                     }
                     this.read_timer.set_after(this.read_timeout);
-                    let out = if this.scrub.is_active() { Bytes::from(this.scrub.push(&data)) } else { data };
+                    let mut out = if this.scrub.is_active() { Bytes::from(this.scrub.push(&data)) } else { data };
+                    // hyper stops polling once it has sent as many bytes as the length said:
+                    // the body ends with its last frame, not with a final poll.
+                    if this.inner.is_end_stream() {
+                        let tail = this.scrub.finish();
+                        if !tail.is_empty() {
+                            out = Bytes::from([out.as_ref(), tail.as_slice()].concat());
+                        }
+                        this.end(None);
+                    }
                     if out.is_empty() {
+                        if this.done {
+                            return Poll::Ready(None);
+                        }
                         continue;
                     }
                     return Poll::Ready(Some(Ok(Frame::data(out))));
@@ -504,7 +492,7 @@ impl http_body::Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.pending.is_none()
+        self.done
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -516,13 +504,7 @@ impl http_body::Body for UpstreamBody {
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         if !self.done {
-            // hyper stops polling a body once it has sent as many bytes as its length said.
-            if http_body::Body::is_end_stream(&self.inner) && self.scrub.finish().is_empty() {
-                self.end(None);
-            } else {
-                self.pool = None;
-                self.end(Some("the client stopped reading".into()));
-            }
+            self.end(Some("the client stopped reading".into()));
         }
     }
 }

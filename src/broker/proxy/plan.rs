@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use super::scrub::Scrubber;
 use crate::broker::policy::network::numeric_host_form;
-use crate::broker::policy::pattern::{NormalPath, normalise_path};
+use crate::broker::policy::pattern::{NormalPath, normalise_path, percent_decode};
 use crate::broker::policy::{CredentialKind, Policy, Service, host_specificity};
 use crate::secret::SecretBytes;
 
@@ -179,7 +179,7 @@ pub fn upstream_path(service: &Service, path: &NormalPath, secret: Option<&Secre
     if let Some((name, _)) = param {
         pairs.retain(|p| {
             let key = p.split('=').next().unwrap_or("");
-            key != name && percent_decode_lossy(key) != name
+            key != name && percent_decode(key).ok().as_deref() != Some(name.as_bytes())
         });
     }
     if !pairs.is_empty() || param.is_some() {
@@ -197,26 +197,6 @@ pub fn upstream_path(service: &Service, path: &NormalPath, secret: Option<&Secre
     out
 }
 
-fn percent_decode_lossy(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = (b[i] == b'%').then(|| b.get(i + 1..i + 3)).flatten();
-        match hex.and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()) {
-            Some(v) => {
-                out.push(v);
-                i += 3;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The `Host` header for a service URL (port omitted when it is the scheme's default).
 pub fn host_header(scheme: &str, host: &str, port: u16) -> String {
     let h = if host.contains(':') { format!("[{host}]") } else { host.to_owned() };
@@ -224,15 +204,31 @@ pub fn host_header(scheme: &str, host: &str, port: u16) -> String {
     if port == default { h } else { format!("{h}:{port}") }
 }
 
-fn connection_listed(headers: &HeaderMap) -> Vec<String> {
-    headers
+/// `headers` without hop-by-hop headers (also those the `Connection` header names), anything
+/// `X-Ephyr-*`, the names in `dropped`, and whatever `drop` says.
+fn pass_through(headers: &HeaderMap, dropped: &[&str], drop: impl Fn(&str, &HeaderValue) -> bool) -> HeaderMap {
+    let listed: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
         .filter(|t| !t.is_empty())
-        .collect()
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len() + 4);
+    for (name, value) in headers {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n)
+            || dropped.contains(&n)
+            || n.starts_with("x-ephyr-")
+            || listed.iter().any(|l| l == n)
+            || drop(n, value)
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
 }
 
 /// The upstream request headers.
@@ -243,24 +239,11 @@ pub fn request_headers(
     secret: Option<&SecretBytes>,
     request_id: &str,
 ) -> Result<HeaderMap, String> {
-    let listed = connection_listed(agent);
     let cred_header = match service.credential.as_ref().map(|c| &c.kind) {
         Some(CredentialKind::Header { name, .. }) => Some(name.to_ascii_lowercase()),
         _ => None,
     };
-    let mut out = HeaderMap::with_capacity(agent.len() + 4);
-    for (name, value) in agent {
-        let n = name.as_str();
-        if HOP_BY_HOP.contains(&n)
-            || REQUEST_DROPPED.contains(&n)
-            || n.starts_with("x-ephyr-")
-            || listed.iter().any(|l| l == n)
-            || cred_header.as_deref() == Some(n)
-        {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
-    }
+    let mut out = pass_through(agent, &REQUEST_DROPPED, |n, _| cred_header.as_deref() == Some(n));
     for (k, v) in &service.headers {
         let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("static header {k:?} is invalid"))?;
         let value = HeaderValue::from_str(v).map_err(|_| format!("static header {k:?} has an invalid value"))?;
@@ -314,20 +297,7 @@ pub fn request_headers(
 
 /// The response headers the agent sees.
 pub fn response_headers(upstream: &HeaderMap, scrub: &Scrubber, service: &str, request_id: &str) -> HeaderMap {
-    let listed = connection_listed(upstream);
-    let mut out = HeaderMap::with_capacity(upstream.len() + 2);
-    for (name, value) in upstream {
-        let n = name.as_str();
-        if HOP_BY_HOP.contains(&n)
-            || RESPONSE_DROPPED.contains(&n)
-            || n.starts_with("x-ephyr-")
-            || listed.iter().any(|l| l == n)
-            || scrub.contains(value.as_bytes())
-        {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
-    }
+    let mut out = pass_through(upstream, &RESPONSE_DROPPED, |_, v| scrub.contains(v.as_bytes()));
     if let Ok(v) = HeaderValue::from_str(service) {
         out.insert(PROXY_HEADER, v);
     }

@@ -105,30 +105,14 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
             return refuse(f.status(), f.code(), f.message());
         }
     };
-    if caller.token().is_some()
-        && let Ok(auth::Credential::Token(token)) = auth::credential(&parts.headers, None)
-    {
-        let authority = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-        let facts = crate::broker::tasks::pop::Facts {
-            http_method: &method,
-            authority,
-            path: &full,
-            mcp_method: "-",
-            tool: "-",
-            body: &body,
-            token,
+    if let Err(e) = auth::prove_request(&broker, &caller, &method, &full, &parts.headers, "-", "-", &body).await {
+        let status = match e {
+            auth::PossessionError::Locked(_) => StatusCode::LOCKED,
+            auth::PossessionError::Proof(_) => StatusCode::UNAUTHORIZED,
         };
-        if let Err(e) = auth::prove_possession(&broker, &caller, &parts.headers, &facts).await {
-            let status = match e {
-                auth::PossessionError::Locked(_) => StatusCode::LOCKED,
-                auth::PossessionError::Proof(_) => StatusCode::UNAUTHORIZED,
-            };
-            return refuse(status, e.code(), e.message());
-        }
+        return refuse(status, e.code(), e.message());
     }
-    if let Some(a) = policy.agents.get(&caller.agent)
-        && let Err(wait) = broker.agent_limits.take(&caller.agent, a.rate_limit, started)
-    {
+    if let Err(wait) = broker.take_request(&policy, &caller.agent, started) {
         let mut r = refuse(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",

@@ -7,8 +7,6 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 /// The recorded fingerprints.
@@ -68,13 +66,7 @@ impl KnownHosts {
 
 /// Writes the file atomically (blocking).
 pub fn write(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    crate::broker::datadir::write_atomic(path, text.as_bytes())
 }
 
 #[cfg(test)]

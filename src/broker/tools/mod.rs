@@ -376,17 +376,14 @@ pub async fn call(broker: &Rc<Broker>, caller: &Caller, name: &str, args: Map<St
         Ok(()) => match authorize(&policy, &principal, &Action { tool: Some(t.name), kind: ActionKind::Discover }) {
             Decision::Deny(d) => Output::denied(d),
             Decision::Allow(_) if !visible(t, &policy, &principal) => Output::denied(unreachable(t, &caller.agent)),
-            Decision::Allow(_) => {
-                let agent_rate = policy.agents.get(&caller.agent).map(|a| a.rate_limit);
-                match agent_rate.map(|r| broker.agent_limits.take(&caller.agent, r, started)) {
-                    Some(Err(wait)) => Output::error(format!(
-                        "rate limit exceeded for agent {:?}; retry in {}s",
-                        caller.agent,
-                        wait.as_secs().max(1)
-                    )),
-                    _ => (t.run)(Ctx { broker, caller, policy: &policy, args: &args }).await,
-                }
-            }
+            Decision::Allow(_) => match broker.take_request(&policy, &caller.agent, started) {
+                Err(wait) => Output::error(format!(
+                    "rate limit exceeded for agent {:?}; retry in {}s",
+                    caller.agent,
+                    wait.as_secs().max(1)
+                )),
+                _ => (t.run)(Ctx { broker, caller, policy: &policy, args: &args }).await,
+            },
         },
     };
     let elapsed = started.elapsed();

@@ -296,24 +296,7 @@ async fn possession(
     tool: &str,
     body: &[u8],
 ) -> Result<(), Response<Body>> {
-    if caller.token().is_none() {
-        return Ok(());
-    }
-    let token = match auth::credential(headers, None) {
-        Ok(auth::Credential::Token(t)) => t,
-        _ => return Ok(()),
-    };
-    let authority = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-    let facts = crate::broker::tasks::pop::Facts {
-        http_method: method.as_str(),
-        authority,
-        path,
-        mcp_method,
-        tool,
-        body,
-        token,
-    };
-    match auth::prove_possession(broker, caller, headers, &facts).await {
+    match auth::prove_request(broker, caller, method.as_str(), path, headers, mcp_method, tool, body).await {
         Ok(()) => Ok(()),
         Err(auth::PossessionError::Locked(m)) => {
             Err(rpc_error(StatusCode::LOCKED, None, &RpcError::new(code::FORBIDDEN, m)))
