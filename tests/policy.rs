@@ -156,15 +156,47 @@ fn keygen_prints_a_key_whose_hash_verifies_and_loads() {
     let key = v["api_key"].as_str().unwrap();
     let hash = v["api_key_hash"].as_str().unwrap();
     assert!(key.starts_with("ephyr_ak_") && key.len() == 9 + 54, "{key}");
-    assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
-    use argon2::password_hash::PasswordVerifier;
-    let phc = argon2::password_hash::phc::PasswordHash::new(hash).unwrap();
-    assert!(argon2::Argon2::default().verify_password(key.as_bytes(), &phc).is_ok());
-    assert!(argon2::Argon2::default().verify_password(b"ephyr_ak_wrong", &phc).is_err());
+    // The fast form: the key id and SHA-256 of the key, both base64url (docs/policy.md "API keys").
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    let want = format!("ephyr-sha256${}${}", &key[9..20], data_encoding::BASE64URL_NOPAD.encode(digest.as_ref()));
+    assert_eq!(hash, want);
+    assert!(!hash.contains(&key[20..]), "the secret part is not in the stored form");
     let dir = TempDir::new("keygen");
     std::fs::write(dir.join("p.yaml"), format!("agents:\n  bot:\n    api_key_hash: \"{hash}\"\n")).unwrap();
     assert_eq!(ephyr(&["policy", "check", dir.join("p.yaml").to_str().unwrap()]).status.code(), Some(0));
     assert_eq!(ephyr(&["keygen", "agent", "bad name"]).status.code(), Some(3));
+}
+
+/// A key hashed with Argon2id by an earlier version still works, costs one Argon2 run, and the
+/// broker says what to replace the hash with (and that line then works without Argon2).
+#[test]
+fn argon2_hashes_from_earlier_versions_still_work_and_the_log_says_how_to_migrate() {
+    if !require_root() {
+        return;
+    }
+    let (key, fast) = ephyr::broker::auth::api_key::generate().unwrap();
+    let params = argon2::Params::new(1024, 1, 1, None).unwrap();
+    let legacy = ephyr::broker::auth::api_key::argon2_hash(key.expose(), params).unwrap();
+    let p = format!("agents:\n  bot:\n    api_key_hash: \"{legacy}\"\n");
+    let b = Broker::start(BrokerOpts { policy: Some(&p), ..Default::default() });
+    let whoami = |k: &str| {
+        let a = format!("Bearer {k}");
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{},"io.modelcontextprotocol/clientInfo":{"name":"t","version":"1"}}}}"#;
+        let h = [
+            ("Authorization", a.as_str()),
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+            ("MCP-Protocol-Version", "2026-07-28"),
+            ("Mcp-Method", "tools/list"),
+        ];
+        http_request(&b.api, "POST", "/mcp", &h, body.as_bytes()).status
+    };
+    assert_eq!(whoami(key.expose()), 200);
+    let log = b.log();
+    assert!(log.contains(&format!("replace it with api_key_hash: \"{fast}\"")), "{log}");
+    assert!(!log.contains(key.expose()), "the key itself is never logged");
+    // A key not in ephyr's format, against a policy with only fast hashes: refused at once.
+    assert_eq!(whoami("sk-some-other-format-key"), 401);
 }
 
 const LIVE: &str = "roles: {read: {principal: ephyrtest}}\ntargets: {local: {host: 127.0.0.1, allowed_roles: [read]}}\nagents: {a: {uid: 4242, ssh: {local: {roles: [read]}}}}\n";

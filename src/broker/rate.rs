@@ -1,16 +1,100 @@
 //! Token-bucket rate limits, kept per key in the executor thread.
 //!
-//! Used for failed authentications per source address and for requests per agent. A bucket
+//! Used for failed authentications per source ([`Source`]) and for requests per agent. A bucket
 //! holds up to `count` tokens and refills at `count` per `window`; an empty bucket says how long
-//! until the next token. The map is bounded: when full, buckets that have refilled completely
-//! (and so carry no state worth keeping) are dropped first.
+//! until the next token. The map is bounded ([`Bounded`]): when full, the oldest bucket is
+//! forgotten, never the whole map, so a flood of new sources forgets only what is oldest.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::policy::Rate;
+
+/// Where a request comes from, as limits count it: an IPv4 address, or the /64 prefix of an IPv6
+/// address (one host usually holds a whole /64, so rotating addresses within it is one source).
+/// IPv4-mapped IPv6 addresses count as their IPv4 address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Source(IpAddr);
+
+impl Source {
+    /// The source of a peer address.
+    pub fn of(ip: IpAddr) -> Source {
+        match ip {
+            IpAddr::V4(_) => Source(ip),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source(IpAddr::V4(v4)),
+                None => {
+                    let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                    Source(IpAddr::V6(bits.into()))
+                }
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            IpAddr::V4(a) => write!(f, "{a}"),
+            IpAddr::V6(a) => write!(f, "{a}/64"),
+        }
+    }
+}
+
+/// A map with at most `cap` keys; inserting a new key into a full map forgets the oldest key.
+#[derive(Debug)]
+pub struct Bounded<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+    cap: usize,
+}
+
+impl<K: Eq + Hash + Clone, V> Bounded<K, V> {
+    /// An empty map holding at most `cap` keys.
+    pub fn new(cap: usize) -> Self {
+        Bounded { map: HashMap::new(), order: VecDeque::new(), cap: cap.max(1) }
+    }
+
+    /// The value of `key`.
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.map.get_mut(key)
+    }
+
+    /// Whether `key` is held.
+    pub fn contains(&self, key: &K) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// Inserts (or replaces) `key`, forgetting the oldest keys while full.
+    pub fn insert(&mut self, key: K, value: V) -> &mut V {
+        if !self.map.contains_key(&key) {
+            while self.map.len() >= self.cap {
+                match self.order.pop_front() {
+                    Some(old) => {
+                        self.map.remove(&old);
+                    }
+                    None => break,
+                }
+            }
+            self.order.push_back(key.clone());
+        }
+        self.map.insert(key.clone(), value);
+        self.map.get_mut(&key).expect("inserted above")
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
@@ -35,14 +119,13 @@ impl Bucket {
 /// Buckets by key.
 #[derive(Debug)]
 pub struct RateLimiter<K> {
-    buckets: RefCell<HashMap<K, Bucket>>,
-    max_keys: usize,
+    buckets: RefCell<Bounded<K, Bucket>>,
 }
 
 impl<K: Eq + Hash + Clone> RateLimiter<K> {
     /// A limiter tracking at most `max_keys` keys.
     pub fn new(max_keys: usize) -> Self {
-        RateLimiter { buckets: RefCell::new(HashMap::new()), max_keys: max_keys.max(1) }
+        RateLimiter { buckets: RefCell::new(Bounded::new(max_keys)) }
     }
 
     /// Takes one token for `key`, or says how long to wait.
@@ -60,17 +143,7 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
                 Err(b.wait(rate))
             };
         }
-        if map.len() >= self.max_keys {
-            map.retain(|_, b| {
-                b.refill(rate, now);
-                b.tokens < f64::from(rate.count)
-            });
-            if map.len() >= self.max_keys {
-                // Still full of active keys: forget them all rather than grow without bound.
-                map.clear();
-            }
-        }
-        let b = map.entry(key.clone()).or_insert(Bucket { tokens: f64::from(rate.count), at: now });
+        let b = map.insert(key.clone(), Bucket { tokens: f64::from(rate.count), at: now });
         b.refill(rate, now);
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
@@ -121,6 +194,40 @@ mod tests {
         l.take(&"b", rate, t0).unwrap();
         l.take(&"a", rate, t0 + Duration::from_secs(1)).unwrap();
         assert!(l.take(&"a", rate, t0 + Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn a_flood_of_new_keys_forgets_the_oldest_not_everyone() {
+        let l = RateLimiter::new(100);
+        let rate = Rate { count: 1, window: Duration::from_secs(600) };
+        let t0 = Instant::now();
+        // 50 sources used their one attempt; then 49 more arrive: all 50 stay limited.
+        for i in 0..50u32 {
+            l.take(&i, rate, t0).unwrap();
+        }
+        for i in 1000..1049u32 {
+            let _ = l.take(&i, rate, t0);
+        }
+        assert!((0..50u32).all(|i| l.check(&i, rate, t0).is_err()), "nobody was reset");
+        // Past the bound only the oldest are forgotten.
+        for i in 2000..2010u32 {
+            let _ = l.take(&i, rate, t0);
+        }
+        assert!(l.check(&0, rate, t0).is_ok(), "the oldest was forgotten");
+        assert!((10..50u32).all(|i| l.check(&i, rate, t0).is_err()), "the rest are still limited");
+    }
+
+    #[test]
+    fn sources_group_ipv6_by_64_and_unmap_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(Source::of(a), Source::of(b));
+        assert_ne!(Source::of(a), Source::of(c));
+        assert_eq!(Source::of(a).to_string(), "2001:db8:1:2::/64");
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(Source::of(mapped), Source::of("192.0.2.7".parse().unwrap()));
+        assert_ne!(Source::of("192.0.2.7".parse().unwrap()), Source::of("192.0.2.8".parse().unwrap()));
     }
 
     #[test]

@@ -494,31 +494,20 @@ fn unix_cleanup(path: &PathBuf) -> std::io::Result<()> {
 }
 
 /// The dev agent's API key: kept in `<data-dir>/state/dev_api_key` for a persistent dev data dir,
-/// generated fresh for a temporary one. Hashed with cheap Argon2 parameters: the key is 256 random
-/// bits, so hashing cost adds nothing against guessing.
+/// generated fresh for a temporary one; stored in the fast form (`api_key::fast_hash`).
 fn dev_api_key(
     data_dir: &DataDir,
     owner: Option<&crate::users::Account>,
 ) -> Result<(crate::secret::SecretString, String), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use crate::broker::auth::api_key;
     let path = data_dir.state().join("dev_api_key");
-    let cheap = argon2::Params::new(1024, 1, 1, None).map_err(|e| e.to_string())?;
     let key = match std::fs::read_to_string(&path) {
-        Ok(k) if crate::broker::auth::api_key::key_id(k.trim()).is_some() => {
-            crate::secret::SecretString::new(k.trim().to_owned())
-        }
+        Ok(k) if api_key::key_id(k.trim()).is_some() => crate::secret::SecretString::new(k.trim().to_owned()),
         _ => {
-            let (k, _) = crate::broker::auth::api_key::generate(cheap.clone())?;
+            let (k, _) = api_key::generate()?;
             if !data_dir.temporary {
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&path)
+                crate::broker::datadir::write_atomic(&path, k.expose().as_bytes())
                     .map_err(|e| format!("{}: {e}", path.display()))?;
-                f.write_all(k.expose().as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
                 if let Some(o) = owner {
                     std::os::unix::fs::chown(&path, Some(o.uid), Some(o.gid))
                         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -527,7 +516,7 @@ fn dev_api_key(
             k
         }
     };
-    let hash = crate::broker::auth::api_key::hash(key.expose(), cheap)?;
+    let hash = api_key::fast_hash(key.expose()).ok_or("the dev key is not in ephyr's format")?;
     Ok((key, hash))
 }
 

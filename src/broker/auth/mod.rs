@@ -1,19 +1,25 @@
 //! Who is calling: API keys and task tokens from request headers, to a [`Caller`].
 //!
-//! What runs here: header parsing and cache lookups on the executor thread; Argon2id
-//! verification on the blocking pool (`BlockingPool`, ~25 ms and 19 MiB per key with the default
-//! cost). Credentials are accepted only in headers: `Authorization: Bearer <key or mac_…>` or
-//! `X-API-Key: <key>` (Go Ephyr clients); a credential in the query string is refused.
+//! What runs here: header parsing, key lookups and SHA-256 on the executor thread; Argon2id (only
+//! for keys stored as Argon2id hashes: foreign-format keys and hashes from earlier versions) on
+//! the blocking pool, one run at a time. Credentials are accepted only in headers:
+//! `Authorization: Bearer <key or mac_…>` or `X-API-Key: <key>` (Go Ephyr clients); a credential
+//! in the query string is refused.
 //!
-//! Costs are bounded three ways:
-//! - a verified key is cached for `ttl` under SHA-256 of the key (the key itself is not kept), and
-//!   a cache entry is valid only for the policy it was verified against;
-//! - concurrent first uses of one key share a single Argon2 run;
-//! - failures are rate-limited per source address (10, then one per 6 s): a source over its
-//!   limit gets 429 for any key that would need hashing (a cached key keeps working), and its
-//!   further failures are counted in metrics but not audited, so neither the CPU nor the audit
-//!   log can be flooded. A key in ephyr's format whose id matches no agent is refused without
-//!   hashing at all (see [`api_key`]).
+//! Costs are bounded:
+//! - a key in ephyr's format stored in the fast form costs one SHA-256 and a constant-time
+//!   compare, right or wrong (see [`api_key`]); nothing is queued for it;
+//! - Argon2 work per request is bounded (one hash for an ephyr-format key, at most
+//!   [`api_key::MAX_FOREIGN_CANDIDATES`] for a foreign one), runs one at a time, and waits in one
+//!   of two lanes of [`MAX_PENDING_HASHES`]: strangers' keys, and keys that verified before, so
+//!   strangers' wrong keys cannot lock out an agent whose key worked;
+//! - a key verified by Argon2 is cached for `ttl` under SHA-256 of the key (the key itself is not
+//!   kept), valid only for the policy it was verified against; concurrent first uses of one key
+//!   share a single run, and a run whose request goes away is undone by a guard (waiters start
+//!   over);
+//! - failures are rate-limited per [`Source`] (10, then one per 6 s; IPv6 by /64): a source over
+//!   its limit gets 429 for any key that would need Argon2, and its further failures are counted
+//!   in metrics but not audited, so neither the CPU nor the audit log can be flooded.
 
 pub mod api_key;
 
@@ -26,12 +32,12 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 
 use super::policy::{Policy, Principal, Rate};
-use super::rate::RateLimiter;
+use super::rate::{RateLimiter, Source};
 use crate::macaroon::Envelope;
 
 /// Failed attempts allowed per source address before it is slowed down.
 pub const FAILURE_RATE: Rate = Rate { count: 10, window: Duration::from_secs(60) };
-/// Most Argon2 verifications queued or running at once.
+/// Most Argon2 verifications queued or running at once, per lane (strangers, known keys).
 const MAX_PENDING_HASHES: usize = 8;
 /// Largest credential accepted (a task token is at most 8 KiB encoded).
 const MAX_CREDENTIAL: usize = 12 * 1024;
@@ -278,23 +284,93 @@ struct Cached {
     expires: Instant,
 }
 
+/// How a shared Argon2 run ended.
+#[derive(Clone)]
+enum FlightEnd {
+    /// It ran: the agent, or none.
+    Done(Option<String>),
+    /// The request that started it went away first: whoever waited starts over.
+    Abandoned,
+}
+
 #[derive(Default)]
 struct Inflight {
     done: event_listener::Event,
-    result: RefCell<Option<Option<String>>>,
+    end: RefCell<Option<FlightEnd>>,
 }
 
 /// The authenticator (one per broker, executor thread only).
 pub struct Authenticator {
     cache: RefCell<HashMap<[u8; 32], Cached>>,
     inflight: RefCell<HashMap<[u8; 32], Rc<Inflight>>>,
-    pending: std::cell::Cell<usize>,
-    failures: RateLimiter<IpAddr>,
+    /// Argon2 runs queued or running for keys never verified before, and for keys that were.
+    waiting: [std::cell::Cell<usize>; 2],
+    /// One Argon2 run at a time (19 MiB each with the default cost on a 512 MB box).
+    argon2_busy: std::cell::Cell<bool>,
+    argon2_free: event_listener::Event,
+    /// Fingerprints of keys that verified before (bounded, oldest forgotten first): their
+    /// Argon2 runs have a lane of their own that strangers' wrong keys cannot fill.
+    known: RefCell<super::rate::Bounded<[u8; 32], ()>>,
+    failures: RateLimiter<Source>,
     index: RefCell<Option<(String, Rc<api_key::KeyIndex>)>>,
 }
 
 /// Most cached keys.
 const MAX_CACHED: usize = 4096;
+/// Lanes of [`Authenticator::waiting`].
+const STRANGER: usize = 0;
+const KNOWN: usize = 1;
+
+/// Undoes an Argon2 run's bookkeeping however the request ends, including by being dropped
+/// (DESIGN.md invariant 13): the lane count, the one-at-a-time lock if taken, the in-flight
+/// entry (waiters are woken and start over when no answer was stored).
+struct FlightGuard<'a> {
+    auth: &'a Authenticator,
+    fp: [u8; 32],
+    flight: Rc<Inflight>,
+    lane: usize,
+    holds_argon2: bool,
+}
+
+impl FlightGuard<'_> {
+    async fn lock_argon2(&mut self) {
+        loop {
+            if !self.auth.argon2_busy.get() {
+                self.auth.argon2_busy.set(true);
+                self.holds_argon2 = true;
+                return;
+            }
+            let l = self.auth.argon2_free.listen();
+            if !self.auth.argon2_busy.get() {
+                continue;
+            }
+            l.await;
+        }
+    }
+
+    fn finish(self, found: Option<String>) {
+        *self.flight.end.borrow_mut() = Some(FlightEnd::Done(found));
+    }
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        let lane = &self.auth.waiting[self.lane];
+        lane.set(lane.get().saturating_sub(1));
+        if self.holds_argon2 {
+            self.auth.argon2_busy.set(false);
+            self.auth.argon2_free.notify(1);
+        }
+        {
+            let mut inflight = self.auth.inflight.borrow_mut();
+            if inflight.get(&self.fp).is_some_and(|f| Rc::ptr_eq(f, &self.flight)) {
+                inflight.remove(&self.fp);
+            }
+        }
+        self.flight.end.borrow_mut().get_or_insert(FlightEnd::Abandoned);
+        self.flight.done.notify(usize::MAX);
+    }
+}
 
 impl Default for Authenticator {
     fn default() -> Self {
@@ -308,7 +384,10 @@ impl Authenticator {
         Authenticator {
             cache: RefCell::default(),
             inflight: RefCell::default(),
-            pending: std::cell::Cell::new(0),
+            waiting: Default::default(),
+            argon2_busy: std::cell::Cell::new(false),
+            argon2_free: event_listener::Event::new(),
+            known: RefCell::new(super::rate::Bounded::new(MAX_CACHED)),
             failures: RateLimiter::new(10_000),
             index: RefCell::default(),
         }
@@ -317,7 +396,7 @@ impl Authenticator {
     /// Refuses early if `source` has failed too often.
     pub fn check_source(&self, source: Option<IpAddr>, now: Instant) -> Result<(), AuthError> {
         match source {
-            Some(ip) => self.failures.check(&ip, FAILURE_RATE, now).map_err(AuthError::RateLimited),
+            Some(ip) => self.failures.check(&Source::of(ip), FAILURE_RATE, now).map_err(AuthError::RateLimited),
             None => Ok(()),
         }
     }
@@ -325,11 +404,12 @@ impl Authenticator {
     /// Counts a failure against `source`.
     pub fn failed(&self, source: Option<IpAddr>, now: Instant) {
         if let Some(ip) = source {
-            let _ = self.failures.take(&ip, FAILURE_RATE, now);
+            let _ = self.failures.take(&Source::of(ip), FAILURE_RATE, now);
         }
     }
 
-    fn key_index(&self, policy: &Policy) -> Rc<api_key::KeyIndex> {
+    /// The key index for `policy` (built once per policy digest).
+    pub fn key_index(&self, policy: &Policy) -> Rc<api_key::KeyIndex> {
         let mut ix = self.index.borrow_mut();
         match &*ix {
             Some((digest, index)) if *digest == policy.digest => index.clone(),
@@ -348,67 +428,92 @@ impl Authenticator {
         (c.policy == policy.digest && c.expires > now).then(|| c.agent.clone())
     }
 
-    /// The agent holding `key` under `policy`, from the cache or by Argon2 on the pool; a
-    /// verified key is cached for `policy.mcp.auth_cache_ttl` (zero: not cached).
+    /// The agent holding `key` under `policy`. A key in the fast stored form is verified here,
+    /// at once. A key that needs Argon2 comes from the cache, or is verified on the pool (one
+    /// run at a time; concurrent first uses of one key share the run; a source over its failure
+    /// budget is refused first) and then cached for `policy.mcp.auth_cache_ttl`.
     pub async fn api_key_agent(
         &self,
         pool: &super::blocking::BlockingPool,
         policy: &Policy,
         key: &str,
         fp: [u8; 32],
+        source: Option<IpAddr>,
         now: Instant,
     ) -> Result<String, AuthError> {
-        let ttl = policy.mcp.auth_cache_ttl;
-        if let Some(a) = self.cached_agent(policy, &fp, now) {
-            return Ok(a);
-        }
-        // Another request is verifying this key right now: wait for its answer.
-        let existing = self.inflight.borrow().get(&fp).cloned();
-        if let Some(f) = existing {
-            loop {
-                let listener = f.done.listen();
-                if let Some(r) = f.result.borrow().clone() {
-                    return r.ok_or(AuthError::InvalidKey);
-                }
-                listener.await;
+        let candidates = match self.key_index(policy).lookup(key, &fp) {
+            api_key::Lookup::Agent(a) => return Ok(a),
+            api_key::Lookup::NoAgent => return Err(AuthError::InvalidKey),
+            api_key::Lookup::Argon2(c) => c,
+        };
+        loop {
+            if let Some(a) = self.cached_agent(policy, &fp, now) {
+                return Ok(a);
             }
-        }
-        let candidates: Vec<(String, String)> = self.key_index(policy).candidates(key).to_vec();
-        if candidates.is_empty() {
-            return Err(AuthError::InvalidKey);
-        }
-        if self.pending.get() >= MAX_PENDING_HASHES {
-            return Err(AuthError::Busy);
-        }
-        let flight = Rc::new(Inflight::default());
-        self.inflight.borrow_mut().insert(fp, flight.clone());
-        self.pending.set(self.pending.get() + 1);
-        let secret = crate::secret::SecretString::new(key.to_owned());
-        let found = pool
-            .run(move || candidates.into_iter().find(|(_, phc)| api_key::verify(secret.expose(), phc)).map(|c| c.0))
-            .await
-            .flatten();
-        self.pending.set(self.pending.get() - 1);
-        self.inflight.borrow_mut().remove(&fp);
-        *flight.result.borrow_mut() = Some(found.clone());
-        flight.done.notify(usize::MAX);
-        let agent = found.ok_or(AuthError::InvalidKey)?;
-        if !ttl.is_zero() {
-            let mut cache = self.cache.borrow_mut();
-            if cache.len() >= MAX_CACHED {
-                cache.retain(|_, c| c.expires > now);
+            // Another request is verifying this key right now: wait for its answer.
+            let existing = self.inflight.borrow().get(&fp).cloned();
+            if let Some(f) = existing {
+                let end = loop {
+                    let listener = f.done.listen();
+                    if let Some(end) = f.end.borrow().clone() {
+                        break end;
+                    }
+                    listener.await;
+                };
+                match end {
+                    FlightEnd::Done(r) => return r.ok_or(AuthError::InvalidKey),
+                    FlightEnd::Abandoned => continue,
+                }
+            }
+            // Only an uncached key costs Argon2: refuse it early for a source that keeps failing.
+            self.check_source(source, now)?;
+            let lane = if self.known.borrow().contains(&fp) { KNOWN } else { STRANGER };
+            if self.waiting[lane].get() >= MAX_PENDING_HASHES {
+                return Err(AuthError::Busy);
+            }
+            self.waiting[lane].set(self.waiting[lane].get() + 1);
+            let flight = Rc::new(Inflight::default());
+            self.inflight.borrow_mut().insert(fp, flight.clone());
+            let mut guard = FlightGuard { auth: self, fp, flight, lane, holds_argon2: false };
+            guard.lock_argon2().await;
+            let secret = crate::secret::SecretString::new(key.to_owned());
+            let found = pool
+                .run(move || {
+                    candidates.into_iter().find(|(_, phc)| api_key::argon2_verify(secret.expose(), phc)).map(|c| c.0)
+                })
+                .await
+                .flatten();
+            guard.finish(found.clone());
+            let agent = found.ok_or(AuthError::InvalidKey)?;
+            self.known.borrow_mut().insert(fp, ());
+            if let Some(line) = api_key::fast_hash(key) {
+                log::warn!(
+                    "agent {agent:?}: its api_key_hash is Argon2id, which costs ~25 ms and 19 MiB per check; replace it with api_key_hash: \"{line}\" (not a secret; see docs/policy.md)"
+                );
+            }
+            let ttl = policy.mcp.auth_cache_ttl;
+            if !ttl.is_zero() {
+                let mut cache = self.cache.borrow_mut();
                 if cache.len() >= MAX_CACHED {
-                    cache.clear();
+                    cache.retain(|_, c| c.expires > now);
+                    if cache.len() >= MAX_CACHED {
+                        cache.clear();
+                    }
                 }
+                cache.insert(fp, Cached { agent: agent.clone(), policy: policy.digest.clone(), expires: now + ttl });
             }
-            cache.insert(fp, Cached { agent: agent.clone(), policy: policy.digest.clone(), expires: now + ttl });
+            return Ok(agent);
         }
-        Ok(agent)
     }
 
     /// Cached keys (tests, metrics).
     pub fn cached(&self) -> usize {
         self.cache.borrow().len()
+    }
+
+    /// Argon2 runs queued or running (tests, metrics).
+    pub fn pending(&self) -> usize {
+        self.waiting.iter().map(std::cell::Cell::get).sum()
     }
 }
 
@@ -438,15 +543,7 @@ pub async fn authenticate(
             Credential::ApiKey(k) => {
                 method = "api_key";
                 let fp = fingerprint(k);
-                let agent = match auth.cached_agent(policy, &fp, now) {
-                    Some(a) => a,
-                    None => {
-                        // Only an uncached key costs Argon2: refuse it early for a source
-                        // that keeps failing. A key already verified still works from there.
-                        auth.check_source(source, now)?;
-                        auth.api_key_agent(&broker.pool, policy, k, fp, now).await?
-                    }
-                };
+                let agent = auth.api_key_agent(&broker.pool, policy, k, fp, source, now).await?;
                 (agent, Via::ApiKey, fp)
             }
         };
@@ -660,26 +757,107 @@ mod tests {
         assert_eq!(credential(&h(&[("authorization", &long)]), None).unwrap_err().code(), "malformed_credential");
     }
 
+    fn cheap() -> argon2::Params {
+        argon2::Params::new(256, 1, 1, None).unwrap()
+    }
+
+    fn policy_with(agents: &[(&str, &str)]) -> Policy {
+        let mut text = String::from("agents:\n");
+        for (name, h) in agents {
+            text.push_str(&format!("  {name}: {{api_key_hash: '{h}'}}\n"));
+        }
+        Policy::parse(&text, "t").unwrap()
+    }
+
     #[test]
-    fn api_keys_verify_once_then_hit_the_cache_and_wrong_keys_fail() {
-        let cheap = argon2::Params::new(256, 1, 1, None).unwrap();
-        let (key, phc) = api_key::generate(cheap.clone()).unwrap();
-        let policy = Policy::parse(&format!("agents:\n  a: {{api_key_hash: '{phc}'}}\n"), "t").unwrap();
+    fn fast_keys_verify_on_the_spot_without_the_pool() {
+        let (key, stored) = api_key::generate().unwrap();
+        let policy = policy_with(&[("a", &stored)]);
         let auth = Authenticator::new();
         let pool = super::super::blocking::BlockingPool::new(1, 4);
         let now = Instant::now();
         smol::block_on(async {
             let fp = fingerprint(key.expose());
-            assert_eq!(auth.api_key_agent(&pool, &policy, key.expose(), fp, now).await.unwrap(), "a");
+            assert_eq!(auth.api_key_agent(&pool, &policy, key.expose(), fp, None, now).await.unwrap(), "a");
+            let (wrong, _) = api_key::generate().unwrap();
+            let e = auth.api_key_agent(&pool, &policy, wrong.expose(), fingerprint(wrong.expose()), None, now).await;
+            assert_eq!(e.unwrap_err(), AuthError::InvalidKey);
+        });
+        assert_eq!(pool.threads_started(), 0, "no Argon2, no blocking thread");
+        assert_eq!(auth.pending(), 0);
+    }
+
+    #[test]
+    fn argon2_keys_verify_once_then_hit_the_cache_and_wrong_keys_fail() {
+        let (key, _) = api_key::generate().unwrap();
+        let phc = api_key::argon2_hash(key.expose(), cheap()).unwrap();
+        let policy = policy_with(&[("a", &phc)]);
+        let auth = Authenticator::new();
+        let pool = super::super::blocking::BlockingPool::new(1, 4);
+        let now = Instant::now();
+        smol::block_on(async {
+            let fp = fingerprint(key.expose());
+            assert_eq!(auth.api_key_agent(&pool, &policy, key.expose(), fp, None, now).await.unwrap(), "a");
             assert_eq!(auth.cached(), 1);
-            assert_eq!(auth.api_key_agent(&pool, &policy, key.expose(), fp, now).await.unwrap(), "a");
+            assert_eq!(auth.api_key_agent(&pool, &policy, key.expose(), fp, None, now).await.unwrap(), "a");
             // A changed policy invalidates the entry: the key is verified again (and still valid).
             let mut p2 = policy.clone();
             p2.digest = "other".into();
-            assert_eq!(auth.api_key_agent(&pool, &p2, key.expose(), fp, now).await.unwrap(), "a");
-            let (wrong, _) = api_key::generate(cheap).unwrap();
-            let e = auth.api_key_agent(&pool, &policy, wrong.expose(), fingerprint(wrong.expose()), now).await;
+            assert_eq!(auth.api_key_agent(&pool, &p2, key.expose(), fp, None, now).await.unwrap(), "a");
+            let (wrong, _) = api_key::generate().unwrap();
+            let e = auth.api_key_agent(&pool, &policy, wrong.expose(), fingerprint(wrong.expose()), None, now).await;
             assert_eq!(e.unwrap_err(), AuthError::InvalidKey);
+        });
+        assert_eq!(auth.pending(), 0);
+    }
+
+    /// DESIGN.md invariant 13: a verification future dropped at any await (client gone, timeout,
+    /// shutdown) leaves no count, lock or in-flight entry behind.
+    #[test]
+    fn dropped_verifications_leave_nothing_behind() {
+        let (key, _) = api_key::generate().unwrap();
+        let phc = api_key::argon2_hash(key.expose(), cheap()).unwrap();
+        let foreign = api_key::argon2_hash("custom-key", cheap()).unwrap();
+        let policy = policy_with(&[("a", &phc), ("c", &foreign)]);
+        let auth = Authenticator::new();
+        let pool = super::super::blocking::BlockingPool::new(1, 64);
+        let now = Instant::now();
+        let fp = fingerprint(key.expose());
+        smol::block_on(async {
+            for i in 0..50 {
+                // Alone, or behind a leader that is dropped while its follower waits.
+                let mut leader = Box::pin(auth.api_key_agent(&pool, &policy, key.expose(), fp, None, now));
+                assert!(futures_lite::future::poll_once(&mut leader).await.is_none(), "round {i}: waits on Argon2");
+                if i % 2 == 0 {
+                    let mut follower = Box::pin(auth.api_key_agent(&pool, &policy, key.expose(), fp, None, now));
+                    assert!(futures_lite::future::poll_once(&mut follower).await.is_none());
+                    drop(leader);
+                    // The follower starts over as the new leader and finishes.
+                    assert_eq!(follower.await.unwrap(), "a", "round {i}");
+                    auth.cache.borrow_mut().clear();
+                } else {
+                    drop(leader);
+                }
+                assert_eq!(auth.pending(), 0, "round {i}: lane count restored");
+                assert!(auth.inflight.borrow().is_empty(), "round {i}: no in-flight entry left");
+                assert!(!auth.argon2_busy.get(), "round {i}: Argon2 lock released");
+            }
+            // Strangers with wrong keys fill their lane; 503 for the next stranger, while a key
+            // that verified before has its own lane.
+            let strangers: Vec<String> = (0..MAX_PENDING_HASHES).map(|i| format!("wrong-{i}")).collect();
+            let mut futs = Vec::new();
+            for w in &strangers {
+                let mut f = Box::pin(auth.api_key_agent(&pool, &policy, w, fingerprint(w), None, now));
+                assert!(futures_lite::future::poll_once(&mut f).await.is_none());
+                futs.push(f);
+            }
+            let e = auth.api_key_agent(&pool, &policy, "wrong-x", fingerprint("wrong-x"), None, now).await;
+            assert_eq!(e.unwrap_err(), AuthError::Busy);
+            let mut known = Box::pin(auth.api_key_agent(&pool, &policy, key.expose(), fp, None, now));
+            assert!(futures_lite::future::poll_once(&mut known).await.is_none(), "queued, not refused");
+            drop(futs);
+            assert_eq!(known.await.unwrap(), "a");
+            assert_eq!(auth.pending(), 0);
         });
     }
 

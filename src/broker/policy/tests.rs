@@ -392,7 +392,8 @@ fn semantic_checks() {
         ("network: {allow: [10.0.0.0/33]}", "prefix length"),
         ("agents: {a: {inherits: [nope]}}", "unknown template"),
         ("agents: {a: {ssh: {nowhere: {roles: []}}}}", "unknown target"),
-        ("agents: {a: {api_key_hash: plain}}", "not an Argon2id PHC string"),
+        ("agents: {a: {api_key_hash: plain}}", "neither ephyr-sha256$<id>$<digest> nor an Argon2id PHC string"),
+        ("agents: {a: {api_key_hash: 'ephyr-sha256$AAAAAAAAAAA$short'}}", "not a valid ephyr-sha256 hash: the digest"),
         (
             "agents: {a: {api_key_hash: '$argon2id$v=19$m=4000000,t=2,p=1$c29tZXNhbHQxMjM0NTY3OA$Vg6mXS4CYp5R4u+8s9GF1DvJ2Kq3yEa4TuaOI2p1y5c'}}",
             "exceeds m=65536",

@@ -468,6 +468,51 @@ fn merge_grants(
     }
 }
 
+/// Checks one agent's `api_key_hash`: the fast form (`ephyr-sha256$…`), or an Argon2id PHC
+/// string within the cost bounds (with a warning: it costs ~25 ms and 19 MiB per check).
+fn api_key_hash(cx: &mut Ctx<'_>, name: &str, h: &str) {
+    use crate::broker::auth::api_key;
+    let at = ["agents", name, "api_key_hash"];
+    let fix = || Some(format!("run `ephyr keygen agent {name}` and paste the new api_key_hash line"));
+    if h.starts_with(api_key::FAST_PREFIX) {
+        if let Err(e) = api_key::parse_fast(h) {
+            cx.err(&at, format!("not a valid ephyr-sha256 hash: {e}"), fix());
+        }
+        return;
+    }
+    if h.starts_with("$2") {
+        cx.err(&at, "bcrypt hashes (Go Ephyr) are not accepted", fix());
+        return;
+    }
+    match argon2::password_hash::phc::PasswordHash::new(h) {
+        Ok(ph) if ph.algorithm.as_str() == "argon2id" => {
+            // Each verification runs this cost on a small appliance: bound it so a typo cannot
+            // exhaust memory or stall logins.
+            let m = ph.params.get_decimal("m").unwrap_or(0);
+            let t = ph.params.get_decimal("t").unwrap_or(0);
+            let p = ph.params.get_decimal("p").unwrap_or(0);
+            if m > MAX_ARGON2_KIB || t > MAX_ARGON2_T || p > 4 {
+                cx.err(
+                    &at,
+                    format!("Argon2 cost m={m},t={t},p={p} exceeds m={MAX_ARGON2_KIB},t={MAX_ARGON2_T},p=4"),
+                    fix(),
+                );
+            } else {
+                cx.warn(
+                    &at,
+                    "is Argon2id: each uncached check costs ~25 ms and 19 MiB; for a key made by `ephyr keygen` the broker logs the ephyr-sha256 line to paste instead at its first use (docs/policy.md, \"API keys\")",
+                );
+            }
+        }
+        Ok(ph) => cx.err(&at, format!("algorithm {} is not argon2id", ph.algorithm), fix()),
+        Err(_) => cx.err(
+            &at,
+            "neither ephyr-sha256$<id>$<digest> nor an Argon2id PHC string ($argon2id$v=19$m=...,t=...,p=...$salt$hash)",
+            fix(),
+        ),
+    }
+}
+
 fn join_keys<T>(m: &BTreeMap<String, T>) -> String {
     if m.is_empty() { "(none)".into() } else { m.keys().cloned().collect::<Vec<_>>().join(", ") }
 }
@@ -1025,42 +1070,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         }
         let Some(a) = cx.entry::<AgentFile>(&["agents", &name], v) else { continue };
         if let Some(h) = &a.api_key_hash {
-            if h.starts_with("$2") {
-                cx.err(
-                    &["agents", &name, "api_key_hash"],
-                    "bcrypt hashes (Go Ephyr) are not accepted",
-                    Some(format!("run `ephyr keygen agent {name}` and paste the new api_key_hash line")),
-                );
-            } else {
-                match argon2::password_hash::phc::PasswordHash::new(h) {
-                    Ok(ph) if ph.algorithm.as_str() == "argon2id" => {
-                        // Each verification runs this cost on a small appliance: bound it so a
-                        // typo cannot exhaust memory or stall logins.
-                        let m = ph.params.get_decimal("m").unwrap_or(0);
-                        let t = ph.params.get_decimal("t").unwrap_or(0);
-                        let p = ph.params.get_decimal("p").unwrap_or(0);
-                        if m > MAX_ARGON2_KIB || t > MAX_ARGON2_T || p > 4 {
-                            cx.err(
-                                &["agents", &name, "api_key_hash"],
-                                format!(
-                                    "Argon2 cost m={m},t={t},p={p} exceeds m={MAX_ARGON2_KIB},t={MAX_ARGON2_T},p=4"
-                                ),
-                                Some(format!("run `ephyr keygen agent {name}` (m=19456,t=2,p=1)")),
-                            );
-                        }
-                    }
-                    Ok(ph) => cx.err(
-                        &["agents", &name, "api_key_hash"],
-                        format!("algorithm {} is not argon2id", ph.algorithm),
-                        Some(format!("run `ephyr keygen agent {name}`")),
-                    ),
-                    Err(_) => cx.err(
-                        &["agents", &name, "api_key_hash"],
-                        "not an Argon2id PHC string ($argon2id$v=19$m=...,t=...,p=...$salt$hash)",
-                        Some(format!("run `ephyr keygen agent {name}`")),
-                    ),
-                }
-            }
+            api_key_hash(&mut cx, &name, h);
         }
         if let Some(uid) = a.uid
             && let Some(other) = by_uid.insert(uid, name.clone())
@@ -1141,6 +1151,16 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             cx.warn(&["agents", &name], "has neither api_key_hash nor uid, so it cannot authenticate");
         }
         agents.insert(name, agent);
+    }
+    let argon2 = agents.values().filter(|a| a.api_key_hash.as_deref().is_some_and(|h| h.starts_with("$argon2"))).count();
+    if argon2 > crate::broker::auth::api_key::MAX_FOREIGN_CANDIDATES {
+        cx.warn(
+            &["agents"],
+            format!(
+                "{argon2} agents have Argon2id hashes: keys not in ephyr's format (ephyr_ak_…) are refused, since each would cost {argon2} Argon2 runs; at most {} are tried (replace the hashes of ephyr keys with their ephyr-sha256 form)",
+                crate::broker::auth::api_key::MAX_FOREIGN_CANDIDATES
+            ),
+        );
     }
 
     if !cx.problems.is_empty() {
