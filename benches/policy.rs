@@ -80,22 +80,12 @@ fn bench_action(b: Bencher, agent: &str, token: Option<&ephyr::macaroon::Envelop
 
 #[divan::bench]
 fn authorize_ssh_exact_grant(b: Bencher) {
-    bench_action(
-        b,
-        "agent-37",
-        None,
-        Action { tool: Some("exec"), kind: ActionKind::Ssh { target: "host-149", role: "op" } },
-    );
+    bench_action(b, "agent-37", None, Action::new(Some("exec"), ActionKind::Ssh { target: "host-149", role: "op" }));
 }
 
 #[divan::bench]
 fn authorize_ssh_via_template_pattern(b: Bencher) {
-    bench_action(
-        b,
-        "agent-37",
-        None,
-        Action { tool: Some("exec"), kind: ActionKind::Ssh { target: "host-177", role: "read" } },
-    );
+    bench_action(b, "agent-37", None, Action::new(Some("exec"), ActionKind::Ssh { target: "host-177", role: "read" }));
 }
 
 #[divan::bench]
@@ -107,7 +97,7 @@ fn authorize_ssh_with_token(b: Bencher) {
         b,
         "agent-37",
         Some(&env),
-        Action { tool: Some("exec"), kind: ActionKind::Ssh { target: "host-149", role: "op" } },
+        Action::new(Some("exec"), ActionKind::Ssh { target: "host-149", role: "op" }),
     );
 }
 
@@ -117,10 +107,10 @@ fn authorize_http(b: Bencher) {
         b,
         "agent-13",
         None,
-        Action {
-            tool: Some("http_request"),
-            kind: ActionKind::Http { service: "svc-13", method: "POST", path: "/chat/completions" },
-        },
+        Action::new(
+            Some("http_request"),
+            ActionKind::Http { service: "svc-13", method: "POST", path: "/chat/completions" },
+        ),
     );
 }
 
@@ -128,15 +118,17 @@ fn authorize_http(b: Bencher) {
 fn authorize_remote_tool_with_argument_constraint(b: Bencher) {
     let mut args = serde_json::Map::new();
     args.insert("path".into(), serde_json::json!("/data/reports/q3.csv"));
-    let declared = vec!["path".to_string()];
+    let declared = ["path"];
     bench_action(
         b,
         "agent-13",
         None,
-        Action {
-            tool: Some("rem-3.read_file"),
-            kind: ActionKind::RemoteTool { remote: "rem-3", tool: "read_file", arguments: &args, declared: &declared },
-        },
+        Action::call(
+            "rem-3.read_file",
+            ActionKind::RemoteTool { remote: "rem-3", tool: "read_file" },
+            &args,
+            &declared,
+        ),
     );
 }
 
@@ -146,26 +138,26 @@ fn authorize_task_delegate(b: Bencher) {
         b,
         "agent-13",
         None,
-        Action {
-            tool: Some("task_delegate"),
-            kind: ActionKind::Task(TaskOp::Delegate {
+        Action::new(
+            Some("task_delegate"),
+            ActionKind::Task(TaskOp::Delegate {
                 ttl: std::time::Duration::from_secs(600),
                 child_depth: 1,
                 parent_depth: 0,
             }),
-        },
+        ),
     );
 }
 
 #[divan::bench]
 fn authorize_dashboard(b: Bencher) {
-    bench_action(b, "agent-13", None, Action { tool: None, kind: ActionKind::Dashboard(DashboardLevel::Viewer) });
+    bench_action(b, "agent-13", None, Action::new(None, ActionKind::Dashboard(DashboardLevel::Viewer)));
 }
 
 #[divan::bench]
 fn authorize_deny_unknown_target(b: Bencher) {
     let p = big();
-    let action = Action { tool: Some("exec"), kind: ActionKind::Ssh { target: "host-999", role: "op" } };
+    let action = Action::new(Some("exec"), ActionKind::Ssh { target: "host-999", role: "op" });
     b.bench_local(|| {
         authorize(
             divan::black_box(&p),

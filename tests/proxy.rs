@@ -585,6 +585,16 @@ fn limits_paths_and_timeouts() {
         }
     }
     assert_eq!(up.requests().last().unwrap()["path"], "/api/x");
+    // Made-up service names never become metric labels (hardening issue, defect 3): they are all
+    // counted as one "(unknown)" series.
+    let before = http_request(&b.dashboard, "GET", "/metrics", &[], b"").text().lines().count();
+    for i in 0..200 {
+        assert_eq!(proxy(&b, "GET", &format!("/v1/proxy/made-up-{i}/x"), &key, b"").status, 403);
+    }
+    let m = http_request(&b.dashboard, "GET", "/metrics", &[], b"").text();
+    assert!(!m.contains("made-up-"), "request input became a label");
+    assert!(m.contains("ephyr_proxy_requests_total{service=\"(unknown)\",code=\"unknown_service\"}"), "{m}");
+    assert!(m.lines().count() <= before + 2, "series grew with request input");
     let r = proxy(&b, "DELETE", "/v1/proxy/echo-paths/api/x", &key, b"");
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["error"], "method_not_allowed");

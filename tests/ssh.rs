@@ -267,8 +267,13 @@ fn sessions_belong_to_their_agent_and_task_and_follow_the_current_token() {
         )
         .unwrap();
     let child = c["token"].as_str().unwrap().to_owned();
+    // The parent's session on b is outside the child's envelope: it cannot use, list or close it.
     let e = l.call(&child, "exec", json!({"session_id": sid, "command": "id"})).unwrap_err();
-    assert!(e.contains("token_denies_target"), "child narrowed to a used a session on b: {e}");
+    assert!(e.contains("no session"), "child narrowed to a used a session on b: {e}");
+    assert!(l.call(&child, "list_sessions", json!({})).unwrap().as_array().unwrap().is_empty());
+    let e = l.call(&child, "session_close", json!({"session_id": sid})).unwrap_err();
+    assert!(e.contains("no session"), "child narrowed to a closed a session on b: {e}");
+    assert_eq!(l.call(&token, "list_sessions", json!({})).unwrap().as_array().unwrap().len(), 1, "still open");
     // The API key of the same agent is not the task: the session is not its.
     assert!(l.call(&l.alice, "exec", json!({"session_id": sid, "command": "id"})).unwrap_err().contains("no session"));
     // The task's certificates are listed for it, and held while the session is open.
@@ -310,6 +315,41 @@ fn sessions_belong_to_their_agent_and_task_and_follow_the_current_token() {
     assert!(out.status.success(), "{listing} {}", stderr(&out));
     let n = u64::from_str_radix(&serial, 16).unwrap();
     assert!(listing.contains(&format!("serial: {n}")), "serial {n} not in KRL:\n{listing}");
+}
+
+/// Hardening issue, defect 2: `arg.*` caveats appended to a task token bind SSH commands
+/// (they were ignored: a child limited to `uptime` could run anything).
+#[test]
+fn token_argument_constraints_bind_ssh_commands() {
+    let l = lab("");
+    let t = l.call(&l.alice, "task_create", json!({"description": "probe", "can_delegate": true})).unwrap();
+    let token = t["token"].as_str().unwrap().to_owned();
+    let attenuate = |tok: &str, caveat: &str| {
+        let m = ephyr::macaroon::Macaroon::decode(tok).unwrap();
+        ephyr::macaroon::attenuate(&m, caveat).encode()
+    };
+    let only_uptime = attenuate(&token, "arg.command IN [uptime]");
+    let r = l.exec(&only_uptime, "a", "read", "uptime").unwrap();
+    assert_eq!(r["exit_code"], 0, "{r}");
+    let e = l.exec(&only_uptime, "a", "read", "id").unwrap_err();
+    assert!(e.contains("argument_constraint") && e.contains("command"), "{e}");
+    let e = l.exec(&only_uptime, "a", "read", "uptime; id").unwrap_err();
+    assert!(e.contains("argument_constraint"), "{e}");
+    // A session takes no command: the constraint cannot be checked there, so it is refused.
+    let e = l.call(&only_uptime, "session_create", json!({"target": "a", "role": "read"})).unwrap_err();
+    assert!(e.contains("argument_constraint") && e.contains("does not take"), "{e}");
+    // The timeout: a call argument, not a fact of the action; a declared one must be given.
+    let short = attenuate(&token, "arg.timeout <= 10");
+    let ok = l.call(&short, "exec", json!({"target": "a", "role": "read", "command": "true", "timeout": 5})).unwrap();
+    assert_eq!(ok["exit_code"], 0);
+    let e =
+        l.call(&short, "exec", json!({"target": "a", "role": "read", "command": "true", "timeout": 60})).unwrap_err();
+    assert!(e.contains("argument_constraint") && e.contains("timeout"), "{e}");
+    let e = l.call(&short, "exec", json!({"target": "a", "role": "read", "command": "true"})).unwrap_err();
+    assert!(e.contains("must be given explicitly"), "{e}");
+    // Every refusal is audited with its reason.
+    let denied = audit_events(&l.broker, "tool_call");
+    assert!(denied.iter().any(|e| e["decision"] == "deny" && e["code"] == "argument_constraint"), "{denied:?}");
 }
 
 #[test]

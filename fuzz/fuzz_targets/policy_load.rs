@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(p) => {
             for agent in p.agents.keys() {
                 for target in p.targets.keys() {
-                    let _ = authorize(&p, &Principal { agent, token: None, delegators: &[] }, &Action { tool: None, kind: ActionKind::Ssh { target, role: "read" } });
+                    let _ = authorize(&p, &Principal { agent, token: None, delegators: &[] }, &Action::new(None, ActionKind::Ssh { target, role: "read" }));
                 }
             }
         }

@@ -203,7 +203,7 @@ async fn operator_cert(broker: &Broker, peer: Peer, req: http::Request<hyper::bo
                 valid_before: t + ttl.as_secs(),
                 session: None,
             };
-            match broker.ssh.registry.add(issued, false) {
+            match broker.ssh.registry.add(issued) {
                 Ok(Some(d)) => {
                     if let Err(e) = d.wait().await {
                         return error(StatusCode::SERVICE_UNAVAILABLE, "state_unavailable", e);

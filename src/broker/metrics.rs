@@ -91,8 +91,37 @@ pub struct Metrics {
     index: RefCell<HashMap<u64, Vec<usize>>>,
 }
 
+/// A label value that varies at run time: a name the policy defines. Only the constructors here
+/// make one, and they borrow the policy's own string, so request input cannot become a label
+/// value (DESIGN.md invariant 14: a series per made-up service name would grow without bound);
+/// a name the policy does not define is counted as [`UNKNOWN`]. Every other label value is a
+/// `&'static str` of the code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyName<'a>(&'a str);
+
+/// The label value for a name the policy does not define.
+pub const UNKNOWN: &str = "(unknown)";
+
+impl<'a> PolicyName<'a> {
+    /// The policy's service `name`, or [`UNKNOWN`].
+    pub fn service(policy: &'a super::policy::Policy, name: &str) -> PolicyName<'a> {
+        PolicyName(policy.services.get_key_value(name).map_or(UNKNOWN, |(k, _)| k.as_str()))
+    }
+
+    /// The policy's remote `name`, or [`UNKNOWN`].
+    pub fn remote(policy: &'a super::policy::Policy, name: &str) -> PolicyName<'a> {
+        PolicyName(policy.remotes.get_key_value(name).map_or(UNKNOWN, |(k, _)| k.as_str()))
+    }
+
+    /// The value.
+    pub fn as_str(&self) -> &'a str {
+        self.0
+    }
+}
+
 /// FNV-1a over the name and labels. Names and label values come from fixed sets in the code
-/// (methods, tools, codes), never from request input, so a fast non-keyed hash is safe here.
+/// (methods, tools, codes) or from the policy ([`PolicyName`]), never from request input, so a
+/// fast non-keyed hash is safe here.
 fn key_hash(name: &str, l: &[(&'static str, &str)]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
@@ -158,24 +187,41 @@ impl Metrics {
     }
 
     /// Adds `by` to a counter.
-    pub fn add(&self, name: &'static str, l: &[(&'static str, &str)], by: u64) {
+    pub fn add(&self, name: &'static str, l: &[(&'static str, &'static str)], by: u64) {
         debug_assert!(declared(name, Type::Counter), "undeclared counter {name}");
         self.with(name, l, |s| s.value += by as f64);
     }
 
     /// Adds one to a counter.
-    pub fn inc(&self, name: &'static str, l: &[(&'static str, &str)]) {
+    pub fn inc(&self, name: &'static str, l: &[(&'static str, &'static str)]) {
         self.add(name, l, 1);
     }
 
+    /// Adds one to a counter with one label value from the policy (first) and fixed ones.
+    pub fn inc_named(
+        &self,
+        name: &'static str,
+        named: (&'static str, PolicyName<'_>),
+        l: &[(&'static str, &'static str)],
+    ) {
+        debug_assert!(declared(name, Type::Counter), "undeclared counter {name}");
+        debug_assert!(l.len() < 4, "at most 3 fixed labels");
+        let mut all: [(&'static str, &str); 4] = [("", ""); 4];
+        all[0] = (named.0, named.1.as_str());
+        for (slot, kv) in all[1..].iter_mut().zip(l) {
+            *slot = *kv;
+        }
+        self.with(name, &all[..=l.len().min(3)], |s| s.value += 1.0);
+    }
+
     /// Sets a gauge.
-    pub fn set(&self, name: &'static str, l: &[(&'static str, &str)], v: f64) {
+    pub fn set(&self, name: &'static str, l: &[(&'static str, &'static str)], v: f64) {
         debug_assert!(declared(name, Type::Gauge), "undeclared gauge {name}");
         self.with(name, l, |s| s.value = v);
     }
 
     /// Records a duration in seconds.
-    pub fn observe(&self, name: &'static str, l: &[(&'static str, &str)], seconds: f64) {
+    pub fn observe(&self, name: &'static str, l: &[(&'static str, &'static str)], seconds: f64) {
         debug_assert!(declared(name, Type::Histogram), "undeclared histogram {name}");
         self.with(name, l, |s| {
             let h = &mut s.hist;

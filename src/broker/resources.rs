@@ -256,7 +256,7 @@ pub fn read(broker: &Broker, policy: &Policy, caller: &Caller, uri: &str) -> Opt
                     crate::time::format_duration(a.rate_limit.window)
                 );
             }
-            let sessions = broker.ssh.sessions_of(caller);
+            let sessions = broker.ssh.sessions_of(policy, caller);
             let _ = writeln!(out, "\nYour open SSH sessions: {}.", sessions.len());
             for s in &sessions {
                 let _ = writeln!(out, "- `{}`: {} as {}", s.id, s.target, s.role);

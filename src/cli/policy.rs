@@ -6,7 +6,9 @@
 
 use std::path::Path;
 
-use crate::broker::policy::{self, Action, ActionKind, DashboardLevel, Decision, Policy, Principal, TaskOp, authorize};
+use crate::broker::policy::{
+    self, Action, ActionKind, Arguments, DashboardLevel, Decision, Policy, Principal, TaskOp, authorize,
+};
 use crate::macaroon::Macaroon;
 
 /// `policy check FILE`: prints problems and warnings; returns the exit code (0 ok, 3 invalid).
@@ -150,22 +152,30 @@ pub fn explain(o: &ExplainOptions) -> Result<i32, String> {
         }
         None => None,
     };
-    let declared: Vec<String> = match &action {
-        Owned::Tool(_, _, a) => a.keys().cloned().collect(),
+    let declared: Vec<&str> = match &action {
+        Owned::Tool(_, _, a) => a.keys().map(String::as_str).collect(),
         _ => vec![],
     };
+    let empty = serde_json::Map::new();
     let kind = match &action {
         Owned::Discover => ActionKind::Discover,
         Owned::Ssh(t, r) => ActionKind::Ssh { target: t, role: r },
         Owned::Http(s, m, path) => ActionKind::Http { service: s, method: m, path },
-        Owned::Tool(r, t, a) => ActionKind::RemoteTool { remote: r, tool: t, arguments: a, declared: &declared },
+        Owned::Tool(r, t, _) => ActionKind::RemoteTool { remote: r, tool: t },
         Owned::Task(op) => ActionKind::Task(*op),
         Owned::Dashboard(l) => ActionKind::Dashboard(*l),
     };
     let d = authorize(
         &p,
         &Principal { agent: &o.agent, token: envelope.as_ref(), delegators: &[] },
-        &Action { tool: o.tool.as_deref(), kind },
+        &Action {
+            tool: o.tool.as_deref(),
+            kind,
+            arguments: match &action {
+                Owned::Tool(_, _, a) => Arguments::Call { values: a, declared: &declared },
+                _ => Arguments::Call { values: &empty, declared: &[] },
+            },
+        },
     );
     let (code, v) = match &d {
         Decision::Allow(g) => {

@@ -258,7 +258,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let (fresh, _) = generate().unwrap();
-        assert_eq!(ix.lookup(fresh.expose(), &sha256(fresh.expose())), Lookup::NoAgent, "a key of ours that no agent holds costs no Argon2");
+        assert_eq!(
+            ix.lookup(fresh.expose(), &sha256(fresh.expose())),
+            Lookup::NoAgent,
+            "a key of ours that no agent holds costs no Argon2"
+        );
         match ix.lookup("custom-key-from-elsewhere", &sha256("custom-key-from-elsewhere")) {
             Lookup::Argon2(c) => assert_eq!(c.len(), 2),
             other => panic!("{other:?}"),
@@ -273,8 +277,14 @@ mod tests {
         let refs: Vec<(&str, String)> = many.iter().map(|(n, h)| (n.as_str(), h.clone())).collect();
         let ix = index(&refs);
         assert_eq!(ix.argon2_count(), MAX_FOREIGN_CANDIDATES + 1);
-        assert_eq!(ix.lookup("custom-0", &sha256("custom-0")), Lookup::NoAgent, "over the bound, foreign keys are refused outright");
+        assert_eq!(
+            ix.lookup("custom-0", &sha256("custom-0")),
+            Lookup::NoAgent,
+            "over the bound, foreign keys are refused outright"
+        );
         let ix = index(&refs[..MAX_FOREIGN_CANDIDATES]);
-        assert!(matches!(ix.lookup("custom-0", &sha256("custom-0")), Lookup::Argon2(c) if c.len() == MAX_FOREIGN_CANDIDATES));
+        assert!(
+            matches!(ix.lookup("custom-0", &sha256("custom-0")), Lookup::Argon2(c) if c.len() == MAX_FOREIGN_CANDIDATES)
+        );
     }
 }

@@ -17,7 +17,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::{Agent, DashboardLevel, Policy};
 use crate::macaroon::SetKey;
@@ -42,6 +42,50 @@ pub struct Action<'a> {
     pub tool: Option<&'a str>,
     /// The action itself.
     pub kind: ActionKind<'a>,
+    /// The arguments the action carries, against which argument constraints are evaluated.
+    pub arguments: Arguments<'a>,
+}
+
+impl<'a> Action<'a> {
+    /// A request with no arguments (an HTTP route, a task operation): an argument constraint of
+    /// the token fails closed on a resource action.
+    pub fn new(tool: Option<&'a str>, kind: ActionKind<'a>) -> Self {
+        Action { tool, kind, arguments: Arguments::None }
+    }
+
+    /// A tool call with its arguments.
+    pub fn call(
+        tool: &'a str,
+        kind: ActionKind<'a>,
+        arguments: &'a Map<String, Value>,
+        declared: &'a [&'a str],
+    ) -> Self {
+        Action { tool: Some(tool), kind, arguments: Arguments::Call { values: arguments, declared } }
+    }
+
+    /// A question of reach, not a request: could some call of this kind be allowed (tool
+    /// listing, session visibility, sweeps)? Argument constraints are not evaluated, and nothing
+    /// may be done on this answer alone.
+    pub fn reach(tool: Option<&'a str>, kind: ActionKind<'a>) -> Self {
+        Action { tool, kind, arguments: Arguments::NotEvaluated }
+    }
+}
+
+/// The arguments of an action.
+#[derive(Clone, Copy, Debug)]
+pub enum Arguments<'a> {
+    /// A request that carries none (the `/v1/proxy/` route, a certificate for the CLI).
+    None,
+    /// A tool call.
+    Call {
+        /// The call's arguments.
+        values: &'a Map<String, Value>,
+        /// Every argument the tool declares (a declared argument the call omits fails a
+        /// constraint on it: defaults cannot sneak past).
+        declared: &'a [&'a str],
+    },
+    /// Only for [`Action::reach`].
+    NotEvaluated,
 }
 
 /// The typed actions.
@@ -91,17 +135,12 @@ pub enum ActionKind<'a> {
         /// Every address the host resolved to (the connection goes to one of them).
         addrs: &'a [std::net::IpAddr],
     },
-    /// A federated tool call.
+    /// A federated tool call (its arguments are the action's [`Arguments`]).
     RemoteTool {
         /// Remote name.
         remote: &'a str,
         /// Tool name on the remote.
         tool: &'a str,
-        /// The call's arguments.
-        arguments: &'a serde_json::Map<String, Value>,
-        /// Arguments the tool's input schema declares (a declared but missing argument fails an
-        /// argument constraint: defaults cannot sneak past it).
-        declared: &'a [String],
     },
     /// A task operation.
     Task(TaskOp),
@@ -303,21 +342,22 @@ fn allow(rule: Rule<'_>) -> Decision<'_> {
     Decision::Allow(Grant { rule, principal: None })
 }
 
-/// Checks argument constraints. A constraint on an argument the tool declares but the call omits
-/// fails; one on an argument the tool does not have is vacuous.
-fn check_args(
+/// Checks the policy grant's argument constraints. A constraint on an argument the tool declares
+/// but the call omits fails; one on an argument the tool does not have is vacuous (a grant may
+/// cover many tools).
+fn check_grant_args(
     rules: &std::collections::BTreeMap<String, ArgRule>,
-    args: &serde_json::Map<String, Value>,
-    declared: &[String],
+    arguments: Arguments<'_>,
     whose: &str,
 ) -> Result<(), Denial> {
+    let Arguments::Call { values, declared } = arguments else { return Ok(()) };
     for (name, rule) in rules {
-        match args.get(name) {
+        match values.get(name) {
             Some(v) => rule.check(v).map_err(|e| Denial {
                 code: DenyCode::ArgumentConstraint,
                 reason: format!("argument {name:?}: {e} ({whose})"),
             })?,
-            None if declared.iter().any(|d| d == name) => {
+            None if declared.contains(&name.as_str()) => {
                 return Err(Denial {
                     code: DenyCode::ArgumentConstraint,
                     reason: format!("argument {name:?} is constrained ({whose}) and must be given explicitly"),
@@ -325,6 +365,63 @@ fn check_args(
             }
             None => {}
         }
+    }
+    Ok(())
+}
+
+/// What a resource action itself says, by argument name: the facts a token's argument
+/// constraint is checked against first (normalised: the decoded path, the session's own target),
+/// whatever the request spelled.
+fn facts<'a>(kind: &ActionKind<'a>) -> [Option<(&'static str, &'a str)>; 3] {
+    match *kind {
+        ActionKind::Ssh { target, role } => [Some(("target", target)), Some(("role", role)), None],
+        ActionKind::SshCommand { target, role, command } => {
+            [Some(("target", target)), Some(("role", role)), Some(("command", command))]
+        }
+        ActionKind::Http { service, method, path } | ActionKind::HttpUpstream { service, method, path, .. } => {
+            [Some(("service", service)), Some(("method", method)), Some(("path", path))]
+        }
+        _ => [None, None, None],
+    }
+}
+
+/// Checks the token's argument constraints on a resource action, failing closed: every rule is
+/// evaluated against the action's own facts ([`facts`]) or the tool call's arguments. A rule on
+/// an argument the action neither has nor the tool declares is refused: a token narrowed by
+/// `arg.timeout` cannot reach around the rule through a route or tool without a timeout.
+fn check_token_args(env: &Envelope, action: &Action<'_>) -> Result<(), Denial> {
+    if env.args.is_empty() || matches!(action.arguments, Arguments::NotEvaluated) {
+        return Ok(());
+    }
+    let facts = facts(&action.kind);
+    let denial = |reason: String| Denial { code: DenyCode::ArgumentConstraint, reason };
+    for (name, rule) in &env.args {
+        let checked = if let Some((_, v)) = facts.iter().flatten().find(|(n, _)| *n == name) {
+            rule.check(&Value::String((*v).to_owned()))
+        } else {
+            match action.arguments {
+                Arguments::Call { values, declared } => match values.get(name) {
+                    Some(v) => rule.check(v),
+                    None if declared.contains(&name.as_str()) => {
+                        return Err(denial(format!(
+                            "argument {name:?} is constrained (task token) and must be given explicitly"
+                        )));
+                    }
+                    None => {
+                        return Err(denial(format!(
+                            "the task token constrains argument {name:?}, which tool {:?} does not take: the constraint cannot be checked, so the call is refused",
+                            action.tool.unwrap_or("?")
+                        )));
+                    }
+                },
+                _ => {
+                    return Err(denial(format!(
+                        "the task token constrains argument {name:?}, which this request does not carry: the constraint cannot be checked, so the request is refused"
+                    )));
+                }
+            }
+        };
+        checked.map_err(|e| denial(format!("argument {name:?}: {e} (task token)")))?;
     }
     Ok(())
 }
@@ -362,7 +459,7 @@ fn authorize_one<'p>(policy: &'p Policy, agent: &str, token: Option<&Envelope>, 
     {
         return deny(DenyCode::TokenDeniesTool, format!("the task token does not allow tool {tool:?}"));
     }
-    match action.kind {
+    let decision = match action.kind {
         ActionKind::Discover => allow(Rule::Agent(&agent.name)),
         ActionKind::Ssh { target, role } => ssh(policy, agent, token, target, role),
         ActionKind::SshCommand { target, role, command } => match ssh(policy, agent, token, target, role) {
@@ -382,9 +479,7 @@ fn authorize_one<'p>(policy: &'p Policy, agent: &str, token: Option<&Envelope>, 
                 deny => deny,
             }
         }
-        ActionKind::RemoteTool { remote, tool, arguments, declared } => {
-            remote_tool(policy, agent, token, remote, tool, arguments, declared)
-        }
+        ActionKind::RemoteTool { remote, tool } => remote_tool(policy, agent, token, remote, tool, action.arguments),
         ActionKind::Task(op) => task(policy, agent, token, op),
         ActionKind::Dashboard(level) => {
             if agent.dashboard >= level {
@@ -401,6 +496,22 @@ fn authorize_one<'p>(policy: &'p Policy, agent: &str, token: Option<&Envelope>, 
                 )
             }
         }
+    };
+    // Step 6's argument constraints of the token apply to every action that reaches a resource.
+    let resource = matches!(
+        action.kind,
+        ActionKind::Ssh { .. }
+            | ActionKind::SshCommand { .. }
+            | ActionKind::Http { .. }
+            | ActionKind::HttpUpstream { .. }
+            | ActionKind::RemoteTool { .. }
+    );
+    match (decision, token) {
+        (Decision::Allow(g), Some(env)) if resource => match check_token_args(env, action) {
+            Ok(()) => Decision::Allow(g),
+            Err(d) => Decision::Deny(d),
+        },
+        (d, _) => d,
     }
 }
 
@@ -496,16 +607,6 @@ fn http<'p>(
         if !env.dim(SetKey::Method).allows(method) {
             return deny(DenyCode::TokenDeniesMethod, format!("the task token does not allow method {method}"));
         }
-        if !env.args.is_empty() {
-            let mut args = serde_json::Map::new();
-            args.insert("service".into(), Value::String(service.into()));
-            args.insert("method".into(), Value::String(method.into()));
-            args.insert("path".into(), Value::String(path.into()));
-            let declared = ["service".to_string(), "method".to_string(), "path".to_string()];
-            if let Err(d) = check_args(&env.args, &args, &declared, "task token") {
-                return Decision::Deny(d);
-            }
-        }
     }
     allow(Rule::Source(&grant.source))
 }
@@ -541,8 +642,7 @@ fn remote_tool<'p>(
     token: Option<&Envelope>,
     remote: &str,
     tool: &str,
-    arguments: &serde_json::Map<String, Value>,
-    declared: &[String],
+    arguments: Arguments<'_>,
 ) -> Decision<'p> {
     let Some(r) = policy.remotes.get(remote) else {
         return deny(DenyCode::UnknownRemote, format!("no remote {remote:?}"));
@@ -562,15 +662,12 @@ fn remote_tool<'p>(
     if grant.value.tools.as_ref().is_some_and(|t| !t.contains(tool)) {
         return deny(DenyCode::PolicyDeniesTool, format!("{} does not include tool {tool:?}", grant.source));
     }
-    if let Some(env) = token {
-        if !env.dim(SetKey::Remote).allows(remote) {
-            return deny(DenyCode::TokenDeniesRemote, format!("the task token does not allow remote {remote:?}"));
-        }
-        if let Err(d) = check_args(&env.args, arguments, declared, "task token") {
-            return Decision::Deny(d);
-        }
+    if let Some(env) = token
+        && !env.dim(SetKey::Remote).allows(remote)
+    {
+        return deny(DenyCode::TokenDeniesRemote, format!("the task token does not allow remote {remote:?}"));
     }
-    if let Err(d) = check_args(&grant.value.args, arguments, declared, &grant.source) {
+    if let Err(d) = check_grant_args(&grant.value.args, arguments, &grant.source) {
         return Decision::Deny(d);
     }
     allow(Rule::Source(&grant.source))

@@ -30,7 +30,7 @@ fn ssh_pairs(p: &Policy, agent: &str, targets: &BTreeSet<String>, roles: &BTreeS
             let d = authorize(
                 p,
                 &Principal { agent, token: None, delegators: &[] },
-                &Action { tool: None, kind: ActionKind::Ssh { target: t, role: r } },
+                &Action::reach(None, ActionKind::Ssh { target: t, role: r }),
             );
             if d.is_allow() {
                 out.insert(format!("ssh {t} as {r}"));

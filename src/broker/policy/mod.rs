@@ -24,7 +24,9 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-pub use authorize::{Action, ActionKind, Decision, Denial, DenyCode, Grant, Principal, Rule, TaskOp, authorize};
+pub use authorize::{
+    Action, ActionKind, Arguments, Decision, Denial, DenyCode, Grant, Principal, Rule, TaskOp, authorize,
+};
 
 use crate::macaroon::envelope::ArgRule;
 use network::NetworkPolicy;

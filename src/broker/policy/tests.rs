@@ -86,7 +86,19 @@ fn decide<'p>(
     tool: Option<&str>,
     kind: ActionKind<'_>,
 ) -> Decision<'p> {
-    authorize(p, &Principal { agent, token, delegators: &[] }, &Action { tool, kind })
+    authorize(p, &Principal { agent, token, delegators: &[] }, &Action::new(tool, kind))
+}
+
+fn decide_call<'p>(
+    p: &'p Policy,
+    agent: &str,
+    token: Option<&Envelope>,
+    tool: &str,
+    kind: ActionKind<'_>,
+    values: &serde_json::Map<String, serde_json::Value>,
+    declared: &[&str],
+) -> Decision<'p> {
+    authorize(p, &Principal { agent, token, delegators: &[] }, &Action::call(tool, kind, values, declared))
 }
 
 fn code(d: &Decision) -> Option<&'static str> {
@@ -94,6 +106,87 @@ fn code(d: &Decision) -> Option<&'static str> {
         Decision::Deny(x) => Some(x.code.as_str()),
         Decision::Allow(_) => None,
     }
+}
+
+/// Hardening issue, defect 2: a token's `arg.*` constraints bind every resource action, and a
+/// constraint an action cannot evaluate refuses it (fail closed).
+#[test]
+fn token_argument_constraints_bind_every_resource_action() {
+    let p = policy();
+    let obj = |v: serde_json::Value| v.as_object().cloned().unwrap();
+    let exec_params = ["target", "command", "role", "session_id", "timeout"];
+    let only_uptime = env(&["arg.command IN [uptime]"]);
+    let short = env(&["arg.timeout <= 10"]);
+    let exec = |token: &Envelope, command: &str, args: serde_json::Value| {
+        let a = obj(args);
+        code(&decide_call(
+            &p,
+            "claude",
+            Some(token),
+            "exec",
+            ActionKind::SshCommand { target: "web", role: "read", command },
+            &a,
+            &exec_params,
+        ))
+    };
+    // The command is the action's own fact: checked whatever the arguments spell.
+    assert_eq!(exec(&only_uptime, "uptime", serde_json::json!({"target": "web", "command": "uptime"})), None);
+    assert_eq!(
+        exec(&only_uptime, "rm -rf /", serde_json::json!({"target": "web", "command": "rm -rf /"})),
+        Some("argument_constraint")
+    );
+    assert_eq!(
+        exec(&only_uptime, "rm -rf /", serde_json::json!({"target": "web", "command": "uptime"})),
+        Some("argument_constraint"),
+        "the action's command, not a claimed argument"
+    );
+    // A call argument that is not a fact of the action (the timeout).
+    assert_eq!(exec(&short, "uptime", serde_json::json!({"command": "uptime", "timeout": 5})), None);
+    assert_eq!(
+        exec(&short, "uptime", serde_json::json!({"command": "uptime", "timeout": 60})),
+        Some("argument_constraint")
+    );
+    let d = decide_call(
+        &p,
+        "claude",
+        Some(&short),
+        "exec",
+        ActionKind::SshCommand { target: "web", role: "read", command: "uptime" },
+        &obj(serde_json::json!({"command": "uptime"})),
+        &exec_params,
+    );
+    assert!(matches!(&d, Decision::Deny(x) if x.reason.contains("must be given explicitly")), "{d:?}");
+    // Opening a session takes no command: the constraint cannot be checked there, so it refuses.
+    let d = decide_call(
+        &p,
+        "claude",
+        Some(&only_uptime),
+        "session_create",
+        ActionKind::Ssh { target: "web", role: "read" },
+        &obj(serde_json::json!({"target": "web", "role": "read"})),
+        &["target", "role"],
+    );
+    assert!(
+        matches!(&d, Decision::Deny(x) if x.code.as_str() == "argument_constraint" && x.reason.contains("does not take")),
+        "{d:?}"
+    );
+    // A request without arguments (the /v1/proxy route): facts still apply, others fail closed.
+    let under_chat = env(&["arg.path prefix /chat"]);
+    let route = |token: &Envelope, path: &str| {
+        code(&decide(&p, "claude", Some(token), None, ActionKind::Http { service: "openai", method: "POST", path }))
+    };
+    assert_eq!(route(&under_chat, "/chat/completions"), None);
+    assert_eq!(route(&env(&["arg.path prefix /chat/x"]), "/chat/completions"), Some("argument_constraint"));
+    assert_eq!(route(&short, "/chat/completions"), Some("argument_constraint"));
+    assert_eq!(route(&only_uptime, "/chat/completions"), Some("argument_constraint"));
+    // Non-resource actions and reachability questions are not argument-checked.
+    assert_eq!(code(&decide(&p, "claude", Some(&only_uptime), None, ActionKind::Task(TaskOp::Read))), None);
+    let reach = authorize(
+        &p,
+        &Principal { agent: "claude", token: Some(&only_uptime), delegators: &[] },
+        &Action::reach(Some("exec"), ActionKind::Ssh { target: "web", role: "read" }),
+    );
+    assert!(reach.is_allow());
 }
 
 #[test]
@@ -195,7 +288,7 @@ fn http_table() {
 #[test]
 fn remote_tool_table_with_argument_constraints() {
     let p = policy();
-    let declared = vec!["path".to_string()];
+    let declared = ["path"];
     let args = |path: Option<&str>| {
         let mut m = serde_json::Map::new();
         if let Some(x) = path {
@@ -218,43 +311,28 @@ fn remote_tool_table_with_argument_constraints() {
     ];
     for (tool, path, token, want) in cases {
         let a = args(path);
-        let d = decide(
+        let d = decide_call(
             &p,
             "claude",
             token,
-            Some("fs.read_file"),
-            ActionKind::RemoteTool { remote: "fs", tool, arguments: &a, declared: &declared },
+            "fs.read_file",
+            ActionKind::RemoteTool { remote: "fs", tool },
+            &a,
+            &declared,
         );
         assert_eq!(code(&d), want, "{tool} {path:?} {token:?}: {d:?}");
     }
     // A tool without a `path` argument is not affected by a `path` constraint.
     let a = args(None);
-    let d = decide(
-        &p,
-        "claude",
-        None,
-        None,
-        ActionKind::RemoteTool { remote: "fs", tool: "list_directory", arguments: &a, declared: &[] },
-    );
+    let d =
+        decide_call(&p, "claude", None, "fs", ActionKind::RemoteTool { remote: "fs", tool: "list_directory" }, &a, &[]);
     assert_eq!(code(&d), None);
     assert_eq!(
-        code(&decide(
-            &p,
-            "nobody",
-            None,
-            None,
-            ActionKind::RemoteTool { remote: "fs", tool: "read_file", arguments: &a, declared: &[] }
-        )),
+        code(&decide(&p, "nobody", None, None, ActionKind::RemoteTool { remote: "fs", tool: "read_file" })),
         Some("policy_denies_remote")
     );
     assert_eq!(
-        code(&decide(
-            &p,
-            "claude",
-            None,
-            None,
-            ActionKind::RemoteTool { remote: "nope", tool: "x", arguments: &a, declared: &[] }
-        )),
+        code(&decide(&p, "claude", None, None, ActionKind::RemoteTool { remote: "nope", tool: "x" })),
         Some("unknown_remote")
     );
 }
@@ -473,13 +551,13 @@ fn reload_under_concurrent_readers_never_mixes_two_policies() {
                     let read = authorize(
                         &p,
                         &Principal { agent: "x", token: None, delegators: &[] },
-                        &Action { tool: None, kind: ActionKind::Ssh { target: "web", role: "read" } },
+                        &Action::new(None, ActionKind::Ssh { target: "web", role: "read" }),
                     );
                     futures_lite::future::yield_now().await;
                     let op = authorize(
                         &p,
                         &Principal { agent: "x", token: None, delegators: &[] },
-                        &Action { tool: None, kind: ActionKind::Ssh { target: "web", role: "op" } },
+                        &Action::new(None, ActionKind::Ssh { target: "web", role: "op" }),
                     );
                     // Exactly one of the two roles is granted in either version.
                     if read.is_allow() == op.is_allow() {

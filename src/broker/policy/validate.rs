@@ -1152,7 +1152,8 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         }
         agents.insert(name, agent);
     }
-    let argon2 = agents.values().filter(|a| a.api_key_hash.as_deref().is_some_and(|h| h.starts_with("$argon2"))).count();
+    let argon2 =
+        agents.values().filter(|a| a.api_key_hash.as_deref().is_some_and(|h| h.starts_with("$argon2"))).count();
     if argon2 > crate::broker::auth::api_key::MAX_FOREIGN_CANDIDATES {
         cx.warn(
             &["agents"],

@@ -37,7 +37,8 @@ use serde_json::json;
 use super::Broker;
 use super::audit::{AuditSink as _, Event, Kind};
 use super::auth::Caller;
-use super::policy::{Action, ActionKind, Decision, Denial, Policy, authorize, pattern::normalise_path};
+use super::metrics::PolicyName;
+use super::policy::{Action, ActionKind, Arguments, Decision, Denial, Policy, authorize, pattern::normalise_path};
 use scrub::Scrubber;
 
 /// How often a streaming response checks that the caller's task is still usable.
@@ -69,6 +70,9 @@ pub struct Call<'a> {
     pub timeout: Option<Duration>,
     /// `tool` or `route`, for audit and metrics.
     pub via: &'static str,
+    /// The tool call's arguments (`Arguments::None` for the route: the service, method and path
+    /// are the action's own facts either way).
+    pub arguments: Arguments<'a>,
 }
 
 /// Why a request was not proxied.
@@ -183,7 +187,9 @@ impl Proxy {
         let principal = caller.principal();
         let (service, method) = (call.service, call.method);
         let http = ActionKind::Http { service, method, path: &path.decoded };
-        if let Decision::Deny(d) = authorize(policy, &principal, &Action { tool: call.tool, kind: http }) {
+        if let Decision::Deny(d) =
+            authorize(policy, &principal, &Action { tool: call.tool, kind: http, arguments: call.arguments })
+        {
             return Err(Failure::Denied(d));
         }
         let Some(s) = policy.services.get(service) else {
@@ -205,7 +211,9 @@ impl Proxy {
         let addrs: Vec<IpAddr> =
             conn::resolve(&broker.pool, &host, s.url.port, s.connect_timeout).await.map_err(Failure::Upstream)?;
         let upstream = ActionKind::HttpUpstream { service, method, path: &path.decoded, host: &host, addrs: &addrs };
-        if let Decision::Deny(d) = authorize(policy, &principal, &Action { tool: call.tool, kind: upstream }) {
+        if let Decision::Deny(d) =
+            authorize(policy, &principal, &Action { tool: call.tool, kind: upstream, arguments: call.arguments })
+        {
             return Err(Failure::Denied(d));
         }
         let secret = match &s.credential {
@@ -329,9 +337,10 @@ impl Proxy {
                 String::from_utf8_lossy(enc.as_bytes())
             )));
         }
-        broker.metrics.inc(
+        broker.metrics.inc_named(
             "ephyr_proxy_requests_total",
-            &[("service", service), ("code", super::http::status_class(parts.status))],
+            ("service", PolicyName::service(policy, service)),
+            &[("code", super::http::status_class(parts.status))],
         );
         let headers = plan::response_headers(&parts.headers, &scrub, service, &request_id);
         let watch: Option<Box<dyn Fn() -> bool>> = caller.token().map(|t| {

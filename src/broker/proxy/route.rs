@@ -131,11 +131,16 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
         body,
         timeout: None,
         via: "route",
+        arguments: crate::broker::policy::Arguments::None,
     };
     let answer = match broker.proxy.send(&broker, &caller, &policy, call).await {
         Ok(a) => a,
         Err(f) => {
-            broker.metrics.inc("ephyr_proxy_requests_total", &[("service", &service), ("code", f.code())]);
+            broker.metrics.inc_named(
+                "ephyr_proxy_requests_total",
+                ("service", crate::broker::metrics::PolicyName::service(&policy, &service)),
+                &[("code", f.code())],
+            );
             audit_refusal(&broker, Some(&caller), &service, &method, &f);
             return refuse(f.status(), f.code(), f.message());
         }

@@ -147,29 +147,35 @@ impl client::Handler for Handler {
 
 static RUNTIME: OnceLock<tokio::runtime::Handle> = OnceLock::new();
 
-fn runtime() -> &'static tokio::runtime::Handle {
-    RUNTIME.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let spawned = std::thread::Builder::new().name("ephyr-ssh".into()).stack_size(512 * 1024).spawn(move || {
-            match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
-                Ok(rt) => {
-                    let _ = tx.send(Some(rt.handle().clone()));
-                    rt.block_on(std::future::pending::<()>());
-                }
-                Err(e) => {
-                    log::error!("ssh runtime: {e}");
-                    let _ = tx.send(None);
-                }
+/// The SSH runtime, started on first use. If its thread cannot start (the process is out of
+/// threads or memory), this call fails with a clear error and the next one tries again: SSH is
+/// unavailable, the rest of the broker goes on.
+fn runtime() -> Result<&'static tokio::runtime::Handle, SshError> {
+    if let Some(h) = RUNTIME.get() {
+        return Ok(h);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new().name("ephyr-ssh".into()).stack_size(512 * 1024).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
+            Ok(rt) => {
+                let _ = tx.send(Ok(rt.handle().clone()));
+                rt.block_on(std::future::pending::<()>());
             }
-        });
-        match spawned.ok().and_then(|_| rx.recv().ok().flatten()) {
-            Some(h) => h,
-            // Without a runtime thread the broker cannot do SSH at all; every later call would
-            // hang, so stop loudly instead (the thread spawn failing means the process is out
-            // of resources).
-            None => panic!("ssh runtime thread could not start"),
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+            }
         }
-    })
+    });
+    let handle = match spawned {
+        Err(e) => Err(format!("its thread could not start: {e}")),
+        Ok(_) => rx.recv().unwrap_or_else(|_| Err("its thread ended at once".into())),
+    }
+    .map_err(|e| {
+        log::error!("ssh runtime: {e}");
+        SshError::Protocol(format!("the SSH runtime is unavailable ({e}); retry later"))
+    })?;
+    // Only the executor thread gets here, so this is the one handle.
+    Ok(RUNTIME.get_or_init(|| handle))
 }
 
 /// Runs `f` on the SSH runtime and awaits it from any executor.
@@ -178,7 +184,7 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    runtime().spawn(f).await.map_err(|e| SshError::Protocol(format!("ssh task ended: {e}")))
+    runtime()?.spawn(f).await.map_err(|e| SshError::Protocol(format!("ssh task ended: {e}")))
 }
 
 /// What one connection needs.

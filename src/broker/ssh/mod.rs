@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use super::Broker;
 use super::audit::{AuditSink as _, Event, Kind};
 use super::auth::Caller;
-use super::policy::{Action, ActionKind, Decision, Denial, Policy, Target};
+use super::policy::{Action, ActionKind, Arguments, Decision, Denial, Policy, Target};
 use super::signer_client::CallError;
 use crate::signer::protocol::{CertRequest, ErrorCode, Request, Response};
 use client::{Conn, ExecLimits, ExecResult, HostCheck, SshError};
@@ -79,6 +79,19 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// Who asks for an SSH operation, under which policy snapshot, with which call arguments.
+#[derive(Clone, Copy)]
+pub struct Asker<'a> {
+    /// The broker.
+    pub broker: &'a Broker,
+    /// The caller.
+    pub caller: &'a Caller,
+    /// The policy snapshot of the request.
+    pub policy: &'a Policy,
+    /// The tool call's arguments (argument constraints are checked against them).
+    pub arguments: Arguments<'a>,
+}
+
 /// An open session.
 pub struct Session {
     /// Its id (16 random bytes, hex).
@@ -96,6 +109,9 @@ pub struct Session {
     /// Unix seconds.
     pub created: u64,
     conn: RefCell<Rc<Conn>>,
+    /// The certificate in use (its serial stays in `serial`); taken at close, and dropping the
+    /// session releases it too.
+    held: RefCell<Option<registry::Held>>,
     serial: Cell<u64>,
     cert_until: Cell<u64>,
     last_used: Cell<Instant>,
@@ -103,6 +119,11 @@ pub struct Session {
 }
 
 impl Session {
+    /// Serial of the certificate in use.
+    pub fn serial(&self) -> u64 {
+        self.serial.get()
+    }
+
     /// Commands run on it so far.
     pub fn commands(&self) -> u64 {
         self.commands.get()
@@ -119,7 +140,7 @@ impl Session {
             "created_at": crate::time::format_rfc3339(self.created as i64, None),
             "idle_secs": self.last_used.get().elapsed().as_secs(),
             "commands": self.commands.get(),
-            "cert_serial": format!("{:016x}", self.serial.get()),
+            "cert_serial": format!("{:016x}", self.serial()),
             "cert_expires_at": crate::time::format_rfc3339(self.cert_until.get() as i64, None),
         })
     }
@@ -201,16 +222,25 @@ fn random_id() -> String {
     data_encoding::HEXLOWER.encode(&b)
 }
 
-/// Whether a caller may use a session: same agent, and the same task (or a task below it).
-fn owns(caller: &Caller, s: &Session) -> bool {
+/// Whether a caller may see, use or close a session: same agent, the same task (or a task below
+/// it), and the session's own target and role within the caller's policy and token (a child
+/// narrowed to another target does not see its parent's session).
+fn owns(policy: &Policy, caller: &Caller, s: &Session) -> bool {
     if caller.agent != s.agent {
         return false;
     }
-    match (caller.token(), &s.task) {
+    let same_tree = match (caller.token(), &s.task) {
         (None, None) => true,
         (Some(t), Some(task)) => t.lineage.iter().any(|x| x == task),
         _ => false,
-    }
+    };
+    same_tree
+        && super::policy::authorize(
+            policy,
+            &caller.principal(),
+            &Action::reach(None, ActionKind::Ssh { target: &s.target, role: &s.role }),
+        )
+        .is_allow()
 }
 
 fn with_task(ev: Event, caller: &Caller) -> Event {
@@ -237,6 +267,7 @@ impl Ssh {
         policy: &Policy,
         caller: &Caller,
         tool: &str,
+        arguments: Arguments<'_>,
         target: &str,
         role: &str,
         command: Option<&str>,
@@ -246,7 +277,7 @@ impl Ssh {
             Some(command) => ActionKind::SshCommand { target, role, command },
             None => ActionKind::Ssh { target, role },
         };
-        match super::policy::authorize(policy, &principal, &Action { tool: Some(tool), kind }) {
+        match super::policy::authorize(policy, &principal, &Action { tool: Some(tool), kind, arguments }) {
             Decision::Allow(g) => g
                 .principal
                 .map(str::to_owned)
@@ -290,7 +321,7 @@ impl Ssh {
         principal: &str,
         session: Option<&str>,
         ttl: Duration,
-    ) -> Result<(Conn, registry::Issued, Option<String>), Failure> {
+    ) -> Result<(Conn, registry::Issued, registry::Held, Option<String>), Failure> {
         let t =
             policy.targets.get(target_name).ok_or_else(|| Failure::Refused(format!("no target {target_name:?}")))?;
         let host_check = self.host_check(target_name, t, policy.limits.host_key_strict)?;
@@ -363,7 +394,8 @@ impl Ssh {
             .allow()
             .outcome(json!({ "serial": format!("{serial:016x}"), "key_id": key_id, "valid_after": issued.valid_after, "valid_before": until }));
         let ticket = broker.audit.record(ev).map_err(|e| Failure::Audit(e.to_string()))?;
-        let registered = self.registry.add(issued.clone(), true).map_err(Failure::Audit)?;
+        // Held from here: released when `held` drops, on every path out of here and of callers.
+        let (held, registered) = self.registry.hold(issued.clone()).map_err(Failure::Audit)?;
         let spec = client::ConnectSpec {
             host: t.host.clone(),
             port: t.port,
@@ -381,15 +413,11 @@ impl Ssh {
             Ok::<(), String>(())
         })
         .await;
-        let fail = |f: Failure| {
-            self.registry.release(serial);
-            Err(f)
-        };
         if let Err(e) = durable {
             if let Ok(c) = &connected {
                 c.close().await;
             }
-            return fail(Failure::Audit(e));
+            return Err(Failure::Audit(e));
         }
         let conn = match connected {
             Ok(c) => c,
@@ -408,7 +436,7 @@ impl Ssh {
                         )
                         .await;
                 }
-                return fail(Failure::Ssh(e));
+                return Err(Failure::Ssh(e));
             }
         };
         broker.metrics.inc("ephyr_ssh_connects_total", &[("outcome", "ok")]);
@@ -433,7 +461,7 @@ impl Ssh {
                 .await;
             warning = Some(w);
         }
-        Ok((conn, issued, warning))
+        Ok((conn, issued, held, warning))
     }
 
     /// Records that a command is about to run (fails closed when the audit trail is down); the
@@ -454,22 +482,21 @@ impl Ssh {
     }
 
     /// One command with a new certificate and connection.
-    #[allow(clippy::too_many_arguments)]
     pub async fn exec_once(
         &self,
-        broker: &Broker,
-        caller: &Caller,
-        policy: &Policy,
+        asker: Asker<'_>,
         target: &str,
         role: &str,
         command: &str,
         timeout: Duration,
     ) -> Result<Ran, Failure> {
+        let Asker { broker, caller, policy, arguments } = asker;
         check_command_text(command).map_err(Failure::Refused)?;
-        let principal = Self::authorize(policy, caller, "exec", target, role, Some(command))?;
+        let principal = Self::authorize(policy, caller, "exec", arguments, target, role, Some(command))?;
         let ttl = policy.targets.get(target).map_or(policy.limits.cert_ttl_default, |t| t.cert_ttl_default);
         let started = Instant::now();
-        let (conn, issued, warning) = self.connect(broker, caller, policy, target, role, &principal, None, ttl).await?;
+        let (conn, issued, held, warning) =
+            self.connect(broker, caller, policy, target, role, &principal, None, ttl).await?;
         let connect = started.elapsed();
         let ticket = Self::record_exec(broker, caller, target, role, command, None);
         let ran = match ticket {
@@ -482,23 +509,22 @@ impl Ssh {
             Err(e) => Err(e),
         };
         conn.close().await;
-        self.registry.release(issued.serial);
+        drop(held);
         Ok(Ran { result: ran?, serial: issued.serial, host_key_warning: warning, connect })
     }
 
     /// Opens a session.
     pub async fn session_create(
         &self,
-        broker: &Broker,
-        caller: &Caller,
-        policy: &Policy,
+        asker: Asker<'_>,
         target: &str,
         role: &str,
     ) -> Result<(Rc<Session>, Option<String>), Failure> {
-        let principal = Self::authorize(policy, caller, "session_create", target, role, None)?;
+        let Asker { broker, caller, policy, arguments } = asker;
+        let principal = Self::authorize(policy, caller, "session_create", arguments, target, role, None)?;
         let ttl = policy.targets.get(target).map_or(policy.limits.cert_ttl_max, |t| t.cert_ttl_max);
         let id = random_id();
-        let (conn, issued, warning) =
+        let (conn, issued, held, warning) =
             self.connect(broker, caller, policy, target, role, &principal, Some(&id), ttl).await?;
         let s = Rc::new(Session {
             id: id.clone(),
@@ -509,7 +535,8 @@ impl Ssh {
             principal,
             created: now_secs(),
             conn: RefCell::new(Rc::new(conn)),
-            serial: Cell::new(issued.serial),
+            serial: Cell::new(held.serial()),
+            held: RefCell::new(Some(held)),
             cert_until: Cell::new(issued.valid_before),
             last_used: Cell::new(Instant::now()),
             commands: Cell::new(0),
@@ -529,9 +556,9 @@ impl Ssh {
     }
 
     /// The caller's session `id` (the same answer whether it does not exist or is another's).
-    pub fn session_for(&self, caller: &Caller, id: &str) -> Result<Rc<Session>, Failure> {
+    pub fn session_for(&self, policy: &Policy, caller: &Caller, id: &str) -> Result<Rc<Session>, Failure> {
         match self.sessions.borrow().get(id) {
-            Some(s) if owns(caller, s) => Ok(s.clone()),
+            Some(s) if owns(policy, caller, s) => Ok(s.clone()),
             _ => Err(Failure::Refused(format!(
                 "no session {id:?} for this caller (sessions belong to the agent and task that opened them)"
             ))),
@@ -542,16 +569,15 @@ impl Ssh {
     /// caller's current token.
     pub async fn session_exec(
         &self,
-        broker: &Broker,
-        caller: &Caller,
-        policy: &Policy,
+        asker: Asker<'_>,
         id: &str,
         command: &str,
         timeout: Duration,
     ) -> Result<Ran, Failure> {
-        let s = self.session_for(caller, id)?;
+        let Asker { broker, caller, policy, arguments } = asker;
+        let s = self.session_for(policy, caller, id)?;
         check_command_text(command).map_err(Failure::Refused)?;
-        let principal = Self::authorize(policy, caller, "exec", &s.target, &s.role, Some(command))?;
+        let principal = Self::authorize(policy, caller, "exec", arguments, &s.target, &s.role, Some(command))?;
         if principal != s.principal {
             self.close(broker, &s, "role principal changed").await;
             return Err(Failure::Refused(format!(
@@ -566,12 +592,14 @@ impl Ssh {
             // Renew: a new key and certificate (authorized just above), a new connection.
             let started = Instant::now();
             let ttl = policy.targets.get(&s.target).map_or(policy.limits.cert_ttl_max, |t| t.cert_ttl_max);
-            let (fresh, issued, w) =
+            let (fresh, issued, held, w) =
                 self.connect(broker, caller, policy, &s.target, &s.role, &principal, Some(&s.id), ttl).await?;
             let old = s.conn.replace(Rc::new(fresh));
-            old.close().await;
-            self.registry.release(s.serial.replace(issued.serial));
+            // The old certificate is released here, before anything else is awaited.
+            s.serial.set(held.serial());
+            drop(s.held.replace(Some(held)));
             s.cert_until.set(issued.valid_before);
+            old.close().await;
             connect = started.elapsed();
             warning = w;
         }
@@ -584,7 +612,7 @@ impl Ssh {
         s.last_used.set(Instant::now());
         d.map_err(|e| Failure::Audit(format!("{e} (the command ran; its record may be incomplete)")))?;
         let result = r.map_err(Failure::Ssh)?;
-        Ok(Ran { result, serial: s.serial.get(), host_key_warning: warning, connect })
+        Ok(Ran { result, serial: s.serial(), host_key_warning: warning, connect })
     }
 
     /// Closes a session (its connection, its certificate's key).
@@ -592,9 +620,9 @@ impl Ssh {
         if self.sessions.borrow_mut().remove(&s.id).is_none() {
             return;
         }
+        drop(s.held.borrow_mut().take());
         let conn = s.conn.borrow().clone();
         conn.close().await;
-        self.registry.release(s.serial.get());
         broker.metrics.set("ephyr_ssh_sessions", &[], self.session_count() as f64);
         broker
             .audit_now(
@@ -607,8 +635,8 @@ impl Ssh {
     }
 
     /// The caller's sessions.
-    pub fn sessions_of(&self, caller: &Caller) -> Vec<Rc<Session>> {
-        self.sessions.borrow().values().filter(|s| owns(caller, s)).cloned().collect()
+    pub fn sessions_of(&self, policy: &Policy, caller: &Caller) -> Vec<Rc<Session>> {
+        self.sessions.borrow().values().filter(|s| owns(policy, caller, s)).cloned().collect()
     }
 
     /// Closes sessions that are idle, whose certificate has expired, whose task is revoked or
@@ -659,7 +687,7 @@ impl Ssh {
 
 fn policy_allows(policy: &Policy, agent: &str, target: &str, role: &str) -> bool {
     let p = super::policy::Principal { agent, token: None, delegators: &[] };
-    super::policy::authorize(policy, &p, &Action { tool: None, kind: ActionKind::Ssh { target, role } }).is_allow()
+    super::policy::authorize(policy, &p, &Action::reach(None, ActionKind::Ssh { target, role })).is_allow()
 }
 
 #[cfg(test)]

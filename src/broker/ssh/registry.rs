@@ -76,10 +76,44 @@ pub struct Listed {
     pub revoked_at: Option<i64>,
 }
 
+type Entries = Rc<RefCell<BTreeMap<u64, Entry>>>;
+
+/// A certificate whose private key the broker holds (a running command, an open session): it
+/// counts against the concurrency limits until this guard is dropped, however the holder ends
+/// (DESIGN.md invariant 13: a dropped future releases its certificate too).
+pub struct Held {
+    entries: std::rc::Weak<RefCell<BTreeMap<u64, Entry>>>,
+    serial: u64,
+}
+
+impl Held {
+    /// The certificate's serial.
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Held({:016x})", self.serial)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(entries) = self.entries.upgrade()
+            && let Ok(mut e) = entries.try_borrow_mut()
+            && let Some(x) = e.get_mut(&self.serial)
+        {
+            x.in_use = false;
+        }
+    }
+}
+
 /// The registry.
 #[derive(Default)]
 pub struct Registry {
-    entries: RefCell<BTreeMap<u64, Entry>>,
+    entries: Entries,
     journal: RefCell<Option<Rc<Journal>>>,
 }
 
@@ -160,19 +194,21 @@ impl Registry {
         (mine, total)
     }
 
-    /// Records a new certificate (in use when `in_use`); the returned [`Durable`] resolves once
-    /// it is on disk.
-    pub fn add(&self, cert: Issued, in_use: bool) -> Result<Option<Durable>, String> {
+    /// Records a new certificate whose key the broker does not hold (an operator's); the
+    /// returned [`Durable`] resolves once it is on disk.
+    pub fn add(&self, cert: Issued) -> Result<Option<Durable>, String> {
         let d = self.append(&Record::Issued(cert.clone()))?;
-        self.entries.borrow_mut().insert(cert.serial, Entry { cert, in_use, revoked_at: None });
+        self.entries.borrow_mut().insert(cert.serial, Entry { cert, in_use: false, revoked_at: None });
         Ok(d)
     }
 
-    /// The broker no longer holds the key (its command ended or its session closed).
-    pub fn release(&self, serial: u64) {
-        if let Some(x) = self.entries.borrow_mut().get_mut(&serial) {
-            x.in_use = false;
-        }
+    /// Records a new certificate whose key the broker holds, in use until the [`Held`] guard is
+    /// dropped; the [`Durable`] resolves once the record is on disk.
+    pub fn hold(&self, cert: Issued) -> Result<(Held, Option<Durable>), String> {
+        let d = self.append(&Record::Issued(cert.clone()))?;
+        let serial = cert.serial;
+        self.entries.borrow_mut().insert(serial, Entry { cert, in_use: true, revoked_at: None });
+        Ok((Held { entries: Rc::downgrade(&self.entries), serial }, d))
     }
 
     /// Marks a certificate revoked (operator); `Ok(false)` when there is no such live one.
@@ -242,12 +278,12 @@ mod tests {
     #[test]
     fn limits_count_held_keys_and_the_krl_lists_revoked_live_certificates() {
         let r = Registry::default();
-        r.add(cert(1, "a", Some("T1"), 100), true).unwrap();
-        r.add(cert(2, "a", Some("T2"), 100), true).unwrap();
-        r.add(cert(3, "b", None, 100), false).unwrap();
-        r.add(cert(4, "a", Some("T1"), 10), false).unwrap();
+        let (_one, _) = r.hold(cert(1, "a", Some("T1"), 100)).unwrap();
+        let (two, _) = r.hold(cert(2, "a", Some("T2"), 100)).unwrap();
+        r.add(cert(3, "b", None, 100)).unwrap();
+        r.add(cert(4, "a", Some("T1"), 10)).unwrap();
         assert_eq!(r.in_use("a"), (2, 2));
-        r.release(2);
+        drop(two);
         assert_eq!(r.in_use("a"), (1, 1));
         // T1 revoked: certificate 1 is listed, 4 has expired at 50 and needs no entry.
         let mut s = r.revoked_serials(50, |t| t == "T1");
@@ -263,6 +299,25 @@ mod tests {
         assert_eq!(r.list(0, |_| true).len(), 3);
     }
 
+    /// A future holding a certificate that is dropped at any await releases it.
+    #[test]
+    fn a_dropped_holder_releases_its_certificate() {
+        let r = Registry::default();
+        for i in 0..100u64 {
+            let fut = async {
+                let (held, _) = r.hold(cert(i, "a", None, 1000)).unwrap();
+                futures_lite::future::yield_now().await;
+                futures_lite::future::pending::<()>().await;
+                drop(held);
+            };
+            let mut fut = Box::pin(fut);
+            assert!(smol::block_on(futures_lite::future::poll_once(&mut fut)).is_none());
+            assert_eq!(r.in_use("a"), (1, 1), "held while the future lives");
+            drop(fut);
+            assert_eq!(r.in_use("a"), (0, 0), "round {i}: released when dropped");
+        }
+    }
+
     #[test]
     fn the_journal_survives_a_restart_and_drops_expired_certificates() {
         let dir = std::env::temp_dir().join(format!("ephyr-certs-{}", std::process::id()));
@@ -275,8 +330,10 @@ mod tests {
             let (r, _) = Registry::load(&path, pool.clone(), 0).await.unwrap();
             let j = r.journal().unwrap();
             let flusher = ex.spawn(j.clone().run_flusher());
-            r.add(cert(1, "a", Some("T"), 100), true).unwrap().unwrap().wait().await.unwrap();
-            r.add(cert(2, "a", Some("T"), 10), true).unwrap().unwrap().wait().await.unwrap();
+            let (_h1, d) = r.hold(cert(1, "a", Some("T"), 100)).unwrap();
+            d.unwrap().wait().await.unwrap();
+            let (_h2, d) = r.hold(cert(2, "a", Some("T"), 10)).unwrap();
+            d.unwrap().wait().await.unwrap();
             assert!(r.revoke(1, 5).await.unwrap());
             drop(flusher);
         }));

@@ -125,6 +125,7 @@ async fn http_request(cx: Ctx<'_>) -> Output {
         body,
         timeout,
         via: "tool",
+        arguments: cx.arguments(),
     };
     let mut action = Map::new();
     action.insert("service".into(), json!(service));

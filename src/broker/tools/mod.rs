@@ -26,7 +26,7 @@ use serde_json::{Map, Value, json};
 use super::Broker;
 use super::audit::{Event, Kind};
 use super::auth::Caller;
-use super::policy::{Action, ActionKind, Decision, Denial, HTTP_METHODS, Policy, Principal, authorize};
+use super::policy::{Action, ActionKind, Arguments, Decision, Denial, HTTP_METHODS, Policy, Principal, authorize};
 use crate::mcp::types::{Annotations, ToolDescriptor};
 
 /// An argument's type.
@@ -139,6 +139,15 @@ pub struct Ctx<'a> {
     pub policy: &'a Rc<Policy>,
     /// Validated arguments.
     pub args: &'a Map<String, Value>,
+    /// Every argument the tool declares.
+    pub declared: &'a [&'a str],
+}
+
+impl Ctx<'_> {
+    /// The call's arguments, as `authorize` evaluates argument constraints against them.
+    pub fn arguments(&self) -> Arguments<'_> {
+        Arguments::Call { values: self.args, declared: self.declared }
+    }
 }
 
 /// A tool body.
@@ -277,7 +286,7 @@ pub fn check_args(t: &ToolDef, args: &Map<String, Value>) -> Result<(), String> 
 }
 
 fn allowed(policy: &Policy, principal: &Principal<'_>, tool: Option<&str>, kind: ActionKind<'_>) -> bool {
-    authorize(policy, principal, &Action { tool, kind }).is_allow()
+    authorize(policy, principal, &Action::reach(tool, kind)).is_allow()
 }
 
 /// Whether the caller could use some service (some method on some path the grant and the
@@ -306,10 +315,7 @@ pub fn any_remote_tool(policy: &Policy, principal: &Principal<'_>, tool: Option<
         (None, Some(t)) => t.into_iter().collect(),
         (None, None) => vec!["*".into()],
     };
-    let args = Map::new();
-    names.iter().any(|t| {
-        allowed(policy, principal, tool, ActionKind::RemoteTool { remote, tool: t, arguments: &args, declared: &[] })
-    })
+    names.iter().any(|t| allowed(policy, principal, tool, ActionKind::RemoteTool { remote, tool: t }))
 }
 
 /// Whether `t` is listed for the caller.
@@ -373,7 +379,7 @@ pub async fn call(broker: &Rc<Broker>, caller: &Caller, name: &str, args: Map<St
     let principal = caller.principal();
     let mut out = match check_args(t, &args) {
         Err(e) => Output::error(format!("invalid arguments: {e}")),
-        Ok(()) => match authorize(&policy, &principal, &Action { tool: Some(t.name), kind: ActionKind::Discover }) {
+        Ok(()) => match authorize(&policy, &principal, &Action::new(Some(t.name), ActionKind::Discover)) {
             Decision::Deny(d) => Output::denied(d),
             Decision::Allow(_) if !visible(t, &policy, &principal) => Output::denied(unreachable(t, &caller.agent)),
             Decision::Allow(_) => match broker.take_request(&policy, &caller.agent, started) {
@@ -382,7 +388,10 @@ pub async fn call(broker: &Rc<Broker>, caller: &Caller, name: &str, args: Map<St
                     caller.agent,
                     wait.as_secs().max(1)
                 )),
-                _ => (t.run)(Ctx { broker, caller, policy: &policy, args: &args }).await,
+                _ => {
+                    let declared: Vec<&str> = t.params.iter().map(|p| p.name).collect();
+                    (t.run)(Ctx { broker, caller, policy: &policy, args: &args, declared: &declared }).await
+                }
             },
         },
     };

@@ -83,7 +83,7 @@ pub static LIST_SESSIONS: ToolDef = ToolDef {
     needs: Needs::AnyTarget,
     run: |cx| {
         Box::pin(async move {
-            let v: Vec<Value> = cx.broker.ssh.sessions_of(cx.caller).iter().map(|s| s.view()).collect();
+            let v: Vec<Value> = cx.broker.ssh.sessions_of(cx.policy, cx.caller).iter().map(|s| s.view()).collect();
             Output::data(&v)
         })
     },
@@ -167,7 +167,7 @@ async fn exec(cx: Ctx<'_>) -> Output {
     let session = arg(cx.args, "session_id");
     let (target, role, ran) = match session {
         Some(id) => {
-            let s = match cx.broker.ssh.session_for(cx.caller, id) {
+            let s = match cx.broker.ssh.session_for(cx.policy, cx.caller, id) {
                 Ok(s) => s,
                 Err(f) => return failed(f, Map::new()),
             };
@@ -179,14 +179,14 @@ async fn exec(cx: Ctx<'_>) -> Output {
                     ));
                 }
             }
-            let r = cx.broker.ssh.session_exec(cx.broker, cx.caller, cx.policy, id, command, timeout).await;
+            let r = cx.broker.ssh.session_exec(asker(&cx), id, command, timeout).await;
             (s.target.clone(), s.role.clone(), r)
         }
         None => {
             let (Some(target), Some(role)) = (arg(cx.args, "target"), arg(cx.args, "role")) else {
                 return Output::error("invalid arguments: \"target\" and \"role\" are required without \"session_id\"");
             };
-            let r = cx.broker.ssh.exec_once(cx.broker, cx.caller, cx.policy, target, role, command, timeout).await;
+            let r = cx.broker.ssh.exec_once(asker(&cx), target, role, command, timeout).await;
             (target.to_owned(), role.to_owned(), r)
         }
     };
@@ -226,7 +226,7 @@ async fn session_create(cx: Ctx<'_>) -> Output {
     let mut action = Map::new();
     action.insert("target".into(), Value::from(target));
     action.insert("role".into(), Value::from(role));
-    match cx.broker.ssh.session_create(cx.broker, cx.caller, cx.policy, target, role).await {
+    match cx.broker.ssh.session_create(asker(&cx), target, role).await {
         Ok((s, warning)) => {
             let mut v = s.view();
             v["status"] = Value::from("open");
@@ -245,7 +245,7 @@ async fn session_create(cx: Ctx<'_>) -> Output {
 
 async fn session_close(cx: Ctx<'_>) -> Output {
     let id = arg(cx.args, "session_id").unwrap_or_default();
-    match cx.broker.ssh.session_for(cx.caller, id) {
+    match cx.broker.ssh.session_for(cx.policy, cx.caller, id) {
         Ok(s) => {
             cx.broker.ssh.close(cx.broker, &s, "closed by the agent").await;
             let mut o = Output::data(&json!({ "session_id": id, "status": "closed", "commands": s.commands() }));
@@ -286,4 +286,8 @@ fn list_certs(cx: &Ctx<'_>) -> Vec<Value> {
             })
         })
         .collect()
+}
+
+fn asker<'a>(cx: &'a Ctx<'a>) -> crate::broker::ssh::Asker<'a> {
+    crate::broker::ssh::Asker { broker: cx.broker, caller: cx.caller, policy: cx.policy, arguments: cx.arguments() }
 }

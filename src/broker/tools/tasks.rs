@@ -188,7 +188,7 @@ fn narrowing(policy: &Policy, cx: &Ctx<'_>, agent: &str, within: Option<&Envelop
     let Some(env) = cx.args.get("envelope").and_then(Value::as_object) else { return Ok(vec![]) };
     let mut caveats = Vec::new();
     let principal = Principal { agent, token: within, delegators: &[] };
-    let can = |kind: ActionKind<'_>| authorize(policy, &principal, &Action { tool: None, kind }).is_allow();
+    let can = |kind: ActionKind<'_>| authorize(policy, &principal, &Action::reach(None, kind)).is_allow();
     for (field, key) in [
         ("targets", SetKey::Target),
         ("roles", SetKey::Role),
@@ -236,7 +236,7 @@ fn narrowing(policy: &Policy, cx: &Ctx<'_>, agent: &str, within: Option<&Envelop
 }
 
 fn decide(policy: &Policy, principal: &Principal<'_>, op: TaskOp) -> Result<(), Output> {
-    match authorize(policy, principal, &Action { tool: None, kind: ActionKind::Task(op) }) {
+    match authorize(policy, principal, &Action::new(None, ActionKind::Task(op))) {
         Decision::Allow(_) => Ok(()),
         Decision::Deny(d) => Err(Output::denied(d)),
     }
