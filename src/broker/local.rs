@@ -243,6 +243,12 @@ async fn operator_cert(broker: &Broker, peer: Peer, req: http::Request<hyper::bo
     }
 }
 
+/// The serial in `/v1/certs/<serial>/revoke` (`None` for any other path, `/v1/certs/revoke`
+/// included: the prefix and suffix must not overlap).
+fn cert_revoke_serial(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/certs/")?.strip_suffix("/revoke")
+}
+
 async fn revoke_cert(broker: &Broker, peer: Peer, serial: &str) -> http::Response<Body> {
     let Ok(n) = u64::from_str_radix(serial, 16) else {
         return error(StatusCode::BAD_REQUEST, "invalid_serial", format!("{serial:?} is not a hexadecimal serial"));
@@ -416,15 +422,14 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
                 (Method::GET, "/v1/status") => json(StatusCode::OK, &status_json(&broker)),
                 (Method::POST, "/v1/certs") => operator_cert(&broker, peer, req).await,
                 (Method::GET, "/v1/secrets") => list_secrets(&broker),
-                (Method::PUT, path) if path.starts_with("/v1/secrets/") => {
-                    let name = path["/v1/secrets/".len()..].to_owned();
+                (Method::PUT, path) if let Some(name) = path.strip_prefix("/v1/secrets/") => {
+                    let name = name.to_owned();
                     set_secret(&broker, peer, &name, req).await
                 }
-                (Method::DELETE, path) if path.starts_with("/v1/secrets/") => {
-                    remove_secret(&broker, peer, &path["/v1/secrets/".len()..]).await
+                (Method::DELETE, path) if let Some(name) = path.strip_prefix("/v1/secrets/") => {
+                    remove_secret(&broker, peer, name).await
                 }
-                (Method::POST, path) if path.starts_with("/v1/certs/") && path.ends_with("/revoke") => {
-                    let serial = &path["/v1/certs/".len()..path.len() - "/revoke".len()];
+                (Method::POST, path) if let Some(serial) = cert_revoke_serial(path) => {
                     revoke_cert(&broker, peer, serial).await
                 }
                 (Method::POST, "/v1/policy/reload") => match broker.reload_policy().await {

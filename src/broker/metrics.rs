@@ -27,6 +27,12 @@ pub const METRICS: &[(&str, Type, &str)] = &[
     ("ephyr_uptime_seconds", Type::Gauge, "Seconds since the broker started."),
     ("process_resident_memory_bytes", Type::Gauge, "Resident memory of the broker process."),
     ("ephyr_http_requests_total", Type::Counter, "HTTP requests by listener and status class."),
+    ("ephyr_connections_open", Type::Gauge, "Open TCP connections on the MCP/API and dashboard listeners."),
+    (
+        "ephyr_connections_refused_total",
+        Type::Counter,
+        "TCP connections refused at accept, by reason (per-source or global caps).",
+    ),
     ("ephyr_mcp_requests_total", Type::Counter, "MCP JSON-RPC requests by method and outcome."),
     ("ephyr_mcp_request_duration_seconds", Type::Histogram, "MCP request handling time by method."),
     ("ephyr_mcp_sessions", Type::Gauge, "Live session-era MCP sessions."),

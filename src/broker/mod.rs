@@ -111,6 +111,8 @@ pub struct Broker {
     pub secrets: secrets::Secrets,
     /// The HTTP proxy (pooled upstream connections, TLS settings).
     pub proxy: proxy::Proxy,
+    /// Connection caps on the TCP listeners.
+    pub admission: Rc<http::admission::Admission>,
 }
 
 impl Broker {

@@ -305,6 +305,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             ssh: super::ssh::Ssh::new(certs, known),
             secrets: super::secrets::Secrets::new(data_dir.state().join("secrets")),
             proxy: super::proxy::Proxy::new(ex.clone()),
+            admission: http::admission::Admission::new(metrics.clone()),
         });
         record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
         {
@@ -350,6 +351,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
                 Box::pin(http::serve_tcp(
                     ex.clone(),
                     api,
+                    broker.admission.clone(),
                     routes::api_handler(broker.clone()),
                     stop_rx.clone(),
                     conns.clone(),
@@ -360,6 +362,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
                 Box::pin(http::serve_tcp(
                     ex.clone(),
                     dashboard,
+                    broker.admission.clone(),
                     routes::dashboard_handler(broker.clone()),
                     stop_rx.clone(),
                     conns.clone(),

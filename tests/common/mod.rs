@@ -457,6 +457,22 @@ pub fn http_request(addr: &str, method: &str, path: &str, headers: &[(&str, &str
     parse_response(&raw)
 }
 
+/// One HTTP/1.1 request to the broker's local API (its Unix socket).
+pub fn local_request(socket: &Path, method: &str, path: &str, body: &[u8]) -> HttpResponse {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse_response(&raw)
+}
+
 /// A response read incrementally (an SSE stream).
 pub struct HttpStream {
     pub stream: std::net::TcpStream,

@@ -548,7 +548,12 @@ pub async fn authenticate(
             }
         };
         match policy.agents.get(&agent) {
-            Some(a) if a.enabled => Ok(Caller { agent, via, fingerprint: fp, source }),
+            Some(a) if a.enabled => {
+                if let Some(ip) = source {
+                    broker.admission.vouch(ip);
+                }
+                Ok(Caller { agent, via, fingerprint: fp, source })
+            }
             Some(_) => Err(AuthError::AgentDisabled(agent)),
             None => Err(AuthError::InvalidToken(format!("agent {agent:?} is not in the policy"))),
         }

@@ -29,6 +29,7 @@ use smol_hyper::rt::SmolTimer;
 
 use crate::os::{self, PeerCredentials};
 
+pub mod admission;
 pub mod mcp;
 
 /// Time allowed for a request's headers to arrive.
@@ -292,10 +293,12 @@ where
     }
 }
 
-/// Accepts TCP connections until `shutdown` fires.
+/// Accepts TCP connections until `shutdown` fires; each must be admitted first (per-source and
+/// global caps, [`admission`]).
 pub async fn serve_tcp(
     ex: Rc<LocalExecutor<'static>>,
     listener: TcpListener,
+    admission: Rc<admission::Admission>,
     handler: Handler,
     shutdown: async_channel::Receiver<()>,
     conns: Connections,
@@ -319,20 +322,31 @@ pub async fn serve_tcp(
                 continue;
             }
         };
+        let slot = match admission.admit(addr.ip()) {
+            Ok(slot) => slot,
+            Err(r) => {
+                admission::refuse(stream.get_ref(), r);
+                continue;
+            }
+        };
         let _ = stream.get_ref().set_nodelay(true);
         conns.0.set(conns.0.get() + 1);
         let guard = Guard(conns.clone());
         let (h, s) = (handler.clone(), shutdown.clone());
         ex.spawn(async move {
             let _guard = guard;
+            let _slot = slot;
             serve_conn(stream, Peer::Tcp(addr), h, s).await;
         })
         .detach();
     }
 }
 
+/// Most open connections on the local socket (any local user may connect to it).
+pub const MAX_LOCAL: usize = 256;
+
 /// Accepts Unix-socket connections until `shutdown` fires; each request carries the peer's
-/// kernel-verified credentials.
+/// kernel-verified credentials. At most [`MAX_LOCAL`] are open at once; more are closed at accept.
 pub async fn serve_unix(
     ex: Rc<LocalExecutor<'static>>,
     listener: UnixListener,
@@ -341,6 +355,7 @@ pub async fn serve_unix(
     conns: Connections,
 ) -> io::Result<()> {
     let listener = Async::new(listener)?;
+    let local = Connections::default();
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             let _ = shutdown.recv().await;
@@ -365,11 +380,16 @@ pub async fn serve_unix(
                 continue;
             }
         };
+        if local.count() >= MAX_LOCAL {
+            log::warn!("local socket: {MAX_LOCAL} connections open; refused one from uid {}", creds.uid);
+            continue;
+        }
         conns.0.set(conns.0.get() + 1);
-        let guard = Guard(conns.clone());
+        local.0.set(local.0.get() + 1);
+        let guards = (Guard(conns.clone()), Guard(local.clone()));
         let (h, s) = (handler.clone(), shutdown.clone());
         ex.spawn(async move {
-            let _guard = guard;
+            let _guards = guards;
             serve_conn(stream, Peer::Unix(creds), h, s).await;
         })
         .detach();

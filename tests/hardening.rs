@@ -1,0 +1,130 @@
+//! Regression tests for the release blockers of the hardening issue that need a running broker
+//! and no SSH host: connection floods from one and from many sources, the local API's path edge,
+//! and notification streams that outlive their token.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// An attacker process holding idle connections from one source address.
+struct Flood {
+    child: Child,
+    report: Value,
+}
+
+impl Flood {
+    fn start(api: &str, source: &str, count: usize) -> Flood {
+        let (host, port) = api.rsplit_once(':').unwrap();
+        let mut child = python("conn_flood.py")
+            .args([host, port, source, &count.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        let report = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        Flood { child, report }
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// `tools/list` with `key`, sent from the loopback address `source` (curl binds it).
+fn list_from(b: &Broker, source: &str, key: &str) -> (u16, String) {
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"}}}});
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10", "--interface", source])
+        .args(["-H", &format!("Authorization: Bearer {key}")])
+        .args(["-H", "Content-Type: application/json", "-H", "Accept: application/json, text/event-stream"])
+        .args(["-H", "MCP-Protocol-Version: 2026-07-28", "-H", "Mcp-Method: tools/list"])
+        .args(["--data", &body.to_string(), &format!("http://{}/mcp", b.api)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// Hardening issue, defect 9 (and 5): thousands of slow connections from one source, or from
+/// many, do not starve an agent whose host authenticated before; refusals are clear and counted.
+#[test]
+fn connection_floods_do_not_starve_known_agents() {
+    if !require_root() {
+        return;
+    }
+    let (key, hash) = agent_key("bot");
+    let p = format!("agents:\n  bot:\n    api_key_hash: \"{hash}\"\n");
+    let b = Broker::start(BrokerOpts { policy: Some(&p), ..Default::default() });
+    // The agent's host authenticates once before the flood.
+    assert_eq!(list_from(&b, "127.0.0.2", &key).0, 200);
+
+    // One source: 128 connections, then a clear refusal.
+    let one = Flood::start(&b.api, "127.0.0.1", 200);
+    assert_eq!(one.report["open"], 128, "{}", one.report);
+    assert_eq!(one.report["refused"], 72, "{}", one.report);
+    assert_eq!(one.report["codes"]["too_many_connections_from_source"], 72, "{}", one.report);
+    assert_eq!(list_from(&b, "127.0.0.2", &key).0, 200, "another source is not affected");
+
+    // Many sources: strangers fill their 512 places; a new stranger is refused, the agent is not.
+    let more: Vec<Flood> = (1..=3).map(|i| Flood::start(&b.api, &format!("127.0.1.{i}"), 128)).collect();
+    for f in &more {
+        assert_eq!(f.report["open"], 128, "{}", f.report);
+    }
+    let (status, body) = list_from(&b, "127.0.0.3", &key);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too_many_unauthenticated_connections"), "{body}");
+    let (status, body) = list_from(&b, "127.0.0.2", &key);
+    assert_eq!(status, 200, "a known agent host uses the headroom: {body}");
+    let m = http_request(&b.dashboard, "GET", "/metrics", &[], b"");
+    assert_eq!(m.status, 503, "the dashboard shares the caps: 127.0.0.1 holds its 128 already");
+    assert!(m.text().contains("too_many_connections_from_source"), "{}", m.text());
+    drop(more);
+    drop(one);
+
+    // Places are given back as the flood ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while metric(&b, "ephyr_connections_open") > 1.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(metric(&b, "ephyr_connections_open") <= 1.0);
+    assert_eq!(list_from(&b, "127.0.0.3", &key).0, 200, "a stranger gets in again");
+    let m = http_request(&b.dashboard, "GET", "/metrics", &[], b"").text();
+    assert!(m.contains("ephyr_connections_refused_total{reason=\"too_many_connections_from_source\"} 73"), "{m}");
+    assert!(m.contains("ephyr_connections_refused_total{reason=\"too_many_unauthenticated_connections\"} 1"), "{m}");
+}
+
+/// Hardening issue, defect 5: `POST /v1/certs/revoke` (no serial) sliced a string out of range
+/// and the panic (`panic = "abort"`) killed the broker.
+#[test]
+fn the_local_api_survives_paths_at_the_edge_of_its_routes() {
+    if !require_root() {
+        return;
+    }
+    let b = Broker::start(BrokerOpts { dev: true, ..Default::default() });
+    for (method, path) in [
+        ("POST", "/v1/certs/revoke"),
+        ("POST", "/v1/certs//revoke"),
+        ("POST", "/v1/certs/revoke/revoke"),
+        ("PUT", "/v1/secrets/"),
+        ("DELETE", "/v1/secrets/"),
+    ] {
+        let r = local_request(&b.socket, method, path, b"");
+        assert!(matches!(r.status, 400 | 404), "{method} {path}: {} {}", r.status, r.text());
+        assert!(r.json()["error"].is_string(), "{method} {path}: {}", r.text());
+    }
+    assert_eq!(local_request(&b.socket, "GET", "/v1/status", b"").status, 200, "still serving");
+}
