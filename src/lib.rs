@@ -19,6 +19,8 @@ pub mod broker;
 #[forbid(unsafe_code)]
 pub mod cli;
 #[forbid(unsafe_code)]
+pub mod files;
+#[forbid(unsafe_code)]
 pub mod ids;
 #[forbid(unsafe_code)]
 pub mod logging;

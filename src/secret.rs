@@ -101,4 +101,37 @@ mod tests {
         assert!(!s.ct_eq(b"hunter3"));
         assert!(!s.ct_eq(b"hunter"));
     }
+
+    /// DESIGN.md invariant 7: every type that holds a secret prints without it.
+    #[test]
+    fn every_secret_holding_type_prints_redacted() {
+        use crate::broker::auth::Credential;
+        use crate::broker::proxy::scrub::Scrubber;
+        use crate::signer::keys::{CaKey, SealingKey};
+        use crate::signer::protocol::{Request, Response};
+        const S: &str = "hunter2-SECRET-VALUE";
+        let ca = CaKey::generate().unwrap();
+        let seal = SealingKey::generate().unwrap();
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let mut scrub = Scrubber::new(vec![S.as_bytes().to_vec()]);
+        let _ = scrub.push(&S.as_bytes()[..8]); // holds the start of the secret
+        let printed = [
+            format!("{:?}", SecretBytes::new(S.as_bytes().to_vec())),
+            format!("{:?}", SecretString::new(S.into())),
+            format!("{:?}", crate::macaroon::RootKey::from_bytes(S.as_bytes())),
+            format!("{:?}", Credential::ApiKey(S)),
+            format!("{:?}", Credential::Token(S)),
+            format!("{scrub:?}"),
+            format!("{:?}", Request::Seal { context: "c".into(), plaintext: SecretBytes::new(S.as_bytes().to_vec()) }),
+            format!("{:?}", Response::Unsealed(SecretBytes::new(S.as_bytes().to_vec()))),
+            format!("{ca:?}"),
+            format!("{seal:?}"),
+        ];
+        for p in &printed {
+            assert!(!p.contains(S) && !p.contains(&S[..8]), "printed a secret: {p}");
+            assert!(!p.contains(&hex(S.as_bytes())[..16]), "printed a secret in hex: {p}");
+            assert!(!p.contains("104, 117, 110"), "printed a secret as bytes: {p}");
+        }
+        assert!(!format!("{seal:?}").contains(&hex(seal.expose())), "the sealing key");
+    }
 }

@@ -432,8 +432,8 @@ fn malformed_truncated_and_oversized_frames_are_rejected_and_the_signer_lives_on
         let (pkt, fd) = control.read_with(|s| ephyr::os::recv_with_fd(s.as_fd(), &mut buf)).await.unwrap();
         assert!(matches!(ControlResponse::decode(&buf[..pkt.len]).unwrap().1, ControlResponse::Spawned { .. }));
         let worker = async_io::Async::new(fd.unwrap()).unwrap();
-        let ask = async |frame: Vec<u8>| -> Response {
-            worker.write_with(|s| ephyr::os::send_packet(s.as_fd(), &frame)).await.unwrap();
+        let ask = async |frame: &[u8]| -> Response {
+            worker.write_with(|s| ephyr::os::send_packet(s.as_fd(), frame)).await.unwrap();
             let mut buf = vec![0u8; MAX_FRAME];
             let pkt = worker.read_with(|s| ephyr::os::recv_packet(s.as_fd(), &mut buf)).await.unwrap();
             assert!(pkt.len > 0, "worker closed its socket");
@@ -444,14 +444,14 @@ fn malformed_truncated_and_oversized_frames_are_rejected_and_the_signer_lives_on
             other => panic!("expected an error frame, got {other:?}"),
         };
         let good = Request::Status.encode(7);
-        assert_eq!(code(ask(good[..6].to_vec()).await), ErrorCode::Malformed);
-        assert_eq!(code(ask(vec![0xff; MAX_FRAME + 100]).await), ErrorCode::TooLarge);
+        assert_eq!(code(ask(&good[..6]).await), ErrorCode::Malformed);
+        assert_eq!(code(ask(&vec![0xff; MAX_FRAME + 100]).await), ErrorCode::TooLarge);
         let mut wrong_version = good.clone();
         wrong_version[0] = 9;
-        assert_eq!(code(ask(wrong_version).await), ErrorCode::UnsupportedVersion);
+        assert_eq!(code(ask(&wrong_version).await), ErrorCode::UnsupportedVersion);
         let mut trailing = good.clone();
         trailing.extend_from_slice(b"junk");
-        assert_eq!(code(ask(trailing).await), ErrorCode::Malformed);
+        assert_eq!(code(ask(&trailing).await), ErrorCode::Malformed);
         let mut cert = Request::SignUserCert(CertRequest {
             public_key: "ssh-ed25519 AAAA".into(),
             principals: vec!["ephyrtest".into()],
@@ -463,10 +463,11 @@ fn malformed_truncated_and_oversized_frames_are_rejected_and_the_signer_lives_on
             extensions: vec![],
         })
         .encode(8);
-        cert.truncate(cert.len() - 3);
-        assert_eq!(code(ask(cert).await), ErrorCode::Malformed);
+        let keep = cert.len() - 3;
+        cert.truncate(keep);
+        assert_eq!(code(ask(&cert).await), ErrorCode::Malformed);
         // Still alive and answering.
-        match ask(Request::Status.encode(9)).await {
+        match ask(&Request::Status.encode(9)).await {
             Response::Status(s) => assert_eq!(s.limits.principals, vec!["ephyrtest".to_string()]),
             other => panic!("{other:?}"),
         }

@@ -20,25 +20,9 @@ use std::path::{Path, PathBuf};
 use crate::signer::keys::KeyPaths;
 use crate::users::Account;
 
-/// Replaces the file at `path` with `bytes` (mode 0600) so that a crash leaves the old or the new
-/// content, never a mix: write a temporary file beside it, fsync, rename over, fsync the
-/// directory. Blocking; callers run it on the blocking pool.
+/// Replaces a file of the data dir atomically and durably, mode 0600 ([`crate::files::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    {
-        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::files::write_atomic(path, bytes, 0o600)
 }
 
 /// Default persistent data dir.

@@ -545,7 +545,8 @@ impl Signer {
     }
 
     async fn read_responses(&self, sock: &Async<OwnedFd>) -> String {
-        let mut buf = vec![0u8; MAX_FRAME];
+        // Frames may carry secrets (Unsealed answers): wiped after each one and on drop.
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; MAX_FRAME]);
         loop {
             let pkt = match sock.read_with(|s| os::recv_packet(s.as_fd(), &mut buf)).await {
                 Ok(p) => p,
@@ -575,6 +576,7 @@ impl Signer {
                     }
                 }
             }
+            zeroize::Zeroize::zeroize(&mut buf[..pkt.len]);
         }
     }
 

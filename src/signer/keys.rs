@@ -14,8 +14,8 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use data_encoding::{BASE64, BASE64URL_NOPAD};
@@ -316,27 +316,9 @@ fn read_existing(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, KeyError> {
     }
 }
 
-/// Writes `contents` to `path` atomically with `mode` (temp file, fsync, rename, fsync dir).
+/// Writes `contents` to `path` atomically with `mode` ([`crate::files::write_atomic`]).
 pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut suffix = [0u8; 6];
-    random_bytes(&mut suffix)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("key"),
-        BASE64URL_NOPAD.encode(&suffix)
-    ));
-    let result = (|| -> io::Result<()> {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(io_err(path))
+    crate::files::write_atomic(path, contents, mode).map_err(io_err(path))
 }
 
 /// Standard base64 of `bytes` (OpenSSH-style display of raw keys).

@@ -441,6 +441,11 @@ mod kind {
     pub const ERROR: u8 = 0xFF;
 }
 
+/// An encoded request or response frame. It may carry a secret (a `Seal` plaintext, an `Unsealed`
+/// answer), so it is zeroized when dropped; encoders reserve room before writing a secret, so no
+/// reallocation leaves a copy behind.
+pub type Frame = zeroize::Zeroizing<Vec<u8>>;
+
 struct Writer(Vec<u8>);
 
 impl Writer {
@@ -477,6 +482,14 @@ impl Writer {
     }
     fn str(&mut self, v: &str) {
         self.bytes(v.as_bytes());
+    }
+    /// Writes secret bytes without a reallocation after them.
+    fn secret(&mut self, v: &[u8]) {
+        self.0.reserve_exact(2 + v.len());
+        self.bytes(v);
+    }
+    fn frame(self) -> Frame {
+        zeroize::Zeroizing::new(self.0)
     }
     fn strs(&mut self, v: &[String]) {
         let n = v.len().min(u8::MAX as usize);
@@ -586,7 +599,7 @@ const MAX_NAME: usize = 256;
 
 impl Request {
     /// Encodes with request id `id`.
-    pub fn encode(&self, id: u64) -> Vec<u8> {
+    pub fn encode(&self, id: u64) -> Frame {
         let mut w;
         match self {
             Request::Status => w = Writer::new(kind::STATUS, id),
@@ -604,7 +617,7 @@ impl Request {
             Request::Seal { context, plaintext } => {
                 w = Writer::new(kind::SEAL, id);
                 w.str(context);
-                w.bytes(plaintext.expose());
+                w.secret(plaintext.expose());
             }
             Request::Unseal { context, sealed } => {
                 w = Writer::new(kind::UNSEAL, id);
@@ -616,7 +629,7 @@ impl Request {
                 w.bytes(digest);
             }
         }
-        w.0
+        w.frame()
     }
 
     /// Decodes a request frame into (id, request).
@@ -733,7 +746,7 @@ fn get_status(r: &mut Reader<'_>) -> Result<StatusReport, DecodeError> {
 
 impl Response {
     /// Encodes as the answer to request `id`.
-    pub fn encode(&self, id: u64) -> Vec<u8> {
+    pub fn encode(&self, id: u64) -> Frame {
         let mut w;
         match self {
             Response::Status(s) => {
@@ -751,7 +764,7 @@ impl Response {
             }
             Response::Unsealed(b) => {
                 w = Writer::new(kind::R_UNSEALED, id);
-                w.bytes(b.expose());
+                w.secret(b.expose());
             }
             Response::CheckpointSignature(sig) => {
                 w = Writer::new(kind::R_CHECKPOINT, id);
@@ -762,7 +775,7 @@ impl Response {
                 put_error(&mut w, e);
             }
         }
-        w.0
+        w.frame()
     }
 
     /// Decodes a response frame into (id, response).

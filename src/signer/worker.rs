@@ -13,7 +13,8 @@ use crate::os;
 
 /// Serves requests until EOF, then exits the process.
 pub fn serve(sock: OwnedFd, custody: &Custody) -> ! {
-    let mut buf = vec![0u8; MAX_FRAME];
+    // Frames may carry secrets (Seal plaintexts): the buffer is wiped after each one and on drop.
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; MAX_FRAME]);
     loop {
         let pkt = match os::recv_packet(sock.as_fd(), &mut buf) {
             Ok(p) => p,
@@ -36,6 +37,7 @@ pub fn serve(sock: OwnedFd, custody: &Custody) -> ! {
                 }
             }
         };
+        zeroize::Zeroize::zeroize(&mut buf[..pkt.len]);
         if os::send_packet(sock.as_fd(), &response.encode(id)).is_err() {
             os::exit_now(1);
         }

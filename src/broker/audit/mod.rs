@@ -491,15 +491,9 @@ impl AuditLog {
         // The watermark: what a verifier must find, even if the tail is cut later.
         let head_json = serde_json::json!({ "seq": seq, "hash": outcome["covers_hash"], "sig": outcome["sig"], "key": outcome["key"] });
         let path = self.dir.join(HEAD_FILE);
-        let tmp = self.dir.join(".HEAD.tmp");
         let bytes = serde_json::to_vec_pretty(&head_json).unwrap_or_default();
         self.pool
-            .run(move || -> io::Result<()> {
-                let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-                f.write_all(&bytes)?;
-                f.sync_all()?;
-                fs::rename(&tmp, &path)
-            })
+            .run(move || crate::files::write_atomic(&path, &bytes, 0o600))
             .await
             .unwrap_or_else(|| Err(io::Error::other("pool stopped")))
             .map_err(|e| format!("writing audit HEAD: {e}"))

@@ -203,13 +203,21 @@ impl AuthError {
     }
 }
 
-/// The credential found in the headers.
-#[derive(Debug)]
+/// The credential found in the headers (never printed: its `Debug` says only which kind).
 pub enum Credential<'a> {
     /// An API key.
     ApiKey(&'a str),
     /// A task token (`mac_…`).
     Token(&'a str),
+}
+
+impl std::fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Credential::ApiKey(_) => "ApiKey([redacted])",
+            Credential::Token(_) => "Token([redacted])",
+        })
+    }
 }
 
 /// The one value of a header that must not repeat: `Ok(None)` if absent, `Err` (naming the

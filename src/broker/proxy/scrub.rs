@@ -8,20 +8,28 @@
 //! a tail that could be the start of a secret is held back until the next chunk (at the end of
 //! an SSE event nothing is held), so token streams are not delayed.
 
-/// Overwrites secrets in a stream of chunks.
-#[derive(Debug, Default)]
+/// Overwrites secrets in a stream of chunks. The forms and the held-back tail (which may be the
+/// start of a secret) are zeroized when dropped and never printed.
+#[derive(Default)]
 pub struct Scrubber {
-    needles: Vec<Vec<u8>>,
-    hold: Vec<u8>,
+    needles: Vec<SecretBytes>,
+    hold: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Scrubber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Scrubber({} forms [redacted], {} bytes held)", self.needles.len(), self.hold.len())
+    }
 }
 
 impl Scrubber {
     /// A scrubber for these forms (empty ones are ignored).
-    pub fn new(mut needles: Vec<Vec<u8>>) -> Self {
-        needles.retain(|n| !n.is_empty());
-        needles.sort();
-        needles.dedup();
-        Scrubber { needles, hold: Vec::new() }
+    pub fn new(needles: Vec<Vec<u8>>) -> Self {
+        let mut needles: Vec<SecretBytes> =
+            needles.into_iter().filter(|n| !n.is_empty()).map(SecretBytes::new).collect();
+        needles.sort_by(|a, b| a.expose().cmp(b.expose()));
+        needles.dedup_by(|a, b| a.expose() == b.expose());
+        Scrubber { needles, hold: Zeroizing::new(Vec::new()) }
     }
 
     /// Whether there is anything to scrub.
@@ -31,12 +39,13 @@ impl Scrubber {
 
     /// Whether `text` contains a secret.
     pub fn contains(&self, text: &[u8]) -> bool {
-        self.needles.iter().any(|n| find(text, n, 0).is_some())
+        self.needles.iter().any(|n| find(text, n.expose(), 0).is_some())
     }
 
     /// Overwrites every secret in `buf`.
     pub fn scrub_all(&self, buf: &mut [u8]) {
         for n in &self.needles {
+            let n = n.expose();
             let mut at = 0;
             while let Some(i) = find(buf, n, at) {
                 buf[i..i + n.len()].fill(b'*');
@@ -47,31 +56,39 @@ impl Scrubber {
 
     /// Takes the next chunk; returns what can be passed on now.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
-        let mut buf = std::mem::take(&mut self.hold);
+        let mut buf = Vec::with_capacity(self.hold.len() + chunk.len());
+        buf.extend_from_slice(&self.hold);
         buf.extend_from_slice(chunk);
+        self.hold.clear();
         self.scrub_all(&mut buf);
         let keep = self.partial_tail(&buf);
-        self.hold = buf.split_off(buf.len() - keep);
+        self.hold.extend_from_slice(&buf[buf.len() - keep..]);
+        buf.truncate(buf.len() - keep);
         buf
     }
 
     /// The end of the stream: whatever was held back.
     pub fn finish(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.hold)
+        let out = self.hold.to_vec();
+        self.hold.clear();
+        out
     }
 
     /// Length of the longest tail of `buf` that is a proper prefix of some secret.
     fn partial_tail(&self, buf: &[u8]) -> usize {
-        let longest = self.needles.iter().map(Vec::len).max().unwrap_or(0);
+        let longest = self.needles.iter().map(SecretBytes::len).max().unwrap_or(0);
         let start = buf.len().saturating_sub(longest.saturating_sub(1));
         (start..buf.len())
             .find(|&i| {
                 let tail = &buf[i..];
-                self.needles.iter().any(|n| n.len() > tail.len() && n.starts_with(tail))
+                self.needles.iter().any(|n| n.len() > tail.len() && n.expose().starts_with(tail))
             })
             .map_or(0, |i| buf.len() - i)
     }
 }
+
+use crate::secret::SecretBytes;
+use zeroize::Zeroizing;
 
 fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     let first = *needle.first()?;
