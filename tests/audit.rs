@@ -83,13 +83,14 @@ fn a_clean_run_verifies_and_every_kind_of_tampering_is_located() {
     let put = |ls: Vec<String>| std::fs::write(&log, ls.join("\n") + "\n").unwrap();
     let own = |ls: &[&str]| ls.iter().map(|s| s.to_string()).collect::<Vec<_>>();
 
-    // Edit a field.
+    // Edit a field (of the first certificate line; the next line's prev then fails).
+    let at = lines.iter().position(|l| l.contains("operator:uid0")).unwrap();
     let mut edited = own(&lines);
-    edited[3] = edited[3].replace("operator:uid0", "operator:uid1");
+    edited[at] = edited[at].replace("operator:uid0", "operator:uid1");
     put(edited);
     let (code, text) = verify(&data, &[]);
     assert_eq!(code, 1);
-    assert!(text.contains("audit.jsonl:5: prev does not match"), "{text}");
+    assert!(text.contains(&format!("audit.jsonl:{}: prev does not match", at + 2)), "{text}");
     // Delete a line.
     let mut deleted = own(&lines);
     deleted.remove(2);
@@ -115,7 +116,7 @@ p = sys.argv[1]
 out, prev = [], "0" * 64
 for i, line in enumerate(open(p).read().splitlines()):
     v = json.loads(line)
-    if i == 3: v["agent"] = "operator:uid1"
+    if v.get("agent") == "operator:uid0": v["agent"] = "operator:uid1"
     v["prev"] = prev
     s = json.dumps(v, separators=(",", ":"))
     prev = hashlib.sha256(s.encode()).hexdigest()
@@ -133,6 +134,44 @@ open(p, "w").write("\n".join(out) + "\n")
     let (code, text) = verify(&data, &["--public-key", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]);
     assert_eq!(code, 1);
     assert!(text.contains("checkpoint signature is not valid"), "{text}");
+}
+
+/// Hardening issue, defect 7: whoever can write the data dir appends lines with a correct seq and
+/// prev after a clean stop. Before: a warning only, and the next start's checkpoint signed them.
+/// Now the next start reports them (log and audit line), never signs them, and verify refuses.
+#[test]
+fn lines_forged_after_a_clean_stop_are_reported_and_refused() {
+    if !require_root() {
+        return;
+    }
+    let b = Broker::start(BrokerOpts { policy: Some(POLICY), ..Default::default() });
+    let (data, _keep) = stop(b);
+    assert_eq!(verify(&data, &[]).0, 0);
+    let log = data.join("audit/audit.jsonl");
+    let script = r#"
+import hashlib, json, sys
+p = sys.argv[1]
+lines = open(p).read().splitlines()
+last = json.loads(lines[-1])
+prev = hashlib.sha256(lines[-1].encode()).hexdigest()
+v = {"v": 1, "seq": last["seq"] + 1, "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "ts": last["ts"], "prev": prev,
+     "kind": "cert", "event": "cert_issued", "agent": "a", "decision": "allow"}
+open(p, "a").write(json.dumps(v, separators=(",", ":")) + chr(10))
+"#;
+    assert!(Command::new("python3").args(["-c", script, log.to_str().unwrap()]).status().unwrap().success());
+    let (code, text) = verify(&data, &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("follow a clean stop") && text.contains("no broker signed them"), "{text}");
+    // The next start says so, and its checkpoints vouch only for its own lines.
+    let b = Broker::start(BrokerOpts { policy: Some(POLICY), data_dir: Some(data.clone()), ..Default::default() });
+    assert!(b.log().contains("follow a clean stop and no broker wrote them"), "{}", b.log());
+    let tail = audit_events(&b, "audit_tail_unsigned");
+    assert_eq!(tail.len(), 1, "{tail:?}");
+    assert_eq!(tail[0]["outcome"]["after_clean_stop"], true);
+    let (data, _keep2) = stop(b);
+    let (code, text) = verify(&data, &[]);
+    assert_eq!(code, 1, "still refused after the next start signed its own lines: {text}");
+    assert!(text.contains("follow a clean stop"), "{text}");
 }
 
 #[test]

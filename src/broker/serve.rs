@@ -308,6 +308,11 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             admission: http::admission::Admission::new(metrics.clone()),
         });
         record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
+        // Sign this process's first lines at once: every log then has a checkpoint moments after
+        // it starts, so a log without one is a rewritten one (audit::verify).
+        if let Err(e) = audit.checkpoint(&signer, false).await {
+            log::warn!("first audit checkpoint failed: {e}");
+        }
         {
             // Expired tasks, their watermarks and trees' keys, and stale proof nonces go.
             let broker = broker.clone();
@@ -459,6 +464,16 @@ async fn record_start(broker: &Broker) -> Result<(), super::audit::AuditError> {
         "policy_digest": broker.policy().digest,
     }));
     broker.audit.record(start)?.durable().await?;
+    if let Some(t) = broker.audit.unsigned_tail() {
+        let ev = Event::new(Kind::Broker, "audit_tail_unsigned").error("audit_tail_unsigned", t.describe()).outcome(
+            serde_json::json!({
+                "lines": t.lines.map(|(a, b)| [a, b]),
+                "after_clean_stop": t.after_clean_stop,
+                "head_mismatch": t.head_mismatch,
+            }),
+        );
+        broker.audit.record(ev)?.durable().await?;
+    }
     if let Some(s) = h.status {
         let b = &s.sandbox;
         let ev = Event::new(Kind::Signer, "sandbox_status").outcome(serde_json::json!({

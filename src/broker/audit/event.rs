@@ -220,10 +220,19 @@ pub fn line_hash(line: &[u8]) -> [u8; 32] {
     ring::digest::digest(&ring::digest::SHA256, l).as_ref().try_into().expect("32 bytes")
 }
 
-/// The digest a checkpoint signs: it covers line `seq`, whose hash is `hash`.
-pub fn checkpoint_digest(seq: u64, hash: &[u8; 32]) -> [u8; 32] {
+/// The digest a checkpoint signs: it covers line `seq`, whose hash is `hash` (and through the
+/// chain every line before it), and, when `from` is given, says that the broker process that
+/// signs it wrote lines `from..=seq` itself. Checkpoints without `from` (earlier versions)
+/// use the v1 digest.
+pub fn checkpoint_digest(from: Option<u64>, seq: u64, hash: &[u8; 32]) -> [u8; 32] {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(b"ephyr-audit-chain-v1\0");
+    match from {
+        None => ctx.update(b"ephyr-audit-chain-v1\0"),
+        Some(f) => {
+            ctx.update(b"ephyr-audit-chain-v2\0");
+            ctx.update(&f.to_be_bytes());
+        }
+    }
     ctx.update(&seq.to_be_bytes());
     ctx.update(hash);
     ctx.finish().as_ref().try_into().expect("32 bytes")

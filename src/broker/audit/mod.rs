@@ -15,6 +15,13 @@
 //! Fail closed: once a write or sync fails (disk full, unwritable file), every pending and later
 //! `record` fails with [`AuditError::Unavailable`] until the broker restarts, and actions that
 //! require audit are refused with that error.
+//!
+//! Authorship: a broker process signs only lines it wrote. Each checkpoint names the first line
+//! of its process (`from_seq`, inside the signed digest), the broker checkpoints as soon as it
+//! starts and at a clean stop, and at start it compares the log's end with what it recorded at its
+//! last stop (`HEAD`): lines after the last checkpoint are reported ([`AuditLog::unsigned_tail`])
+//! and never signed later. `verify` then refuses lines after a clean stop that no broker signed,
+//! and a log with no checkpoint at all.
 
 pub mod event;
 pub mod query;
@@ -142,6 +149,21 @@ struct State {
     since_checkpoint: u64,
     last_checkpoint: Instant,
     signed_through: u64,
+    /// The first line this process writes: its checkpoints vouch from here.
+    from_seq: u64,
+}
+
+/// What the log's end looked like when it was opened, when something is wrong with it: lines
+/// after the last checkpoint (written before a crash, or added by someone who can write the data
+/// dir: this process never signs them), or a `HEAD` that disagrees with the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnsignedTail {
+    /// First and last line after the last checkpoint, if any.
+    pub lines: Option<(u64, u64)>,
+    /// The last checkpoint before them is a final one (a clean stop): no broker wrote them.
+    pub after_clean_stop: bool,
+    /// What `HEAD` (the last stop's record) says, when it disagrees with the log.
+    pub head_mismatch: Option<String>,
 }
 
 /// The audit log.
@@ -155,6 +177,7 @@ pub struct AuditLog {
     idle: event_listener::Event,
     metrics: Rc<Metrics>,
     ids: crate::ids::Monotonic,
+    unsigned_tail: Option<UnsignedTail>,
 }
 
 fn io_ctx(path: &Path) -> impl Fn(io::Error) -> String + '_ {
@@ -260,17 +283,21 @@ impl AuditLog {
                 last = recover_tail(&mut rf).map_err(io_ctx(rot))?.0;
             }
         }
-        let (seq, head, signed_through) = match &last {
-            None => (0, [0u8; 32], 0),
+        let (seq, head, signed_through, clean) = match &last {
+            None => (0, [0u8; 32], 0, true),
             Some(line) => {
                 let v: serde_json::Value = serde_json::from_slice(line)
                     .map_err(|e| format!("audit: the last line does not parse ({e}); run `ephyr audit verify`"))?;
                 let seq = v["seq"].as_u64().ok_or("audit: the last line has no seq; run `ephyr audit verify`")?;
-                let signed =
-                    if v["kind"] == "checkpoint" { v["outcome"]["covers_seq"].as_u64().unwrap_or(0) } else { 0 };
-                (seq, event::line_hash(line), signed)
+                let covers = if v["kind"] == "checkpoint" { v["outcome"]["covers_seq"].as_u64() } else { None };
+                let clean = v["event"] == "final_checkpoint" && covers == Some(seq - 1);
+                (seq, event::line_hash(line), covers.unwrap_or(0), clean)
             }
         };
+        let unsigned_tail = tail_check(dir, seq, clean);
+        if let Some(t) = &unsigned_tail {
+            log::error!("audit: {}", t.describe());
+        }
         let first = if file_len == 0 { seq + 1 } else { seq };
         Ok(Rc::new(AuditLog {
             dir: dir.to_owned(),
@@ -288,13 +315,20 @@ impl AuditLog {
                 since_checkpoint: 0,
                 last_checkpoint: Instant::now(),
                 signed_through,
+                from_seq: seq + 1,
             }),
             kick: event_listener::Event::new(),
             urgent: event_listener::Event::new(),
             idle: event_listener::Event::new(),
             ids: crate::ids::Monotonic::default(),
             metrics,
+            unsigned_tail,
         }))
+    }
+
+    /// Lines after the last signature found at open, if any (see [`UnsignedTail`]).
+    pub fn unsigned_tail(&self) -> Option<&UnsignedTail> {
+        self.unsigned_tail.as_ref()
     }
 
     /// The last sequence number and chain head (what a live broker vouches for).
@@ -465,18 +499,28 @@ impl AuditLog {
     /// durable. `final_` marks the last checkpoint of a clean shutdown.
     pub async fn checkpoint(&self, signer: &dyn CheckpointSigner, final_: bool) -> Result<(), String> {
         let (seq, head) = self.head();
-        if seq == 0 || (seq == self.state.borrow().signed_through && !final_) {
+        let from = self.state.borrow().from_seq;
+        // Nothing of this process to vouch for (it signs only lines it wrote), or nothing new.
+        if seq < from || (seq == self.state.borrow().signed_through && !final_) {
             return Ok(());
         }
-        let digest = event::checkpoint_digest(seq, &head);
+        let digest = event::checkpoint_digest(Some(from), seq, &head);
         let (sig, key) = signer.sign(digest).await?;
         let b64 = |b: &[u8]| data_encoding::BASE64.encode(b);
         let outcome = serde_json::json!({
+            "from_seq": from,
             "covers_seq": seq,
             "covers_hash": data_encoding::HEXLOWER.encode(&head),
             "sig": b64(&sig),
             "key": b64(&key),
         });
+        // Also outside the data dir (journald under systemd): a full rewrite of the log and HEAD
+        // still disagrees with what was logged here.
+        log::info!(
+            "audit checkpoint: lines {from}..={seq} hash {} sig {}",
+            outcome["covers_hash"].as_str().unwrap_or(""),
+            outcome["sig"].as_str().unwrap_or("")
+        );
         let name = if final_ { "final_checkpoint" } else { "checkpoint" };
         let ticket =
             self.record(Event::new(Kind::Checkpoint, name).outcome(outcome.clone())).map_err(|e| e.to_string())?;
@@ -525,6 +569,74 @@ impl AuditSink for AuditLog {
     fn note(&self, e: Event) -> Result<(), AuditError> {
         self.append(&e, false).map(drop)
     }
+}
+
+impl UnsignedTail {
+    /// What it means, for the log and the audit trail.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        match self.lines {
+            Some((a, b)) if self.after_clean_stop => parts.push(format!(
+                "lines {a}..={b} follow a clean stop and no broker wrote them: someone with write access to the data dir added them; they stay unsigned (`ephyr audit verify` reports them)"
+            )),
+            Some((a, b)) => parts.push(format!(
+                "lines {a}..={b} were never signed (written before a crash, or added to the file); they stay unsigned and cannot be told apart from forged lines"
+            )),
+            None => {}
+        }
+        parts.extend(self.head_mismatch.clone());
+        parts.join("; ")
+    }
+}
+
+/// Compares the log's end with `HEAD` (what the broker recorded at its last checkpoint). `clean`:
+/// the last line (`seq`) is a final checkpoint covering the line before it.
+fn tail_check(dir: &Path, seq: u64, clean: bool) -> Option<UnsignedTail> {
+    let head = read_head(dir);
+    // The last checkpoint line of the active file: (its seq, what it covers, final). Read only
+    // when the end is not clean (a crash or tampering: rare), or to compare with HEAD.
+    let last_ckpt = match seq {
+        0 => None,
+        _ if clean => Some((seq, seq - 1, true)),
+        _ => last_checkpoint(dir),
+    };
+    let covered = last_ckpt.map_or(0, |c| c.1);
+    let head_mismatch = match &head {
+        Some(h) if h.seq > seq => {
+            Some(format!("HEAD vouches for seq {} but the log ends at seq {seq}: it was truncated", h.seq))
+        }
+        Some(h) if h.seq > covered => Some(format!(
+            "HEAD vouches for seq {} but the last checkpoint in the log covers seq {covered}: checkpoints were removed",
+            h.seq
+        )),
+        None if seq > 0 && clean => Some("HEAD is missing although the log ends with a clean stop".into()),
+        _ => None,
+    };
+    let lines = match last_ckpt {
+        _ if clean => None,
+        Some((at, _, _)) if at >= seq => None,
+        Some((at, _, _)) => Some((at + 1, seq)),
+        None if seq == 0 => None,
+        None => Some((head.as_ref().map_or(1, |h| h.seq + 1).min(seq), seq)),
+    };
+    let after_clean_stop = lines.is_some() && last_ckpt.is_some_and(|c| c.2);
+    (lines.is_some() || head_mismatch.is_some()).then_some(UnsignedTail { lines, after_clean_stop, head_mismatch })
+}
+
+/// The last checkpoint line of the active file: (seq, covers_seq, is final). Start-up only.
+fn last_checkpoint(dir: &Path) -> Option<(u64, u64, bool)> {
+    let text = fs::read(dir.join(ACTIVE)).ok()?;
+    text.split(|b| *b == b'\n').rev().filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok()).find_map(
+        |v| {
+            (v["kind"] == "checkpoint").then(|| {
+                (
+                    v["seq"].as_u64().unwrap_or(0),
+                    v["outcome"]["covers_seq"].as_u64().unwrap_or(0),
+                    v["event"] == "final_checkpoint",
+                )
+            })
+        },
+    )
 }
 
 /// Reads `audit/HEAD` as a verification witness.

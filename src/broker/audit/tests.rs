@@ -99,7 +99,8 @@ fn an_untouched_log_verifies_and_ends_cleanly() {
     // With the wrong key every checkpoint fails.
     let wrong = Ed25519KeyPair::from_seed_unchecked(&[8u8; 32]).unwrap();
     let r = verify::verify(&read_files(&dir), Some(wrong.public_key().as_ref()), &[]);
-    assert_eq!(r.errors.len(), 3, "{}", errors(&r));
+    assert_eq!(r.errors.len(), 4, "{}", errors(&r));
+    assert!(errors(&r).contains("no valid checkpoint in 15 line(s)"), "{}", errors(&r));
 }
 
 #[test]
@@ -273,4 +274,110 @@ fn query_selects_a_task_tree() {
     let denies = query::select(&all, &query::Filter { decision: Some("deny".into()), ..Default::default() });
     assert_eq!(denies.len(), 1);
     assert_eq!(query::select(&all, &query::Filter { agent: Some("b".into()), ..Default::default() }).len(), 1);
+}
+
+/// Appends `n` forged lines with a correct seq and prev (what anyone who can write the data dir
+/// can do without the signer's key).
+fn forge(dir: &Path, n: usize) {
+    let ls = lines(dir);
+    let last: serde_json::Value = serde_json::from_slice(ls.last().unwrap()).unwrap();
+    let mut seq = last["seq"].as_u64().unwrap();
+    let mut prev = event::line_hash(ls.last().unwrap());
+    let mut out = ls.clone();
+    for i in 0..n {
+        seq += 1;
+        let line = event::encode(&event(1000 + i), seq, "01ARZ3NDEKTSV4RRFFQ69G5FAV", 0, &prev);
+        prev = event::line_hash(&line);
+        out.push(line);
+    }
+    write_lines(dir, &out);
+}
+
+/// Hardening issue, defect 7: lines appended after a clean stop verified with a warning, and the
+/// next start signed them.
+#[test]
+fn lines_added_after_a_clean_stop_are_refused_and_never_signed() {
+    let dir = tempdir("forged-tail");
+    let key = write_log(&dir, 6, AuditConfig::default());
+    forge(&dir, 3);
+    let r = check(&dir, &key);
+    assert!(
+        errors(&r).contains("3 line(s) (seq 9..=11) follow a clean stop (final checkpoint at seq 8)"),
+        "{}",
+        errors(&r)
+    );
+    // The next broker notices at once, and signs only what it writes.
+    let signer = TestSigner::new();
+    let tail = with_log(&dir, AuditConfig::default(), async |log: Rc<AuditLog>| {
+        let t = log.unsigned_tail().cloned();
+        log.record(event(1)).unwrap().durable().await.unwrap();
+        log.checkpoint(&signer, false).await.unwrap();
+        log.checkpoint(&signer, true).await.unwrap();
+        t
+    });
+    let t = tail.expect("the forged tail is reported at open");
+    assert_eq!(t.lines, Some((9, 11)));
+    assert!(t.after_clean_stop && t.describe().contains("no broker wrote them"), "{t:?}");
+    let r = check(&dir, &key);
+    assert!(errors(&r).contains("(seq 9..=11) follow a clean stop"), "still refused: {}", errors(&r));
+    assert!(r.ends_cleanly);
+}
+
+/// Hardening issue, defect 7: a history rewritten with every checkpoint removed and HEAD deleted
+/// verified clean.
+#[test]
+fn a_log_stripped_of_its_checkpoints_does_not_verify() {
+    let dir = tempdir("stripped");
+    let key = write_log(&dir, 8, AuditConfig::default());
+    // Rebuild the chain from the events alone.
+    let mut out = Vec::new();
+    let mut prev = [0u8; 32];
+    let events: Vec<serde_json::Value> = lines(&dir)
+        .iter()
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .filter(|v: &serde_json::Value| v["kind"] != "checkpoint")
+        .collect();
+    for (i, _) in events.iter().enumerate() {
+        let line = event::encode(&event(i), i as u64 + 1, "01ARZ3NDEKTSV4RRFFQ69G5FAV", 0, &prev);
+        prev = event::line_hash(&line);
+        out.push(line);
+    }
+    write_lines(&dir, &out);
+    fs::remove_file(dir.join(HEAD_FILE)).unwrap();
+    let r = check(&dir, &key);
+    assert!(!r.ok());
+    assert!(errors(&r).contains("no valid checkpoint in 8 line(s)"), "{}", errors(&r));
+}
+
+/// A crash leaves lines after the last checkpoint: the next start reports them, does not sign
+/// them, and verify warns (they cannot be told from forged ones) without failing.
+#[test]
+fn a_crash_tail_is_reported_and_left_unsigned() {
+    let dir = tempdir("crash-tail");
+    let signer = TestSigner::new();
+    with_log(&dir, AuditConfig::default(), async |log: Rc<AuditLog>| {
+        log.record(event(0)).unwrap().durable().await.unwrap();
+        log.checkpoint(&signer, false).await.unwrap();
+        for i in 1..4 {
+            log.record(event(i)).unwrap().durable().await.unwrap();
+        }
+        // Crash: no final checkpoint.
+    });
+    let tail = with_log(&dir, AuditConfig::default(), async |log: Rc<AuditLog>| {
+        let t = log.unsigned_tail().cloned();
+        log.record(event(9)).unwrap().durable().await.unwrap();
+        log.checkpoint(&signer, true).await.unwrap();
+        t
+    });
+    let t = tail.expect("reported");
+    assert_eq!(t.lines, Some((3, 5)), "{t:?}");
+    assert!(!t.after_clean_stop);
+    let r = check(&dir, &signer.public());
+    assert!(r.ok(), "{}", errors(&r));
+    assert!(
+        r.warnings.iter().any(|w| w.message.contains("(seq 3..=5) were never signed by the broker that wrote them")),
+        "{:?}",
+        r.warnings
+    );
+    assert!(r.ends_cleanly);
 }

@@ -7,6 +7,13 @@
 //! - every checkpoint line names a line (`covers_seq`) whose hash is `covers_hash`, and carries a
 //!   valid Ed25519 signature by the trusted checkpoint key over that pair: a chain recomputed
 //!   without the signer fails here;
+//! - authorship: a checkpoint vouches that its broker process wrote lines `from_seq..=covers_seq`
+//!   (v1 checkpoints, without `from_seq`, vouch for everything before them). Lines no checkpoint
+//!   vouches for are reported: as an **error** right after a final checkpoint (a broker that stopped
+//!   cleanly wrote nothing more, and the next one signs only its own lines: someone added them),
+//!   otherwise as a warning (written before a crash; they cannot be told from forged ones);
+//! - a log with lines but no valid checkpoint is an error (a rewritten history stripped of its
+//!   checkpoints): the broker checkpoints as soon as it starts;
 //! - the end: a log that ends with a final checkpoint is fully signed; otherwise the lines after
 //!   the last checkpoint are reported as unsigned, and a `HEAD` watermark or a running broker that
 //!   vouches for a later line proves that the tail was truncated.
@@ -92,6 +99,10 @@ pub fn verify(files: &[(String, Vec<u8>)], key: Option<&[u8]>, witnesses: &[Witn
     let mut hashes: HashMap<u64, [u8; 32]> = HashMap::new();
     let mut last_kind_final = false;
     let mut last_pos = (String::new(), 0usize);
+    // Authorship: ranges vouched for by valid checkpoints, valid checkpoint lines (final or not).
+    let mut vouched: Vec<(u64, u64)> = Vec::new();
+    let mut checkpoint_lines: HashMap<u64, bool> = HashMap::new();
+    let mut positions: HashMap<u64, (String, usize)> = HashMap::new();
     if key.is_none() {
         r.errors.push(Finding { file: "log".into(), line: 0, message: "no trusted checkpoint public key: signatures cannot be checked (pass --public-key or run on the broker host)".into() });
     }
@@ -156,12 +167,17 @@ pub fn verify(files: &[(String, Vec<u8>)], key: Option<&[u8]>, witnesses: &[Witn
                 }
             }
             hashes.insert(seq, hash);
+            positions.insert(seq, (name.clone(), lineno));
             last_kind_final = false;
             if v["kind"] == "checkpoint" {
                 let o = &v["outcome"];
                 let covers = o["covers_seq"].as_u64();
                 let covers_hash = hex32(&o["covers_hash"]);
                 let sig = o["sig"].as_str().and_then(|s| data_encoding::BASE64.decode(s.as_bytes()).ok());
+                let from = o["from_seq"].as_u64();
+                if o.get("from_seq").is_some_and(|f| !f.is_u64()) || from.zip(covers).is_some_and(|(f, c)| f > c) {
+                    r.errors.push(at("checkpoint with an invalid from_seq".into()));
+                }
                 match (covers, covers_hash, sig) {
                     (Some(cs), Some(ch), Some(sig)) => {
                         match hashes.get(&cs) {
@@ -170,11 +186,13 @@ pub fn verify(files: &[(String, Vec<u8>)], key: Option<&[u8]>, witnesses: &[Witn
                             Some(_) => {}
                         }
                         if let Some(k) = key {
-                            if verify_checkpoint(k, &checkpoint_digest(cs, &ch), &sig) {
+                            if verify_checkpoint(k, &checkpoint_digest(from, cs, &ch), &sig) {
                                 if hashes.get(&cs) == Some(&ch) {
                                     r.checkpoints += 1;
                                     r.signed_through = Some(r.signed_through.map_or(cs, |x| x.max(cs)));
                                     last_kind_final = v["event"] == "final_checkpoint" && cs + 1 == seq;
+                                    vouched.push((from.unwrap_or(0), cs));
+                                    checkpoint_lines.insert(seq, last_kind_final);
                                 }
                             } else {
                                 r.errors.push(at("checkpoint signature is not valid for the trusted key (forged checkpoint or rebuilt chain)".into()));
@@ -189,14 +207,17 @@ pub fn verify(files: &[(String, Vec<u8>)], key: Option<&[u8]>, witnesses: &[Witn
     }
     r.last_seq = prev.map(|(s, _)| s);
     r.ends_cleanly = last_kind_final;
-    if let Some(last) = r.last_seq {
-        let unsigned = last - r.signed_through.unwrap_or(0).min(last);
-        if !r.ends_cleanly && unsigned > 0 {
-            r.warnings.push(Finding {
+    if let (Some(first), Some(last)) = (r.first_seq, r.last_seq)
+        && key.is_some()
+    {
+        if r.checkpoints == 0 {
+            r.errors.push(Finding {
                 file: last_pos.0.clone(),
-                line: last_pos.1,
-                message: format!("the last {unsigned} line(s) are after the last checkpoint: not yet signed (broker running or crashed), or the tail was truncated"),
+                line: 0,
+                message: format!("no valid checkpoint in {} line(s): nothing in this log is signed (a history rewritten without its checkpoints; a broker checkpoints as soon as it starts)", r.lines),
             });
+        } else {
+            unvouched(&mut r, first, last, &vouched, &checkpoint_lines, &positions);
         }
     }
     for w in witnesses {
@@ -228,4 +249,50 @@ pub fn verify(files: &[(String, Vec<u8>)], key: Option<&[u8]>, witnesses: &[Witn
         r.warnings.push(Finding { file: "log".into(), line: 0, message: "the log is empty".into() });
     }
     r
+}
+
+/// Reports the lines no checkpoint vouches for (see the module header).
+fn unvouched(
+    r: &mut Report,
+    first: u64,
+    last: u64,
+    vouched: &[(u64, u64)],
+    checkpoint_lines: &HashMap<u64, bool>,
+    positions: &HashMap<u64, (String, usize)>,
+) {
+    let mut ranges: Vec<(u64, u64)> = vouched.to_vec();
+    ranges.extend(checkpoint_lines.keys().map(|&s| (s, s)));
+    ranges.sort_unstable();
+    let mut gaps = Vec::new();
+    let mut next = first;
+    for (a, b) in ranges {
+        if a > next {
+            gaps.push((next, a - 1));
+        }
+        next = next.max(b.saturating_add(1));
+    }
+    if next <= last {
+        gaps.push((next, last));
+    }
+    for (a, b) in gaps {
+        let (file, line) = positions.get(&a).cloned().unwrap_or_default();
+        let n = b - a + 1;
+        let after_final = a > 0 && checkpoint_lines.get(&(a - 1)) == Some(&true);
+        let message = if after_final {
+            format!(
+                "{n} line(s) (seq {a}..={b}) follow a clean stop (final checkpoint at seq {}) and no broker signed them: added by someone with write access to the data dir",
+                a - 1
+            )
+        } else if b == last {
+            format!(
+                "the last {n} line(s) are after the last checkpoint: not yet signed (broker running or crashed), or the tail was truncated"
+            )
+        } else {
+            format!(
+                "{n} line(s) (seq {a}..={b}) were never signed by the broker that wrote them (written before a crash, or inserted): they cannot be told apart from forged lines"
+            )
+        };
+        let f = Finding { file, line, message };
+        if after_final { r.errors.push(f) } else { r.warnings.push(f) }
+    }
 }
