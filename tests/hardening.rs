@@ -128,3 +128,88 @@ fn the_local_api_survives_paths_at_the_edge_of_its_routes() {
     }
     assert_eq!(local_request(&b.socket, "GET", "/v1/status", b"").status, 200, "still serving");
 }
+
+/// Hardening issue, defect 8: MCP notification streams stayed open after their task token was
+/// revoked or expired (proxy streams were already cut). Both eras' streams now end.
+#[test]
+fn notification_streams_end_when_their_token_is_revoked_or_expires() {
+    if !require_root() {
+        return;
+    }
+    let (key, hash) = agent_key("bot");
+    let p = format!("agents:\n  bot:\n    api_key_hash: \"{hash}\"\n    max_task_ttl: 1h\n");
+    let b = Broker::start(BrokerOpts { policy: Some(&p), ..Default::default() });
+    let task = |ttl: &str| {
+        let t = tool_call(&b.api, &key, "task_create", json!({"description": "watch", "ttl": ttl})).unwrap();
+        (t["task_id"].as_str().unwrap().to_owned(), t["token"].as_str().unwrap().to_owned())
+    };
+    // Session era: initialize, then GET /mcp.
+    let session_stream = |token: &str| {
+        let a = format!("Bearer {token}");
+        let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+        let h = [
+            ("Authorization", a.as_str()),
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+        ];
+        let r = http_request(&b.api, "POST", "/mcp", &h, init.to_string().as_bytes());
+        assert_eq!(r.status, 200, "{}", r.text());
+        let sid = r.header("mcp-session-id").unwrap().to_owned();
+        let mut s = HttpStream::open(
+            &b.api,
+            "GET",
+            "/mcp",
+            &[
+                ("Authorization", &a),
+                ("Accept", "text/event-stream"),
+                ("Mcp-Session-Id", &sid),
+                ("Connection", "close"),
+            ],
+            b"",
+        );
+        assert!(s.read_until("notification stream", Duration::from_secs(5)).contains("200"));
+        s
+    };
+    // Stateless era: subscriptions/listen.
+    let listen_stream = |token: &str| {
+        let a = format!("Bearer {token}");
+        let body = json!({"jsonrpc": "2.0", "id": 5, "method": "subscriptions/listen", "params": {
+            "notifications": {"toolsListChanged": true},
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {},
+                "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"}}}});
+        let mut s = HttpStream::open(
+            &b.api,
+            "POST",
+            "/mcp",
+            &[
+                ("Authorization", &a),
+                ("Content-Type", "application/json"),
+                ("Accept", "application/json, text/event-stream"),
+                ("MCP-Protocol-Version", "2026-07-28"),
+                ("Mcp-Method", "subscriptions/listen"),
+                ("Connection", "close"),
+            ],
+            body.to_string().as_bytes(),
+        );
+        assert!(s.read_until("acknowledged", Duration::from_secs(5)).contains("200"));
+        s
+    };
+    let (id, token) = task("10m");
+    let mut a = session_stream(&token);
+    let mut l = listen_stream(&token);
+    assert!(!a.wait_closed(Duration::from_millis(800)), "open while the task lives");
+    tool_call(&b.api, &key, "task_revoke", json!({"task_id": id})).unwrap();
+    let t = std::time::Instant::now();
+    assert!(a.wait_closed(Duration::from_secs(3)), "the session stream ends after revocation");
+    assert!(l.wait_closed(Duration::from_secs(3)), "the listen stream ends after revocation");
+    let text = String::from_utf8_lossy(&l.buf).to_string();
+    assert!(text.contains("revoked or has expired") && text.contains("-32001"), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    // A task that expires: its stream ends when it does.
+    let (_, short) = task("3s");
+    let mut s = listen_stream(&short);
+    assert!(s.wait_closed(Duration::from_secs(6)), "the stream ends when the task expires");
+    assert_eq!(metric(&b, "ephyr_mcp_streams"), 0.0);
+}

@@ -279,6 +279,24 @@ fn the_credential_is_injected_and_never_returned() {
     assert_eq!(h["x-fine"], "yes");
     let e = call(&b, &key, json!({"service": "echo", "path": "/gzip"})).unwrap_err();
     assert!(e.contains("gzip-encoded") && !e.contains(SECRET), "{e}");
+    // ... nor one compressed as a transfer-coding (hardening issue, defect 8: it passed unscrubbed).
+    let e = call(&b, &key, json!({"service": "echo", "path": "/gzip-te"})).unwrap_err();
+    assert!(e.contains("transfer-coding \"gzip\"") && !e.contains(SECRET), "{e}");
+    let r = proxy(&b, "GET", "/v1/proxy/echo/gzip-te", &key, b"");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(!r.text().contains(SECRET));
+    // Method-override headers never reach the upstream: the method authorized is the method sent.
+    let r = call(
+        &b,
+        &key,
+        json!({"service": "echo", "method": "POST", "path": "/echo/m", "body": "{}", "headers": {
+            "X-HTTP-Method-Override": "DELETE", "X-HTTP-Method": "DELETE", "X-Method-Override": "DELETE"}}),
+    )
+    .unwrap();
+    assert_eq!(r["status_code"], 200);
+    for h in ["x-http-method-override", "x-http-method", "x-method-override"] {
+        assert!(up.last_header(h).is_empty(), "{h} was forwarded");
+    }
 
     // The audit trail names services, never secrets.
     let audit = std::fs::read_to_string(b.data_dir.join("audit/audit.jsonl")).unwrap();

@@ -400,6 +400,40 @@ fn limits_and_the_signer_rate_are_clear_errors() {
     assert!(e.contains("rate limit"), "{e}");
 }
 
+/// Hardening issue, defect 8: a reload that asks for more than the signer's caps (fixed at start)
+/// made every exec fail until a restart. Now the reload says so, and certificates are shortened to
+/// the signer's cap.
+#[test]
+fn a_reload_beyond_the_signers_caps_warns_and_exec_keeps_working() {
+    let l = lab("");
+    let before = l.call(&l.alice, "exec", json!({"target": "a", "role": "read", "command": "true"})).unwrap();
+    assert_eq!(before["exit_code"], 0);
+    let raised =
+        l.policy.replace("cert_ttl_max: 10m", "cert_ttl_max: 2h\n  cert_ttl_default: 1h\n  signer_rate: 1000/1m");
+    assert_ne!(raised, l.policy);
+    std::fs::write(l.broker.socket.parent().unwrap().join("policy.yaml"), &raised).unwrap();
+    let out = ephyr(&["policy", "reload", "--socket", l.broker.socket.to_str().unwrap()]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text} {}", stderr(&out));
+    assert!(text.contains("limits.cert_ttl_max is 2h, above the running signer's certificate cap of 10m"), "{text}");
+    assert!(text.contains("certificates are shortened to 10m until ephyr restarts"), "{text}");
+    assert!(text.contains("limits.signer_rate allows 1000 per"), "{text}");
+    // exec still works; its certificate lives at most the signer's cap.
+    let r = l.call(&l.alice, "exec", json!({"target": "a", "role": "read", "command": "true"})).unwrap();
+    assert_eq!(r["exit_code"], 0, "{r}");
+    let certs = l.call(&l.alice, "list_certs", json!({})).unwrap();
+    let newest =
+        certs.as_array().unwrap().iter().max_by_key(|c| c["valid_before"].as_str().map(str::to_owned)).unwrap().clone();
+    let life = |c: &Value, k: &str| chrono_secs(c[k].as_str().unwrap());
+    assert!(life(&newest, "valid_before") - life(&newest, "valid_after") <= 600 + 60, "{newest}");
+}
+
+/// Seconds of an RFC 3339 UTC time (`2026-11-29T23:01:21Z`).
+fn chrono_secs(t: &str) -> i64 {
+    let out = Command::new("date").args(["-u", "-d", t, "+%s"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
 #[test]
 fn sshd_refuses_expired_and_revoked_certificates() {
     let l = lab("");

@@ -115,6 +115,42 @@ pub struct Broker {
     pub admission: Rc<http::admission::Admission>,
 }
 
+/// What a policy asks that the running signer's limits (fixed when it started, from the policy
+/// of that moment) will not give: each a warning with what happens and how to fix it.
+pub fn signer_mismatches(p: &policy::Policy, limits: &crate::signer::protocol::SignerLimits) -> Vec<String> {
+    let mut out = Vec::new();
+    let allowed: std::collections::BTreeSet<&String> = limits.principals.iter().collect();
+    for pr in p.signer_principals().iter().filter(|pr| !allowed.contains(pr)) {
+        out.push(format!(
+            "principal {pr:?} is not on the signer's allow-list (fixed at start): certificates for it are refused until ephyr restarts"
+        ));
+    }
+    let cap = std::time::Duration::from_secs(u64::from(limits.max_cert_ttl_secs));
+    let mut ttls = vec![("limits.cert_ttl_max".to_owned(), p.limits.cert_ttl_max)];
+    for (name, t) in &p.targets {
+        ttls.push((format!("targets.{name}.cert_ttl_max"), t.cert_ttl_max));
+    }
+    for (at, ttl) in ttls.into_iter().filter(|(_, t)| *t > cap) {
+        out.push(format!(
+            "{at} is {}, above the running signer's certificate cap of {} (fixed at start): certificates are shortened to {} until ephyr restarts",
+            crate::time::format_duration(ttl),
+            crate::time::format_duration(cap),
+            crate::time::format_duration(cap)
+        ));
+    }
+    let r = p.limits.signer_rate;
+    if u64::from(r.count) * u64::from(limits.rate_window_secs) > u64::from(limits.rate_limit) * r.window.as_secs() {
+        out.push(format!(
+            "limits.signer_rate allows {} per {}, more than the running signer's {} per {}s (fixed at start): the signer refuses beyond its own rate until ephyr restarts",
+            r.count,
+            crate::time::format_duration(r.window),
+            limits.rate_limit,
+            limits.rate_window_secs
+        ));
+    }
+    out
+}
+
 impl Broker {
     /// Counts one request against the agent's `rate_limit`; `Err` says how long to wait.
     pub fn take_request(&self, policy: &policy::Policy, agent: &str, now: Instant) -> Result<(), std::time::Duration> {
@@ -162,12 +198,8 @@ impl Broker {
             Ok(new) => {
                 self.metrics.inc("ephyr_policy_reloads_total", &[("outcome", "ok")]);
                 let mut warnings = new.warnings.clone();
-                let allowed: std::collections::BTreeSet<String> =
-                    self.signer.health().status.map(|s| s.limits.principals.into_iter().collect()).unwrap_or_default();
-                for p in new.signer_principals().difference(&allowed) {
-                    warnings.push(format!(
-                        "principal {p:?} is not on the signer's allow-list (fixed at start): certificates for it are refused until ephyr restarts"
-                    ));
+                if let Some(s) = self.signer.health().status {
+                    warnings.extend(signer_mismatches(&new, &s.limits));
                 }
                 let digest = new.digest.clone();
                 let old = self.policy().digest.clone();

@@ -11,6 +11,8 @@
           /chunked?n=N        N bytes, chunked in 16 KiB pieces
           /slow?delay=S       waits S seconds before answering
           /gzip               a gzip-encoded body
+          /gzip-te            the echo, gzip-compressed as a transfer-coding
+                              ("Transfer-Encoding: gzip, chunked"): a hostile upstream
           /cookie             Set-Cookie, WWW-Authenticate and a harmless header
           POST /v1/chat/completions   an OpenAI-style stand-in (the real API is paid and
                               unreachable here): needs "Authorization: Bearer $LLM_KEY";
@@ -112,6 +114,13 @@ class Handler(BaseHTTPRequestHandler):
         elif route.startswith("/slow"):
             time.sleep(float(q.get("delay", "5")))
             self.send(200, b'{"slow":true}')
+        elif route.startswith("/gzip-te"):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "gzip, chunked")
+            self.end_headers()
+            self.chunk(gzip.compress(json.dumps(entry).encode()))
+            self.chunk(b"")
         elif route.startswith("/gzip"):
             self.send(200, gzip.compress(json.dumps(entry).encode()), extra=[("Content-Encoding", "gzip")])
         elif route.startswith("/cookie"):

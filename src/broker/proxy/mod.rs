@@ -328,6 +328,15 @@ impl Proxy {
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(Failure::Upstream(format!("{host} switched protocols, which the proxy does not carry")));
         }
+        // A transfer-coding other than chunked (`Transfer-Encoding: gzip, chunked`) reaches us
+        // undecoded: it could hide the credential from the scrubber, and the agent could not
+        // decode it either once the hop-by-hop header is dropped. Refused like a compressed
+        // content-coding.
+        if let Some(te) = plan::foreign_transfer_coding(&parts.headers) {
+            return Err(Failure::Upstream(format!(
+                "{host} sent a body with transfer-coding {te:?}; only chunked is carried (it could hide the credential from the check, and the agent could not decode it), so it is not passed on"
+            )));
+        }
         if scrub.is_active()
             && let Some(enc) = parts.headers.get(http::header::CONTENT_ENCODING)
             && !enc.as_bytes().eq_ignore_ascii_case(b"identity")

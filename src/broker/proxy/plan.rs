@@ -32,8 +32,13 @@ pub const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// Request headers the agent may not send upstream.
-const REQUEST_DROPPED: [&str; 13] = [
+/// Request headers the agent may not send upstream. The method-override headers would turn a
+/// granted method into another on frameworks that honour them (a grant of POST becoming DELETE):
+/// the method `authorize` checked is the only one the upstream sees.
+const REQUEST_DROPPED: [&str; 16] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
     "host",
     "content-length",
     "expect",
@@ -48,6 +53,16 @@ const REQUEST_DROPPED: [&str; 13] = [
     "x-real-ip",
     "accept-encoding",
 ];
+
+/// The first transfer-coding of a response other than `chunked` (and `identity`), if any.
+pub fn foreign_transfer_coding(h: &HeaderMap) -> Option<String> {
+    h.get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes()).split(',').map(|c| c.trim().to_ascii_lowercase()).collect::<Vec<_>>()
+        })
+        .find(|c| !c.is_empty() && c != "chunked" && c != "identity")
+}
 
 /// Response headers that carry or ask for credentials.
 const RESPONSE_DROPPED: [&str; 8] = [
@@ -383,6 +398,9 @@ agents:
             ("accept-encoding", "gzip"),
             ("x-forwarded-for", "10.0.0.1"),
             ("dpop", "proof"),
+            ("x-http-method-override", "DELETE"),
+            ("X-HTTP-Method", "DELETE"),
+            ("x-method-override", "DELETE"),
         ] {
             agent.append(k, HeaderValue::from_static(v));
         }
@@ -394,7 +412,16 @@ agents:
         assert_eq!(h["content-type"], "application/json");
         assert_eq!(h[REQUEST_ID_HEADER], "01J");
         assert!(h[PROXY_HEADER].to_str().unwrap().starts_with("ephyr/"));
-        for gone in ["x-api-key", "connection", "x-secret-hop", "x-forwarded-for", "dpop"] {
+        for gone in [
+            "x-api-key",
+            "connection",
+            "x-secret-hop",
+            "x-forwarded-for",
+            "dpop",
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+        ] {
             assert!(!h.contains_key(gone), "{gone}");
         }
         s.credential = Some(Credential {

@@ -340,8 +340,10 @@ impl Ssh {
             )));
         }
         let now = now_secs();
-        // Never past the token's own expiry: a certificate must not outlive the task.
-        let mut until = now + ttl.as_secs().max(1);
+        // Never past the signer's own cap (fixed at its start: a reload may ask for more, and
+        // `reload` warns), nor past the token's expiry: a certificate must not outlive the task.
+        let cap = broker.signer.health().status.map_or(u64::MAX, |s| u64::from(s.limits.max_cert_ttl_secs));
+        let mut until = now + ttl.as_secs().clamp(1, cap.max(1));
         if let Some(exp) = caller.token().and_then(|t| t.envelope().expires_before) {
             until = until.min(exp.secs().max(0) as u64);
         }

@@ -598,7 +598,7 @@ async fn dispatch(
             }
             Ok(json!({}))
         }
-        Call::Listen(filter) => return listen(broker, policy, r.id, filter, headers),
+        Call::Listen(filter) => return listen(broker, policy, caller, r.id, filter, headers),
     };
     let outcome = if result.is_ok() { "ok" } else { "error" };
     broker.metrics.inc("ephyr_mcp_requests_total", &[("method", label), ("outcome", outcome)]);
@@ -619,10 +619,16 @@ enum StreamKind {
 struct StreamState {
     broker: Rc<Broker>,
     kind: StreamKind,
+    /// The task token the stream was opened with: (task, token expiry). The stream ends when
+    /// the task is revoked or expires, or the token expires, like every proxy stream.
+    token: Option<(String, Option<crate::time::UnixMicros>)>,
     seen: u64,
     started: bool,
     done: bool,
 }
+
+/// How often an open stream checks that its token still holds.
+const TOKEN_CHECK: Duration = Duration::from_millis(500);
 
 impl Drop for StreamState {
     fn drop(&mut self) {
@@ -644,10 +650,33 @@ fn sse_event(json: &[u8]) -> Bytes {
 }
 
 impl StreamState {
+    /// Whether the token the stream was opened with no longer holds.
+    fn token_gone(&self) -> bool {
+        self.token
+            .as_ref()
+            .is_some_and(|(task, exp)| self.broker.tasks.unusable(task) || exp.is_some_and(|e| crate::time::now() >= e))
+    }
+
+    /// Ends the stream because its token no longer holds: a listen stream gets the JSON-RPC
+    /// error that answers its request (401 semantics), a session stream just ends.
+    fn end_for_token(&mut self) -> Option<Bytes> {
+        self.done = true;
+        match &self.kind {
+            StreamKind::Listen(id, _) => Some(sse_event(&jsonrpc::encode_error(
+                Some(id),
+                &RpcError::new(code::UNAUTHENTICATED, "the task token was revoked or has expired; the stream ends"),
+            ))),
+            StreamKind::Session(_) => None,
+        }
+    }
+
     /// The next chunk, or `None` when the stream ends.
     async fn next(&mut self) -> Option<Bytes> {
         if self.done {
             return None;
+        }
+        if self.token_gone() {
+            return self.end_for_token();
         }
         if !self.started {
             self.started = true;
@@ -708,16 +737,30 @@ impl StreamState {
             let woke = futures_lite::future::or(
                 async {
                     listener.await;
-                    true
+                    Some(true)
                 },
-                async {
-                    Timer::after(KEEPALIVE).await;
-                    false
-                },
+                futures_lite::future::or(
+                    async {
+                        Timer::after(KEEPALIVE).await;
+                        Some(false)
+                    },
+                    async {
+                        // A revoked or expired token ends the stream within TOKEN_CHECK.
+                        if self.token.is_none() {
+                            futures_lite::future::pending::<()>().await;
+                        }
+                        while !self.token_gone() {
+                            Timer::after(TOKEN_CHECK).await;
+                        }
+                        None
+                    },
+                ),
             )
             .await;
-            if !woke {
-                return Some(Bytes::from_static(b": keep-alive\n\n"));
+            match woke {
+                None => return self.end_for_token(),
+                Some(false) => return Some(Bytes::from_static(b": keep-alive\n\n")),
+                Some(true) => {}
             }
         }
     }
@@ -735,7 +778,12 @@ fn stream_response(state: StreamState) -> Response<Body> {
     r
 }
 
-fn open_stream(broker: &Rc<Broker>, policy: &Policy, kind: StreamKind) -> Result<Response<Body>, Refused> {
+fn open_stream(
+    broker: &Rc<Broker>,
+    policy: &Policy,
+    caller: &Caller,
+    kind: StreamKind,
+) -> Result<Response<Body>, Refused> {
     if broker.changes.closed() {
         return Err(Refused::new(StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR, "the broker is shutting down"));
     }
@@ -748,7 +796,8 @@ fn open_stream(broker: &Rc<Broker>, policy: &Policy, kind: StreamKind) -> Result
     }
     broker.changes.opened();
     let seen = broker.changes.generation();
-    Ok(stream_response(StreamState { broker: broker.clone(), kind, seen, started: false, done: false }))
+    let token = caller.token().map(|t| (t.task.clone(), t.envelope().expires_before));
+    Ok(stream_response(StreamState { broker: broker.clone(), kind, token, seen, started: false, done: false }))
 }
 
 fn get_stream(broker: &Rc<Broker>, policy: &Policy, caller: &Caller, headers: &HeaderMap) -> Response<Body> {
@@ -776,7 +825,7 @@ fn get_stream(broker: &Rc<Broker>, policy: &Policy, caller: &Caller, headers: &H
         return rpc_error(StatusCode::CONFLICT, None, &e);
     }
     let sid = auth::single_header(headers, SESSION_HEADER).ok().flatten().unwrap_or_default().to_owned();
-    match open_stream(broker, policy, StreamKind::Session(sid)) {
+    match open_stream(broker, policy, caller, StreamKind::Session(sid)) {
         Ok(r) => {
             session.stream_open.set(true);
             r
@@ -788,6 +837,7 @@ fn get_stream(broker: &Rc<Broker>, policy: &Policy, caller: &Caller, headers: &H
 fn listen(
     broker: &Rc<Broker>,
     policy: &Policy,
+    caller: &Caller,
     id: RequestId,
     filter: ListenFilter,
     headers: &HeaderMap,
@@ -800,7 +850,7 @@ fn listen(
         return rpc_error(StatusCode::NOT_ACCEPTABLE, Some(&id), &e);
     }
     broker.metrics.inc("ephyr_mcp_requests_total", &[("method", "subscriptions/listen"), ("outcome", "ok")]);
-    open_stream(broker, policy, StreamKind::Listen(id, filter)).unwrap_or_else(Refused::response)
+    open_stream(broker, policy, caller, StreamKind::Listen(id, filter)).unwrap_or_else(Refused::response)
 }
 
 #[cfg(test)]
