@@ -366,6 +366,7 @@ struct ToolCall {
 /// `POST /v1/tools/call` for a uid mapped to an agent.
 async fn agent_tool_call(
     broker: &Rc<Broker>,
+    policy: &Rc<crate::broker::policy::Policy>,
     agent: String,
     uid: u32,
     req: http::Request<hyper::body::Incoming>,
@@ -381,7 +382,7 @@ async fn agent_tool_call(
     let mut fp = [0u8; 32];
     fp[..4].copy_from_slice(&uid.to_be_bytes());
     let caller = super::auth::Caller { agent, via: super::auth::Via::ApiKey, fingerprint: fp, source: None };
-    match super::tools::call(broker, &caller, &call.name, call.arguments).await {
+    match super::tools::call(broker, &caller, policy, &call.name, call.arguments).await {
         Some(out) => json(
             StatusCode::OK,
             &serde_json::json!({ "agent": caller.agent, "is_error": out.is_error, "text": out.text }),
@@ -391,9 +392,9 @@ async fn agent_tool_call(
 }
 
 /// The enabled agent whose `uid` is the caller's.
-fn agent_for(broker: &Broker, peer: Peer) -> Option<(String, u32)> {
+fn agent_for(policy: &crate::broker::policy::Policy, peer: Peer) -> Option<(String, u32)> {
     let Peer::Unix(c) = peer else { return None };
-    broker.policy().agents.values().find(|a| a.uid == Some(c.uid) && a.enabled).map(|a| (a.name.clone(), c.uid))
+    policy.agents.values().find(|a| a.uid == Some(c.uid) && a.enabled).map(|a| (a.name.clone(), c.uid))
 }
 
 /// Handler for the local socket.
@@ -402,8 +403,10 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
         let broker = broker.clone();
         Box::pin(async move {
             if req.method() == Method::POST && req.uri().path() == "/v1/tools/call" {
-                return match agent_for(&broker, peer) {
-                    Some((agent, uid)) => agent_tool_call(&broker, agent, uid, req).await,
+                // One policy snapshot for the whole request: who the caller is and what it may do.
+                let policy = broker.policy();
+                return match agent_for(&policy, peer) {
+                    Some((agent, uid)) => agent_tool_call(&broker, &policy, agent, uid, req).await,
                     None => error(
                         StatusCode::FORBIDDEN,
                         "no_agent_for_uid",

@@ -372,10 +372,17 @@ pub fn list(policy: &Policy, principal: &Principal<'_>) -> Vec<Value> {
 }
 
 /// What happened to a call: `None` when the tool does not exist (a protocol error, `-32602`).
-pub async fn call(broker: &Rc<Broker>, caller: &Caller, name: &str, args: Map<String, Value>) -> Option<Output> {
+/// `policy` is the snapshot the request was authenticated under: one request, one policy.
+pub async fn call(
+    broker: &Rc<Broker>,
+    caller: &Caller,
+    policy: &Rc<Policy>,
+    name: &str,
+    args: Map<String, Value>,
+) -> Option<Output> {
     let t = find(name)?;
     let started = Instant::now();
-    let policy = broker.policy();
+    let policy = policy.clone();
     let principal = caller.principal();
     let mut out = match check_args(t, &args) {
         Err(e) => Output::error(format!("invalid arguments: {e}")),

@@ -568,7 +568,7 @@ async fn dispatch(
             m.insert("tools".into(), Value::Array(tools::list(policy, &principal)));
             Ok(server::finish(v, &IDENTITY, server::cacheable(v, m, LIST_TTL_MS, false)))
         }
-        Call::ToolsCall { name, arguments } => match tools::call(broker, caller, &name, arguments).await {
+        Call::ToolsCall { name, arguments } => match tools::call(broker, caller, policy, &name, arguments).await {
             None => Err(RpcError::invalid_params(format!("unknown tool {name:?}"))),
             Some(out) => Ok(server::tool_result(v, &IDENTITY, out.text, out.is_error)),
         },
