@@ -18,8 +18,9 @@
 //!   share a single run, and a run whose request goes away is undone by a guard (waiters start
 //!   over);
 //! - failures are rate-limited per [`Source`] (10, then one per 6 s; IPv6 by /64): a source over
-//!   its limit gets 429 for any key that would need Argon2, and its further failures are counted
-//!   in metrics but not audited, so neither the CPU nor the audit log can be flooded.
+//!   its limit gets 429 for any key that does not verify at once (a wrong key, or one that would
+//!   need Argon2; a valid fast-form or cached key keeps working), and its further failures are
+//!   counted in metrics but not audited, so neither the CPU nor the audit log can be flooded.
 
 pub mod api_key;
 
@@ -451,7 +452,11 @@ impl Authenticator {
     ) -> Result<String, AuthError> {
         let candidates = match self.key_index(policy).lookup(key, &fp) {
             api_key::Lookup::Agent(a) => return Ok(a),
-            api_key::Lookup::NoAgent => return Err(AuthError::InvalidKey),
+            api_key::Lookup::NoAgent => {
+                // Costs nothing to tell, but a source that keeps failing is told to slow down.
+                self.check_source(source, now)?;
+                return Err(AuthError::InvalidKey);
+            }
             api_key::Lookup::Argon2(c) => c,
         };
         loop {
