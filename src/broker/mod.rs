@@ -113,6 +113,8 @@ pub struct Broker {
     pub proxy: proxy::Proxy,
     /// Connection caps on the TCP listeners.
     pub admission: Rc<http::admission::Admission>,
+    /// What `tools/list` shows each caller.
+    pub catalog: tools::Catalog,
 }
 
 /// What a policy asks that the running signer's limits (fixed when it started, from the policy

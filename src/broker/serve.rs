@@ -306,6 +306,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             secrets: super::secrets::Secrets::new(data_dir.state().join("secrets")),
             proxy: super::proxy::Proxy::new(ex.clone()),
             admission: http::admission::Admission::new(metrics.clone()),
+            catalog: super::tools::Catalog::new(),
         });
         record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
         // Sign this process's first lines at once: every log then has a checkpoint moments after

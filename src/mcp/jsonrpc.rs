@@ -286,6 +286,29 @@ pub fn encode_result(id: &RequestId, result: &Value) -> Vec<u8> {
     serde_json::to_vec(&OkOut { jsonrpc: "2.0", id, result }).unwrap_or_default()
 }
 
+/// Encodes a success response whose result is `rest` (an object) with one more member, `name`,
+/// whose value is `raw`: JSON text the caller serialised earlier (a cached list), spliced in
+/// without parsing it again. `raw` must be valid JSON.
+pub fn encode_result_with_raw(id: &RequestId, name: &str, raw: &str, rest: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len() + 256);
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    let _ = serde_json::to_writer(&mut out, id);
+    out.extend_from_slice(b",\"result\":{");
+    let _ = serde_json::to_writer(&mut out, name);
+    out.push(b':');
+    out.extend_from_slice(raw.as_bytes());
+    let rest = serde_json::to_vec(rest).unwrap_or_default();
+    // `rest` is an object: `{}` or `{...}`; its members follow ours.
+    if rest.len() > 2 && rest.first() == Some(&b'{') {
+        out.push(b',');
+        out.extend_from_slice(&rest[1..]);
+    } else {
+        out.push(b'}');
+    }
+    out.push(b'}');
+    out
+}
+
 /// Encodes an error response (`id` null when unknown).
 pub fn encode_error(id: Option<&RequestId>, e: &RpcError) -> Vec<u8> {
     let body = ErrBody { code: e.code, message: &e.message, data: e.data.as_ref() };
@@ -350,5 +373,20 @@ mod tests {
         assert_eq!(ok, br#"{"jsonrpc":"2.0","id":"x","result":{"a":1}}"#);
         let e = encode_error(None, &RpcError::new(code::PARSE_ERROR, "bad"));
         assert_eq!(e, br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"bad"}}"#);
+    }
+
+    #[test]
+    fn a_raw_member_is_spliced_into_the_result() {
+        let id = RequestId::Num(7);
+        let rest = serde_json::json!({"ttlMs": 1000, "_meta": {"a": "b"}});
+        let out = encode_result_with_raw(&id, "tools", r#"[{"name":"x"}]"#, &rest);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["id"], 7);
+        assert_eq!(v["result"]["tools"][0]["name"], "x");
+        assert_eq!(v["result"]["ttlMs"], 1000);
+        assert_eq!(v["result"]["_meta"]["a"], "b");
+        let out = encode_result_with_raw(&RequestId::Str("s".into()), "tools", "[]", &serde_json::json!({}));
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, serde_json::json!({"jsonrpc": "2.0", "id": "s", "result": {"tools": []}}));
     }
 }

@@ -16,6 +16,7 @@ pub mod http;
 pub mod ssh;
 pub mod tasks;
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -27,6 +28,7 @@ use super::Broker;
 use super::audit::{Event, Kind};
 use super::auth::Caller;
 use super::policy::{Action, ActionKind, Arguments, Decision, Denial, HTTP_METHODS, Policy, Principal, authorize};
+use super::rate::Bounded;
 use crate::mcp::types::{Annotations, ToolDescriptor};
 
 /// An argument's type.
@@ -352,23 +354,81 @@ fn unreachable(t: &ToolDef, agent: &str) -> Denial {
     }
 }
 
-/// The `tools/list` entries for the caller.
-pub fn list(policy: &Policy, principal: &Principal<'_>) -> Vec<Value> {
-    REGISTRY
-        .iter()
-        .filter(|t| visible(t, policy, principal))
-        .map(|t| {
-            let schema = input_schema(t);
-            ToolDescriptor {
-                name: t.name,
-                title: t.title,
-                description: t.description,
-                input_schema: &schema,
-                annotations: t.annotations,
+/// The tool catalog: what `tools/list` shows each caller. Each tool's `Tool` object is serialised
+/// once; which tools a caller sees is computed with `authorize` once per policy digest and
+/// credential and kept (bounded, oldest forgotten first), since a list costs one `authorize`
+/// per target, service and remote for every tool.
+///
+/// What runs here: the executor thread only. Federation adds tools discovered at run time here.
+pub struct Catalog {
+    descriptors: Vec<String>,
+    visible: RefCell<Bounded<[u8; 32], (String, u64)>>,
+}
+
+/// Callers whose visible-tool set is kept.
+const CATALOG_CALLERS: usize = 1024;
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Catalog {
+    /// The static tools, serialised.
+    pub fn new() -> Catalog {
+        debug_assert!(REGISTRY.len() <= 64, "the visible set is a u64 mask");
+        let descriptors = REGISTRY.iter().map(|t| descriptor(t).to_string()).collect();
+        Catalog { descriptors, visible: RefCell::new(Bounded::new(CATALOG_CALLERS)) }
+    }
+
+    fn mask(&self, policy: &Policy, caller: &Caller) -> u64 {
+        if let Some((digest, mask)) = self.visible.borrow_mut().get_mut(&caller.fingerprint)
+            && *digest == policy.digest
+        {
+            return *mask;
+        }
+        let principal = caller.principal();
+        let mask = REGISTRY
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| visible(t, policy, &principal))
+            .fold(0u64, |m, (i, _)| m | (1 << i));
+        self.visible.borrow_mut().insert(caller.fingerprint, (policy.digest.clone(), mask));
+        mask
+    }
+
+    /// The caller's `tools` array, as JSON text.
+    pub fn list_json(&self, policy: &Policy, caller: &Caller) -> String {
+        let mask = self.mask(policy, caller);
+        let mut out = String::with_capacity(self.descriptors.iter().map(|d| d.len() + 1).sum::<usize>() + 2);
+        out.push('[');
+        for (_, d) in self.descriptors.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0) {
+            if out.len() > 1 {
+                out.push(',');
             }
-            .to_json()
-        })
-        .collect()
+            out.push_str(d);
+        }
+        out.push(']');
+        out
+    }
+}
+
+fn descriptor(t: &ToolDef) -> Value {
+    let schema = input_schema(t);
+    ToolDescriptor {
+        name: t.name,
+        title: t.title,
+        description: t.description,
+        input_schema: &schema,
+        annotations: t.annotations,
+    }
+    .to_json()
+}
+
+/// The `tools/list` entries for the caller (uncached; [`Catalog::list_json`] serves requests).
+pub fn list(policy: &Policy, principal: &Principal<'_>) -> Vec<Value> {
+    REGISTRY.iter().filter(|t| visible(t, policy, principal)).map(|t| descriptor(t)).collect()
 }
 
 /// What happened to a call: `None` when the tool does not exist (a protocol error, `-32602`).
@@ -445,6 +505,40 @@ fn first_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_catalog_lists_what_visible_allows_and_recomputes_after_a_reload() {
+        let text = "roles: {read: {principal: p}}\ntargets: {web: {host: h, allowed_roles: [read]}}\nagents:\n  a: {uid: 1, ssh: {web: {roles: [read]}}}\n  b: {uid: 2}\n";
+        let p = Policy::parse(text, "t").unwrap();
+        let caller = |agent: &str, n: u8| Caller {
+            agent: agent.into(),
+            via: crate::broker::auth::Via::ApiKey,
+            fingerprint: [n; 32],
+            source: None,
+        };
+        let c = Catalog::new();
+        for who in [caller("a", 1), caller("b", 2)] {
+            let cached: Value = serde_json::from_str(&c.list_json(&p, &who)).unwrap();
+            let direct = Value::Array(list(&p, &who.principal()));
+            assert_eq!(cached, direct, "{}", who.agent);
+            // Served from the cache the second time, identically.
+            assert_eq!(c.list_json(&p, &who), cached.to_string());
+        }
+        let names = |v: &str| -> Vec<String> {
+            serde_json::from_str::<Value>(v)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["name"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert!(names(&c.list_json(&p, &caller("a", 1))).contains(&"exec".to_string()));
+        assert!(!names(&c.list_json(&p, &caller("b", 2))).contains(&"exec".to_string()));
+        // A reload that grants b the target: b's list changes at once.
+        let p2 = Policy::parse(&text.replace("b: {uid: 2}", "b: {uid: 2, ssh: {web: {roles: [read]}}}"), "t").unwrap();
+        assert!(names(&c.list_json(&p2, &caller("b", 2))).contains(&"exec".to_string()));
+    }
 
     #[test]
     fn schemas_are_strict_objects_and_arguments_are_checked_against_them() {

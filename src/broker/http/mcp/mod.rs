@@ -559,14 +559,15 @@ async fn dispatch(
             return rpc_error(status_for(v, e.code), Some(&r.id), &e);
         }
     };
-    let principal = caller.principal();
     let result: Result<Value, RpcError> = match call {
         Call::Ping => Ok(json!({})),
         Call::Discover => Ok(server::discover_result(&IDENTITY, CAPS)),
         Call::ToolsList => {
-            let mut m = Map::new();
-            m.insert("tools".into(), Value::Array(tools::list(policy, &principal)));
-            Ok(server::finish(v, &IDENTITY, server::cacheable(v, m, LIST_TTL_MS, false)))
+            // The list is spliced in as cached JSON text: no Value tree per request.
+            let tools = broker.catalog.list_json(policy, caller);
+            let rest = server::finish(v, &IDENTITY, server::cacheable(v, Map::new(), LIST_TTL_MS, false));
+            broker.metrics.inc("ephyr_mcp_requests_total", &[("method", label), ("outcome", "ok")]);
+            return rpc(StatusCode::OK, jsonrpc::encode_result_with_raw(&r.id, "tools", &tools, &rest));
         }
         Call::ToolsCall { name, arguments } => match tools::call(broker, caller, policy, &name, arguments).await {
             None => Err(RpcError::invalid_params(format!("unknown tool {name:?}"))),
