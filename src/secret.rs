@@ -106,7 +106,7 @@ mod tests {
     #[test]
     fn every_secret_holding_type_prints_redacted() {
         use crate::broker::auth::Credential;
-        use crate::broker::proxy::scrub::Scrubber;
+        use crate::broker::upstream::scrub::Scrubber;
         use crate::signer::keys::{CaKey, SealingKey};
         use crate::signer::protocol::{Request, Response};
         const S: &str = "hunter2-SECRET-VALUE";

@@ -25,6 +25,7 @@ pub mod signer_client;
 pub mod ssh;
 pub mod tasks;
 pub mod tools;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

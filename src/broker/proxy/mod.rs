@@ -6,32 +6,24 @@
 //! resolved address (network rules: loopback, link-local, metadata, ULA, CGNAT, ... denied by
 //! default); the secret from the store (signer unseal, cached); for methods other than GET,
 //! HEAD and OPTIONS, an audit record that is durable before the request leaves; then the request
-//! on a pooled or new connection to one of the checked addresses ([`conn`]). Redirects are
-//! returned, never followed. The response streams back through [`UpstreamBody`]: bounded by the
+//! on a pooled or new connection to one of the checked addresses (`upstream::conn`). Redirects are
+//! returned, never followed. The response streams back through `upstream::body::UpstreamBody`: bounded by the
 //! service's `max_response`, `read_timeout` between chunks and `timeout` overall, scrubbed of
-//! the secret ([`scrub`]), and cut when the caller's task is revoked or expires. Memory per
+//! the secret (`upstream::scrub`), and cut when the caller's task is revoked or expires. Memory per
 //! request is hyper's read buffer plus one chunk: nothing is buffered beyond what the client
 //! has not yet taken (hyper's backpressure reaches the upstream socket).
 
-pub mod conn;
-pub mod plan;
 pub mod route;
-pub mod scrub;
 
-use std::io;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_io::Timer;
 use bytes::Bytes;
-use futures_lite::{FutureExt as _, StreamExt as _};
+use futures_lite::FutureExt as _;
 use http::{HeaderMap, StatusCode};
-use http_body::{Frame, SizeHint};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use serde_json::json;
 
 use super::Broker;
@@ -39,10 +31,9 @@ use super::audit::{AuditSink as _, Event, Kind};
 use super::auth::Caller;
 use super::metrics::PolicyName;
 use super::policy::{Action, ActionKind, Arguments, Decision, Denial, Policy, authorize, pattern::normalise_path};
-use scrub::Scrubber;
-
-/// How often a streaming response checks that the caller's task is still usable.
-const TASK_CHECK: Duration = Duration::from_millis(500);
+use super::upstream::body::{Limits, UpstreamBody, chain};
+use super::upstream::scrub::Scrubber;
+use super::upstream::{conn, plan};
 
 /// Methods that are sent without waiting for their audit record to be durable (they change
 /// nothing upstream by definition; their outcome is still recorded).
@@ -145,18 +136,6 @@ pub struct Answer {
     /// The normalised path relative to the service (what policy checked).
     pub path: String,
 }
-
-/// How a response body ended.
-#[derive(Debug)]
-pub struct End {
-    /// Bytes passed on.
-    pub bytes: u64,
-    /// Why it stopped early, if it did.
-    pub error: Option<String>,
-}
-
-/// What [`UpstreamBody`] calls when it ends.
-pub type OnEnd = Box<dyn FnOnce(&End)>;
 
 /// The proxy (executor thread only).
 pub struct Proxy {
@@ -356,173 +335,13 @@ impl Proxy {
             let (b, task) = (broker.clone(), t.task.clone());
             Box::new(move || b.tasks.unusable(&task)) as Box<dyn Fn() -> bool>
         });
-        let body = UpstreamBody {
-            inner: incoming,
+        let body = UpstreamBody::new(
+            incoming,
             scrub,
-            limit: s.max_response,
-            bytes: 0,
-            read_timeout: s.read_timeout,
-            read_timer: Timer::after(s.read_timeout),
-            total,
-            deadline: Timer::at(deadline),
+            Limits { max_bytes: s.max_response, read_timeout: s.read_timeout, total, deadline },
             watch,
-            watch_timer: Timer::interval(TASK_CHECK),
-            pool: Some((self.conns.clone(), pool_key, sender)),
-            done: false,
-            on_end: None,
-        };
+            Some((self.conns.clone(), pool_key, sender)),
+        );
         Ok(Answer { status: parts.status, headers, body, request_id, url, path: path.decoded })
-    }
-}
-
-/// An error with its causes (`operation was canceled: connection closed: received fatal alert`).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-/// A streaming upstream response body: bounded, timed, scrubbed, and cut when the caller's task
-/// ends. Its connection returns to the pool when it is read to the end.
-pub struct UpstreamBody {
-    inner: Incoming,
-    scrub: Scrubber,
-    limit: u64,
-    bytes: u64,
-    read_timeout: Duration,
-    read_timer: Timer,
-    total: Duration,
-    deadline: Timer,
-    watch: Option<Box<dyn Fn() -> bool>>,
-    watch_timer: Timer,
-    pool: Option<(Rc<conn::Conns>, String, conn::Sender)>,
-    done: bool,
-    on_end: Option<OnEnd>,
-}
-
-impl UpstreamBody {
-    /// Calls `f` once when the body ends (completely, with an error, or dropped unfinished).
-    pub fn on_end(&mut self, f: OnEnd) {
-        self.on_end = Some(f);
-    }
-
-    /// Bytes passed on so far.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
-    fn end(&mut self, error: Option<String>) {
-        self.done = true;
-        if error.is_some() {
-            self.pool = None;
-        } else if let Some((conns, key, sender)) = self.pool.take() {
-            conns.checkin(key, sender);
-        }
-        if let Some(f) = self.on_end.take() {
-            f(&End { bytes: self.bytes, error });
-        }
-    }
-
-    fn fail(&mut self, msg: String) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.end(Some(msg.clone()));
-        Poll::Ready(Some(Err(io::Error::other(msg))))
-    }
-}
-
-impl http_body::Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        let this = self.get_mut();
-        if this.done {
-            return Poll::Ready(None);
-        }
-        loop {
-            if this.deadline.poll(cx).is_ready() {
-                return this.fail(format!(
-                    "the exchange took longer than the {}s allowed (timeout)",
-                    this.total.as_secs_f64()
-                ));
-            }
-            if let Some(w) = &this.watch {
-                while this.watch_timer.poll_next(cx).is_ready() {
-                    if w() {
-                        return this.fail("the task was revoked or expired; the stream was stopped".into());
-                    }
-                }
-            }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else { continue }; // trailers are not passed on
-                    this.bytes += data.len() as u64;
-                    if this.bytes > this.limit {
-                        return this.fail(format!(
-                            "the response is larger than the service's max_response ({} bytes)",
-                            this.limit
-                        ));
-                    }
-                    this.read_timer.set_after(this.read_timeout);
-                    let mut out = if this.scrub.is_active() { Bytes::from(this.scrub.push(&data)) } else { data };
-                    // hyper stops polling once it has sent as many bytes as the length said:
-                    // the body ends with its last frame, not with a final poll.
-                    if this.inner.is_end_stream() {
-                        let tail = this.scrub.finish();
-                        if !tail.is_empty() {
-                            out = Bytes::from([out.as_ref(), tail.as_slice()].concat());
-                        }
-                        this.end(None);
-                    }
-                    if out.is_empty() {
-                        if this.done {
-                            return Poll::Ready(None);
-                        }
-                        continue;
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(out))));
-                }
-                Poll::Ready(Some(Err(e))) => return this.fail(format!("the upstream's body failed: {}", chain(&e))),
-                Poll::Ready(None) => {
-                    let tail = this.scrub.finish();
-                    this.end(None);
-                    return if tail.is_empty() {
-                        Poll::Ready(None)
-                    } else {
-                        Poll::Ready(Some(Ok(Frame::data(Bytes::from(tail)))))
-                    };
-                }
-                Poll::Pending => {
-                    if this.read_timer.poll(cx).is_ready() {
-                        return this.fail(format!(
-                            "the upstream sent nothing for {}s (read_timeout)",
-                            this.read_timeout.as_secs_f64()
-                        ));
-                    }
-                    return Poll::Pending;
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        // Scrubbing keeps lengths, so the upstream's length is ours.
-        if self.done { SizeHint::with_exact(0) } else { self.inner.size_hint() }
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        if !self.done {
-            self.end(Some("the client stopped reading".into()));
-        }
     }
 }

@@ -31,7 +31,7 @@ const MAX_BODY_UNKNOWN: usize = 1 << 20;
 
 fn refuse(status: StatusCode, code: &str, message: String) -> Response<Body> {
     let mut r = error(status, code, message);
-    r.headers_mut().insert(super::plan::PROXY_HEADER, HeaderValue::from_static("ephyr"));
+    r.headers_mut().insert(crate::broker::upstream::plan::PROXY_HEADER, HeaderValue::from_static("ephyr"));
     r
 }
 

@@ -11,7 +11,8 @@ use http_body_util::BodyExt as _;
 use serde_json::{Map, Value, json};
 
 use super::{Ctx, Needs, Output, Param, ParamType, ToolDef};
-use crate::broker::proxy::{Call, Failure, plan};
+use crate::broker::proxy::{Call, Failure};
+use crate::broker::upstream::plan;
 use crate::mcp::types::Annotations;
 
 /// Most of a response body returned to the model (less if the service's `max_response` is lower).

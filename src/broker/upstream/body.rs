@@ -1,0 +1,228 @@
+//! A streaming upstream response body, as the broker passes it on: bounded, timed, scrubbed of
+//! the secret it sent, and cut when the caller's task ends.
+//!
+//! What runs here: polling hyper's `Incoming` body on the executor thread, with async-io timers
+//! for the read timeout, the overall deadline and the task check. Nothing is buffered beyond
+//! one chunk and the scrubber's held-back tail. The connection goes back to the pool only when
+//! the body was read to its end.
+
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_io::Timer;
+use bytes::Bytes;
+use futures_lite::{FutureExt as _, StreamExt as _};
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::conn;
+use super::scrub::Scrubber;
+
+/// How often a streaming body checks that the caller's task still holds.
+pub const TASK_CHECK: Duration = Duration::from_millis(500);
+
+/// The bounds of one response body.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Most bytes passed on.
+    pub max_bytes: u64,
+    /// Longest wait for the next chunk.
+    pub read_timeout: Duration,
+    /// The whole exchange's allowance (for messages).
+    pub total: Duration,
+    /// When the whole exchange must be over.
+    pub deadline: Instant,
+}
+
+/// How a response body ended.
+#[derive(Debug)]
+pub struct End {
+    /// Bytes passed on.
+    pub bytes: u64,
+    /// Why it stopped early, if it did.
+    pub error: Option<String>,
+}
+
+/// What [`UpstreamBody`] calls when it ends.
+pub type OnEnd = Box<dyn FnOnce(&End)>;
+
+/// An error with its causes (`operation was canceled: connection closed: received fatal alert`).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A streaming upstream response body: bounded, timed, scrubbed, and cut when the caller's task
+/// ends. Its connection returns to the pool when it is read to the end.
+pub struct UpstreamBody {
+    inner: Incoming,
+    scrub: Scrubber,
+    limit: u64,
+    bytes: u64,
+    read_timeout: Duration,
+    read_timer: Timer,
+    total: Duration,
+    deadline: Timer,
+    watch: Option<Box<dyn Fn() -> bool>>,
+    watch_timer: Timer,
+    pool: Option<(Rc<conn::Conns>, String, conn::Sender)>,
+    done: bool,
+    on_end: Option<OnEnd>,
+}
+
+impl UpstreamBody {
+    /// A body over `inner`, bounded by `limits`, scrubbed by `scrub`; `watch` says when the
+    /// caller's task no longer holds; `pool` is where the connection goes back after a whole read.
+    pub fn new(
+        inner: Incoming,
+        scrub: Scrubber,
+        limits: Limits,
+        watch: Option<Box<dyn Fn() -> bool>>,
+        pool: Option<(Rc<conn::Conns>, String, conn::Sender)>,
+    ) -> UpstreamBody {
+        UpstreamBody {
+            inner,
+            scrub,
+            limit: limits.max_bytes,
+            bytes: 0,
+            read_timeout: limits.read_timeout,
+            read_timer: Timer::after(limits.read_timeout),
+            total: limits.total,
+            deadline: Timer::at(limits.deadline),
+            watch,
+            watch_timer: Timer::interval(TASK_CHECK),
+            pool,
+            done: false,
+            on_end: None,
+        }
+    }
+
+    /// Calls `f` once when the body ends (completely, with an error, or dropped unfinished).
+    pub fn on_end(&mut self, f: OnEnd) {
+        self.on_end = Some(f);
+    }
+
+    /// Bytes passed on so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn end(&mut self, error: Option<String>) {
+        self.done = true;
+        if error.is_some() {
+            self.pool = None;
+        } else if let Some((conns, key, sender)) = self.pool.take() {
+            conns.checkin(key, sender);
+        }
+        if let Some(f) = self.on_end.take() {
+            f(&End { bytes: self.bytes, error });
+        }
+    }
+
+    fn fail(&mut self, msg: String) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.end(Some(msg.clone()));
+        Poll::Ready(Some(Err(io::Error::other(msg))))
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            if this.deadline.poll(cx).is_ready() {
+                return this.fail(format!(
+                    "the exchange took longer than the {}s allowed (timeout)",
+                    this.total.as_secs_f64()
+                ));
+            }
+            if let Some(w) = &this.watch {
+                while this.watch_timer.poll_next(cx).is_ready() {
+                    if w() {
+                        return this.fail("the task was revoked or expired; the stream was stopped".into());
+                    }
+                }
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else { continue }; // trailers are not passed on
+                    this.bytes += data.len() as u64;
+                    if this.bytes > this.limit {
+                        return this.fail(format!(
+                            "the response is larger than the service's max_response ({} bytes)",
+                            this.limit
+                        ));
+                    }
+                    this.read_timer.set_after(this.read_timeout);
+                    let mut out = if this.scrub.is_active() { Bytes::from(this.scrub.push(&data)) } else { data };
+                    // hyper stops polling once it has sent as many bytes as the length said:
+                    // the body ends with its last frame, not with a final poll.
+                    if this.inner.is_end_stream() {
+                        let tail = this.scrub.finish();
+                        if !tail.is_empty() {
+                            out = Bytes::from([out.as_ref(), tail.as_slice()].concat());
+                        }
+                        this.end(None);
+                    }
+                    if out.is_empty() {
+                        if this.done {
+                            return Poll::Ready(None);
+                        }
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                Poll::Ready(Some(Err(e))) => return this.fail(format!("the upstream's body failed: {}", chain(&e))),
+                Poll::Ready(None) => {
+                    let tail = this.scrub.finish();
+                    this.end(None);
+                    return if tail.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Ok(Frame::data(Bytes::from(tail)))))
+                    };
+                }
+                Poll::Pending => {
+                    if this.read_timer.poll(cx).is_ready() {
+                        return this.fail(format!(
+                            "the upstream sent nothing for {}s (read_timeout)",
+                            this.read_timeout.as_secs_f64()
+                        ));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Scrubbing keeps lengths, so the upstream's length is ours.
+        if self.done { SizeHint::with_exact(0) } else { self.inner.size_hint() }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if !self.done {
+            self.end(Some("the client stopped reading".into()));
+        }
+    }
+}
