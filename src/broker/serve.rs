@@ -330,7 +330,34 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             .detach();
         }
         {
-            // Idle, expired and revoked SSH sessions close; expired certificates leave the registry.
+            // Revocations reach SSH sessions at once (task events): the sessions of a revoked
+            // tree close whoever revoked it (tool, local API, cascade).
+            let broker = broker.clone();
+            ex.spawn(async move {
+                let mut cursor = broker.tasks.events.cursor();
+                loop {
+                    let listener = broker.tasks.events.listen();
+                    let revoked = match broker.tasks.events.since(cursor) {
+                        Ok((events, next)) => {
+                            cursor = next;
+                            events.iter().any(|e| matches!(e, super::tasks::events::TaskEvent::Revoked { .. }))
+                        }
+                        Err(_lagged) => {
+                            cursor = broker.tasks.events.cursor();
+                            true
+                        }
+                    };
+                    if revoked {
+                        broker.ssh.sweep(&broker).await;
+                        continue;
+                    }
+                    listener.await;
+                }
+            })
+            .detach();
+        }
+        {
+            // Idle and expired SSH sessions close; expired certificates leave the registry.
             let broker = broker.clone();
             ex.spawn(async move {
                 loop {

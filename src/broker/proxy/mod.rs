@@ -331,15 +331,17 @@ impl Proxy {
             &[("code", super::http::status_class(parts.status))],
         );
         let headers = plan::response_headers(&parts.headers, &scrub, service, &request_id);
-        let watch: Option<Box<dyn Fn() -> bool>> = caller.token().map(|t| {
-            let (b, task) = (broker.clone(), t.task.clone());
-            Box::new(move || b.tasks.unusable(&task)) as Box<dyn Fn() -> bool>
+        // The stream is cut when the caller's task is revoked or expires, or its token expires.
+        let ended = caller.token().map(|t| {
+            let (b, task, exp) = (broker.clone(), t.task.clone(), t.envelope().expires_before);
+            Box::pin(async move { b.tasks.until_unusable(&task, exp).await })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
         });
         let body = UpstreamBody::new(
             incoming,
             scrub,
             Limits { max_bytes: s.max_response, read_timeout: s.read_timeout, total, deadline },
-            watch,
+            ended,
             Some((self.conns.clone(), pool_key, sender)),
         );
         Ok(Answer { status: parts.status, headers, body, request_id, url, path: path.decoded })

@@ -20,6 +20,7 @@
 //! - Expired tasks, their watermarks and their trees' keys are dropped by [`TaskStore::collect`];
 //!   a child never outlives its parent, so no live task loses an ancestor.
 
+pub mod events;
 pub mod pop;
 
 use std::cell::RefCell;
@@ -437,6 +438,8 @@ pub struct NewTask {
 pub struct TaskStore {
     state: RefCell<State>,
     journal: RefCell<Option<Rc<journal::Journal>>>,
+    /// Revocations and expiries, for those who hold something of a task.
+    pub events: events::TaskEvents,
 }
 
 impl fmt::Debug for TaskStore {
@@ -510,7 +513,7 @@ impl TaskStore {
             .await
             .unwrap_or_else(|| Err(std::io::Error::other("blocking pool stopped")))
             .map_err(|e| format!("{}: compaction failed: {e}", path.display()))?;
-        let store = TaskStore { state: RefCell::new(st), journal: RefCell::new(None) };
+        let store = TaskStore { state: RefCell::new(st), journal: RefCell::new(None), events: Default::default() };
         store.attach(journal::Journal::open(path, pool)?);
         Ok((store, loaded))
     }
@@ -555,7 +558,41 @@ impl TaskStore {
 
     /// Drops expired tasks, trees and nonces; returns how many tasks went.
     pub fn collect(&self, now: UnixMicros) -> usize {
-        self.state.borrow_mut().collect(now)
+        let gone = self.state.borrow_mut().collect(now);
+        if gone > 0 {
+            self.events.publish(events::TaskEvent::Expired { tasks: gone });
+        }
+        gone
+    }
+
+    /// When `id` stops being usable by itself (its expiry; `None` when it is not live now).
+    pub fn ends_at(&self, id: &str) -> Option<UnixMicros> {
+        let id = id.parse::<Ulid>().ok()?;
+        let v = self.view(id)?;
+        (v.revoked.is_none()).then_some(UnixMicros(v.task.expires))
+    }
+
+    /// Returns once task `id` is revoked (it or an ancestor) or expired, or `also` (a token's own
+    /// expiry) passes. Woken by [`events`], and by a timer at the expiry: nothing polls.
+    pub async fn until_unusable(&self, id: &str, also: Option<UnixMicros>) {
+        loop {
+            let listener = self.events.listen();
+            let now = crate::time::now();
+            if self.unusable(id) || also.is_some_and(|e| now >= e) {
+                return;
+            }
+            let deadline = [self.ends_at(id), also].into_iter().flatten().min();
+            match deadline {
+                Some(d) => {
+                    let wait = std::time::Duration::from_micros(d.0.saturating_sub(now.0).max(0) as u64);
+                    futures_lite::future::or(listener, async {
+                        async_io::Timer::after(wait).await;
+                    })
+                    .await;
+                }
+                None => listener.await,
+            }
+        }
     }
 
     /// Verifies a `mac_…` token at `now`: decoded strictly, the chain checked under its tree's
@@ -902,6 +939,8 @@ impl TaskStore {
             t.revoked_at = Some(now.0);
             st.descendants(id).len()
         };
+        // In force in memory now: tell those who hold something of these tasks.
+        self.events.publish(events::TaskEvent::Revoked { task: id, descendants: cascade });
         self.persist(vec![Record::Revoke { task: id, at: now.0 }]).await?;
         Ok(cascade)
     }

@@ -230,3 +230,42 @@ fn an_unsealable_tree_is_dropped_with_its_tasks() {
     assert!(s.is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Task events: a holder waiting on a grandchild learns of the root's revocation at once, and a
+/// token's own expiry ends the wait when it passes; nothing polls.
+#[test]
+fn waiters_are_woken_by_a_revocation_above_them_and_by_expiry() {
+    let s = TaskStore::new();
+    let r = root(&s, 1);
+    let a = child(&s, &r, 2, new_task("alice", 600)).unwrap();
+    let _aa = child(&s, &a, 3, new_task("alice", 300)).unwrap();
+    let grandchild = id(3).to_string();
+    let cursor = s.events.cursor();
+    let woke = std::cell::Cell::new(None);
+    let ex = smol::LocalExecutor::new();
+    smol::block_on(ex.run(async {
+        let waiter = ex.spawn(async {
+            s.until_unusable(&grandchild, None).await;
+            woke.set(Some(std::time::Instant::now()));
+        });
+        futures_lite::future::yield_now().await;
+        assert!(woke.get().is_none(), "the task lives");
+        let t = std::time::Instant::now();
+        s.revoke(id(1), T0).await.unwrap();
+        waiter.await;
+        assert!(woke.get().unwrap().duration_since(t) < std::time::Duration::from_millis(100));
+    }));
+    let (events, _) = s.events.since(cursor).unwrap();
+    assert_eq!(events, vec![events::TaskEvent::Revoked { task: id(1), descendants: 2 }]);
+    // A live task with a token that expires in 150 ms.
+    let s = TaskStore::new();
+    root(&s, 9);
+    let exp = UnixMicros(crate::time::now().0 + 150_000);
+    let t = std::time::Instant::now();
+    smol::block_on(s.until_unusable(&id(9).to_string(), Some(exp)));
+    let waited = t.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(140) && waited < std::time::Duration::from_secs(2),
+        "{waited:?}"
+    );
+}

@@ -6,6 +6,7 @@
 //! one chunk and the scrubber's held-back tail. The connection goes back to the pool only when
 //! the body was read to its end.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -14,15 +15,12 @@ use std::time::{Duration, Instant};
 
 use async_io::Timer;
 use bytes::Bytes;
-use futures_lite::{FutureExt as _, StreamExt as _};
+use futures_lite::FutureExt as _;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::conn;
 use super::scrub::Scrubber;
-
-/// How often a streaming body checks that the caller's task still holds.
-pub const TASK_CHECK: Duration = Duration::from_millis(500);
 
 /// The bounds of one response body.
 #[derive(Clone, Copy, Debug)]
@@ -72,21 +70,21 @@ pub struct UpstreamBody {
     read_timer: Timer,
     total: Duration,
     deadline: Timer,
-    watch: Option<Box<dyn Fn() -> bool>>,
-    watch_timer: Timer,
+    ended: Option<Pin<Box<dyn Future<Output = ()>>>>,
     pool: Option<(Rc<conn::Conns>, String, conn::Sender)>,
     done: bool,
     on_end: Option<OnEnd>,
 }
 
 impl UpstreamBody {
-    /// A body over `inner`, bounded by `limits`, scrubbed by `scrub`; `watch` says when the
-    /// caller's task no longer holds; `pool` is where the connection goes back after a whole read.
+    /// A body over `inner`, bounded by `limits`, scrubbed by `scrub`; `ended` resolves when the
+    /// caller's task no longer holds (task events); `pool` is where the connection goes back
+    /// after a whole read.
     pub fn new(
         inner: Incoming,
         scrub: Scrubber,
         limits: Limits,
-        watch: Option<Box<dyn Fn() -> bool>>,
+        ended: Option<Pin<Box<dyn Future<Output = ()>>>>,
         pool: Option<(Rc<conn::Conns>, String, conn::Sender)>,
     ) -> UpstreamBody {
         UpstreamBody {
@@ -98,8 +96,7 @@ impl UpstreamBody {
             read_timer: Timer::after(limits.read_timeout),
             total: limits.total,
             deadline: Timer::at(limits.deadline),
-            watch,
-            watch_timer: Timer::interval(TASK_CHECK),
+            ended,
             pool,
             done: false,
             on_end: None,
@@ -150,12 +147,10 @@ impl http_body::Body for UpstreamBody {
                     this.total.as_secs_f64()
                 ));
             }
-            if let Some(w) = &this.watch {
-                while this.watch_timer.poll_next(cx).is_ready() {
-                    if w() {
-                        return this.fail("the task was revoked or expired; the stream was stopped".into());
-                    }
-                }
+            if let Some(e) = &mut this.ended
+                && e.as_mut().poll(cx).is_ready()
+            {
+                return this.fail("the task was revoked or expired; the stream was stopped".into());
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {

@@ -628,9 +628,6 @@ struct StreamState {
     done: bool,
 }
 
-/// How often an open stream checks that its token still holds.
-const TOKEN_CHECK: Duration = Duration::from_millis(500);
-
 impl Drop for StreamState {
     fn drop(&mut self) {
         self.broker.changes.ended();
@@ -656,6 +653,14 @@ impl StreamState {
         self.token
             .as_ref()
             .is_some_and(|(task, exp)| self.broker.tasks.unusable(task) || exp.is_some_and(|e| crate::time::now() >= e))
+    }
+
+    /// Resolves when the token the stream was opened with stops holding (never for an API key).
+    async fn token_ends(&self) {
+        match &self.token {
+            Some((task, exp)) => self.broker.tasks.until_unusable(task, *exp).await,
+            None => futures_lite::future::pending::<()>().await,
+        }
     }
 
     /// Ends the stream because its token no longer holds: a listen stream gets the JSON-RPC
@@ -746,13 +751,8 @@ impl StreamState {
                         Some(false)
                     },
                     async {
-                        // A revoked or expired token ends the stream within TOKEN_CHECK.
-                        if self.token.is_none() {
-                            futures_lite::future::pending::<()>().await;
-                        }
-                        while !self.token_gone() {
-                            Timer::after(TOKEN_CHECK).await;
-                        }
+                        // A revoked or expired token ends the stream at once (task events).
+                        self.token_ends().await;
                         None
                     },
                 ),
