@@ -208,6 +208,7 @@ Options:
   --json                  print the full JSON answer";
 
 fn main() -> ExitCode {
+    ephyr::os::return_large_blocks_to_the_system();
     let mut p = lexopt::Parser::from_env();
     match dispatch(&mut p) {
         Ok(code) => ExitCode::from(code),
