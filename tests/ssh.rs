@@ -352,6 +352,27 @@ fn token_argument_constraints_bind_ssh_commands() {
     assert!(denied.iter().any(|e| e["decision"] == "deny" && e["code"] == "argument_constraint"), "{denied:?}");
 }
 
+/// The kill switch for one certificate: revoking it from the local API (operations layer) puts it
+/// on the KRL and closes the session that holds it, in one audited act.
+#[test]
+fn revoking_a_sessions_certificate_closes_the_session() {
+    let l = lab("");
+    let s = l.call(&l.alice, "session_create", json!({"target": "a", "role": "read"})).unwrap();
+    let serial = s["cert_serial"].as_str().unwrap().to_owned();
+    assert_eq!(l.call(&l.alice, "list_sessions", json!({})).unwrap().as_array().unwrap().len(), 1);
+    let out = ephyr(&["cert", "revoke", &serial, "--socket", l.broker.socket.to_str().unwrap()]);
+    assert!(out.status.success(), "{} {}", stdout(&out), stderr(&out));
+    assert!(l.call(&l.alice, "list_sessions", json!({})).unwrap().as_array().unwrap().is_empty());
+    let e = l.call(&l.alice, "exec", json!({"session_id": s["session_id"], "command": "id"})).unwrap_err();
+    assert!(e.contains("no session"), "{e}");
+    let revoked = audit_events(&l.broker, "cert_revoked");
+    assert_eq!(revoked.len(), 1, "one act, one record: {revoked:?}");
+    assert_eq!(revoked[0]["outcome"]["session_closed"], s["session_id"]);
+    assert!(revoked[0]["agent"].as_str().unwrap().starts_with("operator:uid"));
+    let closed = audit_events(&l.broker, "session_close");
+    assert!(closed.iter().any(|e| e["outcome"]["reason"] == "its certificate was revoked"), "{closed:?}");
+}
+
 #[test]
 fn output_caps_and_timeouts_stop_the_remote_command() {
     let l = lab("");

@@ -250,32 +250,24 @@ fn cert_revoke_serial(path: &str) -> Option<&str> {
 }
 
 async fn revoke_cert(broker: &Broker, peer: Peer, serial: &str) -> http::Response<Body> {
+    use crate::broker::ops::{self, OpError};
     let Ok(n) = u64::from_str_radix(serial, 16) else {
         return error(StatusCode::BAD_REQUEST, "invalid_serial", format!("{serial:?} is not a hexadecimal serial"));
     };
-    let at = now().0;
-    match broker.ssh.registry.revoke(n, at).await {
-        Ok(true) => {
-            let uid = match peer {
-                Peer::Unix(c) => c.uid,
-                Peer::Tcp(_) => u32::MAX,
-            };
-            broker
-                .audit_now(
-                    Event::new(Kind::Cert, "cert_revoked")
-                        .agent(format!("operator:uid{uid}"))
-                        .action(serde_json::json!({ "serial": format!("{n:016x}") }))
-                        .allow(),
-                )
-                .await;
-            json(StatusCode::OK, &serde_json::json!({ "serial": format!("{n:016x}"), "revoked": true }))
-        }
-        Ok(false) => error(
-            StatusCode::NOT_FOUND,
-            "unknown_certificate",
-            format!("no valid certificate with serial {n:016x} was issued by this broker"),
-        ),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "state_unavailable", e),
+    match ops::revoke_cert(broker, &operator(peer), n).await {
+        Ok(()) => json(StatusCode::OK, &serde_json::json!({ "serial": format!("{n:016x}"), "revoked": true })),
+        Err(e @ OpError::NotFound(_)) => error(StatusCode::NOT_FOUND, "unknown_certificate", e.message()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "state_unavailable", e.message()),
+    }
+}
+
+/// The operations-layer actor for a local peer.
+fn operator(peer: Peer) -> crate::broker::ops::Actor {
+    crate::broker::ops::Actor::Operator {
+        uid: match peer {
+            Peer::Unix(c) => c.uid,
+            Peer::Tcp(_) => u32::MAX,
+        },
     }
 }
 
@@ -435,7 +427,8 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
                 (Method::POST, path) if let Some(serial) = cert_revoke_serial(path) => {
                     revoke_cert(&broker, peer, serial).await
                 }
-                (Method::POST, "/v1/policy/reload") => match broker.reload_policy().await {
+                (Method::POST, "/v1/policy/reload") => match crate::broker::ops::reload(&broker, &operator(peer)).await
+                {
                     Ok(r) => json(
                         StatusCode::OK,
                         &serde_json::json!({ "ok": true, "digest": r.digest, "warnings": r.warnings }),

@@ -13,6 +13,7 @@ pub mod http;
 pub mod journal;
 pub mod local;
 pub mod metrics;
+pub mod ops;
 pub mod policy;
 pub mod privileges;
 pub mod proxy;
@@ -59,15 +60,6 @@ impl PolicySource {
             }
         }
     }
-}
-
-/// What a successful reload did.
-#[derive(Clone, Debug)]
-pub struct Reloaded {
-    /// Digest of the new policy.
-    pub digest: String,
-    /// Its warnings, plus principals the signer will refuse until a restart.
-    pub warnings: Vec<String>,
 }
 
 /// Shared broker state, owned by the executor thread.
@@ -181,57 +173,5 @@ impl Broker {
     /// never mixes two policies in one decision.
     pub fn policy(&self) -> Rc<policy::Policy> {
         self.policy.snapshot()
-    }
-
-    /// Re-reads the policy (on the blocking pool) and swaps it in whole, or keeps the current one
-    /// and returns every problem. Certificates and sessions are not touched.
-    pub async fn reload_policy(&self) -> Result<Reloaded, policy::PolicyError> {
-        let source = self.policy_source.clone();
-        let loaded = self.pool.run(move || source.load()).await.unwrap_or_else(|| {
-            Err(policy::PolicyError {
-                problems: vec![policy::Problem {
-                    at: "broker".into(),
-                    path: String::new(),
-                    message: "the blocking pool is gone".into(),
-                    hint: None,
-                }],
-            })
-        });
-        match loaded {
-            Ok(new) => {
-                self.metrics.inc("ephyr_policy_reloads_total", &[("outcome", "ok")]);
-                let mut warnings = new.warnings.clone();
-                if let Some(s) = self.signer.health().status {
-                    warnings.extend(signer_mismatches(&new, &s.limits));
-                }
-                let digest = new.digest.clone();
-                let old = self.policy().digest.clone();
-                self.policy.replace(new);
-                self.secrets.clear();
-                self.proxy.clear();
-                self.changes.notify();
-                log::info!("policy reloaded: {digest}");
-                let ev = audit::Event::new(audit::Kind::Policy, "policy_reload").outcome(
-                    serde_json::json!({ "ok": true, "previous": old, "digest": digest, "warnings": warnings.len() }),
-                );
-                self.audit_now(ev).await;
-                for w in &warnings {
-                    log::warn!("policy: {w}");
-                }
-                Ok(Reloaded { digest, warnings })
-            }
-            Err(e) => {
-                log::error!("policy reload failed; keeping the current policy:\n{e}");
-                self.metrics.inc("ephyr_policy_reloads_total", &[("outcome", "invalid")]);
-                let first: Vec<String> = e.problems.iter().take(5).map(|p| p.to_string()).collect();
-                let ev = audit::Event::new(audit::Kind::Policy, "policy_reload")
-                    .error("invalid_policy", first.join("; "))
-                    .outcome(
-                        serde_json::json!({ "ok": false, "kept": self.policy().digest, "problems": e.problems.len() }),
-                    );
-                self.audit_now(ev).await;
-                Err(e)
-            }
-        }
     }
 }

@@ -438,7 +438,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             match next {
                 Ok(Some(Ok(Signal::Hup))) => {
                     log::info!("SIGHUP received: reloading the policy");
-                    let _ = broker.reload_policy().await;
+                    let _ = super::ops::reload(&broker, &super::ops::Actor::Signal("SIGHUP")).await;
                 }
                 Ok(Some(Ok(sig))) => {
                     log::info!("{sig:?} received: shutting down");

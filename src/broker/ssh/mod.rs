@@ -636,6 +636,11 @@ impl Ssh {
             .await;
     }
 
+    /// The open session whose current certificate is `serial`.
+    pub fn session_with_serial(&self, serial: u64) -> Option<Rc<Session>> {
+        self.sessions.borrow().values().find(|s| s.serial() == serial).cloned()
+    }
+
     /// The caller's sessions.
     pub fn sessions_of(&self, policy: &Policy, caller: &Caller) -> Vec<Rc<Session>> {
         self.sessions.borrow().values().filter(|s| owns(policy, caller, s)).cloned().collect()

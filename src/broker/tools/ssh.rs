@@ -247,7 +247,7 @@ async fn session_close(cx: Ctx<'_>) -> Output {
     let id = arg(cx.args, "session_id").unwrap_or_default();
     match cx.broker.ssh.session_for(cx.policy, cx.caller, id) {
         Ok(s) => {
-            cx.broker.ssh.close(cx.broker, &s, "closed by the agent").await;
+            crate::broker::ops::close_session(cx.broker, &super::tasks::actor(&cx), &s).await;
             let mut o = Output::data(&json!({ "session_id": id, "status": "closed", "commands": s.commands() }));
             o.action.insert("session".into(), Value::from(id));
             o

@@ -260,6 +260,11 @@ fn holder_json(h: Holder) -> (bool, Option<String>) {
     }
 }
 
+/// The caller as the operations layer names it.
+pub fn actor(cx: &Ctx<'_>) -> crate::broker::ops::Actor {
+    crate::broker::ops::Actor::Agent { name: cx.caller.agent.clone(), task: cx.caller.token().map(|t| t.task.clone()) }
+}
+
 fn initiated_by(cx: &Ctx<'_>) -> String {
     match cx.caller.token() {
         Some(t) => t.initiated_by.clone(),
@@ -527,23 +532,10 @@ async fn revoke(cx: Ctx<'_>) -> Output {
     if let Err(o) = decide(policy, &cx.caller.principal(), TaskOp::Revoke) {
         return o;
     }
-    let now = crate::time::now();
-    let cascade = match cx.broker.tasks.revoke(v.task.id, now).await {
+    let cascade = match crate::broker::ops::revoke_task(cx.broker, &actor(&cx), &v).await {
         Ok(n) => n,
-        Err(e) => return task_error(e),
+        Err(e) => return Output::error(e.message()),
     };
-    let ev = Event::new(Kind::Task, "task_revoke")
-        .agent(cx.caller.agent.clone())
-        .task(v.task.id.to_string(), cx.broker.tasks.lineage(v.task.id))
-        .initiated_by(v.task.initiated_by.clone())
-        .allow()
-        .outcome(json!({"cascade_count": cascade, "holder_agent": v.task.agent}));
-    if let Err(o) = audit(&cx, ev).await {
-        return Output::error(format!("task {} is revoked, but {}", v.task.id, o.text));
-    }
-    cx.broker.metrics.inc("ephyr_tasks_total", &[("op", "revoke")]);
-    // Its SSH sessions close now rather than at the next sweep (each use is refused either way).
-    cx.broker.ssh.sweep(cx.broker).await;
     Output::data(&json!({"revoked": v.task.id.to_string(), "cascade_count": cascade,
         "status": "all tokens invalidated"}))
 }
