@@ -2,7 +2,8 @@
 # The whole test suite, from a fresh Debian 12 machine with Rust installed (run as root: it
 # installs packages, creates test users, and the tests exercise the root-started privilege drop).
 #
-#   ./scripts/test.sh            everything: deps, fmt, clippy, unit + integration tests,
+#   ./scripts/test.sh            everything: deps, fmt, clippy, cargo deny (bans, licences,
+#                                sources), unit + integration tests, the instruction-count gate,
 #                                aarch64 cross build with the pure tests under qemu
 #   EPHYR_SKIP_AARCH64=1 ...     skip the aarch64 step (saves ~3.5 min)
 #
@@ -19,7 +20,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 step "system packages"
-apt_pkgs=(openssh-server openssh-client curl util-linux file procps python3 iproute2 prometheus)
+apt_pkgs=(openssh-server openssh-client curl util-linux file procps python3 iproute2 prometheus valgrind)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -42,12 +43,21 @@ if [ -f tests/peers/package.json ]; then
   (cd tests/peers && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
+if ! cargo deny --version 2>/dev/null | grep -q "^cargo-deny 0.20.2"; then
+  step "cargo-deny (crates.io)"
+  cargo install --locked --quiet cargo-deny@0.20.2
+fi
+
 step "cargo fmt --check"
 cargo fmt --check
 step "cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
+step "cargo deny (bans, licences, sources; deny.toml)"
+cargo deny --locked --offline check bans licenses sources
 step "cargo test"
 cargo test --locked
+step "instruction-count gate (scripts/perf/icount.py, benches/icount-baseline.json)"
+python3 scripts/perf/icount.py --check
 if [ "${EPHYR_SKIP_AARCH64:-0}" != 1 ]; then
   step "aarch64 cross build + pure tests under qemu"
   ./scripts/build-aarch64.sh
