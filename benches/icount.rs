@@ -22,9 +22,8 @@ fn token() -> String {
         LOCATION,
         &[&format!("task = {ROOT}"), "expires_before = 2030-01-01T00:00:00Z", "target IN [web,db]", "role IN [read]"],
     );
-    for (i, child) in ["01BX5ZZKBKACTAV9WEVGEMMVRZ", "01BX5ZZKBKACTAV9WEVGEMMVS0", "01BX5ZZKBKACTAV9WEVGEMMVS1"]
-        .iter()
-        .enumerate()
+    for (i, child) in
+        ["01BX5ZZKBKACTAV9WEVGEMMVRZ", "01BX5ZZKBKACTAV9WEVGEMMVS0", "01BX5ZZKBKACTAV9WEVGEMMVS1"].iter().enumerate()
     {
         m = attenuate(&m, &format!("task = {child}"));
         m = attenuate(&m, &format!("expires_before = 2029-0{}-01T00:00:00Z", 9 - i));
@@ -39,7 +38,10 @@ fn policy() -> Policy {
     }
     s += "  web: {host: 10.0.1.1, allowed_roles: [read, op]}\nagents:\n";
     for a in 0..20 {
-        s += &format!("  agent-{a:02}:\n    uid: {}\n    ssh:\n      'host-*': {{roles: [read]}}\n      web: {{roles: [read, op]}}\n", 3000 + a);
+        s += &format!(
+            "  agent-{a:02}:\n    uid: {}\n    ssh:\n      'host-*': {{roles: [read]}}\n      web: {{roles: [read, op]}}\n",
+            3000 + a
+        );
     }
     Policy::parse(&s, "icount").expect("valid policy")
 }
@@ -70,7 +72,9 @@ fn main() {
                 let m = Macaroon::decode(black_box(&text)).unwrap();
                 start.verify_and_reduce(&m).unwrap().lineage.len()
             }
-            "authorize" => authorize(black_box(&p), &principal, &Action::new(Some("exec"), black_box(ssh))).is_allow() as usize,
+            "authorize" => {
+                authorize(black_box(&p), &principal, &Action::new(Some("exec"), black_box(ssh))).is_allow() as usize
+            }
             "mcp_decode" => match jsonrpc::decode(black_box(CALL.as_bytes())).unwrap() {
                 Message::Request(r) => server::classify(&r.method, r.params, Version::V2026_07_28).is_ok() as usize,
                 _ => 0,

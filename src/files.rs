@@ -13,13 +13,12 @@ use std::path::Path;
 
 /// Replaces `path` with `contents` atomically and durably, creating it with `mode`.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    use ring::rand::SecureRandom as _;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     let mut suffix = [0u8; 6];
-    ring::rand::SystemRandom::new().fill(&mut suffix).map_err(|_| io::Error::other("no randomness"))?;
+    crate::secret::random_bytes(&mut suffix).map_err(io::Error::other)?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),

@@ -74,6 +74,25 @@ impl fmt::Debug for SecretString {
     }
 }
 
+/// Fills `buf` from the system CSPRNG (`getrandom`). Fails only when the kernel has no entropy
+/// source at all.
+pub fn random_bytes(buf: &mut [u8]) -> Result<(), NoRandomness> {
+    use ring::rand::SecureRandom as _;
+    ring::rand::SystemRandom::new().fill(buf).map_err(|_| NoRandomness)
+}
+
+/// The system CSPRNG failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NoRandomness;
+
+impl fmt::Display for NoRandomness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the system random number generator failed")
+    }
+}
+
+impl std::error::Error for NoRandomness {}
+
 /// Compares two byte strings in time that depends only on their lengths.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {

@@ -17,7 +17,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::signer::keys::KeyPaths;
+use crate::signer::protocol::KeyPaths;
 use crate::users::Account;
 
 /// Replaces a file of the data dir atomically and durably, mode 0600 ([`crate::files::write_atomic`]).
@@ -48,7 +48,7 @@ impl DataDir {
     /// Creates a fresh temporary data dir.
     pub fn temporary() -> io::Result<Self> {
         let mut r = [0u8; 6];
-        crate::signer::keys::random_bytes(&mut r).map_err(|e| io::Error::other(e.to_string()))?;
+        crate::secret::random_bytes(&mut r).map_err(|e| io::Error::other(e.to_string()))?;
         let root = std::env::temp_dir().join(format!("ephyr-dev-{}", data_encoding::HEXLOWER.encode(&r)));
         fs::DirBuilder::new().mode(0o700).create(&root)?;
         Ok(Self { root, temporary: true })

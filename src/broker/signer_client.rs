@@ -28,7 +28,7 @@ use futures_lite::future;
 use super::audit::CheckpointSigner;
 use super::metrics::Metrics;
 use crate::os;
-use crate::signer::keeper::CONTROL_FD;
+use crate::signer::protocol::CONTROL_FD;
 use crate::signer::protocol::{
     ControlRequest, ControlResponse, MAX_FRAME, ProbeResult, Request, Response, SignerError, StatusReport,
 };

@@ -64,7 +64,9 @@ pub fn verify_cmd(o: &VerifyOptions) -> Result<i32, String> {
             k.clone()
         };
         (Some(decode_key(&text)?), "--public-key".to_string())
-    } else if let Ok(text) = std::fs::read_to_string(crate::signer::keys::KeyPaths::new(&o.data_dir).checkpoint_pub()) {
+    } else if let Ok(text) =
+        std::fs::read_to_string(crate::signer::protocol::KeyPaths::new(&o.data_dir).checkpoint_pub())
+    {
         (Some(decode_key(&text)?), "keys/audit_checkpoint.pub".to_string())
     } else if let Some(k) = live.as_ref().and_then(|v| v["audit"]["checkpoint_public_key"].as_str()) {
         (Some(decode_key(k)?), "the running broker".to_string())

@@ -15,7 +15,8 @@ use crate::broker::datadir::DataDir;
 use crate::broker::policy;
 use crate::broker::privileges;
 use crate::broker::signer_client::{self, Launch};
-use crate::signer::keys::{CaKey, KeyPaths};
+use crate::signer::keys::CaKey;
+use crate::signer::protocol::KeyPaths;
 use crate::signer::protocol::{ProbeLayer, SeccompState};
 use crate::signer::{SignerConfig, TargetIds};
 

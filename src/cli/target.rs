@@ -30,7 +30,7 @@ fn ca_line(o: &SetupOptions) -> Result<String, String> {
     {
         return Ok(ca.to_owned());
     }
-    let p = crate::signer::keys::KeyPaths::new(&o.data_dir).ca_pub();
+    let p = crate::signer::protocol::KeyPaths::new(&o.data_dir).ca_pub();
     std::fs::read_to_string(&p).map_err(|e| {
         format!("no CA public key: the broker is not reachable and {} is unreadable ({e}); pass --ca-key", p.display())
     })

@@ -23,46 +23,14 @@ use zeroize::Zeroizing;
 
 use super::keys::{CaKey, SealingKey, random_bytes};
 use super::protocol::{
-    CertRequest, ErrorCode, MAX_SEAL_PLAINTEXT, Request, Response, SandboxReport, SignerError, SignerLimits,
-    StatusReport,
+    CertRequest, ErrorCode, HARD_MAX_CERT_TTL_SECS, KNOWN_EXTENSIONS, MAX_BACKDATE_SECS, MAX_SEAL_PLAINTEXT, Request,
+    Response, SandboxReport, SignerError, SignerLimits, StatusReport, checkpoint_message, valid_principal,
 };
 use crate::os::SharedCounters;
 use crate::secret::SecretBytes;
 
-/// Hard upper bound on certificate validity, whatever the configuration says.
-pub const HARD_MAX_CERT_TTL_SECS: u32 = 24 * 3600;
-/// How far into the past a certificate may start (to absorb clock skew on targets).
-pub const MAX_BACKDATE_SECS: u64 = 600;
-/// Extensions a certificate may carry.
-pub const KNOWN_EXTENSIONS: [&str; 6] = [
-    "no-touch-required",
-    "permit-X11-forwarding",
-    "permit-agent-forwarding",
-    "permit-port-forwarding",
-    "permit-pty",
-    "permit-user-rc",
-];
 const SEAL_VERSION: u8 = 1;
 const HKDF_SALT: &[u8] = b"ephyr-signer-keys-v1";
-
-/// Domain separation prefix of every audit checkpoint signature. A certificate's signed data starts
-/// with a big-endian length (`00 00 00 20 ssh-ed25519-cert-v01@...`), so the two can never collide;
-/// the checkpoint key is also a different key, derived from the sealing key.
-pub const CHECKPOINT_DOMAIN: &[u8] = b"ephyr-audit-checkpoint-v1\0";
-
-/// The message an audit checkpoint signature covers.
-pub fn checkpoint_message(digest: &[u8; 32]) -> Vec<u8> {
-    let mut m = CHECKPOINT_DOMAIN.to_vec();
-    m.extend_from_slice(digest);
-    m
-}
-
-/// Verifies an audit checkpoint signature with the checkpoint public key.
-pub fn verify_checkpoint(public_key: &[u8], digest: &[u8; 32], signature: &[u8]) -> bool {
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
-        .verify(&checkpoint_message(digest), signature)
-        .is_ok()
-}
 
 /// The signer's own configuration (from its command line, fixed for its lifetime).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,14 +68,6 @@ impl SignerConfig {
             rate_window_secs: self.rate_window_secs,
         }
     }
-}
-
-/// Whether `p` is an acceptable Unix user name for a principal.
-pub fn valid_principal(p: &str) -> bool {
-    !p.is_empty()
-        && p.len() <= 32
-        && p.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-        && !p.starts_with('-')
 }
 
 struct Len(usize);
@@ -433,6 +393,7 @@ impl From<&RingCa<'_>> for KeyData {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signer::protocol::verify_checkpoint;
     use ssh_key::Certificate;
 
     fn custody(rate: u32) -> Custody {

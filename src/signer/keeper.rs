@@ -25,9 +25,6 @@ use super::sandbox::{self, Profile};
 use super::{SignerArgs, worker};
 use crate::os;
 
-/// Descriptor number of the control socket in the keeper.
-pub const CONTROL_FD: i32 = 3;
-
 fn send(control: &OwnedFd, msg: &ControlResponse, id: u64) {
     if let Err(e) = os::send_packet(control.as_fd(), &msg.encode(id)) {
         log::error!("control socket send failed: {e}");
@@ -39,6 +36,8 @@ fn fail(control: &OwnedFd, code: ErrorCode, message: String) -> i32 {
     send(control, &ControlResponse::Failed(SignerError { code, message }), 0);
     2
 }
+
+use super::protocol::CONTROL_FD;
 
 /// Runs the keeper. Returns the process exit code.
 pub fn run(args: SignerArgs) -> i32 {

@@ -19,54 +19,18 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use data_encoding::{BASE64, BASE64URL_NOPAD};
-use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use ssh_key::private::{Ed25519Keypair, Ed25519PrivateKey, KeypairData};
 use ssh_key::public::{Ed25519PublicKey, KeyData};
 use ssh_key::{LineEnding, PrivateKey, PublicKey};
 use zeroize::Zeroizing;
 
+use super::protocol::KeyPaths;
 use crate::secret::SecretBytes;
 
-/// Subdirectory of the data dir that holds the keys.
-pub const KEYS_DIR: &str = "keys";
-const CA_KEY: &str = "ca_key";
-const CA_PUB: &str = "ca_key.pub";
-const SEALING_KEY: &str = "sealing_key";
-const CHECKPOINT_PUB: &str = "audit_checkpoint.pub";
 const SEALING_HEADER: &str = "ephyr-sealing-key-v1";
 /// Comment on the CA public key line.
 pub const CA_COMMENT: &str = "ephyr-ca";
-
-/// Paths of the key files under one data dir.
-#[derive(Clone, Debug)]
-pub struct KeyPaths {
-    /// `<data-dir>/keys`.
-    pub dir: PathBuf,
-}
-
-impl KeyPaths {
-    /// Key paths for `data_dir`.
-    pub fn new(data_dir: &Path) -> Self {
-        Self { dir: data_dir.join(KEYS_DIR) }
-    }
-    /// The CA private key.
-    pub fn ca_key(&self) -> PathBuf {
-        self.dir.join(CA_KEY)
-    }
-    /// The CA public key line.
-    pub fn ca_pub(&self) -> PathBuf {
-        self.dir.join(CA_PUB)
-    }
-    /// The sealing key.
-    pub fn sealing_key(&self) -> PathBuf {
-        self.dir.join(SEALING_KEY)
-    }
-    /// The audit checkpoint public key (base64 of the raw Ed25519 key, one line).
-    pub fn checkpoint_pub(&self) -> PathBuf {
-        self.dir.join(CHECKPOINT_PUB)
-    }
-}
 
 /// Why keys could not be loaded or written.
 #[derive(Debug)]
@@ -108,7 +72,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> KeyError + '_ {
 
 /// Fills `buf` from the system CSPRNG.
 pub fn random_bytes(buf: &mut [u8]) -> Result<(), KeyError> {
-    SystemRandom::new().fill(buf).map_err(|_| KeyError::Random)
+    crate::secret::random_bytes(buf).map_err(|_| KeyError::Random)
 }
 
 /// The Ed25519 certificate authority key. Never printed; zeroized on drop.

@@ -2,7 +2,7 @@ use super::*;
 
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
-use crate::signer::custody::checkpoint_message;
+use crate::signer::protocol::checkpoint_message;
 
 struct TestSigner(Ed25519KeyPair);
 

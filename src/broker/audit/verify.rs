@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use super::event::{checkpoint_digest, line_hash};
-use crate::signer::custody::verify_checkpoint;
+use crate::signer::protocol::verify_checkpoint;
 
 /// A line-independent fact about the log's end (from `audit/HEAD` or a running broker).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -24,23 +24,17 @@ use argon2::password_hash::{PasswordVerifier, phc::PasswordHash};
 use data_encoding::BASE64URL_NOPAD;
 
 use crate::broker::policy::Policy;
+pub use crate::broker::policy::key_hash::{FAST_PREFIX, KeyId, MAX_FOREIGN_CANDIDATES, parse_fast};
 use crate::secret::SecretString;
 
 /// Prefix of every agent API key.
 pub const PREFIX: &str = "ephyr_ak_";
-/// Prefix of the fast stored form.
-pub const FAST_PREFIX: &str = "ephyr-sha256$";
-/// Most Argon2id hashes a key in a foreign format is tried against (per request).
-pub const MAX_FOREIGN_CANDIDATES: usize = 4;
 /// Key id length (bytes); it is also the first part of an Argon2 hash's salt.
 const ID_LEN: usize = 8;
 /// base64url length of the id.
 const ID_CHARS: usize = 11;
 /// base64url length of the 32 secret bytes.
 const SECRET_CHARS: usize = 43;
-
-/// A key id.
-pub type KeyId = [u8; ID_LEN];
 
 /// The key id of a key in ephyr's format.
 pub fn key_id(key: &str) -> Option<KeyId> {
@@ -65,29 +59,12 @@ pub fn fast_hash(key: &str) -> Option<String> {
     Some(format!("{FAST_PREFIX}{}${}", BASE64URL_NOPAD.encode(&id), BASE64URL_NOPAD.encode(&sha256(key))))
 }
 
-/// Parses the fast stored form into (key id, digest).
-pub fn parse_fast(stored: &str) -> Result<(KeyId, [u8; 32]), String> {
-    let rest = stored.strip_prefix(FAST_PREFIX).ok_or_else(|| format!("does not start with {FAST_PREFIX}"))?;
-    let (id, digest) = rest.split_once('$').ok_or("expected ephyr-sha256$<key id>$<digest>")?;
-    let id: KeyId = BASE64URL_NOPAD
-        .decode(id.as_bytes())
-        .ok()
-        .and_then(|v| v.try_into().ok())
-        .ok_or("the key id is not 11 base64url characters (8 bytes)")?;
-    let digest: [u8; 32] = BASE64URL_NOPAD
-        .decode(digest.as_bytes())
-        .ok()
-        .and_then(|v| v.try_into().ok())
-        .ok_or("the digest is not 43 base64url characters (32 bytes)")?;
-    Ok((id, digest))
-}
-
 /// A fresh key and its fast stored form.
 pub fn generate() -> Result<(SecretString, String), String> {
     let mut id = [0u8; ID_LEN];
     let mut secret = zeroize::Zeroizing::new([0u8; 32]);
     for buf in [&mut id[..], &mut secret[..]] {
-        crate::signer::keys::random_bytes(buf).map_err(|e| e.to_string())?;
+        crate::secret::random_bytes(buf).map_err(|e| e.to_string())?;
     }
     let key =
         SecretString::new(format!("{PREFIX}{}{}", BASE64URL_NOPAD.encode(&id), BASE64URL_NOPAD.encode(&secret[..])));
@@ -99,7 +76,7 @@ pub fn generate() -> Result<(SecretString, String), String> {
 pub fn argon2_hash(key: &str, params: argon2::Params) -> Result<String, String> {
     use argon2::password_hash::PasswordHasher;
     let mut salt = [0u8; 16];
-    crate::signer::keys::random_bytes(&mut salt).map_err(|e| e.to_string())?;
+    crate::secret::random_bytes(&mut salt).map_err(|e| e.to_string())?;
     if let Some(id) = key_id(key) {
         salt[..ID_LEN].copy_from_slice(&id);
     }

@@ -34,7 +34,7 @@ use http::HeaderMap;
 
 use super::policy::{Policy, Principal, Rate};
 use super::rate::{RateLimiter, Source};
-use crate::macaroon::Envelope;
+use super::tasks::TokenIdentity;
 
 /// Failed attempts allowed per source address before it is slowed down.
 pub const FAILURE_RATE: Rate = Rate { count: 10, window: Duration::from_secs(60) };
@@ -42,36 +42,6 @@ pub const FAILURE_RATE: Rate = Rate { count: 10, window: Duration::from_secs(60)
 const MAX_PENDING_HASHES: usize = 8;
 /// Largest credential accepted (a task token is at most 8 KiB encoded).
 const MAX_CREDENTIAL: usize = 12 * 1024;
-
-/// What a verified task token says. Filled in by the task store.
-#[derive(Clone, Debug)]
-pub struct TokenIdentity {
-    /// The agent that holds the task (delegation can hand a task to another agent).
-    pub agent: String,
-    /// The task the token acts as.
-    pub task: String,
-    /// Its tree's root task.
-    pub root: String,
-    /// Root to task.
-    pub lineage: Vec<String>,
-    /// Who started the tree.
-    pub initiated_by: String,
-    /// Agents above `agent` in the lineage (cross-agent hand-offs): their policies bound it too.
-    pub delegators: Vec<String>,
-    /// The task's depth (root = 0).
-    pub depth: u8,
-    /// Who must prove possession.
-    pub holder: super::tasks::Holder,
-    /// The verified token (memoised; shared).
-    pub verified: Rc<super::tasks::Verified>,
-}
-
-impl TokenIdentity {
-    /// The reduced authority.
-    pub fn envelope(&self) -> &Envelope {
-        &self.verified.reduced.envelope
-    }
-}
 
 /// How the caller authenticated.
 #[derive(Clone, Debug)]

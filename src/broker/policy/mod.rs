@@ -11,6 +11,7 @@
 pub mod authorize;
 pub mod diff;
 pub mod file;
+pub mod key_hash;
 pub mod locate;
 pub mod network;
 pub mod pattern;

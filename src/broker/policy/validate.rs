@@ -19,7 +19,7 @@ use super::network::{Cidr, NetworkPolicy};
 use super::pattern::{NamePattern, PathPattern};
 use super::*;
 use crate::macaroon::caveat::NormPath;
-use crate::signer::custody::{HARD_MAX_CERT_TTL_SECS, KNOWN_EXTENSIONS, valid_principal};
+use crate::signer::protocol::{HARD_MAX_CERT_TTL_SECS, KNOWN_EXTENSIONS, valid_principal};
 use crate::time::parse_duration;
 
 const SECTIONS: [&str; 12] = [
@@ -471,11 +471,11 @@ fn merge_grants(
 /// Checks one agent's `api_key_hash`: the fast form (`ephyr-sha256$…`), or an Argon2id PHC
 /// string within the cost bounds (with a warning: it costs ~25 ms and 19 MiB per check).
 fn api_key_hash(cx: &mut Ctx<'_>, name: &str, h: &str) {
-    use crate::broker::auth::api_key;
+    use super::key_hash;
     let at = ["agents", name, "api_key_hash"];
     let fix = || Some(format!("run `ephyr keygen agent {name}` and paste the new api_key_hash line"));
-    if h.starts_with(api_key::FAST_PREFIX) {
-        if let Err(e) = api_key::parse_fast(h) {
+    if h.starts_with(key_hash::FAST_PREFIX) {
+        if let Err(e) = key_hash::parse_fast(h) {
             cx.err(&at, format!("not a valid ephyr-sha256 hash: {e}"), fix());
         }
         return;
@@ -1154,12 +1154,12 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     }
     let argon2 =
         agents.values().filter(|a| a.api_key_hash.as_deref().is_some_and(|h| h.starts_with("$argon2"))).count();
-    if argon2 > crate::broker::auth::api_key::MAX_FOREIGN_CANDIDATES {
+    if argon2 > super::key_hash::MAX_FOREIGN_CANDIDATES {
         cx.warn(
             &["agents"],
             format!(
                 "{argon2} agents have Argon2id hashes: keys not in ephyr's format (ephyr_ak_…) are refused, since each would cost {argon2} Argon2 runs; at most {} are tried (replace the hashes of ephyr keys with their ephyr-sha256 form)",
-                crate::broker::auth::api_key::MAX_FOREIGN_CANDIDATES
+                super::key_hash::MAX_FOREIGN_CANDIDATES
             ),
         );
     }

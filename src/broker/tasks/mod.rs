@@ -32,9 +32,8 @@ use data_encoding::{BASE64, BASE64URL_NOPAD, HEXLOWER};
 use serde::{Deserialize, Serialize};
 use ulid::Ulid;
 
-use super::auth::TokenIdentity;
 use super::journal;
-use crate::macaroon::{ChainStart, LOCATION, Macaroon, Reduced, RootKey, attenuate};
+use crate::macaroon::{ChainStart, Envelope, LOCATION, Macaroon, Reduced, RootKey, attenuate};
 use crate::time::UnixMicros;
 
 /// Most memoised token verifications.
@@ -431,6 +430,36 @@ pub struct NewTask {
     pub holder_key: Option<[u8; 32]>,
     /// A key must be bound before this (when the agent requires one and none was given).
     pub bind_deadline: Option<UnixMicros>,
+}
+
+/// What a verified task token says: made by [`TaskStore::verify_token`], carried in the caller.
+#[derive(Clone, Debug)]
+pub struct TokenIdentity {
+    /// The agent that holds the task (delegation can hand a task to another agent).
+    pub agent: String,
+    /// The task the token acts as.
+    pub task: String,
+    /// Its tree's root task.
+    pub root: String,
+    /// Root to task.
+    pub lineage: Vec<String>,
+    /// Who started the tree.
+    pub initiated_by: String,
+    /// Agents above `agent` in the lineage (cross-agent hand-offs): their policies bound it too.
+    pub delegators: Vec<String>,
+    /// The task's depth (root = 0).
+    pub depth: u8,
+    /// Who must prove possession.
+    pub holder: Holder,
+    /// The verified token (memoised; shared).
+    pub verified: Rc<Verified>,
+}
+
+impl TokenIdentity {
+    /// The reduced authority.
+    pub fn envelope(&self) -> &Envelope {
+        &self.verified.reduced.envelope
+    }
 }
 
 /// The task store.

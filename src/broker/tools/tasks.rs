@@ -306,7 +306,7 @@ async fn create_inner(cx: &Ctx<'_>) -> Result<Output, Output> {
     };
     let id = crate::ids::new_ulid(now);
     let mut raw = zeroize::Zeroizing::new([0u8; 32]);
-    crate::signer::keys::random_bytes(raw.as_mut()).map_err(|e| Output::error(format!("no randomness: {e}")))?;
+    crate::secret::random_bytes(raw.as_mut()).map_err(|e| Output::error(format!("no randomness: {e}")))?;
     let root_key = RootKey::from_bytes(raw.as_ref());
     let sealed = cx
         .broker

@@ -54,7 +54,7 @@ impl Sessions {
             return Err(SessionsFull);
         }
         let mut id_bytes = [0u8; 16];
-        crate::signer::keys::random_bytes(&mut id_bytes).map_err(|_| SessionsFull)?;
+        crate::secret::random_bytes(&mut id_bytes).map_err(|_| SessionsFull)?;
         let id = data_encoding::BASE64URL_NOPAD.encode(&id_bytes);
         let now = Instant::now();
         let mut map = self.map.borrow_mut();
