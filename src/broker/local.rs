@@ -374,12 +374,17 @@ async fn agent_tool_call(
     let mut fp = [0u8; 32];
     fp[..4].copy_from_slice(&uid.to_be_bytes());
     let caller = super::auth::Caller { agent, via: super::auth::Via::ApiKey, fingerprint: fp, source: None };
-    match super::tools::call(broker, &caller, policy, &call.name, call.arguments).await {
-        Some(out) => json(
-            StatusCode::OK,
-            &serde_json::json!({ "agent": caller.agent, "is_error": out.is_error, "text": out.text }),
-        ),
-        None => error(StatusCode::NOT_FOUND, "unknown_tool", format!("no tool {:?}", call.name)),
+    // The same dispatcher as the MCP endpoint (newest protocol revision); the answer is reshaped
+    // for the CLI.
+    let name = call.name.clone();
+    let request = crate::mcp::server::Call::ToolsCall { name: call.name, arguments: call.arguments };
+    let v = crate::mcp::version::Version::V2026_07_28;
+    match super::dispatch::dispatch(broker, policy, &caller, v, request).await {
+        Ok(super::dispatch::Reply::Result(result)) => {
+            let (text, is_error) = super::dispatch::tool_text(&result);
+            json(StatusCode::OK, &serde_json::json!({ "agent": caller.agent, "is_error": is_error, "text": text }))
+        }
+        _ => error(StatusCode::NOT_FOUND, "unknown_tool", format!("no tool {name:?}")),
     }
 }
 

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod blocking;
 pub mod datadir;
+pub mod dispatch;
 pub mod http;
 pub mod journal;
 pub mod local;

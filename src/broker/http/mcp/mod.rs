@@ -28,7 +28,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::StreamBody;
 use hyper::body::{Frame, Incoming};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 pub use sessions::{ChangeFeed, Session, Sessions, SessionsFull};
 
@@ -36,29 +36,16 @@ use super::{Body, Peer, body, read_incoming};
 use crate::broker::Broker;
 use crate::broker::audit::{AuditSink as _, Event, Kind};
 use crate::broker::auth::{self, AuthError, Caller};
+use crate::broker::dispatch::{self, CAPS, IDENTITY, Reply};
 use crate::broker::policy::{Policy, normalize_origin};
-use crate::broker::{resources, tools};
 use crate::mcp::jsonrpc::{self, Message, Request as RpcRequest, RequestId, RpcError, code};
-use crate::mcp::server::{self, Call, Capabilities, ListenFilter, RoutingHeaders, ServerIdentity};
-use crate::mcp::types::text_contents;
+use crate::mcp::server::{self, ListenFilter, RoutingHeaders};
 use crate::mcp::version::{Era, META_PROTOCOL_VERSION, Version};
 
-/// The server's identity in results.
-pub static IDENTITY: ServerIdentity = ServerIdentity::new(
-    "ephyr",
-    env!("CARGO_PKG_VERSION"),
-    "ephyr brokers access to SSH hosts, HTTP APIs and remote MCP tools. Read ephyr://overview \
-     or call list_targets / list_services to see what you may use. Requests outside your policy \
-     are denied with a reason; do not retry a denial unchanged.",
-);
-
-const CAPS: Capabilities = Capabilities { list_changed: true };
 /// How long a request body may take to arrive.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keep-alive comment interval on open streams.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
-/// How long list results may be cached by stateless-era clients (per caller).
-const LIST_TTL_MS: u64 = 30_000;
 
 const SESSION_HEADER: &str = "mcp-session-id";
 const VERSION_HEADER: &str = "mcp-protocol-version";
@@ -471,12 +458,10 @@ async fn post_session(
     version_header: Option<&str>,
     headers: &HeaderMap,
 ) -> Response<Body> {
-    if let Message::Request(r) = &msg
-        && r.method == "initialize"
-    {
-        let Message::Request(r) = msg else { unreachable!() };
-        return initialize(broker, policy, caller, r);
-    }
+    let msg = match msg {
+        Message::Request(r) if r.method == "initialize" => return initialize(broker, policy, caller, r),
+        other => other,
+    };
     let session = match session_for(broker, policy, caller, headers) {
         Ok(s) => s,
         Err(r) => return r.response(),
@@ -559,52 +544,23 @@ async fn dispatch(
             return rpc_error(status_for(v, e.code), Some(&r.id), &e);
         }
     };
-    let result: Result<Value, RpcError> = match call {
-        Call::Ping => Ok(json!({})),
-        Call::Discover => Ok(server::discover_result(&IDENTITY, CAPS)),
-        Call::ToolsList => {
-            // The list is spliced in as cached JSON text: no Value tree per request.
-            let tools = broker.catalog.list_json(policy, caller);
-            let rest = server::finish(v, &IDENTITY, server::cacheable(v, Map::new(), LIST_TTL_MS, false));
-            broker.metrics.inc("ephyr_mcp_requests_total", &[("method", label), ("outcome", "ok")]);
-            return rpc(StatusCode::OK, jsonrpc::encode_result_with_raw(&r.id, "tools", &tools, &rest));
-        }
-        Call::ToolsCall { name, arguments } => match tools::call(broker, caller, policy, &name, arguments).await {
-            None => Err(RpcError::invalid_params(format!("unknown tool {name:?}"))),
-            Some(out) => Ok(server::tool_result(v, &IDENTITY, out.text, out.is_error)),
-        },
-        Call::ResourcesList => {
-            let list: Vec<Value> = resources::RESOURCES.iter().map(|d| d.to_json()).collect();
-            let mut m = Map::new();
-            m.insert("resources".into(), Value::Array(list));
-            Ok(server::finish(v, &IDENTITY, server::cacheable(v, m, LIST_TTL_MS, false)))
-        }
-        Call::ResourceTemplatesList => {
-            let mut m = Map::new();
-            m.insert("resourceTemplates".into(), json!([]));
-            Ok(server::finish(v, &IDENTITY, server::cacheable(v, m, LIST_TTL_MS, true)))
-        }
-        Call::ResourcesRead { uri } => match resources::read(broker, policy, caller, &uri) {
-            Some(text) => {
-                let mut m = Map::new();
-                m.insert("contents".into(), json!([text_contents(&uri, "text/markdown", text)]));
-                Ok(server::finish(v, &IDENTITY, server::cacheable(v, m, 0, false)))
-            }
-            None => Err(RpcError::new(v.resource_not_found_code(), format!("unknown resource {uri:?}"))
-                .with_data(json!({ "uri": uri }))),
-        },
-        Call::SetLogLevel(level) => {
+    let result: Result<Vec<u8>, RpcError> = match dispatch::dispatch(broker, policy, caller, v, call).await {
+        Ok(Reply::Listen(filter)) => return listen(broker, policy, caller, r.id, filter, headers),
+        Ok(Reply::SetLogLevel(level)) => {
             if let Some(s) = session {
                 *s.log_level.borrow_mut() = level;
             }
-            Ok(json!({}))
+            Ok(jsonrpc::encode_result(&r.id, &json!({})))
         }
-        Call::Listen(filter) => return listen(broker, policy, caller, r.id, filter, headers),
+        Ok(Reply::Result(value)) => Ok(jsonrpc::encode_result(&r.id, &value)),
+        // The cached list is spliced in as text: no Value tree per request.
+        Ok(Reply::RawMember { name, raw, rest }) => Ok(jsonrpc::encode_result_with_raw(&r.id, name, &raw, &rest)),
+        Err(e) => Err(e),
     };
     let outcome = if result.is_ok() { "ok" } else { "error" };
     broker.metrics.inc("ephyr_mcp_requests_total", &[("method", label), ("outcome", outcome)]);
     match result {
-        Ok(value) => rpc(StatusCode::OK, jsonrpc::encode_result(&r.id, &value)),
+        Ok(bytes) => rpc(StatusCode::OK, bytes),
         Err(e) => rpc_error(status_for(v, e.code), Some(&r.id), &e),
     }
 }

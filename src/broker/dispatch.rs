@@ -1,0 +1,106 @@
+//! The MCP dispatcher: one classified request ([`Call`]) from one authenticated caller, under one
+//! policy snapshot, to its result — whichever transport carried it. The Streamable HTTP endpoint
+//! (`http::mcp`) and the local socket call it; federation will too.
+//!
+//! What runs here: the executor thread. Tools run through `tools::call` (which authorizes and
+//! audits each call); `tools/list` comes from the `tools::Catalog`; resources from `resources`.
+//! What is left to the transport, because only it has the means: opening notification streams
+//! (`subscriptions/listen`), per-session state (`logging/setLevel`), and encoding the reply.
+
+use std::rc::Rc;
+
+use serde_json::{Map, Value, json};
+
+use super::auth::Caller;
+use super::policy::Policy;
+use super::{Broker, resources, tools};
+use crate::mcp::jsonrpc::RpcError;
+use crate::mcp::server::{self, Call, Capabilities, ListenFilter, ServerIdentity};
+use crate::mcp::types::text_contents;
+use crate::mcp::version::Version;
+
+/// The server's identity in results.
+pub static IDENTITY: ServerIdentity = ServerIdentity::new(
+    "ephyr",
+    env!("CARGO_PKG_VERSION"),
+    "ephyr brokers access to SSH hosts, HTTP APIs and remote MCP tools. Read ephyr://overview \
+     or call list_targets / list_services to see what you may use. Requests outside your policy \
+     are denied with a reason; do not retry a denial unchanged.",
+);
+
+/// What this server offers (list-changed notifications on policy reloads).
+pub const CAPS: Capabilities = Capabilities { list_changed: true };
+/// How long list results may be cached by stateless-era clients (per caller).
+pub const LIST_TTL_MS: u64 = 30_000;
+
+/// What a call produced.
+#[derive(Debug)]
+pub enum Reply {
+    /// A JSON-RPC result.
+    Result(Value),
+    /// A result with one member given as JSON text already serialised (the cached tool list):
+    /// `{name: raw, ...rest}`.
+    RawMember {
+        /// The member's name.
+        name: &'static str,
+        /// Its value, as JSON text.
+        raw: String,
+        /// The other members (an object).
+        rest: Value,
+    },
+    /// Open a notification stream with this filter (the transport does).
+    Listen(ListenFilter),
+    /// Set the session's log level and answer `{}` (the transport keeps sessions).
+    SetLogLevel(String),
+}
+
+/// Answers `call` for `caller` under `policy` in protocol revision `v`.
+pub async fn dispatch(
+    broker: &Rc<Broker>,
+    policy: &Rc<Policy>,
+    caller: &Caller,
+    v: Version,
+    call: Call,
+) -> Result<Reply, RpcError> {
+    match call {
+        Call::Ping => Ok(Reply::Result(json!({}))),
+        Call::Discover => Ok(Reply::Result(server::discover_result(&IDENTITY, CAPS))),
+        Call::ToolsList => Ok(Reply::RawMember {
+            name: "tools",
+            raw: broker.catalog.list_json(policy, caller),
+            rest: server::finish(v, &IDENTITY, server::cacheable(v, Map::new(), LIST_TTL_MS, false)),
+        }),
+        Call::ToolsCall { name, arguments } => match tools::call(broker, caller, policy, &name, arguments).await {
+            None => Err(RpcError::invalid_params(format!("unknown tool {name:?}"))),
+            Some(out) => Ok(Reply::Result(server::tool_result(v, &IDENTITY, out.text, out.is_error))),
+        },
+        Call::ResourcesList => {
+            let list: Vec<Value> = resources::RESOURCES.iter().map(|d| d.to_json()).collect();
+            let mut m = Map::new();
+            m.insert("resources".into(), Value::Array(list));
+            Ok(Reply::Result(server::finish(v, &IDENTITY, server::cacheable(v, m, LIST_TTL_MS, false))))
+        }
+        Call::ResourceTemplatesList => {
+            let mut m = Map::new();
+            m.insert("resourceTemplates".into(), json!([]));
+            Ok(Reply::Result(server::finish(v, &IDENTITY, server::cacheable(v, m, LIST_TTL_MS, true))))
+        }
+        Call::ResourcesRead { uri } => match resources::read(broker, policy, caller, &uri) {
+            Some(text) => {
+                let mut m = Map::new();
+                m.insert("contents".into(), json!([text_contents(&uri, "text/markdown", text)]));
+                Ok(Reply::Result(server::finish(v, &IDENTITY, server::cacheable(v, m, 0, false))))
+            }
+            None => Err(RpcError::new(v.resource_not_found_code(), format!("unknown resource {uri:?}"))
+                .with_data(json!({ "uri": uri }))),
+        },
+        Call::SetLogLevel(level) => Ok(Reply::SetLogLevel(level)),
+        Call::Listen(filter) => Ok(Reply::Listen(filter)),
+    }
+}
+
+/// The text and error flag of a `tools/call` result (for transports that are not MCP).
+pub fn tool_text(result: &Value) -> (String, bool) {
+    let text = result["content"][0]["text"].as_str().unwrap_or_default().to_owned();
+    (text, result["isError"].as_bool().unwrap_or(false))
+}
