@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod http;
 pub mod journal;
 pub mod local;
+pub mod maintenance;
 pub mod metrics;
 pub mod ops;
 pub mod policy;

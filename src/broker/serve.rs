@@ -30,7 +30,7 @@ use super::datadir::{DEFAULT_CONFIG_DIR, DEFAULT_DATA_DIR, DataDir};
 use super::http::{self, Connections};
 use super::metrics::Metrics;
 use super::privileges::{self, drop_privileges, resolve_identities};
-use super::signer_client::{Launch, Signer, SignerEvent};
+use super::signer_client::{Launch, Signer};
 use super::{Broker, local, routes};
 use crate::signer::{SignerConfig, TargetIds};
 
@@ -314,111 +314,10 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         if let Err(e) = audit.checkpoint(&signer, false).await {
             log::warn!("first audit checkpoint failed: {e}");
         }
-        {
-            // Expired tasks, their watermarks and trees' keys, and stale proof nonces go.
-            let broker = broker.clone();
-            ex.spawn(async move {
-                loop {
-                    async_io::Timer::after(std::time::Duration::from_secs(30)).await;
-                    let gone = broker.tasks.collect(crate::time::now());
-                    if gone > 0 {
-                        log::info!("tasks: {gone} expired and removed");
-                    }
-                    broker.metrics.set("ephyr_tasks_active", &[], broker.tasks.len() as f64);
-                }
-            })
-            .detach();
-        }
-        {
-            // Revocations reach SSH sessions at once (task events): the sessions of a revoked
-            // tree close whoever revoked it (tool, local API, cascade).
-            let broker = broker.clone();
-            ex.spawn(async move {
-                let mut cursor = broker.tasks.events.cursor();
-                loop {
-                    let listener = broker.tasks.events.listen();
-                    let revoked = match broker.tasks.events.since(cursor) {
-                        Ok((events, next)) => {
-                            cursor = next;
-                            events.iter().any(|e| matches!(e, super::tasks::events::TaskEvent::Revoked { .. }))
-                        }
-                        Err(_lagged) => {
-                            cursor = broker.tasks.events.cursor();
-                            true
-                        }
-                    };
-                    if revoked {
-                        broker.ssh.sweep(&broker).await;
-                        continue;
-                    }
-                    listener.await;
-                }
-            })
-            .detach();
-        }
-        {
-            // Idle and expired SSH sessions close; expired certificates leave the registry.
-            let broker = broker.clone();
-            ex.spawn(async move {
-                loop {
-                    async_io::Timer::after(std::time::Duration::from_secs(5)).await;
-                    broker.ssh.sweep(&broker).await;
-                }
-            })
-            .detach();
-        }
-        {
-            let broker = broker.clone();
-            ex.spawn(async move {
-                while let Ok(e) = signer_events.recv().await {
-                    broker.audit_now(signer_event(e)).await;
-                }
-            })
-            .detach();
-        }
+        super::maintenance::spawn(&ex, &broker, signer_events);
         let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
         let conns = Connections::default();
-        for (name, fut) in [
-            (
-                "MCP/API",
-                Box::pin(http::serve_tcp(
-                    ex.clone(),
-                    api,
-                    broker.admission.clone(),
-                    routes::api_handler(broker.clone()),
-                    stop_rx.clone(),
-                    conns.clone(),
-                )) as std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>>>>,
-            ),
-            (
-                "dashboard",
-                Box::pin(http::serve_tcp(
-                    ex.clone(),
-                    dashboard,
-                    broker.admission.clone(),
-                    routes::dashboard_handler(broker.clone()),
-                    stop_rx.clone(),
-                    conns.clone(),
-                )),
-            ),
-            (
-                "local socket",
-                Box::pin(http::serve_unix(
-                    ex.clone(),
-                    unix,
-                    local::local_handler(broker.clone()),
-                    stop_rx.clone(),
-                    conns.clone(),
-                )),
-            ),
-        ] {
-            ex.spawn(async move {
-                if let Err(e) = fut.await {
-                    log::error!("{name} listener failed: {e}");
-                }
-            })
-            .detach();
-        }
+        spawn_listeners(&ex, &broker, Listeners { api, dashboard, unix }, &stop_rx, &conns);
         let ca = signer.health().status.map(|s| s.ca_public_key).unwrap_or_default();
         log::info!(
             "serving: MCP/API http://{listen} dashboard http://{dashboard_listen} socket {} (ready in {:.1} ms)",
@@ -430,54 +329,139 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         }
 
         // Wait for a reason to stop.
-        let outcome = loop {
-            let next = futures_lite::future::or(async { Ok(signals.next().await) }, async {
-                Err(fatal_rx.recv().await.unwrap_or_else(|_| "signer supervisor ended".into()))
-            })
-            .await;
-            match next {
-                Ok(Some(Ok(Signal::Hup))) => {
-                    log::info!("SIGHUP received: reloading the policy");
-                    let _ = super::ops::reload(&broker, &super::ops::Actor::Signal("SIGHUP")).await;
-                }
-                Ok(Some(Ok(sig))) => {
-                    log::info!("{sig:?} received: shutting down");
-                    break Ok(());
-                }
-                Ok(Some(Err(e))) => log::warn!("signal stream error: {e}"),
-                Ok(None) => break Ok(()),
-                Err(msg) => break Err(ServeError::SignerLost(msg)),
-            }
-        };
+        let outcome = wait_for_stop(&broker, &mut signals, &fatal_rx).await;
 
-        // Graceful stop: no new connections, end notification streams, finish in-flight requests,
-        // then the signer.
-        broker.changes.close();
-        stop_rx.close();
-        drop(stop_tx);
-        let left = conns.drain(Instant::now() + opts.shutdown_timeout).await;
-        if left > 0 {
-            log::warn!("{left} connection(s) still open after {}s; closing", opts.shutdown_timeout.as_secs());
-        }
-        let stop = Event::new(Kind::Broker, "broker_stop").outcome(serde_json::json!({
-            "reason": match &outcome { Ok(()) => "signal".to_string(), Err(e) => e.to_string() },
-            "uptime_secs": started.elapsed().as_secs(),
-        }));
-        broker.audit_now(stop).await;
-        if outcome.is_ok() {
-            // Sign everything up to here, so a verifier can tell a clean end from a truncation.
-            if let Err(e) = audit.checkpoint(&signer, true).await {
-                log::error!("final audit checkpoint failed: {e}");
-            }
-        }
-        let _ = audit.flushed().await;
-        signer.shutdown().await;
+        stop(&broker, &signer, &outcome, Stopping { stop_tx, stop_rx, conns, timeout: opts.shutdown_timeout, started })
+            .await;
         outcome
     }));
     drop(unix_cleanup(&socket_path));
     data_dir.remove_if_temporary();
     log::info!("stopped");
     result
+}
+
+/// The listeners, bound before privileges were dropped.
+struct Listeners {
+    api: TcpListener,
+    dashboard: TcpListener,
+    unix: UnixListener,
+}
+
+/// Starts accepting on every listener until `stop_rx` closes.
+fn spawn_listeners(
+    ex: &Rc<smol::LocalExecutor<'static>>,
+    broker: &Rc<Broker>,
+    l: Listeners,
+    stop_rx: &async_channel::Receiver<()>,
+    conns: &Connections,
+) {
+    let Listeners { api, dashboard, unix } = l;
+    for (name, fut) in [
+        (
+            "MCP/API",
+            Box::pin(http::serve_tcp(
+                ex.clone(),
+                api,
+                broker.admission.clone(),
+                routes::api_handler(broker.clone()),
+                stop_rx.clone(),
+                conns.clone(),
+            )) as std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>>>>,
+        ),
+        (
+            "dashboard",
+            Box::pin(http::serve_tcp(
+                ex.clone(),
+                dashboard,
+                broker.admission.clone(),
+                routes::dashboard_handler(broker.clone()),
+                stop_rx.clone(),
+                conns.clone(),
+            )),
+        ),
+        (
+            "local socket",
+            Box::pin(http::serve_unix(
+                ex.clone(),
+                unix,
+                local::local_handler(broker.clone()),
+                stop_rx.clone(),
+                conns.clone(),
+            )),
+        ),
+    ] {
+        ex.spawn(async move {
+            if let Err(e) = fut.await {
+                log::error!("{name} listener failed: {e}");
+            }
+        })
+        .detach();
+    }
+}
+
+/// Waits for SIGTERM/SIGINT (a clean stop), reloading the policy on SIGHUP, or for the signer
+/// to be lost for good (an error).
+async fn wait_for_stop(
+    broker: &Rc<Broker>,
+    signals: &mut async_signal::Signals,
+    fatal_rx: &async_channel::Receiver<String>,
+) -> Result<(), ServeError> {
+    loop {
+        let next = futures_lite::future::or(async { Ok(signals.next().await) }, async {
+            Err(fatal_rx.recv().await.unwrap_or_else(|_| "signer supervisor ended".into()))
+        })
+        .await;
+        match next {
+            Ok(Some(Ok(Signal::Hup))) => {
+                log::info!("SIGHUP received: reloading the policy");
+                let _ = super::ops::reload(broker, &super::ops::Actor::Signal("SIGHUP")).await;
+            }
+            Ok(Some(Ok(sig))) => {
+                log::info!("{sig:?} received: shutting down");
+                break Ok(());
+            }
+            Ok(Some(Err(e))) => log::warn!("signal stream error: {e}"),
+            Ok(None) => break Ok(()),
+            Err(msg) => break Err(ServeError::SignerLost(msg)),
+        }
+    }
+}
+
+/// What a graceful stop needs.
+struct Stopping {
+    stop_tx: async_channel::Sender<()>,
+    stop_rx: async_channel::Receiver<()>,
+    conns: Connections,
+    timeout: std::time::Duration,
+    started: Instant,
+}
+
+/// Graceful stop: no new connections, end notification streams, finish in-flight requests, the
+/// last audit records and the final checkpoint, then the signer.
+async fn stop(broker: &Rc<Broker>, signer: &Signer, outcome: &Result<(), ServeError>, s: Stopping) {
+    let Stopping { stop_tx, stop_rx, conns, timeout, started } = s;
+    let audit = &broker.audit;
+    broker.changes.close();
+    stop_rx.close();
+    drop(stop_tx);
+    let left = conns.drain(Instant::now() + timeout).await;
+    if left > 0 {
+        log::warn!("{left} connection(s) still open after {}s; closing", timeout.as_secs());
+    }
+    let stop = Event::new(Kind::Broker, "broker_stop").outcome(serde_json::json!({
+        "reason": match &outcome { Ok(()) => "signal".to_string(), Err(e) => e.to_string() },
+        "uptime_secs": started.elapsed().as_secs(),
+    }));
+    broker.audit_now(stop).await;
+    if outcome.is_ok() {
+        // Sign everything up to here, so a verifier can tell a clean end from a truncation.
+        if let Err(e) = audit.checkpoint(signer, true).await {
+            log::error!("final audit checkpoint failed: {e}");
+        }
+    }
+    let _ = audit.flushed().await;
+    signer.shutdown().await;
 }
 
 async fn record_start(broker: &Broker) -> Result<(), super::audit::AuditError> {
@@ -518,21 +502,6 @@ async fn record_start(broker: &Broker) -> Result<(), super::audit::AuditError> {
         broker.audit.record(ev)?.durable().await?;
     }
     Ok(())
-}
-
-fn signer_event(e: SignerEvent) -> Event {
-    match e {
-        SignerEvent::WorkerStarted { pid } => {
-            Event::new(Kind::Signer, "worker_started").outcome(serde_json::json!({ "pid": pid }))
-        }
-        SignerEvent::WorkerEnded { pid, why } => Event::new(Kind::Signer, "worker_ended")
-            .error("signer_worker_ended", why)
-            .outcome(serde_json::json!({ "pid": pid })),
-        SignerEvent::KeeperRelaunched { pid } => {
-            Event::new(Kind::Signer, "keeper_relaunched").outcome(serde_json::json!({ "pid": pid }))
-        }
-        SignerEvent::Lost { why } => Event::new(Kind::Signer, "signer_lost").error("signer_lost", why),
-    }
 }
 
 fn unix_cleanup(path: &PathBuf) -> std::io::Result<()> {

@@ -1,0 +1,100 @@
+//! What runs in the background of a serving broker, each job a task on the executor:
+//!
+//! - every 30 s, expired tasks, their trees' keys and stale proof nonces are collected (and an
+//!   `Expired` task event is published);
+//! - on every `Revoked` task event, SSH sessions of revoked trees close at once;
+//! - every 5 s, idle SSH sessions and those whose certificate expired close, and expired
+//!   certificates leave the registry;
+//! - signer events (workers ended and restarted, the keeper relaunched) become audit records.
+
+use std::rc::Rc;
+
+use super::Broker;
+use super::audit::{Event, Kind};
+use super::signer_client::SignerEvent;
+
+/// Starts the background jobs.
+pub fn spawn(
+    ex: &Rc<smol::LocalExecutor<'static>>,
+    broker: &Rc<Broker>,
+    signer_events: async_channel::Receiver<SignerEvent>,
+) {
+    {
+        // Expired tasks, their watermarks and trees' keys, and stale proof nonces go.
+        let broker = broker.clone();
+        ex.spawn(async move {
+            loop {
+                async_io::Timer::after(std::time::Duration::from_secs(30)).await;
+                let gone = broker.tasks.collect(crate::time::now());
+                if gone > 0 {
+                    log::info!("tasks: {gone} expired and removed");
+                }
+                broker.metrics.set("ephyr_tasks_active", &[], broker.tasks.len() as f64);
+            }
+        })
+        .detach();
+    }
+    {
+        // Revocations reach SSH sessions at once (task events): the sessions of a revoked
+        // tree close whoever revoked it (tool, local API, cascade).
+        let broker = broker.clone();
+        ex.spawn(async move {
+            let mut cursor = broker.tasks.events.cursor();
+            loop {
+                let listener = broker.tasks.events.listen();
+                let revoked = match broker.tasks.events.since(cursor) {
+                    Ok((events, next)) => {
+                        cursor = next;
+                        events.iter().any(|e| matches!(e, super::tasks::events::TaskEvent::Revoked { .. }))
+                    }
+                    Err(_lagged) => {
+                        cursor = broker.tasks.events.cursor();
+                        true
+                    }
+                };
+                if revoked {
+                    broker.ssh.sweep(&broker).await;
+                    continue;
+                }
+                listener.await;
+            }
+        })
+        .detach();
+    }
+    {
+        // Idle and expired SSH sessions close; expired certificates leave the registry.
+        let broker = broker.clone();
+        ex.spawn(async move {
+            loop {
+                async_io::Timer::after(std::time::Duration::from_secs(5)).await;
+                broker.ssh.sweep(&broker).await;
+            }
+        })
+        .detach();
+    }
+    {
+        let broker = broker.clone();
+        ex.spawn(async move {
+            while let Ok(e) = signer_events.recv().await {
+                broker.audit_now(signer_event(e)).await;
+            }
+        })
+        .detach();
+    }
+}
+
+/// The audit record of a signer event.
+fn signer_event(e: SignerEvent) -> Event {
+    match e {
+        SignerEvent::WorkerStarted { pid } => {
+            Event::new(Kind::Signer, "worker_started").outcome(serde_json::json!({ "pid": pid }))
+        }
+        SignerEvent::WorkerEnded { pid, why } => Event::new(Kind::Signer, "worker_ended")
+            .error("signer_worker_ended", why)
+            .outcome(serde_json::json!({ "pid": pid })),
+        SignerEvent::KeeperRelaunched { pid } => {
+            Event::new(Kind::Signer, "keeper_relaunched").outcome(serde_json::json!({ "pid": pid }))
+        }
+        SignerEvent::Lost { why } => Event::new(Kind::Signer, "signer_lost").error("signer_lost", why),
+    }
+}
