@@ -192,8 +192,14 @@ fn argon2_hashes_from_earlier_versions_still_work_and_the_log_says_how_to_migrat
         http_request(&b.api, "POST", "/mcp", &h, body.as_bytes()).status
     };
     assert_eq!(whoami(key.expose()), 200);
+    // The broker's stderr is read by a thread of the test harness: wait for the line.
+    let want = format!("replace it with api_key_hash: \"{fast}\"");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !b.log().contains(&want) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let log = b.log();
-    assert!(log.contains(&format!("replace it with api_key_hash: \"{fast}\"")), "{log}");
+    assert!(log.contains(&want), "{log}");
     assert!(!log.contains(key.expose()), "the key itself is never logged");
     // A key not in ephyr's format, against a policy with only fast hashes: refused at once.
     assert_eq!(whoami("sk-some-other-format-key"), 401);

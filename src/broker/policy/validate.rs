@@ -538,51 +538,8 @@ fn section<'v>(cx: &mut Ctx<'_>, top: &'v serde_yaml_ng::Mapping, name: &str) ->
 }
 
 /// Parses and validates.
-pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
-    let mut cx = Ctx { text, origin, problems: vec![], warnings: vec![] };
-    let doc: Value = match serde_yaml_ng::from_str(text) {
-        Ok(v) => v,
-        Err(e) => {
-            let at = e.location().map(|l| format!("{origin}:{}:{}", l.line(), l.column())).unwrap_or(origin.into());
-            return Err(PolicyError {
-                problems: vec![Problem {
-                    at,
-                    path: String::new(),
-                    message: e.to_string(),
-                    hint: Some("this is YAML syntax; check indentation and quoting".into()),
-                }],
-            });
-        }
-    };
-    let empty = serde_yaml_ng::Mapping::new();
-    let top = match &doc {
-        Value::Mapping(m) => m,
-        Value::Null => &empty,
-        _ => {
-            cx.err(&[], "the policy must be a YAML mapping (sections such as agents:, targets:)", None);
-            &empty
-        }
-    };
-    for k in top.keys() {
-        match k.as_str() {
-            Some(s) if SECTIONS.contains(&s) => {}
-            Some(s) => {
-                cx.err(&[s], format!("unknown section {s:?}"), Some(format!("sections are {}", SECTIONS.join(", "))))
-            }
-            None => cx.err(&[], format!("section names must be strings, found {k:?}"), None),
-        }
-    }
-    match top.get("version") {
-        None => {}
-        Some(Value::Number(n)) if n.as_u64() == Some(1) => {}
-        Some(v) => cx.err(
-            &["version"],
-            format!("unsupported policy version {v:?}"),
-            Some("this broker reads version 1".into()),
-        ),
-    }
-
-    // Limits (ours) or Go's global.
+/// Limits (ours) or Go's global: one section of the policy, validated.
+fn limits(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> Limits {
     let limits_file: LimitsFile = top.get("limits").and_then(|v| cx.entry(&["limits"], v)).unwrap_or_default();
     let global: Option<GlobalFile> = top.get("global").and_then(|v| cx.entry(&["global"], v));
     if top.contains_key("limits") && top.contains_key("global") {
@@ -663,9 +620,13 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         cx.err(&["limits", "delegation_depth_max"], "at most 32 levels", None);
     }
 
-    // Roles.
+    limits
+}
+
+/// Roles: one section of the policy, validated.
+fn roles(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, Role> {
     let mut roles = BTreeMap::new();
-    for (name, v) in section(&mut cx, top, "roles") {
+    for (name, v) in section(cx, top, "roles") {
         if !name_ok(&name) {
             cx.err(&["roles", &name], "role names are 1-64 of [A-Za-z0-9_.-]", None);
         }
@@ -704,10 +665,19 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         );
     }
 
-    // Targets.
+    roles
+}
+
+/// Targets: one section of the policy, validated.
+fn targets(
+    cx: &mut Ctx<'_>,
+    top: &serde_yaml_ng::Mapping,
+    limits: &Limits,
+    roles: &BTreeMap<String, Role>,
+) -> BTreeMap<String, Target> {
     let mut targets = BTreeMap::new();
     let mut endpoints: BTreeMap<(String, u16), String> = BTreeMap::new();
-    for (name, v) in section(&mut cx, top, "targets") {
+    for (name, v) in section(cx, top, "targets") {
         if !name_ok(&name) {
             cx.err(&["targets", &name], "target names are 1-64 of [A-Za-z0-9_.-]", None);
         }
@@ -734,13 +704,13 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
                 cx.err(
                     &["targets", &name, "allowed_roles"],
                     format!("unknown role {r:?}"),
-                    Some(format!("define it under roles: (roles defined: {})", join_keys(&roles))),
+                    Some(format!("define it under roles: (roles defined: {})", join_keys(roles))),
                 );
             }
         }
         let mut pin = HostKeyPin::default();
         if let Some(k) = &t.host_key {
-            pin.key = ssh_key_line(&mut cx, &["targets", &name, "host_key"], k);
+            pin.key = ssh_key_line(cx, &["targets", &name, "host_key"], k);
         }
         if let Some(fp) = &t.host_key_fingerprint {
             match fp.parse::<ssh_key::Fingerprint>() {
@@ -760,7 +730,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             }
         }
         if let Some(ca) = &t.host_ca {
-            pin.ca = ssh_key_line(&mut cx, &["targets", &name, "host_ca"], ca);
+            pin.ca = ssh_key_line(cx, &["targets", &name, "host_ca"], ca);
         }
         if limits.host_key_strict && !pin.is_set() {
             cx.err(
@@ -850,9 +820,13 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         );
     }
 
-    // Services.
+    targets
+}
+
+/// Services: one section of the policy, validated.
+fn services(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, Service> {
     let mut services = BTreeMap::new();
-    for (name, v) in section(&mut cx, top, "services") {
+    for (name, v) in section(cx, top, "services") {
         if !name_ok(&name) {
             cx.err(&["services", &name], "service names are 1-64 of [A-Za-z0-9_.-]", None);
         }
@@ -864,7 +838,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
                 continue;
             }
         };
-        let credential = s.credential.as_ref().and_then(|c| credential(&mut cx, &["services", &name, "credential"], c));
+        let credential = s.credential.as_ref().and_then(|c| credential(cx, &["services", &name, "credential"], c));
         let mut allowed_hosts: BTreeSet<String> = [url.host.clone()].into();
         for h in s.allowed_hosts.iter().flatten() {
             let h = h.to_ascii_lowercase().trim_start_matches('[').trim_end_matches(']').to_owned();
@@ -889,8 +863,8 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
                 allowed_hosts.insert(h);
             }
         }
-        let m = s.methods.as_ref().map(|m| methods(&mut cx, &["services", &name, "methods"], m));
-        let paths = s.paths.as_ref().map(|p| path_patterns(&mut cx, &["services", &name, "paths"], p));
+        let m = s.methods.as_ref().map(|m| methods(cx, &["services", &name, "methods"], m));
+        let paths = s.paths.as_ref().map(|p| path_patterns(cx, &["services", &name, "paths"], p));
         let mut headers = Vec::new();
         for (k, v) in s.headers.iter().flatten() {
             let lk = k.to_ascii_lowercase();
@@ -918,7 +892,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
                 headers.push((k.clone(), v.clone()));
             }
         }
-        let tls = tls(&mut cx, &["services", &name], s.tls.as_ref());
+        let tls = tls(cx, &["services", &name], s.tls.as_ref());
         let timeout = cx.duration(&["services", &name, "timeout"], s.timeout.as_deref(), Duration::from_secs(120));
         let connect_timeout =
             cx.duration(&["services", &name, "connect_timeout"], s.connect_timeout.as_deref(), Duration::from_secs(10));
@@ -939,8 +913,8 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
                 }
             }
         };
-        let max_response = size(&mut cx, "max_response", &s.max_response, 10 << 20);
-        let max_request = size(&mut cx, "max_request", &s.max_request, 1 << 20);
+        let max_response = size(cx, "max_response", &s.max_response, 10 << 20);
+        let max_request = size(cx, "max_request", &s.max_request, 1 << 20);
         services.insert(
             name,
             Service {
@@ -962,9 +936,13 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         );
     }
 
-    // Remotes.
+    services
+}
+
+/// Remotes: one section of the policy, validated.
+fn remotes(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, Remote> {
     let mut remotes = BTreeMap::new();
-    for (name, v) in section(&mut cx, top, "remotes") {
+    for (name, v) in section(cx, top, "remotes") {
         if !name_ok(&name) || name.contains('.') {
             cx.err(
                 &["remotes", &name],
@@ -980,8 +958,8 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
                 continue;
             }
         };
-        let credential = r.credential.as_ref().and_then(|c| credential(&mut cx, &["remotes", &name, "credential"], c));
-        let tls = tls(&mut cx, &["remotes", &name], r.tls.as_ref());
+        let credential = r.credential.as_ref().and_then(|c| credential(cx, &["remotes", &name, "credential"], c));
+        let tls = tls(cx, &["remotes", &name], r.tls.as_ref());
         let timeout = cx.duration(&["remotes", &name, "timeout"], r.timeout.as_deref(), Duration::from_secs(30));
         let prefix = r.tool_prefix.clone().unwrap_or_else(|| name.clone());
         if !name_ok(&prefix) || prefix.contains('.') {
@@ -1002,7 +980,11 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         );
     }
 
-    // Network.
+    remotes
+}
+
+/// Network: one section of the policy, validated.
+fn network(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> NetworkPolicy {
     let nf: NetworkFile = top.get("network").and_then(|v| cx.entry(&["network"], v)).unwrap_or_default();
     let mut network = NetworkPolicy::default();
     for (key, list, out) in [("allow", &nf.allow, &mut network.allow), ("deny", &nf.deny, &mut network.deny)] {
@@ -1014,7 +996,11 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         }
     }
 
-    // The MCP endpoint.
+    network
+}
+
+/// The MCP endpoint: one section of the policy, validated.
+fn mcp(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> McpSettings {
     let mf: McpFile = top.get("mcp").and_then(|v| cx.entry(&["mcp"], v)).unwrap_or_default();
     let mut mcp = McpSettings::default();
     for o in &mf.allowed_origins {
@@ -1053,9 +1039,29 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         mcp.max_streams = n;
     }
 
+    mcp
+}
+
+/// What the agents section is checked against: the sections validated before it.
+struct Known<'a> {
+    limits: &'a Limits,
+    roles: &'a BTreeMap<String, Role>,
+    targets: &'a BTreeMap<String, Target>,
+    services: &'a BTreeMap<String, Service>,
+    remotes: &'a BTreeMap<String, Remote>,
+}
+
+/// Templates and agents: each agent's own grants merged with the templates it inherits, checked
+/// against the sections before; also returns the agents by uid.
+fn agents(
+    cx: &mut Ctx<'_>,
+    top: &serde_yaml_ng::Mapping,
+    known: &Known<'_>,
+) -> (BTreeMap<String, Agent>, BTreeMap<u32, String>) {
+    let Known { limits, roles, targets, services, remotes } = *known;
     // Templates (validated as they are merged into agents; parsed once here).
     let mut templates: BTreeMap<String, TemplateFile> = BTreeMap::new();
-    for (name, v) in section(&mut cx, top, "templates") {
+    for (name, v) in section(cx, top, "templates") {
         if let Some(t) = cx.entry::<TemplateFile>(&["templates", &name], v) {
             templates.insert(name, t);
         }
@@ -1064,13 +1070,13 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     // Agents.
     let mut agents = BTreeMap::new();
     let mut by_uid = BTreeMap::new();
-    for (name, v) in section(&mut cx, top, "agents") {
+    for (name, v) in section(cx, top, "agents") {
         if !name_ok(&name) {
             cx.err(&["agents", &name], "agent names are 1-64 of [A-Za-z0-9_.-]", None);
         }
         let Some(a) = cx.entry::<AgentFile>(&["agents", &name], v) else { continue };
         if let Some(h) = &a.api_key_hash {
-            api_key_hash(&mut cx, &name, h);
+            api_key_hash(cx, &name, h);
         }
         if let Some(uid) = a.uid
             && let Some(other) = by_uid.insert(uid, name.clone())
@@ -1111,7 +1117,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             remotes: a.remotes.as_ref(),
             dashboard: a.dashboard.as_deref(),
         };
-        merge_grants(&mut cx, &["agents", &name], &own, &roles, &targets, &services, &remotes, &mut agent, &mut dash);
+        merge_grants(cx, &["agents", &name], &own, roles, targets, services, remotes, &mut agent, &mut dash);
         for t in &a.inherits {
             match templates.get(t) {
                 None => cx.err(
@@ -1126,17 +1132,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
                         remotes: tf.remotes.as_ref(),
                         dashboard: tf.dashboard.as_deref(),
                     };
-                    merge_grants(
-                        &mut cx,
-                        &["templates", t],
-                        &g,
-                        &roles,
-                        &targets,
-                        &services,
-                        &remotes,
-                        &mut agent,
-                        &mut dash,
-                    );
+                    merge_grants(cx, &["templates", t], &g, roles, targets, services, remotes, &mut agent, &mut dash);
                 }
             }
         }
@@ -1163,6 +1159,65 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             ),
         );
     }
+
+    (agents, by_uid)
+}
+
+/// Parses and validates a policy: each section by its own function, then the agents, which use
+/// all of them.
+pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
+    let mut cx = Ctx { text, origin, problems: vec![], warnings: vec![] };
+    let doc: Value = match serde_yaml_ng::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let at = e.location().map(|l| format!("{origin}:{}:{}", l.line(), l.column())).unwrap_or(origin.into());
+            return Err(PolicyError {
+                problems: vec![Problem {
+                    at,
+                    path: String::new(),
+                    message: e.to_string(),
+                    hint: Some("this is YAML syntax; check indentation and quoting".into()),
+                }],
+            });
+        }
+    };
+    let empty = serde_yaml_ng::Mapping::new();
+    let top = match &doc {
+        Value::Mapping(m) => m,
+        Value::Null => &empty,
+        _ => {
+            cx.err(&[], "the policy must be a YAML mapping (sections such as agents:, targets:)", None);
+            &empty
+        }
+    };
+    for k in top.keys() {
+        match k.as_str() {
+            Some(s) if SECTIONS.contains(&s) => {}
+            Some(s) => {
+                cx.err(&[s], format!("unknown section {s:?}"), Some(format!("sections are {}", SECTIONS.join(", "))))
+            }
+            None => cx.err(&[], format!("section names must be strings, found {k:?}"), None),
+        }
+    }
+    match top.get("version") {
+        None => {}
+        Some(Value::Number(n)) if n.as_u64() == Some(1) => {}
+        Some(v) => cx.err(
+            &["version"],
+            format!("unsupported policy version {v:?}"),
+            Some("this broker reads version 1".into()),
+        ),
+    }
+
+    let limits = limits(&mut cx, top);
+    let roles = roles(&mut cx, top);
+    let targets = targets(&mut cx, top, &limits, &roles);
+    let services = services(&mut cx, top);
+    let remotes = remotes(&mut cx, top);
+    let network = network(&mut cx, top);
+    let mcp = mcp(&mut cx, top);
+    let known = Known { limits: &limits, roles: &roles, targets: &targets, services: &services, remotes: &remotes };
+    let (agents, by_uid) = agents(&mut cx, top, &known);
 
     if !cx.problems.is_empty() {
         return Err(PolicyError { problems: cx.problems });
