@@ -218,6 +218,11 @@ impl std::fmt::Debug for Conn {
     }
 }
 
+/// An ephemeral private key (russh's type; zeroized when dropped).
+pub type Key = PrivateKey;
+/// A user certificate from the signer, as russh uses it.
+pub type Cert = Certificate;
+
 /// A new Ed25519 key, in memory only.
 pub fn ephemeral_key() -> Result<PrivateKey, SshError> {
     use ring::rand::SecureRandom as _;

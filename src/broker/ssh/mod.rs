@@ -325,69 +325,11 @@ impl Ssh {
         let t =
             policy.targets.get(target_name).ok_or_else(|| Failure::Refused(format!("no target {target_name:?}")))?;
         let host_check = self.host_check(target_name, t, policy.limits.host_key_strict)?;
-        let agent = policy.agents.get(&caller.agent);
-        let per_agent = agent.map_or(policy.limits.max_certs_per_agent, |a| a.max_concurrent_certs);
-        let (mine, total) = self.registry.in_use(&caller.agent);
-        if mine >= per_agent {
-            return Err(Failure::Refused(format!(
-                "agent {:?} holds {mine} certificates (its limit is {per_agent}); close a session or wait for a command to finish",
-                caller.agent
-            )));
-        }
-        if total >= policy.limits.max_certs_total {
-            return Err(Failure::Refused(format!(
-                "the broker holds {total} certificates (limits.max_certs_total); retry later"
-            )));
-        }
-        let now = now_secs();
-        // Never past the signer's own cap (fixed at its start: a reload may ask for more, and
-        // `reload` warns), nor past the token's expiry: a certificate must not outlive the task.
-        let cap = broker.signer.health().status.map_or(u64::MAX, |s| u64::from(s.limits.max_cert_ttl_secs));
-        let mut until = now + ttl.as_secs().clamp(1, cap.max(1));
-        if let Some(exp) = caller.token().and_then(|t| t.envelope().expires_before) {
-            until = until.min(exp.secs().max(0) as u64);
-        }
-        if until <= now {
-            return Err(Failure::Refused("the task expires now; no certificate".into()));
-        }
-        let key = client::ephemeral_key().map_err(Failure::Ssh)?;
-        let request_id = crate::ids::new_ulid(crate::time::now());
-        let task = caller.token().map(|t| t.task.clone());
-        let key_id =
-            format!("ephyr:{}:{}:{target_name}/{role}:{request_id}", caller.agent, task.as_deref().unwrap_or("-"));
-        let req = CertRequest {
-            public_key: client::public_openssh(&key),
-            principals: vec![principal.to_owned()],
-            key_id: key_id.clone(),
-            valid_after: now.saturating_sub(BACKDATE),
-            valid_before: until,
-            force_command: t.force_command.clone(),
-            source_address: t.source_address.clone(),
-            extensions: t.extensions.clone(),
-        };
-        let (serial, certificate) = match broker.signer.call(Request::SignUserCert(req)).await {
-            Ok(Response::Certificate { serial, certificate }) => (serial, certificate),
-            Ok(other) => return Err(Failure::Signer(format!("unexpected signer answer {other:?}"))),
-            Err(e) => {
-                broker.metrics.inc("ephyr_certificates_refused_total", &[]);
-                return Err(signer_failure(&e));
-            }
-        };
-        broker.metrics.inc("ephyr_certificates_issued_total", &[("requester", "agent")]);
-        let cert = client::parse_cert(&certificate).map_err(Failure::Ssh)?;
-        let issued = registry::Issued {
-            serial,
-            key_id: key_id.clone(),
-            agent: caller.agent.clone(),
-            task,
-            lineage: caller.token().map(|t| t.lineage.clone()).unwrap_or_default(),
-            target: target_name.to_owned(),
-            role: role.to_owned(),
-            principal: principal.to_owned(),
-            valid_after: now.saturating_sub(BACKDATE),
-            valid_before: until,
-            session: session.map(str::to_owned),
-        };
+        self.within_limits(policy, caller)?;
+        let (now, until) = validity(broker, caller, ttl)?;
+        let (key, cert, issued) =
+            issue(broker, caller, Wanted { target_name, target: t, role, principal, session }, now, until).await?;
+        let (serial, key_id) = (issued.serial, issued.key_id.clone());
         // The issuance is recorded (audit + registry) before the certificate is used; both
         // syncs run while the connection is set up, and are awaited before anything is returned.
         let ev = with_task(Event::new(Kind::Cert, "cert_issued"), caller)
@@ -442,28 +384,59 @@ impl Ssh {
             }
         };
         broker.metrics.inc("ephyr_ssh_connects_total", &[("outcome", "ok")]);
-        let mut warning = None;
-        if let HostCheck::Tofu(None) = host_check {
-            let addr = format!("{}:{}", t.host, t.port);
-            if let Some((path, text)) = self.known.record(target_name, &addr, &conn.host_key) {
-                let _ = broker.pool.run(move || hosts::write(&path, &text)).await;
-            }
-            let w = format!(
-                "target {target_name:?} pins no host key: trusted {} on first use and recorded it; pin it in the policy (host_key_fingerprint)",
-                conn.host_key
-            );
-            log::warn!("{w}");
-            broker
-                .audit_now(
-                    Event::new(Kind::Ssh, "host_key_first_use")
-                        .agent(caller.agent.clone())
-                        .action(json!({ "target": target_name, "host": t.host, "port": t.port }))
-                        .outcome(json!({ "fingerprint": conn.host_key })),
-                )
-                .await;
-            warning = Some(w);
-        }
+        let warning = match host_check {
+            HostCheck::Tofu(None) => Some(self.trust_on_first_use(broker, caller, target_name, t, &conn).await),
+            _ => None,
+        };
         Ok((conn, issued, held, warning))
+    }
+
+    /// The concurrency limits: the agent's own and the broker's.
+    fn within_limits(&self, policy: &Policy, caller: &Caller) -> Result<(), Failure> {
+        let agent = policy.agents.get(&caller.agent);
+        let per_agent = agent.map_or(policy.limits.max_certs_per_agent, |a| a.max_concurrent_certs);
+        let (mine, total) = self.registry.in_use(&caller.agent);
+        if mine >= per_agent {
+            return Err(Failure::Refused(format!(
+                "agent {:?} holds {mine} certificates (its limit is {per_agent}); close a session or wait for a command to finish",
+                caller.agent
+            )));
+        }
+        if total >= policy.limits.max_certs_total {
+            return Err(Failure::Refused(format!(
+                "the broker holds {total} certificates (limits.max_certs_total); retry later"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records a host key seen on first use (no pin), and says so: the warning for the caller.
+    async fn trust_on_first_use(
+        &self,
+        broker: &Broker,
+        caller: &Caller,
+        target_name: &str,
+        t: &Target,
+        conn: &Conn,
+    ) -> String {
+        let addr = format!("{}:{}", t.host, t.port);
+        if let Some((path, text)) = self.known.record(target_name, &addr, &conn.host_key) {
+            let _ = broker.pool.run(move || hosts::write(&path, &text)).await;
+        }
+        let w = format!(
+            "target {target_name:?} pins no host key: trusted {} on first use and recorded it; pin it in the policy (host_key_fingerprint)",
+            conn.host_key
+        );
+        log::warn!("{w}");
+        broker
+            .audit_now(
+                Event::new(Kind::Ssh, "host_key_first_use")
+                    .agent(caller.agent.clone())
+                    .action(json!({ "target": target_name, "host": t.host, "port": t.port }))
+                    .outcome(json!({ "fingerprint": conn.host_key })),
+            )
+            .await;
+        w
     }
 
     /// Records that a command is about to run (fails closed when the audit trail is down); the
@@ -690,6 +663,80 @@ impl Ssh {
         self.krl_version.set(v + 1);
         Some(krl::encode(&blob, &serials, v, now, "ephyr revoked certificates"))
     }
+}
+
+/// The validity window of a new certificate: from now, at most `ttl`, never past the signer's own
+/// cap (fixed at its start: a reload may ask for more, and `reload` warns), nor past the token's
+/// expiry (a certificate must not outlive the task). `(now, until)`, Unix seconds.
+fn validity(broker: &Broker, caller: &Caller, ttl: Duration) -> Result<(u64, u64), Failure> {
+    let now = now_secs();
+    let cap = broker.signer.health().status.map_or(u64::MAX, |s| u64::from(s.limits.max_cert_ttl_secs));
+    let mut until = now + ttl.as_secs().clamp(1, cap.max(1));
+    if let Some(exp) = caller.token().and_then(|t| t.envelope().expires_before) {
+        until = until.min(exp.secs().max(0) as u64);
+    }
+    if until <= now {
+        return Err(Failure::Refused("the task expires now; no certificate".into()));
+    }
+    Ok((now, until))
+}
+
+/// What a certificate is asked for.
+struct Wanted<'a> {
+    target_name: &'a str,
+    target: &'a Target,
+    role: &'a str,
+    principal: &'a str,
+    session: Option<&'a str>,
+}
+
+/// A fresh key in memory and its certificate from the signer, with the registry record.
+async fn issue(
+    broker: &Broker,
+    caller: &Caller,
+    w: Wanted<'_>,
+    now: u64,
+    until: u64,
+) -> Result<(client::Key, client::Cert, registry::Issued), Failure> {
+    let Wanted { target_name, target: t, role, principal, session } = w;
+    let key = client::ephemeral_key().map_err(Failure::Ssh)?;
+    let request_id = crate::ids::new_ulid(crate::time::now());
+    let task = caller.token().map(|t| t.task.clone());
+    let key_id = format!("ephyr:{}:{}:{target_name}/{role}:{request_id}", caller.agent, task.as_deref().unwrap_or("-"));
+    let req = CertRequest {
+        public_key: client::public_openssh(&key),
+        principals: vec![principal.to_owned()],
+        key_id: key_id.clone(),
+        valid_after: now.saturating_sub(BACKDATE),
+        valid_before: until,
+        force_command: t.force_command.clone(),
+        source_address: t.source_address.clone(),
+        extensions: t.extensions.clone(),
+    };
+    let (serial, certificate) = match broker.signer.call(Request::SignUserCert(req)).await {
+        Ok(Response::Certificate { serial, certificate }) => (serial, certificate),
+        Ok(other) => return Err(Failure::Signer(format!("unexpected signer answer {other:?}"))),
+        Err(e) => {
+            broker.metrics.inc("ephyr_certificates_refused_total", &[]);
+            return Err(signer_failure(&e));
+        }
+    };
+    broker.metrics.inc("ephyr_certificates_issued_total", &[("requester", "agent")]);
+    let cert = client::parse_cert(&certificate).map_err(Failure::Ssh)?;
+    let issued = registry::Issued {
+        serial,
+        key_id: key_id.clone(),
+        agent: caller.agent.clone(),
+        task,
+        lineage: caller.token().map(|t| t.lineage.clone()).unwrap_or_default(),
+        target: target_name.to_owned(),
+        role: role.to_owned(),
+        principal: principal.to_owned(),
+        valid_after: now.saturating_sub(BACKDATE),
+        valid_before: until,
+        session: session.map(str::to_owned),
+    };
+    Ok((key, cert, issued))
 }
 
 fn policy_allows(policy: &Policy, agent: &str, target: &str, role: &str) -> bool {
