@@ -250,14 +250,15 @@ fn cert_revoke_serial(path: &str) -> Option<&str> {
 }
 
 async fn revoke_cert(broker: &Broker, peer: Peer, serial: &str) -> http::Response<Body> {
-    use crate::broker::ops::{self, OpError};
+    use crate::broker::{Error, ops};
     let Ok(n) = u64::from_str_radix(serial, 16) else {
         return error(StatusCode::BAD_REQUEST, "invalid_serial", format!("{serial:?} is not a hexadecimal serial"));
     };
     match ops::revoke_cert(broker, &operator(peer), n).await {
         Ok(()) => json(StatusCode::OK, &serde_json::json!({ "serial": format!("{n:016x}"), "revoked": true })),
-        Err(e @ OpError::NotFound(_)) => error(StatusCode::NOT_FOUND, "unknown_certificate", e.message()),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "state_unavailable", e.message()),
+        // `unknown_certificate` is the documented code of `ephyr cert revoke` (docs/cli.md).
+        Err(e @ Error::NotFound(_)) => error(StatusCode::NOT_FOUND, "unknown_certificate", e.message()),
+        Err(e) => crate::broker::http::error_response(&e),
     }
 }
 

@@ -10,6 +10,8 @@ pub mod auth;
 pub mod blocking;
 pub mod datadir;
 pub mod dispatch;
+pub mod error;
+
 pub mod http;
 pub mod journal;
 pub mod local;
@@ -29,6 +31,8 @@ pub mod ssh;
 pub mod tasks;
 pub mod tools;
 pub mod upstream;
+
+pub use error::Error;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -11,11 +11,11 @@ use std::rc::Rc;
 
 use serde_json::json;
 
-use super::Broker;
 use super::audit::{AuditSink as _, Event, Kind};
 use super::policy::PolicyError;
 use super::ssh::Session;
-use super::tasks::{TaskError, TaskView};
+use super::tasks::TaskView;
+use super::{Broker, Error};
 
 /// Who asked.
 #[derive(Clone, Debug)]
@@ -60,37 +60,6 @@ impl Actor {
     }
 }
 
-/// Why an operation did not happen, or happened without its record.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum OpError {
-    /// Nothing to act on (no such live task or certificate). Callers answer 404 / a tool error.
-    NotFound(String),
-    /// Refused as it stands (already revoked). Callers answer 409 / a tool error.
-    Refused(String),
-    /// The state or the audit trail could not be written. If the act itself took effect, the
-    /// message says so (a revocation in force whose record failed); callers answer 503.
-    Unavailable(String),
-}
-
-impl OpError {
-    /// The text for the caller.
-    pub fn message(&self) -> &str {
-        match self {
-            OpError::NotFound(m) | OpError::Refused(m) | OpError::Unavailable(m) => m,
-        }
-    }
-}
-
-impl From<TaskError> for OpError {
-    fn from(e: TaskError) -> Self {
-        match e {
-            TaskError::NotFound(m) => OpError::NotFound(m),
-            TaskError::Refused(m) => OpError::Refused(m),
-            other => OpError::Unavailable(other.to_string()),
-        }
-    }
-}
-
 /// Records `ev` and waits until it is durable.
 async fn record(broker: &Broker, ev: Event) -> Result<(), String> {
     let ticket = broker.audit.record(ev).map_err(|e| e.to_string())?;
@@ -100,7 +69,7 @@ async fn record(broker: &Broker, ev: Event) -> Result<(), String> {
 /// Revokes task `v` and, with it, every descendant: tokens fail at once, streams end and SSH
 /// sessions of the tree close (task events; the sessions also here, before answering), and
 /// their certificates are listed on the KRL. Returns how many descendants it took along.
-pub async fn revoke_task(broker: &Broker, actor: &Actor, v: &TaskView) -> Result<usize, OpError> {
+pub async fn revoke_task(broker: &Broker, actor: &Actor, v: &TaskView) -> Result<usize, Error> {
     let id = v.task.id;
     let cascade = broker.tasks.revoke(id, crate::time::now()).await?;
     // The record's task is the one revoked (audit queries by tree find it there).
@@ -114,20 +83,20 @@ pub async fn revoke_task(broker: &Broker, actor: &Actor, v: &TaskView) -> Result
     let recorded = record(broker, ev).await;
     broker.metrics.inc("ephyr_tasks_total", &[("op", "revoke")]);
     broker.ssh.sweep(broker).await;
-    recorded.map_err(|e| OpError::Unavailable(format!("task {id} is revoked, but its audit record failed: {e}")))?;
+    recorded.map_err(|e| Error::Unavailable(format!("task {id} is revoked, but its audit record failed: {e}")))?;
     Ok(cascade)
 }
 
 /// Puts certificate `serial` on the KRL and closes the session that holds it, if any.
-pub async fn revoke_cert(broker: &Broker, actor: &Actor, serial: u64) -> Result<(), OpError> {
+pub async fn revoke_cert(broker: &Broker, actor: &Actor, serial: u64) -> Result<(), Error> {
     match broker.ssh.registry.revoke(serial, crate::time::now().0).await {
         Ok(true) => {}
         Ok(false) => {
-            return Err(OpError::NotFound(format!(
+            return Err(Error::NotFound(format!(
                 "no valid certificate with serial {serial:016x} was issued by this broker"
             )));
         }
-        Err(e) => return Err(OpError::Unavailable(e)),
+        Err(e) => return Err(Error::Unavailable(e)),
     }
     let closed = match broker.ssh.session_with_serial(serial) {
         Some(s) => {
@@ -143,7 +112,7 @@ pub async fn revoke_cert(broker: &Broker, actor: &Actor, serial: u64) -> Result<
             .outcome(json!({ "session_closed": closed })),
     );
     record(broker, ev).await.map_err(|e| {
-        OpError::Unavailable(format!("certificate {serial:016x} is revoked, but its audit record failed: {e}"))
+        Error::Unavailable(format!("certificate {serial:016x} is revoked, but its audit record failed: {e}"))
     })
 }
 

@@ -80,6 +80,12 @@ pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
     json(status, &serde_json::json!({ "error": code, "message": message.into() }))
 }
 
+/// A broker error as an HTTP answer (the one mapping): its status, and `{"error": code,
+/// "message": text}`.
+pub fn error_response(e: &crate::broker::Error) -> Response<Body> {
+    error(e.status(), e.code(), e.message())
+}
+
 /// A status as its class, `1xx`..`5xx` (metric labels).
 pub fn status_class(s: StatusCode) -> &'static str {
     match s.as_u16() {

@@ -26,14 +26,14 @@ use http::{HeaderMap, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
-use super::Broker;
 use super::audit::{AuditSink as _, Event, Kind};
 use super::auth::Caller;
 use super::metrics::PolicyName;
-use super::policy::{Action, ActionKind, Arguments, Decision, Denial, Policy, authorize, pattern::normalise_path};
+use super::policy::{Action, ActionKind, Arguments, Decision, Policy, authorize, pattern::normalise_path};
 use super::upstream::body::{Limits, UpstreamBody, chain};
 use super::upstream::scrub::Scrubber;
 use super::upstream::{conn, plan};
+use super::{Broker, Error};
 
 /// Methods that are sent without waiting for their audit record to be durable (they change
 /// nothing upstream by definition; their outcome is still recorded).
@@ -64,61 +64,6 @@ pub struct Call<'a> {
     /// The tool call's arguments (`Arguments::None` for the route: the service, method and path
     /// are the action's own facts either way).
     pub arguments: Arguments<'a>,
-}
-
-/// Why a request was not proxied.
-#[derive(Debug)]
-pub enum Failure {
-    /// Policy, token or network rules deny it.
-    Denied(Denial),
-    /// The request itself is malformed (path, headers).
-    Invalid(String),
-    /// The request body is larger than the service allows.
-    TooLarge(String),
-    /// The broker cannot serve it now (audit log down, secret missing).
-    Unavailable(String),
-    /// The upstream could not be reached or answered badly.
-    Upstream(String),
-    /// The upstream did not answer in time.
-    Timeout(String),
-}
-
-impl Failure {
-    /// HTTP status for the proxy route.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Failure::Denied(_) => StatusCode::FORBIDDEN,
-            Failure::Invalid(_) => StatusCode::BAD_REQUEST,
-            Failure::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Failure::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Failure::Upstream(_) => StatusCode::BAD_GATEWAY,
-            Failure::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        }
-    }
-
-    /// Stable code.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Failure::Denied(d) => d.code.as_str(),
-            Failure::Invalid(_) => "invalid_request",
-            Failure::TooLarge(_) => "body_too_large",
-            Failure::Unavailable(_) => "unavailable",
-            Failure::Upstream(_) => "upstream_failed",
-            Failure::Timeout(_) => "upstream_timeout",
-        }
-    }
-
-    /// Human text.
-    pub fn message(&self) -> String {
-        match self {
-            Failure::Denied(d) => d.reason.clone(),
-            Failure::Invalid(m)
-            | Failure::TooLarge(m)
-            | Failure::Unavailable(m)
-            | Failure::Upstream(m)
-            | Failure::Timeout(m) => m.clone(),
-        }
-    }
 }
 
 /// The upstream's answer.
@@ -160,45 +105,45 @@ impl Proxy {
         caller: &Caller,
         policy: &Policy,
         call: Call<'_>,
-    ) -> Result<Answer, Failure> {
+    ) -> Result<Answer, Error> {
         let started = Instant::now();
-        let path = normalise_path(call.path).map_err(|e| Failure::Invalid(format!("path: {e}")))?;
+        let path = normalise_path(call.path).map_err(|e| Error::Invalid(format!("path: {e}")))?;
         let principal = caller.principal();
         let (service, method) = (call.service, call.method);
         let http = ActionKind::Http { service, method, path: &path.decoded };
         if let Decision::Deny(d) =
             authorize(policy, &principal, &Action { tool: call.tool, kind: http, arguments: call.arguments })
         {
-            return Err(Failure::Denied(d));
+            return Err(Error::Denied(d));
         }
         let Some(s) = policy.services.get(service) else {
-            return Err(Failure::Invalid(format!("no service {service:?}")));
+            return Err(Error::Invalid(format!("no service {service:?}")));
         };
         if call.body.len() as u64 > s.max_request {
-            return Err(Failure::TooLarge(format!(
+            return Err(Error::TooLarge(format!(
                 "request body is {} bytes; service {service:?} accepts at most {} (max_request)",
                 call.body.len(),
                 s.max_request
             )));
         }
         if let Some(f) = broker.audit.failure() {
-            return Err(Failure::Unavailable(format!("the audit log is unavailable ({f}); requests are refused")));
+            return Err(Error::Unavailable(format!("the audit log is unavailable ({f}); requests are refused")));
         }
         let host = call.host.unwrap_or(&s.url.host).to_owned();
         let total = call.timeout.map_or(s.timeout, |t| t.min(s.timeout));
         let deadline = started + total;
         let addrs: Vec<IpAddr> =
-            conn::resolve(&broker.pool, &host, s.url.port, s.connect_timeout).await.map_err(Failure::Upstream)?;
+            conn::resolve(&broker.pool, &host, s.url.port, s.connect_timeout).await.map_err(Error::upstream)?;
         let upstream = ActionKind::HttpUpstream { service, method, path: &path.decoded, host: &host, addrs: &addrs };
         if let Decision::Deny(d) =
             authorize(policy, &principal, &Action { tool: call.tool, kind: upstream, arguments: call.arguments })
         {
-            return Err(Failure::Denied(d));
+            return Err(Error::Denied(d));
         }
         let secret = match &s.credential {
             None => None,
             Some(c) => Some(
-                broker.secrets.resolve(&broker.pool, &broker.signer, &c.secret).await.map_err(Failure::Unavailable)?,
+                broker.secrets.resolve(&broker.pool, &broker.signer, &c.secret).await.map_err(Error::Unavailable)?,
             ),
         };
         let scrub = match (&s.credential, &secret) {
@@ -207,14 +152,14 @@ impl Proxy {
         };
         let request_id = crate::ids::new_ulid(crate::time::now()).to_string();
         let headers = plan::request_headers(call.headers, s, &host, secret.as_ref(), &request_id)
-            .map_err(|e| Failure::Invalid(format!("service {service:?}: {e}")))?;
+            .map_err(|e| Error::Invalid(format!("service {service:?}: {e}")))?;
         let uri = plan::upstream_path(s, &path, secret.as_ref());
         drop(secret);
         let mut req = http::Request::builder()
             .method(method)
             .uri(uri)
             .body(Full::new(call.body))
-            .map_err(|e| Failure::Invalid(format!("request: {e}")))?;
+            .map_err(|e| Error::Invalid(format!("request: {e}")))?;
         *req.headers_mut() = headers;
         let url = format!(
             "{}://{}{}{}",
@@ -238,13 +183,13 @@ impl Proxy {
             if let Some(t) = caller.token() {
                 ev = ev.task(t.task.clone(), t.lineage.clone()).initiated_by(t.initiated_by.clone());
             }
-            Some(broker.audit.record(ev).map_err(|e| Failure::Unavailable(format!("audit: {e}")))?)
+            Some(broker.audit.record(ev).map_err(|e| Error::Unavailable(format!("audit: {e}")))?)
         };
         let tls = if s.url.scheme == "https" {
             let client = match (&s.tls.client_cert, &s.tls.client_key) {
                 (Some(c), Some(k)) => Some((
                     c.as_str(),
-                    broker.secrets.resolve(&broker.pool, &broker.signer, k).await.map_err(Failure::Unavailable)?,
+                    broker.secrets.resolve(&broker.pool, &broker.signer, k).await.map_err(Error::Unavailable)?,
                 )),
                 _ => None,
             };
@@ -253,7 +198,7 @@ impl Proxy {
                 self.conns
                     .tls_config(&broker.pool, &key, s.tls.ca_file.as_deref(), client)
                     .await
-                    .map_err(|e| Failure::Unavailable(format!("service {service:?}: {e}")))?,
+                    .map_err(|e| Error::Unavailable(format!("service {service:?}: {e}")))?,
             )
         } else {
             None
@@ -268,7 +213,7 @@ impl Proxy {
         // A pooled connection first; if the request could not be written on it, a new one.
         let exchange = async {
             if let Some(d) = ticket {
-                d.durable().await.map_err(|e| Failure::Unavailable(format!("audit: {e}")))?;
+                d.durable().await.map_err(|e| Error::Unavailable(format!("audit: {e}")))?;
             }
             let mut req = Some(req);
             let mut reused = self.conns.checkout(&pool_key);
@@ -277,16 +222,16 @@ impl Proxy {
                 let mut sender = match reused.take() {
                     Some(s) => s,
                     None => self.conns.connect(&dest).await.map_err(|e| match e {
-                        conn::ConnectError::Timeout(_) => Failure::Timeout(format!("connecting to {host}: {e}")),
-                        other => Failure::Upstream(format!("connecting to {host}: {other}")),
+                        conn::ConnectError::Timeout(_) => Error::Timeout(format!("connecting to {host}: {e}")),
+                        other => Error::upstream(format!("connecting to {host}: {other}")),
                     })?,
                 };
-                let Some(r) = req.take() else { return Err(Failure::Upstream("request lost".into())) };
+                let Some(r) = req.take() else { return Err(Error::upstream("request lost")) };
                 match sender.try_send_request(r).await {
                     Ok(resp) => return Ok((sender, resp)),
                     Err(mut e) => match e.take_message() {
                         Some(r) if was_reused => req = Some(r),
-                        _ => return Err(Failure::Upstream(format!("{host}: {}", chain(&e.into_error())))),
+                        _ => return Err(Error::upstream(format!("{host}: {}", chain(&e.into_error())))),
                     },
                 }
             }
@@ -296,7 +241,7 @@ impl Proxy {
         let (sender, resp) = exchange
             .or(async {
                 Timer::after(head_limit).await;
-                Err(Failure::Timeout(if head_limit < left {
+                Err(Error::Timeout(if head_limit < left {
                     format!("{host} sent no response headers within {}s (read_timeout)", head_limit.as_secs_f64())
                 } else {
                     late
@@ -305,14 +250,14 @@ impl Proxy {
             .await?;
         let (parts, incoming) = resp.into_parts();
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-            return Err(Failure::Upstream(format!("{host} switched protocols, which the proxy does not carry")));
+            return Err(Error::upstream(format!("{host} switched protocols, which the proxy does not carry")));
         }
         // A transfer-coding other than chunked (`Transfer-Encoding: gzip, chunked`) reaches us
         // undecoded: it could hide the credential from the scrubber, and the agent could not
         // decode it either once the hop-by-hop header is dropped. Refused like a compressed
         // content-coding.
         if let Some(te) = plan::foreign_transfer_coding(&parts.headers) {
-            return Err(Failure::Upstream(format!(
+            return Err(Error::upstream(format!(
                 "{host} sent a body with transfer-coding {te:?}; only chunked is carried (it could hide the credential from the check, and the agent could not decode it), so it is not passed on"
             )));
         }
@@ -320,7 +265,7 @@ impl Proxy {
             && let Some(enc) = parts.headers.get(http::header::CONTENT_ENCODING)
             && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
         {
-            return Err(Failure::Upstream(format!(
+            return Err(Error::upstream(format!(
                 "{host} sent a {}-encoded body although identity was asked for; it cannot be checked for the credential, so it is not passed on",
                 String::from_utf8_lossy(enc.as_bytes())
             )));

@@ -16,8 +16,9 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use super::{Call, Failure};
+use super::Call;
 use crate::broker::Broker;
+use crate::broker::Error;
 use crate::broker::audit::{AuditSink as _, Event, Kind};
 use crate::broker::auth::{self, Caller};
 use crate::broker::http::{Body, Peer, error, read_incoming};
@@ -35,11 +36,11 @@ fn refuse(status: StatusCode, code: &str, message: String) -> Response<Body> {
     r
 }
 
-fn audit_refusal(broker: &Broker, caller: Option<&Caller>, service: &str, method: &str, f: &Failure) {
+fn audit_refusal(broker: &Broker, caller: Option<&Caller>, service: &str, method: &str, f: &Error) {
     let mut ev =
         Event::new(Kind::Http, "http_request").action(json!({ "service": service, "method": method, "via": "route" }));
     ev = match f {
-        Failure::Denied(d) => ev.deny(d.code.as_str(), d.reason.clone()),
+        Error::Denied(d) => ev.deny(d.code.as_str(), d.reason.clone()),
         other => ev.error(other.code(), other.message()),
     };
     if let Some(c) = caller {
@@ -97,9 +98,9 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
         Err(e) => {
             let f = match e {
                 crate::broker::http::BodyError::TooLarge(_) => {
-                    Failure::TooLarge(format!("request body exceeds {max} bytes (service {service:?} max_request)"))
+                    Error::TooLarge(format!("request body exceeds {max} bytes (service {service:?} max_request)"))
                 }
-                other => Failure::Invalid(other.describe()),
+                other => Error::Invalid(other.describe()),
             };
             audit_refusal(&broker, Some(&caller), &service, &method, &f);
             return refuse(f.status(), f.code(), f.message());
@@ -149,7 +150,7 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
     if let Some(len) = answer.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         && len > limit
     {
-        let f = Failure::Upstream(format!(
+        let f = Error::upstream(format!(
             "the upstream's response is {len} bytes; service {service:?} passes at most {limit} (max_response)"
         ));
         audit_refusal(&broker, Some(&caller), &service, &method, &f);

@@ -27,9 +27,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::Broker;
+use super::Error;
 use super::audit::{AuditSink as _, Event, Kind};
 use super::auth::Caller;
-use super::policy::{Action, ActionKind, Arguments, Decision, Denial, Policy, Target};
+use super::policy::{Action, ActionKind, Arguments, Decision, Policy, Target};
 use super::signer_client::CallError;
 use crate::signer::protocol::{CertRequest, ErrorCode, Request, Response};
 use client::{Conn, ExecLimits, ExecResult, HostCheck, SshError};
@@ -53,30 +54,9 @@ pub const MAX_COMMAND: usize = 64 * 1024;
 /// Characters of a command kept in audit lines.
 const AUDIT_COMMAND_CHARS: usize = 1024;
 
-/// Why an SSH operation did not happen (or failed). Each names what was wrong.
-#[derive(Debug)]
-pub enum Failure {
-    /// `authorize` said no.
-    Denied(Denial),
-    /// Refused before acting: limits, command patterns, unknown session, bad input.
-    Refused(String),
-    /// The signer refused or failed (its rate limit is named as such).
-    Signer(String),
-    /// Connecting or running failed.
-    Ssh(SshError),
-    /// The audit trail is failing: nothing is done without a record.
-    Audit(String),
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Denied(d) => write!(f, "denied ({}): {}", d.code.as_str(), d.reason),
-            Failure::Refused(m) | Failure::Signer(m) => f.write_str(m),
-            Failure::Ssh(e) => write!(f, "{} ({})", e, e.code()),
-            Failure::Audit(m) => write!(f, "audit unavailable, refusing to act: {m}"),
-        }
-    }
+/// An SSH error as the broker reports it: an upstream failure with the SSH error's code.
+fn ssh_err(e: SshError) -> Error {
+    Error::Upstream { code: e.code(), message: e.to_string() }
 }
 
 /// Who asks for an SSH operation, under which policy snapshot, with which call arguments.
@@ -204,14 +184,14 @@ fn audit_command(c: &str) -> String {
     }
 }
 
-fn signer_failure(e: &CallError) -> Failure {
+fn signer_failure(e: &CallError) -> Error {
     match e {
-        CallError::Refused(r) if r.code == ErrorCode::RateLimited => Failure::Signer(format!(
+        CallError::Refused(r) if r.code == ErrorCode::RateLimited => Error::Signer(format!(
             "the signer's certificate rate limit is reached ({}); retry shortly or use a session",
             r.message
         )),
-        CallError::Refused(r) => Failure::Signer(format!("the signer refused the certificate: {}", r.message)),
-        other => Failure::Signer(format!("no certificate: {other}")),
+        CallError::Refused(r) => Error::Signer(format!("the signer refused the certificate: {}", r.message)),
+        other => Error::Signer(format!("no certificate: {other}")),
     }
 }
 
@@ -271,7 +251,7 @@ impl Ssh {
         target: &str,
         role: &str,
         command: Option<&str>,
-    ) -> Result<String, Failure> {
+    ) -> Result<String, Error> {
         let principal = caller.principal();
         let kind = match command {
             Some(command) => ActionKind::SshCommand { target, role, command },
@@ -281,17 +261,17 @@ impl Ssh {
             Decision::Allow(g) => g
                 .principal
                 .map(str::to_owned)
-                .ok_or_else(|| Failure::Refused(format!("role {role:?} names no principal"))),
-            Decision::Deny(d) => Err(Failure::Denied(d)),
+                .ok_or_else(|| Error::Refused(format!("role {role:?} names no principal"))),
+            Decision::Deny(d) => Err(Error::Denied(d)),
         }
     }
 
-    fn host_check(&self, name: &str, t: &Target, strict: bool) -> Result<HostCheck, Failure> {
+    fn host_check(&self, name: &str, t: &Target, strict: bool) -> Result<HostCheck, Error> {
         let pin = &t.host_key;
         if let Some(k) = &pin.key {
             return client::parse_public_key(k)
                 .map(HostCheck::Key)
-                .map_err(|e| Failure::Refused(format!("target {name:?}: host_key: {e}")));
+                .map_err(|e| Error::Refused(format!("target {name:?}: host_key: {e}")));
         }
         if let Some(f) = &pin.fingerprint {
             return Ok(HostCheck::Fingerprint(f.clone()));
@@ -299,10 +279,10 @@ impl Ssh {
         if let Some(ca) = &pin.ca {
             return client::parse_public_key(ca)
                 .map(|ca| HostCheck::Ca { ca, host: t.host.clone() })
-                .map_err(|e| Failure::Refused(format!("target {name:?}: host_ca: {e}")));
+                .map_err(|e| Error::Refused(format!("target {name:?}: host_ca: {e}")));
         }
         if strict {
-            return Err(Failure::Refused(format!(
+            return Err(Error::Refused(format!(
                 "target {name:?} pins no host key and limits.host_key_strict is set; add host_key, host_key_fingerprint or host_ca"
             )));
         }
@@ -321,9 +301,8 @@ impl Ssh {
         principal: &str,
         session: Option<&str>,
         ttl: Duration,
-    ) -> Result<(Conn, registry::Issued, registry::Held, Option<String>), Failure> {
-        let t =
-            policy.targets.get(target_name).ok_or_else(|| Failure::Refused(format!("no target {target_name:?}")))?;
+    ) -> Result<(Conn, registry::Issued, registry::Held, Option<String>), Error> {
+        let t = policy.targets.get(target_name).ok_or_else(|| Error::Refused(format!("no target {target_name:?}")))?;
         let host_check = self.host_check(target_name, t, policy.limits.host_key_strict)?;
         self.within_limits(policy, caller)?;
         let (now, until) = validity(broker, caller, ttl)?;
@@ -337,9 +316,9 @@ impl Ssh {
             .action(json!({ "target": target_name, "role": role, "principal": principal, "session": session }))
             .allow()
             .outcome(json!({ "serial": format!("{serial:016x}"), "key_id": key_id, "valid_after": issued.valid_after, "valid_before": until }));
-        let ticket = broker.audit.record(ev).map_err(|e| Failure::Audit(e.to_string()))?;
+        let ticket = broker.audit.record(ev).map_err(|e| Error::audit(e.to_string()))?;
         // Held from here: released when `held` drops, on every path out of here and of callers.
-        let (held, registered) = self.registry.hold(issued.clone()).map_err(Failure::Audit)?;
+        let (held, registered) = self.registry.hold(issued.clone()).map_err(Error::audit)?;
         let spec = client::ConnectSpec {
             host: t.host.clone(),
             port: t.port,
@@ -361,7 +340,7 @@ impl Ssh {
             if let Ok(c) = &connected {
                 c.close().await;
             }
-            return Err(Failure::Audit(e));
+            return Err(Error::audit(e));
         }
         let conn = match connected {
             Ok(c) => c,
@@ -380,7 +359,7 @@ impl Ssh {
                         )
                         .await;
                 }
-                return Err(Failure::Ssh(e));
+                return Err(ssh_err(e));
             }
         };
         broker.metrics.inc("ephyr_ssh_connects_total", &[("outcome", "ok")]);
@@ -392,18 +371,18 @@ impl Ssh {
     }
 
     /// The concurrency limits: the agent's own and the broker's.
-    fn within_limits(&self, policy: &Policy, caller: &Caller) -> Result<(), Failure> {
+    fn within_limits(&self, policy: &Policy, caller: &Caller) -> Result<(), Error> {
         let agent = policy.agents.get(&caller.agent);
         let per_agent = agent.map_or(policy.limits.max_certs_per_agent, |a| a.max_concurrent_certs);
         let (mine, total) = self.registry.in_use(&caller.agent);
         if mine >= per_agent {
-            return Err(Failure::Refused(format!(
+            return Err(Error::Refused(format!(
                 "agent {:?} holds {mine} certificates (its limit is {per_agent}); close a session or wait for a command to finish",
                 caller.agent
             )));
         }
         if total >= policy.limits.max_certs_total {
-            return Err(Failure::Refused(format!(
+            return Err(Error::Refused(format!(
                 "the broker holds {total} certificates (limits.max_certs_total); retry later"
             )));
         }
@@ -448,12 +427,12 @@ impl Ssh {
         role: &str,
         command: &str,
         session: Option<&str>,
-    ) -> Result<super::audit::Ticket, Failure> {
+    ) -> Result<super::audit::Ticket, Error> {
         let ev = with_task(Event::new(Kind::Ssh, "ssh_exec"), caller)
             .agent(caller.agent.clone())
             .action(json!({ "target": target, "role": role, "command": audit_command(command), "session": session }))
             .allow();
-        broker.audit.record(ev).map_err(|e| Failure::Audit(e.to_string()))
+        broker.audit.record(ev).map_err(|e| Error::audit(e.to_string()))
     }
 
     /// One command with a new certificate and connection.
@@ -464,9 +443,9 @@ impl Ssh {
         role: &str,
         command: &str,
         timeout: Duration,
-    ) -> Result<Ran, Failure> {
+    ) -> Result<Ran, Error> {
         let Asker { broker, caller, policy, arguments } = asker;
-        check_command_text(command).map_err(Failure::Refused)?;
+        check_command_text(command).map_err(Error::Refused)?;
         let principal = Self::authorize(policy, caller, "exec", arguments, target, role, Some(command))?;
         let ttl = policy.targets.get(target).map_or(policy.limits.cert_ttl_default, |t| t.cert_ttl_default);
         let started = Instant::now();
@@ -478,8 +457,8 @@ impl Ssh {
             Ok(ticket) => {
                 let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
                 let (r, d) = futures_lite::future::zip(conn.exec(command.to_owned(), limits), ticket.durable()).await;
-                d.map_err(|e| Failure::Audit(format!("{e} (the command ran; its record may be incomplete)")))
-                    .and(r.map_err(Failure::Ssh))
+                d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))
+                    .and(r.map_err(ssh_err))
             }
             Err(e) => Err(e),
         };
@@ -494,7 +473,7 @@ impl Ssh {
         asker: Asker<'_>,
         target: &str,
         role: &str,
-    ) -> Result<(Rc<Session>, Option<String>), Failure> {
+    ) -> Result<(Rc<Session>, Option<String>), Error> {
         let Asker { broker, caller, policy, arguments } = asker;
         let principal = Self::authorize(policy, caller, "session_create", arguments, target, role, None)?;
         let ttl = policy.targets.get(target).map_or(policy.limits.cert_ttl_max, |t| t.cert_ttl_max);
@@ -531,10 +510,10 @@ impl Ssh {
     }
 
     /// The caller's session `id` (the same answer whether it does not exist or is another's).
-    pub fn session_for(&self, policy: &Policy, caller: &Caller, id: &str) -> Result<Rc<Session>, Failure> {
+    pub fn session_for(&self, policy: &Policy, caller: &Caller, id: &str) -> Result<Rc<Session>, Error> {
         match self.sessions.borrow().get(id) {
             Some(s) if owns(policy, caller, s) => Ok(s.clone()),
-            _ => Err(Failure::Refused(format!(
+            _ => Err(Error::Refused(format!(
                 "no session {id:?} for this caller (sessions belong to the agent and task that opened them)"
             ))),
         }
@@ -548,14 +527,14 @@ impl Ssh {
         id: &str,
         command: &str,
         timeout: Duration,
-    ) -> Result<Ran, Failure> {
+    ) -> Result<Ran, Error> {
         let Asker { broker, caller, policy, arguments } = asker;
         let s = self.session_for(policy, caller, id)?;
-        check_command_text(command).map_err(Failure::Refused)?;
+        check_command_text(command).map_err(Error::Refused)?;
         let principal = Self::authorize(policy, caller, "exec", arguments, &s.target, &s.role, Some(command))?;
         if principal != s.principal {
             self.close(broker, &s, "role principal changed").await;
-            return Err(Failure::Refused(format!(
+            return Err(Error::Refused(format!(
                 "session {id:?} was closed: role {:?} now maps to another principal; open a new session",
                 s.role
             )));
@@ -585,8 +564,8 @@ impl Ssh {
         let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
         let (r, d) = futures_lite::future::zip(conn.exec(command.to_owned(), limits), ticket.durable()).await;
         s.last_used.set(Instant::now());
-        d.map_err(|e| Failure::Audit(format!("{e} (the command ran; its record may be incomplete)")))?;
-        let result = r.map_err(Failure::Ssh)?;
+        d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))?;
+        let result = r.map_err(ssh_err)?;
         Ok(Ran { result, serial: s.serial(), host_key_warning: warning, connect })
     }
 
@@ -668,7 +647,7 @@ impl Ssh {
 /// The validity window of a new certificate: from now, at most `ttl`, never past the signer's own
 /// cap (fixed at its start: a reload may ask for more, and `reload` warns), nor past the token's
 /// expiry (a certificate must not outlive the task). `(now, until)`, Unix seconds.
-fn validity(broker: &Broker, caller: &Caller, ttl: Duration) -> Result<(u64, u64), Failure> {
+fn validity(broker: &Broker, caller: &Caller, ttl: Duration) -> Result<(u64, u64), Error> {
     let now = now_secs();
     let cap = broker.signer.health().status.map_or(u64::MAX, |s| u64::from(s.limits.max_cert_ttl_secs));
     let mut until = now + ttl.as_secs().clamp(1, cap.max(1));
@@ -676,7 +655,7 @@ fn validity(broker: &Broker, caller: &Caller, ttl: Duration) -> Result<(u64, u64
         until = until.min(exp.secs().max(0) as u64);
     }
     if until <= now {
-        return Err(Failure::Refused("the task expires now; no certificate".into()));
+        return Err(Error::Refused("the task expires now; no certificate".into()));
     }
     Ok((now, until))
 }
@@ -697,9 +676,9 @@ async fn issue(
     w: Wanted<'_>,
     now: u64,
     until: u64,
-) -> Result<(client::Key, client::Cert, registry::Issued), Failure> {
+) -> Result<(client::Key, client::Cert, registry::Issued), Error> {
     let Wanted { target_name, target: t, role, principal, session } = w;
-    let key = client::ephemeral_key().map_err(Failure::Ssh)?;
+    let key = client::ephemeral_key().map_err(ssh_err)?;
     let request_id = crate::ids::new_ulid(crate::time::now());
     let task = caller.token().map(|t| t.task.clone());
     let key_id = format!("ephyr:{}:{}:{target_name}/{role}:{request_id}", caller.agent, task.as_deref().unwrap_or("-"));
@@ -715,14 +694,14 @@ async fn issue(
     };
     let (serial, certificate) = match broker.signer.call(Request::SignUserCert(req)).await {
         Ok(Response::Certificate { serial, certificate }) => (serial, certificate),
-        Ok(other) => return Err(Failure::Signer(format!("unexpected signer answer {other:?}"))),
+        Ok(other) => return Err(Error::Signer(format!("unexpected signer answer {other:?}"))),
         Err(e) => {
             broker.metrics.inc("ephyr_certificates_refused_total", &[]);
             return Err(signer_failure(&e));
         }
     };
     broker.metrics.inc("ephyr_certificates_issued_total", &[("requester", "agent")]);
-    let cert = client::parse_cert(&certificate).map_err(Failure::Ssh)?;
+    let cert = client::parse_cert(&certificate).map_err(ssh_err)?;
     let issued = registry::Issued {
         serial,
         key_id: key_id.clone(),

@@ -43,6 +43,12 @@ use data_encoding::{BASE64, BASE64URL_NOPAD, HEXLOWER};
 use ulid::Ulid;
 
 use super::journal;
+use crate::broker::Error;
+
+/// The journal could not take a change: nothing was acknowledged.
+fn state_unavailable(m: String) -> Error {
+    Error::Unavailable(format!("task state unavailable: {m}"))
+}
 use crate::macaroon::{ChainStart, Envelope, LOCATION, Macaroon, RootKey, attenuate};
 use crate::time::UnixMicros;
 
@@ -208,14 +214,14 @@ impl TaskStore {
     }
 
     /// Appends records and waits until they are durable (no journal: in-memory store).
-    async fn persist(&self, records: Vec<Record>) -> Result<(), TaskError> {
+    async fn persist(&self, records: Vec<Record>) -> Result<(), Error> {
         let Some(j) = self.journal() else { return Ok(()) };
         let mut last = None;
         for r in &records {
-            last = Some(j.append(&r.encode()).map_err(TaskError::Unavailable)?);
+            last = Some(j.append(&r.encode()).map_err(state_unavailable)?);
         }
         match last {
-            Some(d) => d.wait().await.map_err(TaskError::Unavailable),
+            Some(d) => d.wait().await.map_err(state_unavailable),
             None => Ok(()),
         }
     }
@@ -366,7 +372,7 @@ impl TaskStore {
         root_key: &RootKey,
         sealed: Vec<u8>,
         now: UnixMicros,
-    ) -> Result<(Task, String), TaskError> {
+    ) -> Result<(Task, String), Error> {
         let start = root_key.start(id.to_string().as_bytes());
         let caveats = fixed_caveats(id, &new, Some((&new.agent, &initiated_by)));
         let refs: Vec<&str> = caveats.iter().map(String::as_str).collect();
@@ -398,19 +404,19 @@ impl TaskStore {
         id: Ulid,
         new: NewTask,
         now: UnixMicros,
-    ) -> Result<(Task, String), TaskError> {
+    ) -> Result<(Task, String), Error> {
         let (root, depth, initiated_by) = {
             let st = self.state.borrow();
             let p = st
                 .tasks
                 .get(&parent)
                 .filter(|p| p.expires > now.0)
-                .ok_or_else(|| TaskError::NotFound(format!("no live task {parent}")))?;
+                .ok_or_else(|| Error::NotFound(format!("no live task {parent}")))?;
             if let Some((x, _)) = st.revoked_ancestor(parent) {
-                return Err(TaskError::Refused(format!("task {parent} is revoked (watermark on {x})")));
+                return Err(Error::Refused(format!("task {parent} is revoked (watermark on {x})")));
             }
             if new.expires.0 > p.expires {
-                return Err(TaskError::Refused(format!(
+                return Err(Error::Refused(format!(
                     "the child would outlive its parent (parent expires {})",
                     p.expires_at().to_rfc3339()
                 )));
@@ -424,7 +430,7 @@ impl TaskStore {
         }
         let task = {
             let st = self.state.borrow();
-            let tree = st.trees.get(&root).ok_or_else(|| TaskError::NotFound(format!("no task tree {root}")))?;
+            let tree = st.trees.get(&root).ok_or_else(|| Error::NotFound(format!("no task tree {root}")))?;
             self.task_from(&tree.start, &m, id, Some(parent), depth, new, initiated_by, caveats, now)?
         };
         self.state.borrow_mut().insert(task.clone());
@@ -447,15 +453,15 @@ impl TaskStore {
         initiated_by: String,
         caveats: Vec<String>,
         now: UnixMicros,
-    ) -> Result<Task, TaskError> {
+    ) -> Result<Task, Error> {
         // Verify what we minted: it must reduce, act as `id`, and give us the lineage binding.
-        let reduced = start
-            .verify_and_reduce(m)
-            .map_err(|e| TaskError::Refused(format!("the new token does not verify: {e}")))?;
-        let entry =
-            reduced.lineage.last().filter(|l| l.task == id).ok_or_else(|| {
-                TaskError::Refused("the parent token acts as another task (offline task caveat?)".into())
-            })?;
+        let reduced =
+            start.verify_and_reduce(m).map_err(|e| Error::Refused(format!("the new token does not verify: {e}")))?;
+        let entry = reduced
+            .lineage
+            .last()
+            .filter(|l| l.task == id)
+            .ok_or_else(|| Error::Refused("the parent token acts as another task (offline task caveat?)".into()))?;
         Ok(Task {
             id,
             root: reduced.lineage.first().map(|l| l.task).unwrap_or(id),
@@ -491,27 +497,27 @@ impl TaskStore {
 
     /// Binds `key` to the unbound task `id` (idempotent for the same key). A task bound through
     /// an ancestor cannot be re-bound: only the broker re-binds, at delegation.
-    pub async fn bind(&self, id: Ulid, key: [u8; 32], now: UnixMicros) -> Result<i64, TaskError> {
+    pub async fn bind(&self, id: Ulid, key: [u8; 32], now: UnixMicros) -> Result<i64, Error> {
         {
             let st = self.state.borrow();
             let t = st
                 .tasks
                 .get(&id)
                 .filter(|t| t.expires > now.0)
-                .ok_or_else(|| TaskError::NotFound(format!("no live task {id}")))?;
+                .ok_or_else(|| Error::NotFound(format!("no live task {id}")))?;
             if let Some((x, _)) = st.revoked_ancestor(id) {
-                return Err(TaskError::Refused(format!("task {id} is revoked (watermark on {x})")));
+                return Err(Error::Refused(format!("task {id} is revoked (watermark on {x})")));
             }
             match (t.holder_key, st.holder_of(id)) {
                 (Some(k), _) if k == key => return Ok(t.bound_at.unwrap_or(now.0)),
-                (Some(_), _) => return Err(TaskError::Refused(format!("task {id} is already bound to another key"))),
+                (Some(_), _) => return Err(Error::Refused(format!("task {id} is already bound to another key"))),
                 (None, Holder::Key(_)) => {
-                    return Err(TaskError::Refused(format!(
+                    return Err(Error::Refused(format!(
                         "task {id} is bound through an ancestor's holder key; bindings are inherited and cannot be replaced"
                     )));
                 }
                 (None, Holder::AwaitingBind { deadline }) if deadline <= now => {
-                    return Err(TaskError::Refused(format!(
+                    return Err(Error::Refused(format!(
                         "the bind deadline of task {id} passed at {}",
                         deadline.to_rfc3339()
                     )));
@@ -533,12 +539,12 @@ impl TaskStore {
 
     /// Sets the revocation watermark on `id`; returns how many live descendants it takes along.
     /// The watermark applies in memory at once; the caller acknowledges after it is durable.
-    pub async fn revoke(&self, id: Ulid, now: UnixMicros) -> Result<usize, TaskError> {
+    pub async fn revoke(&self, id: Ulid, now: UnixMicros) -> Result<usize, Error> {
         let cascade = {
             let mut st = self.state.borrow_mut();
-            let t = st.tasks.get_mut(&id).ok_or_else(|| TaskError::NotFound(format!("no live task {id}")))?;
+            let t = st.tasks.get_mut(&id).ok_or_else(|| Error::NotFound(format!("no live task {id}")))?;
             if t.revoked_at.is_some() {
-                return Err(TaskError::Refused(format!("task {id} is already revoked")));
+                return Err(Error::Refused(format!("task {id} is already revoked")));
             }
             t.revoked_at = Some(now.0);
             st.descendants(id).len()

@@ -1,8 +1,6 @@
 //! A task and the journal's records: what is written to `state/tasks.journal` and read back at
 //! start, with the text forms of keys and ids. Pure data.
 
-use std::fmt;
-
 use data_encoding::BASE64URL_NOPAD;
 use serde::{Deserialize, Serialize};
 use ulid::Ulid;
@@ -194,25 +192,5 @@ impl Record {
     /// JSON bytes.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
-    }
-}
-
-/// Why a task operation is refused. Each names what was wrong.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TaskError {
-    /// No such live task (or not visible to the caller).
-    NotFound(String),
-    /// The request is inconsistent with the tree (TTL, depth, binding, caller scope).
-    Refused(String),
-    /// The state could not be made durable (journal or signer failure): nothing was acknowledged.
-    Unavailable(String),
-}
-
-impl fmt::Display for TaskError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TaskError::NotFound(m) | TaskError::Refused(m) => f.write_str(m),
-            TaskError::Unavailable(m) => write!(f, "task state unavailable: {m}"),
-        }
     }
 }

@@ -35,7 +35,7 @@ async fn root_async(s: &TaskStore, n: u8) -> String {
     s.create(id(n), new_task("alice", 3600), "agent:alice".into(), &key, vec![n; 32], T0).await.unwrap().1
 }
 
-async fn child_async(s: &TaskStore, parent_token: &str, n: u8, new: NewTask) -> Result<String, TaskError> {
+async fn child_async(s: &TaskStore, parent_token: &str, n: u8, new: NewTask) -> Result<String, Error> {
     let p = verify(s, parent_token).unwrap();
     let parent = Ulid::from_string(&p.task).unwrap();
     s.delegate(parent, &p.verified.macaroon, id(n), new, T0).await.map(|r| r.1)
@@ -45,7 +45,7 @@ fn root(s: &TaskStore, n: u8) -> String {
     smol::block_on(root_async(s, n))
 }
 
-fn child(s: &TaskStore, parent_token: &str, n: u8, new: NewTask) -> Result<String, TaskError> {
+fn child(s: &TaskStore, parent_token: &str, n: u8, new: NewTask) -> Result<String, Error> {
     smol::block_on(child_async(s, parent_token, n, new))
 }
 
@@ -86,11 +86,8 @@ fn revoking_kills_the_task_and_every_descendant_including_attenuated_copies() {
     verify(&s, &b).unwrap();
     // Delegating from a revoked task is refused too.
     let p = Macaroon::decode(&a).unwrap();
-    assert!(matches!(
-        smol::block_on(s.delegate(id(2), &p, id(9), new_task("alice", 60), T0)),
-        Err(TaskError::Refused(_))
-    ));
-    assert!(matches!(smol::block_on(s.revoke(id(2), T0)), Err(TaskError::Refused(_))), "already revoked");
+    assert!(matches!(smol::block_on(s.delegate(id(2), &p, id(9), new_task("alice", 60), T0)), Err(Error::Refused(_))));
+    assert!(matches!(smol::block_on(s.revoke(id(2), T0)), Err(Error::Refused(_))), "already revoked");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use http_body_util::BodyExt as _;
 use serde_json::{Map, Value, json};
 
 use super::{Ctx, Needs, Output, Param, ParamType, ToolDef};
-use crate::broker::proxy::{Call, Failure};
+use crate::broker::proxy::Call;
 use crate::broker::upstream::plan;
 use crate::mcp::types::Annotations;
 
@@ -134,10 +134,7 @@ async fn http_request(cx: Ctx<'_>) -> Output {
     let answer = match cx.broker.proxy.send(cx.broker, cx.caller, cx.policy, call).await {
         Ok(a) => a,
         Err(f) => {
-            let mut out = match f {
-                Failure::Denied(d) => Output::denied(d),
-                other => Output::error(format!("proxy request failed ({}): {}", other.code(), other.message())),
-            };
+            let mut out = Output::failed(f);
             action.insert("path".into(), json!(path.split('?').next().unwrap_or("")));
             out.action = action;
             return out;

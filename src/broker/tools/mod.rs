@@ -119,6 +119,15 @@ impl Output {
         Output { text: reason.into(), is_error: true, denial: None, action: Map::new(), outcome: Map::new() }
     }
 
+    /// A broker error, the one way it becomes a tool result: a denial as `denied (code): reason`
+    /// (with the denial kept for the audit record), anything else as `message (code)`.
+    pub fn failed(e: super::Error) -> Output {
+        match e {
+            super::Error::Denied(d) => Output::denied(d),
+            other => Output::error(format!("{} ({})", other.message(), other.code())),
+        }
+    }
+
     /// A policy denial.
     pub fn denied(d: Denial) -> Output {
         Output {

@@ -7,7 +7,8 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::{Ctx, Needs, Output, Param, ParamType, ToolDef};
-use crate::broker::ssh::{self, Failure, Ran};
+use crate::broker::Error;
+use crate::broker::ssh::{self, Ran};
 use crate::mcp::types::Annotations;
 
 const READ_ONLY: Annotations = Annotations { read_only: true, destructive: false, idempotent: true, open_world: false };
@@ -105,11 +106,8 @@ fn arg<'a>(args: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
     args.get(name).and_then(Value::as_str)
 }
 
-fn failed(f: Failure, action: Map<String, Value>) -> Output {
-    let mut o = match f {
-        Failure::Denied(d) => Output::denied(d),
-        other => Output::error(other.to_string()),
-    };
+fn failed(f: Error, action: Map<String, Value>) -> Output {
+    let mut o = Output::failed(f);
     o.action = action;
     o
 }

@@ -13,7 +13,7 @@ use ulid::Ulid;
 use super::{Ctx, Needs, Output, Param, ParamType, ToolDef};
 use crate::broker::audit::{AuditSink as _, Event, Kind};
 use crate::broker::policy::{Action, ActionKind, Decision, HTTP_METHODS, Policy, Principal, TaskOp, authorize};
-use crate::broker::tasks::{Holder, NewTask, Scope, TaskError, TaskView, parse_holder_key, seal_context};
+use crate::broker::tasks::{Holder, NewTask, Scope, TaskView, parse_holder_key, seal_context};
 use crate::macaroon::{Dim, Envelope, RootKey, SetKey};
 use crate::mcp::types::Annotations;
 use crate::time::UnixMicros;
@@ -242,10 +242,6 @@ fn decide(policy: &Policy, principal: &Principal<'_>, op: TaskOp) -> Result<(), 
     }
 }
 
-fn task_error(e: TaskError) -> Output {
-    Output::error(e.to_string())
-}
-
 /// Records a task event durably; a failure refuses the answer (fail closed).
 async fn audit(cx: &Ctx<'_>, ev: Event) -> Result<(), Output> {
     let ticket = cx.broker.audit.record(ev).map_err(|e| Output::error(e.to_string()))?;
@@ -315,7 +311,7 @@ async fn create_inner(cx: &Ctx<'_>) -> Result<Output, Output> {
         .await
         .map_err(|e| Output::error(format!("task state unavailable: sealing the root key failed: {e}")))?;
     let (task, token) =
-        cx.broker.tasks.create(id, new, initiated_by(cx), &root_key, sealed, now).await.map_err(task_error)?;
+        cx.broker.tasks.create(id, new, initiated_by(cx), &root_key, sealed, now).await.map_err(Output::failed)?;
     let view = cx.broker.tasks.view(id).ok_or_else(|| Output::error("task vanished"))?;
     let (bound, deadline) = holder_json(view.holder);
     let ev = Event::new(Kind::Task, "task_create")
@@ -425,7 +421,7 @@ async fn delegate_inner(cx: &Ctx<'_>) -> Result<Output, Output> {
             .then(|| now.plus(policy.limits.bind_deadline)),
     };
     let id = crate::ids::new_ulid(now);
-    let (task, token) = store.delegate(parent_id, &parent_token, id, new, now).await.map_err(task_error)?;
+    let (task, token) = store.delegate(parent_id, &parent_token, id, new, now).await.map_err(Output::failed)?;
     let view = store.view(id).ok_or_else(|| Output::error("task vanished"))?;
     let (bound, deadline) = holder_json(view.holder);
     let mut lineage = identity.lineage.clone();
@@ -534,7 +530,7 @@ async fn revoke(cx: Ctx<'_>) -> Output {
     }
     let cascade = match crate::broker::ops::revoke_task(cx.broker, &actor(&cx), &v).await {
         Ok(n) => n,
-        Err(e) => return Output::error(e.message()),
+        Err(e) => return Output::failed(e),
     };
     Output::data(&json!({"revoked": v.task.id.to_string(), "cascade_count": cascade,
         "status": "all tokens invalidated"}))
@@ -556,7 +552,7 @@ async fn bind(cx: Ctx<'_>) -> Output {
     let now = crate::time::now();
     let at = match cx.broker.tasks.bind(v.task.id, key, now).await {
         Ok(at) => at,
-        Err(e) => return task_error(e),
+        Err(e) => return Output::failed(e),
     };
     let ev = Event::new(Kind::Task, "task_bind")
         .agent(cx.caller.agent.clone())
