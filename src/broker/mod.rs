@@ -19,6 +19,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod ops;
 pub mod policy;
+pub mod ports;
 pub mod privileges;
 pub mod proxy;
 pub mod rate;

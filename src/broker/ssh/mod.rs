@@ -31,8 +31,9 @@ use super::Error;
 use super::audit::{AuditSink as _, Event, Kind};
 use super::auth::Caller;
 use super::policy::{Action, ActionKind, Arguments, Decision, Policy, Target};
+use super::ports::CertSigner;
 use super::signer_client::CallError;
-use crate::signer::protocol::{CertRequest, ErrorCode, Request, Response};
+use crate::signer::protocol::{CertRequest, ErrorCode};
 use client::{Conn, ExecLimits, ExecResult, HostCheck, SshError};
 
 /// A session with no command for this long is closed.
@@ -305,9 +306,16 @@ impl Ssh {
         let t = policy.targets.get(target_name).ok_or_else(|| Error::Refused(format!("no target {target_name:?}")))?;
         let host_check = self.host_check(target_name, t, policy.limits.host_key_strict)?;
         self.within_limits(policy, caller)?;
-        let (now, until) = validity(broker, caller, ttl)?;
-        let (key, cert, issued) =
-            issue(broker, caller, Wanted { target_name, target: t, role, principal, session }, now, until).await?;
+        let (now, until) = validity(&broker.signer, caller, ttl, now_secs())?;
+        let (key, cert, issued) = issue(
+            &broker.signer,
+            &broker.metrics,
+            caller,
+            Wanted { target_name, target: t, role, principal, session },
+            now,
+            until,
+        )
+        .await?;
         let (serial, key_id) = (issued.serial, issued.key_id.clone());
         // The issuance is recorded (audit + registry) before the certificate is used; both
         // syncs run while the connection is set up, and are awaited before anything is returned.
@@ -647,9 +655,8 @@ impl Ssh {
 /// The validity window of a new certificate: from now, at most `ttl`, never past the signer's own
 /// cap (fixed at its start: a reload may ask for more, and `reload` warns), nor past the token's
 /// expiry (a certificate must not outlive the task). `(now, until)`, Unix seconds.
-fn validity(broker: &Broker, caller: &Caller, ttl: Duration) -> Result<(u64, u64), Error> {
-    let now = now_secs();
-    let cap = broker.signer.health().status.map_or(u64::MAX, |s| u64::from(s.limits.max_cert_ttl_secs));
+fn validity(signer: &dyn CertSigner, caller: &Caller, ttl: Duration, now: u64) -> Result<(u64, u64), Error> {
+    let cap = signer.max_cert_ttl().unwrap_or(u64::MAX);
     let mut until = now + ttl.as_secs().clamp(1, cap.max(1));
     if let Some(exp) = caller.token().and_then(|t| t.envelope().expires_before) {
         until = until.min(exp.secs().max(0) as u64);
@@ -671,7 +678,8 @@ struct Wanted<'a> {
 
 /// A fresh key in memory and its certificate from the signer, with the registry record.
 async fn issue(
-    broker: &Broker,
+    signer: &dyn CertSigner,
+    metrics: &super::metrics::Metrics,
     caller: &Caller,
     w: Wanted<'_>,
     now: u64,
@@ -692,15 +700,14 @@ async fn issue(
         source_address: t.source_address.clone(),
         extensions: t.extensions.clone(),
     };
-    let (serial, certificate) = match broker.signer.call(Request::SignUserCert(req)).await {
-        Ok(Response::Certificate { serial, certificate }) => (serial, certificate),
-        Ok(other) => return Err(Error::Signer(format!("unexpected signer answer {other:?}"))),
+    let (serial, certificate) = match signer.sign(req).await {
+        Ok(c) => c,
         Err(e) => {
-            broker.metrics.inc("ephyr_certificates_refused_total", &[]);
+            metrics.inc("ephyr_certificates_refused_total", &[]);
             return Err(signer_failure(&e));
         }
     };
-    broker.metrics.inc("ephyr_certificates_issued_total", &[("requester", "agent")]);
+    metrics.inc("ephyr_certificates_issued_total", &[("requester", "agent")]);
     let cert = client::parse_cert(&certificate).map_err(ssh_err)?;
     let issued = registry::Issued {
         serial,
@@ -726,6 +733,70 @@ fn policy_allows(policy: &Policy, agent: &str, target: &str, role: &str) -> bool
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::auth::Via;
+    use crate::signer::protocol::SignerError;
+    use std::cell::RefCell;
+
+    /// An in-memory stand-in for the signer (the real one is tested in tests/foundation.rs and
+    /// tests/ssh.rs): remembers requests, answers with a fixed certificate or refuses.
+    struct FakeSigner {
+        cap: Option<u64>,
+        refuse: Option<ErrorCode>,
+        seen: RefCell<Vec<CertRequest>>,
+    }
+
+    impl CertSigner for FakeSigner {
+        fn sign<'a>(
+            &'a self,
+            req: CertRequest,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(u64, String), CallError>> + 'a>> {
+            self.seen.borrow_mut().push(req);
+            let r = match self.refuse {
+                Some(code) => Err(CallError::Refused(SignerError { code, message: "3 per minute".into() })),
+                None => Err(CallError::Protocol("no certificate in a unit test".into())),
+            };
+            Box::pin(async move { r })
+        }
+
+        fn max_cert_ttl(&self) -> Option<u64> {
+            self.cap
+        }
+    }
+
+    fn api_caller() -> Caller {
+        Caller { agent: "alice".into(), via: Via::ApiKey, fingerprint: [1; 32], source: None }
+    }
+
+    #[test]
+    fn validity_is_clamped_to_the_signers_cap() {
+        let s = FakeSigner { cap: Some(600), refuse: None, seen: RefCell::default() };
+        let now = 1_900_000_000;
+        assert_eq!(validity(&s, &api_caller(), Duration::from_secs(3600), now).unwrap(), (now, now + 600));
+        assert_eq!(validity(&s, &api_caller(), Duration::from_secs(60), now).unwrap(), (now, now + 60));
+        let unknown = FakeSigner { cap: None, refuse: None, seen: RefCell::default() };
+        assert_eq!(validity(&unknown, &api_caller(), Duration::ZERO, now).unwrap(), (now, now + 1));
+    }
+
+    #[test]
+    fn a_signer_refusal_is_a_clear_error_and_counted() {
+        let p =
+            Policy::parse("roles: {r: {principal: p}}\ntargets: {web: {host: h, allowed_roles: [r]}}\n", "t").unwrap();
+        let t = p.targets["web"].clone();
+        let metrics = super::super::metrics::Metrics::default();
+        let s = FakeSigner { cap: Some(600), refuse: Some(ErrorCode::RateLimited), seen: RefCell::default() };
+        let w = Wanted { target_name: "web", target: &t, role: "r", principal: "p", session: None };
+        let e = smol::block_on(issue(&s, &metrics, &api_caller(), w, 1_900_000_000, 1_900_000_600)).unwrap_err();
+        assert!(
+            matches!(&e, Error::Signer(m) if m.contains("rate limit is reached") && m.contains("use a session")),
+            "{e:?}"
+        );
+        assert_eq!(metrics.get("ephyr_certificates_refused_total", &[]), 1.0);
+        let req = &s.seen.borrow()[0];
+        assert_eq!(req.principals, ["p"]);
+        assert_eq!((req.valid_after, req.valid_before), (1_900_000_000 - BACKDATE, 1_900_000_600));
+        assert!(req.key_id.starts_with("ephyr:alice:-:web/r:"), "{}", req.key_id);
+        assert!(req.public_key.starts_with("ssh-ed25519 "), "a fresh key per certificate");
+    }
 
     #[test]
     fn command_text_is_checked() {
