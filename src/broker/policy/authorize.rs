@@ -148,6 +148,22 @@ pub enum ActionKind<'a> {
     Dashboard(DashboardLevel),
 }
 
+impl ActionKind<'_> {
+    /// Whether the action touches something outside the broker (an SSH host, an HTTP service, a
+    /// remote MCP server): such actions are bounded by every delegator's policy and by the token's
+    /// argument constraints.
+    pub fn reaches_a_resource(&self) -> bool {
+        matches!(
+            self,
+            ActionKind::Ssh { .. }
+                | ActionKind::SshCommand { .. }
+                | ActionKind::Http { .. }
+                | ActionKind::HttpUpstream { .. }
+                | ActionKind::RemoteTool { .. }
+        )
+    }
+}
+
 /// Task operations (the task store checks the tree; this checks policy and token).
 #[derive(Clone, Copy, Debug)]
 pub enum TaskOp {
@@ -429,14 +445,7 @@ fn check_token_args(env: &Envelope, action: &Action<'_>) -> Result<(), Denial> {
 /// Decides. Authority is `policy(agent) ∩ envelope(token)`, and for SSH, HTTP and federated
 /// actions also `∩ policy(d)` for every delegating agent `d` of a cross-agent hand-off.
 pub fn authorize<'p>(policy: &'p Policy, principal: &Principal<'_>, action: &Action<'_>) -> Decision<'p> {
-    if matches!(
-        action.kind,
-        ActionKind::Ssh { .. }
-            | ActionKind::SshCommand { .. }
-            | ActionKind::Http { .. }
-            | ActionKind::HttpUpstream { .. }
-            | ActionKind::RemoteTool { .. }
-    ) {
+    if action.kind.reaches_a_resource() {
         for d in principal.delegators.iter().filter(|d| d.as_str() != principal.agent) {
             if let Decision::Deny(mut denial) = authorize_one(policy, d, principal.token, action) {
                 denial.reason = format!("delegating agent {d:?}: {}", denial.reason);
@@ -498,16 +507,8 @@ fn authorize_one<'p>(policy: &'p Policy, agent: &str, token: Option<&Envelope>, 
         }
     };
     // Step 6's argument constraints of the token apply to every action that reaches a resource.
-    let resource = matches!(
-        action.kind,
-        ActionKind::Ssh { .. }
-            | ActionKind::SshCommand { .. }
-            | ActionKind::Http { .. }
-            | ActionKind::HttpUpstream { .. }
-            | ActionKind::RemoteTool { .. }
-    );
     match (decision, token) {
-        (Decision::Allow(g), Some(env)) if resource => match check_token_args(env, action) {
+        (Decision::Allow(g), Some(env)) if action.kind.reaches_a_resource() => match check_token_args(env, action) {
             Ok(()) => Decision::Allow(g),
             Err(d) => Decision::Deny(d),
         },
