@@ -59,6 +59,11 @@ impl<K: Eq + Hash + Clone, V> Bounded<K, V> {
     }
 
     /// The value of `key`.
+    pub fn get(&self, key: &K) -> Option<&V> {
+        self.map.get(key)
+    }
+
+    /// The value of `key`, to change it.
     pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
         self.map.get_mut(key)
     }

@@ -280,7 +280,7 @@ struct Inflight {
 
 /// The authenticator (one per broker, executor thread only).
 pub struct Authenticator {
-    cache: RefCell<HashMap<[u8; 32], Cached>>,
+    cache: RefCell<super::rate::Bounded<[u8; 32], Cached>>,
     inflight: RefCell<HashMap<[u8; 32], Rc<Inflight>>>,
     /// Argon2 runs queued or running for keys never verified before, and for keys that were.
     waiting: [std::cell::Cell<usize>; 2],
@@ -361,7 +361,7 @@ impl Authenticator {
     /// An authenticator with an empty cache.
     pub fn new() -> Self {
         Authenticator {
-            cache: RefCell::default(),
+            cache: RefCell::new(super::rate::Bounded::new(MAX_CACHED)),
             inflight: RefCell::default(),
             waiting: Default::default(),
             argon2_busy: std::cell::Cell::new(false),
@@ -468,22 +468,18 @@ impl Authenticator {
                 .flatten();
             guard.finish(found.clone());
             let agent = found.ok_or(AuthError::InvalidKey)?;
+            let first_use = lane == STRANGER;
             self.known.borrow_mut().insert(fp, ());
-            if let Some(line) = api_key::fast_hash(key) {
+            if first_use && let Some(line) = api_key::fast_hash(key) {
                 log::warn!(
                     "agent {agent:?}: its api_key_hash is Argon2id, which costs ~25 ms and 19 MiB per check; replace it with api_key_hash: \"{line}\" (not a secret; see docs/policy.md)"
                 );
             }
             let ttl = policy.mcp.auth_cache_ttl;
             if !ttl.is_zero() {
-                let mut cache = self.cache.borrow_mut();
-                if cache.len() >= MAX_CACHED {
-                    cache.retain(|_, c| c.expires > now);
-                    if cache.len() >= MAX_CACHED {
-                        cache.clear();
-                    }
-                }
-                cache.insert(fp, Cached { agent: agent.clone(), policy: policy.digest.clone(), expires: now + ttl });
+                // Bounded: a full cache forgets its oldest entry, never everyone's.
+                let entry = Cached { agent: agent.clone(), policy: policy.digest.clone(), expires: now + ttl };
+                self.cache.borrow_mut().insert(fp, entry);
             }
             return Ok(agent);
         }
@@ -824,7 +820,7 @@ mod tests {
                     drop(leader);
                     // The follower starts over as the new leader and finishes.
                     assert_eq!(follower.await.unwrap(), "a", "round {i}");
-                    auth.cache.borrow_mut().clear();
+                    *auth.cache.borrow_mut() = super::super::rate::Bounded::new(MAX_CACHED);
                 } else {
                     drop(leader);
                 }
