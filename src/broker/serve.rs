@@ -309,10 +309,17 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             catalog: super::tools::Catalog::new(),
         });
         record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
-        // Sign this process's first lines at once: every log then has a checkpoint moments after
-        // it starts, so a log without one is a rewritten one (audit::verify).
-        if let Err(e) = audit.checkpoint(&signer, false).await {
-            log::warn!("first audit checkpoint failed: {e}");
+        // Sign this process's first lines at once (in the background: serving does not wait for
+        // the signer and the fsync): every log then has a checkpoint moments after it starts, so a
+        // log without one is a rewritten one (audit::verify).
+        {
+            let (audit, signer) = (audit.clone(), signer.clone());
+            ex.spawn(async move {
+                if let Err(e) = audit.checkpoint(&signer, false).await {
+                    log::warn!("first audit checkpoint failed: {e}");
+                }
+            })
+            .detach();
         }
         super::maintenance::spawn(&ex, &broker, signer_events);
         let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);

@@ -370,7 +370,8 @@ fn unreachable(t: &ToolDef, agent: &str) -> Denial {
 ///
 /// What runs here: the executor thread only. Federation adds tools discovered at run time here.
 pub struct Catalog {
-    descriptors: Vec<String>,
+    /// Built at the first `tools/list` (an idle broker does not hold them).
+    descriptors: std::cell::OnceCell<Vec<String>>,
     visible: RefCell<Bounded<[u8; 32], (String, u64)>>,
 }
 
@@ -387,8 +388,7 @@ impl Catalog {
     /// The static tools, serialised.
     pub fn new() -> Catalog {
         debug_assert!(REGISTRY.len() <= 64, "the visible set is a u64 mask");
-        let descriptors = REGISTRY.iter().map(|t| descriptor(t).to_string()).collect();
-        Catalog { descriptors, visible: RefCell::new(Bounded::new(CATALOG_CALLERS)) }
+        Catalog { descriptors: std::cell::OnceCell::new(), visible: RefCell::new(Bounded::new(CATALOG_CALLERS)) }
     }
 
     fn mask(&self, policy: &Policy, caller: &Caller) -> u64 {
@@ -410,9 +410,10 @@ impl Catalog {
     /// The caller's `tools` array, as JSON text.
     pub fn list_json(&self, policy: &Policy, caller: &Caller) -> String {
         let mask = self.mask(policy, caller);
-        let mut out = String::with_capacity(self.descriptors.iter().map(|d| d.len() + 1).sum::<usize>() + 2);
+        let descriptors = self.descriptors.get_or_init(|| REGISTRY.iter().map(|t| descriptor(t).to_string()).collect());
+        let mut out = String::with_capacity(descriptors.iter().map(|d| d.len() + 1).sum::<usize>() + 2);
         out.push('[');
-        for (_, d) in self.descriptors.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0) {
+        for (_, d) in descriptors.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0) {
             if out.len() > 1 {
                 out.push(',');
             }
