@@ -114,11 +114,6 @@ impl<'a> PolicyName<'a> {
         PolicyName(policy.services.get_key_value(name).map_or(UNKNOWN, |(k, _)| k.as_str()))
     }
 
-    /// The policy's remote `name`, or [`UNKNOWN`].
-    pub fn remote(policy: &'a super::policy::Policy, name: &str) -> PolicyName<'a> {
-        PolicyName(policy.remotes.get_key_value(name).map_or(UNKNOWN, |(k, _)| k.as_str()))
-    }
-
     /// The value.
     pub fn as_str(&self) -> &'a str {
         self.0

@@ -12,12 +12,12 @@ use super::signer_client::{CallError, Signer};
 use crate::signer::protocol::{CertRequest, Request, Response};
 
 /// A certificate from the signer: its serial and OpenSSH text.
-pub type Issued = (u64, String);
+pub type SignedCert = (u64, String);
 
 /// What SSH needs of the signer: certificates, and its own validity cap.
 pub trait CertSigner {
     /// Asks the signer to certify `req`.
-    fn sign<'a>(&'a self, req: CertRequest) -> Pin<Box<dyn Future<Output = Result<Issued, CallError>> + 'a>>;
+    fn sign<'a>(&'a self, req: CertRequest) -> Pin<Box<dyn Future<Output = Result<SignedCert, CallError>> + 'a>>;
 
     /// The signer's longest certificate validity, seconds (fixed at its start); `None` while it
     /// is not up.
@@ -25,7 +25,7 @@ pub trait CertSigner {
 }
 
 impl CertSigner for Signer {
-    fn sign<'a>(&'a self, req: CertRequest) -> Pin<Box<dyn Future<Output = Result<Issued, CallError>> + 'a>> {
+    fn sign<'a>(&'a self, req: CertRequest) -> Pin<Box<dyn Future<Output = Result<SignedCert, CallError>> + 'a>> {
         Box::pin(async move {
             match self.call(Request::SignUserCert(req)).await? {
                 Response::Certificate { serial, certificate } => Ok((serial, certificate)),

@@ -13,7 +13,7 @@
 //! - [`TOTAL`] in all: the difference is headroom that only sources which authenticated before
 //!   (an agent's host) can use, so strangers cannot fill the broker to the last place.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::{IpAddr, TcpStream};
@@ -77,7 +77,6 @@ pub struct Admission {
     counts: RefCell<Counts>,
     known: RefCell<Bounded<Source, ()>>,
     metrics: Rc<Metrics>,
-    refused: Cell<u64>,
 }
 
 /// A place held by one connection; dropping it gives the place back.
@@ -107,12 +106,7 @@ impl Drop for Slot {
 impl Admission {
     /// Empty state.
     pub fn new(metrics: Rc<Metrics>) -> Rc<Admission> {
-        Rc::new(Admission {
-            counts: RefCell::default(),
-            known: RefCell::new(Bounded::new(KNOWN_SOURCES)),
-            metrics,
-            refused: Cell::new(0),
-        })
+        Rc::new(Admission { counts: RefCell::default(), known: RefCell::new(Bounded::new(KNOWN_SOURCES)), metrics })
     }
 
     /// Remembers that `ip` authenticated successfully: its later connections may use the
@@ -142,7 +136,6 @@ impl Admission {
         };
         if let Some(r) = refusal {
             drop(c);
-            self.refused.set(self.refused.get() + 1);
             self.metrics.inc("ephyr_connections_refused_total", &[("reason", r.code())]);
             return Err(r);
         }
@@ -158,11 +151,6 @@ impl Admission {
     /// Open connections (tests, status).
     pub fn open(&self) -> usize {
         self.counts.borrow().total
-    }
-
-    /// Connections refused so far.
-    pub fn refused(&self) -> u64 {
-        self.refused.get()
     }
 }
 
@@ -223,7 +211,8 @@ mod tests {
         assert_eq!(a.open(), 0);
         assert!(a.counts.borrow().by_source.is_empty());
         assert_eq!(a.counts.borrow().strangers, 0);
-        assert_eq!(a.refused(), 4);
+        let refused = |r: Refusal| a.metrics.get("ephyr_connections_refused_total", &[("reason", r.code())]);
+        assert_eq!(refused(Refusal::PerSource) + refused(Refusal::Strangers), 4.0);
     }
 
     #[test]

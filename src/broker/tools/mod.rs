@@ -436,11 +436,6 @@ fn descriptor(t: &ToolDef) -> Value {
     .to_json()
 }
 
-/// The `tools/list` entries for the caller (uncached; [`Catalog::list_json`] serves requests).
-pub fn list(policy: &Policy, principal: &Principal<'_>) -> Vec<Value> {
-    REGISTRY.iter().filter(|t| visible(t, policy, principal)).map(|t| descriptor(t)).collect()
-}
-
 /// What happened to a call: `None` when the tool does not exist (a protocol error, `-32602`).
 /// `policy` is the snapshot the request was authenticated under: one request, one policy.
 pub async fn call(
@@ -515,6 +510,11 @@ fn first_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tool list computed afresh, the catalog's reference.
+    fn list(policy: &Policy, principal: &Principal<'_>) -> Vec<Value> {
+        REGISTRY.iter().filter(|t| visible(t, policy, principal)).map(|t| descriptor(t)).collect()
+    }
 
     #[test]
     fn the_catalog_lists_what_visible_allows_and_recomputes_after_a_reload() {
