@@ -53,7 +53,7 @@ pub fn spawn(
                     }
                 };
                 if revoked {
-                    broker.ssh.sweep(&broker).await;
+                    broker.ssh.sweep(broker.ports(), &broker.policy()).await;
                     continue;
                 }
                 listener.await;
@@ -67,7 +67,7 @@ pub fn spawn(
         ex.spawn(async move {
             loop {
                 async_io::Timer::after(std::time::Duration::from_secs(5)).await;
-                broker.ssh.sweep(&broker).await;
+                broker.ssh.sweep(broker.ports(), &broker.policy()).await;
             }
         })
         .detach();

@@ -100,7 +100,7 @@ pub struct Broker {
     /// Requests per agent.
     pub agent_limits: rate::RateLimiter<String>,
     /// Task trees.
-    pub tasks: tasks::TaskStore,
+    pub tasks: Rc<tasks::TaskStore>,
     /// MCP sessions (session-era clients).
     pub sessions: http::mcp::Sessions,
     /// Change notifications for open MCP streams (policy reloads, shutdown).
@@ -159,20 +159,6 @@ impl Broker {
         match policy.agents.get(agent) {
             Some(a) => self.agent_limits.take(&a.name, a.rate_limit, now),
             None => Ok(()),
-        }
-    }
-
-    /// Records an event and waits until it is durable; on failure logs it (for events that do not
-    /// gate a response — those call `audit.record` themselves and refuse on error).
-    pub async fn audit_now(&self, e: audit::Event) {
-        use audit::AuditSink as _;
-        match self.audit.record(e) {
-            Ok(t) => {
-                if let Err(err) = t.durable().await {
-                    log::error!("{err}");
-                }
-            }
-            Err(err) => log::error!("{err}"),
         }
     }
 

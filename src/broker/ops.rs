@@ -82,7 +82,7 @@ pub async fn revoke_task(broker: &Broker, actor: &Actor, v: &TaskView) -> Result
         .outcome(json!({"cascade_count": cascade, "holder_agent": v.task.agent}));
     let recorded = record(broker, ev).await;
     broker.metrics.inc("ephyr_tasks_total", &[("op", "revoke")]);
-    broker.ssh.sweep(broker).await;
+    broker.ssh.sweep(broker.ports(), &broker.policy()).await;
     recorded.map_err(|e| Error::Unavailable(format!("task {id} is revoked, but its audit record failed: {e}")))?;
     Ok(cascade)
 }
@@ -100,7 +100,7 @@ pub async fn revoke_cert(broker: &Broker, actor: &Actor, serial: u64) -> Result<
     }
     let closed = match broker.ssh.session_with_serial(serial) {
         Some(s) => {
-            broker.ssh.close(broker, &s, "its certificate was revoked").await;
+            broker.ssh.close(broker.ports(), &s, "its certificate was revoked").await;
             Some(s.id.clone())
         }
         None => None,
@@ -122,7 +122,7 @@ pub async fn close_session(broker: &Broker, actor: &Actor, s: &Rc<Session>) {
         Actor::Agent { .. } => "closed by the agent".to_owned(),
         other => format!("closed by {}", other.name()),
     };
-    broker.ssh.close(broker, s, &why).await;
+    broker.ssh.close(broker.ports(), s, &why).await;
 }
 
 /// What a successful reload did.

@@ -56,7 +56,7 @@ pub fn metrics(broker: &Broker) -> http::Response<super::http::Body> {
 /// `GET /v1/ssh/krl`: the OpenSSH revocation list for targets' `RevokedKeys` (public: serials
 /// only). Targets fetch it on a timer (docs/target-setup.md).
 fn krl(broker: &Broker) -> http::Response<super::http::Body> {
-    match broker.ssh.krl(broker) {
+    match broker.ssh.krl(broker.ports()) {
         Some(bytes) => super::http::text(StatusCode::OK, "application/octet-stream", bytes),
         None => error(StatusCode::SERVICE_UNAVAILABLE, "signer_unavailable", "the CA key is not known yet; retry"),
     }

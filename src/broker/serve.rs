@@ -299,7 +299,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             pool,
             auth: super::auth::Authenticator::new(),
             agent_limits: super::rate::RateLimiter::new(10_000),
-            tasks,
+            tasks: Rc::new(tasks),
             sessions: http::mcp::Sessions::default(),
             changes: http::mcp::ChangeFeed::default(),
             ssh: super::ssh::Ssh::new(certs, known),

@@ -93,6 +93,11 @@ pub trait AuditSink {
     fn note(&self, e: Event) -> Result<(), AuditError> {
         self.record(e).map(drop)
     }
+
+    /// Why the trail cannot take records, if it has failed (requests are refused then).
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// An in-memory sink for tests.
@@ -568,6 +573,10 @@ impl AuditSink for AuditLog {
 
     fn note(&self, e: Event) -> Result<(), AuditError> {
         self.append(&e, false).map(drop)
+    }
+
+    fn failure(&self) -> Option<String> {
+        AuditLog::failure(self)
     }
 }
 

@@ -26,14 +26,15 @@ use http::{HeaderMap, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
-use super::audit::{AuditSink as _, Event, Kind};
+use super::Error;
+use super::audit::{Event, Kind};
 use super::auth::Caller;
 use super::metrics::PolicyName;
 use super::policy::{Action, ActionKind, Arguments, Decision, Policy, authorize, pattern::normalise_path};
+use super::ports::Ports;
 use super::upstream::body::{Limits, UpstreamBody, chain};
 use super::upstream::scrub::Scrubber;
 use super::upstream::{conn, plan};
-use super::{Broker, Error};
 
 /// Methods that are sent without waiting for their audit record to be durable (they change
 /// nothing upstream by definition; their outcome is still recorded).
@@ -101,7 +102,7 @@ impl Proxy {
     /// Authorizes, resolves, checks and sends one request; the answer's body streams.
     pub async fn send(
         &self,
-        broker: &Rc<Broker>,
+        ports: Ports<'_>,
         caller: &Caller,
         policy: &Policy,
         call: Call<'_>,
@@ -126,14 +127,14 @@ impl Proxy {
                 s.max_request
             )));
         }
-        if let Some(f) = broker.audit.failure() {
+        if let Some(f) = ports.audit.failure() {
             return Err(Error::Unavailable(format!("the audit log is unavailable ({f}); requests are refused")));
         }
         let host = call.host.unwrap_or(&s.url.host).to_owned();
         let total = call.timeout.map_or(s.timeout, |t| t.min(s.timeout));
         let deadline = started + total;
         let addrs: Vec<IpAddr> =
-            conn::resolve(&broker.pool, &host, s.url.port, s.connect_timeout).await.map_err(Error::upstream)?;
+            conn::resolve(ports.pool, &host, s.url.port, s.connect_timeout).await.map_err(Error::upstream)?;
         let upstream = ActionKind::HttpUpstream { service, method, path: &path.decoded, host: &host, addrs: &addrs };
         if let Decision::Deny(d) =
             authorize(policy, &principal, &Action { tool: call.tool, kind: upstream, arguments: call.arguments })
@@ -142,9 +143,7 @@ impl Proxy {
         }
         let secret = match &s.credential {
             None => None,
-            Some(c) => Some(
-                broker.secrets.resolve(&broker.pool, &broker.signer, &c.secret).await.map_err(Error::Unavailable)?,
-            ),
+            Some(c) => Some(ports.secrets.resolve(&c.secret).await?),
         };
         let scrub = match (&s.credential, &secret) {
             (Some(c), Some(v)) => Scrubber::new(plan::secret_forms(&c.kind, v)),
@@ -183,20 +182,17 @@ impl Proxy {
             if let Some(t) = caller.token() {
                 ev = ev.task(t.task.clone(), t.lineage.clone()).initiated_by(t.initiated_by.clone());
             }
-            Some(broker.audit.record(ev).map_err(|e| Error::Unavailable(format!("audit: {e}")))?)
+            Some(ports.audit.record(ev).map_err(|e| Error::Unavailable(format!("audit: {e}")))?)
         };
         let tls = if s.url.scheme == "https" {
             let client = match (&s.tls.client_cert, &s.tls.client_key) {
-                (Some(c), Some(k)) => Some((
-                    c.as_str(),
-                    broker.secrets.resolve(&broker.pool, &broker.signer, k).await.map_err(Error::Unavailable)?,
-                )),
+                (Some(c), Some(k)) => Some((c.as_str(), ports.secrets.resolve(k).await?)),
                 _ => None,
             };
             let key = format!("{}/{service}", policy.digest);
             Some(
                 self.conns
-                    .tls_config(&broker.pool, &key, s.tls.ca_file.as_deref(), client)
+                    .tls_config(ports.pool, &key, s.tls.ca_file.as_deref(), client)
                     .await
                     .map_err(|e| Error::Unavailable(format!("service {service:?}: {e}")))?,
             )
@@ -270,18 +266,14 @@ impl Proxy {
                 String::from_utf8_lossy(enc.as_bytes())
             )));
         }
-        broker.metrics.inc_named(
+        ports.metrics.inc_named(
             "ephyr_proxy_requests_total",
             ("service", PolicyName::service(policy, service)),
             &[("code", super::http::status_class(parts.status))],
         );
         let headers = plan::response_headers(&parts.headers, &scrub, service, &request_id);
         // The stream is cut when the caller's task is revoked or expires, or its token expires.
-        let ended = caller.token().map(|t| {
-            let (b, task, exp) = (broker.clone(), t.task.clone(), t.envelope().expires_before);
-            Box::pin(async move { b.tasks.until_unusable(&task, exp).await })
-                as std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
-        });
+        let ended = caller.token().map(|t| ports.tasks.ended(t.task.clone(), t.envelope().expires_before));
         let body = UpstreamBody::new(
             incoming,
             scrub,

@@ -134,7 +134,7 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
         via: "route",
         arguments: crate::broker::policy::Arguments::None,
     };
-    let answer = match broker.proxy.send(&broker, &caller, &policy, call).await {
+    let answer = match broker.proxy.send(broker.ports(), &caller, &policy, call).await {
         Ok(a) => a,
         Err(f) => {
             broker.metrics.inc_named(

@@ -26,12 +26,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::Broker;
 use super::Error;
-use super::audit::{AuditSink as _, Event, Kind};
+use super::audit::{AuditSink, Event, Kind};
 use super::auth::Caller;
 use super::policy::{Action, ActionKind, Arguments, Decision, Policy, Target};
-use super::ports::CertSigner;
+use super::ports::{CertSigner, Ports};
 use super::signer_client::CallError;
 use crate::signer::protocol::{CertRequest, ErrorCode};
 use client::{Conn, ExecLimits, ExecResult, HostCheck, SshError};
@@ -63,8 +62,8 @@ fn ssh_err(e: SshError) -> Error {
 /// Who asks for an SSH operation, under which policy snapshot, with which call arguments.
 #[derive(Clone, Copy)]
 pub struct Asker<'a> {
-    /// The broker.
-    pub broker: &'a Broker,
+    /// What SSH uses of the rest of the broker.
+    pub ports: Ports<'a>,
     /// The caller.
     pub caller: &'a Caller,
     /// The policy snapshot of the request.
@@ -294,7 +293,7 @@ impl Ssh {
     #[allow(clippy::too_many_arguments)]
     async fn connect(
         &self,
-        broker: &Broker,
+        ports: Ports<'_>,
         caller: &Caller,
         policy: &Policy,
         target_name: &str,
@@ -306,10 +305,10 @@ impl Ssh {
         let t = policy.targets.get(target_name).ok_or_else(|| Error::Refused(format!("no target {target_name:?}")))?;
         let host_check = self.host_check(target_name, t, policy.limits.host_key_strict)?;
         self.within_limits(policy, caller)?;
-        let (now, until) = validity(&broker.signer, caller, ttl, now_secs())?;
+        let (now, until) = validity(ports.signer, caller, ttl, now_secs())?;
         let (key, cert, issued) = issue(
-            &broker.signer,
-            &broker.metrics,
+            ports.signer,
+            ports.metrics,
             caller,
             Wanted { target_name, target: t, role, principal, session },
             now,
@@ -324,7 +323,7 @@ impl Ssh {
             .action(json!({ "target": target_name, "role": role, "principal": principal, "session": session }))
             .allow()
             .outcome(json!({ "serial": format!("{serial:016x}"), "key_id": key_id, "valid_after": issued.valid_after, "valid_before": until }));
-        let ticket = broker.audit.record(ev).map_err(|e| Error::audit(e.to_string()))?;
+        let ticket = ports.audit.record(ev).map_err(|e| Error::audit(e.to_string()))?;
         // Held from here: released when `held` drops, on every path out of here and of callers.
         let (held, registered) = self.registry.hold(issued.clone()).map_err(Error::audit)?;
         let spec = client::ConnectSpec {
@@ -353,12 +352,12 @@ impl Ssh {
         let conn = match connected {
             Ok(c) => c,
             Err(e) => {
-                broker.metrics.inc("ephyr_ssh_connects_total", &[("outcome", e.code())]);
+                ports.metrics.inc("ephyr_ssh_connects_total", &[("outcome", e.code())]);
                 if let SshError::HostKeyMismatch { expected, presented } = &e {
                     log::error!(
                         "target {target_name:?}: host key mismatch: presented {presented}, expected {expected}"
                     );
-                    broker
+                    ports
                         .audit_now(
                             with_task(Event::new(Kind::Ssh, "host_key_mismatch"), caller)
                                 .agent(caller.agent.clone())
@@ -370,9 +369,9 @@ impl Ssh {
                 return Err(ssh_err(e));
             }
         };
-        broker.metrics.inc("ephyr_ssh_connects_total", &[("outcome", "ok")]);
+        ports.metrics.inc("ephyr_ssh_connects_total", &[("outcome", "ok")]);
         let warning = match host_check {
-            HostCheck::Tofu(None) => Some(self.trust_on_first_use(broker, caller, target_name, t, &conn).await),
+            HostCheck::Tofu(None) => Some(self.trust_on_first_use(ports, caller, target_name, t, &conn).await),
             _ => None,
         };
         Ok((conn, issued, held, warning))
@@ -400,7 +399,7 @@ impl Ssh {
     /// Records a host key seen on first use (no pin), and says so: the warning for the caller.
     async fn trust_on_first_use(
         &self,
-        broker: &Broker,
+        ports: Ports<'_>,
         caller: &Caller,
         target_name: &str,
         t: &Target,
@@ -408,14 +407,14 @@ impl Ssh {
     ) -> String {
         let addr = format!("{}:{}", t.host, t.port);
         if let Some((path, text)) = self.known.record(target_name, &addr, &conn.host_key) {
-            let _ = broker.pool.run(move || hosts::write(&path, &text)).await;
+            let _ = ports.pool.run(move || hosts::write(&path, &text)).await;
         }
         let w = format!(
             "target {target_name:?} pins no host key: trusted {} on first use and recorded it; pin it in the policy (host_key_fingerprint)",
             conn.host_key
         );
         log::warn!("{w}");
-        broker
+        ports
             .audit_now(
                 Event::new(Kind::Ssh, "host_key_first_use")
                     .agent(caller.agent.clone())
@@ -429,7 +428,7 @@ impl Ssh {
     /// Records that a command is about to run (fails closed when the audit trail is down); the
     /// returned ticket is awaited before the result is returned.
     fn record_exec(
-        broker: &Broker,
+        audit: &dyn AuditSink,
         caller: &Caller,
         target: &str,
         role: &str,
@@ -440,7 +439,7 @@ impl Ssh {
             .agent(caller.agent.clone())
             .action(json!({ "target": target, "role": role, "command": audit_command(command), "session": session }))
             .allow();
-        broker.audit.record(ev).map_err(|e| Error::audit(e.to_string()))
+        audit.record(ev).map_err(|e| Error::audit(e.to_string()))
     }
 
     /// One command with a new certificate and connection.
@@ -452,15 +451,15 @@ impl Ssh {
         command: &str,
         timeout: Duration,
     ) -> Result<Ran, Error> {
-        let Asker { broker, caller, policy, arguments } = asker;
+        let Asker { ports, caller, policy, arguments } = asker;
         check_command_text(command).map_err(Error::Refused)?;
         let principal = Self::authorize(policy, caller, "exec", arguments, target, role, Some(command))?;
         let ttl = policy.targets.get(target).map_or(policy.limits.cert_ttl_default, |t| t.cert_ttl_default);
         let started = Instant::now();
         let (conn, issued, held, warning) =
-            self.connect(broker, caller, policy, target, role, &principal, None, ttl).await?;
+            self.connect(ports, caller, policy, target, role, &principal, None, ttl).await?;
         let connect = started.elapsed();
-        let ticket = Self::record_exec(broker, caller, target, role, command, None);
+        let ticket = Self::record_exec(ports.audit, caller, target, role, command, None);
         let ran = match ticket {
             Ok(ticket) => {
                 let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
@@ -482,12 +481,12 @@ impl Ssh {
         target: &str,
         role: &str,
     ) -> Result<(Rc<Session>, Option<String>), Error> {
-        let Asker { broker, caller, policy, arguments } = asker;
+        let Asker { ports, caller, policy, arguments } = asker;
         let principal = Self::authorize(policy, caller, "session_create", arguments, target, role, None)?;
         let ttl = policy.targets.get(target).map_or(policy.limits.cert_ttl_max, |t| t.cert_ttl_max);
         let id = random_id();
         let (conn, issued, held, warning) =
-            self.connect(broker, caller, policy, target, role, &principal, Some(&id), ttl).await?;
+            self.connect(ports, caller, policy, target, role, &principal, Some(&id), ttl).await?;
         let s = Rc::new(Session {
             id: id.clone(),
             agent: caller.agent.clone(),
@@ -504,8 +503,8 @@ impl Ssh {
             commands: Cell::new(0),
         });
         self.sessions.borrow_mut().insert(id.clone(), s.clone());
-        broker.metrics.set("ephyr_ssh_sessions", &[], self.session_count() as f64);
-        broker
+        ports.metrics.set("ephyr_ssh_sessions", &[], self.session_count() as f64);
+        ports
             .audit_now(
                 with_task(Event::new(Kind::Ssh, "session_create"), caller)
                     .agent(caller.agent.clone())
@@ -536,12 +535,12 @@ impl Ssh {
         command: &str,
         timeout: Duration,
     ) -> Result<Ran, Error> {
-        let Asker { broker, caller, policy, arguments } = asker;
+        let Asker { ports, caller, policy, arguments } = asker;
         let s = self.session_for(policy, caller, id)?;
         check_command_text(command).map_err(Error::Refused)?;
         let principal = Self::authorize(policy, caller, "exec", arguments, &s.target, &s.role, Some(command))?;
         if principal != s.principal {
-            self.close(broker, &s, "role principal changed").await;
+            self.close(ports, &s, "role principal changed").await;
             return Err(Error::Refused(format!(
                 "session {id:?} was closed: role {:?} now maps to another principal; open a new session",
                 s.role
@@ -555,7 +554,7 @@ impl Ssh {
             let started = Instant::now();
             let ttl = policy.targets.get(&s.target).map_or(policy.limits.cert_ttl_max, |t| t.cert_ttl_max);
             let (fresh, issued, held, w) =
-                self.connect(broker, caller, policy, &s.target, &s.role, &principal, Some(&s.id), ttl).await?;
+                self.connect(ports, caller, policy, &s.target, &s.role, &principal, Some(&s.id), ttl).await?;
             let old = s.conn.replace(Rc::new(fresh));
             // The old certificate is released here, before anything else is awaited.
             s.serial.set(held.serial());
@@ -566,7 +565,7 @@ impl Ssh {
             warning = w;
         }
         let conn = s.conn.borrow().clone();
-        let ticket = Self::record_exec(broker, caller, &s.target, &s.role, command, Some(&s.id))?;
+        let ticket = Self::record_exec(ports.audit, caller, &s.target, &s.role, command, Some(&s.id))?;
         s.last_used.set(Instant::now());
         s.commands.set(s.commands.get() + 1);
         let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
@@ -578,15 +577,15 @@ impl Ssh {
     }
 
     /// Closes a session (its connection, its certificate's key).
-    pub async fn close(&self, broker: &Broker, s: &Rc<Session>, why: &str) {
+    pub async fn close(&self, ports: Ports<'_>, s: &Rc<Session>, why: &str) {
         if self.sessions.borrow_mut().remove(&s.id).is_none() {
             return;
         }
         drop(s.held.borrow_mut().take());
         let conn = s.conn.borrow().clone();
         conn.close().await;
-        broker.metrics.set("ephyr_ssh_sessions", &[], self.session_count() as f64);
-        broker
+        ports.metrics.set("ephyr_ssh_sessions", &[], self.session_count() as f64);
+        ports
             .audit_now(
                 Event::new(Kind::Ssh, "session_close")
                     .agent(s.agent.clone())
@@ -609,9 +608,8 @@ impl Ssh {
     /// Closes sessions that are idle, whose certificate has expired, whose task is revoked or
     /// gone, or whose agent may no longer use their target and role; drops expired
     /// certificates from the registry.
-    pub async fn sweep(&self, broker: &Broker) {
+    pub async fn sweep(&self, ports: Ports<'_>, policy: &Policy) {
         let now = now_secs();
-        let policy = broker.policy();
         let doomed: Vec<(Rc<Session>, &'static str)> = self
             .sessions
             .borrow()
@@ -623,9 +621,9 @@ impl Ssh {
                     "certificate expired"
                 } else if s.conn.borrow().is_closed() {
                     "connection lost"
-                } else if s.task.as_deref().is_some_and(|t| broker.tasks.unusable(t)) {
+                } else if s.task.as_deref().is_some_and(|t| ports.tasks.unusable(t)) {
                     "task revoked or expired"
-                } else if !policy_allows(&policy, &s.agent, &s.target, &s.role) {
+                } else if !policy_allows(policy, &s.agent, &s.target, &s.role) {
                     "policy no longer allows it"
                 } else {
                     return None;
@@ -634,18 +632,18 @@ impl Ssh {
             })
             .collect();
         for (s, why) in doomed {
-            self.close(broker, &s, why).await;
+            self.close(ports, &s, why).await;
         }
         self.registry.collect(now);
     }
 
     /// The current KRL: certificates of revoked (or vanished) tasks and operator-revoked ones
     /// that are still valid. `None` while the CA key is unknown (signer not up yet).
-    pub fn krl(&self, broker: &Broker) -> Option<Vec<u8>> {
-        let ca = broker.signer.health().status.map(|s| s.ca_public_key)?;
+    pub fn krl(&self, ports: Ports<'_>) -> Option<Vec<u8>> {
+        let ca = ports.signer.ca_public_key()?;
         let blob = ca.split_whitespace().nth(1).and_then(|b| data_encoding::BASE64.decode(b.as_bytes()).ok())?;
         let now = now_secs();
-        let serials = self.registry.revoked_serials(now, |t| broker.tasks.unusable(t));
+        let serials = self.registry.revoked_serials(now, |t| ports.tasks.unusable(t));
         let v = self.krl_version.get().max(crate::time::now().0.max(0) as u64);
         self.krl_version.set(v + 1);
         Some(krl::encode(&blob, &serials, v, now, "ephyr revoked certificates"))
@@ -760,6 +758,10 @@ mod tests {
 
         fn max_cert_ttl(&self) -> Option<u64> {
             self.cap
+        }
+
+        fn ca_public_key(&self) -> Option<String> {
+            None
         }
     }
 

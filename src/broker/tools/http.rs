@@ -131,7 +131,7 @@ async fn http_request(cx: Ctx<'_>) -> Output {
     let mut action = Map::new();
     action.insert("service".into(), json!(service));
     action.insert("method".into(), json!(method));
-    let answer = match cx.broker.proxy.send(cx.broker, cx.caller, cx.policy, call).await {
+    let answer = match cx.proxy.send(cx.ports, cx.caller, cx.policy, call).await {
         Ok(a) => a,
         Err(f) => {
             let mut out = Output::failed(f);

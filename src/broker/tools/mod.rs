@@ -28,7 +28,11 @@ use super::Broker;
 use super::audit::{Event, Kind};
 use super::auth::Caller;
 use super::policy::{Action, ActionKind, Arguments, Decision, Denial, HTTP_METHODS, Policy, Principal, authorize};
+use super::ports::{Operations, Ports, Sealer};
+use super::proxy::Proxy;
 use super::rate::Bounded;
+use super::ssh::Ssh;
+use super::tasks::TaskStore;
 use crate::mcp::types::{Annotations, ToolDescriptor};
 
 /// An argument's type.
@@ -140,10 +144,20 @@ impl Output {
     }
 }
 
-/// Everything a tool body may use.
+/// Everything a tool body may use: narrow handles, never the `Broker` (`ports`).
 pub struct Ctx<'a> {
-    /// The broker.
-    pub broker: &'a Rc<Broker>,
+    /// Audit, metrics, signer, task liveness, secrets, the blocking pool.
+    pub ports: Ports<'a>,
+    /// SSH (certificates, sessions).
+    pub ssh: &'a Ssh,
+    /// The HTTP proxy.
+    pub proxy: &'a Proxy,
+    /// Task trees.
+    pub tasks: &'a TaskStore,
+    /// Seals new tasks' root keys.
+    pub sealer: &'a dyn Sealer,
+    /// Revocations and closes, as operators and agents share them.
+    pub ops: &'a dyn Operations,
     /// Who calls.
     pub caller: &'a Caller,
     /// The policy snapshot for this request.
@@ -462,7 +476,19 @@ pub async fn call(
                 )),
                 _ => {
                     let declared: Vec<&str> = t.params.iter().map(|p| p.name).collect();
-                    (t.run)(Ctx { broker, caller, policy: &policy, args: &args, declared: &declared }).await
+                    (t.run)(Ctx {
+                        ports: broker.ports(),
+                        ssh: &broker.ssh,
+                        proxy: &broker.proxy,
+                        tasks: &broker.tasks,
+                        sealer: &broker.signer,
+                        ops: &**broker,
+                        caller,
+                        policy: &policy,
+                        args: &args,
+                        declared: &declared,
+                    })
+                    .await
                 }
             },
         },

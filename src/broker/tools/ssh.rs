@@ -84,7 +84,7 @@ pub static LIST_SESSIONS: ToolDef = ToolDef {
     needs: Needs::AnyTarget,
     run: |cx| {
         Box::pin(async move {
-            let v: Vec<Value> = cx.broker.ssh.sessions_of(cx.policy, cx.caller).iter().map(|s| s.view()).collect();
+            let v: Vec<Value> = cx.ssh.sessions_of(cx.policy, cx.caller).iter().map(|s| s.view()).collect();
             Output::data(&v)
         })
     },
@@ -165,7 +165,7 @@ async fn exec(cx: Ctx<'_>) -> Output {
     let session = arg(cx.args, "session_id");
     let (target, role, ran) = match session {
         Some(id) => {
-            let s = match cx.broker.ssh.session_for(cx.policy, cx.caller, id) {
+            let s = match cx.ssh.session_for(cx.policy, cx.caller, id) {
                 Ok(s) => s,
                 Err(f) => return failed(f, Map::new()),
             };
@@ -177,14 +177,14 @@ async fn exec(cx: Ctx<'_>) -> Output {
                     ));
                 }
             }
-            let r = cx.broker.ssh.session_exec(asker(&cx), id, command, timeout).await;
+            let r = cx.ssh.session_exec(asker(&cx), id, command, timeout).await;
             (s.target.clone(), s.role.clone(), r)
         }
         None => {
             let (Some(target), Some(role)) = (arg(cx.args, "target"), arg(cx.args, "role")) else {
                 return Output::error("invalid arguments: \"target\" and \"role\" are required without \"session_id\"");
             };
-            let r = cx.broker.ssh.exec_once(asker(&cx), target, role, command, timeout).await;
+            let r = cx.ssh.exec_once(asker(&cx), target, role, command, timeout).await;
             (target.to_owned(), role.to_owned(), r)
         }
     };
@@ -203,7 +203,7 @@ async fn exec(cx: Ctx<'_>) -> Output {
             } else {
                 "exited"
             };
-            cx.broker.metrics.inc("ephyr_ssh_commands_total", &[("outcome", how)]);
+            cx.ports.metrics.inc("ephyr_ssh_commands_total", &[("outcome", how)]);
             let mut o = Output::data(&exec_output(&ran, &target, &role, session, started.elapsed(), timeout));
             o.outcome.insert("exit_code".into(), ran.result.exit_status.map_or(Value::from(-1), Value::from));
             o.outcome.insert("serial".into(), Value::from(format!("{:016x}", ran.serial)));
@@ -212,7 +212,7 @@ async fn exec(cx: Ctx<'_>) -> Output {
             o
         }
         Err(f) => {
-            cx.broker.metrics.inc("ephyr_ssh_commands_total", &[("outcome", "failed")]);
+            cx.ports.metrics.inc("ephyr_ssh_commands_total", &[("outcome", "failed")]);
             failed(f, action)
         }
     }
@@ -224,7 +224,7 @@ async fn session_create(cx: Ctx<'_>) -> Output {
     let mut action = Map::new();
     action.insert("target".into(), Value::from(target));
     action.insert("role".into(), Value::from(role));
-    match cx.broker.ssh.session_create(asker(&cx), target, role).await {
+    match cx.ssh.session_create(asker(&cx), target, role).await {
         Ok((s, warning)) => {
             let mut v = s.view();
             v["status"] = Value::from("open");
@@ -243,9 +243,9 @@ async fn session_create(cx: Ctx<'_>) -> Output {
 
 async fn session_close(cx: Ctx<'_>) -> Output {
     let id = arg(cx.args, "session_id").unwrap_or_default();
-    match cx.broker.ssh.session_for(cx.policy, cx.caller, id) {
+    match cx.ssh.session_for(cx.policy, cx.caller, id) {
         Ok(s) => {
-            crate::broker::ops::close_session(cx.broker, &super::tasks::actor(&cx), &s).await;
+            cx.ops.close_session(&super::tasks::actor(&cx), &s).await;
             let mut o = Output::data(&json!({ "session_id": id, "status": "closed", "commands": s.commands() }));
             o.action.insert("session".into(), Value::from(id));
             o
@@ -257,8 +257,7 @@ async fn session_close(cx: Ctx<'_>) -> Output {
 fn list_certs(cx: &Ctx<'_>) -> Vec<Value> {
     let now = crate::time::now().secs().max(0) as u64;
     let caller = cx.caller;
-    cx.broker
-        .ssh
+    cx.ssh
         .registry
         .list(now, |c| {
             c.agent == caller.agent
@@ -287,5 +286,5 @@ fn list_certs(cx: &Ctx<'_>) -> Vec<Value> {
 }
 
 fn asker<'a>(cx: &'a Ctx<'a>) -> crate::broker::ssh::Asker<'a> {
-    crate::broker::ssh::Asker { broker: cx.broker, caller: cx.caller, policy: cx.policy, arguments: cx.arguments() }
+    crate::broker::ssh::Asker { ports: cx.ports, caller: cx.caller, policy: cx.policy, arguments: cx.arguments() }
 }

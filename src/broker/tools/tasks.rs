@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 use ulid::Ulid;
 
 use super::{Ctx, Needs, Output, Param, ParamType, ToolDef};
-use crate::broker::audit::{AuditSink as _, Event, Kind};
+use crate::broker::audit::{Event, Kind};
 use crate::broker::policy::{Action, ActionKind, Decision, HTTP_METHODS, Policy, Principal, TaskOp, authorize};
 use crate::broker::tasks::{Holder, NewTask, Scope, TaskView, parse_holder_key, seal_context};
 use crate::macaroon::{Dim, Envelope, RootKey, SetKey};
@@ -244,7 +244,7 @@ fn decide(policy: &Policy, principal: &Principal<'_>, op: TaskOp) -> Result<(), 
 
 /// Records a task event durably; a failure refuses the answer (fail closed).
 async fn audit(cx: &Ctx<'_>, ev: Event) -> Result<(), Output> {
-    let ticket = cx.broker.audit.record(ev).map_err(|e| Output::error(e.to_string()))?;
+    let ticket = cx.ports.audit.record(ev).map_err(|e| Output::error(e.to_string()))?;
     ticket.durable().await.map_err(|e| Output::error(e.to_string()))
 }
 
@@ -305,14 +305,13 @@ async fn create_inner(cx: &Ctx<'_>) -> Result<Output, Output> {
     crate::secret::random_bytes(raw.as_mut()).map_err(|e| Output::error(format!("no randomness: {e}")))?;
     let root_key = RootKey::from_bytes(raw.as_ref());
     let sealed = cx
-        .broker
-        .signer
+        .sealer
         .seal(seal_context(id), crate::secret::SecretBytes::new(raw.to_vec()))
         .await
         .map_err(|e| Output::error(format!("task state unavailable: sealing the root key failed: {e}")))?;
     let (task, token) =
-        cx.broker.tasks.create(id, new, initiated_by(cx), &root_key, sealed, now).await.map_err(Output::failed)?;
-    let view = cx.broker.tasks.view(id).ok_or_else(|| Output::error("task vanished"))?;
+        cx.tasks.create(id, new, initiated_by(cx), &root_key, sealed, now).await.map_err(Output::failed)?;
+    let view = cx.tasks.view(id).ok_or_else(|| Output::error("task vanished"))?;
     let (bound, deadline) = holder_json(view.holder);
     let ev = Event::new(Kind::Task, "task_create")
         .agent(task.agent.clone())
@@ -322,7 +321,7 @@ async fn create_inner(cx: &Ctx<'_>) -> Result<Output, Output> {
         .outcome(json!({"expires_at": task.expires_at().to_rfc3339(), "holder_bound": bound,
             "can_delegate": task.can_delegate, "envelope": task.envelope}));
     audit(cx, ev).await?;
-    cx.broker.metrics.inc("ephyr_tasks_total", &[("op", "create")]);
+    cx.ports.metrics.inc("ephyr_tasks_total", &[("op", "create")]);
     Ok(Output::data(&json!({
         "task_id": task.id.to_string(),
         "token": token,
@@ -344,7 +343,7 @@ async fn delegate(cx: Ctx<'_>) -> Output {
 
 async fn delegate_inner(cx: &Ctx<'_>) -> Result<Output, Output> {
     let policy = cx.policy;
-    let store = &cx.broker.tasks;
+    let store = &cx.tasks;
     let now = crate::time::now();
     // The parent, and its token: the presented one (token callers, who may delegate only from
     // their own task), or the one the broker minted (API-key callers, from a task they hold).
@@ -435,7 +434,7 @@ async fn delegate_inner(cx: &Ctx<'_>) -> Result<Output, Output> {
         .outcome(json!({"expires_at": task.expires_at().to_rfc3339(), "holder_bound": bound,
             "rebound": key.is_some(), "envelope": task.envelope}));
     audit(cx, ev).await?;
-    cx.broker.metrics.inc("ephyr_tasks_total", &[("op", if handoff { "handoff" } else { "delegate" })]);
+    cx.ports.metrics.inc("ephyr_tasks_total", &[("op", if handoff { "handoff" } else { "delegate" })]);
     Ok(Output::data(&json!({
         "task_id": task.id.to_string(),
         "parent_task_id": parent_id.to_string(),
@@ -492,7 +491,7 @@ fn target(cx: &Ctx<'_>, required: bool) -> Result<TaskView, Output> {
         (None, Some(t)) if !required => Ulid::from_string(&t.task).map_err(|_| Output::error("bad task id"))?,
         _ => return Err(Output::error("invalid arguments: task_id is required")),
     };
-    let store = &cx.broker.tasks;
+    let store = &cx.tasks;
     match store.view(id) {
         Some(v) if store.in_scope(&scope(cx), id) => Ok(v),
         _ => {
@@ -515,7 +514,7 @@ fn info(cx: Ctx<'_>) -> Output {
 
 fn list(cx: Ctx<'_>) -> Output {
     let now = crate::time::now();
-    let tasks: Vec<Value> = cx.broker.tasks.visible(&scope(&cx)).iter().map(|v| view_json(v, now)).collect();
+    let tasks: Vec<Value> = cx.tasks.visible(&scope(&cx)).iter().map(|v| view_json(v, now)).collect();
     Output::data(&json!({"count": tasks.len(), "tasks": tasks}))
 }
 
@@ -528,7 +527,7 @@ async fn revoke(cx: Ctx<'_>) -> Output {
     if let Err(o) = decide(policy, &cx.caller.principal(), TaskOp::Revoke) {
         return o;
     }
-    let cascade = match crate::broker::ops::revoke_task(cx.broker, &actor(&cx), &v).await {
+    let cascade = match cx.ops.revoke_task(&actor(&cx), &v).await {
         Ok(n) => n,
         Err(e) => return Output::failed(e),
     };
@@ -550,20 +549,20 @@ async fn bind(cx: Ctx<'_>) -> Output {
         return o;
     }
     let now = crate::time::now();
-    let at = match cx.broker.tasks.bind(v.task.id, key, now).await {
+    let at = match cx.tasks.bind(v.task.id, key, now).await {
         Ok(at) => at,
         Err(e) => return Output::failed(e),
     };
     let ev = Event::new(Kind::Task, "task_bind")
         .agent(cx.caller.agent.clone())
-        .task(v.task.id.to_string(), cx.broker.tasks.lineage(v.task.id))
+        .task(v.task.id.to_string(), cx.tasks.lineage(v.task.id))
         .initiated_by(v.task.initiated_by.clone())
         .allow()
         .outcome(json!({"holder_key": data_encoding::BASE64URL_NOPAD.encode(&key)}));
     if let Err(o) = audit(&cx, ev).await {
         return o;
     }
-    cx.broker.metrics.inc("ephyr_tasks_total", &[("op", "bind")]);
+    cx.ports.metrics.inc("ephyr_tasks_total", &[("op", "bind")]);
     Output::data(&json!({"task_id": v.task.id.to_string(), "bound": true,
         "bound_at": UnixMicros(at).to_rfc3339()}))
 }
