@@ -18,12 +18,13 @@ use ephyr::broker::Error;
 use ephyr::broker::audit::{AuditSink, Event, MemorySink};
 use ephyr::broker::auth::{Caller, Via};
 use ephyr::broker::blocking::BlockingPool;
+use ephyr::broker::journal::{Backend, Durable, Files, Replayed, Store};
 use ephyr::broker::metrics::Metrics;
 use ephyr::broker::policy::{Arguments, Policy, SecretRef};
 use ephyr::broker::ports::{CertSigner, Local, Ports, SecretSource, SignedCert, TaskLiveness};
 use ephyr::broker::proxy::{Call, Proxy};
 use ephyr::broker::signer_client::CallError;
-use ephyr::broker::ssh::{Asker, Ssh, hosts::KnownHosts, registry::Registry};
+use ephyr::broker::ssh::{Asker, Ssh, hosts::KnownHosts, registry::Issued, registry::Registry};
 use ephyr::os::SharedCounters;
 use ephyr::secret::SecretBytes;
 use ephyr::signer::custody::{Custody, SignerConfig};
@@ -169,12 +170,10 @@ fn ssh_on_ports_issues_records_and_releases_when_the_host_is_unreachable() {
     )
     .unwrap();
     let stand = Stand::new();
-    let ex = smol::LocalExecutor::new();
+    let ex = Rc::new(smol::LocalExecutor::new());
+    let logs = Files::new(dir.path().to_owned(), stand.pool.clone(), ex.clone());
     smol::block_on(ex.run(async {
-        let (registry, _) = Registry::load(&dir.path().join("certs.journal"), stand.pool.clone(), 1).await.unwrap();
-        if let Some(j) = registry.journal() {
-            ex.spawn(j.run_flusher()).detach();
-        }
+        let (registry, _) = Registry::load(&logs, 1).await.unwrap();
         let known = KnownHosts::load(&dir.path().join("known_hosts")).unwrap();
         let ssh = Ssh::new(registry, known);
         let caller = alice();
@@ -218,8 +217,9 @@ fn ssh_refuses_before_issuing_when_the_audit_trail_has_failed() {
     )
     .unwrap();
     let stand = Stand::new();
+    let logs = Files::new(dir.path().to_owned(), stand.pool.clone(), Rc::new(smol::LocalExecutor::new()));
     smol::block_on(async {
-        let (registry, _) = Registry::load(&dir.path().join("certs.journal"), stand.pool.clone(), 1).await.unwrap();
+        let (registry, _) = Registry::load(&logs, 1).await.unwrap();
         let ssh = Ssh::new(registry, KnownHosts::load(&dir.path().join("known_hosts")).unwrap());
         let caller = alice();
         let ports = Ports { audit: &FailedAudit, ..stand.ports() };
@@ -340,4 +340,80 @@ fn the_proxy_refuses_without_a_secret_or_an_audit_trail_and_sends_nothing() {
         assert!(e.message().contains("audit log is unavailable (disk full)"), "{e:?}");
     }));
     assert!(stand.events().is_empty(), "nothing recorded: nothing was sent");
+}
+
+/// A second durable-state backend, in memory: the features (certificate registry, task store)
+/// run on it unchanged, which is what a replicated backend (ADR 0009) relies on.
+#[derive(Default)]
+struct MemoryLogs(Rc<RefCell<std::collections::BTreeMap<String, Vec<Vec<u8>>>>>);
+
+struct MemoryLog {
+    logs: Rc<RefCell<std::collections::BTreeMap<String, Vec<Vec<u8>>>>>,
+    name: String,
+}
+
+impl Store for MemoryLog {
+    fn append(&self, payload: &[u8]) -> Result<Durable, Error> {
+        self.logs.borrow_mut().entry(self.name.clone()).or_default().push(payload.to_vec());
+        Ok(Durable::settled(Ok(())))
+    }
+}
+
+impl Backend for MemoryLogs {
+    fn replay<'a>(&'a self, name: &'a str) -> Local<'a, Result<Replayed, Error>> {
+        let records = self.0.borrow().get(name).cloned().unwrap_or_default();
+        Box::pin(async move { Ok(Replayed { records, torn_bytes: 0 }) })
+    }
+
+    fn open<'a>(&'a self, name: &'a str, compacted: Option<Vec<Vec<u8>>>) -> Local<'a, Result<Rc<dyn Store>, Error>> {
+        if let Some(c) = compacted {
+            self.0.borrow_mut().insert(name.to_owned(), c);
+        }
+        let log = MemoryLog { logs: self.0.clone(), name: name.to_owned() };
+        Box::pin(async move { Ok(Rc::new(log) as Rc<dyn Store>) })
+    }
+}
+
+#[test]
+fn durable_state_runs_on_another_backend_unchanged() {
+    let logs = MemoryLogs::default();
+    let cert = |serial, valid_before| Issued {
+        serial,
+        key_id: format!("k{serial}"),
+        agent: "alice".into(),
+        task: None,
+        lineage: vec![],
+        target: "web".into(),
+        role: "read".into(),
+        principal: "reader".into(),
+        valid_after: 0,
+        valid_before,
+        session: None,
+    };
+    smol::block_on(async {
+        let (r, _) = Registry::load(&logs, 10).await.unwrap();
+        let (held, d) = r.hold(cert(1, 100)).unwrap();
+        d.unwrap().wait().await.unwrap();
+        drop(held);
+        r.add(cert(2, 20)).unwrap().unwrap().wait().await.unwrap();
+        assert!(r.revoke(1, 15).await.unwrap());
+        assert!(!r.revoke(9, 15).await.unwrap(), "no such certificate");
+    });
+    assert_eq!(logs.0.borrow()["certs"].len(), 3, "two issued, one revoked");
+    // A restart on the same backend: the revocation survived, the expired certificate is gone
+    // and the log was compacted to what is live.
+    let (r, _) = smol::block_on(Registry::load(&logs, 50)).unwrap();
+    let listed = r.list(50, |_| true);
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].cert.serial, listed[0].revoked_at), (1, Some(15)));
+    assert_eq!(logs.0.borrow()["certs"].len(), 2);
+    // The task store opens its own log there too.
+    let (tasks, loaded) = smol::block_on(ephyr::broker::tasks::TaskStore::load(
+        &logs,
+        ephyr::time::now(),
+        |_c: String, _s: Vec<u8>| async { Err::<ephyr::macaroon::RootKey, String>("unused".into()) },
+    ))
+    .unwrap();
+    assert_eq!((loaded.tasks, tasks.len()), (0, 0));
+    assert!(logs.0.borrow().contains_key("tasks"), "compacted into its own log");
 }

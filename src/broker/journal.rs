@@ -1,14 +1,20 @@
-//! Journals: append-only files of checksummed records, group-committed. Two use it: the task
-//! store (`<data-dir>/state/tasks.journal`) and the SSH certificate registry
-//! (`state/certs.journal`); each owns its record types, this module only the framing and syncing.
+//! Durable state: the one home for what the broker must not forget across a restart. Features
+//! keep their state as named logs of records ([`Store`]: append, await durability) that are
+//! replayed and compacted at start ([`Backend`]). Today: the task store (`tasks`) and the SSH
+//! certificate registry (`certs`); what comes next (tool pins, approvals, enrolled agents,
+//! freezes) opens its own log the same way. Each feature owns its record types; this module
+//! only the framing, syncing and where the bytes live. The one backend is [`Files`], journal
+//! files in the data dir; a replicated backend (ADR 0009) implements the same two traits and no
+//! feature changes.
 //!
-//! What runs here: one file per journal (0600). At start-up (before the executor
-//! serves anything) the file is read whole, a torn last record — a crash in the middle of a
-//! write that was never acknowledged — is cut off, and the live state is written to a fresh file
-//! that replaces the old one by `rename` (compaction; `fsync` of file and directory). While
-//! serving, one flusher task writes batches with `write` + `fdatasync` on the blocking pool;
-//! `append` returns a [`Durable`] that resolves once the batch holding the record is synced, and
-//! callers await it before they acknowledge (DESIGN.md invariant 10).
+//! What runs here: one file per log (`<data-dir>/state/<name>.journal`, 0600). At start-up
+//! (before the executor serves anything) the file is read whole, a torn last record — a crash in
+//! the middle of a write that was never acknowledged — is cut off, and the live state is written
+//! to a fresh file that replaces the old one by `rename` (compaction; `fsync` of file and
+//! directory). While serving, one flusher task per log (spawned on the executor by [`Files`])
+//! writes batches with `write` + `fdatasync` on the blocking pool; `append` returns a
+//! [`Durable`] that resolves once the batch holding the record is synced, and callers await it
+//! before they acknowledge (DESIGN.md invariant 10).
 //!
 //! Frame: `len: u32 LE | check: first 8 bytes of SHA-256(payload) | payload (JSON, `len` bytes)`,
 //! after an 8-byte file header `EPHYRJ1\n`. A bad frame that is not the last one is corruption:
@@ -22,7 +28,74 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use super::Error;
 use super::blocking::BlockingPool;
+use super::ports::Local;
+
+/// An open log of records.
+pub trait Store {
+    /// Queues a record; the returned [`Durable`] resolves once it is durable. `Err` when the log
+    /// has failed (`Error::Unavailable`): nothing was queued.
+    fn append(&self, payload: &[u8]) -> Result<Durable, Error>;
+}
+
+/// Where logs live.
+pub trait Backend {
+    /// Replays log `name` (a log never written is empty). `Err` on corruption before the end,
+    /// naming where; a torn last record is dropped and counted.
+    fn replay<'a>(&'a self, name: &'a str) -> Local<'a, Result<Replayed, Error>>;
+
+    /// Opens log `name` for appending; with `compacted`, first replaces its content with exactly
+    /// those records (atomically: a crash leaves the old or the new content).
+    fn open<'a>(&'a self, name: &'a str, compacted: Option<Vec<Vec<u8>>>) -> Local<'a, Result<Rc<dyn Store>, Error>>;
+}
+
+/// The data dir's journal files: `<dir>/<name>.journal`, flushed by a task on `ex`.
+pub struct Files {
+    dir: PathBuf,
+    pool: BlockingPool,
+    ex: Rc<smol::LocalExecutor<'static>>,
+}
+
+impl Files {
+    /// Logs under `dir`, file work on `pool`, flushers spawned on `ex`.
+    pub fn new(dir: PathBuf, pool: BlockingPool, ex: Rc<smol::LocalExecutor<'static>>) -> Self {
+        Files { dir, pool, ex }
+    }
+
+    /// The file of log `name`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.journal"))
+    }
+}
+
+fn pool_stopped() -> Error {
+    Error::Unavailable("the blocking pool stopped".into())
+}
+
+impl Backend for Files {
+    fn replay<'a>(&'a self, name: &'a str) -> Local<'a, Result<Replayed, Error>> {
+        let p = self.path(name);
+        Box::pin(async move { self.pool.run(move || read(&p)).await.unwrap_or_else(|| Err(pool_stopped())) })
+    }
+
+    fn open<'a>(&'a self, name: &'a str, compacted: Option<Vec<Vec<u8>>>) -> Local<'a, Result<Rc<dyn Store>, Error>> {
+        let path = self.path(name);
+        Box::pin(async move {
+            if let Some(records) = compacted {
+                let p = path.clone();
+                self.pool
+                    .run(move || rewrite(&p, &records))
+                    .await
+                    .ok_or_else(pool_stopped)?
+                    .map_err(|e| Error::Unavailable(format!("{}: compaction failed: {e}", path.display())))?;
+            }
+            let j = Journal::open(&path, self.pool.clone())?;
+            self.ex.spawn(j.clone().run_flusher()).detach();
+            Ok(j as Rc<dyn Store>)
+        })
+    }
+}
 
 /// File header.
 pub const MAGIC: &[u8; 8] = b"EPHYRJ1\n";
@@ -97,16 +170,22 @@ pub fn parse(bytes: &[u8]) -> Result<Replayed, String> {
 }
 
 /// Reads the journal at `path` (a missing file is an empty journal).
-pub fn read(path: &Path) -> Result<Replayed, String> {
+pub fn read(path: &Path) -> Result<Replayed, Error> {
     let mut bytes = Vec::new();
+    let failed = |e: io::Error| Error::Unavailable(format!("{}: {e}", path.display()));
     match File::open(path) {
         Ok(mut f) => {
-            f.read_to_end(&mut bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+            f.read_to_end(&mut bytes).map_err(failed)?;
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(e) => return Err(failed(e)),
     }
-    parse(&bytes).map_err(|e| format!("{}: {e}; move it aside to start without the state it holds", path.display()))
+    parse(&bytes).map_err(|e| {
+        Error::Unavailable(format!(
+            "{}: {e}; move it aside to start without the state it holds",
+            path.display()
+        ))
+    })
 }
 
 /// Replaces the journal at `path` with exactly these records (`datadir::write_atomic`), so a
@@ -123,9 +202,21 @@ pub fn rewrite(path: &Path, records: &[Vec<u8>]) -> io::Result<()> {
 pub struct Durable(async_channel::Receiver<Result<(), String>>);
 
 impl Durable {
-    /// Waits for the record's batch to be written and synced.
-    pub async fn wait(self) -> Result<(), String> {
-        self.0.recv().await.unwrap_or_else(|_| Err("the journal writer stopped".into()))
+    /// Already settled (a backend that writes synchronously, or failed).
+    pub fn settled(r: Result<(), Error>) -> Durable {
+        let (tx, rx) = async_channel::bounded(1);
+        let _ = tx.try_send(r.map_err(|e| e.message()));
+        Durable(rx)
+    }
+
+    /// Waits for the record's batch to be written and synced; `Err` (`Error::Unavailable`) when
+    /// the log failed: the record may or may not be on disk.
+    pub async fn wait(self) -> Result<(), Error> {
+        self.0
+            .recv()
+            .await
+            .unwrap_or_else(|_| Err("the journal writer stopped".into()))
+            .map_err(Error::Unavailable)
     }
 }
 
@@ -147,13 +238,13 @@ pub struct Journal {
 
 impl Journal {
     /// Opens `path` for appending (after [`read`] and [`rewrite`] at start-up).
-    pub fn open(path: &Path, pool: BlockingPool) -> Result<Rc<Journal>, String> {
+    pub fn open(path: &Path, pool: BlockingPool) -> Result<Rc<Journal>, Error> {
         let f = OpenOptions::new()
             .append(true)
             .create(true)
             .mode(0o600)
             .open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| Error::Unavailable(format!("{}: {e}", path.display())))?;
         Ok(Rc::new(Journal {
             path: path.to_owned(),
             pool,
@@ -164,10 +255,10 @@ impl Journal {
     }
 
     /// Queues a record; the returned [`Durable`] resolves once it is on disk.
-    pub fn append(&self, payload: &[u8]) -> Result<Durable, String> {
+    pub fn append(&self, payload: &[u8]) -> Result<Durable, Error> {
         let mut p = self.pending.borrow_mut();
         if let Some(f) = &p.failed {
-            return Err(f.clone());
+            return Err(Error::Unavailable(f.clone()));
         }
         p.buf.extend_from_slice(&frame(payload));
         let (tx, rx) = async_channel::bounded(1);
@@ -210,8 +301,8 @@ impl Journal {
                     }
                 }
                 Err(e) => {
-                    let reason = format!("task journal {} failed: {e}", self.path.display());
-                    log::error!("{reason}; refusing task changes until restart");
+                    let reason = format!("journal {} failed: {e}", self.path.display());
+                    log::error!("{reason}; refusing changes to its state until restart");
                     let mut p = self.pending.borrow_mut();
                     p.failed = Some(reason.clone());
                     let later = std::mem::take(&mut p.waiters);
@@ -223,6 +314,12 @@ impl Journal {
                 }
             }
         }
+    }
+}
+
+impl Store for Journal {
+    fn append(&self, payload: &[u8]) -> Result<Durable, Error> {
+        Journal::append(self, payload)
     }
 }
 

@@ -206,11 +206,11 @@ async fn operator_cert(broker: &Broker, peer: Peer, req: http::Request<hyper::bo
             match broker.ssh.registry.add(issued) {
                 Ok(Some(d)) => {
                     if let Err(e) = d.wait().await {
-                        return error(StatusCode::SERVICE_UNAVAILABLE, "state_unavailable", e);
+                        return error(StatusCode::SERVICE_UNAVAILABLE, "state_unavailable", e.message());
                     }
                 }
                 Ok(None) => {}
-                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "state_unavailable", e),
+                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "state_unavailable", e.message()),
             }
             log::info!("operator certificate issued to uid {uid}: serial {serial:016x} key_id {key_id}");
             json(
@@ -331,8 +331,8 @@ async fn set_secret(
             secret_changed(broker, peer, "secret_set", name).await;
             json(StatusCode::OK, &serde_json::json!({ "name": name, "stored": true }))
         }
-        Err(super::secrets::SetError::NotStored(e)) => error(StatusCode::SERVICE_UNAVAILABLE, "secret_not_stored", e),
-        Err(super::secrets::SetError::Invalid(e)) => error(StatusCode::BAD_REQUEST, "invalid_secret", e),
+        Err(e @ super::Error::Invalid(_)) => error(StatusCode::BAD_REQUEST, "invalid_secret", e.message()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "secret_not_stored", e.message()),
     }
 }
 
@@ -344,7 +344,8 @@ async fn remove_secret(broker: &Broker, peer: Peer, name: &str) -> http::Respons
             json(StatusCode::OK, &serde_json::json!({ "name": name, "removed": true }))
         }
         Ok(false) => error(StatusCode::NOT_FOUND, "unknown_secret", format!("no stored secret {name:?}")),
-        Err(e) => error(StatusCode::BAD_REQUEST, "invalid_secret", e),
+        Err(e @ super::Error::Invalid(_)) => error(StatusCode::BAD_REQUEST, "invalid_secret", e.message()),
+        Err(e) => error(e.status(), e.code(), e.message()),
     }
 }
 

@@ -96,7 +96,7 @@ pub async fn revoke_cert(broker: &Broker, actor: &Actor, serial: u64) -> Result<
                 "no valid certificate with serial {serial:016x} was issued by this broker"
             )));
         }
-        Err(e) => return Err(Error::Unavailable(e)),
+        Err(e) => return Err(e),
     }
     let closed = match broker.ssh.session_with_serial(serial) {
         Some(s) => {

@@ -72,7 +72,7 @@ pub trait Sealer {
 
 impl Sealer for Signer {
     fn seal(&self, context: String, plaintext: SecretBytes) -> Local<'_, Result<Vec<u8>, Error>> {
-        Box::pin(async move { Signer::seal(self, context, plaintext).await.map_err(Error::Signer) })
+        Box::pin(Signer::seal(self, context, plaintext))
     }
 }
 
@@ -105,7 +105,7 @@ pub trait SecretSource {
 
 impl SecretSource for Broker {
     fn resolve<'a>(&'a self, r: &'a SecretRef) -> Local<'a, Result<SecretBytes, Error>> {
-        Box::pin(async move { self.secrets.resolve(&self.pool, &self.signer, r).await.map_err(Error::Unavailable) })
+        Box::pin(self.secrets.resolve(&self.pool, &self.signer, r))
     }
 }
 

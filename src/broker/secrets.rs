@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
+use super::Error;
 use super::blocking::BlockingPool;
 use super::policy::SecretRef;
 use super::signer_client::Signer;
@@ -43,15 +44,6 @@ pub fn trim_newline(mut v: Vec<u8>) -> Vec<u8> {
     v
 }
 
-/// Why a secret was not stored.
-#[derive(Debug)]
-pub enum SetError {
-    /// The name or the value is not acceptable (the caller's to fix).
-    Invalid(String),
-    /// Sealing or writing failed (the broker's side).
-    NotStored(String),
-}
-
 /// The secrets of one broker (executor thread only).
 pub struct Secrets {
     dir: PathBuf,
@@ -74,7 +66,12 @@ impl Secrets {
     }
 
     /// The value behind a reference. Errors name the reference, never the value.
-    pub async fn resolve(&self, pool: &BlockingPool, signer: &Signer, r: &SecretRef) -> Result<SecretBytes, String> {
+    /// `Err` is `Error::Unavailable`, naming the reference and what to do; never a value.
+    pub async fn resolve(&self, pool: &BlockingPool, signer: &Signer, r: &SecretRef) -> Result<SecretBytes, Error> {
+        self.resolve_text(pool, signer, r).await.map_err(Error::Unavailable)
+    }
+
+    async fn resolve_text(&self, pool: &BlockingPool, signer: &Signer, r: &SecretRef) -> Result<SecretBytes, String> {
         let key = r.to_string();
         if let Some(v) = self.cache.borrow().get(&key) {
             return Ok(v.clone());
@@ -119,30 +116,31 @@ impl Secrets {
         signer: &Signer,
         name: &str,
         value: SecretBytes,
-    ) -> Result<(), SetError> {
+    ) -> Result<(), Error> {
         if !name_ok(name) {
-            return Err(SetError::Invalid(format!("{name:?} is not a secret name (1-64 of [A-Za-z0-9_.-])")));
+            return Err(Error::Invalid(format!("{name:?} is not a secret name (1-64 of [A-Za-z0-9_.-])")));
         }
         if value.is_empty() {
-            return Err(SetError::Invalid("the secret is empty".into()));
+            return Err(Error::Invalid("the secret is empty".into()));
         }
         if value.len() > MAX_SECRET {
-            return Err(SetError::Invalid(format!("the secret is longer than {MAX_SECRET} bytes")));
+            return Err(Error::Invalid(format!("the secret is longer than {MAX_SECRET} bytes")));
         }
-        let blob = signer.seal(context(name), value).await.map_err(|e| SetError::NotStored(format!("sealing: {e}")))?;
+        let blob =
+            signer.seal(context(name), value).await.map_err(|e| Error::Unavailable(format!("sealing: {}", e.message())))?;
         let (dir, path) = (self.dir.clone(), self.path(name));
         pool.run(move || write_atomic(&dir, &path, &blob))
             .await
-            .ok_or_else(|| SetError::NotStored("the blocking pool is shut down".into()))?
-            .map_err(|e| SetError::NotStored(format!("writing {}: {e}", self.path(name).display())))?;
+            .ok_or_else(|| Error::Unavailable("the blocking pool is shut down".into()))?
+            .map_err(|e| Error::Unavailable(format!("writing {}: {e}", self.path(name).display())))?;
         self.clear();
         Ok(())
     }
 
     /// Removes `name`; `Ok(false)` if it was not set.
-    pub async fn remove(&self, pool: &BlockingPool, name: &str) -> Result<bool, String> {
+    pub async fn remove(&self, pool: &BlockingPool, name: &str) -> Result<bool, Error> {
         if !name_ok(name) {
-            return Err(format!("{name:?} is not a secret name"));
+            return Err(Error::Invalid(format!("{name:?} is not a secret name")));
         }
         let (dir, path) = (self.dir.clone(), self.path(name));
         let removed = pool
@@ -152,8 +150,8 @@ impl Secrets {
                 Err(e) => Err(e),
             })
             .await
-            .ok_or("the blocking pool is shut down")?
-            .map_err(|e| e.to_string())?;
+            .ok_or_else(|| Error::Unavailable("the blocking pool is shut down".into()))?
+            .map_err(|e| Error::Unavailable(format!("removing {}: {e}", self.path(name).display())))?;
         self.clear();
         Ok(removed)
     }

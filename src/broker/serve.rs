@@ -242,16 +242,16 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             .map_err(|e| ServeError::Startup(format!("audit log: {e}")))?;
         ex.spawn(audit.clone().run_flusher()).detach();
         ex.spawn(audit.clone().run_checkpoints(Rc::new(signer.clone()))).detach();
+        let logs = super::journal::Files::new(data_dir.state(), pool.clone(), ex.clone());
         let (tasks, loaded) = {
             let signer = signer.clone();
             super::tasks::TaskStore::load(
-                &data_dir.state().join("tasks.journal"),
-                pool.clone(),
+                &logs,
                 crate::time::now(),
                 move |context, sealed| {
                     let signer = signer.clone();
                     async move {
-                        let key = signer.unseal(context, sealed).await?;
+                        let key = signer.unseal(context, sealed).await.map_err(|e| e.message())?;
                         Ok(crate::macaroon::RootKey::from_bytes(key.expose()))
                     }
                 },
@@ -259,9 +259,6 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             .await
             .map_err(|e| ServeError::Startup(format!("task state: {e}")))?
         };
-        if let Some(j) = tasks.journal() {
-            ex.spawn(j.run_flusher()).detach();
-        }
         if loaded.torn_bytes > 0 {
             log::warn!("task journal: cut off a torn last record ({} bytes, never acknowledged)", loaded.torn_bytes);
         }
@@ -269,18 +266,11 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             log::error!("task journal: {u}: its tasks are dropped (journal from another data dir?)");
         }
         log::info!("tasks: {} live in {} trees", loaded.tasks, loaded.trees);
-        let (certs, torn) = super::ssh::registry::Registry::load(
-            &data_dir.state().join("certs.journal"),
-            pool.clone(),
-            crate::time::now().secs().max(0) as u64,
-        )
-        .await
+        let (certs, torn) = super::ssh::registry::Registry::load(&logs, crate::time::now().secs().max(0) as u64)
+            .await
         .map_err(|e| ServeError::Startup(format!("certificate registry: {e}")))?;
         if torn > 0 {
             log::warn!("certificate journal: cut off a torn last record ({torn} bytes, never acknowledged)");
-        }
-        if let Some(j) = certs.journal() {
-            ex.spawn(j.run_flusher()).detach();
         }
         let known = super::ssh::hosts::KnownHosts::load(&data_dir.state().join("known_hosts"))
             .map_err(|e| ServeError::Startup(format!("known hosts: {e}")))?;

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use async_io::{Async, Timer};
 use futures_lite::future;
 
+use super::Error;
 use super::audit::CheckpointSigner;
 use super::metrics::Metrics;
 use crate::os;
@@ -651,20 +652,22 @@ impl Signer {
 
 impl Signer {
     /// Seals `plaintext` under the data dir's sealing key, bound to `context`.
-    pub async fn seal(&self, context: String, plaintext: crate::secret::SecretBytes) -> Result<Vec<u8>, String> {
+    /// `Err` is `Error::Signer`: the signer refused or could not answer.
+    pub async fn seal(&self, context: String, plaintext: crate::secret::SecretBytes) -> Result<Vec<u8>, Error> {
         match self.call(Request::Seal { context, plaintext }).await {
             Ok(Response::Sealed(b)) => Ok(b),
-            Ok(_) => Err("unexpected answer to seal".into()),
-            Err(e) => Err(e.to_string()),
+            Ok(_) => Err(Error::Signer("unexpected answer to seal".into())),
+            Err(e) => Err(Error::Signer(e.to_string())),
         }
     }
 
     /// Opens a blob made by [`Signer::seal`] with the same `context`.
-    pub async fn unseal(&self, context: String, sealed: Vec<u8>) -> Result<crate::secret::SecretBytes, String> {
+    /// `Err` is `Error::Signer` (a blob sealed under another key is refused this way too).
+    pub async fn unseal(&self, context: String, sealed: Vec<u8>) -> Result<crate::secret::SecretBytes, Error> {
         match self.call(Request::Unseal { context, sealed }).await {
             Ok(Response::Unsealed(b)) => Ok(b),
-            Ok(_) => Err("unexpected answer to unseal".into()),
-            Err(e) => Err(e.to_string()),
+            Ok(_) => Err(Error::Signer("unexpected answer to unseal".into())),
+            Err(e) => Err(Error::Signer(e.to_string())),
         }
     }
 }

@@ -338,7 +338,7 @@ impl Ssh {
         let (connected, durable) = futures_lite::future::zip(client::connect(spec), async {
             ticket.durable().await.map_err(|e| e.to_string())?;
             if let Some(d) = registered {
-                d.wait().await?;
+                d.wait().await.map_err(|e| e.message())?;
             }
             Ok::<(), String>(())
         })

@@ -11,13 +11,12 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::rc::Rc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::broker::blocking::BlockingPool;
-use crate::broker::journal::{self, Durable, Journal};
+use crate::broker::Error;
+use crate::broker::journal::{Backend, Durable, Store};
 
 /// One issued certificate (no key material: the certificate itself is public, but it is not
 /// kept either).
@@ -110,11 +109,14 @@ impl Drop for Held {
     }
 }
 
+/// The durable log of certificate records.
+pub const LOG: &str = "certs";
+
 /// The registry.
 #[derive(Default)]
 pub struct Registry {
     entries: Entries,
-    journal: RefCell<Option<Rc<Journal>>>,
+    journal: RefCell<Option<Rc<dyn Store>>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -124,20 +126,17 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// Replays `path`, drops certificates expired at `now` (Unix seconds), rewrites the file
-    /// compacted when that changed anything (or it is new or had a torn tail), and opens it for
-    /// appending; file work runs on the blocking pool. Returns the registry and the torn bytes.
-    pub async fn load(path: &Path, pool: BlockingPool, now: u64) -> Result<(Registry, usize), String> {
-        let p = path.to_owned();
-        let exists = path.exists();
-        let replayed =
-            pool.run(move || journal::read(&p)).await.unwrap_or_else(|| Err("blocking pool stopped".into()))?;
+    /// Replays log [`LOG`] from `backend`, drops certificates expired at `now` (Unix seconds),
+    /// rewrites the log compacted when that changed anything (or it had a torn tail), and opens
+    /// it for appending. Returns the registry and the torn bytes.
+    pub async fn load(backend: &dyn Backend, now: u64) -> Result<(Registry, usize), Error> {
+        let replayed = backend.replay(LOG).await?;
         let reg = Registry::default();
         {
             let mut e = reg.entries.borrow_mut();
             for (i, raw) in replayed.records.iter().enumerate() {
                 let r: Record = serde_json::from_slice(raw)
-                    .map_err(|err| format!("{}: record {}: {err}", path.display(), i + 1))?;
+                    .map_err(|err| Error::Unavailable(format!("{LOG} log: record {}: {err}", i + 1)))?;
                 match r {
                     Record::Issued(c) => {
                         e.insert(c.serial, Entry { cert: c, in_use: false, revoked_at: None });
@@ -152,19 +151,13 @@ impl Registry {
             e.retain(|_, x| x.cert.valid_before > now);
         }
         let snapshot = reg.snapshot();
-        if !exists || replayed.torn_bytes > 0 || snapshot.len() != replayed.records.len() {
-            let p = path.to_owned();
-            pool.run(move || journal::rewrite(&p, &snapshot))
-                .await
-                .unwrap_or_else(|| Err(std::io::Error::other("blocking pool stopped")))
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-        *reg.journal.borrow_mut() = Some(Journal::open(path, pool)?);
+        let changed = replayed.records.is_empty() || replayed.torn_bytes > 0 || snapshot.len() != replayed.records.len();
+        let log = backend.open(LOG, changed.then_some(snapshot)).await?;
+        *reg.journal.borrow_mut() = Some(log);
         Ok((reg, replayed.torn_bytes))
     }
 
-    /// The journal, for spawning its flusher.
-    pub fn journal(&self) -> Option<Rc<Journal>> {
+    fn journal(&self) -> Option<Rc<dyn Store>> {
         self.journal.borrow().clone()
     }
 
@@ -179,7 +172,7 @@ impl Registry {
         out
     }
 
-    fn append(&self, r: &Record) -> Result<Option<Durable>, String> {
+    fn append(&self, r: &Record) -> Result<Option<Durable>, Error> {
         match self.journal() {
             Some(j) => j.append(&serde_json::to_vec(r).unwrap_or_default()).map(Some),
             None => Ok(None),
@@ -196,7 +189,7 @@ impl Registry {
 
     /// Records a new certificate whose key the broker does not hold (an operator's); the
     /// returned [`Durable`] resolves once it is on disk.
-    pub fn add(&self, cert: Issued) -> Result<Option<Durable>, String> {
+    pub fn add(&self, cert: Issued) -> Result<Option<Durable>, Error> {
         let d = self.append(&Record::Issued(cert.clone()))?;
         self.entries.borrow_mut().insert(cert.serial, Entry { cert, in_use: false, revoked_at: None });
         Ok(d)
@@ -204,7 +197,7 @@ impl Registry {
 
     /// Records a new certificate whose key the broker holds, in use until the [`Held`] guard is
     /// dropped; the [`Durable`] resolves once the record is on disk.
-    pub fn hold(&self, cert: Issued) -> Result<(Held, Option<Durable>), String> {
+    pub fn hold(&self, cert: Issued) -> Result<(Held, Option<Durable>), Error> {
         let d = self.append(&Record::Issued(cert.clone()))?;
         let serial = cert.serial;
         self.entries.borrow_mut().insert(serial, Entry { cert, in_use: true, revoked_at: None });
@@ -212,7 +205,7 @@ impl Registry {
     }
 
     /// Marks a certificate revoked (operator); `Ok(false)` when there is no such live one.
-    pub async fn revoke(&self, serial: u64, at: i64) -> Result<bool, String> {
+    pub async fn revoke(&self, serial: u64, at: i64) -> Result<bool, Error> {
         let fresh = match self.entries.borrow_mut().get_mut(&serial) {
             Some(x) if x.revoked_at.is_none() => {
                 x.revoked_at = Some(at);
@@ -324,20 +317,19 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("certs.journal");
-        let pool = BlockingPool::new(1, 8);
-        let ex = smol::LocalExecutor::new();
+        let pool = crate::broker::blocking::BlockingPool::new(1, 8);
+        let ex = Rc::new(smol::LocalExecutor::new());
+        let logs = crate::broker::journal::Files::new(dir.clone(), pool, ex.clone());
+        assert_eq!(logs.path(LOG), path);
         smol::block_on(ex.run(async {
-            let (r, _) = Registry::load(&path, pool.clone(), 0).await.unwrap();
-            let j = r.journal().unwrap();
-            let flusher = ex.spawn(j.clone().run_flusher());
+            let (r, _) = Registry::load(&logs, 0).await.unwrap();
             let (_h1, d) = r.hold(cert(1, "a", Some("T"), 100)).unwrap();
             d.unwrap().wait().await.unwrap();
             let (_h2, d) = r.hold(cert(2, "a", Some("T"), 10)).unwrap();
             d.unwrap().wait().await.unwrap();
             assert!(r.revoke(1, 5).await.unwrap());
-            drop(flusher);
         }));
-        let (r, torn) = smol::block_on(Registry::load(&path, pool, 50)).unwrap();
+        let (r, torn) = smol::block_on(Registry::load(&logs, 50)).unwrap();
         assert_eq!(torn, 0);
         let l = r.list(50, |_| true);
         assert_eq!(l.len(), 1);

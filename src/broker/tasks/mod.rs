@@ -46,8 +46,8 @@ use super::journal;
 use crate::broker::Error;
 
 /// The journal could not take a change: nothing was acknowledged.
-fn state_unavailable(m: String) -> Error {
-    Error::Unavailable(format!("task state unavailable: {m}"))
+fn state_unavailable(e: Error) -> Error {
+    Error::Unavailable(format!("task state unavailable: {}", e.message()))
 }
 use crate::macaroon::{ChainStart, Envelope, LOCATION, Macaroon, RootKey, attenuate};
 use crate::time::UnixMicros;
@@ -118,11 +118,14 @@ impl TokenIdentity {
     }
 }
 
+/// The durable log of task records.
+pub const LOG: &str = "tasks";
+
 /// The task store.
 #[derive(Default)]
 pub struct TaskStore {
     state: RefCell<State>,
-    journal: RefCell<Option<Rc<journal::Journal>>>,
+    journal: RefCell<Option<Rc<dyn journal::Store>>>,
     /// Revocations and expiries, for those who hold something of a task.
     pub events: events::TaskEvents,
 }
@@ -152,27 +155,24 @@ impl TaskStore {
         TaskStore::default()
     }
 
-    /// Loads the journal at `path`: replays it, drops what expired, unseals each live tree's root
-    /// key with `unseal`, rewrites the journal compacted, and opens it for appending.
+    /// Loads log [`LOG`] from `backend`: replays it, drops what expired, unseals each live
+    /// tree's root key with `unseal`, rewrites the log compacted, and opens it for appending.
     pub async fn load<F, Fut>(
-        path: &std::path::Path,
-        pool: super::blocking::BlockingPool,
+        backend: &dyn journal::Backend,
         now: UnixMicros,
         unseal: F,
-    ) -> Result<(TaskStore, Loaded), String>
+    ) -> Result<(TaskStore, Loaded), Error>
     where
         F: Fn(String, Vec<u8>) -> Fut,
         Fut: std::future::Future<Output = Result<RootKey, String>>,
     {
-        let p = path.to_owned();
-        let replayed =
-            pool.run(move || journal::read(&p)).await.unwrap_or_else(|| Err("blocking pool stopped".into()))?;
+        let replayed = backend.replay(LOG).await?;
         let mut st = State::default();
         let mut trees = Vec::new();
+        let bad = |i: usize, e: &dyn fmt::Display| Error::Unavailable(format!("{LOG} log: record {i}: {e}"));
         for (i, bytes) in replayed.records.iter().enumerate() {
-            let r: Record = serde_json::from_slice(bytes)
-                .map_err(|e| format!("{}: record {i} does not parse: {e}", path.display()))?;
-            st.apply(r, &mut trees).map_err(|e| format!("{}: record {i}: {e}", path.display()))?;
+            let r: Record = serde_json::from_slice(bytes).map_err(|e| bad(i, &format!("does not parse: {e}")))?;
+            st.apply(r, &mut trees).map_err(|e| bad(i, &e))?;
         }
         let mut loaded = Loaded { torn_bytes: replayed.torn_bytes, ..Loaded::default() };
         for (root, sealed, expires) in trees {
@@ -192,24 +192,12 @@ impl TaskStore {
         st.collect(now);
         loaded.tasks = st.tasks.len();
         loaded.trees = st.trees.len();
-        let records = st.snapshot();
-        let p = path.to_owned();
-        pool.run(move || journal::rewrite(&p, &records))
-            .await
-            .unwrap_or_else(|| Err(std::io::Error::other("blocking pool stopped")))
-            .map_err(|e| format!("{}: compaction failed: {e}", path.display()))?;
-        let store = TaskStore { state: RefCell::new(st), journal: RefCell::new(None), events: Default::default() };
-        store.attach(journal::Journal::open(path, pool)?);
+        let log = backend.open(LOG, Some(st.snapshot())).await?;
+        let store = TaskStore { state: RefCell::new(st), journal: RefCell::new(Some(log)), events: Default::default() };
         Ok((store, loaded))
     }
 
-    /// Persists further changes to `j` (its flusher must be spawned by the caller).
-    pub fn attach(&self, j: Rc<journal::Journal>) {
-        *self.journal.borrow_mut() = Some(j);
-    }
-
-    /// The journal, for spawning its flusher.
-    pub fn journal(&self) -> Option<Rc<journal::Journal>> {
+    fn journal(&self) -> Option<Rc<dyn journal::Store>> {
         self.journal.borrow().clone()
     }
 

@@ -173,11 +173,12 @@ fn journaled_state_survives_a_reload_and_a_torn_tail() {
     let _ = std::fs::remove_file(&path);
     let pool = BlockingPool::new(1, 8);
     let unseal = |_ctx: String, sealed: Vec<u8>| async move { Ok(RootKey::from_bytes(&sealed)) };
-    let ex = smol::LocalExecutor::new();
+    let ex = Rc::new(smol::LocalExecutor::new());
+    let logs = journal::Files::new(dir.clone(), pool, ex.clone());
+    assert_eq!(logs.path(LOG), path);
     let (r, a, b) = smol::block_on(ex.run(async {
-        let (s, loaded) = TaskStore::load(&path, pool.clone(), T0, unseal).await.unwrap();
+        let (s, loaded) = TaskStore::load(&logs, T0, unseal).await.unwrap();
         assert_eq!(loaded.tasks, 0);
-        ex.spawn(s.journal().unwrap().run_flusher()).detach();
         let r = root_async(&s, 1).await;
         let a = child_async(&s, &r, 2, new_task("alice", 600)).await.unwrap();
         let b = child_async(&s, &r, 3, new_task("alice", 600)).await.unwrap();
@@ -191,16 +192,16 @@ fn journaled_state_survives_a_reload_and_a_torn_tail() {
         let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&journal::frame(b"{\"t\":\"revoke\"")[..9]).unwrap();
     }
-    let (s, loaded) = smol::block_on(TaskStore::load(&path, pool.clone(), T0, unseal)).unwrap();
+    let (s, loaded) = smol::block_on(TaskStore::load(&logs, T0, unseal)).unwrap();
     assert_eq!((loaded.tasks, loaded.trees), (3, 1));
     assert!(loaded.torn_bytes > 0);
     verify(&s, &r).unwrap();
     assert!(verify(&s, &a).unwrap_err().contains("revoked"), "the revocation survived");
     assert_eq!(verify(&s, &b).unwrap().holder, Holder::Key([7; 32]), "the binding survived");
     // The compacted journal loads to the same state, and expired state is dropped on load.
-    let (s2, _) = smol::block_on(TaskStore::load(&path, pool.clone(), T0, unseal)).unwrap();
+    let (s2, _) = smol::block_on(TaskStore::load(&logs, T0, unseal)).unwrap();
     assert!(verify(&s2, &a).is_err());
-    let (s3, l3) = smol::block_on(TaskStore::load(&path, pool, UnixMicros(T0.0 + 4_000_000_000), unseal)).unwrap();
+    let (s3, l3) = smol::block_on(TaskStore::load(&logs, UnixMicros(T0.0 + 4_000_000_000), unseal)).unwrap();
     assert_eq!((l3.tasks, l3.trees, s3.len()), (0, 0, 0));
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -213,15 +214,15 @@ fn an_unsealable_tree_is_dropped_with_its_tasks() {
     let _ = std::fs::remove_file(&path);
     let pool = BlockingPool::new(1, 8);
     let ok = |_c: String, sealed: Vec<u8>| async move { Ok(RootKey::from_bytes(&sealed)) };
-    let ex = smol::LocalExecutor::new();
+    let ex = Rc::new(smol::LocalExecutor::new());
+    let logs = journal::Files::new(dir.clone(), pool, ex.clone());
     smol::block_on(ex.run(async {
-        let (s, _) = TaskStore::load(&path, pool.clone(), T0, ok).await.unwrap();
-        ex.spawn(s.journal().unwrap().run_flusher()).detach();
+        let (s, _) = TaskStore::load(&logs, T0, ok).await.unwrap();
         root_async(&s, 1).await;
     }));
     let refuse =
         |_c: String, _s: Vec<u8>| async move { Err::<RootKey, _>("unseal_failed: wrong sealing key".to_string()) };
-    let (s, loaded) = smol::block_on(TaskStore::load(&path, pool, T0, refuse)).unwrap();
+    let (s, loaded) = smol::block_on(TaskStore::load(&logs, T0, refuse)).unwrap();
     assert_eq!(loaded.unsealable.len(), 1);
     assert!(loaded.unsealable[0].contains("wrong sealing key"));
     assert!(s.is_empty());
