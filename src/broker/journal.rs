@@ -181,10 +181,7 @@ pub fn read(path: &Path) -> Result<Replayed, Error> {
         Err(e) => return Err(failed(e)),
     }
     parse(&bytes).map_err(|e| {
-        Error::Unavailable(format!(
-            "{}: {e}; move it aside to start without the state it holds",
-            path.display()
-        ))
+        Error::Unavailable(format!("{}: {e}; move it aside to start without the state it holds", path.display()))
     })
 }
 
@@ -212,11 +209,7 @@ impl Durable {
     /// Waits for the record's batch to be written and synced; `Err` (`Error::Unavailable`) when
     /// the log failed: the record may or may not be on disk.
     pub async fn wait(self) -> Result<(), Error> {
-        self.0
-            .recv()
-            .await
-            .unwrap_or_else(|_| Err("the journal writer stopped".into()))
-            .map_err(Error::Unavailable)
+        self.0.recv().await.unwrap_or_else(|_| Err("the journal writer stopped".into())).map_err(Error::Unavailable)
     }
 }
 

@@ -110,13 +110,7 @@ impl Secrets {
     }
 
     /// Seals `value` and stores it as `name`, replacing any previous value.
-    pub async fn set(
-        &self,
-        pool: &BlockingPool,
-        signer: &Signer,
-        name: &str,
-        value: SecretBytes,
-    ) -> Result<(), Error> {
+    pub async fn set(&self, pool: &BlockingPool, signer: &Signer, name: &str, value: SecretBytes) -> Result<(), Error> {
         if !name_ok(name) {
             return Err(Error::Invalid(format!("{name:?} is not a secret name (1-64 of [A-Za-z0-9_.-])")));
         }
@@ -126,8 +120,10 @@ impl Secrets {
         if value.len() > MAX_SECRET {
             return Err(Error::Invalid(format!("the secret is longer than {MAX_SECRET} bytes")));
         }
-        let blob =
-            signer.seal(context(name), value).await.map_err(|e| Error::Unavailable(format!("sealing: {}", e.message())))?;
+        let blob = signer
+            .seal(context(name), value)
+            .await
+            .map_err(|e| Error::Unavailable(format!("sealing: {}", e.message())))?;
         let (dir, path) = (self.dir.clone(), self.path(name));
         pool.run(move || write_atomic(&dir, &path, &blob))
             .await

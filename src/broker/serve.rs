@@ -245,17 +245,13 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         let logs = super::journal::Files::new(data_dir.state(), pool.clone(), ex.clone());
         let (tasks, loaded) = {
             let signer = signer.clone();
-            super::tasks::TaskStore::load(
-                &logs,
-                crate::time::now(),
-                move |context, sealed| {
-                    let signer = signer.clone();
-                    async move {
-                        let key = signer.unseal(context, sealed).await.map_err(|e| e.message())?;
-                        Ok(crate::macaroon::RootKey::from_bytes(key.expose()))
-                    }
-                },
-            )
+            super::tasks::TaskStore::load(&logs, crate::time::now(), move |context, sealed| {
+                let signer = signer.clone();
+                async move {
+                    let key = signer.unseal(context, sealed).await.map_err(|e| e.message())?;
+                    Ok(crate::macaroon::RootKey::from_bytes(key.expose()))
+                }
+            })
             .await
             .map_err(|e| ServeError::Startup(format!("task state: {e}")))?
         };
@@ -268,7 +264,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         log::info!("tasks: {} live in {} trees", loaded.tasks, loaded.trees);
         let (certs, torn) = super::ssh::registry::Registry::load(&logs, crate::time::now().secs().max(0) as u64)
             .await
-        .map_err(|e| ServeError::Startup(format!("certificate registry: {e}")))?;
+            .map_err(|e| ServeError::Startup(format!("certificate registry: {e}")))?;
         if torn > 0 {
             log::warn!("certificate journal: cut off a torn last record ({torn} bytes, never acknowledged)");
         }

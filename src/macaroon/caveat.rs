@@ -276,14 +276,14 @@ fn parse_number(key: &str, v: &str) -> Result<f64, CaveatError> {
 impl Caveat {
     /// Parses one caveat into an owned value.
     pub fn parse(text: &[u8]) -> Result<Caveat, CaveatError> {
-        CaveatRef::parse(text).map(|c| c.to_owned())
+        CaveatRef::parse(text).map(|c| c.into_owned())
     }
 }
 
 impl<'a> CaveatRef<'a> {
     /// The owned form.
-    pub fn to_owned(&self) -> Caveat {
-        match *self {
+    pub fn into_owned(self) -> Caveat {
+        match self {
             CaveatRef::Set(k, items) => Caveat::Set(k, items.to_set()),
             CaveatRef::ExpiresBefore(t) => Caveat::ExpiresBefore(t),
             CaveatRef::NotBefore(t) => Caveat::NotBefore(t),

@@ -12,11 +12,11 @@
 //! DESIGN.md §4 is the contract: appending a caveat can only narrow (property-tested below), the
 //! identifier is the root task ULID, and every token names its task with a MACed `task =` caveat.
 
-pub mod caveat;
-pub mod chain;
-pub mod envelope;
+pub(crate) mod caveat;
+pub(crate) mod chain;
+pub(crate) mod envelope;
 mod hmac;
-pub mod wire;
+pub(crate) mod wire;
 
 pub use caveat::{ArgConstraint, Caveat, SetKey};
 pub use chain::{ChainStart, RootKey, VerifyError, attenuate};

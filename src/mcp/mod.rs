@@ -8,5 +8,5 @@
 
 pub mod jsonrpc;
 pub mod server;
-pub mod types;
+pub(crate) mod types;
 pub mod version;

@@ -34,7 +34,7 @@ pub struct ToolDescriptor<'a> {
 
 impl ToolDescriptor<'_> {
     /// The `Tool` object.
-    pub fn to_json(&self) -> Value {
+    pub fn to_json(self) -> Value {
         json!({
             "name": self.name,
             "title": self.title,
@@ -68,7 +68,7 @@ pub struct ResourceDescriptor<'a> {
 
 impl ResourceDescriptor<'_> {
     /// The `Resource` object.
-    pub fn to_json(&self) -> Value {
+    pub fn to_json(self) -> Value {
         json!({
             "uri": self.uri,
             "name": self.name,

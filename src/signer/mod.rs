@@ -9,11 +9,11 @@
 //! May depend on `crate::os`, `crate::secret`, `crate::time`; never on `broker` or `macaroon`.
 
 pub mod custody;
-pub mod keeper;
+pub(crate) mod keeper;
 pub mod keys;
 pub mod protocol;
-pub mod sandbox;
-pub mod worker;
+pub(crate) mod sandbox;
+pub(crate) mod worker;
 
 use std::path::PathBuf;
 

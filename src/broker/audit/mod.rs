@@ -23,9 +23,9 @@
 //! and never signed later. `verify` then refuses lines after a clean stop that no broker signed,
 //! and a log with no checkpoint at all.
 
-pub mod event;
+pub(crate) mod event;
 pub mod query;
-pub mod verify;
+pub(crate) mod verify;
 
 use std::cell::RefCell;
 use std::fs::{self, File, OpenOptions};

@@ -29,8 +29,8 @@ use smol_hyper::rt::SmolTimer;
 
 use crate::os::{self, PeerCredentials};
 
-pub mod admission;
-pub mod mcp;
+pub(crate) mod admission;
+pub(crate) mod mcp;
 
 /// Time allowed for a request's headers to arrive.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);

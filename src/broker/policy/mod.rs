@@ -8,13 +8,13 @@
 //! The schema, with every key and default, is documented in docs/policy.md and as a JSON Schema in
 //! docs/policy.schema.json.
 
-pub mod authorize;
-pub mod diff;
+pub(crate) mod authorize;
+pub(crate) mod diff;
 pub mod file;
-pub mod key_hash;
-pub mod locate;
-pub mod network;
-pub mod pattern;
+pub(crate) mod key_hash;
+pub(crate) mod locate;
+pub(crate) mod network;
+pub(crate) mod pattern;
 mod validate;
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 //! request is hyper's read buffer plus one chunk: nothing is buffered beyond what the client
 //! has not yet taken (hyper's backpressure reaches the upstream socket).
 
-pub mod route;
+pub(crate) mod route;
 
 use std::net::IpAddr;
 use std::rc::Rc;

@@ -13,11 +13,11 @@
 //! or when its certificate expires unused; a command within [`RENEW_MARGIN`] of the
 //! certificate's expiry first renews it (new key, new certificate, new connection).
 
-pub mod client;
+pub(crate) mod client;
 pub mod hosts;
-pub mod krl;
+pub(crate) mod krl;
 pub mod registry;
-pub mod setup;
+pub(crate) mod setup;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;

@@ -151,7 +151,8 @@ impl Registry {
             e.retain(|_, x| x.cert.valid_before > now);
         }
         let snapshot = reg.snapshot();
-        let changed = replayed.records.is_empty() || replayed.torn_bytes > 0 || snapshot.len() != replayed.records.len();
+        let changed =
+            replayed.records.is_empty() || replayed.torn_bytes > 0 || snapshot.len() != replayed.records.len();
         let log = backend.open(LOG, changed.then_some(snapshot)).await?;
         *reg.journal.borrow_mut() = Some(log);
         Ok((reg, replayed.torn_bytes))

@@ -24,7 +24,7 @@
 //! `verify` (token verification), `events` (revocations and expiries pushed to subscribers),
 //! `pop` (proof of possession), and here the store that ties them to the journal.
 
-pub mod events;
+pub(crate) mod events;
 pub mod pop;
 mod record;
 mod state;

@@ -11,10 +11,10 @@
 //! for its own typed action; the outcome is audited; and a denial or failure is an `isError`
 //! result with its reason, never a protocol error.
 
-pub mod discovery;
-pub mod http;
-pub mod ssh;
-pub mod tasks;
+pub(crate) mod discovery;
+pub(crate) mod http;
+pub(crate) mod ssh;
+pub(crate) mod tasks;
 
 use std::cell::RefCell;
 use std::future::Future;

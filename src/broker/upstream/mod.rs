@@ -13,7 +13,7 @@
 //! Deciding stays elsewhere: the caller asks `authorize` with the resolved host and addresses
 //! (`ActionKind::HttpUpstream`) before anything leaves.
 
-pub mod body;
-pub mod conn;
-pub mod plan;
-pub mod scrub;
+pub(crate) mod body;
+pub(crate) mod conn;
+pub(crate) mod plan;
+pub(crate) mod scrub;
