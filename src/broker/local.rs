@@ -67,7 +67,7 @@ pub fn status_json(broker: &Broker) -> serde_json::Value {
             "problems": b.problems,
         })
     });
-    let (seq, head) = broker.audit.head();
+    let (seq, head) = broker.audit.durable_head();
     serde_json::json!({
         "audit": {
             "seq": seq,

@@ -156,6 +156,8 @@ struct State {
     signed_through: u64,
     /// The first line this process writes: its checkpoints vouch from here.
     from_seq: u64,
+    /// The last line written and synced, and its hash (what a witness may vouch for).
+    durable: (u64, [u8; 32]),
 }
 
 /// What the log's end looked like when it was opened, when something is wrong with it: lines
@@ -321,6 +323,7 @@ impl AuditLog {
                 last_checkpoint: Instant::now(),
                 signed_through,
                 from_seq: seq + 1,
+                durable: (seq, head),
             }),
             kick: event_listener::Event::new(),
             urgent: event_listener::Event::new(),
@@ -340,6 +343,13 @@ impl AuditLog {
     pub fn head(&self) -> (u64, [u8; 32]) {
         let st = self.state.borrow();
         (st.seq, st.head)
+    }
+
+    /// The last line on disk (written and synced) and its hash: what the running broker can
+    /// vouch for to `ephyr audit verify`. Lines after it are still in memory (a read-only call's
+    /// line lingers up to a few milliseconds), so they cannot be asked of the file yet.
+    pub fn durable_head(&self) -> (u64, [u8; 32]) {
+        self.state.borrow().durable
     }
 
     /// Whether the log has failed (and why).
@@ -403,10 +413,11 @@ impl AuditLog {
                     None
                 } else {
                     let file = st.file.take();
-                    Some((std::mem::take(&mut st.buf), std::mem::take(&mut st.waiters), file))
+                    let upto = (st.seq, st.head);
+                    Some((std::mem::take(&mut st.buf), std::mem::take(&mut st.waiters), file, upto))
                 }
             };
-            let Some((buf, waiters, file)) = batch else {
+            let Some((buf, waiters, file, upto)) = batch else {
                 self.idle.notify(usize::MAX);
                 listener.await;
                 continue;
@@ -432,6 +443,7 @@ impl AuditLog {
                         let mut st = self.state.borrow_mut();
                         st.file = Some(file);
                         st.file_len += len;
+                        st.durable = upto;
                         self.metrics.observe(
                             "ephyr_audit_write_duration_seconds",
                             &[],

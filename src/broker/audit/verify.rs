@@ -274,7 +274,32 @@ fn unvouched(
     if next <= last {
         gaps.push((next, last));
     }
+    // Lines after the last one any checkpoint vouches for are the unsigned tail, even where a
+    // checkpoint line sits among them (a line appended while that checkpoint was being signed
+    // is covered by the next one): one finding, unless a clean stop precedes them.
+    let last_vouched = vouched.iter().map(|v| v.1).max().unwrap_or(0);
+    let mut tail: Option<(u64, u64)> = None;
+    let mut kept = Vec::new();
     for (a, b) in gaps {
+        let after_final = a > 0 && checkpoint_lines.get(&(a - 1)) == Some(&true);
+        if a > last_vouched && !after_final {
+            let (first, n) = tail.unwrap_or((a, 0));
+            tail = Some((first, n + b - a + 1));
+        } else {
+            kept.push((a, b));
+        }
+    }
+    if let Some((a, n)) = tail {
+        let (file, line) = positions.get(&a).cloned().unwrap_or_default();
+        r.warnings.push(Finding {
+            file,
+            line,
+            message: format!(
+                "the last {n} line(s) are after the last checkpoint: not yet signed (broker running or crashed), or the tail was truncated"
+            ),
+        });
+    }
+    for (a, b) in kept {
         let (file, line) = positions.get(&a).cloned().unwrap_or_default();
         let n = b - a + 1;
         let after_final = a > 0 && checkpoint_lines.get(&(a - 1)) == Some(&true);
@@ -282,10 +307,6 @@ fn unvouched(
             format!(
                 "{n} line(s) (seq {a}..={b}) follow a clean stop (final checkpoint at seq {}) and no broker signed them: added by someone with write access to the data dir",
                 a - 1
-            )
-        } else if b == last {
-            format!(
-                "the last {n} line(s) are after the last checkpoint: not yet signed (broker running or crashed), or the tail was truncated"
             )
         } else {
             format!(
