@@ -23,6 +23,7 @@ Usage: ephyr <command> [options]
 
 Commands:
   serve        run the broker (and its sandboxed signer)
+  demo         see everything work on this machine: a throwaway sshd, the broker and an agent
   init         create the data dir, keys and an example policy
   doctor       check files, keys, the policy and the signer sandbox
   status       show a running broker's state
@@ -62,6 +63,26 @@ Options:
   --shutdown-timeout DUR     time for in-flight requests on shutdown (default 10s)
   --insecure-no-sandbox      let the signer run without a complete sandbox (emulators,
                              old kernels); logged loudly and shown by doctor and metrics";
+
+const DEMO_HELP: &str = "\
+Usage: ephyr demo [--step] [--json]
+
+Shows the whole product on this machine in about ten seconds, safely: starts a throwaway
+OpenSSH sshd on loopback (its own config and host key under a temp dir, trusting only the
+demo's CA; the system sshd is never touched) and a broker with a generated policy, then acts
+as an agent over the real MCP endpoint: lists tools, runs a command, uses a session, creates
+a holder-bound task, shows proof of possession, delegates a narrower child that is refused
+beyond its envelope, revokes the tree, reads the KRL and verifies the audit trail.
+
+Run as a normal user, commands run as you; run as root, they run as a throwaway account
+ephyr-demo (no password) that is removed at the end. Everything is removed on exit and on
+Ctrl-C. Needs openssh-server (sshd) and ssh-keygen.
+
+Options:
+  --step    wait for Enter between steps
+  --json    one JSON object per step ({step, name, ok, detail}) instead of the narration
+
+Exit 0 when every step went as expected, 1 otherwise.";
 
 const INIT_HELP: &str = "\
 Usage: ephyr init [options]
@@ -207,8 +228,55 @@ Options:
   --socket PATH / --data-dir DIR   where the broker's local socket is
   --json                  print the full JSON answer";
 
+/// Commands, for "did you mean".
+const COMMANDS: [&str; 16] = [
+    "serve", "demo", "init", "doctor", "status", "cert", "exec", "target", "inspect", "policy", "keygen", "secret",
+    "audit", "version", "help", "--help",
+];
+
+/// A closed stdout (`ephyr ... | head -1`) ends a command quietly with 0: the reader took what
+/// it wanted. Not for `serve`, whose output is its log.
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let msg = p.downcast_ref::<String>().map(String::as_str).or_else(|| p.downcast_ref::<&str>().copied());
+        if msg.is_some_and(|m| m.starts_with("failed printing to std") && m.contains("Broken pipe")) {
+            std::process::exit(0);
+        }
+        default(info)
+    }));
+}
+
+/// The closest command to a mistyped one (edit distance at most 2).
+fn did_you_mean(word: &str) -> Option<&'static str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    COMMANDS
+        .iter()
+        .copied()
+        .filter(|c| !c.starts_with('-'))
+        .map(|c| (distance(word, c), c))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, c)| c)
+}
+
 fn main() -> ExitCode {
     ephyr::os::return_large_blocks_to_the_system();
+    if std::env::args().nth(1).is_some_and(|a| a != "serve" && a != "__signer") {
+        quiet_on_closed_pipe();
+    }
     let mut p = lexopt::Parser::from_env();
     match dispatch(&mut p) {
         Ok(code) => ExitCode::from(code),
@@ -256,6 +324,7 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     };
     match cmd.as_str() {
         "serve" => cmd_serve(p),
+        "demo" => cmd_demo(p),
         "init" => cmd_init(p),
         "doctor" => cmd_doctor(p),
         "status" => cmd_status(p),
@@ -273,7 +342,10 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         }
         "help" => help(USAGE),
         "__signer" => cmd_signer(p),
-        other => Err(usage(format!("unknown command {other:?}"))),
+        other => Err(usage(match did_you_mean(other) {
+            Some(c) => format!("unknown command {other:?}; did you mean `ephyr {c}`?"),
+            None => format!("unknown command {other:?}"),
+        })),
     }
 }
 
@@ -284,6 +356,19 @@ fn path(v: OsString) -> PathBuf {
 fn addr(p: &mut lexopt::Parser, flag: &str) -> Result<SocketAddr, Failure> {
     let v = p.value()?.string()?;
     v.parse().map_err(|_| usage(format!("{flag}: {v:?} is not an address like 127.0.0.1:8554")))
+}
+
+fn cmd_demo(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let mut o = cli::demo::DemoOptions::default();
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("step") => o.step = true,
+            Long("json") => o.json = true,
+            Long("help") | Short('h') => return help(DEMO_HELP),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    cli::demo::run(&o).map_err(|e| Failure::Run(1, format!("demo: {e}")))
 }
 
 fn cmd_serve(p: &mut lexopt::Parser) -> Result<u8, Failure> {

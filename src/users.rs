@@ -54,6 +54,16 @@ pub fn resolve(spec: &str) -> Result<Account, String> {
     find_in_passwd(&passwd, spec).ok_or_else(|| format!("no user {spec:?} in /etc/passwd"))
 }
 
+/// The name of `uid` in `/etc/passwd`, if it has one.
+pub fn name_of(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut f = line.split(':');
+        let (n, _, u) = (f.next()?, f.next()?, f.next()?);
+        (u.parse() == Ok(uid)).then(|| n.to_owned())
+    })
+}
+
 /// Looks up `name` if it exists; `None` if it does not.
 pub fn lookup(name: &str) -> Option<Account> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;

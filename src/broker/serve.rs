@@ -317,8 +317,8 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             socket_path.display(),
             started.elapsed().as_secs_f64() * 1000.0
         );
-        if let Some(key) = &dev_key {
-            print_dev_banner(&broker, &ca, key);
+        if opts.dev {
+            print_dev_banner(&broker, &ca, dev_key.as_ref());
         }
 
         // Wait for a reason to stop.
@@ -528,22 +528,34 @@ fn dev_api_key(
     Ok((key, hash))
 }
 
-fn print_dev_banner(broker: &Broker, ca: &str, key: &crate::secret::SecretString) {
+fn print_dev_banner(broker: &Broker, ca: &str, key: Option<&crate::secret::SecretString>) {
     let url = format!("http://{}/mcp", broker.listen);
     let where_ = if broker.data_dir.temporary {
         format!("temporary data dir {} (removed on exit)", broker.data_dir.root.display())
     } else {
         format!("data dir {}", broker.data_dir.root.display())
     };
-    let key = key.expose();
+    let socket = broker.socket.display();
+    let (key_line, key) = match key {
+        Some(k) => (format!("{}   (agent \"dev\")", k.expose()), k.expose().to_owned()),
+        None => (
+            "the keys of your policy's agents (`ephyr keygen agent NAME` makes one)".to_owned(),
+            "<API key>".to_owned(),
+        ),
+    };
+    let policy = match &broker.policy_source {
+        super::PolicySource::File(p) => format!("{}", p.display()),
+        super::PolicySource::BuiltinDev { .. } => {
+            "built in (target localhost = 127.0.0.1:22, roles read/op as users ephyr-read/ephyr-op)".to_owned()
+        }
+    };
     let snippet = serde_json::json!({
         "mcpServers": { "ephyr": { "type": "http", "url": url, "headers": { "Authorization": format!("Bearer {key}") } } }
     });
     println!(
-        "\nephyr {} dev broker is running ({where_})\n\n  MCP endpoint:   {url}\n  API key:        {key}   (agent \"dev\")\n  Health:         http://{}/healthz\n  Local socket:   {}\n  CA public key (put this line in TrustedUserCAKeys on your targets):\n    {ca}\n\nConnect Claude Code:\n  claude mcp add --transport http ephyr {url} --header \"Authorization: Bearer {key}\"\n\nOr paste into a JSON configuration (Claude Code's .mcp.json, Cursor's mcp.json):\n{}\n\nOther clients (Claude Desktop, SDKs): docs/mcp-clients.md\nStop with Ctrl-C.\n",
+        "\nephyr {} dev broker is running ({where_})\n\n  MCP endpoint:   {url}\n  API key:        {key_line}\n  Policy:         {policy}\n  Health:         http://{}/healthz\n  Local CLI:      export EPHYR_SOCKET={socket}   (then: ephyr status, ephyr exec, ephyr policy reload)\n  CA public key (put this line in TrustedUserCAKeys on your targets):\n    {ca}\n\nConnect Claude Code:\n  claude mcp add --transport http ephyr {url} --header \"Authorization: Bearer {key}\"\n\nOr paste into a JSON configuration (Claude Code's .mcp.json, Cursor's mcp.json):\n{}\n\nA first working exec:\n  ephyr demo          every step on this machine, with a throwaway sshd on loopback (seconds)\n  a real host:        put it in a policy as a target, then `ephyr target setup-script`\n                      prints what to run on it (docs/target-setup.md); the built-in policy's\n                      users ephyr-read/ephyr-op do not exist on 127.0.0.1 until you do that\n\nOther clients (Claude Desktop, SDKs): docs/mcp-clients.md\nStop with Ctrl-C.\n",
         env!("CARGO_PKG_VERSION"),
         broker.listen,
-        broker.socket.display(),
         serde_json::to_string_pretty(&snippet).unwrap_or_default()
     );
 }

@@ -82,7 +82,9 @@ fn remote(o: &ExecOptions, url: &str) -> Result<(bool, String), String> {
         },
     });
     let bearer = format!("Bearer {token}");
-    let endpoint = format!("{}/mcp", url.trim_end_matches('/'));
+    // Either the broker's base URL or the MCP endpoint `serve` prints.
+    let base = url.trim_end_matches('/');
+    let endpoint = if base.ends_with("/mcp") { base.to_owned() } else { format!("{base}/mcp") };
     let (status, bytes) = client::post_tcp(
         &endpoint,
         &[

@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod client;
+pub mod demo;
 pub mod doctor;
 pub mod exec;
 pub mod init;
