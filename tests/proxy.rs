@@ -540,9 +540,13 @@ fn a_revoked_task_stops_mid_stream_and_after() {
     let revoked = tool_call(&b.api, &key, "task_revoke", json!({"task_id": task})).unwrap();
     assert_eq!(revoked["revoked"], task.as_str(), "{revoked}");
     let cut = Instant::now();
-    assert!(s.wait_closed(Duration::from_secs(5)), "the stream ends once the task is revoked");
+    // The stream ends at once with an error event that says why, then the response ends (the
+    // last chunk), so an SDK reports the reason instead of a broken connection.
+    let text = s.read_until("0\r\n\r\n", Duration::from_secs(5));
     assert!(cut.elapsed() < Duration::from_secs(3));
-    assert!(!String::from_utf8_lossy(&s.buf).contains("[DONE]"), "the stream was cut, not finished");
+    assert!(text.contains("event: error\ndata: {\"error\":\"task_ended\""), "{text}");
+    assert!(text.contains("the task was revoked or expired"), "{text}");
+    assert!(!text.contains("[DONE]"), "the stream was cut, not finished");
     let r = proxy(&b, "GET", "/v1/proxy/echo/echo", &token, b"");
     assert_eq!(r.status, 401, "{}", r.text());
     assert!(r.text().contains("revoked"), "{}", r.text());
@@ -691,7 +695,19 @@ fn the_openai_and_anthropic_sdks_work_unchanged_with_a_task_token() {
     )
     .unwrap();
     let token = t["token"].as_str().unwrap();
-    let o = python("llm_sdk.py").args([&format!("http://{}", b.api), token]).output().unwrap();
+    // Two more tasks, each revoked by its own holder in the middle of a stream.
+    let victim = |d: &str| {
+        let v = tool_call(
+            &b.api,
+            &key,
+            "task_create",
+            json!({"description": d, "ttl": "1h", "envelope": {"services": ["openai", "anthropic"]}}),
+        )
+        .unwrap();
+        v["token"].as_str().unwrap().to_owned()
+    };
+    let (v1, v2) = (victim("revoked mid-stream (openai)"), victim("revoked mid-stream (anthropic)"));
+    let o = python("llm_sdk.py").args([&format!("http://{}", b.api), token, &v1, &v2]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["openai_text"], "Hello from the stand-in", "{v}");
@@ -703,7 +719,22 @@ fn the_openai_and_anthropic_sdks_work_unchanged_with_a_task_token() {
         let (first, last) = (pieces[0][1].as_f64().unwrap(), pieces.last().unwrap()[1].as_f64().unwrap());
         assert!(last - first >= 0.45, "{sdk}: pieces arrived as they were produced, not at once: {v}");
     }
-    assert!(v["bad_token"].as_str().unwrap().starts_with("401"), "{v}");
+    // The SDKs show the broker's reasons, not a bare status.
+    let said = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+    assert!(said("bad_token").starts_with("401: Error code: 401 - ephyr: invalid task token"), "{v}");
+    assert!(said("bad_token").ends_with("(invalid_token)"), "the message itself, not a dump of the body: {v}");
+    assert!(said("anthropic_401").starts_with("401: ") && said("anthropic_401").contains("ephyr: "), "{v}");
+    assert!(
+        said("openai_403").starts_with("403: Error code: 403 - ephyr: service \"openai\" does not allow path"),
+        "{v}"
+    );
+    assert!(said("anthropic_403").starts_with("403: ") && said("anthropic_403").contains("ephyr: "), "{v}");
+    // A revocation mid-stream reaches the SDK as an error that says so, after the first piece.
+    for k in ["openai_revoked_stream", "anthropic_revoked_stream"] {
+        let s = said(k);
+        assert!(s.contains("the task was revoked or expired") && s.contains("(task_ended)"), "{k}: {v}");
+        assert!(s.contains("(after 1 pieces)"), "{k}: {v}");
+    }
     // The provider saw its own key; the token never left the broker.
     let reqs = std::fs::read_to_string(&log).unwrap();
     assert!(!reqs.contains(token) && !reqs.contains("mac_"), "the task token is not forwarded");
@@ -711,7 +742,8 @@ fn the_openai_and_anthropic_sdks_work_unchanged_with_a_task_token() {
     // The paths the example policy does not list are refused.
     let r = proxy(&b, "POST", "/v1/proxy/openai/files", token, b"{}");
     assert_eq!(r.status, 403);
-    assert_eq!(r.json()["error"], "path_not_allowed");
+    assert_eq!(r.json()["error"]["code"], "path_not_allowed", "OpenAI's error shape (errors: openai)");
+    assert_eq!(r.json()["error"]["type"], "permission_error");
     let _ = child.kill();
     let _ = child.wait();
 }

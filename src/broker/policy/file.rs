@@ -201,6 +201,9 @@ pub struct ServiceFile {
     pub max_response: Option<String>,
     /// Largest request body.
     pub max_request: Option<String>,
+    /// Shape of the proxy's own errors: `openai`, `anthropic` or `plain` (default: by the URL's
+    /// host, `plain` for other hosts).
+    pub errors: Option<String>,
     /// Serve this service (default true).
     pub enabled: Option<bool>,
 }

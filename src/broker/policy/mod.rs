@@ -54,6 +54,40 @@ pub struct Rate {
     pub window: Duration,
 }
 
+/// The shape of the proxy's own error answers and stream-ending events for a service, so that
+/// the provider's SDK shows the agent the reason (`services.<name>.errors`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ErrorStyle {
+    /// `{"error": code, "message": text}`.
+    #[default]
+    Plain,
+    /// OpenAI's `{"error": {"message", "type", "code"}}` (also OpenAI-compatible servers).
+    OpenAi,
+    /// Anthropic's `{"type": "error", "error": {"type", "message"}}`.
+    Anthropic,
+}
+
+impl ErrorStyle {
+    /// From the policy value.
+    pub fn parse(s: &str) -> Option<ErrorStyle> {
+        match s {
+            "plain" => Some(ErrorStyle::Plain),
+            "openai" => Some(ErrorStyle::OpenAi),
+            "anthropic" => Some(ErrorStyle::Anthropic),
+            _ => None,
+        }
+    }
+
+    /// The default for a service at `host`: the two providers' API hosts get their shape.
+    pub fn for_host(host: &str) -> ErrorStyle {
+        match host {
+            "api.openai.com" => ErrorStyle::OpenAi,
+            "api.anthropic.com" => ErrorStyle::Anthropic,
+            _ => ErrorStyle::Plain,
+        }
+    }
+}
+
 /// Global limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -271,6 +305,8 @@ pub struct Service {
     pub max_response: u64,
     /// Largest request body.
     pub max_request: u64,
+    /// The shape of the proxy's own errors on `/v1/proxy/<service>/`.
+    pub errors: ErrorStyle,
     /// Served at all.
     pub enabled: bool,
 }

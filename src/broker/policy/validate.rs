@@ -915,6 +915,17 @@ fn services(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, 
         };
         let max_response = size(cx, "max_response", &s.max_response, 10 << 20);
         let max_request = size(cx, "max_request", &s.max_request, 1 << 20);
+        let errors = match s.errors.as_deref() {
+            None => ErrorStyle::for_host(&url.host),
+            Some(v) => ErrorStyle::parse(v).unwrap_or_else(|| {
+                cx.err(
+                    &["services", &name, "errors"],
+                    format!("{v:?} is not an error style"),
+                    Some("openai (also OpenAI-compatible servers), anthropic or plain".into()),
+                );
+                ErrorStyle::Plain
+            }),
+        };
         services.insert(
             name,
             Service {
@@ -931,6 +942,7 @@ fn services(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, 
                 read_timeout,
                 max_response,
                 max_request,
+                errors,
                 enabled: s.enabled.unwrap_or(true),
             },
         );

@@ -14,6 +14,7 @@
 //! has not yet taken (hyper's backpressure reaches the upstream socket).
 
 pub(crate) mod route;
+pub(crate) mod shape;
 
 use std::net::IpAddr;
 use std::rc::Rc;

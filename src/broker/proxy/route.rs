@@ -21,7 +21,8 @@ use crate::broker::Broker;
 use crate::broker::Error;
 use crate::broker::audit::{AuditSink as _, Event, Kind};
 use crate::broker::auth::{self, Caller};
-use crate::broker::http::{Body, Peer, error, read_incoming};
+use crate::broker::http::{Body, Peer, read_incoming};
+use crate::broker::policy::ErrorStyle;
 
 /// The route's prefix.
 pub const PREFIX: &str = "/v1/proxy/";
@@ -30,8 +31,9 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Body limit before the service is known (it is checked against the service's afterwards).
 const MAX_BODY_UNKNOWN: usize = 1 << 20;
 
-fn refuse(status: StatusCode, code: &str, message: String) -> Response<Body> {
-    let mut r = error(status, code, message);
+/// The proxy's own error answer, in the service's error style (`shape`).
+fn refuse(style: ErrorStyle, status: StatusCode, code: &str, message: String) -> Response<Body> {
+    let mut r = crate::broker::http::json(status, &super::shape::body(style, status, code, &message));
     r.headers_mut().insert(crate::broker::upstream::plan::PROXY_HEADER, HeaderValue::from_static("ephyr"));
     r
 }
@@ -74,14 +76,20 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
         Peer::Unix(_) => None,
     };
     if service.is_empty() {
-        return refuse(StatusCode::NOT_FOUND, "not_found", format!("{PREFIX}<service>/<path>: name a service"));
+        return refuse(
+            ErrorStyle::Plain,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{PREFIX}<service>/<path>: name a service"),
+        );
     }
+    let style = policy.services.get(&service).map_or(ErrorStyle::Plain, |s| s.errors);
     // The query belongs to the upstream here; credentials are read from the headers only.
     let caller = match auth::authenticate(&broker, &policy, req.headers(), None, source).await {
         Ok(c) => c,
         Err(e) => {
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
-            let mut r = refuse(status, e.code(), e.message());
+            let mut r = refuse(style, status, e.code(), e.message());
             if status == StatusCode::UNAUTHORIZED {
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"ephyr\""));
             }
@@ -103,7 +111,7 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
                 other => Error::Invalid(other.describe()),
             };
             audit_refusal(&broker, Some(&caller), &service, &method, &f);
-            return refuse(f.status(), f.code(), f.message());
+            return refuse(style, f.status(), f.code(), f.message());
         }
     };
     if let Err(e) = auth::prove_request(&broker, &caller, &method, &full, &parts.headers, "-", "-", &body).await {
@@ -111,10 +119,11 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
             auth::PossessionError::Locked(_) => StatusCode::LOCKED,
             auth::PossessionError::Proof(_) => StatusCode::UNAUTHORIZED,
         };
-        return refuse(status, e.code(), e.message());
+        return refuse(style, status, e.code(), e.message());
     }
     if let Err(wait) = broker.take_request(&policy, &caller.agent, started) {
         let mut r = refuse(
+            style,
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             format!("rate limit exceeded for agent {:?}", caller.agent),
@@ -143,7 +152,7 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
                 &[("code", f.code())],
             );
             audit_refusal(&broker, Some(&caller), &service, &method, &f);
-            return refuse(f.status(), f.code(), f.message());
+            return refuse(style, f.status(), f.code(), f.message());
         }
     };
     let limit = policy.services.get(&service).map_or(u64::MAX, |s| s.max_response);
@@ -154,9 +163,14 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
             "the upstream's response is {len} bytes; service {service:?} passes at most {limit} (max_response)"
         ));
         audit_refusal(&broker, Some(&caller), &service, &method, &f);
-        return refuse(f.status(), f.code(), f.message());
+        return refuse(style, f.status(), f.code(), f.message());
     }
     let super::Answer { status, headers, mut body, request_id, path, .. } = answer;
+    // A stream the broker cuts (task revoked or expired, a limit) ends with an error event the
+    // agent's SDK shows, not with a broken connection.
+    if headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream")) {
+        body.farewell(Box::new(move |code, reason, open| super::shape::stream_end(style, code, reason, open)));
+    }
     let (b, agent, task) =
         (broker.clone(), caller.agent.clone(), caller.token().map(|t| (t.task.clone(), t.lineage.clone())));
     let code = status.as_u16();

@@ -47,6 +47,10 @@ pub struct End {
 /// What [`UpstreamBody`] calls when it ends.
 pub type OnEnd = Box<dyn FnOnce(&End)>;
 
+/// Makes the last frame of a body the broker cuts: `(code, reason, an event is open)` to bytes
+/// (an event-stream error event in the agent's SDK's shape; `proxy::shape`).
+pub type Farewell = Box<dyn Fn(&str, &str, bool) -> Bytes>;
+
 /// An error with its causes (`operation was canceled: connection closed: received fatal alert`).
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -74,6 +78,9 @@ pub struct UpstreamBody {
     pool: Option<(Rc<conn::Conns>, String, conn::Sender)>,
     done: bool,
     on_end: Option<OnEnd>,
+    farewell: Option<Farewell>,
+    /// What was passed on last did not end with a blank line (an event may be open).
+    open_event: bool,
 }
 
 impl UpstreamBody {
@@ -100,7 +107,15 @@ impl UpstreamBody {
             pool,
             done: false,
             on_end: None,
+            farewell: None,
+            open_event: false,
         }
+    }
+
+    /// When the broker cuts the body (task ended, a limit, an upstream failure), it ends with
+    /// `f`'s frame and then cleanly, instead of an aborted transfer.
+    pub fn farewell(&mut self, f: Farewell) {
+        self.farewell = Some(f);
     }
 
     /// Calls `f` once when the body ends (completely, with an error, or dropped unfinished).
@@ -125,9 +140,12 @@ impl UpstreamBody {
         }
     }
 
-    fn fail(&mut self, msg: String) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    fn fail(&mut self, code: &str, msg: String) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         self.end(Some(msg.clone()));
-        Poll::Ready(Some(Err(io::Error::other(msg))))
+        match self.farewell.take() {
+            Some(f) => Poll::Ready(Some(Ok(Frame::data(f(code, &msg, self.open_event))))),
+            None => Poll::Ready(Some(Err(io::Error::other(msg)))),
+        }
     }
 }
 
@@ -142,25 +160,25 @@ impl http_body::Body for UpstreamBody {
         }
         loop {
             if this.deadline.poll(cx).is_ready() {
-                return this.fail(format!(
-                    "the exchange took longer than the {}s allowed (timeout)",
-                    this.total.as_secs_f64()
-                ));
+                return this.fail(
+                    "upstream_timeout",
+                    format!("the exchange took longer than the {}s allowed (timeout)", this.total.as_secs_f64()),
+                );
             }
             if let Some(e) = &mut this.ended
                 && e.as_mut().poll(cx).is_ready()
             {
-                return this.fail("the task was revoked or expired; the stream was stopped".into());
+                return this.fail("task_ended", "the task was revoked or expired; the stream was stopped".into());
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     let Ok(data) = frame.into_data() else { continue }; // trailers are not passed on
                     this.bytes += data.len() as u64;
                     if this.bytes > this.limit {
-                        return this.fail(format!(
-                            "the response is larger than the service's max_response ({} bytes)",
-                            this.limit
-                        ));
+                        return this.fail(
+                            "response_too_large",
+                            format!("the response is larger than the service's max_response ({} bytes)", this.limit),
+                        );
                     }
                     this.read_timer.set_after(this.read_timeout);
                     let mut out = if this.scrub.is_active() { Bytes::from(this.scrub.push(&data)) } else { data };
@@ -179,9 +197,12 @@ impl http_body::Body for UpstreamBody {
                         }
                         continue;
                     }
+                    this.open_event = !out.ends_with(b"\n\n") && !out.ends_with(b"\r\n\r\n");
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
-                Poll::Ready(Some(Err(e))) => return this.fail(format!("the upstream's body failed: {}", chain(&e))),
+                Poll::Ready(Some(Err(e))) => {
+                    return this.fail("upstream_failed", format!("the upstream's body failed: {}", chain(&e)));
+                }
                 Poll::Ready(None) => {
                     let tail = this.scrub.finish();
                     this.end(None);
@@ -193,10 +214,13 @@ impl http_body::Body for UpstreamBody {
                 }
                 Poll::Pending => {
                     if this.read_timer.poll(cx).is_ready() {
-                        return this.fail(format!(
-                            "the upstream sent nothing for {}s (read_timeout)",
-                            this.read_timeout.as_secs_f64()
-                        ));
+                        return this.fail(
+                            "upstream_timeout",
+                            format!(
+                                "the upstream sent nothing for {}s (read_timeout)",
+                                this.read_timeout.as_secs_f64()
+                            ),
+                        );
                     }
                     return Poll::Pending;
                 }
