@@ -36,6 +36,7 @@ Commands:
   keygen       generate an agent API key and its hash line
   secret       store upstream credentials sealed (`secret set NAME` reads stdin), list, rm
   audit        verify or query the audit trail
+  monitor      watch what agents do, live (the audit stream, coloured, with filters)
   version      print the version
 
 Run `ephyr <command> --help` for a command's options. Exit codes: 0 ok, 1 failure,
@@ -166,10 +167,25 @@ Usage: ephyr audit <verify|query> ...
       on the socket, the running broker's live chain head. The trusted checkpoint key comes from
       --public-key, else keys/audit_checkpoint.pub, else the running broker.
       Exit 0 verified, 1 tampering or damage found (each with file:line), 3 no key to trust.
-  ephyr audit query [--data-dir DIR] [--task ULID] [--agent NAME] [--since T] [--until T]
-                    [--decision allow|deny] [--kind K] [--event E] [--json] [FILE...]
-      Events in log order. --task selects the task's whole tree. T is RFC 3339 or a duration
-      (1h = one hour ago). --json prints the raw lines.";
+  ephyr audit query [--data-dir DIR] [--task ULID] [--subtree ULID] [--agent NAME]
+                    [--target NAME] [--since T] [--until T] [--decision allow|deny|error]
+                    [--kind K] [--event E] [--follow] [--json] [FILE...]
+      Events in log order, each with what was done (tool, target, role, command; service,
+      method, path; certificate serials in hex and decimal). --task selects the task's whole
+      tree, --subtree the task and its descendants. T is RFC 3339 or a duration (1h = one hour
+      ago). --follow keeps reading as the log grows, across rotation. --json prints the log's
+      own lines, byte for byte.";
+
+const MONITOR_HELP: &str = "\
+Usage: ephyr monitor [--data-dir DIR] [filters] [--last N] [--json] [--color|--no-color]
+
+What agents are doing, live: the last N events (default 10), then every new one as it is
+written, coloured (deny red, errors yellow, allow green) when the output is a terminal and
+NO_COLOR is unset. Follows the log across rotation. Reads <data-dir>/audit (root or the
+broker's user). Ctrl-C to stop.
+
+Filters (as for audit query): --agent NAME, --task ULID (the whole tree), --subtree ULID,
+--target NAME, --kind K, --event E, --decision allow|deny|error, --since T.";
 
 const STATUS_HELP: &str = "\
 Usage: ephyr status [--socket PATH | --data-dir DIR] [--json]
@@ -229,9 +245,9 @@ Options:
   --json                  print the full JSON answer";
 
 /// Commands, for "did you mean".
-const COMMANDS: [&str; 16] = [
+const COMMANDS: [&str; 17] = [
     "serve", "demo", "init", "doctor", "status", "cert", "exec", "target", "inspect", "policy", "keygen", "secret",
-    "audit", "version", "help", "--help",
+    "audit", "monitor", "version", "help", "--help",
 ];
 
 /// A closed stdout (`ephyr ... | head -1`) ends a command quietly with 0: the reader took what
@@ -336,6 +352,7 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "keygen" => cmd_keygen(p),
         "secret" => cmd_secret(p),
         "audit" => cmd_audit(p),
+        "monitor" => cmd_monitor(p),
         "version" => {
             println!("ephyr {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
@@ -639,6 +656,92 @@ fn cmd_policy(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     }
 }
 
+/// An argument that does not borrow the parser.
+enum Opt {
+    Long(String),
+    Short(char),
+    Value(OsString),
+}
+
+impl Opt {
+    fn from(a: lexopt::Arg<'_>) -> Opt {
+        match a {
+            Long(n) => Opt::Long(n.to_owned()),
+            Short(c) => Opt::Short(c),
+            Value(v) => Opt::Value(v),
+        }
+    }
+
+    fn unexpected(&self) -> Failure {
+        match self {
+            Opt::Long(n) => usage(format!("invalid option '--{n}'")),
+            Opt::Short(c) => usage(format!("invalid option '-{c}'")),
+            Opt::Value(v) => usage(format!("unexpected argument {v:?}")),
+        }
+    }
+}
+
+/// Parses one `audit query` / `monitor` filter option; `Ok(false)` when `name` is not one.
+fn filter_arg(
+    p: &mut lexopt::Parser,
+    name: &str,
+    f: &mut ephyr::broker::audit::query::Filter,
+) -> Result<bool, Failure> {
+    let when = |v: String| cli::audit::parse_when(&v).map_err(usage);
+    match name {
+        "task" => f.task = Some(p.value()?.string()?),
+        "subtree" => f.subtree = Some(p.value()?.string()?),
+        "agent" => f.agent = Some(p.value()?.string()?),
+        "target" => f.target = Some(p.value()?.string()?),
+        "since" => f.since = Some(when(p.value()?.string()?)?),
+        "until" => f.until = Some(when(p.value()?.string()?)?),
+        "decision" => {
+            let d = p.value()?.string()?;
+            if !["allow", "deny", "error"].contains(&d.as_str()) {
+                return Err(usage(format!("--decision {d:?}: use allow, deny or error")));
+            }
+            f.decision = Some(d);
+        }
+        "kind" => f.kind = Some(p.value()?.string()?),
+        "event" => f.event = Some(p.value()?.string()?),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+fn color_default() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+fn cmd_monitor(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let mut data_dir = PathBuf::from(DEFAULT_DATA_DIR);
+    let mut f = ephyr::broker::audit::query::Filter::default();
+    let mut o = cli::audit::QueryOptions { follow: true, last: Some(10), color: color_default(), json: false };
+    while let Some(arg) = p.next()? {
+        let arg = Opt::from(arg);
+        if let Opt::Long(n) = &arg
+            && filter_arg(p, n, &mut f)?
+        {
+            continue;
+        }
+        match &arg {
+            Opt::Long(n) if n == "data-dir" => data_dir = path(p.value()?),
+            Opt::Long(n) if n == "last" => {
+                let v = p.value()?.string()?;
+                o.last = Some(v.parse().map_err(|_| usage(format!("--last {v:?}: a number of events")))?);
+            }
+            Opt::Long(n) if n == "json" => o.json = true,
+            Opt::Long(n) if n == "color" => o.color = true,
+            Opt::Long(n) if n == "no-color" => o.color = false,
+            Opt::Long(n) if n == "help" => return help(MONITOR_HELP),
+            Opt::Short('h') => return help(MONITOR_HELP),
+            other => return Err(other.unexpected()),
+        }
+    }
+    cli::audit::query_cmd(&data_dir, &[], &f, &o).map(|c| c as u8).map_err(|e| Failure::Run(1, e))
+}
+
 fn cmd_audit(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     let sub = match p.next()? {
         Some(Value(v)) => v.string()?,
@@ -647,31 +750,28 @@ fn cmd_audit(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     };
     let mut data_dir = PathBuf::from(DEFAULT_DATA_DIR);
     let mut files = Vec::new();
-    let (mut json, mut socket, mut key) = (false, None, None);
+    let (mut socket, mut key) = (None, None);
+    let mut o = cli::audit::QueryOptions::default();
     let mut f = ephyr::broker::audit::query::Filter::default();
-    let when = |v: String| cli::audit::parse_when(&v).map_err(usage);
     while let Some(arg) = p.next()? {
+        let arg = Opt::from(arg);
+        if let Opt::Long(n) = &arg
+            && sub == "query"
+            && filter_arg(p, n, &mut f)?
+        {
+            continue;
+        }
         match arg {
-            Long("data-dir") => data_dir = path(p.value()?),
-            Long("json") => json = true,
-            Long("socket") => socket = Some(path(p.value()?)),
-            Long("public-key") if sub == "verify" => key = Some(p.value()?.string()?),
-            Long("task") if sub == "query" => f.task = Some(p.value()?.string()?),
-            Long("agent") if sub == "query" => f.agent = Some(p.value()?.string()?),
-            Long("since") if sub == "query" => f.since = Some(when(p.value()?.string()?)?),
-            Long("until") if sub == "query" => f.until = Some(when(p.value()?.string()?)?),
-            Long("decision") if sub == "query" => {
-                let d = p.value()?.string()?;
-                if d != "allow" && d != "deny" {
-                    return Err(usage("--decision is allow or deny"));
-                }
-                f.decision = Some(d);
-            }
-            Long("kind") if sub == "query" => f.kind = Some(p.value()?.string()?),
-            Long("event") if sub == "query" => f.event = Some(p.value()?.string()?),
-            Long("help") | Short('h') => return help(AUDIT_HELP),
-            Value(v) => files.push(path(v)),
-            other => return Err(other.unexpected().into()),
+            Opt::Long(n) if n == "data-dir" => data_dir = path(p.value()?),
+            Opt::Long(n) if n == "json" => o.json = true,
+            Opt::Long(n) if n == "socket" => socket = Some(path(p.value()?)),
+            Opt::Long(n) if n == "public-key" && sub == "verify" => key = Some(p.value()?.string()?),
+            Opt::Long(n) if n == "follow" && sub == "query" => o.follow = true,
+            Opt::Short('f') if sub == "query" => o.follow = true,
+            Opt::Long(n) if n == "help" => return help(AUDIT_HELP),
+            Opt::Short('h') => return help(AUDIT_HELP),
+            Opt::Value(v) => files.push(path(v)),
+            other => return Err(other.unexpected()),
         }
     }
     let r = match sub.as_str() {
@@ -680,9 +780,9 @@ fn cmd_audit(p: &mut lexopt::Parser) -> Result<u8, Failure> {
             socket: cli::client::socket_path(socket, Some(&data_dir)),
             data_dir,
             public_key: key,
-            json,
+            json: o.json,
         }),
-        "query" => cli::audit::query_cmd(&data_dir, &files, &f, json),
+        "query" => cli::audit::query_cmd(&data_dir, &files, &f, &o),
         other => return Err(usage(format!("unknown audit command {other:?} (verify, query)"))),
     };
     r.map(|c| c as u8).map_err(|e| Failure::Run(1, e))

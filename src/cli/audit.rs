@@ -1,4 +1,4 @@
-//! `ephyr audit verify` and `ephyr audit query`.
+//! `ephyr audit verify`, `ephyr audit query` and `ephyr monitor`.
 //!
 //! What runs here: reads the audit files (root or the broker's user can), `keys/audit_checkpoint.pub`
 //! and `audit/HEAD`; asks a running broker (local socket) for its live chain head and checkpoint
@@ -124,43 +124,99 @@ pub fn verify_cmd(o: &VerifyOptions) -> Result<i32, String> {
     })
 }
 
-/// Runs `audit query`.
-pub fn query_cmd(data_dir: &Path, files: &[PathBuf], f: &query::Filter, json: bool) -> Result<i32, String> {
+/// How `audit query` and `monitor` print.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QueryOptions {
+    /// The log's raw lines (byte for byte).
+    pub json: bool,
+    /// Keep reading as the log grows (across rotation).
+    pub follow: bool,
+    /// Only the last N matches of what is there already (then follow).
+    pub last: Option<usize>,
+    /// ANSI colours.
+    pub color: bool,
+}
+
+/// One event as a line for a person: seq, time, kind, event, agent, task, decision, and what
+/// was done.
+pub fn human_line(e: &serde_json::Value, color: bool) -> String {
+    let ts = e["ts"].as_i64().map(|t| crate::time::UnixMicros(t).to_rfc3339_micros()).unwrap_or_default();
+    let s = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+    let (verdict, paint) = match (e["decision"].as_str(), e["code"].as_str()) {
+        (Some("deny"), c) => (format!("DENY {}: {}", c.unwrap_or("-"), s("reason")), "31"),
+        (Some(d), Some(c)) => (format!("{d} {c}: {}", s("reason")), "33"),
+        (Some(d), None) => (d.to_owned(), "32"),
+        (None, Some(c)) => (format!("ERROR {c}: {}", s("reason")), "33"),
+        (None, None) => (String::new(), "0"),
+    };
+    let did = query::summary(e);
+    let task = e["task"].as_str().map(|t| format!(" task={t}")).unwrap_or_default();
+    let head = format!("{:>6} {ts} {:<8} {:<18} agent={}{task}", e["seq"], s("kind"), s("event"), s("agent"));
+    if color {
+        format!("\x1b[2m{head}\x1b[0m \x1b[{paint}m{verdict}\x1b[0m {did}")
+    } else {
+        format!("{head} {verdict} {did}").trim_end().to_owned()
+    }
+}
+
+fn emit(l: &query::Line, o: &QueryOptions) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if o.json {
+        let _ = out.write_all(&l.raw);
+        let _ = out.write_all(b"\n");
+    } else {
+        let _ = writeln!(out, "{}", human_line(&l.event, o.color));
+    }
+    if o.follow {
+        let _ = out.flush();
+    }
+}
+
+/// Runs `audit query` (and `monitor`, which is `query --follow --last 10` in colour).
+pub fn query_cmd(data_dir: &Path, files: &[PathBuf], f: &query::Filter, o: &QueryOptions) -> Result<i32, String> {
     let dir = data_dir.join("audit");
     let paths = if files.is_empty() {
-        audit::log_files(&dir).map_err(|e| format!("{}: {e}", dir.display()))?
+        audit::log_files(&dir)
+            .map_err(|e| format!("{}: {e}  (the audit log is readable by root and the broker's user)", dir.display()))?
     } else {
         files.to_vec()
     };
-    let all = query::parse_all(&read_files(&paths)?);
-    let hits = query::select(&all, f);
-    for e in &hits {
-        if json {
-            println!("{e}");
-        } else {
-            let ts = e["ts"].as_i64().map(|t| crate::time::UnixMicros(t).to_rfc3339_micros()).unwrap_or_default();
-            let s = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
-            let detail = match (e["decision"].as_str(), e["code"].as_str()) {
-                (Some(d), Some(c)) => format!("{d} {c}: {}", s("reason")),
-                (Some(d), None) => d.to_owned(),
-                (None, Some(c)) => format!("error {c}: {}", s("reason")),
-                (None, None) => String::new(),
-            };
-            println!(
-                "{:>6} {ts} {:<10} {:<16} agent={} task={} {}",
-                e["seq"],
-                s("kind"),
-                s("event"),
-                s("agent"),
-                s("task"),
-                detail
-            );
-        }
+    let mut follower = (o.follow && files.is_empty()).then(|| query::Follower::at_end(&dir));
+    let mut all = query::parse_lines(&read_files(&paths)?);
+    let hits = query::select_lines(&all, f);
+    let skip = o.last.map_or(0, |n| hits.len().saturating_sub(n));
+    for l in &hits[skip..] {
+        emit(l, o);
     }
-    if !json {
+    if !o.json && !o.follow {
         eprintln!("{} event(s)", hits.len());
     }
-    Ok(0)
+    let Some(follower) = follower.as_mut() else {
+        if o.follow {
+            return Err("--follow needs the data dir's log, not FILE arguments".into());
+        }
+        return Ok(0);
+    };
+    if !o.json {
+        eprintln!("following {} (Ctrl-C to stop)", dir.join("audit.jsonl").display());
+    }
+    loop {
+        let fresh = follower.poll();
+        if fresh.is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            continue;
+        }
+        // A --task tree's root may first appear in a new line.
+        all.extend(fresh.iter().cloned());
+        let root = f.root(all.iter().map(|l| &l.event));
+        for l in fresh.iter().filter(|l| f.matches(&l.event, root.as_deref())) {
+            emit(l, o);
+        }
+        if all.len() > 100_000 {
+            all.drain(..50_000);
+        }
+    }
 }
 
 /// Parses `--since`/`--until`: RFC 3339, or a duration meaning "that long ago".

@@ -174,7 +174,8 @@ fn now_secs() -> u64 {
     crate::time::now().secs().max(0) as u64
 }
 
-fn audit_command(c: &str) -> String {
+/// A command as audit lines keep it (at most 1024 characters).
+pub fn audit_command(c: &str) -> String {
     if c.chars().count() <= AUDIT_COMMAND_CHARS {
         c.to_owned()
     } else {

@@ -191,6 +191,8 @@ async fn exec(cx: Ctx<'_>) -> Output {
     let mut action = Map::new();
     action.insert("target".into(), Value::from(target.as_str()));
     action.insert("role".into(), Value::from(role.as_str()));
+    // What was tried, also when it was refused (an operator wants to see that).
+    action.insert("command".into(), Value::from(ssh::audit_command(command)));
     if let Some(s) = session {
         action.insert("session".into(), Value::from(s));
     }
