@@ -27,6 +27,10 @@ Commands:
   init         create the data dir, keys and an example policy
   doctor       check files, keys, the policy and the signer sandbox
   status       show a running broker's state
+  whoami       your uid, operator or not, and the agent your uid maps to
+  targets      targets, roles, principals, agents and host-key checks
+  certs        live certificates (serials in hex and decimal)
+  tasks        the live task trees
   cert sign    issue an operator SSH certificate through the running broker
   cert revoke  put a certificate on the broker's revocation list (KRL)
   exec         run a command on a target through the broker (`exec TARGET --role R -- CMD`)
@@ -245,9 +249,9 @@ Options:
   --json                  print the full JSON answer";
 
 /// Commands, for "did you mean".
-const COMMANDS: [&str; 17] = [
-    "serve", "demo", "init", "doctor", "status", "cert", "exec", "target", "inspect", "policy", "keygen", "secret",
-    "audit", "monitor", "version", "help", "--help",
+const COMMANDS: [&str; 21] = [
+    "serve", "demo", "init", "doctor", "status", "whoami", "targets", "certs", "tasks", "cert", "exec", "target",
+    "inspect", "policy", "keygen", "secret", "audit", "monitor", "version", "help", "--help",
 ];
 
 /// A closed stdout (`ephyr ... | head -1`) ends a command quietly with 0: the reader took what
@@ -353,6 +357,7 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "secret" => cmd_secret(p),
         "audit" => cmd_audit(p),
         "monitor" => cmd_monitor(p),
+        "whoami" | "targets" | "certs" | "tasks" => cmd_view(p, &cmd),
         "version" => {
             println!("ephyr {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
@@ -476,6 +481,41 @@ fn cmd_status(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     }
     let sock = cli::client::socket_path(socket, data_dir.as_deref());
     cli::status(&sock, json).map(|()| 0).map_err(|e| Failure::Run(1, e))
+}
+
+const VIEWS_HELP: &str = "\
+Usage: ephyr whoami|targets|certs|tasks [--json] [--socket PATH | --data-dir DIR]
+
+  whoami    your uid, whether you are an operator, the agent your uid maps to and what it
+            may reach (anyone may ask)
+  targets   every target: address, roles and their principals, which agents may use them,
+            how the host key is checked (pinned, host CA, first use)
+  certs     live certificates: serial in hex and decimal, agent, target/role, principal,
+            expiry, in use / idle / revoked
+  tasks     the live task trees, with holder binding and revocation
+
+targets, certs and tasks need root or the broker's user. --json prints the broker's answer.";
+
+/// `ephyr whoami|targets|certs|tasks`.
+fn cmd_view(p: &mut lexopt::Parser, which: &str) -> Result<u8, Failure> {
+    let (mut socket, mut data_dir, mut json) = (None, None, false);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("data-dir") => data_dir = Some(path(p.value()?)),
+            Long("json") => json = true,
+            Long("help") | Short('h') => return help(VIEWS_HELP),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let sock = cli::client::socket_path(socket, data_dir.as_deref());
+    let r = match which {
+        "whoami" => cli::views::whoami(&sock, json),
+        "targets" => cli::views::targets(&sock, json),
+        "certs" => cli::views::certs(&sock, json),
+        _ => cli::views::tasks(&sock, json),
+    };
+    r.map_err(|e| Failure::Run(1, e))
 }
 
 fn cmd_exec(p: &mut lexopt::Parser) -> Result<u8, Failure> {

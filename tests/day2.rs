@@ -88,3 +88,106 @@ fn monitor_follows_what_agents_do_live_with_filters() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("allow, deny or error"), "{}", stderr(&bad));
 }
+
+#[test]
+fn whoami_targets_certs_and_tasks_show_the_running_broker() {
+    if !require_root() {
+        return;
+    }
+    let user = "ephyrt-views";
+    ensure_user(user);
+    let uid = ephyr::users::lookup(user).unwrap().uid;
+    let (alice, alice_hash) = agent_key("alice");
+    let (_, bob_hash) = agent_key("bob");
+    let policy = policy(&alice_hash, &bob_hash)
+        .replace("  bob:\n", &format!("  local:\n    uid: {uid}\n    ssh:\n      web: {{ roles: [read] }}\n  bob:\n"));
+    let b = Broker::start(BrokerOpts { policy: Some(&policy), ..Default::default() });
+    let sock = b.socket.to_str().unwrap().to_owned();
+    let view = |what: &str, json: bool| {
+        let mut args = vec![what, "--socket", &sock];
+        if json {
+            args.push("--json");
+        }
+        let out = ephyr(&args);
+        assert!(out.status.success(), "{what}: {}", stderr(&out));
+        stdout(&out)
+    };
+    // whoami as root: an operator, no agent; as the mapped uid: its agent and what it reaches.
+    let me: serde_json::Value = serde_json::from_str(&view("whoami", true)).unwrap();
+    assert_eq!((me["uid"].as_u64(), me["operator"].as_bool(), me["agent"].is_null()), (Some(0), Some(true), true));
+    let out = Command::new("setpriv")
+        .args(["--reuid", user, "--regid", user, "--init-groups"])
+        .arg(ephyr_bin())
+        .args(["whoami", "--socket", &sock])
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        text.contains("operator: no") && text.contains("agent: local") && text.contains("ssh: web (read)"),
+        "{text}"
+    );
+    // ... and may not list what only operators see.
+    let out = Command::new("setpriv")
+        .args(["--reuid", user, "--regid", user, "--init-groups"])
+        .arg(ephyr_bin())
+        .args(["certs", "--socket", &sock])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not_an_operator"), "{}", stderr(&out));
+
+    let t = view("targets", false);
+    assert!(t.contains("web  127.0.0.1:1  host key: not pinned"), "{t}");
+    assert!(t.contains("read") && t.contains("as nobody") && t.contains("agents: alice, local"), "{t}");
+
+    // A certificate (an operator's), shown in hex and decimal.
+    let keys = TempDir::new("views-key");
+    let kp = keys.join("id");
+    assert!(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f", kp.to_str().unwrap()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let signed = ephyr(&[
+        "cert",
+        "sign",
+        "--socket",
+        &sock,
+        "--public-key",
+        keys.join("id.pub").to_str().unwrap(),
+        "--principal",
+        "nobody",
+        "--json",
+    ]);
+    assert!(signed.status.success(), "{}", stderr(&signed));
+    let serial =
+        serde_json::from_slice::<serde_json::Value>(&signed.stdout).unwrap()["serial"].as_str().unwrap().to_owned();
+    let decimal = u64::from_str_radix(&serial, 16).unwrap().to_string();
+    let c = view("certs", false);
+    assert!(c.contains(&serial) && c.contains(&decimal), "{c}");
+    assert!(c.contains("(operator)") && c.contains("idle"), "{c}");
+
+    // Tasks as a tree: a root and its delegated child under it.
+    let root =
+        tool_call(&b.api, &alice, "task_create", json!({"description": "parent", "ttl": "10m", "can_delegate": true}))
+            .unwrap();
+    let child = tool_call(
+        &b.api,
+        &alice,
+        "task_delegate",
+        json!({"parent_task_id": root["task_id"], "description": "child", "ttl": "5m"}),
+    )
+    .unwrap();
+    let tree = view("tasks", false);
+    let (r, k) = (root["task_id"].as_str().unwrap(), child["task_id"].as_str().unwrap());
+    let lines: Vec<&str> = tree.lines().collect();
+    assert!(lines[0].starts_with(r) && lines[0].contains("\"parent\"") && lines[0].contains("may delegate"), "{tree}");
+    assert!(lines[1].starts_with(&format!("└─ {k}")), "{tree}");
+    tool_call(&b.api, &alice, "task_revoke", json!({"task_id": r})).unwrap();
+    assert!(view("tasks", false).lines().all(|l| l.contains("REVOKED")), "the tree shows the cascade");
+    let j: serde_json::Value = serde_json::from_str(&view("tasks", true)).unwrap();
+    assert_eq!(j["tasks"].as_array().unwrap().len(), 2);
+}

@@ -396,6 +396,96 @@ fn agent_for(policy: &crate::broker::policy::Policy, peer: Peer) -> Option<(Stri
     policy.agents.values().find(|a| a.uid == Some(c.uid) && a.enabled).map(|a| (a.name.clone(), c.uid))
 }
 
+/// Who the caller is to this broker: its uid, whether it is an operator, the agent its uid maps
+/// to (and what that agent may reach).
+fn whoami(broker: &Broker, peer: Peer) -> serde_json::Value {
+    let policy = broker.policy();
+    let uid = match peer {
+        Peer::Unix(c) => Some(c.uid),
+        Peer::Tcp(_) => None,
+    };
+    let agent = agent_for(&policy, peer).and_then(|(name, _)| policy.agents.get(&name).cloned());
+    serde_json::json!({
+        "uid": uid,
+        "operator": is_operator(broker, peer),
+        "agent": agent.as_ref().map(|a| a.name.clone()),
+        "ssh": agent.as_ref().map(|a| {
+            policy.targets.keys().filter_map(|t| {
+                let roles: Vec<&String> = policy.targets[t].allowed_roles.iter()
+                    .filter(|r| agent_may(&policy, &a.name, t, r)).collect();
+                (!roles.is_empty()).then(|| serde_json::json!({ "target": t, "roles": roles }))
+            }).collect::<Vec<_>>()
+        }),
+        "broker": { "version": env!("CARGO_PKG_VERSION"), "listen": broker.listen.to_string(), "socket": broker.socket },
+    })
+}
+
+fn agent_may(policy: &crate::broker::policy::Policy, agent: &str, target: &str, role: &str) -> bool {
+    use crate::broker::policy::{Action, ActionKind, Principal, authorize};
+    let p = Principal { agent, token: None, delegators: &[] };
+    authorize(policy, &p, &Action::reach(None, ActionKind::Ssh { target, role })).is_allow()
+}
+
+/// Every target with its roles (and principals), how its host key is checked, and which agents
+/// may use it.
+fn targets_json(broker: &Broker) -> serde_json::Value {
+    let policy = broker.policy();
+    let targets: Vec<serde_json::Value> = policy
+        .targets
+        .iter()
+        .map(|(name, t)| {
+            let pin = &t.host_key;
+            let host_key = if let Some(f) = &pin.fingerprint {
+                format!("pinned fingerprint {f}")
+            } else if pin.key.is_some() {
+                "pinned key".to_owned()
+            } else if pin.ca.is_some() {
+                "host CA".to_owned()
+            } else {
+                match broker.ssh.known.get(name, &format!("{}:{}", t.host, t.port)) {
+                    Some(f) => format!("trusted on first use: {f} (pin it)"),
+                    None => "not pinned, not seen yet (pin it: ephyr target scan)".to_owned(),
+                }
+            };
+            let roles: Vec<serde_json::Value> = t
+                .allowed_roles
+                .iter()
+                .map(|r| {
+                    let principal = policy.roles.get(r).map(|x| x.principal.clone());
+                    let agents: Vec<&String> =
+                        policy.agents.keys().filter(|a| agent_may(&policy, a, name, r)).collect();
+                    serde_json::json!({ "role": r, "principal": principal, "agents": agents })
+                })
+                .collect();
+            serde_json::json!({
+                "name": name, "host": t.host, "port": t.port, "host_key": host_key,
+                "pinned": pin.is_set(), "enabled": t.enabled, "roles": roles,
+            })
+        })
+        .collect();
+    serde_json::json!({ "targets": targets })
+}
+
+/// Every live certificate the broker issued.
+fn certs_json(broker: &Broker) -> serde_json::Value {
+    let now = crate::time::now().secs().max(0) as u64;
+    let certs: Vec<serde_json::Value> =
+        broker.ssh.registry.list(now, |_| true).iter().map(crate::broker::tools::ssh::cert_json).collect();
+    serde_json::json!({ "certificates": certs })
+}
+
+/// Every live task, as the task tools show them (the CLI draws the tree).
+fn tasks_json(broker: &Broker) -> serde_json::Value {
+    let now = crate::time::now();
+    let tasks: Vec<serde_json::Value> = broker
+        .tasks
+        .visible(&crate::broker::tasks::Scope::All)
+        .iter()
+        .map(|v| crate::broker::tools::tasks::view_json(v, now))
+        .collect();
+    serde_json::json!({ "tasks": tasks })
+}
+
 /// Handler for the local socket.
 pub fn local_handler(broker: Rc<Broker>) -> Handler {
     Rc::new(move |req, peer| {
@@ -413,6 +503,9 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
                     ),
                 };
             }
+            if req.method() == Method::GET && req.uri().path() == "/v1/whoami" {
+                return json(StatusCode::OK, &whoami(&broker, peer));
+            }
             if !is_operator(&broker, peer) {
                 return error(
                     StatusCode::FORBIDDEN,
@@ -422,6 +515,9 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
             }
             match (req.method().clone(), req.uri().path()) {
                 (Method::GET, "/v1/status") => json(StatusCode::OK, &status_json(&broker)),
+                (Method::GET, "/v1/targets") => json(StatusCode::OK, &targets_json(&broker)),
+                (Method::GET, "/v1/certs") => json(StatusCode::OK, &certs_json(&broker)),
+                (Method::GET, "/v1/tasks") => json(StatusCode::OK, &tasks_json(&broker)),
                 (Method::POST, "/v1/certs") => operator_cert(&broker, peer, req).await,
                 (Method::GET, "/v1/secrets") => list_secrets(&broker),
                 (Method::PUT, path) if let Some(name) = path.strip_prefix("/v1/secrets/") => {

@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod policy;
 pub mod secret;
 pub mod target;
+pub mod views;
 
 use std::path::{Path, PathBuf};
 

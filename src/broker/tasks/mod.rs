@@ -303,6 +303,7 @@ impl TaskStore {
         let roots: Vec<Ulid> = match scope {
             Scope::Task(id) => vec![*id],
             Scope::Agent(a) => st.tasks.values().filter(|t| t.agent == *a).map(|t| t.id).collect(),
+            Scope::All => st.tasks.keys().copied().collect(),
         };
         let mut ids = BTreeSet::new();
         for r in roots {
@@ -330,6 +331,7 @@ impl TaskStore {
         st.chain(id).iter().any(|t| match scope {
             Scope::Task(s) => t.id == *s,
             Scope::Agent(a) => t.agent == *a,
+            Scope::All => true,
         })
     }
 
@@ -551,6 +553,8 @@ pub enum Scope<'a> {
     Task(Ulid),
     /// Everything this agent holds, and below (API-key callers).
     Agent(&'a str),
+    /// Every live task (operators on the local socket).
+    All,
 }
 
 /// The caveats a new task's token gets, its `task =` caveat **last**: the lineage binding is the

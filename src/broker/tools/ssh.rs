@@ -268,23 +268,29 @@ fn list_certs(cx: &Ctx<'_>) -> Vec<Value> {
                     Some(t) => c.lineage.contains(&t.task),
                 }
         })
-        .into_iter()
-        .map(|l| {
-            json!({
-                "serial": format!("{:016x}", l.cert.serial),
-                "key_id": l.cert.key_id,
-                "target": l.cert.target,
-                "role": l.cert.role,
-                "principal": l.cert.principal,
-                "task_id": l.cert.task,
-                "session_id": l.cert.session,
-                "valid_after": crate::time::format_rfc3339(l.cert.valid_after as i64, None),
-                "valid_before": crate::time::format_rfc3339(l.cert.valid_before as i64, None),
-                "in_use": l.in_use,
-                "revoked": l.revoked_at.is_some(),
-            })
-        })
+        .iter()
+        .map(cert_json)
         .collect()
+}
+
+/// A certificate as `list_certs` (and the local API) show it; the serial in hex and in decimal
+/// (as `ssh-keygen -L` and sshd's log print it).
+pub(crate) fn cert_json(l: &crate::broker::ssh::registry::Listed) -> Value {
+    json!({
+        "serial": format!("{:016x}", l.cert.serial),
+        "serial_decimal": l.cert.serial.to_string(),
+        "key_id": l.cert.key_id,
+        "agent": l.cert.agent,
+        "target": l.cert.target,
+        "role": l.cert.role,
+        "principal": l.cert.principal,
+        "task_id": l.cert.task,
+        "session_id": l.cert.session,
+        "valid_after": crate::time::format_rfc3339(l.cert.valid_after as i64, None),
+        "valid_before": crate::time::format_rfc3339(l.cert.valid_before as i64, None),
+        "in_use": l.in_use,
+        "revoked": l.revoked_at.is_some(),
+    })
 }
 
 fn asker<'a>(cx: &'a Ctx<'a>) -> crate::broker::ssh::Asker<'a> {

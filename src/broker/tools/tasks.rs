@@ -461,7 +461,8 @@ fn remaining(v: &TaskView, now: UnixMicros) -> u64 {
     (v.task.expires.saturating_sub(now.0).max(0) / 1_000_000) as u64
 }
 
-fn view_json(v: &TaskView, now: UnixMicros) -> Value {
+/// A task as the task tools (and the local API) show it.
+pub(crate) fn view_json(v: &TaskView, now: UnixMicros) -> Value {
     let (bound, deadline) = holder_json(v.holder);
     json!({
         "id": v.task.id.to_string(),
