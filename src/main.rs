@@ -34,7 +34,7 @@ Commands:
   cert sign    issue an operator SSH certificate through the running broker
   cert revoke  put a certificate on the broker's revocation list (KRL)
   exec         run a command on a target through the broker (`exec TARGET --role R -- CMD`)
-  target       print the setup script for target hosts (`target setup-script`)
+  target       set up (`setup-script`), pin (`scan HOST`) and check (`verify NAME`) targets
   inspect      decode a task token and show what it allows
   policy       check, diff, explain or reload a policy
   keygen       generate an agent API key and its hash line
@@ -219,6 +219,16 @@ Options:
 
 const TARGET_HELP: &str = "\
 Usage: ephyr target setup-script [--config FILE] [--target NAME]... [options]
+       ephyr target scan HOST[:PORT] [--json]
+       ephyr target verify NAME [--json] [--socket PATH | --data-dir DIR]
+
+scan prints the host key fingerprint HOST presents, as the line to pin in the policy
+(compare it with the host's own `ssh-keygen -lf` before trusting it). verify asks the
+running broker to log in to target NAME as each of its roles with a fresh certificate and
+reports per role: the principal mapping, the host-key check, the KRL's age (exit 1 if a
+role fails; root or the broker's user).
+
+setup-script:
 
 Prints a shell script to run as root on a target host: role accounts (no passwords),
 the CA line in /etc/ssh/ephyr_ca.pub, principals files, an empty KRL and an sshd drop-in
@@ -230,6 +240,12 @@ Options:
   --target NAME           only the roles of this target (repeatable; default all)
   --broker-url URL        where targets fetch the KRL, e.g. http://192.168.1.5:8554
   --ca-key FILE           CA public key (default: the running broker's, else <data-dir>/keys/ca.pub)
+  --ssh-dir DIR           where the CA line, principals, KRL and drop-in go (default /etc/ssh)
+  --sshd-config FILE      the sshd config that includes the drop-in (default <ssh-dir>/sshd_config)
+  --sshd-pid-file FILE    reload the sshd with this pid file (default: the ssh/sshd service);
+                          the script never signals an sshd it did not configure
+  --dry-run               a script that changes nothing and prints every file it would write
+                          and command it would run (any script also takes `sh setup.sh --dry-run`)
   --socket PATH / --data-dir DIR   where the broker is";
 
 const CERT_HELP: &str = "\
@@ -554,8 +570,30 @@ fn cmd_exec(p: &mut lexopt::Parser) -> Result<u8, Failure> {
 fn cmd_target(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     match p.next()? {
         Some(Value(v)) if v == "setup-script" => {}
+        Some(Value(v)) if v == "scan" || v == "verify" => {
+            let sub = v.string()?;
+            let (mut arg1, mut json, mut socket, mut data_dir) = (None, false, None, None);
+            while let Some(arg) = p.next()? {
+                match arg {
+                    Long("json") => json = true,
+                    Long("socket") if sub == "verify" => socket = Some(path(p.value()?)),
+                    Long("data-dir") if sub == "verify" => data_dir = Some(path(p.value()?)),
+                    Long("help") | Short('h') => return help(TARGET_HELP),
+                    Value(v) if arg1.is_none() => arg1 = Some(v.string()?),
+                    other => return Err(other.unexpected().into()),
+                }
+            }
+            return if sub == "scan" {
+                let spec = arg1.ok_or_else(|| usage("target scan needs HOST[:PORT]"))?;
+                cli::target::scan(&spec, json).map_err(|e| Failure::Run(1, e))
+            } else {
+                let name = arg1.ok_or_else(|| usage("target verify needs a target NAME from the policy"))?;
+                let sock = cli::client::socket_path(socket, data_dir.as_deref());
+                cli::target::verify(&sock, &name, json).map_err(|e| Failure::Run(1, e))
+            };
+        }
         Some(Long("help") | Short('h')) => return help(TARGET_HELP),
-        _ => return Err(usage("expected `ephyr target setup-script ...`")),
+        _ => return Err(usage("expected `ephyr target setup-script|scan|verify ...`")),
     }
     let mut o = cli::target::SetupOptions::default();
     let (mut socket, mut data_dir, mut config) = (None, None, None);
@@ -565,6 +603,10 @@ fn cmd_target(p: &mut lexopt::Parser) -> Result<u8, Failure> {
             Long("target") => o.targets.push(p.value()?.string()?),
             Long("broker-url") => o.broker_url = Some(p.value()?.string()?),
             Long("ca-key") => o.ca_key = Some(path(p.value()?)),
+            Long("ssh-dir") => o.layout.ssh_dir = Some(p.value()?.string()?),
+            Long("sshd-config") => o.layout.sshd_config = Some(p.value()?.string()?),
+            Long("sshd-pid-file") => o.layout.sshd_pid_file = Some(p.value()?.string()?),
+            Long("dry-run") => o.layout.dry_run = true,
             Long("socket") => socket = Some(path(p.value()?)),
             Long("data-dir") => data_dir = Some(path(p.value()?)),
             Long("help") | Short('h') => return help(TARGET_HELP),

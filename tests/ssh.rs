@@ -584,3 +584,184 @@ fn the_setup_script_is_valid_sh_and_configures_what_sshd_needs() {
     assert_eq!(out.status.code(), Some(3));
     assert!(stderr(&out).contains("no target \"nope\""), "{}", stderr(&out));
 }
+
+/// `target scan` reads the host key to pin; `target verify` logs in as every role of a target
+/// and reports per role: a good sshd passes; a wrong pin, an sshd that does not trust the CA and
+/// a closed port each fail with their reason.
+#[test]
+fn target_scan_and_verify_against_good_and_misconfigured_sshds() {
+    let l = lab("");
+    let sock = l.broker.socket.to_str().unwrap().to_owned();
+    let host_fp = fingerprint(&l.sshd.dir.join("host_ed25519.pub"));
+    let out = ephyr(&["target", "scan", &format!("127.0.0.1:{}", l.sshd.port), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let scanned: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(scanned["fingerprint"], host_fp.as_str(), "the key the sshd presents");
+    let human = stdout(&ephyr(&["target", "scan", &format!("127.0.0.1:{}", l.sshd.port)]));
+    assert!(human.contains(&format!("host_key_fingerprint: \"{host_fp}\"")), "{human}");
+    let closed = ephyr(&["target", "scan", "127.0.0.1:1"]);
+    assert_eq!(closed.status.code(), Some(1));
+    assert!(stderr(&closed).contains("host unreachable"), "{}", stderr(&closed));
+
+    // A second, real sshd that trusts another CA: the broker's certificates are refused there.
+    let other = TempDir::new("other-ca");
+    let other_key = other.join("ca");
+    assert!(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&other_key)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let untrusting = Sshd::start(&other.join("ca.pub"), "");
+    let policy = l.policy.replace(
+        "targets:\n",
+        &format!("targets:\n  untrusting: {{ host: 127.0.0.1, port: {}, allowed_roles: [read] }}\n", untrusting.port),
+    );
+    std::fs::write(l.broker.socket.parent().unwrap().join("policy.yaml"), &policy).unwrap();
+    assert!(ephyr(&["policy", "reload", "--socket", &sock]).status.success());
+
+    let verify = |name: &str| {
+        let out = ephyr(&["target", "verify", name, "--socket", &sock, "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", stderr(&out)));
+        (out.status.code(), v)
+    };
+    let (code, good) = verify("a");
+    assert_eq!(code, Some(0), "{good}");
+    let roles = good["roles"].as_array().unwrap();
+    assert_eq!(roles.len(), 2);
+    for r in roles {
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["logged_in_as"], r["principal"], "{r}");
+        assert!(r["host_key"].as_str().unwrap().contains(&host_fp), "{r}");
+    }
+    let (code, bad) = verify("wrongkey");
+    assert_eq!(code, Some(1));
+    assert!(bad["roles"][0]["problems"][0].as_str().unwrap().contains("host_key_mismatch"), "{bad}");
+    let (_, bad) = verify("untrusting");
+    let p = bad["roles"][0]["problems"][0].as_str().unwrap();
+    assert!(p.contains("auth_refused") && p.contains("TrustedUserCAKeys"), "{bad}");
+    let (_, bad) = verify("closed");
+    assert!(bad["roles"][0]["problems"][0].as_str().unwrap().contains("host_unreachable"), "{bad}");
+    let unknown = ephyr(&["target", "verify", "nope", "--socket", &sock]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(stderr(&unknown).contains("no target \"nope\""), "{}", stderr(&unknown));
+    // Each verification is audited, with its outcome.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let recorded = audit_events(&l.broker, "target_verify");
+    assert_eq!(recorded.len(), 4, "{recorded:?}");
+    assert_eq!(recorded[0]["outcome"]["ok"], true);
+}
+
+/// The setup script for real against a second sshd with its own config dir (never the system's):
+/// the dry run changes nothing; the real run makes the broker's certificates work there (checked
+/// with `target verify`), reloads only that sshd, and leaves the lab's sshd alone.
+#[test]
+fn the_setup_script_configures_a_non_system_sshd_and_its_dry_run_changes_nothing() {
+    let l = lab("");
+    let sock = l.broker.socket.to_str().unwrap().to_owned();
+    let dir = TempDir::new("setup-sshd");
+    let ssh_dir = dir.join("ssh");
+    std::fs::create_dir_all(&ssh_dir).unwrap();
+    let hk = ssh_dir.join("host_ed25519");
+    assert!(
+        Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&hk).status().unwrap().success()
+    );
+    let port = free_port();
+    let pid_file = ssh_dir.join("sshd.pid");
+    let config = ssh_dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n",
+            hk.display(),
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    let mut sshd = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(&config)
+        .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !pid_file.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "sshd did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let policy = l.policy.replace(
+        "targets:\n",
+        &format!("targets:\n  fresh: {{ host: 127.0.0.1, port: {port}, allowed_roles: [read, op] }}\n"),
+    );
+    let policy_path = l.broker.socket.parent().unwrap().join("policy.yaml");
+    std::fs::write(&policy_path, &policy).unwrap();
+    assert!(ephyr(&["policy", "reload", "--socket", &sock]).status.success());
+    let verify = || {
+        let out = ephyr(&["target", "verify", "fresh", "--socket", &sock, "--json"]);
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|_| panic!("{}", stderr(&out)))
+    };
+    let before = verify();
+    assert_eq!(before["ok"], false, "{before}");
+    assert!(before["roles"][0]["problems"][0].as_str().unwrap().contains("auth_refused"), "{before}");
+
+    let out = ephyr(&[
+        "target",
+        "setup-script",
+        "--config",
+        policy_path.to_str().unwrap(),
+        "--target",
+        "fresh",
+        "--socket",
+        &sock,
+        "--ssh-dir",
+        ssh_dir.to_str().unwrap(),
+        "--sshd-pid-file",
+        pid_file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let script = dir.join("setup.sh");
+    std::fs::write(&script, &out.stdout).unwrap();
+    let config_before = std::fs::read_to_string(&config).unwrap();
+
+    // The dry run: every file and command named, nothing changed.
+    let dry = Command::new("sh").arg(&script).arg("--dry-run").output().unwrap();
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    let said = stdout(&dry);
+    for needle in [
+        format!("would write {}/ephyr_ca.pub (mode 0644):", ssh_dir.display()),
+        format!("would write {}/sshd_config.d/ephyr.conf (mode 0644):", ssh_dir.display()),
+        format!("+ sshd -t -f {}", config.display()),
+        "+ kill -HUP ".into(),
+        "dry run, nothing changed".into(),
+    ] {
+        assert!(said.contains(&needle), "{needle:?} not in:\n{said}");
+    }
+    assert!(!ssh_dir.join("ephyr_ca.pub").exists(), "the dry run wrote nothing");
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), config_before);
+
+    // The real run: the sshd named by the pid file reloads and trusts the broker's CA.
+    let real = Command::new("sh").arg(&script).output().unwrap();
+    assert!(real.status.success(), "{}\n{}", stdout(&real), stderr(&real));
+    assert!(
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .starts_with(&format!("Include {}/sshd_config.d/*.conf", ssh_dir.display()))
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let after = loop {
+        let v = verify();
+        if v["ok"] == true || std::time::Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(after["ok"], true, "{after}");
+    assert_eq!(after["roles"].as_array().unwrap().len(), 2);
+    // The lab's sshd was not signalled and still serves.
+    let r = l.call(&l.alice, "exec", json!({"target": "a", "role": "read", "command": "true"})).unwrap();
+    assert_eq!(r["exit_code"], 0);
+    let _ = sshd.kill();
+    let _ = sshd.wait();
+}

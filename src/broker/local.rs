@@ -466,6 +466,29 @@ fn targets_json(broker: &Broker) -> serde_json::Value {
     serde_json::json!({ "targets": targets })
 }
 
+/// `POST /v1/targets/<name>/verify`: every role of the target tried with a fresh certificate;
+/// one audit record with the outcome.
+async fn verify_target(broker: &Broker, peer: Peer, name: &str) -> http::Response<Body> {
+    let policy = broker.policy();
+    let actor = operator(peer);
+    match broker.ssh.verify_target(broker.ports(), &policy, &actor.name(), name).await {
+        Ok(roles) => {
+            let ok = roles.iter().all(|r| r.ok);
+            let report: Vec<serde_json::Value> = roles.iter().map(|r| r.to_json()).collect();
+            broker
+                .audit_now(
+                    crate::broker::audit::Event::new(crate::broker::audit::Kind::Ssh, "target_verify")
+                        .agent(actor.name())
+                        .action(serde_json::json!({ "target": name }))
+                        .outcome(serde_json::json!({ "ok": ok, "roles": report })),
+                )
+                .await;
+            json(StatusCode::OK, &serde_json::json!({ "target": name, "ok": ok, "roles": report }))
+        }
+        Err(e) => error(e.status(), e.code(), e.message()),
+    }
+}
+
 /// Every live certificate the broker issued.
 fn certs_json(broker: &Broker) -> serde_json::Value {
     let now = crate::time::now().secs().max(0) as u64;
@@ -526,6 +549,12 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
                 }
                 (Method::DELETE, path) if let Some(name) = path.strip_prefix("/v1/secrets/") => {
                     remove_secret(&broker, peer, name).await
+                }
+                (Method::POST, path)
+                    if let Some(name) = path.strip_prefix("/v1/targets/").and_then(|p| p.strip_suffix("/verify")) =>
+                {
+                    let name = name.to_owned();
+                    verify_target(&broker, peer, &name).await
                 }
                 (Method::POST, path) if let Some(serial) = cert_revoke_serial(path) => {
                     revoke_cert(&broker, peer, serial).await

@@ -84,7 +84,7 @@ pub enum HostCheck {
 }
 
 impl HostCheck {
-    fn expected(&self) -> String {
+    pub fn expected(&self) -> String {
         match self {
             HostCheck::Key(k) => format!("pinned key {}", k.fingerprint(HashAlg::Sha256)),
             HostCheck::Fingerprint(f) => format!("pinned fingerprint {f}"),
@@ -337,6 +337,50 @@ async fn connect_inner(spec: ConnectSpec) -> Result<Conn, SshError> {
         )));
     }
     Ok(Conn { handle: Arc::new(handle), host_key })
+}
+
+/// Records the host key a server presents, then ends the handshake (`ephyr target scan`).
+struct Scanner {
+    seen: Arc<Mutex<Option<(String, String)>>>,
+}
+
+impl client::Handler for Scanner {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        let public = match key {
+            russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
+            russh::keys::PublicKeyOrCertificate::Certificate(c) => russh::keys::PublicKey::from(c.public_key().clone()),
+        };
+        if let Ok(mut s) = self.seen.lock() {
+            *s = Some((public.to_openssh().unwrap_or_default(), public.fingerprint(HashAlg::Sha256).to_string()));
+        }
+        Ok(false)
+    }
+}
+
+/// The host key `host:port` presents: (OpenSSH public key line, `SHA256:` fingerprint). Nothing
+/// is authenticated; the handshake stops at the key.
+pub async fn scan(host: String, port: u16, timeout: Duration) -> Result<(String, String), SshError> {
+    let work = async move {
+        let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| SshError::Unreachable(format!("{host}:{port}: {e}")))?;
+        let seen = Arc::new(Mutex::new(None));
+        let _ =
+            client::connect_stream(Arc::new(client::Config::default()), stream, Scanner { seen: seen.clone() }).await;
+        let got = seen.lock().ok().and_then(|s| s.clone());
+        got.ok_or_else(|| {
+            SshError::Protocol(format!("{host}:{port} did not present a host key (is it an SSH server?)"))
+        })
+    };
+    on_runtime(async move {
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(SshError::Timeout(timeout)),
+        }
+    })
+    .await?
 }
 
 fn presented_fp(seen: &Mutex<Option<(bool, String)>>) -> String {

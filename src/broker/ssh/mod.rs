@@ -18,6 +18,7 @@ pub mod hosts;
 pub(crate) mod krl;
 pub mod registry;
 pub(crate) mod setup;
+pub(crate) mod verify;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
