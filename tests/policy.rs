@@ -248,3 +248,78 @@ fn reload_swaps_valid_policies_and_keeps_the_old_one_when_invalid() {
     }
     assert!(b.log().contains("SIGHUP received: reloading the policy"));
 }
+
+/// One run of `policy check` lists every problem of a file with many (syntax and semantic
+/// ones), each at its own line, and warns about what would fail at request time.
+#[test]
+fn policy_check_reports_a_dozen_mixed_problems_in_one_pass_with_their_lines() {
+    let dir = TempDir::new("policy-dozen");
+    let file = dir.join("policy.yaml");
+    let example_hash =
+        "$argon2id$v=19$m=19456,t=2,p=1$EGLPWvUDnoDhQUvjerb0Eg$eUzfssKNVqQzWz1wt4i3OthKxUWw4qY+QzwylwLkqnE";
+    let text = format!(
+        r#"version: 1
+limits:
+  cert_ttl_max: 30h
+  bogus_limit: 3
+roles:
+  read: {{ principal: ephyr-read }}
+  read: {{ principal: dup }}
+  op: {{ principal: "Root User" }}
+targets:
+  web: {{ host: 10.0.0.1, allowed_roles: [read, nope] }}
+  db: {{ host: 10.0.0.2, port: 99999, allowed_roles: [op] }}
+services:
+  local: {{ url: "http://127.0.0.1:8080" }}
+  meta: {{ url: "http://169.254.169.254/latest" }}
+  llm: {{ url: "https://llm.example", errors: gemini }}
+extras: {{ a: 1 }}
+agents:
+  alice:
+    api_key_hash: "{example_hash}"
+    ssh: {{ web: {{ roles: [read] }}, ghost: {{ roles: [read] }} }}
+    services: {{ local: {{}} }}
+    max_task_ttl: 2x
+"#
+    );
+    std::fs::write(&file, text).unwrap();
+    let out = ephyr(&["policy", "check", file.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let at = |p: &serde_json::Value| {
+        let a = p["at"].as_str().unwrap();
+        a.rsplit(':').nth(1).unwrap().parse::<u32>().unwrap()
+    };
+    let problems: Vec<(u32, String)> = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (at(p), format!("{} {}", p["path"].as_str().unwrap(), p["message"].as_str().unwrap())))
+        .collect();
+    for (line, needle) in [
+        (7, "duplicate key \"read\" (first at line 6)"),
+        (4, "limits.bogus_limit unknown field"),
+        (3, "limits.cert_ttl_max is 1d6h, outside 1s..1d"),
+        (8, "roles.op.principal \"Root User\" is not a valid user name"),
+        (10, "unknown role \"nope\""),
+        (11, "targets.db.port port 99999 is out of range"),
+        (15, "services.llm.errors \"gemini\" is not an error style"),
+        (16, "unknown section \"extras\""),
+        (20, "agents.alice.ssh.ghost unknown target \"ghost\""),
+        (22, "agents.alice.max_task_ttl duration \"2x\""),
+    ] {
+        assert!(
+            problems.iter().any(|(l, m)| *l == line && m.contains(needle)),
+            "{needle:?} at line {line} missing from {problems:#?}"
+        );
+    }
+    assert_eq!(problems.len(), 10, "{problems:#?}");
+    let warnings: Vec<&str> = v["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
+    for needle in [
+        ":13:3: services.local.url: every request to it will be refused: 127.0.0.1 is a loopback address",
+        ":14:3: services.meta.url: every request to it will be refused: 169.254.169.254 is a link-local address",
+        ":19:5: agents.alice.api_key_hash: is the example's hash",
+    ] {
+        assert!(warnings.iter().any(|w| w.contains(needle)), "{needle:?} missing from {warnings:#?}");
+    }
+}

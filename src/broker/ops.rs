@@ -149,6 +149,7 @@ pub async fn reload(broker: &Broker, actor: &Actor) -> Result<Reloaded, PolicyEr
                 message: "the blocking pool is gone".into(),
                 hint: None,
             }],
+            warnings: Vec::new(),
         })
     });
     match loaded {

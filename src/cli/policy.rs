@@ -43,12 +43,15 @@ pub fn check(file: &Path, json: bool) -> i32 {
                     .iter()
                     .map(|p| serde_json::json!({ "at": p.at, "path": p.path, "message": p.message, "hint": p.hint }))
                     .collect();
-                println!("{}", serde_json::json!({ "ok": false, "problems": list }));
+                println!("{}", serde_json::json!({ "ok": false, "problems": list, "warnings": e.warnings }));
             } else {
                 for p in &e.problems {
                     println!("error: {p}");
                 }
-                println!("{}: {} problem(s)", file.display(), e.problems.len());
+                for w in &e.warnings {
+                    println!("warning: {w}");
+                }
+                println!("{}: {} problem(s), {} warning(s)", file.display(), e.problems.len(), e.warnings.len());
             }
             3
         }

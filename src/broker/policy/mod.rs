@@ -615,6 +615,8 @@ impl fmt::Display for Problem {
 pub struct PolicyError {
     /// The problems, in file order where known.
     pub problems: Vec<Problem>,
+    /// What would fail at request time (also when there are problems: one pass shows all).
+    pub warnings: Vec<String>,
 }
 
 impl fmt::Display for PolicyError {
@@ -680,6 +682,7 @@ pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
             message: e.to_string(),
             hint: None,
         }],
+        warnings: Vec::new(),
     })?;
     Policy::parse(&text, &path.display().to_string())
 }

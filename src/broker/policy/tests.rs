@@ -436,7 +436,7 @@ fn a_typo_in_a_value_gets_a_line_and_column() {
 #[test]
 fn semantic_checks() {
     let cases = [
-        ("limits: {cert_ttl_max: 48h}", "limits.cert_ttl_max: must be between 1s and 24h"),
+        ("limits: {cert_ttl_max: 48h}", "limits.cert_ttl_max: is 2d, outside 1s..1d (the signer's hard cap)"),
         ("limits: {cert_ttl_max: soon}", "durations look like"),
         ("limits: {signer_rate: '5'}", "is not a rate"),
         ("limits: {signer_rate: 5}", "limits.signer_rate: invalid type: integer `5`, expected a string"),
@@ -446,7 +446,7 @@ fn semantic_checks() {
         ("targets: {a: {host: h, host_key: 'ssh-ed25519 nope'}}", "not an OpenSSH public key"),
         ("targets: {a: {host: h, host_key_fingerprint: 'MD5:aa'}}", "is not a SHA256"),
         ("limits: {host_key_strict: true}\ntargets: {a: {host: h}}", "requires a host_key"),
-        ("targets: {a: {host: h, max_ttl: 2h}}", "exceeds limits.cert_ttl_max"),
+        ("targets: {a: {host: h, max_ttl: 2h}}", "is 2h, above limits.cert_ttl_max (30m)"),
         ("targets: {a: {host: h, auto_approve: false}}", "pending approvals are not supported"),
         ("targets: {a: {host: h, extensions: [permit-everything]}}", "unknown extension"),
         ("targets: {a: {host: h, source_address: 'not-an-ip'}}", "is not an IP or CIDR"),
@@ -482,7 +482,7 @@ fn semantic_checks() {
         ("mcp: {nope: 1}", "unknown field"),
         ("agents: {a: {uid: 5}, b: {uid: 5}}", "uid 5 is already agent"),
         ("agents: {a: {dashboard: god}}", "unknown dashboard level"),
-        ("agents: {a: {max_task_ttl: 3h}}", "exceeds limits.task_ttl_max"),
+        ("agents: {a: {max_task_ttl: 3h}}", "is 3h, above limits.task_ttl_max (1h)"),
         ("agents: {a: {remotes: {'*': {args: {p: {}}}}}}", "needs prefix, max or one_of"),
         ("version: 2", "unsupported policy version"),
         ("- a\n- b", "must be a YAML mapping"),

@@ -42,6 +42,32 @@ const MAX_ARGON2_KIB: u32 = 65_536;
 const MAX_ARGON2_T: u32 = 10;
 use super::HTTP_METHODS as METHODS;
 
+/// Removes `field` from the mapping at `inside` (or from the mapping that `inside` ends in the
+/// field itself); whether something was removed.
+fn remove_key(v: &mut Value, inside: &[String], field: &str) -> bool {
+    let mut cur = v;
+    for seg in inside {
+        if seg == field {
+            break;
+        }
+        cur = match cur {
+            Value::Mapping(m) => match m.get_mut(seg.as_str()) {
+                Some(x) => x,
+                None => return false,
+            },
+            Value::Sequence(list) => match seg.parse::<usize>().ok().and_then(|i| list.get_mut(i)) {
+                Some(x) => x,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match cur {
+        Value::Mapping(m) => m.remove(field).is_some(),
+        _ => false,
+    }
+}
+
 struct Ctx<'t> {
     text: &'t str,
     origin: &'t str,
@@ -67,10 +93,29 @@ impl Ctx<'_> {
         self.warnings.push(format!("{at}: {}: {}", path.join("."), message.into()));
     }
 
-    /// Deserializes one entry, reporting the exact failing key.
+    /// Deserializes one entry, reporting the exact failing key. An unknown key is reported and
+    /// dropped, and the rest of the entry is checked all the same (every problem in one pass).
     fn entry<T: DeserializeOwned>(&mut self, path: &[&str], v: &Value) -> Option<T> {
+        let mut v = v.clone();
+        for _ in 0..32 {
+            match self.entry_once::<T>(path, &v) {
+                Ok(t) => return Some(t),
+                Err(Some((inner, field))) if remove_key(&mut v, &inner, &field) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// One attempt; on an unknown field, `Err(Some((path inside the entry, field)))` after
+    /// reporting it.
+    fn entry_once<T: DeserializeOwned>(
+        &mut self,
+        path: &[&str],
+        v: &Value,
+    ) -> Result<T, Option<(Vec<String>, String)>> {
         match serde_path_to_error::deserialize::<_, T>(v.clone()) {
-            Ok(t) => Some(t),
+            Ok(t) => Ok(t),
             Err(e) => {
                 let inner = e.path().to_string();
                 let mut full: Vec<String> = path.iter().map(|s| s.to_string()).collect();
@@ -86,9 +131,11 @@ impl Ctx<'_> {
                     full.push(f.clone());
                 }
                 let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-                let hint = field.map(|f| unknown_key_hint(&f));
+                let hint = field.as_deref().map(unknown_key_hint);
                 self.err(&refs, msg, hint);
-                None
+                let inside: Vec<String> =
+                    if inner == "." { Vec::new() } else { inner.split('.').map(str::to_owned).collect() };
+                Err(field.map(|f| (inside, f)))
             }
         }
     }
@@ -571,7 +618,15 @@ fn limits(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> Limits {
         Duration::from_secs(1800),
     );
     if cert_ttl_max.as_secs() == 0 || cert_ttl_max.as_secs() > u64::from(HARD_MAX_CERT_TTL_SECS) {
-        cx.err(&["limits", "cert_ttl_max"], "must be between 1s and 24h (the signer's hard cap)", None);
+        cx.err(
+            &["limits", "cert_ttl_max"],
+            format!(
+                "is {}, outside 1s..{} (the signer's hard cap)",
+                crate::time::format_duration(cert_ttl_max),
+                crate::time::format_duration(Duration::from_secs(u64::from(HARD_MAX_CERT_TTL_SECS)))
+            ),
+            None,
+        );
     }
     let cert_ttl_default = cx.duration(
         &["limits", "cert_ttl_default"],
@@ -579,7 +634,15 @@ fn limits(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> Limits {
         Duration::from_secs(300).min(cert_ttl_max),
     );
     if cert_ttl_default > cert_ttl_max {
-        cx.err(&["limits", "cert_ttl_default"], "must not exceed cert_ttl_max", None);
+        cx.err(
+            &["limits", "cert_ttl_default"],
+            format!(
+                "is {}, above limits.cert_ttl_max ({})",
+                crate::time::format_duration(cert_ttl_default),
+                crate::time::format_duration(cert_ttl_max)
+            ),
+            None,
+        );
     }
     let task_ttl_max =
         cx.duration(&["limits", "task_ttl_max"], limits_file.task_ttl_max.as_deref(), Duration::from_secs(3600));
@@ -747,7 +810,11 @@ fn targets(
         if max > limits.cert_ttl_max {
             cx.err(
                 &["targets", &name, if t.cert_ttl_max.is_some() { "cert_ttl_max" } else { "max_ttl" }],
-                format!("exceeds limits.cert_ttl_max ({}s)", limits.cert_ttl_max.as_secs()),
+                format!(
+                    "is {}, above limits.cert_ttl_max ({})",
+                    crate::time::format_duration(max),
+                    crate::time::format_duration(limits.cert_ttl_max)
+                ),
                 None,
             );
         }
@@ -757,7 +824,15 @@ fn targets(
             limits.cert_ttl_default.min(max),
         );
         if def > max {
-            cx.err(&["targets", &name, "cert_ttl_default"], "exceeds this target's cert_ttl_max", None);
+            cx.err(
+                &["targets", &name, "cert_ttl_default"],
+                format!(
+                    "is {}, above this target's cert_ttl_max ({})",
+                    crate::time::format_duration(def),
+                    crate::time::format_duration(max)
+                ),
+                None,
+            );
         }
         // Go files write `force_command: ""` for "none".
         let force_command = t.force_command.clone().filter(|fc| !fc.is_empty());
@@ -1098,7 +1173,15 @@ fn agents(
         let max_task_ttl =
             cx.duration(&["agents", &name, "max_task_ttl"], a.max_task_ttl.as_deref(), limits.task_ttl_max);
         if max_task_ttl > limits.task_ttl_max {
-            cx.err(&["agents", &name, "max_task_ttl"], "exceeds limits.task_ttl_max", None);
+            cx.err(
+                &["agents", &name, "max_task_ttl"],
+                format!(
+                    "is {}, above limits.task_ttl_max ({})",
+                    crate::time::format_duration(max_task_ttl),
+                    crate::time::format_duration(limits.task_ttl_max)
+                ),
+                None,
+            );
         }
         let depth = a.max_delegation_depth.unwrap_or(limits.delegation_depth_max);
         if depth > limits.delegation_depth_max {
@@ -1177,22 +1260,105 @@ fn agents(
 
 /// Parses and validates a policy: each section by its own function, then the agents, which use
 /// all of them.
+/// A duplicate-key error: the problem at the duplicate (the second occurrence, at the indent of
+/// the first) and the text with the duplicate entry blanked out (its lines kept, emptied).
+fn duplicate_key(e: &serde_yaml_ng::Error, text: &str, origin: &str) -> Option<(Problem, String)> {
+    let msg = e.to_string();
+    let key = msg.split("duplicate entry with key \"").nth(1)?.split('"').next()?.to_owned();
+    let first = e.location()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = first.column().saturating_sub(1);
+    let starts = |l: &str| {
+        let rest = l.get(indent..).unwrap_or("");
+        l.len() - l.trim_start().len() == indent
+            && [format!("{key}:"), format!("\"{key}\":"), format!("'{key}':")]
+                .iter()
+                .any(|k| rest.starts_with(k.as_str()))
+    };
+    let dup = (first.line()..lines.len()).find(|&i| starts(lines[i]))?;
+    let end = (dup + 1..lines.len())
+        .find(|&i| {
+            let l = lines[i];
+            !l.trim().is_empty() && !l.trim_start().starts_with('#') && l.len() - l.trim_start().len() <= indent
+        })
+        .unwrap_or(lines.len());
+    let mut out: Vec<&str> = lines.clone();
+    for l in out.iter_mut().take(end).skip(dup) {
+        *l = "";
+    }
+    let problem = Problem {
+        at: format!("{origin}:{}:{}", dup + 1, indent + 1),
+        path: String::new(),
+        message: format!("duplicate key {key:?} (first at line {}); YAML would keep only one of them", first.line()),
+        hint: Some("remove or rename one of them".into()),
+    };
+    Some((problem, out.join("\n")))
+}
+
+/// The hash of the API key in the shipped examples and docs: its key is not secret.
+const EXAMPLE_KEY_HASHES: [&str; 1] =
+    ["$argon2id$v=19$m=19456,t=2,p=1$EGLPWvUDnoDhQUvjerb0Eg$eUzfssKNVqQzWz1wt4i3OthKxUWw4qY+QzwylwLkqnE"];
+
+/// What loads but would fail, or be unsafe, at request time.
+fn request_time_warnings(
+    cx: &mut Ctx<'_>,
+    services: &BTreeMap<String, Service>,
+    network: &NetworkPolicy,
+    agents: &BTreeMap<String, Agent>,
+) {
+    for (name, s) in services {
+        let host = s.url.host.trim_start_matches('[').trim_end_matches(']');
+        let ip = if host.eq_ignore_ascii_case("localhost") { "127.0.0.1".parse().ok() } else { host.parse().ok() };
+        if let Some(ip) = ip
+            && let Err(why) = network.check(ip)
+        {
+            cx.warn(
+                &["services", name, "url"],
+                format!(
+                    "every request to it will be refused: {why} (add network: {{ allow: [{ip}/32] }} if you mean it)"
+                ),
+            );
+        }
+    }
+    for (name, a) in agents {
+        if a.api_key_hash.as_deref().is_some_and(|h| EXAMPLE_KEY_HASHES.contains(&h)) {
+            cx.warn(
+                &["agents", name, "api_key_hash"],
+                format!("is the example's hash, whose key is in the docs: run `ephyr keygen agent {name}` and paste its line"),
+            );
+        }
+    }
+}
+
 pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
-    let mut cx = Ctx { text, origin, problems: vec![], warnings: vec![] };
-    let doc: Value = match serde_yaml_ng::from_str(text) {
-        Ok(v) => v,
-        Err(e) => {
-            let at = e.location().map(|l| format!("{origin}:{}:{}", l.line(), l.column())).unwrap_or(origin.into());
-            return Err(PolicyError {
-                problems: vec![Problem {
+    // A duplicate key is reported where the duplicate is, then left out, and the rest of the
+    // file is checked all the same; line numbers stay those of the file.
+    let mut problems = Vec::new();
+    let mut cleaned = text.to_owned();
+    let doc: Value = loop {
+        match serde_yaml_ng::from_str(&cleaned) {
+            Ok(v) => break v,
+            Err(e) => {
+                if problems.len() < 32
+                    && let Some((p, without)) = duplicate_key(&e, &cleaned, origin)
+                {
+                    problems.push(p);
+                    cleaned = without;
+                    continue;
+                }
+                let at = e.location().map(|l| format!("{origin}:{}:{}", l.line(), l.column())).unwrap_or(origin.into());
+                problems.push(Problem {
                     at,
                     path: String::new(),
                     message: e.to_string(),
                     hint: Some("this is YAML syntax; check indentation and quoting".into()),
-                }],
-            });
+                });
+                return Err(PolicyError { problems, warnings: Vec::new() });
+            }
         }
     };
+    let text = cleaned.as_str();
+    let mut cx = Ctx { text, origin, problems, warnings: vec![] };
     let empty = serde_yaml_ng::Mapping::new();
     let top = match &doc {
         Value::Mapping(m) => m,
@@ -1231,8 +1397,9 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     let known = Known { limits: &limits, roles: &roles, targets: &targets, services: &services, remotes: &remotes };
     let (agents, by_uid) = agents(&mut cx, top, &known);
 
+    request_time_warnings(&mut cx, &services, &network, &agents);
     if !cx.problems.is_empty() {
-        return Err(PolicyError { problems: cx.problems });
+        return Err(PolicyError { problems: cx.problems, warnings: cx.warnings });
     }
     let digest = data_encoding::HEXLOWER.encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref());
     Ok(Policy {
