@@ -70,7 +70,7 @@ Options:
                              old kernels); logged loudly and shown by doctor and metrics";
 
 const DEMO_HELP: &str = "\
-Usage: ephyr demo [--step] [--json]
+Usage: ephyr demo [--step] [--keep] [--json]
 
 Shows the whole product on this machine in about ten seconds, safely: starts a throwaway
 OpenSSH sshd on loopback (its own config and host key under a temp dir, trusting only the
@@ -85,6 +85,8 @@ Ctrl-C. Needs openssh-server (sshd) and ssh-keygen.
 
 Options:
   --step    wait for Enter between steps
+  --keep    afterwards, keep the lab up and print how to connect your own MCP client
+            (Claude Code, Cursor, an SDK) to run a command on it; Ctrl-C removes everything
   --json    one JSON object per step ({step, name, ok, detail}) instead of the narration
 
 Exit 0 when every step went as expected, 1 otherwise.";
@@ -402,6 +404,7 @@ fn cmd_demo(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         match arg {
             Long("step") => o.step = true,
             Long("json") => o.json = true,
+            Long("keep") => o.keep = true,
             Long("help") | Short('h') => return help(DEMO_HELP),
             other => return Err(other.unexpected().into()),
         }

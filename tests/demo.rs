@@ -183,3 +183,46 @@ fn demo_help_and_usage_errors() {
     let out = ephyr(&["demo", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The first hour's goal: from nothing to a scoped SSH command run by a real MCP client (the
+/// Python `mcp` SDK). `ephyr demo --keep` leaves its lab up with an agent key; the client runs
+/// `id -un` on target `lab`; Ctrl-C removes everything and exits 0.
+#[test]
+fn a_real_mcp_client_runs_a_scoped_command_on_the_kept_lab() {
+    if !require_root() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let before = demo_dirs();
+    let started = Instant::now();
+    let mut child = Command::new(ephyr_bin())
+        .args(["demo", "--keep", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let ready = loop {
+        let mut line = String::new();
+        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0, "demo ended before it was ready");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["step"] == "ready" {
+            break v;
+        }
+        assert_eq!(v["ok"], true, "{v}");
+    };
+    let (url, key) = (ready["mcp"].as_str().unwrap(), ready["api_key"].as_str().unwrap());
+    let o = python("mcp_exec.py").args([url, key, "lab", "shell", "id -un"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["is_error"], false, "{r}");
+    let result: Value = serde_json::from_str(r["text"].as_str().unwrap()).unwrap();
+    assert_eq!(result["stdout"], "ephyr-demo\n", "{r}");
+    eprintln!("from nothing to a command run by a real MCP client: {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(120));
+    ephyr::os::kill(child.id() as i32, 2).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "Ctrl-C is the normal end of --keep");
+    assert!(ephyr::users::lookup("ephyr-demo").is_none());
+    assert_eq!(demo_dirs(), before, "the temp dir is removed");
+}

@@ -29,6 +29,8 @@ pub struct DemoOptions {
     pub step: bool,
     /// One JSON object per step instead of the narration.
     pub json: bool,
+    /// After the walkthrough, keep the lab up for your own MCP client until Ctrl-C.
+    pub keep: bool,
 }
 
 /// The account commands run as when the demo runs as root.
@@ -734,6 +736,31 @@ fn walk(lab: &Lab, say: &mut Say) -> Result<(), String> {
     Ok(())
 }
 
+/// Prints how to reach the lab with your own MCP client (or, with `json`, one object).
+fn keep(lab: &Lab, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({ "step": "ready", "mcp": lab.mcp, "api_key": lab.api_key, "socket": lab.socket, "targets": ["lab", "vault"], "role": "shell" })
+        );
+        let _ = std::io::stdout().flush();
+        return;
+    }
+    let snippet = json!({ "mcpServers": { "ephyr-demo": { "type": "http", "url": lab.mcp, "headers": { "Authorization": format!("Bearer {}", lab.api_key) } } } });
+    println!(
+        "\nThe lab stays up until Ctrl-C. Point your own MCP client at it and ask it to run a command\n\
+         on target \"lab\" as role \"shell\" (the exec tool):\n\n  \
+         claude mcp add --transport http ephyr-demo {} --header \"Authorization: Bearer {}\"\n\n\
+         or, for JSON-configured clients:\n{}\n\nLocal CLI: export EPHYR_SOCKET={}   (ephyr status, tasks, certs, monitor --data-dir {})",
+        lab.mcp,
+        lab.api_key,
+        serde_json::to_string_pretty(&snippet).unwrap_or_default(),
+        lab.socket.display(),
+        lab.data.display()
+    );
+    let _ = std::io::stdout().flush();
+}
+
 /// One GET to the broker's TCP listener (the KRL).
 fn get(url: &str) -> Result<Vec<u8>, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
@@ -757,13 +784,18 @@ pub fn run(o: &DemoOptions) -> Result<u8, String> {
     // Ctrl-C and SIGTERM: clean up, then exit 130. Installed before any child exists.
     let signals = async_signal::Signals::new([async_signal::Signal::Int, async_signal::Signal::Term])
         .map_err(|e| format!("signal handlers: {e}"))?;
+    let keeping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
-        let cleanup = cleanup.clone();
+        let (cleanup, keeping) = (cleanup.clone(), keeping.clone());
         std::thread::spawn(move || {
             let mut signals = signals;
             let _ = smol::block_on(futures_lite::StreamExt::next(&mut signals));
             if let Ok(mut c) = cleanup.lock() {
                 c.run();
+            }
+            if keeping.load(std::sync::atomic::Ordering::SeqCst) {
+                eprintln!("\nephyr demo: stopped; everything it started is removed");
+                std::process::exit(0);
             }
             eprintln!("\nephyr demo: interrupted; everything it started is stopped and removed");
             std::process::exit(130);
@@ -777,6 +809,13 @@ pub fn run(o: &DemoOptions) -> Result<u8, String> {
     let guard = CleanupGuard(cleanup.clone());
     let lab = start(&say, cleanup)?;
     let walked = walk(&lab, &mut say);
+    if walked.is_ok() && o.keep {
+        keeping.store(true, std::sync::atomic::Ordering::SeqCst);
+        keep(&lab, o.json);
+        loop {
+            std::thread::park();
+        }
+    }
     drop(guard);
     walked?;
     if !o.json {
