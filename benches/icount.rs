@@ -88,7 +88,10 @@ fn main() {
                 let principal = Principal { agent: "agent-07", token: Some(&env), delegators: &[] };
                 let allowed = authorize(&p, &principal, &Action::call("exec", ssh, &args, &declared)).is_allow();
                 let who = server::ServerIdentity::new("ephyr", "0", "");
-                let result = server::tool_result(Version::V2026_07_28, &who, "up 3 days".into(), !allowed);
+                // The result as 2025-06-18+ clients get it: text and the same data structured.
+                let structured = serde_json::json!({ "stdout": "up 3 days\n", "exit_code": 0 });
+                let text = serde_json::to_string_pretty(&structured).unwrap_or_default();
+                let result = server::tool_result(Version::V2026_07_28, &who, text, !allowed, Some(structured));
                 jsonrpc::encode_result(&r.id, &result).len()
             }
             other => {

@@ -218,7 +218,32 @@ fn a_real_mcp_client_runs_a_scoped_command_on_the_kept_lab() {
     assert_eq!(r["is_error"], false, "{r}");
     let result: Value = serde_json::from_str(r["text"].as_str().unwrap()).unwrap();
     assert_eq!(result["stdout"], "ephyr-demo\n", "{r}");
+    assert_eq!(r["structured"]["exit_code"], 0, "structuredContent carries the same result: {r}");
+    assert_eq!(r["structured"]["stdout"], "ephyr-demo\n", "{r}");
     eprintln!("from nothing to a command run by a real MCP client: {:?}", started.elapsed());
+    // Every kind of tool, with the SDK checking each structuredContent against its outputSchema.
+    let o = python("mcp_tour.py").args([url, key, "lab", "shell"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tour: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for tool in [
+        "list_targets",
+        "exec",
+        "session_create",
+        "session_close",
+        "list_sessions",
+        "list_certs",
+        "task_create",
+        "task_delegate",
+        "task_info",
+        "task_list",
+        "task_revoke",
+    ] {
+        assert!(tour["schemas"][tool].is_object(), "{tool} declares an outputSchema: {tour}");
+        assert!(tour["structured"][tool].is_object(), "{tool} returned structuredContent: {tour}");
+    }
+    assert_eq!(tour["structured"]["exec"]["stdout"], "structured\n");
+    assert_eq!(tour["structured"]["task_revoke"]["cascade_count"], 1);
+    assert!(tour["structured"]["list_targets"]["targets"].as_array().unwrap().len() >= 2);
     assert!(started.elapsed() < Duration::from_secs(120));
     ephyr::os::kill(child.id() as i32, 2).unwrap();
     let status = child.wait().unwrap();

@@ -67,12 +67,18 @@ pub async fn dispatch(
         Call::Discover => Ok(Reply::Result(server::discover_result(&IDENTITY, CAPS))),
         Call::ToolsList => Ok(Reply::RawMember {
             name: "tools",
-            raw: broker.catalog.list_json(policy, caller),
+            raw: broker.catalog.list_json(policy, caller, v.structured_output()),
             rest: server::finish(v, &IDENTITY, server::cacheable(v, Map::new(), LIST_TTL_MS, false)),
         }),
         Call::ToolsCall { name, arguments } => match tools::call(broker, caller, policy, &name, arguments).await {
             None => Err(RpcError::invalid_params(format!("unknown tool {name:?}"))),
-            Some(out) => Ok(Reply::Result(server::tool_result(v, &IDENTITY, out.text, out.is_error))),
+            Some(out) => {
+                let structured = match (out.is_error, out.value, tools::find(&name)) {
+                    (false, Some(value), Some(t)) if v.structured_output() => t.output.structured(*value),
+                    _ => None,
+                };
+                Ok(Reply::Result(server::tool_result(v, &IDENTITY, out.text, out.is_error, structured)))
+            }
         },
         Call::ResourcesList => {
             let list: Vec<Value> = resources::RESOURCES.iter().map(|d| d.to_json()).collect();

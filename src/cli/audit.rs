@@ -44,6 +44,12 @@ fn decode_key(s: &str) -> Result<Vec<u8>, String> {
 /// Runs `audit verify`; exit 0 verified, 1 tampering or damage found, 3 nothing to verify against.
 pub fn verify_cmd(o: &VerifyOptions) -> Result<i32, String> {
     let dir = o.data_dir.join("audit");
+    // The running broker's head first, the files after: what it vouches for is on disk by then
+    // (asked the other way round, lines written in between would look like a truncation).
+    let live = super::client::request(&o.socket, http::Method::GET, "/v1/status", None)
+        .ok()
+        .filter(|(c, _)| c.is_success())
+        .map(|(_, v)| v);
     let paths = if o.files.is_empty() {
         audit::log_files(&dir).map_err(|e| format!("{}: {e}", dir.display()))?
     } else {
@@ -53,10 +59,6 @@ pub fn verify_cmd(o: &VerifyOptions) -> Result<i32, String> {
         return Err(format!("no audit files in {}", dir.display()));
     }
     let files = read_files(&paths)?;
-    let live = super::client::request(&o.socket, http::Method::GET, "/v1/status", None)
-        .ok()
-        .filter(|(c, _)| c.is_success())
-        .map(|(_, v)| v);
     let (key, key_source) = if let Some(k) = &o.public_key {
         let text = if Path::new(k).exists() {
             std::fs::read_to_string(k).map_err(|e| format!("{k}: {e}"))?

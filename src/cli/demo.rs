@@ -89,6 +89,19 @@ impl Cleanup {
 }
 
 const SIGTERM: i32 = 15;
+
+/// Set by the signal thread when Ctrl-C or SIGTERM arrives: the main thread's steps fail from
+/// then on (their peers are being stopped), and it must leave the exit to the signal thread.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Waits for the signal thread to finish the cleanup and exit, if a signal is being handled.
+fn yield_to_signal() {
+    if STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
+}
 const SIGKILL: i32 = 9;
 
 /// SIGKILL to every process whose real uid is `uid` (the throwaway account's leftovers).
@@ -790,6 +803,7 @@ pub fn run(o: &DemoOptions) -> Result<u8, String> {
         std::thread::spawn(move || {
             let mut signals = signals;
             let _ = smol::block_on(futures_lite::StreamExt::next(&mut signals));
+            STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
             if let Ok(mut c) = cleanup.lock() {
                 c.run();
             }
@@ -807,8 +821,11 @@ pub fn run(o: &DemoOptions) -> Result<u8, String> {
     }
     let started = Instant::now();
     let guard = CleanupGuard(cleanup.clone());
-    let lab = start(&say, cleanup)?;
+    let lab = start(&say, cleanup).inspect_err(|_| yield_to_signal())?;
     let walked = walk(&lab, &mut say);
+    if walked.is_err() {
+        yield_to_signal();
+    }
     if walked.is_ok() && o.keep {
         keeping.store(true, std::sync::atomic::Ordering::SeqCst);
         keep(&lab, o.json);

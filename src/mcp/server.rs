@@ -376,12 +376,16 @@ pub fn cacheable(v: Version, mut m: Map<String, Value>, ttl_ms: u64, public: boo
     m
 }
 
-/// A `tools/call` result: one text block, optionally marked as an error.
-pub fn tool_result(v: Version, who: &ServerIdentity, text: String, is_error: bool) -> Value {
+/// A `tools/call` result: one text block, optionally marked as an error, and the same data as
+/// `structuredContent` when the revision has structured output.
+pub fn tool_result(v: Version, who: &ServerIdentity, text: String, is_error: bool, structured: Option<Value>) -> Value {
     let mut m = Map::new();
     m.insert("content".into(), json!([{ "type": "text", "text": text }]));
     if is_error {
         m.insert("isError".into(), Value::Bool(true));
+    }
+    if let Some(s) = structured.filter(|_| v.structured_output()) {
+        m.insert("structuredContent".into(), s);
     }
     finish(v, who, m)
 }
@@ -581,11 +585,11 @@ mod tests {
 
     #[test]
     fn stateless_results_carry_result_type_and_server_info() {
-        let r = tool_result(Version::V2026_07_28, &WHO, "x".into(), true);
+        let r = tool_result(Version::V2026_07_28, &WHO, "x".into(), true, None);
         assert_eq!(r["resultType"], "complete");
         assert_eq!(r["_meta"][META_SERVER_INFO]["name"], "ephyr");
         assert_eq!(r["isError"], true);
-        let r = tool_result(Version::V2025_11_25, &WHO, "x".into(), false);
+        let r = tool_result(Version::V2025_11_25, &WHO, "x".into(), false, None);
         assert!(r.get("resultType").is_none() && r.get("isError").is_none());
         let d = discover_result(&WHO, Capabilities { list_changed: true });
         assert_eq!(d["supportedVersions"], json!(["2026-07-28"]));

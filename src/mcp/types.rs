@@ -28,6 +28,8 @@ pub struct ToolDescriptor<'a> {
     pub description: &'a str,
     /// JSON Schema of the arguments.
     pub input_schema: &'a Value,
+    /// JSON Schema of a successful result's `structuredContent` (2025-06-18 on).
+    pub output_schema: Option<&'a Value>,
     /// Hints.
     pub annotations: Annotations,
 }
@@ -35,7 +37,7 @@ pub struct ToolDescriptor<'a> {
 impl ToolDescriptor<'_> {
     /// The `Tool` object.
     pub fn to_json(self) -> Value {
-        json!({
+        let mut v = json!({
             "name": self.name,
             "title": self.title,
             "description": self.description,
@@ -47,7 +49,11 @@ impl ToolDescriptor<'_> {
                 "idempotentHint": self.annotations.idempotent,
                 "openWorldHint": self.annotations.open_world,
             },
-        })
+        });
+        if let Some(o) = self.output_schema {
+            v["outputSchema"] = o.clone();
+        }
+        v
     }
 }
 

@@ -53,6 +53,11 @@ pub const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
 pub const META_SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
 
 impl Version {
+    /// Tools may declare an `outputSchema` and results carry `structuredContent` (2025-06-18 on).
+    pub fn structured_output(self) -> bool {
+        self >= Version::V2025_06_18
+    }
+
     /// Parses a revision string; `None` for anything we do not speak.
     pub fn parse(s: &str) -> Option<Version> {
         Some(match s {

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use super::{Needs, Output, ToolDef, allowed, any_remote_tool, any_service};
+use super::{Needs, Output, OutputShape, ToolDef, allowed, any_remote_tool, any_service};
 use crate::broker::policy::{ActionKind, CredentialKind, Policy, Principal};
 use crate::mcp::types::Annotations;
 
@@ -17,6 +17,7 @@ pub static LIST_TARGETS: ToolDef = ToolDef {
                   Use a target's name and one of its roles with exec.",
     params: &[],
     annotations: READ_ONLY,
+    output: OutputShape::List("targets"),
     needs: Needs::AnyTarget,
     run: |cx| Box::pin(async move { Output::data(&target_views(cx.policy, &cx.caller.principal())) }),
 };
@@ -29,6 +30,7 @@ pub static LIST_SERVICES: ToolDef = ToolDef {
                   with the methods you may use.",
     params: &[],
     annotations: READ_ONLY,
+    output: OutputShape::List("services"),
     needs: Needs::AnyService,
     run: |cx| Box::pin(async move { Output::data(&services(cx.policy, &cx.caller.principal())) }),
 };
@@ -40,12 +42,15 @@ pub static LIST_REMOTES: ToolDef = ToolDef {
     description: "List the remote MCP servers whose tools the broker offers you.",
     params: &[],
     annotations: READ_ONLY,
+    output: OutputShape::List("remotes"),
     needs: Needs::AnyRemote,
     run: |cx| {
         Box::pin(async move {
             let r = remotes(cx.policy, &cx.caller.principal());
             if r.as_array().is_some_and(Vec::is_empty) {
-                Output::text("No remote MCP servers configured.")
+                let mut o = Output::text("No remote MCP servers configured.");
+                o.value = Some(Box::new(serde_json::json!([])));
+                o
             } else {
                 Output::data(&r)
             }

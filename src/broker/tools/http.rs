@@ -10,7 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt as _;
 use serde_json::{Map, Value, json};
 
-use super::{Ctx, Needs, Output, Param, ParamType, ToolDef};
+use super::{Ctx, Needs, Output, OutputShape, Param, ParamType, ToolDef};
 use crate::broker::proxy::Call;
 use crate::broker::upstream::plan;
 use crate::mcp::types::Annotations;
@@ -69,6 +69,13 @@ pub static HTTP_REQUEST: ToolDef = ToolDef {
         },
     ],
     annotations: Annotations { read_only: false, destructive: true, idempotent: false, open_world: true },
+    output: OutputShape::Object(&[
+        ("status_code", "integer"),
+        ("headers", "object"),
+        ("service", "string"),
+        ("request_id", "string"),
+        ("truncated", "boolean"),
+    ]),
     needs: Needs::AnyService,
     run: |cx| Box::pin(http_request(cx)),
 };

@@ -99,28 +99,47 @@ pub struct Output {
     pub action: Map<String, Value>,
     /// What happened, for the audit line.
     pub outcome: Map<String, Value>,
+    /// The data behind `text`, for `structuredContent` (protocol 2025-06-18 and later); boxed
+    /// to keep `Output` small on the error paths.
+    pub value: Option<Box<Value>>,
 }
 
 impl Output {
     /// Data, as indented JSON (the Go project's output shape, which agent prompts expect).
     pub fn data<T: serde::Serialize + ?Sized>(value: &T) -> Output {
+        let value = serde_json::to_value(value).unwrap_or_default();
         Output {
-            text: serde_json::to_string_pretty(value).unwrap_or_default(),
+            text: serde_json::to_string_pretty(&value).unwrap_or_default(),
             is_error: false,
             denial: None,
             action: Map::new(),
             outcome: Map::new(),
+            value: Some(Box::new(value)),
         }
     }
 
     /// Plain text.
     pub fn text(text: impl Into<String>) -> Output {
-        Output { text: text.into(), is_error: false, denial: None, action: Map::new(), outcome: Map::new() }
+        Output {
+            text: text.into(),
+            is_error: false,
+            denial: None,
+            action: Map::new(),
+            outcome: Map::new(),
+            value: None,
+        }
     }
 
     /// A failure with its reason.
     pub fn error(reason: impl Into<String>) -> Output {
-        Output { text: reason.into(), is_error: true, denial: None, action: Map::new(), outcome: Map::new() }
+        Output {
+            text: reason.into(),
+            is_error: true,
+            denial: None,
+            action: Map::new(),
+            outcome: Map::new(),
+            value: None,
+        }
     }
 
     /// A broker error, the one way it becomes a tool result: a denial as `denied (code): reason`
@@ -140,6 +159,7 @@ impl Output {
             denial: Some(d),
             action: Map::new(),
             outcome: Map::new(),
+            value: None,
         }
     }
 }
@@ -190,10 +210,51 @@ pub struct ToolDef {
     pub params: &'static [Param],
     /// Behaviour hints.
     pub annotations: Annotations,
+    /// What a successful call returns (its `outputSchema` and `structuredContent`).
+    pub output: OutputShape,
     /// When it is listed.
     pub needs: Needs,
     /// Its body.
     pub run: Run,
+}
+
+/// The shape of a tool's successful result, as `outputSchema` declares it and
+/// `structuredContent` carries it (protocol 2025-06-18 and later). Error results carry none.
+#[derive(Clone, Copy, Debug)]
+pub enum OutputShape {
+    /// An object with these keys always present, each with its JSON type (more keys may follow).
+    Object(&'static [(&'static str, &'static str)]),
+    /// A list, carried as `{key: [...]}` (the text stays the bare list, as Go Ephyr's was).
+    List(&'static str),
+}
+
+impl OutputShape {
+    /// The JSON Schema.
+    pub fn schema(self) -> Value {
+        match self {
+            OutputShape::Object(keys) => {
+                let props: Map<String, Value> =
+                    keys.iter().map(|(k, t)| ((*k).to_owned(), json!({ "type": t }))).collect();
+                let required: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
+                json!({ "type": "object", "properties": props, "required": required })
+            }
+            OutputShape::List(key) => json!({
+                "type": "object",
+                "properties": { key: { "type": "array", "items": { "type": "object" } } },
+                "required": [key],
+            }),
+        }
+    }
+
+    /// The structured form of a successful result's data (`None` when the data does not have
+    /// the declared shape, which a unit test rules out for every tool).
+    pub fn structured(self, value: Value) -> Option<Value> {
+        match (self, value) {
+            (OutputShape::Object(_), v @ Value::Object(_)) => Some(v),
+            (OutputShape::List(key), v @ Value::Array(_)) => Some(json!({ key: v })),
+            _ => None,
+        }
+    }
 }
 
 /// Every tool, in listing order.
@@ -385,7 +446,8 @@ fn unreachable(t: &ToolDef, agent: &str) -> Denial {
 /// What runs here: the executor thread only. Federation adds tools discovered at run time here.
 pub struct Catalog {
     /// Built at the first `tools/list` (an idle broker does not hold them).
-    descriptors: std::cell::OnceCell<Vec<String>>,
+    /// Without and with `outputSchema` (protocols before and since 2025-06-18).
+    descriptors: [std::cell::OnceCell<Vec<String>>; 2],
     visible: RefCell<Bounded<[u8; 32], (String, u64)>>,
 }
 
@@ -402,7 +464,7 @@ impl Catalog {
     /// The static tools, serialised.
     pub fn new() -> Catalog {
         debug_assert!(REGISTRY.len() <= 64, "the visible set is a u64 mask");
-        Catalog { descriptors: std::cell::OnceCell::new(), visible: RefCell::new(Bounded::new(CATALOG_CALLERS)) }
+        Catalog { descriptors: Default::default(), visible: RefCell::new(Bounded::new(CATALOG_CALLERS)) }
     }
 
     fn mask(&self, policy: &Policy, caller: &Caller) -> u64 {
@@ -421,10 +483,11 @@ impl Catalog {
         mask
     }
 
-    /// The caller's `tools` array, as JSON text.
-    pub fn list_json(&self, policy: &Policy, caller: &Caller) -> String {
+    /// The caller's `tools` array, as JSON text; `structured`: with output schemas.
+    pub fn list_json(&self, policy: &Policy, caller: &Caller, structured: bool) -> String {
         let mask = self.mask(policy, caller);
-        let descriptors = self.descriptors.get_or_init(|| REGISTRY.iter().map(|t| descriptor(t).to_string()).collect());
+        let descriptors = self.descriptors[usize::from(structured)]
+            .get_or_init(|| REGISTRY.iter().map(|t| descriptor(t, structured).to_string()).collect());
         let mut out = String::with_capacity(descriptors.iter().map(|d| d.len() + 1).sum::<usize>() + 2);
         out.push('[');
         for (_, d) in descriptors.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0) {
@@ -438,13 +501,15 @@ impl Catalog {
     }
 }
 
-fn descriptor(t: &ToolDef) -> Value {
+fn descriptor(t: &ToolDef, structured: bool) -> Value {
     let schema = input_schema(t);
+    let output = structured.then(|| t.output.schema());
     ToolDescriptor {
         name: t.name,
         title: t.title,
         description: t.description,
         input_schema: &schema,
+        output_schema: output.as_ref(),
         annotations: t.annotations,
     }
     .to_json()
@@ -539,7 +604,7 @@ mod tests {
 
     /// The tool list computed afresh, the catalog's reference.
     fn list(policy: &Policy, principal: &Principal<'_>) -> Vec<Value> {
-        REGISTRY.iter().filter(|t| visible(t, policy, principal)).map(|t| descriptor(t)).collect()
+        REGISTRY.iter().filter(|t| visible(t, policy, principal)).map(|t| descriptor(t, true)).collect()
     }
 
     #[test]
@@ -554,11 +619,11 @@ mod tests {
         };
         let c = Catalog::new();
         for who in [caller("a", 1), caller("b", 2)] {
-            let cached: Value = serde_json::from_str(&c.list_json(&p, &who)).unwrap();
+            let cached: Value = serde_json::from_str(&c.list_json(&p, &who, true)).unwrap();
             let direct = Value::Array(list(&p, &who.principal()));
             assert_eq!(cached, direct, "{}", who.agent);
             // Served from the cache the second time, identically.
-            assert_eq!(c.list_json(&p, &who), cached.to_string());
+            assert_eq!(c.list_json(&p, &who, true), cached.to_string());
         }
         let names = |v: &str| -> Vec<String> {
             serde_json::from_str::<Value>(v)
@@ -569,11 +634,11 @@ mod tests {
                 .map(|t| t["name"].as_str().unwrap().to_owned())
                 .collect()
         };
-        assert!(names(&c.list_json(&p, &caller("a", 1))).contains(&"exec".to_string()));
-        assert!(!names(&c.list_json(&p, &caller("b", 2))).contains(&"exec".to_string()));
+        assert!(names(&c.list_json(&p, &caller("a", 1), true)).contains(&"exec".to_string()));
+        assert!(!names(&c.list_json(&p, &caller("b", 2), true)).contains(&"exec".to_string()));
         // A reload that grants b the target: b's list changes at once.
         let p2 = Policy::parse(&text.replace("b: {uid: 2}", "b: {uid: 2, ssh: {web: {roles: [read]}}}"), "t").unwrap();
-        assert!(names(&c.list_json(&p2, &caller("b", 2))).contains(&"exec".to_string()));
+        assert!(names(&c.list_json(&p2, &caller("b", 2), true)).contains(&"exec".to_string()));
     }
 
     #[test]
@@ -593,6 +658,7 @@ mod tests {
             description: "",
             params: PARAMS,
             annotations: Annotations { read_only: true, destructive: false, idempotent: true, open_world: false },
+            output: OutputShape::List("items"),
             needs: Needs::Nothing,
             run: |_| Box::pin(async { Output::text("") }),
         };

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use super::{Ctx, Needs, Output, Param, ParamType, ToolDef};
+use super::{Ctx, Needs, Output, OutputShape, Param, ParamType, ToolDef};
 use crate::broker::Error;
 use crate::broker::ssh::{self, Ran};
 use crate::mcp::types::Annotations;
@@ -43,6 +43,15 @@ pub static EXEC: ToolDef = ToolDef {
         Param { name: "session_id", ty: ParamType::String, required: false, description: "Run on this open session" },
     ],
     annotations: Annotations { read_only: false, destructive: true, idempotent: false, open_world: true },
+    output: OutputShape::Object(&[
+        ("stdout", "string"),
+        ("stderr", "string"),
+        ("exit_code", "integer"),
+        ("target", "string"),
+        ("role", "string"),
+        ("timed_out", "boolean"),
+        ("cert_serial", "string"),
+    ]),
     needs: Needs::AnyTarget,
     run: |cx| Box::pin(exec(cx)),
 };
@@ -59,6 +68,12 @@ pub static SESSION_CREATE: ToolDef = ToolDef {
         Param { name: "role", ty: ParamType::String, required: true, description: "Role to use on the target" },
     ],
     annotations: Annotations { read_only: false, destructive: false, idempotent: false, open_world: true },
+    output: OutputShape::Object(&[
+        ("session_id", "string"),
+        ("target", "string"),
+        ("role", "string"),
+        ("status", "string"),
+    ]),
     needs: Needs::AnyTarget,
     run: |cx| Box::pin(session_create(cx)),
 };
@@ -70,6 +85,7 @@ pub static SESSION_CLOSE: ToolDef = ToolDef {
     description: "Close a persistent SSH session.",
     params: &[Param { name: "session_id", ty: ParamType::String, required: true, description: "Session to close" }],
     annotations: Annotations { read_only: false, destructive: false, idempotent: true, open_world: false },
+    output: OutputShape::Object(&[("session_id", "string"), ("status", "string"), ("commands", "integer")]),
     needs: Needs::AnyTarget,
     run: |cx| Box::pin(session_close(cx)),
 };
@@ -81,6 +97,7 @@ pub static LIST_SESSIONS: ToolDef = ToolDef {
     description: "List your open SSH sessions.",
     params: &[],
     annotations: READ_ONLY,
+    output: OutputShape::List("sessions"),
     needs: Needs::AnyTarget,
     run: |cx| {
         Box::pin(async move {
@@ -98,6 +115,7 @@ pub static LIST_CERTS: ToolDef = ToolDef {
                   and whether the broker still holds the key).",
     params: &[],
     annotations: READ_ONLY,
+    output: OutputShape::List("certificates"),
     needs: Needs::AnyTarget,
     run: |cx| Box::pin(async move { Output::data(&list_certs(&cx)) }),
 };

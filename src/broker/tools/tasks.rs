@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 use ulid::Ulid;
 
-use super::{Ctx, Needs, Output, Param, ParamType, ToolDef};
+use super::{Ctx, Needs, Output, OutputShape, Param, ParamType, ToolDef};
 use crate::broker::audit::{Event, Kind};
 use crate::broker::policy::{Action, ActionKind, Decision, HTTP_METHODS, Policy, Principal, TaskOp, authorize};
 use crate::broker::tasks::{Holder, NewTask, Scope, TaskView, parse_holder_key, seal_context};
@@ -67,6 +67,12 @@ pub static TASK_CREATE: ToolDef = ToolDef {
                   revocable). Use the token as Bearer for the task's requests; delegate parts of it with task_delegate.",
     params: &[DESCRIPTION, TTL, ENVELOPE_PARAM, CAN_DELEGATE, HOLDER],
     annotations: WRITES,
+    output: OutputShape::Object(&[
+        ("task_id", "string"),
+        ("token", "string"),
+        ("expires_at", "string"),
+        ("holder_bound", "boolean"),
+    ]),
     needs: Needs::Nothing,
     run: |cx| Box::pin(create(cx)),
 };
@@ -97,6 +103,12 @@ pub static TASK_DELEGATE: ToolDef = ToolDef {
         HOLDER,
     ],
     annotations: WRITES,
+    output: OutputShape::Object(&[
+        ("task_id", "string"),
+        ("parent_task_id", "string"),
+        ("token", "string"),
+        ("depth", "integer"),
+    ]),
     needs: Needs::Nothing,
     run: |cx| Box::pin(delegate(cx)),
 };
@@ -108,6 +120,7 @@ pub static TASK_INFO: ToolDef = ToolDef {
     description: "Show one task (default: the task of the presented token): envelope, expiry, lineage, binding, revocation.",
     params: &[Param { required: false, ..TASK_ID }],
     annotations: READS,
+    output: OutputShape::Object(&[("task", "object"), ("remaining_ttl", "integer"), ("is_revoked", "boolean")]),
     needs: Needs::Nothing,
     run: |cx| Box::pin(async move { info(cx) }),
 };
@@ -119,6 +132,7 @@ pub static TASK_LIST: ToolDef = ToolDef {
     description: "List the tasks you can see: your own and those below them (with a task token: its subtree).",
     params: &[],
     annotations: READS,
+    output: OutputShape::Object(&[("count", "integer"), ("tasks", "array")]),
     needs: Needs::Nothing,
     run: |cx| Box::pin(async move { list(cx) }),
 };
@@ -130,6 +144,7 @@ pub static TASK_REVOKE: ToolDef = ToolDef {
     description: "Revoke a task and everything delegated from it, at once: every token of them stops working.",
     params: &[TASK_ID],
     annotations: DESTROYS,
+    output: OutputShape::Object(&[("revoked", "string"), ("cascade_count", "integer")]),
     needs: Needs::Nothing,
     run: |cx| Box::pin(revoke(cx)),
 };
@@ -142,6 +157,7 @@ pub static TASK_BIND: ToolDef = ToolDef {
                   must be signed by that key (proof of possession).",
     params: &[TASK_ID, Param { required: true, ..HOLDER }],
     annotations: WRITES,
+    output: OutputShape::Object(&[("task_id", "string"), ("bound", "boolean")]),
     needs: Needs::Nothing,
     run: |cx| Box::pin(bind(cx)),
 };
