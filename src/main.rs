@@ -108,8 +108,10 @@ Options:
 const DOCTOR_HELP: &str = "\
 Usage: ephyr doctor [options]
 
-Checks file modes and ownership, the keys, the policy, the sandbox of a real signer
-(it tries to escape and must fail), and a running broker. Exit 1 if anything failed.
+Checks file modes and ownership, the keys, the policy (and its warnings), each target
+(reachable, host key pinned), the store: secrets the policy uses, the audit chain, the
+sandbox of a real signer (it tries to escape and must fail), and the running broker (not
+answering is a problem unless --offline). Exit 1 if anything failed.
 
 Options:
   --data-dir DIR      data dir (default /var/lib/ephyr)
@@ -117,6 +119,7 @@ Options:
   --socket PATH       local API socket of a running broker (default <data-dir>/ephyr.sock)
   --broker-user USER  as for serve
   --signer-user USER  as for serve
+  --offline           before the broker's first start: no running broker is fine
   --json              machine-readable output";
 
 const INSPECT_HELP: &str = "\
@@ -475,6 +478,7 @@ fn cmd_doctor(p: &mut lexopt::Parser) -> Result<u8, Failure> {
             Long("broker-user") => o.broker_user = Some(p.value()?.string()?),
             Long("signer-user") => o.signer_user = Some(p.value()?.string()?),
             Long("json") => o.json = true,
+            Long("offline") => o.offline = true,
             Long("help") | Short('h') => return help(DOCTOR_HELP),
             other => return Err(other.unexpected().into()),
         }

@@ -191,3 +191,97 @@ fn whoami_targets_certs_and_tasks_show_the_running_broker() {
     let j: serde_json::Value = serde_json::from_str(&view("tasks", true)).unwrap();
     assert_eq!(j["tasks"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn doctor_checks_targets_secrets_the_audit_chain_and_the_running_broker() {
+    if !require_root() {
+        return;
+    }
+    let dir = TempDir::new("doctor2");
+    let data = dir.join("data");
+    let init =
+        ephyr(&["init", "--data-dir", data.to_str().unwrap(), "--config-dir", dir.join("etc").to_str().unwrap()]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    // Something that listens (a target only needs TCP here) and a port that does not.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = listener.local_addr().unwrap().port();
+    let listener2 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let open2 = listener2.local_addr().unwrap().port();
+    let (_, hash) = agent_key("a");
+    let policy = format!(
+        r#"version: 1
+roles: {{ read: {{ principal: nobody }} }}
+targets:
+  up: {{ host: 127.0.0.1, port: {open}, allowed_roles: [read], host_key_fingerprint: "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA" }}
+  loose: {{ host: 127.0.0.1, port: {open2}, allowed_roles: [read] }}
+  down: {{ host: 127.0.0.1, port: 1, allowed_roles: [read] }}
+services:
+  api: {{ url: "https://api.example", credential: {{ type: bearer, secret: "store:api-token" }} }}
+agents:
+  a: {{ api_key_hash: "{hash}", services: {{ api: {{}} }} }}
+"#
+    );
+    let b = Broker::start(BrokerOpts { policy: Some(&policy), data_dir: Some(data.clone()), ..Default::default() });
+    let config = b.dir.as_ref().unwrap().join("policy.yaml");
+    let doctor = |extra: &[&str]| {
+        let mut args =
+            vec!["doctor", "--json", "--data-dir", data.to_str().unwrap(), "--config", config.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = ephyr(&args);
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)));
+        (out.status.code(), v)
+    };
+    let sock = b.socket.to_str().unwrap().to_owned();
+    let (code, v) = doctor(&["--socket", &sock]);
+    let find = |v: &serde_json::Value, name: &str| {
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == name)
+            .unwrap_or_else(|| panic!("no {name}: {v:#}"))
+            .clone()
+    };
+    assert_eq!(code, Some(1), "an unset secret is a problem: {v:#}");
+    assert_eq!(find(&v, "running broker")["status"], "ok");
+    assert_eq!(find(&v, "target up")["status"], "ok");
+    let loose = find(&v, "target loose");
+    assert_eq!(loose["status"], "warn");
+    assert!(
+        loose["detail"].as_str().unwrap().contains("NOT pinned")
+            && loose["detail"].as_str().unwrap().contains("ephyr target scan")
+    );
+    assert!(find(&v, "target down")["detail"].as_str().unwrap().contains("not reachable"));
+    let secret = find(&v, "secret store:api-token");
+    assert_eq!(secret["status"], "fail");
+    assert!(secret["detail"].as_str().unwrap().contains("ephyr secret set api-token"), "{secret}");
+    assert_eq!(find(&v, "audit chain")["status"], "ok");
+
+    // Set the secret: that problem goes.
+    let mut set = Command::new(ephyr_bin())
+        .args(["secret", "set", "api-token", "--socket", &sock])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut set.stdin.take().unwrap(), b"tok").unwrap();
+    assert!(set.wait().unwrap().success());
+    let (code, v) = doctor(&["--socket", &sock]);
+    assert_eq!(find(&v, "secret store:api-token")["status"], "ok");
+    assert_eq!(code, Some(0), "{v:#}");
+
+    // A forged audit line is found; a broker that does not answer is a problem (not with --offline).
+    drop(b);
+    let log = data.join("audit/audit.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::write(&log, text.replacen("\"agent\":\"", "\"agent\":\"x", 1)).unwrap();
+    let (code, v) = doctor(&[]);
+    assert_eq!(code, Some(1));
+    assert_eq!(find(&v, "audit chain")["status"], "fail", "{v:#}");
+    let broker = find(&v, "running broker");
+    assert_eq!(broker["status"], "fail");
+    assert!(broker["detail"].as_str().unwrap().contains("systemctl start ephyr"), "{broker}");
+    let (_, v) = doctor(&["--offline"]);
+    assert_eq!(find(&v, "running broker")["status"], "ok");
+}

@@ -29,6 +29,7 @@ fn doctor_self_check_shows_every_escape_from_the_signer_blocked() {
     let out = ephyr(&[
         "doctor",
         "--json",
+        "--offline",
         "--data-dir",
         data.to_str().unwrap(),
         "--config",

@@ -292,20 +292,7 @@ async fn secret_changed(broker: &Broker, peer: Peer, event: &'static str, name: 
 fn list_secrets(broker: &Broker) -> http::Response<Body> {
     let stored = broker.secrets.list();
     let policy = broker.policy();
-    let mut referenced = std::collections::BTreeMap::new();
-    let refs = policy
-        .services
-        .iter()
-        .flat_map(|(n, s)| {
-            let cred = s.credential.as_ref().map(|c| (n, &c.secret));
-            cred.into_iter().chain(s.tls.client_key.as_ref().map(|k| (n, k)))
-        })
-        .chain(policy.remotes.iter().filter_map(|(n, r)| r.credential.as_ref().map(|c| (n, &c.secret))));
-    for (user, r) in refs {
-        if let crate::broker::policy::SecretRef::Store(name) = r {
-            referenced.entry(name.clone()).or_insert_with(Vec::new).push(user.clone());
-        }
-    }
+    let referenced = policy.store_refs();
     let names: Vec<serde_json::Value> = stored
         .iter()
         .map(|(n, t)| serde_json::json!({ "name": n, "updated": t, "used_by": referenced.get(n).cloned().unwrap_or_default() }))

@@ -35,6 +35,8 @@ pub struct DoctorOptions {
     pub broker_user: Option<String>,
     /// Signer account (when root).
     pub signer_user: Option<String>,
+    /// Checking before the broker's first start: no running broker is not a problem.
+    pub offline: bool,
 }
 
 /// Result of one check.
@@ -114,6 +116,101 @@ fn check_secret_file(r: &mut Report, name: &str, path: &Path, want_owner: u32) {
     }
 }
 
+/// Each target: can a TCP connection be made (2 s, all targets at once), and is its host key
+/// pinned. Warnings only: a host may be down for a reason.
+fn check_targets(r: &mut Report, p: &policy::Policy) {
+    let probes: Vec<_> = p
+        .targets
+        .iter()
+        .filter(|(_, t)| t.enabled)
+        .map(|(name, t)| {
+            let (name, host, port, pinned) = (name.clone(), t.host.clone(), t.port, t.host_key.is_set());
+            std::thread::spawn(move || {
+                use std::net::ToSocketAddrs as _;
+                let reached = (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut a| a.next().ok_or_else(|| "no address".to_string()))
+                    .and_then(|a| {
+                        std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2))
+                            .map_err(|e| e.to_string())
+                    });
+                (name, host, port, pinned, reached.map(drop))
+            })
+        })
+        .collect();
+    for h in probes {
+        let Ok((name, host, port, pinned, reached)) = h.join() else { continue };
+        let check = format!("target {name}");
+        match (reached, pinned) {
+            (Err(e), _) => r.add(check, Status::Warn, format!("{host}:{port} not reachable: {e}")),
+            (Ok(()), true) => r.add(check, Status::Ok, format!("{host}:{port} reachable, host key pinned")),
+            (Ok(()), false) => r.add(
+                check,
+                Status::Warn,
+                format!("{host}:{port} reachable, host key NOT pinned: `ephyr target scan {host}:{port}` prints the line to pin"),
+            ),
+        }
+    }
+}
+
+/// Each `store:` secret the policy uses is set (its sealed file exists).
+fn check_store_secrets(r: &mut Report, p: &policy::Policy, dir: &Path) {
+    for (name, users) in p.store_refs() {
+        let check = format!("secret store:{name}");
+        if dir.join(format!("{name}.sealed")).exists() {
+            r.add(check, Status::Ok, format!("set (used by {})", users.join(", ")));
+        } else if fs::read_dir(dir).is_err() && !crate::broker::privileges::is_root() {
+            r.add(check, Status::Warn, format!("cannot read {} as this user", dir.display()));
+        } else {
+            r.add(
+                check,
+                Status::Fail,
+                format!(
+                    "not set: requests to {} will fail; run `ephyr secret set {name}` (the value on stdin)",
+                    users.join(", ")
+                ),
+            );
+        }
+    }
+}
+
+/// The audit trail's hash chain and signed checkpoints (as `ephyr audit verify`, without a
+/// running broker's head).
+fn check_audit_chain(r: &mut Report, dir: &Path, keys: &KeyPaths) {
+    let paths = match crate::broker::audit::log_files(dir) {
+        Ok(p) if p.is_empty() => return r.add("audit chain", Status::Ok, "no audit lines yet"),
+        Ok(p) => p,
+        Err(e) => return r.add("audit chain", Status::Warn, format!("cannot list {}: {e}", dir.display())),
+    };
+    let mut files = Vec::new();
+    for p in &paths {
+        match fs::read(p) {
+            Ok(b) => files.push((p.display().to_string(), b)),
+            Err(e) => return r.add("audit chain", Status::Warn, format!("cannot read {}: {e}", p.display())),
+        }
+    }
+    let key = fs::read_to_string(keys.checkpoint_pub())
+        .ok()
+        .and_then(|t| data_encoding::BASE64.decode(t.trim().as_bytes()).ok());
+    let witnesses: Vec<_> = crate::broker::audit::read_head(dir).into_iter().collect();
+    let rep = crate::broker::audit::verify::verify(&files, key.as_deref(), &witnesses);
+    if rep.ok() {
+        r.add(
+            "audit chain",
+            Status::Ok,
+            format!("{} line(s), {} signed checkpoint(s), chain intact", rep.lines, rep.checkpoints),
+        );
+    } else {
+        let first = rep.errors.first().map(|f| f.to_string()).unwrap_or_default();
+        r.add(
+            "audit chain",
+            Status::Fail,
+            format!("{} problem(s), first: {first} (run `ephyr audit verify` for all)", rep.errors.len()),
+        );
+    }
+}
+
 /// Runs all checks and prints them. Returns whether nothing failed.
 pub fn run(o: &DoctorOptions) -> Result<bool, String> {
     let mut r = Report(Vec::new());
@@ -169,6 +266,9 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
     let policy = match policy::load_file(&o.config) {
         Ok(p) => {
             r.add("policy", Status::Ok, format!("{}: {} target(s)", o.config.display(), p.targets.len()));
+            for w in &p.warnings {
+                r.add("policy warning", Status::Warn, w.clone());
+            }
             Some(p)
         }
         Err(e) => {
@@ -176,6 +276,11 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
             None
         }
     };
+    if let Some(p) = &policy {
+        check_targets(&mut r, p);
+        check_store_secrets(&mut r, p, &data.state().join("secrets"));
+    }
+    check_audit_chain(&mut r, &data.audit(), &keys);
 
     // A real signer in self-check mode: same code, same sandbox, plus escape probes.
     let cfg = SignerConfig {
@@ -251,7 +356,16 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
             );
         }
         Ok((code, v)) => r.add("running broker", Status::Warn, format!("{code}: {}", v["message"])),
-        Err(_) => r.add("running broker", Status::Ok, format!("not running (no answer on {})", o.socket.display())),
+        Err(_) if o.offline => {
+            r.add("running broker", Status::Ok, format!("not running (no answer on {}; --offline)", o.socket.display()))
+        }
+        Err(e) => r.add(
+            "running broker",
+            Status::Fail,
+            format!(
+                "{e}: start it (`systemctl start ephyr` or `ephyr serve`), or pass --socket if it listens elsewhere, or --offline before its first start"
+            ),
+        ),
     }
 
     let healthy = r.0.iter().all(|c| c.status != Status::Fail);

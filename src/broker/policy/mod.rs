@@ -639,6 +639,26 @@ impl Policy {
         validate::build(text, origin)
     }
 
+    /// The sealed-store secrets (`store:NAME`) the policy uses, each with the services and
+    /// remotes that use it.
+    pub fn store_refs(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let refs = self
+            .services
+            .iter()
+            .flat_map(|(n, s)| {
+                let cred = s.credential.as_ref().map(|c| (n, &c.secret));
+                cred.into_iter().chain(s.tls.client_key.as_ref().map(|k| (n, k)))
+            })
+            .chain(self.remotes.iter().filter_map(|(n, r)| r.credential.as_ref().map(|c| (n, &c.secret))));
+        for (user, r) in refs {
+            if let SecretRef::Store(name) = r {
+                out.entry(name.clone()).or_default().push(user.clone());
+            }
+        }
+        out
+    }
+
     /// Every principal any role uses that some target allows: the signer's allow-list.
     pub fn signer_principals(&self) -> BTreeSet<String> {
         let used: BTreeSet<&String> = self.targets.values().flat_map(|t| t.allowed_roles.iter()).collect();
