@@ -94,9 +94,16 @@ Exit 0 when every step went as expected, 1 otherwise.";
 const INIT_HELP: &str = "\
 Usage: ephyr init [options]
 
-Creates the data dir (keys/, state/, audit/), the Ed25519 CA key (0600), the sealing key
-and an example policy, then prints the CA public key line for TrustedUserCAKeys on your
-targets. Running it again keeps existing keys.
+Creates the data dir, its keys and an example policy, then prints the CA public key line
+for TrustedUserCAKeys on your targets. Running it again keeps existing keys and files.
+
+Writes (with the defaults):
+  /var/lib/ephyr/keys/ca_key               Ed25519 CA private key (0600)
+  /var/lib/ephyr/keys/ca_key.pub           its public line (what targets trust)
+  /var/lib/ephyr/keys/sealing_key          seals task keys and stored secrets (0600)
+  /var/lib/ephyr/keys/audit_checkpoint.pub verifies the audit trail's signed checkpoints
+  /var/lib/ephyr/state/, audit/            for the broker's account (0700)
+  /etc/ephyr/policy.yaml                   the example policy (0640; kept if it exists)
 
 Options:
   --data-dir DIR         data dir (default /var/lib/ephyr)
