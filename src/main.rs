@@ -359,6 +359,29 @@ fn help(text: &str) -> Result<u8, Failure> {
     Ok(0)
 }
 
+/// `ephyr CMD SUB --help`: the part of CMD's help about SUB (its `  ephyr CMD SUB` block).
+fn sub_help(family: &str, cmd: &str, sub: &str) -> Result<u8, Failure> {
+    let head = format!("  ephyr {cmd} {sub}");
+    let other = format!("  ephyr {cmd} ");
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in family.lines() {
+        if line.starts_with(&head) {
+            inside = true;
+        } else if line.starts_with(&other) || (inside && line.trim().is_empty()) {
+            inside = false;
+        }
+        if inside {
+            out.push(line);
+        }
+    }
+    if out.is_empty() {
+        return help(family);
+    }
+    println!("Usage:\n{}\n\n(every `ephyr {cmd}` command: ephyr {cmd} --help)", out.join("\n"));
+    Ok(0)
+}
+
 fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     let cmd = match p.next()? {
         Some(Value(v)) => v.string()?,
@@ -691,7 +714,7 @@ fn cmd_policy(p: &mut lexopt::Parser) -> Result<u8, Failure> {
             while let Some(arg) = p.next()? {
                 match arg {
                     Long("json") => json = true,
-                    Long("help") | Short('h') => return help(POLICY_HELP),
+                    Long("help") | Short('h') => return sub_help(POLICY_HELP, "policy", &sub),
                     Value(v) if file.is_none() => file = Some(path(v)),
                     other => return Err(other.unexpected().into()),
                 }
@@ -703,7 +726,7 @@ fn cmd_policy(p: &mut lexopt::Parser) -> Result<u8, Failure> {
             let mut files = Vec::new();
             while let Some(arg) = p.next()? {
                 match arg {
-                    Long("help") | Short('h') => return help(POLICY_HELP),
+                    Long("help") | Short('h') => return sub_help(POLICY_HELP, "policy", &sub),
                     Value(v) if files.len() < 2 => files.push(path(v)),
                     other => return Err(other.unexpected().into()),
                 }
@@ -726,7 +749,7 @@ fn cmd_policy(p: &mut lexopt::Parser) -> Result<u8, Failure> {
                     Long("tool") => o.tool = Some(p.value()?.string()?),
                     Long("token") => o.token = Some(p.value()?.string()?),
                     Long("json") => o.json = true,
-                    Long("help") | Short('h') => return help(POLICY_HELP),
+                    Long("help") | Short('h') => return sub_help(POLICY_HELP, "policy", &sub),
                     other => return Err(other.unexpected().into()),
                 }
             }
@@ -741,7 +764,7 @@ fn cmd_policy(p: &mut lexopt::Parser) -> Result<u8, Failure> {
                 match arg {
                     Long("socket") => socket = Some(path(p.value()?)),
                     Long("data-dir") => data_dir = Some(path(p.value()?)),
-                    Long("help") | Short('h') => return help(POLICY_HELP),
+                    Long("help") | Short('h') => return sub_help(POLICY_HELP, "policy", &sub),
                     other => return Err(other.unexpected().into()),
                 }
             }
@@ -864,8 +887,8 @@ fn cmd_audit(p: &mut lexopt::Parser) -> Result<u8, Failure> {
             Opt::Long(n) if n == "public-key" && sub == "verify" => key = Some(p.value()?.string()?),
             Opt::Long(n) if n == "follow" && sub == "query" => o.follow = true,
             Opt::Short('f') if sub == "query" => o.follow = true,
-            Opt::Long(n) if n == "help" => return help(AUDIT_HELP),
-            Opt::Short('h') => return help(AUDIT_HELP),
+            Opt::Long(n) if n == "help" => return sub_help(AUDIT_HELP, "audit", &sub),
+            Opt::Short('h') => return sub_help(AUDIT_HELP, "audit", &sub),
             Opt::Value(v) => files.push(path(v)),
             other => return Err(other.unexpected()),
         }
@@ -915,7 +938,7 @@ fn cmd_secret(p: &mut lexopt::Parser) -> Result<u8, Failure> {
             Long("socket") => socket = Some(path(p.value()?)),
             Long("data-dir") => data_dir = Some(path(p.value()?)),
             Long("json") if sub == "list" => json = true,
-            Long("help") | Short('h') => return help(SECRET_HELP),
+            Long("help") | Short('h') => return sub_help(SECRET_HELP, "secret", &sub),
             Value(v) if name.is_none() && sub != "list" => name = Some(v.string()?),
             other => return Err(other.unexpected().into()),
         }

@@ -98,3 +98,85 @@ fn a_mistyped_command_gets_a_suggestion() {
     let out = ephyr(&["xyzzy-frobnicate"]);
     assert!(!stderr(&out).contains("did you mean"), "{}", stderr(&out));
 }
+
+/// The README's quick start, as written: every `cargo run --release -- ...` line in it is run
+/// with the built binary. `serve --dev` is reached by a real MCP client (the Python `mcp` SDK)
+/// with the key its banner prints; `demo` goes through every step.
+#[test]
+fn the_readme_quick_start_works_as_written() {
+    if !require_root() {
+        return;
+    }
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme.find("## Quick start").unwrap();
+    let end = readme[start..].find("\n## Production").map_or(readme.len(), |e| start + e);
+    let section = &readme[start..end];
+    let commands: Vec<String> = section
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("cargo run --release -- "))
+        .map(|l| l.split('#').next().unwrap().trim().to_owned())
+        .collect();
+    assert_eq!(commands, ["serve --dev", "demo", "demo --keep"], "the quick start this test follows");
+    // The JSON configuration it shows parses and points at the MCP endpoint.
+    let json_block = section.split("```json").nth(1).unwrap().split("```").next().unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(json_block).unwrap();
+    assert_eq!(cfg["mcpServers"]["ephyr"]["url"], "http://127.0.0.1:8554/mcp");
+
+    // 1. `serve --dev`, exactly (its default address is the README's).
+    let mut serve = Command::new(ephyr_bin())
+        .args(commands[0].split_whitespace())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(serve.stdout.take().unwrap());
+    let mut banner = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !banner.contains("Stop with Ctrl-C.") {
+        assert!(Instant::now() < deadline, "no banner: {banner}");
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut out, &mut line).unwrap() == 0 {
+            panic!("serve --dev ended: {banner}");
+        }
+        banner.push_str(&line);
+    }
+    let url = banner.lines().find_map(|l| l.trim().strip_prefix("MCP endpoint:")).unwrap().trim().to_owned();
+    assert_eq!(url, "http://127.0.0.1:8554/mcp");
+    let key = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("API key:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let o = python("mcp_client.py").args([&url, &key]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let seen: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(seen["list_targets"]["is_error"], false, "{seen}");
+    assert!(seen["tools"].as_array().unwrap().iter().any(|t| t["name"] == "exec"), "{seen}");
+    ephyr::os::kill(serve.id() as i32, 2).unwrap();
+    assert!(serve.wait().unwrap().success(), "Ctrl-C stops it cleanly");
+
+    // 2. `demo`, exactly: ten steps, each as expected, nothing left behind.
+    let demo = Command::new(ephyr_bin()).args(commands[1].split_whitespace()).output().unwrap();
+    let text = stdout(&demo);
+    assert!(demo.status.success(), "{text}\n{}", stderr(&demo));
+    assert_eq!(text.matches("✓ as expected").count(), 10, "{text}");
+    assert!(text.contains("everything the demo started is stopped and removed"), "{text}");
+}
+
+#[test]
+fn a_subcommands_help_shows_that_subcommand() {
+    for (args, has, lacks) in [
+        (&["policy", "check", "--help"][..], "ephyr policy check FILE", "ephyr policy explain"),
+        (&["audit", "query", "--help"][..], "ephyr audit query", "ephyr audit verify"),
+        (&["secret", "set", "--help"][..], "ephyr secret set NAME", "ephyr secret rm"),
+    ] {
+        let out = ephyr(args);
+        assert!(out.status.success(), "{args:?}");
+        let text = stdout(&out);
+        assert!(text.contains(has) && !text.contains(lacks), "{args:?}: {text}");
+    }
+    assert!(stdout(&ephyr(&["init", "--help"])).contains("/var/lib/ephyr/keys/ca_key "), "init names its files");
+}
