@@ -65,11 +65,51 @@ pub async fn dispatch(
     match call {
         Call::Ping => Ok(Reply::Result(json!({}))),
         Call::Discover => Ok(Reply::Result(server::discover_result(&IDENTITY, CAPS))),
-        Call::ToolsList => Ok(Reply::RawMember {
-            name: "tools",
-            raw: broker.catalog.list_json(policy, caller, v.structured_output()),
-            rest: server::finish(v, &IDENTITY, server::cacheable(v, Map::new(), LIST_TTL_MS, false)),
-        }),
+        Call::ToolsList => {
+            let mut raw = broker.catalog.list_json(policy, caller, v.structured_output());
+            if !policy.remotes.is_empty() {
+                if broker.federation.stale(policy) {
+                    broker.federation.refresh_all(broker.ports(), policy).await;
+                }
+                let remote = broker.federation.visible_descriptors(policy, &caller.principal());
+                if !remote.is_empty() {
+                    raw.pop();
+                    for d in remote {
+                        if raw.len() > 1 {
+                            raw.push(',');
+                        }
+                        raw.push_str(&d);
+                    }
+                    raw.push(']');
+                }
+            }
+            Ok(Reply::RawMember {
+                name: "tools",
+                raw,
+                rest: server::finish(v, &IDENTITY, server::cacheable(v, Map::new(), LIST_TTL_MS, false)),
+            })
+        }
+        Call::ToolsCall { name, arguments } if tools::find(&name).is_none() && !policy.remotes.is_empty() => {
+            if broker.federation.stale(policy) {
+                broker.federation.refresh_all(broker.ports(), policy).await;
+            }
+            match tools::call_remote(broker, caller, policy, &name, arguments).await {
+                None => Err(RpcError::invalid_params(format!("unknown tool {name:?}"))),
+                Some(Ok(result)) => {
+                    // Only what a tool result is: a hostile remote cannot add protocol fields.
+                    let mut keep = Map::new();
+                    for k in ["content", "isError", "structuredContent"] {
+                        if let Some(x) = result.get(k)
+                            && (k != "structuredContent" || v.structured_output())
+                        {
+                            keep.insert(k.to_owned(), x.clone());
+                        }
+                    }
+                    Ok(Reply::Result(server::finish(v, &IDENTITY, keep)))
+                }
+                Some(Err(out)) => Ok(Reply::Result(server::tool_result(v, &IDENTITY, out.text, true, None))),
+            }
+        }
         Call::ToolsCall { name, arguments } => match tools::call(broker, caller, policy, &name, arguments).await {
             None => Err(RpcError::invalid_params(format!("unknown tool {name:?}"))),
             Some(out) => {

@@ -11,6 +11,7 @@ pub mod blocking;
 pub mod datadir;
 pub(crate) mod dispatch;
 pub(crate) mod error;
+pub(crate) mod federation;
 
 pub(crate) mod http;
 pub mod journal;
@@ -115,6 +116,8 @@ pub struct Broker {
     pub admission: Rc<http::admission::Admission>,
     /// What `tools/list` shows each caller.
     pub catalog: tools::Catalog,
+    /// Remote MCP servers: their tools, sessions and health.
+    pub federation: federation::Federation,
 }
 
 /// What a policy asks that the running signer's limits (fixed when it started, from the policy

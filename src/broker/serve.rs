@@ -293,6 +293,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             proxy: super::proxy::Proxy::new(ex.clone()),
             admission: http::admission::Admission::new(metrics.clone()),
             catalog: super::tools::Catalog::new(),
+            federation: super::federation::Federation::new(ex.clone()),
         });
         record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
         // Sign this process's first lines at once (in the background: serving does not wait for

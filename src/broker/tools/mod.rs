@@ -594,6 +594,76 @@ pub async fn call(
     Some(out)
 }
 
+/// A call of a federated tool (`<prefix>.<tool>`): rate limit, `authorize` with the call's
+/// arguments, an audit line on disk before the call leaves (fail closed), the forward, and the
+/// outcome audited. `None` when no known remote offers `name`; `Ok` is the remote's result,
+/// `Err` a tool error (a denial, or a failure naming the remote).
+pub async fn call_remote(
+    broker: &Rc<Broker>,
+    caller: &Caller,
+    policy: &Rc<Policy>,
+    name: &str,
+    args: Map<String, Value>,
+) -> Option<Result<Map<String, Value>, Output>> {
+    let started = Instant::now();
+    let principal = caller.principal();
+    let prepared = broker.federation.prepare(policy, &principal, name, &args)?;
+    let ev = |e: Event| {
+        let e = e.agent(caller.agent.clone());
+        match caller.token() {
+            Some(t) => e.task(t.task.clone(), t.lineage.clone()).initiated_by(t.initiated_by.clone()),
+            None => e,
+        }
+    };
+    let facts = match prepared {
+        Ok(f) => f,
+        Err(e) => {
+            let out = Output::failed(e);
+            if let Some(d) = &out.denial {
+                use super::audit::AuditSink as _;
+                let _ = broker.audit.note(
+                    ev(Event::new(Kind::Federation, "remote_call"))
+                        .action(json!({ "tool": name }))
+                        .deny(d.code.as_str(), d.reason.clone()),
+                );
+            }
+            return Some(Err(out));
+        }
+    };
+    if let Err(wait) = broker.take_request(policy, &caller.agent, started) {
+        return Some(Err(Output::error(format!(
+            "rate limit exceeded for agent {:?}; retry in {}s",
+            caller.agent,
+            wait.as_secs().max(1)
+        ))));
+    }
+    let action =
+        json!({ "tool": name, "remote": facts.remote, "remote_tool": facts.tool, "args_sha256": facts.args_digest });
+    use super::audit::AuditSink as _;
+    let ticket =
+        match broker.audit.record(ev(Event::new(Kind::Federation, "remote_call")).action(action.clone()).allow()) {
+            Ok(t) => t,
+            Err(e) => return Some(Err(Output::failed(super::Error::audit(e)))),
+        };
+    if let Err(e) = ticket.durable().await {
+        return Some(Err(Output::failed(super::Error::audit(e))));
+    }
+    let result = broker.federation.forward(broker.ports(), policy, &facts, args).await;
+    let elapsed = started.elapsed();
+    let outcome = match &result {
+        Ok(r) => {
+            json!({ "is_error": r["isError"].as_bool().unwrap_or(false), "duration_us": elapsed.as_micros() as u64 })
+        }
+        Err(e) => json!({ "error": e.code(), "duration_us": elapsed.as_micros() as u64 }),
+    };
+    let _ = broker.audit.note(ev(Event::new(Kind::Federation, "remote_result")).action(action).outcome(outcome));
+    Some(match result {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(Output::error(format!("remote {:?} sent a result that is not an object", facts.remote))),
+        Err(e) => Err(Output::failed(e)),
+    })
+}
+
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").chars().take(300).collect()
 }

@@ -1,0 +1,187 @@
+//! The broker's MCP client to a remote over Streamable HTTP (session era, protocol 2025-06-18):
+//! one JSON-RPC message per POST, the answer as JSON or as a server-sent-event stream, the
+//! session id the server hands out at `initialize` on every later request.
+//!
+//! What runs here: the executor thread; connections through `upstream::conn` (the proxy's
+//! resolution, network rules, TLS and pool), secrets through the ports. Every address the name
+//! resolves to must pass the policy's `network` rules, as for the proxy.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_lite::FutureExt as _;
+use http::{HeaderValue, header};
+use http_body_util::{BodyExt as _, Full};
+use serde_json::Value;
+
+use crate::broker::Error;
+use crate::broker::policy::{CredentialKind, Policy, Remote};
+use crate::broker::ports::Ports;
+use crate::broker::upstream::conn::{self, Conns};
+
+/// The protocol revision the client asks for.
+pub const PROTOCOL: &str = "2025-06-18";
+/// Largest answer read from a remote.
+pub const MAX_ANSWER: usize = 4 << 20;
+
+/// One remote, as a request needs it.
+#[derive(Clone, Copy)]
+pub struct Endpoint<'a> {
+    /// Its name in the policy.
+    pub name: &'a str,
+    /// Its settings.
+    pub remote: &'a Remote,
+    /// The policy snapshot (network rules, TLS).
+    pub policy: &'a Policy,
+}
+
+/// What a POST returned.
+#[derive(Debug)]
+pub struct Posted {
+    /// HTTP status.
+    pub status: u16,
+    /// `Mcp-Session-Id`, when the server sent one.
+    pub session: Option<String>,
+    /// The JSON-RPC answer to the request (`None` for a notification's 202).
+    pub message: Option<Value>,
+}
+
+fn failed(ep: Endpoint<'_>, what: impl std::fmt::Display) -> Error {
+    Error::Upstream { code: "remote_failed", message: format!("remote {:?}: {what}", ep.name) }
+}
+
+/// Sends one JSON-RPC message (`id` names the answer to wait for; `None` for a notification).
+pub async fn post(
+    conns: &std::rc::Rc<Conns>,
+    ports: Ports<'_>,
+    ep: Endpoint<'_>,
+    session: Option<&str>,
+    msg: &Value,
+    id: Option<u64>,
+) -> Result<Posted, Error> {
+    let r = ep.remote;
+    let started = Instant::now();
+    let deadline = r.timeout;
+    let addrs: Vec<IpAddr> =
+        conn::resolve(ports.pool, &r.url.host, r.url.port, Duration::from_secs(10)).await.map_err(|e| failed(ep, e))?;
+    for ip in &addrs {
+        if let Err(why) = ep.policy.network.check(*ip) {
+            return Err(Error::Upstream {
+                code: "destination_denied",
+                message: format!("remote {:?}: {why}", ep.name),
+            });
+        }
+    }
+    let tls = if r.url.scheme == "https" {
+        let client = match (&r.tls.client_cert, &r.tls.client_key) {
+            (Some(c), Some(k)) => Some((c.as_str(), ports.secrets.resolve(k).await?)),
+            _ => None,
+        };
+        let key = format!("{}/remote/{}", ep.policy.digest, ep.name);
+        Some(conns.tls_config(ports.pool, &key, r.tls.ca_file.as_deref(), client).await.map_err(|e| failed(ep, e))?)
+    } else {
+        None
+    };
+    let mut path = if r.url.base_path.is_empty() { "/".to_owned() } else { r.url.base_path.clone() };
+    let mut b = http::Request::builder()
+        .method(http::Method::POST)
+        .header(header::HOST, crate::broker::upstream::plan::host_header(&r.url.scheme, &r.url.host, r.url.port))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::ACCEPT, "application/json, text/event-stream")
+        .header("mcp-protocol-version", PROTOCOL);
+    if let Some(s) = session {
+        b = b.header("mcp-session-id", s);
+    }
+    if let Some(c) = &r.credential {
+        let secret = ports.secrets.resolve(&c.secret).await?;
+        let text = std::str::from_utf8(secret.expose()).map_err(|_| failed(ep, "its secret is not UTF-8"))?;
+        match &c.kind {
+            CredentialKind::Bearer => {
+                b = b.header(header::AUTHORIZATION, sensitive(&format!("Bearer {text}"), ep)?);
+            }
+            CredentialKind::Basic { username } => {
+                let v = data_encoding::BASE64.encode(format!("{username}:{text}").as_bytes());
+                b = b.header(header::AUTHORIZATION, sensitive(&format!("Basic {v}"), ep)?);
+            }
+            CredentialKind::Header { name, prefix } => {
+                b = b.header(name.as_str(), sensitive(&format!("{prefix}{text}"), ep)?);
+            }
+            CredentialKind::Query { param } => {
+                let sep = if path.contains('?') { '&' } else { '?' };
+                path = format!("{path}{sep}{param}={}", crate::broker::upstream::plan::percent_encode(text.as_bytes()));
+            }
+        }
+    }
+    let body = serde_json::to_vec(msg).map_err(|e| failed(ep, e))?;
+    let req = b.uri(path).body(Full::new(Bytes::from(body))).map_err(|e| failed(ep, e))?;
+    let dest = conn::Dest { host: &r.url.host, port: r.url.port, addrs: &addrs, tls, timeout: Duration::from_secs(10) };
+    let exchange = async {
+        let mut sender = conns.connect(&dest).await.map_err(|e| failed(ep, e))?;
+        let resp = sender.send_request(req).await.map_err(|e| failed(ep, e))?;
+        let status = resp.status().as_u16();
+        let session = resp.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let sse =
+            resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| failed(ep, format!("reading its answer: {e}")))?
+            .to_bytes();
+        Ok::<_, Error>((status, session, sse, body))
+    };
+    let (status, session, sse, body) = exchange
+        .or(async {
+            async_io::Timer::at(started + deadline).await;
+            Err(Error::Timeout(format!("remote {:?} did not answer within {}s", ep.name, deadline.as_secs())))
+        })
+        .await?;
+    let message = match id {
+        None => None,
+        Some(_) if body.is_empty() => None,
+        Some(id) if sse => pick(&events(&body), id),
+        Some(_) => serde_json::from_slice(&body).ok(),
+    };
+    Ok(Posted { status, session, message })
+}
+
+fn sensitive(v: &str, ep: Endpoint<'_>) -> Result<HeaderValue, Error> {
+    let mut h = HeaderValue::from_str(v).map_err(|_| failed(ep, "its credential is not a valid header value"))?;
+    h.set_sensitive(true);
+    Ok(h)
+}
+
+/// The JSON messages of an event stream (`data:` lines joined per event).
+pub fn events(body: &[u8]) -> Vec<Value> {
+    let text = String::from_utf8_lossy(body);
+    text.replace("\r\n", "\n")
+        .split("\n\n")
+        .filter_map(|ev| {
+            let data: Vec<&str> =
+                ev.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| d.strip_prefix(' ').unwrap_or(d)).collect();
+            (!data.is_empty()).then(|| serde_json::from_str(&data.join("\n")).ok()).flatten()
+        })
+        .collect()
+}
+
+/// The answer with `id` among `messages`.
+fn pick(messages: &[Value], id: u64) -> Option<Value> {
+    messages
+        .iter()
+        .find(|m| m["id"].as_u64() == Some(id) && (m.get("result").is_some() || m.get("error").is_some()))
+        .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_stream_yields_the_answer_to_our_id() {
+        let body = b"event: message\nid: 1\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{}}\n\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\n\n: comment\n\ndata: {\"jsonrpc\":\"2.0\",\"id\":3,\"result\":{\"ok\":true}}\r\n\r\n";
+        let m = events(body);
+        assert_eq!(m.len(), 2, "the broken event is skipped: {m:?}");
+        assert_eq!(pick(&m, 3).unwrap()["result"]["ok"], true);
+        assert!(pick(&m, 4).is_none());
+    }
+}
