@@ -41,6 +41,7 @@ Commands:
   secret       store upstream credentials sealed (`secret set NAME` reads stdin), list, rm
   audit        verify or query the audit trail
   monitor      watch what agents do, live (the audit stream, coloured, with filters)
+  remote       review and approve federated tools that changed (`remote review NAME`)
   version      print the version
 
 Run `ephyr <command> --help` for a command's options. Exit codes: 0 ok, 1 failure,
@@ -277,9 +278,9 @@ Options:
   --json                  print the full JSON answer";
 
 /// Commands, for "did you mean".
-const COMMANDS: [&str; 21] = [
+const COMMANDS: [&str; 22] = [
     "serve", "demo", "init", "doctor", "status", "whoami", "targets", "certs", "tasks", "cert", "exec", "target",
-    "inspect", "policy", "keygen", "secret", "audit", "monitor", "version", "help", "--help",
+    "inspect", "policy", "keygen", "secret", "audit", "monitor", "remote", "version", "help", "--help",
 ];
 
 /// A closed stdout (`ephyr ... | head -1`) ends a command quietly with 0: the reader took what
@@ -408,6 +409,7 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "secret" => cmd_secret(p),
         "audit" => cmd_audit(p),
         "monitor" => cmd_monitor(p),
+        "remote" => cmd_remote(p),
         "whoami" | "targets" | "certs" | "tasks" => cmd_view(p, &cmd),
         "version" => {
             println!("ephyr {}", env!("CARGO_PKG_VERSION"));
@@ -831,6 +833,48 @@ fn filter_arg(
 fn color_default() -> bool {
     use std::io::IsTerminal as _;
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+const REMOTE_HELP: &str = "\
+Usage: ephyr remote <review|approve> ...
+
+  ephyr remote review NAME [--json]
+      The tools of remote NAME that are quarantined because their definition changed since it
+      was first seen or last approved: a diff against the pinned definition (- pinned, + now)
+      and warnings for hidden-instruction markers and invisible characters.
+  ephyr remote approve NAME [TOOL]
+      Pins the new definition of TOOL (every quarantined tool of NAME without one) and serves
+      it again; audited as tool_approved.
+
+Talks to the running broker over its local socket (root or the broker's user). Options:
+  --socket PATH   --data-dir DIR";
+
+fn cmd_remote(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let sub = match p.next()? {
+        Some(Value(v)) => v.string()?,
+        Some(Long("help") | Short('h')) | None => return help(REMOTE_HELP),
+        Some(other) => return Err(other.unexpected().into()),
+    };
+    let (mut socket, mut data_dir, mut json, mut words) = (None, None, false, Vec::new());
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("data-dir") => data_dir = Some(path(p.value()?)),
+            Long("json") if sub == "review" => json = true,
+            Long("help") | Short('h') => return sub_help(REMOTE_HELP, "remote", &sub),
+            Value(v) => words.push(v.string()?),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let sock = cli::client::socket_path(socket, data_dir.as_deref());
+    let name = words.first().cloned().ok_or_else(|| usage(format!("remote {sub} needs a remote NAME")))?;
+    let r = match sub.as_str() {
+        "review" if words.len() == 1 => cli::remote::review(&sock, &name, json),
+        "approve" if words.len() <= 2 => cli::remote::approve(&sock, &name, words.get(1).map(String::as_str)),
+        "review" | "approve" => return Err(usage(format!("too many arguments for remote {sub}"))),
+        other => return Err(usage(format!("unknown remote command {other:?} (review, approve)"))),
+    };
+    r.map_err(|e| Failure::Run(1, e))
 }
 
 fn cmd_monitor(p: &mut lexopt::Parser) -> Result<u8, Failure> {

@@ -82,6 +82,10 @@ impl Backend for Files {
     fn open<'a>(&'a self, name: &'a str, compacted: Option<Vec<Vec<u8>>>) -> Local<'a, Result<Rc<dyn Store>, Error>> {
         let path = self.path(name);
         Box::pin(async move {
+            // A log never written gets its header first (appends alone would leave a file
+            // without one, which the next start refuses).
+            let fresh = std::fs::metadata(&path).map_or(true, |m| m.len() == 0);
+            let compacted = compacted.or_else(|| fresh.then(Vec::new));
             if let Some(records) = compacted {
                 let p = path.clone();
                 self.pool

@@ -476,6 +476,47 @@ async fn verify_target(broker: &Broker, peer: Peer, name: &str) -> http::Respons
     }
 }
 
+/// `GET /v1/remotes/<name>/review`: each quarantined tool with a diff against its pin and flags.
+fn review_remote(broker: &Broker, name: &str) -> http::Response<Body> {
+    if !broker.policy().remotes.contains_key(name) {
+        return error(StatusCode::NOT_FOUND, "not_found", format!("no remote {name:?} in the policy"));
+    }
+    use crate::broker::federation::pins;
+    let list: Vec<serde_json::Value> = broker
+        .federation
+        .review(name)
+        .iter()
+        .map(|(tool, old, new)| {
+            serde_json::json!({
+                "tool": tool, "diff": pins::diff(old, new), "flags": pins::flags(new),
+                "pinned": pins::Pins::hash(old).0, "new": pins::Pins::hash(new).0,
+            })
+        })
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({ "remote": name, "quarantined": list }))
+}
+
+/// `POST /v1/remotes/<name>/approve[?tool=T]`: pins the new definitions and serves them.
+async fn approve_remote(broker: &Broker, peer: Peer, name: &str, tool: Option<&str>) -> http::Response<Body> {
+    let actor = operator(peer);
+    match broker.federation.approve(name, tool, &actor.name()).await {
+        Ok(done) => {
+            for t in &done {
+                broker
+                    .audit_now(
+                        crate::broker::audit::Event::new(crate::broker::audit::Kind::Federation, "tool_approved")
+                            .agent(actor.name())
+                            .action(serde_json::json!({ "remote": name, "remote_tool": t }))
+                            .allow(),
+                    )
+                    .await;
+            }
+            json(StatusCode::OK, &serde_json::json!({ "remote": name, "approved": done }))
+        }
+        Err(e) => error(e.status(), e.code(), e.message()),
+    }
+}
+
 /// Every live certificate the broker issued.
 fn certs_json(broker: &Broker) -> serde_json::Value {
     let now = crate::time::now().secs().max(0) as u64;
@@ -542,6 +583,18 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
                 {
                     let name = name.to_owned();
                     verify_target(&broker, peer, &name).await
+                }
+                (Method::GET, path)
+                    if let Some(name) = path.strip_prefix("/v1/remotes/").and_then(|p| p.strip_suffix("/review")) =>
+                {
+                    review_remote(&broker, name)
+                }
+                (Method::POST, path)
+                    if let Some(rest) = path.strip_prefix("/v1/remotes/").and_then(|p| p.strip_suffix("/approve")) =>
+                {
+                    let rest = rest.to_owned();
+                    let tool = req.uri().query().and_then(|q| q.strip_prefix("tool=")).map(str::to_owned);
+                    approve_remote(&broker, peer, &rest, tool.as_deref()).await
                 }
                 (Method::POST, path) if let Some(serial) = cert_revoke_serial(path) => {
                     revoke_cert(&broker, peer, serial).await

@@ -268,6 +268,9 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         if torn > 0 {
             log::warn!("certificate journal: cut off a torn last record ({torn} bytes, never acknowledged)");
         }
+        let pins = super::federation::pins::Pins::load(&logs)
+            .await
+            .map_err(|e| ServeError::Startup(format!("tool pins: {}", e.message())))?;
         let known = super::ssh::hosts::KnownHosts::load(&data_dir.state().join("known_hosts"))
             .map_err(|e| ServeError::Startup(format!("known hosts: {e}")))?;
         let broker = Rc::new(Broker {
@@ -293,7 +296,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             proxy: super::proxy::Proxy::new(ex.clone()),
             admission: http::admission::Admission::new(metrics.clone()),
             catalog: super::tools::Catalog::new(),
-            federation: super::federation::Federation::new(ex.clone()),
+            federation: super::federation::Federation::new(ex.clone(), pins),
         });
         record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
         // Sign this process's first lines at once (in the background: serving does not wait for

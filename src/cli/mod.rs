@@ -9,6 +9,7 @@ pub mod exec;
 pub mod init;
 pub mod inspect;
 pub mod policy;
+pub mod remote;
 pub mod secret;
 pub mod target;
 pub mod views;

@@ -5,21 +5,24 @@
 //!
 //! What runs here: the executor thread. At start and on every policy reload each enabled remote
 //! is connected (`initialize`, then `tools/list` with pagination) and its tools kept in memory;
-//! a call on a remote whose session has expired re-initializes once. This slice speaks
-//! Streamable HTTP in the session era (`client`); stdio remotes, tool pinning, resources and
-//! prompts of remotes are not built yet (see issue notes).
+//! a call on a remote whose session has expired re-initializes once and re-reads its tools.
+//! Tools are pinned (`pins`): one whose definition changed is quarantined until approved. This
+//! slice speaks Streamable HTTP in the session era (`client`); stdio remotes, resources and
+//! prompts of remotes are not built yet (docs/federation.md).
 
 pub(crate) mod client;
+pub mod pins;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
 use crate::broker::Error;
-use crate::broker::policy::{Action, ActionKind, Arguments, Decision, Policy, Principal, authorize};
+use crate::broker::audit::{Event, Kind};
+use crate::broker::policy::{Action, ActionKind, Arguments, Decision, PinMode, Policy, Principal, authorize};
 use crate::broker::ports::Ports;
 use crate::broker::upstream::conn::Conns;
 use client::{Endpoint, Posted};
@@ -30,6 +33,8 @@ const MAX_PAGES: usize = 20;
 const MAX_TOOLS: usize = 1000;
 /// A remote that is down is tried again after this long (at the next listing or call).
 pub const RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+/// A connected remote's tools are read again after this long (a changed tool is caught then).
+pub const REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// How a remote is doing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -69,19 +74,27 @@ pub struct RemoteState {
     digest: String,
     /// When it was last tried.
     tried: Option<Instant>,
+    /// Tools whose definition changed since pinned: (pinned, new), not served until approved.
+    pub quarantined: BTreeMap<String, (Value, Value)>,
 }
 
 /// The remotes of one broker.
 pub struct Federation {
     conns: Rc<Conns>,
+    pins: pins::Pins,
     remotes: RefCell<BTreeMap<String, RemoteState>>,
     next_id: std::cell::Cell<u64>,
 }
 
 impl Federation {
-    /// Connections are driven on `ex`.
-    pub fn new(ex: Rc<smol::LocalExecutor<'static>>) -> Self {
-        Federation { conns: Rc::new(Conns::new(ex)), remotes: RefCell::default(), next_id: std::cell::Cell::new(1) }
+    /// Connections are driven on `ex`; tool pins are `pins`.
+    pub fn new(ex: Rc<smol::LocalExecutor<'static>>, pins: pins::Pins) -> Self {
+        Federation {
+            conns: Rc::new(Conns::new(ex)),
+            pins,
+            remotes: RefCell::default(),
+            next_id: std::cell::Cell::new(1),
+        }
     }
 
     fn id(&self) -> u64 {
@@ -177,7 +190,8 @@ impl Federation {
         };
         let state = match discovered.await {
             Ok((session, tools)) => {
-                log::info!("remote {name:?}: connected, {} tool(s)", tools.len());
+                let (tools, quarantined) = self.pinned(ports, name, remote.pin, tools).await;
+                log::info!("remote {name:?}: connected, {} tool(s), {} quarantined", tools.len(), quarantined.len());
                 RemoteState {
                     tools: Rc::new(tools),
                     session,
@@ -185,6 +199,7 @@ impl Federation {
                     error: None,
                     digest: policy.digest.clone(),
                     tried: Some(Instant::now()),
+                    quarantined,
                 }
             }
             Err(e) => {
@@ -199,6 +214,98 @@ impl Federation {
             }
         };
         self.remotes.borrow_mut().insert(name.to_owned(), state);
+    }
+
+    /// Splits discovered tools into served and quarantined by their pins (pinning new ones),
+    /// recording each pin and change in the audit trail.
+    async fn pinned(
+        &self,
+        ports: Ports<'_>,
+        remote: &str,
+        mode: PinMode,
+        tools: Vec<Value>,
+    ) -> (Vec<Value>, BTreeMap<String, (Value, Value)>) {
+        if mode == PinMode::Off {
+            return (tools, BTreeMap::new());
+        }
+        let (mut served, mut quarantined) = (Vec::new(), BTreeMap::new());
+        for def in tools {
+            let tool = def["name"].as_str().unwrap_or_default().to_owned();
+            let ev = |name: &'static str| {
+                Event::new(Kind::Federation, name).action(json!({ "remote": remote, "remote_tool": tool }))
+            };
+            match self.pins.check(remote, &tool, &def) {
+                pins::Seen::Same => served.push(def),
+                pins::Seen::New => {
+                    let pinned = match self.pins.pin(remote, &tool, &def, "first use") {
+                        Ok(Some(d)) => d.wait().await,
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = pinned {
+                        log::error!("remote {remote:?}: pinning {tool:?}: {}; not served", e.message());
+                        continue;
+                    }
+                    ports.audit_now(ev("tool_pinned").outcome(json!({ "hash": pins::Pins::hash(&def).1 }))).await;
+                    served.push(def);
+                }
+                pins::Seen::Changed(old) => {
+                    let flags = pins::flags(&def);
+                    if mode == PinMode::Warn {
+                        log::warn!("remote {remote:?}: tool {tool:?} changed since it was pinned (pin: warn): served");
+                        ports.audit_now(ev("tool_changed").outcome(json!({ "served": true, "flags": flags }))).await;
+                        served.push(def);
+                    } else {
+                        log::warn!(
+                            "remote {remote:?}: tool {tool:?} changed since it was pinned: quarantined until `ephyr remote review {remote}` and `approve`"
+                        );
+                        ports.audit_now(ev("tool_quarantined").outcome(json!({ "flags": flags }))).await;
+                        quarantined.insert(tool, (old, def));
+                    }
+                }
+            }
+        }
+        (served, quarantined)
+    }
+
+    /// The quarantined tools of `remote`: (tool, pinned definition, new definition).
+    pub fn review(&self, remote: &str) -> Vec<(String, Value, Value)> {
+        self.remotes
+            .borrow()
+            .get(remote)
+            .map(|s| s.quarantined.iter().map(|(t, (old, new))| (t.clone(), old.clone(), new.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Approves the quarantined `tool` of `remote` (all of them when `None`): its new definition
+    /// is pinned (durably; `by` names the operator) and served. The approved tools' names.
+    pub async fn approve(&self, remote: &str, tool: Option<&str>, by: &str) -> Result<Vec<String>, Error> {
+        let chosen: Vec<(String, Value)> = self
+            .review(remote)
+            .into_iter()
+            .filter(|(t, _, _)| tool.is_none_or(|x| x == t))
+            .map(|(t, _, new)| (t, new))
+            .collect();
+        if chosen.is_empty() {
+            return Err(Error::NotFound(match tool {
+                Some(t) => format!("remote {remote:?} has no quarantined tool {t:?}"),
+                None => format!("remote {remote:?} has no quarantined tools"),
+            }));
+        }
+        let mut done = Vec::new();
+        for (t, def) in chosen {
+            if let Some(d) = self.pins.pin(remote, &t, &def, by)? {
+                d.wait().await?;
+            }
+            if let Some(st) = self.remotes.borrow_mut().get_mut(remote) {
+                st.quarantined.remove(&t);
+                let mut tools = (*st.tools).clone();
+                tools.push(def);
+                st.tools = Rc::new(tools);
+            }
+            done.push(t);
+        }
+        Ok(done)
     }
 
     /// Every enabled remote of `policy` (and forgets the others).
@@ -288,15 +395,20 @@ impl Federation {
         let session = self.remotes.borrow().get(remote).and_then(|s| s.session.clone());
         let first = self.request(ports, ep, session.as_deref(), "tools/call", params.clone()).await;
         let result = match first {
-            Err(Error::NotFound(_)) => match self.open(ports, ep).await {
-                Ok(fresh) => {
-                    if let Some(st) = self.remotes.borrow_mut().get_mut(remote) {
-                        st.session = fresh.clone();
-                    }
-                    self.request(ports, ep, fresh.as_deref(), "tools/call", params).await
+            Err(Error::NotFound(_)) => {
+                // The remote restarted: it may serve other tools now. Read them again (pins
+                // apply), then call with the new session, unless this tool was quarantined.
+                self.refresh(ports, policy, remote).await;
+                let (quarantined, fresh) = {
+                    let remotes = self.remotes.borrow();
+                    let st = remotes.get(remote);
+                    (st.is_some_and(|s| s.quarantined.contains_key(&facts.tool)), st.and_then(|s| s.session.clone()))
+                };
+                if quarantined {
+                    return Err(quarantined_error(remote, &facts.tool));
                 }
-                Err(e) => Err(e),
-            },
+                self.request(ports, ep, fresh.as_deref(), "tools/call", params).await
+            }
             other => other,
         };
         if let Some(st) = self.remotes.borrow_mut().get_mut(remote) {
@@ -332,11 +444,19 @@ impl Federation {
         policy.remotes.iter().any(|(n, r)| {
             r.enabled
                 && remotes.get(n).is_none_or(|s| {
+                    let since = s.tried.map_or(Duration::MAX, |t| t.elapsed());
                     s.digest != policy.digest
-                        || (s.health == Health::Down && s.tried.is_none_or(|t| t.elapsed() >= RETRY))
+                        || (s.health == Health::Down && since >= RETRY)
+                        || (s.health == Health::Connected && since >= REFRESH)
                 })
         })
     }
+}
+
+fn quarantined_error(remote: &str, tool: &str) -> Error {
+    Error::Refused(format!(
+        "remote {remote:?} changed tool {tool:?} since it was approved: it is quarantined until an operator runs `ephyr remote review {remote}` and `ephyr remote approve {remote} {tool}`"
+    ))
 }
 
 /// What the audit line of a federated call names.

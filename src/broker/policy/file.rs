@@ -228,6 +228,8 @@ pub struct RemoteFile {
     pub timeout: Option<String>,
     /// Serve this remote (default true).
     pub enabled: Option<bool>,
+    /// Tool pinning: `strict` (default), `warn` or `off`.
+    pub pin: Option<String>,
 }
 
 /// `network:`.

@@ -356,6 +356,21 @@ pub struct Remote {
     pub timeout: Duration,
     /// Served at all.
     pub enabled: bool,
+    /// What a changed tool definition does.
+    pub pin: PinMode,
+}
+
+/// Tool pinning for a remote (`remotes.<name>.pin`): what happens when a tool's definition
+/// differs from the one recorded when it was first seen (or last approved).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PinMode {
+    /// Quarantined (not listed, not callable) until an operator approves it.
+    #[default]
+    Strict,
+    /// Served, with a warning in the log and the audit trail.
+    Warn,
+    /// Not recorded, not checked.
+    Off,
 }
 
 /// Dashboard access levels, ordered.

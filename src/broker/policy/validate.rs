@@ -1048,6 +1048,19 @@ fn remotes(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, R
         let credential = r.credential.as_ref().and_then(|c| credential(cx, &["remotes", &name, "credential"], c));
         let tls = tls(cx, &["remotes", &name], r.tls.as_ref());
         let timeout = cx.duration(&["remotes", &name, "timeout"], r.timeout.as_deref(), Duration::from_secs(30));
+        let pin = match r.pin.as_deref() {
+            None | Some("strict") => PinMode::Strict,
+            Some("warn") => PinMode::Warn,
+            Some("off") => PinMode::Off,
+            Some(other) => {
+                cx.err(
+                    &["remotes", &name, "pin"],
+                    format!("{other:?} is not a pin mode"),
+                    Some("strict, warn or off".into()),
+                );
+                PinMode::Strict
+            }
+        };
         let prefix = r.tool_prefix.clone().unwrap_or_else(|| name.clone());
         if !name_ok(&prefix) || prefix.contains('.') {
             cx.err(&["remotes", &name, "tool_prefix"], "1-64 of [A-Za-z0-9_-]", None);
@@ -1063,6 +1076,7 @@ fn remotes(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, R
                 tls,
                 timeout,
                 enabled: r.enabled.unwrap_or(true),
+                pin,
             },
         );
     }

@@ -1,0 +1,63 @@
+//! `ephyr remote review NAME` and `ephyr remote approve NAME [TOOL]`: the operator's side of tool
+//! pinning (`broker::federation::pins`).
+//!
+//! What runs here: one request to the broker's local socket (root or the broker's user).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::client;
+
+/// Shows the quarantined tools of `name`: a diff against the pinned definition and flags.
+pub fn review(socket: &Path, name: &str, json: bool) -> Result<u8, String> {
+    let (status, v) = client::request(socket, http::Method::GET, &format!("/v1/remotes/{name}/review"), None)?;
+    if !status.is_success() {
+        return Err(format!(
+            "{} ({status}): {}",
+            v["error"].as_str().unwrap_or("error"),
+            v["message"].as_str().unwrap_or("")
+        ));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(0);
+    }
+    let list = v["quarantined"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("remote {name}: nothing quarantined");
+        return Ok(0);
+    }
+    for q in &list {
+        let tool = q["tool"].as_str().unwrap_or("?");
+        println!("{name}.{tool}: changed since it was approved (- pinned, + now)");
+        for l in q["diff"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+            println!("  {l}");
+        }
+        for f in q["flags"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+            println!("  WARNING: {f}");
+        }
+        println!("  approve with: ephyr remote approve {name} {tool}\n");
+    }
+    Ok(0)
+}
+
+/// Approves the quarantined `tool` of `name` (all of them without one).
+pub fn approve(socket: &Path, name: &str, tool: Option<&str>) -> Result<u8, String> {
+    let path = match tool {
+        Some(t) => format!("/v1/remotes/{name}/approve?tool={t}"),
+        None => format!("/v1/remotes/{name}/approve"),
+    };
+    let (status, v) = client::request(socket, http::Method::POST, &path, None)?;
+    if !status.is_success() {
+        return Err(format!(
+            "{} ({status}): {}",
+            v["error"].as_str().unwrap_or("error"),
+            v["message"].as_str().unwrap_or("")
+        ));
+    }
+    for t in v["approved"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+        println!("approved {name}.{t}: pinned and served again");
+    }
+    Ok(0)
+}
