@@ -101,6 +101,24 @@ agents:
     let bl = listed(&b, &bob);
     assert!(bl.contains(&"ev.echo".into()) && !bl.contains(&"ev.get-sum".into()), "{bl:?}");
 
+    // The official Python client sees the same: its listing and a forwarded call.
+    let o = python("mcp_call.py")
+        .args([&format!("http://{}/mcp", b.api), &alice, "ev.echo", r#"{"message": "from the python sdk"}"#])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let py: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(py["tools"].as_array().unwrap().iter().any(|t| t == "ev.get-sum"), "{py}");
+    assert_eq!(py["is_error"], false, "{py}");
+    assert!(py["text"].as_str().unwrap().contains("from the python sdk"), "{py}");
+    let o = python("mcp_call.py")
+        .args([&format!("http://{}/mcp", b.api), &bob, "ev.get-sum", r#"{"a": 1, "b": 2}"#])
+        .output()
+        .unwrap();
+    let py: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(py["is_error"], true, "{py}");
+    assert!(py["text"].as_str().unwrap().starts_with("denied ("), "the reason reaches the client: {py}");
+
     // Calls: forwarded with the remote's result.
     let r = tool_call(&b.api, &alice, "ev.echo", json!({"message": "hello through ephyr"})).unwrap();
     assert!(r.as_str().unwrap().contains("hello through ephyr"), "{r}");
@@ -231,6 +249,10 @@ agents:
         5,
         "the unchanged tool is served"
     );
+
+    // `ephyr status` says so.
+    let st = stdout(&ephyr(&["status", "--socket", &sock]));
+    assert!(st.contains("remote notes: connected, 1 tool(s), 1 QUARANTINED (ephyr remote review notes)"), "{st}");
 
     // The operator's review: the diff and the warnings.
     let out = ephyr(&["remote", "review", "notes", "--socket", &sock]);

@@ -68,7 +68,16 @@ pub fn status_json(broker: &Broker) -> serde_json::Value {
         })
     });
     let (seq, head) = broker.audit.durable_head();
+    let remotes: serde_json::Map<String, serde_json::Value> = broker
+        .federation
+        .status()
+        .into_iter()
+        .map(|(name, (health, tools, quarantined, error))| {
+            (name, serde_json::json!({ "health": health.as_str(), "tools": tools, "quarantined": quarantined, "error": error }))
+        })
+        .collect();
     serde_json::json!({
+        "remotes": remotes,
         "audit": {
             "seq": seq,
             "head": data_encoding::HEXLOWER.encode(&head),

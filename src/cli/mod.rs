@@ -118,5 +118,17 @@ pub fn status(socket: &Path, json: bool) -> Result<(), String> {
     );
     println!("sandbox: {}", s["sandbox"]);
     println!("CA: {}", s["ca_public_key"].as_str().unwrap_or("?"));
+    for (name, r) in v["remotes"].as_object().into_iter().flatten() {
+        println!(
+            "remote {name}: {}, {} tool(s){}{}",
+            r["health"].as_str().unwrap_or("?"),
+            r["tools"],
+            match r["quarantined"].as_u64() {
+                Some(n) if n > 0 => format!(", {n} QUARANTINED (ephyr remote review {name})"),
+                _ => String::new(),
+            },
+            r["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default()
+        );
+    }
     Ok(())
 }

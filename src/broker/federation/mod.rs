@@ -432,9 +432,13 @@ impl Federation {
         }
     }
 
-    /// Each remote's state, for `list_remotes` and the status.
-    pub fn status(&self) -> BTreeMap<String, (Health, usize, Option<String>)> {
-        self.remotes.borrow().iter().map(|(n, s)| (n.clone(), (s.health, s.tools.len(), s.error.clone()))).collect()
+    /// Each remote's state for `ephyr status`: health, tools served, tools quarantined, error.
+    pub fn status(&self) -> BTreeMap<String, (Health, usize, usize, Option<String>)> {
+        self.remotes
+            .borrow()
+            .iter()
+            .map(|(n, s)| (n.clone(), (s.health, s.tools.len(), s.quarantined.len(), s.error.clone())))
+            .collect()
     }
 
     /// Whether some remote of `policy` should be (re)discovered: never tried under this policy
