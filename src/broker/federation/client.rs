@@ -116,9 +116,26 @@ pub async fn post(
     let body = serde_json::to_vec(msg).map_err(|e| failed(ep, e))?;
     let req = b.uri(path).body(Full::new(Bytes::from(body))).map_err(|e| failed(ep, e))?;
     let dest = conn::Dest { host: &r.url.host, port: r.url.port, addrs: &addrs, tls, timeout: Duration::from_secs(10) };
+    let pool_key = format!("{}/remote/{}/{}/{}", ep.policy.digest, ep.name, r.url.host, r.url.port);
     let exchange = async {
-        let mut sender = conns.connect(&dest).await.map_err(|e| failed(ep, e))?;
-        let resp = sender.send_request(req).await.map_err(|e| failed(ep, e))?;
+        // A pooled connection first; if the request could not be written on it, a new one.
+        let mut req = Some(req);
+        let mut reused = conns.checkout(&pool_key);
+        let (sender, resp) = loop {
+            let was_reused = reused.is_some();
+            let mut sender = match reused.take() {
+                Some(s) => s,
+                None => conns.connect(&dest).await.map_err(|e| failed(ep, e))?,
+            };
+            let Some(r) = req.take() else { return Err(failed(ep, "request lost")) };
+            match sender.try_send_request(r).await {
+                Ok(resp) => break (sender, resp),
+                Err(mut e) => match e.take_message() {
+                    Some(r) if was_reused => req = Some(r),
+                    _ => return Err(failed(ep, e.into_error())),
+                },
+            }
+        };
         let status = resp.status().as_u16();
         let session = resp.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let sse =
@@ -128,6 +145,8 @@ pub async fn post(
             .await
             .map_err(|e| failed(ep, format!("reading its answer: {e}")))?
             .to_bytes();
+        // Read to the end: the connection can carry the next request.
+        conns.checkin(pool_key.clone(), sender);
         Ok::<_, Error>((status, session, sse, body))
     };
     let (status, session, sse, body) = exchange
