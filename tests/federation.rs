@@ -119,6 +119,24 @@ agents:
     assert_eq!(py["is_error"], true, "{py}");
     assert!(py["text"].as_str().unwrap().starts_with("denied ("), "the reason reaches the client: {py}");
 
+    // And so does the official TypeScript client.
+    let o = node()
+        .args(["ts_call.mjs", &format!("http://{}/mcp", b.api), &alice, "ev.get-sum", r#"{"a": 40, "b": 2}"#])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ts: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(ts["tools"].as_array().unwrap().iter().any(|t| t == "ev.echo"), "{ts}");
+    assert_eq!(ts["isError"], false, "{ts}");
+    assert!(ts["text"].as_str().unwrap().contains("42"), "{ts}");
+    let o = node()
+        .args(["ts_call.mjs", &format!("http://{}/mcp", b.api), &alice, "ev.get-sum", r#"{"a": 4000, "b": 2}"#])
+        .output()
+        .unwrap();
+    let ts: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ts["isError"], true, "{ts}");
+    assert!(ts["text"].as_str().unwrap().starts_with("denied ("), "{ts}");
+
     // Calls: forwarded with the remote's result.
     let r = tool_call(&b.api, &alice, "ev.echo", json!({"message": "hello through ephyr"})).unwrap();
     assert!(r.as_str().unwrap().contains("hello through ephyr"), "{r}");
