@@ -101,6 +101,12 @@ agents:
     let bl = listed(&b, &bob);
     assert!(bl.contains(&"ev.echo".into()) && !bl.contains(&"ev.get-sum".into()), "{bl:?}");
 
+    // list_remotes says how the remote is doing.
+    let remotes = tool_call(&b.api, &alice, "list_remotes", json!({})).unwrap();
+    assert_eq!(remotes[0]["name"], "everything", "{remotes}");
+    assert_eq!(remotes[0]["health"], "connected", "{remotes}");
+    assert!(remotes[0]["tools"].as_u64().unwrap() >= 2, "{remotes}");
+
     // The official Python client sees the same: its listing and a forwarded call.
     let o = python("mcp_call.py")
         .args([&format!("http://{}/mcp", b.api), &alice, "ev.echo", r#"{"message": "from the python sdk"}"#])

@@ -122,13 +122,15 @@ fn remotes_md(out: &mut String, v: &Value) {
         out.push_str("No remote MCP servers are available to you.\n");
         return;
     }
-    out.push_str("| remote | tool prefix | description |\n|---|---|---|\n");
+    out.push_str("| remote | tool prefix | health | tools | description |\n|---|---|---|---|---|\n");
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {} |",
+            "| {} | {} | {} | {} | {} |",
             cell(r["name"].as_str().unwrap_or("")),
             cell(r["tool_prefix"].as_str().unwrap_or("")),
+            cell(r["health"].as_str().unwrap_or("")),
+            r["tools"],
             cell(r["description"].as_str().unwrap_or(""))
         );
     }
@@ -204,7 +206,7 @@ pub fn read(broker: &Broker, policy: &Policy, caller: &Caller, uri: &str) -> Opt
             out.push_str("\n## HTTP services\n\n");
             services_md(&mut out, &discovery::services(policy, &principal));
             out.push_str("\n## Remote MCP servers\n\n");
-            remotes_md(&mut out, &discovery::remotes(policy, &principal));
+            remotes_md(&mut out, &discovery::remotes(policy, &principal, &broker.federation));
             out.push_str("\n## Tools\n\n");
             tools_md(&mut out, policy, caller);
         }
@@ -218,7 +220,7 @@ pub fn read(broker: &Broker, policy: &Policy, caller: &Caller, uri: &str) -> Opt
         }
         "ephyr://remotes" => {
             out.push_str("# Remote MCP servers\n\n");
-            remotes_md(&mut out, &discovery::remotes(policy, &principal));
+            remotes_md(&mut out, &discovery::remotes(policy, &principal, &broker.federation));
         }
         "ephyr://roles" => {
             out.push_str("# Roles\n\n");

@@ -4,6 +4,7 @@
 use serde_json::{Value, json};
 
 use super::{Needs, Output, OutputShape, ToolDef, allowed, any_remote_tool, any_service};
+use crate::broker::federation::Federation;
 use crate::broker::policy::{ActionKind, CredentialKind, Policy, Principal};
 use crate::mcp::types::Annotations;
 
@@ -46,7 +47,7 @@ pub static LIST_REMOTES: ToolDef = ToolDef {
     needs: Needs::AnyRemote,
     run: |cx| {
         Box::pin(async move {
-            let r = remotes(cx.policy, &cx.caller.principal());
+            let r = remotes(cx.policy, &cx.caller.principal(), cx.federation);
             if r.as_array().is_some_and(Vec::is_empty) {
                 let mut o = Output::text("No remote MCP servers configured.");
                 o.value = Some(Box::new(serde_json::json!([])));
@@ -130,18 +131,24 @@ pub fn services(policy: &Policy, principal: &Principal<'_>) -> Value {
 }
 
 /// Remote MCP servers the caller may use.
-pub fn remotes(policy: &Policy, principal: &Principal<'_>) -> Value {
+pub fn remotes(policy: &Policy, principal: &Principal<'_>, federation: &Federation) -> Value {
+    let status = federation.status();
     let mut out = Vec::new();
     for (name, r) in &policy.remotes {
         if !any_remote_tool(policy, principal, None, name) {
             continue;
         }
+        let (health, tools, quarantined) =
+            status.get(name).map_or(("not connected yet", 0, 0), |(h, t, q, _)| (h.as_str(), *t, *q));
         out.push(json!({
             "name": name,
             "url": r.url.to_string(),
             "description": r.description,
             "tool_prefix": r.tool_prefix,
             "enabled": r.enabled,
+            "health": health,
+            "tools": tools,
+            "quarantined": quarantined,
         }));
     }
     Value::Array(out)

@@ -178,6 +178,8 @@ pub struct Ctx<'a> {
     pub sealer: &'a dyn Sealer,
     /// Revocations and closes, as operators and agents share them.
     pub ops: &'a dyn Operations,
+    /// Remote MCP servers (their health, for `list_remotes`).
+    pub federation: &'a super::federation::Federation,
     /// Who calls.
     pub caller: &'a Caller,
     /// The policy snapshot for this request.
@@ -548,6 +550,7 @@ pub async fn call(
                         tasks: &broker.tasks,
                         sealer: &broker.signer,
                         ops: &**broker,
+                        federation: &broker.federation,
                         caller,
                         policy: &policy,
                         args: &args,
