@@ -81,7 +81,7 @@ agents:
     api_key_hash: "{alice_hash}"
     can_delegate: true
     remotes:
-      everything: {{ tools: [echo, get-sum], args: {{ a: {{ max: 100 }} }} }}
+      everything: {{ tools: [echo, get-sum, trigger-long-running-operation], args: {{ a: {{ max: 100 }} }} }}
   bob:
     api_key_hash: "{bob_hash}"
     remotes:
@@ -176,6 +176,22 @@ agents:
     assert!(tool_call(&b.api, token, "ev.echo", json!({"message": "x"})).is_ok());
     let e = tool_call(&b.api, token, "ev.get-sum", json!({"a": 1, "b": 1})).unwrap_err();
     assert!(e.starts_with("denied ("), "{e}");
+
+    // Revoking the task cuts its call in flight: a 10 s operation ends within moments.
+    let t = tool_call(&b.api, &alice, "task_create", json!({"description": "long", "ttl": "5m"})).unwrap();
+    let (token, task) = (t["token"].as_str().unwrap().to_owned(), t["task_id"].as_str().unwrap().to_owned());
+    let api = b.api.clone();
+    let long = std::thread::spawn(move || {
+        let started = Instant::now();
+        let r = tool_call(&api, &token, "ev.trigger-long-running-operation", json!({"duration": 10, "steps": 10}));
+        (r, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    tool_call(&b.api, &alice, "task_revoke", json!({"task_id": task})).unwrap();
+    let (r, took) = long.join().unwrap();
+    let e = r.unwrap_err();
+    assert!(e.contains("revoked or expired while remote \"everything\" ran"), "{e}");
+    assert!(took < Duration::from_secs(5), "cut at the revocation, not after 10 s: {took:?}");
 
     // Every allowed call is on disk before it leaves; refusals are recorded too.
     std::thread::sleep(Duration::from_millis(100));

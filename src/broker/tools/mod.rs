@@ -651,7 +651,23 @@ pub async fn call_remote(
     if let Err(e) = ticket.durable().await {
         return Some(Err(Output::failed(super::Error::audit(e))));
     }
-    let result = broker.federation.forward(broker.ports(), policy, &facts, args).await;
+    // A call in flight ends when the caller's task is revoked or expires (task events): the
+    // answer is not waited for, and the agent is told why.
+    let forward = broker.federation.forward(broker.ports(), policy, &facts, args);
+    let result = match caller.token() {
+        None => forward.await,
+        Some(t) => {
+            let ended = broker.ports().tasks.ended(t.task.clone(), t.envelope().expires_before);
+            futures_lite::future::or(forward, async {
+                ended.await;
+                Err(super::Error::Refused(format!(
+                    "the task was revoked or expired while remote {:?} ran {:?}; its answer was dropped",
+                    facts.remote, facts.tool
+                )))
+            })
+            .await
+        }
+    };
     let elapsed = started.elapsed();
     let outcome = match &result {
         Ok(r) => {
