@@ -101,6 +101,10 @@ agents:
     let bl = listed(&b, &bob);
     assert!(bl.contains(&"ev.echo".into()) && !bl.contains(&"ev.get-sum".into()), "{bl:?}");
 
+    // server-everything does not offer the stateless era: the broker fell back to a session.
+    let st = stdout(&ephyr(&["status", "--socket", b.socket.to_str().unwrap()]));
+    assert!(st.contains("remote everything: connected") && st.contains("protocol 2025-06-18 (session)"), "{st}");
+
     // list_remotes says how the remote is doing.
     let remotes = tool_call(&b.api, &alice, "list_remotes", json!({})).unwrap();
     assert_eq!(remotes[0]["name"], "everything", "{remotes}");
@@ -292,7 +296,10 @@ agents:
 
     // `ephyr status` says so.
     let st = stdout(&ephyr(&["status", "--socket", &sock]));
-    assert!(st.contains("remote notes: connected, 1 tool(s), 1 QUARANTINED (ephyr remote review notes)"), "{st}");
+    assert!(
+        st.contains("remote notes: connected, 1 tool(s), protocol 2026-07-28 (stateless), 1 QUARANTINED (ephyr remote review notes)"),
+        "the Python server speaks the stateless era; the broker chose it: {st}"
+    );
 
     // The operator's review: the diff and the warnings.
     let out = ephyr(&["remote", "review", "notes", "--socket", &sock]);

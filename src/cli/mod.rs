@@ -120,9 +120,10 @@ pub fn status(socket: &Path, json: bool) -> Result<(), String> {
     println!("CA: {}", s["ca_public_key"].as_str().unwrap_or("?"));
     for (name, r) in v["remotes"].as_object().into_iter().flatten() {
         println!(
-            "remote {name}: {}, {} tool(s){}{}",
+            "remote {name}: {}, {} tool(s), protocol {}{}{}",
             r["health"].as_str().unwrap_or("?"),
             r["tools"],
+            r["protocol"].as_str().unwrap_or("-"),
             match r["quarantined"].as_u64() {
                 Some(n) if n > 0 => format!(", {n} QUARANTINED (ephyr remote review {name})"),
                 _ => String::new(),

@@ -20,8 +20,24 @@ use crate::broker::policy::{CredentialKind, Policy, Remote};
 use crate::broker::ports::Ports;
 use crate::broker::upstream::conn::{self, Conns};
 
-/// The protocol revision the client asks for.
+/// The session-era revision the client asks for.
 pub const PROTOCOL: &str = "2025-06-18";
+/// The stateless-era revision it speaks when the remote supports it.
+pub const STATELESS: &str = "2026-07-28";
+
+/// How one message travels: the session it belongs to (session era), or the stateless era's
+/// routing headers.
+#[derive(Clone, Copy, Debug)]
+pub struct Wire<'a> {
+    /// `Mcp-Session-Id` (session era).
+    pub session: Option<&'a str>,
+    /// The stateless era: `MCP-Protocol-Version: 2026-07-28`, `Mcp-Method`, `Mcp-Name`.
+    pub stateless: bool,
+    /// The JSON-RPC method.
+    pub method: &'a str,
+    /// The tool name of a `tools/call`.
+    pub name: Option<&'a str>,
+}
 /// Largest answer read from a remote.
 pub const MAX_ANSWER: usize = 4 << 20;
 
@@ -56,7 +72,7 @@ pub async fn post(
     conns: &std::rc::Rc<Conns>,
     ports: Ports<'_>,
     ep: Endpoint<'_>,
-    session: Option<&str>,
+    wire: Wire<'_>,
     msg: &Value,
     id: Option<u64>,
 ) -> Result<Posted, Error> {
@@ -89,9 +105,15 @@ pub async fn post(
         .header(header::HOST, crate::broker::upstream::plan::host_header(&r.url.scheme, &r.url.host, r.url.port))
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::ACCEPT, "application/json, text/event-stream")
-        .header("mcp-protocol-version", PROTOCOL);
-    if let Some(s) = session {
+        .header("mcp-protocol-version", if wire.stateless { STATELESS } else { PROTOCOL });
+    if let Some(s) = wire.session {
         b = b.header("mcp-session-id", s);
+    }
+    if wire.stateless {
+        b = b.header("mcp-method", wire.method);
+        if let Some(n) = wire.name {
+            b = b.header("mcp-name", n);
+        }
     }
     if let Some(c) = &r.credential {
         let secret = ports.secrets.resolve(&c.secret).await?;

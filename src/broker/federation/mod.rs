@@ -25,7 +25,30 @@ use crate::broker::audit::{Event, Kind};
 use crate::broker::policy::{Action, ActionKind, Arguments, Decision, PinMode, Policy, Principal, authorize};
 use crate::broker::ports::Ports;
 use crate::broker::upstream::conn::Conns;
-use client::{Endpoint, Posted};
+use client::{Endpoint, Posted, Wire};
+
+/// How the broker talks to a remote: in a session (2025 era), or statelessly (2026-07-28).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Link {
+    /// Session era, with the id the server handed out (if any).
+    #[default]
+    NotOpen,
+    /// Session era.
+    Session(Option<String>),
+    /// Stateless era: every request carries its version in `_meta` and headers.
+    Stateless,
+}
+
+impl Link {
+    /// For status output.
+    pub fn era(&self) -> &'static str {
+        match self {
+            Link::Stateless => "2026-07-28 (stateless)",
+            Link::Session(_) => "2025-06-18 (session)",
+            Link::NotOpen => "-",
+        }
+    }
+}
 
 /// Pages of `tools/list` read from one remote.
 const MAX_PAGES: usize = 20;
@@ -33,8 +56,11 @@ const MAX_PAGES: usize = 20;
 const MAX_TOOLS: usize = 1000;
 /// A remote that is down is tried again after this long (at the next listing or call).
 pub const RETRY: std::time::Duration = std::time::Duration::from_secs(30);
-/// A connected remote's tools are read again after this long (a changed tool is caught then).
+/// A connected remote's tools are read again after this long (a changed tool is caught then),
+/// or sooner when a stateless-era remote says so (`ttlMs`), but not more often than `MIN_KEEP`.
 pub const REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
+/// The shortest a tool list is kept.
+pub const MIN_KEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How a remote is doing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,8 +90,10 @@ impl Health {
 pub struct RemoteState {
     /// Its tools, as it described them.
     pub tools: Rc<Vec<Value>>,
-    /// The session its server handed out.
-    session: Option<String>,
+    /// How it is talked to.
+    pub link: Link,
+    /// How long its tool list is kept before it is read again.
+    keep: Duration,
     /// Health.
     pub health: Health,
     /// Why it is down.
@@ -109,13 +137,28 @@ impl Federation {
         &self,
         ports: Ports<'_>,
         ep: Endpoint<'_>,
-        session: Option<&str>,
+        link: &Link,
         method: &str,
         params: Value,
     ) -> Result<(Posted, Value), Error> {
         let id = self.id();
+        let mut params = params;
+        let stateless = *link == Link::Stateless;
+        if stateless {
+            params["_meta"] = json!({
+                "io.modelcontextprotocol/protocolVersion": client::STATELESS,
+                "io.modelcontextprotocol/clientCapabilities": {},
+                "io.modelcontextprotocol/clientInfo": { "name": "ephyr", "version": env!("CARGO_PKG_VERSION") },
+            });
+        }
+        let name = params["name"].as_str().map(str::to_owned).filter(|_| method == "tools/call");
+        let session = match link {
+            Link::Session(s) => s.as_deref(),
+            _ => None,
+        };
+        let wire = Wire { session, stateless, method, name: name.as_deref() };
         let msg = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
-        let posted = client::post(&self.conns, ports, ep, session, &msg, Some(id)).await?;
+        let posted = client::post(&self.conns, ports, ep, wire, &msg, Some(id)).await?;
         // The spec says 404 for a session the server no longer knows; the reference server
         // says 400. Either way, with a session sent, a new one is opened once.
         if matches!(posted.status, 400 | 404) && session.is_some() {
@@ -145,18 +188,26 @@ impl Federation {
         Ok((posted, result))
     }
 
-    /// `initialize` and `notifications/initialized`; the session id.
-    async fn open(&self, ports: Ports<'_>, ep: Endpoint<'_>) -> Result<Option<String>, Error> {
+    /// Opens the link: the stateless era if the remote's `server/discover` offers it, else a
+    /// session (`initialize`, `notifications/initialized`).
+    async fn open(&self, ports: Ports<'_>, ep: Endpoint<'_>) -> Result<Link, Error> {
+        if let Ok((_, found)) = self.request(ports, ep, &Link::Stateless, "server/discover", json!({})).await
+            && found["supportedVersions"].as_array().is_some_and(|v| v.iter().any(|x| x == client::STATELESS))
+        {
+            return Ok(Link::Stateless);
+        }
         let params = json!({
             "protocolVersion": client::PROTOCOL,
             "capabilities": {},
             "clientInfo": { "name": "ephyr", "version": env!("CARGO_PKG_VERSION") },
         });
-        let (posted, _) = self.request(ports, ep, None, "initialize", params).await?;
+        let (posted, _) = self.request(ports, ep, &Link::Session(None), "initialize", params).await?;
         let session = posted.session;
         let note = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
-        client::post(&self.conns, ports, ep, session.as_deref(), &note, None).await?;
-        Ok(session)
+        let wire =
+            Wire { session: session.as_deref(), stateless: false, method: "notifications/initialized", name: None };
+        client::post(&self.conns, ports, ep, wire, &note, None).await?;
+        Ok(Link::Session(session))
     }
 
     /// Connects to remote `name` and reads its tools; the state records the outcome.
@@ -167,15 +218,20 @@ impl Federation {
         };
         let ep = Endpoint { name, remote, policy };
         let discovered = async {
-            let session = self.open(ports, ep).await?;
+            let link = self.open(ports, ep).await?;
             let mut tools = Vec::new();
+            let mut ttl: Option<u64> = None;
             let mut cursor: Option<String> = None;
             for _ in 0..MAX_PAGES {
                 let params = match &cursor {
                     Some(c) => json!({ "cursor": c }),
                     None => json!({}),
                 };
-                let (_, result) = self.request(ports, ep, session.as_deref(), "tools/list", params).await?;
+                let (_, result) = self.request(ports, ep, &link, "tools/list", params).await?;
+                // The stateless era says how long the list may be kept (`ttlMs`).
+                if let Some(t) = result["ttlMs"].as_u64() {
+                    ttl = Some(ttl.map_or(t, |x: u64| x.min(t)));
+                }
                 for t in result["tools"].as_array().into_iter().flatten() {
                     if t["name"].as_str().is_some_and(tool_name_ok) && tools.len() < MAX_TOOLS {
                         tools.push(t.clone());
@@ -186,15 +242,16 @@ impl Federation {
                     break;
                 }
             }
-            Ok::<_, Error>((session, tools))
+            Ok::<_, Error>((link, tools, ttl))
         };
         let state = match discovered.await {
-            Ok((session, tools)) => {
+            Ok((link, tools, ttl)) => {
                 let (tools, quarantined) = self.pinned(ports, name, remote.pin, tools).await;
                 log::info!("remote {name:?}: connected, {} tool(s), {} quarantined", tools.len(), quarantined.len());
                 RemoteState {
                     tools: Rc::new(tools),
-                    session,
+                    link,
+                    keep: ttl.map_or(REFRESH, |t| Duration::from_millis(t).clamp(MIN_KEEP, REFRESH)),
                     health: Health::Connected,
                     error: None,
                     digest: policy.digest.clone(),
@@ -331,6 +388,15 @@ impl Federation {
         })
     }
 
+    /// The remote and tool behind `full` if that tool is quarantined.
+    fn quarantined(&self, policy: &Policy, full: &str) -> Option<(String, String)> {
+        let remotes = self.remotes.borrow();
+        policy.remotes.iter().find_map(|(name, r)| {
+            let tool = full.strip_prefix(r.tool_prefix.as_str())?.strip_prefix('.')?;
+            remotes.get(name)?.quarantined.contains_key(tool).then(|| (name.clone(), tool.to_owned()))
+        })
+    }
+
     /// The remote tools `principal` could call, as `tools/list` entries (name namespaced).
     pub fn visible_descriptors(&self, policy: &Policy, principal: &Principal<'_>) -> Vec<String> {
         let remotes = self.remotes.borrow();
@@ -363,6 +429,9 @@ impl Federation {
         full: &str,
         args: &Map<String, Value>,
     ) -> Option<Result<CallFacts, Error>> {
+        if let Some((remote, tool)) = self.quarantined(policy, full) {
+            return Some(Err(quarantined_error(&remote, &tool)));
+        }
         let (remote, tool, def) = self.resolve(policy, full)?;
         let declared: Vec<&str> = def["inputSchema"]["properties"]
             .as_object()
@@ -392,8 +461,8 @@ impl Federation {
         let r = policy.remotes.get(remote).ok_or_else(|| Error::NotFound(format!("no remote {remote:?}")))?;
         let ep = Endpoint { name: remote, remote: r, policy };
         let params = json!({ "name": facts.tool, "arguments": args });
-        let session = self.remotes.borrow().get(remote).and_then(|s| s.session.clone());
-        let first = self.request(ports, ep, session.as_deref(), "tools/call", params.clone()).await;
+        let link = self.remotes.borrow().get(remote).map(|s| s.link.clone()).unwrap_or_default();
+        let first = self.request(ports, ep, &link, "tools/call", params.clone()).await;
         let result = match first {
             Err(Error::NotFound(_)) => {
                 // The remote restarted: it may serve other tools now. Read them again (pins
@@ -402,12 +471,15 @@ impl Federation {
                 let (quarantined, fresh) = {
                     let remotes = self.remotes.borrow();
                     let st = remotes.get(remote);
-                    (st.is_some_and(|s| s.quarantined.contains_key(&facts.tool)), st.and_then(|s| s.session.clone()))
+                    (
+                        st.is_some_and(|s| s.quarantined.contains_key(&facts.tool)),
+                        st.map(|s| s.link.clone()).unwrap_or_default(),
+                    )
                 };
                 if quarantined {
                     return Err(quarantined_error(remote, &facts.tool));
                 }
-                self.request(ports, ep, fresh.as_deref(), "tools/call", params).await
+                self.request(ports, ep, &fresh, "tools/call", params).await
             }
             other => other,
         };
@@ -441,6 +513,11 @@ impl Federation {
             .collect()
     }
 
+    /// The protocol era each remote is spoken to in.
+    pub fn eras(&self) -> BTreeMap<String, &'static str> {
+        self.remotes.borrow().iter().map(|(n, s)| (n.clone(), s.link.era())).collect()
+    }
+
     /// Whether some remote of `policy` should be (re)discovered: never tried under this policy
     /// (start, reload), or down for longer than [`RETRY`].
     pub fn stale(&self, policy: &Policy) -> bool {
@@ -451,7 +528,7 @@ impl Federation {
                     let since = s.tried.map_or(Duration::MAX, |t| t.elapsed());
                     s.digest != policy.digest
                         || (s.health == Health::Down && since >= RETRY)
-                        || (s.health == Health::Connected && since >= REFRESH)
+                        || (s.health == Health::Connected && since >= s.keep)
                 })
         })
     }
