@@ -417,6 +417,13 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         }
         "help" => help(USAGE),
         "__signer" => cmd_signer(p),
+        "__federation-client" => {
+            let url = match p.next()? {
+                Some(Value(v)) => v.string()?,
+                _ => return Err(usage("__federation-client needs a server URL")),
+            };
+            cli::federation_client::run(&url).map_err(|e| Failure::Run(1, e))
+        }
         other => Err(usage(match did_you_mean(other) {
             Some(c) => format!("unknown command {other:?}; did you mean `ephyr {c}`?"),
             None => format!("unknown command {other:?}"),

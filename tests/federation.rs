@@ -332,3 +332,22 @@ agents:
     assert_eq!(audit_events(&b, "tool_quarantined").len(), 1, "nothing more quarantined after the restart (same log)");
     assert_eq!(tool_call(&b.api, &alice, "notes.note", json!({"text": "four"})).unwrap(), "noted: four");
 }
+
+/// The conformance suite's client scenarios that apply to the broker's federation client (no
+/// OAuth), run against `ephyr __federation-client`: `initialize` and `tools_call` pass.
+/// `sse-retry` (reconnecting a closed response stream with GET and Last-Event-ID) and the
+/// elicitation scenario do not: the client has neither (docs/federation.md).
+#[test]
+fn the_conformance_suites_client_scenarios_pass_for_the_federation_client() {
+    let cmd = format!("{} __federation-client", ephyr_bin().display());
+    for scenario in ["initialize", "tools_call"] {
+        let out = node()
+            .args(["node_modules/@modelcontextprotocol/conformance/dist/index.js", "client", "--command", &cmd])
+            .args(["--scenario", scenario, "--timeout", "20000"])
+            .output()
+            .unwrap();
+        let log = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(out.status.success(), "{scenario}:\n{log}");
+        assert!(log.contains("0 failed"), "{scenario}:\n{log}");
+    }
+}

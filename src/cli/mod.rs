@@ -6,6 +6,7 @@ pub mod client;
 pub mod demo;
 pub mod doctor;
 pub mod exec;
+pub mod federation_client;
 pub mod init;
 pub mod inspect;
 pub mod policy;

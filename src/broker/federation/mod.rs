@@ -513,6 +513,11 @@ impl Federation {
             .collect()
     }
 
+    /// The served tool definitions of `remote` (as it described them).
+    pub fn tool_definitions(&self, remote: &str) -> Vec<Value> {
+        self.remotes.borrow().get(remote).map(|s| (*s.tools).clone()).unwrap_or_default()
+    }
+
     /// The protocol era each remote is spoken to in.
     pub fn eras(&self) -> BTreeMap<String, &'static str> {
         self.remotes.borrow().iter().map(|(n, s)| (n.clone(), s.link.era())).collect()
