@@ -49,6 +49,22 @@ where
     .await
 }
 
+/// The local API's refusal as one line: `code (status): message`.
+pub fn refusal(status: http::StatusCode, v: &serde_json::Value) -> String {
+    format!("{} ({status}): {}", v["error"].as_str().unwrap_or("error"), v["message"].as_str().unwrap_or(""))
+}
+
+/// One request to the local API that must succeed: its JSON body, or the refusal as one line.
+pub fn request_ok(
+    socket: &Path,
+    method: http::Method,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<serde_json::Value, String> {
+    let (status, v) = request(socket, method, path, body)?;
+    if status.is_success() { Ok(v) } else { Err(refusal(status, &v)) }
+}
+
 /// One request to the local API; returns (status, JSON body).
 pub fn request(
     socket: &Path,

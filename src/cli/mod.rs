@@ -56,14 +56,7 @@ pub fn cert_sign(o: &CertSignOptions) -> Result<(), String> {
         "force_command": o.force_command,
         "source_address": o.source_address,
     });
-    let (status, v) = client::request(&o.socket, http::Method::POST, "/v1/certs", Some(&body))?;
-    if !status.is_success() {
-        return Err(format!(
-            "{} ({status}): {}",
-            v["error"].as_str().unwrap_or("error"),
-            v["message"].as_str().unwrap_or("")
-        ));
-    }
+    let v = client::request_ok(&o.socket, http::Method::POST, "/v1/certs", Some(&body))?;
     if o.json {
         println!("{v}");
     } else {
@@ -76,14 +69,7 @@ pub fn cert_sign(o: &CertSignOptions) -> Result<(), String> {
 /// `ephyr cert revoke SERIAL`: puts a certificate on the broker's KRL.
 pub fn cert_revoke(socket: &Path, serial: &str) -> Result<(), String> {
     let path = format!("/v1/certs/{}/revoke", serial.trim().trim_start_matches("0x"));
-    let (status, v) = client::request(socket, http::Method::POST, &path, None)?;
-    if !status.is_success() {
-        return Err(format!(
-            "{} ({status}): {}",
-            v["error"].as_str().unwrap_or("error"),
-            v["message"].as_str().unwrap_or("")
-        ));
-    }
+    let v = client::request_ok(socket, http::Method::POST, &path, None)?;
     println!(
         "certificate {} revoked; targets refuse it once they fetch /v1/ssh/krl",
         v["serial"].as_str().unwrap_or(serial)

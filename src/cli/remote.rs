@@ -11,14 +11,7 @@ use super::client;
 
 /// Shows the quarantined tools of `name`: a diff against the pinned definition and flags.
 pub fn review(socket: &Path, name: &str, json: bool) -> Result<u8, String> {
-    let (status, v) = client::request(socket, http::Method::GET, &format!("/v1/remotes/{name}/review"), None)?;
-    if !status.is_success() {
-        return Err(format!(
-            "{} ({status}): {}",
-            v["error"].as_str().unwrap_or("error"),
-            v["message"].as_str().unwrap_or("")
-        ));
-    }
+    let v = client::request_ok(socket, http::Method::GET, &format!("/v1/remotes/{name}/review"), None)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(0);
@@ -48,14 +41,7 @@ pub fn approve(socket: &Path, name: &str, tool: Option<&str>) -> Result<u8, Stri
         Some(t) => format!("/v1/remotes/{name}/approve?tool={t}"),
         None => format!("/v1/remotes/{name}/approve"),
     };
-    let (status, v) = client::request(socket, http::Method::POST, &path, None)?;
-    if !status.is_success() {
-        return Err(format!(
-            "{} ({status}): {}",
-            v["error"].as_str().unwrap_or("error"),
-            v["message"].as_str().unwrap_or("")
-        ));
-    }
+    let v = client::request_ok(socket, http::Method::POST, &path, None)?;
     for t in v["approved"].as_array().into_iter().flatten().filter_map(Value::as_str) {
         println!("approved {name}.{t}: pinned and served again");
     }

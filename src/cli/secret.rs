@@ -7,9 +7,7 @@ use std::path::Path;
 
 use super::client;
 
-fn failed(status: http::StatusCode, v: &serde_json::Value) -> String {
-    format!("{} ({status}): {}", v["error"].as_str().unwrap_or("error"), v["message"].as_str().unwrap_or(""))
-}
+use client::refusal as failed;
 
 /// `ephyr secret set NAME` (value on stdin).
 pub fn set(socket: &Path, name: &str) -> Result<(), String> {

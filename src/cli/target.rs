@@ -78,14 +78,7 @@ pub fn scan(spec: &str, json: bool) -> Result<u8, String> {
 /// `ephyr target verify NAME`: every role of the target tried by the running broker.
 pub fn verify(socket: &Path, name: &str, json: bool) -> Result<u8, String> {
     let path = format!("/v1/targets/{name}/verify");
-    let (status, v) = super::client::request(socket, http::Method::POST, &path, None)?;
-    if !status.is_success() {
-        return Err(format!(
-            "{} ({status}): {}",
-            v["error"].as_str().unwrap_or("error"),
-            v["message"].as_str().unwrap_or("")
-        ));
-    }
+    let v = super::client::request_ok(socket, http::Method::POST, &path, None)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {

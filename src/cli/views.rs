@@ -11,15 +11,7 @@ use serde_json::Value;
 use super::client;
 
 fn get(socket: &Path, path: &str) -> Result<Value, String> {
-    let (status, v) = client::request(socket, http::Method::GET, path, None)?;
-    if !status.is_success() {
-        return Err(format!(
-            "{} ({status}): {}",
-            v["error"].as_str().unwrap_or("error"),
-            v["message"].as_str().unwrap_or("")
-        ));
-    }
-    Ok(v)
+    client::request_ok(socket, http::Method::GET, path, None)
 }
 
 fn print_json(v: &Value) {

@@ -551,28 +551,40 @@ pub fn agent_key(name: &str) -> (String, String) {
 
 /// A stateless-era `tools/call` with a bearer credential: `Ok(parsed JSON or text)` or
 /// `Err(error text)` for an `isError` result. Panics on protocol-level failures.
-pub fn tool_call(api: &str, cred: &str, tool: &str, args: serde_json::Value) -> Result<serde_json::Value, String> {
-    let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
-        "name": tool, "arguments": args,
-        "_meta": {
-            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-            "io.modelcontextprotocol/clientCapabilities": {},
-            "io.modelcontextprotocol/clientInfo": {"name": "ephyr-tests", "version": "1"},
-        },
-    }})
-    .to_string();
+/// One MCP request in the stateless era (the `_meta` and routing headers a 2026-07-28 client
+/// sends); the JSON-RPC answer. `name`: the tool of a `tools/call`.
+pub fn mcp_request(
+    api: &str,
+    cred: &str,
+    method: &str,
+    name: Option<&str>,
+    params: serde_json::Value,
+) -> serde_json::Value {
+    let mut params = params;
+    params["_meta"] = serde_json::json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "ephyr-tests", "version": "1"},
+    });
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();
     let auth = format!("Bearer {cred}");
-    let h = [
+    let mut h = vec![
         ("Authorization", auth.as_str()),
         ("Content-Type", "application/json"),
         ("Accept", "application/json, text/event-stream"),
         ("MCP-Protocol-Version", "2026-07-28"),
-        ("Mcp-Method", "tools/call"),
-        ("Mcp-Name", tool),
+        ("Mcp-Method", method),
     ];
+    if let Some(n) = name {
+        h.push(("Mcp-Name", n));
+    }
     let r = http_request(api, "POST", "/mcp", &h, body.as_bytes());
-    assert_eq!(r.status, 200, "{tool}: {}", r.text());
-    let v = r.json();
+    assert_eq!(r.status, 200, "{method} {name:?}: {}", r.text());
+    r.json()
+}
+
+pub fn tool_call(api: &str, cred: &str, tool: &str, args: serde_json::Value) -> Result<serde_json::Value, String> {
+    let v = mcp_request(api, cred, "tools/call", Some(tool), serde_json::json!({"name": tool, "arguments": args}));
     let res = &v["result"];
     assert!(res.is_object(), "{tool}: {v}");
     let text = res["content"][0]["text"].as_str().unwrap_or("").to_owned();
