@@ -413,18 +413,12 @@ fn whoami(broker: &Broker, peer: Peer) -> serde_json::Value {
         "ssh": agent.as_ref().map(|a| {
             policy.targets.keys().filter_map(|t| {
                 let roles: Vec<&String> = policy.targets[t].allowed_roles.iter()
-                    .filter(|r| agent_may(&policy, &a.name, t, r)).collect();
+                    .filter(|r| crate::broker::ssh::policy_allows(&policy, &a.name, t, r)).collect();
                 (!roles.is_empty()).then(|| serde_json::json!({ "target": t, "roles": roles }))
             }).collect::<Vec<_>>()
         }),
         "broker": { "version": env!("CARGO_PKG_VERSION"), "listen": broker.listen.to_string(), "socket": broker.socket },
     })
-}
-
-fn agent_may(policy: &crate::broker::policy::Policy, agent: &str, target: &str, role: &str) -> bool {
-    use crate::broker::policy::{Action, ActionKind, Principal, authorize};
-    let p = Principal { agent, token: None, delegators: &[] };
-    authorize(policy, &p, &Action::reach(None, ActionKind::Ssh { target, role })).is_allow()
 }
 
 /// Every target with its roles (and principals), how its host key is checked, and which agents
@@ -453,8 +447,11 @@ fn targets_json(broker: &Broker) -> serde_json::Value {
                 .iter()
                 .map(|r| {
                     let principal = policy.roles.get(r).map(|x| x.principal.clone());
-                    let agents: Vec<&String> =
-                        policy.agents.keys().filter(|a| agent_may(&policy, a, name, r)).collect();
+                    let agents: Vec<&String> = policy
+                        .agents
+                        .keys()
+                        .filter(|a| crate::broker::ssh::policy_allows(&policy, a, name, r))
+                        .collect();
                     serde_json::json!({ "role": r, "principal": principal, "agents": agents })
                 })
                 .collect();

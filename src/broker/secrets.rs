@@ -44,6 +44,11 @@ pub fn trim_newline(mut v: Vec<u8>) -> Vec<u8> {
     v
 }
 
+/// Where the sealed secret `name` lives in the store `dir` (`<data-dir>/state/secrets`).
+pub fn sealed_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.sealed"))
+}
+
 /// The secrets of one broker (executor thread only).
 pub struct Secrets {
     dir: PathBuf,
@@ -57,7 +62,7 @@ impl Secrets {
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.sealed"))
+        sealed_path(&self.dir, name)
     }
 
     /// Forgets every resolved value (policy reload: references may point elsewhere now).

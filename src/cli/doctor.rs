@@ -158,7 +158,7 @@ fn check_targets(r: &mut Report, p: &policy::Policy) {
 fn check_store_secrets(r: &mut Report, p: &policy::Policy, dir: &Path) {
     for (name, users) in p.store_refs() {
         let check = format!("secret store:{name}");
-        if dir.join(format!("{name}.sealed")).exists() {
+        if crate::broker::secrets::sealed_path(dir, &name).exists() {
             r.add(check, Status::Ok, format!("set (used by {})", users.join(", ")));
         } else if fs::read_dir(dir).is_err() && !crate::broker::privileges::is_root() {
             r.add(check, Status::Warn, format!("cannot read {} as this user", dir.display()));

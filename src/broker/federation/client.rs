@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::FutureExt as _;
-use http::{HeaderValue, header};
+use http::header;
 use http_body_util::{BodyExt as _, Full};
 use serde_json::Value;
 
@@ -19,6 +19,7 @@ use crate::broker::Error;
 use crate::broker::policy::{CredentialKind, Policy, Remote};
 use crate::broker::ports::Ports;
 use crate::broker::upstream::conn::{self, Conns};
+use crate::broker::upstream::plan;
 
 /// The session-era revision the client asks for.
 pub const PROTOCOL: &str = "2025-06-18";
@@ -102,7 +103,7 @@ pub async fn post(
     let mut path = if r.url.base_path.is_empty() { "/".to_owned() } else { r.url.base_path.clone() };
     let mut b = http::Request::builder()
         .method(http::Method::POST)
-        .header(header::HOST, crate::broker::upstream::plan::host_header(&r.url.scheme, &r.url.host, r.url.port))
+        .header(header::HOST, plan::host_header(&r.url.scheme, &r.url.host, r.url.port))
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::ACCEPT, "application/json, text/event-stream")
         .header("mcp-protocol-version", if wire.stateless { STATELESS } else { PROTOCOL });
@@ -117,21 +118,13 @@ pub async fn post(
     }
     if let Some(c) = &r.credential {
         let secret = ports.secrets.resolve(&c.secret).await?;
-        let text = std::str::from_utf8(secret.expose()).map_err(|_| failed(ep, "its secret is not UTF-8"))?;
-        match &c.kind {
-            CredentialKind::Bearer => {
-                b = b.header(header::AUTHORIZATION, sensitive(&format!("Bearer {text}"), ep)?);
-            }
-            CredentialKind::Basic { username } => {
-                let v = data_encoding::BASE64.encode(format!("{username}:{text}").as_bytes());
-                b = b.header(header::AUTHORIZATION, sensitive(&format!("Basic {v}"), ep)?);
-            }
-            CredentialKind::Header { name, prefix } => {
-                b = b.header(name.as_str(), sensitive(&format!("{prefix}{text}"), ep)?);
-            }
-            CredentialKind::Query { param } => {
-                let sep = if path.contains('?') { '&' } else { '?' };
-                path = format!("{path}{sep}{param}={}", crate::broker::upstream::plan::percent_encode(text.as_bytes()));
+        match plan::credential_header(&c.kind, &secret).map_err(|e| failed(ep, e))? {
+            Some((name, value)) => b = b.header(name, value),
+            None => {
+                if let CredentialKind::Query { param } = &c.kind {
+                    let sep = if path.contains('?') { '&' } else { '?' };
+                    path = format!("{path}{sep}{param}={}", plan::percent_encode(secret.expose()));
+                }
             }
         }
     }
@@ -184,12 +177,6 @@ pub async fn post(
         Some(_) => serde_json::from_slice(&body).ok(),
     };
     Ok(Posted { status, session, message })
-}
-
-fn sensitive(v: &str, ep: Endpoint<'_>) -> Result<HeaderValue, Error> {
-    let mut h = HeaderValue::from_str(v).map_err(|_| failed(ep, "its credential is not a valid header value"))?;
-    h.set_sensitive(true);
-    Ok(h)
 }
 
 /// The JSON messages of an event stream (`data:` lines joined per event).

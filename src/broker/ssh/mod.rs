@@ -725,7 +725,8 @@ async fn issue(
     Ok((key, cert, issued))
 }
 
-fn policy_allows(policy: &Policy, agent: &str, target: &str, role: &str) -> bool {
+/// Whether `agent`'s policy (no token) reaches `target` as `role`.
+pub(crate) fn policy_allows(policy: &Policy, agent: &str, target: &str, role: &str) -> bool {
     let p = super::policy::Principal { agent, token: None, delegators: &[] };
     super::policy::authorize(policy, &p, &Action::reach(None, ActionKind::Ssh { target, role })).is_allow()
 }

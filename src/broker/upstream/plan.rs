@@ -163,6 +163,42 @@ pub fn secret_forms(kind: &CredentialKind, secret: &SecretBytes) -> Vec<Vec<u8>>
     forms
 }
 
+/// The header that carries `secret` for a credential of `kind` (`None` for a query credential),
+/// marked sensitive; the intermediate copies are wiped. The proxy and federation both inject
+/// credentials this way.
+pub fn credential_header(
+    kind: &CredentialKind,
+    secret: &SecretBytes,
+) -> Result<Option<(HeaderName, HeaderValue)>, String> {
+    let bad = || "the secret has characters a header cannot carry (control characters or newlines)".to_string();
+    let value = |prefix: &[u8], secret: &[u8]| -> Result<HeaderValue, String> {
+        let mut v = prefix.to_vec();
+        v.extend_from_slice(secret);
+        let hv = HeaderValue::from_bytes(&v).map_err(|_| bad());
+        v.fill(0);
+        let mut hv = hv?;
+        hv.set_sensitive(true);
+        Ok(hv)
+    };
+    Ok(Some(match kind {
+        CredentialKind::Bearer => (header::AUTHORIZATION, value(b"Bearer ", secret.expose())?),
+        CredentialKind::Basic { username } => {
+            let mut pair = username.as_bytes().to_vec();
+            pair.push(b':');
+            pair.extend_from_slice(secret.expose());
+            let encoded = zeroize::Zeroizing::new(data_encoding::BASE64.encode(&pair));
+            pair.fill(0);
+            (header::AUTHORIZATION, value(b"Basic ", encoded.as_bytes())?)
+        }
+        CredentialKind::Header { name, prefix } => {
+            let n = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("credential header {name:?} is invalid"))?;
+            (n, value(prefix.as_bytes(), secret.expose())?)
+        }
+        CredentialKind::Query { .. } => return Ok(None),
+    }))
+}
+
 /// Percent-encodes everything but RFC 3986 unreserved characters.
 pub fn percent_encode(b: &[u8]) -> String {
     let mut s = String::with_capacity(b.len());
@@ -275,34 +311,8 @@ pub fn request_headers(
     if let (Some(c), Some(s)) = (&service.credential, secret) {
         // The response is scrubbed for the secret, which a compressed body would hide.
         out.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-        let bad = || "the secret has characters a header cannot carry (control characters or newlines)".to_string();
-        let value = |prefix: &[u8], secret: &[u8]| -> Result<HeaderValue, String> {
-            let mut v = prefix.to_vec();
-            v.extend_from_slice(secret);
-            let hv = HeaderValue::from_bytes(&v).map_err(|_| bad());
-            v.fill(0);
-            let mut hv = hv?;
-            hv.set_sensitive(true);
-            Ok(hv)
-        };
-        match &c.kind {
-            CredentialKind::Bearer => {
-                out.insert(header::AUTHORIZATION, value(b"Bearer ", s.expose())?);
-            }
-            CredentialKind::Basic { username } => {
-                let mut pair = username.as_bytes().to_vec();
-                pair.push(b':');
-                pair.extend_from_slice(s.expose());
-                let encoded = zeroize::Zeroizing::new(data_encoding::BASE64.encode(&pair));
-                pair.fill(0);
-                out.insert(header::AUTHORIZATION, value(b"Basic ", encoded.as_bytes())?);
-            }
-            CredentialKind::Header { name, prefix } => {
-                let n = HeaderName::from_bytes(name.as_bytes())
-                    .map_err(|_| format!("credential header {name:?} is invalid"))?;
-                out.insert(n, value(prefix.as_bytes(), s.expose())?);
-            }
-            CredentialKind::Query { .. } => {}
+        if let Some((name, value)) = credential_header(&c.kind, s)? {
+            out.insert(name, value);
         }
     }
     out.insert(PROXY_HEADER, HeaderValue::from_static(concat!("ephyr/", env!("CARGO_PKG_VERSION"))));
