@@ -323,7 +323,7 @@ fn did_you_mean(word: &str) -> Option<&'static str> {
 
 fn main() -> ExitCode {
     ephyr::os::return_large_blocks_to_the_system();
-    if std::env::args().nth(1).is_some_and(|a| a != "serve" && a != "__signer") {
+    if std::env::args().nth(1).is_some_and(|a| a != "serve" && a != "__signer" && a != "__remote-sandbox") {
         quiet_on_closed_pipe();
     }
     let mut p = lexopt::Parser::from_env();
@@ -423,6 +423,13 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
                 _ => return Err(usage("__federation-client needs a server URL")),
             };
             cli::federation_client::run(&url).map_err(|e| Failure::Run(1, e))
+        }
+        "__remote-sandbox" => {
+            let spec = match p.next()? {
+                Some(Value(v)) => v.string()?,
+                _ => return Err(usage("__remote-sandbox needs a confinement spec")),
+            };
+            Err(Failure::Run(126, cli::remote::sandbox(&spec)))
         }
         other => Err(usage(match did_you_mean(other) {
             Some(c) => format!("unknown command {other:?}; did you mean `ephyr {c}`?"),

@@ -4,7 +4,7 @@
 //! What runs here: no threads and no files of its own. System calls: `socketpair`, `sendmsg` and
 //! `recvmsg` (with `SCM_RIGHTS`), `send`/`recv` on SOCK_SEQPACKET sockets, `fork`, `dup2`/`fcntl` in
 //! a pre-exec hook, `prctl` (PDEATHSIG, DUMPABLE, NO_NEW_PRIVS), `setgroups`, `setresgid`,
-//! `setresuid`, `getresuid`, `waitpid`, `kill`, `signal`, `mmap`/`munmap` (one shared page),
+//! `setresuid`, `getresuid`, `setrlimit`, `waitpid`, `kill`, `signal`, `mmap`/`munmap` (one shared page),
 //! `getsockopt(SO_PEERCRED)`, the sandbox escape probes (`execve`, `socket`, `connect`, `ptrace`),
 //! and glibc's `mallopt` (no system call).
 //!
@@ -295,6 +295,45 @@ pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
     if user_ids() != (uid, uid, uid) || group_ids() != (gid, gid, gid) || supplementary_group_count()? != 0 {
         return Err(io::Error::other("uid/gid change did not take full effect"));
     }
+    Ok(())
+}
+
+/// The architecture seccomp filters are compiled for (this binary's); the signer's sandbox and
+/// a stdio remote's confinement share it.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64"))]
+pub fn seccomp_arch() -> seccompiler::TargetArch {
+    #[cfg(target_arch = "x86_64")]
+    return seccompiler::TargetArch::x86_64;
+    #[cfg(target_arch = "aarch64")]
+    return seccompiler::TargetArch::aarch64;
+    #[cfg(target_arch = "riscv64")]
+    return seccompiler::TargetArch::riscv64;
+}
+
+/// A resource limit [`set_limit`] can lower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// `RLIMIT_DATA`: data segment and private writable mappings, in bytes.
+    Data,
+    /// `RLIMIT_NOFILE`: open descriptors.
+    OpenFiles,
+    /// `RLIMIT_NPROC`: processes and threads of the real user id.
+    Processes,
+    /// `RLIMIT_CORE`: core file size (0: none).
+    Core,
+}
+
+/// Sets both the soft and the hard value of `limit` to `value` (inherited across `execve`).
+pub fn set_limit(limit: Limit, value: u64) -> io::Result<()> {
+    let resource = match limit {
+        Limit::Data => libc::RLIMIT_DATA,
+        Limit::OpenFiles => libc::RLIMIT_NOFILE,
+        Limit::Processes => libc::RLIMIT_NPROC,
+        Limit::Core => libc::RLIMIT_CORE,
+    };
+    let lim = libc::rlimit { rlim_cur: value as libc::rlim_t, rlim_max: value as libc::rlim_t };
+    // SAFETY: `lim` is a valid, initialised rlimit that setrlimit(2) only reads.
+    cvt(unsafe { libc::setrlimit(resource, &lim) })?;
     Ok(())
 }
 

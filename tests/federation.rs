@@ -322,3 +322,300 @@ fn the_conformance_suites_client_scenarios_pass_for_the_federation_client() {
         assert!(log.contains("0 failed"), "{scenario}:\n{log}");
     }
 }
+
+/// Whether process `pid` exists (and is not a zombie).
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}
+
+/// The stdio pid `ephyr status` reports for `remote`, once it is connected.
+fn stdio_pid(sock: &str, remote: &str) -> Option<u64> {
+    let v: Value = serde_json::from_str(&stdout(&ephyr(&["status", "--socket", sock, "--json"]))).ok()?;
+    let r = &v["remotes"][remote];
+    (r["health"] == "connected").then(|| r["pid"].as_u64()).flatten()
+}
+
+fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Stdio remotes: the registry's server-everything and server-filesystem started by the broker,
+/// confined (own account, clean environment, Landlock paths), filtered per caller, with path
+/// constraints that refuse the classic bypasses, a token narrowed to one tool and one prefix,
+/// restarted when they die, and stopped with the broker.
+#[test]
+fn stdio_remotes_run_confined_supervised_and_authorized_by_their_arguments() {
+    if !require_root() {
+        return;
+    }
+    let peers = repo().join("tests/peers");
+    let node_bin = peers.join("node_modules/node/bin/node");
+    let root = TempDir::new("stdio-fs");
+    let shared = root.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("hello.txt"), "hello from the shared dir\n").unwrap();
+    // Readable by everyone, but outside the server's Landlock paths.
+    let outside = root.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret.txt"), "not for the server\n").unwrap();
+    // The server runs as the broker's own account: the shared dir is writable for it.
+    for (p, mode) in [
+        (root.path(), 0o755),
+        (&shared, 0o777),
+        (&shared.join("hello.txt"), 0o644),
+        (&outside, 0o755),
+        (&outside.join("secret.txt"), 0o644),
+    ] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    let (root_s, shared_s, outside_s, peers_s, node_s) = (
+        root.path().to_str().unwrap(),
+        shared.to_str().unwrap(),
+        outside.to_str().unwrap(),
+        peers.to_str().unwrap(),
+        node_bin.to_str().unwrap(),
+    );
+    let (alice, alice_hash) = agent_key("alice");
+    let (bob, bob_hash) = agent_key("bob");
+    let policy = format!(
+        r#"version: 1
+remotes:
+  everything:
+    command: ["{node_s}", "{peers_s}/node_modules/@modelcontextprotocol/server-everything/dist/index.js", stdio]
+    tool_prefix: ev
+    env: {{ GREETING: hello }}
+    secret_env: {{ EV_SECRET: "env:EV_SECRET_SRC" }}
+    sandbox: {{ read: ["{peers_s}"] }}
+  files:
+    # The server is told it may use shared/ and outside/; its sandbox says only shared/.
+    command: ["{node_s}", "{peers_s}/node_modules/@modelcontextprotocol/server-filesystem/dist/index.js", "{shared_s}", "{outside_s}"]
+    sandbox: {{ read: ["{peers_s}"], write: ["{shared_s}"] }}
+  exposed:
+    # A sandbox that would include the broker's data dir is refused.
+    command: ["{node_s}", "{peers_s}/node_modules/@modelcontextprotocol/server-everything/dist/index.js", stdio]
+    sandbox: {{ read: ["{peers_s}", "/tmp"] }}
+agents:
+  alice:
+    api_key_hash: "{alice_hash}"
+    can_delegate: true
+    remotes:
+      everything: {{ tools: [echo, get-env, trigger-long-running-operation] }}
+      files:
+        tools: [read_text_file, write_file, list_directory]
+        args: {{ path: {{ prefix: "{root_s}" }} }}
+  bob:
+    api_key_hash: "{bob_hash}"
+    remotes:
+      files: {{ tools: [list_directory], args: {{ path: {{ prefix: "{shared_s}" }} }} }}
+"#
+    );
+    let b = Broker::start(BrokerOpts {
+        policy: Some(&policy),
+        env: vec![
+            ("EV_SECRET_SRC".into(), "stdio-secret-value-42".into()),
+            ("EPHYR_TEST_LEAK".into(), "the-brokers-own-environment".into()),
+        ],
+        ..Default::default()
+    });
+    let sock = b.socket.to_str().unwrap().to_owned();
+
+    // Listing: namespaced and per caller.
+    let a = listed(&b, &alice);
+    for t in ["ev.echo", "ev.get-env", "files.read_text_file", "files.write_file", "files.list_directory"] {
+        assert!(a.contains(&t.to_owned()), "{t} missing: {a:?}\n{}", b.log());
+    }
+    assert!(!a.iter().any(|t| t == "ev.get-sum" || t == "files.move_file"), "not granted, not listed: {a:?}");
+    let bl = listed(&b, &bob);
+    assert_eq!(bl.iter().filter(|t| t.contains('.')).collect::<Vec<_>>(), ["files.list_directory"], "{bl:?}");
+
+    // A sandbox that would include the broker's own files is not started, and says why.
+    let st = stdout(&ephyr(&["status", "--socket", &sock]));
+    assert!(st.contains("remote exposed: down") && st.contains("would expose the broker's own files"), "{st}");
+    assert!(st.contains("remote files: connected") && st.contains("stdio pid"), "{st}");
+
+    // The server's environment is what the policy gave it, nothing of the broker's; the secret
+    // reached it and never comes back.
+    let env = tool_call(&b.api, &alice, "ev.get-env", json!({})).unwrap().to_string();
+    assert!(env.contains("GREETING") && env.contains("hello"), "{env}");
+    assert!(env.contains("EV_SECRET"), "the variable is there: {env}");
+    assert!(!env.contains("stdio-secret-value-42"), "its value is scrubbed: {env}");
+    assert!(!env.contains("EPHYR_TEST_LEAK") && !env.contains("the-brokers-own-environment"), "{env}");
+    let r = tool_call(&b.api, &alice, "ev.echo", json!({"message": "over stdio"})).unwrap();
+    assert!(r.to_string().contains("over stdio"), "{r}");
+
+    // The filesystem server: reads and writes under the prefix.
+    let hello = shared.join("hello.txt");
+    let r = tool_call(&b.api, &alice, "files.read_text_file", json!({"path": hello})).unwrap();
+    assert!(r.to_string().contains("hello from the shared dir"), "{r}");
+    let note = shared.join("note.txt");
+    tool_call(&b.api, &alice, "files.write_file", json!({"path": note, "content": "written by alice"})).unwrap();
+    assert_eq!(std::fs::read_to_string(&note).unwrap(), "written by alice");
+    use std::os::unix::fs::MetadataExt as _;
+    let status: Value = serde_json::from_str(&stdout(&ephyr(&["status", "--socket", &sock, "--json"]))).unwrap();
+    assert_eq!(
+        Some(u64::from(std::fs::metadata(&note).unwrap().uid())),
+        status["uid"].as_u64(),
+        "the server ran as the broker's unprivileged account, not root"
+    );
+    assert_ne!(status["uid"], 0);
+
+    // The policy (prefix: the whole root) and the server (allowed: the whole root) let this
+    // read through; the sandbox does not.
+    let e = tool_call(&b.api, &alice, "files.read_text_file", json!({"path": outside.join("secret.txt")})).unwrap_err();
+    assert!(e.contains("EACCES") || e.to_lowercase().contains("permission denied"), "Landlock refused it: {e}");
+
+    // Path constraints against the classic bypasses: refused by the broker, never sent.
+    for path in [
+        format!("{shared_s}/../outside/secret.txt"),
+        format!("{shared_s}/%2e%2e/outside/secret.txt"),
+        format!("{shared_s}/..%2foutside"),
+        format!("{shared_s}\\..\\outside"),
+        format!("{shared_s}/..;/outside"),
+        format!("{shared_s}//../outside"),
+        format!("{shared_s}/./hello.txt"),
+        "relative/path".to_owned(),
+    ] {
+        let e = tool_call(&b.api, &bob, "files.list_directory", json!({ "path": path })).unwrap_err();
+        assert!(e.starts_with("denied (") && e.contains("path"), "{path}: {e}");
+    }
+    let e = tool_call(&b.api, &bob, "files.list_directory", json!({ "path": root_s })).unwrap_err();
+    assert!(e.contains("is outside"), "above the prefix: {e}");
+    let e = tool_call(&b.api, &bob, "files.list_directory", json!({ "path": format!("{shared_s}-evil") })).unwrap_err();
+    assert!(e.starts_with("denied ("), "a sibling that shares the prefix's text: {e}");
+    let e = tool_call(&b.api, &bob, "files.list_directory", json!({ "path": 42 })).unwrap_err();
+    assert!(e.starts_with("denied ("), "not a string: {e}");
+    let e = tool_call(&b.api, &bob, "files.list_directory", json!({})).unwrap_err();
+    assert!(e.starts_with("denied ("), "left out: {e}");
+    assert!(tool_call(&b.api, &bob, "files.list_directory", json!({ "path": shared_s })).is_ok());
+
+    // The official clients through ephyr: Python lists the directory, TypeScript echoes.
+    let o = python("mcp_call.py")
+        .args([&format!("http://{}/mcp", b.api), &bob, "files.list_directory", &json!({"path": shared_s}).to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let py: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(py["is_error"], false, "{py}");
+    assert!(py["text"].as_str().unwrap().contains("hello.txt"), "{py}");
+    let o = node()
+        .args(["ts_call.mjs", &format!("http://{}/mcp", b.api), &alice, "ev.echo", r#"{"message": "ts over stdio"}"#])
+        .output()
+        .unwrap();
+    let ts: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ts["isError"], false, "{ts}");
+
+    // A task token narrowed to one remote tool and one path prefix.
+    let t = tool_call(
+        &b.api,
+        &alice,
+        "task_create",
+        json!({"description": "read the shared dir", "ttl": "5m",
+               "envelope": {"tools": ["files.read_text_file"], "args": {"path": {"prefix": shared_s}}}}),
+    )
+    .unwrap();
+    let token = t["token"].as_str().unwrap().to_owned();
+    assert!(tool_call(&b.api, &token, "files.read_text_file", json!({"path": hello})).is_ok());
+    let e = tool_call(&b.api, &token, "files.read_text_file", json!({"path": outside.join("secret.txt")})).unwrap_err();
+    assert!(e.starts_with("denied (") && e.contains("is outside"), "{e}");
+    let e = tool_call(&b.api, &token, "files.write_file", json!({"path": note, "content": "x"})).unwrap_err();
+    assert!(e.starts_with("denied ("), "{e}");
+    let names = listed(&b, &token);
+    assert!(names.contains(&"files.read_text_file".into()) && !names.contains(&"files.write_file".into()), "{names:?}");
+    let e = tool_call(
+        &b.api,
+        &alice,
+        "task_create",
+        json!({"description": "bad", "envelope": {"args": {"path": {"prefix": "/srv/../etc"}}}}),
+    )
+    .unwrap_err();
+    assert!(e.contains("envelope.args.path") && e.contains("dot segments"), "{e}");
+
+    // Revoking a task cuts its call in flight on a stdio remote too.
+    let t = tool_call(&b.api, &alice, "task_create", json!({"description": "long", "ttl": "5m"})).unwrap();
+    let (token, task) = (t["token"].as_str().unwrap().to_owned(), t["task_id"].as_str().unwrap().to_owned());
+    let api = b.api.clone();
+    let long = std::thread::spawn(move || {
+        let started = Instant::now();
+        let r = tool_call(&api, &token, "ev.trigger-long-running-operation", json!({"duration": 10, "steps": 10}));
+        (r, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    tool_call(&b.api, &alice, "task_revoke", json!({"task_id": task})).unwrap();
+    let (r, took) = long.join().unwrap();
+    assert!(r.unwrap_err().contains("revoked or expired"), "cut");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // The server is still fine (it was told the call was cancelled).
+    assert!(tool_call(&b.api, &alice, "ev.echo", json!({"message": "still here"})).is_ok());
+
+    // The server dies: it is started again without waiting for an agent.
+    let pid = wait_for("files to report its pid", 10, || stdio_pid(&sock, "files"));
+    assert!(alive(pid));
+    let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let again = wait_for("files to be restarted", 15, || stdio_pid(&sock, "files").filter(|p| *p != pid));
+    assert!(alive(again));
+    let r = tool_call(&b.api, &alice, "files.read_text_file", json!({"path": hello})).unwrap();
+    assert!(r.to_string().contains("hello from the shared dir"), "{r}");
+
+    // Every call was audited before it left, with the remote and an argument digest.
+    std::thread::sleep(Duration::from_millis(100));
+    let calls = audit_events(&b, "remote_call");
+    assert!(calls.iter().any(|e| e["decision"] == "allow" && e["action"]["remote"] == "files"), "{calls:?}");
+
+    // The broker stops: so do its stdio remotes.
+    let ev = wait_for("everything's pid", 10, || stdio_pid(&sock, "everything"));
+    drop(b);
+    wait_for("the stdio remotes to stop with the broker", 10, || (!alive(again) && !alive(ev)).then_some(()));
+}
+
+/// The confinement on its own (`ephyr __remote-sandbox`, as the broker starts it; here as root,
+/// whose capabilities it drops): a program cannot read outside its paths, open an IPv4 socket with the network off, or signal a
+/// process outside its sandbox; a missing sandbox path or a bad spec stops the start.
+#[test]
+fn the_remote_sandbox_confines_what_it_starts() {
+    if !require_root() {
+        return;
+    }
+    let dir = TempDir::new("sandbox");
+    std::fs::write(dir.join("outside.txt"), "secret").unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dir.join("outside.txt"), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let run = |argv: &[&str], network: bool, read: &[&str]| {
+        let spec = json!({
+            "argv": argv, "cwd": "/", "read": read, "write": [],
+            "network": network, "memory": 1u64 << 30, "open_files": 256, "processes": 256,
+            "parent": std::process::id(),
+        });
+        let o = std::process::Command::new(ephyr_bin())
+            .args(["__remote-sandbox", &spec.to_string()])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap();
+        (o.status.code(), format!("{}{}", stdout(&o), stderr(&o)))
+    };
+    let node_bin = repo().join("tests/peers/node_modules/node/bin/node");
+    let peers = repo().join("tests/peers");
+    let connect = "const s=require('net').connect(9,'127.0.0.1');s.on('error',e=>console.log('net',e.code));s.on('connect',()=>console.log('connected'))";
+    let (_, out) = run(&[node_bin.to_str().unwrap(), "-e", connect], false, &[peers.to_str().unwrap()]);
+    assert!(out.contains("net EACCES"), "network off: {out}");
+    let (_, out) = run(&[node_bin.to_str().unwrap(), "-e", connect], true, &[peers.to_str().unwrap()]);
+    assert!(out.contains("net ECONNREFUSED"), "network on reaches the (closed) port: {out}");
+    let outside = dir.join("outside.txt");
+    let (_, out) = run(&["sh", "-c", &format!("cat {}; kill -0 1 && echo signalled", outside.display())], true, &[]);
+    assert!(out.contains("Permission denied") && !out.contains("secret"), "{out}");
+    assert!(!out.contains("signalled"), "init is outside its signal scope: {out}");
+    let (code, out) = run(&["cat", "/etc/hostname"], true, &["/nonexistent/dir"]);
+    assert_eq!(code, Some(126), "{out}");
+    assert!(out.contains("sandbox path \"/nonexistent/dir\" does not exist"), "{out}");
+    let o = std::process::Command::new(ephyr_bin()).args(["__remote-sandbox", "{not json"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(126));
+    assert!(stderr(&o).contains("spec does not parse"), "{}", stderr(&o));
+}

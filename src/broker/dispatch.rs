@@ -68,9 +68,7 @@ pub async fn dispatch(
         Call::ToolsList => {
             let mut raw = broker.catalog.list_json(policy, caller, v.structured_output());
             if !policy.remotes.is_empty() {
-                if broker.federation.stale(policy) {
-                    broker.federation.refresh_all(broker.ports(), policy).await;
-                }
+                broker.federation.refresh_due(broker.ports(), policy).await;
                 let remote = broker.federation.visible_descriptors(policy, &caller.principal());
                 if !remote.is_empty() {
                     raw.pop();
@@ -90,9 +88,8 @@ pub async fn dispatch(
             })
         }
         Call::ToolsCall { name, arguments } if tools::find(&name).is_none() && !policy.remotes.is_empty() => {
-            if broker.federation.stale(policy) {
-                broker.federation.refresh_all(broker.ports(), policy).await;
-            }
+            broker.federation.refresh_due(broker.ports(), policy).await;
+            broker.federation.revive_for_call(broker.ports(), policy, &name).await;
             match tools::call_remote(broker, caller, policy, &name, arguments).await {
                 None => Err(RpcError::invalid_params(format!("unknown tool {name:?}"))),
                 Some(Ok(result)) => {

@@ -69,15 +69,17 @@ pub fn status_json(broker: &Broker) -> serde_json::Value {
     });
     let (seq, head) = broker.audit.durable_head();
     let eras = broker.federation.eras();
+    let pids = broker.federation.pids();
     let remotes: serde_json::Map<String, serde_json::Value> = broker
         .federation
         .status()
         .into_iter()
         .map(|(name, (health, tools, quarantined, error))| {
             let era = eras.get(&name).copied().unwrap_or("-");
+            let pid = pids.get(&name).copied();
             (
                 name,
-                serde_json::json!({ "health": health.as_str(), "tools": tools, "quarantined": quarantined, "error": error, "protocol": era }),
+                serde_json::json!({ "health": health.as_str(), "tools": tools, "quarantined": quarantined, "error": error, "protocol": era, "pid": pid }),
             )
         })
         .collect();

@@ -5,6 +5,8 @@
 //! - on every `Revoked` task event, SSH sessions of revoked trees close at once;
 //! - every 5 s, idle SSH sessions and those whose certificate expired close, and expired
 //!   certificates leave the registry;
+//! - every 2 s, federated remotes that are due are read again: a remote that went down is
+//!   retried, a stdio remote that exited restarted (with backoff), a changed tool list re-read;
 //! - signer events (workers ended and restarted, the keeper relaunched) become audit records.
 
 use std::rc::Rc;
@@ -68,6 +70,20 @@ pub fn spawn(
             loop {
                 async_io::Timer::after(std::time::Duration::from_secs(5)).await;
                 broker.ssh.sweep(broker.ports(), &broker.policy()).await;
+            }
+        })
+        .detach();
+    }
+    {
+        // Remotes are retried, restarted and re-read without waiting for an agent.
+        let broker = broker.clone();
+        ex.spawn(async move {
+            loop {
+                async_io::Timer::after(std::time::Duration::from_secs(2)).await;
+                let policy = broker.policy();
+                if !policy.remotes.is_empty() {
+                    broker.federation.refresh_due(broker.ports(), &policy).await;
+                }
             }
         })
         .detach();

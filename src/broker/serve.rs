@@ -296,7 +296,11 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             proxy: super::proxy::Proxy::new(ex.clone()),
             admission: http::admission::Admission::new(metrics.clone()),
             catalog: super::tools::Catalog::new(),
-            federation: super::federation::Federation::new(ex.clone(), pins),
+            federation: super::federation::Federation::new(ex.clone(), pins).with_private(
+                std::iter::once(data_dir.root.clone())
+                    .chain(opts.socket.as_ref().and_then(|s| s.parent()).map(std::path::Path::to_path_buf))
+                    .collect(),
+            ),
         });
         record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
         // Sign this process's first lines at once (in the background: serving does not wait for

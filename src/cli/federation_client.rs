@@ -89,7 +89,7 @@ pub fn run(url: &str) -> Result<u8, String> {
         pool: &pool,
     };
     smol::block_on(ex.run(async {
-        federation.refresh_all(ports, &policy).await;
+        federation.refresh_due(ports, &policy).await;
         let status = federation.status();
         let (health, tools, _, error) = status.get("conformance").cloned().ok_or("no remote state")?;
         if let Some(e) = error {

@@ -107,10 +107,11 @@ pub fn status(socket: &Path, json: bool) -> Result<(), String> {
     println!("CA: {}", s["ca_public_key"].as_str().unwrap_or("?"));
     for (name, r) in v["remotes"].as_object().into_iter().flatten() {
         println!(
-            "remote {name}: {}, {} tool(s), protocol {}{}{}",
+            "remote {name}: {}, {} tool(s), protocol {}{}{}{}",
             r["health"].as_str().unwrap_or("?"),
             r["tools"],
             r["protocol"].as_str().unwrap_or("-"),
+            r["pid"].as_u64().map(|p| format!(", stdio pid {p}")).unwrap_or_default(),
             match r["quarantined"].as_u64() {
                 Some(n) if n > 0 => format!(", {n} QUARANTINED (ephyr remote review {name})"),
                 _ => String::new(),

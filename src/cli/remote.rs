@@ -1,13 +1,27 @@
 //! `ephyr remote review NAME` and `ephyr remote approve NAME [TOOL]`: the operator's side of tool
 //! pinning (`broker::federation::pins`).
 //!
-//! What runs here: one request to the broker's local socket (root or the broker's user).
+//! What runs here: one request to the broker's local socket (root or the broker's user). Also
+//! the hidden `ephyr __remote-sandbox SPEC`, the process the broker starts for a stdio remote,
+//! which confines itself and executes the remote's command (`broker::federation::confine`).
 
 use std::path::Path;
 
 use serde_json::Value;
 
 use super::client;
+
+/// `__remote-sandbox SPEC`: confines this process and executes the command; returns only with
+/// the reason it could not (the broker logs it from standard error).
+pub fn sandbox(spec: &str) -> String {
+    match serde_json::from_str(spec) {
+        Ok(spec) => match crate::broker::federation::confine::enter(&spec) {
+            Ok(never) => match never {},
+            Err(e) => format!("remote sandbox: {e}"),
+        },
+        Err(e) => format!("remote sandbox: the spec does not parse: {e}"),
+    }
+}
 
 /// Shows the quarantined tools of `name`: a diff against the pinned definition and flags.
 pub fn review(socket: &Path, name: &str, json: bool) -> Result<u8, String> {

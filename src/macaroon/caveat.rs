@@ -123,6 +123,40 @@ impl NormPath {
         Some(NormPath(format!("/{}", segs.join("/"))))
     }
 
+    /// An argument path exactly as a tool will receive it, refused unless it has one reading:
+    /// absolute; no `.`, `..` (or `..;`-style) or empty segments; no backslashes, no
+    /// percent-encoded dots, slashes or backslashes (`%2e`, `%2f`, `%5c`); no control
+    /// characters. One trailing `/` is allowed. Nothing is resolved: the server receives the
+    /// same text and resolves it (symlinks included) itself, so what is checked is what it gets.
+    pub fn strict(raw: &str) -> Result<NormPath, String> {
+        let fail = |why: &str| Err(format!("{raw:?}: {why} (write the path plainly, absolute and normalised)"));
+        if !raw.starts_with('/') {
+            return fail("not an absolute path");
+        }
+        if raw.chars().any(char::is_control) {
+            return fail("control characters are refused");
+        }
+        if raw.contains('\\') {
+            return fail("backslashes are refused");
+        }
+        let lower = raw.to_ascii_lowercase();
+        if ["%2e", "%2f", "%5c", "%00"].iter().any(|e| lower.contains(e)) {
+            return fail("percent-encoded dots, slashes and backslashes are refused");
+        }
+        let body = if raw.len() > 1 { raw.strip_suffix('/').unwrap_or(raw) } else { raw };
+        if body != "/" {
+            for seg in body[1..].split('/') {
+                if seg.is_empty() {
+                    return fail("empty path segments (//) are refused");
+                }
+                if seg == "." || seg == ".." || seg.starts_with(".;") || seg.starts_with("..;") {
+                    return fail("dot segments are refused");
+                }
+            }
+        }
+        Ok(NormPath(body.to_owned()))
+    }
+
     /// Parses a path that must already be normal (as caveat values are).
     #[cfg(test)]
     fn parse_normal(raw: &str) -> Option<NormPath> {
@@ -513,5 +547,35 @@ mod tests {
         assert_eq!(n("data/x"), None, "relative");
         assert_eq!(n("/data/\0x"), None);
         assert!(NormPath::parse_normal("/").unwrap().contains(&n("/anything").unwrap()));
+    }
+
+    #[test]
+    fn argument_paths_with_more_than_one_reading_are_refused() {
+        let ok = |s: &str| NormPath::strict(s).map(|p| p.0);
+        assert_eq!(ok("/data/x.txt").unwrap(), "/data/x.txt");
+        assert_eq!(ok("/data/dir/").unwrap(), "/data/dir", "one trailing slash");
+        assert_eq!(ok("/").unwrap(), "/");
+        assert_eq!(ok("/data/100%.txt").unwrap(), "/data/100%.txt", "a plain percent sign is a name");
+        assert_eq!(ok("/data/..x/y..").unwrap(), "/data/..x/y..", "dots inside names are names");
+        for bad in [
+            "data/x",
+            "/data/../etc/passwd",
+            "/data/./x",
+            "/data//x",
+            "/data/%2e%2e/etc",
+            "/data/%2E%2e/etc",
+            "/data%2f..%2fetc",
+            "/data/..%5cetc",
+            "/data\\..\\etc",
+            "/data/..;/etc",
+            "/data/.;/x",
+            "/data/x\0",
+            "/data/x\n/y",
+            "/data/%00",
+            "/data/x//",
+        ] {
+            assert!(NormPath::strict(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(NormPath::strict("/data/../x").unwrap_err().contains("dot segments"));
     }
 }

@@ -91,7 +91,7 @@ impl ArgRule {
     pub fn check(&self, value: &serde_json::Value) -> Result<(), String> {
         if !self.prefixes.is_empty() {
             let s = value.as_str().ok_or("must be a string path")?;
-            let p = NormPath::normalise(s).ok_or_else(|| format!("{s:?} is not an absolute path inside the root"))?;
+            let p = NormPath::strict(s)?;
             if let Some(outside) = self.prefixes.iter().find(|q| !q.contains(&p)) {
                 return Err(format!("{:?} is outside {}", p.as_str(), outside.as_str()));
             }

@@ -182,15 +182,6 @@ mod filter {
         BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
     };
 
-    fn arch() -> seccompiler::TargetArch {
-        #[cfg(target_arch = "x86_64")]
-        return seccompiler::TargetArch::x86_64;
-        #[cfg(target_arch = "aarch64")]
-        return seccompiler::TargetArch::aarch64;
-        #[cfg(target_arch = "riscv64")]
-        return seccompiler::TargetArch::riscv64;
-    }
-
     fn when(arg: u8, op: SeccompCmpOp, value: u64) -> Vec<SeccompRule> {
         let cond = SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).expect("valid condition");
         vec![SeccompRule::new(vec![cond]).expect("valid rule")]
@@ -249,7 +240,7 @@ mod filter {
             rules.insert(libc::SYS_prctl, prctl);
             rules.insert(libc::SYS_seccomp, when(0, SeccompCmpOp::Eq, libc::SECCOMP_SET_MODE_FILTER as u64));
         }
-        let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, arch())
+        let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, os::seccomp_arch())
             .map_err(|e| format!("building the seccomp filter failed: {e}"))?;
         BpfProgram::try_from(filter).map_err(|e| format!("compiling the seccomp filter failed: {e}"))
     }

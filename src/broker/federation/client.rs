@@ -16,7 +16,7 @@ use http_body_util::{BodyExt as _, Full};
 use serde_json::Value;
 
 use crate::broker::Error;
-use crate::broker::policy::{CredentialKind, Policy, Remote};
+use crate::broker::policy::{CredentialKind, Policy, Remote, Transport};
 use crate::broker::ports::Ports;
 use crate::broker::upstream::conn::{self, Conns};
 use crate::broker::upstream::plan;
@@ -78,10 +78,11 @@ pub async fn post(
     id: Option<u64>,
 ) -> Result<Posted, Error> {
     let r = ep.remote;
+    let Transport::Http(url) = &r.transport else { return Err(failed(ep, "not an HTTP remote")) };
     let started = Instant::now();
     let deadline = r.timeout;
     let addrs: Vec<IpAddr> =
-        conn::resolve(ports.pool, &r.url.host, r.url.port, Duration::from_secs(10)).await.map_err(|e| failed(ep, e))?;
+        conn::resolve(ports.pool, &url.host, url.port, Duration::from_secs(10)).await.map_err(|e| failed(ep, e))?;
     for ip in &addrs {
         if let Err(why) = ep.policy.network.check(*ip) {
             return Err(Error::Upstream {
@@ -90,7 +91,7 @@ pub async fn post(
             });
         }
     }
-    let tls = if r.url.scheme == "https" {
+    let tls = if url.scheme == "https" {
         let client = match (&r.tls.client_cert, &r.tls.client_key) {
             (Some(c), Some(k)) => Some((c.as_str(), ports.secrets.resolve(k).await?)),
             _ => None,
@@ -100,10 +101,10 @@ pub async fn post(
     } else {
         None
     };
-    let mut path = if r.url.base_path.is_empty() { "/".to_owned() } else { r.url.base_path.clone() };
+    let mut path = if url.base_path.is_empty() { "/".to_owned() } else { url.base_path.clone() };
     let mut b = http::Request::builder()
         .method(http::Method::POST)
-        .header(header::HOST, plan::host_header(&r.url.scheme, &r.url.host, r.url.port))
+        .header(header::HOST, plan::host_header(&url.scheme, &url.host, url.port))
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::ACCEPT, "application/json, text/event-stream")
         .header("mcp-protocol-version", if wire.stateless { STATELESS } else { PROTOCOL });
@@ -130,8 +131,8 @@ pub async fn post(
     }
     let body = serde_json::to_vec(msg).map_err(|e| failed(ep, e))?;
     let req = b.uri(path).body(Full::new(Bytes::from(body))).map_err(|e| failed(ep, e))?;
-    let dest = conn::Dest { host: &r.url.host, port: r.url.port, addrs: &addrs, tls, timeout: Duration::from_secs(10) };
-    let pool_key = format!("{}/remote/{}/{}/{}", ep.policy.digest, ep.name, r.url.host, r.url.port);
+    let dest = conn::Dest { host: &url.host, port: url.port, addrs: &addrs, tls, timeout: Duration::from_secs(10) };
+    let pool_key = format!("{}/remote/{}/{}/{}", ep.policy.digest, ep.name, url.host, url.port);
     let exchange = async {
         // A pooled connection first; if the request could not be written on it, a new one.
         let mut req = Some(req);

@@ -6,12 +6,18 @@
 //! What runs here: the executor thread. At start and on every policy reload each enabled remote
 //! is connected (`initialize`, then `tools/list` with pagination) and its tools kept in memory;
 //! a call on a remote whose session has expired re-initializes once and re-reads its tools.
-//! Tools are pinned (`pins`): one whose definition changed is quarantined until approved. This
-//! slice speaks Streamable HTTP in the session era (`client`); stdio remotes, resources and
-//! prompts of remotes are not built yet (docs/federation.md).
+//! Tools are pinned (`pins`): one whose definition changed is quarantined until approved.
+//! Remotes are reached over Streamable HTTP (`client`, both protocol eras) or as a confined
+//! command on stdio (`stdio`, started through `confine`; restarted with backoff when it exits,
+//! stopped when it leaves the policy or the broker stops). A background job
+//! (`broker::maintenance`) calls [`Federation::refresh_due`] every few seconds, so a remote that
+//! went down is retried, a stdio remote restarted and a changed tool list re-read without
+//! waiting for an agent.
 
 pub(crate) mod client;
+pub mod confine;
 pub mod pins;
+pub(crate) mod stdio;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -22,7 +28,9 @@ use serde_json::{Map, Value, json};
 
 use crate::broker::Error;
 use crate::broker::audit::{Event, Kind};
-use crate::broker::policy::{Action, ActionKind, Arguments, Decision, PinMode, Policy, Principal, authorize};
+use crate::broker::policy::{
+    Action, ActionKind, Arguments, Decision, PinMode, Policy, Principal, Remote, StdioCommand, Transport, authorize,
+};
 use crate::broker::ports::Ports;
 use crate::broker::upstream::conn::Conns;
 use client::{Endpoint, Posted, Wire};
@@ -54,13 +62,23 @@ impl Link {
 const MAX_PAGES: usize = 20;
 /// Tools kept per remote.
 const MAX_TOOLS: usize = 1000;
-/// A remote that is down is tried again after this long (at the next listing or call).
+/// A remote that is down is tried again after 1 s, 2, 4, ... at most this long.
 pub const RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 /// A connected remote's tools are read again after this long (a changed tool is caught then),
 /// or sooner when a stateless-era remote says so (`ttlMs`), but not more often than `MIN_KEEP`.
 pub const REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
 /// The shortest a tool list is kept.
 pub const MIN_KEEP: std::time::Duration = std::time::Duration::from_secs(1);
+/// A stdio remote that exits is started again after 1 s, then 2, 4, ... up to this long; the
+/// count starts over once a process has run for [`STEADY`].
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long a stdio remote must run before its restarts count as a fresh start.
+pub const STEADY: Duration = Duration::from_secs(60);
+
+/// The wait before start number `n` (0-based) of a stdio remote that keeps exiting.
+pub fn backoff(n: u32) -> Duration {
+    Duration::from_secs(1u64 << n.min(6)).min(MAX_BACKOFF)
+}
 
 /// How a remote is doing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -104,25 +122,117 @@ pub struct RemoteState {
     tried: Option<Instant>,
     /// Tools whose definition changed since pinned: (pinned, new), not served until approved.
     pub quarantined: BTreeMap<String, (Value, Value)>,
+    /// Failed attempts in a row (an HTTP remote is retried after 1 s, 2, 4, ... up to [`RETRY`]).
+    failures: u32,
 }
 
 /// The remotes of one broker.
 pub struct Federation {
+    ex: Rc<smol::LocalExecutor<'static>>,
     conns: Rc<Conns>,
     pins: pins::Pins,
     remotes: RefCell<BTreeMap<String, RemoteState>>,
+    /// The running stdio remotes.
+    procs: RefCell<BTreeMap<String, Rc<stdio::Proc>>>,
+    /// Per stdio remote: starts since it last ran steadily, and when the next may happen.
+    starts: RefCell<BTreeMap<String, (u32, Instant)>>,
+    /// Remotes being read now (one refresh at a time per remote).
+    refreshing: Rc<RefCell<std::collections::BTreeSet<String>>>,
+    /// This executable, started as `__remote-sandbox` for stdio remotes.
+    exe: std::path::PathBuf,
+    /// The broker's own directories (data dir), which no stdio remote's sandbox may include.
+    private: Vec<std::path::PathBuf>,
     next_id: std::cell::Cell<u64>,
+}
+
+/// Marks a remote as being read until dropped.
+struct Refreshing {
+    set: Rc<RefCell<std::collections::BTreeSet<String>>>,
+    name: String,
+}
+
+impl Drop for Refreshing {
+    fn drop(&mut self) {
+        self.set.borrow_mut().remove(&self.name);
+    }
 }
 
 impl Federation {
     /// Connections are driven on `ex`; tool pins are `pins`.
     pub fn new(ex: Rc<smol::LocalExecutor<'static>>, pins: pins::Pins) -> Self {
         Federation {
-            conns: Rc::new(Conns::new(ex)),
+            conns: Rc::new(Conns::new(ex.clone())),
+            ex,
             pins,
             remotes: RefCell::default(),
+            procs: RefCell::default(),
+            starts: RefCell::default(),
+            refreshing: Rc::default(),
+            exe: "/proc/self/exe".into(),
+            private: Vec::new(),
             next_id: std::cell::Cell::new(1),
         }
+    }
+
+    /// Starts stdio remotes from `exe` instead of this executable (the federation client of the
+    /// conformance suite and tests).
+    pub fn with_exe(mut self, exe: impl Into<std::path::PathBuf>) -> Self {
+        self.exe = exe.into();
+        self
+    }
+
+    /// Directories no stdio remote's sandbox may include, or lie inside (the data dir).
+    pub fn with_private(mut self, dirs: Vec<std::path::PathBuf>) -> Self {
+        self.private = dirs;
+        self
+    }
+
+    /// The running process of stdio remote `name`, started if it is not running (and its
+    /// backoff has passed) or its command changed.
+    async fn process(&self, ports: Ports<'_>, name: &str, cmd: &StdioCommand) -> Result<Rc<stdio::Proc>, Error> {
+        let old = self.procs.borrow().get(name).cloned();
+        if let Some(p) = &old
+            && p.dead().is_none()
+            && p.command == *cmd
+        {
+            return Ok(p.clone());
+        }
+        let now = Instant::now();
+        let (n, next) = self.starts.borrow().get(name).copied().unwrap_or((0, now));
+        let n = if old.as_ref().is_some_and(|p| p.started.elapsed() >= STEADY) { 0 } else { n };
+        if let Some(p) = &old
+            && p.command == *cmd
+            && now < next
+        {
+            let why = p.dead().unwrap_or_default();
+            return Err(Error::Unavailable(format!(
+                "remote {name:?} stopped ({why}); it is started again in {}s",
+                (next - now).as_secs().max(1)
+            )));
+        }
+        // Dropping the old process (if any) kills it. Every attempt counts toward the backoff,
+        // a refused one too (it is retried, slowly, until the policy changes).
+        self.procs.borrow_mut().remove(name);
+        drop(old);
+        self.starts.borrow_mut().insert(name.to_owned(), (n + 1, now + backoff(n)));
+        if crate::os::user_ids().1 == 0 {
+            return Err(Error::Refused(format!(
+                "remote {name:?}: a broker running as root does not start stdio remotes (it drops to its own account when started as root)"
+            )));
+        }
+        if let Some(p) = cmd.read.iter().chain(&cmd.write).find(|p| self.private.iter().any(|d| overlaps(p, d))) {
+            return Err(Error::Refused(format!(
+                "remote {name:?}: sandbox path {p:?} would expose the broker's own files ({})",
+                self.private.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let mut env = Vec::new();
+        for (k, r) in &cmd.secret_env {
+            env.push((k.clone(), ports.secrets.resolve(r).await?));
+        }
+        let p = Rc::new(stdio::Proc::spawn(&self.ex, &self.exe, name, cmd, env)?);
+        self.procs.borrow_mut().insert(name.to_owned(), p.clone());
+        Ok(p)
     }
 
     fn id(&self) -> u64 {
@@ -156,20 +266,31 @@ impl Federation {
             Link::Session(s) => s.as_deref(),
             _ => None,
         };
-        let wire = Wire { session, stateless, method, name: name.as_deref() };
         let msg = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
-        let posted = client::post(&self.conns, ports, ep, wire, &msg, Some(id)).await?;
-        // The spec says 404 for a session the server no longer knows; the reference server
-        // says 400. Either way, with a session sent, a new one is opened once.
-        if matches!(posted.status, 400 | 404) && session.is_some() {
-            return Err(Error::NotFound(format!("remote {:?}: the session expired", ep.name)));
-        }
-        if !(200..300).contains(&posted.status) {
-            return Err(Error::Upstream {
-                code: "remote_failed",
-                message: format!("remote {:?} answered HTTP {} to {method}", ep.name, posted.status),
-            });
-        }
+        let posted = match &ep.remote.transport {
+            Transport::Stdio(_) => {
+                let proc = self.procs.borrow().get(ep.name).cloned();
+                let proc = proc.ok_or_else(|| Error::upstream(format!("remote {:?} is not running", ep.name)))?;
+                let message = proc.call(&msg, id, ep.remote.timeout).await?;
+                Posted { status: 200, session: None, message: Some(message) }
+            }
+            Transport::Http(_) => {
+                let wire = Wire { session, stateless, method, name: name.as_deref() };
+                let posted = client::post(&self.conns, ports, ep, wire, &msg, Some(id)).await?;
+                // The spec says 404 for a session the server no longer knows; the reference
+                // server says 400. Either way, with a session sent, a new one is opened once.
+                if matches!(posted.status, 400 | 404) && session.is_some() {
+                    return Err(Error::NotFound(format!("remote {:?}: the session expired", ep.name)));
+                }
+                if !(200..300).contains(&posted.status) {
+                    return Err(Error::Upstream {
+                        code: "remote_failed",
+                        message: format!("remote {:?} answered HTTP {} to {method}", ep.name, posted.status),
+                    });
+                }
+                posted
+            }
+        };
         let result = match &posted.message {
             Some(m) if m.get("result").is_some() => m["result"].clone(),
             Some(m) => {
@@ -191,17 +312,23 @@ impl Federation {
     /// Opens the link: the stateless era if the remote's `server/discover` offers it, else a
     /// session (`initialize`, `notifications/initialized`).
     async fn open(&self, ports: Ports<'_>, ep: Endpoint<'_>) -> Result<Link, Error> {
+        if let Transport::Stdio(cmd) = &ep.remote.transport {
+            // One process, one session (2025-06-18): initialized once, after each start.
+            let proc = self.process(ports, ep.name, cmd).await?;
+            if !proc.initialized.get() {
+                self.request(ports, ep, &Link::Session(None), "initialize", initialize_params()).await?;
+                proc.notify(&json!({ "jsonrpc": "2.0", "method": "notifications/initialized" })).await?;
+                proc.initialized.set(true);
+            }
+            proc.take_list_changed();
+            return Ok(Link::Session(None));
+        }
         if let Ok((_, found)) = self.request(ports, ep, &Link::Stateless, "server/discover", json!({})).await
             && found["supportedVersions"].as_array().is_some_and(|v| v.iter().any(|x| x == client::STATELESS))
         {
             return Ok(Link::Stateless);
         }
-        let params = json!({
-            "protocolVersion": client::PROTOCOL,
-            "capabilities": {},
-            "clientInfo": { "name": "ephyr", "version": env!("CARGO_PKG_VERSION") },
-        });
-        let (posted, _) = self.request(ports, ep, &Link::Session(None), "initialize", params).await?;
+        let (posted, _) = self.request(ports, ep, &Link::Session(None), "initialize", initialize_params()).await?;
         let session = posted.session;
         let note = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
         let wire =
@@ -257,11 +384,14 @@ impl Federation {
                     digest: policy.digest.clone(),
                     tried: Some(Instant::now()),
                     quarantined,
+                    failures: 0,
                 }
             }
             Err(e) => {
                 log::warn!("remote {name:?}: {}", e.message());
+                let failures = self.remotes.borrow().get(name).map_or(0, |s| s.failures).saturating_add(1);
                 RemoteState {
+                    failures,
                     health: Health::Down,
                     error: Some(e.message()),
                     digest: policy.digest.clone(),
@@ -365,10 +495,46 @@ impl Federation {
         Ok(done)
     }
 
-    /// Every enabled remote of `policy` (and forgets the others).
-    pub async fn refresh_all(&self, ports: Ports<'_>, policy: &Policy) {
-        self.remotes.borrow_mut().retain(|n, _| policy.remotes.contains_key(n));
-        for name in policy.remotes.keys() {
+    /// Reads again every enabled remote of `policy` that is due ([`Federation::stale`]), one
+    /// refresh at a time per remote; forgets (and stops) remotes the policy no longer serves.
+    pub async fn refresh_due(&self, ports: Ports<'_>, policy: &Policy) {
+        let served = |n: &String| policy.remotes.get(n).is_some_and(|r| r.enabled);
+        self.remotes.borrow_mut().retain(|n, _| served(n));
+        let gone: Vec<Rc<stdio::Proc>> = {
+            let mut procs = self.procs.borrow_mut();
+            let names: Vec<String> = procs
+                .keys()
+                .filter(|n| {
+                    !policy.remotes.get(*n).is_some_and(|r| r.enabled && matches!(r.transport, Transport::Stdio(_)))
+                })
+                .cloned()
+                .collect();
+            names.iter().filter_map(|n| procs.remove(n)).collect()
+        };
+        drop(gone);
+        for (name, r) in &policy.remotes {
+            if !r.enabled || !self.due(policy, name, r) || !self.refreshing.borrow_mut().insert(name.clone()) {
+                continue;
+            }
+            let _guard = Refreshing { set: self.refreshing.clone(), name: name.clone() };
+            self.refresh(ports, policy, name).await;
+        }
+    }
+
+    /// Before a call of `full`: if the HTTP remote that would serve it is down, it is tried
+    /// again now rather than after its backoff (a call has to reach it anyway), so an agent's
+    /// call finds a remote that came back, its tools re-read and checked against their pins.
+    pub async fn revive_for_call(&self, ports: Ports<'_>, policy: &Policy, full: &str) {
+        let Some((name, _)) = policy.remotes.iter().find(|(_, r)| {
+            r.enabled
+                && matches!(r.transport, Transport::Http(_))
+                && full.strip_prefix(r.tool_prefix.as_str()).is_some_and(|t| t.starts_with('.'))
+        }) else {
+            return;
+        };
+        let down = self.remotes.borrow().get(name).is_some_and(|s| s.health == Health::Down);
+        if down && self.refreshing.borrow_mut().insert(name.clone()) {
+            let _guard = Refreshing { set: self.refreshing.clone(), name: name.clone() };
             self.refresh(ports, policy, name).await;
         }
     }
@@ -484,24 +650,39 @@ impl Federation {
             other => other,
         };
         if let Some(st) = self.remotes.borrow_mut().get_mut(remote) {
-            st.health = if result.is_ok() { Health::Connected } else { Health::Down };
-            st.error = result.as_ref().err().map(Error::message);
-        }
-        let (_, value) = result?;
-        // The credential the broker injected never reaches the agent, even if the remote echoes
-        // it: every form of it is overwritten, as in the proxy.
-        match &r.credential {
-            None => Ok(value),
-            Some(c) => {
-                let secret = ports.secrets.resolve(&c.secret).await?;
-                let forms = crate::broker::upstream::plan::secret_forms(&c.kind, &secret);
-                let text = serde_json::to_vec(&value).map_err(|e| Error::upstream(e.to_string()))?;
-                let mut scrub = crate::broker::upstream::scrub::Scrubber::new(forms);
-                let mut out = scrub.push(&text);
-                out.extend(scrub.finish());
-                serde_json::from_slice(&out).map_err(|e| Error::upstream(format!("remote {remote:?}: {e}")))
+            match &result {
+                Ok(_) => (st.health, st.error) = (Health::Connected, None),
+                // The remote answered (with a JSON-RPC error): it is up.
+                Err(Error::Upstream { code: "remote_error", .. }) => {}
+                Err(e) => (st.health, st.error) = (Health::Down, Some(e.message())),
             }
         }
+        let (_, value) = result?;
+        // The secrets the broker injected (an HTTP remote's credential, a stdio remote's
+        // secret_env) never reach the agent, even if the remote echoes them: every form of
+        // them is overwritten, as in the proxy.
+        let mut forms = Vec::new();
+        if let Some(c) = &r.credential {
+            let secret = ports.secrets.resolve(&c.secret).await?;
+            forms.extend(crate::broker::upstream::plan::secret_forms(&c.kind, &secret));
+        }
+        if let Transport::Stdio(cmd) = &r.transport {
+            for s in cmd.secret_env.values() {
+                let secret = ports.secrets.resolve(s).await?;
+                forms.extend(crate::broker::upstream::plan::secret_forms(
+                    &crate::broker::policy::CredentialKind::Bearer,
+                    &secret,
+                ));
+            }
+        }
+        if forms.is_empty() {
+            return Ok(value);
+        }
+        let text = serde_json::to_vec(&value).map_err(|e| Error::upstream(e.to_string()))?;
+        let mut scrub = crate::broker::upstream::scrub::Scrubber::new(forms);
+        let mut out = scrub.push(&text);
+        out.extend(scrub.finish());
+        serde_json::from_slice(&out).map_err(|e| Error::upstream(format!("remote {remote:?}: {e}")))
     }
 
     /// Each remote's state for `ephyr status`: health, tools served, tools quarantined, error.
@@ -518,25 +699,52 @@ impl Federation {
         self.remotes.borrow().get(remote).map(|s| (*s.tools).clone()).unwrap_or_default()
     }
 
+    /// The process id of each running stdio remote.
+    pub fn pids(&self) -> BTreeMap<String, u32> {
+        self.procs.borrow().iter().filter(|(_, p)| p.dead().is_none()).map(|(n, p)| (n.clone(), p.pid())).collect()
+    }
+
     /// The protocol era each remote is spoken to in.
     pub fn eras(&self) -> BTreeMap<String, &'static str> {
         self.remotes.borrow().iter().map(|(n, s)| (n.clone(), s.link.era())).collect()
     }
 
-    /// Whether some remote of `policy` should be (re)discovered: never tried under this policy
-    /// (start, reload), or down for longer than [`RETRY`].
-    pub fn stale(&self, policy: &Policy) -> bool {
+    /// Whether remote `name` should be read again: never tried under this policy (start,
+    /// reload); down for longer than [`RETRY`] (HTTP) or past its restart backoff (stdio);
+    /// connected for longer than its list may be kept; its tools changed (stdio, said by the
+    /// server); its process exited.
+    fn due(&self, policy: &Policy, name: &str, r: &Remote) -> bool {
         let remotes = self.remotes.borrow();
-        policy.remotes.iter().any(|(n, r)| {
-            r.enabled
-                && remotes.get(n).is_none_or(|s| {
-                    let since = s.tried.map_or(Duration::MAX, |t| t.elapsed());
-                    s.digest != policy.digest
-                        || (s.health == Health::Down && since >= RETRY)
-                        || (s.health == Health::Connected && since >= s.keep)
-                })
-        })
+        let Some(s) = remotes.get(name) else { return true };
+        let since = s.tried.map_or(Duration::MAX, |t| t.elapsed());
+        if s.digest != policy.digest || (s.health == Health::Connected && since >= s.keep) {
+            return true;
+        }
+        match &r.transport {
+            Transport::Http(_) => s.health == Health::Down && since >= backoff(s.failures.saturating_sub(1)).min(RETRY),
+            Transport::Stdio(_) => {
+                let proc = self.procs.borrow().get(name).cloned();
+                match s.health {
+                    Health::Down => self.starts.borrow().get(name).is_none_or(|(_, next)| Instant::now() >= *next),
+                    _ => proc.is_none_or(|p| p.dead().is_some() || p.list_changed()),
+                }
+            }
+        }
     }
+}
+
+fn initialize_params() -> Value {
+    json!({
+        "protocolVersion": client::PROTOCOL,
+        "capabilities": {},
+        "clientInfo": { "name": "ephyr", "version": env!("CARGO_PKG_VERSION") },
+    })
+}
+
+/// Whether sandbox path `p` and directory `d` overlap: one contains the other.
+fn overlaps(p: &str, d: &std::path::Path) -> bool {
+    let (p, d) = (std::path::Path::new(p), d);
+    p.starts_with(d) || d.starts_with(p)
 }
 
 fn quarantined_error(remote: &str, tool: &str) -> Error {

@@ -212,8 +212,18 @@ pub struct ServiceFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteFile {
-    /// MCP endpoint URL.
-    pub url: String,
+    /// MCP endpoint URL (Streamable HTTP); or `command`.
+    pub url: Option<String>,
+    /// A command speaking MCP on stdio: program and arguments.
+    pub command: Option<Vec<String>>,
+    /// Environment variables of the command (its whole environment besides `PATH`).
+    pub env: Option<BTreeMap<String, String>>,
+    /// Environment variables of the command filled from secret references.
+    pub secret_env: Option<BTreeMap<String, String>>,
+    /// Working directory of the command.
+    pub cwd: Option<String>,
+    /// The command's confinement.
+    pub sandbox: Option<SandboxFile>,
     /// Free text.
     pub description: Option<String>,
     /// Credential injection.
@@ -230,6 +240,26 @@ pub struct RemoteFile {
     pub enabled: Option<bool>,
     /// Tool pinning: `strict` (default), `warn` or `off`.
     pub pin: Option<String>,
+}
+
+/// `remotes.<name>.sandbox:` (stdio remotes).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxFile {
+    /// Paths it may read (and execute) besides the system's.
+    #[serde(default)]
+    pub read: Vec<String>,
+    /// Paths it may write under.
+    #[serde(default)]
+    pub write: Vec<String>,
+    /// Network sockets allowed (default false).
+    pub network: Option<bool>,
+    /// Largest data segment (`1GiB`).
+    pub memory: Option<String>,
+    /// Most open descriptors (256).
+    pub open_files: Option<u64>,
+    /// Most processes and threads of its user (256).
+    pub processes: Option<u64>,
 }
 
 /// `network:`.

@@ -340,8 +340,8 @@ pub fn host_specificity(patterns: &BTreeSet<String>, host: &str) -> Option<usize
 /// A federated MCP server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Remote {
-    /// Endpoint.
-    pub url: UpstreamUrl,
+    /// How it is reached.
+    pub transport: Transport,
     /// Free text.
     pub description: String,
     /// Credential injection.
@@ -358,6 +358,49 @@ pub struct Remote {
     pub enabled: bool,
     /// What a changed tool definition does.
     pub pin: PinMode,
+}
+
+/// How a remote is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Streamable HTTP at this endpoint.
+    Http(UpstreamUrl),
+    /// A command the broker starts, confined, speaking MCP on its standard input and output.
+    Stdio(Box<StdioCommand>),
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Transport::Http(u) => u.fmt(f),
+            Transport::Stdio(c) => write!(f, "stdio: {}", c.argv.join(" ")),
+        }
+    }
+}
+
+/// A stdio remote's command and its confinement (`remotes.<name>.command` and `sandbox`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StdioCommand {
+    /// Program and arguments (the program is looked up on the configured `PATH`).
+    pub argv: Vec<String>,
+    /// The whole environment besides `PATH`: only these variables...
+    pub env: BTreeMap<String, String>,
+    /// ...and these, resolved from the secret references when the command starts.
+    pub secret_env: BTreeMap<String, SecretRef>,
+    /// Working directory (default `/`).
+    pub cwd: Option<String>,
+    /// Paths it may read and execute (besides the system's libraries and programs).
+    pub read: Vec<String>,
+    /// Paths it may read, write, create and remove under.
+    pub write: Vec<String>,
+    /// Whether it may open network sockets (IPv4 and IPv6).
+    pub network: bool,
+    /// Largest data segment in bytes (`RLIMIT_DATA`).
+    pub memory: u64,
+    /// Most open descriptors (`RLIMIT_NOFILE`).
+    pub open_files: u64,
+    /// Most processes and threads of its user (`RLIMIT_NPROC`).
+    pub processes: u64,
 }
 
 /// Tool pinning for a remote (`remotes.<name>.pin`): what happens when a tool's definition
@@ -665,7 +708,11 @@ impl Policy {
                 let cred = s.credential.as_ref().map(|c| (n, &c.secret));
                 cred.into_iter().chain(s.tls.client_key.as_ref().map(|k| (n, k)))
             })
-            .chain(self.remotes.iter().filter_map(|(n, r)| r.credential.as_ref().map(|c| (n, &c.secret))));
+            .chain(self.remotes.iter().filter_map(|(n, r)| r.credential.as_ref().map(|c| (n, &c.secret))))
+            .chain(self.remotes.iter().flat_map(|(n, r)| match &r.transport {
+                Transport::Stdio(c) => c.secret_env.values().map(|s| (n, s)).collect(),
+                Transport::Http(_) => Vec::new(),
+            }));
         for (user, r) in refs {
             if let SecretRef::Store(name) = r {
                 out.entry(name.clone()).or_default().push(user.clone());

@@ -467,6 +467,26 @@ fn semantic_checks() {
         ("services: {s: {url: 'https://x', headers: {Authorization: x}}}", "cannot be a static header"),
         ("services: {s: {url: 'https://x', max_response: 10MB}}", "a size looks like"),
         ("remotes: {r.x: {url: 'http://x'}}", "no dots"),
+        ("remotes: {r: {description: x}}", "needs a url (Streamable HTTP) or a command (stdio)"),
+        ("remotes: {r: {url: 'http://x', command: [node]}}", "either url (HTTP) or command (stdio)"),
+        ("remotes: {r: {command: []}}", "the command needs a program"),
+        ("remotes: {r: {command: ['']}}", "the command needs a program"),
+        ("remotes: {r: {url: 'http://x', sandbox: {read: [/x]}}}", "remotes.r.sandbox: sandbox applies to a command"),
+        ("remotes: {r: {url: 'http://x', env: {A: b}}}", "env applies to a command"),
+        ("remotes: {r: {command: [x], credential: {type: bearer, secret: 'env:X'}}}", "credential applies to a url"),
+        ("remotes: {r: {command: [x], tls: {ca_file: /ca.pem}}}", "tls applies to a url"),
+        ("remotes: {r: {command: [x], env: {1BAD: x}}}", "\"1BAD\" is not a variable name"),
+        ("remotes: {r: {command: [x], env: {A: x}, secret_env: {A: 'env:B'}}}", "A is set in env too"),
+        ("remotes: {r: {command: [x], secret_env: {A: hunter2}}}", "is not a secret reference"),
+        ("remotes: {r: {command: [x], cwd: tmp}}", "remotes.r.cwd: \"tmp\": use an absolute path"),
+        (
+            "remotes: {r: {command: [x], sandbox: {read: [relative]}}}",
+            "remotes.r.sandbox.read: \"relative\": use an absolute path",
+        ),
+        ("remotes: {r: {command: [x], sandbox: {write: [/srv/../etc]}}}", "without . or .. segments"),
+        ("remotes: {r: {command: [x], sandbox: {memory: 1MiB}}}", "at least 16MiB"),
+        ("remotes: {r: {command: [x], sandbox: {open_files: 3}}}", "out of range"),
+        ("remotes: {r: {command: [x], sandbox: {nework: false}}}", "unknown field `nework`"),
         ("network: {allow: [10.0.0.0/33]}", "prefix length"),
         ("agents: {a: {inherits: [nope]}}", "unknown template"),
         ("agents: {a: {ssh: {nowhere: {roles: []}}}}", "unknown target"),
@@ -493,6 +513,15 @@ fn semantic_checks() {
         assert!(ps.iter().any(|p| p.contains(want)), "{text:?}: want {want:?} in {ps:#?}");
     }
     assert!(problems("").is_empty(), "an empty policy loads (and grants nothing)");
+    let ok = Policy::parse(
+        "remotes: {fs: {command: [node, /opt/fs.js, /srv], env: {HOME: /srv}, secret_env: {TOKEN: 'store:fs'}, sandbox: {read: [/opt/], write: [/srv], memory: 256MiB}}}",
+        "p.yaml",
+    )
+    .unwrap();
+    let Transport::Stdio(c) = &ok.remotes["fs"].transport else { panic!("a stdio remote") };
+    assert_eq!((c.read.as_slice(), c.write.as_slice()), (&["/opt".to_owned()][..], &["/srv".to_owned()][..]));
+    assert_eq!((c.memory, c.open_files, c.processes, c.network), (256 << 20, 256, 256, false));
+    assert_eq!(ok.store_refs().get("fs").map(Vec::len), Some(1), "secret_env store references are known");
 }
 
 #[test]

@@ -1038,10 +1038,56 @@ fn remotes(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, R
             );
         }
         let Some(r) = cx.entry::<RemoteFile>(&["remotes", &name], v) else { continue };
-        let url = match parse_url(&r.url) {
-            Ok(u) => u,
-            Err(e) => {
-                cx.err(&["remotes", &name, "url"], e, None);
+        let transport = match (&r.url, &r.command) {
+            (Some(url), None) => {
+                let stdio_only = [
+                    ("env", r.env.is_some()),
+                    ("secret_env", r.secret_env.is_some()),
+                    ("cwd", r.cwd.is_some()),
+                    ("sandbox", r.sandbox.is_some()),
+                ];
+                for (key, set) in stdio_only {
+                    if set {
+                        cx.err(
+                            &["remotes", &name, key],
+                            format!("{key} applies to a command (stdio) remote, not to a url"),
+                            None,
+                        );
+                    }
+                }
+                match parse_url(url) {
+                    Ok(u) => Transport::Http(u),
+                    Err(e) => {
+                        cx.err(&["remotes", &name, "url"], e, None);
+                        continue;
+                    }
+                }
+            }
+            (None, Some(argv)) => {
+                for (key, set) in [("credential", r.credential.is_some()), ("tls", r.tls.is_some())] {
+                    if set {
+                        cx.err(
+                            &["remotes", &name, key],
+                            format!("{key} applies to a url (HTTP) remote"),
+                            Some("give a command its secrets through secret_env".into()),
+                        );
+                    }
+                }
+                match stdio_command(cx, &name, argv, &r) {
+                    Some(c) => Transport::Stdio(Box::new(c)),
+                    None => continue,
+                }
+            }
+            (Some(_), Some(_)) => {
+                cx.err(&["remotes", &name], "give either url (HTTP) or command (stdio), not both", None);
+                continue;
+            }
+            (None, None) => {
+                cx.err(
+                    &["remotes", &name],
+                    "a remote needs a url (Streamable HTTP) or a command (stdio)",
+                    Some("url: http://host:port/mcp, or command: [node, /path/to/server.js]".into()),
+                );
                 continue;
             }
         };
@@ -1068,7 +1114,7 @@ fn remotes(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, R
         remotes.insert(
             name,
             Remote {
-                url,
+                transport,
                 description: r.description.unwrap_or_default(),
                 credential,
                 tools: r.tools.map(|t| t.into_iter().collect()),
@@ -1082,6 +1128,111 @@ fn remotes(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, R
     }
 
     remotes
+}
+
+fn absolute_path(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') || p.contains('\0') {
+        return Err(format!("{p:?}: use an absolute path"));
+    }
+    if p.split('/').any(|seg| seg == ".." || seg == ".") {
+        return Err(format!("{p:?}: write the path without . or .. segments"));
+    }
+    Ok(())
+}
+
+fn env_name_ok(n: &str) -> bool {
+    let mut b = n.bytes();
+    b.next().is_some_and(|c| c.is_ascii_alphabetic() || c == b'_') && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
+}
+
+/// A stdio remote's command and confinement.
+fn stdio_command(cx: &mut Ctx<'_>, name: &str, argv: &[String], r: &RemoteFile) -> Option<StdioCommand> {
+    let base = ["remotes", name];
+    let at = |k: &'static str| [base[0], base[1], k];
+    if argv.is_empty() || argv[0].is_empty() {
+        cx.err(&at("command"), "the command needs a program", Some("command: [node, /path/to/server.js]".into()));
+        return None;
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        cx.err(&at("command"), "an argument contains a NUL byte", None);
+        return None;
+    }
+    let env = r.env.clone().unwrap_or_default();
+    let mut secret_env = BTreeMap::new();
+    for (k, v) in env.iter().map(|(k, v)| (k, Some(v))).chain(r.secret_env.iter().flatten().map(|(k, _)| (k, None))) {
+        if !env_name_ok(k) {
+            cx.err(&at(if v.is_some() { "env" } else { "secret_env" }), format!("{k:?} is not a variable name"), None);
+        }
+        if v.is_some_and(|v| v.contains('\0')) {
+            cx.err(&at("env"), format!("{k}: the value contains a NUL byte"), None);
+        }
+    }
+    for (k, v) in r.secret_env.iter().flatten() {
+        if env.contains_key(k) {
+            cx.err(&at("secret_env"), format!("{k} is set in env too"), None);
+        }
+        match parse_secret_ref(v) {
+            Ok(s) => {
+                secret_env.insert(k.clone(), s);
+            }
+            Err(e) => cx.err(&at("secret_env"), format!("{k}: {e}"), None),
+        }
+    }
+    if let Some(c) = &r.cwd
+        && let Err(e) = absolute_path(c)
+    {
+        cx.err(&at("cwd"), e, None);
+    }
+    let sb = r.sandbox.as_ref();
+    let mut paths = |key: &'static str, list: Option<&Vec<String>>| -> Vec<String> {
+        let mut out = Vec::new();
+        for p in list.into_iter().flatten() {
+            match absolute_path(p) {
+                Ok(()) if p == "/" => out.push("/".to_owned()),
+                Ok(()) => out.push(p.trim_end_matches('/').to_owned()),
+                Err(e) => cx.err(&["remotes", name, "sandbox", key], e, None),
+            }
+        }
+        out
+    };
+    let read = paths("read", sb.map(|s| &s.read));
+    let write = paths("write", sb.map(|s| &s.write));
+    let memory = match sb.and_then(|s| s.memory.as_deref()) {
+        None => 1 << 30,
+        Some(m) => match parse_size(m) {
+            Some(n) if n >= 16 << 20 => n,
+            _ => {
+                cx.err(
+                    &["remotes", name, "sandbox", "memory"],
+                    format!("{m:?}: write a size of at least 16MiB, e.g. 512MiB"),
+                    None,
+                );
+                1 << 30
+            }
+        },
+    };
+    let mut count = |key: &'static str, v: Option<u64>, default: u64| match v {
+        None => default,
+        Some(n) if (16..=1 << 20).contains(&n) => n,
+        Some(n) => {
+            cx.err(&["remotes", name, "sandbox", key], format!("{n} is out of range (16 to 1048576)"), None);
+            default
+        }
+    };
+    let open_files = count("open_files", sb.and_then(|s| s.open_files), 256);
+    let processes = count("processes", sb.and_then(|s| s.processes), 256);
+    Some(StdioCommand {
+        argv: argv.to_vec(),
+        env,
+        secret_env,
+        cwd: r.cwd.clone(),
+        read,
+        write,
+        network: sb.and_then(|s| s.network).unwrap_or(false),
+        memory,
+        open_files,
+        processes,
+    })
 }
 
 /// Network: one section of the policy, validated.

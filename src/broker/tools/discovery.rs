@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::{Needs, Output, OutputShape, ToolDef, allowed, any_remote_tool, any_service};
 use crate::broker::federation::Federation;
-use crate::broker::policy::{ActionKind, CredentialKind, Policy, Principal};
+use crate::broker::policy::{ActionKind, CredentialKind, Policy, Principal, Transport};
 use crate::mcp::types::Annotations;
 
 const READ_ONLY: Annotations = Annotations { read_only: true, destructive: false, idempotent: true, open_world: false };
@@ -142,7 +142,15 @@ pub fn remotes(policy: &Policy, principal: &Principal<'_>, federation: &Federati
             status.get(name).map_or(("not connected yet", 0, 0), |(h, t, q, _)| (h.as_str(), *t, *q));
         out.push(json!({
             "name": name,
-            "url": r.url.to_string(),
+            // A stdio remote's command line stays with the operator.
+            "url": match &r.transport {
+                Transport::Http(u) => Value::from(u.to_string()),
+                Transport::Stdio(_) => Value::Null,
+            },
+            "transport": match r.transport {
+                Transport::Http(_) => "http",
+                Transport::Stdio(_) => "stdio",
+            },
             "description": r.description,
             "tool_prefix": r.tool_prefix,
             "enabled": r.enabled,

@@ -57,6 +57,10 @@ pub enum ParamType {
     StringMap,
     /// An object with these members.
     Object(&'static [Param]),
+    /// An object whose every member is an object with these members.
+    ObjectMap(&'static [Param]),
+    /// A finite number, not negative.
+    Number,
 }
 
 /// One declared argument.
@@ -292,6 +296,8 @@ fn type_schema(ty: ParamType, description: &str) -> Value {
         ParamType::StringList => json!({ "type": "array", "items": { "type": "string" } }),
         ParamType::StringMap => json!({ "type": "object", "additionalProperties": { "type": "string" } }),
         ParamType::Object(params) => object_schema(params),
+        ParamType::ObjectMap(params) => json!({ "type": "object", "additionalProperties": object_schema(params) }),
+        ParamType::Number => json!({ "type": "number", "minimum": 0 }),
     };
     if !description.is_empty() {
         s["description"] = Value::from(description);
@@ -340,6 +346,17 @@ fn check_value(path: &str, ty: ParamType, v: &Value) -> Result<(), String> {
         ParamType::Object(params) => match v.as_object() {
             Some(m) => check_object(path, params, m),
             None => bad("an object"),
+        },
+        ParamType::ObjectMap(params) => match v.as_object() {
+            Some(m) => m.iter().try_for_each(|(k, v)| match v.as_object() {
+                Some(inner) => check_object(&format!("{path}.{k}"), params, inner),
+                None => Err(format!("argument {:?} must be an object", format!("{path}.{k}"))),
+            }),
+            None => bad("an object"),
+        },
+        ParamType::Number => match v.as_f64() {
+            Some(n) if n.is_finite() && n >= 0.0 => Ok(()),
+            _ => bad("a finite number, not negative"),
         },
     }
 }

@@ -29,6 +29,28 @@ static ENVELOPE: &[Param] = &[
     Param { name: "remotes", ty: ParamType::StringList, required: false, description: "remote MCP servers" },
     Param { name: "methods", ty: ParamType::StringList, required: false, description: "HTTP methods" },
     Param { name: "tools", ty: ParamType::StringList, required: false, description: "MCP tools" },
+    Param {
+        name: "args",
+        ty: ParamType::ObjectMap(ARG_RULE),
+        required: false,
+        description: "argument constraints by argument name, e.g. {\"path\": {\"prefix\": \"/srv/shared\"}}",
+    },
+];
+
+static ARG_RULE: &[Param] = &[
+    Param {
+        name: "prefix",
+        ty: ParamType::String,
+        required: false,
+        description: "the argument is an absolute path at or under this one",
+    },
+    Param { name: "max", ty: ParamType::Number, required: false, description: "the argument is a number at most this" },
+    Param {
+        name: "one_of",
+        ty: ParamType::StringList,
+        required: false,
+        description: "the argument is one of these strings",
+    },
 ];
 
 const DESCRIPTION: Param =
@@ -247,6 +269,34 @@ fn narrowing(policy: &Policy, cx: &Ctx<'_>, agent: &str, within: Option<&Envelop
             }
         }
         caveats.push(format!("{} IN [{}]", key.as_str(), names.join(",")));
+    }
+    // Argument constraints: caveats like any other, so they only ever add to the parent's.
+    for (name, rule) in env.get("args").and_then(Value::as_object).into_iter().flatten() {
+        let bad = |why: String| Output::error(format!("invalid arguments: envelope.args.{name}: {why}"));
+        let mut any = false;
+        if let Some(p) = rule.get("prefix").and_then(Value::as_str) {
+            let p = crate::macaroon::caveat::NormPath::strict(p).map_err(bad)?;
+            caveats.push(format!("arg.{name} prefix {}", p.as_str()));
+            any = true;
+        }
+        if let Some(n) = rule.get("max").and_then(Value::as_f64) {
+            caveats.push(format!("arg.{name} <= {n}"));
+            any = true;
+        }
+        if let Some(items) = rule.get("one_of").and_then(Value::as_array) {
+            let items: Vec<&str> = items.iter().filter_map(Value::as_str).collect();
+            caveats.push(format!("arg.{name} IN [{}]", items.join(",")));
+            any = true;
+        }
+        if !any {
+            return Err(bad("give prefix, max or one_of".into()));
+        }
+    }
+    // Every caveat must parse as the token grammar has it (names, list items, numbers).
+    for c in &caveats {
+        if let Err(e) = crate::macaroon::caveat::Caveat::parse(c.as_bytes()) {
+            return Err(Output::error(format!("invalid arguments: envelope: {}", e.0)));
+        }
     }
     Ok(caveats)
 }
