@@ -385,6 +385,7 @@ fn stdio_remotes_run_confined_supervised_and_authorized_by_their_arguments() {
     );
     let (alice, alice_hash) = agent_key("alice");
     let (bob, bob_hash) = agent_key("bob");
+    let (carol, carol_hash) = agent_key("carol");
     let policy = format!(
         r#"version: 1
 remotes:
@@ -415,6 +416,13 @@ agents:
     api_key_hash: "{bob_hash}"
     remotes:
       files: {{ tools: [list_directory], args: {{ path: {{ prefix: "{shared_s}" }} }} }}
+  carol:
+    api_key_hash: "{carol_hash}"
+    remotes:
+      everything:
+        tools: [echo, trigger-long-running-operation]
+        args: {{ message: {{ glob: ["ok-*"] }}, duration: {{ min: 1, max: 20 }} }}
+      files: {{ tools: [read_multiple_files], args: {{ "/paths/*": {{ prefix: "{shared_s}" }} }} }}
 "#
     );
     let b = Broker::start(BrokerOpts {
@@ -495,6 +503,22 @@ agents:
     let e = tool_call(&b.api, &bob, "files.list_directory", json!({})).unwrap_err();
     assert!(e.starts_with("denied ("), "left out: {e}");
     assert!(tool_call(&b.api, &bob, "files.list_directory", json!({ "path": shared_s })).is_ok());
+
+    // Patterns, lower bounds and every item of a list (a JSON pointer with `*`).
+    assert!(tool_call(&b.api, &carol, "ev.echo", json!({"message": "ok-1"})).is_ok());
+    let e = tool_call(&b.api, &carol, "ev.echo", json!({"message": "rm -rf"})).unwrap_err();
+    assert!(e.starts_with("denied (") && e.contains("matches none of the allowed patterns"), "{e}");
+    let e =
+        tool_call(&b.api, &carol, "ev.trigger-long-running-operation", json!({"duration": 0, "steps": 1})).unwrap_err();
+    assert!(e.contains("is below 1"), "{e}");
+    let both = tool_call(&b.api, &carol, "files.read_multiple_files", json!({"paths": [hello, hello]})).unwrap();
+    assert!(both.to_string().contains("hello from the shared dir"), "{both}");
+    for paths in
+        [json!([hello, outside.join("secret.txt")]), json!([format!("{shared_s}/../outside/secret.txt")]), json!(hello)]
+    {
+        let e = tool_call(&b.api, &carol, "files.read_multiple_files", json!({ "paths": paths })).unwrap_err();
+        assert!(e.starts_with("denied (") && e.contains("/paths/*"), "{paths}: {e}");
+    }
 
     // The official clients through ephyr: Python lists the directory, TypeScript echoes.
     let o = python("mcp_call.py")

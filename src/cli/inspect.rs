@@ -178,8 +178,14 @@ fn render(m: &Macaroon, v: &serde_json::Value, reduced: &Result<Reduced, String>
                 if let Some(n) = rule.at_most {
                     parts.push(format!("<= {n}"));
                 }
+                if let Some(n) = rule.at_least {
+                    parts.push(format!(">= {n}"));
+                }
                 if let Some(s) = &rule.one_of {
                     parts.push(format!("one of {}", s.iter().cloned().collect::<Vec<_>>().join(", ")));
+                }
+                for s in &rule.like {
+                    parts.push(format!("like {}", s.iter().cloned().collect::<Vec<_>>().join(" | ")));
                 }
                 let _ = writeln!(out, "  {:<16} {}", format!("arg.{name}"), parts.join("; "));
             }

@@ -11,9 +11,13 @@
 //! meta    : agent | initiated_by                      "= " 1-128 printable characters
 //! args    : "arg." argname  ( "prefix " /normal/abs/path
 //!                           | "<= " non-negative decimal (no exponent, no sign)
-//!                           | "IN [" item *("," item) "]" )
+//!                           | ">= " non-negative decimal
+//!                           | "IN [" item *("," item) "]"
+//!                           | "LIKE [" glob *("," glob) "]" )
 //! name    = 1-128 of [A-Za-z0-9_.:@/-]     item = 1-128 printable, not space , [ ]
 //! argname = 1-64 of [A-Za-z0-9_-]          METHOD = 1-16 of [A-Z]
+//!         | JSON pointer: 1-128 of "/" seg, seg = 1-64 of [A-Za-z0-9_-] or "*" (every item)
+//! glob    = item; "*" matches any run of characters, "?" one character
 //! ```
 //!
 //! Lists are non-empty and may not repeat an item. Unknown keys, wrong operators, a caveat longer
@@ -98,6 +102,10 @@ pub enum ArgConstraint {
     AtMost(f64),
     /// One of these strings.
     OneOf(BTreeSet<String>),
+    /// A finite number, not negative, at least this.
+    AtLeast(f64),
+    /// A string matching one of these globs.
+    Like(BTreeSet<String>),
 }
 
 /// A normalised absolute path: `/` or `/seg/seg`, no empty, `.` or `..` segments.
@@ -221,6 +229,10 @@ pub enum CaveatRef<'a> {
     ArgAtMost(&'a str, f64),
     /// `arg.NAME IN [..]`.
     ArgOneOf(&'a str, Items<'a>),
+    /// `arg.NAME >= n`.
+    ArgAtLeast(&'a str, f64),
+    /// `arg.NAME LIKE [..]`.
+    ArgLike(&'a str, Items<'a>),
 }
 
 /// Why a caveat did not parse.
@@ -291,6 +303,43 @@ fn method_ok(s: &str) -> bool {
     (1..=16).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_uppercase())
 }
 
+/// An argument's name in a constraint: a top-level name, or a JSON pointer into the arguments
+/// whose `*` segments stand for every item of an array (or member of an object).
+pub fn arg_name_ok(name: &str) -> bool {
+    let seg_ok = |s: &str| {
+        s == "*"
+            || ((1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+    };
+    match name.strip_prefix('/') {
+        Some(rest) => name.len() <= 128 && rest.split('/').all(seg_ok),
+        None => name != "*" && seg_ok(name),
+    }
+}
+
+/// Whether `s` matches `glob`: `*` any run of characters (`/` included), `?` one character,
+/// everything else itself.
+pub fn glob_match(glob: &str, s: &str) -> bool {
+    let (g, t): (Vec<char>, Vec<char>) = (glob.chars().collect(), s.chars().collect());
+    let (mut gi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if gi < g.len() && (g[gi] == '?' || g[gi] == t[ti]) {
+            gi += 1;
+            ti += 1;
+        } else if gi < g.len() && g[gi] == '*' {
+            star = Some(gi);
+            mark = ti;
+            gi += 1;
+        } else if let Some(st) = star {
+            gi = st + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    g[gi..].iter().all(|c| *c == '*')
+}
+
 fn item_ok(s: &str) -> bool {
     (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b',' | b'[' | b']'))
 }
@@ -329,6 +378,8 @@ impl<'a> CaveatRef<'a> {
             CaveatRef::ArgPrefix(n, p) => Caveat::Arg(n.into(), ArgConstraint::Prefix(NormPath(p.into()))),
             CaveatRef::ArgAtMost(n, v) => Caveat::Arg(n.into(), ArgConstraint::AtMost(v)),
             CaveatRef::ArgOneOf(n, items) => Caveat::Arg(n.into(), ArgConstraint::OneOf(items.to_set())),
+            CaveatRef::ArgAtLeast(n, v) => Caveat::Arg(n.into(), ArgConstraint::AtLeast(v)),
+            CaveatRef::ArgLike(n, items) => Caveat::Arg(n.into(), ArgConstraint::Like(items.to_set())),
         }
     }
 
@@ -399,11 +450,10 @@ impl<'a> CaveatRef<'a> {
                 let Some(name) = key.strip_prefix("arg.") else {
                     return Err(bad(format!("unknown caveat key {key:?}")));
                 };
-                if name.is_empty()
-                    || name.len() > 64
-                    || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-                {
-                    return Err(bad(format!("{key}: argument names are 1-64 of [A-Za-z0-9_-]")));
+                if !arg_name_ok(name) {
+                    return Err(bad(format!(
+                        "{key}: argument names are 1-64 of [A-Za-z0-9_-], or a JSON pointer such as /options/path or /paths/*"
+                    )));
                 }
                 match op {
                     "prefix" => {
@@ -415,8 +465,10 @@ impl<'a> CaveatRef<'a> {
                         Ok(CaveatRef::ArgPrefix(name, value))
                     }
                     "<=" => Ok(CaveatRef::ArgAtMost(name, parse_number(key, value)?)),
+                    ">=" => Ok(CaveatRef::ArgAtLeast(name, parse_number(key, value)?)),
                     "IN" => Ok(CaveatRef::ArgOneOf(name, parse_list(key, value, item_ok)?)),
-                    _ => Err(bad(format!("{key}: operator must be 'prefix', '<=' or 'IN', not '{op}'"))),
+                    "LIKE" => Ok(CaveatRef::ArgLike(name, parse_list(key, value, item_ok)?)),
+                    _ => Err(bad(format!("{key}: operator must be 'prefix', '<=', '>=', 'IN' or 'LIKE', not '{op}'"))),
                 }
             }
         }
@@ -438,6 +490,8 @@ impl fmt::Display for Caveat {
             Caveat::Arg(name, ArgConstraint::Prefix(p)) => write!(f, "arg.{name} prefix {}", p.as_str()),
             Caveat::Arg(name, ArgConstraint::AtMost(n)) => write!(f, "arg.{name} <= {n}"),
             Caveat::Arg(name, ArgConstraint::OneOf(items)) => write!(f, "arg.{name} IN [{}]", list(items)),
+            Caveat::Arg(name, ArgConstraint::AtLeast(n)) => write!(f, "arg.{name} >= {n}"),
+            Caveat::Arg(name, ArgConstraint::Like(items)) => write!(f, "arg.{name} LIKE [{}]", list(items)),
         }
     }
 }
@@ -477,6 +531,11 @@ mod tests {
             "arg.amount <= 100",
             "arg.amount <= 2.5",
             "arg.region IN [eu-west-1,us-east-1]",
+            "arg.steps >= 1",
+            "arg.branch LIKE [feature/*,fix-?]",
+            "arg./options/path prefix /data",
+            "arg./paths/* prefix /data",
+            "arg./edits/*/newText LIKE [*]",
         ] {
             let c = ok(s);
             // Lists print sorted, so compare reparsed values rather than texts.
@@ -510,6 +569,14 @@ mod tests {
             ("frobnicate = 1", "unknown caveat key"),
             ("Target IN [a]", "unknown caveat key"),
             ("arg. prefix /x", "argument names"),
+            ("arg./ prefix /x", "argument names"),
+            ("arg./a//b prefix /x", "argument names"),
+            ("arg.* prefix /x", "argument names"),
+            ("arg./a~1b prefix /x", "argument names"),
+            ("arg./x/** prefix /x", "argument names"),
+            ("arg.n >= -1", "non-negative decimal"),
+            ("arg.b LIKE []", "empty list"),
+            ("arg.b LIKE [a b]", "invalid item"),
             ("arg.path prefix data", "normalised absolute path"),
             ("arg.path prefix /data/", "normalised absolute path"),
             ("arg.path prefix /data/../etc", "normalised absolute path"),
@@ -547,6 +614,24 @@ mod tests {
         assert_eq!(n("data/x"), None, "relative");
         assert_eq!(n("/data/\0x"), None);
         assert!(NormPath::parse_normal("/").unwrap().contains(&n("/anything").unwrap()));
+    }
+
+    #[test]
+    fn globs_match_whole_strings() {
+        for (g, t, want) in [
+            ("feature/*", "feature/x/y", true),
+            ("feature/*", "feature", false),
+            ("fix-?", "fix-1", true),
+            ("fix-?", "fix-12", false),
+            ("*", "", true),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "aXbY", false),
+            ("*.txt", "/srv/a.txt", true),
+            ("*.txt", "/srv/a.txt.sh", false),
+            ("ab", "abc", false),
+        ] {
+            assert_eq!(glob_match(g, t), want, "{g} ~ {t}");
+        }
     }
 
     #[test]

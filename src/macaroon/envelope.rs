@@ -67,6 +67,11 @@ pub struct ArgRule {
     pub at_most: Option<f64>,
     /// The value must be one of these strings.
     pub one_of: Option<BTreeSet<String>>,
+    /// The value must be a finite, non-negative number no smaller than this.
+    pub at_least: Option<f64>,
+    /// The value must be a string matching a glob of each of these sets (one set per caveat
+    /// or policy constraint: each narrows).
+    pub like: Vec<BTreeSet<String>>,
 }
 
 impl ArgRule {
@@ -78,6 +83,17 @@ impl ArgRule {
 
     fn add_at_most(&mut self, n: f64) {
         self.at_most = Some(self.at_most.map_or(n, |m| m.min(n)));
+    }
+
+    fn add_at_least(&mut self, n: f64) {
+        self.at_least = Some(self.at_least.map_or(n, |m| m.max(n)));
+    }
+
+    fn add_like(&mut self, items: Items<'_>) {
+        let set = items.to_set();
+        if !self.like.contains(&set) {
+            self.like.push(set);
+        }
     }
 
     fn add_one_of(&mut self, items: Items<'_>) {
@@ -96,13 +112,26 @@ impl ArgRule {
                 return Err(format!("{:?} is outside {}", p.as_str(), outside.as_str()));
             }
         }
-        if let Some(max) = self.at_most {
+        if self.at_most.is_some() || self.at_least.is_some() {
             let n = value
                 .as_f64()
                 .filter(|n| n.is_finite() && *n >= 0.0 && !value.is_string())
                 .ok_or("must be a finite non-negative number")?;
-            if n > max {
+            if let Some(max) = self.at_most
+                && n > max
+            {
                 return Err(format!("{n} exceeds {max}"));
+            }
+            if let Some(min) = self.at_least
+                && n < min
+            {
+                return Err(format!("{n} is below {min}"));
+            }
+        }
+        for set in &self.like {
+            let s = value.as_str().ok_or("must be a string")?;
+            if !set.iter().any(|g| crate::macaroon::caveat::glob_match(g, s)) {
+                return Err(format!("{s:?} matches none of the allowed patterns"));
             }
         }
         if let Some(set) = &self.one_of {
@@ -127,7 +156,20 @@ impl ArgRule {
             (Some(a), Some(b)) => a.is_subset(b),
             (None, Some(_)) => false,
         };
-        prefixes && max && set
+        let min = match (self.at_least, other.at_least) {
+            (_, None) => true,
+            (Some(a), Some(b)) => a >= b,
+            (None, Some(_)) => false,
+        };
+        // Each of `other`'s glob sets must be met by everything this rule accepts: a set of
+        // ours made of globs it lists itself, or our allowed values all matching it.
+        let like = other.like.iter().all(|theirs| {
+            self.like.iter().any(|ours| ours.is_subset(theirs))
+                || self.one_of.as_ref().is_some_and(|vals| {
+                    vals.iter().all(|v| theirs.iter().any(|g| crate::macaroon::caveat::glob_match(g, v)))
+                })
+        });
+        prefixes && max && set && min && like
     }
 }
 
@@ -349,6 +391,8 @@ impl Reducer {
             CaveatRef::ArgPrefix(name, p) => arg(&mut e.args, name).add_prefix(p),
             CaveatRef::ArgAtMost(name, n) => arg(&mut e.args, name).add_at_most(n),
             CaveatRef::ArgOneOf(name, items) => arg(&mut e.args, name).add_one_of(items),
+            CaveatRef::ArgAtLeast(name, n) => arg(&mut e.args, name).add_at_least(n),
+            CaveatRef::ArgLike(name, items) => arg(&mut e.args, name).add_like(items),
         }
         Ok(())
     }

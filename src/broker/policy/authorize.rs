@@ -368,12 +368,17 @@ fn check_grant_args(
 ) -> Result<(), Denial> {
     let Arguments::Call { values, declared } = arguments else { return Ok(()) };
     for (name, rule) in rules {
-        match values.get(name) {
-            Some(v) => rule.check(v).map_err(|e| Denial {
-                code: DenyCode::ArgumentConstraint,
-                reason: format!("argument {name:?}: {e} ({whose})"),
-            })?,
-            None if declared.contains(&name.as_str()) => {
+        let shape = |e: String| Denial { code: DenyCode::ArgumentConstraint, reason: format!("{e} ({whose})") };
+        match arg_values(values, name).map_err(shape)? {
+            Some(found) => {
+                for v in found {
+                    rule.check(v).map_err(|e| Denial {
+                        code: DenyCode::ArgumentConstraint,
+                        reason: format!("argument {name:?}: {e} ({whose})"),
+                    })?;
+                }
+            }
+            None if declared.contains(&top_name(name)) => {
                 return Err(Denial {
                     code: DenyCode::ArgumentConstraint,
                     reason: format!("argument {name:?} is constrained ({whose}) and must be given explicitly"),
@@ -383,6 +388,50 @@ fn check_grant_args(
         }
     }
     Ok(())
+}
+
+/// The top-level argument a constraint's name starts at (`/options/path` → `options`).
+fn top_name(name: &str) -> &str {
+    match name.strip_prefix('/') {
+        Some(rest) => rest.split('/').next().unwrap_or(rest),
+        None => name,
+    }
+}
+
+/// The values a constraint's name selects in a call's arguments: the argument itself, or what a
+/// JSON pointer reaches, every item of an array (or member of an object) at a `*` segment.
+/// `Ok(None)` when something on the way is missing (the constraint's argument was not given);
+/// `Err` when the arguments have another shape than the pointer walks (a scalar where it
+/// expects a list or an object): the constraint cannot be checked, so the callers refuse.
+pub(crate) fn arg_values<'v>(values: &'v Map<String, Value>, name: &str) -> Result<Option<Vec<&'v Value>>, String> {
+    let Some(pointer) = name.strip_prefix('/') else { return Ok(values.get(name).map(|v| vec![v])) };
+    let mut segs = pointer.split('/');
+    let Some(first) = segs.next().and_then(|s| values.get(s)) else { return Ok(None) };
+    let mut current = vec![first];
+    for seg in segs {
+        let mut next = Vec::new();
+        for v in current {
+            match (seg, v) {
+                ("*", Value::Array(items)) => next.extend(items.iter()),
+                ("*", Value::Object(m)) => next.extend(m.values()),
+                (key, Value::Object(m)) => match m.get(key) {
+                    Some(x) => next.push(x),
+                    None => return Ok(None),
+                },
+                (index, Value::Array(items)) => match index.parse::<usize>().ok().and_then(|i| items.get(i)) {
+                    Some(x) => next.push(x),
+                    None => return Ok(None),
+                },
+                _ => {
+                    return Err(format!(
+                        "argument {name:?}: the arguments do not have the shape it names (a list or an object where it goes deeper)"
+                    ));
+                }
+            }
+        }
+        current = next;
+    }
+    Ok(Some(current))
 }
 
 /// What a resource action itself says, by argument name: the facts a token's argument
@@ -416,9 +465,9 @@ fn check_token_args(env: &Envelope, action: &Action<'_>) -> Result<(), Denial> {
             rule.check(&Value::String((*v).to_owned()))
         } else {
             match action.arguments {
-                Arguments::Call { values, declared } => match values.get(name) {
-                    Some(v) => rule.check(v),
-                    None if declared.contains(&name.as_str()) => {
+                Arguments::Call { values, declared } => match arg_values(values, name).map_err(denial)? {
+                    Some(found) => found.into_iter().try_for_each(|v| rule.check(v)),
+                    None if declared.contains(&top_name(name)) => {
                         return Err(denial(format!(
                             "argument {name:?} is constrained (task token) and must be given explicitly"
                         )));

@@ -328,8 +328,12 @@ pub struct ArgFile {
     pub prefix: Option<String>,
     /// Maximum number.
     pub max: Option<f64>,
+    /// Minimum number.
+    pub min: Option<f64>,
     /// Allowed values.
     pub one_of: Option<Vec<String>>,
+    /// Allowed patterns (`*` any run of characters, `?` one).
+    pub glob: Option<Vec<String>>,
 }
 
 /// `agents.<a>.remotes.<remote>:`.

@@ -338,6 +338,94 @@ fn remote_tool_table_with_argument_constraints() {
 }
 
 #[test]
+fn nested_numeric_and_pattern_constraints_by_json_pointer() {
+    let p = Policy::parse(
+        r#"
+remotes:
+  fs: { url: "http://127.0.0.1:3001/mcp" }
+agents:
+  a:
+    uid: 4321
+    remotes:
+      fs:
+        args:
+          "/paths/*": { prefix: /data }
+          "/options/depth": { min: 1, max: 5 }
+          branch: { glob: ["feature/*", "fix-?"] }
+"#,
+        "p.yaml",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let declared = ["paths", "options", "branch"];
+    let good = serde_json::json!({"paths": ["/data/a", "/data/b/c"], "options": {"depth": 3}, "branch": "feature/x"});
+    let with = |patch: serde_json::Value| {
+        let mut v = good.clone();
+        for (k, x) in patch.as_object().unwrap() {
+            if x.is_null() {
+                v.as_object_mut().unwrap().remove(k);
+            } else {
+                v[k] = x.clone();
+            }
+        }
+        v.as_object().unwrap().clone()
+    };
+    let narrow = env(&["arg./paths/* prefix /data/reports", "arg.branch LIKE [feature/a*]", "arg./options/depth >= 2"]);
+    let cases: Vec<(serde_json::Value, Option<&Envelope>, Option<&str>)> = vec![
+        (serde_json::json!({}), None, None),
+        (serde_json::json!({"paths": []}), None, None),
+        (serde_json::json!({"paths": ["/data/a", "/etc/passwd"]}), None, Some("argument_constraint")),
+        (serde_json::json!({"paths": ["/data/../etc"]}), None, Some("argument_constraint")),
+        (serde_json::json!({"paths": "/data/a"}), None, Some("argument_constraint")), // not a list
+        (serde_json::json!({"paths": [7]}), None, Some("argument_constraint")),
+        (serde_json::json!({"options": {}}), None, Some("argument_constraint")), // nested one left out
+        (serde_json::json!({"options": {"depth": 0}}), None, Some("argument_constraint")),
+        (serde_json::json!({"options": {"depth": 6}}), None, Some("argument_constraint")),
+        (serde_json::json!({"options": {"depth": "3"}}), None, Some("argument_constraint")),
+        (serde_json::json!({"options": [3]}), None, Some("argument_constraint")),
+        (serde_json::json!({"branch": "main"}), None, Some("argument_constraint")),
+        (serde_json::json!({"branch": "fix-12"}), None, Some("argument_constraint")),
+        (serde_json::json!({"branch": "fix-1"}), None, None),
+        (serde_json::json!({"branch": null}), None, Some("argument_constraint")),
+        (
+            serde_json::json!({"paths": ["/data/reports/q3"], "branch": "feature/abc", "options": {"depth": 2}}),
+            Some(&narrow),
+            None,
+        ),
+        (
+            serde_json::json!({"paths": ["/data/reports/q3", "/data/x"], "branch": "feature/abc", "options": {"depth": 2}}),
+            Some(&narrow),
+            Some("argument_constraint"),
+        ),
+        (
+            serde_json::json!({"paths": ["/data/reports/q3"], "branch": "feature/b", "options": {"depth": 2}}),
+            Some(&narrow),
+            Some("argument_constraint"),
+        ),
+        (
+            serde_json::json!({"paths": ["/data/reports/q3"], "branch": "feature/abc", "options": {"depth": 1}}),
+            Some(&narrow),
+            Some("argument_constraint"),
+        ),
+    ];
+    for (patch, token, want) in cases {
+        let a = with(patch.clone());
+        let d = decide_call(&p, "a", token, "fs.t", ActionKind::RemoteTool { remote: "fs", tool: "t" }, &a, &declared);
+        assert_eq!(code(&d), want, "{patch} {token:?}: {d:?}");
+    }
+    // The narrowing guarantee holds for the new forms: a rule accepts a subset of another's.
+    use crate::macaroon::envelope::ArgRule;
+    let set = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<std::collections::BTreeSet<_>>();
+    let like = |xs: &[&str]| ArgRule { like: vec![set(xs)], ..Default::default() };
+    assert!(like(&["feature/a*"]).is_subset_of(&like(&["feature/a*", "fix-?"])));
+    assert!(!like(&["feature/*"]).is_subset_of(&like(&["feature/a*"])), "not provable: refused");
+    let values = ArgRule { one_of: Some(set(&["feature/x", "fix-1"])), ..Default::default() };
+    assert!(values.is_subset_of(&like(&["feature/*", "fix-?"])));
+    assert!(!ArgRule::default().is_subset_of(&like(&["*"])));
+    let min = |n: f64| ArgRule { at_least: Some(n), ..Default::default() };
+    assert!(min(2.0).is_subset_of(&min(1.0)) && !min(1.0).is_subset_of(&min(2.0)));
+}
+
+#[test]
 fn task_and_dashboard_table() {
     let p = policy();
     let h = Duration::from_secs(3600);
@@ -503,7 +591,11 @@ fn semantic_checks() {
         ("agents: {a: {uid: 5}, b: {uid: 5}}", "uid 5 is already agent"),
         ("agents: {a: {dashboard: god}}", "unknown dashboard level"),
         ("agents: {a: {max_task_ttl: 3h}}", "is 3h, above limits.task_ttl_max (1h)"),
-        ("agents: {a: {remotes: {'*': {args: {p: {}}}}}}", "needs prefix, max or one_of"),
+        ("agents: {a: {remotes: {'*': {args: {p: {}}}}}}", "needs prefix, max, min, one_of or glob"),
+        ("agents: {a: {remotes: {'*': {args: {'/a//b': {max: 1}}}}}}", "is not an argument name"),
+        ("agents: {a: {remotes: {'*': {args: {'a.b': {max: 1}}}}}}", "is not an argument name"),
+        ("agents: {a: {remotes: {'*': {args: {n: {min: 5, max: 1}}}}}}", "at most max"),
+        ("agents: {a: {remotes: {'*': {args: {b: {glob: []}}}}}}", "glob must list"),
         ("version: 2", "unsupported policy version"),
         ("- a\n- b", "must be a YAML mapping"),
         ("limits: {}\nglobal: {}", "not both"),

@@ -464,6 +464,16 @@ fn merge_grants(
         for (name, a) in &grant.args {
             let p: Vec<&str> = path.iter().copied().chain(["args", name.as_str()]).collect();
             let mut rule = crate::macaroon::envelope::ArgRule::default();
+            if !crate::macaroon::caveat::arg_name_ok(name) {
+                cx.err(
+                    &p,
+                    format!("{name:?} is not an argument name"),
+                    Some(
+                        "a name of [A-Za-z0-9_-], or a JSON pointer such as /options/path or /paths/* (every item)"
+                            .into(),
+                    ),
+                );
+            }
             if let Some(pre) = &a.prefix {
                 match NormPath::normalise(pre).filter(|n| n.as_str() == pre) {
                     Some(n) => rule.prefixes.push(n),
@@ -477,14 +487,29 @@ fn merge_grants(
                     cx.err(&p, "max must be a finite non-negative number", None);
                 }
             }
+            if let Some(m) = a.min {
+                if m.is_finite() && m >= 0.0 && a.max.is_none_or(|x| m <= x) {
+                    rule.at_least = Some(m);
+                } else {
+                    cx.err(&p, "min must be a finite non-negative number, at most max", None);
+                }
+            }
             if let Some(set) = &a.one_of {
                 if set.is_empty() {
                     cx.err(&p, "one_of must not be empty", None);
                 }
                 rule.one_of = Some(set.iter().cloned().collect());
             }
-            if a.prefix.is_none() && a.max.is_none() && a.one_of.is_none() {
-                cx.err(&p, "an argument constraint needs prefix, max or one_of", None);
+            if let Some(globs) = &a.glob {
+                if globs.is_empty()
+                    || globs.iter().any(|g| g.is_empty() || g.len() > 128 || g.chars().any(char::is_control))
+                {
+                    cx.err(&p, "glob must list 1-128 character patterns", None);
+                }
+                rule.like.push(globs.iter().cloned().collect());
+            }
+            if a.prefix.is_none() && a.max.is_none() && a.min.is_none() && a.one_of.is_none() && a.glob.is_none() {
+                cx.err(&p, "an argument constraint needs prefix, max, min, one_of or glob", None);
             }
             args.insert(name.clone(), rule);
         }

@@ -33,7 +33,7 @@ static ENVELOPE: &[Param] = &[
         name: "args",
         ty: ParamType::ObjectMap(ARG_RULE),
         required: false,
-        description: "argument constraints by argument name, e.g. {\"path\": {\"prefix\": \"/srv/shared\"}}",
+        description: "argument constraints by argument name or JSON pointer (/paths/* = every item), e.g. {\"path\": {\"prefix\": \"/srv/shared\"}}",
     },
 ];
 
@@ -46,10 +46,22 @@ static ARG_RULE: &[Param] = &[
     },
     Param { name: "max", ty: ParamType::Number, required: false, description: "the argument is a number at most this" },
     Param {
+        name: "min",
+        ty: ParamType::Number,
+        required: false,
+        description: "the argument is a number at least this",
+    },
+    Param {
         name: "one_of",
         ty: ParamType::StringList,
         required: false,
         description: "the argument is one of these strings",
+    },
+    Param {
+        name: "glob",
+        ty: ParamType::StringList,
+        required: false,
+        description: "the argument matches one of these patterns (* any run of characters, ? one)",
     },
 ];
 
@@ -283,13 +295,19 @@ fn narrowing(policy: &Policy, cx: &Ctx<'_>, agent: &str, within: Option<&Envelop
             caveats.push(format!("arg.{name} <= {n}"));
             any = true;
         }
-        if let Some(items) = rule.get("one_of").and_then(Value::as_array) {
-            let items: Vec<&str> = items.iter().filter_map(Value::as_str).collect();
-            caveats.push(format!("arg.{name} IN [{}]", items.join(",")));
+        if let Some(n) = rule.get("min").and_then(Value::as_f64) {
+            caveats.push(format!("arg.{name} >= {n}"));
             any = true;
         }
+        for (key, op) in [("one_of", "IN"), ("glob", "LIKE")] {
+            if let Some(items) = rule.get(key).and_then(Value::as_array) {
+                let items: Vec<&str> = items.iter().filter_map(Value::as_str).collect();
+                caveats.push(format!("arg.{name} {op} [{}]", items.join(",")));
+                any = true;
+            }
+        }
         if !any {
-            return Err(bad("give prefix, max or one_of".into()));
+            return Err(bad("give prefix, max, min, one_of or glob".into()));
         }
     }
     // Every caveat must parse as the token grammar has it (names, list items, numbers).
