@@ -268,9 +268,12 @@ agents:
     // `ephyr status` says so.
     let st = stdout(&ephyr(&["status", "--socket", &sock]));
     assert!(
-        st.contains("remote notes: connected, 1 tool(s), protocol 2026-07-28 (stateless), 1 QUARANTINED (ephyr remote review notes)"),
+        st.contains("remote notes: quarantined, 1 tool(s), protocol 2026-07-28 (stateless), 1 QUARANTINED (ephyr remote review notes)"),
         "the Python server speaks the stateless era; the broker chose it: {st}"
     );
+
+    assert_eq!(metric(&b, r#"ephyr_remote_state{remote="notes",state="quarantined"}"#), 1.0);
+    assert_eq!(metric(&b, r#"ephyr_remote_quarantined_tools{remote="notes"}"#), 1.0);
 
     // The operator's review: the diff and the warnings.
     let out = ephyr(&["remote", "review", "notes", "--socket", &sock]);
@@ -588,10 +591,31 @@ agents:
     let r = tool_call(&b.api, &alice, "files.read_text_file", json!({"path": hello})).unwrap();
     assert!(r.to_string().contains("hello from the shared dir"), "{r}");
 
-    // Every call was audited before it left, with the remote and an argument digest.
+    // Every call was audited before it left, with the remote and an argument digest, and its
+    // result with duration and size.
     std::thread::sleep(Duration::from_millis(100));
     let calls = audit_events(&b, "remote_call");
     assert!(calls.iter().any(|e| e["decision"] == "allow" && e["action"]["remote"] == "files"), "{calls:?}");
+    let results = audit_events(&b, "remote_result");
+    assert!(
+        results.iter().any(|e| e["action"]["remote"] == "files"
+            && e["outcome"]["size"].as_u64().is_some_and(|n| n > 0)
+            && e["outcome"]["duration_us"].as_u64().is_some()),
+        "{results:?}"
+    );
+
+    // Per-remote metrics, labelled with the policy's names.
+    assert!(metric(&b, r#"ephyr_remote_starts_total{remote="files"}"#) >= 2.0, "started, killed, started again");
+    assert_eq!(metric(&b, r#"ephyr_remote_state{remote="files",state="connected"}"#), 1.0);
+    assert_eq!(metric(&b, r#"ephyr_remote_state{remote="exposed",state="down"}"#), 1.0);
+    assert_eq!(metric(&b, r#"ephyr_remote_state{remote="exposed",state="connected"}"#), 0.0);
+    assert!(metric(&b, r#"ephyr_federation_calls_total{remote="files",outcome="ok"}"#) >= 3.0);
+    assert_eq!(
+        metric(&b, r#"ephyr_federation_calls_total{remote="everything",outcome="refused"}"#),
+        1.0,
+        "the revoked call"
+    );
+    assert!(metric(&b, r#"ephyr_remote_tools{remote="files"}"#) >= 10.0);
 
     // The broker stops: so do its stdio remotes.
     let ev = wait_for("everything's pid", 10, || stdio_pid(&sock, "everything"));

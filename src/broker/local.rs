@@ -79,7 +79,7 @@ pub fn status_json(broker: &Broker) -> serde_json::Value {
             let pid = pids.get(&name).copied();
             (
                 name,
-                serde_json::json!({ "health": health.as_str(), "tools": tools, "quarantined": quarantined, "error": error, "protocol": era, "pid": pid }),
+                serde_json::json!({ "health": health, "tools": tools, "quarantined": quarantined, "error": error, "protocol": era, "pid": pid }),
             )
         })
         .collect();

@@ -65,6 +65,11 @@ pub const METRICS: &[(&str, Type, &str)] = &[
     ("ephyr_policy_reloads_total", Type::Counter, "Policy reloads by outcome."),
     ("ephyr_proxy_requests_total", Type::Counter, "Proxied HTTP requests by service and status class."),
     ("ephyr_federation_calls_total", Type::Counter, "Federated tool calls by remote and outcome."),
+    ("ephyr_federation_call_duration_seconds", Type::Histogram, "Federated tool call time by remote."),
+    ("ephyr_remote_state", Type::Gauge, "1 for each remote's state (connected, degraded, quarantined, down, unknown)."),
+    ("ephyr_remote_tools", Type::Gauge, "Tools a remote serves through the broker."),
+    ("ephyr_remote_quarantined_tools", Type::Gauge, "Tools of a remote quarantined until an operator approves them."),
+    ("ephyr_remote_starts_total", Type::Counter, "Starts of a stdio remote's process."),
 ];
 
 /// Histogram bucket bounds, seconds (50 µs .. 10 s).
@@ -78,6 +83,18 @@ struct Histogram {
     counts: [u64; BUCKETS.len()],
     count: u64,
     sum: f64,
+}
+
+impl Histogram {
+    fn record(&mut self, seconds: f64) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if seconds <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
 }
 
 /// One time series: a metric name and its label values.
@@ -112,6 +129,11 @@ impl<'a> PolicyName<'a> {
     /// The policy's service `name`, or [`UNKNOWN`].
     pub fn service(policy: &'a super::policy::Policy, name: &str) -> PolicyName<'a> {
         PolicyName(policy.services.get_key_value(name).map_or(UNKNOWN, |(k, _)| k.as_str()))
+    }
+
+    /// The policy's remote `name`, or [`UNKNOWN`].
+    pub fn remote(policy: &'a super::policy::Policy, name: &str) -> PolicyName<'a> {
+        PolicyName(policy.remotes.get_key_value(name).map_or(UNKNOWN, |(k, _)| k.as_str()))
     }
 
     /// The value.
@@ -215,6 +237,29 @@ impl Metrics {
         self.with(name, &all[..=l.len().min(3)], |s| s.value += 1.0);
     }
 
+    /// Sets a gauge with one label value from the policy (first) and fixed ones.
+    pub fn set_named(
+        &self,
+        name: &'static str,
+        named: (&'static str, PolicyName<'_>),
+        l: &[(&'static str, &'static str)],
+        v: f64,
+    ) {
+        debug_assert!(declared(name, Type::Gauge), "undeclared gauge {name}");
+        let mut all: [(&'static str, &str); 4] = [("", ""); 4];
+        all[0] = (named.0, named.1.as_str());
+        for (slot, kv) in all[1..].iter_mut().zip(l) {
+            *slot = *kv;
+        }
+        self.with(name, &all[..=l.len().min(3)], |s| s.value = v);
+    }
+
+    /// Records a duration in seconds in a histogram with one label value from the policy.
+    pub fn observe_named(&self, name: &'static str, named: (&'static str, PolicyName<'_>), seconds: f64) {
+        debug_assert!(declared(name, Type::Histogram), "undeclared histogram {name}");
+        self.with(name, &[(named.0, named.1.as_str())], |s| s.hist.record(seconds));
+    }
+
     /// Sets a gauge.
     pub fn set(&self, name: &'static str, l: &[(&'static str, &'static str)], v: f64) {
         debug_assert!(declared(name, Type::Gauge), "undeclared gauge {name}");
@@ -224,16 +269,7 @@ impl Metrics {
     /// Records a duration in seconds.
     pub fn observe(&self, name: &'static str, l: &[(&'static str, &'static str)], seconds: f64) {
         debug_assert!(declared(name, Type::Histogram), "undeclared histogram {name}");
-        self.with(name, l, |s| {
-            let h = &mut s.hist;
-            for (i, b) in BUCKETS.iter().enumerate() {
-                if seconds <= *b {
-                    h.counts[i] += 1;
-                }
-            }
-            h.count += 1;
-            h.sum += seconds;
-        });
+        self.with(name, l, |s| s.hist.record(seconds));
     }
 
     /// A counter's or gauge's current value (tests, status).

@@ -95,7 +95,7 @@ pub fn run(url: &str) -> Result<u8, String> {
         if let Some(e) = error {
             return Err(format!("{url}: {e}"));
         }
-        eprintln!("connected ({}), {tools} tool(s)", health.as_str());
+        eprintln!("connected ({}), {tools} tool(s)", health);
         let principal = Principal { agent: "client", token: None, delegators: &[] };
         let mut failed = 0;
         for def in federation.tool_definitions("conformance") {
@@ -108,7 +108,7 @@ pub fn run(url: &str) -> Result<u8, String> {
                 None => return Err(format!("{name}: not offered")),
             };
             match federation.forward(ports, &policy, &facts, args).await {
-                Ok(r) => println!("{name}: {}", r["content"][0]["text"].as_str().unwrap_or("(no text)")),
+                Ok((r, _)) => println!("{name}: {}", r["content"][0]["text"].as_str().unwrap_or("(no text)")),
                 Err(e) => {
                     failed += 1;
                     println!("{name}: FAILED {e}");

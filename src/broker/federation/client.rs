@@ -62,6 +62,8 @@ pub struct Posted {
     pub session: Option<String>,
     /// The JSON-RPC answer to the request (`None` for a notification's 202).
     pub message: Option<Value>,
+    /// Bytes of the answer as received.
+    pub size: usize,
 }
 
 fn failed(ep: Endpoint<'_>, what: impl std::fmt::Display) -> Error {
@@ -177,7 +179,7 @@ pub async fn post(
         Some(id) if sse => pick(&events(&body), id),
         Some(_) => serde_json::from_slice(&body).ok(),
     };
-    Ok(Posted { status, session, message })
+    Ok(Posted { status, session, message, size: body.len() })
 }
 
 /// The JSON messages of an event stream (`data:` lines joined per event).

@@ -88,7 +88,10 @@ pub enum Health {
     Unknown,
     /// Its tools are known and it answers.
     Connected,
-    /// The last attempt failed.
+    /// Its tools are known (and served), but the last call or read could not reach it; it is
+    /// being retried.
+    Degraded,
+    /// The last attempt failed: no tools are served.
     Down,
 }
 
@@ -98,10 +101,14 @@ impl Health {
         match self {
             Health::Unknown => "unknown",
             Health::Connected => "connected",
+            Health::Degraded => "degraded",
             Health::Down => "down",
         }
     }
 }
+
+/// Every state a remote can be reported in (`ephyr_remote_state`).
+const STATES: [&str; 5] = ["connected", "degraded", "quarantined", "down", "unknown"];
 
 /// What the broker knows of one remote.
 #[derive(Clone, Debug, Default)]
@@ -124,6 +131,16 @@ pub struct RemoteState {
     pub quarantined: BTreeMap<String, (Value, Value)>,
     /// Failed attempts in a row (an HTTP remote is retried after 1 s, 2, 4, ... up to [`RETRY`]).
     failures: u32,
+}
+
+impl RemoteState {
+    /// Its state as reported: `quarantined` when it answers but a tool waits for an operator.
+    pub fn state(&self) -> &'static str {
+        match self.health {
+            Health::Connected if !self.quarantined.is_empty() => "quarantined",
+            h => h.as_str(),
+        }
+    }
 }
 
 /// The remotes of one broker.
@@ -189,7 +206,13 @@ impl Federation {
 
     /// The running process of stdio remote `name`, started if it is not running (and its
     /// backoff has passed) or its command changed.
-    async fn process(&self, ports: Ports<'_>, name: &str, cmd: &StdioCommand) -> Result<Rc<stdio::Proc>, Error> {
+    async fn process(
+        &self,
+        ports: Ports<'_>,
+        policy: &Policy,
+        name: &str,
+        cmd: &StdioCommand,
+    ) -> Result<Rc<stdio::Proc>, Error> {
         let old = self.procs.borrow().get(name).cloned();
         if let Some(p) = &old
             && p.dead().is_none()
@@ -231,6 +254,8 @@ impl Federation {
             env.push((k.clone(), ports.secrets.resolve(r).await?));
         }
         let p = Rc::new(stdio::Proc::spawn(&self.ex, &self.exe, name, cmd, env)?);
+        let label = ("remote", crate::broker::metrics::PolicyName::remote(policy, name));
+        ports.metrics.inc_named("ephyr_remote_starts_total", label, &[]);
         self.procs.borrow_mut().insert(name.to_owned(), p.clone());
         Ok(p)
     }
@@ -271,8 +296,8 @@ impl Federation {
             Transport::Stdio(_) => {
                 let proc = self.procs.borrow().get(ep.name).cloned();
                 let proc = proc.ok_or_else(|| Error::upstream(format!("remote {:?} is not running", ep.name)))?;
-                let message = proc.call(&msg, id, ep.remote.timeout).await?;
-                Posted { status: 200, session: None, message: Some(message) }
+                let (message, size) = proc.call(&msg, id, ep.remote.timeout).await?;
+                Posted { status: 200, session: None, message: Some(message), size }
             }
             Transport::Http(_) => {
                 let wire = Wire { session, stateless, method, name: name.as_deref() };
@@ -314,7 +339,7 @@ impl Federation {
     async fn open(&self, ports: Ports<'_>, ep: Endpoint<'_>) -> Result<Link, Error> {
         if let Transport::Stdio(cmd) = &ep.remote.transport {
             // One process, one session (2025-06-18): initialized once, after each start.
-            let proc = self.process(ports, ep.name, cmd).await?;
+            let proc = self.process(ports, ep.policy, ep.name, cmd).await?;
             if !proc.initialized.get() {
                 self.request(ports, ep, &Link::Session(None), "initialize", initialize_params()).await?;
                 proc.notify(&json!({ "jsonrpc": "2.0", "method": "notifications/initialized" })).await?;
@@ -401,6 +426,25 @@ impl Federation {
             }
         };
         self.remotes.borrow_mut().insert(name.to_owned(), state);
+        self.publish(ports, policy, name);
+    }
+
+    /// Sets remote `name`'s gauges from its state.
+    fn publish(&self, ports: Ports<'_>, policy: &Policy, name: &str) {
+        let remotes = self.remotes.borrow();
+        let Some(st) = remotes.get(name) else { return };
+        let label = ("remote", crate::broker::metrics::PolicyName::remote(policy, name));
+        let now = st.state();
+        for state in STATES {
+            ports.metrics.set_named(
+                "ephyr_remote_state",
+                label,
+                &[("state", state)],
+                f64::from(u8::from(state == now)),
+            );
+        }
+        ports.metrics.set_named("ephyr_remote_tools", label, &[], st.tools.len() as f64);
+        ports.metrics.set_named("ephyr_remote_quarantined_tools", label, &[], st.quarantined.len() as f64);
     }
 
     /// Splits discovered tools into served and quarantined by their pins (pinning new ones),
@@ -532,7 +576,7 @@ impl Federation {
         }) else {
             return;
         };
-        let down = self.remotes.borrow().get(name).is_some_and(|s| s.health == Health::Down);
+        let down = self.remotes.borrow().get(name).is_some_and(|s| matches!(s.health, Health::Down | Health::Degraded));
         if down && self.refreshing.borrow_mut().insert(name.clone()) {
             let _guard = Refreshing { set: self.refreshing.clone(), name: name.clone() };
             self.refresh(ports, policy, name).await;
@@ -614,15 +658,15 @@ impl Federation {
         Some(Ok(CallFacts { remote: remote.to_owned(), tool, args_digest: digest(args) }))
     }
 
-    /// Forwards an authorized call; the remote's `CallToolResult`. A remote that forgot its
-    /// session (it restarted) is re-initialized once.
+    /// Forwards an authorized call; the remote's `CallToolResult` and the size of its answer in
+    /// bytes. A remote that forgot its session (it restarted) is re-initialized once.
     pub async fn forward(
         &self,
         ports: Ports<'_>,
         policy: &Policy,
         facts: &CallFacts,
         args: Map<String, Value>,
-    ) -> Result<Value, Error> {
+    ) -> Result<(Value, usize), Error> {
         let remote = facts.remote.as_str();
         let r = policy.remotes.get(remote).ok_or_else(|| Error::NotFound(format!("no remote {remote:?}")))?;
         let ep = Endpoint { name: remote, remote: r, policy };
@@ -654,10 +698,13 @@ impl Federation {
                 Ok(_) => (st.health, st.error) = (Health::Connected, None),
                 // The remote answered (with a JSON-RPC error): it is up.
                 Err(Error::Upstream { code: "remote_error", .. }) => {}
-                Err(e) => (st.health, st.error) = (Health::Down, Some(e.message())),
+                // Its tools are still known and served; it is retried (`due`).
+                Err(e) => (st.health, st.error) = (Health::Degraded, Some(e.message())),
             }
         }
-        let (_, value) = result?;
+        self.publish(ports, policy, remote);
+        let (posted, value) = result?;
+        let size = posted.size;
         // The secrets the broker injected (an HTTP remote's credential, a stdio remote's
         // secret_env) never reach the agent, even if the remote echoes them: every form of
         // them is overwritten, as in the proxy.
@@ -676,21 +723,22 @@ impl Federation {
             }
         }
         if forms.is_empty() {
-            return Ok(value);
+            return Ok((value, size));
         }
         let text = serde_json::to_vec(&value).map_err(|e| Error::upstream(e.to_string()))?;
         let mut scrub = crate::broker::upstream::scrub::Scrubber::new(forms);
         let mut out = scrub.push(&text);
         out.extend(scrub.finish());
-        serde_json::from_slice(&out).map_err(|e| Error::upstream(format!("remote {remote:?}: {e}")))
+        let value = serde_json::from_slice(&out).map_err(|e| Error::upstream(format!("remote {remote:?}: {e}")))?;
+        Ok((value, size))
     }
 
-    /// Each remote's state for `ephyr status`: health, tools served, tools quarantined, error.
-    pub fn status(&self) -> BTreeMap<String, (Health, usize, usize, Option<String>)> {
+    /// Each remote's state for `ephyr status`: state, tools served, tools quarantined, error.
+    pub fn status(&self) -> BTreeMap<String, (&'static str, usize, usize, Option<String>)> {
         self.remotes
             .borrow()
             .iter()
-            .map(|(n, s)| (n.clone(), (s.health, s.tools.len(), s.quarantined.len(), s.error.clone())))
+            .map(|(n, s)| (n.clone(), (s.state(), s.tools.len(), s.quarantined.len(), s.error.clone())))
             .collect()
     }
 
@@ -721,11 +769,16 @@ impl Federation {
             return true;
         }
         match &r.transport {
-            Transport::Http(_) => s.health == Health::Down && since >= backoff(s.failures.saturating_sub(1)).min(RETRY),
+            Transport::Http(_) => {
+                matches!(s.health, Health::Down | Health::Degraded)
+                    && since >= backoff(s.failures.saturating_sub(1)).min(RETRY)
+            }
             Transport::Stdio(_) => {
                 let proc = self.procs.borrow().get(name).cloned();
                 match s.health {
-                    Health::Down => self.starts.borrow().get(name).is_none_or(|(_, next)| Instant::now() >= *next),
+                    Health::Down | Health::Degraded => {
+                        self.starts.borrow().get(name).is_none_or(|(_, next)| Instant::now() >= *next)
+                    }
                     _ => proc.is_none_or(|p| p.dead().is_some() || p.list_changed()),
                 }
             }

@@ -39,7 +39,7 @@ const QUEUE: usize = 64;
 #[derive(Default)]
 struct Shared {
     /// Calls waiting for their answer, by request id.
-    pending: RefCell<HashMap<u64, async_channel::Sender<Value>>>,
+    pending: RefCell<HashMap<u64, async_channel::Sender<(Value, usize)>>>,
     /// Why the process can no longer be spoken to.
     dead: RefCell<Option<String>>,
     /// The server said its tools changed.
@@ -204,8 +204,9 @@ impl Proc {
         out
     }
 
-    /// Sends one request and waits for its answer (the whole JSON-RPC message) up to `timeout`.
-    pub async fn call(&self, msg: &Value, id: u64, timeout: Duration) -> Result<Value, Error> {
+    /// Sends one request and waits for its answer (the whole JSON-RPC message, and its size in
+    /// bytes) up to `timeout`.
+    pub async fn call(&self, msg: &Value, id: u64, timeout: Duration) -> Result<(Value, usize), Error> {
         let gone = |why: String| Error::Upstream {
             code: "remote_failed",
             message: format!("remote {:?} is not running: {why}", self.name),
@@ -349,7 +350,7 @@ fn handle(line: &[u8], out: &async_channel::Sender<Vec<u8>>, shared: &Shared, na
     match (method, msg.get("id")) {
         (None, Some(id)) => {
             if let Some(tx) = id.as_u64().and_then(|id| shared.pending.borrow_mut().remove(&id)) {
-                let _ = tx.try_send(msg);
+                let _ = tx.try_send((msg, line.len()));
             }
         }
         (Some(m), Some(id)) => {
@@ -429,7 +430,7 @@ mod tests {
         let (tx, rx) = async_channel::bounded(1);
         shared.pending.borrow_mut().insert(7, tx);
         handle(br#"{"jsonrpc":"2.0","id":7,"result":{"ok":true}}"#, &out, &shared, "r");
-        assert_eq!(rx.try_recv().unwrap()["result"]["ok"], true);
+        assert_eq!(rx.try_recv().unwrap().0["result"]["ok"], true);
         handle(br#"{"jsonrpc":"2.0","id":"s1","method":"ping"}"#, &out, &shared, "r");
         handle(br#"{"jsonrpc":"2.0","id":9,"method":"sampling/createMessage","params":{}}"#, &out, &shared, "r");
         let pong: Value = serde_json::from_slice(&queue.try_recv().unwrap()).unwrap();

@@ -139,7 +139,7 @@ pub fn remotes(policy: &Policy, principal: &Principal<'_>, federation: &Federati
             continue;
         }
         let (health, tools, quarantined) =
-            status.get(name).map_or(("not connected yet", 0, 0), |(h, t, q, _)| (h.as_str(), *t, *q));
+            status.get(name).map_or(("not connected yet", 0, 0), |(h, t, q, _)| (*h, *t, *q));
         out.push(json!({
             "name": name,
             // A stdio remote's command line stays with the operator.

@@ -686,14 +686,22 @@ pub async fn call_remote(
         }
     };
     let elapsed = started.elapsed();
-    let outcome = match &result {
-        Ok(r) => {
-            json!({ "is_error": r["isError"].as_bool().unwrap_or(false), "duration_us": elapsed.as_micros() as u64 })
+    let us = elapsed.as_micros() as u64;
+    let (outcome, label) = match &result {
+        Ok((r, size)) => {
+            let is_error = r["isError"].as_bool().unwrap_or(false);
+            (
+                json!({ "is_error": is_error, "duration_us": us, "size": size }),
+                if is_error { "tool_error" } else { "ok" },
+            )
         }
-        Err(e) => json!({ "error": e.code(), "duration_us": elapsed.as_micros() as u64 }),
+        Err(e) => (json!({ "error": e.code(), "duration_us": us }), e.code()),
     };
+    let remote = crate::broker::metrics::PolicyName::remote(policy, &facts.remote);
+    broker.metrics.inc_named("ephyr_federation_calls_total", ("remote", remote), &[("outcome", label)]);
+    broker.metrics.observe_named("ephyr_federation_call_duration_seconds", ("remote", remote), elapsed.as_secs_f64());
     let _ = broker.audit.note(ev(Event::new(Kind::Federation, "remote_result")).action(action).outcome(outcome));
-    Some(match result {
+    Some(match result.map(|(v, _)| v) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(Output::error(format!("remote {:?} sent a result that is not an object", facts.remote))),
         Err(e) => Err(Output::failed(e)),
