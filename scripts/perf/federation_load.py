@@ -3,7 +3,11 @@
 Streamable HTTP, called directly (its own session) and through a real `ephyr serve` (the
 stateless era, an API key), one request at a time.
 
-Usage: scripts/perf/federation_load.py [--bin PATH] [--calls N]
+Usage: scripts/perf/federation_load.py [--bin PATH] [--calls N] [--pin strict|off]
+
+`echo` is read-only by its pinned definition, so its audit line's sync overlaps the call (it
+is still durable before the answer returns); with `--pin off` the hint is not trusted and the
+line is synced before the call leaves, as for any tool that may change something.
 
 The broker is pinned to CPU 0, server-everything to CPU 1, the client is this script. Reports
 p50/p99 for both paths and the difference, and the broker's VmRSS before and after it connected
@@ -18,6 +22,7 @@ from lab import Lab, free_port, wait_port  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ephyr")
 ap.add_argument("--calls", type=int, default=300)
+ap.add_argument("--pin", default="strict", choices=["strict", "off"])
 a = ap.parse_args()
 repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 peers = os.path.join(repo, "tests/peers")
@@ -33,7 +38,7 @@ lab = Lab(os.path.abspath(a.bin), "ephyr-fed-")
 k = lab.agent_key("bench")
 policy = f"""network: {{ allow: [127.0.0.1/32] }}
 remotes:
-  ev: {{ url: "http://127.0.0.1:{sport}/mcp" }}
+  ev: {{ url: "http://127.0.0.1:{sport}/mcp", pin: {a.pin} }}
 agents:
   bench:
     api_key_hash: "{k['api_key_hash']}"

@@ -655,7 +655,11 @@ impl Federation {
         if let Decision::Deny(d) = authorize(policy, principal, &action) {
             return Some(Err(Error::Denied(d)));
         }
-        Some(Ok(CallFacts { remote: remote.to_owned(), tool, args_digest: digest(args) }))
+        // The read-only hint is trusted only from a pinned definition: one an operator approved
+        // (or first saw) and that cannot change without review.
+        let pinned = policy.remotes.get(remote).is_some_and(|r| r.pin != PinMode::Off);
+        let read_only = pinned && def["annotations"]["readOnlyHint"] == Value::Bool(true);
+        Some(Ok(CallFacts { remote: remote.to_owned(), tool, args_digest: digest(args), read_only }))
     }
 
     /// Forwards an authorized call; the remote's `CallToolResult` and the size of its answer in
@@ -815,6 +819,9 @@ pub struct CallFacts {
     pub tool: String,
     /// SHA-256 of the arguments as sent (hex): the line names the call without its values.
     pub args_digest: String,
+    /// Its pinned definition says `readOnlyHint: true`: its audit line is written without
+    /// holding the call for the sync (`AuditSink::note`), as the proxy's GET requests.
+    pub read_only: bool,
 }
 
 fn digest(args: &Map<String, Value>) -> String {

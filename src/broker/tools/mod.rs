@@ -660,13 +660,22 @@ pub async fn call_remote(
     let action =
         json!({ "tool": name, "remote": facts.remote, "remote_tool": facts.tool, "args_sha256": facts.args_digest });
     use super::audit::AuditSink as _;
-    let ticket =
-        match broker.audit.record(ev(Event::new(Kind::Federation, "remote_call")).action(action.clone()).allow()) {
-            Ok(t) => t,
-            Err(e) => return Some(Err(Output::failed(super::Error::audit(e)))),
+    let line = ev(Event::new(Kind::Federation, "remote_call")).action(action.clone()).allow();
+    if facts.read_only {
+        // A tool whose pinned definition says it only reads: the line is written with the next
+        // batch without holding the call (as the proxy's GET requests); nothing it gates.
+        if let Err(e) = broker.audit.note(line) {
+            return Some(Err(Output::failed(super::Error::audit(e))));
+        }
+    } else {
+        // A call that may change something is on disk before it leaves.
+        let synced = match broker.audit.record(line) {
+            Ok(t) => t.durable().await,
+            Err(e) => Err(e),
         };
-    if let Err(e) = ticket.durable().await {
-        return Some(Err(Output::failed(super::Error::audit(e))));
+        if let Err(e) = synced {
+            return Some(Err(Output::failed(super::Error::audit(e))));
+        }
     }
     // A call in flight ends when the caller's task is revoked or expires (task events): the
     // answer is not waited for, and the agent is told why.
