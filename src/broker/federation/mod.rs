@@ -655,9 +655,9 @@ impl Federation {
         if let Decision::Deny(d) = authorize(policy, principal, &action) {
             return Some(Err(Error::Denied(d)));
         }
-        // The read-only hint is trusted only from a pinned definition: one an operator approved
-        // (or first saw) and that cannot change without review.
-        let pinned = policy.remotes.get(remote).is_some_and(|r| r.pin != PinMode::Off);
+        // The read-only hint is trusted only from a strictly pinned definition: one first seen or
+        // approved by an operator, that cannot change without review (`warn` serves changes).
+        let pinned = policy.remotes.get(remote).is_some_and(|r| r.pin == PinMode::Strict);
         let read_only = pinned && def["annotations"]["readOnlyHint"] == Value::Bool(true);
         Some(Ok(CallFacts { remote: remote.to_owned(), tool, args_digest: digest(args), read_only }))
     }
