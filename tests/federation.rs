@@ -411,7 +411,10 @@ agents:
     api_key_hash: "{alice_hash}"
     can_delegate: true
     remotes:
-      everything: {{ tools: [echo, get-env, trigger-long-running-operation] }}
+      everything:
+        tools: [echo, get-env, trigger-long-running-operation]
+        resources: ["demo://resource/static/document/a*", "demo://resource/static/document/f*"]
+        prompts: [args-prompt]
       files:
         tools: [read_text_file, write_file, list_directory]
         args: {{ path: {{ prefix: "{root_s}" }} }}
@@ -522,6 +525,62 @@ agents:
         let e = tool_call(&b.api, &carol, "files.read_multiple_files", json!({ "paths": paths })).unwrap_err();
         assert!(e.starts_with("denied (") && e.contains("/paths/*"), "{paths}: {e}");
     }
+
+    // Resources and prompts of a remote go through authorize like tools: listed only if the
+    // grant covers them, read or got only then, with refusals that say why.
+    let res = |cred: &str| -> Vec<String> {
+        let v = mcp_request(&b.api, cred, "resources/list", None, json!({}));
+        v["result"]["resources"].as_array().unwrap().iter().map(|r| r["uri"].as_str().unwrap().to_owned()).collect()
+    };
+    let doc = |name: &str| format!("ephyr-remote://everything/demo://resource/static/document/{name}");
+    let listed_res = res(&alice);
+    assert!(listed_res.contains(&doc("architecture.md")) && listed_res.contains(&doc("features.md")), "{listed_res:?}");
+    assert!(!listed_res.contains(&doc("extension.md")), "outside the grant's patterns: {listed_res:?}");
+    assert!(!res(&bob).iter().any(|u| u.starts_with("ephyr-remote://")), "bob has no grant on everything");
+    let read = |cred: &str, uri: &str| mcp_request(&b.api, cred, "resources/read", Some(uri), json!({ "uri": uri }));
+    let r = read(&alice, &doc("architecture.md"));
+    assert!(r["result"]["contents"][0]["text"].as_str().unwrap().contains("Architecture"), "{r}");
+    assert_eq!(r["result"]["contents"][0]["uri"], doc("architecture.md").as_str(), "{r}");
+    for (uri, why) in [
+        (doc("extension.md"), "does not cover resource"),
+        (doc("a/../extension.md"), "dot segments"),
+        (doc("a%2e%2e/extension.md"), "percent-encoded"),
+    ] {
+        let e = read(&alice, &uri);
+        assert!(e["error"]["message"].as_str().unwrap().contains(why), "{uri}: {e}");
+        assert_eq!(e["error"]["data"]["code"], "policy_denies_resource", "{e}");
+    }
+    let e = read(&bob, &doc("architecture.md"));
+    assert_eq!(e["error"]["data"]["code"], "policy_denies_remote", "{e}");
+    let prompts = mcp_request(&b.api, &alice, "prompts/list", None, json!({}));
+    let names: Vec<&str> =
+        prompts["result"]["prompts"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["ev.args-prompt"], "{prompts}");
+    let got = mcp_request(
+        &b.api,
+        &alice,
+        "prompts/get",
+        Some("ev.args-prompt"),
+        json!({"name": "ev.args-prompt", "arguments": {"city": "Lisbon"}}),
+    );
+    assert!(got["result"]["messages"].to_string().contains("Lisbon"), "{got}");
+    let e = mcp_request(&b.api, &alice, "prompts/get", Some("ev.simple-prompt"), json!({"name": "ev.simple-prompt"}));
+    assert_eq!(e["error"]["data"]["code"], "policy_denies_prompt", "{e}");
+    // A token narrowed to tools reads no resources.
+    let t = tool_call(
+        &b.api,
+        &alice,
+        "task_create",
+        json!({"description": "echo", "ttl": "5m", "envelope": {"tools": ["ev.echo"]}}),
+    )
+    .unwrap();
+    let e = read(t["token"].as_str().unwrap(), &doc("architecture.md"));
+    assert_eq!(e["error"]["data"]["code"], "token_denies_tool", "{e}");
+    std::thread::sleep(Duration::from_millis(100));
+    let reads = audit_events(&b, "remote_read");
+    assert!(reads.iter().any(|e| e["decision"] == "allow" && e["action"]["remote"] == "everything"), "{reads:?}");
+    assert!(reads.iter().any(|e| e["decision"] == "deny"), "{reads:?}");
+    assert!(!audit_events(&b, "remote_prompt").is_empty());
 
     // The official clients through ephyr: Python lists the directory, TypeScript echoes.
     let o = python("mcp_call.py")

@@ -293,6 +293,7 @@ fn conformance_suite_server_scenarios() {
         "logging-set-level",
         "tools-list",
         "resources-list",
+        "prompts-list",
         "server-sse-multiple-streams",
         "dns-rebinding-protection",
     ] {

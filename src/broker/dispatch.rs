@@ -118,7 +118,11 @@ pub async fn dispatch(
             }
         },
         Call::ResourcesList => {
-            let list: Vec<Value> = resources::RESOURCES.iter().map(|d| d.to_json()).collect();
+            let mut list: Vec<Value> = resources::RESOURCES.iter().map(|d| d.to_json()).collect();
+            if !policy.remotes.is_empty() {
+                broker.federation.refresh_due(broker.ports(), policy).await;
+                list.extend(broker.federation.visible_resources(policy, &caller.principal()));
+            }
             let mut m = Map::new();
             m.insert("resources".into(), Value::Array(list));
             Ok(Reply::Result(server::finish(v, &IDENTITY, server::cacheable(v, m, LIST_TTL_MS, false))))
@@ -127,6 +131,39 @@ pub async fn dispatch(
             let mut m = Map::new();
             m.insert("resourceTemplates".into(), json!([]));
             Ok(Reply::Result(server::finish(v, &IDENTITY, server::cacheable(v, m, LIST_TTL_MS, true))))
+        }
+        Call::ResourcesRead { uri } if uri.starts_with(super::federation::REMOTE_URI) => {
+            match tools::ask_remote(broker, caller, policy, tools::RemoteAsk::Read(&uri)).await {
+                Some(Ok(result)) => {
+                    // Always an object: the federation builds it from what it keeps.
+                    let m = if let Value::Object(m) = result { m } else { Map::new() };
+                    Ok(Reply::Result(server::finish(v, &IDENTITY, server::cacheable(v, m, 0, false))))
+                }
+                Some(Err(e)) => Err(remote_rpc_error(&uri, e)),
+                None => Err(RpcError::new(v.resource_not_found_code(), format!("unknown resource {uri:?}"))
+                    .with_data(json!({ "uri": uri }))),
+            }
+        }
+        Call::PromptsList => {
+            let mut list = Vec::new();
+            if !policy.remotes.is_empty() {
+                broker.federation.refresh_due(broker.ports(), policy).await;
+                list = broker.federation.visible_prompts(policy, &caller.principal());
+            }
+            let mut m = Map::new();
+            m.insert("prompts".into(), Value::Array(list));
+            Ok(Reply::Result(server::finish(v, &IDENTITY, server::cacheable(v, m, LIST_TTL_MS, false))))
+        }
+        Call::PromptsGet { name, arguments } => {
+            match tools::ask_remote(broker, caller, policy, tools::RemoteAsk::Prompt(&name, &arguments)).await {
+                Some(Ok(result)) => {
+                    // Always an object: the federation builds it from what it keeps.
+                    let m = if let Value::Object(m) = result { m } else { Map::new() };
+                    Ok(Reply::Result(server::finish(v, &IDENTITY, m)))
+                }
+                Some(Err(e)) => Err(remote_rpc_error(&name, e)),
+                None => Err(RpcError::invalid_params(format!("unknown prompt {name:?}"))),
+            }
         }
         Call::ResourcesRead { uri } => match resources::read(broker, policy, caller, &uri) {
             Some(text) => {
@@ -140,6 +177,16 @@ pub async fn dispatch(
         Call::SetLogLevel(level) => Ok(Reply::SetLogLevel(level)),
         Call::Listen(filter) => Ok(Reply::Listen(filter)),
     }
+}
+
+/// A refused or failed resource read or prompt as a JSON-RPC error: the reason (and the remote)
+/// in the message, the denial code in `data`. Never an internal error.
+fn remote_rpc_error(asked: &str, e: super::Error) -> RpcError {
+    let data = match &e {
+        super::Error::Denied(d) => json!({ "asked": asked, "code": d.code.as_str() }),
+        other => json!({ "asked": asked, "code": other.code() }),
+    };
+    RpcError::invalid_params(e.message()).with_data(data)
 }
 
 /// The text and error flag of a `tools/call` result (for transports that are not MCP).

@@ -53,6 +53,7 @@ impl Capabilities {
         let mut c = json!({
             "tools": { "listChanged": self.list_changed },
             "resources": { "listChanged": self.list_changed, "subscribe": false },
+            "prompts": { "listChanged": false },
         });
         if v.era() == Era::Session {
             // logging/setLevel is accepted (we send no log notifications; 2026-07-28 removed it).
@@ -282,6 +283,15 @@ pub enum Call {
         /// The URI.
         uri: String,
     },
+    /// `prompts/list`.
+    PromptsList,
+    /// `prompts/get`.
+    PromptsGet {
+        /// Prompt name.
+        name: String,
+        /// Arguments (empty when absent).
+        arguments: Map<String, Value>,
+    },
     /// `logging/setLevel` (session era).
     SetLogLevel(String),
     /// `subscriptions/listen` (stateless era).
@@ -329,6 +339,23 @@ pub fn classify(method: &str, mut params: Map<String, Value>, v: Version) -> Res
         "resources/templates/list" => {
             no_cursor(&params)?;
             Call::ResourceTemplatesList
+        }
+        "prompts/list" => {
+            no_cursor(&params)?;
+            Call::PromptsList
+        }
+        "prompts/get" => {
+            let name = match params.remove("name") {
+                Some(Value::String(s)) => s,
+                Some(_) => return Err(RpcError::invalid_params("params.name must be a string")),
+                None => return Err(RpcError::invalid_params("params.name (the prompt) is missing")),
+            };
+            let arguments = match params.remove("arguments") {
+                None | Some(Value::Null) => Map::new(),
+                Some(Value::Object(m)) if m.values().all(Value::is_string) => m,
+                Some(_) => return Err(RpcError::invalid_params("params.arguments must be an object of strings")),
+            };
+            Call::PromptsGet { name, arguments }
         }
         "resources/read" => match params.remove("uri") {
             Some(Value::String(uri)) => Call::ResourcesRead { uri },
@@ -580,7 +607,12 @@ mod tests {
             classify("subscriptions/listen", p(json!({"notifications": {"toolsListChanged": true}})), m).unwrap(),
             Call::Listen(ListenFilter { tools: true, resources: false })
         );
-        assert_eq!(classify("prompts/list", Map::new(), s).unwrap_err().code, code::METHOD_NOT_FOUND);
+        assert_eq!(classify("prompts/list", Map::new(), s).unwrap(), Call::PromptsList);
+        assert_eq!(
+            classify("prompts/get", p(json!({"name": "ev.p", "arguments": {"a": 1}})), s).unwrap_err().code,
+            code::INVALID_PARAMS
+        );
+        assert_eq!(classify("completion/complete", Map::new(), s).unwrap_err().code, code::METHOD_NOT_FOUND);
     }
 
     #[test]

@@ -131,6 +131,10 @@ pub struct RemoteState {
     pub quarantined: BTreeMap<String, (Value, Value)>,
     /// Failed attempts in a row (an HTTP remote is retried after 1 s, 2, 4, ... up to [`RETRY`]).
     failures: u32,
+    /// Its resources, as it listed them (`resources/list`).
+    pub resources: Rc<Vec<Value>>,
+    /// Its prompts, as it listed them (`prompts/list`).
+    pub prompts: Rc<Vec<Value>>,
 }
 
 impl RemoteState {
@@ -336,30 +340,68 @@ impl Federation {
 
     /// Opens the link: the stateless era if the remote's `server/discover` offers it, else a
     /// session (`initialize`, `notifications/initialized`).
-    async fn open(&self, ports: Ports<'_>, ep: Endpoint<'_>) -> Result<Link, Error> {
+    async fn open(&self, ports: Ports<'_>, ep: Endpoint<'_>) -> Result<(Link, Value), Error> {
         if let Transport::Stdio(cmd) = &ep.remote.transport {
             // One process, one session (2025-06-18): initialized once, after each start.
             let proc = self.process(ports, ep.policy, ep.name, cmd).await?;
             if !proc.initialized.get() {
-                self.request(ports, ep, &Link::Session(None), "initialize", initialize_params()).await?;
+                let (_, init) =
+                    self.request(ports, ep, &Link::Session(None), "initialize", initialize_params()).await?;
                 proc.notify(&json!({ "jsonrpc": "2.0", "method": "notifications/initialized" })).await?;
+                *proc.capabilities.borrow_mut() = init["capabilities"].clone();
                 proc.initialized.set(true);
             }
             proc.take_list_changed();
-            return Ok(Link::Session(None));
+            let caps = proc.capabilities.borrow().clone();
+            return Ok((Link::Session(None), caps));
         }
         if let Ok((_, found)) = self.request(ports, ep, &Link::Stateless, "server/discover", json!({})).await
             && found["supportedVersions"].as_array().is_some_and(|v| v.iter().any(|x| x == client::STATELESS))
         {
-            return Ok(Link::Stateless);
+            return Ok((Link::Stateless, found["capabilities"].clone()));
         }
-        let (posted, _) = self.request(ports, ep, &Link::Session(None), "initialize", initialize_params()).await?;
+        let (posted, init) = self.request(ports, ep, &Link::Session(None), "initialize", initialize_params()).await?;
         let session = posted.session;
         let note = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
         let wire =
             Wire { session: session.as_deref(), stateless: false, method: "notifications/initialized", name: None };
         client::post(&self.conns, ports, ep, wire, &note, None).await?;
-        Ok(Link::Session(session))
+        Ok((Link::Session(session), init["capabilities"].clone()))
+    }
+
+    /// Every page of a list (`tools/list`, `resources/list`, `prompts/list`): the items under
+    /// `key` that `keep` accepts (at most [`MAX_TOOLS`]), and the shortest `ttlMs` it gave.
+    async fn list_all(
+        &self,
+        ports: Ports<'_>,
+        ep: Endpoint<'_>,
+        link: &Link,
+        method: &str,
+        key: &str,
+        keep: impl Fn(&Value) -> bool,
+    ) -> Result<(Vec<Value>, Option<u64>), Error> {
+        let (mut items, mut ttl, mut cursor) = (Vec::new(), None::<u64>, None::<String>);
+        for _ in 0..MAX_PAGES {
+            let params = match &cursor {
+                Some(c) => json!({ "cursor": c }),
+                None => json!({}),
+            };
+            let (_, result) = self.request(ports, ep, link, method, params).await?;
+            // The stateless era says how long the list may be kept (`ttlMs`).
+            if let Some(t) = result["ttlMs"].as_u64() {
+                ttl = Some(ttl.map_or(t, |x| x.min(t)));
+            }
+            for t in result[key].as_array().into_iter().flatten() {
+                if keep(t) && items.len() < MAX_TOOLS {
+                    items.push(t.clone());
+                }
+            }
+            cursor = result["nextCursor"].as_str().map(str::to_owned);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        Ok((items, ttl))
     }
 
     /// Connects to remote `name` and reads its tools; the state records the outcome.
@@ -370,34 +412,30 @@ impl Federation {
         };
         let ep = Endpoint { name, remote, policy };
         let discovered = async {
-            let link = self.open(ports, ep).await?;
-            let mut tools = Vec::new();
-            let mut ttl: Option<u64> = None;
-            let mut cursor: Option<String> = None;
-            for _ in 0..MAX_PAGES {
-                let params = match &cursor {
-                    Some(c) => json!({ "cursor": c }),
-                    None => json!({}),
-                };
-                let (_, result) = self.request(ports, ep, &link, "tools/list", params).await?;
-                // The stateless era says how long the list may be kept (`ttlMs`).
-                if let Some(t) = result["ttlMs"].as_u64() {
-                    ttl = Some(ttl.map_or(t, |x: u64| x.min(t)));
-                }
-                for t in result["tools"].as_array().into_iter().flatten() {
-                    if t["name"].as_str().is_some_and(tool_name_ok) && tools.len() < MAX_TOOLS {
-                        tools.push(t.clone());
-                    }
-                }
-                cursor = result["nextCursor"].as_str().map(str::to_owned);
-                if cursor.is_none() {
-                    break;
+            let (link, caps) = self.open(ports, ep).await?;
+            let named = |t: &Value| t["name"].as_str().is_some_and(tool_name_ok);
+            let (tools, ttl) = self.list_all(ports, ep, &link, "tools/list", "tools", named).await?;
+            // Resources and prompts only from a server that offers them; a failure to list them
+            // leaves them out rather than the remote down.
+            let mut resources = Vec::new();
+            if caps.get("resources").is_some_and(Value::is_object) {
+                let plain = |r: &Value| r["uri"].as_str().is_some_and(|u| !u.is_empty() && u.len() <= 2048);
+                match self.list_all(ports, ep, &link, "resources/list", "resources", plain).await {
+                    Ok((r, _)) => resources = r,
+                    Err(e) => log::warn!("remote {name:?}: listing its resources: {}", e.message()),
                 }
             }
-            Ok::<_, Error>((link, tools, ttl))
+            let mut prompts = Vec::new();
+            if caps.get("prompts").is_some_and(Value::is_object) {
+                match self.list_all(ports, ep, &link, "prompts/list", "prompts", named).await {
+                    Ok((p, _)) => prompts = p,
+                    Err(e) => log::warn!("remote {name:?}: listing its prompts: {}", e.message()),
+                }
+            }
+            Ok::<_, Error>((link, tools, ttl, resources, prompts))
         };
         let state = match discovered.await {
-            Ok((link, tools, ttl)) => {
+            Ok((link, tools, ttl, resources, prompts)) => {
                 let (tools, quarantined) = self.pinned(ports, name, remote.pin, tools).await;
                 log::info!("remote {name:?}: connected, {} tool(s), {} quarantined", tools.len(), quarantined.len());
                 RemoteState {
@@ -410,6 +448,8 @@ impl Federation {
                     tried: Some(Instant::now()),
                     quarantined,
                     failures: 0,
+                    resources: Rc::new(resources),
+                    prompts: Rc::new(prompts),
                 }
             }
             Err(e) => {
@@ -630,6 +670,122 @@ impl Federation {
         out
     }
 
+    /// The remote resources `principal` could read, as `resources/list` entries: the URI
+    /// becomes `ephyr-remote://<remote>/<its URI>` (what `resources/read` takes back).
+    pub fn visible_resources(&self, policy: &Policy, principal: &Principal<'_>) -> Vec<Value> {
+        let remotes = self.remotes.borrow();
+        let mut out = Vec::new();
+        for (name, _) in policy.remotes.iter().filter(|(_, r)| r.enabled) {
+            let Some(state) = remotes.get(name) else { continue };
+            for r in state.resources.iter() {
+                let Some(uri) = r["uri"].as_str() else { continue };
+                let action = Action::reach(None, ActionKind::RemoteResource { remote: name, uri });
+                if authorize(policy, principal, &action).is_allow() {
+                    let mut d = r.clone();
+                    d["uri"] = Value::from(format!("{REMOTE_URI}{name}/{uri}"));
+                    out.push(d);
+                }
+            }
+        }
+        out
+    }
+
+    /// The remote prompts `principal` could get, as `prompts/list` entries (name namespaced).
+    pub fn visible_prompts(&self, policy: &Policy, principal: &Principal<'_>) -> Vec<Value> {
+        let remotes = self.remotes.borrow();
+        let mut out = Vec::new();
+        for (name, r) in policy.remotes.iter().filter(|(_, r)| r.enabled) {
+            let Some(state) = remotes.get(name) else { continue };
+            for p in state.prompts.iter() {
+                let Some(prompt) = p["name"].as_str() else { continue };
+                let full = format!("{}.{prompt}", r.tool_prefix);
+                let action = Action::reach(Some(&full), ActionKind::RemotePrompt { remote: name, prompt });
+                if authorize(policy, principal, &action).is_allow() {
+                    let mut d = p.clone();
+                    d["name"] = Value::from(full);
+                    out.push(d);
+                }
+            }
+        }
+        out
+    }
+
+    /// Authorizes and forwards `resources/read` of a namespaced URI (`None`: not a remote's);
+    /// the remote's `contents`, their URIs namespaced again.
+    pub async fn read_resource(
+        &self,
+        ports: Ports<'_>,
+        policy: &Policy,
+        principal: &Principal<'_>,
+        full: &str,
+    ) -> Option<Result<(Facts, Value), Error>> {
+        let rest = full.strip_prefix(REMOTE_URI)?;
+        let (remote, uri) = rest.split_once('/')?;
+        let (remote, r) = policy.remotes.get_key_value(remote)?;
+        let action = Action::reach(None, ActionKind::RemoteResource { remote, uri });
+        if let Decision::Deny(d) = authorize(policy, principal, &action) {
+            return Some(Err(Error::Denied(d)));
+        }
+        let facts = Facts { remote: remote.clone(), what: uri.to_owned() };
+        let ep = Endpoint { name: remote, remote: r, policy };
+        let result = async {
+            let link = self.remotes.borrow().get(remote.as_str()).map(|s| s.link.clone()).unwrap_or_default();
+            let (_, result) = self.request(ports, ep, &link, "resources/read", json!({ "uri": uri })).await?;
+            let mut contents = Vec::new();
+            for c in result["contents"].as_array().into_iter().flatten() {
+                let mut c = c.clone();
+                if let Some(u) = c["uri"].as_str() {
+                    c["uri"] = Value::from(format!("{REMOTE_URI}{remote}/{u}"));
+                }
+                contents.push(c);
+            }
+            self.scrubbed(ports, r, json!({ "contents": contents })).await
+        };
+        Some(result.await.map(|v| (facts, v)))
+    }
+
+    /// Authorizes and forwards `prompts/get` of a namespaced prompt (`None`: no remote offers
+    /// it); the remote's `description` and `messages`.
+    pub async fn get_prompt(
+        &self,
+        ports: Ports<'_>,
+        policy: &Policy,
+        principal: &Principal<'_>,
+        full: &str,
+        args: &Map<String, Value>,
+    ) -> Option<Result<(Facts, Value), Error>> {
+        let (remote, r, prompt) = {
+            let remotes = self.remotes.borrow();
+            policy.remotes.iter().filter(|(_, r)| r.enabled).find_map(|(name, r)| {
+                let prompt = full.strip_prefix(r.tool_prefix.as_str())?.strip_prefix('.')?;
+                remotes.get(name)?.prompts.iter().any(|p| p["name"] == prompt).then(|| (name, r, prompt.to_owned()))
+            })?
+        };
+        let action = Action {
+            tool: Some(full),
+            kind: ActionKind::RemotePrompt { remote, prompt: &prompt },
+            arguments: Arguments::Call { values: args, declared: &[] },
+        };
+        if let Decision::Deny(d) = authorize(policy, principal, &action) {
+            return Some(Err(Error::Denied(d)));
+        }
+        let facts = Facts { remote: remote.clone(), what: prompt.clone() };
+        let ep = Endpoint { name: remote, remote: r, policy };
+        let result = async {
+            let link = self.remotes.borrow().get(remote.as_str()).map(|s| s.link.clone()).unwrap_or_default();
+            let params = json!({ "name": prompt, "arguments": args });
+            let (_, result) = self.request(ports, ep, &link, "prompts/get", params).await?;
+            let mut keep = Map::new();
+            for k in ["description", "messages"] {
+                if let Some(x) = result.get(k) {
+                    keep.insert(k.to_owned(), x.clone());
+                }
+            }
+            self.scrubbed(ports, r, Value::Object(keep)).await
+        };
+        Some(result.await.map(|v| (facts, v)))
+    }
+
     /// Authorizes one call of a namespaced remote tool: `None` when no known remote offers
     /// `full`; `Err` with the denial's reason.
     pub fn prepare(
@@ -709,9 +865,14 @@ impl Federation {
         self.publish(ports, policy, remote);
         let (posted, value) = result?;
         let size = posted.size;
-        // The secrets the broker injected (an HTTP remote's credential, a stdio remote's
-        // secret_env) never reach the agent, even if the remote echoes them: every form of
-        // them is overwritten, as in the proxy.
+        let value = self.scrubbed(ports, r, value).await?;
+        Ok((value, size))
+    }
+
+    /// `value` with every form of the secrets the broker injected into remote `r` (an HTTP
+    /// remote's credential, a stdio remote's secret_env) overwritten: they never reach the
+    /// agent, even if the remote echoes them (as in the proxy).
+    async fn scrubbed(&self, ports: Ports<'_>, r: &Remote, value: Value) -> Result<Value, Error> {
         let mut forms = Vec::new();
         if let Some(c) = &r.credential {
             let secret = ports.secrets.resolve(&c.secret).await?;
@@ -727,14 +888,13 @@ impl Federation {
             }
         }
         if forms.is_empty() {
-            return Ok((value, size));
+            return Ok(value);
         }
         let text = serde_json::to_vec(&value).map_err(|e| Error::upstream(e.to_string()))?;
         let mut scrub = crate::broker::upstream::scrub::Scrubber::new(forms);
         let mut out = scrub.push(&text);
         out.extend(scrub.finish());
-        let value = serde_json::from_slice(&out).map_err(|e| Error::upstream(format!("remote {remote:?}: {e}")))?;
-        Ok((value, size))
+        serde_json::from_slice(&out).map_err(|e| Error::upstream(format!("a remote's answer after scrubbing: {e}")))
     }
 
     /// Each remote's state for `ephyr status`: state, tools served, tools quarantined, error.
@@ -808,6 +968,18 @@ fn quarantined_error(remote: &str, tool: &str) -> Error {
     Error::Refused(format!(
         "remote {remote:?} changed tool {tool:?} since it was approved: it is quarantined until an operator runs `ephyr remote review {remote}` and `ephyr remote approve {remote} {tool}`"
     ))
+}
+
+/// The prefix of a remote resource's URI as agents see it: `ephyr-remote://<remote>/<its URI>`.
+pub const REMOTE_URI: &str = "ephyr-remote://";
+
+/// What the audit line of a resource read or prompt names: the remote, and the URI or prompt.
+#[derive(Clone, Debug)]
+pub struct Facts {
+    /// Remote.
+    pub remote: String,
+    /// The resource's URI or the prompt's name on the remote.
+    pub what: String,
 }
 
 /// What the audit line of a federated call names.

@@ -72,6 +72,8 @@ pub struct Proc {
     shared: Rc<Shared>,
     /// `initialize` was answered.
     pub initialized: Cell<bool>,
+    /// The capabilities it answered `initialize` with.
+    pub capabilities: RefCell<Value>,
     _tasks: [smol::Task<()>; 3],
 }
 
@@ -155,6 +157,7 @@ impl Proc {
             out,
             shared,
             initialized: Cell::new(false),
+            capabilities: RefCell::new(Value::Null),
             _tasks: tasks,
         })
     }

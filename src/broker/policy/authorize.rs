@@ -142,6 +142,20 @@ pub enum ActionKind<'a> {
         /// Tool name on the remote.
         tool: &'a str,
     },
+    /// A read of a remote's resource (`resources/read`).
+    RemoteResource {
+        /// Remote name.
+        remote: &'a str,
+        /// The resource's URI on the remote.
+        uri: &'a str,
+    },
+    /// A remote's prompt (`prompts/get`; its arguments are the action's [`Arguments`]).
+    RemotePrompt {
+        /// Remote name.
+        remote: &'a str,
+        /// Prompt name on the remote.
+        prompt: &'a str,
+    },
     /// A task operation.
     Task(TaskOp),
     /// A dashboard operation needing this level.
@@ -160,6 +174,8 @@ impl ActionKind<'_> {
                 | ActionKind::Http { .. }
                 | ActionKind::HttpUpstream { .. }
                 | ActionKind::RemoteTool { .. }
+                | ActionKind::RemoteResource { .. }
+                | ActionKind::RemotePrompt { .. }
         )
     }
 }
@@ -244,6 +260,10 @@ pub enum DenyCode {
     PolicyDeniesTool,
     /// The token excludes the remote.
     TokenDeniesRemote,
+    /// The grant does not cover the resource.
+    PolicyDeniesResource,
+    /// The grant does not cover the prompt.
+    PolicyDeniesPrompt,
     /// An argument constraint (token or policy) is not met.
     ArgumentConstraint,
     /// The agent or the token may not delegate.
@@ -286,6 +306,8 @@ impl DenyCode {
             DenyCode::PolicyDeniesRemote => "policy_denies_remote",
             DenyCode::PolicyDeniesTool => "policy_denies_tool",
             DenyCode::TokenDeniesRemote => "token_denies_remote",
+            DenyCode::PolicyDeniesResource => "policy_denies_resource",
+            DenyCode::PolicyDeniesPrompt => "policy_denies_prompt",
             DenyCode::ArgumentConstraint => "argument_constraint",
             DenyCode::DelegationNotAllowed => "delegation_not_allowed",
             DenyCode::DepthExceeded => "depth_exceeded",
@@ -446,6 +468,7 @@ fn facts<'a>(kind: &ActionKind<'a>) -> [Option<(&'static str, &'a str)>; 3] {
         ActionKind::Http { service, method, path } | ActionKind::HttpUpstream { service, method, path, .. } => {
             [Some(("service", service)), Some(("method", method)), Some(("path", path))]
         }
+        ActionKind::RemoteResource { remote, uri } => [Some(("remote", remote)), Some(("uri", uri)), None],
         _ => [None, None, None],
     }
 }
@@ -538,6 +561,8 @@ fn authorize_one<'p>(policy: &'p Policy, agent: &str, token: Option<&Envelope>, 
             }
         }
         ActionKind::RemoteTool { remote, tool } => remote_tool(policy, agent, token, remote, tool, action.arguments),
+        ActionKind::RemoteResource { remote, uri } => remote_resource(policy, agent, token, remote, uri),
+        ActionKind::RemotePrompt { remote, prompt } => remote_prompt(policy, agent, token, remote, prompt),
         ActionKind::Task(op) => task(policy, agent, token, op),
         ActionKind::Dashboard(level) => {
             if agent.dashboard >= level {
@@ -694,31 +719,108 @@ fn remote_tool<'p>(
     tool: &str,
     arguments: Arguments<'_>,
 ) -> Decision<'p> {
-    let Some(r) = policy.remotes.get(remote) else {
-        return deny(DenyCode::UnknownRemote, format!("no remote {remote:?}"));
+    let grant = match remote_grant(policy, agent, token, remote) {
+        Ok(g) => g,
+        Err(d) => return d,
     };
-    if !r.enabled {
-        return deny(DenyCode::RemoteDisabled, format!("remote {remote:?} is disabled"));
-    }
-    let Some(grant) = agent.remotes.lookup(remote) else {
-        return deny(
-            DenyCode::PolicyDeniesRemote,
-            format!("agent {:?} has no grant for remote {remote:?}", agent.name),
-        );
-    };
-    if r.tools.as_ref().is_some_and(|t| !t.contains(tool)) {
+    if policy.remotes.get(remote).and_then(|r| r.tools.as_ref()).is_some_and(|t| !t.contains(tool)) {
         return deny(DenyCode::PolicyDeniesTool, format!("remote {remote:?} does not offer tool {tool:?}"));
     }
     if grant.value.tools.as_ref().is_some_and(|t| !t.contains(tool)) {
         return deny(DenyCode::PolicyDeniesTool, format!("{} does not include tool {tool:?}", grant.source));
     }
+    if let Err(d) = check_grant_args(&grant.value.args, arguments, &grant.source) {
+        return Decision::Deny(d);
+    }
+    allow(Rule::Source(&grant.source))
+}
+
+/// The remote, enabled, granted to `agent` and allowed by the token: the grant.
+fn remote_grant<'p>(
+    policy: &Policy,
+    agent: &'p Agent,
+    token: Option<&Envelope>,
+    remote: &str,
+) -> Result<&'p super::GrantEntry<super::RemoteGrant>, Decision<'p>> {
+    let Some(r) = policy.remotes.get(remote) else {
+        return Err(deny(DenyCode::UnknownRemote, format!("no remote {remote:?}")));
+    };
+    if !r.enabled {
+        return Err(deny(DenyCode::RemoteDisabled, format!("remote {remote:?} is disabled")));
+    }
+    let Some(grant) = agent.remotes.lookup(remote) else {
+        return Err(deny(
+            DenyCode::PolicyDeniesRemote,
+            format!("agent {:?} has no grant for remote {remote:?}", agent.name),
+        ));
+    };
     if let Some(env) = token
         && !env.dim(SetKey::Remote).allows(remote)
     {
-        return deny(DenyCode::TokenDeniesRemote, format!("the task token does not allow remote {remote:?}"));
+        return Err(deny(DenyCode::TokenDeniesRemote, format!("the task token does not allow remote {remote:?}")));
     }
-    if let Err(d) = check_grant_args(&grant.value.args, arguments, &grant.source) {
-        return Decision::Deny(d);
+    Ok(grant)
+}
+
+/// A resource read. Its URI must be plain (no dot segments or encoded separators: the grant's
+/// patterns match text, and the server must not read it another way) and match a pattern of the
+/// grant; a token narrowed to tools reads no resources.
+fn remote_resource<'p>(
+    policy: &Policy,
+    agent: &'p Agent,
+    token: Option<&Envelope>,
+    remote: &str,
+    uri: &str,
+) -> Decision<'p> {
+    let grant = match remote_grant(policy, agent, token, remote) {
+        Ok(g) => g,
+        Err(d) => return d,
+    };
+    if let Err(why) = plain_uri(uri) {
+        return deny(DenyCode::PolicyDeniesResource, format!("resource {uri:?}: {why}"));
+    }
+    if !grant.value.resources.iter().any(|p| crate::macaroon::caveat::glob_match(p, uri)) {
+        return deny(DenyCode::PolicyDeniesResource, format!("{} does not cover resource {uri:?}", grant.source));
+    }
+    if let Some(env) = token
+        && matches!(env.dim(SetKey::Tool), crate::macaroon::Dim::Only(_))
+    {
+        return deny(DenyCode::TokenDeniesTool, "the task token is narrowed to tools: it reads no remote resources");
+    }
+    allow(Rule::Source(&grant.source))
+}
+
+/// Why a resource URI has more than one reading, if it has.
+fn plain_uri(uri: &str) -> Result<(), &'static str> {
+    let lower = uri.to_ascii_lowercase();
+    if uri.chars().any(char::is_control) || uri.contains('\\') {
+        return Err("control characters and backslashes are refused");
+    }
+    if ["%2e", "%2f", "%5c", "%00"].iter().any(|e| lower.contains(e)) {
+        return Err("percent-encoded dots, slashes and backslashes are refused");
+    }
+    let path = uri.split(['?', '#']).next().unwrap_or(uri);
+    if path.split('/').any(|seg| seg == "." || seg == ".." || seg.starts_with("..;")) {
+        return Err("dot segments are refused");
+    }
+    Ok(())
+}
+
+/// A prompt: named by the grant (`*` = all); under a token with a tools dimension, its
+/// namespaced name must be in it (the generic tool check, before this).
+fn remote_prompt<'p>(
+    policy: &Policy,
+    agent: &'p Agent,
+    token: Option<&Envelope>,
+    remote: &str,
+    prompt: &str,
+) -> Decision<'p> {
+    let grant = match remote_grant(policy, agent, token, remote) {
+        Ok(g) => g,
+        Err(d) => return d,
+    };
+    if !grant.value.prompts.contains("*") && !grant.value.prompts.contains(prompt) {
+        return deny(DenyCode::PolicyDeniesPrompt, format!("{} does not include prompt {prompt:?}", grant.source));
     }
     allow(Rule::Source(&grant.source))
 }

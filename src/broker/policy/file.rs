@@ -346,6 +346,11 @@ pub struct RemoteGrantFile {
     /// Argument constraints by argument name.
     #[serde(default)]
     pub args: BTreeMap<String, ArgFile>,
+    /// Resources it may read: patterns over the remote's own URIs (default: all of them when
+    /// `tools` is not given either, else none).
+    pub resources: Option<Vec<String>>,
+    /// Prompts it may get (default: all when `tools` is not given either, else none).
+    pub prompts: Option<Vec<String>>,
 }
 
 /// The grant blocks shared by agents and templates.

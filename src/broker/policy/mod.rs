@@ -523,6 +523,10 @@ pub struct RemoteGrant {
     pub tools: Option<BTreeSet<String>>,
     /// Argument constraints.
     pub args: BTreeMap<String, ArgRule>,
+    /// Resource URI patterns (`*` any run, `?` one character) of the remote's own URIs.
+    pub resources: Vec<String>,
+    /// Prompt names (`*` = all).
+    pub prompts: BTreeSet<String>,
 }
 
 /// An agent, with templates already merged.

@@ -513,10 +513,25 @@ fn merge_grants(
             }
             args.insert(name.clone(), rule);
         }
-        let tools = (!grant.tools.is_empty()).then(|| grant.tools.iter().cloned().collect());
+        let tools: Option<BTreeSet<String>> = (!grant.tools.is_empty()).then(|| grant.tools.iter().cloned().collect());
+        // A grant of the whole remote (no tools list) covers its resources and prompts too; a
+        // grant of some tools covers only what it lists.
+        let everything = || if tools.is_none() { vec!["*".to_owned()] } else { Vec::new() };
+        let resources = grant.resources.clone().unwrap_or_else(everything);
+        for r in &resources {
+            if r.is_empty() || r.len() > 512 || r.chars().any(char::is_control) {
+                let p: Vec<&str> = path.iter().copied().chain(["resources"]).collect();
+                cx.err(
+                    &p,
+                    format!("{r:?} is not a URI pattern"),
+                    Some("e.g. \"file:///srv/shared/*\" or \"*\"".into()),
+                );
+            }
+        }
+        let prompts = grant.prompts.clone().unwrap_or_else(everything).into_iter().collect();
         agent.remotes.add(GrantEntry {
             pattern,
-            value: RemoteGrant { tools, args },
+            value: RemoteGrant { tools, args, resources, prompts },
             source: format!("{src}.remotes.{pat}"),
         });
     }

@@ -717,6 +717,87 @@ pub async fn call_remote(
     })
 }
 
+/// A request to a remote other than a tool call.
+#[derive(Clone, Copy, Debug)]
+pub enum RemoteAsk<'a> {
+    /// `resources/read` of a namespaced URI (`ephyr-remote://<remote>/<uri>`).
+    Read(&'a str),
+    /// `prompts/get` of a namespaced prompt with its arguments.
+    Prompt(&'a str, &'a Map<String, Value>),
+}
+
+/// A remote's resource read or prompt: `None` when no remote serves it; else the remote's answer
+/// (only its `contents`, or `description` and `messages`), or a refusal or failure naming the
+/// remote. Rate limited like tool calls, cut by a revocation like them, and audited
+/// (`remote_read` / `remote_prompt`: remote, URI or prompt, decision, duration); both only
+/// read, so their line does not hold the request for the sync.
+pub async fn ask_remote(
+    broker: &Rc<Broker>,
+    caller: &Caller,
+    policy: &Rc<Policy>,
+    ask: RemoteAsk<'_>,
+) -> Option<Result<Value, super::Error>> {
+    use super::audit::AuditSink as _;
+    let started = Instant::now();
+    let principal = caller.principal();
+    let (event, asked) = match ask {
+        RemoteAsk::Read(uri) => ("remote_read", uri),
+        RemoteAsk::Prompt(name, _) => ("remote_prompt", name),
+    };
+    let ev = |e: Event| {
+        let e = e.agent(caller.agent.clone());
+        match caller.token() {
+            Some(t) => e.task(t.task.clone(), t.lineage.clone()).initiated_by(t.initiated_by.clone()),
+            None => e,
+        }
+    };
+    if let Err(wait) = broker.take_request(policy, &caller.agent, started) {
+        return Some(Err(super::Error::Refused(format!(
+            "rate limit exceeded for agent {:?}; retry in {}s",
+            caller.agent,
+            wait.as_secs().max(1)
+        ))));
+    }
+    let ports = broker.ports();
+    let asking = async {
+        match ask {
+            RemoteAsk::Read(uri) => broker.federation.read_resource(ports, policy, &principal, uri).await,
+            RemoteAsk::Prompt(name, args) => broker.federation.get_prompt(ports, policy, &principal, name, args).await,
+        }
+    };
+    let answer = match caller.token() {
+        None => asking.await,
+        Some(t) => {
+            let ended = broker.ports().tasks.ended(t.task.clone(), t.envelope().expires_before);
+            futures_lite::future::or(asking, async {
+                ended.await;
+                Some(Err(super::Error::Refused(format!(
+                    "the task was revoked or expired while a remote answered {asked:?}; its answer was dropped"
+                ))))
+            })
+            .await
+        }
+    }?;
+    let us = started.elapsed().as_micros() as u64;
+    let line = match &answer {
+        Ok((facts, _)) => ev(Event::new(Kind::Federation, event))
+            .action(json!({ "asked": asked, "remote": facts.remote, "what": facts.what }))
+            .allow()
+            .outcome(json!({ "duration_us": us })),
+        Err(super::Error::Denied(d)) => ev(Event::new(Kind::Federation, event))
+            .action(json!({ "asked": asked }))
+            .deny(d.code.as_str(), d.reason.clone()),
+        Err(e) => ev(Event::new(Kind::Federation, event))
+            .action(json!({ "asked": asked }))
+            .allow()
+            .outcome(json!({ "error": e.code(), "duration_us": us })),
+    };
+    if let Err(e) = broker.audit.note(line) {
+        return Some(Err(super::Error::audit(e)));
+    }
+    Some(answer.map(|(_, v)| v))
+}
+
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").chars().take(300).collect()
 }
