@@ -726,3 +726,59 @@ fn the_remote_sandbox_confines_what_it_starts() {
     assert_eq!(o.status.code(), Some(126));
     assert!(stderr(&o).contains("spec does not parse"), "{}", stderr(&o));
 }
+
+/// Cancellation passes through: a call cut by a revocation, or one the remote does not answer
+/// within its timeout, is cancelled at a session-era remote (`notifications/cancelled` with
+/// the request's id). The remote here records every message it receives.
+#[test]
+fn a_call_whose_caller_goes_away_is_cancelled_at_the_remote() {
+    if !require_root() {
+        return;
+    }
+    let port = free_port();
+    let dir = TempDir::new("recording");
+    let log = dir.join("messages.jsonl");
+    let mut cmd = python("recording_server.py");
+    cmd.args([&port.to_string(), log.to_str().unwrap()]);
+    let _server = Peer::start(cmd, port, "recording_server.py");
+    let (alice, alice_hash) = agent_key("alice");
+    let policy = format!(
+        r#"version: 1
+network: {{ allow: [127.0.0.1/32] }}
+remotes:
+  rec: {{ url: "http://127.0.0.1:{port}/mcp", timeout: 2s }}
+agents:
+  alice:
+    api_key_hash: "{alice_hash}"
+    can_delegate: true
+    remotes: {{ rec: {{}} }}
+"#
+    );
+    let b = Broker::start(BrokerOpts { policy: Some(&policy), ..Default::default() });
+    let messages = || -> Vec<Value> {
+        std::fs::read_to_string(&log).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let cancelled_after_call = |n_calls_before: usize| {
+        wait_for("the remote to be told", 10, || {
+            let m = messages();
+            let calls: Vec<&Value> = m.iter().filter(|x| x["method"] == "tools/call").collect();
+            let id = calls.get(n_calls_before)?["id"].clone();
+            m.iter().any(|x| x["method"] == "notifications/cancelled" && x["params"]["requestId"] == id).then_some(())
+        })
+    };
+
+    // Revoked while the remote works on it.
+    let t = tool_call(&b.api, &alice, "task_create", json!({"description": "slow", "ttl": "5m"})).unwrap();
+    let (token, task) = (t["token"].as_str().unwrap().to_owned(), t["task_id"].as_str().unwrap().to_owned());
+    let api = b.api.clone();
+    let call = std::thread::spawn(move || tool_call(&api, &token, "rec.wait", json!({"seconds": 1.8})));
+    std::thread::sleep(Duration::from_millis(500));
+    tool_call(&b.api, &alice, "task_revoke", json!({"task_id": task})).unwrap();
+    assert!(call.join().unwrap().unwrap_err().contains("revoked"));
+    cancelled_after_call(0);
+
+    // Not answered within the remote's timeout.
+    let e = tool_call(&b.api, &alice, "rec.wait", json!({"seconds": 4})).unwrap_err();
+    assert!(e.contains("did not answer within 2s"), "{e}");
+    cancelled_after_call(1);
+}

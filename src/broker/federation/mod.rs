@@ -161,9 +161,37 @@ pub struct Federation {
     refreshing: Rc<RefCell<std::collections::BTreeSet<String>>>,
     /// This executable, started as `__remote-sandbox` for stdio remotes.
     exe: std::path::PathBuf,
+    /// HTTP requests whose caller went away or timed out, to be cancelled at the remote.
+    cancels: RefCell<Vec<Cancel>>,
     /// The broker's own directories (data dir), which no stdio remote's sandbox may include.
     private: Vec<std::path::PathBuf>,
     next_id: std::cell::Cell<u64>,
+}
+
+/// A request a remote should stop working on (`notifications/cancelled`).
+#[derive(Debug)]
+struct Cancel {
+    remote: String,
+    link: Link,
+    id: u64,
+}
+
+/// Queues its cancellation when dropped with one still in it.
+struct PendingCancel<'a> {
+    queue: &'a RefCell<Vec<Cancel>>,
+    cancel: Option<Cancel>,
+}
+
+impl Drop for PendingCancel<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.cancel.take() {
+            let mut q = self.queue.borrow_mut();
+            // Bounded: a remote that never answers cannot grow it without end.
+            if q.len() < 256 {
+                q.push(c);
+            }
+        }
+    }
 }
 
 /// Marks a remote as being read until dropped.
@@ -191,6 +219,7 @@ impl Federation {
             refreshing: Rc::default(),
             exe: "/proc/self/exe".into(),
             private: Vec::new(),
+            cancels: RefCell::default(),
             next_id: std::cell::Cell::new(1),
         }
     }
@@ -305,7 +334,20 @@ impl Federation {
             }
             Transport::Http(_) => {
                 let wire = Wire { session, stateless, method, name: name.as_deref() };
-                let posted = client::post(&self.conns, ports, ep, wire, &msg, Some(id)).await?;
+                // If the caller goes away (a revoked task, a closed connection) or the remote
+                // does not answer in time, the remote is told to stop (`flush_cancels`).
+                // (Session era: with `notifications/cancelled`. Stateless era: closing the
+                // response stream is the cancellation, which dropping the request does.)
+                let mut pending = PendingCancel {
+                    queue: &self.cancels,
+                    cancel: (!stateless).then(|| Cancel { remote: ep.name.to_owned(), link: link.clone(), id }),
+                };
+                let posted = client::post(&self.conns, ports, ep, wire, &msg, Some(id)).await;
+                if !matches!(posted, Err(Error::Timeout(_))) {
+                    pending.cancel = None;
+                }
+                drop(pending);
+                let posted = posted?;
                 // The spec says 404 for a session the server no longer knows; the reference
                 // server says 400. Either way, with a session sent, a new one is opened once.
                 if matches!(posted.status, 400 | 404) && session.is_some() {
@@ -582,6 +624,7 @@ impl Federation {
     /// Reads again every enabled remote of `policy` that is due ([`Federation::stale`]), one
     /// refresh at a time per remote; forgets (and stops) remotes the policy no longer serves.
     pub async fn refresh_due(&self, ports: Ports<'_>, policy: &Policy) {
+        self.flush_cancels(ports, policy).await;
         let served = |n: &String| policy.remotes.get(n).is_some_and(|r| r.enabled);
         self.remotes.borrow_mut().retain(|n, _| served(n));
         let gone: Vec<Rc<stdio::Proc>> = {
@@ -602,6 +645,30 @@ impl Federation {
             }
             let _guard = Refreshing { set: self.refreshing.clone(), name: name.clone() };
             self.refresh(ports, policy, name).await;
+        }
+    }
+
+    /// Tells HTTP remotes to stop working on requests whose caller went away or timed out
+    /// (`notifications/cancelled`, best effort: a failure is logged, not retried).
+    async fn flush_cancels(&self, ports: Ports<'_>, policy: &Policy) {
+        let queued = std::mem::take(&mut *self.cancels.borrow_mut());
+        for c in queued {
+            let Some((name, remote)) = policy.remotes.get_key_value(&c.remote) else { continue };
+            let ep = Endpoint { name, remote, policy };
+            let session = match &c.link {
+                Link::Session(s) => s.as_deref(),
+                _ => None,
+            };
+            let stateless = c.link == Link::Stateless;
+            let mut params = json!({ "requestId": c.id, "reason": "the caller went away or the call timed out" });
+            if stateless {
+                params["_meta"] = json!({ "io.modelcontextprotocol/protocolVersion": client::STATELESS });
+            }
+            let note = json!({ "jsonrpc": "2.0", "method": "notifications/cancelled", "params": params });
+            let wire = Wire { session, stateless, method: "notifications/cancelled", name: None };
+            if let Err(e) = client::post(&self.conns, ports, ep, wire, &note, None).await {
+                log::info!("remote {name:?}: cancelling request {}: {}", c.id, e.message());
+            }
         }
     }
 
