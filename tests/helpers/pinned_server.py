@@ -2,18 +2,14 @@
 description comes from the command line: restarted with another description, it is a server
 that changed a tool under its clients (the rug pull that tool pinning stops).
 
-Usage: pinned_server.py PORT DESCRIPTION [CANCEL_MARKER]
-
-With CANCEL_MARKER, its `wait` tool writes that file when a call of it is cancelled.
+Usage: pinned_server.py PORT DESCRIPTION
 """
 
-import asyncio
 import sys
 
 from mcp.server.mcpserver import MCPServer
 
 port, description = int(sys.argv[1]), sys.argv[2]
-marker = sys.argv[3] if len(sys.argv) > 3 else None
 app = MCPServer("pinned")
 
 
@@ -25,18 +21,6 @@ def note(text: str) -> str:
 @app.tool(description="Adds two numbers.")
 def add(a: int, b: int) -> int:
     return a + b
-
-
-@app.tool(description="Waits, then says so.")
-async def wait(seconds: float) -> str:
-    try:
-        await asyncio.sleep(seconds)
-    except asyncio.CancelledError:
-        if marker:
-            with open(marker, "w") as f:
-                f.write("cancelled")
-        raise
-    return "waited"
 
 
 app.run("streamable-http", host="127.0.0.1", port=port)
