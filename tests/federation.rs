@@ -245,6 +245,32 @@ agents:
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(audit_events(&b, "tool_pinned").len(), 2, "both tools pinned at first use");
 
+    // An agent listening for list changes (stateless era: subscriptions/listen).
+    let body = json!({"jsonrpc": "2.0", "id": "sub-1", "method": "subscriptions/listen", "params": {
+        "notifications": {"toolsListChanged": true},
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "ephyr-tests", "version": "1"},
+        },
+    }})
+    .to_string();
+    let auth = format!("Bearer {alice}");
+    let mut listen = HttpStream::open(
+        &b.api,
+        "POST",
+        "/mcp",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+            ("MCP-Protocol-Version", "2026-07-28"),
+            ("Mcp-Method", "subscriptions/listen"),
+        ],
+        body.as_bytes(),
+    );
+    listen.read_until("notifications/subscriptions/acknowledged", Duration::from_secs(5));
+
     // The server comes back with another description for `note`.
     drop(server);
     let _changed = Peer::pinned(
@@ -259,6 +285,9 @@ agents:
     assert!(e.contains("quarantined") && e.contains("ephyr remote review notes"), "{e}");
     let l = listed(&b, &alice);
     assert!(!l.contains(&"notes.note".into()), "not listed while quarantined: {l:?}");
+    // What the remote serves changed: the listening agent hears of it.
+    let heard = listen.read_until("notifications/tools/list_changed", Duration::from_secs(6));
+    assert!(heard.contains("notifications/tools/list_changed"), "{heard}");
     assert_eq!(
         tool_call(&b.api, &alice, "notes.add", json!({"a": 2, "b": 3})).unwrap(),
         5,

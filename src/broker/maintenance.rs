@@ -6,7 +6,8 @@
 //! - every 5 s, idle SSH sessions and those whose certificate expired close, and expired
 //!   certificates leave the registry;
 //! - every 2 s, federated remotes that are due are read again: a remote that went down is
-//!   retried, a stdio remote that exited restarted (with backoff), a changed tool list re-read;
+//!   retried, a stdio remote that exited restarted (with backoff), a changed tool list re-read,
+//!   and a change to what they serve announced to agents' notification streams;
 //! - signer events (workers ended and restarted, the keeper relaunched) become audit records.
 
 use std::rc::Rc;
@@ -78,11 +79,18 @@ pub fn spawn(
         // Remotes are retried, restarted and re-read without waiting for an agent.
         let broker = broker.clone();
         ex.spawn(async move {
+            let mut served = broker.federation.served_generation();
             loop {
                 async_io::Timer::after(std::time::Duration::from_secs(2)).await;
                 let policy = broker.policy();
                 if !policy.remotes.is_empty() {
                     broker.federation.refresh_due(broker.ports(), &policy).await;
+                }
+                // What the remotes serve changed (read again, approved): agents' streams hear of it.
+                let now = broker.federation.served_generation();
+                if now != served {
+                    served = now;
+                    broker.changes.notify();
                 }
             }
         })

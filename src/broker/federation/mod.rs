@@ -163,6 +163,8 @@ pub struct Federation {
     exe: std::path::PathBuf,
     /// HTTP requests whose caller went away or timed out, to be cancelled at the remote.
     cancels: RefCell<Vec<Cancel>>,
+    /// See [`Federation::served_generation`].
+    served: std::cell::Cell<u64>,
     /// The broker's own directories (data dir), which no stdio remote's sandbox may include.
     private: Vec<std::path::PathBuf>,
     next_id: std::cell::Cell<u64>,
@@ -220,6 +222,7 @@ impl Federation {
             exe: "/proc/self/exe".into(),
             private: Vec::new(),
             cancels: RefCell::default(),
+            served: std::cell::Cell::new(0),
             next_id: std::cell::Cell::new(1),
         }
     }
@@ -507,8 +510,20 @@ impl Federation {
                 }
             }
         };
+        let changed = self.remotes.borrow().get(name).is_none_or(|old| {
+            old.tools != state.tools || old.resources != state.resources || old.prompts != state.prompts
+        });
+        if changed {
+            self.served.set(self.served.get() + 1);
+        }
         self.remotes.borrow_mut().insert(name.to_owned(), state);
         self.publish(ports, policy, name);
+    }
+
+    /// Counts the changes to what the remotes serve (tools, resources, prompts): the broker
+    /// announces a list change to agents' streams when it moves (`broker::maintenance`).
+    pub fn served_generation(&self) -> u64 {
+        self.served.get()
     }
 
     /// Sets remote `name`'s gauges from its state.
@@ -610,6 +625,7 @@ impl Federation {
             if let Some(d) = self.pins.pin(remote, &t, &def, by)? {
                 d.wait().await?;
             }
+            self.served.set(self.served.get() + 1);
             if let Some(st) = self.remotes.borrow_mut().get_mut(remote) {
                 st.quarantined.remove(&t);
                 let mut tools = (*st.tools).clone();
