@@ -758,9 +758,10 @@ fn the_remote_sandbox_confines_what_it_starts() {
 
 /// Cancellation passes through: a call cut by a revocation, or one the remote does not answer
 /// within its timeout, is cancelled at a session-era remote (`notifications/cancelled` with
-/// the request's id). The remote here records every message it receives.
+/// the request's id); and a tool list change the remote announces on its GET stream is
+/// followed. The remote here records every message it receives.
 #[test]
-fn a_call_whose_caller_goes_away_is_cancelled_at_the_remote() {
+fn a_call_whose_caller_goes_away_is_cancelled_at_the_remote_and_list_changes_are_followed() {
     if !require_root() {
         return;
     }
@@ -810,4 +811,11 @@ agents:
     let e = tool_call(&b.api, &alice, "rec.wait", json!({"seconds": 4})).unwrap_err();
     assert!(e.contains("did not answer within 2s"), "{e}");
     cancelled_after_call(1);
+
+    // listChanged: the remote announces a new tool on its GET stream; the broker reads its
+    // tools again within moments (not at the next 5-minute re-read) and serves it.
+    assert!(!listed(&b, &alice).contains(&"rec.extra".into()));
+    assert_eq!(tool_call(&b.api, &alice, "rec.change", json!({})).unwrap(), "changed");
+    wait_for("the new tool to be served", 8, || listed(&b, &alice).contains(&"rec.extra".into()).then_some(()));
+    assert!(messages().iter().filter(|m| m["method"] == "tools/list").count() >= 2, "read again");
 }

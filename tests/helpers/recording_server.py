@@ -1,6 +1,7 @@
 """A minimal session-era (2025-06-18) MCP server over Streamable HTTP that writes every JSON-RPC
-message it receives to a file, one per line: what a remote sees of the broker. Its one tool,
-`wait`, answers after `seconds`.
+message it receives to a file, one per line: what a remote sees of the broker. Its tool `wait`
+answers after `seconds`; its tool `change` adds a tool `extra` and announces the change
+(`notifications/tools/list_changed`) on the session's GET stream, which it holds open.
 
 Usage: recording_server.py PORT LOG_FILE
 """
@@ -13,6 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 port, log_path = int(sys.argv[1]), sys.argv[2]
 lock = threading.Lock()
+changed = threading.Condition()
+state = {"extra": False, "generation": 0}
+CHANGE = {"name": "change", "description": "Adds a tool.", "inputSchema": {"type": "object", "properties": {}}}
+EXTRA = {"name": "extra", "description": "The added tool.", "inputSchema": {"type": "object", "properties": {}}}
 TOOL = {
     "name": "wait",
     "description": "Waits, then says so.",
@@ -36,6 +41,28 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def do_GET(self):
+        # The session's notification stream: close-delimited SSE, one event per change.
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(b": open\n\n")
+        self.wfile.flush()
+        seen = state["generation"]
+        while True:
+            with changed:
+                changed.wait_for(lambda: state["generation"] != seen, timeout=30)
+            if state["generation"] == seen:
+                continue
+            seen = state["generation"]
+            note = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+            try:
+                self.wfile.write(b"event: message\r\ndata: " + json.dumps(note).encode() + b"\r\n\r\n")
+                self.wfile.flush()
+            except OSError:
+                return
+
     def do_POST(self):
         msg = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with lock, open(log_path, "a") as f:
@@ -44,11 +71,18 @@ class Handler(BaseHTTPRequestHandler):
         if rid is None:
             return self.reply(202)
         if method == "initialize":
-            result = {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+            result = {"protocolVersion": "2025-06-18", "capabilities": {"tools": {"listChanged": True}},
                       "serverInfo": {"name": "recording", "version": "1"}}
             return self.reply(200, {"jsonrpc": "2.0", "id": rid, "result": result}, [("Mcp-Session-Id", "s1")])
         if method == "tools/list":
-            return self.reply(200, {"jsonrpc": "2.0", "id": rid, "result": {"tools": [TOOL]}})
+            tools = [TOOL, CHANGE] + ([EXTRA] if state["extra"] else [])
+            return self.reply(200, {"jsonrpc": "2.0", "id": rid, "result": {"tools": tools}})
+        if method == "tools/call" and msg["params"]["name"] == "change":
+            with changed:
+                state["extra"] = True
+                state["generation"] += 1
+                changed.notify_all()
+            return self.reply(200, {"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "changed"}]}})
         if method == "tools/call":
             time.sleep(float(msg["params"]["arguments"].get("seconds", 0)))
             result = {"content": [{"type": "text", "text": "waited"}]}

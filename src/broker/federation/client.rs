@@ -70,19 +70,26 @@ fn failed(ep: Endpoint<'_>, what: impl std::fmt::Display) -> Error {
     Error::Upstream { code: "remote_failed", message: format!("remote {:?}: {what}", ep.name) }
 }
 
-/// Sends one JSON-RPC message (`id` names the answer to wait for; `None` for a notification).
-pub async fn post(
-    conns: &std::rc::Rc<Conns>,
+/// A request ready to go: where, and what.
+struct Prepared {
+    req: http::Request<Full<Bytes>>,
+    addrs: Vec<IpAddr>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    pool_key: String,
+}
+
+/// Resolves and checks the remote's address, sets up TLS, and builds a request: `msg` POSTed, or
+/// (with `None`) a GET for the session's notification stream. Headers: Host, the protocol
+/// version, the session (session era) or routing headers (stateless era), the credential.
+async fn prepare(
+    conns: &Conns,
     ports: Ports<'_>,
     ep: Endpoint<'_>,
     wire: Wire<'_>,
-    msg: &Value,
-    id: Option<u64>,
-) -> Result<Posted, Error> {
+    msg: Option<&Value>,
+) -> Result<Prepared, Error> {
     let r = ep.remote;
     let Transport::Http(url) = &r.transport else { return Err(failed(ep, "not an HTTP remote")) };
-    let started = Instant::now();
-    let deadline = r.timeout;
     let addrs: Vec<IpAddr> =
         conn::resolve(ports.pool, &url.host, url.port, Duration::from_secs(10)).await.map_err(|e| failed(ep, e))?;
     for ip in &addrs {
@@ -105,11 +112,13 @@ pub async fn post(
     };
     let mut path = if url.base_path.is_empty() { "/".to_owned() } else { url.base_path.clone() };
     let mut b = http::Request::builder()
-        .method(http::Method::POST)
+        .method(if msg.is_some() { http::Method::POST } else { http::Method::GET })
         .header(header::HOST, plan::host_header(&url.scheme, &url.host, url.port))
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::ACCEPT, "application/json, text/event-stream")
+        .header(header::ACCEPT, if msg.is_some() { "application/json, text/event-stream" } else { "text/event-stream" })
         .header("mcp-protocol-version", if wire.stateless { STATELESS } else { PROTOCOL });
+    if msg.is_some() {
+        b = b.header(header::CONTENT_TYPE, "application/json");
+    }
     if let Some(s) = wire.session {
         b = b.header("mcp-session-id", s);
     }
@@ -131,10 +140,52 @@ pub async fn post(
             }
         }
     }
-    let body = serde_json::to_vec(msg).map_err(|e| failed(ep, e))?;
+    let body = match msg {
+        Some(m) => serde_json::to_vec(m).map_err(|e| failed(ep, e))?,
+        None => Vec::new(),
+    };
     let req = b.uri(path).body(Full::new(Bytes::from(body))).map_err(|e| failed(ep, e))?;
-    let dest = conn::Dest { host: &url.host, port: url.port, addrs: &addrs, tls, timeout: Duration::from_secs(10) };
     let pool_key = format!("{}/remote/{}/{}/{}", ep.policy.digest, ep.name, url.host, url.port);
+    Ok(Prepared { req, addrs, tls, pool_key })
+}
+
+/// Opens a notification stream on a connection of its own: the session era's GET stream
+/// (`msg` `None`), or a stateless era `subscriptions/listen` (`msg`). `Ok(None)` when the
+/// remote offers none (405, or an answer that is not an event stream).
+pub async fn open_stream(
+    conns: &Conns,
+    ports: Ports<'_>,
+    ep: Endpoint<'_>,
+    wire: Wire<'_>,
+    msg: Option<&Value>,
+) -> Result<Option<hyper::body::Incoming>, Error> {
+    let Transport::Http(url) = &ep.remote.transport else { return Ok(None) };
+    let p = prepare(conns, ports, ep, wire, msg).await?;
+    let dest =
+        conn::Dest { host: &url.host, port: url.port, addrs: &p.addrs, tls: p.tls, timeout: Duration::from_secs(10) };
+    let mut sender = conns.connect(&dest).await.map_err(|e| failed(ep, e))?;
+    let resp = sender.send_request(p.req).await.map_err(|e| failed(ep, e))?;
+    let sse = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if resp.status() != http::StatusCode::OK || !sse {
+        return Ok(None);
+    }
+    Ok(Some(resp.into_body()))
+}
+
+/// Sends one JSON-RPC message (`id` names the answer to wait for; `None` for a notification).
+pub async fn post(
+    conns: &std::rc::Rc<Conns>,
+    ports: Ports<'_>,
+    ep: Endpoint<'_>,
+    wire: Wire<'_>,
+    msg: &Value,
+    id: Option<u64>,
+) -> Result<Posted, Error> {
+    let started = Instant::now();
+    let deadline = ep.remote.timeout;
+    let Prepared { req, addrs, tls, pool_key } = prepare(conns, ports, ep, wire, Some(msg)).await?;
+    let Transport::Http(url) = &ep.remote.transport else { return Err(failed(ep, "not an HTTP remote")) };
+    let dest = conn::Dest { host: &url.host, port: url.port, addrs: &addrs, tls, timeout: Duration::from_secs(10) };
     let exchange = async {
         // A pooled connection first; if the request could not be written on it, a new one.
         let mut req = Some(req);

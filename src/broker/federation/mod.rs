@@ -165,6 +165,11 @@ pub struct Federation {
     cancels: RefCell<Vec<Cancel>>,
     /// See [`Federation::served_generation`].
     served: std::cell::Cell<u64>,
+    /// Per HTTP remote, the notification stream read in the background (and the link it was
+    /// opened for).
+    listeners: RefCell<BTreeMap<String, (Link, smol::Task<()>)>>,
+    /// HTTP remotes whose stream said a list changed: read again at the next tick.
+    announced: Rc<RefCell<std::collections::BTreeSet<String>>>,
     /// The broker's own directories (data dir), which no stdio remote's sandbox may include.
     private: Vec<std::path::PathBuf>,
     next_id: std::cell::Cell<u64>,
@@ -223,6 +228,8 @@ impl Federation {
             private: Vec::new(),
             cancels: RefCell::default(),
             served: std::cell::Cell::new(0),
+            listeners: RefCell::default(),
+            announced: Rc::default(),
             next_id: std::cell::Cell::new(1),
         }
     }
@@ -456,6 +463,7 @@ impl Federation {
             return;
         };
         let ep = Endpoint { name, remote, policy };
+        self.announced.borrow_mut().remove(name);
         let discovered = async {
             let (link, caps) = self.open(ports, ep).await?;
             let named = |t: &Value| t["name"].as_str().is_some_and(tool_name_ok);
@@ -477,6 +485,7 @@ impl Federation {
                     Err(e) => log::warn!("remote {name:?}: listing its prompts: {}", e.message()),
                 }
             }
+            self.listen(ports, ep, &link, &caps).await;
             Ok::<_, Error>((link, tools, ttl, resources, prompts))
         };
         let state = match discovered.await {
@@ -518,6 +527,78 @@ impl Federation {
         }
         self.remotes.borrow_mut().insert(name.to_owned(), state);
         self.publish(ports, policy, name);
+    }
+
+    /// Keeps a notification stream open to an HTTP remote that announces list changes (its
+    /// capabilities say `listChanged`): the session era's GET stream, or the stateless era's
+    /// `subscriptions/listen`. A `*/list_changed` notification on it marks the remote for a
+    /// re-read at the next tick. Best effort: a remote that offers no stream is re-read on its
+    /// schedule; a stream that ends is opened again at the next read.
+    async fn listen(&self, ports: Ports<'_>, ep: Endpoint<'_>, link: &Link, caps: &Value) {
+        if !matches!(ep.remote.transport, Transport::Http(_))
+            || !["tools", "resources", "prompts"].iter().any(|k| caps[*k]["listChanged"] == Value::Bool(true))
+        {
+            return;
+        }
+        if let Some((l, task)) = self.listeners.borrow().get(ep.name)
+            && l == link
+            && !task.is_finished()
+        {
+            return;
+        }
+        let (wire, msg) = match link {
+            Link::Session(session) => {
+                (Wire { session: session.as_deref(), stateless: false, method: "GET", name: None }, None)
+            }
+            Link::Stateless => {
+                let msg = json!({ "jsonrpc": "2.0", "id": self.id(), "method": "subscriptions/listen", "params": {
+                    "notifications": { "toolsListChanged": true, "resourcesListChanged": true, "promptsListChanged": true },
+                    "_meta": {
+                        "io.modelcontextprotocol/protocolVersion": client::STATELESS,
+                        "io.modelcontextprotocol/clientCapabilities": {},
+                        "io.modelcontextprotocol/clientInfo": { "name": "ephyr", "version": env!("CARGO_PKG_VERSION") },
+                    },
+                }});
+                (Wire { session: None, stateless: true, method: "subscriptions/listen", name: None }, Some(msg))
+            }
+            Link::NotOpen => return,
+        };
+        let body = match client::open_stream(&self.conns, ports, ep, wire, msg.as_ref()).await {
+            Ok(Some(body)) => body,
+            Ok(None) => {
+                log::debug!("remote {:?}: offers no notification stream; re-read on schedule", ep.name);
+                return;
+            }
+            Err(e) => {
+                log::info!("remote {:?}: its notification stream: {}", ep.name, e.message());
+                return;
+            }
+        };
+        let (name, announced) = (ep.name.to_owned(), self.announced.clone());
+        let task = self.ex.spawn(async move {
+            use http_body_util::BodyExt as _;
+            let mut body = body;
+            let mut buf: Vec<u8> = Vec::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                let Ok(data) = frame.into_data() else { continue };
+                buf.extend(data.iter().filter(|b| **b != b'\r'));
+                // Complete events only; a stream that sends one without end is cut.
+                if let Some(end) = buf.windows(2).rposition(|w| w == b"\n\n") {
+                    let events: Vec<u8> = buf.drain(..end + 2).collect();
+                    for m in client::events(&events) {
+                        if m["method"].as_str().is_some_and(|x| x.ends_with("/list_changed")) {
+                            log::info!("remote {name:?}: announced a list change");
+                            announced.borrow_mut().insert(name.clone());
+                        }
+                    }
+                }
+                if buf.len() > client::MAX_ANSWER {
+                    log::warn!("remote {name:?}: its notification stream sent an event over 4 MiB; closed");
+                    return;
+                }
+            }
+        });
+        self.listeners.borrow_mut().insert(ep.name.to_owned(), (link.clone(), task));
     }
 
     /// Counts the changes to what the remotes serve (tools, resources, prompts): the broker
@@ -655,6 +736,7 @@ impl Federation {
             names.iter().filter_map(|n| procs.remove(n)).collect()
         };
         drop(gone);
+        self.listeners.borrow_mut().retain(|n, _| served(n));
         for (name, r) in &policy.remotes {
             if !r.enabled || !self.due(policy, name, r) || !self.refreshing.borrow_mut().insert(name.clone()) {
                 continue;
@@ -1017,8 +1099,9 @@ impl Federation {
         }
         match &r.transport {
             Transport::Http(_) => {
-                matches!(s.health, Health::Down | Health::Degraded)
-                    && since >= backoff(s.failures.saturating_sub(1)).min(RETRY)
+                (s.health == Health::Connected && self.announced.borrow().contains(name))
+                    || matches!(s.health, Health::Down | Health::Degraded)
+                        && since >= backoff(s.failures.saturating_sub(1)).min(RETRY)
             }
             Transport::Stdio(_) => {
                 let proc = self.procs.borrow().get(name).cloned();
