@@ -143,6 +143,41 @@ agents:
     assert_eq!(ts["isError"], true, "{ts}");
     assert!(ts["text"].as_str().unwrap().starts_with("denied ("), "{ts}");
 
+    // Progress passes through from an HTTP remote's event-stream answer: each step, under the
+    // caller's token, then the answer, on one event stream.
+    let body = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
+        "name": "ev.trigger-long-running-operation",
+        "arguments": {"duration": 1, "steps": 3},
+        "_meta": {
+            "progressToken": "tok-1",
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "ephyr-tests", "version": "1"},
+        },
+    }})
+    .to_string();
+    let auth = format!("Bearer {alice}");
+    let mut s = HttpStream::open(
+        &b.api,
+        "POST",
+        "/mcp",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+            ("MCP-Protocol-Version", "2026-07-28"),
+            ("Mcp-Method", "tools/call"),
+            ("Mcp-Name", "ev.trigger-long-running-operation"),
+        ],
+        body.as_bytes(),
+    );
+    let text = s.read_until("\"id\":9", Duration::from_secs(10));
+    assert!(text.contains("content-type: text/event-stream"), "{text}");
+    let steps = text.matches("notifications/progress").count();
+    assert_eq!(steps, 3, "{text}");
+    assert!(text.contains("\"progressToken\":\"tok-1\""), "the caller's token, not the broker's: {text}");
+    assert!(text.find("notifications/progress") < text.find("\"id\":9"), "progress before the answer: {text}");
+
     // Calls: forwarded with the remote's result.
     let r = tool_call(&b.api, &alice, "ev.echo", json!({"message": "hello through ephyr"})).unwrap();
     assert!(r.as_str().unwrap().contains("hello through ephyr"), "{r}");
@@ -626,6 +661,22 @@ agents:
         .unwrap();
     let ts: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(ts["isError"], false, "{ts}");
+    // Progress passes through: the TypeScript client asks for it and hears each step the stdio
+    // server reports, under its own token, before the answer.
+    let o = node()
+        .args([
+            "ts_call.mjs",
+            &format!("http://{}/mcp", b.api),
+            &alice,
+            "ev.trigger-long-running-operation",
+            r#"{"duration": 1, "steps": 4}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ts: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ts["isError"], false, "{ts}");
+    assert_eq!(ts["progress"], json!([1, 2, 3, 4]), "{ts}");
 
     // A task token narrowed to one remote tool and one path prefix.
     let t = tool_call(

@@ -54,13 +54,15 @@ pub enum Reply {
     SetLogLevel(String),
 }
 
-/// Answers `call` for `caller` under `policy` in protocol revision `v`.
+/// Answers `call` for `caller` under `policy` in protocol revision `v`; a federated tool's
+/// progress notifications go to `progress` when the caller asked for them.
 pub async fn dispatch(
     broker: &Rc<Broker>,
     policy: &Rc<Policy>,
     caller: &Caller,
     v: Version,
     call: Call,
+    progress: Option<&super::federation::Progress>,
 ) -> Result<Reply, RpcError> {
     match call {
         Call::Ping => Ok(Reply::Result(json!({}))),
@@ -90,7 +92,7 @@ pub async fn dispatch(
         Call::ToolsCall { name, arguments } if tools::find(&name).is_none() && !policy.remotes.is_empty() => {
             broker.federation.refresh_due(broker.ports(), policy).await;
             broker.federation.revive_for_call(broker.ports(), policy, &name).await;
-            match tools::call_remote(broker, caller, policy, &name, arguments).await {
+            match tools::call_remote(broker, caller, policy, &name, arguments, progress).await {
                 None => Err(RpcError::invalid_params(format!("unknown tool {name:?}"))),
                 Some(Ok(result)) => {
                     // Only what a tool result is: a hostile remote cannot add protocol fields.

@@ -384,7 +384,7 @@ async fn agent_tool_call(
     let name = call.name.clone();
     let request = crate::mcp::server::Call::ToolsCall { name: call.name, arguments: call.arguments };
     let v = crate::mcp::version::Version::V2026_07_28;
-    match super::dispatch::dispatch(broker, policy, &caller, v, request).await {
+    match super::dispatch::dispatch(broker, policy, &caller, v, request, None).await {
         Ok(super::dispatch::Reply::Result(result)) => {
             let (text, is_error) = super::dispatch::tool_text(&result);
             json(StatusCode::OK, &serde_json::json!({ "agent": caller.agent, "is_error": is_error, "text": text }))

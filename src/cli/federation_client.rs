@@ -107,7 +107,7 @@ pub fn run(url: &str) -> Result<u8, String> {
                 Some(Err(e)) => return Err(format!("{name}: {e}")),
                 None => return Err(format!("{name}: not offered")),
             };
-            match federation.forward(ports, &policy, &facts, args).await {
+            match federation.forward(ports, &policy, &facts, args, None).await {
                 Ok((r, _)) => println!("{name}: {}", r["content"][0]["text"].as_str().unwrap_or("(no text)")),
                 Err(e) => {
                     failed += 1;

@@ -181,6 +181,20 @@ pub async fn post(
     msg: &Value,
     id: Option<u64>,
 ) -> Result<Posted, Error> {
+    post_with(conns, ports, ep, wire, msg, id, None).await
+}
+
+/// [`post`], passing on as they arrive the `notifications/progress` of an event-stream answer
+/// whose token is `progress`'s request id.
+pub async fn post_with(
+    conns: &std::rc::Rc<Conns>,
+    ports: Ports<'_>,
+    ep: Endpoint<'_>,
+    wire: Wire<'_>,
+    msg: &Value,
+    id: Option<u64>,
+    progress: Option<(&super::Progress, u64)>,
+) -> Result<Posted, Error> {
     let started = Instant::now();
     let deadline = ep.remote.timeout;
     let Prepared { req, addrs, tls, pool_key } = prepare(conns, ports, ep, wire, Some(msg)).await?;
@@ -209,11 +223,25 @@ pub async fn post(
         let session = resp.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let sse =
             resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
-            .collect()
-            .await
-            .map_err(|e| failed(ep, format!("reading its answer: {e}")))?
-            .to_bytes();
+        let mut answer = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER);
+        let mut body: Vec<u8> = Vec::new();
+        let mut relayed = 0;
+        while let Some(frame) = answer.frame().await {
+            let frame = frame.map_err(|e| failed(ep, format!("reading its answer: {e}")))?;
+            let Ok(data) = frame.into_data() else { continue };
+            body.extend_from_slice(&data);
+            // Progress of an event stream is passed on as each event completes.
+            if let (true, Some((p, token))) = (sse, progress)
+                && let Some(end) = events_end(&body[relayed..])
+            {
+                for m in events(&body[relayed..relayed + end]) {
+                    if m["method"] == "notifications/progress" && m["params"]["progressToken"].as_u64() == Some(token) {
+                        p.relay(&m["params"]);
+                    }
+                }
+                relayed += end;
+            }
+        }
         // Read to the end: the connection can carry the next request.
         conns.checkin(pool_key.clone(), sender);
         Ok::<_, Error>((status, session, sse, body))
@@ -231,6 +259,13 @@ pub async fn post(
         Some(_) => serde_json::from_slice(&body).ok(),
     };
     Ok(Posted { status, session, message, size: body.len() })
+}
+
+/// Where the last complete event of `buf` ends (after its blank line), if one has.
+fn events_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf.windows(4).rposition(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    lf.max(crlf)
 }
 
 /// The JSON messages of an event stream (`data:` lines joined per event).

@@ -319,6 +319,20 @@ impl Federation {
         method: &str,
         params: Value,
     ) -> Result<(Posted, Value), Error> {
+        self.request_with(ports, ep, link, method, params, None).await
+    }
+
+    /// [`Federation::request`], relaying the remote's progress notifications for it to
+    /// `progress` (the remote is given our request id as its progress token).
+    async fn request_with(
+        &self,
+        ports: Ports<'_>,
+        ep: Endpoint<'_>,
+        link: &Link,
+        method: &str,
+        params: Value,
+        progress: Option<&Progress>,
+    ) -> Result<(Posted, Value), Error> {
         let id = self.id();
         let mut params = params;
         let stateless = *link == Link::Stateless;
@@ -329,6 +343,10 @@ impl Federation {
                 "io.modelcontextprotocol/clientInfo": { "name": "ephyr", "version": env!("CARGO_PKG_VERSION") },
             });
         }
+        if progress.is_some() {
+            params["_meta"]["progressToken"] = Value::from(id);
+        }
+        let relay = progress.map(|p| (p, id));
         let name = params["name"].as_str().map(str::to_owned).filter(|_| method == "tools/call");
         let session = match link {
             Link::Session(s) => s.as_deref(),
@@ -339,7 +357,7 @@ impl Federation {
             Transport::Stdio(_) => {
                 let proc = self.procs.borrow().get(ep.name).cloned();
                 let proc = proc.ok_or_else(|| Error::upstream(format!("remote {:?} is not running", ep.name)))?;
-                let (message, size) = proc.call(&msg, id, ep.remote.timeout).await?;
+                let (message, size) = proc.call(&msg, id, ep.remote.timeout, relay).await?;
                 Posted { status: 200, session: None, message: Some(message), size }
             }
             Transport::Http(_) => {
@@ -352,7 +370,7 @@ impl Federation {
                     queue: &self.cancels,
                     cancel: (!stateless).then(|| Cancel { remote: ep.name.to_owned(), link: link.clone(), id }),
                 };
-                let posted = client::post(&self.conns, ports, ep, wire, &msg, Some(id)).await;
+                let posted = client::post_with(&self.conns, ports, ep, wire, &msg, Some(id), relay).await;
                 if !matches!(posted, Err(Error::Timeout(_))) {
                     pending.cancel = None;
                 }
@@ -991,13 +1009,14 @@ impl Federation {
         policy: &Policy,
         facts: &CallFacts,
         args: Map<String, Value>,
+        progress: Option<&Progress>,
     ) -> Result<(Value, usize), Error> {
         let remote = facts.remote.as_str();
         let r = policy.remotes.get(remote).ok_or_else(|| Error::NotFound(format!("no remote {remote:?}")))?;
         let ep = Endpoint { name: remote, remote: r, policy };
         let params = json!({ "name": facts.tool, "arguments": args });
         let link = self.remotes.borrow().get(remote).map(|s| s.link.clone()).unwrap_or_default();
-        let first = self.request(ports, ep, &link, "tools/call", params.clone()).await;
+        let first = self.request_with(ports, ep, &link, "tools/call", params.clone(), progress).await;
         let result = match first {
             Err(Error::NotFound(_)) => {
                 // The remote restarted: it may serve other tools now. Read them again (pins
@@ -1014,7 +1033,7 @@ impl Federation {
                 if quarantined {
                     return Err(quarantined_error(remote, &facts.tool));
                 }
-                self.request(ports, ep, &fresh, "tools/call", params).await
+                self.request_with(ports, ep, &fresh, "tools/call", params, progress).await
             }
             other => other,
         };
@@ -1134,6 +1153,33 @@ fn quarantined_error(remote: &str, tool: &str) -> Error {
     Error::Refused(format!(
         "remote {remote:?} changed tool {tool:?} since it was approved: it is quarantined until an operator runs `ephyr remote review {remote}` and `ephyr remote approve {remote} {tool}`"
     ))
+}
+
+/// Where a remote's progress notifications for one call go: the agent's own progress token,
+/// and the stream its answer is written to.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// The token the agent gave (`_meta.progressToken`).
+    pub token: Value,
+    /// Notifications for the agent, written before its answer.
+    pub tx: async_channel::Sender<Value>,
+}
+
+impl Progress {
+    /// Passes on a remote's `notifications/progress` parameters under the agent's token: only
+    /// `progress`, `total` and `message` (at most 1,000 characters), nothing else of the remote's.
+    /// Dropped if the agent's stream is behind.
+    pub fn relay(&self, params: &Value) {
+        let Some(progress) = params["progress"].as_f64().filter(|n| n.is_finite()) else { return };
+        let mut p = json!({ "progressToken": self.token, "progress": progress });
+        if let Some(t) = params["total"].as_f64().filter(|n| n.is_finite()) {
+            p["total"] = Value::from(t);
+        }
+        if let Some(m) = params["message"].as_str() {
+            p["message"] = Value::from(m.chars().take(1000).collect::<String>());
+        }
+        let _ = self.tx.try_send(json!({ "jsonrpc": "2.0", "method": "notifications/progress", "params": p }));
+    }
 }
 
 /// The prefix of a remote resource's URI as agents see it: `ephyr-remote://<remote>/<its URI>`.

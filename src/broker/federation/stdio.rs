@@ -40,6 +40,8 @@ const QUEUE: usize = 64;
 struct Shared {
     /// Calls waiting for their answer, by request id.
     pending: RefCell<HashMap<u64, async_channel::Sender<(Value, usize)>>>,
+    /// Calls whose progress notifications are relayed, by request id (= their progress token).
+    progress: RefCell<HashMap<u64, super::Progress>>,
     /// Why the process can no longer be spoken to.
     dead: RefCell<Option<String>>,
     /// The server said its tools changed.
@@ -209,7 +211,13 @@ impl Proc {
 
     /// Sends one request and waits for its answer (the whole JSON-RPC message, and its size in
     /// bytes) up to `timeout`.
-    pub async fn call(&self, msg: &Value, id: u64, timeout: Duration) -> Result<(Value, usize), Error> {
+    pub async fn call(
+        &self,
+        msg: &Value,
+        id: u64,
+        timeout: Duration,
+        progress: Option<(&super::Progress, u64)>,
+    ) -> Result<(Value, usize), Error> {
         let gone = |why: String| Error::Upstream {
             code: "remote_failed",
             message: format!("remote {:?} is not running: {why}", self.name),
@@ -219,6 +227,9 @@ impl Proc {
         }
         let (tx, rx) = async_channel::bounded(1);
         self.shared.pending.borrow_mut().insert(id, tx);
+        if let Some((p, token)) = progress {
+            self.shared.progress.borrow_mut().insert(token, p.clone());
+        }
         let mut guard = InFlight { shared: &self.shared, out: &self.out, id, answered: false };
         let mut line = serde_json::to_vec(msg).map_err(|e| Error::upstream(e.to_string()))?;
         line.push(b'\n');
@@ -284,6 +295,7 @@ struct InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.shared.pending.borrow_mut().remove(&self.id);
+        self.shared.progress.borrow_mut().remove(&self.id);
         if !self.answered && self.shared.dead.borrow().is_none() {
             let note = json!({
                 "jsonrpc": "2.0",
@@ -368,6 +380,12 @@ fn handle(line: &[u8], out: &async_channel::Sender<Vec<u8>>, shared: &Shared, na
             let _ = out.try_send(bytes);
         }
         (Some("notifications/tools/list_changed"), None) => shared.list_changed.set(true),
+        (Some("notifications/progress"), None) => {
+            let token = msg["params"]["progressToken"].as_u64();
+            if let Some(p) = token.and_then(|t| shared.progress.borrow().get(&t).cloned()) {
+                p.relay(&msg["params"]);
+            }
+        }
         _ => {}
     }
 }

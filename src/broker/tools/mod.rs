@@ -624,6 +624,7 @@ pub async fn call_remote(
     policy: &Rc<Policy>,
     name: &str,
     args: Map<String, Value>,
+    progress: Option<&super::federation::Progress>,
 ) -> Option<Result<Map<String, Value>, Output>> {
     let started = Instant::now();
     let principal = caller.principal();
@@ -679,7 +680,7 @@ pub async fn call_remote(
     }
     // A call in flight ends when the caller's task is revoked or expires (task events): the
     // answer is not waited for, and the agent is told why.
-    let forward = broker.federation.forward(broker.ports(), policy, &facts, args);
+    let forward = broker.federation.forward(broker.ports(), policy, &facts, args, progress);
     let result = match caller.token() {
         None => forward.await,
         Some(t) => {

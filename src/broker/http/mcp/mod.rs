@@ -14,7 +14,8 @@
 //! 6. dispatch (`mcp::server` classifies; tools and resources answer), JSON response.
 //!
 //! Streams (`text/event-stream`) are used only where a response is a stream: the session era's
-//! `GET` (one per session) and the stateless era's `subscriptions/listen`. Both carry
+//! `GET` (one per session), the stateless era's `subscriptions/listen`, and a `tools/call` that
+//! asks for progress (`_meta.progressToken`) from a client that accepts a stream. Both carry
 //! `tools/list_changed` and `resources/list_changed` after a policy reload, keep-alive comments
 //! every 15 s, and end on shutdown.
 
@@ -537,6 +538,14 @@ async fn dispatch(
     headers: &HeaderMap,
 ) -> Response<Body> {
     let label = method_label(&r.method);
+    // A tools/call that asks for progress, from a client that takes an event stream, is answered
+    // as one: a federated tool's progress notifications, then the answer.
+    let progress_token = (r.method == "tools/call"
+        && headers.get(header::ACCEPT).and_then(|a| a.to_str().ok()).is_some_and(|a| a.contains("text/event-stream")))
+    .then(|| r.params.get("_meta").and_then(|m| m.get("progressToken")))
+    .flatten()
+    .filter(|t| t.as_str().is_some_and(|s| s.len() <= 256) || t.is_i64() || t.is_u64())
+    .cloned();
     let call = match server::classify(&r.method, r.params, v) {
         Ok(c) => c,
         Err(e) => {
@@ -544,7 +553,10 @@ async fn dispatch(
             return rpc_error(status_for(v, e.code), Some(&r.id), &e);
         }
     };
-    let result: Result<Vec<u8>, RpcError> = match dispatch::dispatch(broker, policy, caller, v, call).await {
+    if let Some(token) = progress_token {
+        return progress_response(broker.clone(), policy.clone(), caller.clone(), v, r.id, call, token);
+    }
+    let result: Result<Vec<u8>, RpcError> = match dispatch::dispatch(broker, policy, caller, v, call, None).await {
         Ok(Reply::Listen(filter)) => return listen(broker, policy, caller, r.id, filter, headers),
         Ok(Reply::SetLogLevel(level)) => {
             if let Some(s) = session {
@@ -721,6 +733,74 @@ impl StreamState {
             }
         }
     }
+}
+
+/// The answer to a tools/call that asked for progress: an event stream carrying the progress a
+/// federated tool reports (`federation::Progress`, under the caller's token), then the answer.
+/// The call runs while the stream is read; a client that goes away drops it (and so cancels a
+/// remote's work, as any dropped call does).
+fn progress_response(
+    broker: Rc<Broker>,
+    policy: Rc<Policy>,
+    caller: Caller,
+    v: Version,
+    id: RequestId,
+    call: server::Call,
+    token: Value,
+) -> Response<Body> {
+    let (tx, rx) = async_channel::bounded::<Value>(32);
+    let answer: std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>>>> = Box::pin(async move {
+        let progress = crate::broker::federation::Progress { token, tx };
+        let result = dispatch::dispatch(&broker, &policy, &caller, v, call, Some(&progress)).await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        broker.metrics.inc("ephyr_mcp_requests_total", &[("method", "tools/call"), ("outcome", outcome)]);
+        match result {
+            Ok(Reply::Result(value)) => jsonrpc::encode_result(&id, &value),
+            Ok(Reply::RawMember { name, raw, rest }) => jsonrpc::encode_result_with_raw(&id, name, &raw, &rest),
+            Ok(_) => jsonrpc::encode_error(Some(&id), &RpcError::new(code::INTERNAL_ERROR, "unexpected reply")),
+            Err(e) => jsonrpc::encode_error(Some(&id), &e),
+        }
+    });
+    struct State {
+        answer: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>>>>>,
+        rx: async_channel::Receiver<Value>,
+    }
+    enum Step {
+        Note(Value),
+        Done(Vec<u8>),
+    }
+    let s = futures_lite::stream::unfold(State { answer: Some(answer), rx }, |mut st| async move {
+        let answer = st.answer.as_mut()?;
+        let rx = &st.rx;
+        let step = futures_lite::future::or(
+            async {
+                match rx.recv().await {
+                    Ok(n) => Step::Note(n),
+                    Err(_) => futures_lite::future::pending().await,
+                }
+            },
+            async { Step::Done(answer.as_mut().await) },
+        )
+        .await;
+        let chunk = match step {
+            Step::Note(n) => sse_event(n.to_string().as_bytes()),
+            Step::Done(bytes) => {
+                // Progress still queued goes first, then the answer; then the stream ends.
+                let mut out = Vec::new();
+                while let Ok(n) = st.rx.try_recv() {
+                    out.extend_from_slice(&sse_event(n.to_string().as_bytes()));
+                }
+                out.extend_from_slice(&sse_event(&bytes));
+                st.answer = None;
+                Bytes::from(out)
+            }
+        };
+        Some((Ok::<_, std::io::Error>(Frame::data(chunk)), st))
+    });
+    let mut r = Response::new(Box::pin(StreamBody::new(s)) as Body);
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-transform"));
+    r
 }
 
 fn stream_response(state: StreamState) -> Response<Body> {
