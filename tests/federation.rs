@@ -870,3 +870,63 @@ agents:
     wait_for("the new tool to be served", 8, || listed(&b, &alice).contains(&"rec.extra".into()).then_some(()));
     assert!(messages().iter().filter(|m| m["method"] == "tools/list").count() >= 2, "read again");
 }
+
+/// An HTTPS remote trusted by its certificate's pinned SHA-256 (a self-signed homelab server,
+/// here one whose name does not even match): served; the same remote under another pin is
+/// refused at the handshake. Static headers reach the remote; an answer over `max_response`
+/// is refused, naming the remote.
+#[test]
+fn a_pinned_certificate_static_headers_and_the_answer_cap() {
+    if !require_root() {
+        return;
+    }
+    let dir = TempDir::new("pinned-tls");
+    let pki = dir.join("pki");
+    let out = python("upstream.py").args(["certs", pki.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pem = std::fs::read_to_string(pki.join("server.pem")).unwrap();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = data_encoding::BASE64.decode(b64.as_bytes()).unwrap();
+    let pin = data_encoding::HEXUPPER.encode(ring::digest::digest(&ring::digest::SHA256, &der).as_ref());
+    let pin = format!(
+        "SHA256:{}",
+        pin.as_bytes().chunks(2).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join(":")
+    );
+    let wrong = format!("SHA256:{}", "ab".repeat(32));
+    let port = free_port();
+    let log = dir.join("messages.jsonl");
+    let mut cmd = python("recording_server.py");
+    cmd.args([&port.to_string(), log.to_str().unwrap()]).arg(pki.join("server.pem")).arg(pki.join("server.key"));
+    let _server = Peer::start(cmd, port, "recording_server.py over TLS");
+    let (alice, alice_hash) = agent_key("alice");
+    let policy = format!(
+        r#"version: 1
+network: {{ allow: [127.0.0.1/32] }}
+remotes:
+  rec:
+    url: "https://127.0.0.1:{port}/mcp"
+    tls: {{ fingerprint: "{pin}" }}
+    headers: {{ X-Team: blue }}
+    max_response: 64KiB
+  impostor:
+    url: "https://127.0.0.1:{port}/mcp"
+    tool_prefix: imp
+    tls: {{ fingerprint: "{wrong}" }}
+agents:
+  alice:
+    api_key_hash: "{alice_hash}"
+    remotes: {{ rec: {{}}, impostor: {{}} }}
+"#
+    );
+    let b = Broker::start(BrokerOpts { policy: Some(&policy), ..Default::default() });
+    let l = listed(&b, &alice);
+    assert!(l.contains(&"rec.wait".into()) && !l.iter().any(|t| t.starts_with("imp.")), "{l:?}");
+    let st = stdout(&ephyr(&["status", "--socket", b.socket.to_str().unwrap()]));
+    assert!(st.contains("remote impostor: down") && st.contains("is not the pinned one"), "{st}");
+    assert_eq!(tool_call(&b.api, &alice, "rec.wait", json!({"seconds": 0})).unwrap(), "waited");
+    let sent: Vec<Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(sent.iter().all(|m| m["_x_team"] == "blue"), "every request carries the static header: {sent:?}");
+    let e = tool_call(&b.api, &alice, "rec.wait", json!({"seconds": 0, "pad": 100000})).unwrap_err();
+    assert!(e.contains("remote \"rec\"") && e.contains("reading its answer"), "{e}");
+}

@@ -3,10 +3,14 @@ message it receives to a file, one per line: what a remote sees of the broker. I
 answers after `seconds`; its tool `change` adds a tool `extra` and announces the change
 (`notifications/tools/list_changed`) on the session's GET stream, which it holds open.
 
-Usage: recording_server.py PORT LOG_FILE
+It records an `X-Team` request header with each message (`_x_team`); `wait` with `pad` adds
+that many characters to its answer.
+
+Usage: recording_server.py PORT LOG_FILE [CERT KEY]   (with CERT and KEY: over TLS)
 """
 
 import json
+import ssl
 import sys
 import threading
 import time
@@ -66,7 +70,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         msg = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with lock, open(log_path, "a") as f:
-            f.write(json.dumps(msg) + "\n")
+            f.write(json.dumps(dict(msg, _x_team=self.headers.get("X-Team"))) + "\n")
         method, rid = msg.get("method"), msg.get("id")
         if rid is None:
             return self.reply(202)
@@ -84,10 +88,17 @@ class Handler(BaseHTTPRequestHandler):
                 changed.notify_all()
             return self.reply(200, {"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "changed"}]}})
         if method == "tools/call":
-            time.sleep(float(msg["params"]["arguments"].get("seconds", 0)))
-            result = {"content": [{"type": "text", "text": "waited"}]}
+            args = msg["params"]["arguments"]
+            time.sleep(float(args.get("seconds", 0)))
+            result = {"content": [{"type": "text", "text": "waited" + "." * int(args.get("pad", 0))}]}
             return self.reply(200, {"jsonrpc": "2.0", "id": rid, "result": result})
         return self.reply(200, {"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "no"}})
 
 
-ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+srv = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+srv.daemon_threads = True
+if len(sys.argv) > 4:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[3], sys.argv[4])
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()

@@ -39,7 +39,7 @@ pub struct Wire<'a> {
     /// The tool name of a `tools/call`.
     pub name: Option<&'a str>,
 }
-/// Largest answer read from a remote.
+/// Largest event on a remote's notification stream (answers: the remote's `max_response`).
 pub const MAX_ANSWER: usize = 4 << 20;
 
 /// One remote, as a request needs it.
@@ -106,7 +106,12 @@ async fn prepare(
             _ => None,
         };
         let key = format!("{}/remote/{}", ep.policy.digest, ep.name);
-        Some(conns.tls_config(ports.pool, &key, r.tls.ca_file.as_deref(), client).await.map_err(|e| failed(ep, e))?)
+        Some(
+            conns
+                .tls_config(ports.pool, &key, r.tls.ca_file.as_deref(), client, r.tls.fingerprint)
+                .await
+                .map_err(|e| failed(ep, e))?,
+        )
     } else {
         None
     };
@@ -118,6 +123,9 @@ async fn prepare(
         .header("mcp-protocol-version", if wire.stateless { STATELESS } else { PROTOCOL });
     if msg.is_some() {
         b = b.header(header::CONTENT_TYPE, "application/json");
+    }
+    for (k, v) in &r.headers {
+        b = b.header(k.as_str(), v.as_str());
     }
     if let Some(s) = wire.session {
         b = b.header("mcp-session-id", s);
@@ -223,7 +231,7 @@ pub async fn post_with(
         let session = resp.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let sse =
             resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let mut answer = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER);
+        let mut answer = http_body_util::Limited::new(resp.into_body(), ep.remote.max_response);
         let mut body: Vec<u8> = Vec::new();
         let mut relayed = 0;
         while let Some(frame) = answer.frame().await {

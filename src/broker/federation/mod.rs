@@ -296,7 +296,8 @@ impl Federation {
         for (k, r) in &cmd.secret_env {
             env.push((k.clone(), ports.secrets.resolve(r).await?));
         }
-        let p = Rc::new(stdio::Proc::spawn(&self.ex, &self.exe, name, cmd, env)?);
+        let max = policy.remotes.get(name).map_or(client::MAX_ANSWER, |r| r.max_response);
+        let p = Rc::new(stdio::Proc::spawn(&self.ex, &self.exe, name, cmd, env, max)?);
         let label = ("remote", crate::broker::metrics::PolicyName::remote(policy, name));
         ports.metrics.inc_named("ephyr_remote_starts_total", label, &[]);
         self.procs.borrow_mut().insert(name.to_owned(), p.clone());

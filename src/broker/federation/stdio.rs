@@ -22,7 +22,6 @@ use async_io::Async;
 use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _, FutureExt as _};
 use serde_json::{Value, json};
 
-use super::client::MAX_ANSWER;
 use super::confine::Spec;
 use crate::broker::Error;
 use crate::broker::policy::StdioCommand;
@@ -95,6 +94,7 @@ impl Proc {
         name: &str,
         command: &StdioCommand,
         env: Vec<(String, SecretBytes)>,
+        max_message: usize,
     ) -> Result<Proc, Error> {
         let spec = Spec {
             argv: command.argv.clone(),
@@ -146,7 +146,7 @@ impl Proc {
         let (out, queue) = async_channel::bounded::<Vec<u8>>(QUEUE);
         let tasks = [
             ex.spawn(write_lines(stdin, queue, shared.clone())),
-            ex.spawn(read_messages(stdout, out.clone(), shared.clone(), name.to_owned())),
+            ex.spawn(read_messages(stdout, out.clone(), shared.clone(), name.to_owned(), max_message)),
             ex.spawn(log_stderr(stderr, shared.clone(), name.to_owned(), Scrubber::new(needles))),
         ];
         log::info!("remote {name:?}: started (pid {pid})");
@@ -323,6 +323,7 @@ async fn read_messages(
     out: async_channel::Sender<Vec<u8>>,
     shared: Rc<Shared>,
     name: String,
+    max_message: usize,
 ) {
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 16 * 1024];
@@ -343,8 +344,8 @@ async fn read_messages(
             from = start;
         }
         buf.drain(..start);
-        if buf.len() > MAX_ANSWER {
-            break format!("it sent a message over {} MiB", MAX_ANSWER >> 20);
+        if buf.len() > max_message {
+            break format!("it sent a message over its max_response ({max_message} bytes)");
         }
     };
     log::warn!("remote {name:?}: {why}");

@@ -168,6 +168,8 @@ pub struct TlsFile {
     pub client_cert: Option<String>,
     /// PEM client key (mutual TLS); a secret reference.
     pub client_key: Option<SecretText>,
+    /// `SHA256:<64 hex digits>` (or base64) of the server's certificate: trusted alone.
+    pub fingerprint: Option<String>,
 }
 
 /// `services.<name>:`.
@@ -240,6 +242,10 @@ pub struct RemoteFile {
     pub enabled: Option<bool>,
     /// Tool pinning: `strict` (default), `warn` or `off`.
     pub pin: Option<String>,
+    /// Static headers (HTTP).
+    pub headers: Option<BTreeMap<String, String>>,
+    /// Largest answer read (`4MiB`).
+    pub max_response: Option<String>,
 }
 
 /// `remotes.<name>.sandbox:` (stdio remotes).

@@ -253,6 +253,8 @@ pub struct Tls {
     pub client_cert: Option<String>,
     /// Client key.
     pub client_key: Option<SecretRef>,
+    /// SHA-256 of the one server certificate trusted (instead of CAs and the name check).
+    pub fingerprint: Option<[u8; 32]>,
 }
 
 /// An absolute http(s) URL, split.
@@ -358,6 +360,10 @@ pub struct Remote {
     pub enabled: bool,
     /// What a changed tool definition does.
     pub pin: PinMode,
+    /// Static headers sent with every request (HTTP).
+    pub headers: Vec<(String, String)>,
+    /// Largest answer read, bytes (a stdio remote's largest message).
+    pub max_response: usize,
 }
 
 /// How a remote is reached.

@@ -575,6 +575,15 @@ fn semantic_checks() {
         ("remotes: {r: {command: [x], sandbox: {memory: 1MiB}}}", "at least 16MiB"),
         ("remotes: {r: {command: [x], sandbox: {open_files: 3}}}", "out of range"),
         ("remotes: {r: {command: [x], sandbox: {nework: false}}}", "unknown field `nework`"),
+        (
+            "remotes: {r: {url: 'https://x', tls: {fingerprint: 'SHA256:abc'}}}",
+            "is not a SHA-256 certificate fingerprint",
+        ),
+        ("remotes: {r: {url: 'https://x', tls: {ca_file: /ca.pem, fingerprint: 'SHA256:abab'}}}", "is not a SHA-256"),
+        ("remotes: {r: {url: 'http://x', headers: {Mcp-Session-Id: s}}}", "cannot be a static header"),
+        ("remotes: {r: {url: 'http://x', headers: {Authorization: s}}}", "cannot be a static header"),
+        ("remotes: {r: {command: [x], headers: {X-A: b}}}", "headers apply to a url"),
+        ("remotes: {r: {url: 'http://x', max_response: 1TiB}}", "between 1KiB and 64MiB"),
         ("network: {allow: [10.0.0.0/33]}", "prefix length"),
         ("agents: {a: {inherits: [nope]}}", "unknown template"),
         ("agents: {a: {ssh: {nowhere: {roles: []}}}}", "unknown target"),
@@ -611,6 +620,21 @@ fn semantic_checks() {
     )
     .unwrap();
     let Transport::Stdio(c) = &ok.remotes["fs"].transport else { panic!("a stdio remote") };
+    let pinned = Policy::parse(
+        &format!("remotes: {{r: {{url: 'https://x', tls: {{fingerprint: 'SHA256:{}'}}}}}}", "AB:".repeat(31) + "AB"),
+        "p.yaml",
+    )
+    .unwrap();
+    assert_eq!(pinned.remotes["r"].tls.fingerprint, Some([0xab; 32]), "openssl's form, colons and all");
+    assert!(
+        problems(&format!(
+            "remotes: {{r: {{url: 'https://x', tls: {{ca_file: /ca.pem, fingerprint: 'SHA256:{}'}}}}}}",
+            "ab".repeat(32)
+        ))
+        .iter()
+        .any(|p| p.contains("not both")),
+        "a pin and a CA at once"
+    );
     assert_eq!((c.read.as_slice(), c.write.as_slice()), (&["/opt".to_owned()][..], &["/srv".to_owned()][..]));
     assert_eq!((c.memory, c.open_files, c.processes, c.network), (256 << 20, 256, 256, false));
     assert_eq!(ok.store_refs().get("fs").map(Vec::len), Some(1), "secret_env store references are known");

@@ -273,6 +273,18 @@ fn credential(cx: &mut Ctx<'_>, path: &[&str], c: &CredentialFile) -> Option<Cre
     Some(Credential { kind, secret })
 }
 
+/// `SHA256:` and 64 hex digits (colons allowed, as openssl prints them), or base64 of 32 bytes.
+fn parse_fingerprint(f: &str) -> Option<[u8; 32]> {
+    let body = f.strip_prefix("SHA256:").or_else(|| f.strip_prefix("sha256:")).unwrap_or(f);
+    let hex: String = body.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    let bytes = data_encoding::HEXLOWER
+        .decode(hex.as_bytes())
+        .ok()
+        .or_else(|| data_encoding::BASE64.decode(body.as_bytes()).ok())
+        .or_else(|| data_encoding::BASE64_NOPAD.decode(body.as_bytes()).ok())?;
+    bytes.try_into().ok()
+}
+
 fn tls(cx: &mut Ctx<'_>, path: &[&str], t: Option<&TlsFile>) -> Tls {
     let Some(t) = t else { return Tls::default() };
     let key = t.client_key.as_deref().and_then(|k| match parse_secret_ref(k) {
@@ -296,7 +308,25 @@ fn tls(cx: &mut Ctx<'_>, path: &[&str], t: Option<&TlsFile>) -> Tls {
             cx.err(&p, format!("{f:?}: use an absolute path"), None);
         }
     }
-    Tls { ca_file: t.ca_file.clone(), client_cert: t.client_cert.clone(), client_key: key }
+    let fingerprint = t.fingerprint.as_deref().and_then(|f| match parse_fingerprint(f) {
+        Some(d) => Some(d),
+        None => {
+            let mut p = path.to_vec();
+            p.extend(["tls", "fingerprint"]);
+            cx.err(
+                &p,
+                format!("{f:?} is not a SHA-256 certificate fingerprint"),
+                Some("SHA256:<64 hex digits> (openssl x509 -noout -fingerprint -sha256 -in cert.pem)".into()),
+            );
+            None
+        }
+    });
+    if fingerprint.is_some() && t.ca_file.is_some() {
+        let mut p = path.to_vec();
+        p.push("tls");
+        cx.err(&p, "give ca_file or fingerprint, not both (a pinned certificate is trusted alone)", None);
+    }
+    Tls { ca_file: t.ca_file.clone(), client_cert: t.client_cert.clone(), client_key: key, fingerprint }
 }
 
 fn methods(cx: &mut Ctx<'_>, path: &[&str], list: &[String]) -> BTreeSet<String> {
@@ -938,6 +968,38 @@ fn targets(
     targets
 }
 
+/// Static headers (`headers:` of a service or remote): valid names and values, and none that
+/// carries a credential or that the broker manages (framing, hop-by-hop, Host).
+fn static_headers(cx: &mut Ctx<'_>, path: &[&str], map: Option<&BTreeMap<String, String>>) -> Vec<(String, String)> {
+    let mut headers = Vec::new();
+    for (k, v) in map.into_iter().flatten() {
+        let lk = k.to_ascii_lowercase();
+        if !header_name_ok(k) || v.contains(['\r', '\n']) {
+            cx.err(path, format!("invalid header {k:?}"), None);
+        } else if [
+            "authorization",
+            "cookie",
+            "proxy-authorization",
+            "host",
+            "content-length",
+            "transfer-encoding",
+            "connection",
+        ]
+        .contains(&lk.as_str())
+            || lk.starts_with("mcp-")
+        {
+            cx.err(
+                path,
+                format!("{k} cannot be a static header"),
+                Some("credentials go in credential:; hop-by-hop, framing and MCP routing headers are managed by the broker".into()),
+            );
+        } else {
+            headers.push((k.clone(), v.clone()));
+        }
+    }
+    headers
+}
+
 /// Services: one section of the policy, validated.
 fn services(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, Service> {
     let mut services = BTreeMap::new();
@@ -980,33 +1042,7 @@ fn services(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, 
         }
         let m = s.methods.as_ref().map(|m| methods(cx, &["services", &name, "methods"], m));
         let paths = s.paths.as_ref().map(|p| path_patterns(cx, &["services", &name, "paths"], p));
-        let mut headers = Vec::new();
-        for (k, v) in s.headers.iter().flatten() {
-            let lk = k.to_ascii_lowercase();
-            if !header_name_ok(k) || v.contains(['\r', '\n']) {
-                cx.err(&["services", &name, "headers"], format!("invalid header {k:?}"), None);
-            } else if [
-                "authorization",
-                "cookie",
-                "proxy-authorization",
-                "host",
-                "content-length",
-                "transfer-encoding",
-                "connection",
-            ]
-            .contains(&lk.as_str())
-            {
-                cx.err(
-                    &["services", &name, "headers"],
-                    format!("{k} cannot be a static header"),
-                    Some(
-                        "credentials go in credential:; hop-by-hop and framing headers are managed by the proxy".into(),
-                    ),
-                );
-            } else {
-                headers.push((k.clone(), v.clone()));
-            }
-        }
+        let headers = static_headers(cx, &["services", &name, "headers"], s.headers.as_ref());
         let tls = tls(cx, &["services", &name], s.tls.as_ref());
         let timeout = cx.duration(&["services", &name, "timeout"], s.timeout.as_deref(), Duration::from_secs(120));
         let connect_timeout =
@@ -1133,6 +1169,18 @@ fn remotes(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, R
         };
         let credential = r.credential.as_ref().and_then(|c| credential(cx, &["remotes", &name, "credential"], c));
         let tls = tls(cx, &["remotes", &name], r.tls.as_ref());
+        let headers = static_headers(cx, &["remotes", &name, "headers"], r.headers.as_ref());
+        if !headers.is_empty() && matches!(transport, Transport::Stdio(_)) {
+            cx.err(&["remotes", &name, "headers"], "headers apply to a url (HTTP) remote", None);
+        }
+        let max_response = match r.max_response.as_deref().map(parse_size) {
+            None => 4 << 20,
+            Some(Some(n)) if (1024..=64 << 20).contains(&n) => n as usize,
+            _ => {
+                cx.err(&["remotes", &name, "max_response"], "a size between 1KiB and 64MiB, e.g. 4MiB", None);
+                4 << 20
+            }
+        };
         let timeout = cx.duration(&["remotes", &name, "timeout"], r.timeout.as_deref(), Duration::from_secs(30));
         let pin = match r.pin.as_deref() {
             None | Some("strict") => PinMode::Strict,
@@ -1163,6 +1211,8 @@ fn remotes(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, R
                 timeout,
                 enabled: r.enabled.unwrap_or(true),
                 pin,
+                headers,
+                max_response,
             },
         );
     }

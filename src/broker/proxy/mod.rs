@@ -193,7 +193,7 @@ impl Proxy {
             let key = format!("{}/{service}", policy.digest);
             Some(
                 self.conns
-                    .tls_config(ports.pool, &key, s.tls.ca_file.as_deref(), client)
+                    .tls_config(ports.pool, &key, s.tls.ca_file.as_deref(), client, s.tls.fingerprint)
                     .await
                     .map_err(|e| Error::Unavailable(format!("service {service:?}: {e}")))?,
             )

@@ -279,22 +279,30 @@ impl Conns {
         key: &str,
         ca_file: Option<&str>,
         client: Option<(&str, crate::secret::SecretBytes)>,
+        pin: Option<[u8; 32]>,
     ) -> Result<Arc<ClientConfig>, String> {
         if let Some(c) = self.tls.borrow().get(key) {
             return Ok(c.clone());
         }
-        let roots = match ca_file {
-            Some(f) => {
-                let f = f.to_owned();
-                Arc::new(pool.run(move || load_roots(&[f.as_str()])).await.ok_or("the blocking pool is shut down")??)
-            }
-            None => self.system_roots(pool).await?,
-        };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = ClientConfig::builder_with_provider(provider)
+        let algorithms = provider.signature_verification_algorithms;
+        let wants = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?
-            .with_root_certificates(roots);
+            .map_err(|e| format!("TLS: {e}"))?;
+        let builder = match (pin, ca_file) {
+            // The pinned certificate is the trust: no CA, no name check (a homelab server's
+            // self-signed certificate); the handshake signature is still verified with its key.
+            (Some(fingerprint), _) => {
+                wants.dangerous().with_custom_certificate_verifier(Arc::new(Pinned { fingerprint, algorithms }))
+            }
+            (None, Some(f)) => {
+                let f = f.to_owned();
+                let roots =
+                    pool.run(move || load_roots(&[f.as_str()])).await.ok_or("the blocking pool is shut down")??;
+                wants.with_root_certificates(Arc::new(roots))
+            }
+            (None, None) => wants.with_root_certificates(self.system_roots(pool).await?),
+        };
         let mut cfg = match client {
             None => builder.with_no_client_auth(),
             Some((cert_file, key)) => {
@@ -405,6 +413,56 @@ pub async fn resolve(
         return Err(format!("{host} has no address"));
     }
     Ok(ips)
+}
+
+/// Trusts exactly one server certificate, by the SHA-256 of its DER encoding (`tls.fingerprint`).
+#[derive(Debug)]
+struct Pinned {
+    fingerprint: [u8; 32],
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let seen = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref());
+        if crate::secret::constant_time_eq(seen.as_ref(), &self.fingerprint) {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the server's certificate (SHA256:{}) is not the pinned one",
+                data_encoding::HEXLOWER.encode(seen.as_ref())
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 #[cfg(test)]
