@@ -87,6 +87,7 @@ async fn prepare(
     ep: Endpoint<'_>,
     wire: Wire<'_>,
     msg: Option<&Value>,
+    last_event_id: Option<&str>,
 ) -> Result<Prepared, Error> {
     let r = ep.remote;
     let Transport::Http(url) = &r.transport else { return Err(failed(ep, "not an HTTP remote")) };
@@ -130,6 +131,9 @@ async fn prepare(
     if let Some(s) = wire.session {
         b = b.header("mcp-session-id", s);
     }
+    if let Some(l) = last_event_id {
+        b = b.header("last-event-id", l);
+    }
     if wire.stateless {
         b = b.header("mcp-method", wire.method);
         if let Some(n) = wire.name {
@@ -168,7 +172,7 @@ pub async fn open_stream(
     msg: Option<&Value>,
 ) -> Result<Option<hyper::body::Incoming>, Error> {
     let Transport::Http(url) = &ep.remote.transport else { return Ok(None) };
-    let p = prepare(conns, ports, ep, wire, msg).await?;
+    let p = prepare(conns, ports, ep, wire, msg, None).await?;
     let dest =
         conn::Dest { host: &url.host, port: url.port, addrs: &p.addrs, tls: p.tls, timeout: Duration::from_secs(10) };
     let mut sender = conns.connect(&dest).await.map_err(|e| failed(ep, e))?;
@@ -205,7 +209,7 @@ pub async fn post_with(
 ) -> Result<Posted, Error> {
     let started = Instant::now();
     let deadline = ep.remote.timeout;
-    let Prepared { req, addrs, tls, pool_key } = prepare(conns, ports, ep, wire, Some(msg)).await?;
+    let Prepared { req, addrs, tls, pool_key } = prepare(conns, ports, ep, wire, Some(msg), None).await?;
     let Transport::Http(url) = &ep.remote.transport else { return Err(failed(ep, "not an HTTP remote")) };
     let dest = conn::Dest { host: &url.host, port: url.port, addrs: &addrs, tls, timeout: Duration::from_secs(10) };
     let exchange = async {
@@ -239,34 +243,121 @@ pub async fn post_with(
             let Ok(data) = frame.into_data() else { continue };
             body.extend_from_slice(&data);
             // Progress of an event stream is passed on as each event completes.
-            if let (true, Some((p, token))) = (sse, progress)
-                && let Some(end) = events_end(&body[relayed..])
-            {
-                for m in events(&body[relayed..relayed + end]) {
-                    if m["method"] == "notifications/progress" && m["params"]["progressToken"].as_u64() == Some(token) {
-                        p.relay(&m["params"]);
-                    }
-                }
+            if sse && let Some(end) = events_end(&body[relayed..]) {
+                relay(progress, &body[relayed..relayed + end]);
                 relayed += end;
             }
         }
         // Read to the end: the connection can carry the next request.
         conns.checkin(pool_key.clone(), sender);
-        Ok::<_, Error>((status, session, sse, body))
+        let mut message = match id {
+            None => None,
+            Some(_) if body.is_empty() => None,
+            Some(id) if sse => pick(&events(&body), id),
+            Some(_) => serde_json::from_slice(&body).ok(),
+        };
+        // An event stream the remote closed before the answer, having named its events: the
+        // answer follows on a GET with Last-Event-ID, after the delay it asked for (session
+        // era; the stateless era has no GET).
+        if let (true, false, None, Some(id)) = (sse, wire.stateless, &message, id) {
+            message = resume(conns, ports, ep, wire, &body, id, progress).await?;
+        }
+        let size = body.len();
+        Ok::<_, Error>((status, session, message, size))
     };
-    let (status, session, sse, body) = exchange
+    let (status, session, message, size) = exchange
         .or(async {
             async_io::Timer::at(started + deadline).await;
             Err(Error::Timeout(format!("remote {:?} did not answer within {}s", ep.name, deadline.as_secs())))
         })
         .await?;
-    let message = match id {
-        None => None,
-        Some(_) if body.is_empty() => None,
-        Some(id) if sse => pick(&events(&body), id),
-        Some(_) => serde_json::from_slice(&body).ok(),
-    };
-    Ok(Posted { status, session, message, size: body.len() })
+    Ok(Posted { status, session, message, size })
+}
+
+/// Passes on the progress notifications among `events` (complete events).
+fn relay(progress: Option<(&super::Progress, u64)>, events_text: &[u8]) {
+    let Some((p, token)) = progress else { return };
+    for m in events(events_text) {
+        if m["method"] == "notifications/progress" && m["params"]["progressToken"].as_u64() == Some(token) {
+            p.relay(&m["params"]);
+        }
+    }
+}
+
+/// The last event id and the reconnection delay (`retry:`, default 1 s, at most 10 s) an event
+/// stream gave.
+fn resume_point(body: &[u8]) -> (Option<String>, Duration) {
+    let text = String::from_utf8_lossy(body);
+    let (mut last, mut retry) = (None, Duration::from_secs(1));
+    for line in text.lines().map(|l| l.trim_end_matches('\r')) {
+        if let Some(v) = line.strip_prefix("id:") {
+            let v = v.strip_prefix(' ').unwrap_or(v);
+            last = (!v.is_empty() && v.len() <= 256 && !v.contains('\0')).then(|| v.to_owned());
+        } else if let Some(ms) = line.strip_prefix("retry:").and_then(|v| v.trim().parse::<u64>().ok()) {
+            retry = Duration::from_millis(ms).min(Duration::from_secs(10));
+        }
+    }
+    (last, retry)
+}
+
+/// Most reconnections to one answer's stream.
+const RESUMES: usize = 5;
+
+/// Reconnects a response stream the remote closed early (GET, `Last-Event-ID`), up to
+/// [`RESUMES`] times, reading until the answer to `id` arrives; `None` if it never does.
+async fn resume(
+    conns: &Conns,
+    ports: Ports<'_>,
+    ep: Endpoint<'_>,
+    wire: Wire<'_>,
+    first: &[u8],
+    id: u64,
+    progress: Option<(&super::Progress, u64)>,
+) -> Result<Option<Value>, Error> {
+    let (mut last, mut retry) = resume_point(first);
+    let Transport::Http(url) = &ep.remote.transport else { return Ok(None) };
+    for _ in 0..RESUMES {
+        let Some(l) = last.clone() else { return Ok(None) };
+        async_io::Timer::after(retry).await;
+        let p = prepare(conns, ports, ep, wire, None, Some(&l)).await?;
+        let dest = conn::Dest {
+            host: &url.host,
+            port: url.port,
+            addrs: &p.addrs,
+            tls: p.tls,
+            timeout: Duration::from_secs(10),
+        };
+        let mut sender = conns.connect(&dest).await.map_err(|e| failed(ep, e))?;
+        let resp = sender.send_request(p.req).await.map_err(|e| failed(ep, e))?;
+        let sse =
+            resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        if resp.status() != http::StatusCode::OK || !sse {
+            return Ok(None);
+        }
+        let mut stream = http_body_util::Limited::new(resp.into_body(), ep.remote.max_response);
+        let mut body: Vec<u8> = Vec::new();
+        let mut seen = 0;
+        while let Some(frame) = stream.frame().await {
+            let frame = frame.map_err(|e| failed(ep, format!("reading its answer: {e}")))?;
+            let Ok(data) = frame.into_data() else { continue };
+            body.extend_from_slice(&data);
+            if let Some(end) = events_end(&body[seen..]) {
+                let complete = &body[seen..seen + end];
+                relay(progress, complete);
+                if let Some(answer) = pick(&events(complete), id) {
+                    // The stream may stay open: it is dropped (closed) here.
+                    return Ok(Some(answer));
+                }
+                seen += end;
+            }
+        }
+        let (l2, r2) = resume_point(&body);
+        if l2.is_some() {
+            last = l2;
+        }
+        retry = r2;
+    }
+    Ok(None)
 }
 
 /// Where the last complete event of `buf` ends (after its blank line), if one has.
