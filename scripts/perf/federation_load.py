@@ -3,7 +3,7 @@
 Streamable HTTP, called directly (its own session) and through a real `ephyr serve` (the
 stateless era, an API key), one request at a time.
 
-Usage: scripts/perf/federation_load.py [--bin PATH] [--calls N] [--pin strict|off]
+Usage: scripts/perf/federation_load.py [--bin PATH] [--calls N] [--pin strict|off] [--conc N --duration S]
 
 `echo` is read-only by its pinned definition, so its audit line's sync overlaps the call (it
 is still durable before the answer returns); with `--pin off` the hint is not trusted and the
@@ -23,6 +23,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ephyr")
 ap.add_argument("--calls", type=int, default=300)
 ap.add_argument("--pin", default="strict", choices=["strict", "off"])
+ap.add_argument("--conc", type=int, default=0, help="also measure throughput with wrk at this many connections")
+ap.add_argument("--duration", type=int, default=10)
 a = ap.parse_args()
 repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 peers = os.path.join(repo, "tests/peers")
@@ -107,6 +109,32 @@ try:
     print(f"via ephyr: p50 {tp50:.0f} µs  p99 {tp99:.0f} µs  (n={len(through)})")
     print(f"added    : p50 {tp50 - dp50:.0f} µs  p99 {tp99 - dp99:.0f} µs")
     print(f"broker VmRSS: {before} kB before the remote was connected, {after} kB after (+{after - before} kB)")
+
+    if a.conc:
+        # Throughput: wrk (sharing CPU 1 with the server) at --conc connections, one
+        # session's tools/call directly, then the same call through ephyr.
+        import tempfile
+        work = tempfile.mkdtemp(prefix="ephyr-fed-wrk-")
+
+        def wrk(port, body, headers):
+            lua = os.path.join(work, "req.lua")
+            with open(lua, "w") as f:
+                f.write('wrk.method = "POST"\n')
+                f.write(f"wrk.body = {json.dumps(json.dumps(body))}\n")
+                for k, v in headers.items():
+                    f.write(f'wrk.headers["{k}"] = "{v}"\n')
+            out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{a.conc}", f"-d{a.duration}s", "--latency",
+                                  "-s", lua, f"http://127.0.0.1:{port}/mcp"], capture_output=True, text=True).stdout
+            rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+            p99 = re.search(r"99%\s+(\S+)", out).group(1)
+            bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+            return rate, p99, int(bad.group(1)) if bad else 0
+
+        import re
+        dr, dp, dbad = wrk(sport, call, hdr)
+        tr, tp, tbad = wrk(port, fcall, via)
+        print(f"c={a.conc} direct   : {dr:.0f} req/s  p99 {dp}  (non-2xx {dbad})")
+        print(f"c={a.conc} via ephyr: {tr:.0f} req/s  p99 {tp}  (non-2xx {tbad})")
 finally:
     server.kill()
     lab.close()
