@@ -726,8 +726,12 @@ fn remote_tool<'p>(
     if policy.remotes.get(remote).and_then(|r| r.tools.as_ref()).is_some_and(|t| !t.contains(tool)) {
         return deny(DenyCode::PolicyDeniesTool, format!("remote {remote:?} does not offer tool {tool:?}"));
     }
-    if grant.value.tools.as_ref().is_some_and(|t| !t.contains(tool)) {
+    let matches = |p: &String| crate::macaroon::caveat::glob_match(p, tool);
+    if grant.value.tools.as_ref().is_some_and(|t| !t.iter().any(matches)) {
         return deny(DenyCode::PolicyDeniesTool, format!("{} does not include tool {tool:?}", grant.source));
+    }
+    if let Some(p) = grant.value.deny_tools.iter().find(|p| matches(p)) {
+        return deny(DenyCode::PolicyDeniesTool, format!("{} denies tool {tool:?} (deny_tools: {p:?})", grant.source));
     }
     if let Err(d) = check_grant_args(&grant.value.args, arguments, &grant.source) {
         return Decision::Deny(d);

@@ -346,9 +346,12 @@ pub struct ArgFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteGrantFile {
-    /// Tools (default all the remote offers).
+    /// Tools or tool patterns (default all the remote offers).
     #[serde(default)]
     pub tools: Vec<String>,
+    /// Tool patterns refused even if `tools` covers them.
+    #[serde(default)]
+    pub deny_tools: Vec<String>,
     /// Argument constraints by argument name.
     #[serde(default)]
     pub args: BTreeMap<String, ArgFile>,

@@ -525,8 +525,10 @@ pub struct ServiceGrant {
 /// What an agent may do on a remote.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RemoteGrant {
-    /// Tools (`None` = all the remote offers).
+    /// Tools or patterns of them (`*` any run, `?` one character; `None` = all it offers).
     pub tools: Option<BTreeSet<String>>,
+    /// Tool patterns refused even if `tools` covers them.
+    pub deny_tools: Vec<String>,
     /// Argument constraints.
     pub args: BTreeMap<String, ArgRule>,
     /// Resource URI patterns (`*` any run, `?` one character) of the remote's own URIs.

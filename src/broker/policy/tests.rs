@@ -338,6 +338,28 @@ fn remote_tool_table_with_argument_constraints() {
 }
 
 #[test]
+fn remote_tool_patterns_and_deny_patterns() {
+    let p = Policy::parse(
+        "remotes: { fs: { url: 'http://127.0.0.1:1/mcp' } }\nagents: { a: { uid: 4322, remotes: { fs: { tools: ['read_*', list_directory], deny_tools: ['*secret*'] } } } }",
+        "p.yaml",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for (tool, want) in [
+        ("read_file", None),
+        ("read_multiple_files", None),
+        ("list_directory", None),
+        ("write_file", Some("policy_denies_tool")),
+        ("read_secret_file", Some("policy_denies_tool")),
+        ("list_directory_x", Some("policy_denies_tool")),
+    ] {
+        let d = decide(&p, "a", None, None, ActionKind::RemoteTool { remote: "fs", tool });
+        assert_eq!(code(&d), want, "{tool}: {d:?}");
+    }
+    let d = decide(&p, "a", None, None, ActionKind::RemoteTool { remote: "fs", tool: "read_secret_file" });
+    assert!(format!("{d:?}").contains("deny_tools"), "the reason names the rule: {d:?}");
+}
+
+#[test]
 fn nested_numeric_and_pattern_constraints_by_json_pointer() {
     let p = Policy::parse(
         r#"
@@ -555,6 +577,7 @@ fn semantic_checks() {
         ("services: {s: {url: 'https://x', headers: {Authorization: x}}}", "cannot be a static header"),
         ("services: {s: {url: 'https://x', max_response: 10MB}}", "a size looks like"),
         ("remotes: {r.x: {url: 'http://x'}}", "no dots"),
+        ("remotes: {a: {url: 'http://x', tool_prefix: fs}, fs: {url: 'http://y'}}", "would collide"),
         ("remotes: {r: {description: x}}", "needs a url (Streamable HTTP) or a command (stdio)"),
         ("remotes: {r: {url: 'http://x', command: [node]}}", "either url (HTTP) or command (stdio)"),
         ("remotes: {r: {command: []}}", "the command needs a program"),

@@ -561,7 +561,7 @@ fn merge_grants(
         let prompts = grant.prompts.clone().unwrap_or_else(everything).into_iter().collect();
         agent.remotes.add(GrantEntry {
             pattern,
-            value: RemoteGrant { tools, args, resources, prompts },
+            value: RemoteGrant { tools, deny_tools: grant.deny_tools.clone(), args, resources, prompts },
             source: format!("{src}.remotes.{pat}"),
         });
     }
@@ -1198,6 +1198,14 @@ fn remotes(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, R
         let prefix = r.tool_prefix.clone().unwrap_or_else(|| name.clone());
         if !name_ok(&prefix) || prefix.contains('.') {
             cx.err(&["remotes", &name, "tool_prefix"], "1-64 of [A-Za-z0-9_-]", None);
+        }
+        // Two remotes under one prefix would make `<prefix>.<tool>` ambiguous.
+        if let Some((other, _)) = remotes.iter().find(|(_, r): &(&String, &Remote)| r.tool_prefix == prefix) {
+            cx.err(
+                &["remotes", &name, "tool_prefix"],
+                format!("tool prefix {prefix:?} is already remote {other:?}'s: their tools would collide"),
+                Some("give one of them another tool_prefix".into()),
+            );
         }
         remotes.insert(
             name,
