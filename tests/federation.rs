@@ -77,7 +77,7 @@ agents:
     api_key_hash: "{alice_hash}"
     can_delegate: true
     remotes:
-      everything: {{ tools: [echo, get-sum, trigger-long-running-operation], args: {{ a: {{ max: 100 }} }} }}
+      everything: {{ tools: [echo, get-sum, trigger-long-running-operation], tool_args: {{ get-sum: {{ a: {{ max: 100 }} }} }} }}
   bob:
     api_key_hash: "{bob_hash}"
     remotes:
@@ -492,7 +492,9 @@ agents:
     remotes:
       everything:
         tools: [echo, trigger-long-running-operation]
-        args: {{ message: {{ glob: ["ok-*"] }}, duration: {{ min: 1, max: 20 }} }}
+        tool_args:
+          echo: {{ message: {{ glob: ["ok-*"] }} }}
+          trigger-long-running-operation: {{ duration: {{ min: 1, max: 20 }} }}
       files: {{ tools: [read_multiple_files], args: {{ "/paths/*": {{ prefix: "{shared_s}" }} }} }}
 "#
     );

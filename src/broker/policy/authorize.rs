@@ -380,13 +380,15 @@ fn allow(rule: Rule<'_>) -> Decision<'_> {
     Decision::Allow(Grant { rule, principal: None })
 }
 
-/// Checks the policy grant's argument constraints. A constraint on an argument the tool declares
-/// but the call omits fails; one on an argument the tool does not have is vacuous (a grant may
-/// cover many tools).
+/// Checks the policy grant's argument constraints, failing closed like the token's: a
+/// constraint on an argument the call does not give is refused, whether the tool declares it
+/// (a default must not dodge it) or not (the constraint cannot be evaluated; scope it to the
+/// tools that take the argument with `tool_args`).
 fn check_grant_args(
     rules: &std::collections::BTreeMap<String, ArgRule>,
     arguments: Arguments<'_>,
     whose: &str,
+    tool: &str,
 ) -> Result<(), Denial> {
     let Arguments::Call { values, declared } = arguments else { return Ok(()) };
     for (name, rule) in rules {
@@ -406,7 +408,14 @@ fn check_grant_args(
                     reason: format!("argument {name:?} is constrained ({whose}) and must be given explicitly"),
                 });
             }
-            None => {}
+            None => {
+                return Err(Denial {
+                    code: DenyCode::ArgumentConstraint,
+                    reason: format!(
+                        "{whose} constrains argument {name:?}, which tool {tool:?} does not take: the constraint cannot be checked, so the call is refused (scope it with tool_args)"
+                    ),
+                });
+            }
         }
     }
     Ok(())
@@ -733,7 +742,12 @@ fn remote_tool<'p>(
     if let Some(p) = grant.value.deny_tools.iter().find(|p| matches(p)) {
         return deny(DenyCode::PolicyDeniesTool, format!("{} denies tool {tool:?} (deny_tools: {p:?})", grant.source));
     }
-    if let Err(d) = check_grant_args(&grant.value.args, arguments, &grant.source) {
+    if let Err(d) = check_grant_args(&grant.value.args, arguments, &grant.source, tool) {
+        return Decision::Deny(d);
+    }
+    if let Some(rules) = grant.value.tool_args.get(tool)
+        && let Err(d) = check_grant_args(rules, arguments, &format!("{}.tool_args.{tool}", grant.source), tool)
+    {
         return Decision::Deny(d);
     }
     allow(Rule::Source(&grant.source))

@@ -352,9 +352,12 @@ pub struct RemoteGrantFile {
     /// Tool patterns refused even if `tools` covers them.
     #[serde(default)]
     pub deny_tools: Vec<String>,
-    /// Argument constraints by argument name.
+    /// Argument constraints by argument name, on every tool of the grant.
     #[serde(default)]
     pub args: BTreeMap<String, ArgFile>,
+    /// Argument constraints of one tool: tool → argument → constraint.
+    #[serde(default)]
+    pub tool_args: BTreeMap<String, BTreeMap<String, ArgFile>>,
     /// Resources it may read: patterns over the remote's own URIs (default: all of them when
     /// `tools` is not given either, else none).
     pub resources: Option<Vec<String>>,

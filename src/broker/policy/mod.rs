@@ -529,8 +529,10 @@ pub struct RemoteGrant {
     pub tools: Option<BTreeSet<String>>,
     /// Tool patterns refused even if `tools` covers them.
     pub deny_tools: Vec<String>,
-    /// Argument constraints.
+    /// Argument constraints on every tool of the grant.
     pub args: BTreeMap<String, ArgRule>,
+    /// Argument constraints of one tool.
+    pub tool_args: BTreeMap<String, BTreeMap<String, ArgRule>>,
     /// Resource URI patterns (`*` any run, `?` one character) of the remote's own URIs.
     pub resources: Vec<String>,
     /// Prompt names (`*` = all).

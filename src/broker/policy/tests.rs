@@ -322,11 +322,13 @@ fn remote_tool_table_with_argument_constraints() {
         );
         assert_eq!(code(&d), want, "{tool} {path:?} {token:?}: {d:?}");
     }
-    // A tool without a `path` argument is not affected by a `path` constraint.
+    // A tool without a `path` argument cannot be checked against a `path` constraint: refused
+    // (fail closed; `tool_args` scopes a constraint to the tools that take the argument).
     let a = args(None);
     let d =
         decide_call(&p, "claude", None, "fs", ActionKind::RemoteTool { remote: "fs", tool: "list_directory" }, &a, &[]);
-    assert_eq!(code(&d), None);
+    assert_eq!(code(&d), Some("argument_constraint"));
+    assert!(format!("{d:?}").contains("does not take"), "{d:?}");
     assert_eq!(
         code(&decide(&p, "nobody", None, None, ActionKind::RemoteTool { remote: "fs", tool: "read_file" })),
         Some("policy_denies_remote")
@@ -334,6 +336,29 @@ fn remote_tool_table_with_argument_constraints() {
     assert_eq!(
         code(&decide(&p, "claude", None, None, ActionKind::RemoteTool { remote: "nope", tool: "x" })),
         Some("unknown_remote")
+    );
+}
+
+#[test]
+fn tool_args_scope_a_constraint_to_one_tool() {
+    let p = Policy::parse(
+        "remotes: { ev: { url: 'http://127.0.0.1:1/mcp' } }\nagents: { a: { uid: 4323, remotes: { ev: { tools: [echo, get-sum], tool_args: { get-sum: { a: { max: 100 } } } } } } }",
+        "p.yaml",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let call = |tool: &str, v: serde_json::Value, declared: &[&str]| {
+        let m = v.as_object().unwrap().clone();
+        code(&decide_call(&p, "a", None, "ev.x", ActionKind::RemoteTool { remote: "ev", tool }, &m, declared))
+    };
+    assert_eq!(call("echo", serde_json::json!({"message": "hi"}), &["message"]), None, "echo is not constrained");
+    assert_eq!(call("get-sum", serde_json::json!({"a": 5, "b": 1}), &["a", "b"]), None);
+    assert_eq!(call("get-sum", serde_json::json!({"a": 500, "b": 1}), &["a", "b"]), Some("argument_constraint"));
+    assert_eq!(call("get-sum", serde_json::json!({"b": 1}), &["a", "b"]), Some("argument_constraint"));
+    assert!(
+        problems("remotes: { ev: { url: 'http://x' } }\nagents: { a: { remotes: { ev: { tools: [echo], tool_args: { get-sum: { a: { max: 1 } } } } } } }")
+            .iter()
+            .any(|e| e.contains("is not among the grant's tools")),
+        "a constraint for a tool the grant does not cover"
     );
 }
 

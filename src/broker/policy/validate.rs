@@ -490,58 +490,15 @@ fn merge_grants(
         }
         let default = RemoteGrantFile::default();
         let grant = grant.as_ref().unwrap_or(&default);
-        let mut args = BTreeMap::new();
-        for (name, a) in &grant.args {
-            let p: Vec<&str> = path.iter().copied().chain(["args", name.as_str()]).collect();
-            let mut rule = crate::macaroon::envelope::ArgRule::default();
-            if !crate::macaroon::caveat::arg_name_ok(name) {
-                cx.err(
-                    &p,
-                    format!("{name:?} is not an argument name"),
-                    Some(
-                        "a name of [A-Za-z0-9_-], or a JSON pointer such as /options/path or /paths/* (every item)"
-                            .into(),
-                    ),
-                );
+        let args_path: Vec<&str> = path.iter().copied().chain(["args"]).collect();
+        let args = arg_rules(cx, &args_path, &grant.args);
+        let mut tool_args = BTreeMap::new();
+        for (tool, files) in &grant.tool_args {
+            let p: Vec<&str> = path.iter().copied().chain(["tool_args", tool.as_str()]).collect();
+            if !grant.tools.is_empty() && !grant.tools.iter().any(|t| crate::macaroon::caveat::glob_match(t, tool)) {
+                cx.err(&p, format!("tool {tool:?} is not among the grant's tools"), None);
             }
-            if let Some(pre) = &a.prefix {
-                match NormPath::normalise(pre).filter(|n| n.as_str() == pre) {
-                    Some(n) => rule.prefixes.push(n),
-                    None => cx.err(&p, format!("prefix {pre:?} is not a normalised absolute path"), None),
-                }
-            }
-            if let Some(m) = a.max {
-                if m.is_finite() && m >= 0.0 {
-                    rule.at_most = Some(m);
-                } else {
-                    cx.err(&p, "max must be a finite non-negative number", None);
-                }
-            }
-            if let Some(m) = a.min {
-                if m.is_finite() && m >= 0.0 && a.max.is_none_or(|x| m <= x) {
-                    rule.at_least = Some(m);
-                } else {
-                    cx.err(&p, "min must be a finite non-negative number, at most max", None);
-                }
-            }
-            if let Some(set) = &a.one_of {
-                if set.is_empty() {
-                    cx.err(&p, "one_of must not be empty", None);
-                }
-                rule.one_of = Some(set.iter().cloned().collect());
-            }
-            if let Some(globs) = &a.glob {
-                if globs.is_empty()
-                    || globs.iter().any(|g| g.is_empty() || g.len() > 128 || g.chars().any(char::is_control))
-                {
-                    cx.err(&p, "glob must list 1-128 character patterns", None);
-                }
-                rule.like.push(globs.iter().cloned().collect());
-            }
-            if a.prefix.is_none() && a.max.is_none() && a.min.is_none() && a.one_of.is_none() && a.glob.is_none() {
-                cx.err(&p, "an argument constraint needs prefix, max, min, one_of or glob", None);
-            }
-            args.insert(name.clone(), rule);
+            tool_args.insert(tool.clone(), arg_rules(cx, &p, files));
         }
         let tools: Option<BTreeSet<String>> = (!grant.tools.is_empty()).then(|| grant.tools.iter().cloned().collect());
         // A grant of the whole remote (no tools list) covers its resources and prompts too; a
@@ -561,7 +518,7 @@ fn merge_grants(
         let prompts = grant.prompts.clone().unwrap_or_else(everything).into_iter().collect();
         agent.remotes.add(GrantEntry {
             pattern,
-            value: RemoteGrant { tools, deny_tools: grant.deny_tools.clone(), args, resources, prompts },
+            value: RemoteGrant { tools, deny_tools: grant.deny_tools.clone(), args, tool_args, resources, prompts },
             source: format!("{src}.remotes.{pat}"),
         });
     }
@@ -966,6 +923,68 @@ fn targets(
     }
 
     targets
+}
+
+/// Argument constraints (`args` of a grant, or one tool's in `tool_args`), validated.
+fn arg_rules(
+    cx: &mut Ctx<'_>,
+    path: &[&str],
+    files: &BTreeMap<String, ArgFile>,
+) -> BTreeMap<String, crate::macaroon::envelope::ArgRule> {
+    let mut args = BTreeMap::new();
+    for (name, a) in files {
+        let p: Vec<&str> = path.iter().copied().chain([name.as_str()]).collect();
+        let mut rule = crate::macaroon::envelope::ArgRule::default();
+        if !crate::macaroon::caveat::arg_name_ok(name) {
+            cx.err(
+                &p,
+                format!("{name:?} is not an argument name"),
+                Some(
+                    "a name of [A-Za-z0-9_-], or a JSON pointer such as /options/path or /paths/* (every item)"
+                        .into(),
+                ),
+            );
+        }
+        if let Some(pre) = &a.prefix {
+            match NormPath::normalise(pre).filter(|n| n.as_str() == pre) {
+                Some(n) => rule.prefixes.push(n),
+                None => cx.err(&p, format!("prefix {pre:?} is not a normalised absolute path"), None),
+            }
+        }
+        if let Some(m) = a.max {
+            if m.is_finite() && m >= 0.0 {
+                rule.at_most = Some(m);
+            } else {
+                cx.err(&p, "max must be a finite non-negative number", None);
+            }
+        }
+        if let Some(m) = a.min {
+            if m.is_finite() && m >= 0.0 && a.max.is_none_or(|x| m <= x) {
+                rule.at_least = Some(m);
+            } else {
+                cx.err(&p, "min must be a finite non-negative number, at most max", None);
+            }
+        }
+        if let Some(set) = &a.one_of {
+            if set.is_empty() {
+                cx.err(&p, "one_of must not be empty", None);
+            }
+            rule.one_of = Some(set.iter().cloned().collect());
+        }
+        if let Some(globs) = &a.glob {
+            if globs.is_empty()
+                || globs.iter().any(|g| g.is_empty() || g.len() > 128 || g.chars().any(char::is_control))
+            {
+                cx.err(&p, "glob must list 1-128 character patterns", None);
+            }
+            rule.like.push(globs.iter().cloned().collect());
+        }
+        if a.prefix.is_none() && a.max.is_none() && a.min.is_none() && a.one_of.is_none() && a.glob.is_none() {
+            cx.err(&p, "an argument constraint needs prefix, max, min, one_of or glob", None);
+        }
+        args.insert(name.clone(), rule);
+    }
+    args
 }
 
 /// Static headers (`headers:` of a service or remote): valid names and values, and none that
