@@ -188,6 +188,15 @@ agents:
     assert!(e.starts_with("denied ("), "{e}");
     let e = tool_call(&b.api, &alice, "ev.get-sum", json!({"b": 1})).unwrap_err();
     assert!(e.starts_with("denied ("), "a declared argument left out cannot dodge its bound: {e}");
+    // The classic number bypasses: a string, an exponent, a fraction above, a negative, a list,
+    // an object, null, a huge value.
+    for a in
+        [json!("1000"), json!(1e3), json!(100.5), json!(-1), json!([5]), json!({"n": 5}), Value::Null, json!(1e300)]
+    {
+        let e = tool_call(&b.api, &alice, "ev.get-sum", json!({"a": a, "b": 1})).unwrap_err();
+        assert!(e.starts_with("denied ("), "{a}: {e}");
+    }
+    assert!(tool_call(&b.api, &alice, "ev.get-sum", json!({"a": 100, "b": 1})).is_ok(), "the bound itself is allowed");
     // Tools outside the grant: refused with a reason, for a known tool; unknown otherwise.
     let e = tool_call(&b.api, &alice, "ev.get-env", json!({})).unwrap_err();
     assert!(e.contains("denied") && e.contains("get-env"), "{e}");
@@ -698,6 +707,44 @@ agents:
     assert!(e.starts_with("denied ("), "{e}");
     let names = listed(&b, &token);
     assert!(names.contains(&"files.read_text_file".into()) && !names.contains(&"files.write_file".into()), "{names:?}");
+    // A child of a task, delegated with a narrower envelope: one tool, a deeper prefix. Its
+    // constraints add to the parent's (caveats only narrow): a child that names a wider prefix
+    // is still held to the parent's.
+    let parent = tool_call(
+        &b.api,
+        &alice,
+        "task_create",
+        json!({"description": "files", "ttl": "5m", "can_delegate": true,
+               "envelope": {"tools": ["files.read_text_file", "files.list_directory"], "args": {"path": {"prefix": root_s}}}}),
+    )
+    .unwrap();
+    let pid = parent["task_id"].as_str().unwrap().to_owned();
+    let child = tool_call(
+        &b.api,
+        &alice,
+        "task_delegate",
+        json!({"parent_task_id": pid, "description": "only shared", "ttl": "2m",
+               "envelope": {"tools": ["files.read_text_file"], "args": {"path": {"prefix": shared_s}}}}),
+    )
+    .unwrap();
+    let ctoken = child["token"].as_str().unwrap().to_owned();
+    assert!(tool_call(&b.api, &ctoken, "files.read_text_file", json!({"path": hello})).is_ok());
+    let e =
+        tool_call(&b.api, &ctoken, "files.read_text_file", json!({"path": outside.join("secret.txt")})).unwrap_err();
+    assert!(e.starts_with("denied (") && e.contains("is outside"), "{e}");
+    let e = tool_call(&b.api, &ctoken, "files.list_directory", json!({"path": shared_s})).unwrap_err();
+    assert!(e.starts_with("denied ("), "{e}");
+    let wider = tool_call(
+        &b.api,
+        &alice,
+        "task_delegate",
+        json!({"parent_task_id": pid, "description": "tries to widen", "ttl": "2m", "envelope": {"args": {"path": {"prefix": "/"}}}}),
+    )
+    .unwrap();
+    let e = tool_call(&b.api, wider["token"].as_str().unwrap(), "files.list_directory", json!({"path": "/etc"}))
+        .unwrap_err();
+    assert!(e.starts_with("denied (") && e.contains("is outside"), "the parent's prefix still holds: {e}");
+
     let e = tool_call(
         &b.api,
         &alice,

@@ -940,8 +940,7 @@ fn arg_rules(
                 &p,
                 format!("{name:?} is not an argument name"),
                 Some(
-                    "a name of [A-Za-z0-9_-], or a JSON pointer such as /options/path or /paths/* (every item)"
-                        .into(),
+                    "a name of [A-Za-z0-9_-], or a JSON pointer such as /options/path or /paths/* (every item)".into(),
                 ),
             );
         }
