@@ -5,7 +5,8 @@
 //! What runs here: the executor thread. Per process three tasks: a writer (one line at a time
 //! from a bounded queue), a reader (answers matched to waiting calls by id; `ping` answered;
 //! other requests from the server refused, since nothing is relayed to agents;
-//! `notifications/tools/list_changed` marks the remote for a re-read) and a logger for its
+//! `notifications/{tools,resources,prompts}/list_changed` mark the remote for a re-read;
+//! `notifications/progress` for a call that asked for it is relayed) and a logger for its
 //! standard error (rate limited, control characters and injected secrets removed). A call whose
 //! caller goes away, or that times out, sends `notifications/cancelled` for its request. The
 //! [`Proc`] owns the child: dropping it (the remote removed, its command changed, the broker
@@ -380,7 +381,9 @@ fn handle(line: &[u8], out: &async_channel::Sender<Vec<u8>>, shared: &Shared, na
             bytes.push(b'\n');
             let _ = out.try_send(bytes);
         }
-        (Some("notifications/tools/list_changed"), None) => shared.list_changed.set(true),
+        (Some(m), None) if m.starts_with("notifications/") && m.ends_with("/list_changed") => {
+            shared.list_changed.set(true)
+        }
         (Some("notifications/progress"), None) => {
             let token = msg["params"]["progressToken"].as_u64();
             if let Some(p) = token.and_then(|t| shared.progress.borrow().get(&t).cloned()) {
