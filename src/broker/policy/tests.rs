@@ -668,6 +668,20 @@ fn semantic_checks() {
     )
     .unwrap();
     let Transport::Stdio(c) = &ok.remotes["fs"].transport else { panic!("a stdio remote") };
+    let missing = Policy::parse(
+        "remotes: {fs: {command: [/nonexistent/bin/x], sandbox: {read: [/nonexistent/ephyr-test]}}}",
+        "p.yaml",
+    )
+    .unwrap();
+    assert!(
+        missing
+            .warnings
+            .iter()
+            .any(|w| w.contains("remotes.fs.sandbox.read") && w.contains("does not exist on this machine"))
+            && missing.warnings.iter().any(|w| w.contains("remotes.fs.command")),
+        "a program or sandbox path missing here is a warning, not an error: {:?}",
+        missing.warnings
+    );
     let pinned = Policy::parse(
         &format!("remotes: {{r: {{url: 'https://x', tls: {{fingerprint: 'SHA256:{}'}}}}}}", "AB:".repeat(31) + "AB"),
         "p.yaml",

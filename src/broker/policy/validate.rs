@@ -1313,6 +1313,18 @@ fn stdio_command(cx: &mut Ctx<'_>, name: &str, argv: &[String], r: &RemoteFile) 
     };
     let read = paths("read", sb.map(|s| &s.read));
     let write = paths("write", sb.map(|s| &s.write));
+    // Checked against this machine (the policy may be written elsewhere): warnings, not errors.
+    if argv[0].starts_with('/') && !std::path::Path::new(&argv[0]).exists() {
+        cx.warn(&at("command"), format!("{:?} does not exist on this machine", argv[0]));
+    }
+    for (key, list) in [("read", &read), ("write", &write)] {
+        for p in list.iter().filter(|p| !std::path::Path::new(p.as_str()).exists()) {
+            cx.warn(
+                &["remotes", name, "sandbox", key],
+                format!("{p:?} does not exist on this machine: the remote is not started until it does"),
+            );
+        }
+    }
     let memory = match sb.and_then(|s| s.memory.as_deref()) {
         None => 1 << 30,
         Some(m) => match parse_size(m) {
