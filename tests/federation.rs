@@ -667,6 +667,19 @@ agents:
     let py: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(py["is_error"], false, "{py}");
     assert!(py["text"].as_str().unwrap().contains("hello.txt"), "{py}");
+    // The same client trying a dot-segment escape: refused with the reason, nothing sent.
+    let o = python("mcp_call.py")
+        .args([
+            &format!("http://{}/mcp", b.api),
+            &bob,
+            "files.list_directory",
+            &json!({"path": format!("{shared_s}/../outside")}).to_string(),
+        ])
+        .output()
+        .unwrap();
+    let py: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(py["is_error"], true, "{py}");
+    assert!(py["text"].as_str().unwrap().contains("dot segments"), "{py}");
     let o = node()
         .args(["ts_call.mjs", &format!("http://{}/mcp", b.api), &alice, "ev.echo", r#"{"message": "ts over stdio"}"#])
         .output()
