@@ -487,7 +487,7 @@ agents:
     remotes:
       everything:
         tools: [echo, get-env, trigger-long-running-operation]
-        resources: ["demo://resource/static/document/a*", "demo://resource/static/document/f*"]
+        resources: ["demo://resource/static/document/a*", "demo://resource/static/document/f*", "demo://resource/dynamic/text/*"]
         prompts: [args-prompt]
       files:
         tools: [read_text_file, write_file, list_directory]
@@ -628,6 +628,20 @@ agents:
     }
     let e = read(&bob, &doc("architecture.md"));
     assert_eq!(e["error"]["data"]["code"], "policy_denies_remote", "{e}");
+    // Templates: listed when the grant covers their fixed start; a URI made from one is read
+    // (and authorized) like any other.
+    let t = mcp_request(&b.api, &alice, "resources/templates/list", None, json!({}));
+    let templates: Vec<&str> = t["result"]["resourceTemplates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["uriTemplate"].as_str().unwrap())
+        .collect();
+    assert_eq!(templates, ["ephyr-remote://everything/demo://resource/dynamic/text/{resourceId}"], "{t}");
+    let r = read(&alice, "ephyr-remote://everything/demo://resource/dynamic/text/7");
+    assert!(r["result"]["contents"][0]["text"].as_str().unwrap().contains("Resource 7"), "{r}");
+    let e = read(&alice, "ephyr-remote://everything/demo://resource/dynamic/blob/7");
+    assert_eq!(e["error"]["data"]["code"], "policy_denies_resource", "{e}");
     let prompts = mcp_request(&b.api, &alice, "prompts/list", None, json!({}));
     let names: Vec<&str> =
         prompts["result"]["prompts"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();

@@ -130,8 +130,13 @@ pub async fn dispatch(
             Ok(Reply::Result(server::finish(v, &IDENTITY, server::cacheable(v, m, LIST_TTL_MS, false))))
         }
         Call::ResourceTemplatesList => {
+            let mut list = Vec::new();
+            if !policy.remotes.is_empty() {
+                broker.federation.refresh_due(broker.ports(), policy).await;
+                list = broker.federation.visible_templates(policy, &caller.principal());
+            }
             let mut m = Map::new();
-            m.insert("resourceTemplates".into(), json!([]));
+            m.insert("resourceTemplates".into(), Value::Array(list));
             Ok(Reply::Result(server::finish(v, &IDENTITY, server::cacheable(v, m, LIST_TTL_MS, true))))
         }
         Call::ResourcesRead { uri } if uri.starts_with(super::federation::REMOTE_URI) => {

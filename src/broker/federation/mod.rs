@@ -133,6 +133,8 @@ pub struct RemoteState {
     failures: u32,
     /// Its resources, as it listed them (`resources/list`).
     pub resources: Rc<Vec<Value>>,
+    /// Its resource templates (`resources/templates/list`).
+    pub templates: Rc<Vec<Value>>,
     /// Its prompts, as it listed them (`prompts/list`).
     pub prompts: Rc<Vec<Value>>,
 }
@@ -489,12 +491,17 @@ impl Federation {
             let (tools, ttl) = self.list_all(ports, ep, &link, "tools/list", "tools", named).await?;
             // Resources and prompts only from a server that offers them; a failure to list them
             // leaves them out rather than the remote down.
-            let mut resources = Vec::new();
+            let (mut resources, mut templates) = (Vec::new(), Vec::new());
             if caps.get("resources").is_some_and(Value::is_object) {
                 let plain = |r: &Value| r["uri"].as_str().is_some_and(|u| !u.is_empty() && u.len() <= 2048);
                 match self.list_all(ports, ep, &link, "resources/list", "resources", plain).await {
                     Ok((r, _)) => resources = r,
                     Err(e) => log::warn!("remote {name:?}: listing its resources: {}", e.message()),
+                }
+                let template = |t: &Value| t["uriTemplate"].as_str().is_some_and(|u| !u.is_empty() && u.len() <= 2048);
+                match self.list_all(ports, ep, &link, "resources/templates/list", "resourceTemplates", template).await {
+                    Ok((t, _)) => templates = t,
+                    Err(e) => log::info!("remote {name:?}: listing its resource templates: {}", e.message()),
                 }
             }
             let mut prompts = Vec::new();
@@ -505,10 +512,10 @@ impl Federation {
                 }
             }
             self.listen(ports, ep, &link, &caps).await;
-            Ok::<_, Error>((link, tools, ttl, resources, prompts))
+            Ok::<_, Error>((link, tools, ttl, resources, templates, prompts))
         };
         let state = match discovered.await {
-            Ok((link, tools, ttl, resources, prompts)) => {
+            Ok((link, tools, ttl, resources, templates, prompts)) => {
                 let (tools, quarantined) = self.pinned(ports, name, remote.pin, tools).await;
                 log::info!("remote {name:?}: connected, {} tool(s), {} quarantined", tools.len(), quarantined.len());
                 RemoteState {
@@ -522,6 +529,7 @@ impl Federation {
                     quarantined,
                     failures: 0,
                     resources: Rc::new(resources),
+                    templates: Rc::new(templates),
                     prompts: Rc::new(prompts),
                 }
             }
@@ -539,7 +547,10 @@ impl Federation {
             }
         };
         let changed = self.remotes.borrow().get(name).is_none_or(|old| {
-            old.tools != state.tools || old.resources != state.resources || old.prompts != state.prompts
+            old.tools != state.tools
+                || old.resources != state.resources
+                || old.templates != state.templates
+                || old.prompts != state.prompts
         });
         if changed {
             self.served.set(self.served.get() + 1);
@@ -867,6 +878,29 @@ impl Federation {
                 if authorize(policy, principal, &action).is_allow() {
                     let mut d = r.clone();
                     d["uri"] = Value::from(format!("{REMOTE_URI}{name}/{uri}"));
+                    out.push(d);
+                }
+            }
+        }
+        out
+    }
+
+    /// The remote resource templates `principal` could fill in and read: listed when the grant
+    /// covers the template's fixed start (the text before its first `{`), with the template
+    /// namespaced like a resource URI. A URI made from one is authorized when read, as any.
+    pub fn visible_templates(&self, policy: &Policy, principal: &Principal<'_>) -> Vec<Value> {
+        let remotes = self.remotes.borrow();
+        let mut out = Vec::new();
+        for (name, _) in policy.remotes.iter().filter(|(_, r)| r.enabled) {
+            let Some(state) = remotes.get(name) else { continue };
+            for t in state.templates.iter() {
+                let Some(template) = t["uriTemplate"].as_str() else { continue };
+                let fixed = template.split('{').next().unwrap_or(template);
+                let probe = format!("{fixed}x");
+                let action = Action::reach(None, ActionKind::RemoteResource { remote: name, uri: &probe });
+                if authorize(policy, principal, &action).is_allow() {
+                    let mut d = t.clone();
+                    d["uriTemplate"] = Value::from(format!("{REMOTE_URI}{name}/{template}"));
                     out.push(d);
                 }
             }
