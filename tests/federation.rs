@@ -145,31 +145,13 @@ agents:
 
     // Progress passes through from an HTTP remote's event-stream answer: each step, under the
     // caller's token, then the answer, on one event stream.
-    let body = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
-        "name": "ev.trigger-long-running-operation",
-        "arguments": {"duration": 1, "steps": 3},
-        "_meta": {
-            "progressToken": "tok-1",
-            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-            "io.modelcontextprotocol/clientCapabilities": {},
-            "io.modelcontextprotocol/clientInfo": {"name": "ephyr-tests", "version": "1"},
-        },
-    }})
-    .to_string();
-    let auth = format!("Bearer {alice}");
-    let mut s = HttpStream::open(
+    let mut s = mcp_stream(
         &b.api,
-        "POST",
-        "/mcp",
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-            ("Accept", "application/json, text/event-stream"),
-            ("MCP-Protocol-Version", "2026-07-28"),
-            ("Mcp-Method", "tools/call"),
-            ("Mcp-Name", "ev.trigger-long-running-operation"),
-        ],
-        body.as_bytes(),
+        &alice,
+        "tools/call",
+        Some("ev.trigger-long-running-operation"),
+        json!({"name": "ev.trigger-long-running-operation", "arguments": {"duration": 1, "steps": 3},
+               "_meta": {"progressToken": "tok-1"}}),
     );
     let text = s.read_until("\"id\":9", Duration::from_secs(10));
     assert!(text.contains("content-type: text/event-stream"), "{text}");
@@ -290,29 +272,8 @@ agents:
     assert_eq!(audit_events(&b, "tool_pinned").len(), 2, "both tools pinned at first use");
 
     // An agent listening for list changes (stateless era: subscriptions/listen).
-    let body = json!({"jsonrpc": "2.0", "id": "sub-1", "method": "subscriptions/listen", "params": {
-        "notifications": {"toolsListChanged": true},
-        "_meta": {
-            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-            "io.modelcontextprotocol/clientCapabilities": {},
-            "io.modelcontextprotocol/clientInfo": {"name": "ephyr-tests", "version": "1"},
-        },
-    }})
-    .to_string();
-    let auth = format!("Bearer {alice}");
-    let mut listen = HttpStream::open(
-        &b.api,
-        "POST",
-        "/mcp",
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-            ("Accept", "application/json, text/event-stream"),
-            ("MCP-Protocol-Version", "2026-07-28"),
-            ("Mcp-Method", "subscriptions/listen"),
-        ],
-        body.as_bytes(),
-    );
+    let mut listen =
+        mcp_stream(&b.api, &alice, "subscriptions/listen", None, json!({"notifications": {"toolsListChanged": true}}));
     listen.read_until("notifications/subscriptions/acknowledged", Duration::from_secs(5));
 
     // The server comes back with another description for `note`.

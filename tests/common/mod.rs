@@ -590,6 +590,32 @@ pub fn mcp_request(
     v
 }
 
+/// A stateless-era MCP request whose answer is read as a stream (an event stream: progress
+/// before a result, or a `subscriptions/listen`): `_meta` and the routing headers added.
+pub fn mcp_stream(api: &str, cred: &str, method: &str, name: Option<&str>, params: serde_json::Value) -> HttpStream {
+    let mut params = params;
+    for (k, v) in [
+        ("io.modelcontextprotocol/protocolVersion", serde_json::json!("2026-07-28")),
+        ("io.modelcontextprotocol/clientCapabilities", serde_json::json!({})),
+        ("io.modelcontextprotocol/clientInfo", serde_json::json!({"name": "ephyr-tests", "version": "1"})),
+    ] {
+        params["_meta"][k] = v;
+    }
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": 9, "method": method, "params": params}).to_string();
+    let auth = format!("Bearer {cred}");
+    let mut h = vec![
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+        ("Accept", "application/json, text/event-stream"),
+        ("MCP-Protocol-Version", "2026-07-28"),
+        ("Mcp-Method", method),
+    ];
+    if let Some(n) = name {
+        h.push(("Mcp-Name", n));
+    }
+    HttpStream::open(api, "POST", "/mcp", &h, body.as_bytes())
+}
+
 pub fn tool_call(api: &str, cred: &str, tool: &str, args: serde_json::Value) -> Result<serde_json::Value, String> {
     let v = mcp_request(api, cred, "tools/call", Some(tool), serde_json::json!({"name": tool, "arguments": args}));
     let res = &v["result"];
