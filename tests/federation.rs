@@ -204,17 +204,7 @@ agents:
     assert!(e.starts_with("denied ("), "{e}");
 
     // Revoking the task cuts its call in flight: a 10 s operation ends within moments.
-    let t = tool_call(&b.api, &alice, "task_create", json!({"description": "long", "ttl": "5m"})).unwrap();
-    let (token, task) = (t["token"].as_str().unwrap().to_owned(), t["task_id"].as_str().unwrap().to_owned());
-    let api = b.api.clone();
-    let long = std::thread::spawn(move || {
-        let started = Instant::now();
-        let r = tool_call(&api, &token, "ev.trigger-long-running-operation", json!({"duration": 10, "steps": 10}));
-        (r, started.elapsed())
-    });
-    std::thread::sleep(Duration::from_millis(800));
-    tool_call(&b.api, &alice, "task_revoke", json!({"task_id": task})).unwrap();
-    let (r, took) = long.join().unwrap();
+    let (r, took) = revoked_mid_call(&b, &alice, "ev.trigger-long-running-operation");
     let e = r.unwrap_err();
     assert!(e.contains("revoked or expired while remote \"everything\" ran"), "{e}");
     assert!(took < Duration::from_secs(5), "cut at the revocation, not after 10 s: {took:?}");
@@ -359,6 +349,22 @@ fn the_conformance_suites_client_scenarios_pass_for_the_federation_client() {
         assert!(out.status.success(), "{scenario}:\n{log}");
         assert!(log.contains("0 failed"), "{scenario}:\n{log}");
     }
+}
+
+/// Starts a 10 s call of `tool` with a fresh task token of `cred`, revokes the task 0.8 s in,
+/// and returns how the call ended and how long it took.
+fn revoked_mid_call(b: &Broker, cred: &str, tool: &str) -> (Result<Value, String>, Duration) {
+    let t = tool_call(&b.api, cred, "task_create", json!({"description": "long", "ttl": "5m"})).unwrap();
+    let (token, task) = (t["token"].as_str().unwrap().to_owned(), t["task_id"].as_str().unwrap().to_owned());
+    let (api, tool) = (b.api.clone(), tool.to_owned());
+    let long = std::thread::spawn(move || {
+        let started = Instant::now();
+        let r = tool_call(&api, &token, &tool, json!({"duration": 10, "steps": 10}));
+        (r, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    tool_call(&b.api, cred, "task_revoke", json!({"task_id": task})).unwrap();
+    long.join().unwrap()
 }
 
 /// Whether process `pid` exists (and is not a zombie).
@@ -743,17 +749,7 @@ agents:
     assert!(e.contains("envelope.args.path") && e.contains("dot segments"), "{e}");
 
     // Revoking a task cuts its call in flight on a stdio remote too.
-    let t = tool_call(&b.api, &alice, "task_create", json!({"description": "long", "ttl": "5m"})).unwrap();
-    let (token, task) = (t["token"].as_str().unwrap().to_owned(), t["task_id"].as_str().unwrap().to_owned());
-    let api = b.api.clone();
-    let long = std::thread::spawn(move || {
-        let started = Instant::now();
-        let r = tool_call(&api, &token, "ev.trigger-long-running-operation", json!({"duration": 10, "steps": 10}));
-        (r, started.elapsed())
-    });
-    std::thread::sleep(Duration::from_millis(800));
-    tool_call(&b.api, &alice, "task_revoke", json!({"task_id": task})).unwrap();
-    let (r, took) = long.join().unwrap();
+    let (r, took) = revoked_mid_call(&b, &alice, "ev.trigger-long-running-operation");
     assert!(r.unwrap_err().contains("revoked or expired"), "cut");
     assert!(took < Duration::from_secs(5), "{took:?}");
     // The server is still fine (it was told the call was cancelled).

@@ -560,24 +560,8 @@ pub fn mcp_request(
     name: Option<&str>,
     params: serde_json::Value,
 ) -> serde_json::Value {
-    let mut params = params;
-    params["_meta"] = serde_json::json!({
-        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-        "io.modelcontextprotocol/clientCapabilities": {},
-        "io.modelcontextprotocol/clientInfo": {"name": "ephyr-tests", "version": "1"},
-    });
-    let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();
-    let auth = format!("Bearer {cred}");
-    let mut h = vec![
-        ("Authorization", auth.as_str()),
-        ("Content-Type", "application/json"),
-        ("Accept", "application/json, text/event-stream"),
-        ("MCP-Protocol-Version", "2026-07-28"),
-        ("Mcp-Method", method),
-    ];
-    if let Some(n) = name {
-        h.push(("Mcp-Name", n));
-    }
+    let (body, headers) = mcp_parts(cred, method, name, params, 1);
+    let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let r = http_request(api, "POST", "/mcp", &h, body.as_bytes());
     // A JSON-RPC error comes with a 4xx status in the stateless era.
     let v = r.json();
@@ -590,9 +574,15 @@ pub fn mcp_request(
     v
 }
 
-/// A stateless-era MCP request whose answer is read as a stream (an event stream: progress
-/// before a result, or a `subscriptions/listen`): `_meta` and the routing headers added.
-pub fn mcp_stream(api: &str, cred: &str, method: &str, name: Option<&str>, params: serde_json::Value) -> HttpStream {
+/// The body and headers of a stateless-era MCP request: `_meta` (kept if the caller gave
+/// some, e.g. a progress token) and the routing headers added.
+fn mcp_parts(
+    cred: &str,
+    method: &str,
+    name: Option<&str>,
+    params: serde_json::Value,
+    id: u64,
+) -> (String, Vec<(&'static str, String)>) {
     let mut params = params;
     for (k, v) in [
         ("io.modelcontextprotocol/protocolVersion", serde_json::json!("2026-07-28")),
@@ -601,18 +591,25 @@ pub fn mcp_stream(api: &str, cred: &str, method: &str, name: Option<&str>, param
     ] {
         params["_meta"][k] = v;
     }
-    let body = serde_json::json!({"jsonrpc": "2.0", "id": 9, "method": method, "params": params}).to_string();
-    let auth = format!("Bearer {cred}");
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
     let mut h = vec![
-        ("Authorization", auth.as_str()),
-        ("Content-Type", "application/json"),
-        ("Accept", "application/json, text/event-stream"),
-        ("MCP-Protocol-Version", "2026-07-28"),
-        ("Mcp-Method", method),
+        ("Authorization", format!("Bearer {cred}")),
+        ("Content-Type", "application/json".to_owned()),
+        ("Accept", "application/json, text/event-stream".to_owned()),
+        ("MCP-Protocol-Version", "2026-07-28".to_owned()),
+        ("Mcp-Method", method.to_owned()),
     ];
     if let Some(n) = name {
-        h.push(("Mcp-Name", n));
+        h.push(("Mcp-Name", n.to_owned()));
     }
+    (body, h)
+}
+
+/// A stateless-era MCP request whose answer is read as a stream (an event stream: progress
+/// before a result, or a `subscriptions/listen`): `_meta` and the routing headers added.
+pub fn mcp_stream(api: &str, cred: &str, method: &str, name: Option<&str>, params: serde_json::Value) -> HttpStream {
+    let (body, headers) = mcp_parts(cred, method, name, params, 9);
+    let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
     HttpStream::open(api, "POST", "/mcp", &h, body.as_bytes())
 }
 

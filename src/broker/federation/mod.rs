@@ -865,67 +865,76 @@ impl Federation {
         out
     }
 
+    /// Entries of every enabled remote's list (`which`) that `keep` turns into what an agent
+    /// sees (`None`: not for this caller).
+    fn listed(
+        &self,
+        policy: &Policy,
+        which: fn(&RemoteState) -> &Rc<Vec<Value>>,
+        keep: impl Fn(&str, &Remote, &Value) -> Option<Value>,
+    ) -> Vec<Value> {
+        let remotes = self.remotes.borrow();
+        let enabled = policy.remotes.iter().filter(|(_, r)| r.enabled);
+        enabled
+            .filter_map(|(name, r)| remotes.get(name).map(|st| (name, r, st)))
+            .flat_map(|(name, r, st)| which(st).iter().filter_map(|item| keep(name, r, item)).collect::<Vec<_>>())
+            .collect()
+    }
+
     /// The remote resources `principal` could read, as `resources/list` entries: the URI
     /// becomes `ephyr-remote://<remote>/<its URI>` (what `resources/read` takes back).
     pub fn visible_resources(&self, policy: &Policy, principal: &Principal<'_>) -> Vec<Value> {
-        let remotes = self.remotes.borrow();
-        let mut out = Vec::new();
-        for (name, _) in policy.remotes.iter().filter(|(_, r)| r.enabled) {
-            let Some(state) = remotes.get(name) else { continue };
-            for r in state.resources.iter() {
-                let Some(uri) = r["uri"].as_str() else { continue };
+        self.listed(
+            policy,
+            |st| &st.resources,
+            |name, _, r| {
+                let uri = r["uri"].as_str()?;
                 let action = Action::reach(None, ActionKind::RemoteResource { remote: name, uri });
-                if authorize(policy, principal, &action).is_allow() {
+                authorize(policy, principal, &action).is_allow().then(|| {
                     let mut d = r.clone();
                     d["uri"] = Value::from(format!("{REMOTE_URI}{name}/{uri}"));
-                    out.push(d);
-                }
-            }
-        }
-        out
+                    d
+                })
+            },
+        )
     }
 
     /// The remote resource templates `principal` could fill in and read: listed when the grant
     /// covers the template's fixed start (the text before its first `{`), with the template
     /// namespaced like a resource URI. A URI made from one is authorized when read, as any.
     pub fn visible_templates(&self, policy: &Policy, principal: &Principal<'_>) -> Vec<Value> {
-        let remotes = self.remotes.borrow();
-        let mut out = Vec::new();
-        for (name, _) in policy.remotes.iter().filter(|(_, r)| r.enabled) {
-            let Some(state) = remotes.get(name) else { continue };
-            for t in state.templates.iter() {
-                let Some(template) = t["uriTemplate"].as_str() else { continue };
-                let fixed = template.split('{').next().unwrap_or(template);
-                let probe = format!("{fixed}x");
+        self.listed(
+            policy,
+            |st| &st.templates,
+            |name, _, t| {
+                let template = t["uriTemplate"].as_str()?;
+                let probe = format!("{}x", template.split('{').next().unwrap_or(template));
                 let action = Action::reach(None, ActionKind::RemoteResource { remote: name, uri: &probe });
-                if authorize(policy, principal, &action).is_allow() {
+                authorize(policy, principal, &action).is_allow().then(|| {
                     let mut d = t.clone();
                     d["uriTemplate"] = Value::from(format!("{REMOTE_URI}{name}/{template}"));
-                    out.push(d);
-                }
-            }
-        }
-        out
+                    d
+                })
+            },
+        )
     }
 
     /// The remote prompts `principal` could get, as `prompts/list` entries (name namespaced).
     pub fn visible_prompts(&self, policy: &Policy, principal: &Principal<'_>) -> Vec<Value> {
-        let remotes = self.remotes.borrow();
-        let mut out = Vec::new();
-        for (name, r) in policy.remotes.iter().filter(|(_, r)| r.enabled) {
-            let Some(state) = remotes.get(name) else { continue };
-            for p in state.prompts.iter() {
-                let Some(prompt) = p["name"].as_str() else { continue };
+        self.listed(
+            policy,
+            |st| &st.prompts,
+            |name, r, p| {
+                let prompt = p["name"].as_str()?;
                 let full = format!("{}.{prompt}", r.tool_prefix);
                 let action = Action::reach(Some(&full), ActionKind::RemotePrompt { remote: name, prompt });
-                if authorize(policy, principal, &action).is_allow() {
+                authorize(policy, principal, &action).is_allow().then(|| {
                     let mut d = p.clone();
-                    d["name"] = Value::from(full);
-                    out.push(d);
-                }
-            }
-        }
-        out
+                    d["name"] = Value::from(full.clone());
+                    d
+                })
+            },
+        )
     }
 
     /// Authorizes and forwards `resources/read` of a namespaced URI (`None`: not a remote's);
