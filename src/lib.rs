@@ -23,6 +23,8 @@ pub mod files;
 #[forbid(unsafe_code)]
 pub mod ids;
 #[forbid(unsafe_code)]
+pub mod inspect;
+#[forbid(unsafe_code)]
 pub mod logging;
 #[forbid(unsafe_code)]
 pub mod macaroon;

@@ -38,6 +38,8 @@ Commands:
   inspect      decode a task token and show what it allows
   policy       check, diff, explain or reload a policy
   keygen       generate an agent API key and its hash line
+  freeze       the kill switch: `freeze agent|task|target|service|remote NAME` (unfreeze, freezes)
+  operator     add a console account (`operator add NAME --role admin`; password on stdin)
   secret       store upstream credentials sealed (`secret set NAME` reads stdin), list, rm
   audit        verify or query the audit trail
   monitor      watch what agents do, live (the audit stream, coloured, with filters)
@@ -161,6 +163,27 @@ Usage: ephyr keygen agent NAME [--json]
 
 Generates a new API key for agent NAME, prints it once, and prints the Argon2id
 api_key_hash line to paste under agents.NAME in policy.yaml. The key itself is not stored.";
+
+const FREEZE_HELP: &str = "\
+Usage: ephyr freeze KIND NAME [--reason TEXT]
+       ephyr unfreeze KIND NAME
+       ephyr freezes [--json]
+
+The kill switch. KIND is agent, task, target, service or remote. Freezing refuses every new
+request it covers at once, then revokes the live tasks and certificates it covers (an agent's
+tasks and certificates; a task's tree; a target's certificates), closes their SSH sessions,
+ends the agent's MCP sessions and streams and updates the KRL. Freezes are journaled (they
+survive restarts) and audited. Unfreezing lets new requests through again; what was revoked
+stays revoked. Talks to the running broker over its local socket (root or the broker's user).
+Options: --socket PATH  --data-dir DIR  --json";
+
+const OPERATOR_HELP: &str = "\
+Usage: ephyr operator add NAME [--role viewer|admin] [--generate]
+
+Prints the operators.NAME lines (an Argon2id password_hash and the role) to paste into
+policy.yaml for the console on the dashboard listener. The password is read from stdin,
+never the command line (at least 12 characters); --generate makes one and shows it once.
+Roles: viewer sees every view; admin also revokes, closes, freezes, approves and reloads.";
 
 const SECRET_HELP: &str = "\
 Usage: ephyr secret <set|list|rm> ...
@@ -406,6 +429,8 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "inspect" => cmd_inspect(p),
         "policy" => cmd_policy(p),
         "keygen" => cmd_keygen(p),
+        "operator" => cmd_operator(p),
+        "freeze" | "unfreeze" | "freezes" => cmd_freeze(p, &cmd),
         "secret" => cmd_secret(p),
         "audit" => cmd_audit(p),
         "monitor" => cmd_monitor(p),
@@ -982,6 +1007,53 @@ fn cmd_keygen(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     }
     let name = name.ok_or_else(|| usage("keygen agent needs a NAME"))?;
     cli::policy::keygen_agent(&name, json).map(|c| c as u8).map_err(|e| Failure::Run(3, e))
+}
+
+fn cmd_freeze(p: &mut lexopt::Parser, cmd: &str) -> Result<u8, Failure> {
+    let (mut socket, mut data_dir, mut json, mut reason, mut words) = (None, None, false, String::new(), Vec::new());
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("data-dir") => data_dir = Some(path(p.value()?)),
+            Long("json") => json = true,
+            Long("reason") if cmd == "freeze" => reason = p.value()?.string()?,
+            Long("help") | Short('h') => return help(FREEZE_HELP),
+            Value(v) => words.push(v.string()?),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let sock = cli::client::socket_path(socket, data_dir.as_deref());
+    let r = match (cmd, words.as_slice()) {
+        ("freezes", []) => cli::freeze::list(&sock, json),
+        ("freezes", _) => return Err(usage("freezes takes no arguments")),
+        (_, [kind, name]) => cli::freeze::set(&sock, kind, name, &reason, cmd == "freeze", json),
+        _ => {
+            return Err(usage(format!(
+                "expected `ephyr {cmd} KIND NAME` (KIND: agent, task, target, service, remote)"
+            )));
+        }
+    };
+    r.map(|()| 0).map_err(|e| Failure::Run(1, e))
+}
+
+fn cmd_operator(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    match p.next()? {
+        Some(Value(v)) if v == "add" => {}
+        Some(Long("help") | Short('h')) | None => return help(OPERATOR_HELP),
+        _ => return Err(usage("expected `ephyr operator add NAME`")),
+    }
+    let (mut name, mut role, mut generate) = (None, "viewer".to_owned(), false);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("role") => role = p.value()?.string()?,
+            Long("generate") => generate = true,
+            Long("help") | Short('h') => return help(OPERATOR_HELP),
+            Value(v) if name.is_none() => name = Some(v.string()?),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let name = name.ok_or_else(|| usage("operator add needs a NAME"))?;
+    cli::policy::operator_add(&name, &role, generate).map(|c| c as u8).map_err(|e| Failure::Run(3, e))
 }
 
 fn cmd_secret(p: &mut lexopt::Parser) -> Result<u8, Failure> {

@@ -13,6 +13,9 @@
 //! | `GET /v1/secrets` | operator | stored secret names (never values) and the policy's `store:` references |
 //! | `PUT /v1/secrets/<name>` | operator | seal the body (the value) and store it (`ephyr secret set`) |
 //! | `DELETE /v1/secrets/<name>` | operator | remove a stored secret |
+//! | `GET /v1/freezes` | operator | what is frozen, by whom, when, why |
+//! | `POST /v1/freeze` | operator | `{kind, name, reason}`: the kill switch (`ephyr freeze`) |
+//! | `POST /v1/unfreeze` | operator | `{kind, name}`: lift a freeze (`ephyr unfreeze`) |
 //! | `POST /v1/tools/call` | an agent whose `uid` is the caller's | call an MCP tool as that agent (`ephyr exec`) |
 //!
 //! A uid mapped to an agent acts with that agent's whole policy, like its API key.
@@ -84,6 +87,7 @@ pub fn status_json(broker: &Broker) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
+        "frozen": freezes_json(broker)["frozen"],
         "remotes": remotes,
         "audit": {
             "seq": seq,
@@ -425,7 +429,7 @@ fn whoami(broker: &Broker, peer: Peer) -> serde_json::Value {
 
 /// Every target with its roles (and principals), how its host key is checked, and which agents
 /// may use it.
-fn targets_json(broker: &Broker) -> serde_json::Value {
+pub fn targets_json(broker: &Broker) -> serde_json::Value {
     let policy = broker.policy();
     let targets: Vec<serde_json::Value> = policy
         .targets
@@ -511,21 +515,67 @@ fn review_remote(broker: &Broker, name: &str) -> http::Response<Body> {
 
 /// `POST /v1/remotes/<name>/approve[?tool=T]`: pins the new definitions and serves them.
 async fn approve_remote(broker: &Broker, peer: Peer, name: &str, tool: Option<&str>) -> http::Response<Body> {
-    let actor = operator(peer);
-    match broker.federation.approve(name, tool, &actor.name()).await {
-        Ok(done) => {
-            for t in &done {
-                broker
-                    .audit_now(
-                        crate::broker::audit::Event::new(crate::broker::audit::Kind::Federation, "tool_approved")
-                            .agent(actor.name())
-                            .action(serde_json::json!({ "remote": name, "remote_tool": t }))
-                            .allow(),
-                    )
-                    .await;
-            }
-            json(StatusCode::OK, &serde_json::json!({ "remote": name, "approved": done }))
-        }
+    match crate::broker::ops::approve_tools(broker, &operator(peer), name, tool).await {
+        Ok(done) => json(StatusCode::OK, &serde_json::json!({ "remote": name, "approved": done })),
+        Err(e) => error(e.status(), e.code(), e.message()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FreezeRequest {
+    kind: String,
+    name: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// What is frozen, for every operator view.
+pub fn freezes_json(broker: &Broker) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = broker
+        .freezes
+        .list()
+        .into_iter()
+        .map(|(kind, name, e)| {
+            serde_json::json!({
+                "kind": kind.as_str(), "name": name, "by": e.by, "reason": e.reason,
+                "at": crate::time::format_rfc3339(e.at, None),
+            })
+        })
+        .collect();
+    serde_json::json!({ "frozen": list })
+}
+
+/// `POST /v1/freeze` and `/v1/unfreeze`, for any operator actor (the console uses it too).
+pub async fn freeze_request(
+    broker: &Broker,
+    actor: &crate::broker::ops::Actor,
+    body: &[u8],
+    on: bool,
+) -> http::Response<Body> {
+    use crate::broker::policy::FreezeKind;
+    let r: FreezeRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", format!("request body: {e}")),
+    };
+    let Some(kind) = FreezeKind::parse(&r.kind) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_kind",
+            format!("unknown kind {:?}: agent, task, target, service or remote", r.kind),
+        );
+    };
+    let done = if on {
+        crate::broker::ops::freeze(broker, actor, kind, &r.name, &r.reason)
+            .await
+            .map(|fx| serde_json::json!({ "kind": kind.as_str(), "name": r.name, "frozen": true, "effects": fx }))
+    } else {
+        crate::broker::ops::unfreeze(broker, actor, kind, &r.name)
+            .await
+            .map(|was| serde_json::json!({ "kind": kind.as_str(), "name": r.name, "frozen": false, "was_frozen": was }))
+    };
+    match done {
+        Ok(v) => json(StatusCode::OK, &v),
         Err(e) => error(e.status(), e.code(), e.message()),
     }
 }
@@ -583,6 +633,14 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
                 (Method::GET, "/v1/certs") => json(StatusCode::OK, &certs_json(&broker)),
                 (Method::GET, "/v1/tasks") => json(StatusCode::OK, &tasks_json(&broker)),
                 (Method::POST, "/v1/certs") => operator_cert(&broker, peer, req).await,
+                (Method::GET, "/v1/freezes") => json(StatusCode::OK, &freezes_json(&broker)),
+                (Method::POST, p @ ("/v1/freeze" | "/v1/unfreeze")) => {
+                    let on = p == "/v1/freeze";
+                    match read_body(req, MAX_BODY, Duration::from_secs(10)).await {
+                        Ok(b) => freeze_request(&broker, &operator(peer), &b, on).await,
+                        Err(e) => e.response(),
+                    }
+                }
                 (Method::GET, "/v1/secrets") => list_secrets(&broker),
                 (Method::PUT, path) if let Some(name) = path.strip_prefix("/v1/secrets/") => {
                     let name = name.to_owned();

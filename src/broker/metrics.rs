@@ -63,6 +63,9 @@ pub const METRICS: &[(&str, Type, &str)] = &[
     ("ephyr_audit_available", Type::Gauge, "1 while the audit log can be written."),
     ("ephyr_audit_write_duration_seconds", Type::Histogram, "Time to write and fdatasync one audit batch."),
     ("ephyr_policy_reloads_total", Type::Counter, "Policy reloads by outcome."),
+    ("ephyr_freezes_total", Type::Counter, "Freezes (the kill switch) by kind."),
+    ("ephyr_console_logins_total", Type::Counter, "Console sign-ins by outcome."),
+    ("ephyr_console_sessions", Type::Gauge, "Signed-in console sessions."),
     ("ephyr_proxy_requests_total", Type::Counter, "Proxied HTTP requests by service and status class."),
     ("ephyr_federation_calls_total", Type::Counter, "Federated tool calls by remote and outcome."),
     ("ephyr_federation_call_duration_seconds", Type::Histogram, "Federated tool call time by remote."),
@@ -281,6 +284,16 @@ impl Metrics {
             .get(&h)
             .and_then(|slot| slot.iter().find(|&&i| same(&series[i], name, l)))
             .map_or(0.0, |&i| series[i].value)
+    }
+
+    /// The sum of every series of a counter or gauge whose labels include all of `l`.
+    pub fn sum(&self, name: &'static str, l: &[(&'static str, &str)]) -> f64 {
+        self.series
+            .borrow()
+            .iter()
+            .filter(|s| s.name == name && l.iter().all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v)))
+            .map(|s| s.value)
+            .sum()
     }
 
     /// Renders the text exposition format.

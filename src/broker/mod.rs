@@ -8,10 +8,12 @@
 pub mod audit;
 pub mod auth;
 pub mod blocking;
+pub(crate) mod console;
 pub mod datadir;
 pub(crate) mod dispatch;
 pub(crate) mod error;
 pub(crate) mod federation;
+pub(crate) mod freeze;
 
 pub(crate) mod http;
 pub mod journal;
@@ -31,6 +33,7 @@ pub mod serve;
 pub mod signer_client;
 pub mod ssh;
 pub mod tasks;
+pub(crate) mod textdiff;
 pub(crate) mod tools;
 pub(crate) mod upstream;
 
@@ -118,6 +121,10 @@ pub struct Broker {
     pub catalog: tools::Catalog,
     /// Remote MCP servers: their tools, sessions and health.
     pub federation: federation::Federation,
+    /// What operators froze (the kill switch), journaled.
+    pub freezes: freeze::Freezes,
+    /// The operator console's sessions, limiter and samples.
+    pub console: console::Console,
 }
 
 /// What a policy asks that the running signer's limits (fixed when it started, from the policy

@@ -12,6 +12,7 @@ use std::rc::Rc;
 use serde_json::json;
 
 use super::audit::{AuditSink as _, Event, Kind};
+use super::policy::FreezeKind;
 use super::policy::PolicyError;
 use super::ssh::Session;
 use super::tasks::TaskView;
@@ -34,6 +35,11 @@ pub enum Actor {
     },
     /// A signal (`SIGHUP`).
     Signal(&'static str),
+    /// An operator signed in to the console (`operators.<name>`).
+    Console {
+        /// The operator's name.
+        name: String,
+    },
 }
 
 impl Actor {
@@ -43,6 +49,7 @@ impl Actor {
             Actor::Agent { name, .. } => name.clone(),
             Actor::Operator { uid } => format!("operator:uid{uid}"),
             Actor::Signal(s) => format!("signal:{s}"),
+            Actor::Console { name } => format!("console:{name}"),
         }
     }
 
@@ -125,6 +132,28 @@ pub async fn close_session(broker: &Broker, actor: &Actor, s: &Rc<Session>) {
     broker.ssh.close(broker.ports(), s, &why).await;
 }
 
+/// Pins the new definitions of a remote's quarantined tools (`tool`, or all of them) and serves
+/// them again; one `tool_approved` record each. Returns the tools approved.
+pub async fn approve_tools(
+    broker: &Broker,
+    actor: &Actor,
+    remote: &str,
+    tool: Option<&str>,
+) -> Result<Vec<String>, Error> {
+    let done = broker.federation.approve(remote, tool, &actor.name()).await?;
+    for t in &done {
+        broker
+            .audit_now(
+                actor
+                    .stamp(Event::new(Kind::Federation, "tool_approved"))
+                    .action(json!({ "remote": remote, "remote_tool": t }))
+                    .allow(),
+            )
+            .await;
+    }
+    Ok(done)
+}
+
 /// What a successful reload did.
 #[derive(Clone, Debug)]
 pub struct Reloaded {
@@ -161,6 +190,9 @@ pub async fn reload(broker: &Broker, actor: &Actor) -> Result<Reloaded, PolicyEr
             }
             let digest = new.digest.clone();
             let old = broker.policy().digest.clone();
+            let mut new = new;
+            // Freezes are the operators', not the file's: they outlive every reload.
+            new.frozen = broker.freezes.frozen();
             broker.policy.replace(new);
             broker.secrets.clear();
             broker.proxy.clear();
@@ -188,4 +220,156 @@ pub async fn reload(broker: &Broker, actor: &Actor) -> Result<Reloaded, PolicyEr
             Err(e)
         }
     }
+}
+
+/// What a freeze did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct FreezeEffects {
+    /// It was frozen already (nothing changed).
+    pub already: bool,
+    /// Tasks revoked (each with its subtree).
+    pub tasks_revoked: usize,
+    /// Certificates put on the KRL.
+    pub certs_revoked: usize,
+    /// SSH sessions closed.
+    pub ssh_sessions_closed: usize,
+    /// MCP sessions (and their streams) ended.
+    pub mcp_sessions_ended: usize,
+}
+
+/// Checks that `kind`/`name` names something the broker knows: a policy entry, or a live task.
+fn freezable(broker: &Broker, kind: FreezeKind, name: &str) -> Result<Option<TaskView>, Error> {
+    let p = broker.policy();
+    let known = match kind {
+        FreezeKind::Agent => p.agents.contains_key(name),
+        FreezeKind::Target => p.targets.contains_key(name),
+        FreezeKind::Service => p.services.contains_key(name),
+        FreezeKind::Remote => p.remotes.contains_key(name),
+        FreezeKind::Task => {
+            let id = ulid::Ulid::from_string(name)
+                .map_err(|_| Error::Invalid(format!("{name:?} is not a task id (26 characters, Crockford base32)")))?;
+            return match broker.tasks.view(id) {
+                Some(v) => Ok(Some(v)),
+                None => Err(Error::NotFound(format!("no live task {name}"))),
+            };
+        }
+    };
+    if known { Ok(None) } else { Err(Error::NotFound(format!("no {} {name:?} in the policy", kind.as_str()))) }
+}
+
+/// Swaps in a policy snapshot carrying the current freezes.
+fn apply_freezes(broker: &Broker) {
+    let mut p = (*broker.policy()).clone();
+    p.frozen = broker.freezes.frozen();
+    broker.policy.replace(p);
+}
+
+/// The kill switch: freezes `kind`/`name` at once (every new request it covers is refused from
+/// this moment), then revokes the live tasks and certificates it covers, closes SSH sessions,
+/// ends the agent's MCP sessions and streams, and journals the freeze (it survives restarts).
+/// One `freeze` record names the operator and what it did.
+pub async fn freeze(
+    broker: &Broker,
+    actor: &Actor,
+    kind: FreezeKind,
+    name: &str,
+    reason: &str,
+) -> Result<FreezeEffects, Error> {
+    if reason.chars().count() > super::freeze::MAX_REASON || reason.chars().any(char::is_control) {
+        return Err(Error::Invalid(format!(
+            "the reason must be at most {} characters, without control characters",
+            super::freeze::MAX_REASON
+        )));
+    }
+    let task = freezable(broker, kind, name)?;
+    let Some(durable) = broker.freezes.freeze(kind, name, &actor.name(), reason)? else {
+        return Ok(FreezeEffects { already: true, ..FreezeEffects::default() });
+    };
+    // Refuse first, clean up after: nothing the freeze covers is granted from here on.
+    apply_freezes(broker);
+    broker.changes.notify();
+    let mut fx = FreezeEffects::default();
+    let now = crate::time::now().secs().max(0) as u64;
+    match kind {
+        FreezeKind::Task => {
+            if let Some(v) = task.filter(|v| v.revoked.is_none()) {
+                fx.tasks_revoked += 1 + revoke_task(broker, actor, &v).await?;
+            }
+        }
+        FreezeKind::Agent => {
+            fx.mcp_sessions_ended = broker.sessions.remove_agent(name);
+            let mut mine: Vec<TaskView> = broker
+                .tasks
+                .visible(&super::tasks::Scope::All)
+                .into_iter()
+                .filter(|v| v.task.agent == name && v.revoked.is_none())
+                .collect();
+            mine.sort_by_key(|v| v.task.depth);
+            for v in mine {
+                if !broker.tasks.unusable(&v.task.id.to_string()) {
+                    fx.tasks_revoked += 1 + revoke_task(broker, actor, &v).await?;
+                }
+            }
+        }
+        FreezeKind::Service => broker.proxy.clear(),
+        FreezeKind::Target | FreezeKind::Remote => {}
+    }
+    if matches!(kind, FreezeKind::Agent | FreezeKind::Target) {
+        let covered = broker.ssh.registry.list(now, |c| match kind {
+            FreezeKind::Agent => c.agent == name,
+            _ => c.target == name,
+        });
+        for c in covered.into_iter().filter(|c| c.revoked_at.is_none()) {
+            if broker.ssh.session_with_serial(c.cert.serial).is_some() {
+                fx.ssh_sessions_closed += 1;
+            }
+            revoke_cert(broker, actor, c.cert.serial).await?;
+            fx.certs_revoked += 1;
+        }
+    }
+    let before = broker.ssh.session_count();
+    broker.ssh.sweep(broker.ports(), &broker.policy()).await;
+    fx.ssh_sessions_closed += before.saturating_sub(broker.ssh.session_count());
+    let journaled = durable.wait().await;
+    let ev = actor.stamp(
+        Event::new(Kind::Operator, "freeze")
+            .action(json!({ "kind": kind.as_str(), "name": name, "reason": reason }))
+            .allow()
+            .outcome(serde_json::to_value(&fx).unwrap_or_default()),
+    );
+    let recorded = record(broker, ev).await;
+    broker.metrics.inc("ephyr_freezes_total", &[("kind", kind.as_str())]);
+    journaled.map_err(|e| {
+        Error::Unavailable(format!(
+            "{} {name} is frozen now, but the freeze was not journaled and will not survive a restart: {}",
+            kind.as_str(),
+            e.message()
+        ))
+    })?;
+    recorded.map_err(|e| {
+        Error::Unavailable(format!("{} {name} is frozen, but its audit record failed: {e}", kind.as_str()))
+    })?;
+    Ok(fx)
+}
+
+/// Lifts a freeze (journaled first: if the log fails, it stays frozen). Revoked tasks and
+/// certificates stay revoked. `Ok(false)`: it was not frozen.
+pub async fn unfreeze(broker: &Broker, actor: &Actor, kind: FreezeKind, name: &str) -> Result<bool, Error> {
+    let Some(durable) = broker.freezes.thaw(kind, name, &actor.name())? else {
+        return Ok(false);
+    };
+    if let Err(e) = durable.wait().await {
+        return Err(Error::Unavailable(format!(
+            "{} {name} stays frozen: the unfreeze was not journaled: {}",
+            kind.as_str(),
+            e.message()
+        )));
+    }
+    broker.freezes.forget(kind, name);
+    apply_freezes(broker);
+    broker.changes.notify();
+    let ev = actor
+        .stamp(Event::new(Kind::Operator, "unfreeze").action(json!({ "kind": kind.as_str(), "name": name })).allow());
+    record(broker, ev).await.map_err(|e| Error::Unavailable(format!("unfrozen, but its audit record failed: {e}")))?;
+    Ok(true)
 }

@@ -1,5 +1,6 @@
 //! The TCP endpoints: the MCP/API listener (default 127.0.0.1:8554) and the dashboard listener
-//! (default 127.0.0.1:8553).
+//! (default 127.0.0.1:8553), which serves the operator console (`console`) besides health,
+//! metrics and the KRL.
 //!
 //! What runs here: request routing only; handlers live with their features.
 
@@ -90,13 +91,16 @@ pub fn api_handler(broker: Rc<Broker>) -> Handler {
 
 /// Handler for the dashboard listener.
 pub fn dashboard_handler(broker: Rc<Broker>) -> Handler {
-    Rc::new(move |req, _peer| {
+    Rc::new(move |req, peer| {
         let broker = broker.clone();
         Box::pin(async move {
             let r = match (req.method(), req.uri().path()) {
                 (&Method::GET, "/healthz") => healthz(&broker),
                 (&Method::GET, "/metrics") => metrics(&broker),
                 (&Method::GET, "/v1/ssh/krl") => krl(&broker),
+                (_, path) if super::console::is_console_path(path) => {
+                    super::console::handle(broker.clone(), req, peer, false).await
+                }
                 (_, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
             };
             count(&broker, "dashboard", &r);

@@ -271,6 +271,11 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         let pins = super::federation::pins::Pins::load(&logs)
             .await
             .map_err(|e| ServeError::Startup(format!("tool pins: {}", e.message())))?;
+        let freezes = super::freeze::Freezes::load(&logs)
+            .await
+            .map_err(|e| ServeError::Startup(format!("freezes: {}", e.message())))?;
+        let mut policy = policy;
+        policy.frozen = freezes.frozen();
         let known = super::ssh::hosts::KnownHosts::load(&data_dir.state().join("known_hosts"))
             .map_err(|e| ServeError::Startup(format!("known hosts: {e}")))?;
         let broker = Rc::new(Broker {
@@ -301,7 +306,10 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
                     .chain(opts.socket.as_ref().and_then(|s| s.parent()).map(std::path::Path::to_path_buf))
                     .collect(),
             ),
+            freezes,
+            console: super::console::Console::default(),
         });
+        ex.spawn(super::console::graphs::run(Rc::downgrade(&broker))).detach();
         record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
         // Sign this process's first lines at once (in the background: serving does not wait for
         // the signer and the fsync): every log then has a checkpoint moments after it starts, so a

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod doctor;
 pub mod exec;
 pub mod federation_client;
+pub mod freeze;
 pub mod init;
 pub mod inspect;
 pub mod policy;

@@ -1,4 +1,4 @@
-//! `ephyr policy check|diff|explain|reload` and `ephyr keygen agent`.
+//! `ephyr policy check|diff|explain|reload`, `ephyr keygen agent` and `ephyr operator add`.
 //!
 //! What runs here: reads policy files; `explain` calls the same `authorize` the broker uses;
 //! `reload` asks the running broker over the local socket; `keygen` reads the CSPRNG and runs one
@@ -226,6 +226,61 @@ pub fn keygen_agent(name: &str, json: bool) -> Result<i32, String> {
             "Add this line under agents.{name} in policy.yaml, then `ephyr policy reload`:\n\n  api_key_hash: \"{hash}\""
         );
     }
+    Ok(0)
+}
+
+/// Shortest operator password accepted.
+pub const MIN_PASSWORD: usize = 12;
+/// Longest operator password accepted (Argon2 hashes any length; this bounds the console's form).
+pub const MAX_PASSWORD: usize = 1024;
+
+/// `operator add NAME [--role R] [--generate]`: the `operators.NAME` lines to paste. The password
+/// is read from stdin (never the command line) or, with `generate`, made here and shown once.
+pub fn operator_add(name: &str, role: &str, generate: bool) -> Result<i32, String> {
+    use std::io::{IsTerminal as _, Read as _};
+    if !crate::broker::policy::name_ok(name) {
+        return Err(format!("{name:?} is not an operator name (1-64 of A-Za-z0-9_.-)"));
+    }
+    if !matches!(role, "viewer" | "admin") {
+        return Err(format!("unknown role {role:?}: viewer or admin"));
+    }
+    let password = if generate {
+        let mut raw = zeroize::Zeroizing::new([0u8; 15]);
+        crate::secret::random_bytes(&mut raw[..]).map_err(|e| e.to_string())?;
+        crate::secret::SecretString::new(data_encoding::BASE64URL_NOPAD.encode(&raw[..]))
+    } else {
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            return Err(format!(
+                "the password is read from stdin, not typed here: `read -rs P && printf %s \"$P\" | ephyr operator add {name}`, \
+                 or let ephyr make one: `ephyr operator add {name} --generate`"
+            ));
+        }
+        let mut raw = zeroize::Zeroizing::new(Vec::new());
+        stdin.lock().take(MAX_PASSWORD as u64 + 2).read_to_end(&mut raw).map_err(|e| format!("reading stdin: {e}"))?;
+        while raw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            raw.pop();
+        }
+        let text = std::str::from_utf8(&raw).map_err(|_| "the password is not UTF-8".to_owned())?;
+        crate::secret::SecretString::new(text.to_owned())
+    };
+    let n = password.expose().chars().count();
+    if n < MIN_PASSWORD {
+        return Err(format!("the password has {n} characters; at least {MIN_PASSWORD} are needed"));
+    }
+    if password.expose().len() > MAX_PASSWORD {
+        return Err(format!("the password is longer than {MAX_PASSWORD} bytes"));
+    }
+    let hash = crate::broker::auth::api_key::argon2_hash(password.expose(), argon2::Params::default())?;
+    if generate {
+        println!(
+            "Password for operator {name:?} (shown once; it is not stored anywhere):\n\n  {}\n",
+            password.expose()
+        );
+    }
+    println!(
+        "Add these lines to policy.yaml, then `ephyr policy reload`:\n\noperators:\n  {name}:\n    role: {role}\n    password_hash: \"{hash}\""
+    );
     Ok(0)
 }
 

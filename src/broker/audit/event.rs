@@ -41,6 +41,8 @@ pub enum Kind {
     Federation,
     /// A signed checkpoint of the chain.
     Checkpoint,
+    /// Operators: console sign-in and sign-out, freezes.
+    Operator,
 }
 
 /// Allow or deny.

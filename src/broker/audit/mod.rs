@@ -185,7 +185,14 @@ pub struct AuditLog {
     metrics: Rc<Metrics>,
     ids: crate::ids::Monotonic,
     unsigned_tail: Option<UnsignedTail>,
+    /// Live copies of each line for the console's feed (bounded; a slow reader misses lines).
+    taps: RefCell<Vec<async_channel::Sender<bytes::Bytes>>>,
 }
+
+/// Most live feeds at once.
+pub const MAX_TAPS: usize = 16;
+/// Lines a live feed may fall behind before it misses some.
+const TAP_QUEUE: usize = 256;
 
 fn io_ctx(path: &Path) -> impl Fn(io::Error) -> String + '_ {
     move |e| format!("{}: {e}", path.display())
@@ -331,6 +338,7 @@ impl AuditLog {
             ids: crate::ids::Monotonic::default(),
             metrics,
             unsigned_tail,
+            taps: RefCell::new(Vec::new()),
         }))
     }
 
@@ -369,6 +377,7 @@ impl AuditLog {
         st.head = event::line_hash(&line);
         st.buf.extend_from_slice(&line);
         st.since_checkpoint += 1;
+        self.feed(&line);
         self.metrics.inc("ephyr_audit_events_total", &[]);
         let ticket = wait.then(|| {
             let (tx, rx) = async_channel::bounded(1);
@@ -381,6 +390,31 @@ impl AuditLog {
             self.urgent.notify(1);
         }
         Ok(ticket)
+    }
+
+    /// A live copy of every line recorded from now on (the console's feed); `None` when
+    /// [`MAX_TAPS`] feeds are open. Drop the receiver to stop.
+    pub fn tap(&self) -> Option<async_channel::Receiver<bytes::Bytes>> {
+        let mut taps = self.taps.borrow_mut();
+        taps.retain(|t| !t.is_closed());
+        if taps.len() >= MAX_TAPS {
+            return None;
+        }
+        let (tx, rx) = async_channel::bounded(TAP_QUEUE);
+        taps.push(tx);
+        Some(rx)
+    }
+
+    fn feed(&self, line: &[u8]) {
+        let mut taps = self.taps.borrow_mut();
+        if taps.is_empty() {
+            return;
+        }
+        taps.retain(|t| !t.is_closed());
+        let b = bytes::Bytes::copy_from_slice(line);
+        for t in taps.iter() {
+            let _ = t.try_send(b.clone());
+        }
     }
 
     /// The flusher: writes and syncs batches until the log fails. Spawn it once.

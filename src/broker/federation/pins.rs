@@ -135,29 +135,9 @@ pub fn diff(old: &Value, new: &Value) -> Vec<String> {
         serde_json::to_string_pretty(&Pins::hash(old).0).unwrap_or_default().lines().map(str::to_owned).collect();
     let b: Vec<String> =
         serde_json::to_string_pretty(&Pins::hash(new).0).unwrap_or_default().lines().map(str::to_owned).collect();
-    // Longest common subsequence; definitions are small.
-    let (n, m) = (a.len(), b.len());
-    let mut lcs = vec![vec![0u32; m + 1]; n + 1];
-    for i in (0..n).rev() {
-        for j in (0..m).rev() {
-            lcs[i][j] = if a[i] == b[j] { lcs[i + 1][j + 1] + 1 } else { lcs[i + 1][j].max(lcs[i][j + 1]) };
-        }
-    }
-    let (mut i, mut j, mut out) = (0, 0, Vec::new());
-    while i < n || j < m {
-        if i < n && j < m && a[i] == b[j] {
-            out.push(format!("  {}", a[i]));
-            i += 1;
-            j += 1;
-        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
-            out.push(format!("+ {}", b[j]));
-            j += 1;
-        } else {
-            out.push(format!("- {}", a[i]));
-            i += 1;
-        }
-    }
-    out
+    let (a, b): (Vec<&str>, Vec<&str>) =
+        (a.iter().map(String::as_str).collect(), b.iter().map(String::as_str).collect());
+    crate::broker::textdiff::lines(&a, &b).unwrap_or_else(|| vec!["(too large to compare line by line)".into()])
 }
 
 /// Phrases that address the model rather than describe the tool (a rug pull's usual payload).

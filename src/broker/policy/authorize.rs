@@ -274,6 +274,8 @@ pub enum DenyCode {
     TtlExceeded,
     /// The dashboard level is too low.
     DashboardLevel,
+    /// An operator froze the agent or the resource (the kill switch).
+    Frozen,
 }
 
 impl DenyCode {
@@ -313,6 +315,7 @@ impl DenyCode {
             DenyCode::DepthExceeded => "depth_exceeded",
             DenyCode::TtlExceeded => "ttl_exceeded",
             DenyCode::DashboardLevel => "dashboard_level",
+            DenyCode::Frozen => "frozen",
         }
     }
 }
@@ -537,12 +540,41 @@ pub fn authorize<'p>(policy: &'p Policy, principal: &Principal<'_>, action: &Act
     authorize_one(policy, principal.agent, principal.token, action)
 }
 
+/// The kill switch: the agent, or the target, service or remote the action reaches, is frozen.
+fn frozen(policy: &Policy, agent: &str, kind: &ActionKind<'_>) -> Option<Denial> {
+    use super::FreezeKind as F;
+    let f = &policy.frozen;
+    if f.is_empty() {
+        return None;
+    }
+    let (what, name) = match *kind {
+        _ if f.has(F::Agent, agent) => (F::Agent, agent),
+        ActionKind::Ssh { target, .. } | ActionKind::SshCommand { target, .. } => (F::Target, target),
+        ActionKind::Http { service, .. } | ActionKind::HttpUpstream { service, .. } => (F::Service, service),
+        ActionKind::RemoteTool { remote, .. }
+        | ActionKind::RemoteResource { remote, .. }
+        | ActionKind::RemotePrompt { remote, .. } => (F::Remote, remote),
+        _ => return None,
+    };
+    f.has(what, name).then(|| Denial {
+        code: DenyCode::Frozen,
+        reason: format!(
+            "{} {name:?} is frozen by an operator (`ephyr unfreeze {} {name}`)",
+            what.as_str(),
+            what.as_str()
+        ),
+    })
+}
+
 fn authorize_one<'p>(policy: &'p Policy, agent: &str, token: Option<&Envelope>, action: &Action<'_>) -> Decision<'p> {
     let Some(agent) = policy.agents.get(agent) else {
         return deny(DenyCode::UnknownAgent, format!("agent {agent:?} is not in the policy"));
     };
     if !agent.enabled {
         return deny(DenyCode::AgentDisabled, format!("agent {:?} is disabled", agent.name));
+    }
+    if let Some(denial) = frozen(policy, &agent.name, &action.kind) {
+        return Decision::Deny(denial);
     }
     if let (Some(tool), Some(env)) = (action.tool, token)
         && !env.dim(SetKey::Tool).allows(tool)

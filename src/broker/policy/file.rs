@@ -63,6 +63,18 @@ pub struct GoRateLimit {
     pub window_seconds: i64,
 }
 
+/// `operators.<name>:` — a person who signs in to the console.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorFile {
+    /// Argon2id PHC hash of the password (`ephyr operator add NAME`).
+    pub password_hash: String,
+    /// `viewer` (default) or `admin`.
+    pub role: Option<String>,
+    /// Free text.
+    pub description: Option<String>,
+}
+
 /// `roles.<name>:`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

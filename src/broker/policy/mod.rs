@@ -649,10 +649,116 @@ pub struct Policy {
     pub agents: BTreeMap<String, Agent>,
     /// Agent names by local uid.
     pub agents_by_uid: BTreeMap<u32, String>,
+    /// Console accounts by name.
+    pub operators: BTreeMap<String, Operator>,
+    /// What operators have frozen (the kill switch; not from the file: carried across reloads).
+    pub frozen: Frozen,
     /// Non-fatal findings (Go-compatibility notes, agents with no grants, ...).
     pub warnings: Vec<String>,
     /// SHA-256 of the source text, hex (identifies a policy version in the audit log).
     pub digest: String,
+    /// The source text as loaded (the console shows it, hashes redacted).
+    pub text: String,
+}
+
+/// What can be frozen (`ephyr freeze KIND NAME`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FreezeKind {
+    /// An agent: every request it makes.
+    Agent,
+    /// A task tree (revoked; the mark records why).
+    Task,
+    /// An SSH target.
+    Target,
+    /// An HTTP service.
+    Service,
+    /// A remote MCP server.
+    Remote,
+}
+
+impl FreezeKind {
+    /// Every kind.
+    pub const ALL: [FreezeKind; 5] =
+        [FreezeKind::Agent, FreezeKind::Task, FreezeKind::Target, FreezeKind::Service, FreezeKind::Remote];
+
+    /// The word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FreezeKind::Agent => "agent",
+            FreezeKind::Task => "task",
+            FreezeKind::Target => "target",
+            FreezeKind::Service => "service",
+            FreezeKind::Remote => "remote",
+        }
+    }
+
+    /// From its word.
+    pub fn parse(s: &str) -> Option<FreezeKind> {
+        FreezeKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// The frozen names, by kind: `authorize` refuses anything they cover before any grant counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Frozen(std::collections::BTreeSet<(FreezeKind, String)>);
+
+impl Frozen {
+    /// Whether `name` of `kind` is frozen.
+    pub fn has(&self, kind: FreezeKind, name: &str) -> bool {
+        !self.0.is_empty() && self.0.iter().any(|(k, n)| *k == kind && n == name)
+    }
+
+    /// Adds or removes one; whether that changed anything.
+    pub fn set(&mut self, kind: FreezeKind, name: &str, on: bool) -> bool {
+        if on { self.0.insert((kind, name.to_owned())) } else { self.0.remove(&(kind, name.to_owned())) }
+    }
+
+    /// Every frozen `(kind, name)`.
+    pub fn iter(&self) -> impl Iterator<Item = &(FreezeKind, String)> {
+        self.0.iter()
+    }
+
+    /// Nothing frozen.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// What an operator may do in the console.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum OperatorRole {
+    /// Sees every view; changes nothing.
+    Viewer,
+    /// Also revokes, closes, freezes, approves and reloads.
+    Admin,
+}
+
+impl OperatorRole {
+    /// The policy's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorRole::Viewer => "viewer",
+            OperatorRole::Admin => "admin",
+        }
+    }
+}
+
+/// A console account (`operators.<name>`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Operator {
+    /// Its name (audit records name it `console:<name>`).
+    pub name: String,
+    /// Argon2id PHC hash of its password.
+    pub password_hash: String,
+    /// What it may do.
+    pub role: OperatorRole,
+}
+
+impl fmt::Debug for Operator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Operator").field("name", &self.name).field("role", &self.role).finish_non_exhaustive()
+    }
 }
 
 /// One problem found while loading.

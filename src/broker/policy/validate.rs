@@ -22,8 +22,9 @@ use crate::macaroon::caveat::NormPath;
 use crate::signer::protocol::{HARD_MAX_CERT_TTL_SECS, KNOWN_EXTENSIONS, valid_principal};
 use crate::time::parse_duration;
 
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "version",
+    "operators",
     "mcp",
     "limits",
     "global",
@@ -544,6 +545,53 @@ fn merge_grants(
 
 /// Checks one agent's `api_key_hash`: the fast form (`ephyr-sha256$…`), or an Argon2id PHC
 /// string within the cost bounds (with a warning: it costs ~25 ms and 19 MiB per check).
+/// `operators:`: console accounts, each an Argon2id hash within the cost bounds and a role.
+fn operators(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, Operator> {
+    let mut out = BTreeMap::new();
+    for (name, v) in section(cx, top, "operators") {
+        if !name_ok(&name) {
+            cx.err(&["operators", &name], "operator names are 1-64 of [A-Za-z0-9_.-]", None);
+            continue;
+        }
+        let Some(f) = cx.entry::<OperatorFile>(&["operators", &name], v) else { continue };
+        let at = ["operators", name.as_str(), "password_hash"];
+        let fix = || Some(format!("run `ephyr operator add {name}` and paste its lines"));
+        match argon2::password_hash::phc::PasswordHash::new(&f.password_hash) {
+            Ok(ph) if ph.algorithm.as_str() == "argon2id" => {
+                let m = ph.params.get_decimal("m").unwrap_or(0);
+                let t = ph.params.get_decimal("t").unwrap_or(0);
+                let p = ph.params.get_decimal("p").unwrap_or(0);
+                if m > MAX_ARGON2_KIB || t > MAX_ARGON2_T || p > 4 {
+                    cx.err(
+                        &at,
+                        format!("Argon2 cost m={m},t={t},p={p} exceeds m={MAX_ARGON2_KIB},t={MAX_ARGON2_T},p=4"),
+                        fix(),
+                    );
+                    continue;
+                }
+            }
+            _ => {
+                cx.err(&at, "not an Argon2id PHC hash ($argon2id$v=19$...)", fix());
+                continue;
+            }
+        }
+        let role = match f.role.as_deref() {
+            None | Some("viewer") => OperatorRole::Viewer,
+            Some("admin") => OperatorRole::Admin,
+            Some(other) => {
+                cx.err(
+                    &["operators", &name, "role"],
+                    format!("unknown role {other:?}"),
+                    Some("viewer or admin".into()),
+                );
+                continue;
+            }
+        };
+        out.insert(name.clone(), Operator { name, password_hash: f.password_hash, role });
+    }
+    out
+}
+
 fn api_key_hash(cx: &mut Ctx<'_>, name: &str, h: &str) {
     use super::key_hash;
     let at = ["agents", name, "api_key_hash"];
@@ -1689,6 +1737,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     let mcp = mcp(&mut cx, top);
     let known = Known { limits: &limits, roles: &roles, targets: &targets, services: &services, remotes: &remotes };
     let (agents, by_uid) = agents(&mut cx, top, &known);
+    let operators = operators(&mut cx, top);
 
     request_time_warnings(&mut cx, &services, &network, &agents);
     if !cx.problems.is_empty() {
@@ -1705,7 +1754,10 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         network,
         agents,
         agents_by_uid: by_uid,
+        operators,
+        frozen: Frozen::default(),
         warnings: cx.warnings,
         digest,
+        text: text.to_owned(),
     })
 }

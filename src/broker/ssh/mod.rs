@@ -602,6 +602,16 @@ impl Ssh {
         self.sessions.borrow().values().find(|s| s.serial() == serial).cloned()
     }
 
+    /// Every open session (operators).
+    pub fn sessions(&self) -> Vec<Rc<Session>> {
+        self.sessions.borrow().values().cloned().collect()
+    }
+
+    /// The open session `id`, if any.
+    pub fn session(&self, id: &str) -> Option<Rc<Session>> {
+        self.sessions.borrow().get(id).cloned()
+    }
+
     /// The caller's sessions.
     pub fn sessions_of(&self, policy: &Policy, caller: &Caller) -> Vec<Rc<Session>> {
         self.sessions.borrow().values().filter(|s| owns(policy, caller, s)).cloned().collect()

@@ -106,6 +106,14 @@ impl Sessions {
         self.map.borrow_mut().remove(id).is_some()
     }
 
+    /// Ends every session of `agent` (the kill switch); how many.
+    pub fn remove_agent(&self, agent: &str) -> usize {
+        let mut map = self.map.borrow_mut();
+        let before = map.len();
+        map.retain(|_, s| s.agent != agent);
+        before - map.len()
+    }
+
     /// Live sessions.
     pub fn len(&self) -> usize {
         self.map.borrow().len()

@@ -1,0 +1,372 @@
+//! The operator console on the dashboard listener, from outside: sign-in and sessions, CSRF and
+//! origin checks, roles, the login limiter, what pages may never contain, and the kill switch
+//! (`ephyr freeze`, the console's freeze) with its effects and its journal across a restart.
+//! The browser walk (real Chromium) is in `tests/console_browser.rs`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const ADMIN_PW: &str = "correct horse battery staple";
+const VIEWER_PW: &str = "viewer password 12345";
+
+/// `operators.NAME` lines from `ephyr operator add` (the password on stdin).
+fn operator(name: &str, role: &str, password: &str) -> String {
+    use std::io::Write;
+    let mut c = std::process::Command::new(ephyr_bin())
+        .args(["operator", "add", name, "--role", role])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let hash = text.lines().find_map(|l| l.trim().strip_prefix("password_hash: ")).unwrap().to_owned();
+    format!("  {name}:\n    role: {role}\n    password_hash: {hash}\n")
+}
+
+struct Keys {
+    bot: String,
+    bot_hash: String,
+}
+
+fn policy(k: &Keys, extra_operators: &str) -> String {
+    format!(
+        "version: 1\noperators:\n{}{}{extra_operators}\
+         services:\n  api: {{ url: \"http://127.0.0.1:9/\", credential: {{ type: bearer, secret: \"env:CONSOLE_TEST_SECRET\" }} }}\n\
+         agents:\n  bot:\n    api_key_hash: \"{}\"\n    can_delegate: true\n    services: {{ api: {{}} }}\n",
+        operator("root-admin", "admin", ADMIN_PW),
+        operator("watcher", "viewer", VIEWER_PW),
+        k.bot_hash
+    )
+}
+
+fn keys() -> Keys {
+    let (bot, bot_hash) = agent_key("bot");
+    Keys { bot, bot_hash }
+}
+
+/// A browser-like client of one console.
+struct Client {
+    addr: String,
+    cookie: Option<String>,
+}
+
+impl Client {
+    fn new(addr: &str) -> Client {
+        Client { addr: addr.to_owned(), cookie: None }
+    }
+
+    fn origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn login(&mut self, name: &str, password: &str) -> HttpResponse {
+        let body = format!("name={}&password={}", name, password.replace(' ', "+"));
+        let origin = self.origin();
+        let r = http_request(
+            &self.addr,
+            "POST",
+            "/login",
+            &[("Origin", &origin), ("Content-Type", "application/x-www-form-urlencoded")],
+            body.as_bytes(),
+        );
+        if let Some(c) = r.header("set-cookie") {
+            self.cookie = c.split(';').next().map(str::to_owned);
+        }
+        r
+    }
+
+    fn get(&self, path: &str) -> HttpResponse {
+        let mut h = vec![];
+        if let Some(c) = &self.cookie {
+            h.push(("Cookie", c.as_str()));
+        }
+        http_request(&self.addr, "GET", path, &h, b"")
+    }
+
+    /// The session's CSRF token, read from a page's form.
+    fn csrf(&self) -> String {
+        let page = self.get("/").text();
+        let at = page.find("name=\"csrf\" value=\"").expect("a form with a CSRF token") + 19;
+        page[at..at + page[at..].find('"').unwrap()].to_owned()
+    }
+
+    fn post(&self, path: &str, form: &str, extra: &[(&str, &str)]) -> HttpResponse {
+        let origin = self.origin();
+        let mut h: Vec<(&str, &str)> = vec![("Content-Type", "application/x-www-form-urlencoded")];
+        if !extra.iter().any(|(k, _)| k.eq_ignore_ascii_case("origin")) {
+            h.push(("Origin", &origin));
+        }
+        if let Some(c) = &self.cookie {
+            h.push(("Cookie", c.as_str()));
+        }
+        h.extend_from_slice(extra);
+        http_request(&self.addr, "POST", path, &h, form.as_bytes())
+    }
+}
+
+fn start(policy: &str, data_dir: Option<std::path::PathBuf>) -> Broker {
+    Broker::start(BrokerOpts {
+        policy: Some(policy),
+        data_dir,
+        env: vec![("CONSOLE_TEST_SECRET".into(), "s3cr3t-upstream-credential".into())],
+        ..Default::default()
+    })
+}
+
+fn frozen(b: &Broker) -> serde_json::Value {
+    local_request(&b.socket, "GET", "/v1/freezes", b"").json()["frozen"].clone()
+}
+
+#[test]
+fn sign_in_sessions_csrf_origin_and_roles() {
+    if !require_root() {
+        return;
+    }
+    let k = keys();
+    let b = start(&policy(&k, ""), None);
+    let mut admin = Client::new(&b.dashboard);
+
+    // Signed out: pages send you to the form; every console answer carries the hardening.
+    let r = admin.get("/agents");
+    assert_eq!(r.status, 303);
+    assert_eq!(r.header("location"), Some("/login"));
+    for path in ["/login", "/agents", "/assets/console.js"] {
+        let r = http_request(&b.dashboard, "GET", path, &[("Origin", "http://localhost:1")], b"");
+        let csp = r.header("content-security-policy").unwrap_or_else(|| panic!("{path}: no CSP"));
+        assert!(
+            csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'") && !csp.contains("unsafe"),
+            "{csp}"
+        );
+        assert_eq!(r.header("x-frame-options"), Some("DENY"), "{path}");
+        assert_eq!(r.header("access-control-allow-origin"), None, "{path}: no CORS");
+    }
+    // DNS rebinding: a foreign Host on the loopback listener is refused.
+    let r = http_request(&b.dashboard, "GET", "/login", &[("Host", "attacker.example")], b"");
+    assert_eq!(r.status, 403, "{}", r.text());
+
+    // A wrong password: refused, audited without the password.
+    let r = admin.login("root-admin", "not the password at all");
+    assert_eq!(r.status, 401);
+    assert!(admin.cookie.is_none());
+    let r = admin.login("root-admin", ADMIN_PW);
+    assert_eq!(r.status, 303, "{}", r.text());
+    let set = r.header("set-cookie").unwrap();
+    assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict") && !set.contains("Secure"), "{set}");
+    let logins = audit_events(&b, "console_login");
+    assert_eq!(logins.len(), 2);
+    assert_eq!(logins[0]["decision"], "deny");
+    assert_eq!(logins[1]["agent"], "console:root-admin");
+    assert!(!std::fs::read_to_string(b.data_dir.join("audit/audit.jsonl")).unwrap().contains("horse"));
+    assert!(!b.log().contains("horse"), "the password is never logged");
+
+    // Every view renders for the admin, and none shows a hash or a credential.
+    for (path, _) in [
+        ("/", ""),
+        ("/agents", ""),
+        ("/tasks", ""),
+        ("/ssh", ""),
+        ("/remotes", ""),
+        ("/audit", ""),
+        ("/graphs", ""),
+        ("/policy", ""),
+        ("/inspect", ""),
+        ("/audit/verify", ""),
+    ] {
+        let r = admin.get(path);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        let t = r.text();
+        for secret in ["argon2id", "ephyr-sha256", "s3cr3t-upstream-credential", &k.bot] {
+            assert!(!t.contains(secret), "{path} shows {secret:?}");
+        }
+    }
+    assert!(admin.get("/policy").text().contains("password_hash: &quot;(redacted)&quot;"));
+
+    // State changes need the CSRF token, a same-origin request, and nothing changes otherwise.
+    let csrf = admin.csrf();
+    let form = format!("csrf={csrf}&kind=agent&name=bot");
+    assert_eq!(admin.post("/freeze", "kind=agent&name=bot", &[]).status, 403, "no token");
+    assert_eq!(admin.post("/freeze", "csrf=AAAA&kind=agent&name=bot", &[]).status, 403, "wrong token");
+    assert_eq!(admin.post("/freeze", &form, &[("Origin", "http://evil.example")]).status, 403, "cross-origin");
+    assert_eq!(admin.post("/freeze", &form, &[("Origin", "http://localhost:1")]).status, 403, "another local origin");
+    let cross_site: &[(&str, &str)] = &[("Origin", ""), ("Sec-Fetch-Site", "cross-site")];
+    assert_eq!(admin.post("/freeze", &form, cross_site).status, 403, "cross-site fetch");
+    assert_eq!(frozen(&b), json!([]), "refused requests change nothing");
+    assert!(tool_call(&b.api, &k.bot, "list_services", json!({})).is_ok());
+
+    // A viewer sees everything and changes nothing.
+    let mut viewer = Client::new(&b.dashboard);
+    assert_eq!(viewer.login("watcher", VIEWER_PW).status, 303);
+    assert_eq!(viewer.get("/agents").status, 200);
+    assert!(!viewer.get("/agents").text().contains("action=\"/freeze\""), "no buttons for viewers");
+    let vform = format!("csrf={}&kind=agent&name=bot", viewer.csrf());
+    let r = viewer.post("/freeze", &vform, &[]);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("viewer"));
+    assert_eq!(frozen(&b), json!([]));
+
+    // The admin's freeze works (and is audited with the operator's name).
+    let r = admin.post("/freeze", &format!("{form}&reason=testing"), &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(frozen(&b)[0]["by"], "console:root-admin");
+    let err = tool_call(&b.api, &k.bot, "task_create", json!({"description": "x"})).unwrap_err();
+    assert!(err.contains("frozen"), "{err}");
+    let ev = audit_events(&b, "freeze");
+    assert_eq!(ev[0]["agent"], "console:root-admin");
+    assert_eq!(ev[0]["action"]["reason"], "testing");
+    let r = admin.post("/unfreeze", &form, &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(tool_call(&b.api, &k.bot, "list_services", json!({})).is_ok());
+
+    // The session cookie means nothing on the API listener or to another broker.
+    let cookie = admin.cookie.clone().unwrap();
+    let r = http_request(&b.api, "GET", "/", &[("Cookie", &cookie)], b"");
+    assert_eq!(r.status, 404, "the API listener has no console");
+    let r = http_request(&b.api, "POST", "/mcp", &[("Cookie", &cookie), ("Content-Type", "application/json")], b"{}");
+    assert_eq!(r.status, 401, "a console cookie is no MCP credential");
+    let other = start(&policy(&k, ""), None);
+    let mut stolen = Client::new(&other.dashboard);
+    stolen.cookie = Some(cookie.clone());
+    assert_eq!(stolen.get("/agents").status, 303, "another broker's session is not a session here");
+
+    // After logout the same cookie is refused.
+    let r = admin.post("/logout", &format!("csrf={csrf}"), &[]);
+    assert_eq!(r.status, 303);
+    assert!(r.header("set-cookie").unwrap().contains("Max-Age=0"));
+    assert_eq!(admin.get("/agents").status, 303);
+    assert_eq!(admin.post("/freeze", &form, &[]).status, 401);
+    assert_eq!(frozen(&b), json!([]));
+}
+
+#[test]
+fn password_guessing_is_slowed_per_name_and_per_source() {
+    if !require_root() {
+        return;
+    }
+    let k = keys();
+    let b = start(&policy(&k, ""), None);
+    let mut c = Client::new(&b.dashboard);
+    for i in 0..5 {
+        assert_eq!(c.login("root-admin", &format!("guess number {i}")).status, 401);
+    }
+    // Now even the right password waits: the limiter answers before any check.
+    let started = Instant::now();
+    let r = c.login("root-admin", ADMIN_PW);
+    assert_eq!(r.status, 429, "{}", r.text());
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=900).contains(&wait));
+    assert!(started.elapsed() < Duration::from_millis(400), "refused without hashing");
+    assert!(c.cookie.is_none());
+    // Another operator name from the same source waits too (the source is counted).
+    assert_eq!(c.login("watcher", VIEWER_PW).status, 429);
+    std::thread::sleep(Duration::from_secs(wait + 1));
+    assert_eq!(c.login("root-admin", ADMIN_PW).status, 303, "after the wait, the right password works");
+    // An unknown name costs the same Argon2 check and is not remembered by name.
+    let t = Instant::now();
+    assert_eq!(Client::new(&b.dashboard).login("nobody", "whatever password").status, 401);
+    assert!(t.elapsed() > Duration::from_millis(20), "the decoy hash is checked");
+    assert!(metric(&b, "ephyr_console_logins_total{outcome=\"throttled\"}") >= 2.0);
+}
+
+#[test]
+fn freeze_revokes_an_agents_tasks_refuses_it_and_survives_a_restart() {
+    if !require_root() {
+        return;
+    }
+    let k = keys();
+    let p = policy(&k, "");
+    let data = TempDir::new("freeze-data");
+    let mut b = start(&p, Some(data.path().to_path_buf()));
+    let task = tool_call(&b.api, &k.bot, "task_create", json!({"description": "doomed"})).unwrap();
+    let token = task["token"].as_str().unwrap().to_owned();
+    assert!(tool_call(&b.api, &token, "list_services", json!({})).is_ok());
+
+    // Bad input: a clear error, nothing frozen.
+    let out = ephyr(&["freeze", "agent", "ghost", "--socket", b.socket.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no agent \"ghost\""), "{}", stderr(&out));
+    let out = ephyr(&["freeze", "planet", "bot", "--socket", b.socket.to_str().unwrap()]);
+    assert!(stderr(&out).contains("unknown kind"), "{}", stderr(&out));
+    assert_eq!(frozen(&b), json!([]));
+
+    let out =
+        ephyr(&["freeze", "agent", "bot", "--reason", "compromised laptop", "--socket", b.socket.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("1 task(s) revoked"), "{}", stdout(&out));
+    let v = mcp_request(
+        &b.api,
+        &token,
+        "tools/call",
+        Some("list_services"),
+        json!({"name": "list_services", "arguments": {}}),
+    );
+    assert!(v["error"]["message"].as_str().unwrap_or("").contains("revoked"), "the task died with the freeze: {v}");
+    let err = tool_call(&b.api, &k.bot, "task_create", json!({"description": "again"})).unwrap_err();
+    assert!(err.contains("frozen"), "new grants stop at once: {err}");
+    assert_eq!(metric(&b, "ephyr_freezes_total{kind=\"agent\"}"), 1.0);
+
+    // The freeze is journaled: it holds after a restart, with who and why.
+    b.signal(15);
+    b.wait_exit(Duration::from_secs(20));
+    let b = start(&p, Some(data.path().to_path_buf()));
+    let f = frozen(&b);
+    assert_eq!(f[0]["kind"], "agent");
+    assert_eq!(f[0]["name"], "bot");
+    assert_eq!(f[0]["reason"], "compromised laptop");
+    assert_eq!(f[0]["by"], "operator:uid0");
+    assert!(tool_call(&b.api, &k.bot, "task_create", json!({"description": "x"})).unwrap_err().contains("frozen"));
+    assert_eq!(b.status()["frozen"][0]["name"], "bot", "status shows it");
+
+    // Unfreezing lets the agent back in; the revoked task stays revoked.
+    let out = ephyr(&["unfreeze", "agent", "bot", "--socket", b.socket.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(tool_call(&b.api, &k.bot, "list_services", json!({})).is_ok());
+    let v = mcp_request(
+        &b.api,
+        &token,
+        "tools/call",
+        Some("list_services"),
+        json!({"name": "list_services", "arguments": {}}),
+    );
+    assert!(v["error"].is_object(), "revoked stays revoked: {v}");
+    let out = ephyr(&["freezes", "--socket", b.socket.to_str().unwrap()]);
+    assert!(stdout(&out).contains("nothing is frozen"));
+    assert_eq!(audit_events(&b, "unfreeze")[0]["agent"], "operator:uid0");
+}
+
+#[test]
+fn a_forged_freeze_journal_stops_start_up_instead_of_thawing() {
+    if !require_root() {
+        return;
+    }
+    let k = keys();
+    let p = policy(&k, "");
+    let data = TempDir::new("freeze-forged");
+    let mut b = start(&p, Some(data.path().to_path_buf()));
+    let out = ephyr(&["freeze", "agent", "bot", "--socket", b.socket.to_str().unwrap()]);
+    assert!(out.status.success());
+    b.signal(15);
+    b.wait_exit(Duration::from_secs(20));
+    // Damage the middle of the journal (not a torn tail): start-up must refuse, not forget.
+    let path = data.join("state/freezes.journal");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = 8 + 12 + 4;
+    bytes[mid] ^= 0xff;
+    bytes.extend_from_slice(&bytes.clone()[8..]);
+    std::fs::write(&path, &bytes).unwrap();
+    let mut b = Broker::start(BrokerOpts {
+        policy: Some(&p),
+        data_dir: Some(data.path().to_path_buf()),
+        expect_ready: false,
+        ..Default::default()
+    });
+    let st = b.wait_exit(Duration::from_secs(20));
+    assert!(!st.success());
+    assert!(b.log().contains("freezes"), "{}", b.log());
+}
