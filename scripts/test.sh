@@ -7,7 +7,7 @@
 #                                aarch64 cross build with the pure tests under qemu
 #   EPHYR_SKIP_AARCH64=1 ...     skip the aarch64 step (saves ~3.5 min)
 #
-# Installs what the tests need: apt (openssh-server, curl, setpriv, ...), Python packages
+# Installs what the tests need: apt (openssh-server, curl, setpriv, chromium, ...), Python packages
 # (tests/requirements.txt) and npm packages (tests/peers/package.json), all from the registries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 step "system packages"
-apt_pkgs=(openssh-server openssh-client curl util-linux file procps python3 iproute2 prometheus valgrind)
+apt_pkgs=(openssh-server openssh-client curl util-linux file procps python3 iproute2 prometheus valgrind chromium)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -222,8 +222,10 @@ pub async fn post(broker: &Broker, op: &Operator, req: Request<Incoming>, path: 
             }
             Err(e) => {
                 let problems: Vec<String> = e.problems.iter().map(|p| p.to_string()).collect();
+                // The form's answer is the policy view with the problems in place (200: the
+                // request was served; the reload it asked for is what failed, and says so).
                 let body = views::policy(broker, op, Some(&problems)).await;
-                html_response(StatusCode::UNPROCESSABLE_ENTITY, page("Policy", "/policy", Some(op), &body))
+                html_response(StatusCode::OK, page("Policy", "/policy", Some(op), &body))
             }
         },
         p if let Some(id) = p.strip_prefix("/tasks/").and_then(|r| r.strip_suffix("/revoke")) => {

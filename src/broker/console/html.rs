@@ -56,7 +56,8 @@ pub fn page(title: &str, active: &str, op: Option<&Operator>, body: &str) -> Str
         out,
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{} · ephyr</title><link rel=\"stylesheet\" href=\"/assets/console.css\">\
+         <title>{} · ephyr</title><link rel=\"icon\" href=\"/assets/icon.svg\" type=\"image/svg+xml\">\
+         <link rel=\"stylesheet\" href=\"/assets/console.css\">\
          <script src=\"/assets/console.js\" defer></script></head><body>",
         esc(title)
     );

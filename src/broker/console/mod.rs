@@ -8,7 +8,7 @@
 //! [`views`]; state changes in [`actions`]; the sampler behind the sparklines in [`graphs`].
 //!
 //! Every console response carries a strict Content-Security-Policy (no inline script or style,
-//! nothing from elsewhere), frame denial, `nosniff`, no referrer, and `no-store`; there are no
+//! nothing from elsewhere), frame denial, `nosniff`, same-origin referrers, `no-store`; there are no
 //! CORS headers. Every state change is a POST that needs the session cookie, the session's CSRF
 //! token, and a same-origin `Origin` (or `Sec-Fetch-Site`), and an admin for anything but
 //! signing out. Credentials never appear in a URL. Assets are compiled in (`include_str!`).
@@ -32,6 +32,8 @@ pub(crate) mod views;
 const CSS: &str = include_str!("assets/console.css");
 /// The console's script.
 const JS: &str = include_str!("assets/console.js");
+/// The console's icon.
+const ICON: &str = include_str!("assets/icon.svg");
 
 /// The console's Content-Security-Policy.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
@@ -54,7 +56,9 @@ pub fn harden(mut r: Response<Body>) -> Response<Body> {
     h.insert("content-security-policy", HeaderValue::from_static(CSP));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    // `same-origin`, not `no-referrer`: with the latter, browsers send `Origin: null` on form
+    // posts, and the same-origin check could not tell our forms from anyone's.
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
     h.insert("cross-origin-resource-policy", HeaderValue::from_static("same-origin"));
     h.insert("permissions-policy", HeaderValue::from_static("camera=(), microphone=(), geolocation=()"));
@@ -149,6 +153,7 @@ async fn route(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer, tls: bool
     match (&method, path.as_str()) {
         (&Method::GET, "/assets/console.css") => return asset("text/css; charset=utf-8", CSS),
         (&Method::GET, "/assets/console.js") => return asset("text/javascript; charset=utf-8", JS),
+        (&Method::GET, "/assets/icon.svg") => return asset("image/svg+xml", ICON),
         (&Method::GET, "/login") => return views::login(&broker, None, StatusCode::OK),
         _ => {}
     }

@@ -358,7 +358,7 @@ fn tasks(broker: &Broker, op: &Operator) -> String {
         let state = if v.revoked.is_some() {
             badge("bad", "revoked")
         } else {
-            badge("ok", &format!("{} left", s("remaining_ttl")))
+            badge("ok", &format!("{} left", since(j["remaining_ttl"].as_u64().unwrap_or(0))))
         };
         let _ = write!(
             out,
