@@ -70,7 +70,15 @@ Options:
                              (default: ephyr-signer if it exists, else 65534)
   --shutdown-timeout DUR     time for in-flight requests on shutdown (default 10s)
   --insecure-no-sandbox      let the signer run without a complete sandbox (emulators,
-                             old kernels); logged loudly and shown by doctor and metrics";
+                             old kernels); logged loudly and shown by doctor and metrics
+  --tls-cert FILE            PEM certificate chain for both listeners (with --tls-key);
+                             re-read on SIGHUP
+  --tls-key FILE             its PEM private key (readable by the broker's user)
+  --tls-name NAME            another DNS name or address for the generated certificate
+                             (repeatable; a non-loopback listener without --tls-cert gets a
+                             certificate from a local CA in <data-dir>/tls/)
+  --insecure-plain-http      serve plain HTTP on a non-loopback address (credentials and the
+                             console's cookie cross the network in clear text; logged loudly)";
 
 const DEMO_HELP: &str = "\
 Usage: ephyr demo [--step] [--keep] [--json]
@@ -504,6 +512,10 @@ fn cmd_serve(p: &mut lexopt::Parser) -> Result<u8, Failure> {
                     ephyr::time::parse_duration(&v).map_err(|e| usage(format!("--shutdown-timeout: {e}")))?;
             }
             Long("insecure-no-sandbox") => o.insecure_no_sandbox = true,
+            Long("tls-cert") => o.tls_cert = Some(path(p.value()?)),
+            Long("tls-key") => o.tls_key = Some(path(p.value()?)),
+            Long("tls-name") => o.tls_names.push(p.value()?.string()?),
+            Long("insecure-plain-http") => o.insecure_plain_http = true,
             Long("help") | Short('h') => return help(SERVE_HELP),
             other => return Err(other.unexpected().into()),
         }

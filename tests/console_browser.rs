@@ -98,14 +98,28 @@ fn the_console_in_chromium_walks_every_view_and_acts() {
     assert!(shots.join("phone_overview.png").exists());
 
     // What the browser did, seen from outside.
-    let v = mcp_request(&b.api, &token, "tools/call", Some("list_targets"), json!({"name": "list_targets", "arguments": {}}));
-    assert!(v["error"]["message"].as_str().unwrap_or("").contains("revoked"), "revoked in the UI, refused over MCP: {v}");
-    let err = tool_call(&b.api, &mallory, "exec", json!({"target": "web", "role": "read", "command": "id"})).unwrap_err();
+    let v = mcp_request(
+        &b.api,
+        &token,
+        "tools/call",
+        Some("list_targets"),
+        json!({"name": "list_targets", "arguments": {}}),
+    );
+    assert!(
+        v["error"]["message"].as_str().unwrap_or("").contains("revoked"),
+        "revoked in the UI, refused over MCP: {v}"
+    );
+    let err =
+        tool_call(&b.api, &mallory, "exec", json!({"target": "web", "role": "read", "command": "id"})).unwrap_err();
     assert!(err.contains("frozen"), "frozen in the UI, refused over MCP: {err}");
     assert!(tool_call(&b.api, &alice, "list_targets", json!({})).is_ok(), "others are untouched");
     let reloads = audit_events(&b, "policy_reload");
     assert!(reloads.iter().any(|e| e["outcome"]["ok"] == false && e["agent"] == "console:ops"), "{reloads:?}");
-    assert_eq!(b.status()["policy_digest"], reloads.last().unwrap()["outcome"]["kept"], "the broken policy never loaded");
+    assert_eq!(
+        b.status()["policy_digest"],
+        reloads.last().unwrap()["outcome"]["kept"],
+        "the broken policy never loaded"
+    );
     let revokes = audit_events(&b, "task_revoke");
     assert_eq!(revokes[0]["agent"], "console:ops");
     assert_eq!(revokes[0]["outcome"]["cascade_count"], 1, "the child died with it");

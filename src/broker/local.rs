@@ -87,6 +87,7 @@ pub fn status_json(broker: &Broker) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
+        "tls": broker.tls.as_ref().map(|t| t.describe()),
         "frozen": freezes_json(broker)["frozen"],
         "remotes": remotes,
         "audit": {

@@ -34,6 +34,7 @@ pub mod signer_client;
 pub mod ssh;
 pub mod tasks;
 pub(crate) mod textdiff;
+pub mod tls;
 pub(crate) mod tools;
 pub(crate) mod upstream;
 
@@ -125,6 +126,15 @@ pub struct Broker {
     pub freezes: freeze::Freezes,
     /// The operator console's sessions, limiter and samples.
     pub console: console::Console,
+    /// TLS on the TCP listeners (`None`: plain HTTP).
+    pub tls: Option<Rc<tls::Tls>>,
+}
+
+impl Broker {
+    /// `https` when the listeners speak TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
 }
 
 /// What a policy asks that the running signer's limits (fixed when it started, from the policy

@@ -99,7 +99,8 @@ pub fn dashboard_handler(broker: Rc<Broker>) -> Handler {
                 (&Method::GET, "/metrics") => metrics(&broker),
                 (&Method::GET, "/v1/ssh/krl") => krl(&broker),
                 (_, path) if super::console::is_console_path(path) => {
-                    super::console::handle(broker.clone(), req, peer, false).await
+                    let tls = broker.tls.is_some();
+                    super::console::handle(broker.clone(), req, peer, tls).await
                 }
                 (_, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
             };

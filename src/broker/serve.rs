@@ -57,6 +57,14 @@ pub struct ServeOptions {
     pub signer_user: Option<String>,
     /// How long in-flight requests may take to finish on shutdown.
     pub shutdown_timeout: Duration,
+    /// Certificate chain for both listeners.
+    pub tls_cert: Option<PathBuf>,
+    /// Its key.
+    pub tls_key: Option<PathBuf>,
+    /// More names for a generated certificate.
+    pub tls_names: Vec<String>,
+    /// Plain HTTP on a non-loopback address.
+    pub insecure_plain_http: bool,
 }
 
 impl Default for ServeOptions {
@@ -72,6 +80,10 @@ impl Default for ServeOptions {
             broker_user: None,
             signer_user: None,
             shutdown_timeout: Duration::from_secs(10),
+            tls_cert: None,
+            tls_key: None,
+            tls_names: Vec::new(),
+            insecure_plain_http: false,
         }
     }
 }
@@ -135,6 +147,45 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener, ServeError> {
     // Anyone may connect; SO_PEERCRED decides what they may do.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(startup("socket mode"))?;
     Ok(l)
+}
+
+/// Decides the listeners' TLS: the given certificate; else, when a listener binds a
+/// non-loopback address, the local CA's (made now, as the broker's user's files); else none.
+/// Plain HTTP on a non-loopback address needs `--insecure-plain-http`.
+fn listener_tls(
+    opts: &ServeOptions,
+    data_dir: &DataDir,
+    listeners: &[SocketAddr],
+    owner: Option<&crate::users::Account>,
+) -> Result<Option<Rc<super::tls::Tls>>, ServeError> {
+    use super::tls::{Source, Tls};
+    let exposed = listeners.iter().any(|a| !a.ip().is_loopback());
+    let source = match (&opts.tls_cert, &opts.tls_key) {
+        (Some(cert), Some(key)) => Source::Given { cert: cert.clone(), key: key.clone() },
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(ServeError::Config("--tls-cert and --tls-key go together".into()));
+        }
+        (None, None) if !exposed => return Ok(None),
+        (None, None) if opts.insecure_plain_http => {
+            log::warn!(
+                "INSECURE: plain HTTP on a non-loopback address (--insecure-plain-http): API keys, task tokens \
+                 and the console's session cross the network in clear text"
+            );
+            return Ok(None);
+        }
+        (None, None) => {
+            let dir = data_dir.root.join("tls");
+            Source::Local { dir, names: super::tls::local_names(listeners, &opts.tls_names) }
+        }
+    };
+    let tls = Tls::load(source.clone()).map_err(|e| ServeError::Config(format!("TLS: {e}")))?;
+    if let (Source::Local { dir, .. }, Some(o)) = (&source, owner) {
+        for entry in std::fs::read_dir(dir).map_err(startup("TLS dir"))?.flatten() {
+            std::os::unix::fs::chown(entry.path(), Some(o.uid), Some(o.gid)).map_err(startup("TLS files"))?;
+        }
+        std::os::unix::fs::chown(dir, Some(o.uid), Some(o.gid)).map_err(startup("TLS dir"))?;
+    }
+    Ok(Some(Rc::new(tls)))
 }
 
 /// Runs the broker until it is told to stop.
@@ -213,6 +264,8 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         api.local_addr().map_err(startup("listener address"))?,
         dashboard.local_addr().map_err(startup("listener address"))?,
     );
+
+    let tls = listener_tls(&opts, &data_dir, &[listen, dashboard_listen], ids.as_ref().map(|i| &i.broker))?;
 
     // 4. Privileges.
     let identity = drop_privileges(ids.as_ref().map(|i| &i.broker)).map_err(ServeError::Startup)?;
@@ -308,6 +361,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             ),
             freezes,
             console: super::console::Console::default(),
+            tls,
         });
         ex.spawn(super::console::graphs::run(Rc::downgrade(&broker))).detach();
         record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
@@ -328,11 +382,22 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         let conns = Connections::default();
         spawn_listeners(&ex, &broker, Listeners { api, dashboard, unix }, &stop_rx, &conns);
         let ca = signer.health().status.map(|s| s.ca_public_key).unwrap_or_default();
+        let scheme = broker.scheme();
         log::info!(
-            "serving: MCP/API http://{listen} dashboard http://{dashboard_listen} socket {} (ready in {:.1} ms)",
+            "serving: MCP/API {scheme}://{listen} console {scheme}://{dashboard_listen} socket {} (ready in {:.1} ms)",
             socket_path.display(),
             started.elapsed().as_secs_f64() * 1000.0
         );
+        if let Some(t) = &broker.tls {
+            let d = t.describe();
+            match d["ca_file"].as_str() {
+                Some(ca) => log::warn!(
+                    "TLS from the local CA {ca}, fingerprint {}: clients must trust that file (docs/console.md, \"TLS\")",
+                    t.fingerprint()
+                ),
+                None => log::info!("TLS with the given certificate, fingerprint {}", t.fingerprint()),
+            }
+        }
         if opts.dev {
             print_dev_banner(&broker, &ca, dev_key.as_ref());
         }
@@ -376,6 +441,7 @@ fn spawn_listeners(
                 routes::api_handler(broker.clone()),
                 stop_rx.clone(),
                 conns.clone(),
+                broker.tls.clone(),
             )) as std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>>>>,
         ),
         (
@@ -387,6 +453,7 @@ fn spawn_listeners(
                 routes::dashboard_handler(broker.clone()),
                 stop_rx.clone(),
                 conns.clone(),
+                broker.tls.clone(),
             )),
         ),
         (
@@ -424,6 +491,12 @@ async fn wait_for_stop(
         match next {
             Ok(Some(Ok(Signal::Hup))) => {
                 log::info!("SIGHUP received: reloading the policy");
+                if let Some(t) = &broker.tls {
+                    match t.reload() {
+                        Ok(fp) => log::info!("TLS certificate re-read: {fp}"),
+                        Err(e) => log::error!("TLS certificate not re-read (the current one stays): {e}"),
+                    }
+                }
                 let _ = super::ops::reload(broker, &super::ops::Actor::Signal("SIGHUP")).await;
             }
             Ok(Some(Ok(sig))) => {
@@ -545,7 +618,7 @@ fn dev_api_key(
 }
 
 fn print_dev_banner(broker: &Broker, ca: &str, key: Option<&crate::secret::SecretString>) {
-    let url = format!("http://{}/mcp", broker.listen);
+    let url = format!("{}://{}/mcp", broker.scheme(), broker.listen);
     let where_ = if broker.data_dir.temporary {
         format!("temporary data dir {} (removed on exit)", broker.data_dir.root.display())
     } else {
@@ -569,8 +642,9 @@ fn print_dev_banner(broker: &Broker, ca: &str, key: Option<&crate::secret::Secre
         "mcpServers": { "ephyr": { "type": "http", "url": url, "headers": { "Authorization": format!("Bearer {key}") } } }
     });
     println!(
-        "\nephyr {} dev broker is running ({where_})\n\n  MCP endpoint:   {url}\n  API key:        {key_line}\n  Policy:         {policy}\n  Health:         http://{}/healthz\n  Local CLI:      export EPHYR_SOCKET={socket}   (then: ephyr status, ephyr exec, ephyr policy reload)\n  CA public key (put this line in TrustedUserCAKeys on your targets):\n    {ca}\n\nConnect Claude Code:\n  claude mcp add --transport http ephyr {url} --header \"Authorization: Bearer {key}\"\n\nOr paste into a JSON configuration (Claude Code's .mcp.json, Cursor's mcp.json):\n{}\n\nA first working exec:\n  ephyr demo          every step on this machine, with a throwaway sshd on loopback (seconds)\n  a real host:        put it in a policy as a target, then `ephyr target setup-script`\n                      prints what to run on it (docs/target-setup.md); the built-in policy's\n                      users ephyr-read/ephyr-op do not exist on 127.0.0.1 until you do that\n\nOther clients (Claude Desktop, SDKs): docs/mcp-clients.md\nStop with Ctrl-C.\n",
+        "\nephyr {} dev broker is running ({where_})\n\n  MCP endpoint:   {url}\n  API key:        {key_line}\n  Policy:         {policy}\n  Health:         {}://{}/healthz\n  Local CLI:      export EPHYR_SOCKET={socket}   (then: ephyr status, ephyr exec, ephyr policy reload)\n  CA public key (put this line in TrustedUserCAKeys on your targets):\n    {ca}\n\nConnect Claude Code:\n  claude mcp add --transport http ephyr {url} --header \"Authorization: Bearer {key}\"\n\nOr paste into a JSON configuration (Claude Code's .mcp.json, Cursor's mcp.json):\n{}\n\nA first working exec:\n  ephyr demo          every step on this machine, with a throwaway sshd on loopback (seconds)\n  a real host:        put it in a policy as a target, then `ephyr target setup-script`\n                      prints what to run on it (docs/target-setup.md); the built-in policy's\n                      users ephyr-read/ephyr-op do not exist on 127.0.0.1 until you do that\n\nOther clients (Claude Desktop, SDKs): docs/mcp-clients.md\nStop with Ctrl-C.\n",
         env!("CARGO_PKG_VERSION"),
+        broker.scheme(),
         broker.listen,
         serde_json::to_string_pretty(&snippet).unwrap_or_default()
     );

@@ -177,6 +177,29 @@ fn check_store_secrets(r: &mut Report, p: &policy::Policy, dir: &Path) {
 
 /// The audit trail's hash chain and signed checkpoints (as `ephyr audit verify`, without a
 /// running broker's head).
+/// The listeners' local CA, when the broker made one: its fingerprint (what clients trust).
+fn check_tls(r: &mut Report, dir: &Path) {
+    let ca = dir.join("ca.pem");
+    if !ca.exists() {
+        r.add("TLS", Status::Ok, "no local CA (loopback listeners, or a given --tls-cert)");
+        return;
+    }
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    match CertificateDer::from_pem_file(&ca) {
+        Ok(c) => r.add(
+            "TLS local CA",
+            Status::Ok,
+            format!(
+                "{} {} (clients trust this file: docs/console.md, \"TLS\")",
+                ca.display(),
+                crate::broker::tls::fingerprint(&c)
+            ),
+        ),
+        Err(e) => r.add("TLS local CA", Status::Fail, format!("{}: {e}", ca.display())),
+    }
+}
+
 fn check_audit_chain(r: &mut Report, dir: &Path, keys: &KeyPaths) {
     let paths = match crate::broker::audit::log_files(dir) {
         Ok(p) if p.is_empty() => return r.add("audit chain", Status::Ok, "no audit lines yet"),
@@ -281,6 +304,7 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
         check_store_secrets(&mut r, p, &data.state().join("secrets"));
     }
     check_audit_chain(&mut r, &data.audit(), &keys);
+    check_tls(&mut r, &data.root.join("tls"));
 
     // A real signer in self-check mode: same code, same sandbox, plus escape probes.
     let cfg = SignerConfig {

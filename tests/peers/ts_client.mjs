@@ -40,7 +40,7 @@ try {
   await transport.terminateSession();
   out.terminated = true;
 } catch (e) {
-  out.error = String(e?.stack ?? e);
+  out.error = String(e?.stack ?? e) + (e?.cause ? `\ncause: ${e.cause.code ?? ""} ${e.cause.message ?? e.cause}` : "");
 }
 await client.close().catch(() => {});
 console.log(JSON.stringify(out));

@@ -109,6 +109,13 @@ pub fn warnings(broker: &Broker) -> Vec<String> {
     if let Some(f) = broker.audit.failure() {
         w.push(format!("the audit log has failed: {f} (state-changing requests are refused)"));
     }
+    let exposed = !broker.listen.ip().is_loopback() || !broker.dashboard_listen.ip().is_loopback();
+    if exposed && broker.tls.is_none() {
+        w.push(
+            "a listener serves plain HTTP on a non-loopback address: credentials cross the network in clear text"
+                .into(),
+        );
+    }
     if !p.operators.values().any(|o| o.role == OperatorRole::Admin) {
         w.push("no operator has the admin role: nobody can act from the console".into());
     }
@@ -202,6 +209,21 @@ fn overview(broker: &Broker, op: &Operator) -> String {
         remotes.len().to_string(),
         if down == 0 { "all connected".into() } else { format!("{down} not connected") },
     ));
+    let exposed = !broker.listen.ip().is_loopback() || !broker.dashboard_listen.ip().is_loopback();
+    out.push_str(&match &broker.tls {
+        Some(t) => {
+            let d = t.describe();
+            let what = match d["ca_file"].as_str() {
+                Some(f) => format!("local CA {} — clients trust <code>{}</code>", esc(&t.fingerprint()), esc(f)),
+                None => format!("certificate {}", esc(&t.fingerprint())),
+            };
+            card("TLS", badge("ok", "on"), what)
+        }
+        None if exposed => {
+            card("TLS", badge("bad", "plain HTTP"), "on a non-loopback address (--insecure-plain-http)".into())
+        }
+        None => card("TLS", badge("muted", "off"), "loopback listeners only".into()),
+    });
     out.push_str(&card(
         "Audit",
         if broker.audit.failure().is_none() { badge("ok", "writing") } else { badge("bad", "failed") },

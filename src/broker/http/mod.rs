@@ -1,6 +1,7 @@
 //! HTTP/1.1 serving on the single-threaded executor: hyper over async-io sockets.
 //!
-//! What runs here: `accept` on TCP and Unix listeners, one task per connection on the
+//! What runs here: `accept` on TCP and Unix listeners (with a TLS handshake first when the
+//! listeners speak TLS, `broker::tls`), one task per connection on the
 //! `LocalExecutor`, `getsockopt(SO_PEERCRED)` for Unix peers, async-io timers for header read
 //! timeouts. No threads of its own. Limits: request headers must arrive within
 //! [`HEADER_TIMEOUT`] (slow-loris), the read buffer is capped at [`MAX_BUF`], and handlers bound body
@@ -308,6 +309,7 @@ pub async fn serve_tcp(
     handler: Handler,
     shutdown: async_channel::Receiver<()>,
     conns: Connections,
+    tls: Option<Rc<crate::broker::tls::Tls>>,
 ) -> io::Result<()> {
     let listener = Async::new(listener)?;
     loop {
@@ -339,10 +341,26 @@ pub async fn serve_tcp(
         conns.0.set(conns.0.get() + 1);
         let guard = Guard(conns.clone());
         let (h, s) = (handler.clone(), shutdown.clone());
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         ex.spawn(async move {
             let _guard = guard;
             let _slot = slot;
-            serve_conn(stream, Peer::Tcp(addr), h, s).await;
+            match acceptor {
+                None => serve_conn(stream, Peer::Tcp(addr), h, s).await,
+                Some(a) => {
+                    // The handshake is bounded like request headers (a stalled client holds a slot).
+                    let shook = futures_lite::future::or(async { Some(a.accept(stream).await) }, async {
+                        Timer::after(HEADER_TIMEOUT).await;
+                        None
+                    })
+                    .await;
+                    match shook {
+                        Some(Ok(tls)) => serve_conn(tls, Peer::Tcp(addr), h, s).await,
+                        Some(Err(e)) => log::debug!("TLS handshake with {addr} failed: {e}"),
+                        None => log::debug!("TLS handshake with {addr} timed out"),
+                    }
+                }
+            }
         })
         .detach();
     }

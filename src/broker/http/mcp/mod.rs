@@ -157,7 +157,7 @@ fn resource_url(broker: &Broker, headers: &HeaderMap) -> String {
             !h.is_empty() && h.len() < 256 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
         })
         .map_or_else(|| broker.listen.to_string(), str::to_owned);
-    format!("http://{host}/mcp")
+    format!("{}://{host}/mcp", broker.scheme())
 }
 
 /// `GET /.well-known/oauth-protected-resource[/mcp]` (RFC 9728).
