@@ -370,3 +370,101 @@ fn a_forged_freeze_journal_stops_start_up_instead_of_thawing() {
     assert!(!st.success());
     assert!(b.log().contains("freezes"), "{}", b.log());
 }
+
+fn fingerprint(pubkey: &std::path::Path) -> String {
+    let out = std::process::Command::new("ssh-keygen").args(["-l", "-E", "sha256", "-f"]).arg(pubkey).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_owned()
+}
+
+#[test]
+fn freezing_a_target_or_an_agent_closes_sessions_streams_and_lists_certificates_on_the_krl() {
+    if !require_root() {
+        return;
+    }
+    const USER: &str = "ephyrt-read";
+    ensure_user(USER);
+    let data = TempDir::new("freeze-ssh");
+    let conf = TempDir::new("freeze-ssh-conf");
+    let out =
+        ephyr(&["init", "--data-dir", data.path().to_str().unwrap(), "--config-dir", conf.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sshd = Sshd::start(&data.join("keys/ca_key.pub"), "ListenAddress 127.0.0.2");
+    let fp = fingerprint(&sshd.dir.join("host_ed25519.pub"));
+    let (alice, alice_hash) = agent_key("alice");
+    let (bob, bob_hash) = agent_key("bob");
+    let p = format!(
+        "version: 1\nroles:\n  read: {{ principal: {USER} }}\n\
+         targets:\n  a: {{ host: 127.0.0.1, port: {port}, allowed_roles: [read], host_key_fingerprint: \"{fp}\" }}\n\
+         \x20 b: {{ host: 127.0.0.2, port: {port}, allowed_roles: [read], host_key_fingerprint: \"{fp}\" }}\n\
+         agents:\n  alice:\n    api_key_hash: \"{alice_hash}\"\n    ssh: {{ \"*\": {{ roles: [read] }} }}\n\
+         \x20 bob:\n    api_key_hash: \"{bob_hash}\"\n    ssh: {{ \"*\": {{ roles: [read] }} }}\n",
+        port = sshd.port
+    );
+    let b = start(&p, Some(data.path().to_path_buf()));
+    let on_a = tool_call(&b.api, &alice, "session_create", json!({"target": "a", "role": "read"})).unwrap();
+    let on_b = tool_call(&b.api, &alice, "session_create", json!({"target": "b", "role": "read"})).unwrap();
+    let serial_a = on_a["cert_serial"].as_str().unwrap().to_owned();
+    let krl_has = |serial: &str| {
+        let krl = http_request(&b.dashboard, "GET", "/v1/ssh/krl", &[], b"");
+        let path = data.join("krl.bin");
+        std::fs::write(&path, &krl.body).unwrap();
+        // `ssh-keygen -Q` tests a key against a KRL; the serial is what ours lists, so read the
+        // list's text form instead.
+        let out = std::process::Command::new("ssh-keygen").args(["-Q", "-l", "-f"]).arg(&path).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        text.contains(&format!("serial: {}", u64::from_str_radix(serial, 16).unwrap())) || text.contains(serial)
+    };
+    assert!(!krl_has(&serial_a));
+
+    // Freeze target a: its session closes and its certificate is listed; target b is untouched.
+    let out = ephyr(&["freeze", "target", "a", "--socket", b.socket.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("1 certificate(s) revoked, 1 SSH session(s) closed"), "{}", stdout(&out));
+    let sessions = tool_call(&b.api, &alice, "list_sessions", json!({})).unwrap();
+    let ids: Vec<&str> = sessions.as_array().unwrap().iter().filter_map(|s| s["session_id"].as_str()).collect();
+    assert_eq!(ids, [on_b["session_id"].as_str().unwrap()], "only the session on b is left");
+    assert!(krl_has(&serial_a), "the frozen target's certificate is on the KRL");
+    let err = tool_call(&b.api, &bob, "exec", json!({"target": "a", "role": "read", "command": "id"})).unwrap_err();
+    assert!(err.contains("target \"a\" is frozen"), "{err}");
+    assert!(tool_call(&b.api, &bob, "exec", json!({"target": "b", "role": "read", "command": "id -un"})).is_ok());
+
+    // Freeze agent alice: her session on b closes, her session-era MCP stream ends.
+    let init = http_request(
+        &b.api,
+        "POST",
+        "/mcp",
+        &[
+            ("Authorization", &format!("Bearer {alice}")),
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+        ],
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}})
+        .to_string()
+        .as_bytes(),
+    );
+    let sid = init.header("mcp-session-id").unwrap().to_owned();
+    let mut stream = HttpStream::open(
+        &b.api,
+        "GET",
+        "/mcp",
+        &[
+            ("Authorization", &format!("Bearer {alice}")),
+            ("Mcp-Session-Id", &sid),
+            ("Accept", "text/event-stream"),
+            ("Connection", "close"),
+        ],
+        b"",
+    );
+    stream.read_until("ephyr notification stream", Duration::from_secs(5));
+    assert!(!stream.wait_closed(Duration::from_millis(500)), "open before the freeze");
+    let out = ephyr(&["freeze", "agent", "alice", "--json", "--socket", b.socket.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["effects"]["mcp_sessions_ended"], 1, "{v}");
+    assert_eq!(v["effects"]["ssh_sessions_closed"], 1, "{v}");
+    assert!(stream.wait_closed(Duration::from_secs(5)), "the agent's stream ends");
+    assert!(tool_call(&b.api, &bob, "list_sessions", json!({})).is_ok(), "bob is untouched");
+    let freezes = audit_events(&b, "freeze");
+    assert_eq!(freezes.len(), 2);
+    assert_eq!(freezes[1]["outcome"]["certs_revoked"], 1);
+}

@@ -285,10 +285,14 @@ pub async fn freeze(
     let Some(durable) = broker.freezes.freeze(kind, name, &actor.name(), reason)? else {
         return Ok(FreezeEffects { already: true, ..FreezeEffects::default() });
     };
-    // Refuse first, clean up after: nothing the freeze covers is granted from here on.
+    // Refuse first, clean up after: nothing the freeze covers is granted from here on. An
+    // agent's MCP sessions go before the change feed wakes their streams, which then end.
     apply_freezes(broker);
-    broker.changes.notify();
     let mut fx = FreezeEffects::default();
+    if kind == FreezeKind::Agent {
+        fx.mcp_sessions_ended = broker.sessions.remove_agent(name);
+    }
+    broker.changes.notify();
     let now = crate::time::now().secs().max(0) as u64;
     match kind {
         FreezeKind::Task => {
@@ -297,7 +301,6 @@ pub async fn freeze(
             }
         }
         FreezeKind::Agent => {
-            fx.mcp_sessions_ended = broker.sessions.remove_agent(name);
             let mut mine: Vec<TaskView> = broker
                 .tasks
                 .visible(&super::tasks::Scope::All)
