@@ -13,23 +13,6 @@ use serde_json::json;
 const ADMIN_PW: &str = "correct horse battery staple";
 const VIEWER_PW: &str = "viewer password 12345";
 
-/// `operators.NAME` lines from `ephyr operator add` (the password on stdin).
-fn operator(name: &str, role: &str, password: &str) -> String {
-    use std::io::Write;
-    let mut c = std::process::Command::new(ephyr_bin())
-        .args(["operator", "add", name, "--role", role])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
-    let out = c.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    let hash = text.lines().find_map(|l| l.trim().strip_prefix("password_hash: ")).unwrap().to_owned();
-    format!("  {name}:\n    role: {role}\n    password_hash: {hash}\n")
-}
-
 struct Keys {
     bot: String,
     bot_hash: String,
@@ -40,8 +23,8 @@ fn policy(k: &Keys, extra_operators: &str) -> String {
         "version: 1\noperators:\n{}{}{extra_operators}\
          services:\n  api: {{ url: \"http://127.0.0.1:9/\", credential: {{ type: bearer, secret: \"env:CONSOLE_TEST_SECRET\" }} }}\n\
          agents:\n  bot:\n    api_key_hash: \"{}\"\n    can_delegate: true\n    services: {{ api: {{}} }}\n",
-        operator("root-admin", "admin", ADMIN_PW),
-        operator("watcher", "viewer", VIEWER_PW),
+        operator_entry("root-admin", "admin", ADMIN_PW),
+        operator_entry("watcher", "viewer", VIEWER_PW),
         k.bot_hash
     )
 }
@@ -371,11 +354,6 @@ fn a_forged_freeze_journal_stops_start_up_instead_of_thawing() {
     assert!(b.log().contains("freezes"), "{}", b.log());
 }
 
-fn fingerprint(pubkey: &std::path::Path) -> String {
-    let out = std::process::Command::new("ssh-keygen").args(["-l", "-E", "sha256", "-f"]).arg(pubkey).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_owned()
-}
-
 #[test]
 fn freezing_a_target_or_an_agent_closes_sessions_streams_and_lists_certificates_on_the_krl() {
     if !require_root() {
@@ -389,7 +367,7 @@ fn freezing_a_target_or_an_agent_closes_sessions_streams_and_lists_certificates_
         ephyr(&["init", "--data-dir", data.path().to_str().unwrap(), "--config-dir", conf.path().to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let sshd = Sshd::start(&data.join("keys/ca_key.pub"), "ListenAddress 127.0.0.2");
-    let fp = fingerprint(&sshd.dir.join("host_ed25519.pub"));
+    let fp = ssh_fingerprint(&sshd.dir.join("host_ed25519.pub"));
     let (alice, alice_hash) = agent_key("alice");
     let (bob, bob_hash) = agent_key("bob");
     let p = format!(

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -16,26 +15,6 @@ use serde_json::json;
 
 const PRINCIPAL: &str = "ephyrt-read";
 const PASSWORD: &str = "browser walk password 1";
-
-fn fingerprint(pubkey: &std::path::Path) -> String {
-    let out = Command::new("ssh-keygen").args(["-l", "-E", "sha256", "-f"]).arg(pubkey).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_owned()
-}
-
-fn operator_lines(name: &str) -> String {
-    use std::io::Write;
-    let mut c = Command::new(ephyr_bin())
-        .args(["operator", "add", name, "--role", "admin"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(PASSWORD.as_bytes()).unwrap();
-    let out = c.wait_with_output().unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let hash = text.lines().find_map(|l| l.trim().strip_prefix("password_hash: ")).unwrap().to_owned();
-    format!("  {name}:\n    role: admin\n    password_hash: {hash}\n")
-}
 
 #[test]
 fn the_console_in_chromium_walks_every_view_and_acts() {
@@ -53,7 +32,7 @@ fn the_console_in_chromium_walks_every_view_and_acts() {
         ephyr(&["init", "--data-dir", data.path().to_str().unwrap(), "--config-dir", conf.path().to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let sshd = Sshd::start(&data.join("keys/ca_key.pub"), "");
-    let fp = fingerprint(&sshd.dir.join("host_ed25519.pub"));
+    let fp = ssh_fingerprint(&sshd.dir.join("host_ed25519.pub"));
     let (alice, alice_hash) = agent_key("alice");
     let (mallory, mallory_hash) = agent_key("mallory");
     let policy = format!(
@@ -61,7 +40,7 @@ fn the_console_in_chromium_walks_every_view_and_acts() {
          targets:\n  web: {{ host: 127.0.0.1, port: {}, allowed_roles: [read], host_key_fingerprint: \"{fp}\" }}\n\
          agents:\n  alice:\n    api_key_hash: \"{alice_hash}\"\n    can_delegate: true\n    ssh: {{ web: {{ roles: [read] }} }}\n\
          \x20 mallory:\n    api_key_hash: \"{mallory_hash}\"\n    ssh: {{ web: {{ roles: [read] }} }}\n",
-        operator_lines("ops"),
+        operator_entry("ops", "admin", PASSWORD),
         sshd.port
     );
     let b = Broker::start(BrokerOpts {

@@ -23,11 +23,6 @@ struct Lab {
     policy: String,
 }
 
-fn fingerprint(pubkey: &Path) -> String {
-    let out = Command::new("ssh-keygen").args(["-l", "-E", "sha256", "-f"]).arg(pubkey).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_owned()
-}
-
 /// A data dir with keys, an sshd trusting its CA (with a KRL file), and a broker whose policy has
 /// targets on that sshd. `limits` is YAML for the `limits:` map.
 fn lab(limits: &str) -> Lab {
@@ -48,7 +43,7 @@ fn lab(limits: &str) -> Lab {
     let listen: String = (2..=6).map(|i| format!("ListenAddress 127.0.0.{i}\n")).collect();
     let sshd = Sshd::start(&ca, &format!("RevokedKeys {}\nMaxStartups 200\nMaxSessions 200\n{listen}", krl.display()));
     std::mem::forget(krl_dir); // lives as long as the sshd's dir (removed with /tmp cleanup)
-    let fp = fingerprint(&sshd.dir.join("host_ed25519.pub"));
+    let fp = ssh_fingerprint(&sshd.dir.join("host_ed25519.pub"));
     let (alice, alice_hash) = agent_key("alice");
     let (bob, bob_hash) = agent_key("bob");
     let port = sshd.port;
@@ -162,7 +157,7 @@ fn force_command_is_enforced_by_sshd_and_host_keys_are_checked() {
     let r = l.exec(&l.alice, "b", "read", "true").unwrap();
     assert!(r["host_key_warning"].as_str().unwrap().contains("first use"), "{r}");
     let known = std::fs::read_to_string(l.broker.data_dir.join("state/known_hosts")).unwrap();
-    let fp = fingerprint(&l.sshd.dir.join("host_ed25519.pub"));
+    let fp = ssh_fingerprint(&l.sshd.dir.join("host_ed25519.pub"));
     assert!(known.contains(&format!("b 127.0.0.2:{} {fp}", l.sshd.port)), "{known}");
     let r = l.exec(&l.alice, "b", "read", "true").unwrap();
     assert!(r.get("host_key_warning").is_none(), "{r}");
@@ -592,7 +587,7 @@ fn the_setup_script_is_valid_sh_and_configures_what_sshd_needs() {
 fn target_scan_and_verify_against_good_and_misconfigured_sshds() {
     let l = lab("");
     let sock = l.broker.socket.to_str().unwrap().to_owned();
-    let host_fp = fingerprint(&l.sshd.dir.join("host_ed25519.pub"));
+    let host_fp = ssh_fingerprint(&l.sshd.dir.join("host_ed25519.pub"));
     let out = ephyr(&["target", "scan", &format!("127.0.0.1:{}", l.sshd.port), "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let scanned: Value = serde_json::from_slice(&out.stdout).unwrap();

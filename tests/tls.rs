@@ -13,22 +13,11 @@ use serde_json::{Value, json};
 
 const PW: &str = "tls test operator pw";
 
-fn operator() -> String {
-    use std::io::Write;
-    let mut c = std::process::Command::new(ephyr_bin())
-        .args(["operator", "add", "ops", "--role", "admin"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(PW.as_bytes()).unwrap();
-    let text = String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap();
-    let hash = text.lines().find_map(|l| l.trim().strip_prefix("password_hash: ")).unwrap().to_owned();
-    format!("operators:\n  ops:\n    role: admin\n    password_hash: {hash}\n")
-}
-
 fn policy(hash: &str) -> String {
-    format!("version: 1\n{}agents:\n  bot:\n    api_key_hash: \"{hash}\"\n", operator())
+    format!(
+        "version: 1\noperators:\n{}agents:\n  bot:\n    api_key_hash: \"{hash}\"\n",
+        operator_entry("ops", "admin", PW)
+    )
 }
 
 fn port(addr: &str) -> u16 {

@@ -644,3 +644,27 @@ pub fn audit_events(b: &Broker, name: &str) -> Vec<serde_json::Value> {
         .filter(|l| l["event"] == name)
         .collect()
 }
+
+/// The `operators.NAME` entry (indented for under `operators:`) that `ephyr operator add` prints
+/// for `password` (given on stdin).
+pub fn operator_entry(name: &str, role: &str, password: &str) -> String {
+    use std::io::Write;
+    let mut c = Command::new(ephyr_bin())
+        .args(["operator", "add", name, "--role", role])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert!(out.status.success(), "operator add {name}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let hash = text.lines().find_map(|l| l.trim().strip_prefix("password_hash: ")).unwrap().to_owned();
+    format!("  {name}:\n    role: {role}\n    password_hash: {hash}\n")
+}
+
+/// The SHA-256 fingerprint of an SSH public key file, as `ssh-keygen -l` prints it.
+pub fn ssh_fingerprint(pubkey: &Path) -> String {
+    let out = Command::new("ssh-keygen").args(["-l", "-E", "sha256", "-f"]).arg(pubkey).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_owned()
+}

@@ -185,14 +185,58 @@ pub struct AuditLog {
     metrics: Rc<Metrics>,
     ids: crate::ids::Monotonic,
     unsigned_tail: Option<UnsignedTail>,
-    /// Live copies of each line for the console's feed (bounded; a slow reader misses lines).
-    taps: RefCell<Vec<async_channel::Sender<bytes::Bytes>>>,
+    /// Live copies of each line for the console's feeds (bounded; a slow reader misses lines).
+    taps: RefCell<Vec<std::rc::Weak<Tap>>>,
 }
 
 /// Most live feeds at once.
 pub const MAX_TAPS: usize = 16;
-/// Lines a live feed may fall behind before it misses some.
-const TAP_QUEUE: usize = 256;
+/// Bytes of lines a live feed may hold before it misses some.
+pub const TAP_BYTES: usize = 256 * 1024;
+
+/// A live feed of audit lines: lines recorded since it was opened, appended to one buffer (a
+/// copy per line, no task woken per line); the reader takes them in batches. Lines that would
+/// overflow [`TAP_BYTES`] are counted as skipped, not kept.
+#[derive(Default)]
+pub struct Tap {
+    buf: RefCell<Vec<u8>>,
+    skipped: std::cell::Cell<u64>,
+    wake: event_listener::Event,
+}
+
+impl Tap {
+    /// Waits until a line is there (returns at once if one is).
+    pub async fn ready(&self) {
+        loop {
+            if !self.buf.borrow().is_empty() || self.skipped.get() > 0 {
+                return;
+            }
+            let l = self.wake.listen();
+            if !self.buf.borrow().is_empty() || self.skipped.get() > 0 {
+                return;
+            }
+            l.await;
+        }
+    }
+
+    /// Takes every line buffered so far (newline-terminated) and how many were skipped.
+    pub fn take(&self) -> (Vec<u8>, u64) {
+        (std::mem::take(&mut *self.buf.borrow_mut()), self.skipped.replace(0))
+    }
+
+    fn push(&self, line: &[u8]) {
+        let mut b = self.buf.borrow_mut();
+        if b.len() + line.len() > TAP_BYTES {
+            self.skipped.set(self.skipped.get() + 1);
+            return;
+        }
+        let was_empty = b.is_empty();
+        b.extend_from_slice(line);
+        if was_empty {
+            self.wake.notify(1);
+        }
+    }
+}
 
 fn io_ctx(path: &Path) -> impl Fn(io::Error) -> String + '_ {
     move |e| format!("{}: {e}", path.display())
@@ -392,28 +436,23 @@ impl AuditLog {
         Ok(ticket)
     }
 
-    /// A live copy of every line recorded from now on (the console's feed); `None` when
-    /// [`MAX_TAPS`] feeds are open. Drop the receiver to stop.
-    pub fn tap(&self) -> Option<async_channel::Receiver<bytes::Bytes>> {
+    /// A live feed of every line recorded from now on (the console's); `None` when
+    /// [`MAX_TAPS`] feeds are open. Dropping the last `Rc` closes it.
+    pub fn tap(&self) -> Option<std::rc::Rc<Tap>> {
         let mut taps = self.taps.borrow_mut();
-        taps.retain(|t| !t.is_closed());
+        taps.retain(|t| t.strong_count() > 0);
         if taps.len() >= MAX_TAPS {
             return None;
         }
-        let (tx, rx) = async_channel::bounded(TAP_QUEUE);
-        taps.push(tx);
-        Some(rx)
+        let t = std::rc::Rc::new(Tap::default());
+        taps.push(std::rc::Rc::downgrade(&t));
+        Some(t)
     }
 
     fn feed(&self, line: &[u8]) {
-        let mut taps = self.taps.borrow_mut();
-        if taps.is_empty() {
-            return;
-        }
-        taps.retain(|t| !t.is_closed());
-        let b = bytes::Bytes::copy_from_slice(line);
-        for t in taps.iter() {
-            let _ = t.try_send(b.clone());
+        let taps = self.taps.borrow();
+        for t in taps.iter().filter_map(std::rc::Weak::upgrade) {
+            t.push(line);
         }
     }
 

@@ -428,3 +428,21 @@ fn a_running_log_with_a_line_inside_a_checkpoint_verifies_with_its_live_head() {
     assert!(r.warnings[0].message.contains("the last 2 line(s) are after the last checkpoint"), "{:?}", r.warnings);
     assert!(!r.warnings.iter().any(|w| w.message.contains("never signed")), "{:?}", r.warnings);
 }
+
+#[test]
+fn a_live_feed_batches_lines_and_counts_what_it_cannot_hold() {
+    let tap = Tap::default();
+    tap.push(b"{\"seq\":1}\n");
+    tap.push(b"{\"seq\":2}\n");
+    let (lines, skipped) = tap.take();
+    assert_eq!(lines, b"{\"seq\":1}\n{\"seq\":2}\n");
+    assert_eq!(skipped, 0);
+    let big = vec![b'x'; TAP_BYTES / 2];
+    tap.push(&big);
+    tap.push(&big);
+    tap.push(b"{\"seq\":3}\n");
+    let (lines, skipped) = tap.take();
+    assert_eq!(lines.len(), TAP_BYTES, "bounded");
+    assert_eq!(skipped, 1, "the line that did not fit is counted");
+    assert_eq!(tap.take(), (Vec::new(), 0));
+}

@@ -30,6 +30,9 @@ const FORM_TIMEOUT: Duration = Duration::from_secs(10);
 /// take the same time.
 const DECOY: &str = "$argon2id$v=19$m=19456,t=2,p=1$24Wz7G4Hdoct+0nCMQr1Qw$Ru3xtCXpCGAhelGDTIfhIH9C+ZmJKlU0UfPHIJV8UOc";
 
+/// How often the live feed sends what was recorded meanwhile.
+const FEED_EVERY: Duration = Duration::from_millis(100);
+
 /// Decodes `application/x-www-form-urlencoded` (`+` is a space); a pair that does not decode
 /// to UTF-8 is left out.
 pub fn form(body: &[u8]) -> Vec<(String, String)> {
@@ -315,62 +318,58 @@ fn inspect(broker: &Broker, op: &Operator, token: &str) -> Response<Body> {
     html_response(StatusCode::OK, page("Token inspector", "/inspect", Some(op), &views::inspect_form(op, &result)))
 }
 
-/// `GET /events/audit`: every audit line from now on, as server-sent events (a comment every
-/// 20 s keeps proxies from closing it); ends when the broker stops.
+/// `GET /events/audit`: every audit line from now on, as server-sent events, in batches at most
+/// every [`FEED_EVERY`] (a person reads it; a busy broker is not woken per line per feed), a
+/// `skipped` event when the reader fell [`crate::broker::audit::TAP_BYTES`] behind, and a comment
+/// every 20 s when idle; it ends when the broker stops.
 pub fn audit_feed(broker: &std::rc::Rc<Broker>) -> Response<Body> {
-    let Some(rx) = broker.audit.tap() else {
+    let Some(tap) = broker.audit.tap() else {
         return crate::broker::http::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_feeds",
             format!("{} live feeds are open already", crate::broker::audit::MAX_TAPS),
         );
     };
-    let s = futures_lite::stream::unfold((rx, broker.clone(), true), |(rx, b, first)| async move {
+    let s = futures_lite::stream::unfold((tap, broker.clone(), true), |(tap, b, first)| async move {
         if first {
-            return Some((
-                Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b": connected\n\n"))),
-                (rx, b, false),
-            ));
+            return Some((Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b": connected\n\n"))), (tap, b, false)));
         }
         if b.changes.closed() {
             return None;
         }
-        enum Next {
-            Line(Bytes),
-            Tick,
-            End,
-        }
-        let next = futures_lite::future::or(
+        let woke = futures_lite::future::or(
             async {
-                match rx.recv().await {
-                    Ok(l) => Next::Line(l),
-                    Err(_) => Next::End,
-                }
+                tap.ready().await;
+                true
             },
             futures_lite::future::or(
                 async {
                     async_io::Timer::after(Duration::from_secs(20)).await;
-                    Next::Tick
+                    false
                 },
                 async {
                     b.changes.listen().await;
-                    Next::Tick
+                    false
                 },
             ),
         )
         .await;
-        let chunk = match next {
-            Next::Line(l) => {
-                let mut out = Vec::with_capacity(l.len() + 8);
-                out.extend_from_slice(b"data: ");
-                out.extend_from_slice(l.strip_suffix(b"\n").unwrap_or(&l));
-                out.extend_from_slice(b"\n\n");
-                Bytes::from(out)
-            }
-            Next::Tick => Bytes::from_static(b": keep-alive\n\n"),
-            Next::End => return None,
-        };
-        Some((Ok(Frame::data(chunk)), (rx, b, false)))
+        if !woke {
+            return Some((Ok(Frame::data(Bytes::from_static(b": keep-alive\n\n"))), (tap, b, false)));
+        }
+        // Let a burst gather: one chunk for everything recorded in the next moment.
+        async_io::Timer::after(FEED_EVERY).await;
+        let (lines, skipped) = tap.take();
+        let mut out = Vec::with_capacity(lines.len() + lines.len() / 8 + 64);
+        for l in lines.split(|c| *c == b'\n').filter(|l| !l.is_empty()) {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(l);
+            out.extend_from_slice(b"\n\n");
+        }
+        if skipped > 0 {
+            out.extend_from_slice(format!("event: skipped\ndata: {skipped}\n\n").as_bytes());
+        }
+        Some((Ok(Frame::data(Bytes::from(out))), (tap, b, false)))
     });
     let mut r = Response::new(Box::pin(StreamBody::new(s)) as Body);
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

@@ -12,6 +12,9 @@ function liveFeed() {
   const src = new EventSource("/events/audit");
   src.onopen = () => { state.textContent = "Live: new events appear here as they are recorded."; };
   src.onerror = () => { state.textContent = "The live feed is disconnected; it retries on its own."; };
+  src.addEventListener("skipped", (m) => {
+    state.textContent = "Live: " + m.data + " event(s) not shown (the broker was busier than a page can follow).";
+  });
   src.onmessage = (m) => {
     let e;
     try { e = JSON.parse(m.data); } catch (_) { return; }
