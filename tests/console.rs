@@ -170,6 +170,20 @@ fn sign_in_sessions_csrf_origin_and_roles() {
         }
     }
     assert!(admin.get("/policy").text().contains("password_hash: &quot;(redacted)&quot;"));
+    // A refused proxied request (loopback upstream, network rules) is the service's last error.
+    let r = http_request(&b.api, "GET", "/v1/proxy/api/x", &[("Authorization", &format!("Bearer {}", k.bot))], b"");
+    assert_eq!(r.status, 403, "{}", r.text());
+    let row = || {
+        let page = admin.get("/remotes").text();
+        let row = &page[page.find("<td>api").expect("the service row")..];
+        row[..row.find("</tr>").unwrap()].to_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    // The refusal is a note: on disk within the audit log's linger.
+    while !row().contains("network_denied") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(row().contains("network_denied"), "last error shown: {}", row());
 
     // State changes need the CSRF token, a same-origin request, and nothing changes otherwise.
     let csrf = admin.csrf();

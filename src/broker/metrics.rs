@@ -293,7 +293,8 @@ impl Metrics {
             .iter()
             .filter(|s| s.name == name && l.iter().all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v)))
             .map(|s| s.value)
-            .sum()
+            .sum::<f64>()
+            + 0.0 // an empty sum is -0.0
     }
 
     /// Renders the text exposition format.

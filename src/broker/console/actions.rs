@@ -332,7 +332,10 @@ pub fn audit_feed(broker: &std::rc::Rc<Broker>) -> Response<Body> {
     };
     let s = futures_lite::stream::unfold((tap, broker.clone(), true), |(tap, b, first)| async move {
         if first {
-            return Some((Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b": connected\n\n"))), (tap, b, false)));
+            return Some((
+                Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b": connected\n\n"))),
+                (tap, b, false),
+            ));
         }
         if b.changes.closed() {
             return None;

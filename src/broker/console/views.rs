@@ -17,8 +17,12 @@ use crate::broker::policy::{FreezeKind, OperatorRole};
 
 /// Events the audit view shows at most.
 pub const AUDIT_ROWS: usize = 200;
-/// Bytes of the newest audit files the audit view reads at most.
-pub const AUDIT_READ: u64 = 8 << 20;
+/// Bytes at the end of the audit log the audit view searches.
+pub const AUDIT_READ: u64 = 4 << 20;
+/// Bytes at the end of the audit log the agents view reads for last activity.
+pub const ACTIVITY_READ: u64 = 1 << 20;
+/// Largest log the console verifies in place (larger: `ephyr audit verify`).
+pub const VERIFY_MAX: u64 = 64 << 20;
 
 /// The sign-in form (`message`: why the last attempt failed).
 pub fn login(broker: &Broker, message: Option<&str>, status: StatusCode) -> Response<Body> {
@@ -51,7 +55,7 @@ pub async fn get(broker: &std::rc::Rc<Broker>, op: &Operator, path: &str, query:
         "/tasks" => html_response(StatusCode::OK, page("Tasks", "/tasks", Some(op), &tasks(broker, op))),
         "/ssh" => html_response(StatusCode::OK, page("SSH", "/ssh", Some(op), &ssh(broker, op))),
         "/remotes" => {
-            html_response(StatusCode::OK, page("Services & remotes", "/remotes", Some(op), &remotes(broker, op)))
+            html_response(StatusCode::OK, page("Services & remotes", "/remotes", Some(op), &remotes(broker, op).await))
         }
         "/audit" => {
             let f = crate::broker::audit::query::Filter {
@@ -243,11 +247,29 @@ fn overview(broker: &Broker, op: &Operator) -> String {
     out
 }
 
-/// The newest audit events (at most `max`), on the blocking pool.
+/// The last `budget` bytes of a file, from its first whole line.
+fn tail(path: &std::path::Path, budget: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read as _, Seek as _};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(budget);
+    f.seek(std::io::SeekFrom::Start(start))?;
+    let mut buf = Vec::with_capacity((len - start) as usize);
+    f.take(budget).read_to_end(&mut buf)?;
+    if start > 0 {
+        let cut = buf.iter().position(|b| *b == b'\n').map_or(buf.len(), |i| i + 1);
+        buf.drain(..cut);
+    }
+    Ok(buf)
+}
+
+/// The newest audit events matching `f` (at most `max`), from the last `budget` bytes of the
+/// log (across rotated files), on the blocking pool: a page never reads a whole 64 MiB file.
 async fn recent_events(
     broker: &Broker,
     f: crate::broker::audit::query::Filter,
     max: usize,
+    budget: u64,
 ) -> Result<Vec<Value>, String> {
     let dir = broker.data_dir.audit();
     broker
@@ -255,13 +277,13 @@ async fn recent_events(
         .run(move || {
             let mut files = crate::broker::audit::log_files(&dir).map_err(|e| e.to_string())?;
             files.reverse();
-            let (mut read, mut chosen) = (0u64, Vec::new());
+            let (mut left, mut chosen) = (budget, Vec::new());
             for p in files {
-                if read >= AUDIT_READ {
+                if left == 0 {
                     break;
                 }
-                let bytes = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-                read += bytes.len() as u64;
+                let bytes = tail(&p, left).map_err(|e| format!("{}: {e}", p.display()))?;
+                left = left.saturating_sub(bytes.len() as u64 + 1);
                 chosen.push((p.display().to_string(), bytes));
             }
             chosen.reverse();
@@ -276,7 +298,7 @@ async fn recent_events(
 
 async fn agents(broker: &Broker, op: &Operator) -> String {
     let p = broker.policy();
-    let events = recent_events(broker, Default::default(), 5000).await.unwrap_or_default();
+    let events = recent_events(broker, Default::default(), usize::MAX, ACTIVITY_READ).await.unwrap_or_default();
     let last = |a: &str| {
         events
             .iter()
@@ -561,7 +583,7 @@ fn ssh(broker: &Broker, op: &Operator) -> String {
     out
 }
 
-fn remotes(broker: &Broker, op: &Operator) -> String {
+async fn remotes(broker: &Broker, op: &Operator) -> String {
     let p = broker.policy();
     let mut out = String::from("<h2>Remote MCP servers</h2>");
     let status = broker.federation.status();
@@ -626,6 +648,30 @@ fn remotes(broker: &Broker, op: &Operator) -> String {
         }
     }
     out.push_str("<h2>HTTP services</h2>");
+    // A service's last error: its newest proxied request that failed, from the audit trail.
+    let recent = recent_events(
+        broker,
+        crate::broker::audit::query::Filter { kind: Some("http".into()), ..Default::default() },
+        usize::MAX,
+        ACTIVITY_READ,
+    )
+    .await
+    .unwrap_or_default();
+    let last_error = |name: &str| {
+        recent
+            .iter()
+            .rev()
+            .find(|e| e["action"]["service"].as_str() == Some(name) && e["code"].is_string())
+            .map(|e| {
+                format!(
+                    "{} {}: {}",
+                    crate::time::UnixMicros(e["ts"].as_i64().unwrap_or(0)).to_rfc3339(),
+                    e["code"].as_str().unwrap_or(""),
+                    e["reason"].as_str().or(e["message"].as_str()).unwrap_or("")
+                )
+            })
+            .unwrap_or_default()
+    };
     let rows: Vec<Vec<String>> = p
         .services
         .iter()
@@ -644,6 +690,7 @@ fn remotes(broker: &Broker, op: &Operator) -> String {
                     badge("muted", "disabled")
                 },
                 format!("{all} answered, {failed} with 5xx"),
+                esc(&last_error(name)),
                 if frozen {
                     button(op, "/unfreeze", &[("kind", "service"), ("name", name)], "Unfreeze", false)
                 } else {
@@ -652,7 +699,7 @@ fn remotes(broker: &Broker, op: &Operator) -> String {
             ]
         })
         .collect();
-    out.push_str(&table(&["service", "upstream", "state", "requests", ""], &rows, "No services."));
+    out.push_str(&table(&["service", "upstream", "state", "requests", "last error", ""], &rows, "No services."));
     out
 }
 
@@ -675,7 +722,12 @@ async fn audit(broker: &Broker, f: &crate::broker::audit::query::Filter) -> Stri
     out.push_str("<button type=\"submit\">Filter</button> <a href=\"/audit\">Clear</a></form>");
     out.push_str("<h2>Live</h2><p class=\"muted\" id=\"feed-state\">Connecting to the live feed…</p><ol class=\"feed\" id=\"feed\" aria-live=\"polite\"></ol>");
     let _ = write!(out, "<h2>Recent</h2>");
-    match recent_events(broker, f.clone(), AUDIT_ROWS).await {
+    let _ = write!(
+        out,
+        "<p class=\"muted\">The newest {AUDIT_ROWS} matching events among the last {} MiB of the log (<code>ephyr audit query</code> searches all of it).</p>",
+        AUDIT_READ >> 20
+    );
+    match recent_events(broker, f.clone(), AUDIT_ROWS, AUDIT_READ).await {
         Ok(events) => {
             let rows: Vec<Vec<String>> = events
                 .iter()
@@ -719,16 +771,33 @@ async fn verify(broker: &Broker) -> String {
     let report = broker
         .pool
         .run(move || {
-            let files: Vec<(String, Vec<u8>)> = crate::broker::audit::log_files(&dir)
-                .unwrap_or_default()
+            let paths = crate::broker::audit::log_files(&dir).unwrap_or_default();
+            let total: u64 = paths.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+            if total > VERIFY_MAX {
+                return Err(total);
+            }
+            let files: Vec<(String, Vec<u8>)> = paths
                 .into_iter()
                 .filter_map(|p| std::fs::read(&p).ok().map(|b| (p.display().to_string(), b)))
                 .collect();
             let witnesses: Vec<_> = crate::broker::audit::read_head(&dir).into_iter().collect();
-            crate::broker::audit::verify::verify(&files, key.as_deref(), &witnesses)
+            Ok(crate::broker::audit::verify::verify(&files, key.as_deref(), &witnesses))
         })
         .await;
-    let Some(r) = report else { return notice("bad", &["the blocking pool is gone".into()]) };
+    let r = match report {
+        None => return notice("bad", &["the blocking pool is gone".into()]),
+        Some(Err(total)) => {
+            return notice(
+                "warn",
+                &[format!(
+                    "The log is {} MiB, more than the console verifies in place ({} MiB): run `ephyr audit verify` on the appliance.",
+                    total >> 20,
+                    VERIFY_MAX >> 20
+                )],
+            );
+        }
+        Some(Ok(r)) => r,
+    };
     let mut out = if r.ok() {
         notice(
             "ok",
@@ -912,4 +981,25 @@ async fn reach(broker: &Broker, name: &str) -> Response<Body> {
     );
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tail_starts_at_a_whole_line_and_redaction_hides_hashes_and_headers() {
+        let p = std::env::temp_dir().join(format!("ephyr-tail-{}", std::process::id()));
+        std::fs::write(&p, b"{\"seq\":1}\n{\"seq\":2}\n{\"seq\":3}\n").unwrap();
+        assert_eq!(tail(&p, 15).unwrap(), b"{\"seq\":3}\n", "the cut line is dropped");
+        assert_eq!(tail(&p, 1000).unwrap().len(), 30);
+        let _ = std::fs::remove_file(&p);
+        let text = "agents:\n  a: { api_key_hash: \"ephyr-sha256$x$y\", uid: 5 }\n  b:\n    password_hash: $argon2id$v=19$z\n\
+                    remotes:\n  r:\n    headers:\n      X-Key: hunter2\n    url: https://x\n  s: { url: https://y, headers: { A: b } }\n";
+        let r = redact(text);
+        for secret in ["ephyr-sha256", "argon2id", "hunter2", "A: b"] {
+            assert!(!r.contains(secret), "{secret} in {r}");
+        }
+        assert!(r.contains("uid: 5") && r.contains("url: https://x") && r.contains("X-Key: (redacted)"), "{r}");
+    }
 }
