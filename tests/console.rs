@@ -460,3 +460,35 @@ fn freezing_a_target_or_an_agent_closes_sessions_streams_and_lists_certificates_
     assert_eq!(freezes.len(), 2);
     assert_eq!(freezes[1]["outcome"]["certs_revoked"], 1);
 }
+
+#[test]
+fn a_console_on_the_lan_accepts_its_own_origin_and_no_other() {
+    if !require_root() {
+        return;
+    }
+    let k = keys();
+    let b = Broker::start(BrokerOpts {
+        policy: Some(&policy(&k, "")),
+        extra: vec!["--dashboard-listen".into(), "0.0.0.0:0".into(), "--insecure-plain-http".into()],
+        ..Default::default()
+    });
+    let port = b.dashboard.rsplit(':').next().unwrap().to_owned();
+    let addr = format!("127.0.0.1:{port}");
+    let host = format!("pi.example:{port}");
+    let form = format!("name=root-admin&password={}", ADMIN_PW.replace(' ', "+"));
+    let post = |origin: &str| {
+        http_request(
+            &addr,
+            "POST",
+            "/login",
+            &[("Host", &host), ("Origin", origin), ("Content-Type", "application/x-www-form-urlencoded")],
+            form.as_bytes(),
+        )
+    };
+    let r = post(&format!("http://pi.example:{port}"));
+    assert_eq!(r.status, 303, "the console's own LAN origin: {}", r.text());
+    let r = post(&format!("http://evil.example:{port}"));
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = post(&format!("https://pi.example:{port}"));
+    assert_eq!(r.status, 403, "another scheme is another origin: {}", r.text());
+}

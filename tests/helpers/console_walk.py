@@ -12,6 +12,7 @@ exits 1 if anything failed.
 import json
 import os
 import sys
+import time
 import urllib.request
 
 from playwright.sync_api import sync_playwright
@@ -50,6 +51,17 @@ def mcp_call(tool, args):
         "Mcp-Method": "tools/call", "Mcp-Name": tool})
     with urllib.request.urlopen(req, timeout=20) as r:
         return r.read().decode()
+
+
+def wait_true(page, expr, timeout=10.0):
+    """Polls `expr` from here (page.evaluate is not subject to the page's CSP; Playwright's
+    wait_for_function polls with a string the console's CSP rightly refuses to evaluate)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if page.evaluate(expr):
+            return True
+        time.sleep(0.05)
+    raise TimeoutError(expr)
 
 
 def watch(page, where):
@@ -94,7 +106,7 @@ with sync_playwright() as p:
         page.goto(base + v)
         page.wait_for_load_state("networkidle")
         if v == "/ssh":
-            page.wait_for_function("![...document.querySelectorAll('.reach')].some(e => e.textContent.startsWith('checking'))", timeout=10000)
+            wait_true(page, "![...document.querySelectorAll('.reach')].some(e => e.textContent.startsWith('checking'))")
             body = page.content()
             if cfg["ssh_session"] not in body:
                 fail("the SSH view does not show the live session " + cfg["ssh_session"])
@@ -110,10 +122,10 @@ with sync_playwright() as p:
 
     # The live feed: an event this script causes appears without a reload.
     page.goto(base + "/audit")
-    page.wait_for_function("document.getElementById('feed-state').textContent.startsWith('Live')", timeout=10000)
+    wait_true(page, "document.getElementById('feed-state').textContent.startsWith('Live')")
     mcp_call("task_create", {"description": "seen-live-in-the-console"})
     try:
-        page.wait_for_function("[...document.querySelectorAll('#feed li')].some(li => li.textContent.includes('task_create'))", timeout=10000)
+        wait_true(page, "[...document.querySelectorAll('#feed li')].some(li => li.textContent.includes('task_create'))")
         step("live feed showed the new event")
     except Exception:
         fail("the live audit feed did not show the task_create event")

@@ -145,7 +145,9 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer, tls:
 
 async fn route(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer, tls: bool) -> Response<Body> {
     let policy = broker.policy();
-    if let Err(e) = super::http::mcp::check_host_origin(broker.dashboard_listen, &policy, req.headers()) {
+    // DNS rebinding: the Host check. Origins are checked per state change (`same_origin`): the
+    // console's own origin on a LAN name is not one the MCP endpoint's allow-list would know.
+    if let Err(e) = super::http::mcp::check_host(broker.dashboard_listen, &policy, req.headers()) {
         return error_page(StatusCode::FORBIDDEN, None, &e);
     }
     let path = req.uri().path().to_owned();

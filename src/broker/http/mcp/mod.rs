@@ -123,6 +123,23 @@ fn is_loopback_name(h: &str) -> bool {
 /// listed in `mcp.allowed_hosts`); a browser `Origin` must be a loopback origin or listed in
 /// `mcp.allowed_origins`. Non-browser clients send no `Origin`.
 pub fn check_host_origin(listen: std::net::SocketAddr, policy: &Policy, headers: &HeaderMap) -> Result<(), String> {
+    check_host(listen, policy, headers)?;
+    if let Some(o) = headers.get(header::ORIGIN) {
+        let o = o.to_str().map_err(|_| "the Origin header is not ASCII".to_string())?;
+        let allowed = normalize_origin(o).is_some_and(|n| {
+            let host = n.split("://").nth(1).map(host_name).unwrap_or("");
+            is_loopback_name(host) || policy.mcp.allowed_origins.contains(&n)
+        });
+        if !allowed {
+            return Err(format!("Origin {o:?} is not allowed; add it to mcp.allowed_origins if it is yours"));
+        }
+    }
+    Ok(())
+}
+
+/// DNS-rebinding protection alone: on a loopback listener the `Host` must be a loopback name (or
+/// one listed in `mcp.allowed_hosts`). The console checks origins its own way (same-origin).
+pub fn check_host(listen: std::net::SocketAddr, policy: &Policy, headers: &HeaderMap) -> Result<(), String> {
     if listen.ip().is_loopback()
         && let Some(h) = headers.get(header::HOST)
     {
@@ -132,16 +149,6 @@ pub fn check_host_origin(listen: std::net::SocketAddr, policy: &Policy, headers:
             return Err(format!(
                 "Host {h:?} is not allowed on a loopback listener (DNS rebinding protection); add it to mcp.allowed_hosts if it is yours"
             ));
-        }
-    }
-    if let Some(o) = headers.get(header::ORIGIN) {
-        let o = o.to_str().map_err(|_| "the Origin header is not ASCII".to_string())?;
-        let allowed = normalize_origin(o).is_some_and(|n| {
-            let host = n.split("://").nth(1).map(host_name).unwrap_or("");
-            is_loopback_name(host) || policy.mcp.allowed_origins.contains(&n)
-        });
-        if !allowed {
-            return Err(format!("Origin {o:?} is not allowed; add it to mcp.allowed_origins if it is yours"));
         }
     }
     Ok(())
