@@ -491,4 +491,26 @@ fn a_console_on_the_lan_accepts_its_own_origin_and_no_other() {
     assert_eq!(r.status, 403, "{}", r.text());
     let r = post(&format!("https://pi.example:{port}"));
     assert_eq!(r.status, 403, "another scheme is another origin: {}", r.text());
+
+    // On a listener that faces the network, /metrics (agent and service names) needs a local
+    // scraper or a signed-in operator; /healthz and the KRL stay public.
+    let lan_ip = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").and_then(|_| s.local_addr()))
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_loopback());
+    if let Some(ip) = lan_ip {
+        let lan = format!("{ip}:{port}");
+        let r = http_request(&lan, "GET", "/metrics", &[], b"");
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert!(!r.text().contains("ephyr_"), "no metric leaks");
+        assert_eq!(http_request(&lan, "GET", "/healthz", &[], b"").status, 200);
+        let mut c = Client::new(&lan);
+        c.cookie = post(&format!("http://pi.example:{port}"))
+            .header("set-cookie")
+            .and_then(|v| v.split(';').next())
+            .map(str::to_owned);
+        assert!(c.get("/metrics").text().contains("ephyr_build_info"), "a signed-in operator reads them");
+    }
+    assert!(http_request(&addr, "GET", "/metrics", &[], b"").text().contains("ephyr_build_info"), "from this host");
 }

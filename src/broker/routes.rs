@@ -96,7 +96,20 @@ pub fn dashboard_handler(broker: Rc<Broker>) -> Handler {
         Box::pin(async move {
             let r = match (req.method(), req.uri().path()) {
                 (&Method::GET, "/healthz") => healthz(&broker),
-                (&Method::GET, "/metrics") => metrics(&broker),
+                // Metrics name agents, services and remotes: on a listener that faces the network
+                // they are for local scrapers and signed-in operators only.
+                (&Method::GET, "/metrics")
+                    if broker.dashboard_listen.ip().is_loopback()
+                        || matches!(peer, super::http::Peer::Tcp(a) if a.ip().is_loopback())
+                        || super::console::signed_in(&broker, req.headers()).is_some() =>
+                {
+                    metrics(&broker)
+                }
+                (&Method::GET, "/metrics") => error(
+                    StatusCode::UNAUTHORIZED,
+                    "sign_in_required",
+                    "metrics on a non-loopback listener: scrape from this host, or sign in to the console",
+                ),
                 (&Method::GET, "/v1/ssh/krl") => krl(&broker),
                 (_, path) if super::console::is_console_path(path) => {
                     let tls = broker.tls.is_some();

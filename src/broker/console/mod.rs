@@ -99,6 +99,12 @@ pub fn error_page(status: StatusCode, op: Option<&auth::Operator>, message: &str
     html_response(status, html::page(status.canonical_reason().unwrap_or("Error"), "", op, &body))
 }
 
+/// The signed-in operator behind a request's session cookie, if any.
+pub fn signed_in(broker: &Broker, headers: &http::HeaderMap) -> Option<auth::Operator> {
+    let cookie = auth::cookie(headers)?;
+    broker.console.sessions.get(&broker.policy(), &cookie, Instant::now())
+}
+
 /// Whether a path is the console's (the dashboard listener's other routes stay as they are).
 pub fn is_console_path(path: &str) -> bool {
     matches!(path, "/" | "/login" | "/logout")
