@@ -319,6 +319,8 @@ fn freeze_revokes_an_agents_tasks_refuses_it_and_survives_a_restart() {
     assert_eq!(f[0]["by"], "operator:uid0");
     assert!(tool_call(&b.api, &k.bot, "task_create", json!({"description": "x"})).unwrap_err().contains("frozen"));
     assert_eq!(b.status()["frozen"][0]["name"], "bot", "status shows it");
+    let out = ephyr(&["status", "--socket", b.socket.to_str().unwrap()]);
+    assert!(stdout(&out).contains("FROZEN agent bot by operator:uid0"), "{}", stdout(&out));
 
     // Unfreezing lets the agent back in; the revoked task stays revoked.
     let out = ephyr(&["unfreeze", "agent", "bot", "--socket", b.socket.to_str().unwrap()]);

@@ -48,6 +48,8 @@ fn a_non_loopback_broker_makes_a_local_ca_and_real_sdks_trust_it() {
     assert!(b.log().contains(&fp), "the banner names the CA fingerprint");
     let doctor = ephyr(&["doctor", "--data-dir", b.data_dir.to_str().unwrap(), "--json"]);
     assert!(stdout(&doctor).contains(&fp), "doctor shows it: {}", stdout(&doctor));
+    let out = ephyr(&["status", "--socket", b.socket.to_str().unwrap()]);
+    assert!(stdout(&out).contains(&format!("TLS: local CA {} {fp}", ca.display())), "{}", stdout(&out));
     let (api, dash) = (format!("localhost:{}", port(&b.api)), format!("127.0.0.1:{}", port(&b.dashboard)));
     let url = format!("https://{api}/mcp");
 

@@ -96,7 +96,7 @@ pub fn status(socket: &Path, json: bool) -> Result<(), String> {
         v["uid"],
         v["uptime_secs"]
     );
-    println!("listen {}  dashboard {}  data dir {}", v["listen"], v["dashboard_listen"], v["data_dir"]);
+    println!("listen {}  console {}  data dir {}", v["listen"], v["dashboard_listen"], v["data_dir"]);
     println!(
         "signer: {}  keeper pid {}  worker pid {}  restarts {}",
         if s["available"].as_bool() == Some(true) { "available" } else { "UNAVAILABLE" },
@@ -106,6 +106,23 @@ pub fn status(socket: &Path, json: bool) -> Result<(), String> {
     );
     println!("sandbox: {}", s["sandbox"]);
     println!("CA: {}", s["ca_public_key"].as_str().unwrap_or("?"));
+    let t = &v["tls"];
+    match (t["mode"].as_str(), t["ca_file"].as_str()) {
+        (Some(_), Some(ca)) => {
+            println!("TLS: local CA {} {}", ca, t["ca_fingerprint"].as_str().unwrap_or("?"));
+        }
+        (Some(_), None) => println!("TLS: certificate {}", t["fingerprint"].as_str().unwrap_or("?")),
+        _ => println!("TLS: off (plain HTTP)"),
+    }
+    for f in v["frozen"].as_array().into_iter().flatten() {
+        println!(
+            "FROZEN {} {} by {} at {}",
+            f["kind"].as_str().unwrap_or("?"),
+            f["name"].as_str().unwrap_or("?"),
+            f["by"].as_str().unwrap_or("?"),
+            f["at"].as_str().unwrap_or("?")
+        );
+    }
     for (name, r) in v["remotes"].as_object().into_iter().flatten() {
         println!(
             "remote {name}: {}, {} tool(s), protocol {}{}{}{}",
