@@ -653,6 +653,17 @@ fn semantic_checks() {
         ("agents: {a: {remotes: {'*': {args: {'a.b': {max: 1}}}}}}", "is not an argument name"),
         ("agents: {a: {remotes: {'*': {args: {n: {min: 5, max: 1}}}}}}", "at most max"),
         ("agents: {a: {remotes: {'*': {args: {b: {glob: []}}}}}}", "glob must list"),
+        (
+            "operators: {o: {password_hash: '$argon2id$v=19$m=4000000,t=2,p=1$c29tZXNhbHQxMjM0NTY3OA$Vg6mXS4CYp5R4u+8s9GF1DvJ2Kq3yEa4TuaOI2p1y5c'}}",
+            "exceeds m=65536",
+        ),
+        ("operators: {o: {password_hash: 'hunter2'}}", "not an Argon2id PHC hash"),
+        (
+            "operators: {o: {role: root, password_hash: '$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQxMjM0NTY3OA$Vg6mXS4CYp5R4u+8s9GF1DvJ2Kq3yEa4TuaOI2p1y5c'}}",
+            "unknown role \"root\"",
+        ),
+        ("operators: {'bad name': {password_hash: x}}", "operator names are"),
+        ("operators: {o: {password: x}}", "unknown field"),
         ("version: 2", "unsupported policy version"),
         ("- a\n- b", "must be a YAML mapping"),
         ("limits: {}\nglobal: {}", "not both"),

@@ -558,15 +558,8 @@ fn operators(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String,
         let fix = || Some(format!("run `ephyr operator add {name}` and paste its lines"));
         match argon2::password_hash::phc::PasswordHash::new(&f.password_hash) {
             Ok(ph) if ph.algorithm.as_str() == "argon2id" => {
-                let m = ph.params.get_decimal("m").unwrap_or(0);
-                let t = ph.params.get_decimal("t").unwrap_or(0);
-                let p = ph.params.get_decimal("p").unwrap_or(0);
-                if m > MAX_ARGON2_KIB || t > MAX_ARGON2_T || p > 4 {
-                    cx.err(
-                        &at,
-                        format!("Argon2 cost m={m},t={t},p={p} exceeds m={MAX_ARGON2_KIB},t={MAX_ARGON2_T},p=4"),
-                        fix(),
-                    );
+                if let Err(e) = argon2_cost(&ph) {
+                    cx.err(&at, e, fix());
                     continue;
                 }
             }
@@ -592,6 +585,18 @@ fn operators(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String,
     out
 }
 
+/// Each verification runs an Argon2 hash's cost on a small appliance: bound it so a typo cannot
+/// exhaust memory or stall sign-ins (API keys and operator passwords alike).
+fn argon2_cost(ph: &argon2::password_hash::phc::PasswordHash) -> Result<(), String> {
+    let m = ph.params.get_decimal("m").unwrap_or(0);
+    let t = ph.params.get_decimal("t").unwrap_or(0);
+    let p = ph.params.get_decimal("p").unwrap_or(0);
+    if m > MAX_ARGON2_KIB || t > MAX_ARGON2_T || p > 4 {
+        return Err(format!("Argon2 cost m={m},t={t},p={p} exceeds m={MAX_ARGON2_KIB},t={MAX_ARGON2_T},p=4"));
+    }
+    Ok(())
+}
+
 fn api_key_hash(cx: &mut Ctx<'_>, name: &str, h: &str) {
     use super::key_hash;
     let at = ["agents", name, "api_key_hash"];
@@ -608,17 +613,8 @@ fn api_key_hash(cx: &mut Ctx<'_>, name: &str, h: &str) {
     }
     match argon2::password_hash::phc::PasswordHash::new(h) {
         Ok(ph) if ph.algorithm.as_str() == "argon2id" => {
-            // Each verification runs this cost on a small appliance: bound it so a typo cannot
-            // exhaust memory or stall logins.
-            let m = ph.params.get_decimal("m").unwrap_or(0);
-            let t = ph.params.get_decimal("t").unwrap_or(0);
-            let p = ph.params.get_decimal("p").unwrap_or(0);
-            if m > MAX_ARGON2_KIB || t > MAX_ARGON2_T || p > 4 {
-                cx.err(
-                    &at,
-                    format!("Argon2 cost m={m},t={t},p={p} exceeds m={MAX_ARGON2_KIB},t={MAX_ARGON2_T},p=4"),
-                    fix(),
-                );
+            if let Err(e) = argon2_cost(&ph) {
+                cx.err(&at, e, fix());
             } else {
                 cx.warn(
                     &at,
