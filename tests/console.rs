@@ -377,13 +377,7 @@ fn freezing_a_target_or_an_agent_closes_sessions_streams_and_lists_certificates_
     }
     const USER: &str = "ephyrt-read";
     ensure_user(USER);
-    let data = TempDir::new("freeze-ssh");
-    let conf = TempDir::new("freeze-ssh-conf");
-    let out =
-        ephyr(&["init", "--data-dir", data.path().to_str().unwrap(), "--config-dir", conf.path().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let sshd = Sshd::start(&data.join("keys/ca_key.pub"), "ListenAddress 127.0.0.2");
-    let fp = ssh_fingerprint(&sshd.dir.join("host_ed25519.pub"));
+    let (data, sshd, fp) = init_with_sshd("freeze-ssh", "ListenAddress 127.0.0.2");
     let (alice, alice_hash) = agent_key("alice");
     let (bob, bob_hash) = agent_key("bob");
     let p = format!(

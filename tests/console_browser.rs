@@ -26,13 +26,7 @@ fn the_console_in_chromium_walks_every_view_and_acts() {
         "Debian's chromium is needed (scripts/test.sh installs it)"
     );
     ensure_user(PRINCIPAL);
-    let data = TempDir::new("console-data");
-    let conf = TempDir::new("console-conf");
-    let out =
-        ephyr(&["init", "--data-dir", data.path().to_str().unwrap(), "--config-dir", conf.path().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let sshd = Sshd::start(&data.join("keys/ca_key.pub"), "");
-    let fp = ssh_fingerprint(&sshd.dir.join("host_ed25519.pub"));
+    let (data, sshd, fp) = init_with_sshd("console-data", "");
     let (alice, alice_hash) = agent_key("alice");
     let (mallory, mallory_hash) = agent_key("mallory");
     let policy = format!(

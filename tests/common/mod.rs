@@ -668,3 +668,16 @@ pub fn ssh_fingerprint(pubkey: &Path) -> String {
     let out = Command::new("ssh-keygen").args(["-l", "-E", "sha256", "-f"]).arg(pubkey).output().unwrap();
     String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_owned()
 }
+
+/// A data dir made by `ephyr init` (its CA in `keys/ca_key.pub`), and an sshd that trusts that
+/// CA with `extra_config`; returns both and the sshd's host-key fingerprint.
+pub fn init_with_sshd(tag: &str, extra_config: &str) -> (TempDir, Sshd, String) {
+    let data = TempDir::new(tag);
+    let conf = TempDir::new(&format!("{tag}-conf"));
+    let out =
+        ephyr(&["init", "--data-dir", data.path().to_str().unwrap(), "--config-dir", conf.path().to_str().unwrap()]);
+    assert!(out.status.success(), "init: {}", stderr(&out));
+    let sshd = Sshd::start(&data.join("keys/ca_key.pub"), extra_config);
+    let fp = ssh_fingerprint(&sshd.dir.join("host_ed25519.pub"));
+    (data, sshd, fp)
+}
