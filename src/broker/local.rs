@@ -559,12 +559,9 @@ pub async fn freeze_request(
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", format!("request body: {e}")),
     };
-    let Some(kind) = FreezeKind::parse(&r.kind) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_kind",
-            format!("unknown kind {:?}: agent, task, target, service or remote", r.kind),
-        );
+    let kind = match FreezeKind::parse(&r.kind) {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_kind", e),
     };
     let done = if on {
         crate::broker::ops::freeze(broker, actor, kind, &r.name, &r.reason)

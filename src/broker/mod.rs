@@ -131,6 +131,11 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// Whether a TCP listener binds a non-loopback address (it faces the network).
+    pub fn exposed(&self) -> bool {
+        !self.listen.ip().is_loopback() || !self.dashboard_listen.ip().is_loopback()
+    }
+
     /// `https` when the listeners speak TLS, else `http`.
     pub fn scheme(&self) -> &'static str {
         if self.tls.is_some() { "https" } else { "http" }

@@ -183,12 +183,9 @@ pub async fn post(broker: &Broker, op: &Operator, req: Request<Incoming>, path: 
     match path {
         "/freeze" | "/unfreeze" => {
             let (kind, name) = (field(&f, "kind").unwrap_or(""), field(&f, "name").unwrap_or("").trim());
-            let Some(k) = FreezeKind::parse(kind) else {
-                return error_page(
-                    StatusCode::BAD_REQUEST,
-                    Some(op),
-                    &format!("unknown kind {kind:?}: agent, task, target, service or remote"),
-                );
+            let k = match FreezeKind::parse(kind) {
+                Ok(k) => k,
+                Err(e) => return error_page(StatusCode::BAD_REQUEST, Some(op), &e),
             };
             if path == "/freeze" {
                 match ops::freeze(broker, &actor, k, name, field(&f, "reason").unwrap_or("").trim()).await {

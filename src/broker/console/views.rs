@@ -113,8 +113,7 @@ pub fn warnings(broker: &Broker) -> Vec<String> {
     if let Some(f) = broker.audit.failure() {
         w.push(format!("the audit log has failed: {f} (state-changing requests are refused)"));
     }
-    let exposed = !broker.listen.ip().is_loopback() || !broker.dashboard_listen.ip().is_loopback();
-    if exposed && broker.tls.is_none() {
+    if broker.exposed() && broker.tls.is_none() {
         w.push(
             "a listener serves plain HTTP on a non-loopback address: credentials cross the network in clear text"
                 .into(),
@@ -213,7 +212,7 @@ fn overview(broker: &Broker, op: &Operator) -> String {
         remotes.len().to_string(),
         if down == 0 { "all connected".into() } else { format!("{down} not connected") },
     ));
-    let exposed = !broker.listen.ip().is_loopback() || !broker.dashboard_listen.ip().is_loopback();
+    let exposed = broker.exposed();
     out.push_str(&match &broker.tls {
         Some(t) => {
             let d = t.describe();

@@ -693,9 +693,12 @@ impl FreezeKind {
         }
     }
 
-    /// From its word.
-    pub fn parse(s: &str) -> Option<FreezeKind> {
-        FreezeKind::ALL.into_iter().find(|k| k.as_str() == s)
+    /// From its word; an unknown one is refused with the words there are.
+    pub fn parse(s: &str) -> Result<FreezeKind, String> {
+        FreezeKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown kind {s:?}: agent, task, target, service or remote"))
     }
 }
 
