@@ -38,6 +38,7 @@ Commands:
   inspect      decode a task token and show what it allows
   policy       check, diff, explain or reload a policy
   keygen       generate an agent API key and its hash line
+  approvals    the approval queue (`--follow` to watch); `approve ID`, `deny ID --reason TEXT`
   freeze       the kill switch: `freeze agent|task|target|service|remote NAME` (unfreeze, freezes)
   operator     add a console account (`operator add NAME --role admin`; password on stdin)
   secret       store upstream credentials sealed (`secret set NAME` reads stdin), list, rm
@@ -184,6 +185,19 @@ ends the agent's MCP sessions and streams and updates the KRL. Freezes are journ
 survive restarts) and audited. Unfreezing lets new requests through again; what was revoked
 stays revoked. Talks to the running broker over its local socket (root or the broker's user).
 Options: --socket PATH  --data-dir DIR  --json";
+
+const APPROVALS_HELP: &str = "\
+Usage: ephyr approvals [--all] [--follow] [--json]
+       ephyr approve ID [--waive DURATION] [--reason TEXT]
+       ephyr deny ID --reason TEXT
+
+Actions an `approvals:` rule holds wait for an operator. `approvals` lists the waiting
+requests (--all: a day of answered and expired ones too; --follow: print each one as it
+appears or changes). `approve` lets the agent's next identical call run once (--waive 10m:
+the same action by the same agent and task runs without asking for that long, within the
+rule's `waiver`); with four_eyes a second, different approver must approve too. `deny`
+needs a reason, which the agent is told. Answers from here count as the approver `local`
+(root or the broker's user on the local socket). Options: --socket PATH  --data-dir DIR";
 
 const OPERATOR_HELP: &str = "\
 Usage: ephyr operator add NAME [--role viewer|admin] [--generate]
@@ -439,6 +453,7 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "keygen" => cmd_keygen(p),
         "operator" => cmd_operator(p),
         "freeze" | "unfreeze" | "freezes" => cmd_freeze(p, &cmd),
+        "approvals" | "approve" | "deny" => cmd_approvals(p, &cmd),
         "secret" => cmd_secret(p),
         "audit" => cmd_audit(p),
         "monitor" => cmd_monitor(p),
@@ -1019,6 +1034,36 @@ fn cmd_keygen(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     }
     let name = name.ok_or_else(|| usage("keygen agent needs a NAME"))?;
     cli::policy::keygen_agent(&name, json).map(|c| c as u8).map_err(|e| Failure::Run(3, e))
+}
+
+fn cmd_approvals(p: &mut lexopt::Parser, cmd: &str) -> Result<u8, Failure> {
+    let (mut socket, mut data_dir, mut json, mut words) = (None, None, false, Vec::new());
+    let (mut all, mut follow, mut reason, mut waive) = (false, false, String::new(), None);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("data-dir") => data_dir = Some(path(p.value()?)),
+            Long("json") => json = true,
+            Long("all") if cmd == "approvals" => all = true,
+            Long("follow") | Short('f') if cmd == "approvals" => follow = true,
+            Long("reason") if cmd != "approvals" => reason = p.value()?.string()?,
+            Long("waive") if cmd == "approve" => waive = Some(p.value()?.string()?),
+            Long("help") | Short('h') => return help(APPROVALS_HELP),
+            Value(v) => words.push(v.string()?),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let sock = cli::client::socket_path(socket, data_dir.as_deref());
+    let r = match (cmd, words.as_slice()) {
+        ("approvals", []) => cli::approvals::list(&sock, all, json, follow),
+        ("approvals", _) => return Err(usage("approvals takes no arguments")),
+        ("deny", [_]) if reason.trim().is_empty() => {
+            return Err(usage("deny needs --reason TEXT (the agent is told it)"));
+        }
+        (_, [id]) => cli::approvals::decide(&sock, id, cmd == "approve", &reason, waive.as_deref(), json),
+        _ => return Err(usage(format!("expected `ephyr {cmd} ID`"))),
+    };
+    r.map(|()| 0).map_err(|e| Failure::Run(1, e))
 }
 
 fn cmd_freeze(p: &mut lexopt::Parser, cmd: &str) -> Result<u8, Failure> {

@@ -34,65 +34,7 @@ fn keys() -> Keys {
     Keys { bot, bot_hash }
 }
 
-/// A browser-like client of one console.
-struct Client {
-    addr: String,
-    cookie: Option<String>,
-}
-
-impl Client {
-    fn new(addr: &str) -> Client {
-        Client { addr: addr.to_owned(), cookie: None }
-    }
-
-    fn origin(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn login(&mut self, name: &str, password: &str) -> HttpResponse {
-        let body = format!("name={}&password={}", name, password.replace(' ', "+"));
-        let origin = self.origin();
-        let r = http_request(
-            &self.addr,
-            "POST",
-            "/login",
-            &[("Origin", &origin), ("Content-Type", "application/x-www-form-urlencoded")],
-            body.as_bytes(),
-        );
-        if let Some(c) = r.header("set-cookie") {
-            self.cookie = c.split(';').next().map(str::to_owned);
-        }
-        r
-    }
-
-    fn get(&self, path: &str) -> HttpResponse {
-        let mut h = vec![];
-        if let Some(c) = &self.cookie {
-            h.push(("Cookie", c.as_str()));
-        }
-        http_request(&self.addr, "GET", path, &h, b"")
-    }
-
-    /// The session's CSRF token, read from a page's form.
-    fn csrf(&self) -> String {
-        let page = self.get("/").text();
-        let at = page.find("name=\"csrf\" value=\"").expect("a form with a CSRF token") + 19;
-        page[at..at + page[at..].find('"').unwrap()].to_owned()
-    }
-
-    fn post(&self, path: &str, form: &str, extra: &[(&str, &str)]) -> HttpResponse {
-        let origin = self.origin();
-        let mut h: Vec<(&str, &str)> = vec![("Content-Type", "application/x-www-form-urlencoded")];
-        if !extra.iter().any(|(k, _)| k.eq_ignore_ascii_case("origin")) {
-            h.push(("Origin", &origin));
-        }
-        if let Some(c) = &self.cookie {
-            h.push(("Cookie", c.as_str()));
-        }
-        h.extend_from_slice(extra);
-        http_request(&self.addr, "POST", path, &h, form.as_bytes())
-    }
-}
+type Client = ConsoleClient;
 
 fn start(policy: &str, data_dir: Option<std::path::PathBuf>) -> Broker {
     Broker::start(BrokerOpts {

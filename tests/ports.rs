@@ -119,6 +119,7 @@ struct Stand {
     tasks: Revoked,
     secrets: OneSecret,
     pool: BlockingPool,
+    approvals: ephyr::broker::approvals::Approvals,
 }
 
 impl Stand {
@@ -130,6 +131,7 @@ impl Stand {
             tasks: Revoked::default(),
             secrets: OneSecret("s3cret-value-42"),
             pool: BlockingPool::new(1, 8),
+            approvals: ephyr::broker::approvals::Approvals::in_memory(),
         }
     }
 
@@ -141,6 +143,8 @@ impl Stand {
             tasks: &self.tasks,
             secrets: &self.secrets,
             pool: &self.pool,
+            approvals: &self.approvals,
+            progress: None,
         }
     }
 

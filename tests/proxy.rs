@@ -5,8 +5,7 @@
 mod common;
 
 use std::io::BufRead as _;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -57,63 +56,6 @@ impl Drop for Netns {
             .arg("-c")
             .arg(format!("ip netns pids {0} | xargs -r kill -9; ip netns del {0}", self.name))
             .status();
-    }
-}
-
-/// An upstream process (tests/helpers/upstream.py serve).
-struct Upstream {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    _dir: TempDir,
-}
-
-impl Upstream {
-    fn start(netns: Option<&Netns>, host: &str, extra: &[&str]) -> Upstream {
-        let dir = TempDir::new("upstream");
-        let log = dir.join("requests.jsonl");
-        let script = repo().join("tests/helpers/upstream.py");
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &ns.name, "python3"]);
-                c
-            }
-            None => Command::new("python3"),
-        };
-        cmd.arg(script).args(["serve", "--host", host, "--log", log.to_str().unwrap()]).args(extra);
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port = line.trim().strip_prefix("READY ").unwrap_or_else(|| panic!("upstream: {line:?}")).parse().unwrap();
-        Upstream { child, port, log, _dir: dir }
-    }
-
-    fn requests(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    fn last_header(&self, name: &str) -> Vec<String> {
-        let reqs = self.requests();
-        let last = reqs.last().expect("the upstream got no request");
-        last["headers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|h| h[0].as_str().unwrap().eq_ignore_ascii_case(name))
-            .map(|h| h[1].as_str().unwrap().to_owned())
-            .collect()
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -180,7 +122,7 @@ fn the_credential_is_injected_and_never_returned() {
         return;
     }
     let ns = Netns::new();
-    let up = Upstream::start(Some(&ns), &ns.addr(2), &[]);
+    let up = Upstream::start(Some(&ns.name), &ns.addr(2), &[]);
     let dir = TempDir::new("proxy-secret");
     let file = dir.join("basic.txt");
     std::fs::write(&file, "basic-pass\n").unwrap();
@@ -408,8 +350,8 @@ fn redirects_are_returned_and_not_followed() {
         return;
     }
     let ns = Netns::new();
-    let a = Upstream::start(Some(&ns), &ns.addr(2), &[]);
-    let other = Upstream::start(Some(&ns), &ns.addr(3), &[]);
+    let a = Upstream::start(Some(&ns.name), &ns.addr(2), &[]);
+    let other = Upstream::start(Some(&ns.name), &ns.addr(3), &[]);
     let (b, key) = echo_broker(&ns.addr(2), a.port, "", "", vec![]);
     let to = format!("http://{}:{}/steal", ns.addr(3), other.port);
     let r = call(&b, &key, json!({"service": "echo", "path": format!("/redirect?to={to}")})).unwrap();
@@ -432,7 +374,7 @@ fn sse_streams_token_by_token_through_the_route() {
         return;
     }
     let ns = Netns::new();
-    let up = Upstream::start(Some(&ns), &ns.addr(2), &[]);
+    let up = Upstream::start(Some(&ns.name), &ns.addr(2), &[]);
     let (b, key) = echo_broker(&ns.addr(2), up.port, "", "", vec![]);
     let auth = format!("Bearer {key}");
     let start = Instant::now();
@@ -518,7 +460,7 @@ fn a_revoked_task_stops_mid_stream_and_after() {
         return;
     }
     let ns = Netns::new();
-    let up = Upstream::start(Some(&ns), &ns.addr(2), &[]);
+    let up = Upstream::start(Some(&ns.name), &ns.addr(2), &[]);
     let (b, key) = echo_broker(&ns.addr(2), up.port, "", "", vec![]);
     let t = tool_call(
         &b.api,
@@ -561,7 +503,7 @@ fn limits_paths_and_timeouts() {
         return;
     }
     let ns = Netns::new();
-    let up = Upstream::start(Some(&ns), &ns.addr(2), &[]);
+    let up = Upstream::start(Some(&ns.name), &ns.addr(2), &[]);
     let (b, key) = echo_broker(&ns.addr(2), up.port, "", "", vec![]);
     let before = up.requests().len();
     // Request bodies beyond max_request (64 KiB).

@@ -54,6 +54,39 @@ pub enum Reply {
     SetLogLevel(String),
 }
 
+/// Where a call's progress notifications go (a client that sent `_meta.progressToken` and takes
+/// an event stream): the agent's own token, and the stream its answer is written to. Federation
+/// relays a remote's progress here; an approval gate reports its wait.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// The token the agent gave (`_meta.progressToken`).
+    pub token: Value,
+    /// Notifications for the agent, written before its answer.
+    pub tx: async_channel::Sender<Value>,
+}
+
+impl Progress {
+    /// Passes on a remote's `notifications/progress` parameters under the agent's token: only
+    /// `progress`, `total` and `message` (at most 1,000 characters), nothing else of the remote's.
+    /// Dropped if the agent's stream is behind.
+    pub fn relay(&self, params: &Value) {
+        let Some(progress) = params["progress"].as_f64().filter(|n| n.is_finite()) else { return };
+        let mut p = json!({ "progressToken": self.token, "progress": progress });
+        if let Some(t) = params["total"].as_f64().filter(|n| n.is_finite()) {
+            p["total"] = Value::from(t);
+        }
+        if let Some(m) = params["message"].as_str() {
+            p["message"] = Value::from(m.chars().take(1000).collect::<String>());
+        }
+        let _ = self.tx.try_send(json!({ "jsonrpc": "2.0", "method": "notifications/progress", "params": p }));
+    }
+
+    /// Reports the broker's own progress (`progress` rising, a message of its own).
+    pub fn send(&self, progress: f64, message: &str) {
+        self.relay(&json!({ "progress": progress, "message": message }));
+    }
+}
+
 /// Answers `call` for `caller` under `policy` in protocol revision `v`; a federated tool's
 /// progress notifications go to `progress` when the caller asked for them.
 pub async fn dispatch(
@@ -62,7 +95,7 @@ pub async fn dispatch(
     caller: &Caller,
     v: Version,
     call: Call,
-    progress: Option<&super::federation::Progress>,
+    progress: Option<&Progress>,
 ) -> Result<Reply, RpcError> {
     match call {
         Call::Ping => Ok(Reply::Result(json!({}))),
@@ -109,16 +142,18 @@ pub async fn dispatch(
                 Some(Err(out)) => Ok(Reply::Result(server::tool_result(v, &IDENTITY, out.text, true, None))),
             }
         }
-        Call::ToolsCall { name, arguments } => match tools::call(broker, caller, policy, &name, arguments).await {
-            None => Err(RpcError::invalid_params(format!("unknown tool {name:?}"))),
-            Some(out) => {
-                let structured = match (out.is_error, out.value, tools::find(&name)) {
-                    (false, Some(value), Some(t)) if v.structured_output() => t.output.structured(*value),
-                    _ => None,
-                };
-                Ok(Reply::Result(server::tool_result(v, &IDENTITY, out.text, out.is_error, structured)))
+        Call::ToolsCall { name, arguments } => {
+            match tools::call(broker, caller, policy, &name, arguments, progress).await {
+                None => Err(RpcError::invalid_params(format!("unknown tool {name:?}"))),
+                Some(out) => {
+                    let structured = match (out.is_error, out.value, tools::find(&name)) {
+                        (false, Some(value), Some(t)) if v.structured_output() => t.output.structured(*value),
+                        _ => None,
+                    };
+                    Ok(Reply::Result(server::tool_result(v, &IDENTITY, out.text, out.is_error, structured)))
+                }
             }
-        },
+        }
         Call::ResourcesList => {
             let mut list: Vec<Value> = resources::RESOURCES.iter().map(|d| d.to_json()).collect();
             if !policy.remotes.is_empty() {

@@ -15,6 +15,14 @@ pub enum Error {
     /// `authorize` said no (policy, token, network rules). The caller should not retry the same
     /// request: the reason says what would have to change. HTTP 403; tools: `denied (code): …`.
     Denied(Denial),
+    /// An operator must approve this exact action first (`approvals:`): request `id` waits.
+    /// Retry the same call once approved. HTTP 403; tools: `approval pending (approval_pending): …`.
+    Pending {
+        /// The approval request.
+        id: String,
+        /// What is awaited, from whom, until when, and how to retry.
+        message: String,
+    },
     /// The request is malformed (a path, a header, an argument). Fix the request. HTTP 400.
     Invalid(String),
     /// Nothing to act on: no such live task, certificate or session for this caller. HTTP 404.
@@ -57,7 +65,7 @@ impl Error {
     /// HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::Denied(_) => StatusCode::FORBIDDEN,
+            Error::Denied(_) | Error::Pending { .. } => StatusCode::FORBIDDEN,
             Error::Invalid(_) => StatusCode::BAD_REQUEST,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Refused(_) => StatusCode::CONFLICT,
@@ -72,6 +80,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::Denied(d) => d.code.as_str(),
+            Error::Pending { .. } => "approval_pending",
             Error::Invalid(_) => "invalid_request",
             Error::NotFound(_) => "not_found",
             Error::Refused(_) => "refused",
@@ -87,7 +96,7 @@ impl Error {
     pub fn message(&self) -> String {
         match self {
             Error::Denied(d) => d.reason.clone(),
-            Error::Upstream { message, .. } => message.clone(),
+            Error::Upstream { message, .. } | Error::Pending { message, .. } => message.clone(),
             Error::Invalid(m)
             | Error::NotFound(m)
             | Error::Refused(m)
@@ -103,6 +112,7 @@ impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Error::Denied(d) => write!(f, "denied ({}): {}", d.code.as_str(), d.reason),
+            Error::Pending { message, .. } => write!(f, "approval pending (approval_pending): {message}"),
             other => f.write_str(&other.message()),
         }
     }

@@ -16,6 +16,8 @@
 //! | `GET /v1/freezes` | operator | what is frozen, by whom, when, why |
 //! | `POST /v1/freeze` | operator | `{kind, name, reason}`: the kill switch (`ephyr freeze`) |
 //! | `POST /v1/unfreeze` | operator | `{kind, name}`: lift a freeze (`ephyr unfreeze`) |
+//! | `GET /v1/approvals` | operator | approval requests: open ones and a day of closed ones |
+//! | `POST /v1/approvals/decide` | operator | `{id, approve, reason, waiver}`: answer one (`ephyr approve`, `ephyr deny`) |
 //! | `POST /v1/tools/call` | an agent whose `uid` is the caller's | call an MCP tool as that agent (`ephyr exec`) |
 //!
 //! A uid mapped to an agent acts with that agent's whole policy, like its API key.
@@ -578,6 +580,62 @@ pub async fn freeze_request(
     }
 }
 
+/// Approval requests as operators see them (the CLI and the console).
+pub fn approvals_json(broker: &Broker) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = broker.approvals.list().iter().map(approval_json).collect();
+    serde_json::json!({ "approvals": list, "pending": broker.approvals.pending(), "version": broker.approvals.version() })
+}
+
+/// One approval request, times as RFC 3339.
+pub fn approval_json(r: &crate::broker::approvals::Request) -> serde_json::Value {
+    let t = |s: i64| crate::time::format_rfc3339(s, None);
+    let votes: Vec<serde_json::Value> = r
+        .votes
+        .iter()
+        .map(|v| serde_json::json!({ "by": v.by, "approve": v.approve, "reason": v.reason, "waiver_secs": v.waiver, "at": t(v.at) }))
+        .collect();
+    serde_json::json!({
+        "id": r.id, "state": r.state.as_str(), "agent": r.agent, "task": r.task, "lineage": r.lineage,
+        "rules": r.rules, "needed": r.needed, "action": r.action, "summary": crate::broker::approvals::notify::summary(r),
+        "asked_at": t(r.at), "expires": t(r.expires), "votes": votes,
+        "waiver_until": r.waiver_until.map(t), "closed_at": r.closed_at.map(t),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecideRequest {
+    id: String,
+    approve: bool,
+    #[serde(default)]
+    reason: String,
+    waiver: Option<String>,
+}
+
+/// `POST /v1/approvals/decide`, for any operator actor (the console uses it too).
+pub async fn decide_request(broker: &Broker, actor: &crate::broker::ops::Actor, body: &[u8]) -> http::Response<Body> {
+    let r: DecideRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", format!("request body: {e}")),
+    };
+    let waiver = match r.waiver.as_deref().filter(|w| !w.is_empty()).map(parse_duration) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, "invalid_waiver", format!("waiver: {e}")),
+    };
+    match crate::broker::ops::decide_approval(broker, actor, &r.id, r.approve, &r.reason, waiver).await {
+        Ok((decided, req)) => {
+            let word = match decided {
+                crate::broker::approvals::Decided::Approved => "approved",
+                crate::broker::approvals::Decided::Partly => "partly",
+                crate::broker::approvals::Decided::Denied => "denied",
+            };
+            json(StatusCode::OK, &serde_json::json!({ "decided": word, "approval": approval_json(&req) }))
+        }
+        Err(e) => error(e.status(), e.code(), e.message()),
+    }
+}
+
 /// Every live certificate the broker issued.
 fn certs_json(broker: &Broker) -> serde_json::Value {
     let now = crate::time::now().secs().max(0) as u64;
@@ -639,6 +697,12 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
                         Err(e) => e.response(),
                     }
                 }
+                (Method::GET, "/v1/approvals") => json(StatusCode::OK, &approvals_json(&broker)),
+                (Method::POST, "/v1/approvals/decide") => match read_body(req, MAX_BODY, Duration::from_secs(10)).await
+                {
+                    Ok(b) => decide_request(&broker, &operator(peer), &b).await,
+                    Err(e) => e.response(),
+                },
                 (Method::GET, "/v1/secrets") => list_secrets(&broker),
                 (Method::PUT, path) if let Some(name) = path.strip_prefix("/v1/secrets/") => {
                     let name = name.to_owned();

@@ -8,6 +8,8 @@
 //! - every 2 s, federated remotes that are due are read again: a remote that went down is
 //!   retried, a stdio remote that exited restarted (with backoff), a changed tool list re-read,
 //!   and a change to what they serve announced to agents' notification streams;
+//! - every second, approval requests nobody answered in time (and approvals not used in time)
+//!   expire, each with an audit record; a held call waiting on one is woken;
 //! - signer events (workers ended and restarted, the keeper relaunched) become audit records.
 
 use std::rc::Rc;
@@ -33,6 +35,17 @@ pub fn spawn(
                     log::info!("tasks: {gone} expired and removed");
                 }
                 broker.metrics.set("ephyr_tasks_active", &[], broker.tasks.len() as f64);
+            }
+        })
+        .detach();
+    }
+    {
+        // Approval requests past their time expire (a held call waiting on one is woken).
+        let broker = broker.clone();
+        ex.spawn(async move {
+            loop {
+                async_io::Timer::after(std::time::Duration::from_secs(1)).await;
+                super::ops::expire_approvals(&broker);
             }
         })
         .detach();

@@ -64,6 +64,18 @@ pub const METRICS: &[(&str, Type, &str)] = &[
     ("ephyr_audit_write_duration_seconds", Type::Histogram, "Time to write and fdatasync one audit batch."),
     ("ephyr_policy_reloads_total", Type::Counter, "Policy reloads by outcome."),
     ("ephyr_freezes_total", Type::Counter, "Freezes (the kill switch) by kind."),
+    ("ephyr_approval_notifications_total", Type::Counter, "Approval notifications (webhook, ntfy) by outcome."),
+    ("ephyr_approvals_pending", Type::Gauge, "Approval requests waiting for an operator."),
+    (
+        "ephyr_approvals_total",
+        Type::Counter,
+        "Approval requests by outcome (requested, approved, partly, denied, expired, used, waived).",
+    ),
+    (
+        "ephyr_approval_decision_seconds_total",
+        Type::Counter,
+        "Seconds from request to decision, summed over decisions (divide by approved + denied).",
+    ),
     ("ephyr_console_logins_total", Type::Counter, "Console sign-ins by outcome."),
     ("ephyr_console_sessions", Type::Gauge, "Signed-in console sessions."),
     ("ephyr_proxy_requests_total", Type::Counter, "Proxied HTTP requests by service and status class."),

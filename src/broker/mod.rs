@@ -5,6 +5,7 @@
 //! `routes` (the TCP endpoints), `local` (the Unix-socket API), `privileges` (the drop),
 //! `blocking` (the bounded pool for blocking work), `datadir` (files), `policy` (configuration).
 
+pub mod approvals;
 pub mod audit;
 pub mod auth;
 pub mod blocking;
@@ -122,6 +123,8 @@ pub struct Broker {
     pub catalog: tools::Catalog,
     /// Remote MCP servers: their tools, sessions and health.
     pub federation: federation::Federation,
+    /// Approval requests (actions that wait for an operator), journaled.
+    pub approvals: approvals::Approvals,
     /// What operators froze (the kill switch), journaled.
     pub freezes: freeze::Freezes,
     /// The operator console's sessions, limiter and samples.

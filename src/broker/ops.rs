@@ -376,3 +376,113 @@ pub async fn unfreeze(broker: &Broker, actor: &Actor, kind: FreezeKind, name: &s
     record(broker, ev).await.map_err(|e| Error::Unavailable(format!("unfrozen, but its audit record failed: {e}")))?;
     Ok(true)
 }
+
+/// An operator's answer to approval request `id`: approve (with an optional waiver, within the
+/// rules' longest) or deny (a reason is required: the agent is told it). Only operators answer —
+/// a local process on the socket or a console operator — and only those every rule behind the
+/// request accepts (`approvers`), each once (four eyes needs two different people).
+pub async fn decide_approval(
+    broker: &Broker,
+    actor: &Actor,
+    id: &str,
+    approve: bool,
+    reason: &str,
+    waiver: Option<std::time::Duration>,
+) -> Result<(super::approvals::Decided, super::approvals::Request), Error> {
+    use super::approvals::{Decided, MAX_REASON};
+    use super::policy::approval::{Answerer, Requirement};
+    let who = match actor {
+        Actor::Operator { uid } => Answerer::Local(*uid),
+        Actor::Console { name } => Answerer::Console(name.clone()),
+        _ => return Err(Error::Refused("only operators answer approval requests".into())),
+    };
+    let reason = reason.trim();
+    if reason.chars().count() > MAX_REASON || reason.chars().any(|c| c.is_control()) {
+        return Err(Error::Invalid(format!("a reason is at most {MAX_REASON} characters on one line")));
+    }
+    if !approve && reason.is_empty() {
+        return Err(Error::Invalid("a denial needs a reason (the agent is told it)".into()));
+    }
+    let r = broker.approvals.get(id).ok_or_else(|| Error::NotFound(format!("no approval request {id:?}")))?;
+    let policy = broker.policy();
+    let req = Requirement { rules: r.rules.iter().filter_map(|n| policy.approvals.rules.get(n)).collect() };
+    if req.rules.is_empty() {
+        return Err(Error::Refused(format!(
+            "the rules behind request {id} ({}) are no longer in the policy; the agent's next call is decided by the current one",
+            r.rules.join(", ")
+        )));
+    }
+    if !req.accepts(&policy, &who) {
+        return Err(Error::Refused(format!(
+            "{} may not answer request {id}: its approvers are {}",
+            who.name(),
+            req.approvers_text()
+        )));
+    }
+    let waiver_secs = match (approve, waiver) {
+        (false, Some(_)) => return Err(Error::Invalid("a waiver goes with an approval, not a denial".into())),
+        (_, None) => 0,
+        (true, Some(w)) => match req.waiver() {
+            Some(max) if w <= max && !w.is_zero() => w.as_secs(),
+            Some(max) => {
+                return Err(Error::Invalid(format!(
+                    "the rules allow a waiver of at most {}",
+                    crate::time::format_duration(max)
+                )));
+            }
+            None => return Err(Error::Invalid(format!("rule {} allows no waiver", r.rules.join(", ")))),
+        },
+    };
+    let (decided, durable) = broker.approvals.vote(id, &who, approve, reason, waiver_secs)?;
+    let synced = durable.wait().await;
+    let label = match decided {
+        Decided::Approved => "approved",
+        Decided::Partly => "partly",
+        Decided::Denied => "denied",
+    };
+    broker.metrics.inc("ephyr_approvals_total", &[("outcome", label)]);
+    if decided != Decided::Partly {
+        let waited = (crate::time::now().secs() - r.at).max(0) as u64;
+        broker.metrics.add("ephyr_approval_decision_seconds_total", &[], waited);
+    }
+    broker.metrics.set("ephyr_approvals_pending", &[], broker.approvals.pending() as f64);
+    let ev = Event::new(Kind::Approval, "approval_decision")
+        .agent(who.name())
+        .action(json!({
+            "approval": id, "for_agent": r.agent, "task": r.task, "approve": approve,
+            "reason": reason, "waiver_secs": waiver_secs, "rules": r.rules,
+        }))
+        .allow()
+        .outcome(json!({ "decided": label }));
+    let recorded = record(broker, ev).await;
+    synced?;
+    recorded.map_err(|e| Error::Unavailable(format!("the answer is recorded, but its audit record failed: {e}")))?;
+    log::info!("approval request {id}: {label} by {}", who.name());
+    let after = broker.approvals.get(id).unwrap_or(r);
+    Ok((decided, after))
+}
+
+/// Expires approval requests whose time is up (nobody answered, or the approval was not used),
+/// each with an audit record.
+pub fn expire_approvals(broker: &Broker) {
+    use super::audit::AuditSink as _;
+    let expired = broker.approvals.expire_due();
+    if expired.is_empty() {
+        return;
+    }
+    for (r, _durable) in &expired {
+        broker.metrics.inc("ephyr_approvals_total", &[("outcome", "expired")]);
+        let ev = Event::new(Kind::Approval, "approval_expired")
+            .agent(r.agent.clone())
+            .action(json!({ "approval": r.id, "rules": r.rules, "approvals": r.votes.len(), "needed": r.needed }))
+            .allow();
+        let ev = match &r.task {
+            Some(t) => ev.task(t.clone(), r.lineage.clone()),
+            None => ev,
+        };
+        if let Err(e) = broker.audit.note(ev) {
+            log::error!("audit: {e}");
+        }
+    }
+    broker.metrics.set("ephyr_approvals_pending", &[], broker.approvals.pending() as f64);
+}

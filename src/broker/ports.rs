@@ -143,9 +143,18 @@ pub struct Ports<'a> {
     pub secrets: &'a dyn SecretSource,
     /// Blocking work (DNS, files, TLS set-up).
     pub pool: &'a BlockingPool,
+    /// Approval requests (the gate of actions an `approvals:` rule holds).
+    pub approvals: &'a super::approvals::Approvals,
+    /// Where this request's progress goes, if its client asked for progress.
+    pub progress: Option<&'a super::dispatch::Progress>,
 }
 
-impl Ports<'_> {
+impl<'a> Ports<'a> {
+    /// The same handles, reporting progress to `progress` (a held approval reports its wait).
+    pub fn with_progress(self, progress: Option<&'a super::dispatch::Progress>) -> Ports<'a> {
+        Ports { progress, ..self }
+    }
+
     /// Records an event and waits until it is durable; on failure logs it (for events that do not
     /// gate a response — those call `audit.record` themselves and refuse on error).
     pub async fn audit_now(&self, e: Event) {
@@ -170,6 +179,8 @@ impl Broker {
             tasks: &self.tasks,
             secrets: self,
             pool: &self.pool,
+            approvals: &self.approvals,
+            progress: None,
         }
     }
 

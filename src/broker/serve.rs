@@ -327,6 +327,9 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         let freezes = super::freeze::Freezes::load(&logs)
             .await
             .map_err(|e| ServeError::Startup(format!("freezes: {}", e.message())))?;
+        let approvals = super::approvals::Approvals::load(&logs)
+            .await
+            .map_err(|e| ServeError::Startup(format!("approvals: {}", e.message())))?;
         let mut policy = policy;
         policy.frozen = freezes.frozen();
         let known = super::ssh::hosts::KnownHosts::load(&data_dir.state().join("known_hosts"))
@@ -360,10 +363,16 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
                     .collect(),
             ),
             freezes,
+            approvals,
             console: super::console::Console::default(),
             tls,
         });
         ex.spawn(super::console::graphs::run(Rc::downgrade(&broker))).detach();
+        ex.spawn(super::approvals::notify::run(
+            Rc::downgrade(&broker),
+            Rc::new(super::upstream::conn::Conns::new(ex.clone())),
+        ))
+        .detach();
         record_start(&broker).await.map_err(|e| ServeError::Startup(e.to_string()))?;
         // Sign this process's first lines at once (in the background: serving does not wait for
         // the signer and the fsync): every log then has a checkpoint moments after it starts, so a

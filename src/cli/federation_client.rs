@@ -80,6 +80,7 @@ pub fn run(url: &str) -> Result<u8, String> {
     let ex = Rc::new(smol::LocalExecutor::new());
     let federation = Federation::new(ex.clone(), Pins::default());
     let (audit, metrics, pool) = (MemorySink::default(), Metrics::default(), BlockingPool::new(1, 8));
+    let approvals = crate::broker::approvals::Approvals::in_memory();
     let ports = Ports {
         audit: &audit,
         metrics: &metrics,
@@ -87,6 +88,8 @@ pub fn run(url: &str) -> Result<u8, String> {
         tasks: &NoTasks,
         secrets: &NoSecrets,
         pool: &pool,
+        approvals: &approvals,
+        progress: None,
     };
     smol::block_on(ex.run(async {
         federation.refresh_due(ports, &policy).await;

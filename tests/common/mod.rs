@@ -681,3 +681,120 @@ pub fn init_with_sshd(tag: &str, extra_config: &str) -> (TempDir, Sshd, String) 
     let fp = ssh_fingerprint(&sshd.dir.join("host_ed25519.pub"));
     (data, sshd, fp)
 }
+
+/// An upstream process (tests/helpers/upstream.py serve).
+pub struct Upstream {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Upstream {
+    pub fn start(netns: Option<&str>, host: &str, extra: &[&str]) -> Upstream {
+        let dir = TempDir::new("upstream");
+        let log = dir.join("requests.jsonl");
+        let script = repo().join("tests/helpers/upstream.py");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "python3"]);
+                c
+            }
+            None => Command::new("python3"),
+        };
+        cmd.arg(script).args(["serve", "--host", host, "--log", log.to_str().unwrap()]).args(extra);
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().strip_prefix("READY ").unwrap_or_else(|| panic!("upstream: {line:?}")).parse().unwrap();
+        Upstream { child, port, log, _dir: dir }
+    }
+
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub fn last_header(&self, name: &str) -> Vec<String> {
+        let reqs = self.requests();
+        let last = reqs.last().expect("the upstream got no request");
+        last["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h[0].as_str().unwrap().eq_ignore_ascii_case(name))
+            .map(|h| h[1].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A browser-like client of one console.
+pub struct ConsoleClient {
+    pub addr: String,
+    pub cookie: Option<String>,
+}
+
+impl ConsoleClient {
+    pub fn new(addr: &str) -> ConsoleClient {
+        ConsoleClient { addr: addr.to_owned(), cookie: None }
+    }
+
+    pub fn origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn login(&mut self, name: &str, password: &str) -> HttpResponse {
+        let body = format!("name={}&password={}", name, password.replace(' ', "+"));
+        let origin = self.origin();
+        let r = http_request(
+            &self.addr,
+            "POST",
+            "/login",
+            &[("Origin", &origin), ("Content-Type", "application/x-www-form-urlencoded")],
+            body.as_bytes(),
+        );
+        if let Some(c) = r.header("set-cookie") {
+            self.cookie = c.split(';').next().map(str::to_owned);
+        }
+        r
+    }
+
+    pub fn get(&self, path: &str) -> HttpResponse {
+        let mut h = vec![];
+        if let Some(c) = &self.cookie {
+            h.push(("Cookie", c.as_str()));
+        }
+        http_request(&self.addr, "GET", path, &h, b"")
+    }
+
+    /// The session's CSRF token, read from a page's form.
+    pub fn csrf(&self) -> String {
+        let page = self.get("/").text();
+        let at = page.find("name=\"csrf\" value=\"").expect("a form with a CSRF token") + 19;
+        page[at..at + page[at..].find('"').unwrap()].to_owned()
+    }
+
+    pub fn post(&self, path: &str, form: &str, extra: &[(&str, &str)]) -> HttpResponse {
+        let origin = self.origin();
+        let mut h: Vec<(&str, &str)> = vec![("Content-Type", "application/x-www-form-urlencoded")];
+        if !extra.iter().any(|(k, _)| k.eq_ignore_ascii_case("origin")) {
+            h.push(("Origin", &origin));
+        }
+        if let Some(c) = &self.cookie {
+            h.push(("Cookie", c.as_str()));
+        }
+        h.extend_from_slice(extra);
+        http_request(&self.addr, "POST", path, &h, form.as_bytes())
+    }
+}

@@ -43,6 +43,8 @@ pub enum Kind {
     Checkpoint,
     /// Operators: console sign-in and sign-out, freezes.
     Operator,
+    /// Human approval: requests, decisions, expiries, uses.
+    Approval,
 }
 
 /// Allow or deny.

@@ -205,7 +205,7 @@ pub async fn post_with(
     wire: Wire<'_>,
     msg: &Value,
     id: Option<u64>,
-    progress: Option<(&super::Progress, u64)>,
+    progress: Option<(&crate::broker::dispatch::Progress, u64)>,
 ) -> Result<Posted, Error> {
     let started = Instant::now();
     let deadline = ep.remote.timeout;
@@ -275,7 +275,7 @@ pub async fn post_with(
 }
 
 /// Passes on the progress notifications among `events` (complete events).
-fn relay(progress: Option<(&super::Progress, u64)>, events_text: &[u8]) {
+fn relay(progress: Option<(&crate::broker::dispatch::Progress, u64)>, events_text: &[u8]) {
     let Some((p, token)) = progress else { return };
     for m in events(events_text) {
         if m["method"] == "notifications/progress" && m["params"]["progressToken"].as_u64() == Some(token) {
@@ -312,7 +312,7 @@ async fn resume(
     wire: Wire<'_>,
     first: &[u8],
     id: u64,
-    progress: Option<(&super::Progress, u64)>,
+    progress: Option<(&crate::broker::dispatch::Progress, u64)>,
 ) -> Result<Option<Value>, Error> {
     let (mut last, mut retry) = resume_point(first);
     let Transport::Http(url) = &ep.remote.transport else { return Ok(None) };

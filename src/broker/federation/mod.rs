@@ -334,7 +334,7 @@ impl Federation {
         link: &Link,
         method: &str,
         params: Value,
-        progress: Option<&Progress>,
+        progress: Option<&crate::broker::dispatch::Progress>,
     ) -> Result<(Posted, Value), Error> {
         let id = self.id();
         let mut params = params;
@@ -1053,7 +1053,7 @@ impl Federation {
         policy: &Policy,
         facts: &CallFacts,
         args: Map<String, Value>,
-        progress: Option<&Progress>,
+        progress: Option<&crate::broker::dispatch::Progress>,
     ) -> Result<(Value, usize), Error> {
         let remote = facts.remote.as_str();
         let r = policy.remotes.get(remote).ok_or_else(|| Error::NotFound(format!("no remote {remote:?}")))?;
@@ -1197,33 +1197,6 @@ fn quarantined_error(remote: &str, tool: &str) -> Error {
     Error::Refused(format!(
         "remote {remote:?} changed tool {tool:?} since it was approved: it is quarantined until an operator runs `ephyr remote review {remote}` and `ephyr remote approve {remote} {tool}`"
     ))
-}
-
-/// Where a remote's progress notifications for one call go: the agent's own progress token,
-/// and the stream its answer is written to.
-#[derive(Clone, Debug)]
-pub struct Progress {
-    /// The token the agent gave (`_meta.progressToken`).
-    pub token: Value,
-    /// Notifications for the agent, written before its answer.
-    pub tx: async_channel::Sender<Value>,
-}
-
-impl Progress {
-    /// Passes on a remote's `notifications/progress` parameters under the agent's token: only
-    /// `progress`, `total` and `message` (at most 1,000 characters), nothing else of the remote's.
-    /// Dropped if the agent's stream is behind.
-    pub fn relay(&self, params: &Value) {
-        let Some(progress) = params["progress"].as_f64().filter(|n| n.is_finite()) else { return };
-        let mut p = json!({ "progressToken": self.token, "progress": progress });
-        if let Some(t) = params["total"].as_f64().filter(|n| n.is_finite()) {
-            p["total"] = Value::from(t);
-        }
-        if let Some(m) = params["message"].as_str() {
-            p["message"] = Value::from(m.chars().take(1000).collect::<String>());
-        }
-        let _ = self.tx.try_send(json!({ "jsonrpc": "2.0", "method": "notifications/progress", "params": p }));
-    }
 }
 
 /// The prefix of a remote resource's URI as agents see it: `ephyr-remote://<remote>/<its URI>`.

@@ -41,7 +41,7 @@ struct Shared {
     /// Calls waiting for their answer, by request id.
     pending: RefCell<HashMap<u64, async_channel::Sender<(Value, usize)>>>,
     /// Calls whose progress notifications are relayed, by request id (= their progress token).
-    progress: RefCell<HashMap<u64, super::Progress>>,
+    progress: RefCell<HashMap<u64, crate::broker::dispatch::Progress>>,
     /// Why the process can no longer be spoken to.
     dead: RefCell<Option<String>>,
     /// The server said its tools changed.
@@ -217,7 +217,7 @@ impl Proc {
         msg: &Value,
         id: u64,
         timeout: Duration,
-        progress: Option<(&super::Progress, u64)>,
+        progress: Option<(&crate::broker::dispatch::Progress, u64)>,
     ) -> Result<(Value, usize), Error> {
         let gone = |why: String| Error::Upstream {
             code: "remote_failed",

@@ -276,6 +276,10 @@ pub enum DenyCode {
     DashboardLevel,
     /// An operator froze the agent or the resource (the kill switch).
     Frozen,
+    /// An operator denied the approval this action waited for.
+    ApprovalDenied,
+    /// Nobody approved the action in time (or the approval was not used in time).
+    ApprovalExpired,
 }
 
 impl DenyCode {
@@ -316,6 +320,8 @@ impl DenyCode {
             DenyCode::TtlExceeded => "ttl_exceeded",
             DenyCode::DashboardLevel => "dashboard_level",
             DenyCode::Frozen => "frozen",
+            DenyCode::ApprovalDenied => "approval_denied",
+            DenyCode::ApprovalExpired => "approval_expired",
         }
     }
 }

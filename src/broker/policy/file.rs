@@ -429,3 +429,107 @@ pub struct AgentFile {
     /// Serve this agent (default true).
     pub enabled: Option<bool>,
 }
+
+/// `approvals:` — actions that wait for a person.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsFile {
+    /// Base URL of the console, for the link in notifications (`https://ephyr.lan:8553`).
+    pub console_url: Option<String>,
+    /// How long a call without a progress token is held open waiting (`20s`; `0s`: answer at
+    /// once with the pending result).
+    pub hold: Option<String>,
+    /// Most pending requests per agent.
+    pub max_pending_per_agent: Option<u32>,
+    /// Where a new request is announced.
+    #[serde(default)]
+    pub notify: BTreeMap<String, NotifyFile>,
+    /// The rules, by name.
+    #[serde(default)]
+    pub rules: BTreeMap<String, ApprovalRuleFile>,
+}
+
+/// `approvals.notify.<name>:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyFile {
+    /// A generic JSON webhook (POST).
+    pub webhook: Option<String>,
+    /// An ntfy topic URL (`https://ntfy.sh/my-topic`): a push to a phone.
+    pub ntfy: Option<String>,
+    /// A bearer token for the receiver, by reference (`store:NAME`, `env:NAME`, `file:/path`).
+    pub token: Option<String>,
+}
+
+/// `approvals.rules.<name>:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRuleFile {
+    /// Free text.
+    pub description: Option<String>,
+    /// Agents it applies to (name patterns; default every agent).
+    pub agents: Option<Vec<String>>,
+    /// SSH: targets, roles, command patterns.
+    pub ssh: Option<ApprovalSshFile>,
+    /// HTTP: services, methods, paths.
+    pub http: Option<ApprovalHttpFile>,
+    /// Federated tools: remotes, tools, argument conditions.
+    pub remote: Option<ApprovalRemoteFile>,
+    /// Task delegation to another agent.
+    pub delegate: Option<ApprovalDelegateFile>,
+    /// Who may approve: operator names, `role:admin`, `role:viewer`, `local` (the CLI on the
+    /// broker's host). Default `[role:admin, local]`.
+    pub approvers: Option<Vec<String>>,
+    /// How long a request waits for a decision (default 15m).
+    pub timeout: Option<String>,
+    /// Two different approvers.
+    pub four_eyes: Option<bool>,
+    /// Longest waiver an approver may grant with an approval (the same action again, for this
+    /// agent and task, without asking) — none by default.
+    pub waiver: Option<String>,
+}
+
+/// `approvals.rules.<name>.ssh:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalSshFile {
+    /// Target patterns.
+    pub targets: Vec<String>,
+    /// Role patterns (default every role).
+    pub roles: Option<Vec<String>>,
+    /// Command patterns (default every command and session).
+    pub commands: Option<Vec<String>>,
+}
+
+/// `approvals.rules.<name>.http:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalHttpFile {
+    /// Service patterns.
+    pub services: Vec<String>,
+    /// Methods (default every method).
+    pub methods: Option<Vec<String>>,
+    /// Path patterns (default every path).
+    pub paths: Option<Vec<String>>,
+}
+
+/// `approvals.rules.<name>.remote:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRemoteFile {
+    /// Remote patterns.
+    pub remotes: Vec<String>,
+    /// Tool patterns on the remote (default every tool).
+    pub tools: Option<Vec<String>>,
+    /// Argument conditions: the rule applies when every one holds (or its argument is absent).
+    #[serde(default)]
+    pub when: BTreeMap<String, ArgFile>,
+}
+
+/// `approvals.rules.<name>.delegate:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalDelegateFile {
+    /// Agents a task is handed to (patterns; `*`: any other agent).
+    pub to: Vec<String>,
+}

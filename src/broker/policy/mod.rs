@@ -8,6 +8,7 @@
 //! The schema, with every key and default, is documented in docs/policy.md and as a JSON Schema in
 //! docs/policy.schema.json.
 
+pub mod approval;
 pub(crate) mod authorize;
 pub(crate) mod diff;
 pub mod file;
@@ -651,6 +652,8 @@ pub struct Policy {
     pub agents_by_uid: BTreeMap<u32, String>,
     /// Console accounts by name.
     pub operators: BTreeMap<String, Operator>,
+    /// Actions that wait for an operator (`approvals:`).
+    pub approvals: approval::Approvals,
     /// What operators have frozen (the kill switch; not from the file: carried across reloads).
     pub frozen: Frozen,
     /// Non-fatal findings (Go-compatibility notes, agents with no grants, ...).

@@ -22,9 +22,10 @@ use crate::macaroon::caveat::NormPath;
 use crate::signer::protocol::{HARD_MAX_CERT_TTL_SECS, KNOWN_EXTENSIONS, valid_principal};
 use crate::time::parse_duration;
 
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "version",
     "operators",
+    "approvals",
     "mcp",
     "limits",
     "global",
@@ -581,6 +582,166 @@ fn operators(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String,
             }
         };
         out.insert(name.clone(), Operator { name, password_hash: f.password_hash, role });
+    }
+    out
+}
+
+/// `approvals:`: rules (each covering exactly one kind of action, naming approvers that exist),
+/// notification targets and the console's URL.
+fn approvals(
+    cx: &mut Ctx<'_>,
+    top: &serde_yaml_ng::Mapping,
+    known: &Known<'_>,
+    operators: &BTreeMap<String, Operator>,
+) -> approval::Approvals {
+    use approval::{ApprovalRule, Approver, Covers, Notifier, NotifyKind};
+    let mut out = approval::Approvals::default();
+    let Some(v) = top.get("approvals").filter(|v| !v.is_null()) else { return out };
+    let Some(f) = cx.entry::<ApprovalsFile>(&["approvals"], v) else { return out };
+    if let Some(u) = &f.console_url {
+        match parse_url(u) {
+            Ok(url) if url.base_path.is_empty() => out.console_url = Some(u.trim_end_matches('/').to_owned()),
+            Ok(_) => cx.err(&["approvals", "console_url"], "give the console's origin only (https://host:port)", None),
+            Err(e) => cx.err(&["approvals", "console_url"], e, None),
+        }
+    }
+    out.hold = cx.duration(&["approvals", "hold"], f.hold.as_deref(), out.hold);
+    if out.hold > Duration::from_secs(120) {
+        cx.err(&["approvals", "hold"], "at most 2m (clients time out; a progress token holds longer)", None);
+    }
+    if let Some(n) = f.max_pending_per_agent {
+        if n == 0 || n > 1000 {
+            cx.err(&["approvals", "max_pending_per_agent"], "between 1 and 1000", None);
+        }
+        out.max_pending_per_agent = n.clamp(1, 1000);
+    }
+    for (name, n) in &f.notify {
+        let at = ["approvals", "notify", name.as_str()];
+        if !name_ok(name) {
+            cx.err(&at, "names are 1-64 of [A-Za-z0-9_.-]", None);
+        }
+        let (kind, url) = match (&n.webhook, &n.ntfy) {
+            (Some(u), None) => (NotifyKind::Webhook, u),
+            (None, Some(u)) => (NotifyKind::Ntfy, u),
+            _ => {
+                cx.err(&at, "give exactly one of webhook: URL or ntfy: URL", None);
+                continue;
+            }
+        };
+        let url = match parse_url(url) {
+            Ok(u) => u,
+            Err(e) => {
+                cx.err(&at, e, None);
+                continue;
+            }
+        };
+        let token = match n.token.as_deref().map(parse_secret_ref) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                cx.err(&["approvals", "notify", name, "token"], e, None);
+                continue;
+            }
+        };
+        out.notify.insert(name.clone(), Notifier { name: name.clone(), kind, url, token });
+    }
+    for (name, r) in &f.rules {
+        let at = ["approvals", "rules", name.as_str()];
+        if !name_ok(name) {
+            cx.err(&at, "rule names are 1-64 of [A-Za-z0-9_.-]", None);
+            continue;
+        }
+        let sub = |k: &'static str| -> Vec<&str> { vec!["approvals", "rules", name.as_str(), k] };
+        let globs = |cx: &mut Ctx<'_>, k: &'static str, list: &[String], known: &dyn Fn(&str) -> bool| {
+            if list.is_empty() {
+                cx.err(&sub(k), "list at least one name or pattern (* for all)", None);
+            }
+            for p in list {
+                if p.is_empty() || p.len() > 128 || p.chars().any(char::is_control) {
+                    cx.err(&sub(k), format!("{p:?} is not a name or pattern"), None);
+                } else if !p.contains(['*', '?']) && !known(p) {
+                    cx.warn(&sub(k), format!("{p:?} names nothing in this policy"));
+                }
+            }
+            list.to_vec()
+        };
+        let kinds = [r.ssh.is_some(), r.http.is_some(), r.remote.is_some(), r.delegate.is_some()];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            cx.err(&at, "a rule covers exactly one of ssh:, http:, remote: or delegate:", None);
+            continue;
+        }
+        let on = if let Some(s) = &r.ssh {
+            let targets = globs(cx, "ssh", &s.targets, &|t| known.targets.contains_key(t));
+            let roles = match &s.roles {
+                Some(l) => globs(cx, "ssh", l, &|x| known.roles.contains_key(x)),
+                None => Vec::new(),
+            };
+            let commands = match &s.commands {
+                Some(l) => globs(cx, "ssh", l, &|_| true),
+                None => Vec::new(),
+            };
+            Covers::Ssh { targets, roles, commands }
+        } else if let Some(h) = &r.http {
+            let services = globs(cx, "http", &h.services, &|s| known.services.contains_key(s));
+            let methods = h.methods.as_ref().map(|m| methods(cx, &sub("http"), m));
+            let paths = h.paths.as_ref().map(|p| path_patterns(cx, &sub("http"), p));
+            Covers::Http { services, methods, paths }
+        } else if let Some(m) = &r.remote {
+            let remotes = globs(cx, "remote", &m.remotes, &|x| known.remotes.contains_key(x));
+            let tools = match &m.tools {
+                Some(l) => globs(cx, "remote", l, &|_| true),
+                None => Vec::new(),
+            };
+            let mut p = sub("remote");
+            p.push("when");
+            let when = arg_rules(cx, &p, &m.when);
+            Covers::Remote { remotes, tools, when }
+        } else if let Some(d) = &r.delegate {
+            Covers::Delegate { to: globs(cx, "delegate", &d.to, &|_| true) }
+        } else {
+            continue;
+        };
+        let agents = match &r.agents {
+            Some(l) => globs(cx, "agents", l, &|_| true),
+            None => Vec::new(),
+        };
+        let mut approvers = Vec::new();
+        for a in r.approvers.clone().unwrap_or_else(|| vec!["role:admin".into(), "local".into()]) {
+            let parsed = match a.as_str() {
+                "local" => Some(Approver::Local),
+                "role:admin" => Some(Approver::Role(OperatorRole::Admin)),
+                "role:viewer" => Some(Approver::Role(OperatorRole::Viewer)),
+                n if operators.contains_key(n) => Some(Approver::Operator(n.to_owned())),
+                n => {
+                    cx.err(
+                        &sub("approvers"),
+                        format!("{n:?} is not an operator of this policy"),
+                        Some("operator names from operators:, role:admin, role:viewer or local".into()),
+                    );
+                    None
+                }
+            };
+            approvers.extend(parsed);
+        }
+        if r.approvers.as_ref().is_some_and(Vec::is_empty) {
+            cx.err(&sub("approvers"), "name at least one approver", None);
+        }
+        let timeout = cx.duration(&sub("timeout"), r.timeout.as_deref(), Duration::from_secs(900));
+        if timeout.is_zero() || timeout > Duration::from_secs(86_400) {
+            cx.err(&sub("timeout"), "between 1s and 24h", None);
+        }
+        let waiver = r.waiver.as_deref().map(|w| cx.duration(&sub("waiver"), Some(w), Duration::ZERO));
+        if waiver.is_some_and(|w| w.is_zero() || w > Duration::from_secs(86_400)) {
+            cx.err(&sub("waiver"), "between 1s and 24h", None);
+        }
+        let four_eyes = r.four_eyes.unwrap_or(false);
+        if four_eyes && approvers.len() == 1 && matches!(approvers[0], Approver::Operator(_)) {
+            cx.err(&sub("four_eyes"), "four eyes needs two different approvers; this rule names one", None);
+        }
+        out.rules.insert(
+            name.clone(),
+            ApprovalRule { name: name.clone(), agents, on, approvers, timeout, four_eyes, waiver },
+        );
     }
     out
 }
@@ -1734,6 +1895,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     let known = Known { limits: &limits, roles: &roles, targets: &targets, services: &services, remotes: &remotes };
     let (agents, by_uid) = agents(&mut cx, top, &known);
     let operators = operators(&mut cx, top);
+    let approvals = approvals(&mut cx, top, &known, &operators);
 
     request_time_warnings(&mut cx, &services, &network, &agents);
     if !cx.problems.is_empty() {
@@ -1751,6 +1913,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         agents,
         agents_by_uid: by_uid,
         operators,
+        approvals,
         frozen: Frozen::default(),
         warnings: cx.warnings,
         digest,

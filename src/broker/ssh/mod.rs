@@ -225,6 +225,28 @@ fn owns(policy: &Policy, caller: &Caller, s: &Session) -> bool {
         .is_allow()
 }
 
+/// The approval gate for a command (or a session): an `approvals:` rule may hold it until an
+/// operator approved exactly this command on this target as this role, for this agent and task.
+async fn approval(
+    ports: Ports<'_>,
+    policy: &Policy,
+    caller: &Caller,
+    target: &str,
+    role: &str,
+    command: Option<&str>,
+) -> Result<(), Error> {
+    let mut shown = json!({ "kind": "ssh", "target": target, "role": role });
+    if let Some(c) = command {
+        shown["command"] = serde_json::Value::from(audit_command(c));
+    }
+    let subject = super::approvals::Subject {
+        gated: super::policy::approval::Gated::Ssh { target, role, command },
+        shown,
+        exact: command.unwrap_or_default().as_bytes(),
+    };
+    super::approvals::clear(ports, policy, caller, subject).await
+}
+
 fn with_task(ev: Event, caller: &Caller) -> Event {
     match caller.token() {
         Some(t) => ev.task(t.task.clone(), t.lineage.clone()).initiated_by(t.initiated_by.clone()),
@@ -456,6 +478,7 @@ impl Ssh {
         let Asker { ports, caller, policy, arguments } = asker;
         check_command_text(command).map_err(Error::Refused)?;
         let principal = Self::authorize(policy, caller, "exec", arguments, target, role, Some(command))?;
+        approval(ports, policy, caller, target, role, Some(command)).await?;
         let ttl = policy.targets.get(target).map_or(policy.limits.cert_ttl_default, |t| t.cert_ttl_default);
         let started = Instant::now();
         let (conn, issued, held, warning) =
@@ -485,6 +508,7 @@ impl Ssh {
     ) -> Result<(Rc<Session>, Option<String>), Error> {
         let Asker { ports, caller, policy, arguments } = asker;
         let principal = Self::authorize(policy, caller, "session_create", arguments, target, role, None)?;
+        approval(ports, policy, caller, target, role, None).await?;
         let ttl = policy.targets.get(target).map_or(policy.limits.cert_ttl_max, |t| t.cert_ttl_max);
         let id = random_id();
         let (conn, issued, held, warning) =
@@ -541,6 +565,7 @@ impl Ssh {
         let s = self.session_for(policy, caller, id)?;
         check_command_text(command).map_err(Error::Refused)?;
         let principal = Self::authorize(policy, caller, "exec", arguments, &s.target, &s.role, Some(command))?;
+        approval(ports, policy, caller, &s.target, &s.role, Some(command)).await?;
         if principal != s.principal {
             self.close(ports, &s, "role principal changed").await;
             return Err(Error::Refused(format!(

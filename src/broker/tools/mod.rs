@@ -151,6 +151,7 @@ impl Output {
     pub fn failed(e: super::Error) -> Output {
         match e {
             super::Error::Denied(d) => Output::denied(d),
+            p @ super::Error::Pending { .. } => Output::error(p.to_string()),
             other => Output::error(format!("{} ({})", other.message(), other.code())),
         }
     }
@@ -542,6 +543,7 @@ pub async fn call(
     policy: &Rc<Policy>,
     name: &str,
     args: Map<String, Value>,
+    progress: Option<&super::dispatch::Progress>,
 ) -> Option<Output> {
     let t = find(name)?;
     let started = Instant::now();
@@ -561,7 +563,7 @@ pub async fn call(
                 _ => {
                     let declared: Vec<&str> = t.params.iter().map(|p| p.name).collect();
                     (t.run)(Ctx {
-                        ports: broker.ports(),
+                        ports: broker.ports().with_progress(progress),
                         ssh: &broker.ssh,
                         proxy: &broker.proxy,
                         tasks: &broker.tasks,
@@ -624,7 +626,7 @@ pub async fn call_remote(
     policy: &Rc<Policy>,
     name: &str,
     args: Map<String, Value>,
-    progress: Option<&super::federation::Progress>,
+    progress: Option<&super::dispatch::Progress>,
 ) -> Option<Result<Map<String, Value>, Output>> {
     let started = Instant::now();
     let principal = caller.principal();
@@ -657,6 +659,20 @@ pub async fn call_remote(
             caller.agent,
             wait.as_secs().max(1)
         ))));
+    }
+    // An approval rule may hold the call: nothing leaves before an operator approved exactly it.
+    let exact = serde_json::to_vec(&args).unwrap_or_default();
+    let subject = super::approvals::Subject {
+        gated: super::policy::approval::Gated::RemoteTool { remote: &facts.remote, tool: &facts.tool, args: &args },
+        shown: json!({
+            "kind": "remote", "remote": facts.remote, "tool": facts.tool,
+            "arguments": if exact.len() <= 4096 { Value::Object(args.clone()) } else { Value::String(format!("({} bytes)", exact.len())) },
+            "args_sha256": facts.args_digest,
+        }),
+        exact: &exact,
+    };
+    if let Err(e) = super::approvals::clear(broker.ports().with_progress(progress), policy, caller, subject).await {
+        return Some(Err(Output::failed(e)));
     }
     let action =
         json!({ "tool": name, "remote": facts.remote, "remote_tool": facts.tool, "args_sha256": facts.args_digest });

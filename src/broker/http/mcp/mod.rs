@@ -757,7 +757,7 @@ fn progress_response(
 ) -> Response<Body> {
     let (tx, rx) = async_channel::bounded::<Value>(32);
     let answer: std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>>>> = Box::pin(async move {
-        let progress = crate::broker::federation::Progress { token, tx };
+        let progress = crate::broker::dispatch::Progress { token, tx };
         let result = dispatch::dispatch(&broker, &policy, &caller, v, call, Some(&progress)).await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
         broker.metrics.inc("ephyr_mcp_requests_total", &[("method", "tools/call"), ("outcome", outcome)]);

@@ -1,0 +1,303 @@
+//! Human approval from outside: real MCP clients (the Python `mcp` SDK and the TypeScript SDK)
+//! call `exec` on an approval-guarded role of a real sshd; operators answer with `ephyr approve`
+//! and `ephyr deny`. What must hold: nothing runs before approval; an approval runs exactly the
+//! action it was asked for, once (a waiver: again, for its window only); a denial's reason and an
+//! expiry reach the agent; four eyes needs two different approvers; requests survive a restart;
+//! a child task does not inherit its parent's approval; the HTTP proxy route is held the same way
+//! and webhook and ntfy notifications reach a real receiver without a secret. The console's queue
+//! in Chromium is in `tests/console_browser.rs`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const USER: &str = "ephyrt-appr";
+
+/// A broker whose agent `bot` may run commands as `op` on target `nas` (a real sshd), with
+/// `approvals` as the policy's approvals section.
+struct Setup {
+    b: Broker,
+    key: String,
+    /// Where commands on the target leave their marks (the target is this machine).
+    marks: TempDir,
+    _sshd: Sshd,
+    data: TempDir,
+    policy: String,
+}
+
+fn policy(port: u16, fp: &str, hash: &str, approvals: &str, extra: &str) -> String {
+    format!(
+        "version: 1\n{extra}roles:\n  op: {{ principal: {USER} }}\n  read: {{ principal: {USER} }}\n\
+         targets:\n  nas: {{ host: 127.0.0.1, port: {port}, allowed_roles: [op, read], host_key_fingerprint: \"{fp}\" }}\n\
+         agents:\n  bot:\n    api_key_hash: \"{hash}\"\n    can_delegate: true\n    ssh: {{ nas: {{ roles: [op, read] }} }}\n\
+         approvals:\n{approvals}"
+    )
+}
+
+fn setup(tag: &str, approvals: &str, extra: &str) -> Setup {
+    ensure_user(USER);
+    let (data, sshd, fp) = init_with_sshd(tag, "");
+    let (key, hash) = agent_key("bot");
+    let p = policy(sshd.port, &fp, &hash, approvals, extra);
+    let b =
+        Broker::start(BrokerOpts { policy: Some(&p), data_dir: Some(data.path().to_path_buf()), ..Default::default() });
+    let marks = TempDir::new(&format!("{tag}-marks"));
+    std::fs::set_permissions(marks.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    Setup { b, key, marks, _sshd: sshd, data, policy: p }
+}
+
+impl Setup {
+    /// A command that appends `tag` to the marks file: how many times it ran is counted there.
+    fn mark(&self, tag: &str) -> String {
+        format!("echo {tag} >> {}/marks", self.marks.path().display())
+    }
+
+    fn ran(&self, tag: &str) -> usize {
+        std::fs::read_to_string(self.marks.path().join("marks"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == tag)
+            .count()
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--socket", self.b.socket.to_str().unwrap()]);
+        ephyr(&all)
+    }
+
+    /// The approval requests `ephyr approvals --all --json` lists.
+    fn queue(&self) -> Vec<Value> {
+        let out = self.cli(&["approvals", "--all", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().unwrap().clone()
+    }
+
+    /// The Python SDK's call of `exec` as `op`: `(is_error, text)`.
+    fn py_exec(&self, command: &str) -> (bool, String) {
+        let args = json!({ "target": "nas", "role": "op", "command": command }).to_string();
+        let out = python("mcp_call.py")
+            .args([&format!("http://{}/mcp", self.b.api), &self.key, "exec", &args])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "python client: {}", stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["is_error"].as_bool().unwrap(), v["text"].as_str().unwrap().to_owned())
+    }
+}
+
+/// The request id a pending result names.
+fn pending_id(text: &str) -> String {
+    assert!(text.starts_with("approval pending (approval_pending):"), "{text}");
+    let at = text.find("Request ").expect("names its request") + "Request ".len();
+    text[at..at + 26].to_owned()
+}
+
+const RULES: &str = "  hold: 0s\n  rules:\n\
+    \x20   op-commands:\n      ssh: { targets: [nas], roles: [op] }\n      approvers: [local]\n      timeout: 10m\n      waiver: 1m\n\
+    \x20   short:\n      ssh: { targets: [nas], roles: [op], commands: [\"echo short*\"] }\n      approvers: [local]\n      timeout: 2s\n";
+
+#[test]
+fn exec_runs_once_per_approval_of_exactly_that_command_and_a_denial_or_expiry_reaches_the_agent() {
+    if !require_root() {
+        return;
+    }
+    let s = setup("appr-exec", RULES, "");
+    let once = s.mark("once");
+
+    // Asked: nothing runs, the agent is told which request waits.
+    let (err, text) = s.py_exec(&once);
+    assert!(err, "{text}");
+    let id = pending_id(&text);
+    assert!(text.contains("op-commands") && text.contains("same arguments"), "{text}");
+    assert_eq!(s.ran("once"), 0, "nothing runs before approval");
+    let q = s.queue();
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0]["id"], id.as_str());
+    assert_eq!(q[0]["state"], "pending");
+    assert_eq!(q[0]["action"]["command"], once.as_str(), "the operator sees the exact command");
+    // The same call again is the same request, not a second one.
+    assert_eq!(pending_id(&s.py_exec(&once).1), id);
+    // A read-only role is not held.
+    let args = json!({ "target": "nas", "role": "read", "command": "id -un" });
+    assert_eq!(tool_call(&s.b.api, &s.key, "exec", args).unwrap()["stdout"], format!("{USER}\n"));
+
+    // Approved from the CLI: the next identical call runs, once.
+    let out = s.cli(&["approve", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("approved"), "{}", stdout(&out));
+    let (err, text) = s.py_exec(&once);
+    assert!(!err, "{text}");
+    assert_eq!(s.ran("once"), 1);
+    // Used up: the same call asks anew.
+    let (err, text) = s.py_exec(&once);
+    assert!(err);
+    let again = pending_id(&text);
+    assert_ne!(again, id, "a used approval is not reused");
+    assert_eq!(s.ran("once"), 1);
+
+    // An approval covers only its own command: a changed command is a request of its own.
+    assert!(s.cli(&["approve", &again]).status.success());
+    let (err, text) = s.py_exec(&s.mark("other"));
+    assert!(err, "{text}");
+    let other = pending_id(&text);
+    assert_ne!(other, again);
+    assert_eq!(s.ran("other"), 0);
+    assert_eq!(s.ran("once"), 1, "the approval of `once` did not run `other`");
+    assert!(!s.py_exec(&once).0, "the approved command still runs");
+    assert_eq!(s.ran("once"), 2);
+
+    // Denied with a reason: the agent is told it, and nothing ran.
+    let out = s.cli(&["deny", &other]);
+    assert_eq!(out.status.code(), Some(2), "deny needs a reason");
+    let out = s.cli(&["deny", &other, "--reason", "not during backups"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (err, text) = s.py_exec(&s.mark("other"));
+    assert!(err);
+    assert!(text.starts_with("denied (approval_denied):") && text.contains("not during backups"), "{text}");
+    assert!(text.contains("operator:uid0"), "names who denied: {text}");
+    assert_eq!(s.ran("other"), 0);
+    // A denied request cannot be approved afterwards.
+    let out = s.cli(&["approve", &other]);
+    assert!(!out.status.success() && stderr(&out).contains("denied already"), "{}", stderr(&out));
+
+    // Nobody answers: the request expires and the agent is told so.
+    let (err, text) = s.py_exec("echo short");
+    assert!(err);
+    let short = pending_id(&text);
+    std::thread::sleep(Duration::from_millis(3500));
+    let (err, text) = s.py_exec("echo short");
+    assert!(err);
+    assert!(text.starts_with("denied (approval_expired):") && text.contains(&short), "{text}");
+    assert!(s.cli(&["approve", &short]).status.code() != Some(0), "an expired request cannot be approved");
+
+    // The audit trail has every request, decision, use and expiry, with who answered.
+    let decisions = audit_events(&s.b, "approval_decision");
+    assert!(decisions.iter().any(|e| e["agent"] == "operator:uid0"
+        && e["action"]["approve"] == false
+        && e["action"]["reason"] == "not during backups"));
+    assert!(audit_events(&s.b, "approval_requested").len() >= 4);
+    assert_eq!(audit_events(&s.b, "approval_used").len(), 2);
+    assert!(audit_events(&s.b, "approval_expired").iter().any(|e| e["action"]["approval"] == short.as_str()));
+    assert!(metric(&s.b, "ephyr_approval_decision_seconds_total") >= 0.0);
+}
+
+#[test]
+fn a_waiver_covers_the_identical_action_for_its_window_only_and_a_child_task_does_not_inherit() {
+    if !require_root() {
+        return;
+    }
+    let s = setup("appr-waiver", RULES, "");
+    let cmd = s.mark("w");
+    let (_, text) = s.py_exec(&cmd);
+    let id = pending_id(&text);
+    // A waiver beyond the rule's is refused; within it, accepted.
+    let out = s.cli(&["approve", &id, "--waive", "2m"]);
+    assert!(!out.status.success() && stderr(&out).contains("at most 1m"), "{}", stderr(&out));
+    assert!(s.cli(&["approve", &id, "--waive", "3s"]).status.success());
+    assert!(!s.py_exec(&cmd).0);
+    assert!(!s.py_exec(&cmd).0, "the waiver covers the identical action again");
+    assert_eq!(s.ran("w"), 2);
+    assert!(s.py_exec(&s.mark("w2")).0, "but not another command");
+    std::thread::sleep(Duration::from_millis(3500));
+    let (err, text) = s.py_exec(&cmd);
+    assert!(err && text.starts_with("approval pending"), "after its window the waiver is gone: {text}");
+    assert_eq!(s.ran("w"), 2);
+
+    // A task's approval (even with a waiver) is its own: a child delegated from it asks anew.
+    let task = tool_call(
+        &s.b.api,
+        &s.key,
+        "task_create",
+        json!({"description": "parent", "ttl": "10m", "can_delegate": true}),
+    )
+    .unwrap();
+    let parent_token = task["token"].as_str().unwrap().to_owned();
+    let args = json!({"target": "nas", "role": "op", "command": s.mark("t")});
+    let err = tool_call(&s.b.api, &parent_token, "exec", args.clone()).unwrap_err();
+    let tid = pending_id(&err);
+    assert!(s.cli(&["approve", &tid, "--waive", "1m"]).status.success());
+    assert!(tool_call(&s.b.api, &parent_token, "exec", args.clone()).is_ok());
+    let child =
+        tool_call(&s.b.api, &parent_token, "task_delegate", json!({"description": "child", "ttl": "5m"})).unwrap();
+    let child_token = child["token"].as_str().unwrap();
+    let err = tool_call(&s.b.api, child_token, "exec", args.clone()).unwrap_err();
+    assert_ne!(pending_id(&err), tid, "the child's call is a request of its own");
+    assert_eq!(s.ran("t"), 1);
+    // The API key alone (no task) is another identity again.
+    assert!(tool_call(&s.b.api, &s.key, "exec", args).unwrap_err().starts_with("approval pending"));
+}
+
+#[test]
+fn a_call_with_progress_is_held_until_approved_and_four_eyes_needs_two_approvers() {
+    if !require_root() {
+        return;
+    }
+    let admin = operator_entry("alice", "admin", "alice password 1234");
+    let rules = "  rules:\n    four:\n      ssh: { targets: [nas], roles: [op] }\n      approvers: [local, role:admin]\n      four_eyes: true\n      timeout: 2m\n";
+    let s = setup("appr-held", rules, &format!("operators:\n{admin}"));
+    let cmd = s.mark("held");
+    // The TypeScript SDK asks for progress: the call stays open while the request waits.
+    let api = format!("http://{}/mcp", s.b.api);
+    let (key, args) = (s.key.clone(), json!({ "target": "nas", "role": "op", "command": cmd }).to_string());
+    let client = std::thread::spawn(move || node().args(["ts_call.mjs", &api, &key, "exec", &args]).output().unwrap());
+    let mut id = String::new();
+    for _ in 0..100 {
+        if let Some(r) = s.queue().first() {
+            id = r["id"].as_str().unwrap().to_owned();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!id.is_empty(), "the held call opened a request");
+    assert!(s.cli(&["approve", &id]).status.success());
+    let out = s.cli(&["approve", &id]);
+    assert!(stderr(&out).contains("four eyes needs another approver"), "{}", stderr(&out));
+    assert_eq!(s.ran("held"), 0, "one approval of two runs nothing");
+    assert_eq!(s.queue()[0]["state"], "pending");
+    // The second approver: an admin in the console (a POST with its session and CSRF token).
+    let mut c = ConsoleClient::new(&s.b.dashboard);
+    c.login("alice", "alice password 1234");
+    let csrf = c.csrf();
+    let r = c.post("/console/approvals/decide", &format!("csrf={csrf}&id={id}&decision=approve&reason=&waiver="), &[]);
+    assert!(r.status == 303 || r.status == 200, "{} {}", r.status, r.text());
+    let out = client.join().unwrap();
+    assert!(out.status.success(), "ts client: {}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["isError"], false, "{v}");
+    assert!(!v["progress"].as_array().unwrap().is_empty(), "the client saw the wait as progress: {v}");
+    assert_eq!(s.ran("held"), 1);
+    let q = s.queue();
+    let voters: Vec<&str> = q[0]["votes"].as_array().unwrap().iter().map(|v| v["by"].as_str().unwrap()).collect();
+    assert_eq!(voters, ["operator:uid0", "console:alice"]);
+}
+
+#[test]
+fn a_pending_request_survives_a_restart_and_is_answered_after_it() {
+    if !require_root() {
+        return;
+    }
+    let s = setup("appr-restart", RULES, "");
+    let cmd = s.mark("r");
+    let id = pending_id(&s.py_exec(&cmd).1);
+    let Setup { mut b, key, marks, _sshd, data, policy } = s;
+    b.signal(15);
+    b.wait_exit(Duration::from_secs(10));
+    drop(b);
+    let b = Broker::start(BrokerOpts {
+        policy: Some(&policy),
+        data_dir: Some(data.path().to_path_buf()),
+        ..Default::default()
+    });
+    let s = Setup { b, key, marks, _sshd, data, policy };
+    let q = s.queue();
+    assert_eq!(q.len(), 1);
+    assert_eq!((q[0]["id"].as_str().unwrap(), q[0]["state"].as_str().unwrap()), (id.as_str(), "pending"));
+    assert_eq!(s.ran("r"), 0, "a restart approves nothing");
+    assert!(s.cli(&["approve", &id]).status.success());
+    assert!(!s.py_exec(&cmd).0);
+    assert_eq!(s.ran("r"), 1);
+}
