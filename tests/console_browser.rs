@@ -2,9 +2,10 @@
 //! `tests/helpers/console_walk.py`) against a real broker with live data: a task tree, an SSH
 //! session on a real OpenSSH sshd, audit events. The walk signs in, renders every view on a
 //! desktop and a phone-sized screen, sees the live audit feed, revokes a task, freezes an agent,
-//! reloads a broken policy and reads its error, inspects a token, and runs axe-core; then this
-//! test proves the effects from outside (the revoked token and the frozen agent are refused over
-//! MCP, the broken policy never loaded). Screenshots: `target/console-screenshots/`.
+//! reloads a broken policy and reads its error, inspects a token, runs axe-core, and gives the
+//! second approval of a four-eyes request in the approval queue; then this test proves the
+//! effects from outside (the revoked token and the frozen agent are refused over MCP, the broken
+//! policy never loaded, the approved command ran once). Screenshots: `target/console-screenshots/`.
 
 mod common;
 
@@ -30,9 +31,10 @@ fn the_console_in_chromium_walks_every_view_and_acts() {
     let (alice, alice_hash) = agent_key("alice");
     let (mallory, mallory_hash) = agent_key("mallory");
     let policy = format!(
-        "version: 1\noperators:\n{}roles:\n  read: {{ principal: {PRINCIPAL} }}\n\
-         targets:\n  web: {{ host: 127.0.0.1, port: {}, allowed_roles: [read], host_key_fingerprint: \"{fp}\" }}\n\
-         agents:\n  alice:\n    api_key_hash: \"{alice_hash}\"\n    can_delegate: true\n    ssh: {{ web: {{ roles: [read] }} }}\n\
+        "version: 1\noperators:\n{}roles:\n  read: {{ principal: {PRINCIPAL} }}\n  op: {{ principal: {PRINCIPAL} }}\n\
+         targets:\n  web: {{ host: 127.0.0.1, port: {}, allowed_roles: [read, op], host_key_fingerprint: \"{fp}\" }}\n\
+         approvals:\n  hold: 0s\n  rules:\n    ops:\n      ssh: {{ targets: [web], roles: [op] }}\n      four_eyes: true\n\
+         agents:\n  alice:\n    api_key_hash: \"{alice_hash}\"\n    can_delegate: true\n    ssh: {{ web: {{ roles: [read, op] }} }}\n\
          \x20 mallory:\n    api_key_hash: \"{mallory_hash}\"\n    ssh: {{ web: {{ roles: [read] }} }}\n",
         operator_entry("ops", "admin", PASSWORD),
         sshd.port
@@ -52,6 +54,15 @@ fn the_console_in_chromium_walks_every_view_and_acts() {
     let session = s["session_id"].as_str().unwrap().to_owned();
     tool_call(&b.api, &alice, "exec", json!({"target": "web", "role": "read", "command": "id -un"})).unwrap();
     assert!(tool_call(&b.api, &mallory, "list_targets", json!({})).is_ok());
+    // A four-eyes request: approved once from the CLI; the browser gives the second approval.
+    let marker = format!("/tmp/ephyr-approved-{}", std::process::id());
+    let _ = std::fs::remove_file(&marker);
+    let held = json!({"target": "web", "role": "op", "command": format!("touch {marker}")});
+    let pending = tool_call(&b.api, &alice, "exec", held.clone()).unwrap_err();
+    let at = pending.find("Request ").expect(&pending) + 8;
+    let approval_id = pending[at..at + 26].to_owned();
+    let out = ephyr(&["approve", &approval_id, "--socket", b.socket.to_str().unwrap()]);
+    assert!(stdout(&out).contains("1 of 2"), "{}{}", stdout(&out), stderr(&out));
 
     let shots = repo().join("target/console-screenshots");
     let _ = std::fs::remove_dir_all(&shots);
@@ -61,6 +72,7 @@ fn the_console_in_chromium_walks_every_view_and_acts() {
         "ssh_session": session, "policy_path": b.dir.as_ref().unwrap().join("policy.yaml"),
         "broken_policy": "version: 1\nagents:\n  x: { ssh: { nowhere: { roles: [nothing] } } }\n",
         "shots": shots, "axe": repo().join("tests/peers/node_modules/axe-core/axe.min.js"),
+        "approval_id": approval_id,
     });
     let out = python("console_walk.py").arg(cfg.to_string()).output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
@@ -93,6 +105,13 @@ fn the_console_in_chromium_walks_every_view_and_acts() {
         reloads.last().unwrap()["outcome"]["kept"],
         "the broken policy never loaded"
     );
+    assert!(!std::path::Path::new(&marker).exists(), "nothing ran before the second approval");
+    tool_call(&b.api, &alice, "exec", held).unwrap();
+    assert!(std::path::Path::new(&marker).exists(), "approved in the browser, the command ran");
+    let _ = std::fs::remove_file(&marker);
+    let decisions = audit_events(&b, "approval_decision");
+    assert_eq!(decisions.last().unwrap()["agent"], "console:ops");
+    assert_eq!(decisions.last().unwrap()["action"]["reason"], "checked the disk");
     let revokes = audit_events(&b, "task_revoke");
     assert_eq!(revokes[0]["agent"], "console:ops");
     assert_eq!(revokes[0]["outcome"]["cascade_count"], 1, "the child died with it");

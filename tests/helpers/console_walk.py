@@ -2,11 +2,12 @@
 
 Signs in, walks every view with the broker's live data, takes screenshots (desktop and phone),
 watches the live audit feed receive an event it causes, revokes a task, freezes an agent,
-reloads a broken policy and reads the error, inspects a token, and runs axe-core on every view.
+reloads a broken policy and reads the error, inspects a token, runs axe-core on every view, and
+gives the second approval (four eyes) of a waiting request in the approval queue.
 Collects console errors and CSP violations (a listener added before any page script runs).
 
 Input: one JSON argument (dashboard, api, operator, password, agent_key, task_id, task_token,
-freeze_agent, ssh_session, policy_path, broken_policy, shots, axe). Prints a JSON report and
+freeze_agent, ssh_session, policy_path, broken_policy, shots, axe, approval_id). Prints a JSON report and
 exits 1 if anything failed.
 """
 import json
@@ -19,7 +20,7 @@ from playwright.sync_api import sync_playwright
 
 cfg = json.loads(sys.argv[1])
 base = "http://" + cfg["dashboard"]
-views = ["/", "/agents", "/tasks", "/ssh", "/remotes", "/audit", "/graphs", "/policy", "/inspect", "/audit/verify"]
+views = ["/", "/approvals", "/agents", "/tasks", "/ssh", "/remotes", "/audit", "/graphs", "/policy", "/inspect", "/audit/verify"]
 report = {"console_errors": [], "csp": [], "axe": {}, "failures": [], "screenshots": [], "steps": []}
 os.makedirs(cfg["shots"], exist_ok=True)
 
@@ -214,6 +215,24 @@ with sync_playwright() as p:
         if bad:
             fail(f"axe {v}: " + "; ".join(bad))
     step("axe-core checked every view")
+
+    # The approval queue: the waiting request, with its exact command and the first approval;
+    # the second approver answers here.
+    page.goto(base + "/approvals")
+    card = page.locator(f"article[id='{cfg['approval_id']}']")
+    if card.count() != 1:
+        fail("the queue does not show request " + cfg["approval_id"])
+    else:
+        text = card.inner_text()
+        for want in ["touch /tmp", "1 so far", "operator:uid0", "Recent activity"]:
+            if want not in text:
+                fail(f"the request card lacks {want!r}: " + text[:400])
+        shot(page, "desktop_approval_queue")
+        card.locator("form:has(input[name='decision'][value='approve']) input[name='reason']").fill("checked the disk")
+        card.locator("form:has(input[name='decision'][value='approve']) button").click()
+        if "is approved" not in page.content():
+            fail("approving in the console did not say it was done: " + page.inner_text("main"))
+        step("approved the request in the queue")
     browser.close()
 
 if report["console_errors"]:

@@ -50,7 +50,7 @@ pub fn summary(r: &Request) -> String {
 
 /// The console's page for request `r`, if the console's URL is known.
 pub fn link(console_url: Option<&str>, r: &Request) -> Option<String> {
-    console_url.map(|u| format!("{u}/console/approvals#{}", r.id))
+    console_url.map(|u| format!("{u}/approvals#{}", r.id))
 }
 
 /// The JSON body of a webhook.

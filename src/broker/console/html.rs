@@ -37,8 +37,9 @@ pub fn q(s: &str) -> String {
 }
 
 /// The views, in the navigation's order: (path, label).
-pub const VIEWS: [(&str, &str); 9] = [
+pub const VIEWS: [(&str, &str); 10] = [
     ("/", "Overview"),
+    ("/approvals", "Approvals"),
     ("/agents", "Agents"),
     ("/tasks", "Tasks"),
     ("/ssh", "SSH"),

@@ -5,7 +5,7 @@
 //!
 //! What runs here: the executor thread (views read in-memory state; audit reads, policy reads
 //! and password checks go to the blocking pool). Sign-in and sessions are in [`auth`]; pages in
-//! [`views`]; state changes in [`actions`]; the sampler behind the sparklines in [`graphs`].
+//! [`views`]; state changes in [`actions`]; the approval queue in [`queue`]; the sampler behind the sparklines in [`graphs`].
 //!
 //! Every console response carries a strict Content-Security-Policy (no inline script or style,
 //! nothing from elsewhere), frame denial, `nosniff`, same-origin referrers, `no-store`; there are no
@@ -26,6 +26,7 @@ pub(crate) mod actions;
 pub(crate) mod auth;
 pub(crate) mod graphs;
 pub(crate) mod html;
+pub(crate) mod queue;
 pub(crate) mod views;
 
 /// The console's stylesheet.
@@ -120,6 +121,7 @@ pub fn is_console_path(path: &str) -> bool {
             "/freeze",
             "/unfreeze",
             "/policy/",
+            "/approvals/",
         ]
         .iter()
         .any(|p| path.starts_with(p))

@@ -53,6 +53,10 @@ pub async fn get(broker: &std::rc::Rc<Broker>, op: &Operator, path: &str, query:
         "/" => html_response(StatusCode::OK, page("Overview", "/", Some(op), &overview(broker, op))),
         "/agents" => html_response(StatusCode::OK, page("Agents", "/agents", Some(op), &agents(broker, op).await)),
         "/tasks" => html_response(StatusCode::OK, page("Tasks", "/tasks", Some(op), &tasks(broker, op))),
+        "/approvals" => html_response(
+            StatusCode::OK,
+            page("Approvals", "/approvals", Some(op), &super::queue::page_body(broker, op).await),
+        ),
         "/ssh" => html_response(StatusCode::OK, page("SSH", "/ssh", Some(op), &ssh(broker, op))),
         "/remotes" => {
             html_response(StatusCode::OK, page("Services & remotes", "/remotes", Some(op), &remotes(broker, op).await))
@@ -264,7 +268,7 @@ fn tail(path: &std::path::Path, budget: u64) -> std::io::Result<Vec<u8>> {
 
 /// The newest audit events matching `f` (at most `max`), from the last `budget` bytes of the
 /// log (across rotated files), on the blocking pool: a page never reads a whole 64 MiB file.
-async fn recent_events(
+pub(super) async fn recent_events(
     broker: &Broker,
     f: crate::broker::audit::query::Filter,
     max: usize,

@@ -111,14 +111,7 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
                 other => Error::Invalid(other.describe()),
             };
             audit_refusal(&broker, Some(&caller), &service, &method, &f);
-            let mut r = refuse(style, f.status(), f.code(), f.message());
-            // A held request names its approval request: retry the same request once approved.
-            if let Error::Pending { id, .. } = &f
-                && let Ok(v) = http::HeaderValue::from_str(id)
-            {
-                r.headers_mut().insert("x-ephyr-approval", v);
-            }
-            return r;
+            return refuse(style, f.status(), f.code(), f.message());
         }
     };
     if let Err(e) = auth::prove_request(&broker, &caller, &method, &full, &parts.headers, "-", "-", &body).await {
@@ -159,7 +152,14 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
                 &[("code", f.code())],
             );
             audit_refusal(&broker, Some(&caller), &service, &method, &f);
-            return refuse(style, f.status(), f.code(), f.message());
+            let mut r = refuse(style, f.status(), f.code(), f.message());
+            // A held request names its approval request: retry the same request once approved.
+            if let Error::Pending { id, .. } = &f
+                && let Ok(v) = http::HeaderValue::from_str(id)
+            {
+                r.headers_mut().insert("x-ephyr-approval", v);
+            }
+            return r;
         }
     };
     let limit = policy.services.get(&service).map_or(u64::MAX, |s| s.max_response);

@@ -99,6 +99,8 @@ pub struct Output {
     pub is_error: bool,
     /// A policy denial behind the failure, if that is what it was.
     pub denial: Option<Denial>,
+    /// The action waits for an operator's approval (the text names the request).
+    pub pending: bool,
     /// What the call acted on, for the audit line (names, never secrets).
     pub action: Map<String, Value>,
     /// What happened, for the audit line.
@@ -116,6 +118,7 @@ impl Output {
             text: serde_json::to_string_pretty(&value).unwrap_or_default(),
             is_error: false,
             denial: None,
+            pending: false,
             action: Map::new(),
             outcome: Map::new(),
             value: Some(Box::new(value)),
@@ -128,6 +131,7 @@ impl Output {
             text: text.into(),
             is_error: false,
             denial: None,
+            pending: false,
             action: Map::new(),
             outcome: Map::new(),
             value: None,
@@ -140,6 +144,7 @@ impl Output {
             text: reason.into(),
             is_error: true,
             denial: None,
+            pending: false,
             action: Map::new(),
             outcome: Map::new(),
             value: None,
@@ -151,7 +156,7 @@ impl Output {
     pub fn failed(e: super::Error) -> Output {
         match e {
             super::Error::Denied(d) => Output::denied(d),
-            p @ super::Error::Pending { .. } => Output::error(p.to_string()),
+            p @ super::Error::Pending { .. } => Output { pending: true, ..Output::error(p.to_string()) },
             other => Output::error(format!("{} ({})", other.message(), other.code())),
         }
     }
@@ -162,6 +167,7 @@ impl Output {
             text: format!("denied ({}): {}", d.code.as_str(), d.reason),
             is_error: true,
             denial: Some(d),
+            pending: false,
             action: Map::new(),
             outcome: Map::new(),
             value: None,
@@ -583,6 +589,8 @@ pub async fn call(
     let elapsed = started.elapsed();
     let outcome = if out.denial.is_some() {
         "denied"
+    } else if out.pending {
+        "pending"
     } else if out.is_error {
         "error"
     } else {
@@ -601,6 +609,7 @@ pub async fn call(
         .outcome(Value::Object(result));
     ev = match &out.denial {
         Some(d) => ev.deny(d.code.as_str(), d.reason.clone()),
+        None if out.pending => ev.error("approval_pending", first_line(&out.text)),
         None if out.is_error => ev.error("tool_error", first_line(&out.text)),
         None => ev.allow(),
     };
