@@ -159,8 +159,9 @@ Usage: ephyr policy <check|diff|explain|reload> ...
       What each agent gains (+) or loses (-), and settings that change (~).
   ephyr policy explain --agent NAME --action ACTION [--config FILE] [--tool TOOL]
                        [--token mac_...] [--json]
-      The decision the broker would make, and the rule behind it. Exit 0 allow, 1 deny.
-      ACTION: ssh:TARGET:ROLE | http:SERVICE:METHOD:/PATH | tool:REMOTE:TOOL[:{json args}]
+      The decision the broker would make, and the rule behind it (and whether an
+      approvals: rule would hold it for an operator). Exit 0 allow, 1 deny.
+      ACTION: ssh:TARGET:ROLE[:COMMAND] | http:SERVICE:METHOD:/PATH | tool:REMOTE:TOOL[:{json args}]
               task:create:TTL | task:delegate:TTL:CHILD_DEPTH | task:read | task:revoke
               task:bind | dashboard:LEVEL | discover
   ephyr policy reload [--socket PATH | --data-dir DIR]

@@ -71,7 +71,21 @@ fn explain_gives_the_decision_and_the_rule_behind_it() {
     let h = homelab.to_str().unwrap();
     let allow = ephyr(&["policy", "explain", "--config", h, "--agent", "claude", "--action", "ssh:nas:op"]);
     assert_eq!(allow.status.code(), Some(0));
-    assert_eq!(stdout(&allow), "ALLOW  by rule agents.claude.ssh.nas (certificate principal agent-op)\n");
+    assert_eq!(
+        stdout(&allow),
+        "ALLOW  by rule agents.claude.ssh.nas (certificate principal agent-op)\n       but it waits for approval: \
+         rule nas-operator (approvers: role:admin, local; 1 approval(s); timeout 15m; waiver up to 30m)\n"
+    );
+    // Approval rules by command: a restart waits on any target, another command does not.
+    let explain = |action: &str| {
+        let out = ephyr(&["policy", "explain", "--config", h, "--agent", "claude", "--action", action, "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(explain("ssh:nas:read:uptime")["approval"], serde_json::Value::Null);
+    assert_eq!(
+        explain("ssh:nas:read:sudo systemctl restart smbd")["approval"]["rules"],
+        serde_json::json!(["restarts"])
+    );
     let via_template =
         ephyr(&["policy", "explain", "--config", h, "--agent", "claude", "--action", "ssh:pihole:read", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&via_template.stdout).unwrap();

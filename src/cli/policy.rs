@@ -4,6 +4,7 @@
 //! `reload` asks the running broker over the local socket; `keygen` reads the CSPRNG and runs one
 //! Argon2id hash (about 25 ms).
 
+use crate::broker::policy::approval::Gated;
 use std::path::Path;
 
 use crate::broker::policy::{
@@ -98,14 +99,14 @@ pub struct ExplainOptions {
 
 enum Owned {
     Discover,
-    Ssh(String, String),
+    Ssh(String, String, Option<String>),
     Http(String, String, String),
     Tool(String, String, serde_json::Map<String, serde_json::Value>),
     Task(TaskOp),
     Dashboard(DashboardLevel),
 }
 
-/// Parses `ssh:TARGET:ROLE`, `http:SERVICE:METHOD:/PATH`, `tool:REMOTE:TOOL[:{json args}]`,
+/// Parses `ssh:TARGET:ROLE[:COMMAND]`, `http:SERVICE:METHOD:/PATH`, `tool:REMOTE:TOOL[:{json args}]`,
 /// `task:create:TTL`, `task:delegate:TTL:CHILD_DEPTH`, `task:read|revoke|bind`,
 /// `dashboard:LEVEL` or `discover`.
 fn parse_action(s: &str) -> Result<Owned, String> {
@@ -113,7 +114,8 @@ fn parse_action(s: &str) -> Result<Owned, String> {
     let dur = |x: &str| crate::time::parse_duration(x).map_err(|e| e.to_string());
     Ok(match parts.as_slice() {
         ["discover"] => Owned::Discover,
-        ["ssh", t, r] => Owned::Ssh(t.to_string(), r.to_string()),
+        ["ssh", t, r] => Owned::Ssh(t.to_string(), r.to_string(), None),
+        ["ssh", t, r, cmd] => Owned::Ssh(t.to_string(), r.to_string(), Some(cmd.to_string())),
         ["http", svc, m, p] => {
             let path = crate::macaroon::caveat::NormPath::normalise(p)
                 .ok_or_else(|| format!("{p:?} is not an absolute path"))?;
@@ -138,7 +140,7 @@ fn parse_action(s: &str) -> Result<Owned, String> {
         }
         _ => {
             return Err(format!(
-                "cannot read action {s:?}; try ssh:TARGET:ROLE, http:SERVICE:METHOD:/PATH, tool:REMOTE:TOOL[:{{json}}], task:create:30m, task:delegate:10m:1, dashboard:viewer, discover"
+                "cannot read action {s:?}; try ssh:TARGET:ROLE[:COMMAND], http:SERVICE:METHOD:/PATH, tool:REMOTE:TOOL[:{{json}}], task:create:30m, task:delegate:10m:1, dashboard:viewer, discover"
             ));
         }
     })
@@ -162,7 +164,8 @@ pub fn explain(o: &ExplainOptions) -> Result<i32, String> {
     let empty = serde_json::Map::new();
     let kind = match &action {
         Owned::Discover => ActionKind::Discover,
-        Owned::Ssh(t, r) => ActionKind::Ssh { target: t, role: r },
+        Owned::Ssh(t, r, None) => ActionKind::Ssh { target: t, role: r },
+        Owned::Ssh(t, r, Some(c)) => ActionKind::SshCommand { target: t, role: r, command: c },
         Owned::Http(s, m, path) => ActionKind::Http { service: s, method: m, path },
         Owned::Tool(r, t, _) => ActionKind::RemoteTool { remote: r, tool: t },
         Owned::Task(op) => ActionKind::Task(*op),
@@ -180,10 +183,29 @@ pub fn explain(o: &ExplainOptions) -> Result<i32, String> {
             },
         },
     );
+    // An allowed action may still wait for an operator (`approvals:`).
+    let gated = match &action {
+        Owned::Ssh(t, r, c) => Some(Gated::Ssh { target: t, role: r, command: c.as_deref() }),
+        Owned::Http(s, m, path) => Some(Gated::Http { service: s, method: m, path }),
+        Owned::Tool(r, t, a) => Some(Gated::RemoteTool { remote: r, tool: t, args: a }),
+        _ => None,
+    };
+    let approval = match (&d, gated) {
+        (Decision::Allow(_), Some(g)) => crate::broker::policy::approval::requirement(&p, &o.agent, &g),
+        _ => None,
+    };
+    let approval_json = approval.as_ref().map(|r| {
+        serde_json::json!({
+            "rules": r.names(), "approvers": r.approvers_text(), "needed": r.needed(),
+            "timeout": crate::time::format_duration(r.timeout()),
+            "waiver": r.waiver().map(crate::time::format_duration),
+        })
+    });
     let (code, v) = match &d {
-        Decision::Allow(g) => {
-            (0, serde_json::json!({ "decision": "allow", "rule": g.rule.to_string(), "principal": g.principal }))
-        }
+        Decision::Allow(g) => (
+            0,
+            serde_json::json!({ "decision": "allow", "rule": g.rule.to_string(), "principal": g.principal, "approval": approval_json }),
+        ),
         Decision::Deny(x) => {
             (1, serde_json::json!({ "decision": "deny", "code": x.code.as_str(), "reason": x.reason }))
         }
@@ -198,6 +220,18 @@ pub fn explain(o: &ExplainOptions) -> Result<i32, String> {
                     print!(" (certificate principal {pr})");
                 }
                 println!();
+                if let Some(r) = &approval {
+                    println!(
+                        "       but it waits for approval: rule {} (approvers: {}; {} approval(s); timeout {}{})",
+                        r.names().join(", "),
+                        r.approvers_text(),
+                        r.needed(),
+                        crate::time::format_duration(r.timeout()),
+                        r.waiver()
+                            .map(|w| format!("; waiver up to {}", crate::time::format_duration(w)))
+                            .unwrap_or_default()
+                    );
+                }
             }
             Decision::Deny(x) => println!("DENY   {}: {}", x.code.as_str(), x.reason),
         }

@@ -701,3 +701,105 @@ async fn consume(ports: Ports<'_>, store: &Approvals, caller: &Caller, r: &Reque
         .allow();
     ports.audit.record(ev).map_err(Error::audit)?.durable().await.map_err(Error::audit)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::policy::approval::Gated;
+
+    const POLICY: &str = "operators:\n  alice: {password_hash: \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$J5VYwqUgTn6v0bqvC2EIRk6YBnJ1U1uYYVQEzj3aAcE\", role: admin}\n\
+        roles: {op: {principal: op}}\ntargets: {nas: {host: h, allowed_roles: [op]}}\nagents: {a: {uid: 1, ssh: {nas: {roles: [op]}}}}\n\
+        approvals:\n  rules:\n    r: {ssh: {targets: [nas]}, four_eyes: true, approvers: [alice, local]}\n";
+
+    fn ask(store: &Approvals, id: &str, digest: &str) {
+        let t = now();
+        let rec = Record::Ask {
+            id: id.into(),
+            digest: digest.into(),
+            agent: "a".into(),
+            task: None,
+            lineage: vec![],
+            rules: vec!["r".into()],
+            needed: 1,
+            action: json!({}),
+            at: t,
+            expires: t + 600,
+        };
+        store.append(&rec).unwrap();
+    }
+
+    fn vote(store: &Approvals, id: &str, by: &str) {
+        let rec =
+            Record::Vote { id: id.into(), by: by.into(), approve: true, reason: String::new(), waiver: 0, at: now() };
+        store.append(&rec).unwrap();
+    }
+
+    #[test]
+    fn only_votes_the_current_policy_accepts_count_whatever_the_log_says() {
+        let p = Policy::parse(POLICY, "t").unwrap();
+        let req = requirement(&p, "a", &Gated::Ssh { target: "nas", role: "op", command: Some("x") }).unwrap();
+        assert_eq!(req.needed(), 2);
+        let store = Approvals::in_memory();
+        // A log that says "approved" (needed 1, one vote by someone who is no operator): the gate
+        // still wants two approvals by approvers of the current rules.
+        ask(&store, "01", "d1");
+        vote(&store, "01", "console:mallory");
+        assert_eq!(store.get("01").unwrap().state, State::Approved);
+        assert!(store.usable("d1", &p, &req).is_none(), "mallory is no approver");
+        ask(&store, "02", "d2");
+        vote(&store, "02", "console:alice");
+        assert!(store.usable("d2", &p, &req).is_none(), "one of two");
+        // Two different accepted approvers: usable, for that digest only.
+        let store = Approvals::in_memory();
+        ask(&store, "03", "d3");
+        store.requests.borrow_mut().get_mut("03").unwrap().needed = 2;
+        vote(&store, "03", "console:alice");
+        assert_eq!(store.get("03").unwrap().state, State::Pending);
+        assert!(store.vote("03", &Answerer::Console("alice".into()), true, "", 0).is_err(), "the same approver twice");
+        vote(&store, "03", "operator:uid0");
+        assert!(store.usable("d3", &p, &req).is_some());
+        assert!(store.usable("d1", &p, &req).is_none());
+    }
+
+    #[test]
+    fn a_used_or_expired_approval_is_not_used_again_and_compaction_keeps_state() {
+        let store = Approvals::in_memory();
+        ask(&store, "01", "d");
+        vote(&store, "01", "operator:uid0");
+        store.append(&Record::Use { id: "01".into(), at: now() }).unwrap();
+        assert_eq!(store.get("01").unwrap().state, State::Used);
+        // A vote after use, an expiry of a used one: no change.
+        vote(&store, "01", "operator:uid1");
+        store.append(&Record::Expire { id: "01".into(), at: now() }).unwrap();
+        let r = store.get("01").unwrap();
+        assert_eq!((r.state, r.votes.len()), (State::Used, 1));
+        // Replaying the compacted records rebuilds the same request.
+        let mut again = BTreeMap::new();
+        for rec in records_of(&r) {
+            apply(&mut again, rec);
+        }
+        let back = &again["01"];
+        assert_eq!((back.state, back.votes.len(), back.timeout), (State::Used, 1, r.timeout));
+        // Past its time, a pending request expires at load, never approved.
+        let mut pending = BTreeMap::new();
+        let t = now();
+        apply(
+            &mut pending,
+            Record::Ask {
+                id: "02".into(),
+                digest: "e".into(),
+                agent: "a".into(),
+                task: None,
+                lineage: vec![],
+                rules: vec![],
+                needed: 1,
+                action: json!({}),
+                at: t - 100,
+                expires: t - 1,
+            },
+        );
+        let r = pending.get_mut("02").unwrap();
+        expire_if_due(r, t);
+        assert_eq!(r.state, State::Expired);
+    }
+}

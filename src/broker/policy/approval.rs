@@ -419,4 +419,29 @@ approvals:
         assert!(requirement(&p, "a", &Gated::Delegate { to: "b" }).is_some());
         assert!(requirement(&p, "other", &Gated::Delegate { to: "b" }).is_none());
     }
+
+    #[test]
+    fn bad_rules_are_refused_with_the_key_that_is_wrong() {
+        let base = "roles: {op: {principal: op}}\ntargets: {nas: {host: h, allowed_roles: [op]}}\nagents: {a: {uid: 1}}\napprovals:\n";
+        for (section, words) in [
+            ("  rules: {x: {ssh: {targets: [nas]}, http: {services: [s]}}}\n", "exactly one of"),
+            ("  rules: {x: {approvers: [nobody], ssh: {targets: [nas]}}}\n", "\"nobody\" is not an operator"),
+            ("  rules: {x: {approvers: [], ssh: {targets: [nas]}}}\n", "at least one approver"),
+            ("  rules: {x: {ssh: {targets: []}}}\n", "at least one name"),
+            ("  rules: {x: {ssh: {targets: [nas]}, timeout: 0s}}\n", "between 1s and 24h"),
+            ("  rules: {x: {ssh: {targets: [nas]}, waiver: 2d}}\n", "approvals.rules.x.waiver"),
+            ("  rules: {x: {remote: {remotes: [r], when: {path: {}}}}}\n", "needs prefix, max"),
+            ("  notify: {n: {webhook: \"ftp://x\"}}\n", "only http and https"),
+            ("  notify: {n: {webhook: \"http://x\", ntfy: \"http://y\"}}\n", "exactly one of webhook"),
+            ("  notify: {n: {ntfy: \"http://x\", token: \"hunter2\"}}\n", "not a secret reference"),
+            ("  hold: 10m\n", "at most 2m"),
+            ("  console_url: \"https://h:1/console\"\n", "origin only"),
+            ("  surprise: 1\n", "unknown field"),
+        ] {
+            let e = Policy::parse(&format!("{base}{section}"), "t").unwrap_err().to_string();
+            assert!(e.contains(words), "{section}: {e}");
+        }
+        let warn = Policy::parse(&format!("{base}  rules: {{x: {{ssh: {{targets: [nsa]}}}}}}\n"), "t").unwrap();
+        assert!(warn.warnings.iter().any(|w| w.contains("\"nsa\" names nothing")), "{:?}", warn.warnings);
+    }
 }
