@@ -374,6 +374,8 @@ fn a_held_proxy_request_is_bound_to_its_body_and_notifications_reach_a_receiver_
         }
     }
     assert_eq!(metric(&b, "ephyr_approvals_pending"), 1.0);
+    let status = ephyr(&["status", "--socket", b.socket.to_str().unwrap()]);
+    assert!(stdout(&status).contains("approvals: 1 request(s) waiting"), "{}", stdout(&status));
 
     // Approved: the identical request goes through once, with the credential injected there.
     let out = ephyr(&["approve", &id, "--socket", b.socket.to_str().unwrap()]);

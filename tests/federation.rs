@@ -964,3 +964,53 @@ agents:
     let e = tool_call(&b.api, &alice, "rec.wait", json!({"seconds": 0, "pad": 100000})).unwrap_err();
     assert!(e.contains("remote \"rec\"") && e.contains("reading its answer"), "{e}");
 }
+
+/// Approval of a federated call (a real `server-everything`): a rule with an argument condition
+/// holds only the calls whose arguments meet it; the approval covers exactly those arguments.
+#[test]
+fn a_federated_call_whose_arguments_meet_a_rule_waits_for_approval_of_exactly_them() {
+    if !require_root() {
+        return;
+    }
+    let port = free_port();
+    let _server = Peer::everything(port);
+    let (alice, alice_hash) = agent_key("alice");
+    let policy = format!(
+        r#"version: 1
+network: {{ allow: [127.0.0.1/32] }}
+remotes:
+  everything: {{ url: "http://127.0.0.1:{port}/mcp", tool_prefix: ev }}
+agents:
+  alice:
+    api_key_hash: "{alice_hash}"
+    remotes: {{ everything: {{ tools: [echo] }} }}
+approvals:
+  hold: 0s
+  rules:
+    destructive-echo:
+      remote: {{ remotes: [everything], tools: [echo], when: {{ message: {{ glob: ["delete*"] }} }} }}
+"#
+    );
+    let b = Broker::start(BrokerOpts { policy: Some(&policy), ..Default::default() });
+    let sock = b.socket.to_str().unwrap().to_owned();
+    assert!(tool_call(&b.api, &alice, "ev.echo", json!({"message": "hello"})).is_ok(), "not covered: runs");
+    let e = tool_call(&b.api, &alice, "ev.echo", json!({"message": "delete everything"})).unwrap_err();
+    assert!(e.starts_with("approval pending (approval_pending)"), "{e}");
+    let at = e.find("Request ").unwrap() + 8;
+    let id = &e[at..at + 26];
+    // (A read-only tool's audit line is written with the next batch: wait for it.)
+    wait_for("the first call's line", 5, || (audit_events(&b, "remote_call").len() == 1).then_some(()));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(audit_events(&b, "remote_call").len(), 1, "only `hello` left for the remote");
+    // The operator sees the arguments it approves.
+    let q = local_request(&b.socket, "GET", "/v1/approvals", b"").json();
+    assert_eq!(q["approvals"][0]["action"]["arguments"]["message"], "delete everything");
+    assert!(ephyr(&["approve", id, "--socket", &sock]).status.success());
+    let e = tool_call(&b.api, &alice, "ev.echo", json!({"message": "delete something else"})).unwrap_err();
+    assert!(e.starts_with("approval pending"), "other arguments are not covered: {e}");
+    let r = tool_call(&b.api, &alice, "ev.echo", json!({"message": "delete everything"})).unwrap();
+    assert!(r.as_str().unwrap().contains("delete everything"), "{r}");
+    wait_for("the approved call's line", 5, || (audit_events(&b, "remote_call").len() == 2).then_some(()));
+    let e = tool_call(&b.api, &alice, "ev.echo", json!({"message": "delete everything"})).unwrap_err();
+    assert!(e.starts_with("approval pending"), "used once: {e}");
+}

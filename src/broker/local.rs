@@ -91,6 +91,7 @@ pub fn status_json(broker: &Broker) -> serde_json::Value {
     serde_json::json!({
         "tls": broker.tls.as_ref().map(|t| t.describe()),
         "frozen": freezes_json(broker)["frozen"],
+        "approvals_pending": broker.approvals.pending(),
         "remotes": remotes,
         "audit": {
             "seq": seq,

@@ -115,6 +115,9 @@ pub fn status(socket: &Path, json: bool) -> Result<(), String> {
         (Some(_), None) => println!("TLS: certificate {}", t["fingerprint"].as_str().unwrap_or("?")),
         _ => println!("TLS: off (plain HTTP)"),
     }
+    if let Some(n) = v["approvals_pending"].as_u64().filter(|n| *n > 0) {
+        println!("approvals: {n} request(s) waiting for an operator (`ephyr approvals`)");
+    }
     for f in v["frozen"].as_array().into_iter().flatten() {
         println!(
             "FROZEN {} {} by {} at {}",
