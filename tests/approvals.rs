@@ -273,6 +273,30 @@ fn a_call_with_progress_is_held_until_approved_and_four_eyes_needs_two_approvers
     let q = s.queue();
     let voters: Vec<&str> = q[0]["votes"].as_array().unwrap().iter().map(|v| v["by"].as_str().unwrap()).collect();
     assert_eq!(voters, ["operator:uid0", "console:alice"]);
+
+    // The Python SDK with a progress callback is held the same way, and told which request waits.
+    let api = format!("http://{}/mcp", s.b.api);
+    let (key, args) = (s.key.clone(), json!({ "target": "nas", "role": "op", "command": s.mark("py") }).to_string());
+    let client =
+        std::thread::spawn(move || python("mcp_call.py").args([&api, &key, "exec", &args, "progress"]).output().unwrap());
+    let mut id = String::new();
+    for _ in 0..100 {
+        if let Some(r) = s.queue().iter().find(|r| r["state"] == "pending") {
+            id = r["id"].as_str().unwrap().to_owned();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!id.is_empty(), "the held Python call opened a request");
+    assert!(s.cli(&["approve", &id]).status.success());
+    let csrf = c.csrf();
+    c.post("/approvals/decide", &format!("csrf={csrf}&id={id}&decision=approve"), &[]);
+    let out = client.join().unwrap();
+    assert!(out.status.success(), "python client: {}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["is_error"], false, "{v}");
+    assert!(v["progress"][0].as_str().unwrap().contains(&id), "the first progress names the request: {v}");
+    assert_eq!(s.ran("py"), 1);
 }
 
 #[test]
