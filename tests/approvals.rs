@@ -277,8 +277,9 @@ fn a_call_with_progress_is_held_until_approved_and_four_eyes_needs_two_approvers
     // The Python SDK with a progress callback is held the same way, and told which request waits.
     let api = format!("http://{}/mcp", s.b.api);
     let (key, args) = (s.key.clone(), json!({ "target": "nas", "role": "op", "command": s.mark("py") }).to_string());
-    let client =
-        std::thread::spawn(move || python("mcp_call.py").args([&api, &key, "exec", &args, "progress"]).output().unwrap());
+    let client = std::thread::spawn(move || {
+        python("mcp_call.py").args([&api, &key, "exec", &args, "progress"]).output().unwrap()
+    });
     let mut id = String::new();
     for _ in 0..100 {
         if let Some(r) = s.queue().iter().find(|r| r["state"] == "pending") {
@@ -324,6 +325,26 @@ fn a_pending_request_survives_a_restart_and_is_answered_after_it() {
     assert!(s.cli(&["approve", &id]).status.success());
     assert!(!s.py_exec(&cmd).0);
     assert_eq!(s.ran("r"), 1);
+
+    // A journal damaged in its middle (not a torn tail) stops start-up: requests and answers
+    // are never silently dropped.
+    let Setup { mut b, data, policy, .. } = s;
+    b.signal(15);
+    b.wait_exit(Duration::from_secs(10));
+    drop(b);
+    let path = data.join("state/approvals.journal");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8 + 12 + 4] ^= 0xff;
+    bytes.extend_from_slice(&bytes.clone()[8..]);
+    std::fs::write(&path, &bytes).unwrap();
+    let mut b = Broker::start(BrokerOpts {
+        policy: Some(&policy),
+        data_dir: Some(data.path().to_path_buf()),
+        expect_ready: false,
+        ..Default::default()
+    });
+    assert!(!b.wait_exit(Duration::from_secs(10)).success());
+    assert!(b.log().contains("approvals"), "the refusal names the journal: {}", b.log());
 }
 
 #[test]

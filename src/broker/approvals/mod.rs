@@ -513,16 +513,15 @@ fn records_of(r: &Request) -> Vec<Record> {
     out
 }
 
-/// An action on its way through a gated path: as the rules see it, as operators see it, and the
-/// exact bytes (the full command, the body, the arguments) that bind an approval to it.
-pub struct Subject<'a> {
-    /// As the rules see it.
-    pub gated: Gated<'a>,
+/// A held action as operators see it and as its approval is bound to it. Built only when a rule
+/// covers the action (the gate's `describe`), so an unguarded request pays nothing for it.
+pub struct Subject {
     /// As operators see it: names, the command as audited, digests and sizes (no secret of the
     /// broker's; what the agent sent, which the operator must see to judge).
     pub shown: Value,
-    /// Everything else that makes the action what it is, hashed into its digest.
-    pub exact: &'a [u8],
+    /// Everything else that makes the action what it is (the full command, the path, host and
+    /// body, the arguments), hashed into its digest.
+    pub exact: Vec<u8>,
 }
 
 /// SHA-256 hex of `bytes`.
@@ -532,11 +531,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// The digest that binds an approval: the agent, its task lineage, the action as shown and the
 /// exact bytes, each length-prefixed (no two actions share an encoding).
-fn digest(caller: &Caller, s: &Subject<'_>) -> String {
+fn digest(caller: &Caller, s: &Subject) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let lineage: Vec<&str> = caller.token().map(|t| t.lineage.iter().map(String::as_str).collect()).unwrap_or_default();
     let shown = s.shown.to_string();
-    for part in [caller.agent.as_bytes(), lineage.join("/").as_bytes(), shown.as_bytes(), s.exact] {
+    for part in [caller.agent.as_bytes(), lineage.join("/").as_bytes(), shown.as_bytes(), &s.exact] {
         ctx.update(&(part.len() as u64).to_be_bytes());
         ctx.update(part);
     }
@@ -570,12 +569,19 @@ fn event(caller: &Caller, name: &'static str) -> Event {
     }
 }
 
-/// The gate: `Ok` when no rule holds `subject` for `caller`, or an approval of exactly it was
-/// used up (durably) just now; else the request stays open and the error says how it stands
+/// The gate: `Ok` when no rule holds `gated` for `caller`, or an approval of exactly it was used
+/// up (durably) just now; else the request stays open and the error says how it stands
 /// (pending, denied with the operator's reason, expired). Waits for the answer while the client
-/// shows progress, else at most `approvals.hold`.
-pub async fn clear(ports: Ports<'_>, policy: &Policy, caller: &Caller, subject: Subject<'_>) -> Result<(), Error> {
-    let Some(req) = requirement(policy, &caller.agent, &subject.gated) else { return Ok(()) };
+/// shows progress, else at most `approvals.hold`. `describe` is called only when a rule applies.
+pub async fn clear(
+    ports: Ports<'_>,
+    policy: &Policy,
+    caller: &Caller,
+    gated: Gated<'_>,
+    describe: impl FnOnce() -> Subject,
+) -> Result<(), Error> {
+    let Some(req) = requirement(policy, &caller.agent, &gated) else { return Ok(()) };
+    let subject = describe();
     let store = ports.approvals;
     let digest = digest(caller, &subject);
     if let Some(r) = store.usable(&digest, policy, &req) {

@@ -134,21 +134,21 @@ impl Proxy {
         let host = call.host.unwrap_or(&s.url.host).to_owned();
         // An approval rule may hold the request: it leaves only once an operator approved this
         // method, path, query, host and body.
-        let mut exact = Vec::with_capacity(call.path.len() + host.len() + call.body.len() + 2);
-        exact.extend_from_slice(call.path.as_bytes());
-        exact.push(0);
-        exact.extend_from_slice(host.as_bytes());
-        exact.push(0);
-        exact.extend_from_slice(&call.body);
-        let subject = super::approvals::Subject {
-            gated: super::policy::approval::Gated::Http { service, method, path: &path.decoded },
-            shown: json!({
+        let gated = super::policy::approval::Gated::Http { service, method, path: &path.decoded };
+        super::approvals::clear(ports, policy, caller, gated, || {
+            let mut exact = Vec::with_capacity(call.path.len() + host.len() + call.body.len() + 2);
+            exact.extend_from_slice(call.path.as_bytes());
+            exact.push(0);
+            exact.extend_from_slice(host.as_bytes());
+            exact.push(0);
+            exact.extend_from_slice(&call.body);
+            let shown = json!({
                 "kind": "http", "service": service, "method": method, "path": path.decoded, "host": host,
                 "body_bytes": call.body.len(), "body_sha256": super::approvals::sha256_hex(&call.body), "via": call.via,
-            }),
-            exact: &exact,
-        };
-        super::approvals::clear(ports, policy, caller, subject).await?;
+            });
+            super::approvals::Subject { shown, exact }
+        })
+        .await?;
         let total = call.timeout.map_or(s.timeout, |t| t.min(s.timeout));
         let deadline = started + total;
         let addrs: Vec<IpAddr> =

@@ -235,16 +235,15 @@ async fn approval(
     role: &str,
     command: Option<&str>,
 ) -> Result<(), Error> {
-    let mut shown = json!({ "kind": "ssh", "target": target, "role": role });
-    if let Some(c) = command {
-        shown["command"] = serde_json::Value::from(audit_command(c));
-    }
-    let subject = super::approvals::Subject {
-        gated: super::policy::approval::Gated::Ssh { target, role, command },
-        shown,
-        exact: command.unwrap_or_default().as_bytes(),
-    };
-    super::approvals::clear(ports, policy, caller, subject).await
+    let gated = super::policy::approval::Gated::Ssh { target, role, command };
+    super::approvals::clear(ports, policy, caller, gated, || {
+        let mut shown = json!({ "kind": "ssh", "target": target, "role": role });
+        if let Some(c) = command {
+            shown["command"] = serde_json::Value::from(audit_command(c));
+        }
+        super::approvals::Subject { shown, exact: command.unwrap_or_default().as_bytes().to_vec() }
+    })
+    .await
 }
 
 fn with_task(ev: Event, caller: &Caller) -> Event {

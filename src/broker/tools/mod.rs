@@ -670,17 +670,19 @@ pub async fn call_remote(
         ))));
     }
     // An approval rule may hold the call: nothing leaves before an operator approved exactly it.
-    let exact = serde_json::to_vec(&args).unwrap_or_default();
-    let subject = super::approvals::Subject {
-        gated: super::policy::approval::Gated::RemoteTool { remote: &facts.remote, tool: &facts.tool, args: &args },
-        shown: json!({
+    let gated = super::policy::approval::Gated::RemoteTool { remote: &facts.remote, tool: &facts.tool, args: &args };
+    let describe = || {
+        let exact = serde_json::to_vec(&args).unwrap_or_default();
+        let shown = json!({
             "kind": "remote", "remote": facts.remote, "tool": facts.tool,
             "arguments": if exact.len() <= 4096 { Value::Object(args.clone()) } else { Value::String(format!("({} bytes)", exact.len())) },
             "args_sha256": facts.args_digest,
-        }),
-        exact: &exact,
+        });
+        super::approvals::Subject { shown, exact }
     };
-    if let Err(e) = super::approvals::clear(broker.ports().with_progress(progress), policy, caller, subject).await {
+    if let Err(e) =
+        super::approvals::clear(broker.ports().with_progress(progress), policy, caller, gated, describe).await
+    {
         return Some(Err(Output::failed(e)));
     }
     let action =

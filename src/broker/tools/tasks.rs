@@ -490,16 +490,16 @@ async fn delegate_inner(cx: &Ctx<'_>) -> Result<Output, Output> {
     }
     let key = holder_key(cx.args)?;
     // An approval rule may hold the delegation until an operator approved exactly this one.
-    let exact = serde_json::to_vec(cx.args).unwrap_or_default();
-    let subject = crate::broker::approvals::Subject {
-        gated: crate::broker::policy::approval::Gated::Delegate { to: &child_agent.name },
+    let gated = crate::broker::policy::approval::Gated::Delegate { to: &child_agent.name };
+    crate::broker::approvals::clear(cx.ports, policy, cx.caller, gated, || crate::broker::approvals::Subject {
         shown: json!({
             "kind": "delegate", "to": child_agent.name, "parent": parent_id.to_string(), "ttl_secs": ttl.as_secs(),
             "envelope": cx.args.get("envelope"),
         }),
-        exact: &exact,
-    };
-    crate::broker::approvals::clear(cx.ports, policy, cx.caller, subject).await.map_err(Output::failed)?;
+        exact: serde_json::to_vec(cx.args).unwrap_or_default(),
+    })
+    .await
+    .map_err(Output::failed)?;
     let inherited = matches!(parent.holder, Holder::Key(_));
     let remaining_depth = env.delegation_depth.unwrap_or(policy.limits.delegation_depth_max).saturating_sub(1);
     let new = NewTask {
