@@ -8,7 +8,7 @@
 //! - every 2 s, federated remotes that are due are read again: a remote that went down is
 //!   retried, a stdio remote that exited restarted (with backoff), a changed tool list re-read,
 //!   and a change to what they serve announced to agents' notification streams;
-//! - every second, approval requests nobody answered in time (and approvals not used in time)
+//! - every second while any is open, approval requests nobody answered in time (and approvals not used in time)
 //!   expire, each with an audit record; a held call waiting on one is woken;
 //! - signer events (workers ended and restarted, the keeper relaunched) become audit records.
 
@@ -44,6 +44,11 @@ pub fn spawn(
         let broker = broker.clone();
         ex.spawn(async move {
             loop {
+                // Idle (nothing open): sleep until a request is opened, not every second.
+                let listener = broker.approvals.changed.listen();
+                if !broker.approvals.any_open() {
+                    listener.await;
+                }
                 async_io::Timer::after(std::time::Duration::from_secs(1)).await;
                 super::ops::expire_approvals(&broker);
             }

@@ -40,6 +40,8 @@ pub const MAX_PENDING: usize = 1000;
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How long a closed request is kept in memory (the queue's recent history, the agent's answer).
 const KEEP_CLOSED_SECS: i64 = 24 * 3600;
+/// Most closed requests kept (the oldest go first): a busy day stays a bounded amount of memory.
+const KEEP_CLOSED: usize = 1000;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
@@ -233,9 +235,7 @@ impl Approvals {
         for r in requests.values_mut() {
             expire_if_due(r, t);
         }
-        requests.retain(|_, r| {
-            r.closed_at.is_none_or(|c| t - c < KEEP_CLOSED_SECS) || r.waiver_until.is_some_and(|w| w > t)
-        });
+        prune(&mut requests, t);
         let compacted: Vec<Vec<u8>> =
             requests.values().flat_map(records_of).filter_map(|r| serde_json::to_vec(&r).ok()).collect();
         let store = backend.open(LOG, Some(compacted)).await?;
@@ -278,6 +278,11 @@ impl Approvals {
     /// Pending requests.
     pub fn pending(&self) -> usize {
         self.requests.borrow().values().filter(|r| r.state == State::Pending).count()
+    }
+
+    /// Whether some request is waiting or approved and unused (something may expire).
+    pub fn any_open(&self) -> bool {
+        self.requests.borrow().values().any(|r| matches!(r.state, State::Pending | State::Approved))
     }
 
     /// Bumped on every change (the console's feed compares it).
@@ -352,10 +357,7 @@ impl Approvals {
                 Err(e) => log::error!("approvals: {e}"),
             }
         }
-        let mut reqs = self.requests.borrow_mut();
-        reqs.retain(|_, r| {
-            r.closed_at.is_none_or(|c| t - c < KEEP_CLOSED_SECS) || r.waiver_until.is_some_and(|w| w > t)
-        });
+        prune(&mut self.requests.borrow_mut(), t);
         out
     }
 
@@ -411,6 +413,26 @@ pub fn parse_answerer(s: &str) -> Option<Answerer> {
         return Some(Answerer::Console(n.to_owned()));
     }
     s.strip_prefix("operator:uid").and_then(|u| u.parse().ok()).map(Answerer::Local)
+}
+
+/// Forgets closed requests older than a day (unless a waiver still runs), and beyond the newest
+/// [`KEEP_CLOSED`] of them.
+fn prune(requests: &mut BTreeMap<String, Request>, t: i64) {
+    let keep = |r: &Request| r.waiver_until.is_some_and(|w| w > t);
+    requests.retain(|_, r| r.closed_at.is_none_or(|c| t - c < KEEP_CLOSED_SECS) || keep(r));
+    let closed = requests.values().filter(|r| r.closed_at.is_some() && !keep(r)).count();
+    if closed > KEEP_CLOSED {
+        // Ids are ULIDs: the map's order is the order they were asked in.
+        let old: Vec<String> = requests
+            .values()
+            .filter(|r| r.closed_at.is_some() && !keep(r))
+            .take(closed - KEEP_CLOSED)
+            .map(|r| r.id.clone())
+            .collect();
+        for id in old {
+            requests.remove(&id);
+        }
+    }
 }
 
 fn expire_if_due(r: &mut Request, t: i64) {
@@ -807,5 +829,50 @@ mod tests {
         let r = pending.get_mut("02").unwrap();
         expire_if_due(r, t);
         assert_eq!(r.state, State::Expired);
+    }
+
+    #[test]
+    fn closed_requests_are_kept_for_a_day_and_at_most_a_thousand() {
+        let t = now();
+        let mut m = BTreeMap::new();
+        for i in 0..1005 {
+            let id = format!("{i:05}");
+            apply(
+                &mut m,
+                Record::Ask {
+                    id: id.clone(),
+                    digest: id.clone(),
+                    agent: "a".into(),
+                    task: None,
+                    lineage: vec![],
+                    rules: vec![],
+                    needed: 1,
+                    action: json!({}),
+                    at: t,
+                    expires: t + 60,
+                },
+            );
+            apply(&mut m, Record::Expire { id, at: if i == 3 { t - KEEP_CLOSED_SECS - 1 } else { t } });
+        }
+        apply(
+            &mut m,
+            Record::Ask {
+                id: "99999".into(),
+                digest: "p".into(),
+                agent: "a".into(),
+                task: None,
+                lineage: vec![],
+                rules: vec![],
+                needed: 1,
+                action: json!({}),
+                at: t,
+                expires: t + 60,
+            },
+        );
+        prune(&mut m, t);
+        assert_eq!(m.len(), 1001, "1,000 closed and the open one");
+        assert!(m.contains_key("99999"), "an open request is never pruned");
+        assert!(!m.contains_key("00003"), "older than a day");
+        assert!(!m.contains_key("00000") && m.contains_key("01004"), "the oldest go first");
     }
 }
