@@ -4,8 +4,9 @@
 //! no sockets, no clock reads in the measured loop, no threads.
 //!
 //! `cargo bench --bench icount -- OP N`, OP one of: token_verify, authorize, mcp_decode,
-//! tools_call_path.
+//! tools_call_path, approval_match.
 
+use ephyr::broker::policy::approval::{Gated, requirement};
 use ephyr::broker::policy::{Action, ActionKind, Policy, Principal, authorize};
 use ephyr::macaroon::{LOCATION, Macaroon, RootKey, attenuate};
 use ephyr::mcp::jsonrpc::{self, Message};
@@ -43,6 +44,12 @@ fn policy() -> Policy {
             3000 + a
         );
     }
+    // Approval rules of a homelab: every command as op on web, restarts anywhere, writes to any
+    // service, deletes on any remote.
+    s += "approvals:\n  rules:\n    op-on-web: {ssh: {targets: [web], roles: [op]}}\n\
+          \x20   restarts: {ssh: {targets: ['*'], commands: ['systemctl *', 'reboot*', 'rm -rf *']}}\n\
+          \x20   writes: {http: {services: ['*'], methods: [POST, PUT, DELETE]}}\n\
+          \x20   deletes: {remote: {remotes: ['*'], tools: ['delete_*']}}\n";
     Policy::parse(&s, "icount").expect("valid policy")
 }
 
@@ -53,7 +60,7 @@ fn main() {
     let (op, n) = match args.as_slice() {
         [op, n] => (op.as_str(), n.parse::<u64>().expect("N is a number")),
         _ => {
-            eprintln!("usage: icount OP N  (OP: token_verify, authorize, mcp_decode, tools_call_path)");
+            eprintln!("usage: icount OP N  (OP: token_verify, authorize, mcp_decode, tools_call_path, approval_match)");
             std::process::exit(2);
         }
     };
@@ -93,6 +100,12 @@ fn main() {
                 let text = serde_json::to_string_pretty(&structured).unwrap_or_default();
                 let result = server::tool_result(Version::V2026_07_28, &who, text, !allowed, Some(structured));
                 jsonrpc::encode_result(&r.id, &result).len()
+            }
+            "approval_match" => {
+                // What every allowed SSH command pays when approval rules exist: none matches
+                // this one, so every rule and every word start of the command is tried.
+                let g = Gated::Ssh { target: "web", role: "read", command: Some("uptime && df -h /srv/data | tail -n 3") };
+                requirement(black_box(&p), "agent-07", black_box(&g)).is_some() as usize
             }
             other => {
                 eprintln!("unknown OP {other}");

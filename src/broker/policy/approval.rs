@@ -265,7 +265,14 @@ fn any(patterns: &[String], name: &str) -> bool {
 /// follows a separator, quote, bracket, `$`, `/` or blank (errs towards asking).
 pub fn command_matches(pattern: &str, command: &str) -> bool {
     let cmd = command.trim();
-    if glob_match(pattern, cmd) {
+    // The pattern's literal start must be somewhere in the command, and a match can only begin
+    // where it does: most commands are ruled out without running the glob at all.
+    let lit = pattern.split(['*', '?']).next().unwrap_or("");
+    if !cmd.contains(lit) {
+        return false;
+    }
+    let try_at = |rest: &str| rest.starts_with(lit) && glob_match(pattern, rest);
+    if try_at(cmd) {
         return true;
     }
     let starts = cmd
@@ -274,7 +281,7 @@ pub fn command_matches(pattern: &str, command: &str) -> bool {
         .map(|(i, c)| i + c.len_utf8());
     for i in starts {
         let rest = cmd[i..].trim_start();
-        if !rest.is_empty() && glob_match(pattern, rest) {
+        if !rest.is_empty() && try_at(rest) {
             return true;
         }
     }
