@@ -104,7 +104,8 @@ fn main() {
             "approval_match" => {
                 // What every allowed SSH command pays when approval rules exist: none matches
                 // this one, so every rule and every word start of the command is tried.
-                let g = Gated::Ssh { target: "web", role: "read", command: Some("uptime && df -h /srv/data | tail -n 3") };
+                let g =
+                    Gated::Ssh { target: "web", role: "read", command: Some("uptime && df -h /srv/data | tail -n 3") };
                 requirement(black_box(&p), "agent-07", black_box(&g)).is_some() as usize
             }
             other => {

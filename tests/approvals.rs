@@ -483,3 +483,33 @@ fn an_agent_cannot_flood_the_queue_and_only_named_approvers_answer() {
     assert!(r.text().contains("is approved"), "{}", r.text());
     assert_eq!(s.queue().iter().find(|r| r["id"] == id.as_str()).unwrap()["state"], "approved");
 }
+
+#[test]
+fn a_delegation_waits_for_approval_of_exactly_that_hand_off() {
+    if !require_root() {
+        return;
+    }
+    let rules = "  hold: 0s\n  rules:\n    hand-offs:\n      delegate: { to: [\"*\"] }\n      approvers: [local]\n";
+    let s = setup("appr-delegate", rules, "");
+    let task = tool_call(
+        &s.b.api,
+        &s.key,
+        "task_create",
+        json!({"description": "parent", "ttl": "10m", "can_delegate": true}),
+    )
+    .unwrap();
+    let token = task["token"].as_str().unwrap().to_owned();
+    let ask = json!({"description": "child", "ttl": "5m", "envelope": {"targets": ["nas"]}});
+    let err = tool_call(&s.b.api, &token, "task_delegate", ask.clone()).unwrap_err();
+    let id = pending_id(&err);
+    let q = s.queue();
+    assert_eq!(q[0]["action"]["kind"], "delegate");
+    assert_eq!(q[0]["action"]["envelope"]["targets"], json!(["nas"]), "the operator sees the envelope");
+    assert!(s.cli(&["approve", &id]).status.success());
+    // A wider envelope is another hand-off; the approved one goes through, once.
+    let wider = json!({"description": "child", "ttl": "5m"});
+    assert!(tool_call(&s.b.api, &token, "task_delegate", wider).unwrap_err().starts_with("approval pending"));
+    let child = tool_call(&s.b.api, &token, "task_delegate", ask.clone()).unwrap();
+    assert!(child["token"].is_string(), "{child}");
+    assert!(tool_call(&s.b.api, &token, "task_delegate", ask).unwrap_err().starts_with("approval pending"));
+}
