@@ -30,7 +30,7 @@ repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 os.sched_setaffinity(0, {1})
 
 up = subprocess.Popen(["taskset", "-c", "1", "python3", os.path.join(repo, "tests/helpers/upstream.py"), "serve"],
-                      stdout=subprocess.PIPE, text=True)
+                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 uport = int(up.stdout.readline().split()[1])
 
 
@@ -64,11 +64,12 @@ def run_lab(hold):
     lab = Lab(binary, "ephyr-approvals-bench-")
     key = lab.agent_key("bench")
     policy = f"""network: {{ allow: [127.0.0.1/32] }}
+limits: {{ requests_per_agent: 1000000/1m }}
 services:
   api: {{ url: "http://127.0.0.1:{uport}/", credential: {{ type: bearer, secret: "env:BENCH_TOKEN" }} }}
   free: {{ url: "http://127.0.0.1:{uport}/", credential: {{ type: bearer, secret: "env:BENCH_TOKEN" }} }}
 agents:
-  bench: {{ api_key_hash: "{key['api_key_hash']}", services: {{ api: {{}}, free: {{}} }} }}
+  bench: {{ api_key_hash: "{key['api_key_hash']}", rate_limit: 1000000/1m, services: {{ api: {{}}, free: {{}} }} }}
 approvals:
   hold: {hold}
   max_pending_per_agent: 1000

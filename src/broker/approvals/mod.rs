@@ -603,7 +603,17 @@ pub async fn clear(
     describe: impl FnOnce() -> Subject,
 ) -> Result<(), Error> {
     let Some(req) = requirement(policy, &caller.agent, &gated) else { return Ok(()) };
-    let subject = describe();
+    wait(ports, policy, caller, req, describe()).await
+}
+
+/// The gate's body for an action a rule holds (one copy, whatever path asks).
+async fn wait(
+    ports: Ports<'_>,
+    policy: &Policy,
+    caller: &Caller,
+    req: Requirement<'_>,
+    subject: Subject,
+) -> Result<(), Error> {
     let store = ports.approvals;
     let digest = digest(caller, &subject);
     if let Some(r) = store.usable(&digest, policy, &req) {
@@ -715,19 +725,33 @@ async fn ask(
     Ok(r)
 }
 
-/// Uses approval `r` up (a waiver leaves it usable until it ends): durable before the action.
+/// Uses approval `r` up (a waiver leaves it usable until it ends): its journal record and its
+/// audit line are synced together, before the action.
 async fn consume(ports: Ports<'_>, store: &Approvals, caller: &Caller, r: &Request) -> Result<(), Error> {
     let first = r.state == State::Approved;
-    if first {
-        store.append(&Record::Use { id: r.id.clone(), at: now() })?.wait().await?;
-        ports.metrics.set("ephyr_approvals_pending", &[], store.pending() as f64);
-    }
     let waived = r.waiver_until.is_some_and(|w| w > now());
-    ports.metrics.inc("ephyr_approvals_total", &[("outcome", if first { "used" } else { "waived" })]);
     let ev = event(caller, "approval_used")
         .action(json!({ "approval": r.id, "waiver": waived, "waiver_until": r.waiver_until }))
         .allow();
-    ports.audit.record(ev).map_err(Error::audit)?.durable().await.map_err(Error::audit)
+    // Used up first: if the audit line then fails, the approval is spent and the action refused
+    // (fail closed), never run twice.
+    let used = if first { Some(store.append(&Record::Use { id: r.id.clone(), at: now() })?) } else { None };
+    let ticket = ports.audit.record(ev).map_err(Error::audit)?;
+    let (journal, audit) = futures_lite::future::zip(
+        async {
+            match used {
+                Some(d) => d.wait().await,
+                None => Ok(()),
+            }
+        },
+        ticket.durable(),
+    )
+    .await;
+    journal?;
+    audit.map_err(Error::audit)?;
+    ports.metrics.inc("ephyr_approvals_total", &[("outcome", if first { "used" } else { "waived" })]);
+    ports.metrics.set("ephyr_approvals_pending", &[], store.pending() as f64);
+    Ok(())
 }
 
 #[cfg(test)]
