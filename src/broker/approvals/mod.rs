@@ -232,13 +232,18 @@ impl Approvals {
             apply(&mut requests, rec);
         }
         let t = now();
+        let mut expired = false;
         for r in requests.values_mut() {
+            let was = r.state;
             expire_if_due(r, t);
+            expired |= r.state != was;
         }
         prune(&mut requests, t);
         let compacted: Vec<Vec<u8>> =
             requests.values().flat_map(records_of).filter_map(|r| serde_json::to_vec(&r).ok()).collect();
-        let store = backend.open(LOG, Some(compacted)).await?;
+        // Rewritten only when it would change (a start with nothing to compact writes nothing).
+        let changed = expired || compacted.len() != replayed.records.len() || replayed.torn_bytes > 0;
+        let store = backend.open(LOG, changed.then_some(compacted)).await?;
         Ok(Approvals::with_store(store, requests))
     }
 
