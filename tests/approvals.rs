@@ -182,7 +182,10 @@ fn exec_runs_once_per_approval_of_exactly_that_command_and_a_denial_or_expiry_re
     assert!(audit_events(&s.b, "approval_requested").len() >= 4);
     assert_eq!(audit_events(&s.b, "approval_used").len(), 2);
     assert!(audit_events(&s.b, "approval_expired").iter().any(|e| e["action"]["approval"] == short.as_str()));
-    assert!(metric(&s.b, "ephyr_approval_decision_seconds_total") >= 0.0);
+    let metrics = http_request(&s.b.dashboard, "GET", "/metrics", &[], b"").text();
+    for line in ["ephyr_approvals_total{outcome=\"denied\"} 1", "ephyr_approvals_total{outcome=\"used\"} 2"] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
 }
 
 #[test]

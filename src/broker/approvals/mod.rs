@@ -768,9 +768,9 @@ mod tests {
         roles: {op: {principal: op}}\ntargets: {nas: {host: h, allowed_roles: [op]}}\nagents: {a: {uid: 1, ssh: {nas: {roles: [op]}}}}\n\
         approvals:\n  rules:\n    r: {ssh: {targets: [nas]}, four_eyes: true, approvers: [alice, local]}\n";
 
-    fn ask(store: &Approvals, id: &str, digest: &str) {
-        let t = now();
-        let rec = Record::Ask {
+    /// A request of agent `a` under rule `r`, asked at `at`, expiring at `expires`.
+    fn asked(id: &str, digest: &str, at: i64, expires: i64) -> Record {
+        Record::Ask {
             id: id.into(),
             digest: digest.into(),
             agent: "a".into(),
@@ -779,10 +779,13 @@ mod tests {
             rules: vec!["r".into()],
             needed: 1,
             action: json!({}),
-            at: t,
-            expires: t + 600,
-        };
-        store.append(&rec).unwrap();
+            at,
+            expires,
+        }
+    }
+
+    fn ask(store: &Approvals, id: &str, digest: &str) {
+        store.append(&asked(id, digest, now(), now() + 600)).unwrap();
     }
 
     fn vote(store: &Approvals, id: &str, by: &str) {
@@ -840,21 +843,7 @@ mod tests {
         // Past its time, a pending request expires at load, never approved.
         let mut pending = BTreeMap::new();
         let t = now();
-        apply(
-            &mut pending,
-            Record::Ask {
-                id: "02".into(),
-                digest: "e".into(),
-                agent: "a".into(),
-                task: None,
-                lineage: vec![],
-                rules: vec![],
-                needed: 1,
-                action: json!({}),
-                at: t - 100,
-                expires: t - 1,
-            },
-        );
+        apply(&mut pending, asked("02", "e", t - 100, t - 1));
         let r = pending.get_mut("02").unwrap();
         expire_if_due(r, t);
         assert_eq!(r.state, State::Expired);
@@ -866,38 +855,10 @@ mod tests {
         let mut m = BTreeMap::new();
         for i in 0..1005 {
             let id = format!("{i:05}");
-            apply(
-                &mut m,
-                Record::Ask {
-                    id: id.clone(),
-                    digest: id.clone(),
-                    agent: "a".into(),
-                    task: None,
-                    lineage: vec![],
-                    rules: vec![],
-                    needed: 1,
-                    action: json!({}),
-                    at: t,
-                    expires: t + 60,
-                },
-            );
+            apply(&mut m, asked(&id, &id, t, t + 60));
             apply(&mut m, Record::Expire { id, at: if i == 3 { t - KEEP_CLOSED_SECS - 1 } else { t } });
         }
-        apply(
-            &mut m,
-            Record::Ask {
-                id: "99999".into(),
-                digest: "p".into(),
-                agent: "a".into(),
-                task: None,
-                lineage: vec![],
-                rules: vec![],
-                needed: 1,
-                action: json!({}),
-                at: t,
-                expires: t + 60,
-            },
-        );
+        apply(&mut m, asked("99999", "p", t, t + 60));
         prune(&mut m, t);
         assert_eq!(m.len(), 1001, "1,000 closed and the open one");
         assert!(m.contains_key("99999"), "an open request is never pruned");
