@@ -156,7 +156,8 @@ Usage: ephyr policy <check|diff|explain|reload> ...
       Validate a policy; lists every problem with file:line:column, the key and a hint.
       Exit 0 if valid, 3 if not.
   ephyr policy diff OLD NEW
-      What each agent gains (+) or loses (-), and settings that change (~).
+      What each agent gains (+) or loses (-), and settings that change (~); approval
+      rules that appear (+) or go (-).
   ephyr policy explain --agent NAME --action ACTION [--config FILE] [--tool TOOL]
                        [--token mac_...] [--json]
       The decision the broker would make, and the rule behind it (and whether an

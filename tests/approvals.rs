@@ -107,6 +107,20 @@ fn exec_runs_once_per_approval_of_exactly_that_command_and_a_denial_or_expiry_re
     }
     let s = setup("appr-exec", RULES, "");
     let once = s.mark("once");
+    // An operator watching the queue: `ephyr approvals --follow --json`, one line per change.
+    let mut follow = std::process::Command::new(ephyr_bin())
+        .args(["approvals", "--follow", "--json", "--socket", s.b.socket.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, seen) = std::sync::mpsc::channel::<Value>();
+    let out = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(serde_json::from_str(&line).unwrap());
+        }
+    });
 
     // Asked: nothing runs, the agent is told which request waits.
     let (err, text) = s.py_exec(&once);
@@ -125,10 +139,17 @@ fn exec_runs_once_per_approval_of_exactly_that_command_and_a_denial_or_expiry_re
     let args = json!({ "target": "nas", "role": "read", "command": "id -un" });
     assert_eq!(tool_call(&s.b.api, &s.key, "exec", args).unwrap()["stdout"], format!("{USER}\n"));
 
+    let line = seen.recv_timeout(Duration::from_secs(5)).expect("--follow shows the new request");
+    assert_eq!((line["id"].as_str(), line["state"].as_str()), (Some(id.as_str()), Some("pending")));
+
     // Approved from the CLI: the next identical call runs, once.
     let out = s.cli(&["approve", &id]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("approved"), "{}", stdout(&out));
+    let line = seen.recv_timeout(Duration::from_secs(5)).expect("--follow shows the decision");
+    assert_eq!((line["id"].as_str(), line["state"].as_str()), (Some(id.as_str()), Some("approved")));
+    let _ = follow.kill();
+    let _ = follow.wait();
     let (err, text) = s.py_exec(&once);
     assert!(!err, "{text}");
     assert_eq!(s.ran("once"), 1);

@@ -160,6 +160,20 @@ fn diff_shows_gains_and_losses_per_agent() {
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "agent claude:\n  - ssh nas as op\n  ~ max_task_ttl: 1h -> 30m\n");
+    // An approval rule that goes: actions that waited for a person now run on policy alone.
+    let fewer = homelab.replace("    lights:\n      http: { services: [homeassistant], methods: [POST] }\n", "");
+    std::fs::write(dir.join("fewer.yaml"), fewer).unwrap();
+    let out = ephyr(&[
+        "policy",
+        "diff",
+        repo().join("policies/homelab.yaml").to_str().unwrap(),
+        dir.join("fewer.yaml").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        stdout(&out),
+        "no change in what any agent may do\napproval rules (+ more waits for a person, - less):\n  \
+         - rule lights: http homeassistant POST on all paths; approvers role:admin,local; timeout 15m\n"
+    );
 }
 
 #[test]

@@ -64,11 +64,15 @@ pub fn diff(old: &Path, new: &Path) -> Result<i32, String> {
     let o = policy::load_file(old).map_err(|e| format!("{}:\n{e}", old.display()))?;
     let n = policy::load_file(new).map_err(|e| format!("{}:\n{e}", new.display()))?;
     let d = policy::diff::diff(&o, &n);
+    let approvals = policy::diff::approval_changes(&o, &n);
     if d.is_empty() {
         println!("no change in what any agent may do");
     }
-    for (agent, changes) in d {
-        println!("agent {agent}:");
+    let sections = d.into_iter().map(|(agent, c)| (format!("agent {agent}:"), c));
+    let approvals =
+        (!approvals.is_empty()).then(|| ("approval rules (+ more waits for a person, - less):".to_owned(), approvals));
+    for (heading, changes) in sections.chain(approvals) {
+        println!("{heading}");
         for c in changes {
             match c {
                 policy::diff::Change::Gain(s) => println!("  + {s}"),

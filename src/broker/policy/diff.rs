@@ -1,4 +1,4 @@
-//! `ephyr policy diff OLD NEW`: what each agent gains or loses.
+//! `ephyr policy diff OLD NEW`: what each agent gains or loses, and which approval rules come and go.
 //!
 //! Pure. SSH access is computed with [`authorize`] itself over every (target, role) pair both
 //! policies know, so the diff shows what the decision function will actually do; the other
@@ -154,6 +154,58 @@ pub fn diff(old: &Policy, new: &Policy) -> Diff {
     out
 }
 
+/// One approval rule on one line: what it covers and what it asks.
+fn approval_line(r: &super::approval::ApprovalRule) -> String {
+    use super::approval::Covers;
+    let list = |v: &[String]| if v.is_empty() { "*".to_owned() } else { v.join(",") };
+    let covers = match &r.on {
+        Covers::Ssh { targets, roles, commands } => {
+            format!("ssh {} as {} running {}", list(targets), list(roles), list(commands))
+        }
+        Covers::Http { services, methods, paths } => format!(
+            "http {} {} on {}",
+            list(services),
+            describe_methods(methods),
+            paths.as_ref().map_or("all paths".into(), |p| p
+                .iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(","))
+        ),
+        Covers::Remote { remotes, tools, when } => format!(
+            "remote {} tools {}{}",
+            list(remotes),
+            list(tools),
+            if when.is_empty() {
+                String::new()
+            } else {
+                format!(" when {}", when.keys().cloned().collect::<Vec<_>>().join(","))
+            }
+        ),
+        Covers::Delegate { to } => format!("delegation to {}", list(to)),
+    };
+    let approvers: Vec<String> = r.approvers.iter().map(|a| a.to_text()).collect();
+    format!(
+        "rule {}: {covers}{}; approvers {}{}; timeout {}{}",
+        r.name,
+        if r.agents.is_empty() { String::new() } else { format!(" (agents {})", r.agents.join(",")) },
+        approvers.join(","),
+        if r.four_eyes { ", four eyes" } else { "" },
+        crate::time::format_duration(r.timeout),
+        r.waiver.map(|w| format!("; waiver up to {}", crate::time::format_duration(w))).unwrap_or_default()
+    )
+}
+
+/// Approval rules that appear (`Gain`: more actions wait) or go (`Loss`: actions that waited
+/// for a person run on policy alone); a changed rule is both.
+pub fn approval_changes(old: &Policy, new: &Policy) -> Vec<Change> {
+    let lines = |p: &Policy| -> BTreeSet<String> { p.approvals.rules.values().map(approval_line).collect() };
+    let (before, after) = (lines(old), lines(new));
+    let mut out: Vec<Change> = after.difference(&before).map(|s| Change::Gain(s.clone())).collect();
+    out.extend(before.difference(&after).map(|s| Change::Loss(s.clone())));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,5 +241,34 @@ mod tests {
             )
         );
         assert!(diff(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn approval_rules_that_come_and_go() {
+        let base =
+            "roles: {op: {principal: o}}\ntargets: {nas: {host: a, allowed_roles: [op]}}\nagents: {a: {uid: 1}}\n";
+        let old = Policy::parse(
+            &format!("{base}approvals: {{rules: {{ops: {{ssh: {{targets: [nas], roles: [op]}}}}}}}}\n"),
+            "o",
+        )
+        .unwrap();
+        let new = Policy::parse(
+            &format!(
+                "{base}approvals: {{rules: {{ops: {{ssh: {{targets: [nas], roles: [op]}}, four_eyes: true}}}}}}\n"
+            ),
+            "n",
+        )
+        .unwrap();
+        let c = approval_changes(&old, &new);
+        assert_eq!(
+            c,
+            [
+                Change::Gain(
+                    "rule ops: ssh nas as op running *; approvers role:admin,local, four eyes; timeout 15m".into()
+                ),
+                Change::Loss("rule ops: ssh nas as op running *; approvers role:admin,local; timeout 15m".into()),
+            ]
+        );
+        assert!(approval_changes(&new, &new).is_empty());
     }
 }
