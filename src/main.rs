@@ -183,7 +183,8 @@ Usage: ephyr freeze KIND NAME [--reason TEXT]
 The kill switch. KIND is agent, task, target, service or remote. Freezing refuses every new
 request it covers at once, then revokes the live tasks and certificates it covers (an agent's
 tasks and certificates; a task's tree; a target's certificates), closes their SSH sessions,
-ends the agent's MCP sessions and streams and updates the KRL. Freezes are journaled (they
+ends the agent's MCP sessions and streams, denies the approval requests it covers and
+updates the KRL. Freezes are journaled (they
 survive restarts) and audited. Unfreezing lets new requests through again; what was revoked
 stays revoked. Talks to the running broker over its local socket (root or the broker's user).
 Options: --socket PATH  --data-dir DIR  --json";

@@ -322,6 +322,35 @@ fn a_call_with_progress_is_held_until_approved_and_four_eyes_needs_two_approvers
     assert_eq!(v["is_error"], false, "{v}");
     assert!(v["progress"][0].as_str().unwrap().contains(&id), "the first progress names the request: {v}");
     assert_eq!(s.ran("py"), 1);
+
+    // A task revoked while its call waits: the call ends at once, and approving it later runs
+    // nothing.
+    let task = tool_call(&s.b.api, &s.key, "task_create", json!({"description": "held", "ttl": "10m"})).unwrap();
+    let (token, task_id) = (task["token"].as_str().unwrap().to_owned(), task["task_id"].as_str().unwrap().to_owned());
+    let api = format!("http://{}/mcp", s.b.api);
+    let args = json!({ "target": "nas", "role": "op", "command": s.mark("gone") }).to_string();
+    let client = std::thread::spawn(move || {
+        python("mcp_call.py").args([&api, &token, "exec", &args, "progress"]).output().unwrap()
+    });
+    let mut id = String::new();
+    for _ in 0..100 {
+        if let Some(r) = s.queue().iter().find(|r| r["state"] == "pending") {
+            id = r["id"].as_str().unwrap().to_owned();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!id.is_empty());
+    tool_call(&s.b.api, &s.key, "task_revoke", json!({"task_id": task_id})).unwrap();
+    let out = client.join().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["is_error"], true, "{v}");
+    assert!(v["text"].as_str().unwrap().contains("revoked or expired while request"), "{v}");
+    assert!(s.cli(&["approve", &id]).status.success());
+    let csrf = c.csrf();
+    c.post("/approvals/decide", &format!("csrf={csrf}&id={id}&decision=approve"), &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(s.ran("gone"), 0, "nothing ran for the revoked task");
 }
 
 #[test]
@@ -506,6 +535,17 @@ fn an_agent_cannot_flood_the_queue_and_only_named_approvers_answer() {
     let r = carol.post("/approvals/decide", &format!("csrf={csrf}&id={id}&decision=approve&reason=ok"), &[]);
     assert!(r.text().contains("is approved"), "{}", r.text());
     assert_eq!(s.queue().iter().find(|r| r["id"] == id.as_str()).unwrap()["state"], "approved");
+
+    // The kill switch closes what the agent still has open: the two waiting requests are denied
+    // in the freezer's name, the approved one can no longer be used.
+    let out = s.cli(&["freeze", "agent", "bot", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["effects"]["approvals_denied"], 3, "{v}");
+    let q = s.queue();
+    assert!(q.iter().all(|r| r["state"] == "denied" || r["state"] == "expired"), "{q:?}");
+    let denied = q.iter().find(|r| r["state"] == "denied").unwrap();
+    assert!(denied["votes"][0]["reason"].as_str().unwrap().contains("agent bot was frozen by operator:uid0"));
+    assert_eq!(q.iter().find(|r| r["id"] == id.as_str()).unwrap()["state"], "expired");
 }
 
 #[test]

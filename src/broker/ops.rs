@@ -235,6 +235,8 @@ pub struct FreezeEffects {
     pub ssh_sessions_closed: usize,
     /// MCP sessions (and their streams) ended.
     pub mcp_sessions_ended: usize,
+    /// Approval requests it covered, denied (a held call is told at once).
+    pub approvals_denied: usize,
 }
 
 /// Checks that `kind`/`name` names something the broker knows: a policy entry, or a live task.
@@ -330,6 +332,21 @@ pub async fn freeze(
             fx.certs_revoked += 1;
         }
     }
+    // Open approval requests it covers are denied: an approval given later must not let a
+    // frozen agent, task tree or resource act (a held call would otherwise resume).
+    let why = format!("{} {name} was frozen by {}", kind.as_str(), actor.name());
+    let denied = broker.approvals.deny_open(&actor.name(), &why, |r| match kind {
+        FreezeKind::Agent => r.agent == name,
+        FreezeKind::Task => r.lineage.iter().any(|t| t == name),
+        FreezeKind::Target => r.action["kind"] == "ssh" && r.action["target"] == name,
+        FreezeKind::Service => r.action["kind"] == "http" && r.action["service"] == name,
+        FreezeKind::Remote => r.action["kind"] == "remote" && r.action["remote"] == name,
+    });
+    fx.approvals_denied = denied.len();
+    for d in denied {
+        let _ = d.wait().await;
+    }
+    broker.metrics.set("ephyr_approvals_pending", &[], broker.approvals.pending() as f64);
     let before = broker.ssh.session_count();
     broker.ssh.sweep(broker.ports(), &broker.policy()).await;
     fx.ssh_sessions_closed += before.saturating_sub(broker.ssh.session_count());

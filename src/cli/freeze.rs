@@ -24,8 +24,12 @@ pub fn set(socket: &Path, kind: &str, name: &str, reason: &str, on: bool, json: 
     match (on, fx["already"].as_bool(), v["was_frozen"].as_bool()) {
         (true, Some(true), _) => println!("{kind} {name} was frozen already"),
         (true, _, _) => println!(
-            "{kind} {name} is frozen: {} task(s) revoked, {} certificate(s) revoked, {} SSH session(s) closed, {} MCP session(s) ended",
-            fx["tasks_revoked"], fx["certs_revoked"], fx["ssh_sessions_closed"], fx["mcp_sessions_ended"]
+            "{kind} {name} is frozen: {} task(s) revoked, {} certificate(s) revoked, {} SSH session(s) closed, {} MCP session(s) ended, {} approval request(s) denied",
+            fx["tasks_revoked"],
+            fx["certs_revoked"],
+            fx["ssh_sessions_closed"],
+            fx["mcp_sessions_ended"],
+            fx["approvals_denied"]
         ),
         (false, _, Some(false)) => println!("{kind} {name} was not frozen"),
         (false, _, _) => println!("{kind} {name} is no longer frozen (revoked tasks and certificates stay revoked)"),

@@ -340,6 +340,41 @@ impl Approvals {
         Ok((decided, d))
     }
 
+    /// Denies every open request (waiting, or approved and unused) that `covered` says a freeze
+    /// covers, in `by`'s name with `reason`; the records' durability, one per request.
+    pub fn deny_open(&self, by: &str, reason: &str, covered: impl Fn(&Request) -> bool) -> Vec<Durable> {
+        let ids: Vec<String> = self
+            .requests
+            .borrow()
+            .values()
+            .filter(|r| {
+                (matches!(r.state, State::Pending | State::Approved) || r.waiver_until.is_some_and(|w| w > now()))
+                    && covered(r)
+            })
+            .map(|r| r.id.clone())
+            .collect();
+        let mut out = Vec::new();
+        for id in ids {
+            // An approved, unused request is closed as expired (its votes stay as they were).
+            let rec = match self.get(&id).map(|r| r.state) {
+                Some(State::Pending) => Record::Vote {
+                    id: id.clone(),
+                    by: by.to_owned(),
+                    approve: false,
+                    reason: reason.to_owned(),
+                    waiver: 0,
+                    at: now(),
+                },
+                _ => Record::Expire { id: id.clone(), at: now() },
+            };
+            match self.append(&rec) {
+                Ok(d) => out.push(d),
+                Err(e) => log::error!("approvals: {e}"),
+            }
+        }
+        out
+    }
+
     /// Expires what is due: pending requests past their timeout, approvals past their use-by
     /// time. Returns the expired requests (their records are queued).
     pub fn expire_due(&self) -> Vec<(Request, Durable)> {
@@ -490,11 +525,13 @@ fn apply(requests: &mut BTreeMap<String, Request>, rec: Record) {
             }
         }
         Record::Expire { id, at } => {
-            if let Some(r) = requests.get_mut(&id)
-                && matches!(r.state, State::Pending | State::Approved)
-            {
-                r.state = State::Expired;
-                r.closed_at = Some(at);
+            if let Some(r) = requests.get_mut(&id) {
+                if matches!(r.state, State::Pending | State::Approved) {
+                    r.state = State::Expired;
+                    r.closed_at = Some(at);
+                }
+                // A waiver ends with it (a freeze ends a used request's waiver this way).
+                r.waiver_until = r.waiver_until.map(|w| w.min(at));
             }
         }
         Record::Use { id, at } => {
@@ -534,7 +571,13 @@ fn records_of(r: &Request) -> Vec<Record> {
     }
     match (r.state, r.closed_at) {
         (State::Expired, Some(at)) => out.push(Record::Expire { id: r.id.clone(), at }),
-        (State::Used, Some(at)) => out.push(Record::Use { id: r.id.clone(), at }),
+        (State::Used, Some(at)) => {
+            out.push(Record::Use { id: r.id.clone(), at });
+            // A waiver that ended (or was ended by a freeze) stays ended.
+            if let Some(w) = r.waiver_until.filter(|w| *w <= now()) {
+                out.push(Record::Expire { id: r.id.clone(), at: w });
+            }
+        }
         _ => {}
     }
     out
@@ -641,39 +684,60 @@ async fn wait(
         // At once, so the client (and its user) learns which request to answer.
         p.send(0.0, &format!("waiting for an operator to approve request {}", r.id));
     }
-    loop {
-        let listener = store.changed.listen();
-        let current = store.get(&r.id).unwrap_or_else(|| r.clone());
-        match current.state {
-            State::Pending => {}
-            State::Approved | State::Used => {
-                return match store.usable(&digest, policy, &req) {
-                    Some(u) => consume(ports, store, caller, &u).await,
-                    None if current.state == State::Used => Err(Error::Refused(format!(
-                        "approval request {} was used by an identical call that ran first; call again to ask anew",
-                        current.id
-                    ))),
-                    None => Err(pending_error(&current, &req)),
-                };
+    let waiting = async {
+        loop {
+            let listener = store.changed.listen();
+            let current = store.get(&r.id).unwrap_or_else(|| r.clone());
+            match current.state {
+                State::Pending => {}
+                State::Approved | State::Used => return Ok(current),
+                State::Denied | State::Expired => {
+                    store.tell(&current.id);
+                    return Err(Error::Denied(current.refusal()));
+                }
             }
-            State::Denied | State::Expired => {
-                store.tell(&current.id);
-                return Err(Error::Denied(current.refusal()));
+            let left = hold.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(pending_error(&current, &req));
+            }
+            let tick = left.min(PROGRESS_EVERY);
+            futures_lite::future::or(listener, async {
+                async_io::Timer::after(tick).await;
+            })
+            .await;
+            if let Some(p) = ports.progress {
+                let waited = started.elapsed().as_secs();
+                p.send(
+                    waited as f64,
+                    &format!("waiting for an operator to approve request {} ({waited}s)", current.id),
+                );
             }
         }
-        let left = hold.saturating_sub(started.elapsed());
-        if left.is_zero() {
-            return Err(pending_error(&current, &req));
+    };
+    // A task revoked or expired while its call waits ends the wait: an approval given later does
+    // not bring it back (a frozen agent's, task's or resource's requests are denied by the freeze).
+    let gone = || Error::Refused(format!("the task was revoked or expired while request {} waited; nothing ran", r.id));
+    let current = match caller.token() {
+        None => waiting.await?,
+        Some(t) => {
+            let ended = ports.tasks.ended(t.task.clone(), t.envelope().expires_before);
+            futures_lite::future::or(waiting, async {
+                ended.await;
+                Err(gone())
+            })
+            .await?
         }
-        let tick = left.min(PROGRESS_EVERY);
-        futures_lite::future::or(listener, async {
-            async_io::Timer::after(tick).await;
-        })
-        .await;
-        if let Some(p) = ports.progress {
-            let waited = started.elapsed().as_secs();
-            p.send(waited as f64, &format!("waiting for an operator to approve request {} ({waited}s)", current.id));
-        }
+    };
+    if caller.token().is_some_and(|t| ports.tasks.unusable(&t.task)) {
+        return Err(gone());
+    }
+    match store.usable(&digest, policy, &req) {
+        Some(u) => consume(ports, store, caller, &u).await,
+        None if current.state == State::Used => Err(Error::Refused(format!(
+            "approval request {} was used by an identical call that ran first; call again to ask anew",
+            current.id
+        ))),
+        None => Err(pending_error(&current, &req)),
     }
 }
 
@@ -864,5 +928,31 @@ mod tests {
         assert!(m.contains_key("99999"), "an open request is never pruned");
         assert!(!m.contains_key("00003"), "older than a day");
         assert!(!m.contains_key("00000") && m.contains_key("01004"), "the oldest go first");
+    }
+
+    #[test]
+    fn a_waiver_a_freeze_ended_stays_ended_after_compaction() {
+        let store = Approvals::in_memory();
+        ask(&store, "01", "d");
+        let rec = Record::Vote {
+            id: "01".into(),
+            by: "operator:uid0".into(),
+            approve: true,
+            reason: String::new(),
+            waiver: 600,
+            at: now(),
+        };
+        store.append(&rec).unwrap();
+        store.append(&Record::Use { id: "01".into(), at: now() }).unwrap();
+        assert!(store.get("01").unwrap().waiver_until.unwrap() > now());
+        let d = store.deny_open("operator:uid0", "frozen", |r| r.agent == "a");
+        assert_eq!(d.len(), 1);
+        let r = store.get("01").unwrap();
+        assert!(r.waiver_until.unwrap() <= now(), "the freeze ended the waiver");
+        let mut again = BTreeMap::new();
+        for rec in records_of(&r) {
+            apply(&mut again, rec);
+        }
+        assert_eq!(again["01"].waiver_until, r.waiver_until, "and it stays ended after a restart");
     }
 }
