@@ -8,7 +8,8 @@
 //! covers the action and uses it up (single use unless a waiver covers it), or opens a request
 //! and waits for the answer — while the client shows progress (`_meta.progressToken`), else for
 //! `approvals.hold` — then answers with a pending result the agent retries with the same
-//! arguments. Expiry is swept each second by a background job (`maintenance`); new requests are
+//! arguments. Expiry is swept each second while a request is open by a background job
+//! (`maintenance`); a freeze denies the open requests it covers (`ops::freeze`); new requests are
 //! announced by `notify` (a task of its own). Appends go through `journal::Store` and are synced
 //! before anything depends on them.
 

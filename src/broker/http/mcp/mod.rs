@@ -15,7 +15,8 @@
 //!
 //! Streams (`text/event-stream`) are used only where a response is a stream: the session era's
 //! `GET` (one per session), the stateless era's `subscriptions/listen`, and a `tools/call` that
-//! asks for progress (`_meta.progressToken`) from a client that accepts a stream. Both carry
+//! asks for progress (`_meta.progressToken`) from a client that accepts a stream (a federated
+//! tool's progress, an approval's wait). The first two carry
 //! `tools/list_changed` and `resources/list_changed` after a policy reload, keep-alive comments
 //! every 15 s, and end on shutdown.
 
@@ -743,9 +744,10 @@ impl StreamState {
 }
 
 /// The answer to a tools/call that asked for progress: an event stream carrying the progress a
-/// federated tool reports (`federation::Progress`, under the caller's token), then the answer.
-/// The call runs while the stream is read; a client that goes away drops it (and so cancels a
-/// remote's work, as any dropped call does).
+/// federated tool reports, or the wait for an operator's approval (`dispatch::Progress`, under
+/// the caller's token), then the answer. The call runs while the stream is read; a client that
+/// goes away drops it (and so cancels a remote's work, or stops waiting, as any dropped call
+/// does: the approval request stays open for the agent's retry).
 fn progress_response(
     broker: Rc<Broker>,
     policy: Rc<Policy>,
