@@ -5,7 +5,8 @@
 //!
 //! What runs here: the executor thread (views read in-memory state; audit reads, policy reads
 //! and password checks go to the blocking pool). Sign-in and sessions are in [`auth`]; pages in
-//! [`views`]; state changes in [`actions`]; the approval queue in [`queue`]; the sampler behind the sparklines in [`graphs`].
+//! [`views`]; state changes in [`actions`]; the approval queue in [`queue`]; the audit tail they
+//! read in [`activity`]; the sampler behind the sparklines in [`graphs`].
 //!
 //! Every console response carries a strict Content-Security-Policy (no inline script or style,
 //! nothing from elsewhere), frame denial, `nosniff`, same-origin referrers, `no-store`; there are no
@@ -23,6 +24,7 @@ use super::Broker;
 use super::http::{Body, Peer, body};
 
 pub(crate) mod actions;
+pub(crate) mod activity;
 pub(crate) mod auth;
 pub(crate) mod graphs;
 pub(crate) mod html;
@@ -184,6 +186,7 @@ async fn route(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer, tls: bool
         };
     };
     match method {
+        Method::GET | Method::HEAD if path == "/approvals" => queue::page(&broker, &op).await,
         Method::GET | Method::HEAD => views::get(&broker, &op, &path, req.uri().query().unwrap_or("")).await,
         Method::POST => actions::post(&broker, &op, req, &path, tls).await,
         _ => error_page(StatusCode::METHOD_NOT_ALLOWED, Some(&op), "use GET or POST"),

@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use http::{Response, StatusCode};
 
 use super::auth::Operator;
-use super::html::{audit_link, badge, csrf_field, esc, notice, page, table};
+use super::html::{audit_link, badge, csrf_field, esc, notice, table};
 use super::{error_page, html_response};
 use crate::broker::Broker;
 use crate::broker::approvals::{Request, State};
@@ -36,8 +36,13 @@ fn may_answer(broker: &Broker, op: &Operator, r: &Request) -> bool {
     !req.rules.is_empty() && req.accepts(&p, &Answerer::Console(op.name.clone()))
 }
 
-/// The page.
-pub async fn page_body(broker: &Broker, op: &Operator) -> String {
+/// `GET /approvals`.
+pub async fn page(broker: &Broker, op: &Operator) -> Response<Body> {
+    html_response(StatusCode::OK, super::html::page("Approvals", "/approvals", Some(op), &page_body(broker, op).await))
+}
+
+/// The page's body.
+async fn page_body(broker: &Broker, op: &Operator) -> String {
     let all = broker.approvals.list();
     let (open, closed): (Vec<&Request>, Vec<&Request>) = all.iter().partition(|r| r.state == State::Pending);
     let mut out = String::new();
@@ -123,7 +128,7 @@ async fn request_card(broker: &Broker, op: &Operator, r: &Request) -> String {
     let _ = write!(out, "<details open><summary>The exact action</summary><pre>{}</pre></details>", esc(&action));
     let f = crate::broker::audit::query::Filter { agent: Some(r.agent.clone()), ..Default::default() };
     let recent =
-        super::views::recent_events(broker, f, ACTIVITY, super::views::ACTIVITY_READ).await.unwrap_or_default();
+        super::activity::recent_events(broker, f, ACTIVITY, super::activity::ACTIVITY_READ).await.unwrap_or_default();
     let rows: Vec<Vec<String>> = recent
         .iter()
         .rev()
@@ -203,7 +208,7 @@ pub async fn decide(broker: &Broker, op: &Operator, f: &[(String, String)]) -> R
                 }
             };
             let body = format!("{}<p><a href=\"/approvals\">Back to the queue</a></p>", notice("ok", &[line]));
-            html_response(StatusCode::OK, page("Approvals", "/approvals", Some(op), &body))
+            html_response(StatusCode::OK, super::html::page("Approvals", "/approvals", Some(op), &body))
         }
         Err(e) => error_page(e.status(), Some(op), &e.message()),
     }

@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode, header};
-use serde_json::Value;
 
+use super::activity::{ACTIVITY_READ, recent_events};
 use super::auth::Operator;
 use super::html::{audit_link, badge, button, csrf_field, esc, notice, page, q, table};
 use super::{error_page, html_response};
@@ -19,8 +19,6 @@ use crate::broker::policy::{FreezeKind, OperatorRole};
 pub const AUDIT_ROWS: usize = 200;
 /// Bytes at the end of the audit log the audit view searches.
 pub const AUDIT_READ: u64 = 4 << 20;
-/// Bytes at the end of the audit log the agents view reads for last activity.
-pub const ACTIVITY_READ: u64 = 1 << 20;
 /// Largest log the console verifies in place (larger: `ephyr audit verify`).
 pub const VERIFY_MAX: u64 = 64 << 20;
 
@@ -53,10 +51,6 @@ pub async fn get(broker: &std::rc::Rc<Broker>, op: &Operator, path: &str, query:
         "/" => html_response(StatusCode::OK, page("Overview", "/", Some(op), &overview(broker, op))),
         "/agents" => html_response(StatusCode::OK, page("Agents", "/agents", Some(op), &agents(broker, op).await)),
         "/tasks" => html_response(StatusCode::OK, page("Tasks", "/tasks", Some(op), &tasks(broker, op))),
-        "/approvals" => html_response(
-            StatusCode::OK,
-            page("Approvals", "/approvals", Some(op), &super::queue::page_body(broker, op).await),
-        ),
         "/ssh" => html_response(StatusCode::OK, page("SSH", "/ssh", Some(op), &ssh(broker, op))),
         "/remotes" => {
             html_response(StatusCode::OK, page("Services & remotes", "/remotes", Some(op), &remotes(broker, op).await))
@@ -248,55 +242,6 @@ fn overview(broker: &Broker, op: &Operator) -> String {
     out.push_str(&frozen_table(broker, op));
     out.push_str(&freeze_form(op));
     out
-}
-
-/// The last `budget` bytes of a file, from its first whole line.
-fn tail(path: &std::path::Path, budget: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::{Read as _, Seek as _};
-    let mut f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
-    let start = len.saturating_sub(budget);
-    f.seek(std::io::SeekFrom::Start(start))?;
-    let mut buf = Vec::with_capacity((len - start) as usize);
-    f.take(budget).read_to_end(&mut buf)?;
-    if start > 0 {
-        let cut = buf.iter().position(|b| *b == b'\n').map_or(buf.len(), |i| i + 1);
-        buf.drain(..cut);
-    }
-    Ok(buf)
-}
-
-/// The newest audit events matching `f` (at most `max`), from the last `budget` bytes of the
-/// log (across rotated files), on the blocking pool: a page never reads a whole 64 MiB file.
-pub(super) async fn recent_events(
-    broker: &Broker,
-    f: crate::broker::audit::query::Filter,
-    max: usize,
-    budget: u64,
-) -> Result<Vec<Value>, String> {
-    let dir = broker.data_dir.audit();
-    broker
-        .pool
-        .run(move || {
-            let mut files = crate::broker::audit::log_files(&dir).map_err(|e| e.to_string())?;
-            files.reverse();
-            let (mut left, mut chosen) = (budget, Vec::new());
-            for p in files {
-                if left == 0 {
-                    break;
-                }
-                let bytes = tail(&p, left).map_err(|e| format!("{}: {e}", p.display()))?;
-                left = left.saturating_sub(bytes.len() as u64 + 1);
-                chosen.push((p.display().to_string(), bytes));
-            }
-            chosen.reverse();
-            let events = crate::broker::audit::query::parse_all(&chosen);
-            let mut sel = crate::broker::audit::query::select(&events, &f);
-            let skip = sel.len().saturating_sub(max);
-            Ok(sel.split_off(skip))
-        })
-        .await
-        .unwrap_or_else(|| Err("the blocking pool is gone".into()))
 }
 
 async fn agents(broker: &Broker, op: &Operator) -> String {
@@ -991,12 +936,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_tail_starts_at_a_whole_line_and_redaction_hides_hashes_and_headers() {
-        let p = std::env::temp_dir().join(format!("ephyr-tail-{}", std::process::id()));
-        std::fs::write(&p, b"{\"seq\":1}\n{\"seq\":2}\n{\"seq\":3}\n").unwrap();
-        assert_eq!(tail(&p, 15).unwrap(), b"{\"seq\":3}\n", "the cut line is dropped");
-        assert_eq!(tail(&p, 1000).unwrap().len(), 30);
-        let _ = std::fs::remove_file(&p);
+    fn redaction_hides_hashes_and_headers() {
         let text = "agents:\n  a: { api_key_hash: \"ephyr-sha256$x$y\", uid: 5 }\n  b:\n    password_hash: $argon2id$v=19$z\n\
                     remotes:\n  r:\n    headers:\n      X-Key: hunter2\n    url: https://x\n  s: { url: https://y, headers: { A: b } }\n";
         let r = redact(text);
