@@ -87,6 +87,27 @@ impl Setup {
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         (v["is_error"].as_bool().unwrap(), v["text"].as_str().unwrap().to_owned())
     }
+
+    /// The Python SDK's `exec` as `op` with `cred`, asking for progress (so it is held), in the
+    /// background; its output once it answers.
+    fn py_exec_held(&self, cred: &str, command: &str) -> std::thread::JoinHandle<std::process::Output> {
+        let api = format!("http://{}/mcp", self.b.api);
+        let (cred, args) = (cred.to_owned(), json!({ "target": "nas", "role": "op", "command": command }).to_string());
+        std::thread::spawn(move || {
+            python("mcp_call.py").args([&api, &cred, "exec", &args, "progress"]).output().unwrap()
+        })
+    }
+
+    /// The id of the waiting request a held call opened (waits up to 10 s for it).
+    fn wait_pending(&self) -> String {
+        for _ in 0..100 {
+            if let Some(r) = self.queue().iter().find(|r| r["state"] == "pending") {
+                return r["id"].as_str().unwrap().to_owned();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("no held call opened a request");
+    }
 }
 
 /// The request id a pending result names.
@@ -268,15 +289,7 @@ fn a_call_with_progress_is_held_until_approved_and_four_eyes_needs_two_approvers
     let api = format!("http://{}/mcp", s.b.api);
     let (key, args) = (s.key.clone(), json!({ "target": "nas", "role": "op", "command": cmd }).to_string());
     let client = std::thread::spawn(move || node().args(["ts_call.mjs", &api, &key, "exec", &args]).output().unwrap());
-    let mut id = String::new();
-    for _ in 0..100 {
-        if let Some(r) = s.queue().first() {
-            id = r["id"].as_str().unwrap().to_owned();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(!id.is_empty(), "the held call opened a request");
+    let id = s.wait_pending();
     assert!(s.cli(&["approve", &id]).status.success());
     let out = s.cli(&["approve", &id]);
     assert!(stderr(&out).contains("four eyes needs another approver"), "{}", stderr(&out));
@@ -299,20 +312,8 @@ fn a_call_with_progress_is_held_until_approved_and_four_eyes_needs_two_approvers
     assert_eq!(voters, ["operator:uid0", "console:alice"]);
 
     // The Python SDK with a progress callback is held the same way, and told which request waits.
-    let api = format!("http://{}/mcp", s.b.api);
-    let (key, args) = (s.key.clone(), json!({ "target": "nas", "role": "op", "command": s.mark("py") }).to_string());
-    let client = std::thread::spawn(move || {
-        python("mcp_call.py").args([&api, &key, "exec", &args, "progress"]).output().unwrap()
-    });
-    let mut id = String::new();
-    for _ in 0..100 {
-        if let Some(r) = s.queue().iter().find(|r| r["state"] == "pending") {
-            id = r["id"].as_str().unwrap().to_owned();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(!id.is_empty(), "the held Python call opened a request");
+    let client = s.py_exec_held(&s.key, &s.mark("py"));
+    let id = s.wait_pending();
     assert!(s.cli(&["approve", &id]).status.success());
     let csrf = c.csrf();
     c.post("/approvals/decide", &format!("csrf={csrf}&id={id}&decision=approve"), &[]);
@@ -326,21 +327,9 @@ fn a_call_with_progress_is_held_until_approved_and_four_eyes_needs_two_approvers
     // A task revoked while its call waits: the call ends at once, and approving it later runs
     // nothing.
     let task = tool_call(&s.b.api, &s.key, "task_create", json!({"description": "held", "ttl": "10m"})).unwrap();
-    let (token, task_id) = (task["token"].as_str().unwrap().to_owned(), task["task_id"].as_str().unwrap().to_owned());
-    let api = format!("http://{}/mcp", s.b.api);
-    let args = json!({ "target": "nas", "role": "op", "command": s.mark("gone") }).to_string();
-    let client = std::thread::spawn(move || {
-        python("mcp_call.py").args([&api, &token, "exec", &args, "progress"]).output().unwrap()
-    });
-    let mut id = String::new();
-    for _ in 0..100 {
-        if let Some(r) = s.queue().iter().find(|r| r["state"] == "pending") {
-            id = r["id"].as_str().unwrap().to_owned();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(!id.is_empty());
+    let (token, task_id) = (task["token"].as_str().unwrap(), task["task_id"].as_str().unwrap().to_owned());
+    let client = s.py_exec_held(token, &s.mark("gone"));
+    let id = s.wait_pending();
     tool_call(&s.b.api, &s.key, "task_revoke", json!({"task_id": task_id})).unwrap();
     let out = client.join().unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
