@@ -819,8 +819,9 @@ impl Federation {
     }
 
     /// The remote and tool behind a namespaced name (`<prefix>.<tool>`), if a known remote
-    /// offers it.
-    pub fn resolve<'p>(&self, policy: &'p Policy, full: &str) -> Option<(&'p str, String, Value)> {
+    /// offers it: the remote, the tool's own name, and its definition (the remote's shared list
+    /// and the index in it: a call does not copy the definition).
+    pub fn resolve<'p>(&self, policy: &'p Policy, full: &str) -> Option<(&'p str, String, Rc<Vec<Value>>, usize)> {
         let remotes = self.remotes.borrow();
         policy.remotes.iter().filter(|(_, r)| r.enabled).find_map(|(name, r)| {
             let tool = full.strip_prefix(r.tool_prefix.as_str())?.strip_prefix('.')?;
@@ -828,8 +829,8 @@ impl Federation {
                 return None;
             }
             let state = remotes.get(name)?;
-            let def = state.tools.iter().find(|t| t["name"] == tool)?.clone();
-            Some((name.as_str(), tool.to_owned(), def))
+            let at = state.tools.iter().position(|t| t["name"] == tool)?;
+            Some((name.as_str(), tool.to_owned(), state.tools.clone(), at))
         })
     }
 
@@ -1025,7 +1026,8 @@ impl Federation {
         if let Some((remote, tool)) = self.quarantined(policy, full) {
             return Some(Err(quarantined_error(&remote, &tool)));
         }
-        let (remote, tool, def) = self.resolve(policy, full)?;
+        let (remote, tool, tools, at) = self.resolve(policy, full)?;
+        let def = &tools[at];
         let declared: Vec<&str> = def["inputSchema"]["properties"]
             .as_object()
             .map(|p| p.keys().map(String::as_str).collect())
@@ -1081,7 +1083,9 @@ impl Federation {
             }
             other => other,
         };
+        let mut moved = false;
         if let Some(st) = self.remotes.borrow_mut().get_mut(remote) {
+            let was = st.state();
             match &result {
                 Ok(_) => (st.health, st.error) = (Health::Connected, None),
                 // The remote answered (with a JSON-RPC error): it is up.
@@ -1089,8 +1093,12 @@ impl Federation {
                 // Its tools are still known and served; it is retried (`due`).
                 Err(e) => (st.health, st.error) = (Health::Degraded, Some(e.message())),
             }
+            moved = st.state() != was;
         }
-        self.publish(ports, policy, remote);
+        // The gauges change only with the state (not on every call).
+        if moved {
+            self.publish(ports, policy, remote);
+        }
         let (posted, value) = result?;
         let size = posted.size;
         let value = self.scrubbed(ports, r, value).await?;
