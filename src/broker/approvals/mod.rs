@@ -160,8 +160,9 @@ pub struct Request {
 }
 
 impl Request {
+    /// Different approvers who approved.
     fn approvals(&self) -> usize {
-        self.votes.iter().filter(|v| v.approve).count()
+        distinct(self.votes.iter().filter(|v| v.approve))
     }
 
     /// The denial's reason, or what expired.
@@ -325,9 +326,9 @@ impl Approvals {
         if r.state != State::Pending {
             return Err(Error::Refused(format!("approval request {id} is {} already", r.state.as_str())));
         }
-        if approve && r.votes.iter().any(|v| v.by == by) {
+        if approve && r.votes.iter().any(|v| person(&v.by) == person(&by)) {
             return Err(Error::Refused(format!(
-                "{by} approved request {id} already: four eyes needs another approver"
+                "{by} approved request {id} already: four eyes needs another approver (local processes count as one)"
             )));
         }
         let rec = Record::Vote { id: id.to_owned(), by, approve, reason: reason.to_owned(), waiver, at: now() };
@@ -445,7 +446,25 @@ impl Approvals {
 /// Approvals of `r` that the current policy still accepts (the operator still exists and is
 /// still an approver of every rule that matches now).
 fn counted(r: &Request, policy: &Policy, req: &Requirement<'_>) -> usize {
-    r.votes.iter().filter(|v| v.approve && parse_answerer(&v.by).is_some_and(|a| req.accepts(policy, &a))).count()
+    distinct(r.votes.iter().filter(|v| v.approve && parse_answerer(&v.by).is_some_and(|a| req.accepts(policy, &a))))
+}
+
+/// Who a vote counts as for four eyes: each console operator on their own; every local process
+/// as one (root can act as the broker's user, so two local uids are not two people).
+fn person(by: &str) -> &str {
+    if by.starts_with("operator:uid") { "local" } else { by }
+}
+
+/// How many different people cast `votes`.
+fn distinct<'a>(votes: impl Iterator<Item = &'a Vote>) -> usize {
+    let mut seen: Vec<&str> = Vec::new();
+    for v in votes {
+        let p = person(&v.by);
+        if !seen.contains(&p) {
+            seen.push(p);
+        }
+    }
+    seen.len()
 }
 
 /// `console:<name>` / `operator:uid<N>` back to who answered.
@@ -955,5 +974,20 @@ mod tests {
             apply(&mut again, rec);
         }
         assert_eq!(again["01"].waiver_until, r.waiver_until, "and it stays ended after a restart");
+    }
+
+    #[test]
+    fn two_local_processes_are_one_person_for_four_eyes() {
+        let store = Approvals::in_memory();
+        ask(&store, "01", "d");
+        store.requests.borrow_mut().get_mut("01").unwrap().needed = 2;
+        store.vote("01", &Answerer::Local(0), true, "", 0).unwrap();
+        let Err(e) = store.vote("01", &Answerer::Local(65533), true, "", 0) else { panic!("a second local approval") };
+        assert!(e.message().contains("local processes count as one"), "{e:?}");
+        // Even a log that holds both votes does not approve it.
+        vote(&store, "01", "operator:uid65533");
+        assert_eq!(store.get("01").unwrap().state, State::Pending);
+        store.vote("01", &Answerer::Console("alice".into()), true, "", 0).unwrap();
+        assert_eq!(store.get("01").unwrap().state, State::Approved);
     }
 }
