@@ -98,6 +98,13 @@ impl Setup {
         })
     }
 
+    /// A new delegable task of the agent: its token and id.
+    fn task(&self, description: &str) -> (String, String) {
+        let args = json!({"description": description, "ttl": "10m", "can_delegate": true});
+        let t = tool_call(&self.b.api, &self.key, "task_create", args).unwrap();
+        (t["token"].as_str().unwrap().to_owned(), t["task_id"].as_str().unwrap().to_owned())
+    }
+
     /// The id of the waiting request a held call opened (waits up to 10 s for it).
     fn wait_pending(&self) -> String {
         for _ in 0..100 {
@@ -257,14 +264,7 @@ fn a_waiver_covers_the_identical_action_for_its_window_only_and_a_child_task_doe
     assert_eq!(s.ran("w"), 2);
 
     // A task's approval (even with a waiver) is its own: a child delegated from it asks anew.
-    let task = tool_call(
-        &s.b.api,
-        &s.key,
-        "task_create",
-        json!({"description": "parent", "ttl": "10m", "can_delegate": true}),
-    )
-    .unwrap();
-    let parent_token = task["token"].as_str().unwrap().to_owned();
+    let (parent_token, _) = s.task("parent");
     let args = json!({"target": "nas", "role": "op", "command": s.mark("t")});
     let err = tool_call(&s.b.api, &parent_token, "exec", args.clone()).unwrap_err();
     let tid = pending_id(&err);
@@ -330,9 +330,8 @@ fn a_call_with_progress_is_held_until_approved_and_four_eyes_needs_two_approvers
 
     // A task revoked while its call waits: the call ends at once, and approving it later runs
     // nothing.
-    let task = tool_call(&s.b.api, &s.key, "task_create", json!({"description": "held", "ttl": "10m"})).unwrap();
-    let (token, task_id) = (task["token"].as_str().unwrap(), task["task_id"].as_str().unwrap().to_owned());
-    let client = s.py_exec_held(token, &s.mark("gone"));
+    let (token, task_id) = s.task("held");
+    let client = s.py_exec_held(&token, &s.mark("gone"));
     let id = s.wait_pending();
     tool_call(&s.b.api, &s.key, "task_revoke", json!({"task_id": task_id})).unwrap();
     let out = client.join().unwrap();
@@ -548,14 +547,7 @@ fn a_delegation_waits_for_approval_of_exactly_that_hand_off() {
     }
     let rules = "  hold: 0s\n  rules:\n    hand-offs:\n      delegate: { to: [\"*\"] }\n      approvers: [local]\n";
     let s = setup("appr-delegate", rules, "");
-    let task = tool_call(
-        &s.b.api,
-        &s.key,
-        "task_create",
-        json!({"description": "parent", "ttl": "10m", "can_delegate": true}),
-    )
-    .unwrap();
-    let token = task["token"].as_str().unwrap().to_owned();
+    let (token, _) = s.task("parent");
     let ask = json!({"description": "child", "ttl": "5m", "envelope": {"targets": ["nas"]}});
     let err = tool_call(&s.b.api, &token, "task_delegate", ask.clone()).unwrap_err();
     let id = pending_id(&err);
