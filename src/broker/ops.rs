@@ -422,7 +422,7 @@ pub async fn decide_approval(
     }
     let r = broker.approvals.get(id).ok_or_else(|| Error::NotFound(format!("no approval request {id:?}")))?;
     let policy = broker.policy();
-    let req = Requirement { rules: r.rules.iter().filter_map(|n| policy.approvals.rules.get(n)).collect() };
+    let req = Requirement::named(&policy, &r.rules);
     if req.rules.is_empty() {
         return Err(Error::Refused(format!(
             "the rules behind request {id} ({}) are no longer in the policy; the agent's next call is decided by the current one",

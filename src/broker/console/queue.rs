@@ -32,7 +32,7 @@ fn when(secs: i64) -> String {
 /// Whether `op` may answer `r` under the current policy.
 fn may_answer(broker: &Broker, op: &Operator, r: &Request) -> bool {
     let p = broker.policy();
-    let req = Requirement { rules: r.rules.iter().filter_map(|n| p.approvals.rules.get(n)).collect() };
+    let req = Requirement::named(&p, &r.rules);
     !req.rules.is_empty() && req.accepts(&p, &Answerer::Console(op.name.clone()))
 }
 
@@ -146,7 +146,7 @@ async fn request_card(broker: &Broker, op: &Operator, r: &Request) -> String {
     out.push_str(&table(&["time", "event", "decision", "why"], &rows, "No recent audit lines."));
     if may_answer(broker, op, r) {
         let p = broker.policy();
-        let req = Requirement { rules: r.rules.iter().filter_map(|n| p.approvals.rules.get(n)).collect() };
+        let req = Requirement::named(&p, &r.rules);
         let waiver = match req.waiver() {
             Some(max) => format!(
                 "<label>Waiver <input name=\"waiver\" size=\"6\" placeholder=\"none\" aria-describedby=\"w-{id}\"></label> \

@@ -210,7 +210,13 @@ pub struct Requirement<'p> {
     pub rules: Vec<&'p ApprovalRule>,
 }
 
-impl Requirement<'_> {
+impl<'p> Requirement<'p> {
+    /// The rules of `policy` named `names` (a request's, as it was opened): those still in the
+    /// policy; none when all are gone.
+    pub fn named(policy: &'p Policy, names: &[String]) -> Requirement<'p> {
+        Requirement { rules: names.iter().filter_map(|n| policy.approvals.rules.get(n)).collect() }
+    }
+
     /// The rules' names.
     pub fn names(&self) -> Vec<String> {
         self.rules.iter().map(|r| r.name.clone()).collect()
