@@ -4,9 +4,10 @@
 //! no sockets, no clock reads in the measured loop, no threads.
 //!
 //! `cargo bench --bench icount -- OP N`, OP one of: token_verify, authorize, mcp_decode,
-//! tools_call_path, approval_match.
+//! tools_call_path, approval_match, command_check.
 
 use ephyr::broker::policy::approval::{Gated, requirement};
+use ephyr::broker::policy::command::{CommandPolicy, Parsed};
 use ephyr::broker::policy::{Action, ActionKind, Policy, Principal, authorize};
 use ephyr::macaroon::{LOCATION, Macaroon, RootKey, attenuate};
 use ephyr::mcp::jsonrpc::{self, Message};
@@ -55,12 +56,25 @@ fn policy() -> Policy {
 
 const CALL: &str = r#"{"jsonrpc":"2.0","id":42,"method":"tools/call","params":{"name":"exec","arguments":{"target":"web","role":"read","command":"uptime","timeout":10},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{},"io.modelcontextprotocol/clientInfo":{"name":"icount","version":"1"}}}}"#;
 
+/// The pipeline the command-policy probe and bench check.
+const TYPICAL_PIPELINE: &str = "journalctl -u nginx --since today | grep -i error | tail -n 50";
+
+/// A target's command policy of a realistic size (the command table's, tests/data/).
+fn command_policy() -> CommandPolicy {
+    let file = serde_yaml_ng::from_str(include_str!("../tests/data/commands-policy.yaml")).unwrap();
+    let p = CommandPolicy::compile(Some(&file), &[], &[]).unwrap().unwrap();
+    assert!(Parsed::parse(TYPICAL_PIPELINE).and_then(|parsed| p.check(&parsed, TYPICAL_PIPELINE)).is_ok());
+    p
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let (op, n) = match args.as_slice() {
         [op, n] => (op.as_str(), n.parse::<u64>().expect("N is a number")),
         _ => {
-            eprintln!("usage: icount OP N  (OP: token_verify, authorize, mcp_decode, tools_call_path, approval_match)");
+            eprintln!(
+                "usage: icount OP N  (OP: token_verify, authorize, mcp_decode, tools_call_path, approval_match, command_check)"
+            );
             std::process::exit(2);
         }
     };
@@ -72,6 +86,7 @@ fn main() {
     let ssh = ActionKind::SshCommand { target: "web", role: "read", command: "uptime" };
     let declared = ["target", "role", "command", "session_id", "timeout"];
     assert!(authorize(&p, &principal, &Action::new(Some("exec"), ssh)).is_allow());
+    let commands = command_policy();
     let mut sink = 0usize;
     for _ in 0..n {
         sink += match op {
@@ -107,6 +122,11 @@ fn main() {
                 let g =
                     Gated::Ssh { target: "web", role: "read", command: Some("uptime && df -h /srv/data | tail -n 3") };
                 requirement(black_box(&p), "agent-07", black_box(&g)).is_some() as usize
+            }
+            "command_check" => {
+                // The SSH command policy: parse a typical pipeline and check every simple command.
+                let cmd = black_box(TYPICAL_PIPELINE);
+                Parsed::parse(cmd).and_then(|parsed| commands.check(&parsed, cmd)).is_ok() as usize
             }
             other => {
                 eprintln!("unknown OP {other}");

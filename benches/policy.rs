@@ -1,4 +1,5 @@
-//! Policy costs: `authorize` per action kind and loading a large policy (50 agents, 200 targets).
+//! Policy costs: `authorize` per action kind, loading a large policy (50 agents, 200 targets), and
+//! the SSH command policy (parse + check).
 //! Run: `cargo bench --bench policy`.
 
 use divan::Bencher;
@@ -165,4 +166,19 @@ fn authorize_deny_unknown_target(b: Bencher) {
             divan::black_box(&action),
         )
     });
+}
+
+/// The SSH command policy: parse a command and check every simple command against the command
+/// table's policy (tests/data/commands-policy.yaml). Budget: 50 µs for a typical pipeline.
+#[divan::bench(args = [
+    "id",
+    "journalctl -u nginx --since today | grep -i error | tail -n 50",
+    "ls -la /etc && cat /etc/nginx/nginx.conf; echo 'done' 2>&1",
+    "ls /etc && sh -c 'rm -rf /'",
+])]
+fn command_parse_and_check(b: Bencher, cmd: &str) {
+    use ephyr::broker::policy::command::{CommandPolicy, Parsed};
+    let file = serde_yaml_ng::from_str(include_str!("../tests/data/commands-policy.yaml")).unwrap();
+    let p = CommandPolicy::compile(Some(&file), &[], &[]).unwrap().unwrap();
+    b.bench_local(|| Parsed::parse(divan::black_box(cmd)).and_then(|parsed| p.check(&parsed, cmd)).is_ok());
 }

@@ -159,9 +159,11 @@ Usage: ephyr policy <check|diff|explain|reload> ...
       What each agent gains (+) or loses (-), and settings that change (~); approval
       rules that appear (+) or go (-).
   ephyr policy explain --agent NAME --action ACTION [--config FILE] [--tool TOOL]
-                       [--token mac_...] [--json]
+                       [--token mac_...] [--command 'CMD'] [--json]
       The decision the broker would make, and the rule behind it (and whether an
       approvals: rule would hold it for an operator). Exit 0 allow, 1 deny.
+      --command CMD with ACTION ssh:TARGET:ROLE checks CMD as the command policy would
+      (a refusal names its reason code and the offending part of the command).
       ACTION: ssh:TARGET:ROLE[:COMMAND] | http:SERVICE:METHOD:/PATH | tool:REMOTE:TOOL[:{json args}]
               task:create:TTL | task:delegate:TTL:CHILD_DEPTH | task:read | task:revoke
               task:bind | dashboard:LEVEL | discover
@@ -819,6 +821,7 @@ fn cmd_policy(p: &mut lexopt::Parser) -> Result<u8, Failure> {
                     Long("action") => o.action = p.value()?.string()?,
                     Long("tool") => o.tool = Some(p.value()?.string()?),
                     Long("token") => o.token = Some(p.value()?.string()?),
+                    Long("command") => o.command = Some(p.value()?.string()?),
                     Long("json") => o.json = true,
                     Long("help") | Short('h') => return sub_help(POLICY_HELP, "policy", &sub),
                     other => return Err(other.unexpected().into()),

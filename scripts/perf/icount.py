@@ -16,7 +16,7 @@ import argparse, json, os, re, subprocess, sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASELINE = os.path.join(ROOT, "benches", "icount-baseline.json")
-PROBES = ["token_verify", "authorize", "mcp_decode", "tools_call_path", "approval_match"]
+PROBES = ["token_verify", "authorize", "mcp_decode", "tools_call_path", "approval_match", "command_check"]
 
 ap = argparse.ArgumentParser()
 g = ap.add_mutually_exclusive_group()

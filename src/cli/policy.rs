@@ -97,6 +97,9 @@ pub struct ExplainOptions {
     pub tool: Option<String>,
     /// A task token whose caveats (not verified here) narrow the decision.
     pub token: Option<String>,
+    /// The command of an `ssh:TARGET:ROLE` action (instead of `ssh:TARGET:ROLE:COMMAND`, which
+    /// cannot hold every command).
+    pub command: Option<String>,
     /// JSON output.
     pub json: bool,
 }
@@ -153,7 +156,11 @@ fn parse_action(s: &str) -> Result<Owned, String> {
 /// `policy explain`: the decision and the rule behind it. Exit 0 allowed, 1 denied.
 pub fn explain(o: &ExplainOptions) -> Result<i32, String> {
     let p: Policy = policy::load_file(&o.config).map_err(|e| e.to_string())?;
-    let action = parse_action(&o.action)?;
+    let action = match (parse_action(&o.action)?, &o.command) {
+        (Owned::Ssh(t, r, None), Some(c)) => Owned::Ssh(t, r, Some(c.clone())),
+        (_, Some(_)) => return Err("--command goes with an action ssh:TARGET:ROLE (without a command)".into()),
+        (a, None) => a,
+    };
     let envelope = match &o.token {
         Some(t) => {
             let m = Macaroon::decode(t).map_err(|e| format!("--token: {e}"))?;
@@ -214,6 +221,21 @@ pub fn explain(o: &ExplainOptions) -> Result<i32, String> {
             (1, serde_json::json!({ "decision": "deny", "code": x.code.as_str(), "reason": x.reason }))
         }
     };
+    // For a command: what the command checker says, with its reason code and node.
+    let command = match &action {
+        Owned::Ssh(t, r, Some(c)) => Some(policy::authorize::command_verdict(&p, t, r, c)),
+        _ => None,
+    };
+    let mut v = v;
+    if let Some(verdict) = &command {
+        v["command"] = match verdict {
+            policy::authorize::CommandVerdict::Unchecked => serde_json::json!({ "checked": false }),
+            policy::authorize::CommandVerdict::Allowed(by) => serde_json::json!({ "checked": true, "by": by }),
+            policy::authorize::CommandVerdict::Refused(by, r) => serde_json::json!({
+                "checked": true, "by": by, "reason_code": r.reason.as_str(), "node": r.node, "detail": r.detail,
+            }),
+        };
+    }
     if o.json {
         println!("{v}");
     } else {
@@ -238,6 +260,18 @@ pub fn explain(o: &ExplainOptions) -> Result<i32, String> {
                 }
             }
             Decision::Deny(x) => println!("DENY   {}: {}", x.code.as_str(), x.reason),
+        }
+        match &command {
+            Some(policy::authorize::CommandVerdict::Unchecked) => {
+                println!("       command: no command policy applies (the role's shell is the limit)")
+            }
+            Some(policy::authorize::CommandVerdict::Allowed(by)) => {
+                println!("       command: every simple command passes the policy of {}", by.join(" and "))
+            }
+            Some(policy::authorize::CommandVerdict::Refused(by, r)) => {
+                println!("       command: {} at {:?} ({}: {})", r.reason.as_str(), r.node, by.join(", "), r.detail)
+            }
+            None => {}
         }
         if envelope.is_some() {
             println!("(the token's caveats were applied but its signature was not checked)");

@@ -100,8 +100,8 @@ pub enum ActionKind<'a> {
         /// Role name.
         role: &'a str,
     },
-    /// A command as `role` on `target`: [`ActionKind::Ssh`] plus the target's command patterns
-    /// (`command_allow` / `command_deny`, defence in depth, not a boundary).
+    /// A command as `role` on `target`: [`ActionKind::Ssh`] plus the command policies of the
+    /// target and the role, checked on the command's shell syntax tree (`policy::command`).
     SshCommand {
         /// Target name.
         target: &'a str,
@@ -230,7 +230,8 @@ pub enum DenyCode {
     TokenDeniesTarget,
     /// The token excludes the role.
     TokenDeniesRole,
-    /// The command matches `command_deny`, or no `command_allow` pattern of the target.
+    /// The command policy of the target or the role refuses the command (the reason names the
+    /// command checker's code and the offending node).
     CommandDenied,
     /// No such service.
     UnknownService,
@@ -503,7 +504,13 @@ fn check_token_args(env: &Envelope, action: &Action<'_>) -> Result<(), Denial> {
     let denial = |reason: String| Denial { code: DenyCode::ArgumentConstraint, reason };
     for (name, rule) in &env.args {
         let checked = if let Some((_, v)) = facts.iter().flatten().find(|(n, _)| *n == name) {
-            rule.check(&Value::String((*v).to_owned()))
+            if name == "command" && matches!(action.kind, ActionKind::SshCommand { .. }) && !rule.like.is_empty() {
+                // Globs over a shell command are checked per simple command, on its syntax tree.
+                super::command::check_token_globs(&rule.like, v)
+                    .and_then(|()| ArgRule { like: Vec::new(), ..rule.clone() }.check(&Value::String((*v).to_owned())))
+            } else {
+                rule.check(&Value::String((*v).to_owned()))
+            }
         } else {
             match action.arguments {
                 Arguments::Call { values, declared } => match arg_values(values, name).map_err(denial)? {
@@ -591,9 +598,9 @@ fn authorize_one<'p>(policy: &'p Policy, agent: &str, token: Option<&Envelope>, 
         ActionKind::Discover => allow(Rule::Agent(&agent.name)),
         ActionKind::Ssh { target, role } => ssh(policy, agent, token, target, role),
         ActionKind::SshCommand { target, role, command } => match ssh(policy, agent, token, target, role) {
-            Decision::Allow(g) => match policy.targets.get(target).map(|t| command_patterns(target, t, command)) {
-                Some(Err(reason)) => deny(DenyCode::CommandDenied, reason),
-                _ => Decision::Allow(g),
+            Decision::Allow(g) => match command_policies(policy, target, role, command) {
+                Err(reason) => deny(DenyCode::CommandDenied, reason),
+                Ok(()) => Decision::Allow(g),
             },
             deny => deny,
         },
@@ -677,17 +684,43 @@ fn ssh<'p>(policy: &'p Policy, agent: &'p Agent, token: Option<&Envelope>, targe
     Decision::Allow(Grant { rule: Rule::Source(&grant.source), principal: Some(&r.principal) })
 }
 
-/// The target's command patterns: a `command_deny` match refuses; with any `command_allow`
-/// patterns, one must match. Whole-command globs (`*` = any run of characters).
-fn command_patterns(name: &str, t: &super::Target, command: &str) -> Result<(), String> {
-    let cmd = command.trim();
-    if let Some(p) = t.command_deny.iter().find(|p| super::pattern::glob(p, cmd)) {
-        return Err(format!("command matches {p:?} in command_deny of target {name:?}"));
+/// What the command policies of a target and a role say about a command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandVerdict {
+    /// Neither has a command policy: the command is not checked.
+    Unchecked,
+    /// Every policy that applies (`target web`, `role read`) allows it.
+    Allowed(Vec<String>),
+    /// Refused by the policy named first (or by the parser, before any policy).
+    Refused(Vec<String>, super::command::Refusal),
+}
+
+/// The command policies of the target and the role, both applying when both exist.
+pub fn command_verdict(policy: &Policy, target: &str, role: &str, command: &str) -> CommandVerdict {
+    let t = policy.targets.get(target).and_then(|t| t.commands.as_ref().map(|c| (c, format!("target {target}"))));
+    let r = policy.roles.get(role).and_then(|r| r.commands.as_ref().map(|c| (c, format!("role {role}"))));
+    let found: Vec<_> = t.into_iter().chain(r).collect();
+    if found.is_empty() {
+        return CommandVerdict::Unchecked;
     }
-    if !t.command_allow.is_empty() && !t.command_allow.iter().any(|p| super::pattern::glob(p, cmd)) {
-        return Err(format!("command matches no pattern in command_allow of target {name:?}"));
+    let by: Vec<String> = found.iter().map(|(_, n)| n.clone()).collect();
+    let parsed = match super::command::Parsed::parse(command) {
+        Ok(p) => p,
+        Err(r) => return CommandVerdict::Refused(by, r),
+    };
+    for (p, name) in &found {
+        if let Err(r) = p.check(&parsed, command) {
+            return CommandVerdict::Refused(vec![name.clone()], r);
+        }
     }
-    Ok(())
+    CommandVerdict::Allowed(by)
+}
+
+fn command_policies(policy: &Policy, target: &str, role: &str, command: &str) -> Result<(), String> {
+    match command_verdict(policy, target, role, command) {
+        CommandVerdict::Refused(by, r) => Err(format!("command refused by the policy of {}: {r}", by.join(" and "))),
+        _ => Ok(()),
+    }
 }
 
 fn http<'p>(

@@ -89,6 +89,26 @@ pub struct RoleFile {
     pub sudo: Option<SudoFile>,
     /// Create it as a system account (setup script).
     pub system: Option<bool>,
+    /// The command policy for this role on every target (both the target's and the role's apply).
+    pub commands: Option<CommandsFile>,
+}
+
+/// `commands:` of a target or a role.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsFile {
+    /// Rules `program arg-pattern ... [pattern...]`; with any, every simple command must match one.
+    pub allow: Option<Vec<String>>,
+    /// Denied programs (globs over the base name).
+    pub deny: Option<Vec<String>>,
+    /// Pipelines allowed (default true).
+    pub pipelines: Option<bool>,
+    /// `;` `&&` `||` lists allowed (default true).
+    pub lists: Option<bool>,
+    /// File redirections allowed (default false).
+    pub redirections: Option<bool>,
+    /// Unquoted globs in arguments allowed (default false).
+    pub globs: Option<bool>,
 }
 
 /// `roles.<name>.sudo`.
@@ -138,10 +158,12 @@ pub struct TargetFile {
     pub enabled: Option<bool>,
     /// Go: enable the command filter (ours: implied by `command_allow`/`command_deny`).
     pub command_filter: Option<bool>,
-    /// Command patterns allowed (defence in depth, not a boundary).
+    /// Legacy: whole-command globs a simple command must match one of (see `commands`).
     pub command_allow: Option<Vec<String>>,
-    /// Command patterns denied (defence in depth, not a boundary).
+    /// Legacy: whole-command globs, each simple command must match one (see `commands`).
     pub command_deny: Option<Vec<String>>,
+    /// The command policy, checked on the command's shell syntax tree.
+    pub commands: Option<CommandsFile>,
     /// Go: disable the agent after a denied command (not supported).
     pub auto_revoke_on_deny: Option<bool>,
     /// Go: pending-approval flow (only `true`, i.e. no approval, is supported).

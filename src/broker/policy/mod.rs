@@ -10,6 +10,7 @@
 
 pub mod approval;
 pub(crate) mod authorize;
+pub mod command;
 pub(crate) mod diff;
 pub mod file;
 pub(crate) mod key_hash;
@@ -140,6 +141,8 @@ pub struct Role {
     pub sudo: Sudo,
     /// System account (setup script).
     pub system: bool,
+    /// The role's command policy on every target, if any.
+    pub commands: Option<command::CommandPolicy>,
 }
 
 /// How a target's host key is checked.
@@ -185,10 +188,8 @@ pub struct Target {
     pub extensions: Vec<String>,
     /// Served at all.
     pub enabled: bool,
-    /// Command patterns allowed (defence in depth, not a boundary).
-    pub command_allow: Vec<String>,
-    /// Command patterns denied (defence in depth, not a boundary).
-    pub command_deny: Vec<String>,
+    /// The command policy (`commands:` and the legacy `command_allow`/`command_deny`), if any.
+    pub commands: Option<command::CommandPolicy>,
 }
 
 /// Where a secret comes from.

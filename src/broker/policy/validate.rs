@@ -948,10 +948,18 @@ fn roles(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, Rol
                 Sudo::Commands(c)
             }
         };
+        let commands = match super::command::CommandPolicy::compile(r.commands.as_ref(), &[], &[]) {
+            Ok(c) => c,
+            Err((key, msg)) => {
+                cx.err(&["roles", &name, "commands", key], msg, None);
+                None
+            }
+        };
         roles.insert(
             name,
             Role {
                 principal: r.principal,
+                commands,
                 description: r.description.unwrap_or_default(),
                 shell: r.shell,
                 sudo,
@@ -1102,11 +1110,21 @@ fn targets(
                 Some("remove it; revoke tasks explicitly".into()),
             );
         }
-        for (k, list) in [("command_allow", &t.command_allow), ("command_deny", &t.command_deny)] {
-            if list.as_ref().is_some_and(|l| l.iter().any(|x| x.trim().is_empty())) {
-                cx.err(&["targets", &name, k], "patterns must not be empty", None);
+        let commands = match super::command::CommandPolicy::compile(
+            t.commands.as_ref(),
+            t.command_allow.as_deref().unwrap_or_default(),
+            t.command_deny.as_deref().unwrap_or_default(),
+        ) {
+            Ok(c) => c,
+            Err((key @ ("command_allow" | "command_deny"), msg)) => {
+                cx.err(&["targets", &name, key], msg, None);
+                None
             }
-        }
+            Err((key, msg)) => {
+                cx.err(&["targets", &name, "commands", key], msg, None);
+                None
+            }
+        };
         targets.insert(
             name,
             Target {
@@ -1121,8 +1139,7 @@ fn targets(
                 source_address: t.source_address,
                 extensions,
                 enabled: t.enabled.unwrap_or(true),
-                command_allow: t.command_allow.unwrap_or_default(),
-                command_deny: t.command_deny.unwrap_or_default(),
+                commands,
             },
         );
     }
