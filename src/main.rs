@@ -43,6 +43,7 @@ Commands:
   operator     add a console account (`operator add NAME --role admin`; password on stdin)
   secret       store upstream credentials sealed (`secret set NAME` reads stdin), list, rm
   audit        verify or query the audit trail
+  recording    SSH command recordings: `list`, `show ID`, `play ID` (checked against the audit trail)
   monitor      watch what agents do, live (the audit stream, coloured, with filters)
   remote       review and approve federated tools that changed (`remote review NAME`)
   version      print the version
@@ -461,6 +462,7 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "approvals" | "approve" | "deny" => cmd_approvals(p, &cmd),
         "secret" => cmd_secret(p),
         "audit" => cmd_audit(p),
+        "recording" | "recordings" => cmd_recording(p),
         "monitor" => cmd_monitor(p),
         "remote" => cmd_remote(p),
         "whoami" | "targets" | "certs" | "tasks" => cmd_view(p, &cmd),
@@ -1021,6 +1023,50 @@ fn cmd_audit(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         other => return Err(usage(format!("unknown audit command {other:?} (verify, query)"))),
     };
     r.map(|c| c as u8).map_err(|e| Failure::Run(1, e))
+}
+
+const RECORDING_HELP: &str = "\
+Usage: ephyr recording <list|show|play> ...
+
+  ephyr recording list [--data-dir DIR] [--json]
+      Every recording of an SSH command (one-shot or on a session), oldest first, with the
+      agent, target, role, command and exit code from its audit line, and whether its SHA-256
+      matches that line (ok, TAMPERED, unaudited). Exit 1 if any does not match.
+  ephyr recording show ID [--data-dir DIR] [--json]
+      The recording's output, after checking it against its audit line (exit 1 if it was
+      changed or has none).
+  ephyr recording play ID [--data-dir DIR] [--speed N] [--max-pause SECS]
+      The same, with the recorded timing (pauses capped at --max-pause, default 2).";
+
+fn cmd_recording(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let sub = match p.next()? {
+        Some(Value(v)) => v.string()?,
+        Some(Long("help") | Short('h')) | None => return help(RECORDING_HELP),
+        Some(other) => return Err(other.unexpected().into()),
+    };
+    let mut data_dir = PathBuf::from(DEFAULT_DATA_DIR);
+    let mut o = cli::recording::Options { sub: sub.clone(), speed: 1.0, max_pause: 2.0, ..Default::default() };
+    let number = |v: String, what: &str| -> Result<f64, Failure> {
+        v.parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite() && *n > 0.0)
+            .ok_or_else(|| usage(format!("{what} must be a positive number, not {v:?}")))
+    };
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("data-dir") => data_dir = path(p.value()?),
+            Long("json") => o.json = true,
+            Long("speed") if sub == "play" => o.speed = number(p.value()?.string()?, "--speed")?,
+            Long("max-pause") if sub == "play" => o.max_pause = number(p.value()?.string()?, "--max-pause")?,
+            Long("help") | Short('h') => return sub_help(RECORDING_HELP, "recording", &sub),
+            Value(v) if o.id.is_none() && sub != "list" => o.id = Some(v.string()?),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if !matches!(sub.as_str(), "list" | "show" | "play") {
+        return Err(usage(format!("unknown recording command {sub:?} (list, show, play)")));
+    }
+    cli::recording::run(&data_dir, &o).map(|c| c as u8).map_err(|e| Failure::Run(3, e))
 }
 
 fn cmd_keygen(p: &mut lexopt::Parser) -> Result<u8, Failure> {

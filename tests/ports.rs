@@ -24,7 +24,9 @@ use ephyr::broker::policy::{Arguments, Policy, SecretRef};
 use ephyr::broker::ports::{CertSigner, Local, Ports, SecretSource, SignedCert, TaskLiveness};
 use ephyr::broker::proxy::{Call, Proxy};
 use ephyr::broker::signer_client::CallError;
-use ephyr::broker::ssh::{Asker, Ssh, hosts::KnownHosts, registry::Issued, registry::Registry};
+use ephyr::broker::ssh::{
+    Asker, Ssh, hosts::KnownHosts, recording::Store as Recordings, registry::Issued, registry::Registry,
+};
 use ephyr::os::SharedCounters;
 use ephyr::secret::SecretBytes;
 use ephyr::signer::custody::{Custody, SignerConfig};
@@ -179,7 +181,7 @@ fn ssh_on_ports_issues_records_and_releases_when_the_host_is_unreachable() {
     smol::block_on(ex.run(async {
         let (registry, _) = Registry::load(&logs, 1).await.unwrap();
         let known = KnownHosts::load(&dir.path().join("known_hosts")).unwrap();
-        let ssh = Ssh::new(registry, known);
+        let ssh = Ssh::new(registry, known, Recordings { dir: dir.path().join("recordings") });
         let caller = alice();
         let asker = Asker { ports: stand.ports(), caller: &caller, policy: &policy, arguments: Arguments::None };
         let e = ssh.exec_once(asker, "web", "read", "uptime", Duration::from_secs(5)).await.unwrap_err();
@@ -224,7 +226,8 @@ fn ssh_refuses_before_issuing_when_the_audit_trail_has_failed() {
     let logs = Files::new(dir.path().to_owned(), stand.pool.clone(), Rc::new(smol::LocalExecutor::new()));
     smol::block_on(async {
         let (registry, _) = Registry::load(&logs, 1).await.unwrap();
-        let ssh = Ssh::new(registry, KnownHosts::load(&dir.path().join("known_hosts")).unwrap());
+        let known = KnownHosts::load(&dir.path().join("known_hosts")).unwrap();
+        let ssh = Ssh::new(registry, known, Recordings { dir: dir.path().join("recordings") });
         let caller = alice();
         let ports = Ports { audit: &FailedAudit, ..stand.ports() };
         let asker = Asker { ports, caller: &caller, policy: &policy, arguments: Arguments::None };

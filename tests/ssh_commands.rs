@@ -1,8 +1,10 @@
-//! The SSH command policy against a real OpenSSH sshd: the command table (tests/data/commands.tsv)
-//! through MCP `exec`, role and task-token policies, and `policy explain --command`.
+//! The SSH command policy and command recordings against a real OpenSSH sshd: the command table
+//! (tests/data/commands.tsv) through MCP `exec`, role and task-token policies, `policy explain
+//! --command`, and recordings checked against the audit trail.
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::process::Command;
 
 use common::*;
@@ -14,9 +16,12 @@ struct Lab {
     _sshd: Sshd,
     broker: Broker,
     alice: String,
-    _data: TempDir,
+    data: TempDir,
     conf: TempDir,
 }
+
+/// A secret the policy names (a service credential): masked in recordings.
+const SECRET: &str = "s3cr3t-token-value-42";
 
 /// A broker whose target `web` has the command table's policy, `plain` none, and whose role
 /// `narrow` has its own; both targets are the same real sshd.
@@ -59,6 +64,8 @@ targets:
     commands:
 {table_policy}
   plain: {{ host: 127.0.0.2, port: {port}, allowed_roles: [read, narrow], host_key_fingerprint: "{fp}" }}
+services:
+  api: {{ url: "http://127.0.0.1:9/", credential: {{ type: bearer, secret: env:CMD_TEST_TOKEN }} }}
 agents:
   alice:
     api_key_hash: "{alice_hash}"
@@ -71,9 +78,10 @@ agents:
     let broker = Broker::start(BrokerOpts {
         policy: Some(&policy),
         data_dir: Some(data.path().to_path_buf()),
+        env: vec![("CMD_TEST_TOKEN".into(), SECRET.into())],
         ..Default::default()
     });
-    Lab { _sshd: sshd, broker, alice, _data: data, conf }
+    Lab { _sshd: sshd, broker, alice, data, conf }
 }
 
 impl Lab {
@@ -212,4 +220,87 @@ fn policy_explain_names_the_reason_code_and_node() {
         .unwrap();
     assert!(!out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("--command goes with an action ssh:TARGET:ROLE"), "{}", stderr(&out));
+}
+
+fn recording_cli(l: &Lab, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(ephyr_bin())
+        .arg("recording")
+        .args(args)
+        .args(["--data-dir", l.data.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    (out.status.code(), stdout(&out), stderr(&out))
+}
+
+/// Every command that runs is recorded (asciicast v2, secrets the policy names masked), its
+/// SHA-256 in the audit line; `ephyr recording` shows it only while the two match, and says which
+/// recording was edited after the fact. Refused commands leave no recording.
+#[test]
+fn recordings_are_kept_masked_and_an_edit_is_detected() {
+    let l = lab();
+    let r = l
+        .exec(&l.alice, "plain", "read", &format!("printf 'héllo\\n'; echo oops >&2; echo token={SECRET}; exit 3"))
+        .unwrap();
+    assert_eq!(r["exit_code"], 3, "{r}");
+    let id = r["recording_id"].as_str().expect("a recording id").to_owned();
+    let file = l.data.join(&format!("recordings/{id}.cast"));
+    let bytes = std::fs::read(&file).unwrap();
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    assert!(!text.contains(SECRET), "{text}");
+    assert!(text.starts_with("{\"") && text.contains("\"version\":2"), "{text}");
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    // A session's commands are recorded too, with the session named.
+    let s = tool_call(&l.broker.api, &l.alice, "session_create", json!({"target": "plain", "role": "read"})).unwrap();
+    let sid = s["session_id"].as_str().unwrap();
+    let r2 =
+        tool_call(&l.broker.api, &l.alice, "exec", json!({"session_id": sid, "command": "echo in-session"})).unwrap();
+    let id2 = r2["recording_id"].as_str().unwrap().to_owned();
+    // A refused command leaves none.
+    let before = std::fs::read_dir(l.data.join("recordings")).unwrap().count();
+    assert!(l.exec(&l.alice, "web", "read", "bash -c id").is_err());
+    assert_eq!(std::fs::read_dir(l.data.join("recordings")).unwrap().count(), before);
+    // The audit line carries the hash of exactly these bytes.
+    let lines = audit_events(&l.broker, "ssh_recording");
+    let line = lines.iter().find(|e| e["outcome"]["recording"] == id.as_str()).expect("an audit line");
+    assert_eq!(line["outcome"]["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(line["action"]["target"], "plain");
+
+    let (code, out, err) = recording_cli(&l, &["list", "--json"]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    let rows: Value = serde_json::from_str(&out).unwrap();
+    let row = rows.as_array().unwrap().iter().find(|r| r["id"] == id.as_str()).unwrap();
+    assert_eq!(
+        (row["status"].as_str(), row["agent"].as_str(), row["exit_code"].as_i64()),
+        (Some("ok"), Some("alice"), Some(3))
+    );
+    assert!(rows.as_array().unwrap().iter().any(|r| r["id"] == id2.as_str() && r["session"] == sid), "{rows}");
+    let (code, out, _) = recording_cli(&l, &["show", &id]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("héllo\n") && out.contains("oops") && out.contains("token=*****") && !out.contains(SECRET),
+        "{out}"
+    );
+    assert!(out.contains("[exit 3]"), "{out}");
+    let (code, out, _) = recording_cli(&l, &["play", &id2, "--speed", "100"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("in-session"), "{out}");
+
+    // Edit the output after the fact: refused, named, and listed as tampered.
+    std::fs::write(&file, text.replace("oops", "fine")).unwrap();
+    let (code, _, err) = recording_cli(&l, &["show", &id]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("recording {id} was changed after it was written")), "{err}");
+    let (code, out, _) = recording_cli(&l, &["list"]);
+    assert_eq!(code, Some(1));
+    assert!(out.lines().any(|x| x.starts_with(&id) && x.contains("TAMPERED")), "{out}");
+    // A forged recording with no audit line is not shown either.
+    let forged = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
+    std::fs::write(l.data.join(&format!("recordings/{forged}.cast")), &bytes).unwrap();
+    let (code, _, err) = recording_cli(&l, &["show", forged]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("has no audit line"), "{err}");
+    // Bad input: a clear error, nothing read outside the directory.
+    let (code, _, err) = recording_cli(&l, &["show", "../../etc/passwd"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("is not a recording id"), "{err}");
 }

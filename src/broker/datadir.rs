@@ -69,6 +69,11 @@ impl DataDir {
         self.root.join("audit")
     }
 
+    /// SSH command recordings.
+    pub fn recordings(&self) -> PathBuf {
+        self.root.join("recordings")
+    }
+
     /// Default local socket path.
     pub fn socket(&self) -> PathBuf {
         self.root.join("ephyr.sock")
@@ -83,12 +88,12 @@ impl DataDir {
         };
         let root_mode = if self.temporary { 0o700 } else { 0o711 };
         fs::DirBuilder::new().recursive(true).mode(root_mode).create(&self.root).map_err(ctx(&self.root))?;
-        for dir in [self.state(), self.audit()] {
+        for dir in [self.state(), self.audit(), self.recordings()] {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(ctx(&dir))?;
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(ctx(&dir))?;
         }
         if let Some(o) = owner {
-            let mut owned = vec![self.state(), self.audit()];
+            let mut owned = vec![self.state(), self.audit(), self.recordings()];
             if self.temporary {
                 owned.push(self.root.clone());
             }

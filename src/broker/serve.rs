@@ -352,7 +352,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             tasks: Rc::new(tasks),
             sessions: http::mcp::Sessions::default(),
             changes: http::mcp::ChangeFeed::default(),
-            ssh: super::ssh::Ssh::new(certs, known),
+            ssh: super::ssh::Ssh::new(certs, known, super::ssh::recording::Store { dir: data_dir.recordings() }),
             secrets: super::secrets::Secrets::new(data_dir.state().join("secrets")),
             proxy: super::proxy::Proxy::new(ex.clone()),
             admission: http::admission::Admission::new(metrics.clone()),

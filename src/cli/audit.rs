@@ -23,7 +23,7 @@ pub struct VerifyOptions {
     pub json: bool,
 }
 
-fn read_files(paths: &[PathBuf]) -> Result<Vec<(String, Vec<u8>)>, String> {
+pub(crate) fn read_files(paths: &[PathBuf]) -> Result<Vec<(String, Vec<u8>)>, String> {
     paths
         .iter()
         .map(|p| {

@@ -12,6 +12,7 @@ pub mod freeze;
 pub mod init;
 pub mod inspect;
 pub mod policy;
+pub mod recording;
 pub mod remote;
 pub mod secret;
 pub mod target;

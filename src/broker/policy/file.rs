@@ -35,6 +35,10 @@ pub struct LimitsFile {
     pub bind_deadline: Option<String>,
     /// Every target must pin a host key or a host CA.
     pub host_key_strict: Option<bool>,
+    /// Most bytes of SSH command recordings kept (`256MiB`); the oldest go first.
+    pub recordings_max_size: Option<String>,
+    /// Most SSH command recordings kept.
+    pub recordings_max_files: Option<u32>,
 }
 
 /// Go Ephyr's `global:` section (compatibility).

@@ -115,6 +115,10 @@ pub struct Limits {
     pub bind_deadline: Duration,
     /// Every target must pin a host key or a host CA.
     pub host_key_strict: bool,
+    /// Most bytes of SSH command recordings kept.
+    pub recordings_max_size: u64,
+    /// Most SSH command recordings kept.
+    pub recordings_max_files: u32,
 }
 
 /// sudo rights of a role (used only by `ephyr target setup-script`).
@@ -824,12 +828,9 @@ impl Policy {
         validate::build(text, origin)
     }
 
-    /// The sealed-store secrets (`store:NAME`) the policy uses, each with the services and
-    /// remotes that use it.
-    pub fn store_refs(&self) -> BTreeMap<String, Vec<String>> {
-        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let refs = self
-            .services
+    /// Every secret reference the policy names, with the service, remote or notifier that uses it.
+    pub fn secret_refs(&self) -> Vec<(&String, &SecretRef)> {
+        self.services
             .iter()
             .flat_map(|(n, s)| {
                 let cred = s.credential.as_ref().map(|c| (n, &c.secret));
@@ -839,7 +840,16 @@ impl Policy {
             .chain(self.remotes.iter().flat_map(|(n, r)| match &r.transport {
                 Transport::Stdio(c) => c.secret_env.values().map(|s| (n, s)).collect(),
                 Transport::Http(_) => Vec::new(),
-            }));
+            }))
+            .chain(self.approvals.notify.iter().filter_map(|(n, x)| x.token.as_ref().map(|t| (n, t))))
+            .collect()
+    }
+
+    /// The sealed-store secrets (`store:NAME`) the policy uses, each with the services and
+    /// remotes that use it.
+    pub fn store_refs(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let refs = self.secret_refs();
         for (user, r) in refs {
             if let SecretRef::Store(name) = r {
                 out.entry(name.clone()).or_default().push(user.clone());

@@ -910,6 +910,22 @@ fn limits(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> Limits {
             Duration::from_secs(30),
         ),
         host_key_strict: limits_file.host_key_strict.or(g.host_key_strict).unwrap_or(false),
+        recordings_max_size: match limits_file.recordings_max_size.as_deref().map(parse_size) {
+            None => 256 << 20,
+            Some(Some(n)) if n >= 1 << 20 => n,
+            _ => {
+                cx.err(&["limits", "recordings_max_size"], "a size of at least 1MiB, like 256MiB or 2GiB", None);
+                256 << 20
+            }
+        },
+        recordings_max_files: match limits_file.recordings_max_files {
+            None => 10_000,
+            Some(n) if n >= 1 => n,
+            Some(_) => {
+                cx.err(&["limits", "recordings_max_files"], "at least 1", None);
+                10_000
+            }
+        },
     };
     if limits.delegation_depth_max > 32 {
         cx.err(&["limits", "delegation_depth_max"], "at most 32 levels", None);

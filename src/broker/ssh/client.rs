@@ -417,6 +417,34 @@ pub struct ExecResult {
     pub timed_out: bool,
     /// Wall time from channel open to the end.
     pub duration: Duration,
+    /// When each piece of the kept output arrived (for the recording), at most [`MAX_TIMELINE`].
+    pub timeline: Vec<Chunk>,
+}
+
+/// Most output arrivals a result keeps timing for (a recording shows later output at its end).
+pub const MAX_TIMELINE: usize = 4096;
+
+/// Kept output up to `end` (bytes of its stream) had arrived `at` after the channel opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Chunk {
+    /// Since the channel opened.
+    pub at: Duration,
+    /// Standard error (else standard output).
+    pub stderr: bool,
+    /// End offset in that stream's kept bytes.
+    pub end: usize,
+}
+
+impl ExecResult {
+    fn arrived(&mut self, at: Duration, stderr: bool) {
+        let end = if stderr { self.stderr.len() } else { self.stdout.len() };
+        match self.timeline.last() {
+            Some(last) if last.stderr == stderr && last.end == end => {}
+            // Full: the recording shows the rest of each stream at the end.
+            _ if self.timeline.len() >= MAX_TIMELINE => {}
+            _ => self.timeline.push(Chunk { at, stderr, end }),
+        }
+    }
 }
 
 fn keep(buf: &mut Vec<u8>, data: &[u8], cap: usize) -> bool {
@@ -460,6 +488,7 @@ impl Conn {
                 match msg {
                     ChannelMsg::Data { data } => {
                         r.stdout_truncated = keep(&mut r.stdout, &data, limits.max_stdout);
+                        r.arrived(started.elapsed(), false);
                         if r.stdout_truncated {
                             stop = true;
                             break;
@@ -467,6 +496,7 @@ impl Conn {
                     }
                     ChannelMsg::ExtendedData { data, ext: 1 } => {
                         r.stderr_truncated = keep(&mut r.stderr, &data, limits.max_stderr);
+                        r.arrived(started.elapsed(), true);
                         if r.stderr_truncated {
                             stop = true;
                             break;

@@ -16,6 +16,7 @@
 pub(crate) mod client;
 pub mod hosts;
 pub(crate) mod krl;
+pub mod recording;
 pub mod registry;
 pub(crate) mod setup;
 pub(crate) mod verify;
@@ -138,6 +139,8 @@ pub struct Ran {
     pub host_key_warning: Option<String>,
     /// Connect + authentication time (zero on a kept session).
     pub connect: Duration,
+    /// The recording's id (`None` when it could not be written: the audit log says why).
+    pub recording: Option<String>,
 }
 
 /// The SSH service.
@@ -149,6 +152,8 @@ pub struct Ssh {
     pub known: hosts::KnownHosts,
     sessions: RefCell<BTreeMap<String, Rc<Session>>>,
     krl_version: Cell<u64>,
+    /// Where command recordings go (`None` only in unit tests).
+    recordings: Option<recording::Store>,
 }
 
 impl std::fmt::Debug for Session {
@@ -255,8 +260,57 @@ fn with_task(ev: Event, caller: &Caller) -> Event {
 
 impl Ssh {
     /// The service with a loaded registry and first-use host keys.
-    pub fn new(registry: registry::Registry, known: hosts::KnownHosts) -> Ssh {
-        Ssh { registry, known, sessions: RefCell::default(), krl_version: Cell::new(0) }
+    pub fn new(registry: registry::Registry, known: hosts::KnownHosts, recordings: recording::Store) -> Ssh {
+        Ssh { registry, known, sessions: RefCell::default(), krl_version: Cell::new(0), recordings: Some(recordings) }
+    }
+
+    /// Records a command's result (asciicast, secrets the policy names masked) and audits the
+    /// recording's SHA-256. A failure is logged and audited; the command's result still returns.
+    async fn record(
+        &self,
+        ports: Ports<'_>,
+        caller: &Caller,
+        policy: &Policy,
+        about: recording::About<'_>,
+        r: &ExecResult,
+    ) -> Option<String> {
+        let store = self.recordings.clone()?;
+        let mut secrets = Vec::new();
+        for (_, sr) in policy.secret_refs() {
+            if let Ok(v) = ports.secrets.resolve(sr).await {
+                secrets.push(v);
+            }
+        }
+        let bytes = recording::cast(&about, r, &secrets);
+        drop(secrets);
+        let id = crate::ids::new_ulid(crate::time::now()).to_string();
+        let (max, files) = (policy.limits.recordings_max_size, policy.limits.recordings_max_files as usize);
+        let name = id.clone();
+        let saved = ports
+            .pool
+            .run(move || store.save(&name, &bytes, max, files))
+            .await
+            .unwrap_or_else(|| Err("the blocking pool is gone".into()));
+        let ev = with_task(Event::new(Kind::Ssh, "ssh_recording"), caller).agent(caller.agent.clone()).action(json!({
+            "target": about.target, "role": about.role, "command": audit_command(about.command), "session": about.session,
+        }));
+        match saved {
+            Ok(s) => {
+                ports.metrics.inc("ephyr_ssh_recordings_total", &[("outcome", "ok")]);
+                let ev = ev.allow().outcome(json!({
+                    "recording": id, "sha256": s.sha256, "bytes": s.bytes, "rotated": s.rotated,
+                    "exit_code": r.exit_status,
+                }));
+                ports.audit_now(ev).await;
+                Some(id)
+            }
+            Err(e) => {
+                log::error!("recording of a command on {:?} not written: {e}", about.target);
+                ports.metrics.inc("ephyr_ssh_recordings_total", &[("outcome", "error")]);
+                ports.audit_now(ev.error("recording_failed", e)).await;
+                None
+            }
+        }
     }
 
     /// Open sessions.
@@ -483,6 +537,7 @@ impl Ssh {
         let (conn, issued, held, warning) =
             self.connect(ports, caller, policy, target, role, &principal, None, ttl).await?;
         let connect = started.elapsed();
+        let started = now_secs();
         let ticket = Self::record_exec(ports.audit, caller, target, role, command, None);
         let ran = match ticket {
             Ok(ticket) => {
@@ -495,7 +550,10 @@ impl Ssh {
         };
         conn.close().await;
         drop(held);
-        Ok(Ran { result: ran?, serial: issued.serial, host_key_warning: warning, connect })
+        let result = ran?;
+        let about = recording::About { started, agent: &caller.agent, target, role, command, session: None };
+        let recording = self.record(ports, caller, policy, about, &result).await;
+        Ok(Ran { result, serial: issued.serial, host_key_warning: warning, connect, recording })
     }
 
     /// Opens a session.
@@ -591,6 +649,7 @@ impl Ssh {
             warning = w;
         }
         let conn = s.conn.borrow().clone();
+        let started = now_secs();
         let ticket = Self::record_exec(ports.audit, caller, &s.target, &s.role, command, Some(&s.id))?;
         s.last_used.set(Instant::now());
         s.commands.set(s.commands.get() + 1);
@@ -599,7 +658,16 @@ impl Ssh {
         s.last_used.set(Instant::now());
         d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))?;
         let result = r.map_err(ssh_err)?;
-        Ok(Ran { result, serial: s.serial(), host_key_warning: warning, connect })
+        let about = recording::About {
+            started,
+            agent: &caller.agent,
+            target: &s.target,
+            role: &s.role,
+            command,
+            session: Some(&s.id),
+        };
+        let recording = self.record(ports, caller, policy, about, &result).await;
+        Ok(Ran { result, serial: s.serial(), host_key_warning: warning, connect, recording })
     }
 
     /// Closes a session (its connection, its certificate's key).

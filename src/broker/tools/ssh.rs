@@ -172,6 +172,9 @@ fn exec_output(
     if let Some(w) = &ran.host_key_warning {
         v["host_key_warning"] = Value::from(w.as_str());
     }
+    if let Some(id) = &ran.recording {
+        v["recording_id"] = Value::from(id.as_str());
+    }
     v
 }
 
