@@ -7,8 +7,8 @@
 //! tools_call_path, approval_match, command_check.
 
 use ephyr::broker::policy::approval::{Gated, requirement};
-use ephyr::broker::policy::command::{CommandPolicy, Parsed};
 use ephyr::broker::policy::{Action, ActionKind, Policy, Principal, authorize};
+use ephyr::command::{CommandPolicy, Parsed};
 use ephyr::macaroon::{LOCATION, Macaroon, RootKey, attenuate};
 use ephyr::mcp::jsonrpc::{self, Message};
 use ephyr::mcp::server;

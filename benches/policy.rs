@@ -177,7 +177,7 @@ fn authorize_deny_unknown_target(b: Bencher) {
     "ls /etc && sh -c 'rm -rf /'",
 ])]
 fn command_parse_and_check(b: Bencher, cmd: &str) {
-    use ephyr::broker::policy::command::{CommandPolicy, Parsed};
+    use ephyr::command::{CommandPolicy, Parsed};
     let file = serde_yaml_ng::from_str(include_str!("../tests/data/commands-policy.yaml")).unwrap();
     let p = CommandPolicy::compile(Some(&file), &[], &[]).unwrap().unwrap();
     b.bench_local(|| Parsed::parse(divan::black_box(cmd)).and_then(|parsed| p.check(&parsed, cmd)).is_ok());

@@ -25,6 +25,7 @@ fn config() -> SignerConfig {
         principals: ["agent-read".to_string()].into(),
         rate_limit: 100_000_000,
         rate_window_secs: 60,
+        sealed: Default::default(),
     }
 }
 

@@ -19,6 +19,8 @@ pub mod broker;
 #[forbid(unsafe_code)]
 pub mod cli;
 #[forbid(unsafe_code)]
+pub mod command;
+#[forbid(unsafe_code)]
 pub mod files;
 #[forbid(unsafe_code)]
 pub mod ids;
@@ -32,6 +34,8 @@ pub mod macaroon;
 pub mod mcp;
 #[forbid(unsafe_code)]
 pub mod secret;
+#[forbid(unsafe_code)]
+pub mod shim;
 #[forbid(unsafe_code)]
 pub mod signer;
 #[forbid(unsafe_code)]

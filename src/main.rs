@@ -463,6 +463,7 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "secret" => cmd_secret(p),
         "audit" => cmd_audit(p),
         "recording" | "recordings" => cmd_recording(p),
+        "shim" => cmd_shim(p),
         "monitor" => cmd_monitor(p),
         "remote" => cmd_remote(p),
         "whoami" | "targets" | "certs" | "tasks" => cmd_view(p, &cmd),
@@ -1069,6 +1070,34 @@ fn cmd_recording(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     cli::recording::run(&data_dir, &o).map(|c| c as u8).map_err(|e| Failure::Run(3, e))
 }
 
+const SHIM_HELP: &str = "\
+Usage: ephyr shim --target NAME --ca FILE [--state DIR]
+
+Runs on a target that verifies commands itself (`verify_on_target: true`), as sshd's forced
+command for the role users (the target setup script installs it). Runs the command in
+SSH_ORIGINAL_COMMAND only if it comes with an exec envelope the broker's signer signed for
+this target and user, not expired and not used before here (nonces in DIR, default
+~/.ephyr-shim). Otherwise nothing runs: exit 126 and the reason on stderr.";
+
+fn cmd_shim(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let mut o = ephyr::shim::Options::default();
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("target") => o.target = p.value()?.string()?,
+            Long("ca") => o.ca = path(p.value()?),
+            Long("state") => o.state = Some(path(p.value()?)),
+            Long("help") | Short('h') => return help(SHIM_HELP),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if o.target.is_empty() || o.ca.as_os_str().is_empty() {
+        return Err(usage("ephyr shim needs --target and --ca"));
+    }
+    let why = ephyr::shim::run(&o);
+    eprintln!("ephyr shim: {why}");
+    Ok(ephyr::shim::REFUSED as u8)
+}
+
 fn cmd_keygen(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     match p.next()? {
         Some(Value(v)) if v == "agent" => {}
@@ -1220,6 +1249,7 @@ fn cmd_signer(p: &mut lexopt::Parser) -> Result<u8, Failure> {
             principals: Default::default(),
             rate_limit: 600,
             rate_window_secs: 60,
+            sealed: Default::default(),
         },
         insecure_no_sandbox: false,
         self_check: false,
@@ -1238,6 +1268,15 @@ fn cmd_signer(p: &mut lexopt::Parser) -> Result<u8, Failure> {
             Long("rate-window") => a.config.rate_window_secs = p.value()?.parse()?,
             Long("principal") => {
                 a.config.principals.insert(p.value()?.string()?);
+            }
+            Long("sealed") => {
+                let v = p.value()?.string()?;
+                let parsed = v.split_once('=').and_then(|(name, b64)| {
+                    let json = data_encoding::BASE64URL_NOPAD.decode(b64.as_bytes()).ok()?;
+                    Some((name.to_owned(), serde_json::from_slice(&json).ok()?))
+                });
+                let (name, t) = parsed.ok_or_else(|| usage("--sealed takes NAME=BASE64URL(JSON)"))?;
+                a.config.sealed.insert(name, t);
             }
             Long("insecure-no-sandbox") => a.insecure_no_sandbox = true,
             Long("self-check") => a.self_check = true,

@@ -418,6 +418,7 @@ fn malformed_truncated_and_oversized_frames_are_rejected_and_the_signer_lives_on
         principals: ["ephyrtest".to_string()].into(),
         rate_limit: 100,
         rate_window_secs: 60,
+        sealed: Default::default(),
     };
     let launch =
         Launch::new(None, false, Some(TargetIds { uid: 65534, gid: 65534 }), &cfg, false).with_exe(ephyr_bin());

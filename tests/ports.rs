@@ -48,6 +48,7 @@ impl InProcessSigner {
             principals: BTreeSet::from(["reader".to_owned()]),
             rate_limit: 100,
             rate_window_secs: 60,
+            sealed: Default::default(),
         };
         let custody = Custody::new(&ca, &SealingKey::generate().unwrap(), config, SharedCounters::new().unwrap());
         InProcessSigner { custody, ca: ca.public_line() }

@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 const USER: &str = "ephyrt-cmd";
 
 struct Lab {
+    /// The `ephyr` copy, the CA file, the forced-command wrapper and its log, for the sealed target.
+    shim: std::path::PathBuf,
     _sshd: Sshd,
     broker: Broker,
     alice: String,
@@ -37,7 +39,7 @@ fn lab() -> Lab {
     assert!(out.status.success(), "{}", stderr(&out));
     let sshd = Sshd::start(
         &data.join("keys/ca_key.pub"),
-        "MaxStartups 200\nMaxSessions 200\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\n",
+        "MaxStartups 200\nMaxSessions 200\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\nListenAddress 127.0.0.3\n",
     );
     let fp = ssh_fingerprint(&sshd.dir.join("host_ed25519.pub"));
     let (alice, alice_hash) = agent_key("alice");
@@ -48,6 +50,31 @@ fn lab() -> Lab {
         .filter(|l| !l.starts_with('#'))
         .map(|l| format!("      {l}\n"))
         .collect();
+    // The sealed target's verifier: a copy of this build's binary and the CA's public key, readable
+    // by the role user, behind a wrapper that logs what sshd hands it (so the test can replay it).
+    let shim = std::path::PathBuf::from(format!("/tmp/ephyr-shim-{}-{}", std::process::id(), port));
+    std::fs::create_dir_all(&shim).unwrap();
+    std::fs::copy(ephyr_bin(), shim.join("ephyr")).unwrap();
+    std::fs::copy(data.join("keys/ca_key.pub"), shim.join("ca.pub")).unwrap();
+    std::fs::write(
+        shim.join("wrapper"),
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$SSH_ORIGINAL_COMMAND\" >> {d}/seen\nexec {d}/ephyr \"$@\" --state {d}/state\n",
+            d = shim.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(shim.join("seen"), "").unwrap();
+    std::fs::create_dir_all(shim.join("state")).unwrap();
+    let uid = ephyr::users::lookup(USER).unwrap().uid;
+    for (f, mode) in
+        [("", 0o755), ("ephyr", 0o755), ("ca.pub", 0o644), ("wrapper", 0o755), ("seen", 0o666), ("state", 0o700)]
+    {
+        let path = shim.join(f);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    std::os::unix::fs::chown(shim.join("state"), Some(uid), None).unwrap();
+    let sealed_policy = table_policy.clone();
     let policy = format!(
         r#"version: 1
 roles:
@@ -63,6 +90,16 @@ targets:
     host_key_fingerprint: "{fp}"
     commands:
 {table_policy}
+  sealed:
+    host: 127.0.0.3
+    port: {port}
+    allowed_roles: [read, narrow]
+    host_key_fingerprint: "{fp}"
+    verify_on_target: true
+    shim_path: {shim}/wrapper
+    shim_ca: {shim}/ca.pub
+    commands:
+{sealed_policy}
   plain: {{ host: 127.0.0.2, port: {port}, allowed_roles: [read, narrow], host_key_fingerprint: "{fp}" }}
 services:
   api: {{ url: "http://127.0.0.1:9/", credential: {{ type: bearer, secret: env:CMD_TEST_TOKEN }} }}
@@ -72,7 +109,8 @@ agents:
     ssh:
       "*": {{ roles: [read, narrow] }}
     can_delegate: true
-"#
+"#,
+        shim = shim.display(),
     );
     std::fs::write(conf.join("policy.yaml"), &policy).unwrap();
     let broker = Broker::start(BrokerOpts {
@@ -81,7 +119,7 @@ agents:
         env: vec![("CMD_TEST_TOKEN".into(), SECRET.into())],
         ..Default::default()
     });
-    Lab { _sshd: sshd, broker, alice, data, conf }
+    Lab { shim, _sshd: sshd, broker, alice, data, conf }
 }
 
 impl Lab {
@@ -107,34 +145,44 @@ fn table() -> Vec<(String, String)> {
         .collect()
 }
 
-/// Every row of the table through MCP `exec`: allowed commands run on the target (an exit code
-/// comes back), refused ones fail with `command_denied` and the row's reason code, and no
-/// certificate is issued for them.
+/// Every row of the table through MCP `exec`, on a target checked by the broker only (`web`) and
+/// on one that also verifies each command itself (`sealed`: `ephyr shim` as the forced command):
+/// allowed commands run on the target (an exit code comes back), refused ones fail with
+/// `command_denied` and the row's reason code, and no certificate is issued for them.
 #[test]
-fn the_command_table_through_mcp_exec_against_sshd() {
+fn the_command_table_through_mcp_exec_against_sshd_with_the_verifier_off_and_on() {
     let l = lab();
     let rows = table();
     assert!(rows.len() >= 60);
     let mut wrong = Vec::new();
-    for (want, cmd) in &rows {
-        let certs_before = audit_events(&l.broker, "cert_issued").len();
-        let got = l.exec(&l.alice, "web", "read", cmd);
-        let certs_after = audit_events(&l.broker, "cert_issued").len();
-        match (want.as_str(), got) {
-            ("ok", Ok(r)) if r["exit_code"].is_number() && certs_after == certs_before + 1 => {}
-            ("ok", other) => wrong.push(format!("{cmd:?}: want it to run, got {other:?}")),
-            (code, Err(e)) if e.contains("command_denied") && e.contains(&format!("({code})")) => {
-                if certs_after != certs_before {
-                    wrong.push(format!("{cmd:?}: refused ({code}) but a certificate was issued"));
+    for target in ["web", "sealed"] {
+        for (want, cmd) in &rows {
+            let certs_before = audit_events(&l.broker, "cert_issued").len();
+            let got = l.exec(&l.alice, target, "read", cmd);
+            let certs_after = audit_events(&l.broker, "cert_issued").len();
+            match (want.as_str(), got) {
+                ("ok", Ok(r))
+                    if r["exit_code"].is_number() && r["exit_code"] != 126 && certs_after == certs_before + 1 => {}
+                ("ok", other) => wrong.push(format!("{target}: {cmd:?}: want it to run, got {other:?}")),
+                (code, Err(e)) if e.contains("command_denied") && e.contains(&format!("({code})")) => {
+                    if certs_after != certs_before {
+                        wrong.push(format!("{target}: {cmd:?}: refused ({code}) but a certificate was issued"));
+                    }
                 }
+                (code, other) => wrong.push(format!("{target}: {cmd:?}: want {code}, got {other:?}")),
             }
-            (code, other) => wrong.push(format!("{cmd:?}: want {code}, got {other:?}")),
         }
     }
-    assert!(wrong.is_empty(), "{} of {} rows differ:\n{}", wrong.len(), rows.len(), wrong.join("\n"));
-    // What ran is what was checked: the table's `l\s /etc` ran `ls` (quote removal), on the target.
-    let r = l.exec(&l.alice, "web", "read", r"l\s -d /etc").unwrap();
-    assert_eq!(r["stdout"], "/etc\n", "{r}");
+    assert!(wrong.is_empty(), "{} rows differ:\n{}", wrong.len(), wrong.join("\n"));
+    // What ran is what was checked: `l\s` ran `ls` (quote removal), on the target, both ways.
+    for target in ["web", "sealed"] {
+        let r = l.exec(&l.alice, target, "read", r"l\s -d /etc").unwrap();
+        assert_eq!(r["stdout"], "/etc\n", "{target}: {r}");
+    }
+    // On the sealed target every command went through the verifier with an envelope.
+    let seen = std::fs::read_to_string(l.shim.join("seen")).unwrap();
+    assert!(seen.lines().count() >= rows.iter().filter(|r| r.0 == "ok").count(), "{seen}");
+    assert!(seen.lines().all(|x| x.starts_with("ephyr-exec-v1 ")), "{seen}");
     // Each refusal is audited with its code.
     let denied = audit_events(&l.broker, "tool_call");
     assert!(
@@ -144,6 +192,79 @@ fn the_command_table_through_mcp_exec_against_sshd() {
     );
 }
 
+/// Runs the verifier on the target as sshd would for a connection with the certificate (the
+/// role user, `SSH_ORIGINAL_COMMAND` set): what someone holding a stolen certificate can send.
+fn shim_as_user(l: &Lab, target: &str, wire: &str) -> (Option<i32>, String, String) {
+    let out = Command::new("runuser")
+        .args(["-u", USER, "--"])
+        .arg(l.shim.join("ephyr"))
+        .args(["shim", "--target", target, "--ca"])
+        .arg(l.shim.join("ca.pub"))
+        .arg("--state")
+        .arg(l.shim.join("state"))
+        .env("SSH_ORIGINAL_COMMAND", wire)
+        .env("SHELL", "/bin/sh")
+        .output()
+        .unwrap();
+    (out.status.code(), stdout(&out), stderr(&out))
+}
+
+/// The target runs only what the signer signed for it, once: a replayed envelope, a command
+/// altered after signing, a plain command (a stolen certificate without the broker), and an
+/// envelope for another target are all refused there; the signer itself refuses a command the
+/// target's policy does not allow, however the broker asks.
+#[test]
+fn the_target_refuses_replayed_altered_and_unsigned_commands() {
+    let l = lab();
+    let r = l.exec(&l.alice, "sealed", "read", "echo sealed-run").unwrap();
+    assert_eq!(r["stdout"], "sealed-run\n", "{r}");
+    let seen = std::fs::read_to_string(l.shim.join("seen")).unwrap();
+    let wire = seen.lines().last().unwrap().to_owned();
+    assert!(wire.starts_with("ephyr-exec-v1 ") && !wire.contains("sealed-run"), "the command travels encoded: {wire}");
+
+    // Replayed: the nonce was used by the real run.
+    let (code, out, err) = shim_as_user(&l, "sealed", &wire);
+    assert_eq!(code, Some(126), "{out} {err}");
+    assert!(err.contains("already used here (a replay)") && out.is_empty(), "{err}");
+
+    // Altered after signing: same signature, another command.
+    let parts: Vec<&str> = wire.split(' ').collect();
+    let text = String::from_utf8(data_encoding::BASE64URL_NOPAD.decode(parts[1].as_bytes()).unwrap()).unwrap();
+    let b64 = |s: &str| data_encoding::BASE64.encode(s.as_bytes());
+    let altered = text.replace(&b64("echo sealed-run"), &b64("touch /tmp/ephyr-shim-pwned"));
+    assert_ne!(altered, text);
+    let forged = format!("{} {} {}", parts[0], data_encoding::BASE64URL_NOPAD.encode(altered.as_bytes()), parts[2]);
+    let (code, _, err) = shim_as_user(&l, "sealed", &forged);
+    assert_eq!(code, Some(126));
+    assert!(err.contains("the signature does not match the envelope"), "{err}");
+    assert!(!std::path::Path::new("/tmp/ephyr-shim-pwned").exists());
+
+    // A plain command, as with a stolen certificate and no signer.
+    let (code, _, err) = shim_as_user(&l, "sealed", "touch /tmp/ephyr-shim-pwned");
+    assert_eq!(code, Some(126));
+    assert!(err.contains("does not come with an ephyr-exec-v1 envelope"), "{err}");
+    // No command at all (an interactive login).
+    let out = Command::new("runuser")
+        .args(["-u", USER, "--"])
+        .arg(l.shim.join("ephyr"))
+        .args(["shim", "--target", "sealed", "--ca"])
+        .arg(l.shim.join("ca.pub"))
+        .env_remove("SSH_ORIGINAL_COMMAND")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(126));
+    assert!(stderr(&out).contains("interactive login is refused"), "{}", stderr(&out));
+
+    // A fresh envelope for `sealed`, presented to a verifier configured as another target.
+    let r = l.exec(&l.alice, "sealed", "read", "echo second").unwrap();
+    assert_eq!(r["stdout"], "second\n");
+    let seen = std::fs::read_to_string(l.shim.join("seen")).unwrap();
+    let wire2 = seen.lines().last().unwrap().to_owned();
+    let (code, _, err) = shim_as_user(&l, "web", &wire2);
+    assert_eq!(code, Some(126));
+    assert!(err.contains("is for target \"sealed\""), "{err}");
+    assert!(!std::path::Path::new("/tmp/ephyr-shim-pwned").exists());
+}
 /// A target without a command policy runs anything the role's shell allows (unchanged); a role's
 /// policy applies on every target, together with the target's.
 #[test]

@@ -1,7 +1,7 @@
 //! SSH command policy: any text parses to a judged command or a refusal with a reason, never a
 //! panic or a stack overflow; what is allowed has only literal words.
 #![no_main]
-use ephyr::broker::policy::command::{CommandPolicy, Parsed};
+use ephyr::command::{CommandPolicy, Parsed};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

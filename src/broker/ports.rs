@@ -23,7 +23,7 @@ use super::ssh::Session;
 use super::tasks::{TaskStore, TaskView};
 use super::{Broker, Error};
 use crate::secret::SecretBytes;
-use crate::signer::protocol::{CertRequest, Request, Response};
+use crate::signer::protocol::{CertRequest, ExecRequest, Request, Response};
 use crate::time::UnixMicros;
 
 /// A future on the executor thread.
@@ -43,6 +43,12 @@ pub trait CertSigner {
 
     /// The user CA's public key (OpenSSH text); `None` while the signer is not up.
     fn ca_public_key(&self) -> Option<String>;
+
+    /// Asks the signer for an exec envelope (`verify_on_target` targets): its text and SSHSIG.
+    fn sign_exec<'a>(&'a self, req: ExecRequest) -> Local<'a, Result<(String, String), CallError>> {
+        let _ = req;
+        Box::pin(async { Err(CallError::Protocol("this signer signs no exec envelopes".into())) })
+    }
 }
 
 impl CertSigner for Signer {
@@ -57,6 +63,15 @@ impl CertSigner for Signer {
 
     fn max_cert_ttl(&self) -> Option<u64> {
         self.health().status.map(|s| u64::from(s.limits.max_cert_ttl_secs))
+    }
+
+    fn sign_exec<'a>(&'a self, req: ExecRequest) -> Local<'a, Result<(String, String), CallError>> {
+        Box::pin(async move {
+            match self.call(Request::SignExec(req)).await? {
+                Response::ExecSigned { envelope, signature } => Ok((envelope, signature)),
+                other => Err(CallError::Protocol(format!("unexpected signer answer {other:?}"))),
+            }
+        })
     }
 
     fn ca_public_key(&self) -> Option<String> {

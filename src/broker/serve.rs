@@ -234,6 +234,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         principals: policy.signer_principals(),
         rate_limit: policy.limits.signer_rate.count,
         rate_window_secs: policy.limits.signer_rate.window.as_secs() as u32,
+        sealed: super::signer_client::sealed_targets(&policy),
     };
     signer_config.validate().map_err(ServeError::Config)?;
     let launch = Launch::new(

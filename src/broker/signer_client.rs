@@ -88,6 +88,11 @@ impl Launch {
             args.push("--principal".into());
             args.push(p.into());
         }
+        for (name, t) in &config.sealed {
+            let json = serde_json::to_vec(t).expect("a sealed target serialises");
+            args.push("--sealed".into());
+            args.push(format!("{name}={}", data_encoding::BASE64URL_NOPAD.encode(&json)).into());
+        }
         if insecure_no_sandbox {
             args.push("--insecure-no-sandbox".into());
         }
@@ -366,6 +371,7 @@ impl Signer {
             Request::Seal { .. } => "seal",
             Request::Unseal { .. } => "unseal",
             Request::SignCheckpoint { .. } => "checkpoint",
+            Request::SignExec(_) => "exec",
         };
         let started = Instant::now();
         let result = self.call_inner(&req).await;
@@ -696,4 +702,21 @@ impl From<SpawnError> for CallError {
             SpawnError::Retry(m) | SpawnError::Fatal(m) => CallError::Unavailable(m),
         }
     }
+}
+
+/// The targets that verify commands themselves (`verify_on_target`), as the signer is started
+/// with them: each target's role principals and command policy.
+pub fn sealed_targets(
+    policy: &super::policy::Policy,
+) -> std::collections::BTreeMap<String, crate::signer::custody::SealedTarget> {
+    policy
+        .targets
+        .iter()
+        .filter(|(_, t)| t.verify_on_target.is_some())
+        .map(|(name, t)| {
+            let principals =
+                t.allowed_roles.iter().filter_map(|r| policy.roles.get(r)).map(|r| r.principal.clone()).collect();
+            (name.clone(), crate::signer::custody::SealedTarget { principals, commands: t.commands.clone() })
+        })
+        .collect()
 }

@@ -312,6 +312,7 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
         principals: policy.as_ref().map(|p| p.signer_principals()).unwrap_or_default(),
         rate_limit: 1,
         rate_window_secs: 60,
+        sealed: policy.as_ref().map(crate::broker::signer_client::sealed_targets).unwrap_or_default(),
     };
     let launch = Launch::new(
         ca_ok.then(|| data.root.clone()),

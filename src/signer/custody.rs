@@ -23,8 +23,9 @@ use zeroize::Zeroizing;
 
 use super::keys::{CaKey, SealingKey, random_bytes};
 use super::protocol::{
-    CertRequest, ErrorCode, HARD_MAX_CERT_TTL_SECS, KNOWN_EXTENSIONS, MAX_BACKDATE_SECS, MAX_SEAL_PLAINTEXT, Request,
-    Response, SandboxReport, SignerError, SignerLimits, StatusReport, checkpoint_message, valid_principal,
+    CertRequest, ErrorCode, ExecRequest, HARD_MAX_CERT_TTL_SECS, KNOWN_EXTENSIONS, MAX_BACKDATE_SECS,
+    MAX_SEAL_PLAINTEXT, Request, Response, SandboxReport, SignerError, SignerLimits, StatusReport, checkpoint_message,
+    exec, valid_principal,
 };
 use crate::os::SharedCounters;
 use crate::secret::SecretBytes;
@@ -43,6 +44,18 @@ pub struct SignerConfig {
     pub rate_limit: u32,
     /// Window length in seconds (≥ 1).
     pub rate_window_secs: u32,
+    /// Targets that verify commands themselves: the exec envelopes the signer signs for them.
+    pub sealed: std::collections::BTreeMap<String, SealedTarget>,
+}
+
+/// A `verify_on_target` target as the signer knows it (from its command line): who may run
+/// there, and the target's command policy, checked before an envelope is signed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SealedTarget {
+    /// Principals of the target's roles.
+    pub principals: BTreeSet<String>,
+    /// The target's command policy, if it has one.
+    pub commands: Option<crate::command::CommandPolicy>,
 }
 
 impl SignerConfig {
@@ -162,6 +175,7 @@ impl Custody {
             Request::SignCheckpoint { digest } => {
                 Ok(Response::CheckpointSignature(self.checkpoint.sign(&checkpoint_message(&digest)).as_ref().to_vec()))
             }
+            Request::SignExec(e) => self.sign_exec(&e, now_secs),
         };
         result.unwrap_or_else(Response::Error)
     }
@@ -226,6 +240,64 @@ impl Custody {
             c.valid_before
         );
         Ok(Response::Certificate { serial, certificate })
+    }
+
+    /// Signs an exec envelope: the target must be one the signer was started with as sealed, the
+    /// principal one of its roles', the command within the target's command policy, the expiry
+    /// within the certificate cap. The nonce is the signer's own.
+    fn sign_exec(&self, e: &ExecRequest, now: u64) -> Result<Response, SignerError> {
+        let sealed = self.config.sealed.get(&e.target).ok_or_else(|| {
+            refuse(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "target {:?} does not verify commands (the signer was not started with it as sealed)",
+                    e.target
+                ),
+            )
+        })?;
+        if !sealed.principals.contains(&e.principal) {
+            return Err(refuse(
+                ErrorCode::PrincipalNotAllowed,
+                format!("principal {:?} is not a role of target {:?}", e.principal, e.target),
+            ));
+        }
+        if e.expires <= now {
+            return Err(refuse(ErrorCode::ValidityInvalid, "the envelope would already be expired"));
+        }
+        if e.expires - now > u64::from(self.config.max_cert_ttl_secs) {
+            return Err(refuse(ErrorCode::TtlTooLong, "the envelope would outlive the certificate cap"));
+        }
+        if e.command.trim().is_empty() || e.command.len() > exec::MAX_EXEC_COMMAND || e.command.contains('\0') {
+            return Err(refuse(ErrorCode::InvalidRequest, "the command is empty, too long or has a NUL byte"));
+        }
+        if let Some(p) = &sealed.commands {
+            crate::command::Parsed::parse(&e.command)
+                .and_then(|parsed| p.check(&parsed, &e.command))
+                .map_err(|r| refuse(ErrorCode::CommandRefused, format!("target {:?}: {r}", e.target)))?;
+        }
+        self.take_rate_slot(now)?;
+        let mut nonce = [0u8; 16];
+        random_bytes(&mut nonce).map_err(|_| internal("random number generator failed"))?;
+        let envelope = exec::Envelope {
+            target: e.target.clone(),
+            principal: e.principal.clone(),
+            expires: e.expires,
+            nonce: data_encoding::HEXLOWER.encode(&nonce),
+            command: e.command.clone(),
+        };
+        let text = envelope.to_text();
+        let data = exec::signed_data(&text).map_err(|_| internal("building the signed data failed"))?;
+        let sig = self.ca.sign(&data);
+        let ca = KeyData::Ed25519(ssh_key::public::Ed25519PublicKey(self.ca_public));
+        let signature = exec::sshsig_pem(&ca, sig.as_ref()).map_err(|_| internal("encoding the signature failed"))?;
+        log::info!(
+            "signed exec envelope target={:?} principal={:?} nonce={} expires={}",
+            e.target,
+            e.principal,
+            envelope.nonce,
+            e.expires
+        );
+        Ok(Response::ExecSigned { envelope: text, signature })
     }
 
     fn seal(&self, context: &str, plaintext: &SecretBytes) -> Result<Vec<u8>, SignerError> {
@@ -402,8 +474,62 @@ mod tests {
             principals: ["agent-read".to_string(), "agent-op".to_string()].into(),
             rate_limit: rate,
             rate_window_secs: 60,
+            sealed: [(
+                "web".to_string(),
+                SealedTarget {
+                    principals: ["agent-read".to_string()].into(),
+                    commands: Some(crate::command::CommandPolicy {
+                        allow: vec![crate::command::AllowRule::parse("uptime").unwrap()],
+                        ..Default::default()
+                    }),
+                },
+            )]
+            .into(),
         };
         Custody::new(&CaKey::generate().unwrap(), &SealingKey::generate().unwrap(), cfg, SharedCounters::new().unwrap())
+    }
+
+    /// The signer signs exec envelopes only for its sealed targets, their principals, commands
+    /// within the target's policy (whatever the broker asks), and within the certificate cap.
+    #[test]
+    fn exec_envelopes_are_signed_only_within_the_sealed_targets_policy() {
+        let c = custody(100);
+        let ask = |target: &str, principal: &str, command: &str, expires: u64| {
+            c.handle(
+                Request::SignExec(ExecRequest {
+                    target: target.into(),
+                    principal: principal.into(),
+                    command: command.into(),
+                    expires,
+                }),
+                NOW,
+            )
+        };
+        let Response::ExecSigned { envelope, signature } = ask("web", "agent-read", "uptime", NOW + 60) else {
+            panic!("expected an envelope")
+        };
+        let ca = PublicKey::from_openssh(&c.status().ca_public_key).unwrap();
+        let e = exec::verify_wire(&exec::to_wire(&envelope, &signature), &ca).unwrap();
+        assert_eq!((e.target.as_str(), e.principal.as_str(), e.command.as_str()), ("web", "agent-read", "uptime"));
+        for (target, principal, command, expires, code) in [
+            ("web", "agent-read", "uptime; rm -rf /", NOW + 60, ErrorCode::CommandRefused),
+            ("web", "agent-read", "bash -c uptime", NOW + 60, ErrorCode::CommandRefused),
+            ("db", "agent-read", "uptime", NOW + 60, ErrorCode::InvalidRequest),
+            ("web", "agent-op", "uptime", NOW + 60, ErrorCode::PrincipalNotAllowed),
+            ("web", "agent-read", "uptime", NOW, ErrorCode::ValidityInvalid),
+            ("web", "agent-read", "uptime", NOW + 7200, ErrorCode::TtlTooLong),
+            ("web", "agent-read", " ", NOW + 60, ErrorCode::InvalidRequest),
+        ] {
+            match ask(target, principal, command, expires) {
+                Response::Error(err) => assert_eq!(err.code, code, "{target} {principal} {command:?}: {err}"),
+                other => panic!("{target} {principal} {command:?}: signed {other:?}"),
+            }
+        }
+        // Two envelopes for the same command have different nonces.
+        let Response::ExecSigned { envelope: again, .. } = ask("web", "agent-read", "uptime", NOW + 60) else {
+            panic!()
+        };
+        assert_ne!(exec::Envelope::parse(&again).unwrap().nonce, e.nonce);
     }
 
     fn subject() -> String {
@@ -547,6 +673,7 @@ mod tests {
             principals: ["ok".to_string()].into(),
             rate_limit: 1,
             rate_window_secs: 1,
+            sealed: Default::default(),
         };
         assert!(cfg.validate().unwrap_err().contains("24h"));
         cfg.max_cert_ttl_secs = 60;

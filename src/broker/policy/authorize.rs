@@ -101,7 +101,7 @@ pub enum ActionKind<'a> {
         role: &'a str,
     },
     /// A command as `role` on `target`: [`ActionKind::Ssh`] plus the command policies of the
-    /// target and the role, checked on the command's shell syntax tree (`policy::command`).
+    /// target and the role, checked on the command's shell syntax tree (`crate::command`).
     SshCommand {
         /// Target name.
         target: &'a str,
@@ -506,7 +506,7 @@ fn check_token_args(env: &Envelope, action: &Action<'_>) -> Result<(), Denial> {
         let checked = if let Some((_, v)) = facts.iter().flatten().find(|(n, _)| *n == name) {
             if name == "command" && matches!(action.kind, ActionKind::SshCommand { .. }) && !rule.like.is_empty() {
                 // Globs over a shell command are checked per simple command, on its syntax tree.
-                super::command::check_token_globs(&rule.like, v)
+                crate::command::check_token_globs(&rule.like, v)
                     .and_then(|()| ArgRule { like: Vec::new(), ..rule.clone() }.check(&Value::String((*v).to_owned())))
             } else {
                 rule.check(&Value::String((*v).to_owned()))
@@ -692,7 +692,7 @@ pub enum CommandVerdict {
     /// Every policy that applies (`target web`, `role read`) allows it.
     Allowed(Vec<String>),
     /// Refused by the policy named first (or by the parser, before any policy).
-    Refused(Vec<String>, super::command::Refusal),
+    Refused(Vec<String>, crate::command::Refusal),
 }
 
 /// The command policies of the target and the role, both applying when both exist.
@@ -704,7 +704,7 @@ pub fn command_verdict(policy: &Policy, target: &str, role: &str, command: &str)
         return CommandVerdict::Unchecked;
     }
     let by: Vec<String> = found.iter().map(|(_, n)| n.clone()).collect();
-    let parsed = match super::command::Parsed::parse(command) {
+    let parsed = match crate::command::Parsed::parse(command) {
         Ok(p) => p,
         Err(r) => return CommandVerdict::Refused(by, r),
     };

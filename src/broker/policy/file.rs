@@ -94,25 +94,7 @@ pub struct RoleFile {
     /// Create it as a system account (setup script).
     pub system: Option<bool>,
     /// The command policy for this role on every target (both the target's and the role's apply).
-    pub commands: Option<CommandsFile>,
-}
-
-/// `commands:` of a target or a role.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CommandsFile {
-    /// Rules `program arg-pattern ... [pattern...]`; with any, every simple command must match one.
-    pub allow: Option<Vec<String>>,
-    /// Denied programs (globs over the base name).
-    pub deny: Option<Vec<String>>,
-    /// Pipelines allowed (default true).
-    pub pipelines: Option<bool>,
-    /// `;` `&&` `||` lists allowed (default true).
-    pub lists: Option<bool>,
-    /// File redirections allowed (default false).
-    pub redirections: Option<bool>,
-    /// Unquoted globs in arguments allowed (default false).
-    pub globs: Option<bool>,
+    pub commands: Option<crate::command::CommandsFile>,
 }
 
 /// `roles.<name>.sudo`.
@@ -167,7 +149,13 @@ pub struct TargetFile {
     /// Legacy: whole-command globs, each simple command must match one (see `commands`).
     pub command_deny: Option<Vec<String>>,
     /// The command policy, checked on the command's shell syntax tree.
-    pub commands: Option<CommandsFile>,
+    pub commands: Option<crate::command::CommandsFile>,
+    /// The target runs only commands the signer signed (`ephyr shim` as the forced command).
+    pub verify_on_target: Option<bool>,
+    /// Where the `ephyr` binary is on the target (default `/usr/local/bin/ephyr`).
+    pub shim_path: Option<String>,
+    /// The user CA's public key on the target (default `/etc/ssh/ephyr_ca.pub`).
+    pub shim_ca: Option<String>,
     /// Go: disable the agent after a denied command (not supported).
     pub auto_revoke_on_deny: Option<bool>,
     /// Go: pending-approval flow (only `true`, i.e. no approval, is supported).

@@ -10,7 +10,6 @@
 
 pub mod approval;
 pub(crate) mod authorize;
-pub mod command;
 pub(crate) mod diff;
 pub mod file;
 pub(crate) mod key_hash;
@@ -146,7 +145,7 @@ pub struct Role {
     /// System account (setup script).
     pub system: bool,
     /// The role's command policy on every target, if any.
-    pub commands: Option<command::CommandPolicy>,
+    pub commands: Option<crate::command::CommandPolicy>,
 }
 
 /// How a target's host key is checked.
@@ -193,7 +192,25 @@ pub struct Target {
     /// Served at all.
     pub enabled: bool,
     /// The command policy (`commands:` and the legacy `command_allow`/`command_deny`), if any.
-    pub commands: Option<command::CommandPolicy>,
+    pub commands: Option<crate::command::CommandPolicy>,
+    /// The target verifies every command itself (`verify_on_target`).
+    pub verify_on_target: Option<OnTarget>,
+}
+
+/// How a `verify_on_target` target runs the verifier.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OnTarget {
+    /// The `ephyr` binary on the target.
+    pub path: String,
+    /// The user CA's public key file on the target.
+    pub ca: String,
+}
+
+impl OnTarget {
+    /// The forced command of certificates (and of the target's sshd) for target `name`.
+    pub fn force_command(&self, name: &str) -> String {
+        format!("{} shim --target {name} --ca {}", self.path, self.ca)
+    }
 }
 
 /// Where a secret comes from.

@@ -585,6 +585,19 @@ fn semantic_checks() {
         ("targets: {a: {host: h, auto_approve: false}}", "pending approvals are not supported"),
         ("targets: {a: {host: h, extensions: [permit-everything]}}", "unknown extension"),
         ("targets: {a: {host: h, source_address: 'not-an-ip'}}", "is not an IP or CIDR"),
+        ("targets: {a: {host: h, verify_on_target: true, force_command: id}}", "remove force_command"),
+        (
+            "targets: {a: {host: h, verify_on_target: true, shim_path: 'ephyr'}}",
+            "targets.a.shim_path: an absolute path",
+        ),
+        ("targets: {a: {host: h, verify_on_target: true, shim_ca: '/x; rm -rf /'}}", "without spaces or shell"),
+        ("targets: {a: {host: h, shim_path: /usr/bin/ephyr}}", "only with verify_on_target: true"),
+        ("targets: {a: {host: h, commands: {allow: ['ls a... b']}}}", "targets.a.commands.allow"),
+        ("targets: {a: {host: h, commands: {deny: ['/bin/rm']}}}", "a denied program is a base name"),
+        ("targets: {a: {host: h, commands: {pipes: true}}}", "unknown field `pipes`"),
+        ("roles: {r: {principal: x, commands: {allow: ['']}}}", "roles.r.commands.allow"),
+        ("limits: {recordings_max_size: 1KiB}", "at least 1MiB"),
+        ("limits: {recordings_max_files: 0}", "limits.recordings_max_files: at least 1"),
         ("services: {s: {url: 'ftp://x'}}", "only http and https"),
         ("services: {s: {url: 'https://u:p@x'}}", "credentials in the URL are not allowed"),
         ("services: {s: {url: 'https://x', credential: {type: bearer, secret: hunter2}}}", "is not a secret reference"),
@@ -744,7 +757,7 @@ fn go_ephyr_policy_loads_or_gets_precise_messages() {
 
 #[test]
 fn command_globs_match_whole_commands() {
-    use super::pattern::glob;
+    use crate::command::glob;
     assert!(glob("rm *", "rm -rf /"));
     assert!(!glob("rm *", "echo rm -rf"));
     assert!(glob("*reboot*", "sudo reboot now"));

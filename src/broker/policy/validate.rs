@@ -964,7 +964,7 @@ fn roles(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, Rol
                 Sudo::Commands(c)
             }
         };
-        let commands = match super::command::CommandPolicy::compile(r.commands.as_ref(), &[], &[]) {
+        let commands = match crate::command::CommandPolicy::compile(r.commands.as_ref(), &[], &[]) {
             Ok(c) => c,
             Err((key, msg)) => {
                 cx.err(&["roles", &name, "commands", key], msg, None);
@@ -1126,7 +1126,36 @@ fn targets(
                 Some("remove it; revoke tasks explicitly".into()),
             );
         }
-        let commands = match super::command::CommandPolicy::compile(
+        let verify_on_target = match t.verify_on_target {
+            Some(true) => {
+                let path = t.shim_path.clone().unwrap_or_else(|| "/usr/local/bin/ephyr".into());
+                let ca = t.shim_ca.clone().unwrap_or_else(|| "/etc/ssh/ephyr_ca.pub".into());
+                for (key, v) in [("shim_path", &path), ("shim_ca", &ca)] {
+                    if !v.starts_with('/')
+                        || !v.bytes().all(|b| b.is_ascii_graphic() && !b"'\"\\$`;&|<>*?".contains(&b))
+                    {
+                        cx.err(&["targets", &name, key], "an absolute path without spaces or shell characters", None);
+                    }
+                }
+                if t.force_command.is_some() {
+                    cx.err(
+                        &["targets", &name, "verify_on_target"],
+                        "a target that verifies commands runs `ephyr shim` as its forced command; remove force_command",
+                        None,
+                    );
+                }
+                Some(super::OnTarget { path, ca })
+            }
+            _ => {
+                for (key, v) in [("shim_path", &t.shim_path), ("shim_ca", &t.shim_ca)] {
+                    if v.is_some() {
+                        cx.err(&["targets", &name, key], "only with verify_on_target: true", None);
+                    }
+                }
+                None
+            }
+        };
+        let commands = match crate::command::CommandPolicy::compile(
             t.commands.as_ref(),
             t.command_allow.as_deref().unwrap_or_default(),
             t.command_deny.as_deref().unwrap_or_default(),
@@ -1156,6 +1185,7 @@ fn targets(
                 extensions,
                 enabled: t.enabled.unwrap_or(true),
                 commands,
+                verify_on_target,
             },
         );
     }

@@ -542,9 +542,17 @@ impl Ssh {
         let ran = match ticket {
             Ok(ticket) => {
                 let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
-                let (r, d) = futures_lite::future::zip(conn.exec(command.to_owned(), limits), ticket.durable()).await;
-                d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))
-                    .and(r.map_err(ssh_err))
+                match wire_command(ports, policy, target, &principal, command).await {
+                    Ok(sent) => {
+                        let (r, d) = futures_lite::future::zip(conn.exec(sent, limits), ticket.durable()).await;
+                        d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))
+                            .and(r.map_err(ssh_err))
+                    }
+                    Err(e) => {
+                        let _ = ticket.durable().await;
+                        Err(e)
+                    }
+                }
             }
             Err(e) => Err(e),
         };
@@ -654,7 +662,14 @@ impl Ssh {
         s.last_used.set(Instant::now());
         s.commands.set(s.commands.get() + 1);
         let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
-        let (r, d) = futures_lite::future::zip(conn.exec(command.to_owned(), limits), ticket.durable()).await;
+        let sent = match wire_command(ports, policy, &s.target, &s.principal, command).await {
+            Ok(sent) => sent,
+            Err(e) => {
+                let _ = ticket.durable().await;
+                return Err(e);
+            }
+        };
+        let (r, d) = futures_lite::future::zip(conn.exec(sent, limits), ticket.durable()).await;
         s.last_used.set(Instant::now());
         d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))?;
         let result = r.map_err(ssh_err)?;
@@ -778,6 +793,38 @@ struct Wanted<'a> {
     session: Option<&'a str>,
 }
 
+/// How long an exec envelope is valid: it is used at once (the target keeps its nonce until then).
+const ENVELOPE_TTL: u64 = 60;
+
+/// The command as sent: on a `verify_on_target` target, inside an envelope the signer signed
+/// (the target's `ephyr shim` runs only that); elsewhere the command itself.
+async fn wire_command(
+    ports: Ports<'_>,
+    policy: &Policy,
+    target: &str,
+    principal: &str,
+    command: &str,
+) -> Result<String, Error> {
+    use crate::signer::protocol::{ExecRequest, exec};
+    if policy.targets.get(target).and_then(|t| t.verify_on_target.as_ref()).is_none() {
+        return Ok(command.to_owned());
+    }
+    if command.len() > exec::MAX_EXEC_COMMAND {
+        return Err(Error::Refused(format!(
+            "target {target:?} verifies commands itself; a command there is at most {} bytes",
+            exec::MAX_EXEC_COMMAND
+        )));
+    }
+    let req = ExecRequest {
+        target: target.to_owned(),
+        principal: principal.to_owned(),
+        command: command.to_owned(),
+        expires: now_secs() + ENVELOPE_TTL,
+    };
+    let (text, sshsig) = ports.signer.sign_exec(req).await.map_err(|e| signer_failure(&e))?;
+    Ok(exec::to_wire(&text, &sshsig))
+}
+
 /// A fresh key in memory and its certificate from the signer, with the registry record.
 async fn issue(
     signer: &dyn CertSigner,
@@ -798,7 +845,11 @@ async fn issue(
         key_id: key_id.clone(),
         valid_after: now.saturating_sub(BACKDATE),
         valid_before: until,
-        force_command: t.force_command.clone(),
+        force_command: t
+            .verify_on_target
+            .as_ref()
+            .map(|o| o.force_command(target_name))
+            .or_else(|| t.force_command.clone()),
         source_address: t.source_address.clone(),
         extensions: t.extensions.clone(),
     };

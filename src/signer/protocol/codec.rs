@@ -32,11 +32,13 @@ pub(super) mod kind {
     pub const SEAL: u8 = 0x03;
     pub const UNSEAL: u8 = 0x04;
     pub const SIGN_CHECKPOINT: u8 = 0x05;
+    pub const SIGN_EXEC: u8 = 0x06;
     pub const R_STATUS: u8 = 0x81;
     pub const R_CERT: u8 = 0x82;
     pub const R_SEALED: u8 = 0x83;
     pub const R_UNSEALED: u8 = 0x84;
     pub const R_CHECKPOINT: u8 = 0x85;
+    pub const R_EXEC: u8 = 0x86;
     pub const C_SPAWN: u8 = 0x10;
     pub const C_PROBE: u8 = 0x11;
     pub const C_READY: u8 = 0x90;

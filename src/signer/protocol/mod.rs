@@ -16,6 +16,7 @@
 mod codec;
 mod contract;
 mod control;
+pub mod exec;
 mod worker;
 
 pub use codec::{DecodeError, Frame, frame_id};
@@ -87,6 +88,12 @@ mod tests {
             Request::Seal { context: "c".into(), plaintext: SecretBytes::new(vec![1, 2, 3]) },
             Request::Unseal { context: "c".into(), sealed: vec![9; 40] },
             Request::SignCheckpoint { digest: [3; 32] },
+            Request::SignExec(ExecRequest {
+                target: "web".into(),
+                principal: "agent-ro".into(),
+                command: "x".repeat(exec::MAX_EXEC_COMMAND),
+                expires: 9,
+            }),
         ] {
             let (id, back) = Request::decode(&req.encode(77)).unwrap();
             assert_eq!(id, 77);
@@ -97,6 +104,7 @@ mod tests {
             Response::Certificate { serial: 5, certificate: "ssh-ed25519-cert-v01@openssh.com AAAA".into() },
             Response::Sealed(vec![1; 60]),
             Response::CheckpointSignature(vec![2; 64]),
+            Response::ExecSigned { envelope: "e".repeat(11_000), signature: "s".repeat(400) },
             Response::Error(SignerError { code: ErrorCode::RateLimited, message: "slow down".into() }),
         ] {
             assert_eq!(Response::decode(&resp.encode(3)).unwrap(), (3, resp));

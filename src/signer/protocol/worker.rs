@@ -33,6 +33,22 @@ pub enum Request {
         /// SHA-256 chain head.
         digest: [u8; 32],
     },
+    /// Sign an exec envelope for a target that verifies commands itself (`exec::Envelope`; the
+    /// signer picks the nonce and checks the command against the target's policy it was started with).
+    SignExec(ExecRequest),
+}
+
+/// A command to sign for a `verify_on_target` target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecRequest {
+    /// Target name.
+    pub target: String,
+    /// The Unix user it runs as.
+    pub principal: String,
+    /// The exact command (at most [`exec::MAX_EXEC_COMMAND`] bytes).
+    pub command: String,
+    /// The envelope's end of validity, Unix seconds.
+    pub expires: u64,
 }
 
 /// An OpenSSH user-certificate request. The signer checks it against its own limits.
@@ -74,6 +90,13 @@ pub enum Response {
     Unsealed(SecretBytes),
     /// Ed25519 signature over the domain-separated checkpoint message.
     CheckpointSignature(Vec<u8>),
+    /// A signed exec envelope: its text and the SSHSIG (PEM).
+    ExecSigned {
+        /// The envelope text.
+        envelope: String,
+        /// The SSHSIG over it, PEM.
+        signature: String,
+    },
     /// The request was refused or failed; the signer carries on.
     Error(SignerError),
 }
@@ -124,10 +147,12 @@ pub enum ErrorCode {
     KeysUnavailable,
     /// A sandbox layer is not fully enforced and `--insecure-no-sandbox` was not given.
     SandboxNotEnforced,
+    /// The command of an exec envelope is refused by the target's command policy.
+    CommandRefused,
 }
 
 impl ErrorCode {
-    const ALL: [ErrorCode; 14] = [
+    const ALL: [ErrorCode; 15] = [
         Self::Malformed,
         Self::TooLarge,
         Self::UnsupportedVersion,
@@ -142,6 +167,7 @@ impl ErrorCode {
         Self::Internal,
         Self::KeysUnavailable,
         Self::SandboxNotEnforced,
+        Self::CommandRefused,
     ];
 
     fn to_u16(self) -> u16 {
@@ -169,6 +195,7 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::KeysUnavailable => "keys_unavailable",
             Self::SandboxNotEnforced => "sandbox_not_enforced",
+            Self::CommandRefused => "command_refused",
         }
     }
 }
@@ -281,6 +308,13 @@ impl Request {
                 w = Writer::new(kind::SIGN_CHECKPOINT, id);
                 w.bytes(digest);
             }
+            Request::SignExec(e) => {
+                w = Writer::new(kind::SIGN_EXEC, id);
+                w.str(&e.target);
+                w.str(&e.principal);
+                w.str(&e.command);
+                w.u64(e.expires);
+            }
         }
         w.frame()
     }
@@ -310,6 +344,12 @@ impl Request {
                 let digest: [u8; 32] = d.try_into().map_err(|_| malformed("checkpoint digest must be 32 bytes"))?;
                 Request::SignCheckpoint { digest }
             }
+            kind::SIGN_EXEC => Request::SignExec(ExecRequest {
+                target: r.str(MAX_NAME)?,
+                principal: r.str(MAX_NAME)?,
+                command: r.str(exec::MAX_EXEC_COMMAND)?,
+                expires: r.u64()?,
+            }),
             _ => {
                 return Err(DecodeError { code: ErrorCode::UnexpectedKind, reason: "not a signer request kind" });
             }
@@ -423,6 +463,11 @@ impl Response {
                 w = Writer::new(kind::R_CHECKPOINT, id);
                 w.bytes(sig);
             }
+            Response::ExecSigned { envelope, signature } => {
+                w = Writer::new(kind::R_EXEC, id);
+                w.str(envelope);
+                w.str(signature);
+            }
             Response::Error(e) => {
                 w = Writer::new(kind::ERROR, id);
                 put_error(&mut w, e);
@@ -440,6 +485,7 @@ impl Response {
             kind::R_SEALED => Response::Sealed(r.bytes(MAX_FRAME)?.to_vec()),
             kind::R_UNSEALED => Response::Unsealed(SecretBytes::new(r.bytes(MAX_SEAL_PLAINTEXT)?.to_vec())),
             kind::R_CHECKPOINT => Response::CheckpointSignature(r.bytes(64)?.to_vec()),
+            kind::R_EXEC => Response::ExecSigned { envelope: r.str(MAX_FRAME)?, signature: r.str(MAX_STR)? },
             kind::ERROR => Response::Error(get_error(&mut r)?),
             _ => {
                 return Err(DecodeError { code: ErrorCode::UnexpectedKind, reason: "not a signer response kind" });

@@ -2,14 +2,13 @@ use super::*;
 
 /// The command table's policy (tests/data/commands-policy.yaml).
 fn table_policy() -> CommandPolicy {
-    let file: crate::broker::policy::file::CommandsFile =
-        serde_yaml_ng::from_str(include_str!("../../../../tests/data/commands-policy.yaml")).unwrap();
+    let file: CommandsFile = serde_yaml_ng::from_str(include_str!("../../tests/data/commands-policy.yaml")).unwrap();
     CommandPolicy::compile(Some(&file), &[], &[]).unwrap().unwrap()
 }
 
 /// The table's rows: (expected, command).
 fn table() -> Vec<(&'static str, String)> {
-    include_str!("../../../../tests/data/commands.tsv")
+    include_str!("../../tests/data/commands.tsv")
         .lines()
         .filter(|l| !l.starts_with("//") && !l.is_empty())
         .map(|l| {
@@ -87,8 +86,7 @@ fn structure_switches() {
 
 #[test]
 fn released_wrappers_still_refuse_denied_programs() {
-    let file: crate::broker::policy::file::CommandsFile =
-        serde_yaml_ng::from_str("allow: ['sudo *', 'sudo * ...']\ndeny: [rm]").unwrap();
+    let file: CommandsFile = serde_yaml_ng::from_str("allow: ['sudo *', 'sudo * ...']\ndeny: [rm]").unwrap();
     let p = CommandPolicy::compile(Some(&file), &[], &[]).unwrap().unwrap();
     assert_eq!(outcome(&p, "sudo id"), "ok");
     assert_eq!(outcome(&p, "sudo /bin/rm"), "program_denied");
@@ -118,7 +116,7 @@ fn no_policy_leaves_commands_unchecked() {
 #[test]
 fn bad_rules_are_refused_with_their_key() {
     let f = |y: &str| {
-        let file: crate::broker::policy::file::CommandsFile = serde_yaml_ng::from_str(y).unwrap();
+        let file: CommandsFile = serde_yaml_ng::from_str(y).unwrap();
         CommandPolicy::compile(Some(&file), &[], &[]).unwrap_err()
     };
     assert_eq!(f("allow: ['']").0, "allow");

@@ -14,16 +14,62 @@
 //!
 //! Word values are computed with bash's rules, not the parser's (inside double quotes `\'` stays
 //! two characters): the program and arguments checked are the ones the shell will use.
+//!
+//! Used by the broker's `authorize` (targets and roles, task tokens) and by the signer before it
+//! signs an exec envelope for a target that verifies commands itself; it depends on nothing else
+//! of ours.
 
 use std::fmt;
 
 use brush_parser::ast;
 use brush_parser::word::WordPiece;
 
-use super::pattern::glob;
+use serde::Deserialize;
 
 /// Longest command the checker reads (longer ones are refused, not truncated).
 pub const MAX_COMMAND_LEN: usize = 8192;
+
+/// `commands:` of a target or a role.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsFile {
+    /// Rules `program arg-pattern ... [pattern...]`; with any, every simple command must match one.
+    pub allow: Option<Vec<String>>,
+    /// Denied programs (globs over the base name).
+    pub deny: Option<Vec<String>>,
+    /// Pipelines allowed (default true).
+    pub pipelines: Option<bool>,
+    /// `;` `&&` `||` lists allowed (default true).
+    pub lists: Option<bool>,
+    /// File redirections allowed (default false).
+    pub redirections: Option<bool>,
+    /// Unquoted globs in arguments allowed (default false).
+    pub globs: Option<bool>,
+}
+
+/// Whole-text glob for command patterns: `*` matches any run of characters (none included);
+/// everything else matches itself.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && p[pi] != '*' && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
 
 /// Why a command is refused (stable, machine-readable).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -465,7 +511,7 @@ fn piece(raw: &str, p: &WordPiece, quoted: bool, out: &mut Word) -> Result<(), R
 /// An allow rule: `program arg-pattern ...`, each pattern matching one argument (`*` = any run
 /// of characters within the argument); a last pattern ending in `...` repeats for any number of
 /// further arguments (`...` alone: any).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AllowRule {
     /// Word by word.
     Words {
@@ -550,7 +596,7 @@ fn arg_matches(pattern: &str, arg: &str) -> bool {
 }
 
 /// A target's or role's command policy.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CommandPolicy {
     /// With any rule, every simple command must match one.
     pub allow: Vec<AllowRule>,
@@ -588,7 +634,7 @@ impl CommandPolicy {
     /// Builds a policy from `commands:` and the legacy `command_allow`/`command_deny` globs. `Err`
     /// names the key and what is wrong.
     pub fn compile(
-        file: Option<&super::file::CommandsFile>,
+        file: Option<&CommandsFile>,
         legacy_allow: &[String],
         legacy_deny: &[String],
     ) -> Result<Option<CommandPolicy>, (&'static str, String)> {
@@ -596,7 +642,7 @@ impl CommandPolicy {
             return Ok(None);
         }
         let d = CommandPolicy::default();
-        let empty = super::file::CommandsFile::default();
+        let empty = CommandsFile::default();
         let f = file.unwrap_or(&empty);
         let mut allow = Vec::new();
         for r in f.allow.iter().flatten() {
