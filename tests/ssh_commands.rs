@@ -264,6 +264,34 @@ fn the_target_refuses_replayed_altered_and_unsigned_commands() {
     assert_eq!(code, Some(126));
     assert!(err.contains("is for target \"sealed\""), "{err}");
     assert!(!std::path::Path::new("/tmp/ephyr-shim-pwned").exists());
+
+    // The signer's copy of a sealed target is fixed at its start: a reload that changes it, or
+    // adds a sealed target, says what happens until a restart.
+    let policy_file = l.broker.socket.parent().unwrap().join("policy.yaml");
+    let sock = l.broker.socket.to_str().unwrap().to_owned();
+    let text = std::fs::read_to_string(l.conf.join("policy.yaml")).unwrap();
+    let changed = text.replace("        - id\n", "        - id\n        - uptime\n");
+    assert_ne!(changed, text);
+    std::fs::write(&policy_file, &changed).unwrap();
+    let out = ephyr(&["policy", "reload", "--socket", &sock]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stdout(&out)
+            .contains("target \"sealed\" verifies commands on the host and its roles or command policy changed"),
+        "{}",
+        stdout(&out)
+    );
+    let added = changed.replace("plain: { host: 127.0.0.2,", "plain: { verify_on_target: true, host: 127.0.0.2,");
+    assert_ne!(added, changed);
+    std::fs::write(&policy_file, &added).unwrap();
+    let out = ephyr(&["policy", "reload", "--socket", &sock]);
+    assert!(
+        stdout(&out).contains("target \"plain\" verifies commands on the host, but the signer was started without it"),
+        "{}",
+        stdout(&out)
+    );
+    let e = l.exec(&l.alice, "plain", "read", "id").unwrap_err();
+    assert!(e.contains("was not started with it as sealed"), "{e}");
 }
 /// A target without a command policy runs anything the role's shell allows (unchanged); a role's
 /// policy applies on every target, together with the target's.
@@ -424,4 +452,156 @@ fn recordings_are_kept_masked_and_an_edit_is_detected() {
     let (code, _, err) = recording_cli(&l, &["show", "../../etc/passwd"]);
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("is not a recording id"), "{err}");
+}
+
+/// The setup script for a target that verifies commands itself, for real against a second sshd
+/// with its own config dir: it installs the binary (EPHYR_BIN) and forces `ephyr shim` on the
+/// role accounts; `target verify` then reports the verifier active, and commands run through it.
+#[test]
+fn the_setup_script_installs_the_verifier_and_target_verify_sees_it() {
+    if !require_root() {
+        panic!("needs root");
+    }
+    ensure_user(USER);
+    let dir = TempDir::new("sealed-setup");
+    let ssh_dir = dir.join("ssh");
+    std::fs::create_dir_all(&ssh_dir).unwrap();
+    let bin_dir = std::path::PathBuf::from(format!("/tmp/ephyr-sealed-bin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&bin_dir);
+    let hk = ssh_dir.join("host_ed25519");
+    assert!(
+        Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&hk).status().unwrap().success()
+    );
+    let port = free_port();
+    let pid_file = ssh_dir.join("sshd.pid");
+    let config = ssh_dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n",
+            hk.display(),
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    // The directory must be reachable by the role user (the CA file the verifier reads is in it).
+    for d in [dir.path(), ssh_dir.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // Stopped on every way out, a failed assertion included (it would hold the test's output open).
+    let _sshd = KillOnDrop(
+        Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !pid_file.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "sshd did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let data = TempDir::new("sealed-data");
+    let conf = TempDir::new("sealed-conf");
+    let out =
+        ephyr(&["init", "--data-dir", data.path().to_str().unwrap(), "--config-dir", conf.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (alice, alice_hash) = agent_key("alice");
+    let policy = format!(
+        r#"version: 1
+roles:
+  read: {{ principal: {USER} }}
+targets:
+  fresh:
+    host: 127.0.0.1
+    port: {port}
+    allowed_roles: [read]
+    verify_on_target: true
+    shim_path: {bin}/ephyr
+    shim_ca: {ssh}/ephyr_ca.pub
+    commands: {{ allow: ["echo ...", "id ..."] }}
+agents:
+  alice:
+    api_key_hash: "{alice_hash}"
+    ssh:
+      fresh: {{ roles: [read] }}
+"#,
+        bin = bin_dir.display(),
+        ssh = ssh_dir.display(),
+    );
+    let broker = Broker::start(BrokerOpts {
+        policy: Some(&policy),
+        data_dir: Some(data.path().to_path_buf()),
+        ..Default::default()
+    });
+    let sock = broker.socket.to_str().unwrap().to_owned();
+    let policy_path = broker.socket.parent().unwrap().join("policy.yaml");
+    std::fs::write(&policy_path, &policy).unwrap();
+    let verify = || {
+        let out = ephyr(&["target", "verify", "fresh", "--socket", &sock, "--json"]);
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|_| panic!("{}", stderr(&out)))
+    };
+    assert_eq!(verify()["ok"], false);
+
+    let out = ephyr(&[
+        "target",
+        "setup-script",
+        "--config",
+        policy_path.to_str().unwrap(),
+        "--target",
+        "fresh",
+        "--socket",
+        &sock,
+        "--ssh-dir",
+        ssh_dir.to_str().unwrap(),
+        "--sshd-pid-file",
+        pid_file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let script = dir.join("setup.sh");
+    std::fs::write(&script, &out.stdout).unwrap();
+    // Without the binary on the host (and no EPHYR_BIN) the script stops before changing sshd.
+    let missing = Command::new("sh").arg(&script).output().unwrap();
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("is missing: copy the static ephyr binary there"), "{}", stderr(&missing));
+    assert!(!ssh_dir.join("sshd_config.d/ephyr.conf").exists());
+    let real = Command::new("sh").arg(&script).env("EPHYR_BIN", ephyr_bin()).output().unwrap();
+    assert!(real.status.success(), "{}\n{}", stdout(&real), stderr(&real));
+    let drop_in = std::fs::read_to_string(ssh_dir.join("sshd_config.d/ephyr.conf")).unwrap();
+    assert!(
+        drop_in
+            .contains(&format!("Match User {USER}\n    ForceCommand {}/ephyr shim --target fresh", bin_dir.display())),
+        "{drop_in}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let after = loop {
+        let v = verify();
+        if v["ok"] == true || std::time::Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(after["ok"], true, "{after}");
+    assert!(after["roles"][0]["warnings"].to_string().contains("commands are verified on the host"), "{after}");
+    let r = tool_call(
+        &broker.api,
+        &alice,
+        "exec",
+        json!({"target": "fresh", "role": "read", "command": "echo through-the-verifier"}),
+    )
+    .unwrap();
+    assert_eq!(r["stdout"], "through-the-verifier\n", "{r}");
+    let _ = std::fs::remove_dir_all(&bin_dir);
+}
+
+/// A child process killed and reaped when the guard drops.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

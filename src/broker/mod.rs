@@ -155,6 +155,21 @@ pub fn signer_mismatches(p: &policy::Policy, limits: &crate::signer::protocol::S
             "principal {pr:?} is not on the signer's allow-list (fixed at start): certificates for it are refused until ephyr restarts"
         ));
     }
+    for (name, t) in signer_client::sealed_targets(p) {
+        let line = format!("{name} {}", t.digest());
+        if limits.sealed.contains(&line) {
+            continue;
+        }
+        out.push(if limits.sealed.iter().any(|l| l.split(' ').next() == Some(name.as_str())) {
+            format!(
+                "target {name:?} verifies commands on the host and its roles or command policy changed: the signer signs its commands under the policy it started with until ephyr restarts"
+            )
+        } else {
+            format!(
+                "target {name:?} verifies commands on the host, but the signer was started without it: every command there is refused until ephyr restarts"
+            )
+        });
+    }
     let cap = std::time::Duration::from_secs(u64::from(limits.max_cert_ttl_secs));
     let mut ttls = vec![("limits.cert_ttl_max".to_owned(), p.limits.cert_ttl_max)];
     for (name, t) in &p.targets {

@@ -708,7 +708,7 @@ impl From<SpawnError> for CallError {
 /// with them: each target's role principals and command policy.
 pub fn sealed_targets(
     policy: &super::policy::Policy,
-) -> std::collections::BTreeMap<String, crate::signer::custody::SealedTarget> {
+) -> std::collections::BTreeMap<String, crate::signer::protocol::exec::SealedTarget> {
     policy
         .targets
         .iter()
@@ -716,7 +716,7 @@ pub fn sealed_targets(
         .map(|(name, t)| {
             let principals =
                 t.allowed_roles.iter().filter_map(|r| policy.roles.get(r)).map(|r| r.principal.clone()).collect();
-            (name.clone(), crate::signer::custody::SealedTarget { principals, commands: t.commands.clone() })
+            (name.clone(), crate::signer::protocol::exec::SealedTarget { principals, commands: t.commands.clone() })
         })
         .collect()
 }

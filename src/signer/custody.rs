@@ -45,17 +45,7 @@ pub struct SignerConfig {
     /// Window length in seconds (≥ 1).
     pub rate_window_secs: u32,
     /// Targets that verify commands themselves: the exec envelopes the signer signs for them.
-    pub sealed: std::collections::BTreeMap<String, SealedTarget>,
-}
-
-/// A `verify_on_target` target as the signer knows it (from its command line): who may run
-/// there, and the target's command policy, checked before an envelope is signed.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SealedTarget {
-    /// Principals of the target's roles.
-    pub principals: BTreeSet<String>,
-    /// The target's command policy, if it has one.
-    pub commands: Option<crate::command::CommandPolicy>,
+    pub sealed: std::collections::BTreeMap<String, exec::SealedTarget>,
 }
 
 impl SignerConfig {
@@ -79,6 +69,7 @@ impl SignerConfig {
             principals: self.principals.iter().cloned().collect(),
             rate_limit: self.rate_limit,
             rate_window_secs: self.rate_window_secs,
+            sealed: self.sealed.iter().map(|(name, t)| format!("{name} {}", t.digest())).collect(),
         }
     }
 }
@@ -476,7 +467,7 @@ mod tests {
             rate_window_secs: 60,
             sealed: [(
                 "web".to_string(),
-                SealedTarget {
+                exec::SealedTarget {
                     principals: ["agent-read".to_string()].into(),
                     commands: Some(crate::command::CommandPolicy {
                         allow: vec![crate::command::AllowRule::parse("uptime").unwrap()],

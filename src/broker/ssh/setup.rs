@@ -86,6 +86,20 @@ pub fn script(
         .filter(|(name, _)| targets.is_empty() || targets.contains(name))
         .flat_map(|(_, t)| t.allowed_roles.iter().map(String::as_str))
         .collect();
+    // A target that verifies commands itself forces `ephyr shim` on its role accounts: that host
+    // gets a script of its own (the forced command names the target).
+    let sealed: Vec<(&String, &super::super::policy::OnTarget)> = policy
+        .targets
+        .iter()
+        .filter(|(name, _)| targets.is_empty() || targets.contains(name))
+        .filter_map(|(name, t)| t.verify_on_target.as_ref().map(|o| (name, o)))
+        .collect();
+    if !sealed.is_empty() && targets.len() != 1 {
+        return Err(format!(
+            "target {:?} verifies commands on the host: generate its script alone (--target {})",
+            sealed[0].0, sealed[0].0
+        ));
+    }
     let mut s = String::new();
     let names: Vec<&str> = if targets.is_empty() {
         policy.targets.keys().map(String::as_str).collect()
@@ -168,6 +182,29 @@ pub fn script(
     w(&mut s, "\n# 2. Trust the broker's CA for user certificates; start with an empty revocation list.");
     let _ = writeln!(s, "printf '%s\\n' {} | put \"$CA_FILE\" 0644", sq(ca));
     w(&mut s, "[ -s \"$KRL_FILE\" ] || run ssh-keygen -q -k -f \"$KRL_FILE\"");
+    if let Some((name, on)) = sealed.first() {
+        w(&mut s, "\n# 2b. This host runs only commands the broker's signer signed (verify_on_target): the");
+        w(&mut s, "# role accounts' forced command is `ephyr shim`. EPHYR_BIN=/path/to/ephyr installs the binary.");
+        let _ = writeln!(s, "SHIM={}", sq(&on.path));
+        w(
+            &mut s,
+            "if [ -n \"${EPHYR_BIN:-}\" ]; then run mkdir -p \"$(dirname \"$SHIM\")\" && run install -m 0755 \"$EPHYR_BIN\" \"$SHIM\"; fi",
+        );
+        w(
+            &mut s,
+            "[ \"$DRY\" = 1 ] || [ -x \"$SHIM\" ] || { echo \"$SHIM is missing: copy the static ephyr binary there, or run with EPHYR_BIN=/path/to/ephyr\" >&2; exit 1; }",
+        );
+        let _ = writeln!(s, "[ {} = \"$CA_FILE\" ] || printf '%s\\n' {} | put {} 0644", sq(&on.ca), sq(ca), sq(&on.ca));
+        w(&mut s, "# Where the verifier keeps the nonces it has seen (one per command; pruned when they expire).");
+        for user in roles.iter().filter_map(|r| policy.roles.get(*r)).map(|r| &r.principal) {
+            let _ = writeln!(
+                s,
+                "run install -d -m 0700 -o {u} -g \"$(id -g {u})\" \"$(getent passwd {u} | cut -d: -f6)/.ephyr-shim\"",
+                u = sq(user)
+            );
+        }
+        let _ = writeln!(s, "FORCED={}", sq(&on.force_command(name)));
+    }
     w(&mut s, "\n# 3. sshd: certificates from the CA, principals per account, the KRL.");
     w(&mut s, "run mkdir -p \"$SSH_DIR/sshd_config.d\"");
     w(&mut s, "if ! grep -qiE \"^[[:space:]]*Include[[:space:]]+$SSH_DIR/sshd_config.d/\" \"$SSHD_CONFIG\"; then");
@@ -181,6 +218,14 @@ pub fn script(
     w(&mut s, "TrustedUserCAKeys $CA_FILE");
     w(&mut s, "AuthorizedPrincipalsFile $PRINCIPALS_DIR/%u");
     w(&mut s, "RevokedKeys $KRL_FILE");
+    if !sealed.is_empty() {
+        let users: Vec<&str> =
+            roles.iter().filter_map(|r| policy.roles.get(*r)).map(|r| r.principal.as_str()).collect();
+        w(&mut s, "# Every login of a role account runs the verifier, whatever its certificate says.");
+        let _ = writeln!(s, "Match User {}", users.join(","));
+        w(&mut s, "    ForceCommand $FORCED");
+        w(&mut s, "Match all");
+    }
     w(&mut s, "EOF");
     w(&mut s, "run sshd -t -f \"$SSHD_CONFIG\" || restore");
     w(&mut s, "# Reload only the sshd this script configured: the named pid file, else the system service.");
@@ -242,6 +287,29 @@ pub fn script(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_target_that_verifies_commands_gets_its_own_script_forcing_the_verifier() {
+        let p = Policy::parse(
+            "version: 1\nroles: {r: {principal: agent-r}}\ntargets:\n  a: {host: h1, allowed_roles: [r], verify_on_target: true}\n  b: {host: h2, allowed_roles: [r]}\n",
+            "t",
+        )
+        .unwrap();
+        let ca = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFgvzwplSsPocP1KLszGWiis2IbqEiSwtNhUTbEMp7f2 ephyr-ca";
+        let l = Layout::default();
+        assert!(script(&p, &[], ca, None, &l).unwrap_err().contains("generate its script alone (--target a)"));
+        let s = script(&p, &["a".into()], ca, None, &l).unwrap();
+        for needle in [
+            "SHIM='/usr/local/bin/ephyr'",
+            "FORCED='/usr/local/bin/ephyr shim --target a --ca /etc/ssh/ephyr_ca.pub'",
+            "Match User agent-r\n    ForceCommand $FORCED\nMatch all\n",
+            "install -d -m 0700 -o 'agent-r'",
+        ] {
+            assert!(s.contains(needle), "{needle:?} not in\n{s}");
+        }
+        // The other target's script has none of it.
+        assert!(!script(&p, &["b".into()], ca, None, &l).unwrap().contains("ForceCommand"));
+    }
 
     #[test]
     fn quoting_survives_single_quotes() {

@@ -95,6 +95,29 @@ impl Ssh {
                     }
                     let cmd = format!("id -un; stat -c %Y {KRL_FILE} 2>/dev/null || echo none");
                     let limits = ExecLimits { max_stdout: 4096, max_stderr: 4096, timeout: Duration::from_secs(10) };
+                    if t.verify_on_target.is_some() {
+                        // The host must refuse a command without an envelope: that is the check.
+                        match conn.exec(cmd, limits).await {
+                            Err(e) => r.problems.push(format!("running a probe failed: {e}")),
+                            Ok(res) if res.exit_status == Some(crate::shim::REFUSED as u32)
+                                && String::from_utf8_lossy(&res.stderr).contains("ephyr shim:") =>
+                            {
+                                r.logged_in_as = Some(principal.clone());
+                                r.warnings.push(
+                                    "commands are verified on the host: a command without a signed envelope was refused by ephyr shim (the KRL age is not checked)".into(),
+                                );
+                            }
+                            Ok(res) => r.problems.push(format!(
+                                "the host ran a command without a signed envelope (exit {:?}): its forced command is not ephyr shim; run the setup script for this target (EPHYR_BIN=...)",
+                                res.exit_status
+                            )),
+                        }
+                        conn.close().await;
+                        drop(held);
+                        r.ok = r.problems.is_empty();
+                        out.push(r);
+                        continue;
+                    }
                     match conn.exec(cmd, limits).await {
                         Err(e) => r.problems.push(format!("running `id -un` failed: {e}")),
                         Ok(res) => {

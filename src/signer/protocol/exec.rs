@@ -20,6 +20,24 @@ pub const VERSION: &str = "ephyr-exec-v1";
 /// Longest command an envelope carries.
 pub const MAX_EXEC_COMMAND: usize = 8192;
 
+/// A `verify_on_target` target as the signer knows it (from its command line, fixed for its
+/// life): who may run there, and the target's command policy, checked before an envelope is signed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SealedTarget {
+    /// Principals of the target's roles.
+    pub principals: std::collections::BTreeSet<String>,
+    /// The target's command policy, if it has one.
+    pub commands: Option<crate::command::CommandPolicy>,
+}
+
+impl SealedTarget {
+    /// SHA-256 (hex) of its canonical JSON: the broker compares it after a reload.
+    pub fn digest(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a sealed target serialises");
+        data_encoding::HEXLOWER.encode(ring::digest::digest(&ring::digest::SHA256, &json).as_ref())
+    }
+}
+
 /// One command, as the signer signs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Envelope {

@@ -66,6 +66,7 @@ mod tests {
                 principals: vec!["agent-read".into()],
                 rate_limit: 60,
                 rate_window_secs: 60,
+                sealed: vec!["web 00ff".into()],
             },
         }
     }

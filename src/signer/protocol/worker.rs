@@ -226,6 +226,8 @@ pub struct SignerLimits {
     pub rate_limit: u32,
     /// Window length, seconds.
     pub rate_window_secs: u32,
+    /// Targets it signs exec envelopes for: `NAME SHA256` of each (`exec::SealedTarget::digest`).
+    pub sealed: Vec<String>,
 }
 
 /// Enforcement state of one Landlock ruleset.
@@ -398,6 +400,7 @@ pub(super) fn put_status(w: &mut Writer, s: &StatusReport) {
     w.strs(&l.principals);
     w.u32(l.rate_limit);
     w.u32(l.rate_window_secs);
+    w.strs(&l.sealed);
 }
 
 pub(super) fn get_status(r: &mut Reader<'_>) -> Result<StatusReport, DecodeError> {
@@ -433,6 +436,7 @@ pub(super) fn get_status(r: &mut Reader<'_>) -> Result<StatusReport, DecodeError
             principals: r.strs(u8::MAX as usize, MAX_NAME)?,
             rate_limit: r.u32()?,
             rate_window_secs: r.u32()?,
+            sealed: r.strs(u8::MAX as usize, MAX_NAME)?,
         },
     })
 }
