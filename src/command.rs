@@ -108,8 +108,11 @@ pub enum Reason {
     Background,
     /// `NAME=value` in front of a command (`LD_PRELOAD=`, `PATH=`).
     Assignment,
-    /// `eval`, `source`, `.`.
+    /// `eval`, `source`, `.`, `trap`.
     Eval,
+    /// A builtin that changes how later commands run (`hash`, `enable`, `alias`, `shopt`, `set`,
+    /// or `export`/`declare` of `PATH`, `LD_*`, `IFS`, `BASH_ENV`, ...).
+    ShellState,
     /// A program that runs another command (`sh -c`, `sudo`, `env`, `xargs`, `exec`, ...).
     Wrapper,
     /// An interpreter that runs code (`python`, `perl`, `awk`, `node`, ...).
@@ -154,6 +157,7 @@ impl Reason {
             Reason::Background => "background",
             Reason::Assignment => "assignment",
             Reason::Eval => "eval",
+            Reason::ShellState => "shell_state",
             Reason::Wrapper => "wrapper",
             Reason::Interpreter => "interpreter",
             Reason::FindExec => "find_exec",
@@ -792,6 +796,38 @@ const INTERPRETERS: &[&str] = &[
     "ex",
 ];
 
+/// Variables that change which program runs or what a shell does before running it.
+fn dangerous_variable(name: &str) -> bool {
+    matches!(
+        name,
+        "PATH"
+            | "IFS"
+            | "ENV"
+            | "BASH_ENV"
+            | "SHELLOPTS"
+            | "BASHOPTS"
+            | "PS4"
+            | "PROMPT_COMMAND"
+            | "CDPATH"
+            | "GLOBIGNORE"
+            | "HOME"
+            | "SHELL"
+            | "PYTHONPATH"
+            | "PYTHONSTARTUP"
+            | "PERL5LIB"
+            | "PERL5OPT"
+            | "NODE_OPTIONS"
+            | "GIT_SSH_COMMAND"
+            | "GIT_EXEC_PATH"
+            | "PAGER"
+            | "EDITOR"
+            | "VISUAL"
+            | "LESSOPEN"
+    ) || name.starts_with("LD_")
+        || name.starts_with("BASH_FUNC_")
+        || name.starts_with('-')
+}
+
 fn base_name(program: &str) -> &str {
     program.rsplit('/').next().unwrap_or(program)
 }
@@ -804,8 +840,16 @@ fn unversioned(name: &str) -> &str {
 fn classify(cmd: &Simple) -> Option<(Reason, &'static str)> {
     let base = base_name(cmd.program());
     let lower = base.to_ascii_lowercase();
-    if matches!(base, "eval" | "source" | ".") {
+    if matches!(base, "eval" | "source" | "." | "trap") {
         return Some((Reason::Eval, "it runs text as shell code"));
+    }
+    if matches!(base, "hash" | "enable" | "alias" | "unalias" | "shopt" | "set" | "unset" | "ulimit" | "umask") {
+        return Some((Reason::ShellState, "it changes how later commands run"));
+    }
+    if matches!(base, "export" | "declare" | "typeset" | "readonly" | "local")
+        && cmd.words[1..].iter().any(|w| dangerous_variable(w.value.split('=').next().unwrap_or("")))
+    {
+        return Some((Reason::ShellState, "it sets a variable that changes what later commands run"));
     }
     if WRAPPERS.contains(&base) {
         return Some((Reason::Wrapper, "it runs another command the checker does not see"));

@@ -2,7 +2,7 @@
 """SSH exec latency through the broker against a real OpenSSH sshd on loopback, and broker RSS
 with many open sessions.
 
-Usage: scripts/perf/ssh_exec.py [--bin PATH] [--runs 50] [--sessions 100]
+Usage: scripts/perf/ssh_exec.py [--bin PATH] [--runs 50] [--sessions 100] [--sealed]
 
 Starts an sshd on 127.0.0.1 trusting a fresh broker's CA (user `ephyrt-read`, shell /bin/sh) and
 `ephyr serve` on the static release binary, then over MCP (stateless era, API key, one kept-alive
@@ -24,6 +24,8 @@ ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ephyr"
 ap.add_argument("--runs", type=int, default=50)
 ap.add_argument("--sessions", type=int, default=100)
 ap.add_argument("--command", default="true")
+ap.add_argument("--sealed", action="store_true",
+                help="the target verifies commands itself (verify_on_target: ephyr shim as the forced command)")
 a = ap.parse_args()
 binary = os.path.abspath(a.bin)
 USER = "ephyrt-read"
@@ -58,6 +60,15 @@ sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", os.path.join(work, 
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 fp = run("ssh-keygen", "-l", "-E", "sha256", "-f", os.path.join(work, "host.pub")).stdout.split()[1]
 key_info = json.loads(run(binary, "keygen", "agent", "bench", "--json").stdout)
+sealed = ""
+if a.sealed:
+    shutil.copy(binary, os.path.join(work, "ephyr"))
+    shutil.copy(os.path.join(data, "keys", "ca_key.pub"), os.path.join(work, "ca.pub"))
+    os.chmod(os.path.join(work, "ca.pub"), 0o644)
+    home = run("sh", "-c", f"getent passwd {USER} | cut -d: -f6").stdout.strip()
+    run("install", "-d", "-m", "0700", "-o", USER, os.path.join(home, ".ephyr-shim"))
+    sealed = (f", verify_on_target: true, shim_path: {work}/ephyr, shim_ca: {work}/ca.pub, "
+              f"commands: {{allow: ['{a.command}']}}")
 policy = f"""limits:
   max_certs_total: 1000
   signer_rate: 100000/1m
@@ -65,7 +76,7 @@ policy = f"""limits:
 roles:
   read: {{principal: {USER}}}
 targets:
-  local: {{host: 127.0.0.1, port: {sport}, allowed_roles: [read], host_key_fingerprint: "{fp}"}}
+  local: {{host: 127.0.0.1, port: {sport}, allowed_roles: [read], host_key_fingerprint: "{fp}"{sealed}}}
 agents:
   bench:
     api_key_hash: "{key_info['api_key_hash']}"
