@@ -605,3 +605,65 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A `shell` session keeps one shell: `cd` and `export` carry over, every command is still checked
+/// by the policy, a syntax error fails only that command, and `exit`, a timeout or the end of the
+/// shell closes the session; an `exec` session carries nothing over; a target that verifies
+/// commands on the host has no shell sessions.
+#[test]
+fn shell_sessions_keep_the_directory_and_environment_and_each_command_is_policed() {
+    let l = lab();
+    let call = |args: Value| {
+        tool_call(&l.broker.api, &l.alice, if args.get("command").is_some() { "exec" } else { "session_create" }, args)
+    };
+    let s = call(json!({"target": "web", "role": "read", "mode": "shell"})).unwrap();
+    assert_eq!(s["mode"], "shell", "{s}");
+    let sid = s["session_id"].as_str().unwrap().to_owned();
+    let run = |cmd: &str| call(json!({"session_id": sid, "command": cmd}));
+    assert_eq!(run("cd /etc").unwrap()["exit_code"], 0);
+    assert_eq!(run("pwd").unwrap()["stdout"], "/etc\n");
+    assert_eq!(run("export EPHYR_T=carried").unwrap()["exit_code"], 0);
+    assert_eq!(run("printenv EPHYR_T").unwrap()["stdout"], "carried\n");
+    // Still policed, one command at a time; the session survives a refusal.
+    for (cmd, code) in
+        [("rm -rf /tmp/x", "program_denied"), ("export PATH=/tmp/evil", "shell_state"), ("cd $HOME", "expansion")]
+    {
+        let e = run(cmd).unwrap_err();
+        assert!(e.contains("command_denied") && e.contains(&format!("({code})")), "{cmd}: {e}");
+    }
+    assert_eq!(run("pwd").unwrap()["stdout"], "/etc\n");
+    let r = run("echo -n no-newline").unwrap();
+    assert_eq!(r["stdout"], "no-newline", "{r}");
+    assert!(r["recording_id"].is_string());
+
+    // Without a policy: a syntax error fails that command only; exit ends the session.
+    let p = call(json!({"target": "plain", "role": "read", "mode": "shell"})).unwrap();
+    let pid = p["session_id"].as_str().unwrap().to_owned();
+    let prun = |cmd: &str, timeout: u64| call(json!({"session_id": pid, "command": cmd, "timeout": timeout}));
+    assert_eq!(prun("cd /usr; x=kept", 10).unwrap()["exit_code"], 0);
+    let r = prun("echo (", 10).unwrap();
+    assert_ne!(r["exit_code"], 0, "{r}");
+    assert!(r["stderr"].as_str().unwrap().contains("syntax error"), "{r}");
+    assert_eq!(prun("echo \"$x $(pwd)\"", 10).unwrap()["stdout"], "kept /usr\n");
+    let r = prun("exit 3", 10).unwrap();
+    assert!(r["notice"].as_str().unwrap_or("").contains("the session is closed"), "{r}");
+    let e = prun("pwd", 10).unwrap_err();
+    assert!(e.contains("no session"), "{e}");
+    // A timeout kills the shell and closes the session.
+    let p2 = call(json!({"target": "plain", "role": "read", "mode": "shell"})).unwrap();
+    let pid2 = p2["session_id"].as_str().unwrap().to_owned();
+    let r = call(json!({"session_id": pid2, "command": "sleep 30", "timeout": 1})).unwrap();
+    assert_eq!(r["timed_out"], true, "{r}");
+    assert!(r["notice"].is_string(), "{r}");
+    assert!(call(json!({"session_id": pid2, "command": "true"})).is_err());
+
+    // An exec session carries nothing over.
+    let e = call(json!({"target": "plain", "role": "read"})).unwrap();
+    let eid = e["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(e["mode"], "exec");
+    call(json!({"session_id": eid, "command": "cd /usr"})).unwrap();
+    assert_ne!(call(json!({"session_id": eid, "command": "pwd"})).unwrap()["stdout"], "/usr\n");
+    // Not on a target that verifies each command.
+    let e = call(json!({"target": "sealed", "role": "read", "mode": "shell"})).unwrap_err();
+    assert!(e.contains("shell sessions are not available there"), "{e}");
+}

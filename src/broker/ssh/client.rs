@@ -521,11 +521,175 @@ impl Conn {
         .await?
     }
 
+    /// Starts a shell on a new channel (no PTY) that will run commands one after the other
+    /// ([`Shell::run`]); its output up to the first frame (profile scripts) is dropped.
+    pub async fn open_shell(&self, timeout: Duration) -> Result<Shell, SshError> {
+        let handle = self.handle.clone();
+        let ch = on_runtime(async move {
+            let ch = handle
+                .channel_open_session()
+                .await
+                .map_err(|e| SshError::Protocol(format!("opening a channel: {e}")))?;
+            ch.request_shell(true).await.map_err(|e| SshError::Protocol(format!("shell request: {e}")))?;
+            Ok::<_, SshError>(ch)
+        })
+        .await??;
+        let shell = Shell { ch: Arc::new(tokio::sync::Mutex::new(Some(ch))) };
+        let limits = ExecLimits { max_stdout: 64 * 1024, max_stderr: 64 * 1024, timeout };
+        let r = shell.run("true".into(), limits).await?;
+        if r.exit_status != Some(0) {
+            return Err(SshError::Protocol("the shell on the host did not start".into()));
+        }
+        Ok(shell)
+    }
+
     /// Ends the connection.
     pub async fn close(&self) {
         let handle = self.handle.clone();
         let _ = on_runtime(async move {
             let _ = handle.disconnect(russh::Disconnect::ByApplication, "session closed", "en").await;
+        })
+        .await;
+    }
+}
+
+/// A shell kept open on a session: commands run in it one after the other, so the working
+/// directory and the environment carry over. Each command is framed: sent base64-encoded to
+/// `command eval` (`command` keeps a syntax error from ending a POSIX shell such as dash: it fails
+/// that command only; its stdin is `/dev/null`, so it cannot eat the next frame), followed by a marker line with a fresh nonce and the exit status on stdout and a
+/// marker on stderr; the output is read up to the markers.
+pub struct Shell {
+    ch: Arc<tokio::sync::Mutex<Option<russh::Channel<client::Msg>>>>,
+}
+
+impl std::fmt::Debug for Shell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shell")
+    }
+}
+
+/// The text that runs `command` in the kept shell, and the two markers that end its output.
+fn frame(command: &str, nonce: &str) -> (String, String, String) {
+    let b64 = data_encoding::BASE64.encode(command.as_bytes());
+    let text = format!(
+        "command eval \"$(printf %s '{b64}' | base64 -d)\" </dev/null; printf '\\n\\036ephyr:{nonce}:%s\\n' \"$?\"; printf '\\036ephyr:{nonce}\\n' >&2\n"
+    );
+    (text, format!("\n\u{1e}ephyr:{nonce}:"), format!("\u{1e}ephyr:{nonce}\n"))
+}
+
+/// Where the stdout marker `m` ends a frame: `(output length, exit status)` once the whole marker
+/// line has arrived.
+fn stdout_end(buf: &[u8], m: &str) -> Option<(usize, u32)> {
+    let at = buf.windows(m.len()).position(|w| w == m.as_bytes())?;
+    let rest = &buf[at + m.len()..];
+    let nl = rest.iter().position(|b| *b == b'\n')?;
+    let code = std::str::from_utf8(&rest[..nl]).ok()?.parse().ok()?;
+    Some((at, code))
+}
+
+impl Shell {
+    /// Whether the shell has ended (it exited, timed out or passed a cap).
+    pub fn is_closed(&self) -> bool {
+        self.ch.try_lock().map(|c| c.is_none()).unwrap_or(false)
+    }
+
+    /// Runs one command in the shell. A command is refused while another runs. When the output
+    /// passes a cap or the deadline passes, the shell is killed and closed: the session's state
+    /// is gone, and so is the shell.
+    pub async fn run(&self, command: String, limits: ExecLimits) -> Result<ExecResult, SshError> {
+        let ch = self.ch.clone();
+        let mut nonce = [0u8; 12];
+        crate::secret::random_bytes(&mut nonce).map_err(|e| SshError::Protocol(e.to_string()))?;
+        let nonce = data_encoding::HEXLOWER.encode(&nonce);
+        on_runtime(async move {
+            let Ok(mut guard) = ch.try_lock() else {
+                return Err(SshError::Protocol("the session's shell is running another command".into()));
+            };
+            let Some(c) = guard.as_mut() else {
+                return Err(SshError::Protocol("the session's shell has ended; open a new session".into()));
+            };
+            let started = Instant::now();
+            let (text, out_marker, err_marker) = frame(&command, &nonce);
+            if let Err(e) = c.data(text.as_bytes()).await {
+                *guard = None;
+                return Err(SshError::Protocol(format!("the session's shell has ended ({e}); open a new session")));
+            }
+            let mut r = ExecResult::default();
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let (mut out_done, mut err_done, mut ended) = (None, false, false);
+            let deadline = tokio::time::Instant::from_std(started + limits.timeout);
+            // Room for the markers on top of the caps.
+            let (cap_out, cap_err) = (limits.max_stdout + 128, limits.max_stderr + 128);
+            while out_done.is_none() || !err_done {
+                let msg = match tokio::time::timeout_at(deadline, c.wait()).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(_) => {
+                        r.timed_out = true;
+                        break;
+                    }
+                };
+                match msg {
+                    ChannelMsg::Data { data } if out_done.is_none() => {
+                        out.extend_from_slice(&data);
+                        out_done = stdout_end(&out, &out_marker);
+                        r.stdout_truncated = out_done.is_none() && out.len() > cap_out;
+                        if r.stdout_truncated {
+                            break;
+                        }
+                        r.stdout = out[..out_done.map_or(out.len(), |(n, _)| n)].to_vec();
+                        r.arrived(started.elapsed(), false);
+                    }
+                    ChannelMsg::ExtendedData { data, ext: 1 } if !err_done => {
+                        err.extend_from_slice(&data);
+                        err_done = err.ends_with(err_marker.as_bytes());
+                        r.stderr_truncated = !err_done && err.len() > cap_err;
+                        if r.stderr_truncated {
+                            break;
+                        }
+                        let keep = if err_done { err.len() - err_marker.len() } else { err.len() };
+                        r.stderr = err[..keep].to_vec();
+                        r.arrived(started.elapsed(), true);
+                    }
+                    ChannelMsg::ExitStatus { exit_status } => r.exit_status = Some(exit_status),
+                    ChannelMsg::ExitSignal { signal_name, .. } => r.exit_signal = Some(sig_name(&signal_name)),
+                    ChannelMsg::Eof | ChannelMsg::Close => {
+                        ended = true;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            r.stdout.truncate(limits.max_stdout);
+            r.stderr.truncate(limits.max_stderr);
+            match out_done {
+                Some((_, code)) if err_done => r.exit_status = Some(code),
+                _ => {
+                    // Timed out, over a cap, or the shell exited: it is gone for good.
+                    if !ended {
+                        let _ = c.signal(Sig::KILL).await;
+                    }
+                    let _ = c.close().await;
+                    *guard = None;
+                }
+            }
+            r.duration = started.elapsed();
+            Ok(r)
+        })
+        .await?
+    }
+
+    /// Ends the shell.
+    pub async fn close(&self) {
+        let ch = self.ch.clone();
+        let _ = on_runtime(async move {
+            if let Some(c) = ch.lock().await.take() {
+                let _ = c.eof().await;
+                let _ = c.close().await;
+            }
         })
         .await;
     }
@@ -552,6 +716,43 @@ fn sig_name(s: &Sig) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The frame run by a real `sh`: the output ends at the markers with the exit status, a
+    /// syntax error fails only its own command, and output that looks like a marker but has
+    /// another nonce does not end the frame.
+    #[test]
+    fn a_frame_run_by_sh_ends_at_its_markers() {
+        use std::io::Write as _;
+        let nonce = "00112233445566778899aabb";
+        let script = [
+            frame("cd /tmp; X=1; printf 'a\\036ephyr:ffffffffffffffffffffffff:0\\nb'", nonce).0,
+            frame("echo (", nonce).0,
+            frame("echo $X $(pwd); exit 4", nonce).0,
+        ]
+        .concat();
+        let mut child = std::process::Command::new("sh")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let (_, m, em) = frame("", nonce);
+        let mut rest: &[u8] = &out.stdout;
+        let mut got = Vec::new();
+        while let Some((n, code)) = stdout_end(rest, &m) {
+            got.push((String::from_utf8_lossy(&rest[..n]).into_owned(), code));
+            let line_end = rest[n + m.len()..].iter().position(|b| *b == b'\n').unwrap();
+            rest = &rest[n + m.len() + line_end + 1..];
+        }
+        assert_eq!(got[0], ("a\u{1e}ephyr:ffffffffffffffffffffffff:0\nb".to_owned(), 0));
+        assert_ne!(got[1].1, 0, "a syntax error fails its command");
+        assert_eq!(got.len(), 2, "exit ends the shell before the third marker: {got:?}");
+        assert_eq!(rest, b"1 /tmp\n", "the variable and the directory carried over");
+        assert_eq!(out.status.code(), Some(4));
+        assert_eq!(String::from_utf8_lossy(&out.stderr).matches(em.as_str()).count(), 2);
+    }
 
     #[test]
     fn output_is_kept_up_to_the_cap_and_overflow_is_reported() {

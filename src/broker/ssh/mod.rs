@@ -98,6 +98,8 @@ pub struct Session {
     cert_until: Cell<u64>,
     last_used: Cell<Instant>,
     commands: Cell<u64>,
+    /// The kept shell of a `shell` session (`None`: each command runs in a fresh shell).
+    shell: Option<Rc<client::Shell>>,
 }
 
 impl Session {
@@ -124,6 +126,7 @@ impl Session {
             "commands": self.commands.get(),
             "cert_serial": format!("{:016x}", self.serial()),
             "cert_expires_at": crate::time::format_rfc3339(self.cert_until.get() as i64, None),
+            "mode": if self.shell.is_some() { "shell" } else { "exec" },
         })
     }
 }
@@ -141,6 +144,8 @@ pub struct Ran {
     pub connect: Duration,
     /// The recording's id (`None` when it could not be written: the audit log says why).
     pub recording: Option<String>,
+    /// Something the caller should know (a shell session that ended with this command).
+    pub notice: Option<String>,
 }
 
 /// The SSH service.
@@ -561,7 +566,7 @@ impl Ssh {
         let result = ran?;
         let about = recording::About { started, agent: &caller.agent, target, role, command, session: None };
         let recording = self.record(ports, caller, policy, about, &result).await;
-        Ok(Ran { result, serial: issued.serial, host_key_warning: warning, connect, recording })
+        Ok(Ran { result, serial: issued.serial, host_key_warning: warning, connect, recording, notice: None })
     }
 
     /// Opens a session.
@@ -570,14 +575,31 @@ impl Ssh {
         asker: Asker<'_>,
         target: &str,
         role: &str,
+        shell: bool,
     ) -> Result<(Rc<Session>, Option<String>), Error> {
         let Asker { ports, caller, policy, arguments } = asker;
         let principal = Self::authorize(policy, caller, "session_create", arguments, target, role, None)?;
+        if shell && policy.targets.get(target).is_some_and(|t| t.verify_on_target.is_some()) {
+            return Err(Error::Refused(format!(
+                "target {target:?} verifies every command on the host, one signed command at a time: shell sessions are not available there (use mode exec)"
+            )));
+        }
         approval(ports, policy, caller, target, role, None).await?;
         let ttl = policy.targets.get(target).map_or(policy.limits.cert_ttl_max, |t| t.cert_ttl_max);
         let id = random_id();
         let (conn, issued, held, warning) =
             self.connect(ports, caller, policy, target, role, &principal, Some(&id), ttl).await?;
+        let kept = if shell {
+            match conn.open_shell(CONNECT_TIMEOUT).await {
+                Ok(sh) => Some(Rc::new(sh)),
+                Err(e) => {
+                    conn.close().await;
+                    return Err(ssh_err(e));
+                }
+            }
+        } else {
+            None
+        };
         let s = Rc::new(Session {
             id: id.clone(),
             agent: caller.agent.clone(),
@@ -592,6 +614,7 @@ impl Ssh {
             cert_until: Cell::new(issued.valid_before),
             last_used: Cell::new(Instant::now()),
             commands: Cell::new(0),
+            shell: kept,
         });
         self.sessions.borrow_mut().insert(id.clone(), s.clone());
         ports.metrics.set("ephyr_ssh_sessions", &[], self.session_count() as f64);
@@ -599,7 +622,7 @@ impl Ssh {
             .audit_now(
                 with_task(Event::new(Kind::Ssh, "session_create"), caller)
                     .agent(caller.agent.clone())
-                    .action(json!({ "target": target, "role": role, "session": id }))
+                    .action(json!({ "target": target, "role": role, "session": id, "mode": if shell { "shell" } else { "exec" } }))
                     .allow()
                     .outcome(json!({ "serial": format!("{:016x}", issued.serial), "expires": issued.valid_before })),
             )
@@ -637,6 +660,9 @@ impl Ssh {
                 "session {id:?} was closed: role {:?} now maps to another principal; open a new session",
                 s.role
             )));
+        }
+        if let Some(shell) = &s.shell {
+            return self.shell_exec(asker, &s, shell, command, timeout).await;
         }
         let mut connect = Duration::ZERO;
         let mut warning = None;
@@ -682,7 +708,54 @@ impl Ssh {
             session: Some(&s.id),
         };
         let recording = self.record(ports, caller, policy, about, &result).await;
-        Ok(Ran { result, serial: s.serial(), host_key_warning: warning, connect, recording })
+        Ok(Ran { result, serial: s.serial(), host_key_warning: warning, connect, recording, notice: None })
+    }
+
+    /// A command in a `shell` session's kept shell (already authorized and cleared by
+    /// `session_exec`). The shell is never renewed: its certificate's end, or the shell ending
+    /// (exit, timeout, output cap), ends the session.
+    async fn shell_exec(
+        &self,
+        asker: Asker<'_>,
+        s: &Rc<Session>,
+        shell: &client::Shell,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<Ran, Error> {
+        let Asker { ports, caller, policy, .. } = asker;
+        let conn = s.conn.borrow().clone();
+        if shell.is_closed() || conn.is_closed() || s.cert_until.get() <= now_secs() + RENEW_MARGIN {
+            self.close(ports, s, "the shell ended").await;
+            return Err(Error::Refused(format!(
+                "shell session {:?} has ended (its shell exited, or its certificate is about to expire); open a new session",
+                s.id
+            )));
+        }
+        let started = now_secs();
+        let ticket = Self::record_exec(ports.audit, caller, &s.target, &s.role, command, Some(&s.id))?;
+        s.last_used.set(Instant::now());
+        s.commands.set(s.commands.get() + 1);
+        let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
+        let (r, d) = futures_lite::future::zip(shell.run(command.to_owned(), limits), ticket.durable()).await;
+        s.last_used.set(Instant::now());
+        d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))?;
+        let result = r.map_err(ssh_err)?;
+        let about = recording::About {
+            started,
+            agent: &caller.agent,
+            target: &s.target,
+            role: &s.role,
+            command,
+            session: Some(&s.id),
+        };
+        let recording = self.record(ports, caller, policy, about, &result).await;
+        let notice = if shell.is_closed() {
+            self.close(ports, s, "the shell ended").await;
+            Some("the session's shell ended with this command (it exited, timed out or passed the output cap): the session is closed".to_owned())
+        } else {
+            None
+        };
+        Ok(Ran { result, serial: s.serial(), host_key_warning: None, connect: Duration::ZERO, recording, notice })
     }
 
     /// Closes a session (its connection, its certificate's key).
@@ -691,6 +764,9 @@ impl Ssh {
             return;
         }
         drop(s.held.borrow_mut().take());
+        if let Some(shell) = &s.shell {
+            shell.close().await;
+        }
         let conn = s.conn.borrow().clone();
         conn.close().await;
         ports.metrics.set("ephyr_ssh_sessions", &[], self.session_count() as f64);

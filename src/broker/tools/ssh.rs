@@ -61,11 +61,21 @@ pub static SESSION_CREATE: ToolDef = ToolDef {
     name: "session_create",
     title: "Open an SSH session",
     description: "Open a persistent SSH connection to a target as a role; pass its session_id to exec to run \
-                  commands without reconnecting (much faster). Sessions close after 5 minutes idle or when the \
-                  task ends.",
+                  commands without reconnecting (much faster). mode \"exec\" (default): each command runs in a \
+                  fresh shell, nothing carries over between commands. mode \"shell\": one shell runs every command \
+                  in turn, so the working directory (cd), shell variables and exported environment (export) carry \
+                  over; every command is still checked by the policy; a command that exits the shell, times out or \
+                  passes the output cap ends the session; it lasts at most as long as its certificate. Sessions \
+                  close after 5 minutes idle or when the task ends.",
     params: &[
         Param { name: "target", ty: ParamType::String, required: true, description: "Target name from list_targets" },
         Param { name: "role", ty: ParamType::String, required: true, description: "Role to use on the target" },
+        Param {
+            name: "mode",
+            ty: ParamType::Enum(&["exec", "shell"]),
+            required: false,
+            description: "exec (default): nothing carries over; shell: cd and export carry over between commands",
+        },
     ],
     annotations: Annotations { read_only: false, destructive: false, idempotent: false, open_world: true },
     output: OutputShape::Object(&[
@@ -175,6 +185,9 @@ fn exec_output(
     if let Some(id) = &ran.recording {
         v["recording_id"] = Value::from(id.as_str());
     }
+    if let Some(n) = &ran.notice {
+        v["notice"] = Value::from(n.as_str());
+    }
     v
 }
 
@@ -247,7 +260,8 @@ async fn session_create(cx: Ctx<'_>) -> Output {
     let mut action = Map::new();
     action.insert("target".into(), Value::from(target));
     action.insert("role".into(), Value::from(role));
-    match cx.ssh.session_create(asker(&cx), target, role).await {
+    let shell = arg(cx.args, "mode") == Some("shell");
+    match cx.ssh.session_create(asker(&cx), target, role, shell).await {
         Ok((s, warning)) => {
             let mut v = s.view();
             v["status"] = Value::from("open");
