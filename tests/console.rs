@@ -97,6 +97,7 @@ fn sign_in_sessions_csrf_origin_and_roles() {
         ("/agents", ""),
         ("/tasks", ""),
         ("/ssh", ""),
+        ("/recordings", ""),
         ("/remotes", ""),
         ("/audit", ""),
         ("/graphs", ""),

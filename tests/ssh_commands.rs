@@ -22,6 +22,9 @@ struct Lab {
     conf: TempDir,
 }
 
+/// The console viewer's password.
+const WATCHER_PW: &str = "watcher-password-for-recordings";
+
 /// A secret the policy names (a service credential): masked in recordings.
 const SECRET: &str = "s3cr3t-token-value-42";
 
@@ -75,9 +78,11 @@ fn lab() -> Lab {
     }
     std::os::unix::fs::chown(shim.join("state"), Some(uid), None).unwrap();
     let sealed_policy = table_policy.clone();
+    let watcher = operator_entry("watcher", "viewer", WATCHER_PW);
     let policy = format!(
         r#"version: 1
-roles:
+operators:
+{watcher}roles:
   read: {{ principal: {USER} }}
   narrow:
     principal: {USER}
@@ -434,6 +439,18 @@ fn recordings_are_kept_masked_and_an_edit_is_detected() {
     assert_eq!(code, Some(0));
     assert!(out.contains("in-session"), "{out}");
 
+    // The console shows it to any operator after the same check.
+    let mut console = ConsoleClient::new(&l.broker.dashboard);
+    assert_eq!(console.login("watcher", WATCHER_PW).status, 303);
+    let listed = console.get("/recordings");
+    assert_eq!(listed.status, 200);
+    assert!(listed.text().contains(&format!("/recordings/{id}")), "{}", listed.text());
+    let shown = console.get(&format!("/recordings/{id}"));
+    assert_eq!(shown.status, 200);
+    let page = shown.text();
+    assert!(page.contains("sha256 verified") && page.contains("token=****") && !page.contains(SECRET), "{page}");
+    assert!(page.contains("h&#233;llo") || page.contains("héllo"), "{page}");
+
     // Edit the output after the fact: refused, named, and listed as tampered.
     std::fs::write(&file, text.replace("oops", "fine")).unwrap();
     let (code, _, err) = recording_cli(&l, &["show", &id]);
@@ -442,6 +459,14 @@ fn recordings_are_kept_masked_and_an_edit_is_detected() {
     let (code, out, _) = recording_cli(&l, &["list"]);
     assert_eq!(code, Some(1));
     assert!(out.lines().any(|x| x.starts_with(&id) && x.contains("TAMPERED")), "{out}");
+    let shown = console.get(&format!("/recordings/{id}"));
+    assert_eq!(shown.status, 409);
+    assert!(
+        shown.text().contains("was changed after it was written") && !shown.text().contains("fine"),
+        "{}",
+        shown.text()
+    );
+    assert_eq!(console.get("/recordings/..%2f..%2fetc%2fpasswd").status, 404);
     // A forged recording with no audit line is not shown either.
     let forged = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
     std::fs::write(l.data.join(&format!("recordings/{forged}.cast")), &bytes).unwrap();

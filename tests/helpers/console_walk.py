@@ -20,7 +20,7 @@ from playwright.sync_api import sync_playwright
 
 cfg = json.loads(sys.argv[1])
 base = "http://" + cfg["dashboard"]
-views = ["/", "/approvals", "/agents", "/tasks", "/ssh", "/remotes", "/audit", "/graphs", "/policy", "/inspect", "/audit/verify"]
+views = ["/", "/approvals", "/agents", "/tasks", "/ssh", "/recordings", "/remotes", "/audit", "/graphs", "/policy", "/inspect", "/audit/verify"]
 report = {"console_errors": [], "csp": [], "axe": {}, "failures": [], "screenshots": [], "steps": []}
 os.makedirs(cfg["shots"], exist_ok=True)
 

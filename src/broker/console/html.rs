@@ -37,12 +37,13 @@ pub fn q(s: &str) -> String {
 }
 
 /// The views, in the navigation's order: (path, label).
-pub const VIEWS: [(&str, &str); 10] = [
+pub const VIEWS: [(&str, &str); 11] = [
     ("/", "Overview"),
     ("/approvals", "Approvals"),
     ("/agents", "Agents"),
     ("/tasks", "Tasks"),
     ("/ssh", "SSH"),
+    ("/recordings", "Recordings"),
     ("/remotes", "Services & remotes"),
     ("/audit", "Audit"),
     ("/graphs", "Metrics"),

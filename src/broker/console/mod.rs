@@ -29,6 +29,7 @@ pub(crate) mod auth;
 pub(crate) mod graphs;
 pub(crate) mod html;
 pub(crate) mod queue;
+pub(crate) mod recordings;
 pub(crate) mod views;
 
 /// The console's stylesheet.
@@ -124,6 +125,7 @@ pub fn is_console_path(path: &str) -> bool {
             "/unfreeze",
             "/policy/",
             "/approvals/",
+            "/recordings/",
         ]
         .iter()
         .any(|p| path.starts_with(p))
@@ -187,6 +189,10 @@ async fn route(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer, tls: bool
     };
     match method {
         Method::GET | Method::HEAD if path == "/approvals" => queue::page(&broker, &op).await,
+        Method::GET | Method::HEAD if path == "/recordings" => recordings::list(&broker, &op).await,
+        Method::GET | Method::HEAD if path.starts_with("/recordings/") => {
+            recordings::show(&broker, &op, &path["/recordings/".len()..]).await
+        }
         Method::GET | Method::HEAD => views::get(&broker, &op, &path, req.uri().query().unwrap_or("")).await,
         Method::POST => actions::post(&broker, &op, req, &path, tls).await,
         _ => error_page(StatusCode::METHOD_NOT_ALLOWED, Some(&op), "use GET or POST"),
