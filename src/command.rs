@@ -261,6 +261,11 @@ impl Parsed {
         if command.contains("\\\n") {
             return Err(refuse(Reason::LineContinuation, "\\⏎", "backslash-newline continues a line; write one line"));
         }
+        if let Some(n) = huge_descriptor(command) {
+            // brush-parser 0.2.18 unwraps the parse of a redirection's descriptor number (found by
+            // the shell_command fuzz target); a number this long is refused before it sees it.
+            return Err(refuse(Reason::ParseError, n, "a redirection's descriptor number is too large"));
+        }
         if openers(command) > MAX_OPENERS {
             return Err(refuse(
                 Reason::TooDeep,
@@ -337,6 +342,26 @@ fn openers(s: &str) -> usize {
         i += 1;
     }
     n
+}
+
+/// A run of 10 or more digits right before `<` or `>` (a descriptor number past `u32`).
+fn huge_descriptor(s: &str) -> Option<&str> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i].is_ascii_digit() {
+            let start = i;
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            if i - start >= 10 && matches!(b.get(i), Some(b'<' | b'>')) {
+                return Some(&s[start..i]);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    None
 }
 
 /// Whether an unquoted compound-command keyword starts at `i` (`if`, `while`, `for`, ...).

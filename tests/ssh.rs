@@ -656,36 +656,8 @@ fn target_scan_and_verify_against_good_and_misconfigured_sshds() {
 fn the_setup_script_configures_a_non_system_sshd_and_its_dry_run_changes_nothing() {
     let l = lab("");
     let sock = l.broker.socket.to_str().unwrap().to_owned();
-    let dir = TempDir::new("setup-sshd");
-    let ssh_dir = dir.join("ssh");
-    std::fs::create_dir_all(&ssh_dir).unwrap();
-    let hk = ssh_dir.join("host_ed25519");
-    assert!(
-        Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&hk).status().unwrap().success()
-    );
-    let port = free_port();
-    let pid_file = ssh_dir.join("sshd.pid");
-    let config = ssh_dir.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n",
-            hk.display(),
-            pid_file.display()
-        ),
-    )
-    .unwrap();
-    let mut sshd = Command::new("/usr/sbin/sshd")
-        .args(["-D", "-e", "-f"])
-        .arg(&config)
-        .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !pid_file.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "sshd did not start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let own = OwnSshd::start("setup-sshd");
+    let (dir, ssh_dir, config, port) = (&own.dir, &own.ssh_dir, &own.config, own.port);
     let policy = l.policy.replace(
         "targets:\n",
         &format!("targets:\n  fresh: {{ host: 127.0.0.1, port: {port}, allowed_roles: [read, op] }}\n"),
@@ -701,24 +673,11 @@ fn the_setup_script_configures_a_non_system_sshd_and_its_dry_run_changes_nothing
     assert_eq!(before["ok"], false, "{before}");
     assert!(before["roles"][0]["problems"][0].as_str().unwrap().contains("auth_refused"), "{before}");
 
-    let out = ephyr(&[
-        "target",
-        "setup-script",
-        "--config",
-        policy_path.to_str().unwrap(),
-        "--target",
-        "fresh",
-        "--socket",
-        &sock,
-        "--ssh-dir",
-        ssh_dir.to_str().unwrap(),
-        "--sshd-pid-file",
-        pid_file.to_str().unwrap(),
-    ]);
+    let out = own.setup_script(&policy_path, "fresh", &sock);
     assert!(out.status.success(), "{}", stderr(&out));
     let script = dir.join("setup.sh");
     std::fs::write(&script, &out.stdout).unwrap();
-    let config_before = std::fs::read_to_string(&config).unwrap();
+    let config_before = std::fs::read_to_string(config).unwrap();
 
     // The dry run: every file and command named, nothing changed.
     let dry = Command::new("sh").arg(&script).arg("--dry-run").output().unwrap();
@@ -734,13 +693,13 @@ fn the_setup_script_configures_a_non_system_sshd_and_its_dry_run_changes_nothing
         assert!(said.contains(&needle), "{needle:?} not in:\n{said}");
     }
     assert!(!ssh_dir.join("ephyr_ca.pub").exists(), "the dry run wrote nothing");
-    assert_eq!(std::fs::read_to_string(&config).unwrap(), config_before);
+    assert_eq!(std::fs::read_to_string(config).unwrap(), config_before);
 
     // The real run: the sshd named by the pid file reloads and trusts the broker's CA.
     let real = Command::new("sh").arg(&script).output().unwrap();
     assert!(real.status.success(), "{}\n{}", stdout(&real), stderr(&real));
     assert!(
-        std::fs::read_to_string(&config)
+        std::fs::read_to_string(config)
             .unwrap()
             .starts_with(&format!("Include {}/sshd_config.d/*.conf", ssh_dir.display()))
     );
@@ -757,6 +716,4 @@ fn the_setup_script_configures_a_non_system_sshd_and_its_dry_run_changes_nothing
     // The lab's sshd was not signalled and still serves.
     let r = l.call(&l.alice, "exec", json!({"target": "a", "role": "read", "command": "true"})).unwrap();
     assert_eq!(r["exit_code"], 0);
-    let _ = sshd.kill();
-    let _ = sshd.wait();
 }

@@ -488,45 +488,13 @@ fn the_setup_script_installs_the_verifier_and_target_verify_sees_it() {
         panic!("needs root");
     }
     ensure_user(USER);
-    let dir = TempDir::new("sealed-setup");
-    let ssh_dir = dir.join("ssh");
-    std::fs::create_dir_all(&ssh_dir).unwrap();
+    let own = OwnSshd::start("sealed-setup");
+    let (dir, ssh_dir, port) = (&own.dir, &own.ssh_dir, own.port);
     let bin_dir = std::path::PathBuf::from(format!("/tmp/ephyr-sealed-bin-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&bin_dir);
-    let hk = ssh_dir.join("host_ed25519");
-    assert!(
-        Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&hk).status().unwrap().success()
-    );
-    let port = free_port();
-    let pid_file = ssh_dir.join("sshd.pid");
-    let config = ssh_dir.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n",
-            hk.display(),
-            pid_file.display()
-        ),
-    )
-    .unwrap();
     // The directory must be reachable by the role user (the CA file the verifier reads is in it).
     for d in [dir.path(), ssh_dir.as_path()] {
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    // Stopped on every way out, a failed assertion included (it would hold the test's output open).
-    let _sshd = KillOnDrop(
-        Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !pid_file.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "sshd did not start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let data = TempDir::new("sealed-data");
     let conf = TempDir::new("sealed-conf");
@@ -570,20 +538,7 @@ agents:
     };
     assert_eq!(verify()["ok"], false);
 
-    let out = ephyr(&[
-        "target",
-        "setup-script",
-        "--config",
-        policy_path.to_str().unwrap(),
-        "--target",
-        "fresh",
-        "--socket",
-        &sock,
-        "--ssh-dir",
-        ssh_dir.to_str().unwrap(),
-        "--sshd-pid-file",
-        pid_file.to_str().unwrap(),
-    ]);
+    let out = own.setup_script(&policy_path, "fresh", &sock);
     assert!(out.status.success(), "{}", stderr(&out));
     let script = dir.join("setup.sh");
     std::fs::write(&script, &out.stdout).unwrap();
@@ -619,16 +574,6 @@ agents:
     .unwrap();
     assert_eq!(r["stdout"], "through-the-verifier\n", "{r}");
     let _ = std::fs::remove_dir_all(&bin_dir);
-}
-
-/// A child process killed and reaped when the guard drops.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A `shell` session keeps one shell: `cd` and `export` carry over, every command is still checked

@@ -161,6 +161,11 @@ fn hostile_inputs_are_refused_without_panicking() {
         let got = outcome(&p, &cmd);
         assert!(["ok", "parse_error", "too_long"].contains(&got.as_str()), "{sep:?}: {got}");
     }
+    // Found by the fuzz target: brush-parser unwraps a descriptor number past u32.
+    let crash = String::from_utf8(include_bytes!("../../fuzz/seeds/shell_command/crash-io-number").to_vec()).unwrap();
+    assert_eq!(outcome(&p, &crash), "parse_error");
+    assert_eq!(outcome(&p, "ls 99999999999>x"), "parse_error");
+    assert_eq!(outcome(&p, "ls 2>/dev/null"), "ok");
     for cmd in ["", " ", ";", "&&", "|", "\0", "ls\0rm", "'", "\"", "`", "$(", "\\", "ls \\", "a=b", ">x", "2>&1"] {
         assert_ne!(outcome(&p, cmd), "ok", "{cmd:?}");
     }

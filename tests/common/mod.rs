@@ -290,6 +290,79 @@ pub fn ensure_user(name: &str) {
     let _ = Command::new("usermod").args(["-p", "*", name]).output();
 }
 
+/// A second sshd with its own config dir under a temporary directory (never the system's), as
+/// `ephyr target setup-script --ssh-dir/--sshd-pid-file` configures it; killed when dropped (a
+/// failed assertion included: it would hold the test's output open).
+pub struct OwnSshd {
+    pub port: u16,
+    pub dir: TempDir,
+    pub ssh_dir: PathBuf,
+    pub config: PathBuf,
+    pub pid_file: PathBuf,
+    child: Child,
+}
+
+impl OwnSshd {
+    pub fn start(tag: &str) -> OwnSshd {
+        let dir = TempDir::new(tag);
+        let ssh_dir = dir.join("ssh");
+        std::fs::create_dir_all(&ssh_dir).unwrap();
+        let hk = ssh_dir.join("host_ed25519");
+        let keygen = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&hk).status();
+        assert!(keygen.unwrap().success());
+        let port = free_port();
+        let pid_file = ssh_dir.join("sshd.pid");
+        let config = ssh_dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n",
+                hk.display(),
+                pid_file.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !pid_file.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        OwnSshd { port, dir, ssh_dir, config, pid_file, child }
+    }
+
+    /// `ephyr target setup-script` for `target` of the policy file, configuring this sshd.
+    pub fn setup_script(&self, policy: &Path, target: &str, socket: &str) -> Output {
+        ephyr(&[
+            "target",
+            "setup-script",
+            "--config",
+            policy.to_str().unwrap(),
+            "--target",
+            target,
+            "--socket",
+            socket,
+            "--ssh-dir",
+            self.ssh_dir.to_str().unwrap(),
+            "--sshd-pid-file",
+            self.pid_file.to_str().unwrap(),
+        ])
+    }
+}
+
+impl Drop for OwnSshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A real OpenSSH sshd on 127.0.0.1 trusting one CA.
 pub struct Sshd {
     pub port: u16,

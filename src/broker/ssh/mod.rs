@@ -103,6 +103,11 @@ pub struct Session {
 }
 
 impl Session {
+    /// What a recording of `command` on this session is of.
+    fn about<'a>(&'a self, agent: &'a str, command: &'a str, started: u64) -> recording::About<'a> {
+        recording::About { started, agent, target: &self.target, role: &self.role, command, session: Some(&self.id) }
+    }
+
     /// Serial of the certificate in use.
     pub fn serial(&self) -> u64 {
         self.serial.get()
@@ -699,15 +704,7 @@ impl Ssh {
         s.last_used.set(Instant::now());
         d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))?;
         let result = r.map_err(ssh_err)?;
-        let about = recording::About {
-            started,
-            agent: &caller.agent,
-            target: &s.target,
-            role: &s.role,
-            command,
-            session: Some(&s.id),
-        };
-        let recording = self.record(ports, caller, policy, about, &result).await;
+        let recording = self.record(ports, caller, policy, s.about(&caller.agent, command, started), &result).await;
         Ok(Ran { result, serial: s.serial(), host_key_warning: warning, connect, recording, notice: None })
     }
 
@@ -740,15 +737,7 @@ impl Ssh {
         s.last_used.set(Instant::now());
         d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))?;
         let result = r.map_err(ssh_err)?;
-        let about = recording::About {
-            started,
-            agent: &caller.agent,
-            target: &s.target,
-            role: &s.role,
-            command,
-            session: Some(&s.id),
-        };
-        let recording = self.record(ports, caller, policy, about, &result).await;
+        let recording = self.record(ports, caller, policy, s.about(&caller.agent, command, started), &result).await;
         let notice = if shell.is_closed() {
             self.close(ports, s, "the shell ended").await;
             Some("the session's shell ended with this command (it exited, timed out or passed the output cap): the session is closed".to_owned())
