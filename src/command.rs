@@ -266,7 +266,13 @@ impl Parsed {
             // the shell_command fuzz target); a number this long is refused before it sees it.
             return Err(refuse(Reason::ParseError, n, "a redirection's descriptor number is too large"));
         }
-        if openers(command) > MAX_OPENERS {
+        let pre = prescan(command);
+        if pre.here_doc {
+            // Refused anyway; and brush-parser 0.2.18 loops allocating on some unterminated ones
+            // (`c<<"'" #;`, found by the fuzz target): the parser never sees them.
+            return Err(refuse(Reason::HereDocument, "<<", "here-documents and here-strings are not judged"));
+        }
+        if pre.openers > MAX_OPENERS {
             return Err(refuse(
                 Reason::TooDeep,
                 "",
@@ -313,11 +319,20 @@ impl Parsed {
 /// refused anyway, so a handful is enough for a precise reason.
 const MAX_OPENERS: usize = 4;
 
-/// Counts what can open a nested construct: unquoted `(`, `{`, `` ` ``, `[[`, compound-command
-/// keywords, and `$(`, `${`, `` ` `` inside double quotes. Quote-aware and conservative (it may count what is not one).
-fn openers(s: &str) -> usize {
+/// What a quote-aware walk over the raw command finds before the parser sees it.
+struct Prescan {
+    /// What can open a nested construct: unquoted `(`, `{`, `` ` ``, `[[`, compound-command
+    /// keywords, and `$(`, `${`, `` ` `` inside double quotes (conservative: it may count what is
+    /// not one).
+    openers: usize,
+    /// An unquoted `<<` (a here-document or here-string).
+    here_doc: bool,
+}
+
+fn prescan(s: &str) -> Prescan {
     let b = s.as_bytes();
-    let (mut i, mut n, mut dq) = (0, 0, false);
+    let (mut i, mut dq) = (0, false);
+    let mut out = Prescan { openers: 0, here_doc: false };
     while i < b.len() {
         match (b[i], dq) {
             (b'\\', _) => i += 1,
@@ -332,16 +347,17 @@ fn openers(s: &str) -> usize {
                 }
             }
             (b'"', _) => dq = !dq,
-            (b'(' | b'{' | b'`', false) => n += 1,
-            (b'[', false) if b.get(i + 1) == Some(&b'[') => n += 1,
-            (b'`', true) => n += 1,
-            (_, false) if keyword_at(b, i) => n += 1,
-            (b'$', true) if matches!(b.get(i + 1), Some(b'(' | b'{')) => n += 1,
+            (b'<', false) if b.get(i + 1) == Some(&b'<') => out.here_doc = true,
+            (b'(' | b'{' | b'`', false) => out.openers += 1,
+            (b'[', false) if b.get(i + 1) == Some(&b'[') => out.openers += 1,
+            (b'`', true) => out.openers += 1,
+            (_, false) if keyword_at(b, i) => out.openers += 1,
+            (b'$', true) if matches!(b.get(i + 1), Some(b'(' | b'{')) => out.openers += 1,
             _ => {}
         }
         i += 1;
     }
-    n
+    out
 }
 
 /// A run of 10 or more digits right before `<` or `>` (a descriptor number past `u32`).

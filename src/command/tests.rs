@@ -166,6 +166,10 @@ fn hostile_inputs_are_refused_without_panicking() {
     assert_eq!(outcome(&p, &crash), "parse_error");
     assert_eq!(outcome(&p, "ls 99999999999>x"), "parse_error");
     assert_eq!(outcome(&p, "ls 2>/dev/null"), "ok");
+    // Found by the fuzz target: an unterminated here-document made brush-parser allocate forever.
+    let oom = String::from_utf8(include_bytes!("../../fuzz/seeds/shell_command/oom-here-doc").to_vec()).unwrap();
+    assert_eq!(outcome(&p, &oom), "here_document");
+    assert_eq!(outcome(&p, "echo 'a<<b' \"c<<d\""), "ok");
     for cmd in ["", " ", ";", "&&", "|", "\0", "ls\0rm", "'", "\"", "`", "$(", "\\", "ls \\", "a=b", ">x", "2>&1"] {
         assert_ne!(outcome(&p, cmd), "ok", "{cmd:?}");
     }
