@@ -297,6 +297,9 @@ fn the_target_refuses_replayed_altered_and_unsigned_commands() {
     );
     let e = l.exec(&l.alice, "plain", "read", "id").unwrap_err();
     assert!(e.contains("was not started with it as sealed"), "{e}");
+    // Nothing was sent, so nothing is recorded as run.
+    let ran = audit_events(&l.broker, "ssh_exec");
+    assert!(!ran.iter().any(|e| e["action"]["target"] == "plain"), "{ran:?}");
 }
 /// A target without a command policy runs anything the role's shell allows (unchanged); a role's
 /// policy applies on every target, together with the target's.

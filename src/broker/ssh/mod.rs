@@ -548,22 +548,17 @@ impl Ssh {
             self.connect(ports, caller, policy, target, role, &principal, None, ttl).await?;
         let connect = started.elapsed();
         let started = now_secs();
-        let ticket = Self::record_exec(ports.audit, caller, target, role, command, None);
-        let ran = match ticket {
-            Ok(ticket) => {
-                let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
-                match wire_command(ports, policy, target, &principal, command).await {
-                    Ok(sent) => {
-                        let (r, d) = futures_lite::future::zip(conn.exec(sent, limits), ticket.durable()).await;
-                        d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))
-                            .and(r.map_err(ssh_err))
-                    }
-                    Err(e) => {
-                        let _ = ticket.durable().await;
-                        Err(e)
-                    }
+        // The envelope first (a sealed target): `ssh_exec` is recorded only for a command that is sent.
+        let ran = match wire_command(ports, policy, target, &principal, command).await {
+            Ok(sent) => match Self::record_exec(ports.audit, caller, target, role, command, None) {
+                Ok(ticket) => {
+                    let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
+                    let (r, d) = futures_lite::future::zip(conn.exec(sent, limits), ticket.durable()).await;
+                    d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))
+                        .and(r.map_err(ssh_err))
                 }
-            }
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         conn.close().await;
@@ -689,17 +684,11 @@ impl Ssh {
         }
         let conn = s.conn.borrow().clone();
         let started = now_secs();
+        let sent = wire_command(ports, policy, &s.target, &s.principal, command).await?;
         let ticket = Self::record_exec(ports.audit, caller, &s.target, &s.role, command, Some(&s.id))?;
         s.last_used.set(Instant::now());
         s.commands.set(s.commands.get() + 1);
         let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
-        let sent = match wire_command(ports, policy, &s.target, &s.principal, command).await {
-            Ok(sent) => sent,
-            Err(e) => {
-                let _ = ticket.durable().await;
-                return Err(e);
-            }
-        };
         let (r, d) = futures_lite::future::zip(conn.exec(sent, limits), ticket.durable()).await;
         s.last_used.set(Instant::now());
         d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))?;
