@@ -703,14 +703,7 @@ fn the_setup_script_configures_a_non_system_sshd_and_its_dry_run_changes_nothing
             .unwrap()
             .starts_with(&format!("Include {}/sshd_config.d/*.conf", ssh_dir.display()))
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let after = loop {
-        let v = verify();
-        if v["ok"] == true || std::time::Instant::now() > deadline {
-            break v;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let after = poll_until(Duration::from_secs(10), verify, |v| v["ok"] == true);
     assert_eq!(after["ok"], true, "{after}");
     assert_eq!(after["roles"].as_array().unwrap().len(), 2);
     // The lab's sshd was not signalled and still serves.

@@ -6,6 +6,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
@@ -199,18 +200,21 @@ fn the_command_table_through_mcp_exec_against_sshd_with_the_verifier_off_and_on(
 
 /// Runs the verifier on the target as sshd would for a connection with the certificate (the
 /// role user, `SSH_ORIGINAL_COMMAND` set): what someone holding a stolen certificate can send.
-fn shim_as_user(l: &Lab, target: &str, wire: &str) -> (Option<i32>, String, String) {
-    let out = Command::new("runuser")
-        .args(["-u", USER, "--"])
+/// `wire` `None`: no command at all (an interactive login).
+fn shim_as_user(l: &Lab, target: &str, wire: Option<&str>) -> (Option<i32>, String, String) {
+    let mut c = Command::new("runuser");
+    c.args(["-u", USER, "--"])
         .arg(l.shim.join("ephyr"))
         .args(["shim", "--target", target, "--ca"])
         .arg(l.shim.join("ca.pub"))
         .arg("--state")
         .arg(l.shim.join("state"))
-        .env("SSH_ORIGINAL_COMMAND", wire)
-        .env("SHELL", "/bin/sh")
-        .output()
-        .unwrap();
+        .env("SHELL", "/bin/sh");
+    match wire {
+        Some(w) => c.env("SSH_ORIGINAL_COMMAND", w),
+        None => c.env_remove("SSH_ORIGINAL_COMMAND"),
+    };
+    let out = c.output().unwrap();
     (out.status.code(), stdout(&out), stderr(&out))
 }
 
@@ -228,7 +232,7 @@ fn the_target_refuses_replayed_altered_and_unsigned_commands() {
     assert!(wire.starts_with("ephyr-exec-v1 ") && !wire.contains("sealed-run"), "the command travels encoded: {wire}");
 
     // Replayed: the nonce was used by the real run.
-    let (code, out, err) = shim_as_user(&l, "sealed", &wire);
+    let (code, out, err) = shim_as_user(&l, "sealed", Some(&wire));
     assert_eq!(code, Some(126), "{out} {err}");
     assert!(err.contains("already used here (a replay)") && out.is_empty(), "{err}");
 
@@ -239,33 +243,26 @@ fn the_target_refuses_replayed_altered_and_unsigned_commands() {
     let altered = text.replace(&b64("echo sealed-run"), &b64("touch /tmp/ephyr-shim-pwned"));
     assert_ne!(altered, text);
     let forged = format!("{} {} {}", parts[0], data_encoding::BASE64URL_NOPAD.encode(altered.as_bytes()), parts[2]);
-    let (code, _, err) = shim_as_user(&l, "sealed", &forged);
+    let (code, _, err) = shim_as_user(&l, "sealed", Some(&forged));
     assert_eq!(code, Some(126));
     assert!(err.contains("the signature does not match the envelope"), "{err}");
     assert!(!std::path::Path::new("/tmp/ephyr-shim-pwned").exists());
 
     // A plain command, as with a stolen certificate and no signer.
-    let (code, _, err) = shim_as_user(&l, "sealed", "touch /tmp/ephyr-shim-pwned");
+    let (code, _, err) = shim_as_user(&l, "sealed", Some("touch /tmp/ephyr-shim-pwned"));
     assert_eq!(code, Some(126));
     assert!(err.contains("does not come with an ephyr-exec-v1 envelope"), "{err}");
     // No command at all (an interactive login).
-    let out = Command::new("runuser")
-        .args(["-u", USER, "--"])
-        .arg(l.shim.join("ephyr"))
-        .args(["shim", "--target", "sealed", "--ca"])
-        .arg(l.shim.join("ca.pub"))
-        .env_remove("SSH_ORIGINAL_COMMAND")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(126));
-    assert!(stderr(&out).contains("interactive login is refused"), "{}", stderr(&out));
+    let (code, _, err) = shim_as_user(&l, "sealed", None);
+    assert_eq!(code, Some(126));
+    assert!(err.contains("interactive login is refused"), "{err}");
 
     // A fresh envelope for `sealed`, presented to a verifier configured as another target.
     let r = l.exec(&l.alice, "sealed", "read", "echo second").unwrap();
     assert_eq!(r["stdout"], "second\n");
     let seen = std::fs::read_to_string(l.shim.join("seen")).unwrap();
     let wire2 = seen.lines().last().unwrap().to_owned();
-    let (code, _, err) = shim_as_user(&l, "web", &wire2);
+    let (code, _, err) = shim_as_user(&l, "web", Some(&wire2));
     assert_eq!(code, Some(126));
     assert!(err.contains("is for target \"sealed\""), "{err}");
     assert!(!std::path::Path::new("/tmp/ephyr-shim-pwned").exists());
@@ -558,14 +555,7 @@ agents:
             .contains(&format!("Match User {USER}\n    ForceCommand {}/ephyr shim --target fresh", bin_dir.display())),
         "{drop_in}"
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let after = loop {
-        let v = verify();
-        if v["ok"] == true || std::time::Instant::now() > deadline {
-            break v;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let after = poll_until(Duration::from_secs(10), verify, |v| v["ok"] == true);
     assert_eq!(after["ok"], true, "{after}");
     assert!(after["roles"][0]["warnings"].to_string().contains("commands are verified on the host"), "{after}");
     let r = tool_call(

@@ -290,6 +290,18 @@ pub fn ensure_user(name: &str) {
     let _ = Command::new("usermod").args(["-p", "*", name]).output();
 }
 
+/// Calls `f` until `done` holds for its value or `within` passes; returns the last value.
+pub fn poll_until<T>(within: Duration, f: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = f();
+        if done(&v) || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A second sshd with its own config dir under a temporary directory (never the system's), as
 /// `ephyr target setup-script --ssh-dir/--sshd-pid-file` configures it; killed when dropped (a
 /// failed assertion included: it would hold the test's output open).
