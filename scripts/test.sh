@@ -53,6 +53,8 @@ cargo fmt --check
 step "cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 step "cargo deny (bans, licences, sources; deny.toml)"
+# Every locked package, also those only other platforms build (cargo deny reads them offline).
+cargo fetch --locked --quiet
 cargo deny --locked --offline check bans licenses sources
 step "cargo test"
 cargo test --locked

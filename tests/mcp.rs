@@ -149,6 +149,9 @@ fn alice_tools() -> Vec<String> {
         "session_close",
         "list_sessions",
         "list_certs",
+        "file_read",
+        "file_write",
+        "file_list",
         "http_request",
         "list_services",
     ]
@@ -183,8 +186,17 @@ fn typescript_and_python_sdks_connect_list_read_and_call() {
     for t in ts["tools"].as_array().unwrap() {
         assert_eq!(t["inputSchema"]["type"], "object");
         assert_eq!(t["inputSchema"]["additionalProperties"], false);
-        let read_only = ["list_targets", "list_sessions", "list_certs", "list_services", "task_info", "task_list"]
-            .contains(&t["name"].as_str().unwrap());
+        let read_only = [
+            "list_targets",
+            "list_sessions",
+            "list_certs",
+            "file_read",
+            "file_list",
+            "list_services",
+            "task_info",
+            "task_list",
+        ]
+        .contains(&t["name"].as_str().unwrap());
         assert_eq!(t["annotations"]["readOnlyHint"], read_only, "{t}");
     }
     let resources: Vec<&str> = ts["resources"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();

@@ -630,3 +630,89 @@ fn shell_sessions_keep_the_directory_and_environment_and_each_command_is_policed
     let e = call(json!({"target": "sealed", "role": "read", "mode": "shell"})).unwrap_err();
     assert!(e.contains("shell sessions are not available there"), "{e}");
 }
+
+/// A terminal session runs interactive programs: keystrokes in, the screen out, the size the
+/// program sees follows a resize, Ctrl-C reaches it, the keystrokes are recorded (an `i` event)
+/// and audited; it is refused wherever commands are judged.
+#[test]
+fn terminal_sessions_run_interactive_programs_and_are_refused_where_commands_are_judged() {
+    let l = lab();
+    let create = |args: Value| tool_call(&l.broker.api, &l.alice, "session_create", args);
+    let s = create(json!({"target": "plain", "role": "read", "mode": "pty", "cols": 100, "rows": 30})).unwrap();
+    assert_eq!((s["mode"].as_str(), s["terminal"]["cols"].as_u64()), (Some("pty"), Some(100)), "{s}");
+    let sid = s["session_id"].as_str().unwrap().to_owned();
+    let input = |args: Value| {
+        let mut a = json!({"session_id": sid, "wait_ms": 3000});
+        a.as_object_mut().unwrap().extend(args.as_object().unwrap().clone());
+        tool_call(&l.broker.api, &l.alice, "session_input", a)
+    };
+    // Reads until the terminal has printed `want` (output can come in several calls).
+    let until = |keys: &str, want: &str| -> String {
+        let mut seen = input(json!({"input": keys})).unwrap()["output"].as_str().unwrap().to_owned();
+        for _ in 0..10 {
+            if seen.contains(want) {
+                break;
+            }
+            seen.push_str(input(json!({"input": ""})).unwrap()["output"].as_str().unwrap());
+        }
+        assert!(seen.contains(want), "{want:?} not in {seen:?}");
+        seen
+    };
+    until("stty size\r", "30 100");
+    until("", "");
+    let r = input(json!({"input": "stty size\r", "cols": 50, "rows": 20})).unwrap();
+    let mut seen = r["output"].as_str().unwrap().to_owned();
+    if !seen.contains("20 50") {
+        seen.push_str(&until("", "20 50"));
+    }
+    assert!(seen.contains("20 50"), "{seen}");
+    // An interactive program: `cat` echoes a line, Ctrl-C stops it, the shell is still there.
+    until("cat\r", "cat");
+    until("hello-from-the-terminal\r", "hello-from-the-terminal\r\nhello-from-the-terminal");
+    until("\u{3}", "");
+    let r = until("echo still-$((40+2))\r", "still-42");
+    assert!(r.contains("still-42"), "{r}");
+    // Recorded with the keystrokes; audited before they were sent.
+    let r = input(json!({"input": "echo recorded-keys\r"})).unwrap();
+    let id = r["recording_id"].as_str().unwrap().to_owned();
+    let cast = std::fs::read_to_string(l.data.join(&format!("recordings/{id}.cast"))).unwrap();
+    let header: Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
+    assert_eq!((header["width"].as_u64(), header["height"].as_u64()), (Some(50), Some(20)), "{cast}");
+    let first: Value = serde_json::from_str(cast.lines().nth(1).unwrap()).unwrap();
+    assert_eq!(first, json!([0.0, "i", "echo recorded-keys\r"]), "{cast}");
+    let inputs = audit_events(&l.broker, "ssh_input");
+    assert!(inputs.iter().any(|e| e["action"]["input"] == "echo recorded-keys\r" && e["action"]["session"] == sid));
+    let (code, shown, _) = recording_cli(&l, &["show", &id]);
+    assert_eq!(code, Some(0));
+    assert!(shown.contains("# [input \"echo recorded-keys\\r\"]"), "{shown}");
+    // exec is not for a terminal; exit ends it.
+    let e = tool_call(&l.broker.api, &l.alice, "exec", json!({"session_id": sid, "command": "id"})).unwrap_err();
+    assert!(e.contains("is a terminal"), "{e}");
+    let mut r = input(json!({"input": "exit 7\r"})).unwrap();
+    for _ in 0..10 {
+        if r["ended"] == true {
+            break;
+        }
+        r = input(json!({"input": ""})).unwrap();
+    }
+    assert_eq!((r["ended"].as_bool(), r["exit_code"].as_u64()), (Some(true), Some(7)), "{r}");
+    assert!(input(json!({"input": "id\r"})).unwrap_err().contains("no session"));
+
+    // Refused where commands are judged: a target policy, a role policy, a sealed target.
+    for (target, role, why) in [
+        ("web", "read", "the target has a command policy"),
+        ("plain", "narrow", "the role has a command policy"),
+        ("sealed", "read", "verifies every command itself"),
+    ] {
+        let e = create(json!({"target": target, "role": role, "mode": "pty"})).unwrap_err();
+        assert!(e.contains(why), "{target}/{role}: {e}");
+    }
+    let e = create(json!({"target": "plain", "role": "read", "cols": 80})).unwrap_err();
+    assert!(e.contains("for mode \"pty\" only"), "{e}");
+    // session_input is for terminals only.
+    let x = create(json!({"target": "plain", "role": "read", "mode": "shell"})).unwrap();
+    let e =
+        tool_call(&l.broker.api, &l.alice, "session_input", json!({"session_id": x["session_id"], "input": "id\r"}))
+            .unwrap_err();
+    assert!(e.contains("is not a terminal"), "{e}");
+}

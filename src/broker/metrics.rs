@@ -51,6 +51,11 @@ pub const METRICS: &[(&str, Type, &str)] = &[
     ("ephyr_certificates_refused_total", Type::Counter, "SSH certificates the signer refused or failed to issue."),
     ("ephyr_ssh_connects_total", Type::Counter, "SSH connections by outcome (ok or the error code)."),
     ("ephyr_ssh_recordings_total", Type::Counter, "SSH command recordings written, by outcome (ok, error)."),
+    (
+        "ephyr_ssh_files_total",
+        Type::Counter,
+        "File tool operations (SFTP), by op (file_read, file_write, file_list) and outcome (ok, failed).",
+    ),
     ("ephyr_ssh_commands_total", Type::Counter, "SSH commands by how they ended."),
     ("ephyr_ssh_sessions", Type::Gauge, "Open SSH sessions."),
     ("ephyr_signer_request_duration_seconds", Type::Histogram, "Signer round trip time by request kind."),

@@ -144,6 +144,10 @@ pub fn run(data_dir: &Path, o: &Options) -> Result<i32, String> {
                     "m" => {
                         let _ = writeln!(out, "\n# [{text}]");
                     }
+                    // Keystrokes sent to a terminal session: shown by `show`, not replayed.
+                    "i" if o.sub == "show" => {
+                        let _ = writeln!(out, "# [input {}]", serde_json::Value::from(text.as_str()));
+                    }
                     _ => {}
                 }
             }

@@ -120,6 +120,10 @@ pub async fn show(broker: &Broker, op: &Operator, id: &str) -> Response<Body> {
             "m" => {
                 let _ = write!(body, "\n<span class=\"muted\">[{}]</span>", esc(text));
             }
+            "i" => {
+                let keys = serde_json::Value::from(text.as_str()).to_string();
+                let _ = writeln!(body, "<span class=\"muted\">[input {}]</span>", esc(&keys));
+            }
             _ => {}
         }
     }

@@ -346,6 +346,24 @@ pub fn requirement<'p>(policy: &'p Policy, agent: &str, g: &Gated<'_>) -> Option
     (!rules.is_empty()).then_some(Requirement { rules })
 }
 
+/// The approval rules that would hold some of `agent`'s commands as `role` on `target` by
+/// their command patterns (keystrokes to a terminal cannot be matched against those).
+pub fn command_rules<'p>(policy: &'p Policy, agent: &str, target: &str, role: &str) -> Vec<&'p str> {
+    policy
+        .approvals
+        .rules
+        .iter()
+        .filter(|(_, r)| r.agents.is_empty() || any(&r.agents, agent))
+        .filter(|(_, r)| match &r.on {
+            Covers::Ssh { targets, roles, commands } => {
+                !commands.is_empty() && any(targets, target) && (roles.is_empty() || any(roles, role))
+            }
+            _ => false,
+        })
+        .map(|(name, _)| name.as_str())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -110,6 +110,19 @@ pub enum ActionKind<'a> {
         /// The command text.
         command: &'a str,
     },
+    /// A file tool (SFTP) as `role` on `target`: [`ActionKind::Ssh`] plus the target's `files:`
+    /// rules for `path`, which is absolute, normalised, and once the target resolved it, that
+    /// resolved path.
+    SshFile {
+        /// Target name.
+        target: &'a str,
+        /// Role name.
+        role: &'a str,
+        /// The file or directory.
+        path: &'a str,
+        /// A write (else a read or a listing).
+        write: bool,
+    },
     /// An HTTP request through a service. `path` is normalised and percent-decoded.
     Http {
         /// Service name.
@@ -171,6 +184,7 @@ impl ActionKind<'_> {
             self,
             ActionKind::Ssh { .. }
                 | ActionKind::SshCommand { .. }
+                | ActionKind::SshFile { .. }
                 | ActionKind::Http { .. }
                 | ActionKind::HttpUpstream { .. }
                 | ActionKind::RemoteTool { .. }
@@ -233,6 +247,8 @@ pub enum DenyCode {
     /// The command policy of the target or the role refuses the command (the reason names the
     /// command checker's code and the offending node).
     CommandDenied,
+    /// The target's `files:` rules refuse the path (or there are no file tools on the target).
+    FileDenied,
     /// No such service.
     UnknownService,
     /// The service is disabled.
@@ -299,6 +315,7 @@ impl DenyCode {
             DenyCode::TokenDeniesTarget => "token_denies_target",
             DenyCode::TokenDeniesRole => "token_denies_role",
             DenyCode::CommandDenied => "command_denied",
+            DenyCode::FileDenied => "file_denied",
             DenyCode::UnknownService => "unknown_service",
             DenyCode::ServiceDisabled => "service_disabled",
             DenyCode::PolicyDeniesService => "policy_denies_service",
@@ -484,6 +501,9 @@ fn facts<'a>(kind: &ActionKind<'a>) -> [Option<(&'static str, &'a str)>; 3] {
         ActionKind::SshCommand { target, role, command } => {
             [Some(("target", target)), Some(("role", role)), Some(("command", command))]
         }
+        ActionKind::SshFile { target, role, path, .. } => {
+            [Some(("target", target)), Some(("role", role)), Some(("path", path))]
+        }
         ActionKind::Http { service, method, path } | ActionKind::HttpUpstream { service, method, path, .. } => {
             [Some(("service", service)), Some(("method", method)), Some(("path", path))]
         }
@@ -562,7 +582,9 @@ fn frozen(policy: &Policy, agent: &str, kind: &ActionKind<'_>) -> Option<Denial>
     }
     let (what, name) = match *kind {
         _ if f.has(F::Agent, agent) => (F::Agent, agent),
-        ActionKind::Ssh { target, .. } | ActionKind::SshCommand { target, .. } => (F::Target, target),
+        ActionKind::Ssh { target, .. } | ActionKind::SshCommand { target, .. } | ActionKind::SshFile { target, .. } => {
+            (F::Target, target)
+        }
         ActionKind::Http { service, .. } | ActionKind::HttpUpstream { service, .. } => (F::Service, service),
         ActionKind::RemoteTool { remote, .. }
         | ActionKind::RemoteResource { remote, .. }
@@ -602,6 +624,17 @@ fn authorize_one<'p>(policy: &'p Policy, agent: &str, token: Option<&Envelope>, 
                 Err(reason) => deny(DenyCode::CommandDenied, reason),
                 Ok(()) => Decision::Allow(g),
             },
+            deny => deny,
+        },
+        ActionKind::SshFile { target, role, path, write } => match ssh(policy, agent, token, target, role) {
+            Decision::Allow(g) => {
+                let t = &policy.targets[target];
+                let role_restricted = policy.roles.get(role).is_some_and(|r| r.commands.is_some());
+                match t.file_access(role_restricted, path, write) {
+                    Err(reason) => deny(DenyCode::FileDenied, format!("targets.{target}.files: {reason}")),
+                    Ok(()) => Decision::Allow(g),
+                }
+            }
             deny => deny,
         },
         ActionKind::Http { service, method, path } => http(policy, agent, token, service, method, path),

@@ -39,6 +39,8 @@ pub struct LimitsFile {
     pub recordings_max_size: Option<String>,
     /// Most SSH command recordings kept.
     pub recordings_max_files: Option<u32>,
+    /// Largest file the file tools read or write (`1MiB`).
+    pub file_max_size: Option<String>,
 }
 
 /// Go Ephyr's `global:` section (compatibility).
@@ -152,6 +154,8 @@ pub struct TargetFile {
     pub commands: Option<crate::command::CommandsFile>,
     /// The target runs only commands the signer signed (`ephyr shim` as the forced command).
     pub verify_on_target: Option<bool>,
+    /// Where the file tools may read and write (SFTP).
+    pub files: Option<FilesFile>,
     /// Where the `ephyr` binary is on the target (default `/usr/local/bin/ephyr`).
     pub shim_path: Option<String>,
     /// The user CA's public key on the target (default `/etc/ssh/ephyr_ca.pub`).
@@ -546,4 +550,16 @@ pub struct ApprovalRemoteFile {
 pub struct ApprovalDelegateFile {
     /// Agents a task is handed to (patterns; `*`: any other agent).
     pub to: Vec<String>,
+}
+
+/// A target's `files:`: where the file tools (SFTP) may read and write.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesFile {
+    /// Paths that may be read and listed (`/etc/nginx/*`, or an exact path).
+    #[serde(default)]
+    pub read: Vec<String>,
+    /// Paths that may be written (and read).
+    #[serde(default)]
+    pub write: Vec<String>,
 }

@@ -118,6 +118,8 @@ pub struct Limits {
     pub recordings_max_size: u64,
     /// Most SSH command recordings kept.
     pub recordings_max_files: u32,
+    /// Largest file the file tools read or write, in bytes.
+    pub file_max_size: u64,
 }
 
 /// sudo rights of a role (used only by `ephyr target setup-script`).
@@ -195,6 +197,65 @@ pub struct Target {
     pub commands: Option<crate::command::CommandPolicy>,
     /// The target verifies every command itself (`verify_on_target`).
     pub verify_on_target: Option<OnTarget>,
+    /// Where the file tools may go (`files:`); `None`: see [`Target::file_access`].
+    pub files: Option<FileAccess>,
+}
+
+/// A target's `files:`: paths the file tools may read (and list) and write.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileAccess {
+    /// Readable (a writable path is readable too).
+    pub read: Vec<PathPattern>,
+    /// Writable.
+    pub write: Vec<PathPattern>,
+}
+
+impl Target {
+    /// Whether the file tools may read (`write` = false) or write anything here as a role whose
+    /// command policy is restricted (`role_restricted`) or not; see [`Target::file_access`].
+    pub fn files_possible(&self, role_restricted: bool, write: bool) -> bool {
+        match &self.files {
+            Some(f) => !f.write.is_empty() || (!write && !f.read.is_empty()),
+            None => {
+                !(self.commands.is_some()
+                    || role_restricted
+                    || self.verify_on_target.is_some()
+                    || self.force_command.is_some())
+            }
+        }
+    }
+
+    /// Whether the file tools may read (`write` = false) or write the resolved absolute `path`
+    /// as `role` (whose command policy is `role_commands`); `Err` says why not. Without `files:`
+    /// they may go anywhere the role can, unless the target or the role restricts commands, or
+    /// the target has a forced command: then an SFTP channel would be a way around that, so
+    /// there are no file tools until `files:` says where.
+    pub fn file_access(&self, role_restricted: bool, path: &str, write: bool) -> Result<(), String> {
+        let verb = if write { "write" } else { "read" };
+        let Some(files) = &self.files else {
+            if self.files_possible(role_restricted, write) {
+                return Ok(());
+            }
+            return Err(format!(
+                "the target or the role restricts commands and the target has no `files:` section, so the file tools are off there (they would bypass the command policy); list the paths they may {verb} under targets.<name>.files"
+            ));
+        };
+        let read = files.read.iter().chain(&files.write);
+        let fits =
+            if write { files.write.iter().any(|p| p.matches(path)) } else { read.clone().any(|p| p.matches(path)) };
+        if fits {
+            return Ok(());
+        }
+        let listed: Vec<String> = if write {
+            files.write.iter().map(ToString::to_string).collect()
+        } else {
+            read.map(ToString::to_string).collect()
+        };
+        Err(format!(
+            "{path} is not under the paths files.{verb} allows ({})",
+            if listed.is_empty() { "none".to_owned() } else { listed.join(", ") }
+        ))
+    }
 }
 
 /// How a `verify_on_target` target runs the verifier.

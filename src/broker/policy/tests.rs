@@ -598,6 +598,12 @@ fn semantic_checks() {
         ("roles: {r: {principal: x, commands: {allow: ['']}}}", "roles.r.commands.allow"),
         ("limits: {recordings_max_size: 1KiB}", "at least 1MiB"),
         ("limits: {recordings_max_files: 0}", "limits.recordings_max_files: at least 1"),
+        ("limits: {file_max_size: 65MiB}", "limits.file_max_size: a size from 1 byte to 64MiB"),
+        ("targets: {a: {host: h, files: {read: ['etc/*']}}}", "targets.a.files.read"),
+        ("targets: {a: {host: h, files: {write: ['/srv/../etc/*']}}}", "targets.a.files.write"),
+        ("targets: {a: {host: h, files: {append: ['/srv/*']}}}", "unknown field `append`"),
+        ("targets: {a: {host: h, verify_on_target: true, files: {read: ['/srv/*']}}}", "which a forced command"),
+        ("targets: {a: {host: h, force_command: id, files: {read: ['/srv/*']}}}", "which a forced command"),
         ("services: {s: {url: 'ftp://x'}}", "only http and https"),
         ("services: {s: {url: 'https://u:p@x'}}", "credentials in the URL are not allowed"),
         ("services: {s: {url: 'https://x', credential: {type: bearer, secret: hunter2}}}", "is not a secret reference"),
@@ -766,4 +772,29 @@ fn command_globs_match_whole_commands() {
     assert!(glob("*", ""));
     assert!(glob("a*b*c", "axxbyyc"));
     assert!(!glob("a*b*c", "axxbyy"));
+}
+
+/// `files:` decides where the file tools go on the path the target resolved; without it they go
+/// anywhere the role can, unless commands are restricted or forced (SFTP would bypass that).
+#[test]
+fn file_access_follows_files_rules_and_command_restrictions() {
+    let p = Policy::parse(
+        "roles: {r: {principal: p}}\ntargets:\n  a: {host: h, allowed_roles: [r], files: {read: ['/var/log/*', /etc/hosts], write: ['/srv/www/*']}}\n  open: {host: h2, allowed_roles: [r]}\n  cmds: {host: h3, allowed_roles: [r], commands: {allow: [uptime]}}\n  forced: {host: h4, allowed_roles: [r], force_command: id}\n",
+        "t",
+    )
+    .unwrap();
+    let a = &p.targets["a"];
+    a.file_access(false, "/var/log/syslog", false).unwrap();
+    a.file_access(false, "/etc/hosts", false).unwrap();
+    a.file_access(false, "/srv/www/index.html", false).unwrap();
+    a.file_access(false, "/srv/www/index.html", true).unwrap();
+    assert!(a.file_access(false, "/var/log/syslog", true).unwrap_err().contains("files.write allows (/srv/www/*)"));
+    assert!(a.file_access(false, "/etc/hostsx", false).is_err());
+    assert!(a.file_access(false, "/var/logx/y", false).is_err());
+    assert!(a.file_access(false, "/etc/shadow", false).unwrap_err().contains("files.read allows"));
+    p.targets["open"].file_access(false, "/etc/shadow", true).unwrap();
+    assert!(p.targets["open"].file_access(true, "/etc/shadow", false).unwrap_err().contains("no `files:` section"));
+    for t in ["cmds", "forced"] {
+        assert!(p.targets[t].file_access(false, "/tmp/x", false).unwrap_err().contains("no `files:` section"), "{t}");
+    }
 }

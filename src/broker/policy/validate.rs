@@ -926,6 +926,14 @@ fn limits(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> Limits {
                 10_000
             }
         },
+        file_max_size: match limits_file.file_max_size.as_deref().map(parse_size) {
+            None => 1 << 20,
+            Some(Some(n)) if (1..=64 << 20).contains(&n) => n,
+            _ => {
+                cx.err(&["limits", "file_max_size"], "a size from 1 byte to 64MiB, like 1MiB", None);
+                1 << 20
+            }
+        },
     };
     if limits.delegation_depth_max > 32 {
         cx.err(&["limits", "delegation_depth_max"], "at most 32 levels", None);
@@ -1155,6 +1163,28 @@ fn targets(
                 None
             }
         };
+        let files = t.files.as_ref().map(|f| {
+            let mut patterns = |key: &str, list: &[String]| -> Vec<super::PathPattern> {
+                list.iter()
+                    .filter_map(|p| match super::PathPattern::parse(p) {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            cx.err(&["targets", &name, "files", key], &e, None);
+                            None
+                        }
+                    })
+                    .collect()
+            };
+            let access = super::FileAccess { read: patterns("read", &f.read), write: patterns("write", &f.write) };
+            if verify_on_target.is_some() || t.force_command.is_some() {
+                cx.err(
+                    &["targets", &name, "files"],
+                    "the file tools use SFTP, which a forced command (force_command, verify_on_target) replaces on the target: remove files, or the forced command",
+                    None,
+                );
+            }
+            access
+        });
         let commands = match crate::command::CommandPolicy::compile(
             t.commands.as_ref(),
             t.command_allow.as_deref().unwrap_or_default(),
@@ -1186,6 +1216,7 @@ fn targets(
                 enabled: t.enabled.unwrap_or(true),
                 commands,
                 verify_on_target,
+                files,
             },
         );
     }

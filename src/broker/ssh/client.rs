@@ -4,8 +4,8 @@
 //! What runs here: a dedicated thread (`ephyr-ssh`, started on first use) drives a tokio
 //! current-thread runtime; every connection and channel lives there. The broker's smol executor
 //! hands work over with [`on_runtime`] and awaits tokio's `JoinHandle`, which is an ordinary
-//! future. Nothing else in the broker sees tokio or russh types: callers get [`Conn`],
-//! [`ExecResult`] and [`SshError`].
+//! future. Nothing else in the broker sees tokio or russh types (but `sftp`, the SFTP channel on a
+//! [`Conn`]): callers get [`Conn`], [`ExecResult`] and [`SshError`].
 //!
 //! Sockets set `TCP_NODELAY` (without it every round trip waits for a delayed ACK, ~40 ms on
 //! loopback). Host keys are checked inside the handshake by [`HostCheck`]; a mismatch ends the
@@ -127,7 +127,7 @@ impl HostCheck {
     }
 }
 
-struct Handler {
+pub(super) struct Handler {
     check: HostCheck,
     /// What the host presented, and whether it passed.
     seen: Arc<Mutex<Option<(bool, String)>>>,
@@ -179,7 +179,7 @@ fn runtime() -> Result<&'static tokio::runtime::Handle, SshError> {
 }
 
 /// Runs `f` on the SSH runtime and awaits it from any executor.
-async fn on_runtime<F>(f: F) -> Result<F::Output, SshError>
+pub(super) async fn on_runtime<F>(f: F) -> Result<F::Output, SshError>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
@@ -207,7 +207,7 @@ pub struct ConnectSpec {
 
 /// A connected, authenticated SSH connection.
 pub struct Conn {
-    handle: Arc<client::Handle<Handler>>,
+    pub(super) handle: Arc<client::Handle<Handler>>,
     /// Fingerprint of the host key the host presented.
     pub host_key: String,
 }
@@ -436,7 +436,7 @@ pub struct Chunk {
 }
 
 impl ExecResult {
-    fn arrived(&mut self, at: Duration, stderr: bool) {
+    pub(super) fn arrived(&mut self, at: Duration, stderr: bool) {
         let end = if stderr { self.stderr.len() } else { self.stdout.len() };
         match self.timeline.last() {
             Some(last) if last.stderr == stderr && last.end == end => {}

@@ -1,10 +1,10 @@
-//! SSH access: per-request ephemeral certificates, persistent sessions, the issued-certificate
-//! registry and the revocation list (KRL).
+//! SSH access: per-request ephemeral certificates, persistent sessions, the file tools
+//! (`files`), the issued-certificate registry and the revocation list (KRL).
 //!
 //! What runs here: orchestration on the executor thread — `authorize`, limits, a fresh Ed25519
 //! key in memory, a certificate from the signer, the audit record, then the connection and the
-//! command on the SSH runtime (`client`, the only file that sees russh or tokio). The agent never
-//! sees a key or a certificate.
+//! command on the SSH runtime (`client` and `sftp`, the only files that see russh or tokio). The
+//! agent never sees a key or a certificate.
 //!
 //! A session belongs to the agent and task that opened it. Every command on it is authorized
 //! again against the session's **own** target and role under the caller's current token, so a
@@ -14,11 +14,15 @@
 //! certificate's expiry first renews it (new key, new certificate, new connection).
 
 pub(crate) mod client;
+pub mod files;
 pub mod hosts;
 pub(crate) mod krl;
+pub(crate) mod pty;
 pub mod recording;
 pub mod registry;
 pub(crate) mod setup;
+pub mod sftp;
+pub mod terminal;
 pub(crate) mod verify;
 
 use std::cell::{Cell, RefCell};
@@ -100,12 +104,51 @@ pub struct Session {
     commands: Cell<u64>,
     /// The kept shell of a `shell` session (`None`: each command runs in a fresh shell).
     shell: Option<Rc<client::Shell>>,
+    /// The terminal of a `pty` session, and its size (columns, rows).
+    pty: Option<Rc<pty::Pty>>,
+    size: Cell<(u32, u32)>,
+}
+
+/// How a session runs what it is sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Each command in a fresh shell on a new channel.
+    Exec,
+    /// Every command in one kept shell (no terminal): `cd` and `export` carry over.
+    Shell,
+    /// A terminal (`cols`×`rows`) running the login shell; keystrokes go in with
+    /// `session_input` (`terminal`).
+    Pty {
+        /// Columns.
+        cols: u32,
+        /// Rows.
+        rows: u32,
+    },
+}
+
+impl Mode {
+    /// Its name in results and audit lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Exec => "exec",
+            Mode::Shell => "shell",
+            Mode::Pty { .. } => "pty",
+        }
+    }
 }
 
 impl Session {
     /// What a recording of `command` on this session is of.
     fn about<'a>(&'a self, agent: &'a str, command: &'a str, started: u64) -> recording::About<'a> {
-        recording::About { started, agent, target: &self.target, role: &self.role, command, session: Some(&self.id) }
+        recording::About {
+            started,
+            agent,
+            target: &self.target,
+            role: &self.role,
+            command,
+            session: Some(&self.id),
+            terminal: None,
+        }
     }
 
     /// Serial of the certificate in use.
@@ -113,9 +156,20 @@ impl Session {
         self.serial.get()
     }
 
-    /// Commands run on it so far.
+    /// Commands (or keystroke sends) run on it so far.
     pub fn commands(&self) -> u64 {
         self.commands.get()
+    }
+
+    fn mode(&self) -> Mode {
+        match (&self.shell, &self.pty) {
+            (Some(_), _) => Mode::Shell,
+            (_, Some(_)) => {
+                let (cols, rows) = self.size.get();
+                Mode::Pty { cols, rows }
+            }
+            _ => Mode::Exec,
+        }
     }
 
     /// As `list_sessions` shows it.
@@ -131,7 +185,11 @@ impl Session {
             "commands": self.commands.get(),
             "cert_serial": format!("{:016x}", self.serial()),
             "cert_expires_at": crate::time::format_rfc3339(self.cert_until.get() as i64, None),
-            "mode": if self.shell.is_some() { "shell" } else { "exec" },
+            "mode": self.mode().name(),
+            "terminal": match self.mode() {
+                Mode::Pty { cols, rows } => json!({ "cols": cols, "rows": rows }),
+                _ => Value::Null,
+            },
         })
     }
 }
@@ -564,7 +622,8 @@ impl Ssh {
         conn.close().await;
         drop(held);
         let result = ran?;
-        let about = recording::About { started, agent: &caller.agent, target, role, command, session: None };
+        let about =
+            recording::About { started, agent: &caller.agent, target, role, command, session: None, terminal: None };
         let recording = self.record(ports, caller, policy, about, &result).await;
         Ok(Ran { result, serial: issued.serial, host_key_warning: warning, connect, recording, notice: None })
     }
@@ -575,11 +634,14 @@ impl Ssh {
         asker: Asker<'_>,
         target: &str,
         role: &str,
-        shell: bool,
+        mode: Mode,
     ) -> Result<(Rc<Session>, Option<String>), Error> {
         let Asker { ports, caller, policy, arguments } = asker;
         let principal = Self::authorize(policy, caller, "session_create", arguments, target, role, None)?;
-        if shell && policy.targets.get(target).is_some_and(|t| t.verify_on_target.is_some()) {
+        if let Mode::Pty { cols, rows } = mode {
+            terminal::allowed(policy, &caller.agent, target, role, (cols, rows))?;
+        }
+        if mode == Mode::Shell && policy.targets.get(target).is_some_and(|t| t.verify_on_target.is_some()) {
             return Err(Error::Refused(format!(
                 "target {target:?} verifies every command on the host, one signed command at a time: shell sessions are not available there (use mode exec)"
             )));
@@ -589,16 +651,26 @@ impl Ssh {
         let id = random_id();
         let (conn, issued, held, warning) =
             self.connect(ports, caller, policy, target, role, &principal, Some(&id), ttl).await?;
-        let kept = if shell {
-            match conn.open_shell(CONNECT_TIMEOUT).await {
-                Ok(sh) => Some(Rc::new(sh)),
+        let (kept, pty) = match mode {
+            Mode::Exec => (None, None),
+            Mode::Shell => match conn.open_shell(CONNECT_TIMEOUT).await {
+                Ok(sh) => (Some(Rc::new(sh)), None),
                 Err(e) => {
                     conn.close().await;
                     return Err(ssh_err(e));
                 }
-            }
-        } else {
-            None
+            },
+            Mode::Pty { cols, rows } => match conn.open_pty(cols, rows, CONNECT_TIMEOUT).await {
+                Ok(p) => (None, Some(Rc::new(p))),
+                Err(e) => {
+                    conn.close().await;
+                    return Err(ssh_err(e));
+                }
+            },
+        };
+        let size = match mode {
+            Mode::Pty { cols, rows } => (cols, rows),
+            _ => (0, 0),
         };
         let s = Rc::new(Session {
             id: id.clone(),
@@ -615,6 +687,8 @@ impl Ssh {
             last_used: Cell::new(Instant::now()),
             commands: Cell::new(0),
             shell: kept,
+            pty,
+            size: Cell::new(size),
         });
         self.sessions.borrow_mut().insert(id.clone(), s.clone());
         ports.metrics.set("ephyr_ssh_sessions", &[], self.session_count() as f64);
@@ -622,7 +696,7 @@ impl Ssh {
             .audit_now(
                 with_task(Event::new(Kind::Ssh, "session_create"), caller)
                     .agent(caller.agent.clone())
-                    .action(json!({ "target": target, "role": role, "session": id, "mode": if shell { "shell" } else { "exec" } }))
+                    .action(json!({ "target": target, "role": role, "session": id, "mode": mode.name() }))
                     .allow()
                     .outcome(json!({ "serial": format!("{:016x}", issued.serial), "expires": issued.valid_before })),
             )
@@ -663,6 +737,11 @@ impl Ssh {
         }
         if let Some(shell) = &s.shell {
             return self.shell_exec(asker, &s, shell, command, timeout).await;
+        }
+        if s.pty.is_some() {
+            return Err(Error::Refused(format!(
+                "session {id:?} is a terminal (mode pty): send keystrokes with session_input, or open an exec or shell session"
+            )));
         }
         let mut connect = Duration::ZERO;
         let mut warning = None;
@@ -745,6 +824,9 @@ impl Ssh {
         if let Some(shell) = &s.shell {
             shell.close().await;
         }
+        if let Some(pty) = &s.pty {
+            pty.close().await;
+        }
         let conn = s.conn.borrow().clone();
         conn.close().await;
         ports.metrics.set("ephyr_ssh_sessions", &[], self.session_count() as f64);
@@ -794,6 +876,8 @@ impl Ssh {
                     "certificate expired"
                 } else if s.conn.borrow().is_closed() {
                     "connection lost"
+                } else if s.pty.as_ref().is_some_and(|p| p.is_closed()) {
+                    "the terminal's shell ended"
                 } else if s.task.as_deref().is_some_and(|t| ports.tasks.unusable(t)) {
                     "task revoked or expired"
                 } else if !policy_allows(policy, &s.agent, &s.target, &s.role) {

@@ -41,6 +41,9 @@ pub struct About<'a> {
     pub command: &'a str,
     /// The session, if any.
     pub session: Option<&'a str>,
+    /// A terminal session's size (columns, rows) and the keystrokes sent (recorded as an `i`
+    /// event before the output); `None` for commands.
+    pub terminal: Option<((u32, u32), &'a [u8])>,
 }
 
 /// Replaces every occurrence of each secret in `buf` by as many `*`.
@@ -81,10 +84,11 @@ pub fn cast(about: &About<'_>, r: &ExecResult, secrets: &[SecretBytes]) -> Vec<u
     let mut command = about.command.as_bytes().to_vec();
     mask(&mut command, secrets);
     let command = String::from_utf8_lossy(&command).into_owned();
+    let (width, height) = about.terminal.map_or((WIDTH, HEIGHT), |t| t.0);
     let header = json!({
         "version": 2,
-        "width": WIDTH,
-        "height": HEIGHT,
+        "width": width,
+        "height": height,
         "timestamp": about.started,
         "duration": secs(r.duration),
         "command": command,
@@ -93,6 +97,12 @@ pub fn cast(about: &About<'_>, r: &ExecResult, secrets: &[SecretBytes]) -> Vec<u
     });
     let mut text = header.to_string();
     text.push('\n');
+    if let Some((_, keys)) = about.terminal {
+        let mut keys = keys.to_vec();
+        mask(&mut keys, secrets);
+        text.push_str(&json!([0.0, "i", String::from_utf8_lossy(&keys)]).to_string());
+        text.push('\n');
+    }
     let mut pos = [0usize, 0usize];
     let mut event = |text: &mut String, at: Duration, stream: usize, end: usize, last: bool| {
         let buf = if stream == 1 { &err } else { &out };
@@ -259,6 +269,7 @@ mod tests {
             role: "read",
             command: "cat x # SECRET-VALUE-1",
             session: None,
+            terminal: None,
         }
     }
 

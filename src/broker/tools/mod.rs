@@ -12,6 +12,7 @@
 //! result with its reason, never a protocol error.
 
 pub(crate) mod discovery;
+pub(crate) mod files;
 pub(crate) mod http;
 pub(crate) mod ssh;
 pub(crate) mod tasks;
@@ -84,6 +85,8 @@ pub enum Needs {
     Nothing,
     /// Some role on some target.
     AnyTarget,
+    /// Some role on some target where the file tools may read (`false`) or write (`true`).
+    AnyFileTarget(bool),
     /// Some method and path on some service.
     AnyService,
     /// Some remote MCP server.
@@ -275,9 +278,13 @@ pub static REGISTRY: &[&ToolDef] = &[
     &discovery::LIST_TARGETS,
     &ssh::EXEC,
     &ssh::SESSION_CREATE,
+    &ssh::SESSION_INPUT,
     &ssh::SESSION_CLOSE,
     &ssh::LIST_SESSIONS,
     &ssh::LIST_CERTS,
+    &files::FILE_READ,
+    &files::FILE_WRITE,
+    &files::FILE_LIST,
     &http::HTTP_REQUEST,
     &discovery::LIST_SERVICES,
     &discovery::LIST_REMOTES,
@@ -444,6 +451,13 @@ pub fn visible(t: &ToolDef, policy: &Policy, principal: &Principal<'_>) -> bool 
                 .iter()
                 .any(|role| allowed(policy, principal, tool, ActionKind::Ssh { target: name, role }))
         }),
+        Needs::AnyFileTarget(write) => policy.targets.iter().any(|(name, target)| {
+            target.allowed_roles.iter().any(|role| {
+                let restricted = policy.roles.get(role).is_some_and(|r| r.commands.is_some());
+                target.files_possible(restricted, write)
+                    && allowed(policy, principal, tool, ActionKind::Ssh { target: name, role })
+            })
+        }),
         Needs::AnyService => policy.services.keys().any(|s| any_service(policy, principal, tool, s)),
         Needs::AnyRemote => policy.remotes.keys().any(|r| any_remote_tool(policy, principal, tool, r)),
     }
@@ -455,6 +469,9 @@ fn unreachable(t: &ToolDef, agent: &str) -> Denial {
     use super::policy::DenyCode;
     let (code, what) = match t.needs {
         Needs::AnyTarget => (DenyCode::PolicyDeniesTarget, "SSH target and role"),
+        Needs::AnyFileTarget(_) => {
+            (DenyCode::FileDenied, "SSH target and role with file access (targets.<name>.files)")
+        }
         Needs::AnyService => (DenyCode::PolicyDeniesService, "HTTP service"),
         Needs::AnyRemote | Needs::Nothing => (DenyCode::PolicyDeniesRemote, "remote MCP server"),
     };

@@ -1,4 +1,5 @@
-//! SSH tools: `exec`, `session_create`, `session_close`, `list_sessions`, `list_certs`. The
+//! SSH tools: `exec`, `session_create`, `session_input`, `session_close`, `list_sessions`,
+//! `list_certs`. The
 //! work is in `broker::ssh`; these turn arguments into calls and results into the Go project's
 //! output shapes (plus our additions: truncation flags, exit signal, timeout, certificate serial).
 
@@ -65,16 +66,33 @@ pub static SESSION_CREATE: ToolDef = ToolDef {
                   fresh shell, nothing carries over between commands. mode \"shell\": one shell runs every command \
                   in turn, so the working directory (cd), shell variables and exported environment (export) carry \
                   over; every command is still checked by the policy; a command that exits the shell, times out or \
-                  passes the output cap ends the session; it lasts at most as long as its certificate. Sessions \
-                  close after 5 minutes idle or when the task ends.",
+                  passes the output cap ends the session; it lasts at most as long as its certificate. mode \
+                  \"pty\": a terminal (cols x rows, default 120x40) running the login shell, for interactive programs: \
+                  send keystrokes with session_input and read what the screen printed; everything the shell keeps \
+                  (directory, environment, running programs) carries over; only where no command policy applies \
+                  (keystrokes cannot be checked); it lasts at most as long as its certificate. Sessions close after \
+                  5 minutes idle or when the task ends.",
     params: &[
         Param { name: "target", ty: ParamType::String, required: true, description: "Target name from list_targets" },
         Param { name: "role", ty: ParamType::String, required: true, description: "Role to use on the target" },
         Param {
             name: "mode",
-            ty: ParamType::Enum(&["exec", "shell"]),
+            ty: ParamType::Enum(&["exec", "shell", "pty"]),
             required: false,
-            description: "exec (default): nothing carries over; shell: cd and export carry over between commands",
+            description: "exec (default): nothing carries over; shell: cd and export carry over between commands; \
+                          pty: a terminal for interactive programs (session_input)",
+        },
+        Param {
+            name: "cols",
+            ty: ParamType::Integer { min: 10, max: 1000 },
+            required: false,
+            description: "Terminal columns (mode pty; default 120)",
+        },
+        Param {
+            name: "rows",
+            ty: ParamType::Integer { min: 10, max: 1000 },
+            required: false,
+            description: "Terminal rows (mode pty; default 40)",
         },
     ],
     annotations: Annotations { read_only: false, destructive: false, idempotent: false, open_world: true },
@@ -86,6 +104,49 @@ pub static SESSION_CREATE: ToolDef = ToolDef {
     ]),
     needs: Needs::AnyTarget,
     run: |cx| Box::pin(session_create(cx)),
+};
+
+/// `session_input`.
+pub static SESSION_INPUT: ToolDef = ToolDef {
+    name: "session_input",
+    title: "Type into a terminal session",
+    description: "Send keystrokes to a terminal session (session_create with mode \"pty\") and return what the \
+                  terminal printed: until it has been quiet for 0.2 s after output started, or wait_ms has passed \
+                  (default 1000), at most 1 MiB per call (the rest comes with the next call; send \"\" to read more). \
+                  Keys are characters: \"\\r\" is Enter, \"\\u0003\" Ctrl-C, \"\\u0004\" Ctrl-D, \"\\u001b\" Escape. \
+                  The output is the raw terminal stream (with escape sequences). cols and rows resize the terminal \
+                  first. Every call is audited and recorded, keystrokes included.",
+    params: &[
+        Param { name: "session_id", ty: ParamType::String, required: true, description: "The terminal session" },
+        Param {
+            name: "input",
+            ty: ParamType::String,
+            required: true,
+            description: "Keystrokes to send (may be empty)",
+        },
+        Param {
+            name: "wait_ms",
+            ty: ParamType::Integer { min: 0, max: 30_000 },
+            required: false,
+            description: "Longest wait for output in milliseconds (default 1000)",
+        },
+        Param {
+            name: "cols",
+            ty: ParamType::Integer { min: 10, max: 1000 },
+            required: false,
+            description: "Resize to this many columns first",
+        },
+        Param {
+            name: "rows",
+            ty: ParamType::Integer { min: 10, max: 1000 },
+            required: false,
+            description: "Resize to this many rows first",
+        },
+    ],
+    annotations: Annotations { read_only: false, destructive: true, idempotent: false, open_world: true },
+    output: OutputShape::Object(&[("output", "string"), ("session_id", "string"), ("ended", "boolean")]),
+    needs: Needs::AnyTarget,
+    run: |cx| Box::pin(session_input(cx)),
 };
 
 /// `session_close`.
@@ -260,8 +321,20 @@ async fn session_create(cx: Ctx<'_>) -> Output {
     let mut action = Map::new();
     action.insert("target".into(), Value::from(target));
     action.insert("role".into(), Value::from(role));
-    let shell = arg(cx.args, "mode") == Some("shell");
-    match cx.ssh.session_create(asker(&cx), target, role, shell).await {
+    let size = |k: &str, d: u64| cx.args.get(k).and_then(Value::as_u64).unwrap_or(d) as u32;
+    let mode = match arg(cx.args, "mode") {
+        Some("shell") => ssh::Mode::Shell,
+        Some("pty") => ssh::Mode::Pty { cols: size("cols", 120), rows: size("rows", 40) },
+        _ => ssh::Mode::Exec,
+    };
+    if mode == ssh::Mode::Exec || mode == ssh::Mode::Shell {
+        for k in ["cols", "rows"] {
+            if cx.args.contains_key(k) {
+                return Output::error(format!("invalid arguments: {k:?} is for mode \"pty\" only"));
+            }
+        }
+    }
+    match cx.ssh.session_create(asker(&cx), target, role, mode).await {
         Ok((s, warning)) => {
             let mut v = s.view();
             v["status"] = Value::from("open");
@@ -271,6 +344,44 @@ async fn session_create(cx: Ctx<'_>) -> Output {
             }
             let mut o = Output::data(&v);
             o.outcome.insert("session".into(), Value::from(s.id.as_str()));
+            o.action = action;
+            o
+        }
+        Err(f) => failed(f, action),
+    }
+}
+
+async fn session_input(cx: Ctx<'_>) -> Output {
+    let id = arg(cx.args, "session_id").unwrap_or_default();
+    let input = arg(cx.args, "input").unwrap_or_default();
+    let wait = Duration::from_millis(cx.args.get("wait_ms").and_then(Value::as_u64).unwrap_or(1000));
+    let size = match (cx.args.get("cols").and_then(Value::as_u64), cx.args.get("rows").and_then(Value::as_u64)) {
+        (None, None) => None,
+        (Some(c), Some(r)) => Some((c as u32, r as u32)),
+        _ => return Output::error("invalid arguments: \"cols\" and \"rows\" go together"),
+    };
+    let mut action = Map::new();
+    action.insert("session".into(), Value::from(id));
+    action.insert("input".into(), Value::from(ssh::audit_command(input)));
+    match cx.ssh.session_input(asker(&cx), id, input, size, wait).await {
+        Ok(ran) => {
+            let r = &ran.result;
+            let mut v = json!({
+                "session_id": id,
+                "output": String::from_utf8_lossy(&r.stdout),
+                "more": r.stdout_truncated,
+                "ended": ran.notice.is_some(),
+                "exit_code": r.exit_status,
+                "duration_ms": (r.duration.as_secs_f64() * 100_000.0).round() / 100.0,
+            });
+            if let Some(id) = &ran.recording {
+                v["recording_id"] = Value::from(id.as_str());
+            }
+            if let Some(n) = &ran.notice {
+                v["notice"] = Value::from(n.as_str());
+            }
+            let mut o = Output::data(&v);
+            o.outcome.insert("bytes".into(), Value::from(r.stdout.len()));
             o.action = action;
             o
         }
