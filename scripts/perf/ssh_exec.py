@@ -2,7 +2,7 @@
 """SSH exec latency through the broker against a real OpenSSH sshd on loopback, and broker RSS
 with many open sessions.
 
-Usage: scripts/perf/ssh_exec.py [--bin PATH] [--runs 50] [--sessions 100] [--sealed]
+Usage: scripts/perf/ssh_exec.py [--bin PATH] [--runs 50] [--sessions 100] [--sealed] [--files]
 
 Starts an sshd on 127.0.0.1 trusting a fresh broker's CA (user `ephyrt-read`, shell /bin/sh) and
 `ephyr serve` on the static release binary, then over MCP (stateless era, API key, one kept-alive
@@ -12,6 +12,9 @@ HTTP connection) measures, after 3 warm-up calls each:
 reporting the median, p10 and p90 of the client-observed time over `--runs` calls, and the
 broker's own split (cert_ms = key + signer + connect + auth, ssh_ms = channel + command).
 Then opens `--sessions` sessions and reports the broker's VmRSS (and the signer's) before and after.
+With `--files`, instead: the file tools over SFTP (each a new certificate and connection, like a
+one-shot exec): `file_read` and `file_write` of 4 KiB and of 512 KiB (a write travels in the MCP request, which
+mcp.max_request_size caps at 1 MiB by default), and `file_list`.
 Run as root (users for sshd, the production privilege drop).
 """
 import argparse, http.client, json, os, shutil, statistics, subprocess, sys, tempfile, time
@@ -24,6 +27,7 @@ ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ephyr"
 ap.add_argument("--runs", type=int, default=50)
 ap.add_argument("--sessions", type=int, default=100)
 ap.add_argument("--command", default="true")
+ap.add_argument("--files", action="store_true", help="measure file_read/file_write/file_list instead")
 ap.add_argument("--sealed", action="store_true",
                 help="the target verifies commands itself (verify_on_target: ephyr shim as the forced command)")
 a = ap.parse_args()
@@ -55,6 +59,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 MaxStartups 500
 MaxSessions 500
+Subsystem sftp /usr/lib/openssh/sftp-server
 """)
 sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", os.path.join(work, "sshd_config")],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -69,7 +74,12 @@ if a.sealed:
     run("install", "-d", "-m", "0700", "-o", USER, os.path.join(home, ".ephyr-shim"))
     sealed = (f", verify_on_target: true, shim_path: {work}/ephyr, shim_ca: {work}/ca.pub, "
               f"commands: {{allow: ['{a.command}', 'echo ...']}}")
+files_dir = os.path.join(work, "files")
+if a.files:
+    os.makedirs(files_dir)
+    shutil.chown(files_dir, USER)
 policy = f"""limits:
+  file_max_size: 1MiB
   max_certs_total: 1000
   signer_rate: 100000/1m
   cert_ttl_max: 30m
@@ -151,6 +161,31 @@ try:
             if time.time() > deadline:
                 raise SystemExit("broker did not start: " + broker.stderr.read1().decode())
             time.sleep(0.05)
+    if a.files:
+        base = {"target": "local", "role": "read"}
+        for size in (4096, 512 << 10):
+            path = os.path.join(files_dir, f"f{size}")
+            content = "x" * size
+            for label, tool, args in [
+                (f"file_write {size} B", "file_write", {**base, "path": path, "content": content}),
+                (f"file_read {size} B", "file_read", {**base, "path": path}),
+            ]:
+                for _ in range(3):
+                    call(tool, args)
+                samples = []
+                for _ in range(a.runs):
+                    t = time.perf_counter()
+                    r = call(tool, args)
+                    samples.append((time.perf_counter() - t) * 1000)
+                    assert r.get("bytes") == size, r
+                summary(label, samples, {})
+        samples = []
+        for _ in range(a.runs):
+            t = time.perf_counter()
+            call("file_list", {**base, "path": files_dir})
+            samples.append((time.perf_counter() - t) * 1000)
+        summary("file_list (2 entries)", samples, {})
+        raise SystemExit(0)
     for label, mk in [("one-shot exec (new certificate)", lambda: {"target": "local", "role": "read"}),
                       ("exec on a kept session", None)]:
         args = mk() if mk else {"session_id": call("session_create", {"target": "local", "role": "read"})["session_id"]}
