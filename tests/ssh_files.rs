@@ -2,7 +2,7 @@
 //! (`/usr/lib/openssh/sftp-server`): confinement by the target's `files:` rules and by a task
 //! token's `arg.path prefix`, both on the path the target resolved (`..` refused as spelled,
 //! symbolic links followed by the target), atomic writes with an expected content hash, size
-//! caps, and the audit trail.
+//! caps, and the audit trail. The same lab checks the policy's output cap and session lifetime.
 
 mod common;
 
@@ -69,7 +69,7 @@ fn lab() -> Lab {
     let (port, b) = (sshd.port, base.display());
     let policy = format!(
         r#"version: 1
-limits: {{ file_max_size: 64KiB }}
+limits: {{ file_max_size: 64KiB, output_max: 4KiB, session_max: 10s }}
 roles:
   op: {{ principal: {USER} }}
 targets:
@@ -330,4 +330,24 @@ fn writes_are_atomic_checked_and_confined() {
     let writes = audit_events(&l.broker, "ssh_file").into_iter().filter(|e| e["action"]["op"] == "file_write").count();
     assert!(writes >= 3, "{writes}");
     assert!(metric(&l.broker, "ephyr_ssh_files_total{op=\"file_write\",outcome=\"ok\"}") >= 2.0);
+}
+
+/// `limits.output_max` caps what a command returns (and what is recorded); `limits.session_max`
+/// ends a session that is still in use.
+#[test]
+fn the_policys_output_cap_and_session_lifetime_apply() {
+    let l = lab();
+    let exec = |args: Value| tool_call(&l.broker.api, &l.alice, "exec", args);
+    let r = exec(json!({"target": "open", "role": "op", "command": "head -c 10000 /dev/zero | tr '\\0' x"})).unwrap();
+    assert_eq!((r["stdout"].as_str().map(str::len), r["stdout_truncated"].as_bool()), (Some(4096), Some(true)), "{r}");
+    assert!(r["stderr"].as_str().unwrap().contains("4096-byte cap (limits.output_max)"), "{r}");
+    let s = tool_call(&l.broker.api, &l.alice, "session_create", json!({"target": "open", "role": "op"})).unwrap();
+    assert_eq!(s["max_lifetime_secs"], 10, "{s}");
+    let sid = s["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(exec(json!({"session_id": sid, "command": "echo alive"})).unwrap()["stdout"], "alive\n");
+    std::thread::sleep(std::time::Duration::from_millis(10_500));
+    let e = exec(json!({"session_id": sid, "command": "echo alive"})).unwrap_err();
+    assert!(e.contains("limits.session_max") || e.contains("no session"), "{e}");
+    let closes = audit_events(&l.broker, "session_close");
+    assert!(closes.iter().any(|c| c["outcome"]["reason"] == "limits.session_max reached"), "{closes:?}");
 }

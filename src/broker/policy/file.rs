@@ -41,6 +41,14 @@ pub struct LimitsFile {
     pub recordings_max_files: Option<u32>,
     /// Largest file the file tools read or write (`1MiB`).
     pub file_max_size: Option<String>,
+    /// A session with nothing sent for this long is closed (`5m`).
+    pub session_idle: Option<String>,
+    /// A session is closed this long after it was opened, whatever it does (default: none; a
+    /// shell or terminal session ends with its certificate anyway).
+    pub session_max: Option<String>,
+    /// Bytes of a command's stdout and of its stderr returned and recorded, each; of a terminal's
+    /// output per `session_input` (`1MiB`).
+    pub output_max: Option<String>,
 }
 
 /// Go Ephyr's `global:` section (compatibility).

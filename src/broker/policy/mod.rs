@@ -120,6 +120,13 @@ pub struct Limits {
     pub recordings_max_files: u32,
     /// Largest file the file tools read or write, in bytes.
     pub file_max_size: u64,
+    /// A session unused this long is closed.
+    pub session_idle: Duration,
+    /// A session is closed this long after it opened (`None`: no absolute limit beyond its
+    /// certificate's for shell and terminal sessions).
+    pub session_max: Option<Duration>,
+    /// Bytes of output returned (and recorded) per stream per command, or per terminal call.
+    pub output_max: usize,
 }
 
 /// sudo rights of a role (used only by `ephyr target setup-script`).

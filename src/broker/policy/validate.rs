@@ -934,6 +934,29 @@ fn limits(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> Limits {
                 1 << 20
             }
         },
+        session_idle: {
+            let d =
+                cx.duration(&["limits", "session_idle"], limits_file.session_idle.as_deref(), Duration::from_secs(300));
+            if !(Duration::from_secs(10)..=Duration::from_secs(86_400)).contains(&d) {
+                cx.err(&["limits", "session_idle"], "from 10s to 24h", None);
+            }
+            d
+        },
+        session_max: limits_file.session_max.as_deref().map(|v| {
+            let d = cx.duration(&["limits", "session_max"], Some(v), Duration::from_secs(86_400));
+            if !(Duration::from_secs(10)..=Duration::from_secs(7 * 86_400)).contains(&d) {
+                cx.err(&["limits", "session_max"], "from 10s to 7d", None);
+            }
+            d
+        }),
+        output_max: match limits_file.output_max.as_deref().map(parse_size) {
+            None => 1 << 20,
+            Some(Some(n)) if (1024..=64 << 20).contains(&n) => n as usize,
+            _ => {
+                cx.err(&["limits", "output_max"], "a size from 1KiB to 64MiB, like 1MiB", None);
+                1 << 20
+            }
+        },
     };
     if limits.delegation_depth_max > 32 {
         cx.err(&["limits", "delegation_depth_max"], "at most 32 levels", None);

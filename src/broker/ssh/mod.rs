@@ -9,9 +9,10 @@
 //! A session belongs to the agent and task that opened it. Every command on it is authorized
 //! again against the session's **own** target and role under the caller's current token, so a
 //! revoked task, or a token narrowed away from that target, cannot use it (DESIGN.md invariant
-//! 6). A session ends after [`SESSION_IDLE`] without use, when its task is revoked or expires,
-//! or when its certificate expires unused; a command within [`RENEW_MARGIN`] of the
-//! certificate's expiry first renews it (new key, new certificate, new connection).
+//! 6). A session ends after `limits.session_idle` without use, `limits.session_max` after it
+//! opened, when its task is revoked or expires, or when its certificate expires unused; a command
+//! within [`RENEW_MARGIN`] of the certificate's expiry first renews it (new key, new certificate,
+//! new connection).
 
 pub(crate) mod client;
 pub mod files;
@@ -41,16 +42,12 @@ use super::signer_client::CallError;
 use crate::signer::protocol::{CertRequest, ErrorCode};
 use client::{Conn, ExecLimits, ExecResult, HostCheck, SshError};
 
-/// A session with no command for this long is closed.
-pub const SESSION_IDLE: Duration = Duration::from_secs(5 * 60);
 /// A command on a session whose certificate expires sooner than this renews it first.
 pub const RENEW_MARGIN: u64 = 30;
 /// Certificates start this far in the past (clock skew between broker and host).
 pub const BACKDATE: u64 = 60;
 /// TCP + handshake + authentication.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes of stdout and of stderr returned (each).
-pub const MAX_OUTPUT: usize = 1 << 20;
 /// Command deadline when the call names none, and the longest allowed.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest command deadline.
@@ -159,6 +156,23 @@ impl Session {
     /// Commands (or keystroke sends) run on it so far.
     pub fn commands(&self) -> u64 {
         self.commands.get()
+    }
+
+    /// Whether it has been open longer than `limits.session_max`.
+    fn past_max(&self, policy: &Policy, now: u64) -> bool {
+        policy.limits.session_max.is_some_and(|m| now >= self.created + m.as_secs())
+    }
+
+    /// `Err` (and the session closed) when it has been open longer than `limits.session_max`.
+    async fn within_max(&self, ssh: &Ssh, ports: Ports<'_>, policy: &Policy, me: &Rc<Session>) -> Result<(), Error> {
+        if !self.past_max(policy, now_secs()) {
+            return Ok(());
+        }
+        ssh.close(ports, me, "limits.session_max reached").await;
+        Err(Error::Refused(format!(
+            "session {:?} reached limits.session_max and was closed; open a new session",
+            self.id
+        )))
     }
 
     fn mode(&self) -> Mode {
@@ -610,7 +624,11 @@ impl Ssh {
         let ran = match wire_command(ports, policy, target, &principal, command).await {
             Ok(sent) => match Self::record_exec(ports.audit, caller, target, role, command, None) {
                 Ok(ticket) => {
-                    let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
+                    let limits = ExecLimits {
+                        max_stdout: policy.limits.output_max,
+                        max_stderr: policy.limits.output_max,
+                        timeout,
+                    };
                     let (r, d) = futures_lite::future::zip(conn.exec(sent, limits), ticket.durable()).await;
                     d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))
                         .and(r.map_err(ssh_err))
@@ -735,6 +753,7 @@ impl Ssh {
                 s.role
             )));
         }
+        s.within_max(self, ports, policy, &s).await?;
         if let Some(shell) = &s.shell {
             return self.shell_exec(asker, &s, shell, command, timeout).await;
         }
@@ -767,7 +786,7 @@ impl Ssh {
         let ticket = Self::record_exec(ports.audit, caller, &s.target, &s.role, command, Some(&s.id))?;
         s.last_used.set(Instant::now());
         s.commands.set(s.commands.get() + 1);
-        let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
+        let limits = ExecLimits { max_stdout: policy.limits.output_max, max_stderr: policy.limits.output_max, timeout };
         let (r, d) = futures_lite::future::zip(conn.exec(sent, limits), ticket.durable()).await;
         s.last_used.set(Instant::now());
         d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))?;
@@ -800,7 +819,7 @@ impl Ssh {
         let ticket = Self::record_exec(ports.audit, caller, &s.target, &s.role, command, Some(&s.id))?;
         s.last_used.set(Instant::now());
         s.commands.set(s.commands.get() + 1);
-        let limits = ExecLimits { max_stdout: MAX_OUTPUT, max_stderr: MAX_OUTPUT, timeout };
+        let limits = ExecLimits { max_stdout: policy.limits.output_max, max_stderr: policy.limits.output_max, timeout };
         let (r, d) = futures_lite::future::zip(shell.run(command.to_owned(), limits), ticket.durable()).await;
         s.last_used.set(Instant::now());
         d.map_err(|e| Error::audit(format!("{e} (the command ran; its record may be incomplete)")))?;
@@ -870,8 +889,10 @@ impl Ssh {
             .borrow()
             .values()
             .filter_map(|s| {
-                let why = if s.last_used.get().elapsed() >= SESSION_IDLE {
+                let why = if s.last_used.get().elapsed() >= policy.limits.session_idle {
                     "idle"
+                } else if s.past_max(policy, now) {
+                    "limits.session_max reached"
                 } else if s.cert_until.get() <= now {
                     "certificate expired"
                 } else if s.conn.borrow().is_closed() {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::pty::{MAX_SIZE, MIN_SIZE};
-use super::{Asker, MAX_OUTPUT, Ran, Session, Ssh, audit_command, now_secs, recording, ssh_err, with_task};
+use super::{Asker, Ran, Session, Ssh, audit_command, now_secs, recording, ssh_err, with_task};
 use crate::broker::Error;
 use crate::broker::audit::{Event, Kind};
 use crate::broker::policy::{Action, ActionKind, Decision, Policy};
@@ -109,6 +109,7 @@ impl Ssh {
                 "terminal session {id:?} has ended (its shell exited, or its certificate expired); open a new session"
             )));
         }
+        s.within_max(self, ports, policy, &s).await?;
         if size_now != s.size.get() {
             pty.resize(size_now.0, size_now.1).await.map_err(ssh_err)?;
             s.size.set(size_now);
@@ -120,8 +121,11 @@ impl Ssh {
         let ticket = ports.audit.record(ev.allow()).map_err(|e| Error::audit(e.to_string()))?;
         s.last_used.set(Instant::now());
         s.commands.set(s.commands.get() + 1);
-        let (r, d) =
-            futures_lite::future::zip(pty.send(input.as_bytes().to_vec(), wait, MAX_OUTPUT), ticket.durable()).await;
+        let (r, d) = futures_lite::future::zip(
+            pty.send(input.as_bytes().to_vec(), wait, policy.limits.output_max),
+            ticket.durable(),
+        )
+        .await;
         s.last_used.set(Instant::now());
         d.map_err(|e| Error::audit(format!("{e} (the keystrokes were sent; their record may be incomplete)")))?;
         let result = r.map_err(ssh_err)?;

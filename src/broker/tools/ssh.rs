@@ -19,7 +19,7 @@ pub static EXEC: ToolDef = ToolDef {
     name: "exec",
     title: "Run a command over SSH",
     description: "Run a shell command on a target as a role, with a fresh short-lived certificate (or on an open \
-                  session with session_id). Returns stdout, stderr (each capped at 1 MiB, with a truncation flag), \
+                  session with session_id). Returns stdout, stderr (each capped at limits.output_max, 1 MiB by default, with a truncation flag), \
                   the exit code and timings. No terminal, no stdin.",
     params: &[
         Param {
@@ -71,7 +71,8 @@ pub static SESSION_CREATE: ToolDef = ToolDef {
                   send keystrokes with session_input and read what the screen printed; everything the shell keeps \
                   (directory, environment, running programs) carries over; only where no command policy applies \
                   (keystrokes cannot be checked); it lasts at most as long as its certificate. Sessions close after \
-                  5 minutes idle or when the task ends.",
+                  limits.session_idle (5 minutes by default) \
+                  without use, after limits.session_max if the policy sets one, or when the task ends.",
     params: &[
         Param { name: "target", ty: ParamType::String, required: true, description: "Target name from list_targets" },
         Param { name: "role", ty: ParamType::String, required: true, description: "Role to use on the target" },
@@ -112,7 +113,7 @@ pub static SESSION_INPUT: ToolDef = ToolDef {
     title: "Type into a terminal session",
     description: "Send keystrokes to a terminal session (session_create with mode \"pty\") and return what the \
                   terminal printed: until it has been quiet for 0.2 s after output started, or wait_ms has passed \
-                  (default 1000), at most 1 MiB per call (the rest comes with the next call; send \"\" to read more). \
+                  (default 1000), at most limits.output_max per call (1 MiB by default; the rest comes with the next call: send \"\" to read more). \
                   Keys are characters: \"\\r\" is Enter, \"\\u0003\" Ctrl-C, \"\\u0004\" Ctrl-D, \"\\u001b\" Escape. \
                   The output is the raw terminal stream (with escape sequences). cols and rows resize the terminal \
                   first. Every call is audited and recorded, keystrokes included.",
@@ -206,8 +207,8 @@ fn exec_output(
     target: &str,
     role: &str,
     session: Option<&str>,
-    total: Duration,
-    timeout: Duration,
+    (total, timeout): (Duration, Duration),
+    cap: usize,
 ) -> Value {
     let r = &ran.result;
     let mut stderr = String::from_utf8_lossy(&r.stderr).into_owned();
@@ -215,7 +216,7 @@ fn exec_output(
         stderr.push_str(&format!("\n[killed: timeout after {}s]", timeout.as_secs()));
     }
     if r.stdout_truncated || r.stderr_truncated {
-        stderr.push_str(&format!("\n[killed: output passed the {} MiB cap]", ssh::MAX_OUTPUT >> 20));
+        stderr.push_str(&format!("\n[killed: output passed the {cap}-byte cap (limits.output_max)]"));
     }
     let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
     let mut v = json!({
@@ -301,7 +302,14 @@ async fn exec(cx: Ctx<'_>) -> Output {
                 "exited"
             };
             cx.ports.metrics.inc("ephyr_ssh_commands_total", &[("outcome", how)]);
-            let mut o = Output::data(&exec_output(&ran, &target, &role, session, started.elapsed(), timeout));
+            let mut o = Output::data(&exec_output(
+                &ran,
+                &target,
+                &role,
+                session,
+                (started.elapsed(), timeout),
+                cx.policy.limits.output_max,
+            ));
             o.outcome.insert("exit_code".into(), ran.result.exit_status.map_or(Value::from(-1), Value::from));
             o.outcome.insert("serial".into(), Value::from(format!("{:016x}", ran.serial)));
             o.outcome.insert("ended".into(), Value::from(how));
@@ -338,7 +346,10 @@ async fn session_create(cx: Ctx<'_>) -> Output {
         Ok((s, warning)) => {
             let mut v = s.view();
             v["status"] = Value::from("open");
-            v["idle_timeout_secs"] = Value::from(ssh::SESSION_IDLE.as_secs());
+            v["idle_timeout_secs"] = Value::from(cx.policy.limits.session_idle.as_secs());
+            if let Some(m) = cx.policy.limits.session_max {
+                v["max_lifetime_secs"] = Value::from(m.as_secs());
+            }
             if let Some(w) = warning {
                 v["host_key_warning"] = Value::from(w);
             }
