@@ -176,6 +176,11 @@ impl Ssh {
         let r = async {
             let sftp = conn.sftp(timeout.min(CONNECT_TIMEOUT)).await.map_err(file_err)?;
             let resolved = sftp.resolve(path).await.map_err(file_err)?;
+            // A target answers for itself, but a policy decision is never made on an ambiguous path.
+            check_path(&resolved).map_err(|e| Error::Upstream {
+                code: "sftp_failed",
+                message: format!("the target resolved {path} to a path that is not normalised and absolute ({e})"),
+            })?;
             // What the target will touch is what is authorized.
             authorize(policy, caller, arguments, (target, role), &op, &resolved)?;
             let ticket = record(ports.audit, caller, (target, role), &op, path, &resolved)?;
