@@ -146,6 +146,7 @@ fn alice_tools() -> Vec<String> {
         "list_targets",
         "exec",
         "session_create",
+        "session_input",
         "session_close",
         "list_sessions",
         "list_certs",

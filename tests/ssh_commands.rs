@@ -709,6 +709,14 @@ fn terminal_sessions_run_interactive_programs_and_are_refused_where_commands_are
     }
     let e = create(json!({"target": "plain", "role": "read", "cols": 80})).unwrap_err();
     assert!(e.contains("for mode \"pty\" only"), "{e}");
+    // Listed only where a terminal could be opened: not under a token narrowed to `web`.
+    let t = tool_call(&l.broker.api, &l.alice, "task_create", json!({"description": "web only"})).unwrap();
+    let m = ephyr::macaroon::Macaroon::decode(t["token"].as_str().unwrap()).unwrap();
+    let web_only = ephyr::macaroon::attenuate(&m, "target IN [web]").encode();
+    let listed =
+        |cred: &str| mcp_request(&l.broker.api, cred, "tools/list", None, json!({}))["result"]["tools"].to_string();
+    assert!(listed(&l.alice).contains("\"session_input\""));
+    assert!(!listed(&web_only).contains("\"session_input\"") && listed(&web_only).contains("\"exec\""));
     // session_input is for terminals only.
     let x = create(json!({"target": "plain", "role": "read", "mode": "shell"})).unwrap();
     let e =

@@ -87,6 +87,8 @@ pub enum Needs {
     AnyTarget,
     /// Some role on some target where the file tools may read (`false`) or write (`true`).
     AnyFileTarget(bool),
+    /// Some role on some target where a terminal session may be opened.
+    AnyTerminalTarget,
     /// Some method and path on some service.
     AnyService,
     /// Some remote MCP server.
@@ -458,6 +460,12 @@ pub fn visible(t: &ToolDef, policy: &Policy, principal: &Principal<'_>) -> bool 
                     && allowed(policy, principal, tool, ActionKind::Ssh { target: name, role })
             })
         }),
+        Needs::AnyTerminalTarget => policy.targets.iter().any(|(name, target)| {
+            target.allowed_roles.iter().any(|role| {
+                crate::broker::ssh::terminal::allowed(policy, principal.agent, name, role, (80, 24)).is_ok()
+                    && allowed(policy, principal, tool, ActionKind::Ssh { target: name, role })
+            })
+        }),
         Needs::AnyService => policy.services.keys().any(|s| any_service(policy, principal, tool, s)),
         Needs::AnyRemote => policy.remotes.keys().any(|r| any_remote_tool(policy, principal, tool, r)),
     }
@@ -469,6 +477,9 @@ fn unreachable(t: &ToolDef, agent: &str) -> Denial {
     use super::policy::DenyCode;
     let (code, what) = match t.needs {
         Needs::AnyTarget => (DenyCode::PolicyDeniesTarget, "SSH target and role"),
+        Needs::AnyTerminalTarget => {
+            (DenyCode::PolicyDeniesTarget, "SSH target and role where a terminal is allowed (no command policy)")
+        }
         Needs::AnyFileTarget(_) => {
             (DenyCode::FileDenied, "SSH target and role with file access (targets.<name>.files)")
         }

@@ -146,7 +146,7 @@ pub static SESSION_INPUT: ToolDef = ToolDef {
     ],
     annotations: Annotations { read_only: false, destructive: true, idempotent: false, open_world: true },
     output: OutputShape::Object(&[("output", "string"), ("session_id", "string"), ("ended", "boolean")]),
-    needs: Needs::AnyTarget,
+    needs: Needs::AnyTerminalTarget,
     run: |cx| Box::pin(session_input(cx)),
 };
 
