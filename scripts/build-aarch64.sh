@@ -4,8 +4,11 @@
 #
 # The sandbox cannot be exercised under qemu-user (no Landlock, no seccomp there), so only the
 # pure tests run here; the sandbox is tested natively on x86_64 and on real aarch64 hardware.
+#   --no-tests   build only (scripts/release.sh); EPHYR_EXTRA_RUSTFLAGS adds to the flags.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+run_tests=true
+[ "${1:-}" = "--no-tests" ] && run_tests=false
 
 pkgs=(rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static)
 missing=()
@@ -23,7 +26,7 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static"
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
-export RUSTFLAGS="-C target-feature=+crt-static"
+export RUSTFLAGS="-C target-feature=+crt-static ${EPHYR_EXTRA_RUSTFLAGS:-}"
 cargo=/usr/bin/cargo
 "$RUSTC" --version
 
@@ -33,6 +36,7 @@ file "$bin"
 qemu-aarch64-static "$bin" --version
 printf 'size: %s bytes\n' "$(stat -c %s "$bin")"
 
+$run_tests || exit 0
 # Pure unit tests (no sandbox, no processes) under emulation.
 "$cargo" test --locked --target "$target" --target-dir target-aarch64 --lib -- \
   macaroon:: signer::protocol:: signer::custody:: time:: secret:: users:: broker::policy:: mcp::

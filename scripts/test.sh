@@ -63,5 +63,7 @@ python3 scripts/perf/icount.py --check
 if [ "${EPHYR_SKIP_AARCH64:-0}" != 1 ]; then
   step "aarch64 cross build + pure tests under qemu"
   ./scripts/build-aarch64.sh
+  step "release tarball recipe (scripts/release.sh --check aarch64: packed twice, identical)"
+  ./scripts/release.sh --check aarch64
 fi
 step "done"

@@ -468,7 +468,7 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "remote" => cmd_remote(p),
         "whoami" | "targets" | "certs" | "tasks" => cmd_view(p, &cmd),
         "version" => {
-            println!("ephyr {}", env!("CARGO_PKG_VERSION"));
+            println!("ephyr {} ({})", env!("CARGO_PKG_VERSION"), env!("EPHYR_COMMIT"));
             Ok(0)
         }
         "help" => help(USAGE),
