@@ -90,7 +90,11 @@ impl DataDir {
         fs::DirBuilder::new().recursive(true).mode(root_mode).create(&self.root).map_err(ctx(&self.root))?;
         for dir in [self.state(), self.audit(), self.recordings()] {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(ctx(&dir))?;
-            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(ctx(&dir))?;
+            // Only when it differs: the service starts as root without CAP_FOWNER (its unit's
+            // bounding set), so it may not chmod a directory the broker's user already owns.
+            if fs::metadata(&dir).map_err(ctx(&dir))?.permissions().mode() & 0o7777 != 0o700 {
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(ctx(&dir))?;
+            }
         }
         if let Some(o) = owner {
             let mut owned = vec![self.state(), self.audit(), self.recordings()];
