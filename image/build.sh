@@ -76,4 +76,4 @@ echo "root=/dev/vda rw console=$console lsm=landlock,lockdown,yama,integrity,app
 rm -f "$out/rootfs.ext4"
 mkfs.ext4 -q -F -L ephyr-root -d "$root" "$out/rootfs.ext4" "$size"
 echo "$out/rootfs.ext4: $(du -h --apparent-size "$out/rootfs.ext4" | cut -f1) ($(du -h "$out/rootfs.ext4" | cut -f1) used)"
-echo "kernel $(basename "$(readlink "$root/vmlinuz")"), ephyr $("$bin" --version 2>/dev/null || echo "(foreign arch)")"
+echo "kernel $(basename "$(readlink "$root/vmlinuz")"), $("$bin" --version 2>/dev/null || echo "ephyr (foreign arch)")"

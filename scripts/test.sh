@@ -6,6 +6,7 @@
 #                                sources), unit + integration tests, the instruction-count gate,
 #                                aarch64 cross build with the pure tests under qemu
 #   EPHYR_SKIP_AARCH64=1 ...     skip the aarch64 step (saves ~3.5 min)
+#   EPHYR_SKIP_IMAGE=1 ...       skip building and booting the appliance image (saves ~6 min)
 #
 # Installs what the tests need: apt (openssh-server, curl, setpriv, chromium, ...), Python packages
 # (tests/requirements.txt) and npm packages (tests/peers/package.json), all from the registries.
@@ -20,7 +21,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 step "system packages"
-apt_pkgs=(openssh-server openssh-client curl util-linux file procps python3 iproute2 prometheus valgrind chromium)
+apt_pkgs=(openssh-server openssh-client curl util-linux file procps python3 iproute2 prometheus valgrind chromium
+  mmdebstrap qemu-system-x86 e2fsprogs)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -28,7 +30,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   # policy-rc.d keeps package scripts from starting system services (sshd, prometheus) here.
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+  # qemu-system-x86 comes from bookworm: a newer qemu-utils (backports) would block it.
+  pin=()
+  if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]] && dpkg -s qemu-utils >/dev/null 2>&1; then
+    pin=(--allow-downgrades qemu-utils/bookworm)
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" "${pin[@]}" \
     > /tmp/ephyr-apt.log 2>&1 || { cat /tmp/ephyr-apt.log; rm -f /usr/sbin/policy-rc.d; exit 1; }
   rm -f /usr/sbin/policy-rc.d
 fi
@@ -65,5 +72,11 @@ if [ "${EPHYR_SKIP_AARCH64:-0}" != 1 ]; then
   ./scripts/build-aarch64.sh
   step "release tarball recipe (scripts/release.sh --check aarch64: packed twice, identical)"
   ./scripts/release.sh --check aarch64
+fi
+if [ "${EPHYR_SKIP_IMAGE:-0}" != 1 ]; then
+  step "appliance image: static build, image/build.sh, boot under qemu (tests/image.py)"
+  ./scripts/build-static.sh
+  image/build.sh --bin target/x86_64-unknown-linux-gnu/release/ephyr --out target/image-x86_64
+  python3 tests/image.py target/image-x86_64
 fi
 step "done"
