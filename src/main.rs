@@ -46,6 +46,7 @@ Commands:
   recording    SSH command recordings: `list`, `show ID`, `play ID` (checked against the audit trail)
   monitor      watch what agents do, live (the audit stream, coloured, with filters)
   remote       review and approve federated tools that changed (`remote review NAME`)
+  isolate      nftables rules: agents on this box reach only the broker (`--apply`, `--remove`)
   version      print the version
 
 Run `ephyr <command> --help` for a command's options. Exit codes: 0 ok, 1 failure,
@@ -329,9 +330,9 @@ Options:
   --json                  print the full JSON answer";
 
 /// Commands, for "did you mean".
-const COMMANDS: [&str; 22] = [
+const COMMANDS: [&str; 23] = [
     "serve", "demo", "init", "doctor", "status", "whoami", "targets", "certs", "tasks", "cert", "exec", "target",
-    "inspect", "policy", "keygen", "secret", "audit", "monitor", "remote", "version", "help", "--help",
+    "inspect", "policy", "keygen", "secret", "audit", "monitor", "remote", "isolate", "version", "help", "--help",
 ];
 
 /// A closed stdout (`ephyr ... | head -1`) ends a command quietly with 0: the reader took what
@@ -464,6 +465,7 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "audit" => cmd_audit(p),
         "recording" | "recordings" => cmd_recording(p),
         "shim" => cmd_shim(p),
+        "isolate" => cmd_isolate(p),
         "monitor" => cmd_monitor(p),
         "remote" => cmd_remote(p),
         "whoami" | "targets" | "certs" | "tasks" => cmd_view(p, &cmd),
@@ -1078,6 +1080,47 @@ command for the role users (the target setup script installs it). Runs the comma
 SSH_ORIGINAL_COMMAND only if it comes with an exec envelope the broker's signer signed for
 this target and user, not expired and not used before here (nonces in DIR, default
 ~/.ephyr-shim). Otherwise nothing runs: exit 126 and the reason on stderr.";
+
+const ISOLATE_HELP: &str = "\
+Usage: ephyr isolate [--config POLICY] [--uid UID]... [--gid GID]... [--port PORT]... [--apply | --remove]
+
+Agents that run on this machine as local users must reach targets and services only through
+the broker. Prints nftables rules (table inet ephyr_isolate) under which the traffic of the
+agent uids and gids may leave only to the broker's ports on loopback (default 8554); anything
+else is refused at once (TCP reset, ICMP administratively prohibited). The broker's own user,
+root and everyone else are not affected; the broker's Unix socket is not network traffic.
+
+Options:
+  --config FILE   add every agents.NAME.uid of this policy
+  --uid UID       an agent's uid (repeatable)
+  --gid GID       every member of this group (repeatable)
+  --port PORT     a broker port agents may reach on loopback (repeatable; default 8554)
+  --apply         load the rules now (nft -f -; replaces an earlier copy in one transaction)
+  --remove        delete the rules";
+
+fn cmd_isolate(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let mut o = cli::isolate::IsolateOptions::default();
+    let number = |p: &mut lexopt::Parser, what: &str| -> Result<u32, Failure> {
+        let v = p.value()?.string()?;
+        v.parse().map_err(|_| usage(format!("{what} must be a number, not {v:?}")))
+    };
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("config") => o.config = Some(path(p.value()?)),
+            Long("uid") => o.uids.push(number(p, "--uid")?),
+            Long("gid") => o.gids.push(number(p, "--gid")?),
+            Long("port") => {
+                let n = number(p, "--port")?;
+                o.ports.push(u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| usage("--port is 1 to 65535"))?);
+            }
+            Long("apply") => o.apply = true,
+            Long("remove") => o.remove = true,
+            Long("help") | Short('h') => return help(ISOLATE_HELP),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    cli::isolate::run(&o).map_err(|e| Failure::Run(1, e))
+}
 
 fn cmd_shim(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     let mut o = ephyr::shim::Options::default();

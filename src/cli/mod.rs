@@ -11,6 +11,7 @@ pub mod federation_client;
 pub mod freeze;
 pub mod init;
 pub mod inspect;
+pub mod isolate;
 pub mod policy;
 pub mod recording;
 pub mod remote;
