@@ -534,7 +534,7 @@ impl Conn {
             Ok::<_, SshError>(ch)
         })
         .await??;
-        let shell = Shell { ch: Arc::new(tokio::sync::Mutex::new(Some(ch))) };
+        let shell = Shell { ch: Kept::new(ch) };
         let limits = ExecLimits { max_stdout: 64 * 1024, max_stderr: 64 * 1024, timeout };
         let r = shell.run("true".into(), limits).await?;
         if r.exit_status != Some(0) {
@@ -559,7 +559,40 @@ impl Conn {
 /// that command only; its stdin is `/dev/null`, so it cannot eat the next frame), followed by a marker line with a fresh nonce and the exit status on stdout and a
 /// marker on stderr; the output is read up to the markers.
 pub struct Shell {
-    ch: Arc<tokio::sync::Mutex<Option<russh::Channel<client::Msg>>>>,
+    ch: Kept,
+}
+
+/// A channel kept open across calls (a session's shell or terminal): one call at a time holds
+/// it; `None` once it has ended.
+#[derive(Clone)]
+pub(super) struct Kept(Arc<tokio::sync::Mutex<Option<russh::Channel<client::Msg>>>>);
+
+impl Kept {
+    pub(super) fn new(ch: russh::Channel<client::Msg>) -> Kept {
+        Kept(Arc::new(tokio::sync::Mutex::new(Some(ch))))
+    }
+
+    /// The channel, for a call on the SSH runtime.
+    pub(super) fn slot(&self) -> &tokio::sync::Mutex<Option<russh::Channel<client::Msg>>> {
+        &self.0
+    }
+
+    /// Whether it has ended (a call in progress counts as open).
+    pub(super) fn is_closed(&self) -> bool {
+        self.0.try_lock().map(|c| c.is_none()).unwrap_or(false)
+    }
+
+    /// Ends it: EOF, then close.
+    pub(super) async fn close(&self) {
+        let ch = self.clone();
+        let _ = on_runtime(async move {
+            if let Some(c) = ch.0.lock().await.take() {
+                let _ = c.eof().await;
+                let _ = c.close().await;
+            }
+        })
+        .await;
+    }
 }
 
 impl std::fmt::Debug for Shell {
@@ -590,7 +623,7 @@ fn stdout_end(buf: &[u8], m: &str) -> Option<(usize, u32)> {
 impl Shell {
     /// Whether the shell has ended (it exited, timed out or passed a cap).
     pub fn is_closed(&self) -> bool {
-        self.ch.try_lock().map(|c| c.is_none()).unwrap_or(false)
+        self.ch.is_closed()
     }
 
     /// Runs one command in the shell. A command is refused while another runs. When the output
@@ -602,7 +635,7 @@ impl Shell {
         crate::secret::random_bytes(&mut nonce).map_err(|e| SshError::Protocol(e.to_string()))?;
         let nonce = data_encoding::HEXLOWER.encode(&nonce);
         on_runtime(async move {
-            let Ok(mut guard) = ch.try_lock() else {
+            let Ok(mut guard) = ch.slot().try_lock() else {
                 return Err(SshError::Protocol("the session's shell is running another command".into()));
             };
             let Some(c) = guard.as_mut() else {
@@ -684,14 +717,7 @@ impl Shell {
 
     /// Ends the shell.
     pub async fn close(&self) {
-        let ch = self.ch.clone();
-        let _ = on_runtime(async move {
-            if let Some(c) = ch.lock().await.take() {
-                let _ = c.eof().await;
-                let _ = c.close().await;
-            }
-        })
-        .await;
+        self.ch.close().await;
     }
 }
 

@@ -7,12 +7,11 @@
 //! been quiet for a moment or the caller's wait is over; output that arrives between calls waits
 //! in the channel for the next one. [`Pty::resize`] sends a window change.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use russh::{ChannelMsg, client};
 
-use super::client::{Conn, ExecResult, SshError, on_runtime};
+use super::client::{Conn, ExecResult, Kept, SshError, on_runtime};
 
 /// After output has started, this long without more ends a [`Pty::send`].
 pub const QUIET: Duration = Duration::from_millis(200);
@@ -25,7 +24,7 @@ pub const MAX_SIZE: u32 = 1000;
 
 /// A terminal kept on a session.
 pub struct Pty {
-    ch: Arc<tokio::sync::Mutex<Option<russh::Channel<client::Msg>>>>,
+    ch: Kept,
 }
 
 impl std::fmt::Debug for Pty {
@@ -78,14 +77,14 @@ impl Conn {
             }
         })
         .await??;
-        Ok(Pty { ch: Arc::new(tokio::sync::Mutex::new(Some(ch))) })
+        Ok(Pty { ch: Kept::new(ch) })
     }
 }
 
 impl Pty {
     /// Whether the terminal's shell has ended.
     pub fn is_closed(&self) -> bool {
-        self.ch.try_lock().map(|c| c.is_none()).unwrap_or(false)
+        self.ch.is_closed()
     }
 
     /// Writes `input` (keystrokes: `\r` is Enter, `\u{3}` is Ctrl-C) and returns what the terminal
@@ -95,7 +94,7 @@ impl Pty {
     pub async fn send(&self, input: Vec<u8>, wait: Duration, cap: usize) -> Result<ExecResult, SshError> {
         let ch = self.ch.clone();
         on_runtime(async move {
-            let Ok(mut guard) = ch.try_lock() else {
+            let Ok(mut guard) = ch.slot().try_lock() else {
                 return Err(SshError::Protocol("the terminal is busy with another call".into()));
             };
             let Some(c) = guard.as_mut() else {
@@ -162,7 +161,7 @@ impl Pty {
     pub async fn resize(&self, cols: u32, rows: u32) -> Result<(), SshError> {
         let ch = self.ch.clone();
         on_runtime(async move {
-            let Ok(guard) = ch.try_lock() else {
+            let Ok(guard) = ch.slot().try_lock() else {
                 return Err(SshError::Protocol("the terminal is busy with another call".into()));
             };
             let Some(c) = guard.as_ref() else {
@@ -175,13 +174,6 @@ impl Pty {
 
     /// Ends the terminal (its shell gets a hangup when the channel closes).
     pub async fn close(&self) {
-        let ch = self.ch.clone();
-        let _ = on_runtime(async move {
-            if let Some(c) = ch.lock().await.take() {
-                let _ = c.eof().await;
-                let _ = c.close().await;
-            }
-        })
-        .await;
+        self.ch.close().await;
     }
 }
