@@ -12,6 +12,9 @@ use crate::broker::Error;
 use crate::broker::ssh::{self, Ran};
 use crate::mcp::types::Annotations;
 
+/// A terminal's columns or rows.
+const TERMINAL_SIZE: ParamType = ParamType::Integer { min: ssh::pty::MIN_SIZE as i64, max: ssh::pty::MAX_SIZE as i64 };
+
 const READ_ONLY: Annotations = Annotations { read_only: true, destructive: false, idempotent: true, open_world: false };
 
 /// `exec`.
@@ -85,16 +88,11 @@ pub static SESSION_CREATE: ToolDef = ToolDef {
         },
         Param {
             name: "cols",
-            ty: ParamType::Integer { min: 10, max: 1000 },
+            ty: TERMINAL_SIZE,
             required: false,
             description: "Terminal columns (mode pty; default 120)",
         },
-        Param {
-            name: "rows",
-            ty: ParamType::Integer { min: 10, max: 1000 },
-            required: false,
-            description: "Terminal rows (mode pty; default 40)",
-        },
+        Param { name: "rows", ty: TERMINAL_SIZE, required: false, description: "Terminal rows (mode pty; default 40)" },
     ],
     annotations: Annotations { read_only: false, destructive: false, idempotent: false, open_world: true },
     output: OutputShape::Object(&[
@@ -131,18 +129,8 @@ pub static SESSION_INPUT: ToolDef = ToolDef {
             required: false,
             description: "Longest wait for output in milliseconds (default 1000)",
         },
-        Param {
-            name: "cols",
-            ty: ParamType::Integer { min: 10, max: 1000 },
-            required: false,
-            description: "Resize to this many columns first",
-        },
-        Param {
-            name: "rows",
-            ty: ParamType::Integer { min: 10, max: 1000 },
-            required: false,
-            description: "Resize to this many rows first",
-        },
+        Param { name: "cols", ty: TERMINAL_SIZE, required: false, description: "Resize to this many columns first" },
+        Param { name: "rows", ty: TERMINAL_SIZE, required: false, description: "Resize to this many rows first" },
     ],
     annotations: Annotations { read_only: false, destructive: true, idempotent: false, open_world: true },
     output: OutputShape::Object(&[("output", "string"), ("session_id", "string"), ("ended", "boolean")]),
