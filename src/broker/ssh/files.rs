@@ -183,7 +183,12 @@ impl Ssh {
             })?;
             // What the target will touch is what is authorized.
             authorize(policy, caller, arguments, (target, role), &op, &resolved)?;
-            let ticket = record(ports.audit, caller, (target, role), &op, path, &resolved)?;
+            // A write's content hash, once: for the audit line before it and the result after.
+            let hash = match &op {
+                FileOp::Write { data, .. } => Some((super::sftp::sha256(data), data.len())),
+                _ => None,
+            };
+            let ticket = record(ports.audit, caller, (target, role), (&op, hash), path, &resolved)?;
             let work = async {
                 match op {
                     FileOp::Read { offset, max } => {
@@ -193,11 +198,11 @@ impl Ssh {
                         sftp.list(&resolved, MAX_ENTRIES, deadline).await.map(|(e, more)| FileDone::List(e, more))
                     }
                     FileOp::Write { data, expect, mode } => {
-                        let (hash, len) = (super::sftp::sha256(&data), data.len());
+                        let (sum, len) = hash.unwrap_or_default();
                         let max = policy.limits.file_max_size as usize;
                         sftp.write(&resolved, (data, expect, mode), max, deadline)
                             .await
-                            .map(|w| FileDone::Write(w, hash, len))
+                            .map(|w| FileDone::Write(w, sum, len))
                     }
                 }
             };
@@ -219,14 +224,14 @@ fn record(
     audit: &dyn crate::broker::audit::AuditSink,
     caller: &Caller,
     (target, role): (&str, &str),
-    op: &FileOp,
+    (op, written): (&FileOp, Option<([u8; 32], usize)>),
     path: &str,
     resolved: &str,
 ) -> Result<crate::broker::audit::Ticket, Error> {
     let mut action = json!({ "target": target, "role": role, "op": op.tool(), "path": path, "resolved": resolved });
-    if let FileOp::Write { data, .. } = op {
-        action["sha256"] = data_encoding::HEXLOWER.encode(&super::sftp::sha256(data)).into();
-        action["bytes"] = data.len().into();
+    if let Some((sum, len)) = written {
+        action["sha256"] = data_encoding::HEXLOWER.encode(&sum).into();
+        action["bytes"] = len.into();
     }
     let ev = with_task(Event::new(Kind::Ssh, "ssh_file"), caller).agent(caller.agent.clone()).action(action).allow();
     audit.record(ev).map_err(|e| Error::audit(e.to_string()))
