@@ -20,6 +20,8 @@ struct Lab {
     alice: String,
     bob: String,
     data: TempDir,
+    /// The KRL the sshd reads; removed with the lab.
+    _krl_dir: TempDir,
     policy: String,
 }
 
@@ -42,7 +44,6 @@ fn lab(limits: &str) -> Lab {
     assert!(Command::new("ssh-keygen").args(["-q", "-k", "-f"]).arg(&krl).status().unwrap().success());
     let listen: String = (2..=6).map(|i| format!("ListenAddress 127.0.0.{i}\n")).collect();
     let sshd = Sshd::start(&ca, &format!("RevokedKeys {}\nMaxStartups 200\nMaxSessions 200\n{listen}", krl.display()));
-    std::mem::forget(krl_dir); // lives as long as the sshd's dir (removed with /tmp cleanup)
     let fp = ssh_fingerprint(&sshd.dir.join("host_ed25519.pub"));
     let (alice, alice_hash) = agent_key("alice");
     let (bob, bob_hash) = agent_key("bob");
@@ -86,7 +87,7 @@ agents:
     });
     // The KRL file path, for tests that install a fetched list.
     std::fs::write(data.join("krl-path"), krl.to_str().unwrap()).unwrap();
-    Lab { sshd, broker, alice, bob, data, policy }
+    Lab { sshd, broker, alice, bob, data, _krl_dir: krl_dir, policy }
 }
 
 impl Lab {

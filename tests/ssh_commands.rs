@@ -14,8 +14,9 @@ use serde_json::{Value, json};
 const USER: &str = "ephyrt-cmd";
 
 struct Lab {
-    /// The `ephyr` copy, the CA file, the forced-command wrapper and its log, for the sealed target.
-    shim: std::path::PathBuf,
+    /// The `ephyr` copy, the CA file, the forced-command wrapper and its log, for the sealed target
+    /// (a copy of the test binary: ~190 MB, removed with the lab).
+    shim: TempDir,
     _sshd: Sshd,
     broker: Broker,
     alice: String,
@@ -56,15 +57,14 @@ fn lab() -> Lab {
         .collect();
     // The sealed target's verifier: a copy of this build's binary and the CA's public key, readable
     // by the role user, behind a wrapper that logs what sshd hands it (so the test can replay it).
-    let shim = std::path::PathBuf::from(format!("/tmp/ephyr-shim-{}-{}", std::process::id(), port));
-    std::fs::create_dir_all(&shim).unwrap();
+    let shim = TempDir::new("shim");
     std::fs::copy(ephyr_bin(), shim.join("ephyr")).unwrap();
     std::fs::copy(data.join("keys/ca_key.pub"), shim.join("ca.pub")).unwrap();
     std::fs::write(
         shim.join("wrapper"),
         format!(
             "#!/bin/sh\nprintf '%s\\n' \"$SSH_ORIGINAL_COMMAND\" >> {d}/seen\nexec {d}/ephyr \"$@\" --state {d}/state\n",
-            d = shim.display()
+            d = shim.path().display()
         ),
     )
     .unwrap();
@@ -116,7 +116,7 @@ agents:
       "*": {{ roles: [read, narrow] }}
     can_delegate: true
 "#,
-        shim = shim.display(),
+        shim = shim.path().display(),
     );
     std::fs::write(conf.join("policy.yaml"), &policy).unwrap();
     let broker = Broker::start(BrokerOpts {

@@ -21,10 +21,26 @@ impl CheckpointSigner for TestSigner {
     }
 }
 
-fn tempdir(tag: &str) -> PathBuf {
+/// A scratch directory, removed when the test ends (passing or not).
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(tag: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("ephyr-audit-{tag}-{}", crate::ids::new_ulid(crate::time::now())));
     fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
 }
 
 fn with_log<T>(dir: &Path, config: AuditConfig, f: impl AsyncFnOnce(Rc<AuditLog>) -> T) -> T {
