@@ -116,14 +116,15 @@ Writes (with the defaults):
   /var/lib/ephyr/keys/ca_key.pub           its public line (what targets trust)
   /var/lib/ephyr/keys/sealing_key          seals task keys and stored secrets (0600)
   /var/lib/ephyr/keys/audit_checkpoint.pub verifies the audit trail's signed checkpoints
-  /var/lib/ephyr/state/, audit/            for the broker's account (0700)
+  /var/lib/ephyr/state/, audit/,           for the broker's account (0700): the service needs no
+    recordings/, tls/                      CAP_CHOWN at start when init has handed them over
   /etc/ephyr/policy.yaml                   the example policy (0640; kept if it exists)
 
 Options:
   --data-dir DIR         data dir (default /var/lib/ephyr)
   --config-dir DIR       config dir for policy.yaml (default /etc/ephyr)
   --force-new-ca         replace the CA key (targets must then trust the new line)
-  --broker-user USER     broker account (when run as root), owns state/ and audit/
+  --broker-user USER     broker account (when run as root), owns state/, audit/, recordings/, tls/
   --signer-user USER     signer account (when run as root)";
 
 const DOCTOR_HELP: &str = "\

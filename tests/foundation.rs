@@ -4,7 +4,7 @@
 mod common;
 
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
 use std::time::Duration;
 
@@ -369,6 +369,55 @@ fn signer_refuses_to_serve_without_landlock_unless_explicitly_insecure() {
     let v: serde_json::Value = serde_json::from_slice(&health.stdout).unwrap();
     assert_eq!(v["status"], "degraded");
     assert_eq!(v["signer"]["sandbox_enforced"], false);
+}
+
+/// The appliance unit's capability bounding set (image/systemd/ephyr.service): no CAP_CHOWN, no
+/// CAP_FOWNER, no CAP_DAC_OVERRIDE.
+fn as_the_unit() -> Vec<String> {
+    ["setpriv", "--bounding-set", "-all,+setuid,+setgid,+setpcap"].map(String::from).to_vec()
+}
+
+#[test]
+fn the_units_capabilities_suffice_on_an_initialised_data_dir_and_a_missing_handover_is_named() {
+    if !require_root() {
+        return;
+    }
+    let dir = TempDir::new("unit-caps");
+    let (data, etc) = (dir.join("data"), dir.join("etc"));
+    let init = ephyr(&["init", "--data-dir", data.to_str().unwrap(), "--config-dir", etc.to_str().unwrap()]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let exposed = vec!["--listen".into(), "0.0.0.0:0".into(), "--dashboard-listen".into(), "0.0.0.0:0".into()];
+    let b = Broker::start(BrokerOpts {
+        policy: Some(POLICY),
+        data_dir: Some(data.clone()),
+        wrapper: as_the_unit(),
+        extra: exposed.clone(),
+        ..Default::default()
+    });
+    // The local CA was made after the drop, by the broker's user, in the tls/ init handed over.
+    let st = b.status();
+    assert!(st["tls"]["ca_fingerprint"].as_str().unwrap_or("").starts_with("SHA256:"), "{st}");
+    let broker_uid = std::fs::metadata(data.join("state")).unwrap().uid();
+    assert_ne!(broker_uid, 0);
+    for f in ["tls", "tls/ca.pem", "tls/ca.key"] {
+        assert_eq!(std::fs::metadata(data.join(f)).unwrap().uid(), broker_uid, "{f} is not the broker's");
+    }
+    b.signal(libc::SIGTERM);
+    drop(b);
+    // A directory left to root (a data dir not prepared by init) stops start-up with the reason.
+    std::os::unix::fs::chown(data.join("audit"), Some(0), Some(0)).unwrap();
+    let mut b = Broker::start(BrokerOpts {
+        policy: Some(POLICY),
+        data_dir: Some(data.clone()),
+        wrapper: as_the_unit(),
+        extra: exposed,
+        expect_ready: false,
+        ..Default::default()
+    });
+    assert_ne!(b.wait_exit(Duration::from_secs(20)).code(), Some(0), "{}", b.log());
+    assert!(b.log().contains("audit: handing it to the broker's user"), "{}", b.log());
+    assert!(b.log().contains("`ephyr init`"), "{}", b.log());
+    assert_eq!(std::fs::metadata(data.join("audit")).unwrap().uid(), 0, "nothing changed");
 }
 
 #[test]

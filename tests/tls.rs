@@ -170,7 +170,7 @@ fn plain_http_on_a_non_loopback_address_needs_the_loud_flag() {
     assert_eq!(b.status()["tls"], json!(null));
     let r = http_request(&format!("127.0.0.1:{}", port(&b.api)), "GET", "/healthz", &[], b"");
     assert_eq!(r.status, 200);
-    assert!(!b.data_dir.join("tls").exists(), "no CA made");
+    assert!(!b.data_dir.join("tls/ca.pem").exists(), "no CA made");
     // And --tls-cert without --tls-key is a configuration error (exit 3).
     let mut bad = Broker::start(BrokerOpts {
         policy: Some(&policy(&hash)),

@@ -5,6 +5,8 @@
 //!   keys/                0700 root      CA key, sealing key   (signer only; `signer::keys`)
 //!   state/               0700 broker    tasks, sealed root keys, journal
 //!   audit/               0700 broker    audit log
+//!   recordings/          0700 broker    SSH session recordings
+//!   tls/                 0700 broker    the listeners' local CA and certificate
 //!   ephyr.sock           0666           local API (SO_PEERCRED decides who may do what)
 //! ```
 //!
@@ -14,7 +16,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::signer::protocol::KeyPaths;
@@ -69,6 +71,11 @@ impl DataDir {
         self.root.join("audit")
     }
 
+    /// The listeners' local CA and certificate (made by the broker's user).
+    pub fn tls(&self) -> PathBuf {
+        self.root.join("tls")
+    }
+
     /// SSH command recordings.
     pub fn recordings(&self) -> PathBuf {
         self.root.join("recordings")
@@ -80,7 +87,8 @@ impl DataDir {
     }
 
     /// Creates the directories with their modes; when `owner` is given (started as root) hands the
-    /// broker-writable ones to it.
+    /// broker-writable ones to it. Each call changes only what differs, so a service whose
+    /// directories `ephyr init` already handed over starts without CAP_CHOWN or CAP_FOWNER.
     pub fn prepare(&self, owner: Option<&Account>) -> Result<(), String> {
         let ctx = |p: &Path| {
             let p = p.to_owned();
@@ -88,7 +96,7 @@ impl DataDir {
         };
         let root_mode = if self.temporary { 0o700 } else { 0o711 };
         fs::DirBuilder::new().recursive(true).mode(root_mode).create(&self.root).map_err(ctx(&self.root))?;
-        for dir in [self.state(), self.audit(), self.recordings()] {
+        for dir in [self.state(), self.audit(), self.recordings(), self.tls()] {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(ctx(&dir))?;
             // Only when it differs: the service starts as root without CAP_FOWNER (its unit's
             // bounding set), so it may not chmod a directory the broker's user already owns.
@@ -97,12 +105,27 @@ impl DataDir {
             }
         }
         if let Some(o) = owner {
-            let mut owned = vec![self.state(), self.audit(), self.recordings()];
+            let mut owned = vec![self.state(), self.audit(), self.recordings(), self.tls()];
             if self.temporary {
                 owned.push(self.root.clone());
             }
             for dir in owned {
-                std::os::unix::fs::chown(&dir, Some(o.uid), Some(o.gid)).map_err(ctx(&dir))?;
+                let m = fs::metadata(&dir).map_err(ctx(&dir))?;
+                if (m.uid(), m.gid()) == (o.uid, o.gid) {
+                    continue;
+                }
+                std::os::unix::fs::chown(&dir, Some(o.uid), Some(o.gid)).map_err(|e| {
+                    format!(
+                        "{}: handing it to the broker's user (uid {}): {e}{}",
+                        dir.display(),
+                        o.uid,
+                        if e.kind() == io::ErrorKind::PermissionDenied {
+                            " (a service without CAP_CHOWN needs `ephyr init` to have prepared the data dir)"
+                        } else {
+                            ""
+                        }
+                    )
+                })?;
             }
         }
         Ok(())

@@ -150,42 +150,37 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener, ServeError> {
 }
 
 /// Decides the listeners' TLS: the given certificate; else, when a listener binds a
-/// non-loopback address, the local CA's (made now, as the broker's user's files); else none.
+/// non-loopback address, the local CA in the data dir's `tls/`; else none.
 /// Plain HTTP on a non-loopback address needs `--insecure-plain-http`.
-fn listener_tls(
+fn tls_source(
     opts: &ServeOptions,
     data_dir: &DataDir,
     listeners: &[SocketAddr],
-    owner: Option<&crate::users::Account>,
-) -> Result<Option<Rc<super::tls::Tls>>, ServeError> {
-    use super::tls::{Source, Tls};
+) -> Result<Option<super::tls::Source>, ServeError> {
+    use super::tls::Source;
     let exposed = listeners.iter().any(|a| !a.ip().is_loopback());
-    let source = match (&opts.tls_cert, &opts.tls_key) {
-        (Some(cert), Some(key)) => Source::Given { cert: cert.clone(), key: key.clone() },
+    Ok(match (&opts.tls_cert, &opts.tls_key) {
+        (Some(cert), Some(key)) => Some(Source::Given { cert: cert.clone(), key: key.clone() }),
         (Some(_), None) | (None, Some(_)) => {
             return Err(ServeError::Config("--tls-cert and --tls-key go together".into()));
         }
-        (None, None) if !exposed => return Ok(None),
+        (None, None) if !exposed => None,
         (None, None) if opts.insecure_plain_http => {
             log::warn!(
                 "INSECURE: plain HTTP on a non-loopback address (--insecure-plain-http): API keys, task tokens \
                  and the console's session cross the network in clear text"
             );
-            return Ok(None);
+            None
         }
         (None, None) => {
-            let dir = data_dir.root.join("tls");
-            Source::Local { dir, names: super::tls::local_names(listeners, &opts.tls_names) }
+            Some(Source::Local { dir: data_dir.tls(), names: super::tls::local_names(listeners, &opts.tls_names) })
         }
-    };
-    let tls = Tls::load(source.clone()).map_err(|e| ServeError::Config(format!("TLS: {e}")))?;
-    if let (Source::Local { dir, .. }, Some(o)) = (&source, owner) {
-        for entry in std::fs::read_dir(dir).map_err(startup("TLS dir"))?.flatten() {
-            std::os::unix::fs::chown(entry.path(), Some(o.uid), Some(o.gid)).map_err(startup("TLS files"))?;
-        }
-        std::os::unix::fs::chown(dir, Some(o.uid), Some(o.gid)).map_err(startup("TLS dir"))?;
-    }
-    Ok(Some(Rc::new(tls)))
+    })
+}
+
+/// Loads (for the local CA: makes or renews) the listeners' certificate.
+fn load_tls(source: super::tls::Source) -> Result<Rc<super::tls::Tls>, ServeError> {
+    super::tls::Tls::load(source).map(Rc::new).map_err(|e| ServeError::Config(format!("TLS: {e}")))
 }
 
 /// Runs the broker until it is told to stop.
@@ -266,10 +261,22 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         dashboard.local_addr().map_err(startup("listener address"))?,
     );
 
-    let tls = listener_tls(&opts, &data_dir, &[listen, dashboard_listen], ids.as_ref().map(|i| &i.broker))?;
+    // A given certificate may be readable by root only: it is read before the drop. The local CA
+    // is made (or renewed) after it, by the broker's user in the `tls/` it owns, so start-up needs
+    // no CAP_CHOWN for it.
+    let tls_source = tls_source(&opts, &data_dir, &[listen, dashboard_listen])?;
+    let given = match &tls_source {
+        Some(s @ super::tls::Source::Given { .. }) => Some(load_tls(s.clone())?),
+        _ => None,
+    };
 
     // 4. Privileges.
     let identity = drop_privileges(ids.as_ref().map(|i| &i.broker)).map_err(ServeError::Startup)?;
+    let tls = match (given, tls_source) {
+        (Some(t), _) => Some(t),
+        (None, Some(local)) => Some(load_tls(local)?),
+        (None, None) => None,
+    };
     if identity.changed_identity {
         log::info!("broker dropped privileges to uid {} gid {}", identity.uid, identity.gid);
     } else {
