@@ -3,16 +3,19 @@
 
 Usage: tests/image.py DIR [--arch x86_64|aarch64] [--timeout 300]
 
-DIR holds rootfs.ext4, vmlinuz, initrd.img and cmdline. The machine gets 512 MB and one CPU, TCG (KVM
-with EPHYR_IMAGE_KVM=1), user-mode networking with the broker's two ports forwarded to
-loopback, and the root file system in snapshot mode (the image file is not changed). Checks, each
-failing with what was seen:
+DIR holds disk.img. The machine gets 512 MB and one CPU, TCG (KVM with EPHYR_IMAGE_KVM=1), the UEFI
+firmware from Debian's ovmf (x86_64) or qemu-efi-aarch64 package, which starts the disk's boot
+loader as it would on a PC or a UEFI board, user-mode networking with the broker's two ports
+forwarded to loopback, and the disk in snapshot mode (the image file is not changed). Checks,
+each failing with what was seen:
   * first boot prints the operator's password and the agent's API key on the serial console;
   * `ephyr doctor` (run by first boot) reports the signer sandbox enforced;
   * GET /healthz answers 200 over TLS on the forwarded API port;
   * MCP tools/list with the agent's key lists the task tools (the agent has no other grant);
   * the console's login page answers on the forwarded console port.
-Prints boot-to-serving time (qemu start to the first healthy /healthz) and exits 0, else 1.
+Prints boot-to-serving time (qemu start to the first healthy /healthz) and the whole appliance's
+memory in use once idle (the guest's MemTotal - MemAvailable, reported by its virtio-balloon
+driver over QMP: nothing runs in the guest to measure it), and exits 0, else 1.
 """
 import argparse, json, os, re, shutil, socket, ssl, subprocess, sys, tempfile, time, http.client
 
@@ -49,23 +52,27 @@ def serial_text():
 
 
 api, console = free_port(), free_port()
-# The journal also goes to the serial line, so a failure shows the broker's own log.
-cmdline = open(os.path.join(a.dir, "cmdline")).read().strip() + " systemd.journald.forward_to_console=1"
+qmp_path = os.path.join(work, "qmp.sock")
 # KVM only when asked (EPHYR_IMAGE_KVM=1): a /dev/kvm that exists is not always usable (in a
 # container without nested virtualisation the guest hangs before its first line).
 kvm = os.environ.get("EPHYR_IMAGE_KVM") == "1" and a.arch == os.uname().machine
 if a.arch == "x86_64":
     qemu = ["qemu-system-x86_64", "-machine", "q35" + (",accel=kvm" if kvm else ",accel=tcg"),
             "-cpu", "host" if kvm else "max"]
+    code, varstore = "/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"
 else:
     qemu = ["qemu-system-aarch64", "-machine", "virt" + (",accel=kvm" if kvm else ""),
             "-cpu", "host" if kvm else "max"]
+    code, varstore = "/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"
+# The firmware's variable store is the machine's own, written at boot: a copy per run.
+shutil.copy(varstore, os.path.join(work, "vars.fd"))
 qemu += [
     "-m", "512", "-smp", "1", "-no-reboot", "-display", "none", "-monitor", "none",
-    "-serial", f"file:{serial}",
-    "-kernel", os.path.join(a.dir, "vmlinuz"), "-initrd", os.path.join(a.dir, "initrd.img"),
-    "-append", cmdline,
-    "-drive", f"file={os.path.join(a.dir, 'rootfs.ext4')},format=raw,if=virtio,snapshot=on",
+    "-serial", f"file:{serial}", "-qmp", f"unix:{qmp_path},server=on,wait=off",
+    "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+    "-drive", f"if=pflash,format=raw,unit=1,file={os.path.join(work, 'vars.fd')}",
+    "-drive", f"file={os.path.join(a.dir, 'disk.img')},format=raw,if=virtio,snapshot=on",
+    "-device", "virtio-balloon-pci,id=balloon0",
     "-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{api}-:8554,hostfwd=tcp:127.0.0.1:{console}-:8553",
 ]
 started = time.monotonic()
@@ -73,6 +80,39 @@ vm = subprocess.Popen(qemu, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 tls = ssl.create_default_context()
 tls.check_hostname = False
 tls.verify_mode = ssl.CERT_NONE  # the appliance's own local CA; its fingerprint is in its log
+
+
+def qmp(*commands):
+    """Runs QMP commands in order on a fresh connection; the last one's answer."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(qmp_path)
+        f = s.makefile("rw")
+        f.readline()  # the greeting
+        answer = None
+        for c in ({"execute": "qmp_capabilities"},) + commands:
+            f.write(json.dumps(c) + "\n")
+            f.flush()
+            while True:
+                m = json.loads(f.readline())
+                if "return" in m or "error" in m:
+                    answer = m
+                    break
+        return answer
+
+
+def idle_memory(settle):
+    """The guest's memory in use (MemTotal - MemAvailable) after `settle` seconds of idling."""
+    balloon = "/machine/peripheral/balloon0"
+    qmp({"execute": "qom-set", "arguments": {"path": balloon, "property": "guest-stats-polling-interval",
+                                             "value": 2}})
+    time.sleep(settle)
+    stats = qmp({"execute": "qom-get", "arguments": {"path": balloon, "property": "guest-stats"}})
+    st = stats.get("return", {}).get("stats", {})
+    total, avail = st.get("stat-total-memory", -1), st.get("stat-available-memory", -1)
+    if total <= 0 or avail < 0:
+        return None
+    return total, total - avail
 
 
 def request(port, method, path, body=None, headers=None):
@@ -127,8 +167,12 @@ try:
     status, page = request(console, "GET", "/login")
     if status != 200 or b"password" not in page.lower():
         fail(f"console /login: HTTP {status}")
+    mem = idle_memory(15)
+    if mem is None:
+        fail("the guest's balloon driver reported no memory statistics")
     print(f"image boot ({a.arch}, {'KVM' if kvm else 'TCG'}): serving after {healthy:.1f} s; "
-          f"doctor: signer sandbox enforced; tools/list: {len(names)} tools for the first-boot agent")
+          f"doctor: signer sandbox enforced; tools/list: {len(names)} tools for the first-boot agent; "
+          f"idle: {mem[1] / 2**20:.1f} MiB in use of {mem[0] / 2**20:.0f} MiB (MemTotal - MemAvailable)")
 finally:
     vm.terminate()
     try:
