@@ -51,6 +51,45 @@ def serial_text():
         return ""
 
 
+def check_layout(disk):
+    """The partition table and both file systems, read from the image file."""
+    out = subprocess.run(["sfdisk", "--json", disk], capture_output=True, text=True)
+    if out.returncode != 0:
+        fail(f"{disk}: no partition table ({out.stderr.strip()})")
+    table = json.loads(out.stdout)["partitiontable"]
+    parts = table["partitions"]
+    if table["label"] != "dos" or len(parts) != 2:
+        fail(f"{disk}: expected an MBR with two partitions: {table}")
+    boot, root = parts
+    if boot["type"] != "c" or not boot.get("bootable") or root["type"] != "83":
+        fail(f"{disk}: expected a bootable FAT32 partition then a Linux one: {parts}")
+    at = f"{disk}@@{boot['start'] * 512}"
+    listing = subprocess.run(["mdir", "-b", "-/", "-i", at, "::/"], capture_output=True, text=True).stdout
+    files = {l.strip().lower() for l in listing.splitlines()}
+    want = ["::/efi/boot/bootx64.efi" if a.arch == "x86_64" else "::/efi/boot/bootaa64.efi",
+            "::/loader/loader.conf", "::/loader/entries/ephyr.conf", "::/vmlinuz", "::/initrd.img"]
+    if a.arch == "aarch64":
+        want += ["::/config.txt", "::/cmdline.txt", "::/start4.elf", "::/fixup4.dat", "::/bootcode.bin",
+                 "::/bcm2711-rpi-4-b.dtb"]
+    missing = [w for w in want if w not in files]
+    if missing:
+        fail(f"{disk}: the boot partition lacks {missing}")
+    entry = subprocess.run(["mtype", "-i", at, "::/loader/entries/ephyr.conf"], capture_output=True,
+                           text=True).stdout
+    if "root=LABEL=ephyr-root" not in entry:
+        fail(f"the boot entry does not name the root by label: {entry!r}")
+    with open(disk, "rb") as f:
+        f.seek(root["start"] * 512 + 1024)
+        sb = f.read(256)
+    if sb[0x38:0x3A] != b"\x53\xef" or sb[0x78:0x88].rstrip(b"\0") != b"ephyr-root":
+        fail(f"{disk}: partition 2 is not an ext4 file system labelled ephyr-root")
+
+
+try:
+    check_layout(os.path.join(a.dir, "disk.img"))
+except SystemExit:
+    shutil.rmtree(work, ignore_errors=True)
+    raise
 api, console = free_port(), free_port()
 qmp_path = os.path.join(work, "qmp.sock")
 # KVM only when asked (EPHYR_IMAGE_KVM=1): a /dev/kvm that exists is not always usable (in a
