@@ -17,7 +17,7 @@ installed tests/peers (npm) and on the static release binary (scripts/build-stat
 import argparse, http.client, json, os, statistics, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lab import Lab, free_port, wait_port  # noqa: E402
+from lab import Lab, free_port, report_threads, stats_delta, thread_stats, wait_port  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ephyr")
@@ -97,9 +97,13 @@ try:
     after = rss(broker.pid)
     timed(d, call, hdr, 20)
     direct, through = [], []
+    threads = {}
     for _ in range(5):        # interleaved, so drift hits both alike
         direct += timed(d, call, hdr, a.calls // 5)
+        t0 = thread_stats(broker.pid)
         through += timed(e, fcall, via, a.calls // 5)
+        for name, v in stats_delta(t0, thread_stats(broker.pid)).items():
+            threads[name] = [x + y for x, y in zip(threads.get(name, [0, 0, 0]), v)]
 
     def q(xs, p):
         return statistics.quantiles(xs, n=100)[p - 1]
@@ -108,6 +112,7 @@ try:
     print(f"direct   : p50 {dp50:.0f} µs  p99 {dp99:.0f} µs  (n={len(direct)})")
     print(f"via ephyr: p50 {tp50:.0f} µs  p99 {tp99:.0f} µs  (n={len(through)})")
     print(f"added    : p50 {tp50 - dp50:.0f} µs  p99 {tp99 - dp99:.0f} µs")
+    report_threads(threads, len(through), "broker threads, through ephyr")
     print(f"broker VmRSS: {before} kB before the remote was connected, {after} kB after (+{after - before} kB)")
 
     if a.conc:

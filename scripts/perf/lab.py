@@ -66,3 +66,40 @@ def wait_port(port, timeout=10.0):
         except OSError:
             time.sleep(0.02)
     raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
+def thread_stats(pid):
+    """Per thread name of process `pid`: [voluntary context switches, involuntary ones, CPU
+    ticks (utime + stime)], summed over the threads of that name (/proc/PID/task/*)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                st = dict(l.split(":", 1) for l in f if ":" in l)
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        name = st["Name"].strip()
+        row = out.setdefault(name, [0, 0, 0])
+        row[0] += int(st["voluntary_ctxt_switches"])
+        row[1] += int(st["nonvoluntary_ctxt_switches"])
+        row[2] += int(fields[11]) + int(fields[12])
+    return out
+
+
+def stats_delta(before, after):
+    """`after - before` of two `thread_stats`, per thread name."""
+    return {k: [a - before.get(k, [0, 0, 0])[i] for i, a in enumerate(v)] for k, v in after.items()}
+
+
+def report_threads(delta, n, label):
+    """Prints context switches and CPU per request, per thread name, for `n` requests."""
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    total = [sum(v[i] for v in delta.values()) for i in range(3)]
+    print(f"{label}: per request {total[0] / n:.2f} voluntary + {total[1] / n:.2f} involuntary context "
+          f"switches, {total[2] * tick_us / n:.0f} µs CPU (all threads)")
+    for name, v in sorted(delta.items(), key=lambda kv: -(kv[1][0] + kv[1][1])):
+        if v[0] + v[1] + v[2]:
+            print(f"    {name:<16} {v[0] / n:6.2f} vol  {v[1] / n:6.2f} invol  {v[2] * tick_us / n:6.0f} µs CPU")
+

@@ -3,7 +3,8 @@
 //! Entry point: [`serve::run`]. What runs where is documented per module: `serve` (start-up,
 //! signals, shutdown), `signer_client` (the signer processes), `http` (listeners and connections),
 //! `routes` (the TCP endpoints), `local` (the Unix-socket API), `privileges` (the drop),
-//! `blocking` (the bounded pool for blocking work), `datadir` (files), `policy` (configuration).
+//! `blocking` (the bounded pool for blocking work), `deadline` (request timeouts on one shared
+//! timer), `datadir` (files), `policy` (configuration).
 
 pub mod approvals;
 pub mod audit;
@@ -11,6 +12,7 @@ pub mod auth;
 pub mod blocking;
 pub(crate) mod console;
 pub mod datadir;
+pub(crate) mod deadline;
 pub(crate) mod dispatch;
 pub(crate) mod error;
 pub(crate) mod federation;

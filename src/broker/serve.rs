@@ -301,6 +301,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         let pool = BlockingPool::new(2, 64);
         let audit = AuditLog::open(&data_dir.audit(), pool.clone(), AuditConfig::default(), metrics.clone())
             .map_err(|e| ServeError::Startup(format!("audit log: {e}")))?;
+        ex.spawn(super::deadline::run()).detach();
         ex.spawn(audit.clone().run_flusher()).detach();
         ex.spawn(audit.clone().run_checkpoints(Rc::new(signer.clone()))).detach();
         let logs = super::journal::Files::new(data_dir.state(), pool.clone(), ex.clone());
@@ -419,8 +420,13 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             print_dev_banner(&broker, &ca, dev_key.as_ref());
         }
 
-        // Wait for a reason to stop.
-        let outcome = wait_for_stop(&broker, &mut signals, &fatal_rx).await;
+        // Wait for a reason to stop, in a task of its own: the executor re-polls this block at
+        // every wake-up, and polling the signal pipe there cost a read(2) each time.
+        let waiter = {
+            let broker = broker.clone();
+            ex.spawn(async move { wait_for_stop(&broker, &mut signals, &fatal_rx).await })
+        };
+        let outcome = waiter.await;
 
         stop(&broker, &signer, &outcome, Stopping { stop_tx, stop_rx, conns, timeout: opts.shutdown_timeout, started })
             .await;

@@ -267,7 +267,7 @@ pub async fn post_with(
     };
     let (status, session, message, size) = exchange
         .or(async {
-            async_io::Timer::at(started + deadline).await;
+            crate::broker::deadline::Deadline::at(started + deadline).await;
             Err(Error::Timeout(format!("remote {:?} did not answer within {}s", ep.name, deadline.as_secs())))
         })
         .await?;

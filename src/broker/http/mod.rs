@@ -26,7 +26,6 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use smol::LocalExecutor;
-use smol_hyper::rt::SmolTimer;
 
 use crate::os::{self, PeerCredentials};
 
@@ -164,7 +163,7 @@ pub async fn read_incoming(
         })
     };
     futures_lite::future::or(collect, async {
-        Timer::after(timeout).await;
+        crate::broker::deadline::Deadline::after(timeout).await;
         Err(BodyError::Timeout(timeout))
     })
     .await
@@ -279,7 +278,7 @@ where
         async move { Ok::<_, Infallible>(fut.await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(SmolTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_BUF);
+    builder.timer(crate::broker::deadline::HyperTimer).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_BUF);
     let conn = builder.serve_connection(Io::new(io), service);
     let mut conn = pin!(conn);
     let mut stop = pin!(shutdown.recv());
@@ -350,7 +349,7 @@ pub async fn serve_tcp(
                 Some(a) => {
                     // The handshake is bounded like request headers (a stalled client holds a slot).
                     let shook = futures_lite::future::or(async { Some(a.accept(stream).await) }, async {
-                        Timer::after(HEADER_TIMEOUT).await;
+                        crate::broker::deadline::Deadline::after(HEADER_TIMEOUT).await;
                         None
                     })
                     .await;

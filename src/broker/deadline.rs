@@ -1,0 +1,281 @@
+//! Deadlines that share one reactor timer: the timeouts every request carries (reading its
+//! headers and body, waiting for a remote's answer) almost never fire, yet arming an
+//! `async_io::Timer` for each costs a reactor notification (an eventfd write and read) and a
+//! timerfd re-arm per request. Here each [`Deadline`] only enters a sorted table; one driver task
+//! ([`run`], spawned by `serve` on the executor's thread) sleeps until the earliest entry and
+//! wakes what has expired. A new entry re-arms the driver only when it is earlier than the
+//! instant the driver sleeps until, which for timeouts of the same length is never.
+//!
+//! What runs here: table updates on the executor's thread; the driver task. On a thread with no
+//! driver (the CLI, tests, the conformance client), a deadline is a plain `async_io::Timer`.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Table {
+    /// Pending deadlines by (instant, id), with the waker of the future that waits for each.
+    entries: BTreeMap<(Instant, u64), Waker>,
+    next_id: u64,
+    /// Whether a driver runs on this thread.
+    driven: bool,
+    /// The instant the driver sleeps until (`None`: it waits for a first entry).
+    armed: Option<Instant>,
+    /// Set when an entry earlier than `armed` arrived; the driver's waker.
+    kicked: bool,
+    driver: Option<Waker>,
+}
+
+thread_local! {
+    static TABLE: RefCell<Table> = RefCell::default();
+}
+
+/// A future that completes at `when`: in the shared table when this thread has a driver, else
+/// on a timer of its own.
+#[derive(Debug)]
+pub struct Deadline {
+    when: Instant,
+    state: State,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Not polled yet.
+    New,
+    /// In the table under this id.
+    Listed(u64),
+    /// No driver on this thread: a timer of its own.
+    Own(async_io::Timer),
+    Done,
+}
+
+impl Deadline {
+    /// Completes at `when`.
+    pub fn at(when: Instant) -> Self {
+        Self { when, state: State::New }
+    }
+
+    /// Completes after `d`.
+    pub fn after(d: Duration) -> Self {
+        Self::at(Instant::now() + d)
+    }
+
+    fn unlist(&mut self) {
+        if let State::Listed(id) = self.state {
+            let key = (self.when, id);
+            let _ = TABLE.try_with(|t| t.borrow_mut().entries.remove(&key));
+        }
+        self.state = State::Done;
+    }
+}
+
+impl Future for Deadline {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if let State::Own(timer) = &mut this.state {
+            return Pin::new(timer).poll(cx).map(|_| ());
+        }
+        if matches!(this.state, State::Done) || Instant::now() >= this.when {
+            this.unlist();
+            return Poll::Ready(());
+        }
+        let when = this.when;
+        let own = TABLE.with(|t| {
+            let mut t = t.borrow_mut();
+            if !t.driven {
+                return true;
+            }
+            let id = match this.state {
+                State::Listed(id) => id,
+                _ => {
+                    t.next_id += 1;
+                    let id = t.next_id;
+                    this.state = State::Listed(id);
+                    id
+                }
+            };
+            match t.entries.get_mut(&(when, id)) {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                Some(w) => w.clone_from(cx.waker()),
+                None => {
+                    t.entries.insert((when, id), cx.waker().clone());
+                }
+            }
+            if t.armed.is_none_or(|a| when < a) {
+                t.armed = Some(when);
+                t.kicked = true;
+                if let Some(d) = t.driver.take() {
+                    d.wake();
+                }
+            }
+            false
+        });
+        if own {
+            let mut timer = async_io::Timer::at(when);
+            let r = Pin::new(&mut timer).poll(cx).map(|_| ());
+            this.state = State::Own(timer);
+            return r;
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        self.unlist();
+    }
+}
+
+impl hyper::rt::Sleep for Deadline {}
+
+/// hyper's timer (header read timeouts) on the shared table.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HyperTimer;
+
+impl hyper::rt::Timer for HyperTimer {
+    fn sleep(&self, d: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(Deadline::after(d))
+    }
+
+    fn sleep_until(&self, when: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(Deadline::at(when))
+    }
+}
+
+/// Marks this thread as driven for as long as the driver lives (a dropped driver hands the
+/// entries back to their futures, which then arm timers of their own).
+struct Driven;
+
+impl Drop for Driven {
+    fn drop(&mut self) {
+        let wakers: Vec<Waker> = TABLE
+            .try_with(|t| {
+                let mut t = t.borrow_mut();
+                t.driven = false;
+                t.armed = None;
+                t.driver = None;
+                std::mem::take(&mut t.entries).into_values().collect()
+            })
+            .unwrap_or_default();
+        for w in wakers {
+            w.wake();
+        }
+    }
+}
+
+/// The driver: wakes expired deadlines, sleeps until the earliest one. Spawn it once per thread
+/// (on the executor that polls the deadlines); it runs until dropped.
+pub async fn run() {
+    TABLE.with(|t| t.borrow_mut().driven = true);
+    let _driven = Driven;
+    loop {
+        let (expired, next) = TABLE.with(|t| {
+            let mut t = t.borrow_mut();
+            let now = Instant::now();
+            let mut expired = Vec::new();
+            while let Some(entry) = t.entries.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                expired.push(entry.remove());
+            }
+            let next = t.entries.first_key_value().map(|((w, _), _)| *w);
+            t.armed = next;
+            t.kicked = false;
+            (expired, next)
+        });
+        for w in expired {
+            w.wake();
+        }
+        let kicked = std::future::poll_fn(|cx| {
+            TABLE.with(|t| {
+                let mut t = t.borrow_mut();
+                if t.kicked {
+                    Poll::Ready(())
+                } else {
+                    t.driver = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+        });
+        match next {
+            Some(when) => {
+                futures_lite::future::or(kicked, async {
+                    async_io::Timer::at(when).await;
+                })
+                .await
+            }
+            None => kicked.await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::rc::Rc;
+
+    fn run_local<T>(f: impl Future<Output = T>) -> T {
+        let ex = smol::LocalExecutor::new();
+        smol::block_on(ex.run(async {
+            ex.spawn(run()).detach();
+            f.await
+        }))
+    }
+
+    #[test]
+    fn deadlines_fire_in_order_and_dropped_ones_never() {
+        let fired = Rc::new(RefCell::new(Vec::new()));
+        run_local(async {
+            let ex = smol::LocalExecutor::new();
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for (i, ms) in [60u64, 20, 40].into_iter().enumerate() {
+                let fired = fired.clone();
+                tasks.push(ex.spawn(async move {
+                    Deadline::after(Duration::from_millis(ms)).await;
+                    fired.borrow_mut().push((i, start.elapsed()));
+                }));
+            }
+            // One that is dropped before its time leaves nothing behind.
+            let dropped = ex.spawn(async { Deadline::after(Duration::from_millis(30)).await });
+            ex.run(async {
+                async_io::Timer::after(Duration::from_millis(5)).await;
+                drop(dropped);
+                for t in tasks {
+                    t.await;
+                }
+            })
+            .await;
+        });
+        let fired = fired.borrow();
+        assert_eq!(fired.iter().map(|f| f.0).collect::<Vec<_>>(), vec![1, 2, 0]);
+        for (i, at) in fired.iter() {
+            let want = Duration::from_millis([60, 20, 40][*i]);
+            assert!(*at >= want, "deadline {i} fired early: {at:?} < {want:?}");
+        }
+        assert!(TABLE.with(|t| t.borrow().entries.is_empty()), "entries left in the table");
+    }
+
+    #[test]
+    fn an_earlier_deadline_rearms_the_driver_and_without_a_driver_a_timer_serves() {
+        run_local(async {
+            // The driver sleeps until the 500 ms one; the 20 ms one must still fire on time.
+            let long = Deadline::after(Duration::from_millis(500));
+            let short = Deadline::after(Duration::from_millis(20));
+            let start = Instant::now();
+            futures_lite::future::or(long, short).await;
+            assert!(start.elapsed() < Duration::from_millis(400), "{:?}", start.elapsed());
+        });
+        // No driver on this thread (it ended with its executor): a plain timer.
+        let start = Instant::now();
+        smol::block_on(Deadline::after(Duration::from_millis(10)));
+        assert!(start.elapsed() >= Duration::from_millis(10));
+    }
+}
