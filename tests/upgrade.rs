@@ -29,8 +29,15 @@ fn fixtures() -> Vec<PathBuf> {
     v
 }
 
+/// The broker as the appliance's unit runs it: root with only CAP_SETUID, CAP_SETGID and
+/// CAP_SETPCAP in its bounding set (image/systemd/ephyr.service).
 fn start(data: &Path, policy: &str) -> Broker {
-    Broker::start(BrokerOpts { policy: Some(policy), data_dir: Some(data.to_path_buf()), ..Default::default() })
+    Broker::start(BrokerOpts {
+        policy: Some(policy),
+        data_dir: Some(data.to_path_buf()),
+        wrapper: ["setpriv", "--bounding-set", "-all,+setuid,+setgid,+setpcap"].map(String::from).to_vec(),
+        ..Default::default()
+    })
 }
 
 fn stop(mut b: Broker) {
@@ -87,7 +94,12 @@ fn a_previous_release_data_dir_keeps_tokens_tasks_audit_and_secrets() {
         let policy = std::fs::read_to_string(dir.join("policy.yaml"))
             .unwrap()
             .replace(&old_url, &format!("http://127.0.0.1:{}/", upstream.port));
-        // Replace the binary, restart: the first start on the old data dir.
+        // Replace the binary, `ephyr init` (keeps every key and file, hands new directories
+        // over), restart: the first start on the old data dir.
+        let ca = std::fs::read(data.join("keys/ca_key.pub")).unwrap();
+        let init = ephyr(&["init", "--data-dir", data.to_str().unwrap(), "--config-dir", dir.path().to_str().unwrap()]);
+        assert!(init.status.success(), "{}", stderr(&init));
+        assert_eq!(std::fs::read(data.join("keys/ca_key.pub")).unwrap(), ca, "init replaced the CA");
         let b = start(&data, &policy);
         check_kept(&b, &m, &upstream);
         // New state is written (a task created, one revoked) and survives a second restart.
