@@ -8,14 +8,14 @@ Usage: scripts/perf/mcp_load.py [--bin PATH] [--duration S] [--conns 1,8,64]
 The broker (all its threads, and the signer it forks) is pinned to CPU 0 with taskset; wrk runs
 on CPU 1 with one thread. Each connection count gets a 2 s warm-up, then `--runs` runs of `--duration` s with
 `wrk --latency`; the median run (by req/s) is reported with all runs' rates. The broker's VmRSS is sampled every 0.25 s during the run; the maximum is
-reported. Every request is checked to be a success (wrk counts non-2xx; a sample response is
+reported, and the context switches per request of each broker thread (/proc/PID/task/*). Every request is checked to be a success (wrk counts non-2xx; a sample response is
 checked to be a JSON-RPC result, not an error). Run as root (the production layout: privilege
 drop, separate uids) on the static release binary (scripts/build-static.sh).
 """
 import argparse, http.client, json, os, re, subprocess, sys, threading, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lab import Lab  # noqa: E402
+from lab import Lab, stats_delta, thread_stats  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ephyr")
@@ -152,9 +152,10 @@ try:
 
         t = threading.Thread(target=sample_rss)
         t.start()
-        cpu0, (st0, tot0) = cpu_ticks(broker.pid), steal()
+        cpu0, (st0, tot0), th0 = cpu_ticks(broker.pid), steal(), thread_stats(broker.pid)
         out = subprocess.run(wrk + [f"-d{a.duration}s", url], capture_output=True, text=True).stdout
-        cpu1, (st1, tot1) = cpu_ticks(broker.pid), steal()
+        cpu1, (st1, tot1), th1 = cpu_ticks(broker.pid), steal(), thread_stats(broker.pid)
+        threads = stats_delta(th0, th1)
         stop.set()
         t.join()
         total = int(re.search(r"(\d+) requests in", out).group(1))
@@ -172,6 +173,8 @@ try:
             "socket_errors": errors.group(1) if errors else None, "broker_peak_rss_kb": peak[0],
             "broker_cpu_us_per_req": round((cpu1 - cpu0) / hz * 1e6 / max(total, 1), 1),
             "steal_pct": round(100 * (st1 - st0) / max(tot1 - tot0, 1), 1),
+            # Context switches per request, voluntary + involuntary, per broker thread name.
+            "switches_per_req": {k: round((v[0] + v[1]) / max(total, 1), 3) for k, v in threads.items() if v[0] + v[1]},
         }
 
     for conns in [int(c) for c in a.conns.split(",")]:
@@ -183,11 +186,12 @@ try:
     print(json.dumps({"call": a.call, "era": a.era, "auth": a.auth, "targets": a.targets,
                       "response_bytes": response_bytes, "duration_s": a.duration, "results": results}, indent=1))
     print()
-    print("| conns | req/s (median run) | all runs | p50 ms | p90 ms | p99 ms | non-2xx | broker CPU µs/req | broker peak RSS | steal |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| conns | req/s (median run) | all runs | p50 ms | p90 ms | p99 ms | non-2xx | broker CPU µs/req | broker peak RSS | steal | context switches/req |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         allr = "/".join(f"{x / 1000:.1f}k" for x in r["runs_req_per_s"])
         print(f"| {r['conns']} | {r['req_per_s']:,} | {allr} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} "
-              f"| {r['non_2xx']} | {r['broker_cpu_us_per_req']} | {r['broker_peak_rss_kb']:,} KB | {r['steal_pct']}% |")
+              f"| {r['non_2xx']} | {r['broker_cpu_us_per_req']} | {r['broker_peak_rss_kb']:,} KB | {r['steal_pct']}% "
+              f"| {sum(r['switches_per_req'].values()):.2f} ({', '.join(f'{k} {v}' for k, v in r['switches_per_req'].items())}) |")
 finally:
     lab.close()
