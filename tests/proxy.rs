@@ -575,6 +575,11 @@ fn limits_paths_and_timeouts() {
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(r.text().contains("read_timeout"), "{}", r.text());
     assert!(t.elapsed() < Duration::from_secs(5));
+    // The same bound between two pieces of a streamed body: one event, then 6 s of silence.
+    let t = Instant::now();
+    let r = proxy(&b, "GET", "/v1/proxy/echo/sse?n=2&delay=6", &key, b"");
+    assert!(r.text().contains("tok0") && !r.text().contains("tok1"), "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(5), "the stalled stream was not cut: {:?}", t.elapsed());
 }
 
 #[test]

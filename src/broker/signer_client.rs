@@ -284,7 +284,7 @@ async fn send_control(sock: &Async<OwnedFd>, req: &ControlRequest, id: u64) -> i
 
 async fn with_timeout<T>(d: Duration, f: impl std::future::Future<Output = T>) -> Option<T> {
     future::or(async { Some(f.await) }, async {
-        Timer::after(d).await;
+        super::deadline::Deadline::after(d).await;
         None
     })
     .await

@@ -240,7 +240,7 @@ impl Proc {
             rx.recv().await.map_err(|_| ())
         }
         .or(async {
-            async_io::Timer::after(timeout).await;
+            crate::broker::deadline::Deadline::after(timeout).await;
             Err(())
         })
         .await;

@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use async_io::Timer;
+use crate::broker::deadline::Deadline;
 use bytes::Bytes;
 use futures_lite::FutureExt as _;
 use http_body::{Frame, SizeHint};
@@ -71,9 +71,9 @@ pub struct UpstreamBody {
     limit: u64,
     bytes: u64,
     read_timeout: Duration,
-    read_timer: Timer,
+    read_timer: Deadline,
     total: Duration,
-    deadline: Timer,
+    deadline: Deadline,
     ended: Option<Pin<Box<dyn Future<Output = ()>>>>,
     pool: Option<(Rc<conn::Conns>, String, conn::Sender)>,
     done: bool,
@@ -100,9 +100,9 @@ impl UpstreamBody {
             limit: limits.max_bytes,
             bytes: 0,
             read_timeout: limits.read_timeout,
-            read_timer: Timer::after(limits.read_timeout),
+            read_timer: Deadline::after(limits.read_timeout),
             total: limits.total,
-            deadline: Timer::at(limits.deadline),
+            deadline: Deadline::at(limits.deadline),
             ended,
             pool,
             done: false,
@@ -180,7 +180,7 @@ impl http_body::Body for UpstreamBody {
                             format!("the response is larger than the service's max_response ({} bytes)", this.limit),
                         );
                     }
-                    this.read_timer.set_after(this.read_timeout);
+                    this.read_timer = Deadline::after(this.read_timeout);
                     let mut out = if this.scrub.is_active() { Bytes::from(this.scrub.push(&data)) } else { data };
                     // hyper stops polling once it has sent as many bytes as the length said:
                     // the body ends with its last frame, not with a final poll.
