@@ -134,6 +134,20 @@ impl Drop for Deadline {
 
 impl hyper::rt::Sleep for Deadline {}
 
+/// `f`'s output, or `None` when `when` comes first.
+pub async fn before<T>(when: Instant, f: impl Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(f.await) }, async {
+        Deadline::at(when).await;
+        None
+    })
+    .await
+}
+
+/// `f`'s output, or `None` when it takes longer than `d`.
+pub async fn within<T>(d: Duration, f: impl Future<Output = T>) -> Option<T> {
+    before(Instant::now() + d, f).await
+}
+
 /// hyper's timer (header read timeouts) on the shared table.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HyperTimer;

@@ -23,7 +23,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
-use futures_lite::future;
+
+use super::deadline::within;
 
 use super::Error;
 use super::audit::CheckpointSigner;
@@ -282,19 +283,11 @@ async fn send_control(sock: &Async<OwnedFd>, req: &ControlRequest, id: u64) -> i
     sock.write_with(|s| os::send_packet(s.as_fd(), &frame)).await
 }
 
-async fn with_timeout<T>(d: Duration, f: impl std::future::Future<Output = T>) -> Option<T> {
-    future::or(async { Some(f.await) }, async {
-        super::deadline::Deadline::after(d).await;
-        None
-    })
-    .await
-}
-
 /// Waits for the keeper's first message. Returns its status report.
 pub async fn wait_ready(keeper: &mut KeeperProcess) -> Result<(StatusReport, Rc<Async<OwnedFd>>), StartError> {
     let fd = keeper.control.take().ok_or_else(|| StartError::Failed("control socket already taken".into()))?;
     let sock = Rc::new(Async::new(fd).map_err(|e| StartError::Failed(e.to_string()))?);
-    match with_timeout(READY_TIMEOUT, recv_control(&sock)).await {
+    match within(READY_TIMEOUT, recv_control(&sock)).await {
         None => Err(StartError::Failed(format!("no answer within {}s", READY_TIMEOUT.as_secs()))),
         Some(Err(e)) => {
             let status = keeper.child.try_wait().ok().flatten();
@@ -313,7 +306,7 @@ pub async fn wait_ready(keeper: &mut KeeperProcess) -> Result<(StatusReport, Rc<
 pub async fn self_check(launch: &Launch) -> Result<(StatusReport, Vec<ProbeResult>), StartError> {
     let mut keeper = launch.spawn(true).map_err(|e| StartError::Failed(e.to_string()))?;
     let (status, sock) = wait_ready(&mut keeper).await?;
-    let probes = match with_timeout(READY_TIMEOUT, recv_control(&sock)).await {
+    let probes = match within(READY_TIMEOUT, recv_control(&sock)).await {
         Some(Ok((ControlResponse::Probes(p), _))) => p,
         Some(Ok((other, _))) => {
             return Err(StartError::Failed(format!("unexpected message {other:?}")));
@@ -408,7 +401,7 @@ impl Signer {
                 }
             }
         };
-        match with_timeout(CALL_TIMEOUT, rx.recv()).await {
+        match within(CALL_TIMEOUT, rx.recv()).await {
             None => {
                 self.0.state.borrow_mut().pending.remove(&id);
                 Err(CallError::Timeout)
@@ -478,7 +471,7 @@ impl Signer {
                 }
             }
             let now = Instant::now();
-            if now >= deadline || with_timeout(deadline - now, listener).await.is_none() {
+            if now >= deadline || within(deadline - now, listener).await.is_none() {
                 let why = self.0.state.borrow().problem.clone().unwrap_or_else(|| "restarting".into());
                 return Err(CallError::Unavailable(why));
             }
@@ -598,7 +591,7 @@ impl Signer {
                 send_control(&control, &ControlRequest::SpawnWorker, 0).await?;
                 recv_control(&control).await
             };
-            match with_timeout(READY_TIMEOUT, result).await {
+            match within(READY_TIMEOUT, result).await {
                 Some(Ok((ControlResponse::Spawned { pid }, Some(fd)))) => {
                     let sock = Async::new(fd).map_err(|e| SpawnError::Retry(e.to_string()))?;
                     let generation = self.0.next_id.get();

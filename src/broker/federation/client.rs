@@ -10,7 +10,6 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_lite::FutureExt as _;
 use http::header;
 use http_body_util::{BodyExt as _, Full};
 use serde_json::Value;
@@ -265,12 +264,10 @@ pub async fn post_with(
         let size = body.len();
         Ok::<_, Error>((status, session, message, size))
     };
-    let (status, session, message, size) = exchange
-        .or(async {
-            crate::broker::deadline::Deadline::at(started + deadline).await;
+    let (status, session, message, size) =
+        crate::broker::deadline::before(started + deadline, exchange).await.unwrap_or_else(|| {
             Err(Error::Timeout(format!("remote {:?} did not answer within {}s", ep.name, deadline.as_secs())))
-        })
-        .await?;
+        })?;
     Ok(Posted { status, session, message, size })
 }
 

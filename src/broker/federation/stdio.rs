@@ -235,15 +235,12 @@ impl Proc {
         let mut line = serde_json::to_vec(msg).map_err(|e| Error::upstream(e.to_string()))?;
         line.push(b'\n');
         let name = &self.name;
-        let answer = async {
+        let answer = crate::broker::deadline::within(timeout, async {
             self.out.send(line).await.map_err(|_| ())?;
             rx.recv().await.map_err(|_| ())
-        }
-        .or(async {
-            crate::broker::deadline::Deadline::after(timeout).await;
-            Err(())
         })
-        .await;
+        .await
+        .unwrap_or(Err(()));
         match answer {
             Ok(v) => {
                 guard.answered = true;

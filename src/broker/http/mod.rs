@@ -162,11 +162,7 @@ pub async fn read_incoming(
             }
         })
     };
-    futures_lite::future::or(collect, async {
-        crate::broker::deadline::Deadline::after(timeout).await;
-        Err(BodyError::Timeout(timeout))
-    })
-    .await
+    crate::broker::deadline::within(timeout, collect).await.unwrap_or(Err(BodyError::Timeout(timeout)))
 }
 
 /// Bytes read from a socket per read call.
@@ -348,11 +344,7 @@ pub async fn serve_tcp(
                 None => serve_conn(stream, Peer::Tcp(addr), h, s).await,
                 Some(a) => {
                     // The handshake is bounded like request headers (a stalled client holds a slot).
-                    let shook = futures_lite::future::or(async { Some(a.accept(stream).await) }, async {
-                        crate::broker::deadline::Deadline::after(HEADER_TIMEOUT).await;
-                        None
-                    })
-                    .await;
+                    let shook = crate::broker::deadline::within(HEADER_TIMEOUT, a.accept(stream)).await;
                     match shook {
                         Some(Ok(tls)) => serve_conn(tls, Peer::Tcp(addr), h, s).await,
                         Some(Err(e)) => log::debug!("TLS handshake with {addr} failed: {e}"),
