@@ -371,12 +371,6 @@ fn signer_refuses_to_serve_without_landlock_unless_explicitly_insecure() {
     assert_eq!(v["signer"]["sandbox_enforced"], false);
 }
 
-/// The appliance unit's capability bounding set (image/systemd/ephyr.service): no CAP_CHOWN, no
-/// CAP_FOWNER, no CAP_DAC_OVERRIDE.
-fn as_the_unit() -> Vec<String> {
-    ["setpriv", "--bounding-set", "-all,+setuid,+setgid,+setpcap"].map(String::from).to_vec()
-}
-
 #[test]
 fn the_units_capabilities_suffice_on_an_initialised_data_dir_and_a_missing_handover_is_named() {
     if !require_root() {

@@ -35,7 +35,7 @@ fn start(data: &Path, policy: &str) -> Broker {
     Broker::start(BrokerOpts {
         policy: Some(policy),
         data_dir: Some(data.to_path_buf()),
-        wrapper: ["setpriv", "--bounding-set", "-all,+setuid,+setgid,+setpcap"].map(String::from).to_vec(),
+        wrapper: as_the_unit(),
         ..Default::default()
     })
 }

@@ -883,3 +883,10 @@ impl ConsoleClient {
         http_request(&self.addr, "POST", path, &h, form.as_bytes())
     }
 }
+
+/// A wrapper for [`BrokerOpts::wrapper`]: the appliance unit's capability bounding set
+/// (image/systemd/ephyr.service: CAP_SETUID, CAP_SETGID, CAP_SETPCAP; no CAP_CHOWN, CAP_FOWNER
+/// or CAP_DAC_OVERRIDE).
+pub fn as_the_unit() -> Vec<String> {
+    ["setpriv", "--bounding-set", "-all,+setuid,+setgid,+setpcap"].map(String::from).to_vec()
+}
