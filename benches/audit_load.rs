@@ -34,7 +34,7 @@ fn main() {
     let ex = Rc::new(smol::LocalExecutor::new());
     let metrics = Rc::new(Metrics::default());
     let log = AuditLog::open(&dir, BlockingPool::new(2, 1024), AuditConfig::default(), metrics.clone()).unwrap();
-    smol::block_on(ex.run(async {
+    ephyr::broker::reactor::block_on(ex.run(async {
         ex.spawn(log.clone().run_flusher()).detach();
         // Open loop: `rate` events per second, released every millisecond, each timed until durable.
         let lat = Rc::new(RefCell::new(Vec::with_capacity((rate * secs) as usize)));
@@ -54,12 +54,12 @@ fn main() {
                 .detach();
                 sent += 1;
             }
-            async_io::Timer::after(Duration::from_micros(500)).await;
+            ephyr::broker::deadline::Deadline::after(Duration::from_micros(500)).await;
         }
         log.flushed().await.unwrap();
         let elapsed = start.elapsed().as_secs_f64();
         while lat.borrow().len() < total as usize {
-            async_io::Timer::after(Duration::from_millis(1)).await;
+            ephyr::broker::deadline::Deadline::after(Duration::from_millis(1)).await;
         }
         let mut l = lat.borrow().clone();
         l.sort_by(f64::total_cmp);

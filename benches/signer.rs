@@ -62,14 +62,14 @@ fn sign_certificate_in_process(b: Bencher) {
 struct LiveWorker {
     sock: OwnedFd,
     _keeper: signer_client::KeeperProcess,
-    _control: std::rc::Rc<async_io::Async<OwnedFd>>,
+    _control: std::rc::Rc<ephyr::broker::reactor::Io<OwnedFd>>,
 }
 
 fn live_worker() -> LiveWorker {
     let exe = std::env::var_os("EPHYR_BIN").map(PathBuf::from).unwrap_or_else(|| "target/release/ephyr".into());
     let target = (os::user_ids().1 == 0).then_some(TargetIds { uid: 65534, gid: 65534 });
     let launch = Launch::new(None, false, target, &config(), false).with_exe(exe);
-    smol::block_on(async {
+    ephyr::broker::reactor::block_on(async {
         let mut keeper = launch.spawn(false).expect("spawn the signer (build target/release/ephyr first)");
         let (status, control) = signer_client::wait_ready(&mut keeper).await.expect("signer ready");
         assert!(status.sandbox.enforced, "benchmarking an unsandboxed signer: {:?}", status.sandbox.problems);

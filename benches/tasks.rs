@@ -43,13 +43,14 @@ fn five_deep() -> (TaskStore, String) {
     let key = RootKey::from_bytes(&[7; 32]);
     let id = |n: u128| Ulid::from_parts(T0.0 as u64 / 1000, n);
     let (_, mut token) =
-        smol::block_on(s.create(id(1), new_task(3600), "agent:claude".into(), &key, vec![], T0)).unwrap();
+        ephyr::broker::reactor::block_on(s.create(id(1), new_task(3600), "agent:claude".into(), &key, vec![], T0))
+            .unwrap();
     for n in 2..=6u128 {
         let v = s.verify_token(&token, &fingerprint(&token), T0).unwrap();
         let parent = Ulid::from_string(&v.task).unwrap();
         let mut t = new_task(3600 - n as i64 * 60);
         t.narrowing = vec![format!("target IN [web,db]"), format!("delegation_depth <= {}", 6 - n)];
-        token = smol::block_on(s.delegate(parent, &v.verified.macaroon, id(n), t, T0)).unwrap().1;
+        token = ephyr::broker::reactor::block_on(s.delegate(parent, &v.verified.macaroon, id(n), t, T0)).unwrap().1;
     }
     assert_eq!(s.verify_token(&token, &fingerprint(&token), T0).unwrap().depth, 5);
     (s, token)

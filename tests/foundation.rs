@@ -465,7 +465,7 @@ fn malformed_truncated_and_oversized_frames_are_rejected_and_the_signer_lives_on
     };
     let launch =
         Launch::new(None, false, Some(TargetIds { uid: 65534, gid: 65534 }), &cfg, false).with_exe(ephyr_bin());
-    smol::block_on(async {
+    ephyr::broker::reactor::block_on(async {
         let mut keeper = launch.spawn(false).unwrap();
         let (status, control) = signer_client::wait_ready(&mut keeper).await.unwrap();
         assert!(status.sandbox.enforced, "{status:?}");
@@ -476,7 +476,7 @@ fn malformed_truncated_and_oversized_frames_are_rejected_and_the_signer_lives_on
         let mut buf = vec![0u8; MAX_FRAME];
         let (pkt, fd) = control.read_with(|s| ephyr::os::recv_with_fd(s.as_fd(), &mut buf)).await.unwrap();
         assert!(matches!(ControlResponse::decode(&buf[..pkt.len]).unwrap().1, ControlResponse::Spawned { .. }));
-        let worker = async_io::Async::new(fd.unwrap()).unwrap();
+        let worker = ephyr::broker::reactor::Io::new(fd.unwrap()).unwrap();
         let ask = async |frame: &[u8]| -> Response {
             worker.write_with(|s| ephyr::os::send_packet(s.as_fd(), frame)).await.unwrap();
             let mut buf = vec![0u8; MAX_FRAME];

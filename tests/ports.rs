@@ -179,7 +179,7 @@ fn ssh_on_ports_issues_records_and_releases_when_the_host_is_unreachable() {
     let stand = Stand::new();
     let ex = Rc::new(smol::LocalExecutor::new());
     let logs = Files::new(dir.path().to_owned(), stand.pool.clone(), ex.clone());
-    smol::block_on(ex.run(async {
+    ephyr::broker::reactor::block_on(ex.run(async {
         let (registry, _) = Registry::load(&logs, 1).await.unwrap();
         let known = KnownHosts::load(&dir.path().join("known_hosts")).unwrap();
         let ssh = Ssh::new(registry, known, Recordings { dir: dir.path().join("recordings") });
@@ -225,7 +225,7 @@ fn ssh_refuses_before_issuing_when_the_audit_trail_has_failed() {
     .unwrap();
     let stand = Stand::new();
     let logs = Files::new(dir.path().to_owned(), stand.pool.clone(), Rc::new(smol::LocalExecutor::new()));
-    smol::block_on(async {
+    ephyr::broker::reactor::block_on(async {
         let (registry, _) = Registry::load(&logs, 1).await.unwrap();
         let known = KnownHosts::load(&dir.path().join("known_hosts")).unwrap();
         let ssh = Ssh::new(registry, known, Recordings { dir: dir.path().join("recordings") });
@@ -280,7 +280,7 @@ fn the_proxy_on_ports_injects_the_port_secret_and_scrubs_it_from_the_answer() {
     let proxy = Proxy::new(ex.clone());
     let headers = http::HeaderMap::new();
     let caller = alice();
-    let out = smol::block_on(ex.run(async {
+    let out = ephyr::broker::reactor::block_on(ex.run(async {
         let call = Call {
             tool: None,
             service: "echo",
@@ -321,7 +321,7 @@ fn the_proxy_refuses_without_a_secret_or_an_audit_trail_and_sends_nothing() {
     let proxy = Proxy::new(ex.clone());
     let headers = http::HeaderMap::new();
     let caller = alice();
-    smol::block_on(ex.run(async {
+    ephyr::broker::reactor::block_on(ex.run(async {
         let call = |method| Call {
             tool: None,
             service: "other",
@@ -398,7 +398,7 @@ fn durable_state_runs_on_another_backend_unchanged() {
         valid_before,
         session: None,
     };
-    smol::block_on(async {
+    ephyr::broker::reactor::block_on(async {
         let (r, _) = Registry::load(&logs, 10).await.unwrap();
         let (held, d) = r.hold(cert(1, 100)).unwrap();
         d.unwrap().wait().await.unwrap();
@@ -410,13 +410,13 @@ fn durable_state_runs_on_another_backend_unchanged() {
     assert_eq!(logs.0.borrow()["certs"].len(), 3, "two issued, one revoked");
     // A restart on the same backend: the revocation survived, the expired certificate is gone
     // and the log was compacted to what is live.
-    let (r, _) = smol::block_on(Registry::load(&logs, 50)).unwrap();
+    let (r, _) = ephyr::broker::reactor::block_on(Registry::load(&logs, 50)).unwrap();
     let listed = r.list(50, |_| true);
     assert_eq!(listed.len(), 1);
     assert_eq!((listed[0].cert.serial, listed[0].revoked_at), (1, Some(15)));
     assert_eq!(logs.0.borrow()["certs"].len(), 2);
     // The task store opens its own log there too.
-    let (tasks, loaded) = smol::block_on(ephyr::broker::tasks::TaskStore::load(
+    let (tasks, loaded) = ephyr::broker::reactor::block_on(ephyr::broker::tasks::TaskStore::load(
         &logs,
         ephyr::time::now(),
         |_c: String, _s: Vec<u8>| async { Err::<ephyr::macaroon::RootKey, String>("unused".into()) },

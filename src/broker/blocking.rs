@@ -65,7 +65,7 @@ mod tests {
     #[test]
     fn runs_jobs_on_at_most_n_threads() {
         let pool = BlockingPool::new(2, 8);
-        let results = smol::block_on(async {
+        let results = crate::broker::reactor::block_on(async {
             let mut out = Vec::new();
             for i in 0..20u64 {
                 out.push(pool.run(move || i * 2).await.unwrap());

@@ -1,13 +1,11 @@
-//! Deadlines that share one reactor timer: the timeouts every request carries (reading its
-//! headers and body, waiting for a remote's answer) almost never fire, yet arming an
-//! `async_io::Timer` for each costs a reactor notification (an eventfd write and read) and a
-//! timerfd re-arm per request. Here each [`Deadline`] only enters a sorted table; one driver task
-//! ([`run`], spawned by `serve` on the executor's thread) sleeps until the earliest entry and
-//! wakes what has expired. A new entry re-arms the driver only when it is earlier than the
-//! instant the driver sleeps until, which for timeouts of the same length is never.
+//! Deadlines that share one wait: the timeouts every request carries (reading its headers and
+//! body, waiting for a remote's answer) almost never fire, yet a timer of their own for each
+//! would cost a timerfd re-arm (and with async-io a reactor notification) per request. Here each
+//! [`Deadline`] only enters a sorted table; the thread's reactor (`reactor::block_on`) sleeps no
+//! longer than the earliest entry ([`next`]) and wakes what has expired ([`fire`]).
 //!
-//! What runs here: table updates on the executor's thread; the driver task. On a thread with no
-//! driver (the CLI, tests, the conformance client), a deadline is a plain `async_io::Timer`.
+//! What runs here: table updates and expiry on the thread that polls the deadlines. On a thread
+//! whose reactor is not driven (a foreign `block_on`), a deadline is a plain `async_io::Timer`.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -21,21 +19,14 @@ struct Table {
     /// Pending deadlines by (instant, id), with the waker of the future that waits for each.
     entries: BTreeMap<(Instant, u64), Waker>,
     next_id: u64,
-    /// Whether a driver runs on this thread.
-    driven: bool,
-    /// The instant the driver sleeps until (`None`: it waits for a first entry).
-    armed: Option<Instant>,
-    /// Set when an entry earlier than `armed` arrived; the driver's waker.
-    kicked: bool,
-    driver: Option<Waker>,
 }
 
 thread_local! {
     static TABLE: RefCell<Table> = RefCell::default();
 }
 
-/// A future that completes at `when`: in the shared table when this thread has a driver, else
-/// on a timer of its own.
+/// A future that completes at `when`: in the shared table when this thread's reactor is driven,
+/// else on a timer of its own.
 #[derive(Debug)]
 pub struct Deadline {
     when: Instant,
@@ -48,7 +39,7 @@ enum State {
     New,
     /// In the table under this id.
     Listed(u64),
-    /// No driver on this thread: a timer of its own.
+    /// The reactor is not driven on this thread: a timer of its own.
     Own(async_io::Timer),
     Done,
 }
@@ -86,36 +77,28 @@ impl Future for Deadline {
             return Poll::Ready(());
         }
         let when = this.when;
-        let own = TABLE.with(|t| {
-            let mut t = t.borrow_mut();
-            if !t.driven {
-                return true;
-            }
-            let id = match this.state {
-                State::Listed(id) => id,
-                _ => {
-                    t.next_id += 1;
-                    let id = t.next_id;
-                    this.state = State::Listed(id);
-                    id
+        let own = !crate::broker::reactor::driven();
+        if !own {
+            TABLE.with(|t| {
+                let mut t = t.borrow_mut();
+                let id = match this.state {
+                    State::Listed(id) => id,
+                    _ => {
+                        t.next_id += 1;
+                        let id = t.next_id;
+                        this.state = State::Listed(id);
+                        id
+                    }
+                };
+                match t.entries.get_mut(&(when, id)) {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    Some(w) => w.clone_from(cx.waker()),
+                    None => {
+                        t.entries.insert((when, id), cx.waker().clone());
+                    }
                 }
-            };
-            match t.entries.get_mut(&(when, id)) {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                Some(w) => w.clone_from(cx.waker()),
-                None => {
-                    t.entries.insert((when, id), cx.waker().clone());
-                }
-            }
-            if t.armed.is_none_or(|a| when < a) {
-                t.armed = Some(when);
-                t.kicked = true;
-                if let Some(d) = t.driver.take() {
-                    d.wake();
-                }
-            }
-            false
-        });
+            });
+        }
         if own {
             let mut timer = async_io::Timer::at(when);
             let r = Pin::new(&mut timer).poll(cx).map(|_| ());
@@ -162,36 +145,16 @@ impl hyper::rt::Timer for HyperTimer {
     }
 }
 
-/// Marks this thread as driven for as long as the driver lives (a dropped driver hands the
-/// entries back to their futures, which then arm timers of their own).
-struct Driven;
-
-impl Drop for Driven {
-    fn drop(&mut self) {
-        let wakers: Vec<Waker> = TABLE
-            .try_with(|t| {
-                let mut t = t.borrow_mut();
-                t.driven = false;
-                t.armed = None;
-                t.driver = None;
-                std::mem::take(&mut t.entries).into_values().collect()
-            })
-            .unwrap_or_default();
-        for w in wakers {
-            w.wake();
-        }
-    }
+/// The earliest pending deadline of this thread (the reactor sleeps no longer).
+pub fn next() -> Option<Instant> {
+    TABLE.try_with(|t| t.borrow().entries.first_key_value().map(|((w, _), _)| *w)).ok().flatten()
 }
 
-/// The driver: wakes expired deadlines, sleeps until the earliest one. Spawn it once per thread
-/// (on the executor that polls the deadlines); it runs until dropped.
-pub async fn run() {
-    TABLE.with(|t| t.borrow_mut().driven = true);
-    let _driven = Driven;
-    loop {
-        let (expired, next) = TABLE.with(|t| {
+/// Wakes every deadline of this thread that is due at `now`.
+pub fn fire(now: Instant) {
+    let expired: Vec<Waker> = TABLE
+        .try_with(|t| {
             let mut t = t.borrow_mut();
-            let now = Instant::now();
             let mut expired = Vec::new();
             while let Some(entry) = t.entries.first_entry() {
                 if entry.key().0 > now {
@@ -199,34 +162,21 @@ pub async fn run() {
                 }
                 expired.push(entry.remove());
             }
-            let next = t.entries.first_key_value().map(|((w, _), _)| *w);
-            t.armed = next;
-            t.kicked = false;
-            (expired, next)
-        });
-        for w in expired {
-            w.wake();
-        }
-        let kicked = std::future::poll_fn(|cx| {
-            TABLE.with(|t| {
-                let mut t = t.borrow_mut();
-                if t.kicked {
-                    Poll::Ready(())
-                } else {
-                    t.driver = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            })
-        });
-        match next {
-            Some(when) => {
-                futures_lite::future::or(kicked, async {
-                    async_io::Timer::at(when).await;
-                })
-                .await
-            }
-            None => kicked.await,
-        }
+            expired
+        })
+        .unwrap_or_default();
+    for w in expired {
+        w.wake();
+    }
+}
+
+/// The reactor stopped being driven on this thread: the entries go back to their futures, which
+/// then arm timers of their own.
+pub(crate) fn undriven() {
+    let wakers: Vec<Waker> =
+        TABLE.try_with(|t| std::mem::take(&mut t.borrow_mut().entries).into_values().collect()).unwrap_or_default();
+    for w in wakers {
+        w.wake();
     }
 }
 
@@ -236,11 +186,7 @@ mod tests {
     use std::rc::Rc;
 
     fn run_local<T>(f: impl Future<Output = T>) -> T {
-        let ex = smol::LocalExecutor::new();
-        smol::block_on(ex.run(async {
-            ex.spawn(run()).detach();
-            f.await
-        }))
+        crate::broker::reactor::block_on(f)
     }
 
     #[test]
@@ -260,7 +206,7 @@ mod tests {
             // One that is dropped before its time leaves nothing behind.
             let dropped = ex.spawn(async { Deadline::after(Duration::from_millis(30)).await });
             ex.run(async {
-                async_io::Timer::after(Duration::from_millis(5)).await;
+                Deadline::after(Duration::from_millis(5)).await;
                 drop(dropped);
                 for t in tasks {
                     t.await;
@@ -278,16 +224,16 @@ mod tests {
     }
 
     #[test]
-    fn an_earlier_deadline_rearms_the_driver_and_without_a_driver_a_timer_serves() {
+    fn an_earlier_deadline_shortens_the_wait_and_without_a_driven_reactor_a_timer_serves() {
         run_local(async {
-            // The driver sleeps until the 500 ms one; the 20 ms one must still fire on time.
+            // The reactor sleeps until the 500 ms one; the 20 ms one must still fire on time.
             let long = Deadline::after(Duration::from_millis(500));
             let short = Deadline::after(Duration::from_millis(20));
             let start = Instant::now();
             futures_lite::future::or(long, short).await;
             assert!(start.elapsed() < Duration::from_millis(400), "{:?}", start.elapsed());
         });
-        // No driver on this thread (it ended with its executor): a plain timer.
+        // The reactor is not driven on this thread (a foreign block_on): a plain timer.
         let start = Instant::now();
         smol::block_on(Deadline::after(Duration::from_millis(10)));
         assert!(start.elapsed() >= Duration::from_millis(10));

@@ -370,7 +370,7 @@ mod tests {
         let pool = BlockingPool::new(1, 4);
         let j = Journal::open(&path, pool).unwrap();
         let ex = smol::LocalExecutor::new();
-        smol::block_on(ex.run(async {
+        crate::broker::reactor::block_on(ex.run(async {
             ex.spawn(j.clone().run_flusher()).detach();
             let d1 = j.append(b"b").unwrap();
             let d2 = j.append(b"c").unwrap();

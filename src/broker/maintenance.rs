@@ -29,7 +29,7 @@ pub fn spawn(
         let broker = broker.clone();
         ex.spawn(async move {
             loop {
-                async_io::Timer::after(std::time::Duration::from_secs(30)).await;
+                crate::broker::deadline::Deadline::after(std::time::Duration::from_secs(30)).await;
                 let gone = broker.tasks.collect(crate::time::now());
                 if gone > 0 {
                     log::info!("tasks: {gone} expired and removed");
@@ -49,7 +49,7 @@ pub fn spawn(
                 if !broker.approvals.any_open() {
                     listener.await;
                 }
-                async_io::Timer::after(std::time::Duration::from_secs(1)).await;
+                crate::broker::deadline::Deadline::after(std::time::Duration::from_secs(1)).await;
                 super::ops::expire_approvals(&broker);
             }
         })
@@ -87,7 +87,7 @@ pub fn spawn(
         let broker = broker.clone();
         ex.spawn(async move {
             loop {
-                async_io::Timer::after(std::time::Duration::from_secs(5)).await;
+                crate::broker::deadline::Deadline::after(std::time::Duration::from_secs(5)).await;
                 broker.ssh.sweep(broker.ports(), &broker.policy()).await;
             }
         })
@@ -99,7 +99,7 @@ pub fn spawn(
         ex.spawn(async move {
             let mut served = broker.federation.served_generation();
             loop {
-                async_io::Timer::after(std::time::Duration::from_secs(2)).await;
+                crate::broker::deadline::Deadline::after(std::time::Duration::from_secs(2)).await;
                 let policy = broker.policy();
                 if !policy.remotes.is_empty() {
                     broker.federation.refresh_due(broker.ports(), &policy).await;

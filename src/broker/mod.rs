@@ -1,10 +1,11 @@
-//! The broker: everything except key custody, on one single-threaded smol executor.
+//! The broker: everything except key custody, on one single-threaded executor whose thread also
+//! drives the I/O reactor.
 //!
 //! Entry point: [`serve::run`]. What runs where is documented per module: `serve` (start-up,
 //! signals, shutdown), `signer_client` (the signer processes), `http` (listeners and connections),
 //! `routes` (the TCP endpoints), `local` (the Unix-socket API), `privileges` (the drop),
-//! `blocking` (the bounded pool for blocking work), `deadline` (request timeouts on one shared
-//! timer), `datadir` (files), `policy` (configuration).
+//! `blocking` (the bounded pool for blocking work), `reactor` (the event loop: epoll
+//! registrations and `block_on`), `deadline` (request timeouts on the reactor's one wait), `datadir` (files), `policy` (configuration).
 
 pub mod approvals;
 pub mod audit;
@@ -12,7 +13,7 @@ pub mod auth;
 pub mod blocking;
 pub(crate) mod console;
 pub mod datadir;
-pub(crate) mod deadline;
+pub mod deadline;
 pub(crate) mod dispatch;
 pub(crate) mod error;
 pub(crate) mod federation;
@@ -29,6 +30,7 @@ pub mod ports;
 pub(crate) mod privileges;
 pub mod proxy;
 pub(crate) mod rate;
+pub mod reactor;
 pub(crate) mod resources;
 pub(crate) mod routes;
 pub(crate) mod secrets;

@@ -289,7 +289,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
 
     // 5. The executor.
     let ex = Rc::new(LocalExecutor::new());
-    let result = smol::block_on(ex.run(async {
+    let result = crate::broker::reactor::block_on(ex.run(async {
         let mut signals = Signals::new([Signal::Term, Signal::Int, Signal::Hup]).map_err(startup("signal handlers"))?;
         let (fatal_tx, fatal_rx) = async_channel::bounded(1);
         let metrics = Rc::new(Metrics::default());
@@ -301,7 +301,6 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         let pool = BlockingPool::new(2, 64);
         let audit = AuditLog::open(&data_dir.audit(), pool.clone(), AuditConfig::default(), metrics.clone())
             .map_err(|e| ServeError::Startup(format!("audit log: {e}")))?;
-        ex.spawn(super::deadline::run()).detach();
         ex.spawn(audit.clone().run_flusher()).detach();
         ex.spawn(audit.clone().run_checkpoints(Rc::new(signer.clone()))).detach();
         let logs = super::journal::Files::new(data_dir.state(), pool.clone(), ex.clone());

@@ -22,7 +22,8 @@ use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use async_io::{Async, Timer};
+use crate::broker::deadline::Deadline;
+use crate::broker::reactor::Io;
 
 use super::deadline::within;
 
@@ -236,13 +237,13 @@ pub enum SignerEvent {
 }
 
 struct Worker {
-    sock: Rc<Async<OwnedFd>>,
+    sock: Rc<Io<OwnedFd>>,
     pid: u32,
     generation: u64,
 }
 
 struct State {
-    keeper: Option<(Child, Rc<Async<OwnedFd>>)>,
+    keeper: Option<(Child, Rc<Io<OwnedFd>>)>,
     worker: Option<Worker>,
     pending: HashMap<u64, Reply>,
     status: Option<StatusReport>,
@@ -265,7 +266,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct Signer(Rc<Inner>);
 
-async fn recv_control(sock: &Async<OwnedFd>) -> io::Result<(ControlResponse, Option<OwnedFd>)> {
+async fn recv_control(sock: &Io<OwnedFd>) -> io::Result<(ControlResponse, Option<OwnedFd>)> {
     let mut buf = vec![0u8; MAX_FRAME];
     let (pkt, fd) = sock.read_with(|s| os::recv_with_fd(s.as_fd(), &mut buf)).await?;
     if pkt.len == 0 && !pkt.truncated {
@@ -278,15 +279,15 @@ async fn recv_control(sock: &Async<OwnedFd>) -> io::Result<(ControlResponse, Opt
     Ok((msg, fd))
 }
 
-async fn send_control(sock: &Async<OwnedFd>, req: &ControlRequest, id: u64) -> io::Result<()> {
+async fn send_control(sock: &Io<OwnedFd>, req: &ControlRequest, id: u64) -> io::Result<()> {
     let frame = req.encode(id);
     sock.write_with(|s| os::send_packet(s.as_fd(), &frame)).await
 }
 
 /// Waits for the keeper's first message. Returns its status report.
-pub async fn wait_ready(keeper: &mut KeeperProcess) -> Result<(StatusReport, Rc<Async<OwnedFd>>), StartError> {
+pub async fn wait_ready(keeper: &mut KeeperProcess) -> Result<(StatusReport, Rc<Io<OwnedFd>>), StartError> {
     let fd = keeper.control.take().ok_or_else(|| StartError::Failed("control socket already taken".into()))?;
-    let sock = Rc::new(Async::new(fd).map_err(|e| StartError::Failed(e.to_string()))?);
+    let sock = Rc::new(Io::new(fd).map_err(|e| StartError::Failed(e.to_string()))?);
     match within(READY_TIMEOUT, recv_control(&sock)).await {
         None => Err(StartError::Failed(format!("no answer within {}s", READY_TIMEOUT.as_secs()))),
         Some(Err(e)) => {
@@ -448,7 +449,7 @@ impl Signer {
                         break;
                     }
                     Ok(None) => {
-                        Timer::after(Duration::from_millis(5)).await;
+                        Deadline::after(Duration::from_millis(5)).await;
                     }
                 }
             }
@@ -457,7 +458,7 @@ impl Signer {
 
     /// The current worker's socket and generation, waiting (up to [`WORKER_WAIT`]) while there is
     /// none or while it is still the generation known to be dead.
-    async fn current_worker(&self, not: Option<u64>) -> Result<(Rc<Async<OwnedFd>>, u64), CallError> {
+    async fn current_worker(&self, not: Option<u64>) -> Result<(Rc<Io<OwnedFd>>, u64), CallError> {
         let deadline = Instant::now() + WORKER_WAIT;
         loop {
             let listener = self.0.worker_up.listen();
@@ -506,7 +507,7 @@ impl Signer {
                 Err(SpawnError::Retry(msg)) => {
                     log::warn!("signer: {msg}; retrying");
                     self.0.state.borrow_mut().problem = Some(msg);
-                    Timer::after(Duration::from_millis(500)).await;
+                    Deadline::after(Duration::from_millis(500)).await;
                     continue;
                 }
             };
@@ -539,12 +540,12 @@ impl Signer {
             recent.retain(|t| now.duration_since(*t) < Duration::from_secs(10));
             recent.push(now);
             if recent.len() > 5 {
-                Timer::after(Duration::from_millis(200 * recent.len() as u64)).await;
+                Deadline::after(Duration::from_millis(200 * recent.len() as u64)).await;
             }
         }
     }
 
-    async fn read_responses(&self, sock: &Async<OwnedFd>) -> String {
+    async fn read_responses(&self, sock: &Io<OwnedFd>) -> String {
         // Frames may carry secrets (Unsealed answers): wiped after each one and on drop.
         let mut buf = zeroize::Zeroizing::new(vec![0u8; MAX_FRAME]);
         loop {
@@ -593,7 +594,7 @@ impl Signer {
             };
             match within(READY_TIMEOUT, result).await {
                 Some(Ok((ControlResponse::Spawned { pid }, Some(fd)))) => {
-                    let sock = Async::new(fd).map_err(|e| SpawnError::Retry(e.to_string()))?;
+                    let sock = Io::new(fd).map_err(|e| SpawnError::Retry(e.to_string()))?;
                     let generation = self.0.next_id.get();
                     self.0.next_id.set(generation.wrapping_add(1));
                     return Ok(Worker { sock: Rc::new(sock), pid, generation });
@@ -622,7 +623,7 @@ impl Signer {
         Err(SpawnError::Fatal("the signer keeper could not be recovered".into()))
     }
 
-    async fn relaunch_keeper(&self) -> Result<Rc<Async<OwnedFd>>, SpawnError> {
+    async fn relaunch_keeper(&self) -> Result<Rc<Io<OwnedFd>>, SpawnError> {
         if !self.0.launch.persistent_keys {
             return Err(SpawnError::Fatal(
                 "the signer keeper died and its keys were ephemeral (temporary dev broker); stopping".into(),

@@ -1,12 +1,13 @@
 //! A client for the broker's local Unix-socket API (used by `ephyr status`, `ephyr cert sign`, ...).
 //!
 //! What runs here: one Unix-socket connection per request, HTTP/1.1 via hyper's client, on a
-//! `smol::block_on` in the CLI process.
+//! `reactor::block_on` in the CLI process.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use async_io::{Async, Timer};
+use crate::broker::deadline::Deadline;
+use crate::broker::reactor::Io;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
@@ -26,10 +27,10 @@ async fn exchange<S>(
     limit: Duration,
 ) -> Result<(http::StatusCode, Bytes), String>
 where
-    S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + Send + 'static,
+    S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + 'static,
 {
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(crate::broker::http::Io::new(stream))
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(crate::broker::http::HyperIo::new(stream))
             .await
             .map_err(|e| format!("handshake: {e}"))?;
     let exchange = async {
@@ -43,7 +44,7 @@ where
         Err("the broker closed the connection".to_string())
     });
     futures_lite::future::or(driven, async {
-        Timer::after(limit).await;
+        Deadline::after(limit).await;
         Err(format!("the broker did not answer within {}s", limit.as_secs()))
     })
     .await
@@ -86,9 +87,8 @@ pub fn request_bytes(
     bytes: Vec<u8>,
 ) -> Result<(http::StatusCode, serde_json::Value), String> {
     let bytes = zeroize::Zeroizing::new(bytes);
-    smol::block_on(async {
-        let stream = Async::<std::os::unix::net::UnixStream>::connect(socket)
-            .await
+    crate::broker::reactor::block_on(async {
+        let stream = Io::<std::os::unix::net::UnixStream>::connect(socket)
             .map_err(|e| format!("cannot reach the broker at {}: {e} (is `ephyr serve` running?)", socket.display()))?;
         let req = http::Request::builder()
             .method(method)
@@ -117,7 +117,7 @@ pub fn post_tcp(url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<(h
     }
     let auth = uri.authority().ok_or_else(|| format!("--url {url:?} has no host"))?.clone();
     let port = auth.port_u16().unwrap_or(80);
-    smol::block_on(async {
+    crate::broker::reactor::block_on(async {
         let addrs: Vec<std::net::SocketAddr> = {
             let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_owned();
             smol::unblock(move || std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port)).map(|a| a.collect()))
@@ -126,7 +126,7 @@ pub fn post_tcp(url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<(h
         };
         let addr = addrs.first().ok_or_else(|| format!("{}: no address", auth.host()))?;
         let stream =
-            Async::<std::net::TcpStream>::connect(*addr).await.map_err(|e| format!("cannot reach {addr}: {e}"))?;
+            Io::<std::net::TcpStream>::connect(*addr).await.map_err(|e| format!("cannot reach {addr}: {e}"))?;
         let mut b = http::Request::builder()
             .method(http::Method::POST)
             .uri(uri.path())

@@ -802,7 +802,7 @@ pub fn run(o: &DemoOptions) -> Result<u8, String> {
         let (cleanup, keeping) = (cleanup.clone(), keeping.clone());
         std::thread::spawn(move || {
             let mut signals = signals;
-            let _ = smol::block_on(futures_lite::StreamExt::next(&mut signals));
+            let _ = crate::broker::reactor::block_on(futures_lite::StreamExt::next(&mut signals));
             STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
             if let Ok(mut c) = cleanup.lock() {
                 c.run();

@@ -321,7 +321,7 @@ pub fn run(o: &DoctorOptions) -> Result<bool, String> {
         &cfg,
         false,
     );
-    match smol::block_on(signer_client::self_check(&launch)) {
+    match crate::broker::reactor::block_on(signer_client::self_check(&launch)) {
         Ok((status, probes)) => {
             let s = &status.sandbox;
             let layers = format!(

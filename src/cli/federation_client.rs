@@ -91,7 +91,7 @@ pub fn run(url: &str) -> Result<u8, String> {
         approvals: &approvals,
         progress: None,
     };
-    smol::block_on(ex.run(async {
+    crate::broker::reactor::block_on(ex.run(async {
         federation.refresh_due(ports, &policy).await;
         let status = federation.status();
         let (health, tools, _, error) = status.get("conformance").cloned().ok_or("no remote state")?;

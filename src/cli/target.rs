@@ -59,9 +59,12 @@ pub fn scan(spec: &str, json: bool) -> Result<u8, String> {
     if host.is_empty() {
         return Err("target scan needs HOST[:PORT]".into());
     }
-    let (key, fp) =
-        smol::block_on(crate::broker::ssh::client::scan(host.clone(), port, std::time::Duration::from_secs(10)))
-            .map_err(|e| format!("{host}:{port}: {e}"))?;
+    let (key, fp) = crate::broker::reactor::block_on(crate::broker::ssh::client::scan(
+        host.clone(),
+        port,
+        std::time::Duration::from_secs(10),
+    ))
+    .map_err(|e| format!("{host}:{port}: {e}"))?;
     if json {
         println!("{}", serde_json::json!({ "host": host, "port": port, "host_key": key.trim(), "fingerprint": fp }));
         return Ok(0);

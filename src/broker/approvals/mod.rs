@@ -722,7 +722,7 @@ async fn wait(
             }
             let tick = left.min(PROGRESS_EVERY);
             futures_lite::future::or(listener, async {
-                async_io::Timer::after(tick).await;
+                crate::broker::deadline::Deadline::after(tick).await;
             })
             .await;
             if let Some(p) = ports.progress {

@@ -148,7 +148,7 @@ async fn send(b: &Broker, conns: &Conns, n: &Notifier, console_url: Option<&str>
         if status.is_success() { Ok(()) } else { Err(format!("the receiver answered {status}")) }
     };
     futures_lite::future::or(attempt, async {
-        async_io::Timer::after(TIMEOUT).await;
+        crate::broker::deadline::Deadline::after(TIMEOUT).await;
         Err(format!("no answer within {}s", TIMEOUT.as_secs()))
     })
     .await

@@ -475,7 +475,7 @@ impl AuditLog {
                 };
                 if still_lingering {
                     futures_lite::future::or(urgent, async {
-                        async_io::Timer::after(LINGER).await;
+                        crate::broker::deadline::Deadline::after(LINGER).await;
                     })
                     .await;
                 }
@@ -636,7 +636,7 @@ impl AuditLog {
     /// Checkpoints whenever enough events or time have accumulated. Spawn it once.
     pub async fn run_checkpoints(self: Rc<Self>, signer: Rc<dyn CheckpointSigner>) {
         loop {
-            async_io::Timer::after(Duration::from_millis(500)).await;
+            crate::broker::deadline::Deadline::after(Duration::from_millis(500)).await;
             let due = {
                 let st = self.state.borrow();
                 st.failed.is_none()

@@ -47,7 +47,7 @@ fn with_log<T>(dir: &Path, config: AuditConfig, f: impl AsyncFnOnce(Rc<AuditLog>
     let ex = smol::LocalExecutor::new();
     let pool = BlockingPool::new(1, 16);
     let log = AuditLog::open(dir, pool, config, Rc::new(Metrics::default())).unwrap();
-    smol::block_on(ex.run(async {
+    crate::broker::reactor::block_on(ex.run(async {
         ex.spawn(log.clone().run_flusher()).detach();
         f(log).await
     }))

@@ -760,7 +760,7 @@ mod tests {
         let auth = Authenticator::new();
         let pool = super::super::blocking::BlockingPool::new(1, 4);
         let now = Instant::now();
-        smol::block_on(async {
+        crate::broker::reactor::block_on(async {
             let fp = fingerprint(key.expose());
             assert_eq!(auth.api_key_agent(&pool, &policy, key.expose(), fp, None, now).await.unwrap(), "a");
             let (wrong, _) = api_key::generate().unwrap();
@@ -779,7 +779,7 @@ mod tests {
         let auth = Authenticator::new();
         let pool = super::super::blocking::BlockingPool::new(1, 4);
         let now = Instant::now();
-        smol::block_on(async {
+        crate::broker::reactor::block_on(async {
             let fp = fingerprint(key.expose());
             assert_eq!(auth.api_key_agent(&pool, &policy, key.expose(), fp, None, now).await.unwrap(), "a");
             assert_eq!(auth.cached(), 1);
@@ -809,7 +809,7 @@ mod tests {
         let pool = super::super::blocking::BlockingPool::new(1, 64);
         let now = Instant::now();
         let fp = fingerprint(key.expose());
-        smol::block_on(async {
+        crate::broker::reactor::block_on(async {
             for i in 0..50 {
                 // Alone, or behind a leader that is dropped while its follower waits.
                 let mut leader = Box::pin(auth.api_key_agent(&pool, &policy, key.expose(), fp, None, now));

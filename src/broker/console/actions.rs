@@ -348,7 +348,7 @@ pub fn audit_feed(broker: &std::rc::Rc<Broker>) -> Response<Body> {
             },
             futures_lite::future::or(
                 async {
-                    async_io::Timer::after(Duration::from_secs(20)).await;
+                    crate::broker::deadline::Deadline::after(Duration::from_secs(20)).await;
                     false
                 },
                 async {
@@ -362,7 +362,7 @@ pub fn audit_feed(broker: &std::rc::Rc<Broker>) -> Response<Body> {
             return Some((Ok(Frame::data(Bytes::from_static(b": keep-alive\n\n"))), (tap, b, false)));
         }
         // Let a burst gather: one chunk for everything recorded in the next moment.
-        async_io::Timer::after(FEED_EVERY).await;
+        crate::broker::deadline::Deadline::after(FEED_EVERY).await;
         let (lines, skipped) = tap.take();
         let mut out = Vec::with_capacity(lines.len() + lines.len() / 8 + 64);
         for l in lines.split(|c| *c == b'\n').filter(|l| !l.is_empty()) {

@@ -78,6 +78,6 @@ pub async fn run(broker: Weak<Broker>) {
             Some(b) => b.console.graphs.sample(&b),
             None => return,
         }
-        async_io::Timer::after(EVERY).await;
+        crate::broker::deadline::Deadline::after(EVERY).await;
     }
 }

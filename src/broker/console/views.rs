@@ -913,10 +913,10 @@ async fn reach(broker: &Broker, name: &str) -> Response<Body> {
             .await;
         let Some(Ok(addrs)) = addrs else { return Err("name not resolved".to_owned()) };
         let first = addrs.first().copied().ok_or("no address")?;
-        async_io::Async::<std::net::TcpStream>::connect(first).await.map(drop).map_err(|e| e.to_string())
+        crate::broker::reactor::Io::<std::net::TcpStream>::connect(first).await.map(drop).map_err(|e| e.to_string())
     };
     let r = futures_lite::future::or(connect, async {
-        async_io::Timer::after(Duration::from_secs(2)).await;
+        crate::broker::deadline::Deadline::after(Duration::from_secs(2)).await;
         Err("no answer within 2s".to_owned())
     })
     .await;

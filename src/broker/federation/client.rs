@@ -315,7 +315,7 @@ async fn resume(
     let Transport::Http(url) = &ep.remote.transport else { return Ok(None) };
     for _ in 0..RESUMES {
         let Some(l) = last.clone() else { return Ok(None) };
-        async_io::Timer::after(retry).await;
+        crate::broker::deadline::Deadline::after(retry).await;
         let p = prepare(conns, ports, ep, wire, None, Some(&l)).await?;
         let dest = conn::Dest {
             host: &url.host,

@@ -19,7 +19,7 @@ use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use async_io::Async;
+use crate::broker::reactor::Io;
 use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _, FutureExt as _};
 use serde_json::{Value, json};
 
@@ -134,7 +134,7 @@ impl Proc {
             (Some(i), Some(o), Some(e)) => (i, o, e),
             _ => return Err(Error::upstream(format!("remote {name:?}: no pipes"))),
         };
-        let asyncs = (Async::new(stdin), Async::new(stdout), Async::new(stderr));
+        let asyncs = (Io::new(stdin), Io::new(stdout), Io::new(stderr));
         let (stdin, stdout, stderr) = match asyncs {
             (Ok(i), Ok(o), Ok(e)) => (i, o, e),
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
@@ -193,7 +193,7 @@ impl Proc {
             if !self.shared.closed.get() {
                 listener
                     .or(async {
-                        async_io::Timer::after(Duration::from_secs(1)).await;
+                        crate::broker::deadline::Deadline::after(Duration::from_secs(1)).await;
                     })
                     .await;
             }
@@ -307,7 +307,7 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn write_lines(mut stdin: Async<ChildStdin>, queue: async_channel::Receiver<Vec<u8>>, shared: Rc<Shared>) {
+async fn write_lines(mut stdin: Io<ChildStdin>, queue: async_channel::Receiver<Vec<u8>>, shared: Rc<Shared>) {
     while let Ok(line) = queue.recv().await {
         if let Err(e) = stdin.write_all(&line).await.and(stdin.flush().await) {
             shared.die(format!("writing to it failed: {e}"));
@@ -317,7 +317,7 @@ async fn write_lines(mut stdin: Async<ChildStdin>, queue: async_channel::Receive
 }
 
 async fn read_messages(
-    mut stdout: Async<ChildStdout>,
+    mut stdout: Io<ChildStdout>,
     out: async_channel::Sender<Vec<u8>>,
     shared: Rc<Shared>,
     name: String,
@@ -391,7 +391,7 @@ fn handle(line: &[u8], out: &async_channel::Sender<Vec<u8>>, shared: &Shared, na
     }
 }
 
-async fn log_stderr(mut stderr: Async<ChildStderr>, shared: Rc<Shared>, name: String, mut scrub: Scrubber) {
+async fn log_stderr(mut stderr: Io<ChildStderr>, shared: Rc<Shared>, name: String, mut scrub: Scrubber) {
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 4096];
     let (mut window, mut logged, mut dropped) = (Instant::now(), 0u32, 0u64);

@@ -20,7 +20,8 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use async_io::{Async, Timer};
+use crate::broker::deadline::Deadline;
+use crate::broker::reactor::Io;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -177,18 +178,18 @@ thread_local! {
 /// A socket as hyper sees it. hyper hands reads an uninitialised buffer; the generic adapter
 /// zeroes all of it (8–64 KiB) on every read, which cost more than the rest of a small request.
 /// This one reads into a buffer initialised once per thread and copies what arrived.
-pub struct Io<S> {
+pub struct HyperIo<S> {
     inner: S,
 }
 
-impl<S> Io<S> {
+impl<S> HyperIo<S> {
     /// Wraps a socket.
     pub fn new(inner: S) -> Self {
-        Io { inner }
+        HyperIo { inner }
     }
 }
 
-impl<S: futures_lite::AsyncRead + Unpin> hyper::rt::Read for Io<S> {
+impl<S: futures_lite::AsyncRead + Unpin> hyper::rt::Read for HyperIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -210,7 +211,7 @@ impl<S: futures_lite::AsyncRead + Unpin> hyper::rt::Read for Io<S> {
     }
 }
 
-impl<S: futures_lite::AsyncWrite + Unpin> hyper::rt::Write for Io<S> {
+impl<S: futures_lite::AsyncWrite + Unpin> hyper::rt::Write for HyperIo<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, b)
     }
@@ -249,7 +250,7 @@ impl Connections {
     /// Waits until no connection is left or `deadline` passes; returns how many remain.
     pub async fn drain(&self, deadline: Instant) -> usize {
         while self.count() > 0 && Instant::now() < deadline {
-            Timer::after(Duration::from_millis(5)).await;
+            Deadline::after(Duration::from_millis(5)).await;
         }
         self.count()
     }
@@ -275,7 +276,7 @@ where
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(crate::broker::deadline::HyperTimer).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_BUF);
-    let conn = builder.serve_connection(Io::new(io), service);
+    let conn = builder.serve_connection(HyperIo::new(io), service);
     let mut conn = pin!(conn);
     let mut stop = pin!(shutdown.recv());
     let mut stopping = false;
@@ -306,7 +307,7 @@ pub async fn serve_tcp(
     conns: Connections,
     tls: Option<Rc<crate::broker::tls::Tls>>,
 ) -> io::Result<()> {
-    let listener = Async::new(listener)?;
+    let listener = Io::new(listener)?;
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             let _ = shutdown.recv().await;
@@ -321,7 +322,7 @@ pub async fn serve_tcp(
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 log::warn!("accept failed: {e}");
-                Timer::after(Duration::from_millis(50)).await;
+                Deadline::after(Duration::from_millis(50)).await;
                 continue;
             }
         };
@@ -369,7 +370,7 @@ pub async fn serve_unix(
     shutdown: async_channel::Receiver<()>,
     conns: Connections,
 ) -> io::Result<()> {
-    let listener = Async::new(listener)?;
+    let listener = Io::new(listener)?;
     let local = Connections::default();
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -381,10 +382,10 @@ pub async fn serve_unix(
             return Ok(());
         };
         let stream = match accepted {
-            Ok((s, _)) => s,
+            Ok(s) => s,
             Err(e) => {
                 log::warn!("accept failed on the local socket: {e}");
-                Timer::after(Duration::from_millis(50)).await;
+                Deadline::after(Duration::from_millis(50)).await;
                 continue;
             }
         };

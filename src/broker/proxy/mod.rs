@@ -20,7 +20,7 @@ use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use async_io::Timer;
+use crate::broker::deadline::Deadline;
 use bytes::Bytes;
 use futures_lite::FutureExt as _;
 use http::{HeaderMap, StatusCode};
@@ -254,7 +254,7 @@ impl Proxy {
         let head_limit = left.min(s.read_timeout);
         let (sender, resp) = exchange
             .or(async {
-                Timer::after(head_limit).await;
+                Deadline::after(head_limit).await;
                 Err(Error::Timeout(if head_limit < left {
                     format!("{host} sent no response headers within {}s (read_timeout)", head_limit.as_secs_f64())
                 } else {

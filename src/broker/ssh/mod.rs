@@ -1102,7 +1102,8 @@ mod tests {
         let metrics = super::super::metrics::Metrics::default();
         let s = FakeSigner { cap: Some(600), refuse: Some(ErrorCode::RateLimited), seen: RefCell::default() };
         let w = Wanted { target_name: "web", target: &t, role: "r", principal: "p", session: None };
-        let e = smol::block_on(issue(&s, &metrics, &api_caller(), w, 1_900_000_000, 1_900_000_600)).unwrap_err();
+        let e = crate::broker::reactor::block_on(issue(&s, &metrics, &api_caller(), w, 1_900_000_000, 1_900_000_600))
+            .unwrap_err();
         assert!(
             matches!(&e, Error::Signer(m) if m.contains("rate limit is reached") && m.contains("use a session")),
             "{e:?}"

@@ -283,8 +283,8 @@ mod tests {
         let mut s = r.revoked_serials(50, |t| t == "T1");
         s.sort();
         assert_eq!(s, vec![1]);
-        assert!(smol::block_on(r.revoke(3, 5)).unwrap());
-        assert!(!smol::block_on(r.revoke(99, 5)).unwrap());
+        assert!(crate::broker::reactor::block_on(r.revoke(3, 5)).unwrap());
+        assert!(!crate::broker::reactor::block_on(r.revoke(99, 5)).unwrap());
         let mut s = r.revoked_serials(50, |_| false);
         s.sort();
         assert_eq!(s, vec![3]);
@@ -305,7 +305,7 @@ mod tests {
                 drop(held);
             };
             let mut fut = Box::pin(fut);
-            assert!(smol::block_on(futures_lite::future::poll_once(&mut fut)).is_none());
+            assert!(crate::broker::reactor::block_on(futures_lite::future::poll_once(&mut fut)).is_none());
             assert_eq!(r.in_use("a"), (1, 1), "held while the future lives");
             drop(fut);
             assert_eq!(r.in_use("a"), (0, 0), "round {i}: released when dropped");
@@ -322,7 +322,7 @@ mod tests {
         let ex = Rc::new(smol::LocalExecutor::new());
         let logs = crate::broker::journal::Files::new(dir.clone(), pool, ex.clone());
         assert_eq!(logs.path(LOG), path);
-        smol::block_on(ex.run(async {
+        crate::broker::reactor::block_on(ex.run(async {
             let (r, _) = Registry::load(&logs, 0).await.unwrap();
             let (_h1, d) = r.hold(cert(1, "a", Some("T"), 100)).unwrap();
             d.unwrap().wait().await.unwrap();
@@ -330,7 +330,7 @@ mod tests {
             d.unwrap().wait().await.unwrap();
             assert!(r.revoke(1, 5).await.unwrap());
         }));
-        let (r, torn) = smol::block_on(Registry::load(&logs, 50)).unwrap();
+        let (r, torn) = crate::broker::reactor::block_on(Registry::load(&logs, 50)).unwrap();
         assert_eq!(torn, 0);
         let l = r.list(50, |_| true);
         assert_eq!(l.len(), 1);

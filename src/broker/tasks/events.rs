@@ -93,7 +93,7 @@ mod tests {
         let t = Ulid::from_parts(1, 1);
         let listener = ev.listen();
         ev.publish(TaskEvent::Revoked { task: t, descendants: 2 });
-        smol::block_on(listener); // woken
+        crate::broker::reactor::block_on(listener); // woken
         let (got, next) = ev.since(start).unwrap();
         assert_eq!(got, vec![TaskEvent::Revoked { task: t, descendants: 2 }]);
         assert_eq!(ev.since(next).unwrap().0, vec![]);

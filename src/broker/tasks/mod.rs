@@ -259,7 +259,7 @@ impl TaskStore {
                 Some(d) => {
                     let wait = std::time::Duration::from_micros(d.0.saturating_sub(now.0).max(0) as u64);
                     futures_lite::future::or(listener, async {
-                        async_io::Timer::after(wait).await;
+                        crate::broker::deadline::Deadline::after(wait).await;
                     })
                     .await;
                 }

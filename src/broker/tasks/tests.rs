@@ -42,11 +42,11 @@ async fn child_async(s: &TaskStore, parent_token: &str, n: u8, new: NewTask) -> 
 }
 
 fn root(s: &TaskStore, n: u8) -> String {
-    smol::block_on(root_async(s, n))
+    crate::broker::reactor::block_on(root_async(s, n))
 }
 
 fn child(s: &TaskStore, parent_token: &str, n: u8, new: NewTask) -> Result<String, Error> {
-    smol::block_on(child_async(s, parent_token, n, new))
+    crate::broker::reactor::block_on(child_async(s, parent_token, n, new))
 }
 
 #[test]
@@ -76,7 +76,7 @@ fn revoking_kills_the_task_and_every_descendant_including_attenuated_copies() {
     let b = child(&s, &r, 4, new_task("alice", 600)).unwrap();
     // The holder of `a` attenuates it offline before and after the revocation.
     let narrowed = attenuate(&Macaroon::decode(&a).unwrap(), "target IN [web]").encode();
-    assert_eq!(smol::block_on(s.revoke(id(2), T0)).unwrap(), 1, "one descendant goes with it");
+    assert_eq!(crate::broker::reactor::block_on(s.revoke(id(2), T0)).unwrap(), 1, "one descendant goes with it");
     let later = attenuate(&Macaroon::decode(&a).unwrap(), "role IN [read]").encode();
     for t in [&a, &aa, &narrowed, &later] {
         let e = verify(&s, t).unwrap_err();
@@ -86,8 +86,11 @@ fn revoking_kills_the_task_and_every_descendant_including_attenuated_copies() {
     verify(&s, &b).unwrap();
     // Delegating from a revoked task is refused too.
     let p = Macaroon::decode(&a).unwrap();
-    assert!(matches!(smol::block_on(s.delegate(id(2), &p, id(9), new_task("alice", 60), T0)), Err(Error::Refused(_))));
-    assert!(matches!(smol::block_on(s.revoke(id(2), T0)), Err(Error::Refused(_))), "already revoked");
+    assert!(matches!(
+        crate::broker::reactor::block_on(s.delegate(id(2), &p, id(9), new_task("alice", 60), T0)),
+        Err(Error::Refused(_))
+    ));
+    assert!(matches!(crate::broker::reactor::block_on(s.revoke(id(2), T0)), Err(Error::Refused(_))), "already revoked");
 }
 
 #[test]
@@ -138,7 +141,10 @@ fn tokens_of_another_broker_are_unknown_here() {
     // Same tree id, different key: the signature fails.
     let other = TaskStore::new();
     let key = RootKey::from_bytes(&[0xee; 32]);
-    let forged = smol::block_on(other.create(id(1), new_task("alice", 3600), "x".into(), &key, vec![], T0)).unwrap().1;
+    let forged =
+        crate::broker::reactor::block_on(other.create(id(1), new_task("alice", 3600), "x".into(), &key, vec![], T0))
+            .unwrap()
+            .1;
     assert!(verify(&ours, &forged).unwrap_err().contains("signature"));
 }
 
@@ -149,14 +155,14 @@ fn holder_bindings_are_inherited_and_only_the_broker_rebinds() {
     let k1 = [1u8; 32];
     let k2 = [2u8; 32];
     assert_eq!(verify(&s, &r).unwrap().holder, Holder::Bearer);
-    smol::block_on(s.bind(id(1), k1, T0)).unwrap();
-    smol::block_on(s.bind(id(1), k1, T0)).unwrap(); // idempotent
-    assert!(smol::block_on(s.bind(id(1), k2, T0)).unwrap_err().to_string().contains("already bound"));
+    crate::broker::reactor::block_on(s.bind(id(1), k1, T0)).unwrap();
+    crate::broker::reactor::block_on(s.bind(id(1), k1, T0)).unwrap(); // idempotent
+    assert!(crate::broker::reactor::block_on(s.bind(id(1), k2, T0)).unwrap_err().to_string().contains("already bound"));
     let a = child(&s, &r, 2, new_task("alice", 600)).unwrap();
     assert_eq!(verify(&s, &a).unwrap().holder, Holder::Key(k1), "inherited");
     let stolen = attenuate(&Macaroon::decode(&a).unwrap(), "target IN [web]").encode();
     assert_eq!(verify(&s, &stolen).unwrap().holder, Holder::Key(k1), "attenuation does not shed it");
-    assert!(smol::block_on(s.bind(id(2), k2, T0)).unwrap_err().to_string().contains("inherited"));
+    assert!(crate::broker::reactor::block_on(s.bind(id(2), k2, T0)).unwrap_err().to_string().contains("inherited"));
     let b = child(&s, &r, 3, NewTask { holder_key: Some(k2), ..new_task("bob", 600) }).unwrap();
     assert_eq!(verify(&s, &b).unwrap().holder, Holder::Key(k2), "re-bound by the broker at delegation");
     let c = child(&s, &b, 4, NewTask { bind_deadline: Some(UnixMicros(T0.0 + 30_000_000)), ..new_task("bob", 300) })
@@ -176,7 +182,7 @@ fn journaled_state_survives_a_reload_and_a_torn_tail() {
     let ex = Rc::new(smol::LocalExecutor::new());
     let logs = journal::Files::new(dir.clone(), pool, ex.clone());
     assert_eq!(logs.path(LOG), path);
-    let (r, a, b) = smol::block_on(ex.run(async {
+    let (r, a, b) = crate::broker::reactor::block_on(ex.run(async {
         let (s, loaded) = TaskStore::load(&logs, T0, unseal).await.unwrap();
         assert_eq!(loaded.tasks, 0);
         let r = root_async(&s, 1).await;
@@ -192,16 +198,17 @@ fn journaled_state_survives_a_reload_and_a_torn_tail() {
         let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&journal::frame(b"{\"t\":\"revoke\"")[..9]).unwrap();
     }
-    let (s, loaded) = smol::block_on(TaskStore::load(&logs, T0, unseal)).unwrap();
+    let (s, loaded) = crate::broker::reactor::block_on(TaskStore::load(&logs, T0, unseal)).unwrap();
     assert_eq!((loaded.tasks, loaded.trees), (3, 1));
     assert!(loaded.torn_bytes > 0);
     verify(&s, &r).unwrap();
     assert!(verify(&s, &a).unwrap_err().contains("revoked"), "the revocation survived");
     assert_eq!(verify(&s, &b).unwrap().holder, Holder::Key([7; 32]), "the binding survived");
     // The compacted journal loads to the same state, and expired state is dropped on load.
-    let (s2, _) = smol::block_on(TaskStore::load(&logs, T0, unseal)).unwrap();
+    let (s2, _) = crate::broker::reactor::block_on(TaskStore::load(&logs, T0, unseal)).unwrap();
     assert!(verify(&s2, &a).is_err());
-    let (s3, l3) = smol::block_on(TaskStore::load(&logs, UnixMicros(T0.0 + 4_000_000_000), unseal)).unwrap();
+    let (s3, l3) =
+        crate::broker::reactor::block_on(TaskStore::load(&logs, UnixMicros(T0.0 + 4_000_000_000), unseal)).unwrap();
     assert_eq!((l3.tasks, l3.trees, s3.len()), (0, 0, 0));
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -216,13 +223,13 @@ fn an_unsealable_tree_is_dropped_with_its_tasks() {
     let ok = |_c: String, sealed: Vec<u8>| async move { Ok(RootKey::from_bytes(&sealed)) };
     let ex = Rc::new(smol::LocalExecutor::new());
     let logs = journal::Files::new(dir.clone(), pool, ex.clone());
-    smol::block_on(ex.run(async {
+    crate::broker::reactor::block_on(ex.run(async {
         let (s, _) = TaskStore::load(&logs, T0, ok).await.unwrap();
         root_async(&s, 1).await;
     }));
     let refuse =
         |_c: String, _s: Vec<u8>| async move { Err::<RootKey, _>("unseal_failed: wrong sealing key".to_string()) };
-    let (s, loaded) = smol::block_on(TaskStore::load(&logs, T0, refuse)).unwrap();
+    let (s, loaded) = crate::broker::reactor::block_on(TaskStore::load(&logs, T0, refuse)).unwrap();
     assert_eq!(loaded.unsealable.len(), 1);
     assert!(loaded.unsealable[0].contains("wrong sealing key"));
     assert!(s.is_empty());
@@ -241,7 +248,7 @@ fn waiters_are_woken_by_a_revocation_above_them_and_by_expiry() {
     let cursor = s.events.cursor();
     let woke = std::cell::Cell::new(None);
     let ex = smol::LocalExecutor::new();
-    smol::block_on(ex.run(async {
+    crate::broker::reactor::block_on(ex.run(async {
         let waiter = ex.spawn(async {
             s.until_unusable(&grandchild, None).await;
             woke.set(Some(std::time::Instant::now()));
@@ -260,7 +267,7 @@ fn waiters_are_woken_by_a_revocation_above_them_and_by_expiry() {
     root(&s, 9);
     let exp = UnixMicros(crate::time::now().0 + 150_000);
     let t = std::time::Instant::now();
-    smol::block_on(s.until_unusable(&id(9).to_string(), Some(exp)));
+    crate::broker::reactor::block_on(s.until_unusable(&id(9).to_string(), Some(exp)));
     let waited = t.elapsed();
     assert!(
         waited >= std::time::Duration::from_millis(140) && waited < std::time::Duration::from_secs(2),

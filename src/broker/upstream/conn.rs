@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use async_io::{Async, Timer};
+use crate::broker::deadline::Deadline;
+use crate::broker::reactor::Io;
 use bytes::Bytes;
 use futures_lite::{AsyncRead, AsyncWrite};
 use http_body_util::Full;
@@ -33,7 +34,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use smol::LocalExecutor;
 
-use crate::broker::http::Io;
+use crate::broker::http::HyperIo;
 
 /// A request sender on one upstream connection.
 pub type Sender = SendRequest<Full<Bytes>>;
@@ -55,8 +56,8 @@ const SYSTEM_BUNDLES: [&str; 4] = [
 
 /// A plain or TLS stream.
 enum Stream {
-    Plain(Async<TcpStream>),
-    Tls(Box<futures_rustls::client::TlsStream<Async<TcpStream>>>),
+    Plain(Io<TcpStream>),
+    Tls(Box<futures_rustls::client::TlsStream<Io<TcpStream>>>),
 }
 
 impl Stream {
@@ -228,7 +229,7 @@ impl Conns {
             let mut last = String::from("no address to connect to");
             for ip in d.addrs {
                 let addr = SocketAddr::new(*ip, d.port);
-                match Async::<TcpStream>::connect(addr).await {
+                match Io::<TcpStream>::connect(addr).await {
                     Ok(tcp) => {
                         let _ = tcp.get_ref().set_nodelay(true);
                         return Ok((tcp, addr));
@@ -253,7 +254,7 @@ impl Conns {
             };
             let (sender, conn) = hyper::client::conn::http1::Builder::new()
                 .max_buf_size(MAX_RESPONSE_HEAD.max(8192))
-                .handshake::<_, Full<Bytes>>(Io::new(stream))
+                .handshake::<_, Full<Bytes>>(HyperIo::new(stream))
                 .await
                 .map_err(|e| ConnectError::Failed(format!("{addr}: {e}")))?;
             self.ex
@@ -266,7 +267,7 @@ impl Conns {
             Ok(sender)
         };
         futures_lite::future::or(connected, async {
-            Timer::after(d.timeout).await;
+            Deadline::after(d.timeout).await;
             Err(ConnectError::Timeout(d.timeout))
         })
         .await
@@ -399,7 +400,7 @@ pub async fn resolve(
         .map_err(|e| format!("cannot resolve {host}: {e}"))
     };
     let addrs = futures_lite::future::or(lookup, async {
-        Timer::after(timeout).await;
+        Deadline::after(timeout).await;
         Err(format!("resolving {host} took longer than {}s", timeout.as_secs()))
     })
     .await?;
@@ -487,7 +488,7 @@ mod tests {
     #[test]
     fn literals_skip_resolution_and_names_resolve_to_every_address() {
         let pool = crate::broker::blocking::BlockingPool::new(1, 4);
-        smol::block_on(async {
+        crate::broker::reactor::block_on(async {
             assert_eq!(
                 resolve(&pool, "::1", 80, Duration::from_secs(2)).await.unwrap(),
                 ["::1".parse::<IpAddr>().unwrap()]

@@ -25,7 +25,7 @@ mod sessions;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use async_io::Timer;
+use crate::broker::deadline::Deadline;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::StreamBody;
@@ -723,7 +723,7 @@ impl StreamState {
                 },
                 futures_lite::future::or(
                     async {
-                        Timer::after(KEEPALIVE).await;
+                        Deadline::after(KEEPALIVE).await;
                         Some(false)
                     },
                     async {
