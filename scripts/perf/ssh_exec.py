@@ -9,6 +9,7 @@ Starts an sshd on 127.0.0.1 trusting a fresh broker's CA (user `ephyrt-read`, sh
 HTTP connection) measures, after 3 warm-up calls each:
   * one-shot `exec` (new key, certificate from the signer, TCP + SSH handshake + auth, `true`);
   * `exec` on a kept session (new channel on the open connection, `true`);
+  * `exec` on a kept session in mode "shell" (one shell kept open, the command framed into it);
 reporting the median, p10 and p90 of the client-observed time over `--runs` calls, and the
 broker's own split (cert_ms = key + signer + connect + auth, ssh_ms = channel + command).
 Then opens `--sessions` sessions and reports the broker's VmRSS (and the signer's) before and after.
@@ -186,9 +187,11 @@ try:
             samples.append((time.perf_counter() - t) * 1000)
         summary("file_list (2 entries)", samples, {})
         raise SystemExit(0)
-    for label, mk in [("one-shot exec (new certificate)", lambda: {"target": "local", "role": "read"}),
-                      ("exec on a kept session", None)]:
-        args = mk() if mk else {"session_id": call("session_create", {"target": "local", "role": "read"})["session_id"]}
+    for label, mk, mode in [("one-shot exec (new certificate)", lambda: {"target": "local", "role": "read"}, None),
+                            ("exec on a kept session", None, "exec"),
+                            ("exec on a kept session, mode shell", None, "shell")]:
+        args = mk() if mk else {"session_id": call("session_create", {"target": "local", "role": "read",
+                                                                      "mode": mode})["session_id"]}
         args["command"] = a.command
         for _ in range(3):
             call("exec", args)
