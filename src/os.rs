@@ -4,7 +4,8 @@
 //! What runs here: no threads and no files of its own. System calls: `socketpair`, `sendmsg` and
 //! `recvmsg` (with `SCM_RIGHTS`), `send`/`recv` on SOCK_SEQPACKET sockets, `fork`, `dup2`/`fcntl` in
 //! a pre-exec hook, `prctl` (PDEATHSIG, DUMPABLE, NO_NEW_PRIVS), `setgroups`, `setresgid`,
-//! `setresuid`, `getresuid`, `setrlimit`, `waitpid`, `kill`, `signal`, `mmap`/`munmap` (one shared page),
+//! `setresuid`, `getresuid`, `setrlimit`, `waitpid`, `kill`, `signal`, `sigaction` with a handler
+//! that writes to a pipe ([`signal_pipe`]), `mmap`/`munmap` (one shared page),
 //! `getsockopt(SO_PEERCRED)`, the sandbox escape probes (`execve`, `socket`, `connect`, `ptrace`),
 //! and glibc's `mallopt` (no system call).
 //!
@@ -17,7 +18,7 @@ use std::mem::{size_of, zeroed};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(rc) }
@@ -379,6 +380,59 @@ pub fn ignore_signal(signal: i32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The write end of the signal pipe, for the handler (-1: none installed).
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: only async-signal-safe calls (`write`, and `__errno_location`, which returns this
+    // thread's errno slot); errno is restored so the interrupted code never sees the handler's.
+    unsafe {
+        let errno = libc::__errno_location();
+        let saved = *errno;
+        let byte = signal as u8;
+        // The write end is non-blocking: with 64 KiB of unread signals one is dropped, never a hang.
+        libc::write(fd, (&byte as *const u8).cast(), 1);
+        *errno = saved;
+    }
+}
+
+/// Delivers `signals` as bytes (the signal number) on a pipe: a handler installed with
+/// `sigaction` writes one byte per delivery, and the returned read end (close-on-exec; blocking
+/// unless its owner changes that) reads them. Nothing is blocked or masked, so child processes
+/// start with the signal mask they would have had anyway, and `exec` resets the handlers to
+/// their defaults. Once per process; a second call is refused.
+pub fn signal_pipe(signals: &[i32]) -> io::Result<OwnedFd> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 returned two new descriptors that nothing else owns.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: fcntl on a descriptor we own.
+    let flags = cvt(unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETFL) })?;
+    cvt(unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    if SIGNAL_PIPE.compare_exchange(-1, write.as_raw_fd(), Ordering::SeqCst, Ordering::SeqCst).is_err() {
+        return Err(io::Error::other("signal handlers are already installed"));
+    }
+    // The write end lives as long as the process (the handler may run at any time).
+    std::mem::forget(write);
+    for &signal in signals {
+        // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handler only does
+        // async-signal-safe work (above). SA_RESTART: system calls it interrupts are restarted.
+        unsafe {
+            let mut action: libc::sigaction = zeroed();
+            action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            cvt(libc::sigemptyset(&mut action.sa_mask))?;
+            cvt(libc::sigaction(signal, &action, std::ptr::null_mut()))?;
+        }
+    }
+    Ok(read)
 }
 
 /// One page of memory shared between a process and the children it forks afterwards, viewed as

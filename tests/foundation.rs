@@ -247,6 +247,18 @@ fn sigterm_stops_the_broker_cleanly_with_no_orphans() {
     let st = b.status();
     let pids: Vec<u32> =
         ["keeper_pid", "worker_pid"].iter().map(|k| st["signer"][k].as_u64().unwrap() as u32).collect();
+    // The event loop and signal delivery run on the executor's own thread: no async-io helper
+    // thread, and no thread at all besides the blocking pool's (decision 0011).
+    let threads: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{}/task", b.pid()))
+        .unwrap()
+        .map(|t| t.unwrap().path())
+        .map(|p| {
+            (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(p.join("comm")).unwrap())
+        })
+        .collect();
+    let main = b.pid().to_string();
+    let others: Vec<_> = threads.iter().filter(|(tid, n)| *tid != main && n.trim() != "ephyr-blocking").collect();
+    assert!(others.is_empty(), "threads besides the executor's and the pool's: {threads:?}");
     b.signal(libc::SIGTERM);
     let status = b.wait_exit(Duration::from_secs(15));
     assert_eq!(status.code(), Some(0), "{}", b.log());

@@ -10,11 +10,10 @@
 //! Why not async-io's reactor: it re-arms a one-shot registration at every wait, and its own
 //! helper thread takes the reactor over whenever the executor is busy for more than ~50 µs, so
 //! under load every event crossed threads (a futex wake and two context switches). Here nothing
-//! on the request path leaves the executor's thread. async-io still serves what is cold (signal
-//! delivery through async-signal), on its own thread.
+//! leaves the executor's thread; signals arrive as bytes on a pipe ([`Signals`]).
 //!
 //! What runs here: registration and readiness bookkeeping on the owning thread; [`block_on`]'s
-//! loop; the cross-thread wake (one eventfd write, only while the loop sleeps).
+//! loop; the cross-thread wake (one eventfd write, only while the loop sleeps); reading signals.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -467,6 +466,30 @@ impl<T: AsFd + Write + Unpin> futures_lite::AsyncWrite for Io<T> {
     }
 }
 
+/// Signals read on this thread's reactor: each delivery is a byte on `os::signal_pipe`'s pipe
+/// (a handler writes it; nothing is masked, so children inherit no blocked signals).
+pub struct Signals(Io<OwnedFd>);
+
+impl Signals {
+    /// Installs the handlers for `signals` (once per process).
+    pub fn new(signals: &[i32]) -> io::Result<Self> {
+        Ok(Self(Io::new(crate::os::signal_pipe(signals)?)?))
+    }
+
+    /// The next signal delivered.
+    pub async fn next(&self) -> io::Result<i32> {
+        self.0
+            .read_with(|fd| {
+                let mut b = [0u8; 1];
+                match rustix::io::read(fd, &mut b)? {
+                    0 => Err(io::ErrorKind::UnexpectedEof.into()),
+                    _ => Ok(i32::from(b[0])),
+                }
+            })
+            .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -518,6 +541,18 @@ mod tests {
             let _l = Io::new(TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
         }
         assert!(REACTOR.with(|r| r.slots.borrow().list.len()) <= before + 1);
+    }
+
+    #[test]
+    fn a_signal_arrives_on_the_reactor() {
+        // The test harness runs tests on threads of one process: SIGUSR2 is ours alone here.
+        let signals = Signals::new(&[libc::SIGUSR2]).unwrap();
+        std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            crate::os::kill(std::process::id() as i32, libc::SIGUSR2).unwrap();
+        });
+        assert_eq!(block_on(signals.next()).unwrap(), libc::SIGUSR2);
+        assert!(Signals::new(&[libc::SIGUSR1]).is_err(), "a second set of handlers is refused");
     }
 
     #[test]

@@ -19,8 +19,6 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use async_signal::{Signal, Signals};
-use futures_lite::StreamExt;
 use smol::LocalExecutor;
 
 use super::PolicySource;
@@ -290,7 +288,8 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
     // 5. The executor.
     let ex = Rc::new(LocalExecutor::new());
     let result = crate::broker::reactor::block_on(ex.run(async {
-        let mut signals = Signals::new([Signal::Term, Signal::Int, Signal::Hup]).map_err(startup("signal handlers"))?;
+        let signals = super::reactor::Signals::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+            .map_err(startup("signal handlers"))?;
         let (fatal_tx, fatal_rx) = async_channel::bounded(1);
         let metrics = Rc::new(Metrics::default());
         let (signer_events_tx, signer_events) = async_channel::bounded(64);
@@ -423,7 +422,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         // every wake-up, and polling the signal pipe there cost a read(2) each time.
         let waiter = {
             let broker = broker.clone();
-            ex.spawn(async move { wait_for_stop(&broker, &mut signals, &fatal_rx).await })
+            ex.spawn(async move { wait_for_stop(&broker, &signals, &fatal_rx).await })
         };
         let outcome = waiter.await;
 
@@ -502,7 +501,7 @@ fn spawn_listeners(
 /// to be lost for good (an error).
 async fn wait_for_stop(
     broker: &Rc<Broker>,
-    signals: &mut async_signal::Signals,
+    signals: &super::reactor::Signals,
     fatal_rx: &async_channel::Receiver<String>,
 ) -> Result<(), ServeError> {
     loop {
@@ -511,7 +510,7 @@ async fn wait_for_stop(
         })
         .await;
         match next {
-            Ok(Some(Ok(Signal::Hup))) => {
+            Ok(Ok(libc::SIGHUP)) => {
                 log::info!("SIGHUP received: reloading the policy");
                 if let Some(t) = &broker.tls {
                     match t.reload() {
@@ -521,12 +520,14 @@ async fn wait_for_stop(
                 }
                 let _ = super::ops::reload(broker, &super::ops::Actor::Signal("SIGHUP")).await;
             }
-            Ok(Some(Ok(sig))) => {
-                log::info!("{sig:?} received: shutting down");
+            Ok(Ok(sig)) => {
+                log::info!("{} received: shutting down", if sig == libc::SIGINT { "Int" } else { "Term" });
                 break Ok(());
             }
-            Ok(Some(Err(e))) => log::warn!("signal stream error: {e}"),
-            Ok(None) => break Ok(()),
+            Ok(Err(e)) => {
+                log::warn!("signal pipe unreadable ({e}): shutting down");
+                break Ok(());
+            }
             Err(msg) => break Err(ServeError::SignerLost(msg)),
         }
     }

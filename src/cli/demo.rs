@@ -795,14 +795,14 @@ fn get(url: &str) -> Result<Vec<u8>, String> {
 pub fn run(o: &DemoOptions) -> Result<u8, String> {
     let cleanup = Arc::new(Mutex::new(Cleanup::default()));
     // Ctrl-C and SIGTERM: clean up, then exit 130. Installed before any child exists.
-    let signals = async_signal::Signals::new([async_signal::Signal::Int, async_signal::Signal::Term])
-        .map_err(|e| format!("signal handlers: {e}"))?;
+    let signals =
+        crate::os::signal_pipe(&[libc::SIGINT, libc::SIGTERM]).map_err(|e| format!("signal handlers: {e}"))?;
     let keeping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let (cleanup, keeping) = (cleanup.clone(), keeping.clone());
         std::thread::spawn(move || {
-            let mut signals = signals;
-            let _ = crate::broker::reactor::block_on(futures_lite::StreamExt::next(&mut signals));
+            // A blocking read of the signal pipe: this thread only waits for the first signal.
+            let _ = std::io::Read::read(&mut std::fs::File::from(signals), &mut [0u8; 1]);
             STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
             if let Ok(mut c) = cleanup.lock() {
                 c.run();
