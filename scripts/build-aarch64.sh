@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Cross-builds a static aarch64 ephyr with Debian's Rust toolchain and runs `ephyr --version` and
-# the pure unit tests (token engine, protocols, policy, time) under qemu-aarch64-static.
+# the pure unit tests (token engine, protocols, policy, time) and the event loop's (epoll, eventfd,
+# sockets, the signal pipe: the reactor is the same code on the appliance) under qemu-aarch64-static.
 #
 # The sandbox cannot be exercised under qemu-user (no Landlock, no seccomp there), so only the
 # pure tests run here; the sandbox is tested natively on x86_64 and on real aarch64 hardware.
@@ -39,4 +40,5 @@ printf 'size: %s bytes\n' "$(stat -c %s "$bin")"
 $run_tests || exit 0
 # Pure unit tests (no sandbox, no processes) under emulation.
 "$cargo" test --locked --target "$target" --target-dir target-aarch64 --lib -- \
-  macaroon:: signer::protocol:: signer::custody:: time:: secret:: users:: broker::policy:: mcp::
+  macaroon:: signer::protocol:: signer::custody:: time:: secret:: users:: broker::policy:: mcp:: \
+  broker::reactor:: broker::deadline::
