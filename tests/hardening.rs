@@ -213,3 +213,53 @@ fn notification_streams_end_when_their_token_is_revoked_or_expires() {
     assert!(s.wait_closed(Duration::from_secs(6)), "the stream ends when the task expires");
     assert_eq!(metric(&b, "ephyr_mcp_streams"), 0.0);
 }
+
+/// Open descriptors of process `pid`, and the descriptors registered in its epoll instances
+/// (the `tfd:` lines of each eventpoll's fdinfo).
+fn descriptors(pid: u32) -> (usize, usize) {
+    let (mut open, mut registered) = (0, 0);
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        open += 1;
+        if std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == "anon_inode:[eventpoll]") {
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy()))
+                .unwrap_or_default();
+            registered += info.lines().filter(|l| l.starts_with("tfd:")).count();
+        }
+    }
+    (open, registered)
+}
+
+/// The event loop (decision 0011): a descriptor is registered with the reactor for its whole
+/// life and removed when it is dropped. Connections that end every way a peer can end them —
+/// resets in the middle of a request line or a body, half-closes, pipelined requests abandoned
+/// unread, connects that never send — leave no open descriptor and no epoll registration
+/// behind, and the broker keeps answering.
+#[test]
+fn connections_that_end_every_way_leave_no_descriptor_or_registration_behind() {
+    if !require_root() {
+        return;
+    }
+    let b = Broker::start(BrokerOpts { policy: Some("agents: {}\n"), ..Default::default() });
+    assert_eq!(http_request(&b.api, "GET", "/healthz", &[], b"").status, 200);
+    let pid = b.pid();
+    // Settled: the first request's connection has been closed by the broker too.
+    let settled = || {
+        let a = descriptors(pid);
+        std::thread::sleep(Duration::from_millis(300));
+        (a, descriptors(pid))
+    };
+    let before = poll_until(Duration::from_secs(10), settled, |(a, b)| a == b).1;
+    assert!(before.1 >= 3, "the listeners are registered: {before:?}");
+
+    let (host, port) = b.api.rsplit_once(':').unwrap();
+    let out = python("conn_endings.py").args([host, port, "60"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 60 rounds: clean 1 + keep-alive 3 + half-close 1 answers each.
+    assert_eq!(report["ok"], 300, "{report}");
+    assert_eq!(report["ended"]["reset_body"], 60, "{report}");
+
+    let after = poll_until(Duration::from_secs(10), || descriptors(pid), |d| *d == before);
+    assert_eq!(after, before, "descriptors (open, registered) before and after 420 connections");
+    assert_eq!(http_request(&b.api, "GET", "/healthz", &[], b"").status, 200);
+}
