@@ -57,6 +57,28 @@ class Lab:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
+def start_nginx(work, cpu):
+    """nginx on a free loopback port, one worker pinned to `cpu`, answering `return 200 "ok"` (the
+    proxy's upstream in the load scripts); returns (process, port). Its files live in `work`."""
+    port = free_port()
+    conf = os.path.join(work, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx.err;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "ok"; }} }}
+}}
+""")
+    proc = subprocess.Popen(["taskset", "-c", str(cpu), "/usr/sbin/nginx", "-c", conf],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, port
+
+
 def wait_port(port, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -22,7 +22,7 @@ installed tests/peers; installs wrk, nginx and perf (linux-perf) from Debian if 
 import argparse, http.client, json, os, re, shutil, subprocess, sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lab import Lab, free_port, stats_delta, thread_stats, wait_port  # noqa: E402
+from lab import Lab, free_port, start_nginx, stats_delta, thread_stats, wait_port  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ephyr")
@@ -42,21 +42,8 @@ lab = Lab(os.path.abspath(a.bin), "ephyr-load-all-")
 work = lab.work
 procs = []
 try:
-    nport = free_port()
-    with open(os.path.join(work, "nginx.conf"), "w") as f:
-        f.write(f"""worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx.err;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{nport}; location / {{ return 200 "ok"; }} }}
-}}
-""")
-    procs.append(subprocess.Popen(["taskset", "-c", "1", "/usr/sbin/nginx", "-c", os.path.join(work, "nginx.conf")],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    nginx, nport = start_nginx(work, 1)
+    procs.append(nginx)
     sport = free_port()
     procs.append(subprocess.Popen(
         ["taskset", "-c", "1", os.path.join(peers, "node_modules/node/bin/node"),

@@ -16,7 +16,7 @@ Then, with wrk pinned to CPU 0:
 import argparse, os, shutil, socket, statistics, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lab import Lab, free_port, run, wait_port  # noqa: E402
+from lab import Lab, run, start_nginx, wait_port  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ephyr")
@@ -33,21 +33,7 @@ if missing:
 
 lab = Lab(binary, "ephyr-proxy-bench-")
 work = lab.work
-nport = free_port()
-with open(os.path.join(work, "nginx.conf"), "w") as f:
-    f.write(f"""worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx.err;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{nport}; location / {{ return 200 "ok"; }} }}
-}}
-""")
-nginx = subprocess.Popen(["taskset", "-c", "0", "/usr/sbin/nginx", "-c", os.path.join(work, "nginx.conf")],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+nginx, nport = start_nginx(work, 0)
 sse = subprocess.Popen(["python3", os.path.join(repo, "tests/helpers/upstream.py"), "serve"],
                        stdout=subprocess.PIPE, text=True)
 sport = int(sse.stdout.readline().split()[1])
