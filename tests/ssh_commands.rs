@@ -492,6 +492,8 @@ fn the_setup_script_installs_the_verifier_and_target_verify_sees_it() {
     let (dir, ssh_dir, port) = (&own.dir, &own.ssh_dir, own.port);
     let bin_dir = std::path::PathBuf::from(format!("/tmp/ephyr-sealed-bin-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&bin_dir);
+    // Removed on drop, also when an assertion fails (the installed binary is ~180 MB).
+    let _bin_guard = TempDir(bin_dir.clone());
     // The directory must be reachable by the role user (the CA file the verifier reads is in it).
     for d in [dir.path(), ssh_dir.as_path()] {
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -566,7 +568,6 @@ agents:
     )
     .unwrap();
     assert_eq!(r["stdout"], "through-the-verifier\n", "{r}");
-    let _ = std::fs::remove_dir_all(&bin_dir);
 }
 
 /// A `shell` session keeps one shell: `cd` and `export` carry over, every command is still checked
