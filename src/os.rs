@@ -415,6 +415,7 @@ pub fn signal_pipe(signals: &[i32]) -> io::Result<OwnedFd> {
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // SAFETY: fcntl on a descriptor we own.
     let flags = cvt(unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: the same, with integer flags.
     cvt(unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
     if SIGNAL_PIPE.compare_exchange(-1, write.as_raw_fd(), Ordering::SeqCst, Ordering::SeqCst).is_err() {
         return Err(io::Error::other("signal handlers are already installed"));
