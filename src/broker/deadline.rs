@@ -77,34 +77,31 @@ impl Future for Deadline {
             return Poll::Ready(());
         }
         let when = this.when;
-        let own = !crate::broker::reactor::driven();
-        if !own {
-            TABLE.with(|t| {
-                let mut t = t.borrow_mut();
-                let id = match this.state {
-                    State::Listed(id) => id,
-                    _ => {
-                        t.next_id += 1;
-                        let id = t.next_id;
-                        this.state = State::Listed(id);
-                        id
-                    }
-                };
-                match t.entries.get_mut(&(when, id)) {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    Some(w) => w.clone_from(cx.waker()),
-                    None => {
-                        t.entries.insert((when, id), cx.waker().clone());
-                    }
-                }
-            });
-        }
-        if own {
+        if !crate::broker::reactor::driven() {
             let mut timer = async_io::Timer::at(when);
             let r = Pin::new(&mut timer).poll(cx).map(|_| ());
             this.state = State::Own(timer);
             return r;
         }
+        TABLE.with(|t| {
+            let mut t = t.borrow_mut();
+            let id = match this.state {
+                State::Listed(id) => id,
+                _ => {
+                    t.next_id += 1;
+                    let id = t.next_id;
+                    this.state = State::Listed(id);
+                    id
+                }
+            };
+            match t.entries.get_mut(&(when, id)) {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                Some(w) => w.clone_from(cx.waker()),
+                None => {
+                    t.entries.insert((when, id), cx.waker().clone());
+                }
+            }
+        });
         Poll::Pending
     }
 }

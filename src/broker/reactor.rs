@@ -332,11 +332,6 @@ impl<T: AsFd> Io<T> {
         &self.inner
     }
 
-    /// Waits until an event says the descriptor may be read.
-    pub async fn readable(&self) {
-        std::future::poll_fn(|cx| self.source.read.poll_ready(cx)).await
-    }
-
     /// Waits until an event says the descriptor may be written.
     pub async fn writable(&self) {
         std::future::poll_fn(|cx| self.source.write.poll_ready(cx)).await
