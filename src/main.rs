@@ -34,6 +34,9 @@ Commands:
   cert sign    issue an operator SSH certificate through the running broker
   cert revoke  put a certificate on the broker's revocation list (KRL)
   exec         run a command on a target through the broker (`exec TARGET --role R -- CMD`)
+  run          an agent on a target with nothing to steal (`run HOST --agent claude`, `-- CMD`)
+  runs         runs: live and of the last day, with their LLM usage
+  keys         disposable provider keys of runs: `list`, `cleanup [--all]`
   target       set up (`setup-script`), pin (`scan HOST`) and check (`verify NAME`) targets
   inspect      decode a task token and show what it allows
   policy       check, diff, explain or reload a policy
@@ -283,6 +286,46 @@ Options:
   --socket PATH / --data-dir DIR   where the local socket is
   --json                  print the tool's JSON result instead";
 
+const RUN_HELP: &str = "\
+Usage: ephyr run HOST --agent NAME [options] [PROMPT]
+       ephyr run HOST [options] -- COMMAND...
+       ephyr run --cleanup HOST
+
+Starts an agent on target HOST with nothing there worth stealing (docs/runs.md): a task from
+the policy's run template (`runs:`), a private directory on HOST (0700, tmpfs when there is
+one) holding only the task token, the SDK base URLs of the broker's proxy routes and an MCP
+client configuration; the agent runs in that environment with a terminal (interactive) or
+without (a PROMPT given), streamed. When it exits, the connection drops or a signal arrives,
+the run's task is revoked and the directory removed. If this process dies, the broker ends
+the run when its lease runs out. Your uid selects the agent (`uid:` in the policy).
+
+Known agents: claude, codex, aider, pi. Any program runs with -- COMMAND...
+Exit code: the agent's; 130 after a signal; 125 when the run could not start or was ended.
+
+Options:
+  --agent NAME           a known agent
+  --template NAME        run template (default: default)
+  --ttl DUR              shorter than the template's ttl
+  --envelope JSON        narrower than the template's envelope, e.g. '{\"services\":[\"anthropic\"]}'
+  --cwd DIR              working directory on HOST (default: the home directory)
+  --tty / --no-tty       force a terminal or none (default: a terminal when stdin is one
+                         and no PROMPT is given)
+  --cleanup              only remove run directories on HOST whose runs are over
+  --socket PATH / --data-dir DIR   where the local socket is";
+
+const RUNS_HELP: &str = "\
+Usage: ephyr runs [--json] [--socket PATH | --data-dir DIR]
+
+Runs of the last day: host, agent, state, duration and LLM usage (yours; operators see all).";
+
+const KEYS_HELP: &str = "\
+Usage: ephyr keys list [--json]
+       ephyr keys cleanup [--all]
+
+Disposable provider keys minted for runs (never their values). cleanup revokes every key
+whose run is over (the broker also does this by itself every 10 s); --all revokes every
+outstanding key. Root or the broker's user.";
+
 const TARGET_HELP: &str = "\
 Usage: ephyr target setup-script [--config FILE] [--target NAME]... [options]
        ephyr target scan HOST[:PORT] [--json]
@@ -331,9 +374,10 @@ Options:
   --json                  print the full JSON answer";
 
 /// Commands, for "did you mean".
-const COMMANDS: [&str; 23] = [
-    "serve", "demo", "init", "doctor", "status", "whoami", "targets", "certs", "tasks", "cert", "exec", "target",
-    "inspect", "policy", "keygen", "secret", "audit", "monitor", "remote", "isolate", "version", "help", "--help",
+const COMMANDS: [&str; 26] = [
+    "serve", "demo", "init", "doctor", "status", "whoami", "targets", "certs", "tasks", "cert", "exec", "run", "runs",
+    "keys", "target", "inspect", "policy", "keygen", "secret", "audit", "monitor", "remote", "isolate", "version",
+    "help", "--help",
 ];
 
 /// A closed stdout (`ephyr ... | head -1`) ends a command quietly with 0: the reader took what
@@ -455,6 +499,9 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "status" => cmd_status(p),
         "cert" => cmd_cert(p),
         "exec" => cmd_exec(p),
+        "run" => cmd_run(p),
+        "runs" => cmd_runs(p),
+        "keys" => cmd_keys(p),
         "target" => cmd_target(p),
         "inspect" => cmd_inspect(p),
         "policy" => cmd_policy(p),
@@ -681,6 +728,88 @@ fn cmd_exec(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     o.command = words.join(" ");
     o.socket = cli::client::socket_path(socket, data_dir.as_deref());
     cli::exec::run(&o).map_err(|e| Failure::Run(cli::exec::REFUSED, e))
+}
+
+fn cmd_run(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let mut o = cli::run::RunOptions::default();
+    let (mut socket, mut data_dir, mut words) = (None, None, Vec::new());
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("agent") => o.agent = Some(p.value()?.string()?),
+            Long("template") => o.template = Some(p.value()?.string()?),
+            Long("ttl") => o.ttl = Some(p.value()?.string()?),
+            Long("envelope") => o.envelope = Some(p.value()?.string()?),
+            Long("cwd") => o.cwd = Some(p.value()?.string()?),
+            Long("tty") => o.tty = Some(true),
+            Long("no-tty") => o.tty = Some(false),
+            Long("cleanup") => o.cleanup = true,
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("data-dir") => data_dir = Some(path(p.value()?)),
+            Long("help") | Short('h') => return help(RUN_HELP),
+            Value(v) if o.host.is_empty() => o.host = v.string()?,
+            Value(v) => words.push(v.string()?),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if o.host.is_empty() {
+        return Err(usage("no HOST: `ephyr run HOST --agent NAME` or `ephyr run HOST -- COMMAND...`"));
+    }
+    if o.cleanup {
+        if !words.is_empty() || o.agent.is_some() {
+            return Err(usage("--cleanup takes only HOST"));
+        }
+    } else if o.agent.is_some() {
+        match words.len() {
+            0 => {}
+            1 => o.prompt = words.pop(),
+            _ => return Err(usage("with --agent, give the PROMPT as one argument (quote it)")),
+        }
+    } else {
+        o.command = words;
+    }
+    o.socket = cli::client::socket_path(socket, data_dir.as_deref());
+    cli::run::run(&o).map_err(|e| Failure::Run(cli::run::FAILED, format!("run: {e}")))
+}
+
+fn cmd_runs(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let (mut socket, mut data_dir, mut json) = (None, None, false);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("json") => json = true,
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("data-dir") => data_dir = Some(path(p.value()?)),
+            Long("help") | Short('h') => return help(RUNS_HELP),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let socket = cli::client::socket_path(socket, data_dir.as_deref());
+    cli::run::list(&socket, json).map(|()| 0).map_err(|e| Failure::Run(1, e))
+}
+
+fn cmd_keys(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let sub = match p.next()? {
+        Some(Value(v)) => v.string()?,
+        Some(Long("help") | Short('h')) | None => return help(KEYS_HELP),
+        Some(other) => return Err(other.unexpected().into()),
+    };
+    let (mut socket, mut data_dir, mut json, mut all) = (None, None, false, false);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("json") if sub == "list" => json = true,
+            Long("all") if sub == "cleanup" => all = true,
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("data-dir") => data_dir = Some(path(p.value()?)),
+            Long("help") | Short('h') => return help(KEYS_HELP),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let socket = cli::client::socket_path(socket, data_dir.as_deref());
+    match sub.as_str() {
+        "list" => cli::run::keys_list(&socket, json).map(|()| 0),
+        "cleanup" => cli::run::keys_cleanup(&socket, all),
+        other => return Err(usage(format!("unknown `keys {other}`; expected list or cleanup"))),
+    }
+    .map_err(|e| Failure::Run(1, e))
 }
 
 fn cmd_target(p: &mut lexopt::Parser) -> Result<u8, Failure> {

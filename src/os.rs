@@ -6,7 +6,8 @@
 //! a pre-exec hook, `prctl` (PDEATHSIG, DUMPABLE, NO_NEW_PRIVS), `setgroups`, `setresgid`,
 //! `setresuid`, `getresuid`, `setrlimit`, `waitpid`, `kill`, `signal`, `sigaction` with a handler
 //! that writes to a pipe ([`signal_pipe`]), `mmap`/`munmap` (one shared page),
-//! `getsockopt(SO_PEERCRED)`, the sandbox escape probes (`execve`, `socket`, `connect`, `ptrace`),
+//! `getsockopt(SO_PEERCRED)`, `tcgetattr`/`tcsetattr` and `ioctl(TIOCGWINSZ)` (a raw terminal
+//! for `ephyr run`), the sandbox escape probes (`execve`, `socket`, `connect`, `ptrace`),
 //! and glibc's `mallopt` (no system call).
 //!
 //! Every `unsafe` block states why it is sound. Callers elsewhere in the crate are
@@ -380,6 +381,47 @@ pub fn ignore_signal(signal: i32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A terminal switched to raw mode (`ephyr run` with a terminal): keystrokes, Ctrl-C included,
+/// go to the remote program as bytes. The previous settings come back when this is dropped.
+pub struct RawTerminal {
+    fd: RawFd,
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    /// Puts the terminal on `fd` in raw mode (`cfmakeraw`); `Err` if `fd` is not a terminal.
+    pub fn enter(fd: BorrowedFd<'_>) -> io::Result<RawTerminal> {
+        let fd = fd.as_raw_fd();
+        // SAFETY: a zeroed termios is a valid buffer for tcgetattr to fill.
+        let mut saved: libc::termios = unsafe { zeroed() };
+        // SAFETY: `fd` is borrowed (open for this call); `saved` is a valid termios.
+        cvt(unsafe { libc::tcgetattr(fd, &mut saved) })?;
+        let mut raw = saved;
+        // SAFETY: cfmakeraw only changes the flags of the termios it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // SAFETY: as above, with a termios tcgetattr filled and cfmakeraw changed.
+        cvt(unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) })?;
+        Ok(RawTerminal { fd, saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores settings tcgetattr returned; on a descriptor that was closed in the
+        // meantime the call fails harmlessly (EBADF).
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// The size (cols, rows) of the terminal on `fd`, if it is one.
+pub fn terminal_size(fd: BorrowedFd<'_>) -> Option<(u32, u32)> {
+    // SAFETY: a zeroed winsize is a valid buffer for TIOCGWINSZ to fill.
+    let mut ws: libc::winsize = unsafe { zeroed() };
+    // SAFETY: TIOCGWINSZ writes one winsize through the pointer; `fd` is borrowed.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_col > 0 && ws.ws_row > 0).then(|| (u32::from(ws.ws_col), u32::from(ws.ws_row)))
 }
 
 /// The write end of the signal pipe, for the handler (-1: none installed).

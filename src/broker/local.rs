@@ -19,6 +19,7 @@
 //! | `GET /v1/approvals` | operator | approval requests: open ones and a day of closed ones |
 //! | `POST /v1/approvals/decide` | operator | `{id, approve, reason, waiver}`: answer one (`ephyr approve`, `ephyr deny`) |
 //! | `POST /v1/tools/call` | an agent whose `uid` is the caller's | call an MCP tool as that agent (`ephyr exec`) |
+//! | `/v1/runs`, `/v1/keys` | see `runs::api` | `ephyr run` and its disposable keys |
 //!
 //! A uid mapped to an agent acts with that agent's whole policy, like its API key.
 
@@ -401,6 +402,40 @@ async fn agent_tool_call(
     }
 }
 
+/// `/v1/runs` (`runs::api`): starting one needs an agent for the caller's uid; the rest, who
+/// started the run or an operator.
+async fn runs_route(
+    broker: &Rc<Broker>,
+    peer: Peer,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<Body> {
+    let policy = broker.policy();
+    let Peer::Unix(c) = peer else { return error(StatusCode::FORBIDDEN, "forbidden", "local socket only") };
+    let operator = is_operator(broker, peer);
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let body = match read_body(req, MAX_BODY, Duration::from_secs(10)).await {
+        Ok(b) => b,
+        Err(e) => return e.response(),
+    };
+    use crate::broker::runs::api;
+    match (method, path.strip_prefix("/v1/runs").unwrap_or("")) {
+        (Method::GET, "") => api::list(broker, c.uid, operator),
+        (Method::POST, "") => match agent_for(&policy, peer) {
+            Some((agent, uid)) => api::start(broker, &policy, agent, uid, &body).await,
+            None => error(
+                StatusCode::FORBIDDEN,
+                "no_agent_for_uid",
+                "a run acts as the agent whose uid is yours; no enabled agent in the policy has it (set `uid:` on the agent)",
+            ),
+        },
+        (Method::POST, rest) => match rest.trim_start_matches('/').split_once('/') {
+            Some((id, what)) => api::act(broker, id, what, c.uid, operator, &body).await,
+            None => error(StatusCode::NOT_FOUND, "not_found", "POST /v1/runs/<id>/renew or /end"),
+        },
+        _ => error(StatusCode::NOT_FOUND, "not_found", "GET or POST /v1/runs"),
+    }
+}
+
 /// The enabled agent whose `uid` is the caller's.
 fn agent_for(policy: &crate::broker::policy::Policy, peer: Peer) -> Option<(String, u32)> {
     let Peer::Unix(c) = peer else { return None };
@@ -677,6 +712,9 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
             if req.method() == Method::GET && req.uri().path() == "/v1/whoami" {
                 return json(StatusCode::OK, &whoami(&broker, peer));
             }
+            if req.uri().path() == "/v1/runs" || req.uri().path().starts_with("/v1/runs/") {
+                return runs_route(&broker, peer, req).await;
+            }
             if !is_operator(&broker, peer) {
                 return error(
                     StatusCode::FORBIDDEN,
@@ -691,6 +729,11 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
                 (Method::GET, "/v1/tasks") => json(StatusCode::OK, &tasks_json(&broker)),
                 (Method::POST, "/v1/certs") => operator_cert(&broker, peer, req).await,
                 (Method::GET, "/v1/freezes") => json(StatusCode::OK, &freezes_json(&broker)),
+                (Method::GET, "/v1/keys") => crate::broker::runs::api::keys(&broker),
+                (Method::POST, "/v1/keys/cleanup") => match read_body(req, MAX_BODY, Duration::from_secs(10)).await {
+                    Ok(b) => crate::broker::runs::api::cleanup(&broker, &b).await,
+                    Err(e) => e.response(),
+                },
                 (Method::POST, p @ ("/v1/freeze" | "/v1/unfreeze")) => {
                     let on = p == "/v1/freeze";
                     match read_body(req, MAX_BODY, Duration::from_secs(10)).await {

@@ -10,7 +10,10 @@
 //!   and a change to what they serve announced to agents' notification streams;
 //! - every second while any is open, approval requests nobody answered in time (and approvals not used in time)
 //!   expire, each with an audit record; a held call waiting on one is woken;
-//! - signer events (workers ended and restarted, the keeper relaunched) become audit records.
+//! - signer events (workers ended and restarted, the keeper relaunched) become audit records;
+//! - every second while a run is live, runs whose lease ran out are ended (their tasks revoked);
+//!   on every task event, runs whose task ended are ended too, and (then, and every 10 s) the
+//!   disposable keys of runs that are over are revoked.
 
 use std::rc::Rc;
 
@@ -109,6 +112,72 @@ pub fn spawn(
                 if now != served {
                     served = now;
                     broker.changes.notify();
+                }
+            }
+        })
+        .detach();
+    }
+    {
+        // Leases: a run whose CLI stopped renewing dies within its lease and a second.
+        let broker = broker.clone();
+        ex.spawn(async move {
+            loop {
+                let listener = broker.runs.started.listen();
+                if broker.runs.live() == 0 {
+                    listener.await;
+                    continue;
+                }
+                crate::broker::deadline::Deadline::after(std::time::Duration::from_secs(1)).await;
+                for r in broker.runs.lapsed(std::time::Instant::now()) {
+                    log::warn!("run {}: its lease ran out (the CLI stopped renewing); ending it", r.id());
+                    let actor = super::ops::Actor::Broker("run_lease");
+                    if let Err(e) = super::runs::api::finish(&broker, &r, "lease_expired", &actor, None).await {
+                        log::error!("run {}: ending it failed: {}", r.id(), e.message());
+                    }
+                }
+            }
+        })
+        .detach();
+    }
+    {
+        // Runs whose task ended otherwise (revoked by a tool, the console, a freeze; expired)
+        // end too; disposable keys of runs that are over are revoked (also every 10 s, which
+        // retries a provider that was down and cleans up after a crash).
+        let broker = broker.clone();
+        ex.spawn(async move {
+            let mut cursor = broker.tasks.events.cursor();
+            loop {
+                let listener = broker.tasks.events.listen();
+                let tick = async {
+                    listener.await;
+                };
+                futures_lite::future::or(
+                    tick,
+                    crate::broker::deadline::Deadline::after(std::time::Duration::from_secs(10)),
+                )
+                .await;
+                cursor = match broker.tasks.events.since(cursor) {
+                    Ok((_, next)) => next,
+                    Err(_) => broker.tasks.events.cursor(),
+                };
+                for r in broker.runs.list() {
+                    let unusable = broker.tasks.unusable(&r.id().to_string());
+                    let actor = super::ops::Actor::Broker("run_task_ended");
+                    if r.ended().is_none() && unusable {
+                        let _ = super::runs::api::finish(&broker, &r, "task_ended", &actor, None).await;
+                    } else if r.ended().is_some() && !unusable {
+                        // An ended run whose revocation failed (the journal was unavailable).
+                        if let Err(e) = super::runs::api::revoke(&broker, &r, &actor).await {
+                            log::error!("run {}: revoking its task failed again: {}", r.id(), e.message());
+                        }
+                    }
+                }
+                broker.runs.collect();
+                if !broker.keys.outstanding().is_empty() {
+                    let (_, failures) = broker.keys.sweep(&broker, false).await;
+                    for f in failures {
+                        log::warn!("disposable keys: {f} (retried in 10 s)");
+                    }
                 }
             }
         })

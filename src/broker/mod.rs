@@ -33,6 +33,7 @@ pub(crate) mod rate;
 pub mod reactor;
 pub(crate) mod resources;
 pub(crate) mod routes;
+pub mod runs;
 pub(crate) mod secrets;
 pub mod serve;
 pub mod signer_client;
@@ -135,6 +136,10 @@ pub struct Broker {
     pub console: console::Console,
     /// TLS on the TCP listeners (`None`: plain HTTP).
     pub tls: Option<Rc<tls::Tls>>,
+    /// `ephyr run`: runs, their leases, budgets and usage, journaled.
+    pub runs: runs::Runs,
+    /// Disposable provider keys of runs, journaled.
+    pub keys: runs::keys::Keys,
 }
 
 impl Broker {

@@ -40,6 +40,8 @@ pub enum Actor {
         /// The operator's name.
         name: String,
     },
+    /// The broker itself (`run_lease`: a run's lease ran out).
+    Broker(&'static str),
 }
 
 impl Actor {
@@ -50,6 +52,7 @@ impl Actor {
             Actor::Operator { uid } => format!("operator:uid{uid}"),
             Actor::Signal(s) => format!("signal:{s}"),
             Actor::Console { name } => format!("console:{name}"),
+            Actor::Broker(why) => format!("broker:{why}"),
         }
     }
 

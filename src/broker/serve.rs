@@ -337,6 +337,12 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         let approvals = super::approvals::Approvals::load(&logs)
             .await
             .map_err(|e| ServeError::Startup(format!("approvals: {}", e.message())))?;
+        let runs = super::runs::Runs::load(&logs)
+            .await
+            .map_err(|e| ServeError::Startup(format!("runs: {}", e.message())))?;
+        let keys = super::runs::keys::Keys::load(&logs, Rc::new(super::upstream::conn::Conns::new(ex.clone())))
+            .await
+            .map_err(|e| ServeError::Startup(format!("disposable keys: {}", e.message())))?;
         let mut policy = policy;
         policy.frozen = freezes.frozen();
         let known = super::ssh::hosts::KnownHosts::load(&data_dir.state().join("known_hosts"))
@@ -373,6 +379,8 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             approvals,
             console: super::console::Console::default(),
             tls,
+            runs,
+            keys,
         });
         ex.spawn(super::console::graphs::run(Rc::downgrade(&broker))).detach();
         ex.spawn(super::approvals::notify::run(

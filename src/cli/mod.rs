@@ -15,6 +15,7 @@ pub mod isolate;
 pub mod policy;
 pub mod recording;
 pub mod remote;
+pub mod run;
 pub mod secret;
 pub mod target;
 pub mod views;

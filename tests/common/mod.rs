@@ -777,6 +777,11 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn start(netns: Option<&str>, host: &str, extra: &[&str]) -> Upstream {
+        Upstream::start_env(netns, host, extra, &[])
+    }
+
+    /// As [`Upstream::start`], with `env` for the process (the stand-ins' keys).
+    pub fn start_env(netns: Option<&str>, host: &str, extra: &[&str], env: &[(&str, &str)]) -> Upstream {
         let dir = TempDir::new("upstream");
         let log = dir.join("requests.jsonl");
         let script = repo().join("tests/helpers/upstream.py");
@@ -789,6 +794,7 @@ impl Upstream {
             None => Command::new("python3"),
         };
         cmd.arg(script).args(["serve", "--host", host, "--log", log.to_str().unwrap()]).args(extra);
+        cmd.envs(env.iter().copied());
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
         let mut line = String::new();
         std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();

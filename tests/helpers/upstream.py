@@ -19,6 +19,14 @@
                               "stream": true gives chunk events 0.2 s apart
           POST /v1/messages   an Anthropic-style stand-in: needs "x-api-key: $LLM_KEY" and
                               anthropic-version; streams message events 0.2 s apart
+          /v1/organization/projects/<id>/service_accounts[/<account>]
+                              a STAND-IN for OpenAI's admin API (project service accounts;
+                              paid and unreachable here), shapes from its published reference:
+                              POST creates an account with an api_key (expires_at from
+                              expires_in_seconds), GET lists (limit/after/has_more/last_id),
+                              DELETE deletes; needs "Authorization: Bearer $ADMIN_KEY"
+          /_standin/accounts  the stand-in's live accounts (for the test to check)
+          POST /_standin/hang the next account creation stores the account, then never answers
           anything else       the same as /echo
     upstream.py certs DIR
         Writes a test CA, a server certificate for localhost (only) and a client certificate
@@ -37,6 +45,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 LOCK = threading.Lock()
+ACCOUNTS = {}  # id -> account (with its key), the admin API stand-in's state
+STATE = {"hang": False, "seq": 0}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -79,7 +89,15 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         route = url.path
-        if route.endswith("/chat/completions") or route.endswith("/v1/messages"):
+        if route.startswith("/v1/organization/projects/"):
+            self.admin(route, q, body)
+        elif route == "/_standin/accounts":
+            with LOCK:
+                self.send(200, json.dumps(list(ACCOUNTS.values())).encode())
+        elif route == "/_standin/hang":
+            STATE["hang"] = True
+            self.send(200, b"{}")
+        elif route.endswith("/chat/completions") or route.endswith("/v1/messages"):
             self.llm(route, body)
         elif route.startswith("/redirect"):
             self.send(302, b"", extra=[("Location", q.get("to", "/"))])
@@ -130,6 +148,57 @@ class Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = handle_any
 
+
+    def admin(self, route, q, body):
+        if self.headers.get("Authorization") != "Bearer " + os.environ.get("ADMIN_KEY", "-"):
+            err = {"error": {"message": "Invalid admin key", "type": "invalid_request_error"}}
+            return self.send(401, json.dumps(err).encode())
+        parts = route.split("/")  # ['', 'v1', 'organization', 'projects', id, 'service_accounts', acct?]
+        if len(parts) < 6 or parts[5] != "service_accounts":
+            return self.send(404, b'{"error":{"message":"not found"}}')
+        project = parts[4]
+        account = parts[6] if len(parts) > 6 else None
+        if self.command == "POST" and account is None:
+            req = json.loads(body or b"{}")
+            with LOCK:
+                STATE["seq"] += 1
+                n = STATE["seq"]
+                now = int(time.time())
+                exp = req.get("expires_in_seconds")
+                acct = {"object": "organization.project.service_account", "id": f"svc_acct_{n}",
+                        "name": req.get("name", ""), "role": "member", "created_at": now, "project": project,
+                        "api_key": {"object": "organization.project.service_account.api_key",
+                                    "value": f"sk-svcacct-disposable-{n}", "name": "Secret Key",
+                                    "created_at": now, "id": f"key_{n}",
+                                    "expires_at": now + exp if exp else None}}
+                ACCOUNTS[acct["id"]] = acct
+                hang = STATE["hang"]
+                STATE["hang"] = False
+            if hang:
+                time.sleep(120)
+                return
+            return self.send(201, json.dumps(acct).encode())
+        if self.command == "GET" and account is None:
+            with LOCK:
+                rows = [{k: v for k, v in a.items() if k not in ("api_key", "project")}
+                        for a in ACCOUNTS.values() if a["project"] == project]
+            after = q.get("after")
+            if after:
+                ids = [r["id"] for r in rows]
+                rows = rows[ids.index(after) + 1:] if after in ids else []
+            limit = int(q.get("limit", "20"))
+            page = rows[:limit]
+            out = {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                   "last_id": page[-1]["id"] if page else None, "has_more": len(rows) > limit}
+            return self.send(200, json.dumps(out).encode())
+        if self.command == "DELETE" and account:
+            with LOCK:
+                gone = ACCOUNTS.pop(account, None)
+            if not gone:
+                return self.send(404, b'{"error":{"message":"No such service account"}}')
+            out = {"object": "organization.project.service_account.deleted", "id": account, "deleted": True}
+            return self.send(200, json.dumps(out).encode())
+        self.send(405, b'{"error":{"message":"method not allowed"}}')
 
     def sse_event(self, data, event=None):
         text = (f"event: {event}\n" if event else "") + "data: " + json.dumps(data) + "\n\n"

@@ -329,15 +329,59 @@ async fn agents(broker: &Broker, op: &Operator) -> String {
     out
 }
 
+/// `ephyr run` runs of the last day (each is a task): host, what ran, state, duration, LLM usage
+/// per model.
+fn runs_table(broker: &Broker) -> String {
+    let now = std::time::Instant::now();
+    let rows: Vec<Vec<String>> = broker
+        .runs
+        .list()
+        .iter()
+        .map(|r| {
+            let v = r.view(now);
+            let state = match v["end_reason"].as_str() {
+                Some(why) => badge("muted", why),
+                None => badge("ok", &format!("live, lease {}s", v["lease_left_ms"].as_u64().unwrap_or(0) / 1000)),
+            };
+            let u = r.usage();
+            let models: Vec<String> =
+                u.models.iter().map(|(m, [n, i, o])| format!("{}: {n} req, {i} in, {o} out", esc(m))).collect();
+            let id = r.id().to_string();
+            vec![
+                format!("<code>{}</code> {}", esc(&id), audit_link("task", &id)),
+                esc(&r.about.host),
+                format!("{} <span class=\"muted\">as {}</span>", esc(&r.about.label), esc(&r.about.agent)),
+                state,
+                esc(&since(v["duration_secs"].as_u64().unwrap_or(0))),
+                format!(
+                    "{} req, {} tokens<br><span class=\"muted\">{}</span>",
+                    u.requests,
+                    u.tokens(),
+                    models.join("<br>")
+                ),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    format!(
+        "<h2>Runs (ephyr run)</h2>{}",
+        table(&["run", "host", "agent", "state", "duration", "LLM usage"], &rows, "")
+    )
+}
+
 fn tasks(broker: &Broker, op: &Operator) -> String {
     let now = crate::time::now();
     let mut views = broker.tasks.visible(&crate::broker::tasks::Scope::All);
     // Trees together, parents before children.
     views.sort_by_key(|v| (v.task.root, v.task.depth, v.task.id));
+    let runs = runs_table(broker);
     if views.is_empty() {
-        return "<p class=\"muted\">No live tasks.</p>".into();
+        return format!("{runs}<p class=\"muted\">No live tasks.</p>");
     }
-    let mut out = String::from("<ul class=\"tree\">");
+    let mut out = runs;
+    out.push_str("<ul class=\"tree\">");
     for v in &views {
         let j = crate::broker::tools::tasks::view_json(v, now);
         let id = v.task.id.to_string();

@@ -246,6 +246,8 @@ pub struct ServiceFile {
     pub errors: Option<String>,
     /// Serve this service (default true).
     pub enabled: Option<bool>,
+    /// Disposable per-run keys (`runs.<name>.keys`).
+    pub mint: Option<MintFile>,
 }
 
 /// `remotes.<name>:`.
@@ -570,4 +572,53 @@ pub struct FilesFile {
     /// Paths that may be written (and read).
     #[serde(default)]
     pub write: Vec<String>,
+}
+
+/// `runs.<name>:` — a template for `ephyr run HOST` (docs/runs.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    /// Free text.
+    pub description: Option<String>,
+    /// Agents that may start runs from it (default: every agent).
+    pub agents: Option<Vec<String>>,
+    /// The SSH role the run connects to its host as.
+    pub role: Option<String>,
+    /// Longest run (`30m`).
+    pub ttl: Option<String>,
+    /// How long the run outlives its CLI's last renewal (`30s`).
+    pub lease: Option<String>,
+    /// What the run's task may reach, as `task_create`'s envelope (targets, roles, services,
+    /// remotes, methods, tools, args).
+    pub envelope: Option<serde_json::Value>,
+    /// Most proxied requests and LLM tokens per run.
+    pub budget: Option<BudgetFile>,
+    /// Services whose run gets a disposable key minted for it (the service needs `mint:`).
+    pub keys: Option<Vec<String>>,
+    /// The broker's base URL as the host reaches it (default: the listener's address).
+    pub broker_url: Option<String>,
+}
+
+/// `runs.<name>.budget:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetFile {
+    /// Proxied requests.
+    pub requests: Option<u64>,
+    /// LLM tokens (input + output, from the providers' usage fields).
+    pub tokens: Option<u64>,
+}
+
+/// `services.<name>.mint:` — disposable per-run keys from the provider's admin API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MintFile {
+    /// `openai` (a project service account per run).
+    pub provider: String,
+    /// The admin key (a secret reference; `store:NAME`).
+    pub admin_key: SecretText,
+    /// The project the keys are made in (`proj_...`).
+    pub project: String,
+    /// The admin API's base URL (default `https://api.openai.com/v1`).
+    pub url: Option<String>,
 }

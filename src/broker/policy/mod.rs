@@ -402,6 +402,62 @@ pub struct Service {
     pub errors: ErrorStyle,
     /// Served at all.
     pub enabled: bool,
+    /// Disposable per-run keys from the provider's admin API.
+    pub mint: Option<Mint>,
+}
+
+/// Where a service's disposable keys come from (`services.<name>.mint`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mint {
+    /// The provider's admin API.
+    pub provider: MintProvider,
+    /// The admin key.
+    pub admin_key: SecretRef,
+    /// The project keys are made in.
+    pub project: String,
+    /// The admin API's base URL.
+    pub url: UpstreamUrl,
+}
+
+/// Providers that can mint keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MintProvider {
+    /// OpenAI: a project service account per key (its key expires server-side).
+    OpenAi,
+}
+
+/// `runs.<name>`: what `ephyr run HOST` starts from (docs/runs.md).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunTemplate {
+    /// Its name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// Agents that may use it (empty: every agent).
+    pub agents: BTreeSet<String>,
+    /// The SSH role runs connect as.
+    pub role: String,
+    /// Longest run.
+    pub ttl: Duration,
+    /// How long a run outlives its CLI's last renewal.
+    pub lease: Duration,
+    /// The run task's envelope, as `task_create` takes it (a JSON object).
+    pub envelope: serde_json::Value,
+    /// Limits on proxied traffic.
+    pub budget: Budget,
+    /// Services that get a disposable key per run.
+    pub keys: Vec<String>,
+    /// The broker's base URL as the host reaches it.
+    pub broker_url: Option<String>,
+}
+
+/// A run's limits on proxied traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Budget {
+    /// Requests.
+    pub requests: Option<u64>,
+    /// LLM tokens (input + output).
+    pub tokens: Option<u64>,
 }
 
 impl Service {
@@ -744,6 +800,8 @@ pub struct Policy {
     pub operators: BTreeMap<String, Operator>,
     /// Actions that wait for an operator (`approvals:`).
     pub approvals: approval::Approvals,
+    /// Templates for `ephyr run` (`runs:`).
+    pub runs: BTreeMap<String, RunTemplate>,
     /// What operators have frozen (the kill switch; not from the file: carried across reloads).
     pub frozen: Frozen,
     /// Non-fatal findings (Go-compatibility notes, agents with no grants, ...).

@@ -22,7 +22,7 @@ use crate::macaroon::caveat::NormPath;
 use crate::signer::protocol::{HARD_MAX_CERT_TTL_SECS, KNOWN_EXTENSIONS, valid_principal};
 use crate::time::parse_duration;
 
-const SECTIONS: [&str; 14] = [
+const SECTIONS: [&str; 15] = [
     "version",
     "operators",
     "approvals",
@@ -36,6 +36,7 @@ const SECTIONS: [&str; 14] = [
     "network",
     "templates",
     "agents",
+    "runs",
     "$schema",
 ];
 /// Largest Argon2 memory cost accepted for an API-key hash (64 MiB).
@@ -1417,6 +1418,7 @@ fn services(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, 
                 ErrorStyle::Plain
             }),
         };
+        let mint = s.mint.as_ref().and_then(|m| mint(cx, &name, m));
         services.insert(
             name,
             Service {
@@ -1435,11 +1437,191 @@ fn services(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, 
                 max_request,
                 errors,
                 enabled: s.enabled.unwrap_or(true),
+                mint,
             },
         );
     }
 
     services
+}
+
+/// `services.<name>.mint`, validated.
+fn mint(cx: &mut Ctx<'_>, service: &str, m: &MintFile) -> Option<Mint> {
+    let provider = match m.provider.as_str() {
+        "openai" => MintProvider::OpenAi,
+        other => {
+            cx.err(
+                &["services", service, "mint", "provider"],
+                format!("{other:?} cannot mint keys"),
+                Some("openai (project service accounts); other providers use the keyless proxy".into()),
+            );
+            return None;
+        }
+    };
+    let admin_key = match parse_secret_ref(&m.admin_key) {
+        Ok(s) => s,
+        Err(e) => {
+            cx.err(&["services", service, "mint", "admin_key"], e, None);
+            return None;
+        }
+    };
+    if !m.project.starts_with("proj_") || !name_ok(&m.project) {
+        cx.err(&["services", service, "mint", "project"], "an OpenAI project id looks like proj_abc123", None);
+        return None;
+    }
+    let url = match parse_url(m.url.as_deref().unwrap_or("https://api.openai.com/v1")) {
+        Ok(u) => u,
+        Err(e) => {
+            cx.err(&["services", service, "mint", "url"], e, None);
+            return None;
+        }
+    };
+    Some(Mint { provider, admin_key, project: m.project.clone(), url })
+}
+
+/// Lease bounds of a run.
+const LEASE_MIN: Duration = Duration::from_secs(3);
+const LEASE_MAX: Duration = Duration::from_secs(600);
+
+/// `runs:` validated against the services, targets and agents.
+fn runs(
+    cx: &mut Ctx<'_>,
+    top: &serde_yaml_ng::Mapping,
+    known: &Known<'_>,
+    agents: &BTreeMap<String, Agent>,
+) -> BTreeMap<String, RunTemplate> {
+    let mut out = BTreeMap::new();
+    for (name, v) in section(cx, top, "runs") {
+        if !name_ok(&name) {
+            cx.err(&["runs", &name], "run template names are 1-64 of [A-Za-z0-9_.-]", None);
+        }
+        let Some(f) = cx.entry::<RunFile>(&["runs", &name], v) else { continue };
+        let mut ok = true;
+        let role = match f.role {
+            Some(r) if known.roles.contains_key(&r) => r,
+            Some(r) => {
+                cx.err(&["runs", &name, "role"], format!("no role {r:?}"), None);
+                ok = false;
+                r
+            }
+            None => {
+                cx.err(&["runs", &name], "a run template names the SSH role its runs connect as (role:)", None);
+                ok = false;
+                String::new()
+            }
+        };
+        let ttl = cx.duration(&["runs", &name, "ttl"], f.ttl.as_deref(), Duration::from_secs(30 * 60));
+        if ttl > known.limits.task_ttl_max {
+            cx.err(&["runs", &name, "ttl"], "longer than limits.task_ttl_max", None);
+            ok = false;
+        }
+        let lease = cx.duration(&["runs", &name, "lease"], f.lease.as_deref(), Duration::from_secs(30));
+        if !(LEASE_MIN..=LEASE_MAX).contains(&lease) {
+            cx.err(&["runs", &name, "lease"], "a lease is 3s to 10m", None);
+            ok = false;
+        }
+        let mut allowed = BTreeSet::new();
+        for a in f.agents.unwrap_or_default() {
+            if !agents.contains_key(&a) {
+                cx.err(&["runs", &name, "agents"], format!("no agent {a:?}"), None);
+                ok = false;
+            }
+            allowed.insert(a);
+        }
+        let envelope = match f.envelope {
+            None => serde_json::Value::Object(Default::default()),
+            Some(serde_json::Value::Object(m)) => {
+                const FIELDS: [&str; 7] = ["targets", "roles", "services", "remotes", "methods", "tools", "args"];
+                for (k, v) in &m {
+                    let fine = FIELDS.contains(&k.as_str())
+                        && (if k == "args" {
+                            v.is_object()
+                        } else {
+                            v.as_array().is_some_and(|a| !a.is_empty() && a.iter().all(|i| i.is_string()))
+                        });
+                    if !fine {
+                        cx.err(
+                            &["runs", &name, "envelope", k],
+                            format!("{k:?} is not an envelope field with a non-empty list of names"),
+                            Some(format!("fields are {}", FIELDS.join(", "))),
+                        );
+                        ok = false;
+                    }
+                }
+                serde_json::Value::Object(m)
+            }
+            Some(_) => {
+                cx.err(
+                    &["runs", &name, "envelope"],
+                    "an envelope is a mapping (targets: [...], services: [...])",
+                    None,
+                );
+                ok = false;
+                serde_json::Value::Null
+            }
+        };
+        let mut keys = Vec::new();
+        for k in f.keys.unwrap_or_default() {
+            match known.services.get(&k) {
+                Some(s) if s.mint.is_some() => keys.push(k),
+                Some(_) => {
+                    cx.err(
+                        &["runs", &name, "keys"],
+                        format!("service {k:?} has no mint: section (disposable keys)"),
+                        None,
+                    );
+                    ok = false;
+                }
+                None => {
+                    cx.err(&["runs", &name, "keys"], format!("no service {k:?}"), None);
+                    ok = false;
+                }
+            }
+        }
+        let budget = f.budget.unwrap_or_default();
+        if budget.requests == Some(0) || budget.tokens == Some(0) {
+            cx.err(&["runs", &name, "budget"], "a budget of 0 allows nothing; leave the field out for no limit", None);
+            ok = false;
+        }
+        let broker_url = match f.broker_url {
+            None => None,
+            Some(u) => match parse_url(&u) {
+                Ok(p) if p.base_path.is_empty() => Some(u.trim_end_matches('/').to_owned()),
+                Ok(_) => {
+                    cx.err(
+                        &["runs", &name, "broker_url"],
+                        "the broker's base URL has no path (http://broker:8554)",
+                        None,
+                    );
+                    ok = false;
+                    None
+                }
+                Err(e) => {
+                    cx.err(&["runs", &name, "broker_url"], e, None);
+                    ok = false;
+                    None
+                }
+            },
+        };
+        if ok {
+            out.insert(
+                name.clone(),
+                RunTemplate {
+                    name,
+                    description: f.description.unwrap_or_default(),
+                    agents: allowed,
+                    role,
+                    ttl,
+                    lease,
+                    envelope,
+                    budget: Budget { requests: budget.requests, tokens: budget.tokens },
+                    keys,
+                    broker_url,
+                },
+            );
+        }
+    }
+    out
 }
 
 /// Remotes: one section of the policy, validated.
@@ -2013,6 +2195,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     let (agents, by_uid) = agents(&mut cx, top, &known);
     let operators = operators(&mut cx, top);
     let approvals = approvals(&mut cx, top, &known, &operators);
+    let runs = runs(&mut cx, top, &known, &agents);
 
     request_time_warnings(&mut cx, &services, &network, &agents);
     if !cx.problems.is_empty() {
@@ -2031,6 +2214,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         agents_by_uid: by_uid,
         operators,
         approvals,
+        runs,
         frozen: Frozen::default(),
         warnings: cx.warnings,
         digest,

@@ -131,6 +131,16 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs().max(1)));
         return r;
     }
+    // A run's budget (`runs.<name>.budget`): the request is counted, or refused in the
+    // provider's shape.
+    let run = caller.token().and_then(|t| broker.runs.of_lineage(&t.lineage));
+    if let Some(r) = &run
+        && let Err(why) = r.admit()
+    {
+        let f = Error::Refused(why);
+        audit_refusal(&broker, Some(&caller), &service, &method, &f);
+        return refuse(style, StatusCode::TOO_MANY_REQUESTS, "budget_exceeded", f.message());
+    }
     let call = Call {
         tool: None,
         service: &service,
@@ -181,15 +191,29 @@ pub async fn handle(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer) -> R
     let (b, agent, task) =
         (broker.clone(), caller.agent.clone(), caller.token().map(|t| (t.task.clone(), t.lineage.clone())));
     let code = status.as_u16();
+    // A run's LLM usage, read from the answer as it passes (`runs::usage`).
+    let meter = run.map(|r| {
+        let sse = headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let m = Rc::new(std::cell::RefCell::new(crate::broker::runs::usage::Meter::new(sse)));
+        let tap = m.clone();
+        body.tap(Box::new(move |chunk| tap.borrow_mut().push(chunk)));
+        (r, m)
+    });
     body.on_end(Box::new(move |end| {
         let mut ev = Event::new(Kind::Http, "http_response").agent(agent).action(json!({
             "service": service, "method": method, "path": path, "request_id": request_id, "via": "route",
         }));
-        let outcome = json!({
+        let mut outcome = json!({
             "status": code,
             "bytes": end.bytes,
             "duration_ms": started.elapsed().as_millis() as u64,
         });
+        if let Some((run, m)) = meter {
+            let mut m = m.borrow_mut();
+            m.finish();
+            run.add(m.model.as_deref(), m.input, m.output);
+            outcome["usage"] = json!({ "model": m.model, "input_tokens": m.input, "output_tokens": m.output });
+        }
         ev = match &end.error {
             None => ev.allow().outcome(outcome),
             Some(e) => ev.error("stream_ended", e.clone()).outcome(outcome),

@@ -96,6 +96,32 @@ impl HostCheck {
         }
     }
 
+    /// As the broker hands it to `ephyr run` (`{"key": ...}`, `{"fingerprint": ...}`,
+    /// `{"ca": ..., "host": ...}`); first use is never handed out.
+    pub fn to_json(&self) -> serde_json::Value {
+        let text = |k: &PublicKey| k.to_openssh().unwrap_or_default();
+        match self {
+            HostCheck::Key(k) => serde_json::json!({ "key": text(k) }),
+            HostCheck::Fingerprint(f) | HostCheck::Tofu(Some(f)) => serde_json::json!({ "fingerprint": f }),
+            HostCheck::Ca { ca, host } => serde_json::json!({ "ca": text(ca), "host": host }),
+            HostCheck::Tofu(None) => serde_json::Value::Null,
+        }
+    }
+
+    /// The other side of [`HostCheck::to_json`].
+    pub fn from_json(v: &serde_json::Value) -> Result<HostCheck, String> {
+        if let Some(k) = v["key"].as_str() {
+            return parse_public_key(k).map(HostCheck::Key);
+        }
+        if let Some(f) = v["fingerprint"].as_str().filter(|f| f.starts_with("SHA256:")) {
+            return Ok(HostCheck::Fingerprint(f.to_owned()));
+        }
+        if let (Some(ca), Some(host)) = (v["ca"].as_str(), v["host"].as_str()) {
+            return Ok(HostCheck::Ca { ca: parse_public_key(ca)?, host: host.to_owned() });
+        }
+        Err(format!("no usable host key check in {v}"))
+    }
+
     /// Whether `presented` passes; its fingerprint for the record.
     fn check(&self, presented: &russh::keys::PublicKeyOrCertificate) -> (bool, String) {
         use russh::keys::PublicKeyOrCertificate as P;
@@ -543,6 +569,74 @@ impl Conn {
         Ok(shell)
     }
 
+    /// Starts `command` on a new channel with its input and output streamed (`ephyr run`):
+    /// with a terminal of `pty` = (TERM, cols, rows), or without one. Output comes back as it
+    /// arrives, with back-pressure (a reader that stops reading stops the remote's output);
+    /// the channel closes when [`Attached::input`] is dropped or the command ends.
+    pub async fn attach(&self, command: String, pty: Option<(String, u32, u32)>) -> Result<Attached, SshError> {
+        let handle = self.handle.clone();
+        let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Input>(16);
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Output>(16);
+        let ch = on_runtime(async move {
+            let ch = handle
+                .channel_open_session()
+                .await
+                .map_err(|e| SshError::Protocol(format!("opening a channel: {e}")))?;
+            if let Some((term, cols, rows)) = &pty {
+                ch.request_pty(true, term, *cols, *rows, 0, 0, &[])
+                    .await
+                    .map_err(|e| SshError::Protocol(format!("terminal request: {e}")))?;
+            }
+            ch.exec(true, command).await.map_err(|e| SshError::Protocol(format!("exec request: {e}")))?;
+            Ok::<_, SshError>(ch)
+        })
+        .await??;
+        let pump = async move {
+            let mut ch = ch;
+            let (mut status, mut signal) = (None, None);
+            loop {
+                tokio::select! {
+                    msg = ch.wait() => match msg {
+                        Some(ChannelMsg::Data { data }) => {
+                            if out_tx.send(Output::Stdout(data.to_vec())).await.is_err() { break }
+                        }
+                        Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
+                            if out_tx.send(Output::Stderr(data.to_vec())).await.is_err() { break }
+                        }
+                        Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
+                        Some(ChannelMsg::ExitSignal { signal_name, .. }) => signal = Some(sig_name(&signal_name)),
+                        Some(ChannelMsg::Failure) => {
+                            let _ = out_tx.send(Output::Failed("the host refused to run the command".into())).await;
+                            return;
+                        }
+                        Some(ChannelMsg::Close) | None => break,
+                        Some(_) => {}
+                    },
+                    i = in_rx.recv() => match i {
+                        Some(Input::Data(d)) => {
+                            if ch.data(&d[..]).await.is_err() { break }
+                        }
+                        Some(Input::Eof) => {
+                            let _ = ch.eof().await;
+                        }
+                        Some(Input::Resize(cols, rows)) => {
+                            let _ = ch.window_change(cols, rows, 0, 0).await;
+                        }
+                        None => {
+                            // The caller is gone: end the command.
+                            let _ = ch.signal(Sig::HUP).await;
+                            let _ = ch.close().await;
+                            break;
+                        }
+                    },
+                }
+            }
+            let _ = out_tx.send(Output::Exit { status, signal }).await;
+        };
+        runtime()?.spawn(pump);
+        Ok(Attached { input: in_tx, output: out_rx })
+    }
+
     /// Ends the connection.
     pub async fn close(&self) {
         let handle = self.handle.clone();
@@ -551,6 +645,43 @@ impl Conn {
         })
         .await;
     }
+}
+
+/// What goes to an attached command ([`Conn::attach`]).
+#[derive(Debug)]
+pub enum Input {
+    /// Bytes for its stdin (keystrokes, with a terminal).
+    Data(Vec<u8>),
+    /// No more input.
+    Eof,
+    /// The terminal's new size (cols, rows).
+    Resize(u32, u32),
+}
+
+/// What comes from an attached command.
+#[derive(Debug)]
+pub enum Output {
+    /// Standard output (everything, with a terminal).
+    Stdout(Vec<u8>),
+    /// Standard error.
+    Stderr(Vec<u8>),
+    /// The channel ended: the exit status or signal, when the host sent one.
+    Exit {
+        /// Exit status.
+        status: Option<u32>,
+        /// Signal name.
+        signal: Option<String>,
+    },
+    /// The host refused the command.
+    Failed(String),
+}
+
+/// An attached command: send to `input`, read `output` until [`Output::Exit`].
+pub struct Attached {
+    /// Its input (dropping it hangs the command up).
+    pub input: tokio::sync::mpsc::Sender<Input>,
+    /// Its output.
+    pub output: tokio::sync::mpsc::Receiver<Output>,
 }
 
 /// A shell kept open on a session: commands run in it one after the other, so the working

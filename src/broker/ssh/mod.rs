@@ -536,6 +536,72 @@ impl Ssh {
         Ok((conn, issued, held, warning))
     }
 
+    /// A certificate for a key the caller holds (`ephyr run`: the CLI connects itself), as
+    /// `role` on `target`, valid for `ttl` (within the task). Gated like a terminal session (the
+    /// run's agent gets a terminal), authorized under the caller's token, recorded (audit +
+    /// registry, held until `Held` drops) before it is returned. Also returns the principal
+    /// and how the host's key must be checked (never "any key": a target without a pinned or
+    /// recorded key is refused).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn certify_run(
+        &self,
+        ports: Ports<'_>,
+        caller: &Caller,
+        policy: &Policy,
+        target_name: &str,
+        role: &str,
+        public_key: &str,
+        ttl: Duration,
+    ) -> Result<RunCert, Error> {
+        let key = client::parse_public_key(public_key).map_err(|e| Error::Invalid(format!("public_key: {e}")))?;
+        terminal::allowed(policy, &caller.agent, target_name, role, (80, 24))?;
+        let principal = Self::authorize(policy, caller, "run", Arguments::None, target_name, role, None)?;
+        let t = policy.targets.get(target_name).ok_or_else(|| Error::Refused(format!("no target {target_name:?}")))?;
+        let host_check = match self.host_check(target_name, t, policy.limits.host_key_strict)? {
+            HostCheck::Tofu(None) => {
+                return Err(Error::Refused(format!(
+                    "target {target_name:?} pins no host key and none was recorded yet; pin one (`ephyr target scan {target_name}`) first"
+                )));
+            }
+            HostCheck::Tofu(Some(f)) => HostCheck::Fingerprint(f),
+            other => other,
+        };
+        self.within_limits(policy, caller)?;
+        let (now, until) = validity(ports.signer, caller, ttl, now_secs())?;
+        let wanted = Wanted { target_name, target: t, role, principal: &principal, session: None };
+        let (cert, issued) = issue_for(
+            ports.signer,
+            ports.metrics,
+            caller,
+            wanted,
+            now,
+            until,
+            key.to_openssh().map_err(|e| Error::Invalid(format!("public_key: {e}")))?,
+        )
+        .await?;
+        let ev = with_task(Event::new(Kind::Cert, "cert_issued"), caller)
+            .agent(caller.agent.clone())
+            .action(json!({ "target": target_name, "role": role, "principal": principal, "run": true }))
+            .allow()
+            .outcome(json!({ "serial": format!("{:016x}", issued.serial), "key_id": issued.key_id, "valid_after": issued.valid_after, "valid_before": until }));
+        let ticket = ports.audit.record(ev).map_err(|e| Error::audit(e.to_string()))?;
+        let (held, registered) = self.registry.hold(issued.clone()).map_err(Error::audit)?;
+        ticket.durable().await.map_err(|e| Error::audit(e.to_string()))?;
+        if let Some(d) = registered {
+            d.wait().await.map_err(|e| Error::audit(e.message()))?;
+        }
+        let certificate = cert.to_openssh().map_err(|e| Error::Unavailable(format!("certificate: {e}")))?;
+        Ok(RunCert {
+            certificate,
+            principal,
+            host: t.host.clone(),
+            port: t.port,
+            host_check,
+            serial: issued.serial,
+            held,
+        })
+    }
+
     /// The concurrency limits: the agent's own and the broker's.
     fn within_limits(&self, policy: &Policy, caller: &Caller) -> Result<(), Error> {
         let agent = policy.agents.get(&caller.agent);
@@ -943,6 +1009,24 @@ fn validity(signer: &dyn CertSigner, caller: &Caller, ttl: Duration, now: u64) -
     Ok((now, until))
 }
 
+/// A certificate for `ephyr run` ([`Ssh::certify_run`]).
+pub struct RunCert {
+    /// OpenSSH certificate text.
+    pub certificate: String,
+    /// The remote user.
+    pub principal: String,
+    /// Where the host is.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// How its key is checked.
+    pub host_check: HostCheck,
+    /// The certificate's serial.
+    pub serial: u64,
+    /// Counted among the agent's certificates in use until dropped.
+    pub held: registry::Held,
+}
+
 /// What a certificate is asked for.
 struct Wanted<'a> {
     target_name: &'a str,
@@ -993,13 +1077,27 @@ async fn issue(
     now: u64,
     until: u64,
 ) -> Result<(client::Key, client::Cert, registry::Issued), Error> {
-    let Wanted { target_name, target: t, role, principal, session } = w;
     let key = client::ephemeral_key().map_err(ssh_err)?;
+    let (cert, issued) = issue_for(signer, metrics, caller, w, now, until, client::public_openssh(&key)).await?;
+    Ok((key, cert, issued))
+}
+
+/// Certifies `public_key` (OpenSSH text) as `w` asks.
+async fn issue_for(
+    signer: &dyn CertSigner,
+    metrics: &super::metrics::Metrics,
+    caller: &Caller,
+    w: Wanted<'_>,
+    now: u64,
+    until: u64,
+    public_key: String,
+) -> Result<(client::Cert, registry::Issued), Error> {
+    let Wanted { target_name, target: t, role, principal, session } = w;
     let request_id = crate::ids::new_ulid(crate::time::now());
     let task = caller.token().map(|t| t.task.clone());
     let key_id = format!("ephyr:{}:{}:{target_name}/{role}:{request_id}", caller.agent, task.as_deref().unwrap_or("-"));
     let req = CertRequest {
-        public_key: client::public_openssh(&key),
+        public_key,
         principals: vec![principal.to_owned()],
         key_id: key_id.clone(),
         valid_after: now.saturating_sub(BACKDATE),
@@ -1034,7 +1132,7 @@ async fn issue(
         valid_before: until,
         session: session.map(str::to_owned),
     };
-    Ok((key, cert, issued))
+    Ok((cert, issued))
 }
 
 /// Whether `agent`'s policy (no token) reaches `target` as `role`.

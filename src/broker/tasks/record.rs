@@ -41,23 +41,29 @@ mod hex32 {
     }
 }
 
-mod ulid_text {
+/// A ULID as its text in JSON records (the task, run and key journals).
+pub mod ulid_text {
     use serde::{Deserialize, Deserializer, Serializer};
     use ulid::Ulid;
+    /// Writes the text.
     pub fn serialize<S: Serializer>(v: &Ulid, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&v.to_string())
     }
+    /// Reads the text.
     pub fn deserialize<'d, D: Deserializer<'d>>(d: D) -> Result<Ulid, D::Error> {
         Ulid::from_string(&String::deserialize(d)?).map_err(|_| serde::de::Error::custom("expected a ULID"))
     }
+    /// An optional ULID.
     pub mod opt {
         use super::*;
+        /// Writes the text or null.
         pub fn serialize<S: Serializer>(v: &Option<Ulid>, s: S) -> Result<S::Ok, S::Error> {
             match v {
                 Some(u) => s.serialize_some(&u.to_string()),
                 None => s.serialize_none(),
             }
         }
+        /// Reads the text or null.
         pub fn deserialize<'d, D: Deserializer<'d>>(d: D) -> Result<Option<Ulid>, D::Error> {
             match Option::<String>::deserialize(d)? {
                 None => Ok(None),

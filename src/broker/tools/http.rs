@@ -138,6 +138,12 @@ async fn http_request(cx: Ctx<'_>) -> Output {
     let mut action = Map::new();
     action.insert("service".into(), json!(service));
     action.insert("method".into(), json!(method));
+    // A run's budget counts this path too (`runs.<name>.budget`).
+    if let Some(r) = cx.caller.token().and_then(|t| cx.runs.of_lineage(&t.lineage))
+        && let Err(why) = r.admit()
+    {
+        return Output::error(format!("refused (budget_exceeded): {why}"));
+    }
     let answer = match cx.proxy.send(cx.ports, cx.caller, cx.policy, call).await {
         Ok(a) => a,
         Err(f) => {

@@ -196,6 +196,8 @@ pub struct Ctx<'a> {
     pub ops: &'a dyn Operations,
     /// Remote MCP servers (their health, for `list_remotes`).
     pub federation: &'a super::federation::Federation,
+    /// Runs (their budgets, for `http_request`).
+    pub runs: &'a super::runs::Runs,
     /// Who calls.
     pub caller: &'a Caller,
     /// The policy snapshot for this request.
@@ -604,6 +606,7 @@ pub async fn call(
                         sealer: &broker.signer,
                         ops: &**broker,
                         federation: &broker.federation,
+                        runs: &broker.runs,
                         caller,
                         policy: &policy,
                         args: &args,

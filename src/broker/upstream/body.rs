@@ -47,6 +47,9 @@ pub struct End {
 /// What [`UpstreamBody`] calls when it ends.
 pub type OnEnd = Box<dyn FnOnce(&End)>;
 
+/// Sees every piece of the body passed on, scrubbed (a run's usage meter).
+pub type Tap = Box<dyn FnMut(&[u8])>;
+
 /// Makes the last frame of a body the broker cuts: `(code, reason, an event is open)` to bytes
 /// (an event-stream error event in the agent's SDK's shape; `proxy::shape`).
 pub type Farewell = Box<dyn Fn(&str, &str, bool) -> Bytes>;
@@ -79,6 +82,7 @@ pub struct UpstreamBody {
     done: bool,
     on_end: Option<OnEnd>,
     farewell: Option<Farewell>,
+    tap: Option<Tap>,
     /// What was passed on last did not end with a blank line (an event may be open).
     open_event: bool,
 }
@@ -108,6 +112,7 @@ impl UpstreamBody {
             done: false,
             on_end: None,
             farewell: None,
+            tap: None,
             open_event: false,
         }
     }
@@ -116,6 +121,11 @@ impl UpstreamBody {
     /// `f`'s frame and then cleanly, instead of an aborted transfer.
     pub fn farewell(&mut self, f: Farewell) {
         self.farewell = Some(f);
+    }
+
+    /// Shows `f` every piece passed on, before the body's end is reported.
+    pub fn tap(&mut self, f: Tap) {
+        self.tap = Some(f);
     }
 
     /// Calls `f` once when the body ends (completely, with an error, or dropped unfinished).
@@ -184,11 +194,17 @@ impl http_body::Body for UpstreamBody {
                     let mut out = if this.scrub.is_active() { Bytes::from(this.scrub.push(&data)) } else { data };
                     // hyper stops polling once it has sent as many bytes as the length said:
                     // the body ends with its last frame, not with a final poll.
-                    if this.inner.is_end_stream() {
+                    let last = this.inner.is_end_stream();
+                    if last {
                         let tail = this.scrub.finish();
                         if !tail.is_empty() {
                             out = Bytes::from([out.as_ref(), tail.as_slice()].concat());
                         }
+                    }
+                    if let Some(t) = &mut this.tap {
+                        t(&out);
+                    }
+                    if last {
                         this.end(None);
                     }
                     if out.is_empty() {
@@ -205,6 +221,9 @@ impl http_body::Body for UpstreamBody {
                 }
                 Poll::Ready(None) => {
                     let tail = this.scrub.finish();
+                    if let Some(t) = &mut this.tap {
+                        t(&tail);
+                    }
                     this.end(None);
                     return if tail.is_empty() {
                         Poll::Ready(None)
