@@ -219,11 +219,15 @@ fn a_killed_cli_s_run_dies_within_its_lease_and_the_next_run_sweeps_its_director
     let token = seen["token_file"].as_str().unwrap().to_owned();
     let dir = seen["dir"].as_str().unwrap().to_owned();
     assert!(!lab.refused(&token), "the token works while the run is live");
+    // Renewals keep it alive past its lease while the CLI lives.
+    std::thread::sleep(Duration::from_secs(LEASE + 1));
+    assert!(!lab.refused(&token), "the run died although its CLI renews the lease");
     kill9(cli.id());
     let killed = Instant::now();
     let dead = poll_until(Duration::from_secs(LEASE + 5), || lab.refused(&token), |d| *d);
     let took = killed.elapsed();
     assert!(dead, "the run outlived its lease");
+    eprintln!("lease {LEASE}s: the token was refused {took:?} after kill -9 of the CLI");
     assert!(took <= Duration::from_secs(LEASE + 2), "the run died after {took:?}, beyond its lease of {LEASE}s + 1s");
     let runs = lab.runs();
     assert_eq!(runs["runs"][0]["end_reason"], "lease_expired", "{runs}");
@@ -250,6 +254,27 @@ fn a_killed_cli_s_run_dies_within_its_lease_and_the_next_run_sweeps_its_director
     let runs = lab.runs();
     let r = runs["runs"].as_array().unwrap().iter().find(|r| r["id"] == id).unwrap();
     assert_eq!(r["end_reason"], "interrupted_sigterm", "{runs}");
+    // Ended by the broker's side (an operator here): the CLI learns it at its next renewal,
+    // hangs the agent up, removes the directory and exits 125.
+    let (mut third, seen3) = started(lab.agent("default", &["sleep", "60"]));
+    let dir3 = seen3["dir"].as_str().unwrap().to_owned();
+    let id3 = dir3.rsplit("ephyr-run-").next().unwrap().split('.').next().unwrap().to_owned();
+    let r =
+        local_request(&lab.broker.socket, "POST", &format!("/v1/runs/{id3}/end"), br#"{"reason":"operator_said_so"}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let deadline = Instant::now() + Duration::from_secs(LEASE + 5);
+    let code = loop {
+        match third.try_wait().unwrap() {
+            Some(s) => break s.code(),
+            None if Instant::now() > deadline => break None,
+            None => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert_eq!(code, Some(125), "the CLI did not stop");
+    assert!(!Path::new(&dir3).exists(), "{dir3} is still there");
+    let runs = lab.runs();
+    let r = runs["runs"].as_array().unwrap().iter().find(|r| r["id"] == id3.as_str()).unwrap();
+    assert_eq!(r["end_reason"], "operator_said_so", "the first reason is kept: {runs}");
 }
 
 #[test]

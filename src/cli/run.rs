@@ -554,10 +554,12 @@ async fn stream(
                     _ => "signal",
                 };
                 eprintln!("\r\nephyr run: {name}: ending the run");
+                let _ = a.input.send(Input::HangUp).await;
                 return Ok((130, format!("interrupted_{}", name.to_ascii_lowercase()), None));
             }
             Event::Ended(why) => {
                 eprintln!("\r\nephyr run: the broker ended the run: {why}");
+                let _ = a.input.send(Input::HangUp).await;
                 return Ok((FAILED, "ended_by_broker".into(), None));
             }
         }

@@ -273,7 +273,7 @@ async fn started(
         budget_tokens: t.budget.tokens,
     };
     let serial = cert.serial;
-    let (run, durable) = broker.runs.start(about, Some(cert.held))?;
+    let (_run, durable) = broker.runs.start(about, Some(cert.held))?;
     durable.wait().await?;
     // Services the task may reach: its envelope's, or every service its agent may use.
     let services: Vec<String> = match caller.token().map(|i| i.envelope().dim(crate::macaroon::SetKey::Service)) {
@@ -312,7 +312,6 @@ async fn started(
             "expires_at": expires.to_rfc3339() }));
     let ticket = broker.audit.record(ev).map_err(|e| Error::audit(e.to_string()))?;
     ticket.durable().await.map_err(|e| Error::audit(e.to_string()))?;
-    let _ = run;
     Ok(json!({
         "run_id": task.to_string(),
         "task_id": task.to_string(),
@@ -395,7 +394,7 @@ pub async fn act(
         Err(e) => return fail(&e),
     };
     match what {
-        "renew" => match broker.runs.renew(id, None) {
+        "renew" => match broker.runs.renew(id) {
             Ok(lease) => json(StatusCode::OK, &json!({ "run_id": id.to_string(), "lease_secs": lease.as_secs_f64() })),
             Err(e) => fail(&e),
         },

@@ -241,11 +241,8 @@ impl Runs {
     }
 
     /// Renews a live run's lease; the lease left, or why the run is over.
-    pub fn renew(&self, id: Ulid, uid: Option<u32>) -> Result<Duration, Error> {
+    pub fn renew(&self, id: Ulid) -> Result<Duration, Error> {
         let r = self.get(id).ok_or_else(|| Error::NotFound(format!("no run {id}")))?;
-        if uid.is_some_and(|u| u != r.about.uid) {
-            return Err(Error::NotFound(format!("no run {id}")));
-        }
         if let Some((_, why)) = r.ended() {
             return Err(Error::Refused(format!("run {id} ended: {why}")));
         }

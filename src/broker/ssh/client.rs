@@ -622,7 +622,7 @@ impl Conn {
                         Some(Input::Resize(cols, rows)) => {
                             let _ = ch.window_change(cols, rows, 0, 0).await;
                         }
-                        None => {
+                        Some(Input::HangUp) | None => {
                             // The caller is gone: end the command.
                             let _ = ch.signal(Sig::HUP).await;
                             let _ = ch.close().await;
@@ -656,6 +656,8 @@ pub enum Input {
     Eof,
     /// The terminal's new size (cols, rows).
     Resize(u32, u32),
+    /// Hang up: `SIGHUP` to the command and the channel closed (the caller is leaving).
+    HangUp,
 }
 
 /// What comes from an attached command.
