@@ -373,3 +373,95 @@ fn disposable_keys_are_revoked_when_the_run_ends_and_after_a_broker_crash() {
     let keys: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert!(keys.as_array().unwrap().iter().all(|k| !k["revoked"].is_null()), "{keys}");
 }
+
+#[test]
+fn another_local_user_cannot_see_renew_or_end_a_run() {
+    let Some(lab) = lab() else { return };
+    let (mut cli, seen) = started(lab.agent("default", &["sleep", "60"]));
+    let dir = seen["dir"].as_str().unwrap();
+    let id = dir.rsplit("ephyr-run-").next().unwrap().split('.').next().unwrap();
+    let sock = lab.broker.socket.to_str().unwrap();
+    let nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for what in ["renew", "end"] {
+        let out = nobody(&[
+            "curl",
+            "-s",
+            "--unix-socket",
+            sock,
+            "-X",
+            "POST",
+            &format!("http://l/v1/runs/{id}/{what}"),
+            "-d",
+            "{}",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("no run {id}")), "{what}: {text}");
+    }
+    let out = nobody(&[ephyr_bin().to_str().unwrap(), "runs", "--json", "--socket", sock]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]", "another user's runs are listed");
+    let out = nobody(&[ephyr_bin().to_str().unwrap(), "run", "lab", "--socket", sock, "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_agent_for_uid"), "{out:?}");
+    assert!(!lab.refused(seen["token_file"].as_str().unwrap()), "the run was ended by another user");
+    let _ = cli.kill();
+    let _ = cli.wait();
+}
+
+#[test]
+fn a_forged_runs_or_keys_journal_stops_start_up_with_where() {
+    let Some(_) = lab() else { return };
+    for log in ["runs", "keys"] {
+        let data = TempDir::new("run-forged");
+        assert!(
+            ephyr(&[
+                "init",
+                "--data-dir",
+                data.path().to_str().unwrap(),
+                "--config-dir",
+                data.join("etc").to_str().unwrap()
+            ])
+            .status
+            .success()
+        );
+        // A well-framed record (length and checksum right) whose content is not a record.
+        let payload = br#"{"t":"start","id":"not-a-ulid"}"#;
+        let digest = sha256(payload);
+        let mut bytes = b"EPHYRJ1\n".to_vec();
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&digest[..8]);
+        bytes.extend_from_slice(payload);
+        std::fs::write(data.join(&format!("state/{log}.journal")), bytes).unwrap();
+        let mut b = Broker::start(BrokerOpts {
+            policy: Some("version: 1\n"),
+            data_dir: Some(data.path().to_path_buf()),
+            expect_ready: false,
+            ..Default::default()
+        });
+        let st = b.wait_exit(Duration::from_secs(20));
+        assert!(!st.success());
+        let log_text = b.log();
+        assert!(log_text.contains(&format!("{log} log: record 1")), "{log}: {log_text}");
+    }
+}
+
+fn sha256(b: &[u8]) -> Vec<u8> {
+    let out = Command::new("python3")
+        .args(["-c", "import hashlib,sys; sys.stdout.write(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write as _;
+            c.stdin.take().unwrap().write_all(b)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let hex = String::from_utf8(out.stdout).unwrap();
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
+}
