@@ -195,6 +195,7 @@ fn a_run_chats_and_calls_a_tool_with_nothing_to_steal_then_leaves_nothing() {
     // The stand-in's usage fields: 1 + 4 tokens for each provider (the stream's counted too).
     assert_eq!((r["usage"]["input_tokens"].as_u64(), r["usage"]["output_tokens"].as_u64()), (Some(2), Some(8)));
     assert_eq!(r["usage"]["models"]["claude-standin"][2], 4, "{runs}");
+    assert_eq!((r["usage"]["tool_calls"].as_u64(), r["usage"]["commands"].as_u64()), (Some(1), Some(0)), "{runs}");
     assert!(err.contains("ended (agent_exited)") && err.contains("2 LLM requests"), "{err}");
     assert_eq!(runs["live_ids"], serde_json::json!([]));
     // The audit trail has the run's start and end, and no token or key.

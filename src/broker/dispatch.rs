@@ -97,6 +97,12 @@ pub async fn dispatch(
     call: Call,
     progress: Option<&Progress>,
 ) -> Result<Reply, RpcError> {
+    // A run's tool calls and commands are counted for its summary (`ephyr runs`, the console).
+    if let Call::ToolsCall { name, .. } = &call
+        && let Some(r) = caller.token().and_then(|t| broker.runs.of_lineage(&t.lineage))
+    {
+        r.called(name);
+    }
     match call {
         Call::Ping => Ok(Reply::Result(json!({}))),
         Call::Discover => Ok(Reply::Result(server::discover_result(&IDENTITY, CAPS))),

@@ -360,8 +360,13 @@ pub fn run(o: &RunOptions) -> Result<u8, String> {
         Ok(v) => {
             let u = &v["usage"];
             eprintln!(
-                "ephyr run: run {id} ended ({reason}) after {}s: {} LLM requests, {} input and {} output tokens",
-                v["duration_secs"], u["requests"], u["input_tokens"], u["output_tokens"]
+                "ephyr run: run {id} ended ({reason}) after {}s: {} LLM requests, {} input and {} output tokens, {} tool calls ({} commands)",
+                v["duration_secs"],
+                u["requests"],
+                u["input_tokens"],
+                u["output_tokens"],
+                u["tool_calls"],
+                u["commands"]
             );
         }
         Err(e) if e.contains("409") || e.contains("already") => {}
@@ -579,8 +584,8 @@ pub fn list(socket: &std::path::Path, as_json: bool) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "{:<26}  {:<12}  {:<10}  {:<22}  {:>7}  {:>8}  {:>10}",
-        "RUN", "HOST", "AGENT", "STATE", "SECS", "REQUESTS", "TOKENS"
+        "{:<26}  {:<12}  {:<10}  {:<22}  {:>7}  {:>8}  {:>10}  {:>6}",
+        "RUN", "HOST", "AGENT", "STATE", "SECS", "REQUESTS", "TOKENS", "TOOLS"
     );
     for r in runs {
         let state = match r["end_reason"].as_str() {
@@ -590,14 +595,15 @@ pub fn list(socket: &std::path::Path, as_json: bool) -> Result<(), String> {
         let u = &r["usage"];
         let tokens = u["input_tokens"].as_u64().unwrap_or(0) + u["output_tokens"].as_u64().unwrap_or(0);
         println!(
-            "{:<26}  {:<12}  {:<10}  {:<22}  {:>7}  {:>8}  {:>10}",
+            "{:<26}  {:<12}  {:<10}  {:<22}  {:>7}  {:>8}  {:>10}  {:>6}",
             r["id"].as_str().unwrap_or(""),
             r["host"].as_str().unwrap_or(""),
             r["label"].as_str().unwrap_or(""),
             state,
             r["duration_secs"],
             u["requests"],
-            tokens
+            tokens,
+            u["tool_calls"]
         );
     }
     Ok(())

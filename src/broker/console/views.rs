@@ -359,6 +359,7 @@ fn runs_table(broker: &Broker) -> String {
                     u.tokens(),
                     models.join("<br>")
                 ),
+                format!("{} ({} commands)", u.tool_calls, u.commands),
             ]
         })
         .collect();
@@ -367,7 +368,7 @@ fn runs_table(broker: &Broker) -> String {
     }
     format!(
         "<h2>Runs (ephyr run)</h2>{}",
-        table(&["run", "host", "agent", "state", "duration", "LLM usage"], &rows, "")
+        table(&["run", "host", "agent", "state", "duration", "LLM usage", "tool calls"], &rows, "")
     )
 }
 

@@ -89,6 +89,10 @@ pub struct Usage {
     pub output_tokens: u64,
     /// Per model: requests, input and output tokens.
     pub models: BTreeMap<String, [u64; 3]>,
+    /// MCP tool calls (the broker's and federated tools).
+    pub tool_calls: u64,
+    /// Of those, commands on SSH targets (`exec`, `session_exec`, `session_input`).
+    pub commands: u64,
 }
 
 impl Usage {
@@ -145,6 +149,15 @@ impl Run {
         }
         u.requests += 1;
         Ok(())
+    }
+
+    /// Counts an MCP tool call of the run.
+    pub fn called(&self, tool: &str) {
+        let mut u = self.usage.borrow_mut();
+        u.tool_calls += 1;
+        if matches!(tool, "exec" | "session_exec" | "session_input") {
+            u.commands += 1;
+        }
     }
 
     /// Adds what a response cost.
