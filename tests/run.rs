@@ -64,6 +64,11 @@ services:
     credential: {{ type: bearer, secret: "env:LLM_KEY" }}
     errors: openai
     mint: {{ provider: openai, admin_key: "env:ADMIN_KEY", project: proj_standin, url: "http://127.0.0.1:{upp}/v1" }}
+  openai-scoped:
+    url: http://127.0.0.1:{upp}/v1
+    credential: {{ type: bearer, secret: "env:LLM_KEY" }}
+    errors: openai
+    mint: {{ provider: openai, admin_key: "env:ADMIN_KEY", project: proj_standin, url: "http://127.0.0.1:{upp}/v1", scopes: [api.model.read, api.model.request] }}
   anthropic:
     url: http://127.0.0.1:{upp}
     credential: {{ type: header, header: x-api-key, secret: "env:LLM_KEY" }}
@@ -72,7 +77,7 @@ agents:
   runner:
     uid: 0
     ssh: {{ lab: {{ roles: [run] }} }}
-    services: {{ openai: {{}}, anthropic: {{}} }}
+    services: {{ openai: {{}}, openai-scoped: {{}}, anthropic: {{}} }}
 runs:
   default:
     role: run
@@ -88,6 +93,11 @@ runs:
     lease: {LEASE}s
     envelope: {{ targets: [lab], services: [openai] }}
     keys: [openai]
+  scoped:
+    role: run
+    lease: {LEASE}s
+    envelope: {{ targets: [lab], services: [openai-scoped] }}
+    keys: [openai-scoped]
 "#
     );
     let broker = start_broker(&policy, data.path());
@@ -341,6 +351,19 @@ fn disposable_keys_are_revoked_when_the_run_ends_and_after_a_broker_crash() {
     let keys = local_request(&lab.broker.socket, "GET", "/v1/keys", b"").json();
     assert!(keys["keys"][0]["revoked"].as_str().unwrap().contains("deleted"), "{keys}");
     assert!(!keys.to_string().contains(key), "the key's value is listed");
+    // With scopes: the account alone, then its one key with the scopes and the run's expiry.
+    let (mut scoped, seen) = started(lab.agent("scoped", &["sleep", "60"]));
+    let accounts = lab.accounts();
+    assert_eq!(accounts.len(), 1, "{accounts:?}");
+    assert_eq!(accounts[0]["role"], "none", "{accounts:?}");
+    let k = &accounts[0]["api_key"];
+    assert_eq!(k["scopes"], serde_json::json!(["api.model.read", "api.model.request"]), "{accounts:?}");
+    assert!(k["expires_at"].as_i64().is_some(), "{accounts:?}");
+    assert!(seen["provider_key_in_env"] == false, "{seen}");
+    let _ = Command::new("kill").args(["-TERM", &scoped.id().to_string()]).status();
+    assert_eq!(scoped.wait().unwrap().code(), Some(130));
+    let gone = poll_until(Duration::from_secs(5), || lab.accounts().is_empty(), |g| *g);
+    assert!(gone, "the scoped account outlived its run: {:?}", lab.accounts());
 
     // 2. The broker dies while the run holds a key: the restarted broker revokes it once the
     //    run's lease (restarted with the broker) runs out.

@@ -23,8 +23,10 @@
                               a STAND-IN for OpenAI's admin API (project service accounts;
                               paid and unreachable here), shapes from its published reference:
                               POST creates an account with an api_key (expires_at from
-                              expires_in_seconds), GET lists (limit/after/has_more/last_id),
-                              DELETE deletes; needs "Authorization: Bearer $ADMIN_KEY"
+                              expires_in_seconds; none with create_service_account_only),
+                              POST .../<account>/api_keys adds a key (scopes, expiry), GET lists
+                              (limit/after/has_more/last_id), DELETE deletes the account and its
+                              keys; needs "Authorization: Bearer $ADMIN_KEY"
           /_standin/accounts  the stand-in's live accounts (for the test to check)
           POST /_standin/hang the next account creation stores the account, then never answers
           anything else       the same as /echo
@@ -158,6 +160,21 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(404, b'{"error":{"message":"not found"}}')
         project = parts[4]
         account = parts[6] if len(parts) > 6 else None
+        if self.command == "POST" and account and len(parts) == 8 and parts[7] == "api_keys":
+            req = json.loads(body or b"{}")
+            with LOCK:
+                acct = ACCOUNTS.get(account)
+                if acct is None:
+                    return self.send(404, b'{"error":{"message":"No such service account"}}')
+                STATE["seq"] += 1
+                n = STATE["seq"]
+                now = int(time.time())
+                exp = req.get("expires_in_seconds")
+                key = {"object": "organization.project.service_account.api_key", "id": f"key_{n}",
+                       "name": req.get("name", ""), "created_at": now, "value": f"sk-svcacct-disposable-{n}",
+                       "expires_at": now + exp if exp else None, "scopes": req.get("scopes")}
+                acct["api_key"] = key
+            return self.send(200, json.dumps(key).encode())
         if self.command == "POST" and account is None:
             req = json.loads(body or b"{}")
             with LOCK:
@@ -165,12 +182,14 @@ class Handler(BaseHTTPRequestHandler):
                 n = STATE["seq"]
                 now = int(time.time())
                 exp = req.get("expires_in_seconds")
+                only = bool(req.get("create_service_account_only"))
                 acct = {"object": "organization.project.service_account", "id": f"svc_acct_{n}",
-                        "name": req.get("name", ""), "role": "member", "created_at": now, "project": project,
-                        "api_key": {"object": "organization.project.service_account.api_key",
-                                    "value": f"sk-svcacct-disposable-{n}", "name": "Secret Key",
-                                    "created_at": now, "id": f"key_{n}",
-                                    "expires_at": now + exp if exp else None}}
+                        "name": req.get("name", ""), "role": "none" if only else "member", "created_at": now,
+                        "project": project,
+                        "api_key": None if only else {"object": "organization.project.service_account.api_key",
+                                                      "value": f"sk-svcacct-disposable-{n}", "name": "Secret Key",
+                                                      "created_at": now, "id": f"key_{n}",
+                                                      "expires_at": now + exp if exp else None}}
                 ACCOUNTS[acct["id"]] = acct
                 hang = STATE["hang"]
                 STATE["hang"] = False

@@ -619,6 +619,8 @@ pub struct MintFile {
     pub admin_key: SecretText,
     /// The project the keys are made in (`proj_...`).
     pub project: String,
+    /// The keys' scopes (`api.model.read`, ...; default: the provider's for a member).
+    pub scopes: Option<Vec<String>>,
     /// The admin API's base URL (default `https://api.openai.com/v1`).
     pub url: Option<String>,
 }

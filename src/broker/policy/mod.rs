@@ -415,6 +415,8 @@ pub struct Mint {
     pub admin_key: SecretRef,
     /// The project keys are made in.
     pub project: String,
+    /// The keys' scopes (empty: the provider's default for a project member).
+    pub scopes: Vec<String>,
     /// The admin API's base URL.
     pub url: UpstreamUrl,
 }

@@ -1476,7 +1476,12 @@ fn mint(cx: &mut Ctx<'_>, service: &str, m: &MintFile) -> Option<Mint> {
             return None;
         }
     };
-    Some(Mint { provider, admin_key, project: m.project.clone(), url })
+    let scopes = m.scopes.clone().unwrap_or_default();
+    if let Some(s) = scopes.iter().find(|s| s.is_empty() || s.len() > 100 || !s.bytes().all(|b| b.is_ascii_graphic())) {
+        cx.err(&["services", service, "mint", "scopes"], format!("{s:?} is not a scope"), None);
+        return None;
+    }
+    Some(Mint { provider, admin_key, project: m.project.clone(), url, scopes })
 }
 
 /// Lease bounds of a run.

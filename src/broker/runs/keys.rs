@@ -172,20 +172,38 @@ impl Keys {
         };
         self.write(intent)?.wait().await?;
         let path = format!("/organization/projects/{}/service_accounts", m.project);
-        let body = json!({ "name": name, "expires_in_seconds": ttl.as_secs().clamp(60, 31_536_000) });
+        let expires_in = ttl.as_secs().clamp(60, 31_536_000);
+        let no_key = |what: &str| Error::Upstream {
+            code: "upstream_failed",
+            message: format!("service {service:?}: the admin API's answer has no {what}"),
+        };
+        // With scopes: the account alone first, then its one key with the scopes (the account's
+        // default key has none); the account is journaled in between, so a crash there leaves
+        // nothing the sweeper cannot delete.
+        let body = match m.scopes.is_empty() {
+            true => json!({ "name": name, "expires_in_seconds": expires_in }),
+            false => json!({ "name": name, "create_service_account_only": true }),
+        };
         let (status, v) = self.call(broker, policy, m, Method::POST, &path, Some(&body)).await?;
         if !status.is_success() {
             return Err(refused(service, "creating a service account", status, &v));
         }
-        let (Some(account), Some(value)) = (v["id"].as_str(), v["api_key"]["value"].as_str()) else {
-            return Err(Error::Upstream {
-                code: "upstream_failed",
-                message: format!("service {service:?}: the admin API's answer has no account id or key"),
-            });
+        let account = v["id"].as_str().ok_or_else(|| no_key("account id"))?.to_owned();
+        let key = if m.scopes.is_empty() {
+            v["api_key"].clone()
+        } else {
+            self.write(Record::Minted { id, account: account.clone(), expires_at: None })?.wait().await?;
+            let body = json!({ "name": name, "expires_in_seconds": expires_in, "scopes": m.scopes });
+            let (status, k) =
+                self.call(broker, policy, m, Method::POST, &format!("{path}/{account}/api_keys"), Some(&body)).await?;
+            if !status.is_success() {
+                return Err(refused(service, "creating the account's key", status, &k));
+            }
+            k
         };
-        let value = SecretBytes::new(value.as_bytes().to_vec());
-        let expires_at = v["api_key"]["expires_at"].as_i64();
-        self.write(Record::Minted { id, account: account.to_owned(), expires_at })?.wait().await?;
+        let value = SecretBytes::new(key["value"].as_str().ok_or_else(|| no_key("key"))?.as_bytes().to_vec());
+        let expires_at = key["expires_at"].as_i64();
+        self.write(Record::Minted { id, account, expires_at })?.wait().await?;
         Ok(value)
     }
 
