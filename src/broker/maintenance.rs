@@ -145,21 +145,14 @@ pub fn spawn(
         // retries a provider that was down and cleans up after a crash).
         let broker = broker.clone();
         ex.spawn(async move {
-            let mut cursor = broker.tasks.events.cursor();
             loop {
+                // Any task event (what it says does not matter: every run is checked) or 10 s.
                 let listener = broker.tasks.events.listen();
-                let tick = async {
-                    listener.await;
-                };
                 futures_lite::future::or(
-                    tick,
+                    listener,
                     crate::broker::deadline::Deadline::after(std::time::Duration::from_secs(10)),
                 )
                 .await;
-                cursor = match broker.tasks.events.since(cursor) {
-                    Ok((_, next)) => next,
-                    Err(_) => broker.tasks.events.cursor(),
-                };
                 for r in broker.runs.list() {
                     let unusable = broker.tasks.unusable(&r.id().to_string());
                     let actor = super::ops::Actor::Broker("run_task_ended");

@@ -474,14 +474,9 @@ impl Ssh {
             until,
         )
         .await?;
-        let (serial, key_id) = (issued.serial, issued.key_id.clone());
         // The issuance is recorded (audit + registry) before the certificate is used; both
         // syncs run while the connection is set up, and are awaited before anything is returned.
-        let ev = with_task(Event::new(Kind::Cert, "cert_issued"), caller)
-            .agent(caller.agent.clone())
-            .action(json!({ "target": target_name, "role": role, "principal": principal, "session": session }))
-            .allow()
-            .outcome(json!({ "serial": format!("{serial:016x}"), "key_id": key_id, "valid_after": issued.valid_after, "valid_before": until }));
+        let ev = issued_event(caller, &issued, json!({ "session": session }));
         let ticket = ports.audit.record(ev).map_err(|e| Error::audit(e.to_string()))?;
         // Held from here: released when `held` drops, on every path out of here and of callers.
         let (held, registered) = self.registry.hold(issued.clone()).map_err(Error::audit)?;
@@ -579,11 +574,7 @@ impl Ssh {
             key.to_openssh().map_err(|e| Error::Invalid(format!("public_key: {e}")))?,
         )
         .await?;
-        let ev = with_task(Event::new(Kind::Cert, "cert_issued"), caller)
-            .agent(caller.agent.clone())
-            .action(json!({ "target": target_name, "role": role, "principal": principal, "run": true }))
-            .allow()
-            .outcome(json!({ "serial": format!("{:016x}", issued.serial), "key_id": issued.key_id, "valid_after": issued.valid_after, "valid_before": until }));
+        let ev = issued_event(caller, &issued, json!({ "run": true }));
         let ticket = ports.audit.record(ev).map_err(|e| Error::audit(e.to_string()))?;
         let (held, registered) = self.registry.hold(issued.clone()).map_err(Error::audit)?;
         ticket.durable().await.map_err(|e| Error::audit(e.to_string()))?;
@@ -1066,6 +1057,17 @@ async fn wire_command(
     };
     let (text, sshsig) = ports.signer.sign_exec(req).await.map_err(|e| signer_failure(&e))?;
     Ok(exec::to_wire(&text, &sshsig))
+}
+
+/// The audit record of an issued certificate (`extra`'s fields join the action's).
+fn issued_event(caller: &Caller, issued: &registry::Issued, extra: serde_json::Value) -> Event {
+    let mut action = json!({ "target": issued.target, "role": issued.role, "principal": issued.principal });
+    if let (Some(a), Some(e)) = (action.as_object_mut(), extra.as_object()) {
+        a.extend(e.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    with_task(Event::new(Kind::Cert, "cert_issued"), caller).agent(caller.agent.clone()).action(action).allow().outcome(
+        json!({ "serial": format!("{:016x}", issued.serial), "key_id": issued.key_id, "valid_after": issued.valid_after, "valid_before": issued.valid_before }),
+    )
 }
 
 /// A fresh key in memory and its certificate from the signer, with the registry record.
