@@ -297,7 +297,8 @@ one) holding only the task token, the SDK base URLs of the broker's proxy routes
 client configuration; the agent runs in that environment with a terminal (interactive) or
 without (a PROMPT given), streamed. When it exits, the connection drops or a signal arrives,
 the run's task is revoked and the directory removed. If this process dies, the broker ends
-the run when its lease runs out. Your uid selects the agent (`uid:` in the policy).
+the run when its lease runs out. On the broker host your uid selects the agent (`uid:` in
+the policy); elsewhere --url with the agent's API key.
 
 Known agents: claude, codex, aider, pi. Any program runs with -- COMMAND...
 Exit code: the agent's; 130 after a signal; 125 when the run could not start or was ended.
@@ -311,10 +312,12 @@ Options:
   --tty / --no-tty       force a terminal or none (default: a terminal when stdin is one
                          and no PROMPT is given)
   --cleanup              only remove run directories on HOST whose runs are over
+  --url URL              a broker elsewhere (http://broker:8554), with the agent's API key
+                         in EPHYR_TOKEN (or --token, which other local users can see)
   --socket PATH / --data-dir DIR   where the local socket is";
 
 const RUNS_HELP: &str = "\
-Usage: ephyr runs [--json] [--socket PATH | --data-dir DIR]
+Usage: ephyr runs [--json] [--socket PATH | --data-dir DIR | --url URL]
 
 Runs of the last day: host, agent, state, duration and LLM usage (yours; operators see all).";
 
@@ -732,7 +735,7 @@ fn cmd_exec(p: &mut lexopt::Parser) -> Result<u8, Failure> {
 
 fn cmd_run(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     let mut o = cli::run::RunOptions::default();
-    let (mut socket, mut data_dir, mut words) = (None, None, Vec::new());
+    let (mut socket, mut data_dir, mut words, mut url, mut token) = (None, None, Vec::new(), None, None);
     while let Some(arg) = p.next()? {
         match arg {
             Long("agent") => o.agent = Some(p.value()?.string()?),
@@ -743,6 +746,8 @@ fn cmd_run(p: &mut lexopt::Parser) -> Result<u8, Failure> {
             Long("tty") => o.tty = Some(true),
             Long("no-tty") => o.tty = Some(false),
             Long("cleanup") => o.cleanup = true,
+            Long("url") => url = Some(p.value()?.string()?),
+            Long("token") => token = Some(p.value()?.string()?),
             Long("socket") => socket = Some(path(p.value()?)),
             Long("data-dir") => data_dir = Some(path(p.value()?)),
             Long("help") | Short('h') => return help(RUN_HELP),
@@ -767,23 +772,44 @@ fn cmd_run(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     } else {
         o.command = words;
     }
-    o.socket = cli::client::socket_path(socket, data_dir.as_deref());
+    o.broker = broker_via(url, token, socket, data_dir)?;
     cli::run::run(&o).map_err(|e| Failure::Run(cli::run::FAILED, format!("run: {e}")))
 }
 
+/// The local socket, or with `--url` the broker's listener and the agent's API key
+/// (`--token`, else `EPHYR_TOKEN`).
+fn broker_via(
+    url: Option<String>,
+    token: Option<String>,
+    socket: Option<std::path::PathBuf>,
+    data_dir: Option<std::path::PathBuf>,
+) -> Result<cli::run::Via, Failure> {
+    match url {
+        None => Ok(cli::run::Via::Socket(cli::client::socket_path(socket, data_dir.as_deref()))),
+        Some(base) => {
+            let key = token.or_else(|| std::env::var("EPHYR_TOKEN").ok()).filter(|k| !k.is_empty()).ok_or_else(|| {
+                usage("--url needs the agent's API key: set EPHYR_TOKEN (or pass --token, which other local users can see)")
+            })?;
+            Ok(cli::run::Via::Url { base, key: zeroize::Zeroizing::new(key) })
+        }
+    }
+}
+
 fn cmd_runs(p: &mut lexopt::Parser) -> Result<u8, Failure> {
-    let (mut socket, mut data_dir, mut json) = (None, None, false);
+    let (mut socket, mut data_dir, mut json, mut url, mut token) = (None, None, false, None, None);
     while let Some(arg) = p.next()? {
         match arg {
             Long("json") => json = true,
+            Long("url") => url = Some(p.value()?.string()?),
+            Long("token") => token = Some(p.value()?.string()?),
             Long("socket") => socket = Some(path(p.value()?)),
             Long("data-dir") => data_dir = Some(path(p.value()?)),
             Long("help") | Short('h') => return help(RUNS_HELP),
             other => return Err(other.unexpected().into()),
         }
     }
-    let socket = cli::client::socket_path(socket, data_dir.as_deref());
-    cli::run::list(&socket, json).map(|()| 0).map_err(|e| Failure::Run(1, e))
+    let broker = broker_via(url, token, socket, data_dir)?;
+    cli::run::list(&broker, json).map(|()| 0).map_err(|e| Failure::Run(1, e))
 }
 
 fn cmd_keys(p: &mut lexopt::Parser) -> Result<u8, Failure> {

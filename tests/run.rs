@@ -28,6 +28,8 @@ const OP_PASSWORD: &str = "correct horse battery staple";
 
 struct Lab {
     broker: Broker,
+    /// The runner agent's API key (`ephyr run --url`).
+    key: String,
     policy: String,
     up: Upstream,
     _sshd: Sshd,
@@ -49,6 +51,7 @@ fn lab() -> Option<Lab> {
     std::fs::set_permissions(scripts.join("run_agent.py"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let (port, upp) = (sshd.port, up.port);
     let op = operator_entry("ops", "viewer", OP_PASSWORD);
+    let (key, hash) = agent_key("runner");
     let policy = format!(
         r#"version: 1
 operators:
@@ -76,6 +79,7 @@ services:
 agents:
   runner:
     uid: 0
+    api_key_hash: "{hash}"
     ssh: {{ lab: {{ roles: [run] }} }}
     services: {{ openai: {{}}, openai-scoped: {{}}, anthropic: {{}} }}
 runs:
@@ -101,7 +105,7 @@ runs:
 "#
     );
     let broker = start_broker(&policy, data.path());
-    Some(Lab { broker, policy, up, _sshd: sshd, data, scripts })
+    Some(Lab { broker, key, policy, up, _sshd: sshd, data, scripts })
 }
 
 fn start_broker(policy: &str, data: &Path) -> Broker {
@@ -488,4 +492,59 @@ fn sha256(b: &[u8]) -> Vec<u8> {
         .unwrap();
     let hex = String::from_utf8(out.stdout).unwrap();
     (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
+}
+
+#[test]
+fn a_run_from_elsewhere_uses_the_agents_api_key_over_tcp() {
+    let Some(lab) = lab() else { return };
+    let url = format!("http://{}", lab.broker.api);
+    let script = lab.scripts.join("run_agent.py");
+    let run = |key: &str| {
+        Command::new(ephyr_bin())
+            .args(["run", "lab", "--url", &url, "--", "python3", script.to_str().unwrap(), "chat"])
+            .env("EPHYR_TOKEN", key)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run(&lab.key);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json_line(&out);
+    assert_eq!(v["openai"], "Hello from the stand-in", "{v}");
+    let token = v["token_file"].as_str().unwrap();
+    assert!(lab.refused(token));
+    // The run is the agent's: `ephyr runs --url` lists it; the socket shows it as started remotely.
+    let o = Command::new(ephyr_bin())
+        .args(["runs", "--json", "--url", &url])
+        .env("EPHYR_TOKEN", &lab.key)
+        .output()
+        .unwrap();
+    let runs: Value = serde_json::from_str(&stdout(&o)).unwrap_or_else(|_| panic!("{o:?}"));
+    assert_eq!(runs[0]["end_reason"], "agent_exited", "{runs}");
+    assert_eq!(runs[0]["uid"].as_u64(), Some(u64::from(u32::MAX)), "{runs}");
+    // A wrong key, and a task token (a run is a new task tree: only the agent starts one).
+    let out = run("ek_wrong.key");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(token);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401") || err.contains("api_key_required"), "{err}");
+    let t =
+        tool_call(&lab.broker.api, &lab.key, "task_create", serde_json::json!({"description": "a task", "ttl": "10m"}))
+            .unwrap();
+    let out = run(t["token"].as_str().unwrap());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("api_key_required"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without a key: a usage error naming EPHYR_TOKEN.
+    let out = Command::new(ephyr_bin())
+        .args(["run", "lab", "--url", &url, "--", "true"])
+        .env_remove("EPHYR_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("EPHYR_TOKEN"));
 }

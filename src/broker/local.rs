@@ -418,10 +418,11 @@ async fn runs_route(
         Err(e) => return e.response(),
     };
     use crate::broker::runs::api;
+    let who = api::Who::Local { uid: c.uid, operator };
     match (method, path.strip_prefix("/v1/runs").unwrap_or("")) {
-        (Method::GET, "") => api::list(broker, c.uid, operator),
+        (Method::GET, "") => api::list(broker, &who),
         (Method::POST, "") => match agent_for(&policy, peer) {
-            Some((agent, uid)) => api::start(broker, &policy, agent, uid, &body).await,
+            Some((agent, uid)) => api::start(broker, &policy, agent, uid, None, &body).await,
             None => error(
                 StatusCode::FORBIDDEN,
                 "no_agent_for_uid",
@@ -429,7 +430,7 @@ async fn runs_route(
             ),
         },
         (Method::POST, rest) => match rest.trim_start_matches('/').split_once('/') {
-            Some((id, what)) => api::act(broker, id, what, c.uid, operator, &body).await,
+            Some((id, what)) => api::act(broker, id, what, &who, &body).await,
             None => error(StatusCode::NOT_FOUND, "not_found", "POST /v1/runs/<id>/renew or /end"),
         },
         _ => error(StatusCode::NOT_FOUND, "not_found", "GET or POST /v1/runs"),

@@ -79,6 +79,9 @@ pub fn api_handler(broker: Rc<Broker>) -> Handler {
                 ) => super::http::mcp::protected_resource_metadata(&broker, req.headers()),
                 (&Method::GET, "/healthz") => healthz(&broker),
                 (_, "/healthz") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+                (_, p) if p == "/v1/runs" || p.starts_with("/v1/runs/") => {
+                    super::runs::api::tcp(&broker, req, peer).await
+                }
                 (&Method::GET, "/v1/ssh/krl") => krl(&broker),
                 (_, "/v1/ssh/krl") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
                 (_, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),

@@ -109,6 +109,19 @@ pub fn request_bytes(
 /// and use the proxy's plain-HTTP side, or run the CLI on the broker host). Returns (status,
 /// body).
 pub fn post_tcp(url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<(http::StatusCode, Vec<u8>), String> {
+    // A command may run for up to an hour (the exec tool's longest timeout).
+    request_tcp(http::Method::POST, url, headers, body, Duration::from_secs(3700))
+}
+
+/// One request to a broker's TCP listener (`http://` only, as [`post_tcp`]), answered within
+/// `limit`. Returns (status, body).
+pub fn request_tcp(
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+    limit: Duration,
+) -> Result<(http::StatusCode, Vec<u8>), String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("--url {url:?}: {e}"))?;
     match uri.scheme_str() {
         Some("http") => {}
@@ -127,16 +140,12 @@ pub fn post_tcp(url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<(h
         let addr = addrs.first().ok_or_else(|| format!("{}: no address", auth.host()))?;
         let stream =
             Io::<std::net::TcpStream>::connect(*addr).await.map_err(|e| format!("cannot reach {addr}: {e}"))?;
-        let mut b = http::Request::builder()
-            .method(http::Method::POST)
-            .uri(uri.path())
-            .header(http::header::HOST, auth.as_str());
+        let mut b = http::Request::builder().method(method).uri(uri.path()).header(http::header::HOST, auth.as_str());
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
         let req = b.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
-        // A command may run for up to an hour (the exec tool's longest timeout).
-        let (status, body) = exchange(stream, req, Duration::from_secs(3700)).await?;
+        let (status, body) = exchange(stream, req, limit).await?;
         Ok((status, body.to_vec()))
     })
 }

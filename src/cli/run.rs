@@ -49,8 +49,59 @@ pub struct RunOptions {
     pub cleanup: bool,
     /// Force a terminal (`Some(true)`) or none (`Some(false)`); default: when stdin is one.
     pub tty: Option<bool>,
-    /// Local socket.
-    pub socket: PathBuf,
+    /// Where the broker is.
+    pub broker: Via,
+}
+
+/// Where the broker is: its local socket (on the broker host: your uid picks the agent), or its
+/// MCP/API listener with the agent's API key (`--url`, key in `EPHYR_TOKEN`).
+#[derive(Clone, Debug)]
+pub enum Via {
+    /// The local socket.
+    Socket(PathBuf),
+    /// `http://broker:8554` and the agent's API key.
+    Url {
+        /// Base URL.
+        base: String,
+        /// The agent's API key (never printed).
+        key: zeroize::Zeroizing<String>,
+    },
+}
+
+impl Default for Via {
+    fn default() -> Self {
+        Via::Socket(PathBuf::new())
+    }
+}
+
+impl Via {
+    /// One request: (status, JSON body).
+    fn request(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(http::StatusCode, Value), String> {
+        match self {
+            Via::Socket(s) => client::request(s, method, path, body),
+            Via::Url { base, key } => {
+                let bearer = zeroize::Zeroizing::new(format!("Bearer {}", key.as_str()));
+                let bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default()).unwrap_or_default();
+                let url = format!("{}{path}", base.trim_end_matches('/'));
+                let headers = [("authorization", bearer.as_str()), ("content-type", "application/json")];
+                let (status, raw) = client::request_tcp(method, &url, &headers, bytes, Duration::from_secs(60))?;
+                let v = serde_json::from_slice(&raw)
+                    .map_err(|_| format!("{url} answered {status}: {}", String::from_utf8_lossy(&raw).trim()))?;
+                Ok((status, v))
+            }
+        }
+    }
+
+    /// One request that must succeed: its JSON body, or the refusal as one line.
+    fn request_ok(&self, method: http::Method, path: &str, body: Option<&Value>) -> Result<Value, String> {
+        let (status, v) = self.request(method, path, body)?;
+        if status.is_success() { Ok(v) } else { Err(client::refusal(status, &v)) }
+    }
 }
 
 /// A coding agent `--agent` knows: how to start it, give it the MCP configuration and a prompt.
@@ -279,16 +330,15 @@ async fn exec_with_input(
 }
 
 /// The ids of live and of ended runs (for the sweep: a live run's directory is never touched).
-fn run_ids(socket: &std::path::Path) -> Result<(Vec<String>, Vec<String>), String> {
-    let v = client::request_ok(socket, http::Method::GET, "/v1/runs", None)?;
+fn run_ids(broker: &Via) -> Result<(Vec<String>, Vec<String>), String> {
+    let v = broker.request_ok(http::Method::GET, "/v1/runs", None)?;
     let ids = |k: &str| v[k].as_array().into_iter().flatten().filter_map(|i| i.as_str().map(str::to_owned)).collect();
     Ok((ids("live_ids"), ids("ended_ids")))
 }
 
 /// Ends the run (the task is revoked); the broker's view of it, or why not.
-fn end(socket: &std::path::Path, id: &str, reason: &str, exit: Option<i64>) -> Result<Value, String> {
-    client::request_ok(
-        socket,
+fn end(broker: &Via, id: &str, reason: &str, exit: Option<i64>) -> Result<Value, String> {
+    broker.request_ok(
         http::Method::POST,
         &format!("/v1/runs/{id}/end"),
         Some(&json!({ "reason": reason, "exit_code": exit })),
@@ -297,7 +347,7 @@ fn end(socket: &std::path::Path, id: &str, reason: &str, exit: Option<i64>) -> R
 
 /// Ends the run on every path out (a panic, an early return): the token must not outlive us.
 struct EndGuard<'a> {
-    socket: &'a std::path::Path,
+    broker: &'a Via,
     id: String,
     armed: bool,
 }
@@ -305,7 +355,7 @@ struct EndGuard<'a> {
 impl Drop for EndGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let _ = end(self.socket, &self.id, "cli_failed", None);
+            let _ = end(self.broker, &self.id, "cli_failed", None);
         }
     }
 }
@@ -331,9 +381,9 @@ pub fn run(o: &RunOptions) -> Result<u8, String> {
         "host": o.host, "template": o.template, "ttl": o.ttl, "envelope": envelope,
         "label": label, "public_key": ssh::public_openssh(&key),
     });
-    let started = client::request_ok(&o.socket, http::Method::POST, "/v1/runs", Some(&body))?;
+    let started = o.broker.request_ok(http::Method::POST, "/v1/runs", Some(&body))?;
     let id = started["run_id"].as_str().ok_or("the broker answered without a run id")?.to_owned();
-    let mut guard = EndGuard { socket: &o.socket, id: id.clone(), armed: true };
+    let mut guard = EndGuard { broker: &o.broker, id: id.clone(), armed: true };
     let lease = Duration::from_secs_f64(started["lease_secs"].as_f64().unwrap_or(30.0).max(3.0));
     eprintln!(
         "ephyr run: run {id} on {} (lease {}s, ends by {})",
@@ -347,7 +397,7 @@ pub fn run(o: &RunOptions) -> Result<u8, String> {
         Ok(Finished { code, reason, exit, .. }) => (*code, reason.clone(), *exit),
         Err(_) => (FAILED, "cli_failed".to_owned(), None),
     };
-    let ended = end(&o.socket, &id, &reason, exit);
+    let ended = end(&o.broker, &id, &reason, exit);
     if let Ok(Finished { conn: Some(conn), dir: Some(dir), .. }) = &outcome {
         // The token is dead now; its directory goes too.
         let rm = crate::broker::reactor::block_on(exec_with_input(conn, format!("rm -rf -- {}", quote(dir)), b""));
@@ -395,7 +445,7 @@ fn connected(o: &RunOptions, started: &Value, key: ssh::Key, id: &str, lease: Du
         timeout: Duration::from_secs(15),
     };
     let conn = crate::broker::reactor::block_on(ssh::connect(spec)).map_err(|e| format!("{}: {e}", o.host))?;
-    let (live, ended) = run_ids(&o.socket)?;
+    let (live, ended) = run_ids(&o.broker)?;
     let script = prepare_script(&live, &ended, (!o.cleanup).then_some(id));
     let (status, out, err) = crate::broker::reactor::block_on(exec_with_input(&conn, script, b""))?;
     let removed = String::from_utf8_lossy(&err).into_owned();
@@ -443,7 +493,7 @@ fn connected(o: &RunOptions, started: &Value, key: ssh::Key, id: &str, lease: Du
     let size = crate::os::terminal_size(std::os::fd::AsFd::as_fd(&std::io::stdout())).unwrap_or((80, 24));
     let pty = tty.then(|| (std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()), size.0, size.1));
     let (code, reason, exit) =
-        crate::broker::reactor::block_on(stream(&conn, command, pty, &o.socket, id, lease, stdin_tty && tty))?;
+        crate::broker::reactor::block_on(stream(&conn, command, pty, &o.broker, id, lease, stdin_tty && tty))?;
     finished.code = code;
     finished.reason = reason;
     finished.exit = exit;
@@ -457,7 +507,7 @@ async fn stream(
     conn: &ssh::Conn,
     command: String,
     pty: Option<(String, u32, u32)>,
-    socket: &std::path::Path,
+    broker: &Via,
     id: &str,
     lease: Duration,
     raw: bool,
@@ -491,7 +541,7 @@ async fn stream(
     // The lease: renewed three times per lease; a refusal means the broker ended the run.
     let (ended_tx, ended_rx) = async_channel::bounded::<String>(1);
     {
-        let (socket, id) = (socket.to_owned(), id.to_owned());
+        let (broker, id) = (broker.clone(), id.to_owned());
         std::thread::Builder::new()
             .name("ephyr-run-lease".into())
             .spawn(move || {
@@ -500,7 +550,7 @@ async fn stream(
                     if ended_tx.is_closed() {
                         return;
                     }
-                    match client::request(&socket, http::Method::POST, &format!("/v1/runs/{id}/renew"), None) {
+                    match broker.request(http::Method::POST, &format!("/v1/runs/{id}/renew"), None) {
                         Ok((s, _)) if s.is_success() => {}
                         Ok((s, v)) if s.is_client_error() => {
                             let _ = ended_tx.send_blocking(client::refusal(s, &v));
@@ -572,8 +622,8 @@ async fn stream(
 }
 
 /// `ephyr runs`.
-pub fn list(socket: &std::path::Path, as_json: bool) -> Result<(), String> {
-    let v = client::request_ok(socket, http::Method::GET, "/v1/runs", None)?;
+pub fn list(broker: &Via, as_json: bool) -> Result<(), String> {
+    let v = broker.request_ok(http::Method::GET, "/v1/runs", None)?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&v["runs"]).unwrap_or_default());
         return Ok(());

@@ -9,6 +9,9 @@
 //! | `GET /v1/keys` | operators | disposable keys (never their values) |
 //! | `POST /v1/keys/cleanup` | operators | revoke keys of runs that are over (`{"all": true}`: every key) |
 //!
+//! The `/v1/runs` routes also answer on the MCP/API listener ([`tcp`], `ephyr run --url`), for
+//! an agent with its API key: its own runs only.
+//!
 //! What runs here: the executor thread. A start is all or nothing: a step that fails after the
 //! task exists revokes it (and a key already minted is revoked by the sweeper, its run over).
 
@@ -22,7 +25,7 @@ use ulid::Ulid;
 
 use super::Started;
 use crate::broker::audit::{AuditSink as _, Event, Kind};
-use crate::broker::http::{Body, error, json};
+use crate::broker::http::{Body, Peer, error, json, read_body};
 use crate::broker::ops::Actor;
 use crate::broker::policy::{Policy, RunTemplate};
 use crate::broker::{Broker, Error};
@@ -149,12 +152,39 @@ fn service_env(policy: &Policy, base: &str, services: &[String]) -> Vec<Value> {
         .collect()
 }
 
-/// `POST /v1/runs`.
+/// The `uid` of a run started over TCP with the agent's API key (no local user started it).
+pub const REMOTE: u32 = u32::MAX;
+
+/// Who asks about a run.
+pub enum Who {
+    /// A local process on the socket: its uid, and whether it is an operator.
+    Local {
+        /// `SO_PEERCRED` uid.
+        uid: u32,
+        /// Root or the broker's user.
+        operator: bool,
+    },
+    /// An agent with its API key over TCP: its own runs, wherever they were started.
+    Agent(String),
+}
+
+impl Who {
+    fn owns(&self, r: &super::Run) -> bool {
+        match self {
+            Who::Local { uid, operator } => *operator || r.about.uid == *uid,
+            Who::Agent(a) => r.about.agent == *a,
+        }
+    }
+}
+
+/// `POST /v1/runs`, as `agent`: `uid` is the local user's ([`REMOTE`] over TCP), `caller` the
+/// authenticated API-key caller over TCP (`None` on the socket).
 pub async fn start(
     broker: &Rc<Broker>,
     policy: &Rc<Policy>,
     agent: String,
     uid: u32,
+    caller: Option<crate::broker::auth::Caller>,
     body: &[u8],
 ) -> http::Response<Body> {
     let r: StartRequest = match serde_json::from_slice(body) {
@@ -189,14 +219,16 @@ pub async fn start(
         return fail(&Error::Refused(format!("{} runs are live; end one first", super::MAX_LIVE)));
     }
     // The task, through the same tool an agent uses (its checks, audit and journal).
-    let mut fp = [0u8; 32];
-    fp[..4].copy_from_slice(&uid.to_be_bytes());
-    let key_caller = crate::broker::auth::Caller {
-        agent: agent.clone(),
-        via: crate::broker::auth::Via::ApiKey,
-        fingerprint: fp,
-        source: None,
-    };
+    let key_caller = caller.unwrap_or_else(|| {
+        let mut fp = [0u8; 32];
+        fp[..4].copy_from_slice(&uid.to_be_bytes());
+        crate::broker::auth::Caller {
+            agent: agent.clone(),
+            via: crate::broker::auth::Via::ApiKey,
+            fingerprint: fp,
+            source: None,
+        }
+    });
     let mut args = Map::new();
     args.insert("description".into(), Value::from(format!("run: {label} on {}", r.host)));
     args.insert("ttl".into(), Value::from(format!("{}s", ttl.as_secs())));
@@ -329,10 +361,10 @@ async fn started(
     }))
 }
 
-/// Whether `uid` may act on `id` (who started it, or an operator).
-fn mine(broker: &Broker, id: Ulid, uid: u32, operator: bool) -> Result<Rc<super::Run>, Error> {
+/// Run `id`, if `who` may act on it (who started it, its agent over TCP, or an operator).
+fn mine(broker: &Broker, id: Ulid, who: &Who) -> Result<Rc<super::Run>, Error> {
     match broker.runs.get(id) {
-        Some(r) if operator || r.about.uid == uid => Ok(r),
+        Some(r) if who.owns(&r) => Ok(r),
         _ => Err(Error::NotFound(format!("no run {id}"))),
     }
 }
@@ -378,18 +410,11 @@ pub async fn revoke(broker: &Broker, r: &super::Run, actor: &Actor) -> Result<()
 }
 
 /// `POST /v1/runs/<id>/renew` and `/end`.
-pub async fn act(
-    broker: &Rc<Broker>,
-    id: &str,
-    what: &str,
-    uid: u32,
-    operator: bool,
-    body: &[u8],
-) -> http::Response<Body> {
+pub async fn act(broker: &Rc<Broker>, id: &str, what: &str, who: &Who, body: &[u8]) -> http::Response<Body> {
     let Ok(id) = Ulid::from_string(id) else {
         return fail(&Error::Invalid(format!("{id:?} is not a run id")));
     };
-    let r = match mine(broker, id, uid, operator) {
+    let r = match mine(broker, id, who) {
         Ok(r) => r,
         Err(e) => return fail(&e),
     };
@@ -402,10 +427,9 @@ pub async fn act(
             let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
             let reason: String =
                 v["reason"].as_str().unwrap_or("ended").chars().filter(|c| !c.is_control()).take(100).collect();
-            let actor = if operator && r.about.uid != uid {
-                Actor::Operator { uid }
-            } else {
-                Actor::Agent { name: r.about.agent.clone(), task: Some(id.to_string()) }
+            let actor = match who {
+                Who::Local { uid, operator: true } if r.about.uid != *uid => Actor::Operator { uid: *uid },
+                _ => Actor::Agent { name: r.about.agent.clone(), task: Some(id.to_string()) },
             };
             match finish(broker, &r, &reason, &actor, v["exit_code"].as_i64()).await {
                 Ok(()) => {
@@ -420,16 +444,62 @@ pub async fn act(
 }
 
 /// `GET /v1/runs`.
-pub fn list(broker: &Broker, uid: u32, operator: bool) -> http::Response<Body> {
+pub fn list(broker: &Broker, who: &Who) -> http::Response<Body> {
     let now = Instant::now();
-    let runs: Vec<Value> =
-        broker.runs.list().iter().filter(|r| operator || r.about.uid == uid).map(|r| r.view(now)).collect();
+    let runs: Vec<Value> = broker.runs.list().iter().filter(|r| who.owns(r)).map(|r| r.view(now)).collect();
     // Every run's id (ids are not secret): `ephyr run` sweeps only the directories of runs this
     // broker knows are over (and unknown ones older than a day), never a live run's.
     let all = broker.runs.list();
     let live: Vec<String> = all.iter().filter(|r| r.ended().is_none()).map(|r| r.id().to_string()).collect();
     let ended: Vec<String> = all.iter().filter(|r| r.ended().is_some()).map(|r| r.id().to_string()).collect();
     json(StatusCode::OK, &json!({ "runs": runs, "live_ids": live, "ended_ids": ended }))
+}
+
+/// `/v1/runs` on the MCP/API listener, for `ephyr run --url` away from the broker host: the
+/// agent's API key (`Authorization: Bearer`) in place of the socket's uid. A task token is
+/// refused (a run is a new task tree, which only the agent may start).
+pub async fn tcp(broker: &Rc<Broker>, req: http::Request<hyper::body::Incoming>, peer: Peer) -> http::Response<Body> {
+    let policy = broker.policy();
+    let source = match peer {
+        Peer::Tcp(a) => Some(a.ip()),
+        Peer::Unix(_) => None,
+    };
+    let caller = match crate::broker::auth::authenticate(broker, &policy, req.headers(), None, source).await {
+        Ok(c) => c,
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            return error(status, e.code(), e.message());
+        }
+    };
+    if caller.token().is_some() {
+        return error(
+            StatusCode::FORBIDDEN,
+            "api_key_required",
+            "runs are started, renewed and ended with the agent's API key, not a task token",
+        );
+    }
+    if let Err(wait) = broker.take_request(&policy, &caller.agent, Instant::now()) {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("rate limit exceeded for agent {:?}; retry in {}s", caller.agent, wait.as_secs().max(1)),
+        );
+    }
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let body = match read_body(req, 16 * 1024, Duration::from_secs(10)).await {
+        Ok(b) => b,
+        Err(e) => return e.response(),
+    };
+    let who = Who::Agent(caller.agent.clone());
+    match (method, path.strip_prefix("/v1/runs").unwrap_or("")) {
+        (http::Method::GET, "") => list(broker, &who),
+        (http::Method::POST, "") => start(broker, &policy, caller.agent.clone(), REMOTE, Some(caller), &body).await,
+        (http::Method::POST, rest) => match rest.trim_start_matches('/').split_once('/') {
+            Some((id, what)) => act(broker, id, what, &who, &body).await,
+            None => error(StatusCode::NOT_FOUND, "not_found", "POST /v1/runs/<id>/renew or /end"),
+        },
+        _ => error(StatusCode::NOT_FOUND, "not_found", "GET or POST /v1/runs"),
+    }
 }
 
 /// `GET /v1/keys`.
