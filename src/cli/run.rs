@@ -391,7 +391,11 @@ pub fn run(o: &RunOptions) -> Result<u8, String> {
         lease.as_secs(),
         started["expires_at"].as_str().unwrap_or("?")
     );
-    let outcome = connected(o, &started, key, &id, lease);
+    // From here a signal ends the run properly (delivered to the agent's stream once it runs;
+    // during set-up it is read as soon as the stream starts).
+    let signals = Signals::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGWINCH])
+        .map_err(|e| format!("signal handlers: {e}"));
+    let outcome = signals.and_then(|signals| connected(o, &started, key, &id, lease, &signals));
     guard.armed = false;
     let (code, reason, exit) = match &outcome {
         Ok(Finished { code, reason, exit, .. }) => (*code, reason.clone(), *exit),
@@ -433,7 +437,14 @@ struct Finished {
     dir: Option<String>,
 }
 
-fn connected(o: &RunOptions, started: &Value, key: ssh::Key, id: &str, lease: Duration) -> Result<Finished, String> {
+fn connected(
+    o: &RunOptions,
+    started: &Value,
+    key: ssh::Key,
+    id: &str,
+    lease: Duration,
+    signals: &Signals,
+) -> Result<Finished, String> {
     let s = &started["ssh"];
     let spec = ssh::ConnectSpec {
         host: s["host"].as_str().unwrap_or_default().to_owned(),
@@ -492,8 +503,14 @@ fn connected(o: &RunOptions, started: &Value, key: ssh::Key, id: &str, lease: Du
     let tty = o.tty.unwrap_or(stdin_tty && o.prompt.is_none());
     let size = crate::os::terminal_size(std::os::fd::AsFd::as_fd(&std::io::stdout())).unwrap_or((80, 24));
     let pty = tty.then(|| (std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()), size.0, size.1));
-    let (code, reason, exit) =
-        crate::broker::reactor::block_on(stream(&conn, command, pty, &o.broker, id, lease, stdin_tty && tty))?;
+    let (code, reason, exit) = crate::broker::reactor::block_on(stream(
+        &conn,
+        command,
+        pty,
+        (&o.broker, id, lease),
+        signals,
+        stdin_tty && tty,
+    ))?;
     finished.code = code;
     finished.reason = reason;
     finished.exit = exit;
@@ -507,13 +524,10 @@ async fn stream(
     conn: &ssh::Conn,
     command: String,
     pty: Option<(String, u32, u32)>,
-    broker: &Via,
-    id: &str,
-    lease: Duration,
+    (broker, id, lease): (&Via, &str, Duration),
+    signals: &Signals,
     raw: bool,
 ) -> Result<(u8, String, Option<i64>), String> {
-    let signals = Signals::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGWINCH])
-        .map_err(|e| format!("signal handlers: {e}"))?;
     let mut a = conn.attach(command, pty).await.map_err(|e| e.to_string())?;
     // Keystrokes go through as bytes (Ctrl-C reaches the agent); restored on every way out.
     let _raw = if raw { crate::os::RawTerminal::enter(std::os::fd::AsFd::as_fd(&std::io::stdin())).ok() } else { None };
