@@ -423,7 +423,6 @@ pub fn run(o: &RunOptions) -> Result<u8, String> {
                 u["commands"]
             );
         }
-        Err(e) if e.contains("409") || e.contains("already") => {}
         Err(e) => eprintln!("ephyr run: ending run {id}: {e}"),
     }
     outcome.map(|_| code)

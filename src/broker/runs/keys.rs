@@ -121,7 +121,7 @@ impl Keys {
             apply(&mut keys, rec);
         }
         let now = crate::time::now().secs();
-        keys.retain(|_, k| k.revoked.as_ref().is_none_or(|(at, _)| now - at < 24 * 3600));
+        keys.retain(|_, k| k.revoked.as_ref().is_none_or(|(at, _)| now - at < super::KEEP_ENDED));
         let mut compacted = Vec::new();
         for k in keys.values() {
             for r in records(k) {

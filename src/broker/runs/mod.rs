@@ -31,8 +31,8 @@ use super::ssh::registry::Held;
 
 /// The durable log of runs.
 pub const LOG: &str = "runs";
-/// Ended runs are listed for this long.
-const KEEP_ENDED: i64 = 24 * 3600;
+/// Ended runs (and revoked keys) are kept for this long, in seconds.
+pub(crate) const KEEP_ENDED: i64 = 24 * 3600;
 /// Most runs live at once (each holds a task, a certificate and a lease).
 pub const MAX_LIVE: usize = 64;
 
