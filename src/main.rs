@@ -42,6 +42,8 @@ Commands:
   policy       check, diff, explain or reload a policy
   keygen       generate an agent API key and its hash line
   approvals    the approval queue (`--follow` to watch); `approve ID`, `deny ID --reason TEXT`
+  agent        agents' lifecycle: list, show, enroll (a join token), join, suspend, resume,
+               revoke, reap (idle, orphaned and drifting agents)
   freeze       the kill switch: `freeze agent|task|target|service|remote NAME` (unfreeze, freezes)
   operator     add a console account (`operator add NAME --role admin`; password on stdin)
   secret       store upstream credentials sealed (`secret set NAME` reads stdin), list, rm
@@ -182,6 +184,24 @@ Usage: ephyr keygen agent NAME [--json]
 
 Generates a new API key for agent NAME, prints it once, and prints the Argon2id
 api_key_hash line to paste under agents.NAME in policy.yaml. The key itself is not stored.";
+
+const AGENT_HELP: &str = "\
+Usage: ephyr agent list [--json]
+       ephyr agent show NAME [--json]
+       ephyr agent enroll --template T --owner OPERATOR [--name NAME] [--ttl 15m] [--json]
+       ephyr agent join --url http://BROKER:8554 [--token-file FILE] [--out KEYFILE]
+       ephyr agent suspend|resume|revoke NAME [--reason TEXT] [--json]
+       ephyr agent reap [--apply] [--json]
+
+The agent directory (docs/agents.md). `enroll` makes an agent from a policy template, owned by
+an operator, and prints a join token that works once and expires (lifecycle.join_ttl); on the
+agent's host, `join` trades it (from --token-file or stdin) for the agent's API key, written to
+--out (0600) or printed once. `suspend` refuses every credential of the agent at once and ends
+what it holds (tasks, certificates, SSH and MCP sessions); `resume` lets it in again; `revoke`
+is for good. `reap` shows which agents are due idle, decommissioned or revoked (owner gone) and
+which grants each has not used, with a narrower template; `--apply` carries the steps out.
+All but `join` talk to the running broker over its local socket (root or the broker's user).
+Options: --socket PATH  --data-dir DIR  --json";
 
 const FREEZE_HELP: &str = "\
 Usage: ephyr freeze KIND NAME [--reason TEXT]
@@ -377,10 +397,10 @@ Options:
   --json                  print the full JSON answer";
 
 /// Commands, for "did you mean".
-const COMMANDS: [&str; 26] = [
+const COMMANDS: [&str; 27] = [
     "serve", "demo", "init", "doctor", "status", "whoami", "targets", "certs", "tasks", "cert", "exec", "run", "runs",
-    "keys", "target", "inspect", "policy", "keygen", "secret", "audit", "monitor", "remote", "isolate", "version",
-    "help", "--help",
+    "agent", "keys", "target", "inspect", "policy", "keygen", "secret", "audit", "monitor", "remote", "isolate",
+    "version", "help", "--help",
 ];
 
 /// A closed stdout (`ephyr ... | head -1`) ends a command quietly with 0: the reader took what
@@ -511,6 +531,7 @@ fn dispatch(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         "keygen" => cmd_keygen(p),
         "operator" => cmd_operator(p),
         "freeze" | "unfreeze" | "freezes" => cmd_freeze(p, &cmd),
+        "agent" | "agents" => cmd_agent(p),
         "approvals" | "approve" | "deny" => cmd_approvals(p, &cmd),
         "secret" => cmd_secret(p),
         "audit" => cmd_audit(p),
@@ -1342,6 +1363,53 @@ fn cmd_approvals(p: &mut lexopt::Parser, cmd: &str) -> Result<u8, Failure> {
         }
         (_, [id]) => cli::approvals::decide(&sock, id, cmd == "approve", &reason, waive.as_deref(), json),
         _ => return Err(usage(format!("expected `ephyr {cmd} ID`"))),
+    };
+    r.map(|()| 0).map_err(|e| Failure::Run(1, e))
+}
+
+fn cmd_agent(p: &mut lexopt::Parser) -> Result<u8, Failure> {
+    let (mut socket, mut data_dir, mut json, mut reason, mut words) = (None, None, false, String::new(), Vec::new());
+    let (mut template, mut owner, mut name, mut ttl, mut apply) = (None, None, None, None, false);
+    let (mut url, mut token_file, mut out) = (None, None, None);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("socket") => socket = Some(path(p.value()?)),
+            Long("data-dir") => data_dir = Some(path(p.value()?)),
+            Long("json") => json = true,
+            Long("reason") => reason = p.value()?.string()?,
+            Long("template") => template = Some(p.value()?.string()?),
+            Long("owner") => owner = Some(p.value()?.string()?),
+            Long("name") => name = Some(p.value()?.string()?),
+            Long("ttl") => ttl = Some(p.value()?.string()?),
+            Long("apply") => apply = true,
+            Long("url") => url = Some(p.value()?.string()?),
+            Long("token-file") => token_file = Some(path(p.value()?)),
+            Long("out") => out = Some(path(p.value()?)),
+            Long("help") | Short('h') => return help(AGENT_HELP),
+            Value(v) => words.push(v.string()?),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let sock = cli::client::socket_path(socket, data_dir.as_deref());
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let r = match words.as_slice() {
+        [] | ["list"] => cli::agent::list(&sock, json),
+        ["show", n] => cli::agent::show(&sock, n, json),
+        ["enroll"] => match (&template, &owner) {
+            (Some(t), Some(o)) => cli::agent::enroll(&sock, t, o, name.as_deref(), ttl.as_deref(), json),
+            _ => return Err(usage("enroll needs --template T and --owner OPERATOR")),
+        },
+        ["join"] => match &url {
+            Some(u) => cli::agent::join(u, token_file.as_deref(), out.as_deref()),
+            None => return Err(usage("join needs --url http://BROKER:8554")),
+        },
+        [verb @ ("suspend" | "resume" | "revoke"), n] => cli::agent::transition(&sock, verb, n, &reason, json),
+        ["reap"] => cli::agent::reap(&sock, apply, json),
+        _ => {
+            return Err(usage(
+                "expected `ephyr agent list|show NAME|enroll|join|suspend NAME|resume NAME|revoke NAME|reap`",
+            ));
+        }
     };
     r.map(|()| 0).map_err(|e| Failure::Run(1, e))
 }

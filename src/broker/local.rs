@@ -20,6 +20,7 @@
 //! | `POST /v1/approvals/decide` | operator | `{id, approve, reason, waiver}`: answer one (`ephyr approve`, `ephyr deny`) |
 //! | `POST /v1/tools/call` | an agent whose `uid` is the caller's | call an MCP tool as that agent (`ephyr exec`) |
 //! | `/v1/runs`, `/v1/keys` | see `runs::api` | `ephyr run` and its disposable keys |
+//! | `/v1/agents…` | operators (see `agents::api`) | the agent directory: list, enroll, suspend, resume, revoke, reap |
 //!
 //! A uid mapped to an agent acts with that agent's whole policy, like its API key.
 
@@ -440,7 +441,11 @@ async fn runs_route(
 /// The enabled agent whose `uid` is the caller's.
 fn agent_for(policy: &crate::broker::policy::Policy, peer: Peer) -> Option<(String, u32)> {
     let Peer::Unix(c) = peer else { return None };
-    policy.agents.values().find(|a| a.uid == Some(c.uid) && a.enabled).map(|a| (a.name.clone(), c.uid))
+    policy
+        .agents
+        .values()
+        .find(|a| a.uid == Some(c.uid) && a.enabled && a.state.serves())
+        .map(|a| (a.name.clone(), c.uid))
 }
 
 /// Who the caller is to this broker: its uid, whether it is an operator, the agent its uid maps
@@ -724,6 +729,9 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
                 );
             }
             match (req.method().clone(), req.uri().path()) {
+                (_, p) if p == "/v1/agents" || p.starts_with("/v1/agents/") => {
+                    crate::broker::agents::api::local(&broker, &operator(peer), req).await
+                }
                 (Method::GET, "/v1/status") => json(StatusCode::OK, &status_json(&broker)),
                 (Method::GET, "/v1/targets") => json(StatusCode::OK, &targets_json(&broker)),
                 (Method::GET, "/v1/certs") => json(StatusCode::OK, &certs_json(&broker)),

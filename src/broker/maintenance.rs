@@ -13,7 +13,9 @@
 //! - signer events (workers ended and restarted, the keeper relaunched) become audit records;
 //! - every second while a run is live, runs whose lease ran out are ended (their tasks revoked);
 //!   on every task event, runs whose task ended are ended too, and (then, and every 10 s) the
-//!   disposable keys of runs that are over are revoked.
+//!   disposable keys of runs that are over are revoked;
+//! - a minute after start and then hourly, the agent reaper's plan (idle, decommissioned and
+//!   orphaned agents; docs/agents.md) is computed, and carried out with `lifecycle.reaper: apply`.
 
 use std::rc::Rc;
 
@@ -171,6 +173,25 @@ pub fn spawn(
                     for f in failures {
                         log::warn!("disposable keys: {f} (retried in 10 s)");
                     }
+                }
+            }
+        })
+        .detach();
+    }
+    {
+        // The reaper: a minute after start, then hourly; it reports its plan, and carries it
+        // out only with `lifecycle.reaper: apply` (`ephyr agent reap --apply` does it by hand).
+        let broker = broker.clone();
+        ex.spawn(async move {
+            let mut wait = std::time::Duration::from_secs(60);
+            loop {
+                crate::broker::deadline::Deadline::after(wait).await;
+                wait = std::time::Duration::from_secs(3600);
+                let apply = broker.policy().lifecycle.reaper_apply;
+                let v = super::agents::api::reap(&broker, apply).await;
+                let steps = v["steps"].as_array().map_or(0, Vec::len);
+                if steps > 0 && !apply {
+                    log::info!("reaper: {steps} agent(s) due a lifecycle step; `ephyr agent reap` shows them");
                 }
             }
         })

@@ -7,6 +7,7 @@
 //! `blocking` (the bounded pool for blocking work), `reactor` (the event loop: epoll
 //! registrations and `block_on`), `deadline` (request timeouts on the reactor's one wait), `datadir` (files), `policy` (configuration).
 
+pub mod agents;
 pub mod approvals;
 pub mod audit;
 pub mod auth;
@@ -140,6 +141,8 @@ pub struct Broker {
     pub runs: runs::Runs,
     /// Disposable provider keys of runs, journaled.
     pub keys: runs::keys::Keys,
+    /// The agent directory: lifecycle states, enrolled agents, use; journaled.
+    pub agents: agents::Directory,
 }
 
 impl Broker {

@@ -194,8 +194,11 @@ pub async fn reload(broker: &Broker, actor: &Actor) -> Result<Reloaded, PolicyEr
             let digest = new.digest.clone();
             let old = broker.policy().digest.clone();
             let mut new = new;
-            // Freezes are the operators', not the file's: they outlive every reload.
+            // Freezes and the agent directory are the operators', not the file's: they outlive
+            // every reload.
             new.frozen = broker.freezes.frozen();
+            let overlaid = broker.agents.overlay(&mut new);
+            warnings.extend(overlaid);
             broker.policy.replace(new);
             broker.secrets.clear();
             broker.proxy.clear();
@@ -262,10 +265,11 @@ fn freezable(broker: &Broker, kind: FreezeKind, name: &str) -> Result<Option<Tas
     if known { Ok(None) } else { Err(Error::NotFound(format!("no {} {name:?} in the policy", kind.as_str()))) }
 }
 
-/// Swaps in a policy snapshot carrying the current freezes.
-fn apply_freezes(broker: &Broker) {
+/// Swaps in a policy snapshot carrying the current freezes and the agent directory.
+pub fn refresh_policy(broker: &Broker) {
     let mut p = (*broker.policy()).clone();
     p.frozen = broker.freezes.frozen();
+    broker.agents.overlay(&mut p);
     broker.policy.replace(p);
 }
 
@@ -290,9 +294,45 @@ pub async fn freeze(
     let Some(durable) = broker.freezes.freeze(kind, name, &actor.name(), reason)? else {
         return Ok(FreezeEffects { already: true, ..FreezeEffects::default() });
     };
-    // Refuse first, clean up after: nothing the freeze covers is granted from here on. An
-    // agent's MCP sessions go before the change feed wakes their streams, which then end.
-    apply_freezes(broker);
+    // Refuse first, clean up after: nothing the freeze covers is granted from here on.
+    refresh_policy(broker);
+    let why = format!("{} {name} was frozen by {}", kind.as_str(), actor.name());
+    let fx = end_covered(broker, actor, kind, name, task, &why).await?;
+    let journaled = durable.wait().await;
+    let ev = actor.stamp(
+        Event::new(Kind::Operator, "freeze")
+            .action(json!({ "kind": kind.as_str(), "name": name, "reason": reason }))
+            .allow()
+            .outcome(serde_json::to_value(&fx).unwrap_or_default()),
+    );
+    let recorded = record(broker, ev).await;
+    broker.metrics.inc("ephyr_freezes_total", &[("kind", kind.as_str())]);
+    journaled.map_err(|e| {
+        Error::Unavailable(format!(
+            "{} {name} is frozen now, but the freeze was not journaled and will not survive a restart: {}",
+            kind.as_str(),
+            e.message()
+        ))
+    })?;
+    recorded.map_err(|e| {
+        Error::Unavailable(format!("{} {name} is frozen, but its audit record failed: {e}", kind.as_str()))
+    })?;
+    Ok(fx)
+}
+
+/// Ends what a freeze of `kind`/`name` (or an agent's suspension or revocation) covers, once
+/// `authorize` or `authenticate` already refuses it: an agent's MCP sessions (before the change
+/// feed wakes their streams, which then end), live tasks (each with its subtree), certificates
+/// (on the KRL) and the SSH sessions holding them, and open approval requests (denied with
+/// `why`, so an approval given later cannot let it act).
+pub async fn end_covered(
+    broker: &Broker,
+    actor: &Actor,
+    kind: FreezeKind,
+    name: &str,
+    task: Option<TaskView>,
+    why: &str,
+) -> Result<FreezeEffects, Error> {
     let mut fx = FreezeEffects::default();
     if kind == FreezeKind::Agent {
         fx.mcp_sessions_ended = broker.sessions.remove_agent(name);
@@ -335,10 +375,7 @@ pub async fn freeze(
             fx.certs_revoked += 1;
         }
     }
-    // Open approval requests it covers are denied: an approval given later must not let a
-    // frozen agent, task tree or resource act (a held call would otherwise resume).
-    let why = format!("{} {name} was frozen by {}", kind.as_str(), actor.name());
-    let denied = broker.approvals.deny_open(&actor.name(), &why, |r| match kind {
+    let denied = broker.approvals.deny_open(&actor.name(), why, |r| match kind {
         FreezeKind::Agent => r.agent == name,
         FreezeKind::Task => r.lineage.iter().any(|t| t == name),
         FreezeKind::Target => r.action["kind"] == "ssh" && r.action["target"] == name,
@@ -353,25 +390,6 @@ pub async fn freeze(
     let before = broker.ssh.session_count();
     broker.ssh.sweep(broker.ports(), &broker.policy()).await;
     fx.ssh_sessions_closed += before.saturating_sub(broker.ssh.session_count());
-    let journaled = durable.wait().await;
-    let ev = actor.stamp(
-        Event::new(Kind::Operator, "freeze")
-            .action(json!({ "kind": kind.as_str(), "name": name, "reason": reason }))
-            .allow()
-            .outcome(serde_json::to_value(&fx).unwrap_or_default()),
-    );
-    let recorded = record(broker, ev).await;
-    broker.metrics.inc("ephyr_freezes_total", &[("kind", kind.as_str())]);
-    journaled.map_err(|e| {
-        Error::Unavailable(format!(
-            "{} {name} is frozen now, but the freeze was not journaled and will not survive a restart: {}",
-            kind.as_str(),
-            e.message()
-        ))
-    })?;
-    recorded.map_err(|e| {
-        Error::Unavailable(format!("{} {name} is frozen, but its audit record failed: {e}", kind.as_str()))
-    })?;
     Ok(fx)
 }
 
@@ -389,7 +407,7 @@ pub async fn unfreeze(broker: &Broker, actor: &Actor, kind: FreezeKind, name: &s
         )));
     }
     broker.freezes.forget(kind, name);
-    apply_freezes(broker);
+    refresh_policy(broker);
     broker.changes.notify();
     let ev = actor
         .stamp(Event::new(Kind::Operator, "unfreeze").action(json!({ "kind": kind.as_str(), "name": name })).allow());

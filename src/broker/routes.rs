@@ -79,6 +79,7 @@ pub fn api_handler(broker: Rc<Broker>) -> Handler {
                 ) => super::http::mcp::protected_resource_metadata(&broker, req.headers()),
                 (&Method::GET, "/healthz") => healthz(&broker),
                 (_, "/healthz") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+                (_, "/v1/agents/join") => super::agents::api::join(&broker, req, peer).await,
                 (_, p) if p == "/v1/runs" || p.starts_with("/v1/runs/") => {
                     super::runs::api::tcp(&broker, req, peer).await
                 }

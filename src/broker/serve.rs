@@ -343,8 +343,14 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         let keys = super::runs::keys::Keys::load(&logs, Rc::new(super::upstream::conn::Conns::new(ex.clone())))
             .await
             .map_err(|e| ServeError::Startup(format!("disposable keys: {}", e.message())))?;
+        let agents = super::agents::Directory::load(&logs)
+            .await
+            .map_err(|e| ServeError::Startup(format!("agent directory: {}", e.message())))?;
         let mut policy = policy;
         policy.frozen = freezes.frozen();
+        for w in agents.overlay(&mut policy) {
+            log::warn!("agents: {w}");
+        }
         let known = super::ssh::hosts::KnownHosts::load(&data_dir.state().join("known_hosts"))
             .map_err(|e| ServeError::Startup(format!("known hosts: {e}")))?;
         let broker = Rc::new(Broker {
@@ -381,7 +387,17 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             tls,
             runs,
             keys,
+            agents,
         });
+        {
+            // The directory learns which grants are exercised from what the audit log records.
+            let weak = Rc::downgrade(&broker);
+            broker.audit.observe(Box::new(move |e| {
+                if let Some(b) = weak.upgrade() {
+                    super::agents::api::exercised(&b, e);
+                }
+            }));
+        }
         ex.spawn(super::console::graphs::run(Rc::downgrade(&broker))).detach();
         ex.spawn(super::approvals::notify::run(
             Rc::downgrade(&broker),

@@ -1,6 +1,7 @@
 //! Subcommand implementations. `main.rs` parses arguments and calls these; each returns an exit
 //! code or an error message (documented exit codes: docs/cli.md).
 
+pub mod agent;
 pub mod approvals;
 pub mod audit;
 pub mod client;

@@ -45,6 +45,8 @@ pub enum Kind {
     Operator,
     /// Human approval: requests, decisions, expiries, uses.
     Approval,
+    /// Agent lifecycle: enrollments, joins, transitions, reaper runs.
+    Agent,
 }
 
 /// Allow or deny.

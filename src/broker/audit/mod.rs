@@ -173,6 +173,9 @@ pub struct UnsignedTail {
     pub head_mismatch: Option<String>,
 }
 
+/// A function that sees every event as it is recorded.
+pub type Observer = Box<dyn Fn(&Event)>;
+
 /// The audit log.
 pub struct AuditLog {
     dir: PathBuf,
@@ -187,6 +190,8 @@ pub struct AuditLog {
     unsigned_tail: Option<UnsignedTail>,
     /// Live copies of each line for the console's feeds (bounded; a slow reader misses lines).
     taps: RefCell<Vec<std::rc::Weak<Tap>>>,
+    /// Sees every event as it is recorded (the agent directory notes which grants were used).
+    observer: RefCell<Option<Observer>>,
 }
 
 /// Most live feeds at once.
@@ -383,6 +388,7 @@ impl AuditLog {
             metrics,
             unsigned_tail,
             taps: RefCell::new(Vec::new()),
+            observer: RefCell::new(None),
         }))
     }
 
@@ -433,7 +439,15 @@ impl AuditLog {
         if wait {
             self.urgent.notify(1);
         }
+        if let Some(f) = &*self.observer.borrow() {
+            f(e);
+        }
         Ok(ticket)
+    }
+
+    /// Sets the one function that sees every event recorded from now on (it must not record).
+    pub fn observe(&self, f: Observer) {
+        *self.observer.borrow_mut() = Some(f);
     }
 
     /// A live feed of every line recorded from now on (the console's); `None` when

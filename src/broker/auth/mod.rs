@@ -106,6 +106,8 @@ pub enum AuthError {
     InvalidToken(String),
     /// The agent is disabled in the policy.
     AgentDisabled(String),
+    /// The agent is suspended, revoked or decommissioned (the directory's reason).
+    AgentInactive(String, crate::broker::agents::AgentState, String),
     /// Too many failures from this source; retry after the duration.
     RateLimited(Duration),
     /// Too many key verifications in flight; retry shortly.
@@ -118,7 +120,7 @@ impl AuthError {
         match self {
             AuthError::Missing | AuthError::InvalidKey | AuthError::InvalidToken(_) => 401,
             AuthError::Malformed(_) | AuthError::InQuery => 400,
-            AuthError::AgentDisabled(_) => 403,
+            AuthError::AgentDisabled(_) | AuthError::AgentInactive(..) => 403,
             AuthError::RateLimited(_) => 429,
             AuthError::Busy => 503,
         }
@@ -133,6 +135,11 @@ impl AuthError {
             AuthError::InvalidKey => "invalid_api_key",
             AuthError::InvalidToken(_) => "invalid_token",
             AuthError::AgentDisabled(_) => "agent_disabled",
+            AuthError::AgentInactive(_, s, _) => match s {
+                crate::broker::agents::AgentState::Suspended => "agent_suspended",
+                crate::broker::agents::AgentState::Revoked => "agent_revoked",
+                _ => "agent_decommissioned",
+            },
             AuthError::RateLimited(_) => "rate_limited",
             AuthError::Busy => "busy",
         }
@@ -145,6 +152,7 @@ impl AuthError {
             AuthError::Malformed(_) | AuthError::InQuery => Some("invalid_request"),
             AuthError::InvalidKey | AuthError::InvalidToken(_) => Some("invalid_token"),
             AuthError::AgentDisabled(_) => Some("insufficient_scope"),
+            AuthError::AgentInactive(..) => Some("invalid_token"),
         }
     }
 
@@ -159,6 +167,10 @@ impl AuthError {
             AuthError::InvalidKey => "invalid API key".into(),
             AuthError::InvalidToken(r) => format!("invalid task token: {r}"),
             AuthError::AgentDisabled(a) => format!("agent {a:?} is disabled"),
+            AuthError::AgentInactive(a, s, why) => {
+                let why = if why.is_empty() { String::new() } else { format!(": {why}") };
+                format!("agent {a:?} is {}{why}", s.as_str())
+            }
             AuthError::RateLimited(d) => format!("too many failed attempts; retry in {}s", d.as_secs().max(1)),
             AuthError::Busy => "too many authentications in progress; retry in 1s".into(),
         }
@@ -291,7 +303,7 @@ pub struct Authenticator {
     /// Argon2 runs have a lane of their own that strangers' wrong keys cannot fill.
     known: RefCell<super::rate::Bounded<[u8; 32], ()>>,
     failures: RateLimiter<Source>,
-    index: RefCell<Option<(String, Rc<api_key::KeyIndex>)>>,
+    index: RefCell<Option<(String, u64, Rc<api_key::KeyIndex>)>>,
 }
 
 /// Most cached keys.
@@ -387,14 +399,16 @@ impl Authenticator {
         }
     }
 
-    /// The key index for `policy` (built once per policy digest).
+    /// The key index for `policy` (built once per policy digest and agent directory generation).
     pub fn key_index(&self, policy: &Policy) -> Rc<api_key::KeyIndex> {
         let mut ix = self.index.borrow_mut();
         match &*ix {
-            Some((digest, index)) if *digest == policy.digest => index.clone(),
+            Some((digest, generation, index)) if *digest == policy.digest && *generation == policy.directory => {
+                index.clone()
+            }
             _ => {
                 let index = Rc::new(api_key::KeyIndex::build(policy));
-                *ix = Some((policy.digest.clone(), index.clone()));
+                *ix = Some((policy.digest.clone(), policy.directory, index.clone()));
                 index
             }
         }
@@ -527,10 +541,15 @@ pub async fn authenticate(
             }
         };
         match policy.agents.get(&agent) {
+            Some(a) if !a.state.serves() => {
+                let why = broker.agents.get(&agent).map(|e| e.reason).unwrap_or_default();
+                Err(AuthError::AgentInactive(agent, a.state, why))
+            }
             Some(a) if a.enabled => {
                 if let Some(ip) = source {
                     broker.admission.vouch(ip);
                 }
+                crate::broker::agents::api::used(broker, &agent, a.state).await;
                 Ok(Caller { agent, via, fingerprint: fp, source })
             }
             Some(_) => Err(AuthError::AgentDisabled(agent)),
@@ -557,7 +576,7 @@ pub async fn authenticate(
                 let mut ev = super::audit::Event::new(super::audit::Kind::Auth, "auth_failed")
                     .error(e.code(), e.message())
                     .action(serde_json::json!({ "method": method, "source": source.map(|s| s.to_string()) }));
-                if let AuthError::AgentDisabled(a) = e {
+                if let AuthError::AgentDisabled(a) | AuthError::AgentInactive(a, ..) = e {
                     ev = ev.agent(a.clone());
                 }
                 use super::audit::AuditSink as _;

@@ -218,6 +218,31 @@ pub async fn post(broker: &Broker, op: &Operator, req: Request<Incoming>, path: 
                 }
             }
         }
+        p if let Some((name, verb)) = p.strip_prefix("/agents/").and_then(|r| r.split_once('/')) => {
+            let to = match verb {
+                "suspend" => crate::broker::agents::AgentState::Suspended,
+                "resume" => crate::broker::agents::AgentState::Active,
+                "revoke" => crate::broker::agents::AgentState::Revoked,
+                _ => return error_page(StatusCode::NOT_FOUND, Some(op), &format!("no action {verb:?} for agents")),
+            };
+            let reason = field(&f, "reason").unwrap_or("").trim();
+            match crate::broker::agents::api::transition(broker, &actor, name, to, reason).await {
+                Ok(v) => done(
+                    op,
+                    "Agent",
+                    "/agents",
+                    &[format!(
+                        "agent {name}: {} → {} ({} task(s) revoked, {} certificate(s) revoked, {} MCP session(s) ended).",
+                        v["from"].as_str().unwrap_or(""),
+                        v["to"].as_str().unwrap_or(""),
+                        v["effects"]["tasks_revoked"],
+                        v["effects"]["certs_revoked"],
+                        v["effects"]["mcp_sessions_ended"]
+                    )],
+                ),
+                Err(e) => failed(op, &e),
+            }
+        }
         "/policy/reload" => match ops::reload(broker, &actor).await {
             Ok(r) => {
                 let mut lines = vec![format!("Policy {} loaded.", r.digest)];

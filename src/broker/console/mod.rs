@@ -123,6 +123,7 @@ pub fn is_console_path(path: &str) -> bool {
             "/api/",
             "/freeze",
             "/unfreeze",
+            "/agents/",
             "/policy/",
             "/approvals/",
             "/recordings/",

@@ -267,13 +267,23 @@ async fn agents(broker: &Broker, op: &Operator) -> String {
         .agents
         .values()
         .map(|a| {
+            use crate::broker::agents::AgentState;
             let frozen = p.frozen.has(FreezeKind::Agent, &a.name);
             let state = if frozen {
                 badge("bad", "frozen")
-            } else if a.enabled {
-                badge("ok", "enabled")
-            } else {
+            } else if !a.enabled {
                 badge("muted", "disabled")
+            } else {
+                let class = match a.state {
+                    AgentState::Active => "ok",
+                    AgentState::Idle | AgentState::Provisioned => "muted",
+                    _ => "bad",
+                };
+                badge(class, a.state.as_str())
+            };
+            let state = match (&a.owner, &a.template) {
+                (Some(o), Some(t)) => format!("{state} <small>{} · owner {}</small>", esc(t), esc(o)),
+                _ => state,
             };
             let live = tasks.iter().filter(|v| v.task.agent == a.name && v.revoked.is_none()).count();
             let mut row = vec![
@@ -316,16 +326,52 @@ async fn agents(broker: &Broker, op: &Operator) -> String {
                     None => "<span class=\"no\">–</span>".into(),
                 });
             }
-            row.push(if frozen {
+            let mut actions = if frozen {
                 button(op, "/unfreeze", &[("kind", "agent"), ("name", &a.name)], "Unfreeze", false)
             } else {
                 button(op, "/freeze", &[("kind", "agent"), ("name", &a.name)], "Freeze", true)
-            });
+            };
+            let path = |verb: &str| format!("/agents/{}/{verb}", a.name);
+            if a.state.serves() {
+                actions.push_str(&button(op, &path("suspend"), &[], "Suspend", true));
+            } else if a.state == AgentState::Suspended {
+                actions.push_str(&button(op, &path("resume"), &[], "Resume", false));
+            }
+            if a.state.can_become(AgentState::Revoked) {
+                actions.push_str(&button(op, &path("revoke"), &[], "Revoke", true));
+            }
+            row.push(actions);
             row
         })
         .collect();
     let head: Vec<&str> = head.iter().map(String::as_str).collect();
     out.push_str(&table(&head, &rows, "No agents in the policy."));
+    out.push_str(&lifecycle(broker, &p));
+    out
+}
+
+/// The reaper's plan as of now (a dry run) and each agent's unused grants (docs/agents.md).
+fn lifecycle(broker: &Broker, p: &crate::broker::policy::Policy) -> String {
+    let plan = crate::broker::agents::reaper::plan(p, |n| broker.agents.get(n), crate::time::now().secs());
+    let mut out = String::from(
+        "<h2>Lifecycle</h2><p>What the reaper would do now (<code>ephyr agent reap --apply</code> does it",
+    );
+    out.push_str(if p.lifecycle.reaper_apply {
+        "; this broker applies it hourly"
+    } else {
+        "; this broker only reports it"
+    });
+    out.push_str(").</p>");
+    let rows: Vec<Vec<String>> = plan
+        .steps
+        .iter()
+        .map(|s| vec![esc(&s.agent), format!("{} → {}", s.from.as_str(), s.to.as_str()), esc(&s.why)])
+        .collect();
+    out.push_str(&table(&["agent", "step", "why"], &rows, "No agent is due a lifecycle step."));
+    out.push_str("<h3>Grants not used</h3>");
+    let rows: Vec<Vec<String>> =
+        plan.drift.iter().map(|d| vec![esc(&d.agent), esc(&d.unused.join(", ")), esc(&d.suggestion)]).collect();
+    out.push_str(&table(&["agent", "unused", "suggested"], &rows, "Every agent used what it holds."));
     out
 }
 

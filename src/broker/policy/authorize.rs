@@ -226,6 +226,8 @@ pub enum DenyCode {
     UnknownAgent,
     /// The agent is disabled.
     AgentDisabled,
+    /// The agent is suspended, revoked or decommissioned (the agent directory).
+    AgentInactive,
     /// The token's `tool` set does not include the tool.
     TokenDeniesTool,
     /// No such target.
@@ -305,6 +307,7 @@ impl DenyCode {
         match self {
             DenyCode::UnknownAgent => "unknown_agent",
             DenyCode::AgentDisabled => "agent_disabled",
+            DenyCode::AgentInactive => "agent_inactive",
             DenyCode::TokenDeniesTool => "token_denies_tool",
             DenyCode::UnknownTarget => "unknown_target",
             DenyCode::TargetDisabled => "target_disabled",
@@ -607,6 +610,9 @@ fn authorize_one<'p>(policy: &'p Policy, agent: &str, token: Option<&Envelope>, 
     };
     if !agent.enabled {
         return deny(DenyCode::AgentDisabled, format!("agent {:?} is disabled", agent.name));
+    }
+    if !agent.state.serves() {
+        return deny(DenyCode::AgentInactive, format!("agent {:?} is {}", agent.name, agent.state.as_str()));
     }
     if let Some(denial) = frozen(policy, &agent.name, &action.kind) {
         return Decision::Deny(denial);

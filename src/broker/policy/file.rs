@@ -574,6 +574,24 @@ pub struct FilesFile {
     pub write: Vec<String>,
 }
 
+/// `lifecycle:` — how enrolled agents come and go (docs/agents.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleFile {
+    /// Join token lifetime when `ephyr agent enroll` names none (`15m`).
+    pub join_ttl: Option<String>,
+    /// Longest join token (`1d`).
+    pub join_ttl_max: Option<String>,
+    /// Unused this long: active → idle (`30d`).
+    pub idle_after: Option<String>,
+    /// Idle this long: an enrolled agent is decommissioned (`60d`).
+    pub decommission_after: Option<String>,
+    /// A grant unused this long is reported as drift (`30d`).
+    pub drift_after: Option<String>,
+    /// `report` (default: the background reaper only reports) or `apply`.
+    pub reaper: Option<String>,
+}
+
 /// `runs.<name>:` — a template for `ephyr run HOST` (docs/runs.md).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -721,6 +721,44 @@ pub struct Agent {
     pub rate_limit: Rate,
     /// Served at all.
     pub enabled: bool,
+    /// Where it stands in its lifecycle (`agents` directory; `Active` for a policy agent nobody
+    /// has changed). Checked on every use of every credential of the agent.
+    pub state: crate::broker::agents::AgentState,
+    /// Enrolled agents: the operator who owns it (policy agents: none).
+    pub owner: Option<String>,
+    /// Enrolled agents: the template that gives its grants (policy agents: none).
+    pub template: Option<String>,
+}
+
+/// `lifecycle:` — how enrolled agents come and go (docs/agents.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// How long a join token from `ephyr agent enroll` is valid when the operator names none.
+    pub join_ttl: Duration,
+    /// Longest join token.
+    pub join_ttl_max: Duration,
+    /// An active agent unused this long becomes idle.
+    pub idle_after: Duration,
+    /// An enrolled agent idle this long is decommissioned.
+    pub decommission_after: Duration,
+    /// A grant not exercised this long is reported as drift.
+    pub drift_after: Duration,
+    /// The background reaper carries out its plan (`false`: it only reports it).
+    pub reaper_apply: bool,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        const DAY: u64 = 86_400;
+        Lifecycle {
+            join_ttl: Duration::from_secs(15 * 60),
+            join_ttl_max: Duration::from_secs(DAY),
+            idle_after: Duration::from_secs(30 * DAY),
+            decommission_after: Duration::from_secs(60 * DAY),
+            drift_after: Duration::from_secs(30 * DAY),
+            reaper_apply: false,
+        }
+    }
 }
 
 /// MCP endpoint settings (`mcp:`).
@@ -804,6 +842,14 @@ pub struct Policy {
     pub approvals: approval::Approvals,
     /// Templates for `ephyr run` (`runs:`).
     pub runs: BTreeMap<String, RunTemplate>,
+    /// Agent templates (`templates:`), each merged alone into an agent with the defaults: what an
+    /// enrolled agent of that template is granted.
+    pub templates: BTreeMap<String, Agent>,
+    /// How enrolled agents come and go (`lifecycle:`).
+    pub lifecycle: Lifecycle,
+    /// Generation of the agent directory merged into `agents` (0: none); with `digest` it names
+    /// the set of agents and keys this snapshot holds.
+    pub directory: u64,
     /// What operators have frozen (the kill switch; not from the file: carried across reloads).
     pub frozen: Frozen,
     /// Non-fatal findings (Go-compatibility notes, agents with no grants, ...).

@@ -22,7 +22,7 @@ use crate::macaroon::caveat::NormPath;
 use crate::signer::protocol::{HARD_MAX_CERT_TTL_SECS, KNOWN_EXTENSIONS, valid_principal};
 use crate::time::parse_duration;
 
-const SECTIONS: [&str; 15] = [
+const SECTIONS: [&str; 16] = [
     "version",
     "operators",
     "approvals",
@@ -37,6 +37,7 @@ const SECTIONS: [&str; 15] = [
     "templates",
     "agents",
     "runs",
+    "lifecycle",
     "$schema",
 ];
 /// Largest Argon2 memory cost accepted for an API-key hash (64 MiB).
@@ -1946,7 +1947,7 @@ fn agents(
     cx: &mut Ctx<'_>,
     top: &serde_yaml_ng::Mapping,
     known: &Known<'_>,
-) -> (BTreeMap<String, Agent>, BTreeMap<u32, String>) {
+) -> (BTreeMap<String, Agent>, BTreeMap<u32, String>, BTreeMap<String, Agent>) {
     let Known { limits, roles, targets, services, remotes } = *known;
     // Templates (validated as they are merged into agents; parsed once here).
     let mut templates: BTreeMap<String, TemplateFile> = BTreeMap::new();
@@ -2006,6 +2007,9 @@ fn agents(
             max_concurrent_certs: a.max_concurrent_certs.unwrap_or(limits.max_certs_per_agent),
             rate_limit: rate,
             enabled: a.enabled.unwrap_or(true),
+            state: crate::broker::agents::AgentState::Active,
+            owner: None,
+            template: None,
         };
         let mut dash = false;
         let own = Grantable {
@@ -2057,7 +2061,84 @@ fn agents(
         );
     }
 
-    (agents, by_uid)
+    // Each template alone, with the defaults: what an enrolled agent of it is granted. Checked
+    // on a scratch context so a template's problem is reported once, not once more here.
+    let mut scratch = Ctx { text: cx.text, origin: cx.origin, problems: Vec::new(), warnings: Vec::new() };
+    let mut prototypes = BTreeMap::new();
+    for (name, tf) in &templates {
+        let mut agent = Agent {
+            name: name.clone(),
+            description: tf.description.clone().unwrap_or_default(),
+            api_key_hash: None,
+            uid: None,
+            ssh: Grants::default(),
+            services: Grants::default(),
+            remotes: Grants::default(),
+            dashboard: DashboardLevel::None,
+            can_delegate: false,
+            max_delegation_depth: limits.delegation_depth_max,
+            max_task_ttl: limits.task_ttl_max,
+            require_pop: false,
+            max_concurrent_certs: limits.max_certs_per_agent,
+            rate_limit: limits.requests_per_agent,
+            enabled: true,
+            state: crate::broker::agents::AgentState::Active,
+            owner: None,
+            template: Some(name.clone()),
+        };
+        let g = Grantable {
+            ssh: tf.ssh.as_ref(),
+            services: tf.services.as_ref(),
+            remotes: tf.remotes.as_ref(),
+            dashboard: tf.dashboard.as_deref(),
+        };
+        let mut dash = false;
+        merge_grants(&mut scratch, &["templates", name], &g, roles, targets, services, remotes, &mut agent, &mut dash);
+        prototypes.insert(name.clone(), agent);
+    }
+    for p in scratch.problems {
+        if !cx.problems.contains(&p) {
+            cx.problems.push(p);
+        }
+    }
+
+    (agents, by_uid, prototypes)
+}
+
+/// `lifecycle:` — join token lifetimes and the reaper's clock (docs/agents.md).
+fn lifecycle(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> Lifecycle {
+    let d = Lifecycle::default();
+    let Some(v) = top.get("lifecycle") else { return d };
+    let Some(f) = cx.entry::<LifecycleFile>(&["lifecycle"], v) else { return d };
+    let dur = |cx: &mut Ctx<'_>, key: &str, v: Option<&str>, def: std::time::Duration| {
+        let got = cx.duration(&["lifecycle", key], v, def);
+        if got.is_zero() {
+            cx.err(&["lifecycle", key], "must be longer than 0s", None);
+            return def;
+        }
+        got
+    };
+    let join_ttl_max = dur(cx, "join_ttl_max", f.join_ttl_max.as_deref(), d.join_ttl_max);
+    let join_ttl = dur(cx, "join_ttl", f.join_ttl.as_deref(), d.join_ttl.min(join_ttl_max));
+    if join_ttl > join_ttl_max {
+        cx.err(&["lifecycle", "join_ttl"], "is longer than lifecycle.join_ttl_max", None);
+    }
+    let reaper_apply = match f.reaper.as_deref() {
+        None | Some("report") => false,
+        Some("apply") => true,
+        Some(other) => {
+            cx.err(&["lifecycle", "reaper"], format!("unknown mode {other:?}"), Some("report or apply".into()));
+            false
+        }
+    };
+    Lifecycle {
+        join_ttl,
+        join_ttl_max,
+        idle_after: dur(cx, "idle_after", f.idle_after.as_deref(), d.idle_after),
+        decommission_after: dur(cx, "decommission_after", f.decommission_after.as_deref(), d.decommission_after),
+        drift_after: dur(cx, "drift_after", f.drift_after.as_deref(), d.drift_after),
+        reaper_apply,
+    }
 }
 
 /// Parses and validates a policy: each section by its own function, then the agents, which use
@@ -2197,7 +2278,8 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     let network = network(&mut cx, top);
     let mcp = mcp(&mut cx, top);
     let known = Known { limits: &limits, roles: &roles, targets: &targets, services: &services, remotes: &remotes };
-    let (agents, by_uid) = agents(&mut cx, top, &known);
+    let (agents, by_uid, templates) = agents(&mut cx, top, &known);
+    let lifecycle = lifecycle(&mut cx, top);
     let operators = operators(&mut cx, top);
     let approvals = approvals(&mut cx, top, &known, &operators);
     let runs = runs(&mut cx, top, &known, &agents);
@@ -2220,6 +2302,9 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         operators,
         approvals,
         runs,
+        templates,
+        lifecycle,
+        directory: 0,
         frozen: Frozen::default(),
         warnings: cx.warnings,
         digest,

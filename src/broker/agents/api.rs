@@ -1,0 +1,415 @@
+//! The agent directory's operations and routes: enrollment, joining, transitions, the reaper.
+//!
+//! | route | who | what |
+//! |---|---|---|
+//! | `GET /v1/agents` | operators (local socket) | every agent: state, owner, template, last use, grants used |
+//! | `GET /v1/agents/<name>` | operators | one agent |
+//! | `POST /v1/agents/enroll` | operators | `{template, owner, name?, ttl?}` → a join token, shown once |
+//! | `POST /v1/agents/<name>/suspend\|resume\|revoke` | operators | `{reason?}`: a transition |
+//! | `POST /v1/agents/reap` | operators | `{apply?}`: the reaper's plan (carried out with `apply`) |
+//! | `POST /v1/agents/join` | anyone with a join token (MCP/API listener) | `{join_token}` → the agent's API key, once |
+//!
+//! What runs here: the executor thread. A transition that refuses an agent takes effect in the
+//! policy snapshot before anything is cleaned up (tasks, certificates, sessions, approvals) and
+//! is journaled and audited before it is acknowledged. A join spends the token durably before
+//! the key is handed out: a crash in between leaves a spent token and no key (enroll again),
+//! never a token that works twice.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{AgentState, Entry, reaper};
+use crate::broker::audit::{AuditSink as _, Event, Kind};
+use crate::broker::http::{Body, Peer, error, json, read_body};
+use crate::broker::ops::{self, Actor};
+use crate::broker::policy::FreezeKind;
+use crate::broker::{Broker, Error};
+
+const MAX_BODY: usize = 16 * 1024;
+
+fn now_secs() -> i64 {
+    crate::time::now().secs()
+}
+
+fn date(secs: i64) -> String {
+    crate::time::UnixMicros::from_secs(secs).to_rfc3339()
+}
+
+async fn record(broker: &Broker, ev: Event) -> Result<(), Error> {
+    let t = broker.audit.record(ev).map_err(|e| Error::Unavailable(e.to_string()))?;
+    t.durable().await.map_err(|e| Error::Unavailable(e.to_string()))
+}
+
+/// A successful authentication of `agent` (in state `state`): its use is noted, and an idle
+/// agent becomes active again.
+pub async fn used(broker: &Broker, agent: &str, state: AgentState) {
+    broker.agents.touch(agent, None, now_secs());
+    if state == AgentState::Idle
+        && let Err(e) = transition(broker, &Actor::Broker("use"), agent, AgentState::Active, "used again").await
+    {
+        log::warn!("agent {agent:?}: idle → active not recorded: {}", e.message());
+    }
+}
+
+/// Notes which grant an audited event exercised (the audit log's observer): `ssh:<target>` for
+/// an issued certificate, `service:<name>` for a proxied request, `remote:<name>` for a
+/// federated call.
+pub fn exercised(broker: &Broker, e: &Event) {
+    let (Some(agent), Some(action)) = (&e.agent, &e.action) else { return };
+    if e.decision == Some(crate::broker::audit::Verdict::Deny) || e.code.is_some() {
+        return;
+    }
+    let grant = match (e.kind, e.name) {
+        (Kind::Cert, "cert_issued") => action["target"].as_str().map(|t| format!("ssh:{t}")),
+        (Kind::Http, _) => action["service"].as_str().map(|s| format!("service:{s}")),
+        (Kind::Federation, _) => action["remote"].as_str().map(|r| format!("remote:{r}")),
+        _ => None,
+    };
+    if let Some(g) = grant
+        && broker.policy().agents.contains_key(agent)
+    {
+        broker.agents.touch(agent, Some(&g), now_secs());
+    }
+}
+
+/// Moves `name` to `to` if the lifecycle allows it: the snapshot refuses the agent at once when
+/// `to` does not serve, then what it holds ends, then the change is journaled and audited.
+pub async fn transition(
+    broker: &Broker,
+    actor: &Actor,
+    name: &str,
+    to: AgentState,
+    reason: &str,
+) -> Result<Value, Error> {
+    super::check_reason(reason)?;
+    let known = broker.policy().agents.contains_key(name) || broker.agents.get(name).is_some();
+    if !known {
+        return Err(Error::NotFound(format!("no agent {name:?} (in the policy or enrolled)")));
+    }
+    let from = broker.agents.state(name);
+    if from == to {
+        return Err(Error::Refused(format!("agent {name:?} is {} already", to.as_str())));
+    }
+    if !from.can_become(to) {
+        return Err(Error::Refused(format!(
+            "agent {name:?} is {}: it cannot become {} (docs/agents.md has the lifecycle)",
+            from.as_str(),
+            to.as_str()
+        )));
+    }
+    let durable = broker.agents.transition(name, to, &actor.name(), reason, now_secs())?;
+    ops::refresh_policy(broker);
+    let mut effects = ops::FreezeEffects::default();
+    if !to.serves() && from.serves() {
+        let why = format!("agent {name} is {} by {}", to.as_str(), actor.name());
+        effects = ops::end_covered(broker, actor, FreezeKind::Agent, name, None, &why).await?;
+    }
+    let journaled = durable.wait().await;
+    let ev = Event::new(Kind::Agent, "agent_state")
+        .agent(actor.name())
+        .action(json!({ "agent": name, "from": from.as_str(), "to": to.as_str(), "reason": reason }))
+        .allow()
+        .outcome(serde_json::to_value(&effects).unwrap_or_default());
+    let recorded = record(broker, ev).await;
+    broker.metrics.inc("ephyr_agent_transitions_total", &[("to", to.as_str())]);
+    journaled.map_err(|e| {
+        Error::Unavailable(format!(
+            "agent {name:?} is {} now, but the change was not journaled and will not survive a restart: {}",
+            to.as_str(),
+            e.message()
+        ))
+    })?;
+    recorded.map_err(|e| {
+        Error::Unavailable(format!("agent {name:?} is {}, but its audit record failed: {}", to.as_str(), e.message()))
+    })?;
+    Ok(json!({ "agent": name, "from": from.as_str(), "to": to.as_str(), "effects": effects }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollRequest {
+    template: String,
+    owner: String,
+    name: Option<String>,
+    ttl: Option<String>,
+}
+
+/// Enrolls an agent: a name (given or `<template>-<8 random>`), a join token (shown once).
+pub async fn enroll(broker: &Broker, actor: &Actor, body: &[u8]) -> Result<Value, Error> {
+    let r: EnrollRequest = serde_json::from_slice(body).map_err(|e| Error::Invalid(format!("request body: {e}")))?;
+    let policy = broker.policy();
+    if !policy.templates.contains_key(&r.template) {
+        let known: Vec<&str> = policy.templates.keys().map(String::as_str).collect();
+        return Err(Error::Invalid(format!(
+            "no template {:?} in the policy (templates: {})",
+            r.template,
+            if known.is_empty() { "none; add a `templates:` section".into() } else { known.join(", ") }
+        )));
+    }
+    if !policy.operators.contains_key(&r.owner) {
+        return Err(Error::Invalid(format!(
+            "the owner must be an operator of the policy (`operators:`); {:?} is not one",
+            r.owner
+        )));
+    }
+    let l = &policy.lifecycle;
+    let ttl = match r.ttl.as_deref().map(crate::time::parse_duration) {
+        None => l.join_ttl,
+        Some(Ok(d)) if !d.is_zero() && d <= l.join_ttl_max => d,
+        Some(Ok(_)) => {
+            return Err(Error::Invalid(format!(
+                "ttl must be longer than 0s and at most lifecycle.join_ttl_max ({})",
+                crate::time::format_duration(l.join_ttl_max)
+            )));
+        }
+        Some(Err(e)) => return Err(Error::Invalid(format!("ttl: {e}"))),
+    };
+    let name = match r.name {
+        Some(n) => n,
+        None => {
+            let mut b = [0u8; 5];
+            crate::secret::random_bytes(&mut b).map_err(|e| Error::Unavailable(e.to_string()))?;
+            format!("{}-{}", r.template, data_encoding::BASE32_NOPAD.encode(&b).to_ascii_lowercase())
+        }
+    };
+    if !crate::broker::policy::name_ok(&name) {
+        return Err(Error::Invalid(format!("agent names are 1-64 of [A-Za-z0-9_.-]; {name:?} is not one")));
+    }
+    if policy.agents.contains_key(&name) {
+        return Err(Error::Refused(format!("an agent named {name:?} exists already")));
+    }
+    let now = now_secs();
+    let expires = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+    let en = broker.agents.enroll(&name, &r.template, &r.owner, &actor.name(), now, expires)?;
+    ops::refresh_policy(broker);
+    en.durable.wait().await?;
+    let ev = Event::new(Kind::Agent, "agent_enrolled")
+        .agent(actor.name())
+        .action(json!({ "agent": name, "template": r.template, "owner": r.owner, "join_expires": date(expires) }))
+        .allow();
+    record(broker, ev).await?;
+    broker.metrics.inc("ephyr_agent_enrollments_total", &[]);
+    Ok(json!({
+        "agent": name,
+        "template": r.template,
+        "owner": r.owner,
+        "join_token": en.token.expose(),
+        "expires": date(expires),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinRequest {
+    join_token: String,
+}
+
+/// `POST /v1/agents/join` on the MCP/API listener: a join token in, the agent's API key out
+/// (once). Failures count against the source like failed authentications.
+pub async fn join(broker: &Broker, req: http::Request<hyper::body::Incoming>, peer: Peer) -> http::Response<Body> {
+    let source = match peer {
+        Peer::Tcp(a) => Some(a.ip()),
+        Peer::Unix(_) => None,
+    };
+    let instant = std::time::Instant::now();
+    if let Err(e) = broker.auth.check_source(source, instant) {
+        let mut r = error(StatusCode::TOO_MANY_REQUESTS, e.code(), e.message());
+        if let Some(s) = e.retry_after().and_then(|s| http::HeaderValue::from_str(&s.to_string()).ok()) {
+            r.headers_mut().insert(http::header::RETRY_AFTER, s);
+        }
+        return r;
+    }
+    if req.method() != http::Method::POST {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST a JSON body {\"join_token\": \"…\"}");
+    }
+    let body = match read_body(req, MAX_BODY, Duration::from_secs(10)).await {
+        Ok(b) => b,
+        Err(e) => return e.response(),
+    };
+    let token = match serde_json::from_slice::<JoinRequest>(&body) {
+        // Moved into a zeroizing wrapper at once.
+        Ok(r) => crate::secret::SecretString::new(r.join_token),
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", format!("request body: {e}")),
+    };
+    let now = now_secs();
+    let name = match broker.agents.check_join(token.expose(), now) {
+        Ok(n) => n,
+        Err(e) => {
+            broker.auth.failed(source, instant);
+            broker.metrics.inc("ephyr_agent_joins_total", &[("outcome", e.code())]);
+            let ev = Event::new(Kind::Agent, "agent_join_failed")
+                .error(e.code(), e.message())
+                .action(json!({ "source": source.map(|s| s.to_string()) }));
+            if let Err(err) = broker.audit.note(ev) {
+                log::error!("audit: {err}");
+            }
+            return error(StatusCode::UNAUTHORIZED, e.code(), e.message());
+        }
+    };
+    let (key, stored) = match crate::broker::auth::api_key::generate() {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+    };
+    let durable = match broker.agents.join(&name, &stored, now) {
+        Ok(d) => d,
+        Err(e) => return error(e.status(), e.code(), e.message()),
+    };
+    ops::refresh_policy(broker);
+    if let Err(e) = durable.wait().await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "state_unavailable", e.message());
+    }
+    let ev = Event::new(Kind::Agent, "agent_joined")
+        .agent(name.clone())
+        .action(json!({ "source": source.map(|s| s.to_string()) }))
+        .allow();
+    if let Err(e) = record(broker, ev).await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", e.message());
+    }
+    broker.metrics.inc("ephyr_agent_joins_total", &[("outcome", "ok")]);
+    let template = broker.agents.get(&name).and_then(|e| e.enrollment).map(|en| en.template).unwrap_or_default();
+    json(StatusCode::OK, &json!({ "agent": name, "template": template, "api_key": key.expose() }))
+}
+
+/// One agent as operators see it.
+fn agent_json(broker: &Broker, name: &str, e: Option<&Entry>) -> Value {
+    let policy = broker.policy();
+    let a = policy.agents.get(name);
+    let state = e.map_or(AgentState::Active, |e| e.state);
+    let mut grants = Vec::new();
+    if let Some(a) = a {
+        grants.extend(a.ssh.entries().iter().map(|g| format!("ssh:{}", g.pattern)));
+        grants.extend(a.services.entries().iter().map(|g| format!("service:{}", g.pattern)));
+        grants.extend(a.remotes.entries().iter().map(|g| format!("remote:{}", g.pattern)));
+    }
+    let en = e.and_then(|e| e.enrollment.as_ref());
+    json!({
+        "name": name,
+        "source": if en.is_some() { "enrolled" } else { "policy" },
+        "state": state.as_str(),
+        "since": e.filter(|e| e.since > 0).map(|e| date(e.since)),
+        "by": e.map(|e| e.by.clone()).filter(|s| !s.is_empty()),
+        "reason": e.map(|e| e.reason.clone()).filter(|s| !s.is_empty()),
+        "owner": en.map(|en| en.owner.clone()),
+        "template": en.map(|en| en.template.clone()),
+        "enrolled": en.map(|en| date(en.at)),
+        "join_expires": en.filter(|en| en.joined.is_none()).map(|en| date(en.join_expires)),
+        "joined": en.and_then(|en| en.joined).map(date),
+        "last_used": e.and_then(|e| e.last_used).map(date),
+        "grants": grants,
+        "exercised": e.map(|e| e.exercised.iter().map(|(g, t)| (g.clone(), json!(date(*t)))).collect::<serde_json::Map<_, _>>()),
+        "frozen": policy.frozen.has(FreezeKind::Agent, name),
+    })
+}
+
+/// Every agent: the policy's and the enrolled ones (decommissioned included).
+pub fn list(broker: &Broker) -> Value {
+    let policy = broker.policy();
+    let entries: std::collections::BTreeMap<String, Entry> = broker.agents.list().into_iter().collect();
+    let mut names: std::collections::BTreeSet<&String> = policy.agents.keys().collect();
+    names.extend(entries.keys());
+    let agents: Vec<Value> = names.into_iter().map(|n| agent_json(broker, n, entries.get(n))).collect();
+    json!({ "agents": agents })
+}
+
+/// The reaper's plan at this moment; with `apply`, carried out (each step a transition by
+/// `broker:reaper`, audited; a step that fails is reported and the rest go on).
+pub async fn reap(broker: &Broker, apply: bool) -> Value {
+    let policy = broker.policy();
+    let plan = reaper::plan(&policy, |n| broker.agents.get(n), now_secs());
+    let mut applied = Vec::new();
+    if apply {
+        for s in &plan.steps {
+            let r = transition(broker, &Actor::Broker("reaper"), &s.agent, s.to, &s.why).await;
+            applied.push(match r {
+                Ok(_) => json!({ "agent": s.agent, "to": s.to.as_str(), "ok": true }),
+                Err(e) => json!({ "agent": s.agent, "to": s.to.as_str(), "ok": false, "error": e.message() }),
+            });
+        }
+        let ev = Event::new(Kind::Agent, "reaper_run")
+            .agent("broker:reaper")
+            .allow()
+            .outcome(json!({ "steps": plan.steps.len(), "drift": plan.drift.len() }));
+        if let Err(e) = record(broker, ev).await {
+            log::error!("audit: {}", e.message());
+        }
+    }
+    broker.metrics.set("ephyr_reaper_pending", &[], if apply { 0.0 } else { plan.steps.len() as f64 });
+    json!({ "applied": apply, "steps": plan.steps, "drift": plan.drift, "results": applied })
+}
+
+fn respond(r: Result<Value, Error>) -> http::Response<Body> {
+    match r {
+        Ok(v) => json(StatusCode::OK, &v),
+        Err(e) => error(e.status(), e.code(), e.message()),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReasonBody {
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReapBody {
+    #[serde(default)]
+    apply: bool,
+}
+
+fn parse<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, Error> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| Error::Invalid(format!("request body: {e}")))
+}
+
+/// The local socket's `/v1/agents` routes (the caller is an operator).
+pub async fn local(broker: &Broker, actor: &Actor, req: http::Request<hyper::body::Incoming>) -> http::Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let rest = path.strip_prefix("/v1/agents").unwrap_or("").trim_start_matches('/').to_owned();
+    let body = if method == http::Method::POST {
+        match read_body(req, MAX_BODY, Duration::from_secs(10)).await {
+            Ok(b) => b,
+            Err(e) => return e.response(),
+        }
+    } else {
+        Default::default()
+    };
+    match (method, rest.as_str()) {
+        (http::Method::GET, "") => json(StatusCode::OK, &list(broker)),
+        (http::Method::POST, "enroll") => respond(enroll(broker, actor, &body).await),
+        (http::Method::POST, "reap") => match parse::<ReapBody>(&body) {
+            Ok(b) => json(StatusCode::OK, &reap(broker, b.apply).await),
+            Err(e) => error(e.status(), e.code(), e.message()),
+        },
+        (http::Method::GET, name) if !name.contains('/') => {
+            let e = broker.agents.get(name);
+            if e.is_none() && !broker.policy().agents.contains_key(name) {
+                return error(StatusCode::NOT_FOUND, "unknown_agent", format!("no agent {name:?}"));
+            }
+            json(StatusCode::OK, &agent_json(broker, name, e.as_ref()))
+        }
+        (http::Method::POST, path) => {
+            let Some((name, verb)) = path.split_once('/') else {
+                return error(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}"));
+            };
+            let to = match verb {
+                "suspend" => AgentState::Suspended,
+                "resume" => AgentState::Active,
+                "revoke" => AgentState::Revoked,
+                _ => return error(StatusCode::NOT_FOUND, "not_found", format!("no route for {path}")),
+            };
+            match parse::<ReasonBody>(&body) {
+                Ok(b) => respond(transition(broker, actor, name, to, &b.reason).await),
+                Err(e) => error(e.status(), e.code(), e.message()),
+            }
+        }
+        (_, path) => error(StatusCode::NOT_FOUND, "not_found", format!("no route for /v1/agents/{path}")),
+    }
+}
