@@ -48,6 +48,8 @@ fi
 if [ -f tests/peers/package.json ]; then
   step "npm packages"
   (cd tests/peers && npm ci --no-audit --no-fund --loglevel=error)
+  # The conformance prerelease: its authorization-server scenarios (tests/oauth.rs).
+  (cd tests/peers-next && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 if ! cargo deny --version 2>/dev/null | grep -q "^cargo-deny 0.20.2"; then

@@ -73,6 +73,7 @@ pub const METRICS: &[(&str, Type, &str)] = &[
     ("ephyr_agent_transitions_total", Type::Counter, "Agent lifecycle transitions by the state reached."),
     ("ephyr_agent_enrollments_total", Type::Counter, "Agents enrolled (join tokens issued)."),
     ("ephyr_agent_joins_total", Type::Counter, "Join token exchanges by outcome."),
+    ("ephyr_oauth_requests_total", Type::Counter, "OAuth authorization server requests by endpoint and outcome."),
     ("ephyr_reaper_pending", Type::Gauge, "Lifecycle steps the agent reaper would take (0 after it applied them)."),
     ("ephyr_approval_notifications_total", Type::Counter, "Approval notifications (webhook, ntfy) by outcome."),
     ("ephyr_approvals_pending", Type::Gauge, "Approval requests waiting for an operator."),

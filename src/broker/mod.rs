@@ -25,6 +25,7 @@ pub mod journal;
 pub(crate) mod local;
 pub(crate) mod maintenance;
 pub mod metrics;
+pub mod oauth;
 pub(crate) mod ops;
 pub mod policy;
 pub mod ports;
@@ -143,6 +144,8 @@ pub struct Broker {
     pub keys: runs::keys::Keys,
     /// The agent directory: lifecycle states, enrolled agents, use; journaled.
     pub agents: agents::Directory,
+    /// The built-in OAuth authorization server's clients and grants; journaled.
+    pub oauth: oauth::OAuth,
 }
 
 impl Broker {

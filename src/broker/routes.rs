@@ -80,6 +80,10 @@ pub fn api_handler(broker: Rc<Broker>) -> Handler {
                 (&Method::GET, "/healthz") => healthz(&broker),
                 (_, "/healthz") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
                 (_, "/v1/agents/join") => super::agents::api::join(&broker, req, peer).await,
+                (&Method::GET, "/.well-known/oauth-authorization-server") => {
+                    super::oauth::server::metadata(&broker, req.headers())
+                }
+                (_, p) if p.starts_with("/oauth/") => super::oauth::server::handle(&broker, req, peer).await,
                 (_, p) if p == "/v1/runs" || p.starts_with("/v1/runs/") => {
                     super::runs::api::tcp(&broker, req, peer).await
                 }

@@ -346,6 +346,9 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         let agents = super::agents::Directory::load(&logs)
             .await
             .map_err(|e| ServeError::Startup(format!("agent directory: {}", e.message())))?;
+        let oauth = super::oauth::OAuth::load(&logs)
+            .await
+            .map_err(|e| ServeError::Startup(format!("oauth: {}", e.message())))?;
         let mut policy = policy;
         policy.frozen = freezes.frozen();
         for w in agents.overlay(&mut policy) {
@@ -388,6 +391,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             runs,
             keys,
             agents,
+            oauth,
         });
         {
             // The directory learns which grants are exercised from what the audit log records.

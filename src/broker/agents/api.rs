@@ -201,6 +201,54 @@ pub async fn enroll(broker: &Broker, actor: &Actor, body: &[u8]) -> Result<Value
     }))
 }
 
+/// An agent for an OAuth client an operator consented to (docs/oauth.md): enrolled from
+/// `template`, owned by `owner`, active at once; its credentials are the OAuth grant's tokens
+/// (no join token is ever shown, no API key made).
+pub async fn enroll_consented(
+    broker: &Broker,
+    actor: &Actor,
+    template: &str,
+    owner: &str,
+    client: &str,
+) -> Result<String, Error> {
+    let policy = broker.policy();
+    if !policy.templates.contains_key(template) {
+        return Err(Error::Invalid(format!("no template {template:?} in the policy")));
+    }
+    let base: String = client
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .take(24)
+        .collect::<String>()
+        .trim_matches('-')
+        .to_owned();
+    let mut b = [0u8; 5];
+    crate::secret::random_bytes(&mut b).map_err(|e| Error::Unavailable(e.to_string()))?;
+    let suffix = data_encoding::BASE32_NOPAD.encode(&b).to_ascii_lowercase();
+    let name = if base.is_empty() { format!("oauth-{suffix}") } else { format!("oauth-{base}-{suffix}") };
+    let now = now_secs();
+    // The join token is never shown: it expires as it is made.
+    let en = broker.agents.enroll(&name, template, owner, &actor.name(), now, now)?;
+    drop(en.token);
+    en.durable.wait().await?;
+    let d = broker.agents.transition(
+        &name,
+        AgentState::Active,
+        &actor.name(),
+        &format!("OAuth consent for {client}"),
+        now,
+    )?;
+    ops::refresh_policy(broker);
+    d.wait().await?;
+    let ev = Event::new(Kind::Agent, "agent_enrolled")
+        .agent(actor.name())
+        .action(json!({ "agent": name, "template": template, "owner": owner, "via": "oauth", "client": client }))
+        .allow();
+    record(broker, ev).await?;
+    broker.metrics.inc("ephyr_agent_enrollments_total", &[]);
+    Ok(name)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JoinRequest {

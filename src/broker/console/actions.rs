@@ -51,6 +51,16 @@ pub fn form(body: &[u8]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The page to go to after sign-in, from a query or form (`next`): only the consent page of
+/// an authorization request, so a link cannot send an operator anywhere else.
+pub fn next_page(query: &str) -> Option<String> {
+    let f = form(query.as_bytes());
+    let n = field(&f, "next")?;
+    let id = n.strip_prefix("/oauth/consent?request=")?;
+    (!id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        .then(|| n.to_owned())
+}
+
 fn field<'a>(f: &'a [(String, String)], k: &str) -> Option<&'a str> {
     f.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str())
 }
@@ -70,6 +80,7 @@ pub async fn login(broker: &Broker, req: Request<Incoming>, peer: Peer, tls: boo
     };
     let f = form(&body);
     let name = field(&f, "name").unwrap_or("").to_owned();
+    let next = next_page(std::str::from_utf8(&body).unwrap_or(""));
     let password = SecretString::new(field(&f, "password").unwrap_or("").to_owned());
     drop(f);
     let ip = source(peer);
@@ -125,7 +136,7 @@ pub async fn login(broker: &Broker, req: Request<Incoming>, peer: Peer, tls: boo
             Event::new(Kind::Operator, "console_login").agent(who).allow().action(json!({ "source": ip.to_string() })),
         )
         .await;
-    let mut r = redirect("/");
+    let mut r = redirect(next.as_deref().unwrap_or("/"));
     if let Ok(v) = HeaderValue::from_str(&auth::set_cookie(cookie.expose(), tls)) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
@@ -172,6 +183,12 @@ pub async fn post(broker: &Broker, op: &Operator, req: Request<Incoming>, path: 
     }
     if path == "/inspect" {
         return inspect(broker, op, field(&f, "token").unwrap_or(""));
+    }
+    if path == "/oauth/consent" {
+        if op.role != OperatorRole::Admin {
+            return error_page(StatusCode::FORBIDDEN, Some(op), "only an admin can answer an authorization request");
+        }
+        return crate::broker::oauth::consent::answer(broker, op, &f).await;
     }
     if path == "/approvals/decide" {
         // The rules behind the request say who answers (a viewer they name too).

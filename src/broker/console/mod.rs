@@ -124,6 +124,7 @@ pub fn is_console_path(path: &str) -> bool {
             "/freeze",
             "/unfreeze",
             "/agents/",
+            "/oauth/",
             "/policy/",
             "/approvals/",
             "/recordings/",
@@ -169,7 +170,10 @@ async fn route(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer, tls: bool
         (&Method::GET, "/assets/console.css") => return asset("text/css; charset=utf-8", CSS),
         (&Method::GET, "/assets/console.js") => return asset("text/javascript; charset=utf-8", JS),
         (&Method::GET, "/assets/icon.svg") => return asset("image/svg+xml", ICON),
-        (&Method::GET, "/login") => return views::login(&broker, None, StatusCode::OK),
+        (&Method::GET, "/login") => {
+            let next = actions::next_page(req.uri().query().unwrap_or(""));
+            return views::login_then(&broker, None, StatusCode::OK, next.as_deref());
+        }
         _ => {}
     }
     if method == Method::POST
@@ -184,12 +188,20 @@ async fn route(broker: Rc<Broker>, req: Request<Incoming>, peer: Peer, tls: bool
     let op = auth::cookie(req.headers()).and_then(|c| broker.console.sessions.get(&policy, &c, now));
     let Some(op) = op else {
         return match method {
+            // The consent page comes back after sign-in (a client's authorization request).
+            Method::GET if path == "/oauth/consent" => {
+                let back = format!("/oauth/consent?{}", req.uri().query().unwrap_or(""));
+                redirect(&format!("/login?next={}", crate::broker::upstream::plan::percent_encode(back.as_bytes())))
+            }
             Method::GET if !path.starts_with("/events/") && !path.starts_with("/api/") => redirect("/login"),
             _ => error_page(StatusCode::UNAUTHORIZED, None, "sign in first: this session has ended or never began"),
         };
     };
     match method {
         Method::GET | Method::HEAD if path == "/approvals" => queue::page(&broker, &op).await,
+        Method::GET | Method::HEAD if path == "/oauth/consent" => {
+            crate::broker::oauth::consent::show(&broker, &op, req.uri().query().unwrap_or(""))
+        }
         Method::GET | Method::HEAD if path == "/recordings" => recordings::list(&broker, &op).await,
         Method::GET | Method::HEAD if path.starts_with("/recordings/") => {
             recordings::show(&broker, &op, &path["/recordings/".len()..]).await

@@ -24,6 +24,11 @@ pub const VERIFY_MAX: u64 = 64 << 20;
 
 /// The sign-in form (`message`: why the last attempt failed).
 pub fn login(broker: &Broker, message: Option<&str>, status: StatusCode) -> Response<Body> {
+    login_then(broker, message, status, None)
+}
+
+/// The sign-in form that goes on to `next` (a page `actions::next_page` accepted).
+pub fn login_then(broker: &Broker, message: Option<&str>, status: StatusCode, next: Option<&str>) -> Response<Body> {
     let mut body = String::new();
     if let Some(m) = message {
         body.push_str(&notice("bad", &[m.to_owned()]));
@@ -34,12 +39,13 @@ pub fn login(broker: &Broker, message: Option<&str>, status: StatusCode) -> Resp
             &["No operator accounts exist yet: run `ephyr operator add NAME --role admin`, paste its lines into policy.yaml and reload.".into()],
         ));
     }
-    body.push_str(
-        "<form class=\"login\" method=\"post\" action=\"/login\">\
+    let next = next.map_or_else(String::new, |n| format!("<input type=\"hidden\" name=\"next\" value=\"{}\">", esc(n)));
+    body.push_str(&format!(
+        "<form class=\"login\" method=\"post\" action=\"/login\">{next}\
          <label for=\"name\">Operator</label><input id=\"name\" name=\"name\" autocomplete=\"username\" required maxlength=\"64\">\
          <label for=\"password\">Password</label><input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" required maxlength=\"1024\">\
-         <button type=\"submit\">Sign in</button></form>",
-    );
+         <button type=\"submit\">Sign in</button></form>"
+    ));
     html_response(status, page("Sign in", "/login", None, &body))
 }
 

@@ -574,6 +574,22 @@ pub struct FilesFile {
     pub write: Vec<String>,
 }
 
+/// `oauth:` — the built-in OAuth 2.1 authorization server (docs/oauth.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthFile {
+    /// Issuer URL (default: from the request's Host).
+    pub issuer: Option<String>,
+    /// The console's base URL for the consent page.
+    pub console_url: Option<String>,
+    /// Access token lifetime (`1h`).
+    pub access_ttl: Option<String>,
+    /// Refresh token lifetime (`30d`).
+    pub refresh_ttl: Option<String>,
+    /// Dynamic client registration (default true).
+    pub registration: Option<bool>,
+}
+
 /// `lifecycle:` — how enrolled agents come and go (docs/agents.md).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

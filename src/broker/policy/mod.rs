@@ -730,6 +730,21 @@ pub struct Agent {
     pub template: Option<String>,
 }
 
+/// `oauth:` — the built-in OAuth 2.1 authorization server (docs/oauth.md). Present: enabled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OAuthSettings {
+    /// The issuer URL (`https://ephyr.lan:8554`); `None`: from the request's `Host`.
+    pub issuer: Option<String>,
+    /// The console's base URL for the consent page; `None`: the `Host` with the dashboard port.
+    pub console_url: Option<String>,
+    /// Lifetime of an access token (a task token).
+    pub access_ttl: Duration,
+    /// Lifetime of a grant's refresh tokens (from the consent).
+    pub refresh_ttl: Duration,
+    /// Dynamic client registration (RFC 7591) is open.
+    pub registration: bool,
+}
+
 /// `lifecycle:` — how enrolled agents come and go (docs/agents.md).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lifecycle {
@@ -847,6 +862,8 @@ pub struct Policy {
     pub templates: BTreeMap<String, Agent>,
     /// How enrolled agents come and go (`lifecycle:`).
     pub lifecycle: Lifecycle,
+    /// The built-in authorization server (`oauth:`; `None`: off).
+    pub oauth: Option<OAuthSettings>,
     /// Generation of the agent directory merged into `agents` (0: none); with `digest` it names
     /// the set of agents and keys this snapshot holds.
     pub directory: u64,

@@ -22,7 +22,7 @@ use crate::macaroon::caveat::NormPath;
 use crate::signer::protocol::{HARD_MAX_CERT_TTL_SECS, KNOWN_EXTENSIONS, valid_principal};
 use crate::time::parse_duration;
 
-const SECTIONS: [&str; 16] = [
+const SECTIONS: [&str; 17] = [
     "version",
     "operators",
     "approvals",
@@ -38,6 +38,7 @@ const SECTIONS: [&str; 16] = [
     "agents",
     "runs",
     "lifecycle",
+    "oauth",
     "$schema",
 ];
 /// Largest Argon2 memory cost accepted for an API-key hash (64 MiB).
@@ -2105,6 +2106,39 @@ fn agents(
     (agents, by_uid, prototypes)
 }
 
+/// `oauth:` — the built-in authorization server (docs/oauth.md).
+fn oauth(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping, limits: &Limits) -> Option<OAuthSettings> {
+    let v = top.get("oauth")?;
+    let f = if v.is_null() { OAuthFile::default() } else { cx.entry::<OAuthFile>(&["oauth"], v)? };
+    let url = |cx: &mut Ctx<'_>, key: &str, v: Option<String>| -> Option<String> {
+        let v = v?;
+        let ok = (v.starts_with("https://") || v.starts_with("http://"))
+            && !v.contains(['?', '#', ' '])
+            && v.parse::<http::Uri>().is_ok_and(|u| u.host().is_some() && matches!(u.path(), "" | "/"));
+        if !ok {
+            cx.err(
+                &["oauth", key],
+                format!("{v:?} is not a base URL"),
+                Some("write scheme://host[:port], no path".into()),
+            );
+            return None;
+        }
+        Some(v.trim_end_matches('/').to_owned())
+    };
+    let issuer = url(cx, "issuer", f.issuer);
+    let console_url = url(cx, "console_url", f.console_url);
+    let access_ttl = cx.duration(&["oauth", "access_ttl"], f.access_ttl.as_deref(), Duration::from_secs(3600));
+    if access_ttl.is_zero() || access_ttl > limits.task_ttl_max {
+        cx.err(&["oauth", "access_ttl"], "must be longer than 0s and at most limits.task_ttl_max", None);
+    }
+    let refresh_ttl =
+        cx.duration(&["oauth", "refresh_ttl"], f.refresh_ttl.as_deref(), Duration::from_secs(30 * 86_400));
+    if refresh_ttl < access_ttl {
+        cx.err(&["oauth", "refresh_ttl"], "must be at least oauth.access_ttl", None);
+    }
+    Some(OAuthSettings { issuer, console_url, access_ttl, refresh_ttl, registration: f.registration.unwrap_or(true) })
+}
+
 /// `lifecycle:` — join token lifetimes and the reaper's clock (docs/agents.md).
 fn lifecycle(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> Lifecycle {
     let d = Lifecycle::default();
@@ -2280,6 +2314,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     let known = Known { limits: &limits, roles: &roles, targets: &targets, services: &services, remotes: &remotes };
     let (agents, by_uid, templates) = agents(&mut cx, top, &known);
     let lifecycle = lifecycle(&mut cx, top);
+    let oauth = oauth(&mut cx, top, &limits);
     let operators = operators(&mut cx, top);
     let approvals = approvals(&mut cx, top, &known, &operators);
     let runs = runs(&mut cx, top, &known, &agents);
@@ -2304,6 +2339,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         runs,
         templates,
         lifecycle,
+        oauth,
         directory: 0,
         frozen: Frozen::default(),
         warnings: cx.warnings,

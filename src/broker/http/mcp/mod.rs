@@ -170,13 +170,24 @@ fn resource_url(broker: &Broker, headers: &HeaderMap) -> String {
 
 /// `GET /.well-known/oauth-protected-resource[/mcp]` (RFC 9728).
 pub fn protected_resource_metadata(broker: &Broker, headers: &HeaderMap) -> Response<Body> {
-    let v = json!({
-        "resource": resource_url(broker, headers),
+    let oauth = broker.policy().oauth.clone();
+    let (resource, servers) = match &oauth {
+        Some(s) => (
+            crate::broker::oauth::server::resource(broker, s, headers),
+            vec![crate::broker::oauth::server::issuer(broker, s, headers)],
+        ),
+        None => (resource_url(broker, headers), Vec::new()),
+    };
+    let mut v = json!({
+        "resource": resource,
         "resource_name": "ephyr access broker",
         "bearer_methods_supported": ["header"],
-        "authorization_servers": [],
+        "authorization_servers": servers,
         "ephyr_credentials": "an agent API key (ephyr keygen agent NAME) or a task token (mac_...) as Authorization: Bearer",
     });
+    if oauth.is_some() {
+        v["scopes_supported"] = json!(["mcp"]);
+    }
     rpc(StatusCode::OK, serde_json::to_vec(&v).unwrap_or_default())
 }
 
@@ -193,6 +204,9 @@ fn auth_failure(broker: &Broker, headers: &HeaderMap, e: &AuthError) -> Response
     if matches!(e.status(), 400 | 401 | 403) {
         let url = resource_url(broker, headers).replace("/mcp", "/.well-known/oauth-protected-resource/mcp");
         let mut v = format!("Bearer realm=\"ephyr\", resource_metadata=\"{url}\"");
+        if broker.policy().oauth.is_some() {
+            v.push_str(", scope=\"mcp\"");
+        }
         if let Some(err) = e.bearer_error() {
             v.push_str(&format!(", error=\"{err}\", error_description=\"{}\"", e.message().replace(['"', '\\'], "'")));
         }
