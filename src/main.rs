@@ -189,14 +189,18 @@ const AGENT_HELP: &str = "\
 Usage: ephyr agent list [--json]
        ephyr agent show NAME [--json]
        ephyr agent enroll --template T --owner OPERATOR [--name NAME] [--ttl 15m] [--json]
-       ephyr agent join --url http://BROKER:8554 [--token-file FILE] [--out KEYFILE]
+       ephyr agent join --url http://BROKER:8554 [--token-file FILE] [--out KEYFILE | --key-out PEM]
+                        [--attestation-file JWT]
        ephyr agent suspend|resume|revoke NAME [--reason TEXT] [--json]
        ephyr agent reap [--apply] [--json]
 
 The agent directory (docs/agents.md). `enroll` makes an agent from a policy template, owned by
 an operator, and prints a join token that works once and expires (lifecycle.join_ttl); on the
 agent's host, `join` trades it (from --token-file or stdin) for the agent's API key, written to
---out (0600) or printed once. `suspend` refuses every credential of the agent at once and ends
+--out (0600) or printed once; with --key-out it makes a P-256 key pair instead and registers
+the public key: the agent then gets tokens at /oauth/token with a private_key_jwt assertion,
+and no API key exists. --attestation-file gives the Kubernetes service-account token a
+template's `attest:` asks for. `suspend` refuses every credential of the agent at once and ends
 what it holds (tasks, certificates, SSH and MCP sessions); `resume` lets it in again; `revoke`
 is for good. `reap` shows which agents are due idle, decommissioned or revoked (owner gone) and
 which grants each has not used, with a narrower template; `--apply` carries the steps out.
@@ -1370,7 +1374,7 @@ fn cmd_approvals(p: &mut lexopt::Parser, cmd: &str) -> Result<u8, Failure> {
 fn cmd_agent(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     let (mut socket, mut data_dir, mut json, mut reason, mut words) = (None, None, false, String::new(), Vec::new());
     let (mut template, mut owner, mut name, mut ttl, mut apply) = (None, None, None, None, false);
-    let (mut url, mut token_file, mut out) = (None, None, None);
+    let (mut url, mut token_file, mut out, mut key_out, mut attestation) = (None, None, None, None, None);
     while let Some(arg) = p.next()? {
         match arg {
             Long("socket") => socket = Some(path(p.value()?)),
@@ -1385,6 +1389,8 @@ fn cmd_agent(p: &mut lexopt::Parser) -> Result<u8, Failure> {
             Long("url") => url = Some(p.value()?.string()?),
             Long("token-file") => token_file = Some(path(p.value()?)),
             Long("out") => out = Some(path(p.value()?)),
+            Long("key-out") => key_out = Some(path(p.value()?)),
+            Long("attestation-file") => attestation = Some(path(p.value()?)),
             Long("help") | Short('h') => return help(AGENT_HELP),
             Value(v) => words.push(v.string()?),
             other => return Err(other.unexpected().into()),
@@ -1400,7 +1406,12 @@ fn cmd_agent(p: &mut lexopt::Parser) -> Result<u8, Failure> {
             _ => return Err(usage("enroll needs --template T and --owner OPERATOR")),
         },
         ["join"] => match &url {
-            Some(u) => cli::agent::join(u, token_file.as_deref(), out.as_deref()),
+            Some(_) if out.is_some() && key_out.is_some() => {
+                return Err(usage("join takes --out (an API key) or --key-out (a key pair), not both"));
+            }
+            Some(u) => {
+                cli::agent::join(u, token_file.as_deref(), out.as_deref(), key_out.as_deref(), attestation.as_deref())
+            }
             None => return Err(usage("join needs --url http://BROKER:8554")),
         },
         [verb @ ("suspend" | "resume" | "revoke"), n] => cli::agent::transition(&sock, verb, n, &reason, json),

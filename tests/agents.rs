@@ -446,3 +446,142 @@ fn a_forged_agents_journal_stops_start_up_naming_the_record() {
     let log = b.log();
     assert!(log.contains("agent directory") && log.contains("revoked → active is not a transition"), "{log}");
 }
+
+/// An ES256 JWT signed with the PKCS#8 key `der` (the test's own cluster key).
+fn es256(der: &[u8], claims: &Value) -> String {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng).unwrap();
+    let enc = |v: &[u8]| data_encoding::BASE64URL_NOPAD.encode(v);
+    let msg = format!("{}.{}", enc(br#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#), enc(claims.to_string().as_bytes()));
+    format!("{msg}.{}", enc(pair.sign(&rng, msg.as_bytes()).unwrap().as_ref()))
+}
+
+/// A P-256 key: its PKCS#8 document and its public JWK (with `kid`).
+fn cluster_key() -> (Vec<u8>, Value) {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, doc.as_ref(), &rng).unwrap();
+    let p = pair.public_key().as_ref();
+    let enc = |v: &[u8]| data_encoding::BASE64URL_NOPAD.encode(v);
+    (
+        doc.as_ref().to_vec(),
+        json!({"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "use": "sig", "x": enc(&p[1..33]), "y": enc(&p[33..65])}),
+    )
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// A projected service-account token's claims.
+fn sa_claims(iss: &str, aud: &str, ns: &str, sa: &str, exp: i64) -> Value {
+    json!({
+        "iss": iss, "aud": [aud], "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "exp": exp, "iat": now_secs() - 5, "nbf": now_secs() - 5,
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "0b5c"}, "pod": {"name": "runner-7f9", "uid": "9d1e"}},
+    })
+}
+
+#[test]
+fn kubernetes_attestation_at_join_and_again_every_interval() {
+    if !require_root() {
+        return;
+    }
+    let up = Upstream::start(None, "127.0.0.1", &[]);
+    let (_, bot_hash) = agent_key("bot");
+    let keys = TempDir::new("k8s-jwks");
+    let (der, jwk) = cluster_key();
+    let (other_der, _) = cluster_key();
+    let jwks = keys.join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [jwk]}).to_string()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(keys.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&jwks, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let iss = "https://kubernetes.default.svc.cluster.local";
+    let extra = format!(
+        "\x20 builder:\n    services: {{ api: {{}} }}\n    attest:\n      every: 1h\n      kubernetes: {{ jwks_file: \"{}\", issuer: \"{iss}\", audience: ephyr, namespaces: [ci], service_accounts: [runner] }}\n",
+        jwks.display()
+    );
+    let p = policy(up.port, &bot_hash, true, "").replace("agents:\n  bot:", &format!("{extra}agents:\n  bot:"));
+    let data = TempDir::new("k8s-data");
+    let mut b = start(&p, data.path());
+    let token = {
+        let (ok, out, err) =
+            agent(&b, &["enroll", "--template", "builder", "--owner", "alice", "--name", "ci-runner", "--ttl", "10m"]);
+        assert!(ok, "{err}");
+        out.trim().to_owned()
+    };
+    let join = |att: Option<String>| {
+        let mut body = json!({"join_token": token});
+        if let Some(a) = att {
+            body["attestation"] = json!(a);
+        }
+        http_request(
+            &b.api,
+            "POST",
+            "/v1/agents/join",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    let exp = now_secs() + 600;
+    for (att, why) in [
+        (None, "asks for a Kubernetes service-account token"),
+        (Some(es256(&der, &sa_claims("https://evil.example", "ephyr", "ci", "runner", exp))), "wrong issuer"),
+        (Some(es256(&der, &sa_claims(iss, "kubernetes", "ci", "runner", exp))), "wrong audience"),
+        (Some(es256(&der, &sa_claims(iss, "ephyr", "prod", "runner", exp))), "namespace \\\"prod\\\" is not one"),
+        (Some(es256(&der, &sa_claims(iss, "ephyr", "ci", "admin", exp))), "service account \\\"admin\\\" is not one"),
+        (Some(es256(&other_der, &sa_claims(iss, "ephyr", "ci", "runner", exp))), "bad signature"),
+        (Some(es256(&der, &sa_claims(iss, "ephyr", "ci", "runner", now_secs() - 300))), "expired"),
+        (Some("eyJhbGciOiJub25lIn0.eyJpc3MiOiJ4In0.".into()), "not a JWT"),
+    ] {
+        let r = join(att);
+        assert_eq!(r.status, 401, "{why}: {}", r.text());
+        assert!(r.text().contains(why), "{why}: {}", r.text());
+        assert_eq!(state_of(&b, "ci-runner"), "provisioned", "a refused attestation spends nothing");
+    }
+    let r = join(Some(es256(&der, &sa_claims(iss, "ephyr", "ci", "runner", exp))));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let key = r.json()["api_key"].as_str().unwrap().to_owned();
+    assert_eq!(proxy_post(&b, "api", &key).status, 200);
+    let joined = audit_events(&b, "agent_joined");
+    assert_eq!(joined[0]["action"]["attested"], "system:serviceaccount:ci:runner");
+
+    // Two hours later (the store's clock shifted back), the agent must attest again.
+    b.signal(15);
+    b.wait_exit(Duration::from_secs(20));
+    let path = data.join("state/agents.journal");
+    let records: Vec<Vec<u8>> = ephyr::broker::journal::read(&path)
+        .unwrap()
+        .records
+        .iter()
+        .map(|r| {
+            let mut v: Value = serde_json::from_slice(r).unwrap();
+            if v["t"] == "attested" {
+                v["at"] = json!(v["at"].as_i64().unwrap() - 7200);
+            }
+            serde_json::to_vec(&v).unwrap()
+        })
+        .collect();
+    rewrite(&path, &records);
+    let b = start(&p, data.path());
+    let r = proxy_post(&b, "api", &key);
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(r.text().contains("attestation_expired"), "{}", r.text());
+    let attest = |jwt: String| {
+        http_request(
+            &b.api,
+            "POST",
+            "/v1/agents/attest",
+            &[("Authorization", &format!("Bearer {key}")), ("Content-Type", "application/json")],
+            json!({"attestation": jwt}).to_string().as_bytes(),
+        )
+    };
+    let r = attest(es256(&der, &sa_claims(iss, "ephyr", "ci", "other", exp)));
+    assert!(r.status == 401 && r.text().contains("service account"), "{}", r.text());
+    let r = attest(es256(&der, &sa_claims(iss, "ephyr", "ci", "runner", exp)));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(proxy_post(&b, "api", &key).status, 200, "attested again: served");
+}

@@ -590,3 +590,118 @@ fn the_conformance_suites_authorization_server_scenarios_pass() {
     }
     assert!(all.contains("Total: 2 passed, 0 failed") && !all.contains("✗"), "{all}");
 }
+
+/// An ES256 JWT signed with the PKCS#8 key in `pem`.
+fn es256(pem: &str, claims: &Value) -> String {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = data_encoding::BASE64.decode(b64.as_bytes()).unwrap();
+    let rng = ring::rand::SystemRandom::new();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng).unwrap();
+    let enc = |v: &[u8]| data_encoding::BASE64URL_NOPAD.encode(v);
+    let msg = format!("{}.{}", enc(br#"{"alg":"ES256","typ":"JWT"}"#), enc(claims.to_string().as_bytes()));
+    let sig = pair.sign(&rng, msg.as_bytes()).unwrap();
+    format!("{msg}.{}", enc(sig.as_ref()))
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+#[test]
+fn a_key_bound_agent_proves_its_key_on_every_token_request_and_the_python_sdk_does_it() {
+    if !require_root() {
+        return;
+    }
+    let up = Upstream::start(None, "127.0.0.1", &[]);
+    let (_, bot_hash) = agent_key("bot");
+    let b = start(&policy(up.port, &bot_hash));
+    let sock = b.socket.to_str().unwrap().to_owned();
+    let scratch = TempDir::new("keybound");
+    let enroll =
+        ephyr(&["agent", "enroll", "--template", "reader", "--owner", "alice", "--name", "keyed", "--socket", &sock]);
+    assert!(enroll.status.success(), "{}", stderr(&enroll));
+    let tf = scratch.join("jt");
+    std::fs::write(&tf, stdout(&enroll).trim()).unwrap();
+    let pem_path = scratch.join("keyed.pem");
+    let out = ephyr(&[
+        "agent",
+        "join",
+        "--url",
+        &format!("http://{}", b.api),
+        "--token-file",
+        tf.to_str().unwrap(),
+        "--key-out",
+        pem_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("private_key_jwt"), "{}", stderr(&out));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&pem_path).unwrap().permissions().mode() & 0o777, 0o600);
+    let pem = std::fs::read_to_string(&pem_path).unwrap();
+    let shown = local_request(&b.socket, "GET", "/v1/agents/keyed", b"").json();
+    assert_eq!(shown["state"], "active");
+
+    // The SDK's extension provider: discovery, a JWT assertion, a token, a tool call.
+    let url = format!("http://{}/mcp", b.api);
+    let o = python("oauth_jwt_client.py")
+        .args([&url, "keyed", pem_path.to_str().unwrap(), "list_services", "{}"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["isError"].as_bool(), v["token_prefix"].as_str()), (Some(false), Some("mac_")), "{v}");
+
+    // Raw: each assertion works once, only with the agent's key, for this issuer, briefly.
+    let issuer = format!("http://{}", b.api);
+    let claims = |jti: &str, aud: &str, exp: i64| json!({"iss": "keyed", "sub": "keyed", "aud": aud, "exp": exp, "iat": now_secs(), "jti": jti});
+    let ask = |jwt: &str| {
+        post_form(
+            &b.api,
+            "/oauth/token",
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", "keyed"),
+                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                ("client_assertion", jwt),
+            ],
+        )
+    };
+    let good = es256(&pem, &claims("one", &issuer, now_secs() + 120));
+    let r = ask(&good);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let access = r.json()["access_token"].as_str().unwrap().to_owned();
+    assert!(r.json()["refresh_token"].is_null(), "no refresh token: the key is the credential");
+    assert!(mcp_ok(&b, &access).is_ok());
+    let r = ask(&good);
+    assert!(r.status == 401 && r.text().contains("used before"), "{}", r.text());
+    let (_, other_pem) = {
+        let rng = ring::rand::SystemRandom::new();
+        let doc =
+            ring::signature::EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                .unwrap();
+        let b64 = data_encoding::BASE64.encode(doc.as_ref());
+        ((), format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n"))
+    };
+    for (jwt, why) in [
+        (es256(&other_pem, &claims("two", &issuer, now_secs() + 120)), "bad signature"),
+        (es256(&pem, &claims("three", "http://elsewhere.example", now_secs() + 120)), "wrong audience"),
+        (es256(&pem, &claims("four", &issuer, now_secs() - 120)), "expired"),
+        (es256(&pem, &claims("five", &issuer, now_secs() + 3600)), "longer than 600s"),
+    ] {
+        let r = ask(&jwt);
+        assert!(r.status == 401 && r.text().contains(why), "{why}: {}", r.text());
+    }
+    let r = post_form(
+        &b.api,
+        "/oauth/token",
+        &[("grant_type", "client_credentials"), ("client_id", "keyed"), ("client_secret", "guess")],
+    );
+    assert!(r.status == 401 && r.text().contains("secrets are not accepted"), "{}", r.text());
+    // Suspended: no new tokens, and the one it had stops.
+    let out = ephyr(&["agent", "suspend", "keyed", "--socket", &sock]);
+    assert!(out.status.success());
+    let r = ask(&es256(&pem, &claims("six", &issuer, now_secs() + 120)));
+    assert!(r.text().contains("suspended"), "{}", r.text());
+    assert!(mcp_ok(&b, &access).is_err());
+}

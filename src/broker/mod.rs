@@ -21,6 +21,7 @@ pub(crate) mod federation;
 pub(crate) mod freeze;
 
 pub(crate) mod http;
+pub mod jose;
 pub mod journal;
 pub(crate) mod local;
 pub(crate) mod maintenance;

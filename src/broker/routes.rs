@@ -80,6 +80,7 @@ pub fn api_handler(broker: Rc<Broker>) -> Handler {
                 (&Method::GET, "/healthz") => healthz(&broker),
                 (_, "/healthz") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
                 (_, "/v1/agents/join") => super::agents::api::join(&broker, req, peer).await,
+                (&Method::POST, "/v1/agents/attest") => super::agents::api::reattest(&broker, req, peer).await,
                 (&Method::GET, "/.well-known/oauth-authorization-server") => {
                     super::oauth::server::metadata(&broker, req.headers())
                 }

@@ -169,7 +169,13 @@ pub fn reap(socket: &Path, apply: bool, json: bool) -> Result<(), String> {
 
 /// `agent join --url URL (--token-file FILE | stdin) [--out FILE]`: exchanges the join token
 /// for the agent's API key, written to `--out` (mode 0600, never overwritten) or printed.
-pub fn join(url: &str, token_file: Option<&Path>, out: Option<&Path>) -> Result<(), String> {
+pub fn join(
+    url: &str,
+    token_file: Option<&Path>,
+    out: Option<&Path>,
+    key_out: Option<&Path>,
+    attestation_file: Option<&Path>,
+) -> Result<(), String> {
     let token = match token_file {
         Some(f) => std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?,
         None => {
@@ -182,13 +188,27 @@ pub fn join(url: &str, token_file: Option<&Path>, out: Option<&Path>) -> Result<
     if !token.expose().starts_with(crate::broker::agents::JOIN_PREFIX) {
         return Err(format!("that is not a join token (they start with {})", crate::broker::agents::JOIN_PREFIX));
     }
-    if let Some(o) = out
-        && o.exists()
-    {
-        return Err(format!("{} exists; not overwriting it", o.display()));
+    for o in [out, key_out].into_iter().flatten() {
+        if o.exists() {
+            return Err(format!("{} exists; not overwriting it", o.display()));
+        }
     }
+    let mut req = serde_json::json!({ "join_token": token.expose() });
+    if let Some(f) = attestation_file {
+        let jwt = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        req["attestation"] = jwt.trim().into();
+    }
+    // A key pair made here: the private key never leaves this host; the broker gets the public one.
+    let pair = match key_out {
+        Some(_) => {
+            let (pkcs8, jwk) = p256_key()?;
+            req["jwk"] = jwk;
+            Some(pkcs8)
+        }
+        None => None,
+    };
     // Spent by this request whatever happens: a copy left in a buffer is worth nothing after.
-    let body = serde_json::to_vec(&serde_json::json!({ "join_token": token.expose() })).map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
     let endpoint = format!("{}/v1/agents/join", url.trim_end_matches('/'));
     let (status, answer) = client::request_tcp(
         http::Method::POST,
@@ -200,16 +220,23 @@ pub fn join(url: &str, token_file: Option<&Path>, out: Option<&Path>) -> Result<
     let v: serde_json::Value = serde_json::from_slice(&answer)
         .map_err(|e| format!("the broker answered {status} with a non-JSON body: {e}"))?;
     let v = ok(status, v)?;
+    if let (Some(path), Some(pkcs8)) = (key_out, pair) {
+        let pem = pem_private_key(&pkcs8);
+        write_private(path, pem.expose().as_bytes())?;
+        eprintln!(
+            "joined as agent {} with a key pair; its private key is in {} (0600). It gets tokens at {}/oauth/token \
+             with client_credentials and a private_key_jwt assertion (client_id {}, ES256).",
+            s(&v, "agent"),
+            path.display(),
+            url.trim_end_matches('/'),
+            s(&v, "client_id")
+        );
+        return Ok(());
+    }
     let key = crate::secret::SecretString::new(s(&v, "api_key"));
     match out {
         Some(o) => {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(o)
-                .map_err(|e| format!("{}: {e}", o.display()))?;
-            f.write_all(format!("{}\n", key.expose()).as_bytes()).map_err(|e| format!("{}: {e}", o.display()))?;
+            write_private(o, format!("{}\n", key.expose()).as_bytes())?;
             eprintln!("joined as agent {}; its API key is in {} (0600)", s(&v, "agent"), o.display());
         }
         None => {
@@ -218,4 +245,43 @@ pub fn join(url: &str, token_file: Option<&Path>, out: Option<&Path>) -> Result<
         }
     }
     Ok(())
+}
+
+/// Writes a new file readable by its owner only (never over an existing one).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A fresh P-256 key pair: its PKCS#8 document and the public key as a JWK.
+fn p256_key() -> Result<(zeroize::Zeroizing<Vec<u8>>, serde_json::Value), String> {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+    let rng = ring::rand::SystemRandom::new();
+    let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+        .map_err(|_| "no key pair (no randomness?)")?;
+    let pkcs8 = zeroize::Zeroizing::new(doc.as_ref().to_vec());
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng).map_err(|_| "unusable key pair")?;
+    // Uncompressed point: 0x04 | X (32) | Y (32).
+    let point = pair.public_key().as_ref();
+    let b64 = |b: &[u8]| data_encoding::BASE64URL_NOPAD.encode(b);
+    let jwk = serde_json::json!({ "kty": "EC", "crv": "P-256", "alg": "ES256", "x": b64(&point[1..33]), "y": b64(&point[33..65]) });
+    Ok((pkcs8, jwk))
+}
+
+/// PKCS#8 as PEM (`PRIVATE KEY`), as the SDKs' JWT signers read it.
+fn pem_private_key(der: &[u8]) -> crate::secret::SecretString {
+    let b64 = zeroize::Zeroizing::new(data_encoding::BASE64.encode(der));
+    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(chunk).unwrap_or(""));
+        pem.push('\n');
+    }
+    pem.push_str("-----END PRIVATE KEY-----\n");
+    crate::secret::SecretString::new(pem)
 }

@@ -253,10 +253,59 @@ pub async fn enroll_consented(
 #[serde(deny_unknown_fields)]
 struct JoinRequest {
     join_token: String,
+    /// A public key (JWK) to authenticate with instead of an API key (`private_key_jwt`).
+    jwk: Option<Value>,
+    /// What the template's `attest:` asks for: a Kubernetes service-account token.
+    attestation: Option<String>,
 }
 
-/// `POST /v1/agents/join` on the MCP/API listener: a join token in, the agent's API key out
-/// (once). Failures count against the source like failed authentications.
+/// Checks a Kubernetes service-account token against a template's `attest:`: the subject it
+/// names (`system:serviceaccount:NS:NAME`).
+pub fn attest(a: &crate::broker::policy::Attestation, jwt: &str) -> Result<String, String> {
+    let expect = crate::broker::jose::Expect {
+        issuers: std::slice::from_ref(&a.issuer),
+        audiences: std::slice::from_ref(&a.audience),
+        subject: None,
+        max_lifetime: None,
+    };
+    let claims = crate::broker::jose::verify(jwt, &a.keys, &expect)?;
+    let k8s = &claims["kubernetes.io"];
+    let ns = k8s["namespace"].as_str().ok_or("no kubernetes.io.namespace claim")?;
+    let sa = k8s["serviceaccount"]["name"].as_str().ok_or("no kubernetes.io.serviceaccount.name claim")?;
+    let subject = format!("system:serviceaccount:{ns}:{sa}");
+    if claims["sub"].as_str() != Some(subject.as_str()) {
+        return Err(format!("sub {:?} does not match the namespace and service account claims", claims["sub"]));
+    }
+    if !a.namespaces.is_empty() && !a.namespaces.iter().any(|n| n == ns) {
+        return Err(format!("namespace {ns:?} is not one the template accepts"));
+    }
+    if !a.service_accounts.is_empty() && !a.service_accounts.iter().any(|n| n == sa) {
+        return Err(format!("service account {sa:?} is not one the template accepts"));
+    }
+    Ok(subject)
+}
+
+fn refused(
+    broker: &Broker,
+    source: Option<std::net::IpAddr>,
+    code: &'static str,
+    message: String,
+) -> http::Response<Body> {
+    broker.auth.failed(source, std::time::Instant::now());
+    broker.metrics.inc("ephyr_agent_joins_total", &[("outcome", code)]);
+    let ev = Event::new(Kind::Agent, "agent_join_failed")
+        .error(code, message.clone())
+        .action(json!({ "source": source.map(|s| s.to_string()) }));
+    if let Err(err) = broker.audit.note(ev) {
+        log::error!("audit: {err}");
+    }
+    error(StatusCode::UNAUTHORIZED, code, message)
+}
+
+/// `POST /v1/agents/join` on the MCP/API listener: a join token (and, when the template asks,
+/// an attestation) in; the agent's API key out once, or, with `jwk`, nothing secret: the agent
+/// authenticates with that key from then on (`private_key_jwt` at `/oauth/token`). Failures
+/// count against the source like failed authentications.
 pub async fn join(broker: &Broker, req: http::Request<hyper::body::Incoming>, peer: Peer) -> http::Response<Body> {
     let source = match peer {
         Peer::Tcp(a) => Some(a.ip()),
@@ -274,34 +323,70 @@ pub async fn join(broker: &Broker, req: http::Request<hyper::body::Incoming>, pe
         return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST a JSON body {\"join_token\": \"…\"}");
     }
     let body = match read_body(req, MAX_BODY, Duration::from_secs(10)).await {
-        Ok(b) => b,
+        Ok(b) => zeroize::Zeroizing::new(b.to_vec()),
         Err(e) => return e.response(),
     };
-    let token = match serde_json::from_slice::<JoinRequest>(&body) {
+    let (token, jwk, attestation) = match serde_json::from_slice::<JoinRequest>(&body) {
         // Moved into a zeroizing wrapper at once.
-        Ok(r) => crate::secret::SecretString::new(r.join_token),
+        Ok(r) => (crate::secret::SecretString::new(r.join_token), r.jwk, r.attestation),
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", format!("request body: {e}")),
     };
     let now = now_secs();
     let name = match broker.agents.check_join(token.expose(), now) {
         Ok(n) => n,
-        Err(e) => {
-            broker.auth.failed(source, instant);
-            broker.metrics.inc("ephyr_agent_joins_total", &[("outcome", e.code())]);
-            let ev = Event::new(Kind::Agent, "agent_join_failed")
-                .error(e.code(), e.message())
-                .action(json!({ "source": source.map(|s| s.to_string()) }));
-            if let Err(err) = broker.audit.note(ev) {
-                log::error!("audit: {err}");
-            }
-            return error(StatusCode::UNAUTHORIZED, e.code(), e.message());
+        Err(e) => return refused(broker, source, e.code(), e.message()),
+    };
+    let policy = broker.policy();
+    let template = broker.agents.get(&name).and_then(|e| e.enrollment).map(|en| en.template).unwrap_or_default();
+    // What the template asks to be proved; a failure leaves the token unspent (a real workload
+    // may retry until it expires).
+    let subject = match (policy.attest.get(&template), attestation.as_deref()) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "unexpected_attestation",
+                format!("template {template:?} asks for no attestation"),
+            );
         }
+        (Some(_), None) => {
+            return refused(
+                broker,
+                source,
+                "attestation_required",
+                format!("template {template:?} asks for a Kubernetes service-account token (attestation)"),
+            );
+        }
+        (Some(a), Some(jwt)) => match attest(a, jwt) {
+            Ok(s) => Some(s),
+            Err(e) => return refused(broker, source, "attestation_failed", format!("attestation refused: {e}")),
+        },
     };
-    let (key, stored) = match crate::broker::auth::api_key::generate() {
-        Ok(k) => k,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+    let key = match &jwk {
+        None => None,
+        Some(_) if policy.oauth.is_none() => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "oauth_disabled",
+                "a key-bound agent gets its tokens from /oauth/token: the policy needs an `oauth:` section",
+            );
+        }
+        Some(v) => match crate::broker::jose::key(&v.to_string()) {
+            Ok(k) => Some(k),
+            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_jwk", format!("jwk: {e}")),
+        },
     };
-    let durable = match broker.agents.join(&name, &stored, now) {
+    let api_key = if key.is_none() {
+        match crate::broker::auth::api_key::generate() {
+            Ok(k) => Some(k),
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+        }
+    } else {
+        None
+    };
+    let stored = api_key.as_ref().map(|(_, h)| h.as_str());
+    let jwk_json = key.as_ref().map(crate::broker::jose::Key::to_json);
+    let durable = match broker.agents.join(&name, stored, jwk_json.as_deref(), subject.as_deref(), now) {
         Ok(d) => d,
         Err(e) => return error(e.status(), e.code(), e.message()),
     };
@@ -311,14 +396,97 @@ pub async fn join(broker: &Broker, req: http::Request<hyper::body::Incoming>, pe
     }
     let ev = Event::new(Kind::Agent, "agent_joined")
         .agent(name.clone())
-        .action(json!({ "source": source.map(|s| s.to_string()) }))
+        .action(json!({
+            "source": source.map(|s| s.to_string()),
+            "credential": if key.is_some() { "public_key" } else { "api_key" },
+            "attested": subject,
+        }))
         .allow();
     if let Err(e) = record(broker, ev).await {
         return error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", e.message());
     }
     broker.metrics.inc("ephyr_agent_joins_total", &[("outcome", "ok")]);
-    let template = broker.agents.get(&name).and_then(|e| e.enrollment).map(|en| en.template).unwrap_or_default();
-    json(StatusCode::OK, &json!({ "agent": name, "template": template, "api_key": key.expose() }))
+    let mut out = json!({ "agent": name, "template": template });
+    match (&api_key, &key) {
+        (Some((k, _)), _) => out["api_key"] = json!(k.expose()),
+        (None, Some(k)) => {
+            out["client_id"] = json!(name);
+            out["token_endpoint_auth_method"] = json!("private_key_jwt");
+            out["token_endpoint_auth_signing_alg"] = json!(k.algorithm());
+        }
+        (None, None) => {}
+    }
+    json(StatusCode::OK, &out)
+}
+
+/// `POST /v1/agents/attest` on the MCP/API listener: an enrolled agent, with its credential,
+/// proves its template's `attest:` again (`{"attestation": JWT}`) before `every` runs out.
+pub async fn reattest(broker: &Broker, req: http::Request<hyper::body::Incoming>, peer: Peer) -> http::Response<Body> {
+    let source = match peer {
+        Peer::Tcp(a) => Some(a.ip()),
+        Peer::Unix(_) => None,
+    };
+    let policy = broker.policy();
+    let agent = match crate::broker::auth::authenticate(broker, &policy, req.headers(), req.uri().query(), source).await
+    {
+        Ok(c) => c.agent,
+        Err(crate::broker::auth::AuthError::AttestationExpired(a)) => a,
+        Err(e) => {
+            return error(StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED), e.code(), e.message());
+        }
+    };
+    let body = match read_body(req, MAX_BODY, Duration::from_secs(10)).await {
+        Ok(b) => b,
+        Err(e) => return e.response(),
+    };
+    let jwt = match serde_json::from_slice::<Value>(&body) {
+        Ok(v) => match v["attestation"].as_str() {
+            Some(j) => j.to_owned(),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_json",
+                    "give {\"attestation\": \"<service-account token>\"}",
+                );
+            }
+        },
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", format!("request body: {e}")),
+    };
+    let Some(template) = policy.agents.get(&agent).and_then(|a| a.template.clone()) else {
+        return error(StatusCode::BAD_REQUEST, "not_enrolled", format!("agent {agent:?} is not an enrolled agent"));
+    };
+    let Some(a) = policy.attest.get(&template) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "unexpected_attestation",
+            format!("template {template:?} asks for no attestation"),
+        );
+    };
+    let subject = match attest(a, &jwt) {
+        Ok(s) => s,
+        Err(e) => return refused(broker, source, "attestation_failed", format!("attestation refused: {e}")),
+    };
+    let was = broker.agents.get(&agent).and_then(|e| e.enrollment).and_then(|en| en.attested).map(|a| a.1);
+    if was.as_deref().is_some_and(|w| w != subject) {
+        return refused(
+            broker,
+            source,
+            "attestation_failed",
+            format!("attestation refused: it names {subject}, the agent joined as {}", was.unwrap_or_default()),
+        );
+    }
+    match broker.agents.attested(&agent, &subject, now_secs()) {
+        Ok(d) => {
+            if let Err(e) = d.wait().await {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "state_unavailable", e.message());
+            }
+        }
+        Err(e) => return error(e.status(), e.code(), e.message()),
+    }
+    let ev =
+        Event::new(Kind::Agent, "agent_attested").agent(agent.clone()).action(json!({ "subject": subject })).allow();
+    broker.audit_now(ev).await;
+    json(StatusCode::OK, &json!({ "agent": agent, "attested": subject }))
 }
 
 /// One agent as operators see it.

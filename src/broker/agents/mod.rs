@@ -105,8 +105,18 @@ impl AgentState {
 enum Record {
     /// An agent enrolled: its join token's digest and expiry.
     Enrolled { name: String, owner: String, template: String, by: String, at: i64, join: String, expires: i64 },
-    /// Its join token was used: the hash of the key it got (the fast stored form).
-    Joined { name: String, at: i64, key_hash: String },
+    /// Its join token was used: the hash of the API key it got (the fast stored form), or the
+    /// public key (JWK) it authenticates with from then on.
+    Joined {
+        name: String,
+        at: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key_hash: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        jwk: Option<String>,
+    },
+    /// It proved what its template's `attest:` asks (`subject`: who the proof named).
+    Attested { name: String, at: i64, subject: String },
     /// A transition.
     State { name: String, to: AgentState, by: String, at: i64, reason: String },
     /// Used (the agent, and the grants named) at `at`.
@@ -133,6 +143,10 @@ pub struct Enrollment {
     /// Its key's stored hash (not secret).
     #[serde(skip)]
     pub key_hash: Option<String>,
+    /// Its public key (JWK JSON), for a key-bound agent.
+    pub jwk: Option<String>,
+    /// Its last attestation (Unix seconds) and whom it named.
+    pub attested: Option<(i64, String)>,
     #[serde(skip)]
     join: String,
 }
@@ -397,10 +411,28 @@ impl Directory {
         Ok(name)
     }
 
-    /// Records that `name` joined with a key whose stored hash is `key_hash`: its token is spent
-    /// and it is active. The caller awaits the durable before handing the key out.
-    pub fn join(&self, name: &str, key_hash: &str, now: i64) -> Result<Durable, Error> {
-        let rec = Record::Joined { name: name.into(), at: now, key_hash: key_hash.into() };
+    /// Records that `name` joined with an API key whose stored hash is `key_hash`, or with the
+    /// public key `jwk`, having proved `attested` (a subject) if its template asks: its token is
+    /// spent and it is active. The caller awaits the durable before handing the key out.
+    pub fn join(
+        &self,
+        name: &str,
+        key_hash: Option<&str>,
+        jwk: Option<&str>,
+        attested: Option<&str>,
+        now: i64,
+    ) -> Result<Durable, Error> {
+        if let Some(subject) = attested {
+            let a = Record::Attested { name: name.into(), at: now, subject: subject.into() };
+            let _ = self.append(&a)?;
+            self.apply(a);
+        }
+        let rec = Record::Joined {
+            name: name.into(),
+            at: now,
+            key_hash: key_hash.map(str::to_owned),
+            jwk: jwk.map(str::to_owned),
+        };
         let state = Record::State {
             name: name.into(),
             to: AgentState::Active,
@@ -456,6 +488,24 @@ impl Directory {
                 log::warn!("agents: use of {name:?} not journaled: {}", err.message());
             }
         }
+    }
+
+    /// Records a fresh attestation of `name`.
+    pub fn attested(&self, name: &str, subject: &str, now: i64) -> Result<Durable, Error> {
+        let rec = Record::Attested { name: name.into(), at: now, subject: subject.into() };
+        let d = self.append(&rec)?;
+        self.apply(rec);
+        Ok(d)
+    }
+
+    /// When `name` last attested (cheap: on the request path of agents whose template asks).
+    pub fn attested_at(&self, name: &str) -> Option<i64> {
+        self.entries.borrow().get(name)?.enrollment.as_ref()?.attested.as_ref().map(|a| a.0)
+    }
+
+    /// The public key of a key-bound agent.
+    pub fn jwk(&self, name: &str) -> Option<String> {
+        self.entries.borrow().get(name)?.enrollment.as_ref()?.jwk.clone()
     }
 
     /// Changes with every enrollment, join and transition (names the overlay).
@@ -524,21 +574,43 @@ fn apply(
             e.first_seen = at;
             e.by = by.clone();
             e.reason = "enrolled".into();
-            e.enrollment =
-                Some(Enrollment { owner, template, by, at, join_expires: expires, joined: None, key_hash: None, join });
+            e.enrollment = Some(Enrollment {
+                owner,
+                template,
+                by,
+                at,
+                join_expires: expires,
+                joined: None,
+                key_hash: None,
+                jwk: None,
+                attested: None,
+                join,
+            });
             entries.insert(name, e);
         }
-        Record::Joined { name, at, key_hash } => {
+        Record::Joined { name, at, key_hash, jwk } => {
             let e = entries.get_mut(&name).ok_or_else(|| format!("agent {name:?} joined but was never enrolled"))?;
             let en = e.enrollment.as_mut().ok_or_else(|| format!("agent {name:?} joined but was never enrolled"))?;
             if en.joined.is_some() {
                 return Err(format!("agent {name:?} joined twice"));
             }
-            if super::auth::api_key::parse_fast(&key_hash).is_err() {
-                return Err(format!("agent {name:?}: the key hash is not in ephyr's fast form"));
+            match (&key_hash, &jwk) {
+                (Some(h), None) if super::auth::api_key::parse_fast(h).is_ok() => {}
+                (None, Some(k)) if super::jose::key(k).is_ok() => {}
+                _ => {
+                    return Err(format!(
+                        "agent {name:?}: a join needs one valid credential (an ephyr key hash or a public JWK)"
+                    ));
+                }
             }
             en.joined = Some(at);
-            en.key_hash = Some(key_hash);
+            en.key_hash = key_hash;
+            en.jwk = jwk;
+        }
+        Record::Attested { name, at, subject } => {
+            let e = entries.get_mut(&name).ok_or_else(|| format!("agent {name:?} attested but was never enrolled"))?;
+            let en = e.enrollment.as_mut().ok_or_else(|| format!("agent {name:?} attested but was never enrolled"))?;
+            en.attested = Some((at, subject));
         }
         Record::State { name, to, by, at, reason } => {
             let e = entries.entry(name.clone()).or_insert_with(|| Entry::new(AgentState::Active));
@@ -591,8 +663,11 @@ fn compact(entries: &BTreeMap<String, Entry>) -> Vec<Vec<u8>> {
                 join: en.join.clone(),
                 expires: en.join_expires,
             });
-            if let (Some(at), Some(h)) = (en.joined, &en.key_hash) {
-                push(&Record::Joined { name: name.clone(), at, key_hash: h.clone() });
+            if let Some(at) = en.joined {
+                push(&Record::Joined { name: name.clone(), at, key_hash: en.key_hash.clone(), jwk: en.jwk.clone() });
+            }
+            if let Some((at, subject)) = &en.attested {
+                push(&Record::Attested { name: name.clone(), at: *at, subject: subject.clone() });
             }
         }
         if e.enrollment.is_none() && e.first_seen != 0 {

@@ -46,7 +46,8 @@ fn compaction_replays_to_the_same_state() {
             join: digest.clone(),
             expires: 100,
         },
-        Record::Joined { name: "bot".into(), at: 20, key_hash: stored.clone() },
+        Record::Joined { name: "bot".into(), at: 20, key_hash: Some(stored.clone()), jwk: None },
+        Record::Attested { name: "bot".into(), at: 21, subject: "system:serviceaccount:ci:runner".into() },
         Record::State { name: "bot".into(), to: AgentState::Active, by: "a".into(), at: 20, reason: "joined".into() },
         Record::State { name: "bot".into(), to: AgentState::Idle, by: "r".into(), at: 30, reason: "x".into() },
         Record::State { name: "bot".into(), to: AgentState::Revoked, by: "o".into(), at: 40, reason: "gone".into() },
@@ -67,6 +68,10 @@ fn compaction_replays_to_the_same_state() {
         assert_eq!((a.first_seen, a.last_used, &a.exercised), (b.first_seen, b.last_used, &b.exercised), "{name}");
     }
     assert_eq!(again["bot"].enrollment.as_ref().unwrap().key_hash.as_deref(), Some(stored.as_str()));
+    assert_eq!(
+        again["bot"].enrollment.as_ref().unwrap().attested,
+        Some((21, "system:serviceaccount:ci:runner".into()))
+    );
     assert_eq!(joins2.get(&digest).map(String::as_str), Some("bot"));
 }
 

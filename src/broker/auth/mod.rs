@@ -91,6 +91,15 @@ impl Caller {
     }
 }
 
+/// Whether an enrolled agent whose template asks for attestation every so often is past it.
+fn attestation_due(broker: &super::Broker, policy: &Policy, a: &super::policy::Agent) -> bool {
+    let Some(every) = a.template.as_ref().and_then(|t| policy.attest.get(t)).and_then(|x| x.every) else {
+        return false;
+    };
+    let every = i64::try_from(every.as_secs()).unwrap_or(i64::MAX);
+    broker.agents.attested_at(&a.name).is_none_or(|at| crate::time::now().secs().saturating_sub(at) > every)
+}
+
 /// Why a request is not authenticated. Each maps to an HTTP status and an RFC 6750 error.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AuthError {
@@ -108,6 +117,8 @@ pub enum AuthError {
     AgentDisabled(String),
     /// The agent is suspended, revoked or decommissioned (the directory's reason).
     AgentInactive(String, crate::broker::agents::AgentState, String),
+    /// The agent's template asks for attestation again (`attest.every`), and it has not.
+    AttestationExpired(String),
     /// Too many failures from this source; retry after the duration.
     RateLimited(Duration),
     /// Too many key verifications in flight; retry shortly.
@@ -118,7 +129,10 @@ impl AuthError {
     /// HTTP status.
     pub fn status(&self) -> u16 {
         match self {
-            AuthError::Missing | AuthError::InvalidKey | AuthError::InvalidToken(_) => 401,
+            AuthError::Missing
+            | AuthError::InvalidKey
+            | AuthError::InvalidToken(_)
+            | AuthError::AttestationExpired(_) => 401,
             AuthError::Malformed(_) | AuthError::InQuery => 400,
             AuthError::AgentDisabled(_) | AuthError::AgentInactive(..) => 403,
             AuthError::RateLimited(_) => 429,
@@ -135,6 +149,7 @@ impl AuthError {
             AuthError::InvalidKey => "invalid_api_key",
             AuthError::InvalidToken(_) => "invalid_token",
             AuthError::AgentDisabled(_) => "agent_disabled",
+            AuthError::AttestationExpired(_) => "attestation_expired",
             AuthError::AgentInactive(_, s, _) => match s {
                 crate::broker::agents::AgentState::Suspended => "agent_suspended",
                 crate::broker::agents::AgentState::Revoked => "agent_revoked",
@@ -152,7 +167,7 @@ impl AuthError {
             AuthError::Malformed(_) | AuthError::InQuery => Some("invalid_request"),
             AuthError::InvalidKey | AuthError::InvalidToken(_) => Some("invalid_token"),
             AuthError::AgentDisabled(_) => Some("insufficient_scope"),
-            AuthError::AgentInactive(..) => Some("invalid_token"),
+            AuthError::AgentInactive(..) | AuthError::AttestationExpired(_) => Some("invalid_token"),
         }
     }
 
@@ -167,6 +182,9 @@ impl AuthError {
             AuthError::InvalidKey => "invalid API key".into(),
             AuthError::InvalidToken(r) => format!("invalid task token: {r}"),
             AuthError::AgentDisabled(a) => format!("agent {a:?} is disabled"),
+            AuthError::AttestationExpired(a) => {
+                format!("agent {a:?} must attest again: POST /v1/agents/attest with a fresh service-account token")
+            }
             AuthError::AgentInactive(a, s, why) => {
                 let why = if why.is_empty() { String::new() } else { format!(": {why}") };
                 format!("agent {a:?} is {}{why}", s.as_str())
@@ -545,6 +563,7 @@ pub async fn authenticate(
                 let why = broker.agents.get(&agent).map(|e| e.reason).unwrap_or_default();
                 Err(AuthError::AgentInactive(agent, a.state, why))
             }
+            Some(a) if a.enabled && attestation_due(broker, policy, a) => Err(AuthError::AttestationExpired(agent)),
             Some(a) if a.enabled => {
                 if let Some(ip) = source {
                     broker.admission.vouch(ip);
@@ -576,7 +595,10 @@ pub async fn authenticate(
                 let mut ev = super::audit::Event::new(super::audit::Kind::Auth, "auth_failed")
                     .error(e.code(), e.message())
                     .action(serde_json::json!({ "method": method, "source": source.map(|s| s.to_string()) }));
-                if let AuthError::AgentDisabled(a) | AuthError::AgentInactive(a, ..) = e {
+                if let AuthError::AgentDisabled(a)
+                | AuthError::AgentInactive(a, ..)
+                | AuthError::AttestationExpired(a) = e
+                {
                     ev = ev.agent(a.clone());
                 }
                 use super::audit::AuditSink as _;

@@ -151,6 +151,8 @@ pub struct OAuth {
     grants: RefCell<BTreeMap<String, Grant>>,
     pending: RefCell<HashMap<String, Pending>>,
     codes: RefCell<HashMap<String, Code>>,
+    /// Client assertions seen (agent, jti) until they expire: each works once.
+    assertions: RefCell<HashMap<(String, String), i64>>,
 }
 
 /// SHA-256, hex.
@@ -246,6 +248,7 @@ impl OAuth {
             grants: RefCell::new(grants),
             pending: RefCell::default(),
             codes: RefCell::default(),
+            assertions: RefCell::default(),
         })
     }
 
@@ -428,6 +431,20 @@ impl OAuth {
             Some(_) => {}
         }
         self.append(Record::Revoked { grant: id.into(), why: why.into(), at: crate::time::now().secs() }).map(Some)
+    }
+
+    /// Whether the client assertion `jti` of `agent` (valid until `exp`) is new; remembers it.
+    /// At most 10,000 are kept (expired ones go first; when all are live, the request is refused).
+    pub fn fresh_assertion(&self, agent: &str, jti: &str, exp: i64) -> bool {
+        let now = crate::time::now().secs();
+        let mut seen = self.assertions.borrow_mut();
+        if seen.len() >= 10_000 {
+            seen.retain(|_, e| *e + 60 > now);
+            if seen.len() >= 10_000 {
+                return false;
+            }
+        }
+        seen.insert((agent.to_owned(), jti.to_owned()), exp).is_none()
     }
 
     /// Grants of `agent`.

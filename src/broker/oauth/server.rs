@@ -82,9 +82,10 @@ pub fn metadata(broker: &Broker, headers: &HeaderMap) -> http::Response<Body> {
         "revocation_endpoint": format!("{iss}/oauth/revoke"),
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
-        "grant_types_supported": ["authorization_code", "refresh_token", TOKEN_EXCHANGE],
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials", TOKEN_EXCHANGE],
         "code_challenge_methods_supported": ["S256"],
-        "token_endpoint_auth_methods_supported": ["none", "client_secret_post", "client_secret_basic"],
+        "token_endpoint_auth_methods_supported": ["none", "client_secret_post", "client_secret_basic", "private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["ES256", "EdDSA", "RS256"],
         "revocation_endpoint_auth_methods_supported": ["none", "client_secret_post", "client_secret_basic"],
         "scopes_supported": ["mcp"],
         "authorization_response_iss_parameter_supported": true,
@@ -492,6 +493,10 @@ async fn token(
         Ok(None) => return invalid("invalid_request", "grant_type is required".into()),
         Err(e) => return invalid("invalid_request", e),
     };
+    let res = resource(broker, s, &headers);
+    if grant_type == "client_credentials" {
+        return client_credentials(broker, s, &f, &headers, &res).await;
+    }
     let client = match client_auth(&headers, &f, broker) {
         Ok(c) => c,
         Err(e) => {
@@ -499,7 +504,6 @@ async fn token(
             return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", e);
         }
     };
-    let res = resource(broker, s, &headers);
     if let Ok(Some(r)) = field("resource")
         && r.trim_end_matches('/') != res
     {
@@ -607,6 +611,96 @@ async fn token(
         TOKEN_EXCHANGE => exchange(broker, &f, peer).await,
         other => invalid("unsupported_grant_type", format!("grant_type {other:?} is not supported")),
     }
+}
+
+/// RFC 7523 client authentication assertion type.
+pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// The `client_credentials` grant for key-bound agents (the `oauth-client-credentials`
+/// extension with a JWT assertion, RFC 7523 §2.2): the agent proves possession of the key it
+/// joined with on every token request; the answer is an access token (a task token), no
+/// refresh token.
+async fn client_credentials(
+    broker: &Rc<Broker>,
+    s: &OAuthSettings,
+    f: &[(String, String)],
+    headers: &HeaderMap,
+    res: &str,
+) -> http::Response<Body> {
+    let field = |k: &str| one(f, k);
+    let invalid = |status: StatusCode, code: &str, m: String| {
+        broker.metrics.inc("ephyr_oauth_requests_total", &[("endpoint", "token"), ("outcome", "invalid")]);
+        oauth_error(status, code, m)
+    };
+    if field("client_assertion_type").ok().flatten() != Some(JWT_BEARER) {
+        return invalid(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            format!(
+                "client_credentials needs client_assertion_type {JWT_BEARER} (private_key_jwt); secrets are not accepted for it"
+            ),
+        );
+    }
+    let Ok(Some(assertion)) = field("client_assertion") else {
+        return invalid(StatusCode::UNAUTHORIZED, "invalid_client", "client_assertion is required".into());
+    };
+    // Whose key: the client_id, else the assertion's (unverified) sub; then verified with it.
+    let claimed = match field("client_id").ok().flatten() {
+        Some(c) => c.to_owned(),
+        None => unverified_sub(assertion).unwrap_or_default(),
+    };
+    let Some(jwk) = broker.agents.jwk(&claimed) else {
+        return invalid(StatusCode::UNAUTHORIZED, "invalid_client", format!("no key-bound agent {claimed:?}"));
+    };
+    let key = match crate::broker::jose::key(&jwk) {
+        Ok(k) => k,
+        Err(e) => return invalid(StatusCode::UNAUTHORIZED, "invalid_client", e),
+    };
+    let iss = issuer(broker, s, headers);
+    let audiences = [iss.clone(), format!("{iss}/"), format!("{iss}/oauth/token")];
+    let expect = crate::broker::jose::Expect {
+        issuers: std::slice::from_ref(&claimed),
+        audiences: &audiences,
+        subject: Some(&claimed),
+        max_lifetime: Some(600),
+    };
+    let claims = match crate::broker::jose::verify(assertion, &[key], &expect) {
+        Ok(c) => c,
+        Err(e) => {
+            broker.auth.failed(None, std::time::Instant::now());
+            return invalid(StatusCode::UNAUTHORIZED, "invalid_client", format!("client_assertion: {e}"));
+        }
+    };
+    let Some(jti) = claims["jti"].as_str().filter(|j| !j.is_empty() && j.len() <= 256) else {
+        return invalid(StatusCode::UNAUTHORIZED, "invalid_client", "client_assertion: no jti".into());
+    };
+    let exp = claims["exp"].as_i64().unwrap_or(0);
+    if !broker.oauth.fresh_assertion(&claimed, jti, exp) {
+        return invalid(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client_assertion: this jti was used before".into(),
+        );
+    }
+    let (task, access, expires_in) = match access_task(broker, &claimed, &claimed, s.access_ttl).await {
+        Ok(t) => t,
+        Err(e) => return invalid(StatusCode::BAD_REQUEST, "invalid_grant", e),
+    };
+    let ev = Event::new(Kind::Agent, "oauth_token_issued")
+        .agent(claimed.clone())
+        .task(task.clone(), vec![task.clone()])
+        .action(json!({ "grant_type": "client_credentials", "client_id": claimed, "resource": res }))
+        .allow();
+    broker.audit_now(ev).await;
+    broker.metrics.inc("ephyr_oauth_requests_total", &[("endpoint", "token"), ("outcome", "ok")]);
+    tokens(&access, expires_in, None)
+}
+
+/// The `sub` of a JWT, unverified (only to pick the key that then verifies it).
+fn unverified_sub(jwt: &str) -> Option<String> {
+    let payload = jwt.split('.').nth(1)?;
+    let bytes = data_encoding::BASE64URL_NOPAD.decode(payload.trim_end_matches('=').as_bytes()).ok()?;
+    serde_json::from_slice::<Value>(&bytes).ok()?["sub"].as_str().map(str::to_owned)
 }
 
 /// Authenticates a token as the MCP endpoint would (its agent's state included).

@@ -419,6 +419,36 @@ pub struct TemplateFile {
     pub remotes: Option<BTreeMap<String, Option<RemoteGrantFile>>>,
     /// Dashboard access level.
     pub dashboard: Option<String>,
+    /// What an agent enrolled from this template must prove (docs/agents.md).
+    pub attest: Option<AttestFile>,
+}
+
+/// `templates.<name>.attest:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestFile {
+    /// A Kubernetes projected service-account token.
+    pub kubernetes: Option<KubernetesAttestFile>,
+    /// How often a fresh token is needed (`1h`; default: only at join).
+    pub every: Option<String>,
+}
+
+/// `templates.<name>.attest.kubernetes:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesAttestFile {
+    /// The cluster's JWK set (`kubectl get --raw /openid/v1/jwks`), a file path.
+    pub jwks_file: String,
+    /// The tokens' issuer (`kubectl get --raw /.well-known/openid-configuration`).
+    pub issuer: String,
+    /// The audience of the projected token (`serviceAccountToken.audience`).
+    pub audience: String,
+    /// Namespaces accepted.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Service account names accepted.
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
 }
 
 /// `agents.<name>:`.

@@ -730,6 +730,24 @@ pub struct Agent {
     pub template: Option<String>,
 }
 
+/// `templates.<name>.attest:` — what an agent enrolled from the template must prove at join,
+/// and how often again (docs/agents.md "Attestation").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attestation {
+    /// The cluster's service-account token signing keys (from `jwks_file`, read at load).
+    pub keys: Vec<crate::broker::jose::Key>,
+    /// The tokens' issuer.
+    pub issuer: String,
+    /// The audience the projected token was made for.
+    pub audience: String,
+    /// Namespaces accepted (empty: any).
+    pub namespaces: Vec<String>,
+    /// Service account names accepted (empty: any).
+    pub service_accounts: Vec<String>,
+    /// A fresh token is needed this often (`None`: only at join).
+    pub every: Option<Duration>,
+}
+
 /// `oauth:` — the built-in OAuth 2.1 authorization server (docs/oauth.md). Present: enabled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OAuthSettings {
@@ -864,6 +882,8 @@ pub struct Policy {
     pub lifecycle: Lifecycle,
     /// The built-in authorization server (`oauth:`; `None`: off).
     pub oauth: Option<OAuthSettings>,
+    /// Attestation required of agents enrolled from a template, by template.
+    pub attest: BTreeMap<String, Attestation>,
     /// Generation of the agent directory merged into `agents` (0: none); with `digest` it names
     /// the set of agents and keys this snapshot holds.
     pub directory: u64,

@@ -2102,8 +2102,65 @@ fn agents(
             cx.problems.push(p);
         }
     }
+    for (name, tf) in &templates {
+        if let Some(a) = &tf.attest
+            && a.kubernetes.is_none()
+        {
+            cx.err(
+                &["templates", name, "attest"],
+                "names no attestation",
+                Some("kubernetes: {jwks_file, issuer, audience, ...}".into()),
+            );
+        }
+    }
 
     (agents, by_uid, prototypes)
+}
+
+/// `templates.*.attest` (after the templates parsed): the JWK sets read now.
+fn attestations(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, Attestation> {
+    let mut out = BTreeMap::new();
+    let Some(Value::Mapping(m)) = top.get("templates") else { return out };
+    for (k, v) in m {
+        let (Some(name), Some(a)) = (k.as_str(), v.get("attest")) else { continue };
+        let Ok(f) = serde_yaml_ng::from_value::<AttestFile>(a.clone()) else { continue };
+        let Some(k8s) = f.kubernetes else { continue };
+        let at = ["templates", name, "attest", "kubernetes", "jwks_file"];
+        let keys = match std::fs::read_to_string(&k8s.jwks_file) {
+            Ok(text) => match crate::broker::jose::key_set(&text) {
+                Ok(k) => k,
+                Err(e) => {
+                    cx.err(&at, format!("{}: {e}", k8s.jwks_file), None);
+                    continue;
+                }
+            },
+            Err(e) => {
+                cx.err(&at, format!("{}: {e}", k8s.jwks_file), Some("kubectl get --raw /openid/v1/jwks > FILE".into()));
+                continue;
+            }
+        };
+        if k8s.issuer.is_empty() || k8s.audience.is_empty() {
+            cx.err(&["templates", name, "attest", "kubernetes"], "issuer and audience are required", None);
+            continue;
+        }
+        let every =
+            f.every.as_deref().map(|e| cx.duration(&["templates", name, "attest", "every"], Some(e), Duration::ZERO));
+        if every.is_some_and(|e| e < Duration::from_secs(60)) {
+            cx.err(&["templates", name, "attest", "every"], "must be at least 1m", None);
+        }
+        out.insert(
+            name.to_owned(),
+            Attestation {
+                keys,
+                issuer: k8s.issuer,
+                audience: k8s.audience,
+                namespaces: k8s.namespaces,
+                service_accounts: k8s.service_accounts,
+                every,
+            },
+        );
+    }
+    out
 }
 
 /// `oauth:` — the built-in authorization server (docs/oauth.md).
@@ -2315,6 +2372,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     let (agents, by_uid, templates) = agents(&mut cx, top, &known);
     let lifecycle = lifecycle(&mut cx, top);
     let oauth = oauth(&mut cx, top, &limits);
+    let attest = attestations(&mut cx, top);
     let operators = operators(&mut cx, top);
     let approvals = approvals(&mut cx, top, &known, &operators);
     let runs = runs(&mut cx, top, &known, &agents);
@@ -2340,6 +2398,7 @@ pub fn build(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         templates,
         lifecycle,
         oauth,
+        attest,
         directory: 0,
         frozen: Frozen::default(),
         warnings: cx.warnings,
