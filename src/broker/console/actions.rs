@@ -423,3 +423,27 @@ pub fn audit_feed(broker: &std::rc::Rc<Broker>) -> Response<Body> {
     r.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::next_page;
+
+    #[test]
+    fn sign_in_goes_on_only_to_a_consent_page() {
+        assert_eq!(
+            next_page("next=%2Foauth%2Fconsent%3Frequest%3DAbc_-9").as_deref(),
+            Some("/oauth/consent?request=Abc_-9")
+        );
+        for bad in [
+            "next=https%3A%2F%2Fevil.example%2F",
+            "next=%2F%2Fevil.example",
+            "next=%2Foauth%2Fconsent%3Frequest%3D",
+            "next=%2Foauth%2Fconsent%3Frequest%3Da%26x%3D1",
+            "next=%2Fagents",
+            "next=%2Foauth%2Fconsent%3Frequest%3D%0d%0aSet-Cookie",
+            "",
+        ] {
+            assert_eq!(next_page(bad), None, "{bad}");
+        }
+    }
+}

@@ -873,3 +873,29 @@ async fn revoke(broker: &Broker, req: http::Request<hyper::body::Incoming>) -> h
     }
     no_store(json(StatusCode::OK, &json!({})))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{envelope_of, unverified_sub};
+    use serde_json::json;
+
+    #[test]
+    fn exchange_scopes_become_an_envelope() {
+        assert_eq!(envelope_of("mcp").unwrap(), None);
+        assert_eq!(
+            envelope_of("tool:exec service:api service:git target:web").unwrap(),
+            Some(json!({"tools": ["exec"], "services": ["api", "git"], "targets": ["web"]}))
+        );
+        for (bad, why) in [("planet:mars", "KIND is"), ("service:", "names nothing"), ("service", "not KIND:NAME")] {
+            assert!(envelope_of(bad).unwrap_err().contains(why), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_unverified_subject_only_picks_a_key() {
+        let enc = |v: &[u8]| data_encoding::BASE64URL_NOPAD.encode(v);
+        let jwt = format!("{}.{}.sig", enc(b"{}"), enc(br#"{"sub":"keyed"}"#));
+        assert_eq!(unverified_sub(&jwt).as_deref(), Some("keyed"));
+        assert_eq!(unverified_sub("garbage"), None);
+    }
+}
