@@ -154,34 +154,7 @@ fn enrolled_agents_join_once_and_a_suspended_agent_is_refused_everywhere_at_once
     let token_cred = task["token"].as_str().unwrap().to_owned();
     assert!(tool_call(&b.api, &token_cred, "list_services", json!({})).is_ok());
     // An open session-era MCP session and its notification stream.
-    let init = http_request(
-        &b.api,
-        "POST",
-        "/mcp",
-        &[
-            ("Authorization", &format!("Bearer {key}")),
-            ("Content-Type", "application/json"),
-            ("Accept", "application/json, text/event-stream"),
-        ],
-        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}})
-        .to_string()
-        .as_bytes(),
-    );
-    let sid = init.header("mcp-session-id").unwrap().to_owned();
-    let mut stream = HttpStream::open(
-        &b.api,
-        "GET",
-        "/mcp",
-        &[
-            ("Authorization", &format!("Bearer {key}")),
-            ("Mcp-Session-Id", &sid),
-            ("Accept", "text/event-stream"),
-            ("Connection", "close"),
-        ],
-        b"",
-    );
-    stream.read_until("ephyr notification stream", Duration::from_secs(5));
+    let (sid, mut stream) = session_with_stream(&b.api, &key);
 
     // Suspend: every credential fails at once, with the reason; the stream ends.
     let (ok, out, err) = agent(&b, &["suspend", "helper", "--reason", "laptop stolen"]);
@@ -447,14 +420,9 @@ fn a_forged_agents_journal_stops_start_up_naming_the_record() {
     assert!(log.contains("agent directory") && log.contains("revoked → active is not a transition"), "{log}");
 }
 
-/// An ES256 JWT signed with the PKCS#8 key `der` (the test's own cluster key).
+/// A service-account token signed with the cluster key `der`.
 fn es256(der: &[u8], claims: &Value) -> String {
-    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
-    let rng = ring::rand::SystemRandom::new();
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng).unwrap();
-    let enc = |v: &[u8]| data_encoding::BASE64URL_NOPAD.encode(v);
-    let msg = format!("{}.{}", enc(br#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#), enc(claims.to_string().as_bytes()));
-    format!("{msg}.{}", enc(pair.sign(&rng, msg.as_bytes()).unwrap().as_ref()))
+    es256_jwt(der, &json!({"alg": "ES256", "kid": "k1", "typ": "JWT"}), claims)
 }
 
 /// A P-256 key: its PKCS#8 document and its public JWK (with `kid`).
@@ -469,10 +437,6 @@ fn cluster_key() -> (Vec<u8>, Value) {
         doc.as_ref().to_vec(),
         json!({"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "use": "sig", "x": enc(&p[1..33]), "y": enc(&p[33..65])}),
     )
-}
-
-fn now_secs() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 /// A projected service-account token's claims.

@@ -591,21 +591,9 @@ fn the_conformance_suites_authorization_server_scenarios_pass() {
     assert!(all.contains("Total: 2 passed, 0 failed") && !all.contains("✗"), "{all}");
 }
 
-/// An ES256 JWT signed with the PKCS#8 key in `pem`.
+/// An assertion signed with the agent's key (`pem`, as `ephyr agent join --key-out` wrote it).
 fn es256(pem: &str, claims: &Value) -> String {
-    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
-    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    let der = data_encoding::BASE64.decode(b64.as_bytes()).unwrap();
-    let rng = ring::rand::SystemRandom::new();
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng).unwrap();
-    let enc = |v: &[u8]| data_encoding::BASE64URL_NOPAD.encode(v);
-    let msg = format!("{}.{}", enc(br#"{"alg":"ES256","typ":"JWT"}"#), enc(claims.to_string().as_bytes()));
-    let sig = pair.sign(&rng, msg.as_bytes()).unwrap();
-    format!("{msg}.{}", enc(sig.as_ref()))
-}
-
-fn now_secs() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    es256_jwt(&pem_der(pem), &json!({"alg": "ES256", "typ": "JWT"}), claims)
 }
 
 #[test]

@@ -896,3 +896,54 @@ impl ConsoleClient {
 pub fn as_the_unit() -> Vec<String> {
     ["setpriv", "--bounding-set", "-all,+setuid,+setgid,+setpcap"].map(String::from).to_vec()
 }
+
+/// Unix seconds now.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// An ES256 JWT with `header` and `claims`, signed with the PKCS#8 P-256 key `der` (tests make
+/// their own keys: a cluster's, an agent's).
+pub fn es256_jwt(der: &[u8], header: &serde_json::Value, claims: &serde_json::Value) -> String {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng).unwrap();
+    let enc = |v: &[u8]| data_encoding::BASE64URL_NOPAD.encode(v);
+    let msg = format!("{}.{}", enc(header.to_string().as_bytes()), enc(claims.to_string().as_bytes()));
+    format!("{msg}.{}", enc(pair.sign(&rng, msg.as_bytes()).unwrap().as_ref()))
+}
+
+/// The DER inside a PEM document.
+pub fn pem_der(pem: &str) -> Vec<u8> {
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    data_encoding::BASE64.decode(b64.as_bytes()).unwrap()
+}
+
+/// A session-era MCP session for `cred` (its id) and its open notification stream.
+pub fn session_with_stream(api: &str, cred: &str) -> (String, HttpStream) {
+    let auth = format!("Bearer {cred}");
+    let init = http_request(
+        api,
+        "POST",
+        "/mcp",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+        ],
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}})
+        .to_string()
+        .as_bytes(),
+    );
+    let sid = init.header("mcp-session-id").unwrap().to_owned();
+    let mut stream = HttpStream::open(
+        api,
+        "GET",
+        "/mcp",
+        &[("Authorization", &auth), ("Mcp-Session-Id", &sid), ("Accept", "text/event-stream"), ("Connection", "close")],
+        b"",
+    );
+    stream.read_until("ephyr notification stream", Duration::from_secs(5));
+    (sid, stream)
+}

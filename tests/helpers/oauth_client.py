@@ -11,6 +11,7 @@ Prints {"tools": [...], "text": ..., "isError": ..., "iss": ..., "token_prefix":
 
 import asyncio
 import json
+import os
 import sys
 from urllib.parse import parse_qs, urlparse
 
@@ -18,27 +19,12 @@ import httpx2
 from mcp import Client
 from mcp.client.auth import OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
+
+sys.path.insert(0, os.path.dirname(__file__))
+from oauth_store import Memory  # noqa: E402
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientMetadata
 
 REDIRECT = "http://127.0.0.1:53682/callback"
-
-
-class Memory:
-    def __init__(self):
-        self.tokens = None
-        self.client = None
-
-    async def get_tokens(self):
-        return self.tokens
-
-    async def set_tokens(self, tokens):
-        self.tokens = tokens
-
-    async def get_client_info(self):
-        return self.client
-
-    async def set_client_info(self, info):
-        self.client = info
 
 
 seen = {}

@@ -8,6 +8,7 @@ Prints {"tools": [...], "text": ..., "isError": ..., "token_prefix": "mac_"} as 
 
 import asyncio
 import json
+import os
 import sys
 
 import httpx2
@@ -15,23 +16,8 @@ from mcp import Client
 from mcp.client.auth.extensions.client_credentials import PrivateKeyJWTOAuthProvider, SignedJWTParameters
 from mcp.client.streamable_http import streamable_http_client
 
-
-class Memory:
-    def __init__(self):
-        self.tokens = None
-        self.client = None
-
-    async def get_tokens(self):
-        return self.tokens
-
-    async def set_tokens(self, tokens):
-        self.tokens = tokens
-
-    async def get_client_info(self):
-        return self.client
-
-    async def set_client_info(self, info):
-        self.client = info
+sys.path.insert(0, os.path.dirname(__file__))
+from oauth_store import Memory  # noqa: E402
 
 
 async def main() -> None:
