@@ -693,3 +693,79 @@ fn a_key_bound_agent_proves_its_key_on_every_token_request_and_the_python_sdk_do
     assert!(r.text().contains("suspended"), "{}", r.text());
     assert!(mcp_ok(&b, &access).is_err());
 }
+
+/// Client ID metadata documents: a URL client id on a listed host is fetched (verified TLS,
+/// `network:` rules), must name itself, and then goes through the same consent and PKCE; other
+/// hosts and documents that lie are refused before anything is redirected.
+#[test]
+fn client_id_metadata_documents_from_listed_hosts_only() {
+    if !require_root() {
+        return;
+    }
+    let certs = TempDir::new("cimd-certs");
+    let o = python("upstream.py").args(["certs", certs.path().to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(certs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(certs.join("ca.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let c = |f: &str| certs.join(f).to_str().unwrap().to_owned();
+    let docs = Upstream::start(None, "127.0.0.1", &["--tls", &c("server.pem"), &c("server.key")]);
+    let up = Upstream::start(None, "127.0.0.1", &[]);
+    let (_, bot_hash) = agent_key("bot");
+    let p = policy(up.port, &bot_hash).replace(
+        "oauth: { access_ttl: 10m, refresh_ttl: 1d }",
+        &format!(
+            "oauth: {{ access_ttl: 10m, refresh_ttl: 1d, client_id_domains: [localhost], client_id_ca_file: \"{}\" }}",
+            c("ca.pem")
+        ),
+    );
+    let b = start(&p);
+    let meta = http_request(&b.api, "GET", "/.well-known/oauth-authorization-server", &[], b"").json();
+    assert_eq!(meta["client_id_metadata_document_supported"], true);
+    let (verifier, challenge) = pkce();
+    let redirect = "http://127.0.0.1:9/cb";
+    let client = format!("https://localhost:{}/client-metadata/app", docs.port);
+    let back = consent(&authorize_url(&b, &client, redirect, &challenge, "cimd"), ("alice", ALICE_PW), "reader", true);
+    let code = query_param(&back, "code").unwrap();
+    let r = post_form(
+        &b.api,
+        "/oauth/token",
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", redirect),
+            ("client_id", &client),
+            ("code_verifier", &verifier),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(mcp_ok(&b, r.json()["access_token"].as_str().unwrap()).is_ok());
+    let agents = local_request(&b.socket, "GET", "/v1/agents", b"").json();
+    assert!(
+        agents["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["name"].as_str().unwrap().starts_with("oauth-cimd-test-client-"))
+    );
+
+    // Refused, shown (never redirected), with the reason.
+    for (id, why) in [
+        (format!("https://localhost:{}/client-metadata/liar", docs.port), "not its own URL"),
+        (format!("https://127.0.0.1:{}/client-metadata/app", docs.port), "not in oauth.client_id_domains"),
+        (format!("http://localhost:{}/client-metadata/app", docs.port), "no client"),
+        (format!("https://localhost:{}/client-metadata/../app", docs.port), "dot segments"),
+    ] {
+        let r = http_request(&b.api, "GET", &split(&authorize_url(&b, &id, redirect, &challenge, "x")).1, &[], b"");
+        assert_eq!(r.status, 400, "{id}: {}", r.text());
+        assert!(r.header("location").is_none() && r.text().contains(why), "{id}: {}", r.text());
+    }
+    // A document whose server the broker cannot verify is refused too.
+    let b2 = start(
+        &policy(up.port, &bot_hash)
+            .replace("oauth: { access_ttl: 10m, refresh_ttl: 1d }", "oauth: { client_id_domains: [localhost] }"),
+    );
+    let r = http_request(&b2.api, "GET", &split(&authorize_url(&b2, &client, redirect, &challenge, "x")).1, &[], b"");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().to_lowercase().contains("certificate"), "untrusted TLS: {}", r.text());
+}

@@ -346,7 +346,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
         let agents = super::agents::Directory::load(&logs)
             .await
             .map_err(|e| ServeError::Startup(format!("agent directory: {}", e.message())))?;
-        let oauth = super::oauth::OAuth::load(&logs)
+        let oauth = super::oauth::OAuth::load(&logs, Rc::new(super::upstream::conn::Conns::new(ex.clone())))
             .await
             .map_err(|e| ServeError::Startup(format!("oauth: {}", e.message())))?;
         let mut policy = policy;

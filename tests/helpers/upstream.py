@@ -93,6 +93,18 @@ class Handler(BaseHTTPRequestHandler):
         route = url.path
         if route.startswith("/v1/organization/projects/"):
             self.admin(route, q, body)
+        elif route.startswith("/client-metadata/"):
+            # An OAuth client ID metadata document naming itself (or, for /client-metadata/liar,
+            # another URL); redirect_uri from the query.
+            own = "https://%s%s" % (self.headers.get("Host"), self.path)
+            doc = {
+                "client_id": "https://elsewhere.example/client" if route.endswith("/liar") else own,
+                "client_name": "cimd test client",
+                "redirect_uris": [q.get("redirect_uri", "http://127.0.0.1:9/cb")],
+                "token_endpoint_auth_method": "none",
+                "grant_types": ["authorization_code", "refresh_token"],
+            }
+            self.send(200, json.dumps(doc).encode())
         elif route == "/_standin/accounts":
             with LOCK:
                 self.send(200, json.dumps(list(ACCOUNTS.values())).encode())

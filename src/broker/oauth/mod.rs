@@ -12,6 +12,7 @@
 //! before answering); authorization requests waiting for consent (10 minutes) and codes (60 s,
 //! single use) live in memory only: a restart loses them, and the client starts over.
 
+pub mod cimd;
 pub mod consent;
 pub mod server;
 
@@ -153,6 +154,10 @@ pub struct OAuth {
     codes: RefCell<HashMap<String, Code>>,
     /// Client assertions seen (agent, jti) until they expire: each works once.
     assertions: RefCell<HashMap<(String, String), i64>>,
+    /// Clients described by metadata documents (URL client ids), as fetched, for an hour.
+    documents: RefCell<HashMap<String, (Client, Instant)>>,
+    /// Outbound connections (client ID metadata documents).
+    conns: Rc<super::upstream::conn::Conns>,
 }
 
 /// SHA-256, hex.
@@ -201,7 +206,7 @@ fn apply(
 
 impl OAuth {
     /// Replays log [`LOG`], dropping grants expired more than a day ago.
-    pub async fn load(backend: &dyn Backend) -> Result<OAuth, Error> {
+    pub async fn load(backend: &dyn Backend, conns: Rc<super::upstream::conn::Conns>) -> Result<OAuth, Error> {
         let replayed = backend.replay(LOG).await?;
         let mut clients = BTreeMap::new();
         let mut grants = BTreeMap::new();
@@ -249,6 +254,8 @@ impl OAuth {
             pending: RefCell::default(),
             codes: RefCell::default(),
             assertions: RefCell::default(),
+            documents: RefCell::default(),
+            conns,
         })
     }
 
@@ -260,9 +267,34 @@ impl OAuth {
         Ok(d)
     }
 
-    /// A client by id.
+    /// A client by id: registered, or described by a document fetched within the hour.
     pub fn client(&self, id: &str) -> Option<Client> {
-        self.clients.borrow().get(id).cloned()
+        if let Some(c) = self.clients.borrow().get(id) {
+            return Some(c.clone());
+        }
+        self.document(id)
+    }
+
+    /// A client described by a document fetched within the hour.
+    pub fn document(&self, id: &str) -> Option<Client> {
+        self.documents.borrow().get(id).and_then(cimd::fresh)
+    }
+
+    /// Keeps a fetched document's client (at most 256; stale ones go first).
+    pub fn keep_document(&self, c: Client) {
+        let mut d = self.documents.borrow_mut();
+        if d.len() >= 256 {
+            d.retain(|_, kept| cimd::fresh(kept).is_some());
+            if d.len() >= 256 {
+                d.clear();
+            }
+        }
+        d.insert(c.id.clone(), (c, Instant::now()));
+    }
+
+    /// The outbound connections.
+    pub fn conns(&self) -> Rc<super::upstream::conn::Conns> {
+        self.conns.clone()
     }
 
     /// Registers `c`.

@@ -94,6 +94,9 @@ pub fn metadata(broker: &Broker, headers: &HeaderMap) -> http::Response<Body> {
     if s.registration {
         v["registration_endpoint"] = json!(format!("{iss}/oauth/register"));
     }
+    if !s.client_id_domains.is_empty() {
+        v["client_id_metadata_document_supported"] = json!(true);
+    }
     json(StatusCode::OK, &v)
 }
 
@@ -106,7 +109,7 @@ pub async fn handle(
     let Some(s) = settings(broker) else { return off() };
     let path = req.uri().path().to_owned();
     match (req.method().clone(), path.as_str()) {
-        (http::Method::GET, "/oauth/authorize") => authorize(broker, &s, &req),
+        (http::Method::GET, "/oauth/authorize") => authorize(broker, &s, &req).await,
         (http::Method::POST, "/oauth/register") => register(broker, &s, req).await,
         (http::Method::POST, "/oauth/token") => token(broker, &s, req, peer).await,
         (http::Method::POST, "/oauth/revoke") => revoke(broker, req).await,
@@ -267,7 +270,11 @@ fn console_base(broker: &Broker, s: &OAuthSettings, headers: &HeaderMap) -> Stri
 }
 
 /// `GET /oauth/authorize`.
-fn authorize(broker: &Broker, s: &OAuthSettings, req: &http::Request<hyper::body::Incoming>) -> http::Response<Body> {
+async fn authorize(
+    broker: &Broker,
+    s: &OAuthSettings,
+    req: &http::Request<hyper::body::Incoming>,
+) -> http::Response<Body> {
     let q = query(req);
     let shown = |m: String| {
         broker.metrics.inc("ephyr_oauth_requests_total", &[("endpoint", "authorize"), ("outcome", "invalid")]);
@@ -279,8 +286,13 @@ fn authorize(broker: &Broker, s: &OAuthSettings, req: &http::Request<hyper::body
         (Ok(None), _) => return shown("client_id is required".into()),
         (Err(e), _) | (_, Err(e)) => return shown(e),
     };
-    let Some(client) = broker.oauth.client(client_id) else {
-        return shown(format!("no client {client_id:?} is registered here"));
+    let client = match broker.oauth.client(client_id) {
+        Some(c) => c,
+        None if client_id.starts_with("https://") => match super::cimd::client(broker, s, client_id).await {
+            Ok(c) => c,
+            Err(e) => return shown(format!("client {client_id:?}: {e}")),
+        },
+        None => return shown(format!("no client {client_id:?} is registered here")),
     };
     let redirect_uri = match redirect {
         Some(r) if client.redirect_uris.iter().any(|u| u == r) => r.to_owned(),

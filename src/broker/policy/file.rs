@@ -618,6 +618,11 @@ pub struct OAuthFile {
     pub refresh_ttl: Option<String>,
     /// Dynamic client registration (default true).
     pub registration: Option<bool>,
+    /// Hosts whose HTTPS URLs may be client ids (client ID metadata documents).
+    #[serde(default)]
+    pub client_id_domains: Vec<String>,
+    /// CA file for fetching client ID metadata documents.
+    pub client_id_ca_file: Option<String>,
 }
 
 /// `lifecycle:` — how enrolled agents come and go (docs/agents.md).

@@ -761,6 +761,11 @@ pub struct OAuthSettings {
     pub refresh_ttl: Duration,
     /// Dynamic client registration (RFC 7591) is open.
     pub registration: bool,
+    /// Client ID metadata documents: the hosts whose HTTPS URLs may be client ids (exact, or
+    /// `*.domain`); empty: off.
+    pub client_id_domains: Vec<String>,
+    /// A CA file to trust when fetching them (a homelab CA); `None`: the system's roots.
+    pub client_id_ca_file: Option<String>,
 }
 
 /// `lifecycle:` — how enrolled agents come and go (docs/agents.md).

@@ -2193,7 +2193,29 @@ fn oauth(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping, limits: &Limits) -> Opt
     if refresh_ttl < access_ttl {
         cx.err(&["oauth", "refresh_ttl"], "must be at least oauth.access_ttl", None);
     }
-    Some(OAuthSettings { issuer, console_url, access_ttl, refresh_ttl, registration: f.registration.unwrap_or(true) })
+    for d in &f.client_id_domains {
+        let name = d.strip_prefix("*.").unwrap_or(d);
+        if name.is_empty()
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            || name.starts_with('.')
+        {
+            cx.err(&["oauth", "client_id_domains"], format!("{d:?} is not a host name (or *.domain)"), None);
+        }
+    }
+    if let Some(f) = &f.client_id_ca_file
+        && !std::path::Path::new(f).is_file()
+    {
+        cx.err(&["oauth", "client_id_ca_file"], format!("{f}: no such file"), None);
+    }
+    Some(OAuthSettings {
+        issuer,
+        console_url,
+        access_ttl,
+        refresh_ttl,
+        registration: f.registration.unwrap_or(true),
+        client_id_domains: f.client_id_domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+        client_id_ca_file: f.client_id_ca_file.clone(),
+    })
 }
 
 /// `lifecycle:` — join token lifetimes and the reaper's clock (docs/agents.md).
