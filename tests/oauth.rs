@@ -20,7 +20,7 @@ fn policy(port: u16, bot_hash: &str) -> String {
         "version: 1\nnetwork: {{ allow: ['127.0.0.1/32'] }}\noperators:\n{}{}\
          services:\n  api: {{ url: \"http://127.0.0.1:{port}/\", credential: {{ type: bearer, secret: \"env:OAUTH_UPSTREAM\" }} }}\n\
          \x20 api2: {{ url: \"http://127.0.0.1:{port}/two/\", credential: {{ type: bearer, secret: \"env:OAUTH_UPSTREAM\" }} }}\n\
-         templates:\n  reader:\n    description: the api service\n    services: {{ api: {{}} }}\n\
+         templates:\n  reader:\n    description: the api service\n    can_delegate: true\n    services: {{ api: {{}} }}\n\
          agents:\n  bot:\n    api_key_hash: \"{bot_hash}\"\n    can_delegate: true\n    services: {{ api: {{}}, api2: {{}} }}\n\
          oauth: {{ access_ttl: 10m, refresh_ttl: 1d }}\n",
         operator_entry("alice", "admin", ALICE_PW),
@@ -663,6 +663,22 @@ fn a_key_bound_agent_proves_its_key_on_every_token_request_and_the_python_sdk_do
     assert!(mcp_ok(&b, &access).is_ok());
     let r = ask(&good);
     assert!(r.status == 401 && r.text().contains("used before"), "{}", r.text());
+    // An orchestrator's token from standard OAuth hands a sub-agent a narrower one (RFC 8693).
+    let r = post_form(
+        &b.api,
+        "/oauth/token",
+        &[
+            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+            ("subject_token", &access),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:access_token"),
+            ("scope", "tool:list_services"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let child = r.json()["access_token"].as_str().unwrap().to_owned();
+    assert!(mcp_ok(&b, &child).is_ok());
+    let e = tool_call(&b.api, &child, "task_info", json!({})).unwrap_err();
+    assert!(e.contains("denied"), "narrowed to one tool: {e}");
     let (_, other_pem) = {
         let rng = ring::rand::SystemRandom::new();
         let doc =

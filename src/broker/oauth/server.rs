@@ -428,6 +428,8 @@ async fn access_task(
     let mut args = Map::new();
     args.insert("description".into(), Value::from(format!("OAuth access token for client {client}")));
     args.insert("ttl".into(), Value::from(format!("{}s", ttl.as_secs())));
+    // Delegable (token exchange) when the agent may delegate; the tool ANDs the two.
+    args.insert("can_delegate".into(), Value::from(a.can_delegate));
     let call = crate::mcp::server::Call::ToolsCall { name: "task_create".into(), arguments: args };
     let v = crate::mcp::version::Version::V2026_07_28;
     let (text, is_error) = match crate::broker::dispatch::dispatch(broker, &policy, &caller, v, call, None).await {

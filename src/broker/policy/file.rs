@@ -421,6 +421,9 @@ pub struct TemplateFile {
     pub dashboard: Option<String>,
     /// What an agent enrolled from this template must prove (docs/agents.md).
     pub attest: Option<AttestFile>,
+    /// Agents enrolled from this template may delegate (default false; policy agents that
+    /// inherit the template set their own `can_delegate`).
+    pub can_delegate: Option<bool>,
 }
 
 /// `templates.<name>.attest:`.

@@ -2076,7 +2076,7 @@ fn agents(
             services: Grants::default(),
             remotes: Grants::default(),
             dashboard: DashboardLevel::None,
-            can_delegate: false,
+            can_delegate: tf.can_delegate.unwrap_or(false),
             max_delegation_depth: limits.delegation_depth_max,
             max_task_ttl: limits.task_ttl_max,
             require_pop: false,
