@@ -322,12 +322,7 @@ impl Directory {
                         "enrolled agent {name:?}: its template {:?} is not in the policy; it has no grants",
                         en.template
                     ));
-                    let mut t = p.templates.values().next().cloned().unwrap_or_else(|| empty_agent(p));
-                    t.ssh = Default::default();
-                    t.services = Default::default();
-                    t.remotes = Default::default();
-                    t.dashboard = super::policy::DashboardLevel::None;
-                    t
+                    empty_agent(p)
                 }
             };
             agent.name = name.clone();

@@ -34,13 +34,7 @@ pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_tok
 pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 
 fn host(broker: &Broker, headers: &HeaderMap) -> String {
-    headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| {
-            !h.is_empty() && h.len() < 256 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-        })
-        .map_or_else(|| broker.listen.to_string(), str::to_owned)
+    crate::broker::http::mcp::request_host(broker, headers)
 }
 
 /// The issuer: `oauth.issuer`, or this listener's scheme and the request's `Host`.

@@ -157,15 +157,20 @@ pub fn check_host(listen: std::net::SocketAddr, policy: &Policy, headers: &Heade
 
 /// The resource URL clients use (`http://<host>/mcp`), from a well-formed Host header or the
 /// listener address.
-fn resource_url(broker: &Broker, headers: &HeaderMap) -> String {
-    let host = headers
+/// The request's `Host` if it is a plain host[:port], else the listener's address (for URLs the
+/// broker names itself by: the resource, the OAuth issuer).
+pub(crate) fn request_host(broker: &Broker, headers: &HeaderMap) -> String {
+    headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .filter(|h| {
             !h.is_empty() && h.len() < 256 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
         })
-        .map_or_else(|| broker.listen.to_string(), str::to_owned);
-    format!("{}://{host}/mcp", broker.scheme())
+        .map_or_else(|| broker.listen.to_string(), str::to_owned)
+}
+
+fn resource_url(broker: &Broker, headers: &HeaderMap) -> String {
+    format!("{}://{}/mcp", broker.scheme(), request_host(broker, headers))
 }
 
 /// `GET /.well-known/oauth-protected-resource[/mcp]` (RFC 9728).
