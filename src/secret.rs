@@ -74,6 +74,20 @@ impl fmt::Debug for SecretString {
     }
 }
 
+/// Written as the plain string, for records that are sealed as a whole (remote OAuth tokens);
+/// the serialized bytes must go into a [`SecretBytes`].
+impl serde::Serialize for SecretString {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.expose())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SecretString {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(SecretString::new)
+    }
+}
+
 /// Fills `buf` from the system CSPRNG (`getrandom`). Fails only when the kernel has no entropy
 /// source at all.
 pub fn random_bytes(buf: &mut [u8]) -> Result<(), NoRandomness> {

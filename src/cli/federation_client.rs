@@ -4,8 +4,14 @@
 //! would (`server/discover`, else `initialize`), lists the tools, and calls each one with
 //! arguments made from its input schema, through the same `authorize` and forwarding code.
 //!
+//! A remote that answers `401` is signed in to with OAuth (`federation::auth`) as an operator
+//! would, except that the browser is this process: it opens the authorization URL, takes the
+//! redirect, and hands its query back. A pre-registered client comes from the suite's
+//! `MCP_CONFORMANCE_CONTEXT` (`client_id`, `client_secret`). A call refused for want of scope
+//! (`403 insufficient_scope`) is signed in for again, at most twice per call.
+//!
 //! What runs here: this process only; a policy with one remote at URL (loopback allowed), an
-//! in-memory audit sink, no signer and no secrets.
+//! in-memory audit sink, no signer, and secrets only from the suite's context.
 
 use std::rc::Rc;
 
@@ -14,7 +20,7 @@ use serde_json::{Map, Value, json};
 use crate::broker::Error;
 use crate::broker::audit::MemorySink;
 use crate::broker::blocking::BlockingPool;
-use crate::broker::federation::{Federation, pins::Pins};
+use crate::broker::federation::{Federation, auth, pins::Pins};
 use crate::broker::metrics::Metrics;
 use crate::broker::policy::{Policy, Principal, SecretRef};
 use crate::broker::ports::{CertSigner, Local, Ports, SecretSource, SignedCert, TaskLiveness};
@@ -47,12 +53,39 @@ impl TaskLiveness for NoTasks {
     }
 }
 
-struct NoSecrets;
+/// The pre-registered client's secret from the suite's context (`env:CONFORMANCE_CLIENT_SECRET`).
+struct ContextSecrets(Option<String>);
 
-impl SecretSource for NoSecrets {
+impl SecretSource for ContextSecrets {
     fn resolve<'a>(&'a self, r: &'a SecretRef) -> Local<'a, Result<SecretBytes, Error>> {
-        Box::pin(async move { Err(Error::Unavailable(format!("secret {r}: none in the federation client"))) })
+        Box::pin(async move {
+            match (r, &self.0) {
+                (SecretRef::Env(n), Some(v)) if n == "CONFORMANCE_CLIENT_SECRET" => {
+                    Ok(SecretBytes::new(v.as_bytes().to_vec()))
+                }
+                _ => Err(Error::Unavailable(format!("secret {r}: none in the federation client"))),
+            }
+        })
     }
+}
+
+/// The policy of the run: one remote at `url`, with an `oauth` entry when it must sign in.
+fn policy_text(url: &str, oauth: bool, context: &Value) -> String {
+    let mut o = String::new();
+    if oauth {
+        // The URL the suite's CIMD scenario expects (its fixture's; nothing fetches it).
+        o.push_str(", oauth: { client_id_url: 'https://conformance-test.local/client-metadata.json'");
+        if let Some(id) = context["client_id"].as_str() {
+            o.push_str(&format!(", client_id: {id:?}"));
+            if context["client_secret"].is_string() {
+                o.push_str(", client_secret: 'env:CONFORMANCE_CLIENT_SECRET'");
+            }
+        }
+        o.push_str(" }");
+    }
+    format!(
+        "version: 1\nnetwork: {{ allow: [127.0.0.0/8, '::1/128'] }}\nremotes:\n  conformance: {{ url: {url:?}, pin: off{o} }}\nagents:\n  client: {{ remotes: {{ conformance: {{}} }} }}\n"
+    )
 }
 
 /// Arguments for a tool from its input schema: every property with a plain value of its type.
@@ -73,26 +106,45 @@ fn sample_arguments(def: &Value) -> Map<String, Value> {
 
 /// Connects to `url`, lists its tools, calls each; exit 0 when every call returned a result.
 pub fn run(url: &str) -> Result<u8, String> {
-    let text = format!(
-        "version: 1\nnetwork: {{ allow: [127.0.0.0/8, '::1/128'] }}\nremotes:\n  conformance: {{ url: {url:?}, pin: off }}\nagents:\n  client: {{ remotes: {{ conformance: {{}} }} }}\n"
-    );
-    let policy = Policy::parse(&text, "federation client").map_err(|e| format!("{url}: {e}"))?;
+    let context: Value = std::env::var("MCP_CONFORMANCE_CONTEXT")
+        .ok()
+        .and_then(|c| serde_json::from_str(&c).ok())
+        .unwrap_or(Value::Null);
+    let plain =
+        Policy::parse(&policy_text(url, false, &context), "federation client").map_err(|e| format!("{url}: {e}"))?;
+    let signed =
+        Policy::parse(&policy_text(url, true, &context), "federation client").map_err(|e| format!("{url}: {e}"))?;
     let ex = Rc::new(smol::LocalExecutor::new());
     let federation = Federation::new(ex.clone(), Pins::default());
     let (audit, metrics, pool) = (MemorySink::default(), Metrics::default(), BlockingPool::new(1, 8));
     let approvals = crate::broker::approvals::Approvals::in_memory();
+    let secrets = ContextSecrets(context["client_secret"].as_str().map(str::to_owned));
     let ports = Ports {
         audit: &audit,
         metrics: &metrics,
         signer: &NoSigner,
         tasks: &NoTasks,
-        secrets: &NoSecrets,
+        secrets: &secrets,
         pool: &pool,
         approvals: &approvals,
         progress: None,
     };
     crate::broker::reactor::block_on(ex.run(async {
-        federation.refresh_due(ports, &policy).await;
+        federation.refresh_due(ports, &plain).await;
+        let mut policy = &plain;
+        // A remote that answered 401 with a challenge is signed in to.
+        if federation.auth.has_challenge("conformance") {
+            policy = &signed;
+            // Signed in again while the remote asks for more scope, at most three times.
+            for _ in 0..3 {
+                federation.auth.forget_need("conformance");
+                sign_in(&federation, ports, policy, url).await?;
+                let e = federation.status().get("conformance").and_then(|s| s.3.clone());
+                if !e.is_some_and(|e| e.contains("sign in")) {
+                    break;
+                }
+            }
+        }
         let status = federation.status();
         let (health, tools, _, error) = status.get("conformance").cloned().ok_or("no remote state")?;
         if let Some(e) = error {
@@ -105,12 +157,24 @@ pub fn run(url: &str) -> Result<u8, String> {
             let name = def["name"].as_str().unwrap_or_default().to_owned();
             let args = sample_arguments(&def);
             let full = format!("conformance.{name}");
-            let facts = match federation.prepare(&policy, &principal, &full, &args) {
+            let facts = match federation.prepare(policy, &principal, &full, &args) {
                 Some(Ok(f)) => f,
                 Some(Err(e)) => return Err(format!("{name}: {e}")),
                 None => return Err(format!("{name}: not offered")),
             };
-            match federation.forward(ports, &policy, &facts, args, None).await {
+            let mut outcome = federation.forward(ports, policy, &facts, args.clone(), None).await;
+            // Refused for want of scope: signed in again (the new scope), at most twice.
+            for _ in 0..2 {
+                match &outcome {
+                    Err(e) if policy.remotes["conformance"].oauth.is_some() && e.message().contains("sign") => {
+                        federation.auth.forget_need("conformance");
+                        sign_in(&federation, ports, policy, url).await?;
+                        outcome = federation.forward(ports, policy, &facts, args.clone(), None).await;
+                    }
+                    _ => break,
+                }
+            }
+            match outcome {
                 Ok((r, _)) => println!("{name}: {}", r["content"][0]["text"].as_str().unwrap_or("(no text)")),
                 Err(e) => {
                     failed += 1;
@@ -120,4 +184,16 @@ pub fn run(url: &str) -> Result<u8, String> {
         }
         Ok(if failed == 0 { 0 } else { 1 })
     }))
+}
+
+/// Signs in to the remote, this process acting as the operator's browser.
+async fn sign_in(federation: &Federation, ports: Ports<'_>, policy: &Policy, url: &str) -> Result<(), String> {
+    let begun =
+        federation.login(ports, policy, "conformance", None, "conformance").await.map_err(|e| format!("{url}: {e}"))?;
+    let cx = auth::Cx::of(federation.conns(), ports, policy, "conformance").ok_or("no oauth settings")?;
+    let back = auth::RemoteAuth::visit(cx, &begun.url).await.map_err(|e| format!("{url}: {e}"))?;
+    let query = back.split_once('?').map_or("", |(_, q)| q);
+    federation.finish_login(ports, policy, query).await.map_err(|e| format!("{url}: {e}"))?;
+    eprintln!("signed in");
+    Ok(())
 }

@@ -37,6 +37,8 @@ pub struct Wire<'a> {
     pub method: &'a str,
     /// The tool name of a `tools/call`.
     pub name: Option<&'a str>,
+    /// The OAuth access token (`federation::auth`), for a remote that signs in with OAuth.
+    pub bearer: Option<&'a crate::secret::SecretString>,
 }
 /// Largest event on a remote's notification stream (answers: the remote's `max_response`).
 pub const MAX_ANSWER: usize = 4 << 20;
@@ -50,6 +52,8 @@ pub struct Endpoint<'a> {
     pub remote: &'a Remote,
     /// The policy snapshot (network rules, TLS).
     pub policy: &'a Policy,
+    /// The agent a request is for, where the remote has a sign-in per agent.
+    pub subject: Option<&'a str>,
 }
 
 /// What a POST returned.
@@ -63,6 +67,8 @@ pub struct Posted {
     pub message: Option<Value>,
     /// Bytes of the answer as received.
     pub size: usize,
+    /// `WWW-Authenticate` of a `401` or `403`.
+    pub challenge: Option<String>,
 }
 
 fn failed(ep: Endpoint<'_>, what: impl std::fmt::Display) -> Error {
@@ -138,6 +144,11 @@ async fn prepare(
         if let Some(n) = wire.name {
             b = b.header("mcp-name", n);
         }
+    }
+    if let Some(t) = wire.bearer {
+        let value = http::HeaderValue::from_str(&format!("Bearer {}", t.expose()))
+            .map_err(|_| failed(ep, "its access token cannot be sent in a header"))?;
+        b = b.header(header::AUTHORIZATION, value);
     }
     if let Some(c) = &r.credential {
         let secret = ports.secrets.resolve(&c.secret).await?;
@@ -232,6 +243,12 @@ pub async fn post_with(
         };
         let status = resp.status().as_u16();
         let session = resp.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let challenge = resp
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .filter(|_| matches!(status, 401 | 403))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let sse =
             resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         let mut answer = http_body_util::Limited::new(resp.into_body(), ep.remote.max_response);
@@ -262,13 +279,13 @@ pub async fn post_with(
             message = resume(conns, ports, ep, wire, &body, id, progress).await?;
         }
         let size = body.len();
-        Ok::<_, Error>((status, session, message, size))
+        Ok::<_, Error>((status, session, message, size, challenge))
     };
-    let (status, session, message, size) =
+    let (status, session, message, size, challenge) =
         crate::broker::deadline::before(started + deadline, exchange).await.unwrap_or_else(|| {
             Err(Error::Timeout(format!("remote {:?} did not answer within {}s", ep.name, deadline.as_secs())))
         })?;
-    Ok(Posted { status, session, message, size })
+    Ok(Posted { status, session, message, size, challenge })
 }
 
 /// Passes on the progress notifications among `events` (complete events).

@@ -14,6 +14,7 @@
 //! went down is retried, a stdio remote restarted and a changed tool list re-read without
 //! waiting for an agent.
 
+pub mod auth;
 pub(crate) mod client;
 pub mod confine;
 pub mod pins;
@@ -175,6 +176,10 @@ pub struct Federation {
     /// The broker's own directories (data dir), which no stdio remote's sandbox may include.
     private: Vec<std::path::PathBuf>,
     next_id: std::cell::Cell<u64>,
+    /// Sign-ins to remotes protected by OAuth.
+    pub auth: auth::RemoteAuth,
+    /// Per-agent sign-ins: each (remote, agent)'s own link (its session is the agent's).
+    agent_links: RefCell<BTreeMap<(String, String), Link>>,
 }
 
 /// A request a remote should stop working on (`notifications/cancelled`).
@@ -233,7 +238,94 @@ impl Federation {
             listeners: RefCell::default(),
             announced: Rc::default(),
             next_id: std::cell::Cell::new(1),
+            auth: auth::RemoteAuth::default(),
+            agent_links: RefCell::default(),
         }
+    }
+
+    /// The connections (TLS, pool) requests to remotes use.
+    pub fn conns(&self) -> &Conns {
+        &self.conns
+    }
+
+    /// Keeps the sign-ins to remotes in `vault` (the broker's: sealed by the signer).
+    pub fn with_vault(mut self, vault: Box<dyn auth::Vault>) -> Self {
+        self.auth = auth::RemoteAuth::new(vault);
+        self
+    }
+
+    /// Starts an operator's sign-in to remote `name` (`subject`: the agent, on a remote with a
+    /// sign-in per agent): the authorization URL to open.
+    pub async fn login(
+        &self,
+        ports: Ports<'_>,
+        policy: &Policy,
+        name: &str,
+        subject: Option<&str>,
+        by: &str,
+    ) -> Result<auth::Begun, Error> {
+        if !policy.remotes.contains_key(name) {
+            return Err(Error::NotFound(format!("no remote {name:?} in the policy")));
+        }
+        let cx = auth::Cx::of(&self.conns, ports, policy, name).ok_or_else(|| {
+            Error::Invalid(format!("remote {name:?} does not sign in with OAuth (its policy entry has no oauth:)"))
+        })?;
+        if let Some(a) = subject
+            && !policy.agents.contains_key(a)
+        {
+            return Err(Error::NotFound(format!("no agent {a:?}")));
+        }
+        let challenge = if self.auth.has_challenge(name) { None } else { Some(self.probe(ports, policy, name).await?) };
+        self.auth.begin(cx, subject, by, challenge).await
+    }
+
+    /// Sends `initialize` without a token: a remote that wants one answers with its challenge.
+    async fn probe(&self, ports: Ports<'_>, policy: &Policy, name: &str) -> Result<auth::Challenge, Error> {
+        let Some(remote) = policy.remotes.get(name) else { return Ok(auth::Challenge::default()) };
+        let ep = Endpoint { name, remote, policy, subject: None };
+        let id = self.id();
+        let msg = json!({ "jsonrpc": "2.0", "id": id, "method": "initialize", "params": initialize_params() });
+        let wire = Wire { session: None, stateless: false, method: "initialize", name: None, bearer: None };
+        let posted = client::post(&self.conns, ports, ep, wire, &msg, Some(id)).await?;
+        Ok(auth::parse_challenge(posted.challenge.as_deref().unwrap_or("")))
+    }
+
+    /// Finishes a sign-in from the query of the redirect that ended it, then reads the remote
+    /// again with its token. Returns the remote and the agent (per-agent sign-ins).
+    pub async fn finish_login(
+        &self,
+        ports: Ports<'_>,
+        policy: &Policy,
+        query: &str,
+    ) -> Result<(String, Option<String>), Error> {
+        let done = self.auth.complete(&self.conns, ports, policy, query).await?;
+        self.agent_links.borrow_mut().retain(|(r, _), _| *r != done.0);
+        if self.refreshing.borrow_mut().insert(done.0.clone()) {
+            let _guard = Refreshing { set: self.refreshing.clone(), name: done.0.clone() };
+            self.refresh(ports, policy, &done.0).await;
+        }
+        Ok(done)
+    }
+
+    /// Forgets the sign-in to `name` (for `subject`); whether there was one.
+    pub async fn logout(&self, name: &str, subject: Option<&str>) -> Result<bool, Error> {
+        self.agent_links.borrow_mut().retain(|(r, a), _| !(r == name && Some(a.as_str()) == subject));
+        self.auth.logout(name, subject).await
+    }
+
+    /// The link a request goes on: on a remote with a sign-in per agent, the agent's own
+    /// (opened with its token on first use), else the remote's.
+    async fn link_for(&self, ports: Ports<'_>, ep: Endpoint<'_>) -> Result<Link, Error> {
+        if let Some(a) = ep.subject {
+            let k = (ep.name.to_owned(), a.to_owned());
+            if let Some(l) = self.agent_links.borrow().get(&k) {
+                return Ok(l.clone());
+            }
+            let (link, _) = self.open(ports, ep).await?;
+            self.agent_links.borrow_mut().insert(k, link.clone());
+            return Ok(link);
+        }
+        Ok(self.remotes.borrow().get(ep.name).map(|s| s.link.clone()).unwrap_or_default())
     }
 
     /// Starts stdio remotes from `exe` instead of this executable (the federation client of the
@@ -306,6 +398,11 @@ impl Federation {
         Ok(p)
     }
 
+    /// The OAuth access token for requests to `ep` (`None`: the remote does not sign in).
+    async fn bearer(&self, ports: Ports<'_>, ep: Endpoint<'_>) -> Result<Option<crate::secret::SecretString>, Error> {
+        self.auth.bearer(auth::Cx::of(&self.conns, ports, ep.policy, ep.name), ep.subject).await
+    }
+
     fn id(&self) -> u64 {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
@@ -361,24 +458,51 @@ impl Federation {
                 let proc = self.procs.borrow().get(ep.name).cloned();
                 let proc = proc.ok_or_else(|| Error::upstream(format!("remote {:?} is not running", ep.name)))?;
                 let (message, size) = proc.call(&msg, id, ep.remote.timeout, relay).await?;
-                Posted { status: 200, session: None, message: Some(message), size }
+                Posted { status: 200, session: None, message: Some(message), size, challenge: None }
             }
             Transport::Http(_) => {
-                let wire = Wire { session, stateless, method, name: name.as_deref() };
-                // If the caller goes away (a revoked task, a closed connection) or the remote
-                // does not answer in time, the remote is told to stop (`flush_cancels`).
-                // (Session era: with `notifications/cancelled`. Stateless era: closing the
-                // response stream is the cancellation, which dropping the request does.)
-                let mut pending = PendingCancel {
-                    queue: &self.cancels,
-                    cancel: (!stateless).then(|| Cancel { remote: ep.name.to_owned(), link: link.clone(), id }),
+                let cx = auth::Cx::of(&self.conns, ports, ep.policy, ep.name);
+                let mut token = self.auth.bearer(cx, ep.subject).await?;
+                let mut retried = false;
+                let posted = loop {
+                    let wire = Wire { session, stateless, method, name: name.as_deref(), bearer: token.as_ref() };
+                    // If the caller goes away (a revoked task, a closed connection) or the remote
+                    // does not answer in time, the remote is told to stop (`flush_cancels`).
+                    // (Session era: with `notifications/cancelled`. Stateless era: closing the
+                    // response stream is the cancellation, which dropping the request does.)
+                    let mut pending = PendingCancel {
+                        queue: &self.cancels,
+                        cancel: (!stateless).then(|| Cancel { remote: ep.name.to_owned(), link: link.clone(), id }),
+                    };
+                    let posted = client::post_with(&self.conns, ports, ep, wire, &msg, Some(id), relay).await;
+                    if !matches!(posted, Err(Error::Timeout(_))) {
+                        pending.cancel = None;
+                    }
+                    drop(pending);
+                    let posted = posted?;
+                    // A remote that signs in with OAuth and refuses the token: refreshed and
+                    // tried once more, else the operator is told (the agent only that it is).
+                    let challenge = auth::parse_challenge(posted.challenge.as_deref().unwrap_or(""));
+                    if cx.is_none() && posted.status == 401 {
+                        // Kept for when the operator gives the remote an `oauth` entry.
+                        self.auth.challenged(ep.name, challenge.clone());
+                    }
+                    let scope_short = posted.status == 403 && challenge.error.as_deref() == Some("insufficient_scope");
+                    if let (Some(cx), Some(sent)) = (cx, &token)
+                        && (posted.status == 401 || scope_short)
+                    {
+                        if self.auth.refused(cx, ep.subject, posted.status, challenge, sent).await? && !retried {
+                            retried = true;
+                            token = self.auth.bearer(Some(cx), ep.subject).await?;
+                            continue;
+                        }
+                        return Err(Error::Unavailable(format!(
+                            "remote {:?} refused the broker's sign-in; the operator has been told",
+                            ep.name
+                        )));
+                    }
+                    break posted;
                 };
-                let posted = client::post_with(&self.conns, ports, ep, wire, &msg, Some(id), relay).await;
-                if !matches!(posted, Err(Error::Timeout(_))) {
-                    pending.cancel = None;
-                }
-                drop(pending);
-                let posted = posted?;
                 // The spec says 404 for a session the server no longer knows; the reference
                 // server says 400. Either way, with a session sent, a new one is opened once.
                 if matches!(posted.status, 400 | 404) && session.is_some() {
@@ -436,8 +560,14 @@ impl Federation {
         let (posted, init) = self.request(ports, ep, &Link::Session(None), "initialize", initialize_params()).await?;
         let session = posted.session;
         let note = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
-        let wire =
-            Wire { session: session.as_deref(), stateless: false, method: "notifications/initialized", name: None };
+        let token = self.bearer(ports, ep).await?;
+        let wire = Wire {
+            session: session.as_deref(),
+            stateless: false,
+            method: "notifications/initialized",
+            name: None,
+            bearer: token.as_ref(),
+        };
         client::post(&self.conns, ports, ep, wire, &note, None).await?;
         Ok((Link::Session(session), init["capabilities"].clone()))
     }
@@ -483,7 +613,7 @@ impl Federation {
             self.remotes.borrow_mut().remove(name);
             return;
         };
-        let ep = Endpoint { name, remote, policy };
+        let ep = Endpoint { name, remote, policy, subject: None };
         self.announced.borrow_mut().remove(name);
         let discovered = async {
             let (link, caps) = self.open(ports, ep).await?;
@@ -576,9 +706,11 @@ impl Federation {
         {
             return;
         }
+        let Ok(token) = self.bearer(ports, ep).await else { return };
+        let bearer = token.as_ref();
         let (wire, msg) = match link {
             Link::Session(session) => {
-                (Wire { session: session.as_deref(), stateless: false, method: "GET", name: None }, None)
+                (Wire { session: session.as_deref(), stateless: false, method: "GET", name: None, bearer }, None)
             }
             Link::Stateless => {
                 let msg = json!({ "jsonrpc": "2.0", "id": self.id(), "method": "subscriptions/listen", "params": {
@@ -589,7 +721,7 @@ impl Federation {
                         "io.modelcontextprotocol/clientInfo": { "name": "ephyr", "version": env!("CARGO_PKG_VERSION") },
                     },
                 }});
-                (Wire { session: None, stateless: true, method: "subscriptions/listen", name: None }, Some(msg))
+                (Wire { session: None, stateless: true, method: "subscriptions/listen", name: None, bearer }, Some(msg))
             }
             Link::NotOpen => return,
         };
@@ -782,7 +914,7 @@ impl Federation {
         let queued = std::mem::take(&mut *self.cancels.borrow_mut());
         for c in queued {
             let Some((name, remote)) = policy.remotes.get_key_value(&c.remote) else { continue };
-            let ep = Endpoint { name, remote, policy };
+            let ep = Endpoint { name, remote, policy, subject: None };
             let session = match &c.link {
                 Link::Session(s) => s.as_deref(),
                 _ => None,
@@ -793,7 +925,9 @@ impl Federation {
                 params["_meta"] = json!({ "io.modelcontextprotocol/protocolVersion": client::STATELESS });
             }
             let note = json!({ "jsonrpc": "2.0", "method": "notifications/cancelled", "params": params });
-            let wire = Wire { session, stateless, method: "notifications/cancelled", name: None };
+            let Ok(token) = self.bearer(ports, ep).await else { continue };
+            let wire =
+                Wire { session, stateless, method: "notifications/cancelled", name: None, bearer: token.as_ref() };
             if let Err(e) = client::post(&self.conns, ports, ep, wire, &note, None).await {
                 log::info!("remote {name:?}: cancelling request {}: {}", c.id, e.message());
             }
@@ -955,9 +1089,9 @@ impl Federation {
             return Some(Err(Error::Denied(d)));
         }
         let facts = Facts { remote: remote.clone(), what: uri.to_owned() };
-        let ep = Endpoint { name: remote, remote: r, policy };
+        let ep = Endpoint { name: remote, remote: r, policy, subject: per_agent(r, principal.agent) };
         let result = async {
-            let link = self.remotes.borrow().get(remote.as_str()).map(|s| s.link.clone()).unwrap_or_default();
+            let link = self.link_for(ports, ep).await?;
             let (_, result) = self.request(ports, ep, &link, "resources/read", json!({ "uri": uri })).await?;
             let mut contents = Vec::new();
             for c in result["contents"].as_array().into_iter().flatten() {
@@ -998,9 +1132,9 @@ impl Federation {
             return Some(Err(Error::Denied(d)));
         }
         let facts = Facts { remote: remote.clone(), what: prompt.clone() };
-        let ep = Endpoint { name: remote, remote: r, policy };
+        let ep = Endpoint { name: remote, remote: r, policy, subject: per_agent(r, principal.agent) };
         let result = async {
-            let link = self.remotes.borrow().get(remote.as_str()).map(|s| s.link.clone()).unwrap_or_default();
+            let link = self.link_for(ports, ep).await?;
             let params = json!({ "name": prompt, "arguments": args });
             let (_, result) = self.request(ports, ep, &link, "prompts/get", params).await?;
             let mut keep = Map::new();
@@ -1044,7 +1178,13 @@ impl Federation {
         // approved by an operator, that cannot change without review (`warn` serves changes).
         let pinned = policy.remotes.get(remote).is_some_and(|r| r.pin == PinMode::Strict);
         let read_only = pinned && def["annotations"]["readOnlyHint"] == Value::Bool(true);
-        Some(Ok(CallFacts { remote: remote.to_owned(), tool, args_digest: digest(args), read_only }))
+        Some(Ok(CallFacts {
+            remote: remote.to_owned(),
+            tool,
+            args_digest: digest(args),
+            read_only,
+            agent: principal.agent.to_owned(),
+        }))
     }
 
     /// Forwards an authorized call; the remote's `CallToolResult` and the size of its answer in
@@ -1059,11 +1199,17 @@ impl Federation {
     ) -> Result<(Value, usize), Error> {
         let remote = facts.remote.as_str();
         let r = policy.remotes.get(remote).ok_or_else(|| Error::NotFound(format!("no remote {remote:?}")))?;
-        let ep = Endpoint { name: remote, remote: r, policy };
+        let ep = Endpoint { name: remote, remote: r, policy, subject: per_agent(r, &facts.agent) };
         let params = json!({ "name": facts.tool, "arguments": args });
-        let link = self.remotes.borrow().get(remote).map(|s| s.link.clone()).unwrap_or_default();
+        let link = self.link_for(ports, ep).await?;
         let first = self.request_with(ports, ep, &link, "tools/call", params.clone(), progress).await;
         let result = match first {
+            Err(Error::NotFound(_)) if ep.subject.is_some() => {
+                // The agent's own session expired: a new one, then the call once more.
+                self.agent_links.borrow_mut().remove(&(remote.to_owned(), facts.agent.clone()));
+                let fresh = self.link_for(ports, ep).await?;
+                self.request_with(ports, ep, &fresh, "tools/call", params, progress).await
+            }
             Err(Error::NotFound(_)) => {
                 // The remote restarted: it may serve other tools now. Read them again (pins
                 // apply), then call with the new session, unless this tool was quarantined.
@@ -1231,6 +1377,13 @@ pub struct CallFacts {
     /// Its pinned definition says `readOnlyHint: true`: its audit line is written without
     /// holding the call for the sync (`AuditSink::note`), as the proxy's GET requests.
     pub read_only: bool,
+    /// The calling agent (a remote with a sign-in per agent gets its token).
+    pub agent: String,
+}
+
+/// The agent whose own sign-in a request to `r` uses, if `r` has one per agent.
+fn per_agent<'a>(r: &Remote, agent: &'a str) -> Option<&'a str> {
+    r.oauth.as_ref().filter(|o| o.per_agent).map(|_| agent)
 }
 
 fn digest(args: &Map<String, Value>) -> String {

@@ -286,6 +286,26 @@ pub struct RemoteFile {
     pub headers: Option<BTreeMap<String, String>>,
     /// Largest answer read (`4MiB`).
     pub max_response: Option<String>,
+    /// The remote is protected by OAuth 2.1: the broker is its client (docs/federation.md).
+    pub oauth: Option<RemoteOAuthFile>,
+}
+
+/// `remotes.<name>.oauth:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteOAuthFile {
+    /// A client registered with the remote's authorization server beforehand.
+    pub client_id: Option<String>,
+    /// Its secret, a secret reference (a confidential pre-registered client).
+    pub client_secret: Option<SecretText>,
+    /// An HTTPS URL where the broker's client ID metadata document is published.
+    pub client_id_url: Option<String>,
+    /// Where the authorization server sends the operator's browser back.
+    pub redirect_uri: Option<String>,
+    /// Scopes to ask for (default: what the remote's challenge or metadata names).
+    pub scopes: Option<Vec<String>>,
+    /// One sign-in per agent rather than one for the remote (default false).
+    pub per_agent: Option<bool>,
 }
 
 /// `remotes.<name>.sandbox:` (stdio remotes).

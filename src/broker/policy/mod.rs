@@ -513,7 +513,31 @@ pub struct Remote {
     pub headers: Vec<(String, String)>,
     /// Largest answer read, bytes (a stdio remote's largest message).
     pub max_response: usize,
+    /// OAuth 2.1 towards the remote (`federation::auth`), if it is protected by it.
+    pub oauth: Option<RemoteOAuth>,
 }
+
+/// `remotes.<name>.oauth`: how the broker signs in to a remote protected by OAuth 2.1.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteOAuth {
+    /// A pre-registered client id (else a client ID metadata document, else registration).
+    pub client_id: Option<String>,
+    /// The pre-registered client's secret.
+    pub client_secret: Option<SecretRef>,
+    /// The URL of the broker's client ID metadata document, when the operator publishes one.
+    pub client_id_url: Option<String>,
+    /// The redirect URI the authorization server sends the browser back to.
+    pub redirect_uri: String,
+    /// Scopes asked for; `None`: from the remote's challenge or metadata.
+    pub scopes: Option<Vec<String>>,
+    /// One sign-in per agent (calls carry the calling agent's token).
+    pub per_agent: bool,
+}
+
+/// The redirect URI a remote's sign-in uses when the policy names none: the broker's callback
+/// under its OAuth issuer when one is set, else a loopback address whose final URL the operator
+/// pastes back (`ephyr remote login`).
+pub const LOOPBACK_REDIRECT: &str = "http://127.0.0.1/ephyr/oauth/callback";
 
 /// How a remote is reached.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1711,6 +1711,7 @@ fn remotes(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, R
             }
         };
         let timeout = cx.duration(&["remotes", &name, "timeout"], r.timeout.as_deref(), Duration::from_secs(30));
+        let oauth = r.oauth.as_ref().and_then(|o| remote_oauth(cx, top, &name, o, &r, &transport));
         let pin = match r.pin.as_deref() {
             None | Some("strict") => PinMode::Strict,
             Some("warn") => PinMode::Warn,
@@ -1750,11 +1751,98 @@ fn remotes(cx: &mut Ctx<'_>, top: &serde_yaml_ng::Mapping) -> BTreeMap<String, R
                 pin,
                 headers,
                 max_response,
+                oauth,
             },
         );
     }
 
     remotes
+}
+
+/// Whether `s` is an OAuth scope token (RFC 6749 §3.3).
+fn scope_token_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+}
+
+/// `remotes.<name>.oauth`.
+fn remote_oauth(
+    cx: &mut Ctx<'_>,
+    top: &serde_yaml_ng::Mapping,
+    name: &str,
+    o: &RemoteOAuthFile,
+    r: &RemoteFile,
+    transport: &Transport,
+) -> Option<RemoteOAuth> {
+    let at = |key: &'static str| -> Vec<&str> { vec!["remotes", name, "oauth", key] };
+    if matches!(transport, Transport::Stdio(_)) {
+        cx.err(&["remotes", name, "oauth"], "oauth applies to a url (HTTP) remote", None);
+        return None;
+    }
+    if r.credential.is_some() {
+        cx.err(
+            &["remotes", name, "oauth"],
+            "give either credential (a fixed secret) or oauth (a sign-in), not both",
+            None,
+        );
+        return None;
+    }
+    let client_secret = match &o.client_secret {
+        None => None,
+        Some(_) if o.client_id.is_none() => {
+            cx.err(&at("client_secret"), "a client_secret belongs to a pre-registered client_id", None);
+            None
+        }
+        Some(t) => match parse_secret_ref(t) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                cx.err(&at("client_secret"), e, Some("store it with `ephyr secret set NAME`, write store:NAME".into()));
+                None
+            }
+        },
+    };
+    if let Some(id) = &o.client_id
+        && (id.is_empty() || id.len() > 512 || id.chars().any(char::is_control))
+    {
+        cx.err(&at("client_id"), "1-512 printable characters", None);
+    }
+    if let Some(u) = &o.client_id_url
+        && !(u.starts_with("https://")
+            && u.len() <= 2000
+            && !u.contains(['#', ' '])
+            && u.parse::<http::Uri>().is_ok_and(|p| p.host().is_some() && p.path().len() > 1))
+    {
+        cx.err(
+            &at("client_id_url"),
+            format!("{u:?} is not an https URL with a path"),
+            Some("the address where the broker's client ID metadata document is published".into()),
+        );
+    }
+    let redirect_uri = match &o.redirect_uri {
+        Some(u) => {
+            if let Err(e) = crate::broker::oauth::redirect_uri_ok(u) {
+                cx.err(&at("redirect_uri"), e, Some("https, or http on a loopback address".into()));
+            }
+            u.clone()
+        }
+        // The broker's own callback when its public address is known (`oauth.issuer`).
+        None => match top.get("oauth").and_then(|v| v.get("issuer")).and_then(serde_yaml_ng::Value::as_str) {
+            Some(i) => format!("{}{}", i.trim_end_matches('/'), crate::broker::federation::auth::CALLBACK_PATH),
+            None => super::LOOPBACK_REDIRECT.to_owned(),
+        },
+    };
+    if let Some(list) = &o.scopes
+        && let Some(bad) = list.iter().find(|s| !scope_token_ok(s))
+    {
+        cx.err(&at("scopes"), format!("{bad:?} is not a scope (printable, no spaces or quotes)"), None);
+    }
+    Some(RemoteOAuth {
+        client_id: o.client_id.clone(),
+        client_secret,
+        client_id_url: o.client_id_url.clone(),
+        redirect_uri,
+        scopes: o.scopes.clone(),
+        per_agent: o.per_agent.unwrap_or(false),
+    })
 }
 
 fn absolute_path(p: &str) -> Result<(), String> {
