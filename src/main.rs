@@ -50,7 +50,7 @@ Commands:
   audit        verify or query the audit trail
   recording    SSH command recordings: `list`, `show ID`, `play ID` (checked against the audit trail)
   monitor      watch what agents do, live (the audit stream, coloured, with filters)
-  remote       review and approve federated tools that changed (`remote review NAME`)
+  remote       review and approve federated tools that changed; sign in to OAuth remotes
   isolate      nftables rules: agents on this box reach only the broker (`--apply`, `--remove`)
   version      print the version
 
@@ -1094,7 +1094,7 @@ fn color_default() -> bool {
 }
 
 const REMOTE_HELP: &str = "\
-Usage: ephyr remote <review|approve> ...
+Usage: ephyr remote <review|approve|login|logout> ...
 
   ephyr remote review NAME [--json]
       The tools of remote NAME that are quarantined because their definition changed since it
@@ -1103,6 +1103,14 @@ Usage: ephyr remote <review|approve> ...
   ephyr remote approve NAME [TOOL]
       Pins the new definition of TOOL (every quarantined tool of NAME without one) and serves
       it again; audited as tool_approved.
+  ephyr remote login NAME [--agent AGENT] [--url ADDRESS]
+      Signs the broker in to remote NAME, protected by OAuth 2.1 (its policy entry has oauth:):
+      prints the authorization URL to open in a browser. When the authorization server sends
+      the browser back to the broker, the sign-in is done; otherwise paste the address the
+      browser ended on (or pass it with --url). --agent: that agent's own sign-in (a remote
+      with oauth.per_agent). The tokens are sealed by the signer; agents never see them.
+  ephyr remote logout NAME [--agent AGENT]
+      Forgets the sign-in (the remote is not called again until someone signs in).
 
 Talks to the running broker over its local socket (root or the broker's user). Options:
   --socket PATH   --data-dir DIR";
@@ -1114,11 +1122,14 @@ fn cmd_remote(p: &mut lexopt::Parser) -> Result<u8, Failure> {
         Some(other) => return Err(other.unexpected().into()),
     };
     let (mut socket, mut data_dir, mut json, mut words) = (None, None, false, Vec::new());
+    let (mut agent, mut url) = (None, None);
     while let Some(arg) = p.next()? {
         match arg {
             Long("socket") => socket = Some(path(p.value()?)),
             Long("data-dir") => data_dir = Some(path(p.value()?)),
             Long("json") if sub == "review" => json = true,
+            Long("agent") if sub == "login" || sub == "logout" => agent = Some(p.value()?.string()?),
+            Long("url") if sub == "login" => url = Some(p.value()?.string()?),
             Long("help") | Short('h') => return sub_help(REMOTE_HELP, "remote", &sub),
             Value(v) => words.push(v.string()?),
             other => return Err(other.unexpected().into()),
@@ -1129,8 +1140,12 @@ fn cmd_remote(p: &mut lexopt::Parser) -> Result<u8, Failure> {
     let r = match sub.as_str() {
         "review" if words.len() == 1 => cli::remote::review(&sock, &name, json),
         "approve" if words.len() <= 2 => cli::remote::approve(&sock, &name, words.get(1).map(String::as_str)),
-        "review" | "approve" => return Err(usage(format!("too many arguments for remote {sub}"))),
-        other => return Err(usage(format!("unknown remote command {other:?} (review, approve)"))),
+        "login" if words.len() == 1 => cli::remote::login(&sock, &name, agent.as_deref(), url.as_deref()),
+        "logout" if words.len() == 1 => cli::remote::logout(&sock, &name, agent.as_deref()),
+        "review" | "approve" | "login" | "logout" => {
+            return Err(usage(format!("too many arguments for remote {sub}")));
+        }
+        other => return Err(usage(format!("unknown remote command {other:?} (review, approve, login, logout)"))),
     };
     r.map_err(|e| Failure::Run(1, e))
 }

@@ -351,6 +351,60 @@ fn the_conformance_suites_client_scenarios_pass_for_the_federation_client() {
     }
 }
 
+/// The conformance suite's client authorization scenarios (0.2.0-alpha.12, `tests/peers-next`)
+/// against `ephyr __federation-client`, which signs in to the remote with the broker's OAuth
+/// client (`federation::auth`), the process acting as the operator's browser: every scenario the
+/// 2025-11-25 and 2026-07-28 revisions require of a client's authorization, and the 2025-03-26
+/// fallbacks. Each is judged by the suite; the `iss-*`, `resource-mismatch` and
+/// `metadata-issuer-mismatch` ones pass only when the client refuses.
+#[test]
+fn the_conformance_suites_client_authorization_scenarios_pass_for_the_federation_client() {
+    let cmd = format!("{} __federation-client", ephyr_bin().display());
+    let scenarios = [
+        "auth/metadata-default",
+        "auth/metadata-var1",
+        "auth/metadata-var2",
+        "auth/metadata-var3",
+        "auth/basic-cimd",
+        "auth/scope-from-www-authenticate",
+        "auth/scope-from-scopes-supported",
+        "auth/scope-omitted-when-undefined",
+        "auth/scope-step-up",
+        "auth/scope-retry-limit",
+        "auth/token-endpoint-auth-basic",
+        "auth/token-endpoint-auth-post",
+        "auth/token-endpoint-auth-none",
+        "auth/pre-registration",
+        "auth/2025-03-26-oauth-metadata-backcompat",
+        "auth/2025-03-26-oauth-endpoint-fallback",
+        "auth/resource-mismatch",
+        "auth/offline-access-scope",
+        "auth/offline-access-not-supported",
+        "auth/authorization-server-migration",
+        "auth/iss-supported",
+        "auth/iss-not-advertised",
+        "auth/iss-supported-missing",
+        "auth/iss-wrong-issuer",
+        "auth/iss-unexpected",
+        "auth/iss-normalized",
+        "auth/metadata-issuer-mismatch",
+    ];
+    let mut failed = Vec::new();
+    for scenario in scenarios {
+        let out = node()
+            .current_dir(repo().join("tests/peers-next"))
+            .args(["node_modules/@modelcontextprotocol/conformance/dist/index.js", "client", "--command", &cmd])
+            .args(["--scenario", scenario, "--timeout", "20000"])
+            .output()
+            .unwrap();
+        let log = format!("{}{}", stdout(&out), stderr(&out));
+        if !(out.status.success() && log.contains("OVERALL: PASSED") && log.contains(", 0 failed")) {
+            failed.push(format!("{scenario}:\n{log}"));
+        }
+    }
+    assert!(failed.is_empty(), "{} scenario(s) failed:\n{}", failed.len(), failed.join("\n\n"));
+}
+
 /// Starts a 10 s call of `tool` with a fresh task token of `cred`, revokes the task 0.8 s in,
 /// and returns how the call ended and how long it took.
 fn revoked_mid_call(b: &Broker, cred: &str, tool: &str) -> (Result<Value, String>, Duration) {

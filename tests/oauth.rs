@@ -785,3 +785,191 @@ fn client_id_metadata_documents_from_listed_hosts_only() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().to_lowercase().contains("certificate"), "untrusted TLS: {}", r.text());
 }
+
+/// Policy of a broker that federates broker `b_api`'s MCP endpoint, protected by its OAuth
+/// server: one sign-in for all agents, the default loopback redirect, dynamic registration.
+fn federating_policy(b_api: &str, worker_hash: &str) -> String {
+    format!(
+        "version: 1\nnetwork: {{ allow: ['127.0.0.1/32'] }}\n\
+         remotes:\n  b: {{ url: \"http://{b_api}/mcp\", oauth: {{}} }}\n\
+         agents:\n  worker: {{ api_key_hash: \"{worker_hash}\", remotes: {{ b: {{}} }} }}\n"
+    )
+}
+
+/// Every file under `dir` with its content (what a thief of the data dir gets).
+fn all_files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(all_files(&p));
+        } else if let Ok(b) = std::fs::read(&p) {
+            out.push((p, b));
+        }
+    }
+    out
+}
+
+/// A `tools/call` whose JSON-RPC answer is returned whole.
+fn call(api: &str, cred: &str, tool: &str) -> Value {
+    mcp_request(api, cred, "tools/call", Some(tool), json!({"name": tool, "arguments": {}}))
+}
+
+fn remote_status(a: &Broker) -> Value {
+    let r = local_request(&a.socket, "GET", "/v1/status", b"");
+    serde_json::from_slice::<Value>(&r.body).unwrap()["remotes"]["b"].clone()
+}
+
+fn wait_status(a: &Broker, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..100 {
+        let s = remote_status(a);
+        if ok(&s) {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("remote b never became {what}: {}", remote_status(a));
+}
+
+/// OAuth towards a remote, against a real authorization server (another ephyr broker with its
+/// console consent): before sign-in the remote is not called and the agent is told only that
+/// an operator must sign in; `ephyr remote login` (stdin paste of the redirect) signs in
+/// through dynamic registration, PKCE and the consent of B's operator; the agent's call then
+/// carries the token; the tokens are sealed (no file of the data dir holds them) and survive a
+/// restart; when B suspends the agent the broker refuses, tells the operator (audit, status),
+/// and the agent does not learn B's words; a forged sealed file does not open.
+#[test]
+fn a_broker_signs_in_to_a_remote_protected_by_oauth_and_keeps_the_tokens_sealed() {
+    let (_, bot_hash) = agent_key("bot");
+    let b = start(&policy(9, &bot_hash));
+    let (worker, worker_hash) = agent_key("worker");
+    let a_data = TempDir::new("oauth-a-data");
+    let a_policy = federating_policy(&b.api, &worker_hash);
+    let start_a = || {
+        Broker::start(BrokerOpts {
+            policy: Some(&a_policy),
+            data_dir: Some(a_data.path().join("data")),
+            ..Default::default()
+        })
+    };
+    let a = start_a();
+
+    // Not signed in: nothing is sent with a token, the agent is not served b's tools, the
+    // operator sees why.
+    let s = wait_status(&a, "waiting for a sign-in", |s| s["login"]["*"]["state"] == "login_needed");
+    assert_eq!(s["health"], "down", "{s}");
+    assert!(s["login"]["*"]["why"].as_str().unwrap().contains("no operator has signed in"), "{s}");
+    let v = call(&a.api, &worker, "b.task_info");
+    assert!(v["error"]["message"].as_str().unwrap().contains("unknown tool"), "not served: {v}");
+    assert_eq!(audit_events(&a, "remote_login_needed").len(), 1, "told once");
+
+    // A bad sign-in request changes nothing.
+    let r = local_request(&a.socket, "POST", "/v1/remotes/nope/login", b"");
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = local_request(&a.socket, "POST", "/v1/remotes/b/login", br#"{"agent": "worker"}"#);
+    assert_eq!(r.status, 400, "b has one sign-in for all agents: {}", r.text());
+    let r = local_request(
+        &a.socket,
+        "POST",
+        "/v1/remotes/login/complete",
+        br#"{"url": "http://127.0.0.1/x?code=c&state=forged"}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("no sign-in is waiting"), "{}", r.text());
+
+    // The operator signs in with the CLI; B's operator gives consent in B's console.
+    let mut cli = std::process::Command::new(ephyr_bin())
+        .args(["remote", "login", "b", "--socket", a.socket.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(cli.stdout.take().unwrap());
+    let url = loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the CLI printed no URL");
+        if let Some(u) = line.trim().strip_prefix("http://") {
+            break format!("http://{u}");
+        }
+    };
+    assert!(url.contains("/oauth/authorize?") && url.contains("code_challenge_method=S256"), "{url}");
+    assert!(url.contains(&format!("resource=http%3A%2F%2F{}%2Fmcp", b.api.replace(':', "%3A"))), "RFC 8707: {url}");
+    let back = consent(&url, ("alice", ALICE_PW), "reader", true);
+    assert!(back.starts_with("http://127.0.0.1/ephyr/oauth/callback?"), "{back}");
+    writeln!(cli.stdin.take().unwrap(), "{back}").unwrap();
+    let done = cli.wait_with_output().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(done.status.success(), "{rest}{}", String::from_utf8_lossy(&done.stderr));
+    assert!(rest.contains("remote b: signed in"), "{rest}");
+    // The same redirect cannot be used twice.
+    let body = serde_json::to_vec(&json!({ "url": back })).unwrap();
+    let r = local_request(&a.socket, "POST", "/v1/remotes/login/complete", &body);
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    let s = wait_status(&a, "connected", |s| s["health"] == "connected");
+    assert_eq!(s["login"]["*"]["state"], "signed_in", "{s}");
+    let info = tool_call(&a.api, &worker, "b.task_info", json!({})).unwrap();
+    assert!(info.to_string().contains("task"), "B answered as the enrolled agent: {info}");
+    let logins = audit_events(&a, "remote_login");
+    assert_eq!(logins.len(), 1);
+    assert_eq!(logins[0]["decision"], "allow", "{}", logins[0]);
+
+    // Sealed: no file of A's data dir holds a token in the clear.
+    let sealed = a_data.path().join("data/state/remote-tokens/b.sealed");
+    assert!(sealed.exists());
+    for (path, bytes) in all_files(&a_data.path().join("data")) {
+        for needle in [&b"access_token"[..], b"refresh_token", b"ephyr_rt_", b"ephyr_cs_", b"mac_"] {
+            let found = bytes.windows(needle.len()).any(|w| w == needle);
+            assert!(!found, "{} in the clear in {}", String::from_utf8_lossy(needle), path.display());
+        }
+    }
+
+    // A restart opens the sealed sign-in.
+    drop(a);
+    let a = start_a();
+    wait_status(&a, "connected after the restart", |s| s["health"] == "connected");
+    tool_call(&a.api, &worker, "b.task_info", json!({})).unwrap();
+
+    // B suspends the agent it enrolled at the consent: A's operator is told, A's agent is not
+    // given B's reason.
+    let agents: Value = serde_json::from_slice(&local_request(&b.socket, "GET", "/v1/agents", b"").body).unwrap();
+    let enrolled = agents["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["template"] == "reader")
+        .unwrap_or_else(|| panic!("{agents}"))["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = local_request(
+        &b.socket,
+        "POST",
+        &format!("/v1/agents/{enrolled}/suspend"),
+        br#"{"reason":"secret-reason-77"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // (Refused at the call, or no longer served if a re-read saw the refusal first.)
+    let v = call(&a.api, &worker, "b.task_info");
+    let text = v.to_string();
+    let refused = v["result"]["isError"] == true || v["error"].is_object();
+    assert!(refused && !text.contains("secret-reason-77") && !text.contains("suspended"), "{text}");
+    let s = wait_status(&a, "asking for a sign-in", |s| s["login"]["*"]["state"] == "login_needed");
+    assert!(s["login"]["*"]["why"].as_str().is_some(), "{s}");
+    assert!(!audit_events(&a, "remote_login_needed").is_empty());
+
+    // A forged sealed file does not open: the remote is not called, nothing panics.
+    drop(a);
+    std::fs::write(&sealed, b"forged sealed blob").unwrap();
+    let a = start_a();
+    let s = wait_status(&a, "refusing the forged file", |s| s["health"] == "down");
+    assert!(s["error"].as_str().unwrap_or_default().contains("cannot be opened"), "{s}");
+    assert!(call(&a.api, &worker, "b.task_info")["error"].is_object());
+    // Signing out removes it.
+    let r = local_request(&a.socket, "POST", "/v1/remotes/b/logout", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!sealed.exists());
+    assert_eq!(audit_events(&a, "remote_logout").len(), 1);
+}

@@ -84,9 +84,10 @@ pub fn status_json(broker: &Broker) -> serde_json::Value {
         .map(|(name, (health, tools, quarantined, error))| {
             let era = eras.get(&name).copied().unwrap_or("-");
             let pid = pids.get(&name).copied();
+            let login = logins_json(broker, &name);
             (
                 name,
-                serde_json::json!({ "health": health, "tools": tools, "quarantined": quarantined, "error": error, "protocol": era, "pid": pid }),
+                serde_json::json!({ "health": health, "tools": tools, "quarantined": quarantined, "error": error, "protocol": era, "pid": pid, "login": login }),
             )
         })
         .collect();
@@ -566,6 +567,116 @@ async fn approve_remote(broker: &Broker, peer: Peer, name: &str, tool: Option<&s
     }
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    /// The agent, for a remote with a sign-in per agent.
+    #[serde(default)]
+    agent: Option<String>,
+    /// `login/complete`: the address the browser ended on (or its query).
+    #[serde(default)]
+    url: Option<String>,
+}
+
+fn login_request(body: &[u8]) -> Result<LoginRequest, Box<http::Response<Body>>> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(LoginRequest::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, "invalid_json", format!("request body: {e}"))))
+}
+
+/// `POST /v1/remotes/<name>/login` (`{"agent": A}` optional): starts an operator's sign-in to a
+/// remote protected by OAuth; the authorization URL to open.
+async fn login_remote(broker: &Broker, peer: Peer, name: &str, body: &[u8]) -> http::Response<Body> {
+    let r = match login_request(body) {
+        Ok(r) => r,
+        Err(resp) => return *resp,
+    };
+    let policy = broker.policy();
+    let by = operator(peer).name();
+    match broker.federation.login(broker.ports(), &policy, name, r.agent.as_deref(), &by).await {
+        Ok(b) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "remote": name, "agent": r.agent, "url": b.url, "redirect_uri": b.redirect_uri,
+                "expires_in": crate::broker::federation::auth::PENDING_TTL.as_secs() }),
+        ),
+        Err(e) => error(e.status(), e.code(), e.message()),
+    }
+}
+
+/// `POST /v1/remotes/login/complete` (`{"url": ...}`): finishes a sign-in with the address the
+/// browser was sent back to (pasted by the operator).
+async fn complete_login(broker: &Broker, body: &[u8]) -> http::Response<Body> {
+    let r = match login_request(body) {
+        Ok(r) => r,
+        Err(resp) => return *resp,
+    };
+    let Some(url) = r.url.filter(|u| !u.is_empty() && u.len() <= 8192) else {
+        return error(StatusCode::BAD_REQUEST, "invalid_request", "give url: the address the browser ended on");
+    };
+    let query = url.split_once('?').map_or(url.as_str(), |(_, q)| q);
+    let query = query.split('#').next().unwrap_or("");
+    let policy = broker.policy();
+    match broker.federation.finish_login(broker.ports(), &policy, query).await {
+        Ok((remote, agent)) => {
+            json(StatusCode::OK, &serde_json::json!({ "remote": remote, "agent": agent, "ok": true }))
+        }
+        Err(e) => error(e.status(), e.code(), e.message()),
+    }
+}
+
+/// `POST /v1/remotes/<name>/logout` (`{"agent": A}` optional): forgets a sign-in.
+async fn logout_remote(broker: &Broker, peer: Peer, name: &str, body: &[u8]) -> http::Response<Body> {
+    let r = match login_request(body) {
+        Ok(r) => r,
+        Err(resp) => return *resp,
+    };
+    if !broker.policy().remotes.contains_key(name) {
+        return error(StatusCode::NOT_FOUND, "not_found", format!("no remote {name:?} in the policy"));
+    }
+    match broker.federation.logout(name, r.agent.as_deref()).await {
+        Ok(had) => {
+            let actor = operator(peer);
+            broker
+                .audit_now(
+                    crate::broker::audit::Event::new(crate::broker::audit::Kind::Federation, "remote_logout")
+                        .agent(actor.name())
+                        .action(serde_json::json!({ "remote": name, "for": r.agent, "had": had }))
+                        .allow(),
+                )
+                .await;
+            json(StatusCode::OK, &serde_json::json!({ "remote": name, "agent": r.agent, "removed": had }))
+        }
+        Err(e) => error(e.status(), e.code(), e.message()),
+    }
+}
+
+/// The sign-ins of a remote, for status (`null` when it does not sign in with OAuth).
+pub fn logins_json(broker: &Broker, name: &str) -> serde_json::Value {
+    use crate::broker::federation::auth::LoginState;
+    if broker.policy().remotes.get(name).is_none_or(|r| r.oauth.is_none()) {
+        return serde_json::Value::Null;
+    }
+    let m: serde_json::Map<String, serde_json::Value> = broker
+        .federation
+        .auth
+        .status(name)
+        .into_iter()
+        .map(|(who, st)| {
+            let v = match st {
+                LoginState::SignedIn { expires_at, by, at } => serde_json::json!({
+                    "state": "signed_in", "by": by, "at": crate::time::format_rfc3339(at as i64, None),
+                    "expires_at": expires_at.map(|e| crate::time::format_rfc3339(e as i64, None)),
+                }),
+                LoginState::Needed(why) => serde_json::json!({ "state": "login_needed", "why": why }),
+            };
+            (who, v)
+        })
+        .collect();
+    serde_json::Value::Object(m)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FreezeRequest {
@@ -774,6 +885,30 @@ pub fn local_handler(broker: Rc<Broker>) -> Handler {
                     if let Some(name) = path.strip_prefix("/v1/remotes/").and_then(|p| p.strip_suffix("/review")) =>
                 {
                     review_remote(&broker, name)
+                }
+                (Method::POST, "/v1/remotes/login/complete") => {
+                    match read_body(req, MAX_BODY, Duration::from_secs(10)).await {
+                        Ok(b) => complete_login(&broker, &b).await,
+                        Err(e) => e.response(),
+                    }
+                }
+                (Method::POST, path)
+                    if let Some(name) = path.strip_prefix("/v1/remotes/").and_then(|p| p.strip_suffix("/login")) =>
+                {
+                    let name = name.to_owned();
+                    match read_body(req, MAX_BODY, Duration::from_secs(10)).await {
+                        Ok(b) => login_remote(&broker, peer, &name, &b).await,
+                        Err(e) => e.response(),
+                    }
+                }
+                (Method::POST, path)
+                    if let Some(name) = path.strip_prefix("/v1/remotes/").and_then(|p| p.strip_suffix("/logout")) =>
+                {
+                    let name = name.to_owned();
+                    match read_body(req, MAX_BODY, Duration::from_secs(10)).await {
+                        Ok(b) => logout_remote(&broker, peer, &name, &b).await,
+                        Err(e) => e.response(),
+                    }
                 }
                 (Method::POST, path)
                     if let Some(rest) = path.strip_prefix("/v1/remotes/").and_then(|p| p.strip_suffix("/approve")) =>

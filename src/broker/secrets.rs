@@ -174,6 +174,80 @@ impl Secrets {
     }
 }
 
+/// Sealed records kept one per file under `dir` (the sign-ins to remotes,
+/// `<data-dir>/state/remote-tokens/<key>.sealed`), each bound to `ephyr-remote-token:v1:<key>`
+/// so that a file renamed to another key does not open.
+pub struct SealedFiles {
+    /// The directory (created on the first store, 0700).
+    pub dir: PathBuf,
+    /// For the file work.
+    pub pool: BlockingPool,
+    /// Seals and opens.
+    pub signer: Signer,
+}
+
+impl SealedFiles {
+    fn path(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{key}.sealed"))
+    }
+}
+
+impl crate::broker::federation::auth::Vault for SealedFiles {
+    fn load<'a>(&'a self, key: &'a str) -> crate::broker::ports::Local<'a, Result<Option<SecretBytes>, Error>> {
+        Box::pin(async move {
+            let p = self.path(key);
+            let read = self
+                .pool
+                .run(move || match fs::metadata(&p) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    _ => read_limited(&p).map(Some),
+                })
+                .await
+                .ok_or_else(|| Error::Unavailable("the blocking pool is shut down".into()))?
+                .map_err(|e| Error::Unavailable(format!("sign-in {key:?}: {e}")))?;
+            let Some(blob) = read else { return Ok(None) };
+            let opened = self.signer.unseal(format!("ephyr-remote-token:v1:{key}"), blob).await.map_err(|e| {
+                Error::Unavailable(format!(
+                    "sign-in {key:?} cannot be opened (another data dir's, or forged): {}",
+                    e.message()
+                ))
+            })?;
+            Ok(Some(opened))
+        })
+    }
+
+    fn store<'a>(
+        &'a self,
+        key: &'a str,
+        value: Option<SecretBytes>,
+    ) -> crate::broker::ports::Local<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let (dir, path) = (self.dir.clone(), self.path(key));
+            let blob = match value {
+                Some(v) => Some(
+                    self.signer
+                        .seal(format!("ephyr-remote-token:v1:{key}"), v)
+                        .await
+                        .map_err(|e| Error::Unavailable(format!("sealing: {}", e.message())))?,
+                ),
+                None => None,
+            };
+            self.pool
+                .run(move || match blob {
+                    Some(b) => write_atomic(&dir, &path, &b),
+                    None => match fs::remove_file(&path) {
+                        Ok(()) => File::open(&dir).and_then(|d| d.sync_all()),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                        Err(e) => Err(e),
+                    },
+                })
+                .await
+                .ok_or_else(|| Error::Unavailable("the blocking pool is shut down".into()))?
+                .map_err(|e| Error::Unavailable(format!("writing sign-in {key:?}: {e}")))
+        })
+    }
+}
+
 fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
     let meta = fs::metadata(path).map_err(|e| e.to_string())?;
     if meta.len() > MAX_SECRET as u64 + 1024 {

@@ -368,7 +368,7 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
             listen,
             dashboard_listen,
             socket: socket_path.clone(),
-            pool,
+            pool: pool.clone(),
             auth: super::auth::Authenticator::new(),
             agent_limits: super::rate::RateLimiter::new(10_000),
             tasks: Rc::new(tasks),
@@ -383,7 +383,12 @@ pub fn run(opts: ServeOptions) -> Result<(), ServeError> {
                 std::iter::once(data_dir.root.clone())
                     .chain(opts.socket.as_ref().and_then(|s| s.parent()).map(std::path::Path::to_path_buf))
                     .collect(),
-            ),
+            )
+            .with_vault(Box::new(super::secrets::SealedFiles {
+                dir: data_dir.state().join("remote-tokens"),
+                pool: pool.clone(),
+                signer: signer.clone(),
+            })),
             freezes,
             approvals,
             console: super::console::Console::default(),

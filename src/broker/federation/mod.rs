@@ -488,10 +488,14 @@ impl Federation {
                         self.auth.challenged(ep.name, challenge.clone());
                     }
                     let scope_short = posted.status == 403 && challenge.error.as_deref() == Some("insufficient_scope");
+                    // A 403 that calls the token invalid (a suspended account) is a refusal too.
+                    let invalid = posted.status == 401
+                        || (posted.status == 403 && challenge.error.as_deref() == Some("invalid_token"));
                     if let (Some(cx), Some(sent)) = (cx, &token)
-                        && (posted.status == 401 || scope_short)
+                        && (invalid || scope_short)
                     {
-                        if self.auth.refused(cx, ep.subject, posted.status, challenge, sent).await? && !retried {
+                        let status = if invalid { 401 } else { 403 };
+                        if self.auth.refused(cx, ep.subject, status, challenge, sent).await? && !retried {
                             retried = true;
                             token = self.auth.bearer(Some(cx), ep.subject).await?;
                             continue;

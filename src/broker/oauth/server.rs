@@ -100,6 +100,9 @@ pub async fn handle(
     req: http::Request<hyper::body::Incoming>,
     peer: Peer,
 ) -> http::Response<Body> {
+    if req.method() == http::Method::GET && req.uri().path() == crate::broker::federation::auth::CALLBACK_PATH {
+        return remote_callback(broker, req.uri().query().unwrap_or("")).await;
+    }
     let Some(s) = settings(broker) else { return off() };
     let path = req.uri().path().to_owned();
     match (req.method().clone(), path.as_str()) {
@@ -109,6 +112,30 @@ pub async fn handle(
         (http::Method::POST, "/oauth/revoke") => revoke(broker, req).await,
         (_, p) => error(StatusCode::NOT_FOUND, "not_found", format!("no route for {p}")),
     }
+}
+
+/// `GET /oauth/remote-callback`: where a remote's authorization server sends the operator's
+/// browser back when a remote's `oauth.redirect_uri` points at the broker (`federation::auth`).
+/// The `state` it carries is the only key: single use, ten minutes, known to the sign-in only.
+async fn remote_callback(broker: &Broker, query: &str) -> http::Response<Body> {
+    use crate::broker::console::html::{esc, page};
+    let policy = broker.policy();
+    let (status, title, text) = match broker.federation.finish_login(broker.ports(), &policy, query).await {
+        Ok((remote, agent)) => {
+            let whom = agent.map_or(String::new(), |a| format!(" for agent {a}"));
+            (
+                StatusCode::OK,
+                "Signed in",
+                format!("The broker is signed in to remote {remote}{whom}. You can close this page."),
+            )
+        }
+        Err(e) => (e.status(), "Sign-in failed", e.message()),
+    };
+    let body = format!("<h1>{}</h1><p>{}</p>", esc(title), esc(&text));
+    let mut r = crate::broker::console::html_response(status, page(title, "", None, &body));
+    r.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(http::header::REFERRER_POLICY, http::HeaderValue::from_static("no-referrer"));
+    r
 }
 
 async fn body_json(req: http::Request<hyper::body::Incoming>) -> Result<Value, http::Response<Body>> {

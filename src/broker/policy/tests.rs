@@ -654,6 +654,17 @@ fn semantic_checks() {
         ("remotes: {r: {url: 'http://x', headers: {Authorization: s}}}", "cannot be a static header"),
         ("remotes: {r: {command: [x], headers: {X-A: b}}}", "headers apply to a url"),
         ("remotes: {r: {url: 'http://x', max_response: 1TiB}}", "between 1KiB and 64MiB"),
+        ("remotes: {r: {command: [x], oauth: {}}}", "oauth applies to a url"),
+        (
+            "remotes: {r: {url: 'https://x', oauth: {}, credential: {type: bearer, secret: 'env:T'}}}",
+            "either credential (a fixed secret) or oauth",
+        ),
+        ("remotes: {r: {url: 'https://x', oauth: {client_secret: 'env:S'}}}", "belongs to a pre-registered client_id"),
+        ("remotes: {r: {url: 'https://x', oauth: {client_id_url: 'http://x/c.json'}}}", "not an https URL with a path"),
+        ("remotes: {r: {url: 'https://x', oauth: {client_id_url: 'https://x'}}}", "not an https URL with a path"),
+        ("remotes: {r: {url: 'https://x', oauth: {redirect_uri: 'http://evil.example/cb'}}}", "redirect URI"),
+        ("remotes: {r: {url: 'https://x', oauth: {scopes: ['a b']}}}", "is not a scope"),
+        ("remotes: {r: {url: 'https://x', oauth: {per_agnt: true}}}", "unknown field `per_agnt`"),
         ("network: {allow: [10.0.0.0/33]}", "prefix length"),
         ("agents: {a: {inherits: [nope]}}", "unknown template"),
         ("agents: {a: {ssh: {nowhere: {roles: []}}}}", "unknown target"),
@@ -829,4 +840,19 @@ fn file_access_follows_files_rules_and_command_restrictions() {
     for t in ["cmds", "forced"] {
         assert!(p.targets[t].file_access(false, "/tmp/x", false).unwrap_err().contains("no `files:` section"), "{t}");
     }
+}
+
+#[test]
+fn a_remote_signing_in_with_oauth_gets_the_brokers_callback_or_a_loopback_redirect() {
+    let p = Policy::parse("version: 1\nremotes: {r: {url: 'https://x/mcp', oauth: {per_agent: true}}}\n", "t").unwrap();
+    let o = p.remotes["r"].oauth.clone().unwrap();
+    assert_eq!((o.redirect_uri.as_str(), o.per_agent), (LOOPBACK_REDIRECT, true));
+    let p = Policy::parse(
+        "version: 1\noauth: {issuer: 'https://pi.lan:8554'}\nremotes: {r: {url: 'https://x/mcp', oauth: {client_id: c, client_secret: 'store:c', scopes: [read]}}}\n",
+        "t",
+    )
+    .unwrap();
+    let o = p.remotes["r"].oauth.clone().unwrap();
+    assert_eq!(o.redirect_uri, "https://pi.lan:8554/oauth/remote-callback");
+    assert_eq!((o.client_id.as_deref(), o.scopes), (Some("c"), Some(vec!["read".to_owned()])));
 }
