@@ -790,9 +790,10 @@ fn client_id_metadata_documents_from_listed_hosts_only() {
 /// server: one sign-in for all agents, the default loopback redirect, dynamic registration.
 fn federating_policy(b_api: &str, worker_hash: &str) -> String {
     format!(
-        "version: 1\nnetwork: {{ allow: ['127.0.0.1/32'] }}\n\
+        "version: 1\nnetwork: {{ allow: ['127.0.0.1/32'] }}\noperators:\n{}\
          remotes:\n  b: {{ url: \"http://{b_api}/mcp\", oauth: {{}} }}\n\
-         agents:\n  worker: {{ api_key_hash: \"{worker_hash}\", remotes: {{ b: {{}} }} }}\n"
+         agents:\n  worker: {{ api_key_hash: \"{worker_hash}\", remotes: {{ b: {{}} }} }}\n",
+        operator_entry("olga", "admin", "olga password 12345"),
     )
 }
 
@@ -972,4 +973,21 @@ fn a_broker_signs_in_to_a_remote_protected_by_oauth_and_keeps_the_tokens_sealed(
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(!sealed.exists());
     assert_eq!(audit_events(&a, "remote_logout").len(), 1);
+
+    // The console: A's operator signs in again (B's operator consents to a new agent), pasting
+    // the address the browser ended on into the console's form.
+    let mut c = ConsoleClient::new(&a.dashboard);
+    assert_eq!(c.login("olga", "olga password 12345").status, 303);
+    let view = c.get("/remotes").text();
+    assert!(view.contains("not signed in") && view.contains("/remotes/b/login"), "{view}");
+    let csrf = c.csrf();
+    let page = c.post("/remotes/b/login", &format!("csrf={csrf}"), &[]).text();
+    let at = page.find("href=\"http://").expect("a link to the authorization server") + 6;
+    let link = page[at..at + page[at..].find('"').unwrap()].replace("&amp;", "&");
+    let back = consent(&link, ("alice", ALICE_PW), "reader", true);
+    let form = form_encode(&[("csrf", &csrf), ("url", &back)]);
+    let done = c.post("/remotes/login/complete", &form, &[]).text();
+    assert!(done.contains("signed in to remote b"), "{done}");
+    wait_status(&a, "connected through the console's sign-in", |s| s["health"] == "connected");
+    tool_call(&a.api, &worker, "b.task_info", json!({})).unwrap();
 }

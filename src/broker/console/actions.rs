@@ -315,6 +315,39 @@ pub async fn post(broker: &Broker, op: &Operator, req: Request<Incoming>, path: 
                 Err(e) => failed(op, &e),
             }
         }
+        "/remotes/login/complete" => {
+            let url = field(&f, "url").unwrap_or("").trim();
+            let query = url.split_once('?').map_or(url, |(_, q)| q).split('#').next().unwrap_or("");
+            let policy = broker.policy();
+            match broker.federation.finish_login(broker.ports(), &policy, query).await {
+                Ok((remote, agent)) => {
+                    let whom = agent.map_or(String::new(), |a| format!(" for agent {a}"));
+                    done(op, "Signed in", "/remotes", &[format!("The broker is signed in to remote {remote}{whom}.")])
+                }
+                Err(e) => failed(op, &e),
+            }
+        }
+        p if let Some(name) = p.strip_prefix("/remotes/").and_then(|r| r.strip_suffix("/login")) => {
+            let policy = broker.policy();
+            let agent = field(&f, "agent").filter(|a| !a.is_empty());
+            match broker.federation.login(broker.ports(), &policy, name, agent, &actor.name()).await {
+                Ok(b) => {
+                    // The authorization URL opens in a new tab; the redirect comes back to the
+                    // broker, or its address is pasted here.
+                    let body = format!(
+                        "<h2>Sign in to remote {}</h2><p><a href=\"{}\" target=\"_blank\" rel=\"noopener noreferrer\">Open the sign-in page of its authorization server</a> (within 10 minutes).</p>\
+                         <p>The browser is then sent to <code>{}</code>. If that page does not say \"Signed in\", paste the whole address it ended on:</p>\
+                         <form method=\"post\" action=\"/remotes/login/complete\">{}<input name=\"url\" size=\"80\" autocomplete=\"off\"> <button type=\"submit\">Finish</button></form>",
+                        esc(name),
+                        esc(&b.url),
+                        esc(&b.redirect_uri),
+                        super::html::csrf_field(op)
+                    );
+                    html_response(StatusCode::OK, page("Sign in to a remote", "/remotes", Some(op), &body))
+                }
+                Err(e) => failed(op, &e),
+            }
+        }
         p if let Some(name) = p.strip_prefix("/remotes/").and_then(|r| r.strip_suffix("/approve")) => {
             match ops::approve_tools(broker, &actor, name, field(&f, "tool")).await {
                 Ok(t) => done(

@@ -628,6 +628,32 @@ fn ssh(broker: &Broker, op: &Operator) -> String {
     out
 }
 
+/// The sign-in cell of a remote protected by OAuth: its state and a button that starts one.
+fn signin(broker: &Broker, op: &Operator, name: &str) -> String {
+    use crate::broker::federation::auth::LoginState;
+    if broker.policy().remotes.get(name).is_none_or(|r| r.oauth.is_none()) {
+        return "-".into();
+    }
+    let mut out = String::new();
+    let logins = broker.federation.auth.status(name);
+    if logins.is_empty() {
+        out = badge("warn", "not signed in") + " ";
+    }
+    for (who, st) in logins {
+        let who = if who == "*" { String::new() } else { format!("{who}: ") };
+        match st {
+            LoginState::SignedIn { by, .. } => {
+                let _ = write!(out, "{}{} ", esc(&who), badge("ok", &format!("signed in by {by}")));
+            }
+            LoginState::Needed(why) => {
+                let _ = write!(out, "{}{} ", esc(&who), badge("bad", "sign-in needed"));
+                let _ = write!(out, "<small>{}</small> ", esc(&why));
+            }
+        }
+    }
+    out + &button(op, &format!("/remotes/{name}/login"), &[], "Sign in", false)
+}
+
 async fn remotes(broker: &Broker, op: &Operator) -> String {
     let p = broker.policy();
     let mut out = String::from("<h2>Remote MCP servers</h2>");
@@ -658,6 +684,7 @@ async fn remotes(broker: &Broker, op: &Operator) -> String {
                     "0".into()
                 },
                 esc(err.as_deref().unwrap_or("")),
+                signin(broker, op, name),
                 if frozen {
                     button(op, "/unfreeze", &[("kind", "remote"), ("name", name)], "Unfreeze", false)
                 } else {
@@ -667,7 +694,7 @@ async fn remotes(broker: &Broker, op: &Operator) -> String {
         })
         .collect();
     out.push_str(&table(
-        &["remote", "health", "protocol", "tools", "quarantined", "last error", ""],
+        &["remote", "health", "protocol", "tools", "quarantined", "last error", "sign-in", ""],
         &rows,
         "No remotes.",
     ));
