@@ -842,7 +842,9 @@ fn wait_status(a: &Broker, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
 #[test]
 fn a_broker_signs_in_to_a_remote_protected_by_oauth_and_keeps_the_tokens_sealed() {
     let (_, bot_hash) = agent_key("bot");
-    let b = start(&policy(9, &bot_hash));
+    // B's access tokens live a minute: A refreshes before every call (60 s early), so each call
+    // rotates B's refresh token and A must keep the new one.
+    let b = start(&policy(9, &bot_hash).replace("access_ttl: 10m", "access_ttl: 1m"));
     let (worker, worker_hash) = agent_key("worker");
     let a_data = TempDir::new("oauth-a-data");
     let a_policy = federating_policy(&b.api, &worker_hash);
@@ -927,11 +929,24 @@ fn a_broker_signs_in_to_a_remote_protected_by_oauth_and_keeps_the_tokens_sealed(
         }
     }
 
-    // A restart opens the sealed sign-in.
+    // Refreshed and rotated: two more calls, each with a fresh token from a rotated refresh
+    // token (a reuse would make B revoke the grant).
+    tool_call(&a.api, &worker, "b.task_info", json!({})).unwrap();
+    tool_call(&a.api, &worker, "b.task_info", json!({})).unwrap();
+    let refreshed = |b: &Broker| {
+        audit_events(b, "oauth_token_issued").iter().filter(|e| e["action"]["grant_type"] == "refresh_token").count()
+    };
+    assert!(refreshed(&b) >= 2, "A refreshed its token at B");
+    assert!(audit_events(&b, "oauth_refresh_reused").is_empty(), "never a refresh token twice");
+
+    // A restart opens the sealed sign-in, with the latest refresh token.
     drop(a);
     let a = start_a();
     wait_status(&a, "connected after the restart", |s| s["health"] == "connected");
+    let before = refreshed(&b);
     tool_call(&a.api, &worker, "b.task_info", json!({})).unwrap();
+    assert!(refreshed(&b) > before, "refreshed after the restart");
+    assert!(audit_events(&b, "oauth_refresh_reused").is_empty(), "the kept refresh token was the newest");
 
     // B suspends the agent it enrolled at the consent: A's operator is told, A's agent is not
     // given B's reason.
