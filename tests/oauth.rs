@@ -1006,3 +1006,51 @@ fn a_broker_signs_in_to_a_remote_protected_by_oauth_and_keeps_the_tokens_sealed(
     wait_status(&a, "connected through the console's sign-in", |s| s["health"] == "connected");
     tool_call(&a.api, &worker, "b.task_info", json!({})).unwrap();
 }
+
+/// `per_agent: true`: each agent of A has its own sign-in at B (B enrolls one agent per
+/// consent); an agent without one is refused with a sentence that names it, and calls of two
+/// agents reach B as two different agents, each on its own session.
+#[test]
+fn a_remote_with_a_sign_in_per_agent_carries_each_callers_own_token() {
+    let (_, bot_hash) = agent_key("bot");
+    let b = start(&policy(9, &bot_hash));
+    let (w1, h1) = agent_key("w1");
+    let (w2, h2) = agent_key("w2");
+    let a_policy = format!(
+        "version: 1\nnetwork: {{ allow: ['127.0.0.1/32'] }}\n\
+         remotes:\n  b: {{ url: \"http://{}/mcp\", oauth: {{ per_agent: true }} }}\n\
+         agents:\n  w1: {{ api_key_hash: \"{h1}\", remotes: {{ b: {{}} }} }}\n  w2: {{ api_key_hash: \"{h2}\", remotes: {{ b: {{}} }} }}\n",
+        b.api
+    );
+    let a = Broker::start(BrokerOpts { policy: Some(&a_policy), ..Default::default() });
+    let sign_in = |agent: &str| {
+        let body = serde_json::to_vec(&json!({ "agent": agent })).unwrap();
+        let r = local_request(&a.socket, "POST", "/v1/remotes/b/login", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let url = serde_json::from_slice::<Value>(&r.body).unwrap()["url"].as_str().unwrap().to_owned();
+        let back = consent(&url, ("alice", ALICE_PW), "reader", true);
+        let body = serde_json::to_vec(&json!({ "url": back })).unwrap();
+        let r = local_request(&a.socket, "POST", "/v1/remotes/login/complete", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap()["agent"], agent);
+    };
+    let r = local_request(&a.socket, "POST", "/v1/remotes/b/login", br#"{"agent": "nobody"}"#);
+    assert_eq!(r.status, 404, "{}", r.text());
+
+    sign_in("w1");
+    wait_status(&a, "connected with w1's sign-in", |s| s["health"] == "connected");
+    let one = tool_call(&a.api, &w1, "b.task_info", json!({})).unwrap();
+    let e = tool_call(&a.api, &w2, "b.task_info", json!({})).unwrap_err();
+    assert!(e.contains("for agent w2") && e.contains("operator has been told"), "{e}");
+    let s = remote_status(&a);
+    assert_eq!(s["login"]["w1"]["state"], "signed_in", "{s}");
+    assert_eq!(s["login"]["w2"]["state"], "login_needed", "{s}");
+
+    sign_in("w2");
+    let two = tool_call(&a.api, &w2, "b.task_info", json!({})).unwrap();
+    let agent_of = |v: &Value| v["task"]["agent"].as_str().unwrap_or_else(|| panic!("{v}")).to_owned();
+    assert_ne!(agent_of(&one), agent_of(&two), "two agents at B: {one} / {two}");
+    assert_eq!(agent_of(&tool_call(&a.api, &w1, "b.task_info", json!({})).unwrap()), agent_of(&one));
+    let enrolled = audit_events(&b, "oauth_consent").len();
+    assert_eq!(enrolled, 2, "one consent per agent");
+}
