@@ -590,18 +590,6 @@ fn union(before: Option<&str>, now: Option<String>) -> Option<String> {
     (!all.is_empty()).then(|| all.join(" "))
 }
 
-/// A fresh random value for `state` and the PKCE verifier (43 base64url characters).
-fn random() -> Result<SecretString, Error> {
-    let mut raw = zeroize::Zeroizing::new([0u8; 32]);
-    crate::secret::random_bytes(&mut raw[..]).map_err(|e| Error::Unavailable(e.to_string()))?;
-    Ok(SecretString::new(data_encoding::BASE64URL_NOPAD.encode(&raw[..])))
-}
-
-fn challenge_of(verifier: &SecretString) -> String {
-    data_encoding::BASE64URL_NOPAD
-        .encode(ring::digest::digest(&ring::digest::SHA256, verifier.expose().as_bytes()).as_ref())
-}
-
 fn failed(name: &str, why: impl std::fmt::Display) -> Error {
     Error::Upstream { code: "remote_login_failed", message: format!("remote {name:?}: {why}") }
 }
@@ -898,13 +886,14 @@ impl RemoteAuth {
         // Stepping up keeps what was granted before (SEP-2350: the union of the scopes).
         let scope = union(kept.as_ref().and_then(|g| g.scope.as_deref()), scope_for(cx.settings, &challenge, &found));
         let client = self.client(cx, &found.server, scope.as_deref(), kept.as_deref()).await?;
-        let (state, verifier) = (random()?, random()?);
+        // 32 random bytes each, base64url (43 characters: a valid PKCE verifier).
+        let (state, verifier) = (crate::broker::oauth::fresh("")?, crate::broker::oauth::fresh("")?);
         let mut q = vec![
             ("response_type", "code".to_owned()),
             ("client_id", client.id.clone()),
             ("redirect_uri", cx.settings.redirect_uri.clone()),
             ("state", state.expose().to_owned()),
-            ("code_challenge", challenge_of(&verifier)),
+            ("code_challenge", crate::broker::oauth::pkce_s256(verifier.expose())),
             ("code_challenge_method", "S256".to_owned()),
             ("resource", found.resource.clone()),
         ];

@@ -382,8 +382,7 @@ impl OAuth {
         let Some(v) = verifier.filter(|v| (43..=128).contains(&v.len()) && v.bytes().all(pkce_char)) else {
             return Err(("code_verifier is missing or malformed (43-128 unreserved characters)".into(), None));
         };
-        let computed =
-            data_encoding::BASE64URL_NOPAD.encode(ring::digest::digest(&ring::digest::SHA256, v.as_bytes()).as_ref());
+        let computed = pkce_s256(v);
         if !crate::secret::constant_time_eq(computed.as_bytes(), c.challenge.as_bytes()) {
             return Err(("code_verifier does not match the code_challenge".into(), None));
         }
@@ -483,6 +482,11 @@ impl OAuth {
     pub fn grants_of(&self, agent: &str) -> Vec<Grant> {
         self.grants.borrow().values().filter(|g| g.agent == agent).cloned().collect()
     }
+}
+
+/// The PKCE S256 challenge of `verifier` (RFC 7636 §4.2): base64url(SHA-256), both sides.
+pub fn pkce_s256(verifier: &str) -> String {
+    data_encoding::BASE64URL_NOPAD.encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()).as_ref())
 }
 
 /// RFC 7636 unreserved characters.
