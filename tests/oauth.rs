@@ -1054,3 +1054,48 @@ fn a_remote_with_a_sign_in_per_agent_carries_each_callers_own_token() {
     let enrolled = audit_events(&b, "oauth_consent").len();
     assert_eq!(enrolled, 2, "one consent per agent");
 }
+
+/// A hostile remote behind its own authorization server echoes the access token the broker
+/// sent it: the agent gets the answer with the token overwritten, in the text and in
+/// structured content.
+#[test]
+fn a_remote_that_echoes_its_access_token_does_not_hand_it_to_the_agent() {
+    let port = free_port();
+    let mut cmd = python("oauth_echo_server.py");
+    cmd.arg(port.to_string()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut server = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the echo server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (key, hash) = agent_key("w");
+    let a_policy = format!(
+        "version: 1\nnetwork: {{ allow: ['127.0.0.1/32'] }}\n\
+         remotes:\n  echo: {{ url: \"http://127.0.0.1:{port}/mcp\", oauth: {{}} }}\n\
+         agents:\n  w: {{ api_key_hash: \"{hash}\", remotes: {{ echo: {{}} }} }}\n"
+    );
+    let a = Broker::start(BrokerOpts { policy: Some(&a_policy), ..Default::default() });
+    let r = local_request(&a.socket, "POST", "/v1/remotes/echo/login", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let url = serde_json::from_slice::<Value>(&r.body).unwrap()["url"].as_str().unwrap().to_owned();
+    let (host, path) = split(&url);
+    let back = http_request(&host, "GET", &path, &[], b"").header("location").unwrap().to_owned();
+    let body = serde_json::to_vec(&json!({ "url": back })).unwrap();
+    let r = local_request(&a.socket, "POST", "/v1/remotes/login/complete", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    for _ in 0..100 {
+        let st: Value = serde_json::from_slice(&local_request(&a.socket, "GET", "/v1/status", b"").body).unwrap();
+        if st["remotes"]["echo"]["health"] == "connected" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let v =
+        mcp_request(&a.api, &key, "tools/call", Some("echo.whoami"), json!({"name": "echo.whoami", "arguments": {}}));
+    let text = v.to_string();
+    assert!(v["result"]["content"][0]["text"].as_str().unwrap().starts_with("you sent"), "{text}");
+    assert!(!text.contains("echo-secret-token-4242"), "the token reached the agent: {text}");
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -1105,7 +1105,7 @@ impl Federation {
                 }
                 contents.push(c);
             }
-            self.scrubbed(ports, r, json!({ "contents": contents })).await
+            self.scrubbed(ports, ep, json!({ "contents": contents })).await
         };
         Some(result.await.map(|v| (facts, v)))
     }
@@ -1147,7 +1147,7 @@ impl Federation {
                     keep.insert(k.to_owned(), x.clone());
                 }
             }
-            self.scrubbed(ports, r, Value::Object(keep)).await
+            self.scrubbed(ports, ep, Value::Object(keep)).await
         };
         Some(result.await.map(|v| (facts, v)))
     }
@@ -1251,15 +1251,23 @@ impl Federation {
         }
         let (posted, value) = result?;
         let size = posted.size;
-        let value = self.scrubbed(ports, r, value).await?;
+        let value = self.scrubbed(ports, ep, value).await?;
         Ok((value, size))
     }
 
-    /// `value` with every form of the secrets the broker injected into remote `r` (an HTTP
-    /// remote's credential, a stdio remote's secret_env) overwritten: they never reach the
-    /// agent, even if the remote echoes them (as in the proxy).
-    async fn scrubbed(&self, ports: Ports<'_>, r: &Remote, value: Value) -> Result<Value, Error> {
+    /// `value` with every form of the secrets the broker injected into the remote (an HTTP
+    /// remote's credential or OAuth access token, a stdio remote's secret_env) overwritten: they
+    /// never reach the agent, even if the remote echoes them (as in the proxy).
+    async fn scrubbed(&self, ports: Ports<'_>, ep: Endpoint<'_>, value: Value) -> Result<Value, Error> {
+        let r = ep.remote;
         let mut forms = Vec::new();
+        if let Ok(Some(t)) = self.bearer(ports, ep).await {
+            let t = crate::secret::SecretBytes::new(t.expose().as_bytes().to_vec());
+            forms.extend(crate::broker::upstream::plan::secret_forms(
+                &crate::broker::policy::CredentialKind::Bearer,
+                &t,
+            ));
+        }
         if let Some(c) = &r.credential {
             let secret = ports.secrets.resolve(&c.secret).await?;
             forms.extend(crate::broker::upstream::plan::secret_forms(&c.kind, &secret));
