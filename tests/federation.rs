@@ -288,6 +288,13 @@ agents:
         5,
         "the unchanged tool is served"
     );
+    // The list is re-read again (ttlMs 0) and still carries the changed definition: it stays
+    // quarantined, and the quarantine is recorded once, not once per re-read.
+    std::thread::sleep(Duration::from_millis(1200));
+    let again = tool_call(&b.api, &alice, "notes.note", json!({"text": "two"})).unwrap_err();
+    assert!(again.contains("quarantined"), "{again}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(audit_events(&b, "tool_quarantined").len(), 1, "one record per changed definition");
 
     // `ephyr status` says so.
     let st = stdout(&ephyr(&["status", "--socket", &sock]));

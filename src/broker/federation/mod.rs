@@ -826,7 +826,17 @@ impl Federation {
                 }
                 pins::Seen::Changed(old) => {
                     let flags = pins::flags(&def);
-                    if mode == PinMode::Warn {
+                    // Re-reading a list that still carries the same changed definition is not a
+                    // new event: the change is recorded (and logged) once per definition.
+                    let known = self.remotes.borrow().get(remote).is_some_and(|s| {
+                        s.quarantined.get(&tool).is_some_and(|(_, new)| *new == def)
+                            || (mode == PinMode::Warn && s.tools.contains(&def))
+                    });
+                    if known && mode == PinMode::Warn {
+                        served.push(def);
+                    } else if known {
+                        quarantined.insert(tool, (old, def));
+                    } else if mode == PinMode::Warn {
                         log::warn!("remote {remote:?}: tool {tool:?} changed since it was pinned (pin: warn): served");
                         ports.audit_now(ev("tool_changed").outcome(json!({ "served": true, "flags": flags }))).await;
                         served.push(def);
