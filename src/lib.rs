@@ -22,6 +22,9 @@ pub mod cli;
 pub mod command;
 #[forbid(unsafe_code)]
 pub mod files;
+#[doc(hidden)]
+#[forbid(unsafe_code)]
+pub mod fuzzing;
 #[forbid(unsafe_code)]
 pub mod ids;
 #[forbid(unsafe_code)]

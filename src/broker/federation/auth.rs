@@ -295,7 +295,7 @@ impl<'a> Cx<'a> {
 }
 
 /// `url` without a default port (`https://h:443/p` → `https://h/p`).
-fn canonical(url: &str) -> String {
+pub(crate) fn canonical(url: &str) -> String {
     for (scheme, port) in [("https://", ":443"), ("http://", ":80")] {
         if let Some(rest) = url.strip_prefix(scheme) {
             let at = rest.find('/').unwrap_or(rest.len());
@@ -325,7 +325,7 @@ fn loopback(host: &str) -> bool {
 }
 
 /// Whether a redirect URI is `http` on a loopback host.
-fn redirect_is_loopback(uri: &str) -> bool {
+pub(crate) fn redirect_is_loopback(uri: &str) -> bool {
     uri.strip_prefix("http://").is_some_and(|rest| {
         let authority = rest.split(['/', '?']).next().unwrap_or("");
         let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
@@ -407,14 +407,14 @@ fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
 }
 
 /// `scheme://authority` of `url`.
-fn origin(url: &str) -> Option<String> {
+pub(crate) fn origin(url: &str) -> Option<String> {
     let (scheme, rest) = url.split_once("://")?;
     let at = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     Some(format!("{scheme}://{}", &rest[..at]))
 }
 
 /// The path of `url` without a trailing `/` (`""` for the root).
-fn path_of(url: &str) -> String {
+pub(crate) fn path_of(url: &str) -> String {
     let rest = url.split_once("://").map_or("", |(_, r)| r);
     let at = rest.find('/').unwrap_or(rest.len());
     let p = &rest[at..];
@@ -432,7 +432,7 @@ struct Found {
 
 /// The protected resource metadata's `resource` must name the remote: the same origin and a
 /// path that is the remote's or a parent of it.
-fn resource_covers(resource: &str, url: &str) -> bool {
+pub(crate) fn resource_covers(resource: &str, url: &str) -> bool {
     let (r, u) = (canonical(resource), canonical(url));
     if origin(&r).map(|o| o.to_ascii_lowercase()) != origin(&u).map(|o| o.to_ascii_lowercase()) {
         return false;
@@ -443,7 +443,7 @@ fn resource_covers(resource: &str, url: &str) -> bool {
 
 /// Where an issuer's metadata may be (RFC 8414 §3, OpenID discovery, both for issuers with a
 /// path), in the order the MCP spec gives.
-fn metadata_urls(issuer: &str) -> Vec<String> {
+pub(crate) fn metadata_urls(issuer: &str) -> Vec<String> {
     let Some(o) = origin(issuer) else { return Vec::new() };
     let p = path_of(issuer);
     if p.is_empty() {
@@ -475,34 +475,40 @@ async fn server_metadata(cx: Cx<'_>, issuer: &str) -> Result<Option<Server>, Str
             continue;
         }
         let m = a.json().ok_or_else(|| format!("{url}: the metadata is not a JSON object"))?;
-        let named = m["issuer"].as_str().unwrap_or_default();
-        if !same_issuer(named, issuer) {
-            return Err(format!("{url}: the metadata names issuer {named:?}, not {issuer:?} (refused: RFC 8414 §3.3)"));
-        }
-        let endpoint = |k: &str| m[k].as_str().map(str::to_owned);
-        let (Some(authorization_endpoint), Some(token_endpoint)) =
-            (endpoint("authorization_endpoint"), endpoint("token_endpoint"))
-        else {
-            return Err(format!("{url}: the metadata has no authorization_endpoint or token_endpoint"));
-        };
-        let pkce = strings(&m["code_challenge_methods_supported"]);
-        if !pkce.iter().any(|x| x == "S256") {
-            return Err(format!(
-                "{url}: the authorization server does not list PKCE S256 in code_challenge_methods_supported (refused: the MCP spec requires it)"
-            ));
-        }
-        return Ok(Some(Server {
-            issuer: named.to_owned(),
-            authorization_endpoint,
-            token_endpoint,
-            registration_endpoint: endpoint("registration_endpoint"),
-            scopes_supported: strings(&m["scopes_supported"]),
-            auth_methods: strings(&m["token_endpoint_auth_methods_supported"]),
-            cimd: m["client_id_metadata_document_supported"] == Value::Bool(true),
-            iss_parameter: m["authorization_response_iss_parameter_supported"] == Value::Bool(true),
-        }));
+        return server_from(&url, issuer, &m).map(Some);
     }
     Ok(None)
+}
+
+/// An authorization server's metadata document (`m`, read from `url`) checked against the issuer
+/// it was looked up for: the same issuer exactly, both endpoints, PKCE S256.
+pub(crate) fn server_from(url: &str, issuer: &str, m: &Value) -> Result<Server, String> {
+    let named = m["issuer"].as_str().unwrap_or_default();
+    if !same_issuer(named, issuer) {
+        return Err(format!("{url}: the metadata names issuer {named:?}, not {issuer:?} (refused: RFC 8414 §3.3)"));
+    }
+    let endpoint = |k: &str| m[k].as_str().map(str::to_owned);
+    let (Some(authorization_endpoint), Some(token_endpoint)) =
+        (endpoint("authorization_endpoint"), endpoint("token_endpoint"))
+    else {
+        return Err(format!("{url}: the metadata has no authorization_endpoint or token_endpoint"));
+    };
+    let pkce = strings(&m["code_challenge_methods_supported"]);
+    if !pkce.iter().any(|x| x == "S256") {
+        return Err(format!(
+            "{url}: the authorization server does not list PKCE S256 in code_challenge_methods_supported (refused: the MCP spec requires it)"
+        ));
+    }
+    Ok(Server {
+        issuer: named.to_owned(),
+        authorization_endpoint,
+        token_endpoint,
+        registration_endpoint: endpoint("registration_endpoint"),
+        scopes_supported: strings(&m["scopes_supported"]),
+        auth_methods: strings(&m["token_endpoint_auth_methods_supported"]),
+        cimd: m["client_id_metadata_document_supported"] == Value::Bool(true),
+        iss_parameter: m["authorization_response_iss_parameter_supported"] == Value::Bool(true),
+    })
 }
 
 /// Protected resource metadata, then the authorization server's.
@@ -597,6 +603,37 @@ fn failed(name: &str, why: impl std::fmt::Display) -> Error {
 /// A token from a token answer: printable ASCII (it goes into a header), not too long.
 fn token_ok(t: &str) -> bool {
     !t.is_empty() && t.len() <= MAX_TOKEN && t.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// What a token endpoint granted: the access token, the refresh token, when the access token
+/// expires (Unix seconds) and the scope.
+pub(crate) type Granted = (SecretString, Option<SecretString>, Option<u64>, Option<String>);
+
+/// A token endpoint's answer (`status`, `body`) read: a Bearer access token that can go into a
+/// header, an optional usable refresh token, the lifetime (capped at ten years) and the scope.
+pub(crate) fn token_answer(status: u16, body: &[u8]) -> Result<Granted, String> {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    if status != 200 {
+        let err = v["error"].as_str().unwrap_or("no error code");
+        return Err(format!("the token endpoint answered {status} ({err})"));
+    }
+    let access = v["access_token"]
+        .as_str()
+        .filter(|t| token_ok(t))
+        .ok_or("the token endpoint's answer has no usable access_token")?;
+    if !v["token_type"].as_str().is_some_and(|t| t.eq_ignore_ascii_case("bearer")) {
+        return Err("the token endpoint issued a token that is not a Bearer token".into());
+    }
+    let refresh = match v.get("refresh_token") {
+        None | Some(Value::Null) => None,
+        Some(r) => Some(SecretString::new(
+            r.as_str().filter(|t| token_ok(t)).ok_or("its refresh_token is not usable")?.to_owned(),
+        )),
+    };
+    let now = crate::time::now().secs().max(0) as u64;
+    let expires_at = v["expires_in"].as_u64().map(|s| now + s.min(10 * 365 * 86_400));
+    let scope = v["scope"].as_str().map(str::to_owned);
+    Ok((SecretString::new(access.to_owned()), refresh, expires_at, scope))
 }
 
 impl RemoteAuth {
@@ -804,7 +841,7 @@ impl RemoteAuth {
         server: &Server,
         client: &'p Client,
         pairs: &mut Vec<(&'p str, &'p str)>,
-    ) -> Result<(SecretString, Option<SecretString>, Option<u64>, Option<String>), Error> {
+    ) -> Result<Granted, Error> {
         let mut auth = None;
         match (client.method.as_str(), &client.secret) {
             ("client_secret_basic", Some(s)) => {
@@ -832,32 +869,7 @@ impl RemoteAuth {
         )
         .await
         .map_err(|e| failed(cx.name, e))?;
-        let body = zeroize::Zeroizing::new(a.body);
-        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        if a.status != 200 {
-            let err = v["error"].as_str().unwrap_or("no error code");
-            return Err(failed(cx.name, format!("the token endpoint answered {} ({err})", a.status)));
-        }
-        let access = v["access_token"]
-            .as_str()
-            .filter(|t| token_ok(t))
-            .ok_or_else(|| failed(cx.name, "the token endpoint's answer has no usable access_token"))?;
-        if !v["token_type"].as_str().is_some_and(|t| t.eq_ignore_ascii_case("bearer")) {
-            return Err(failed(cx.name, "the token endpoint issued a token that is not a Bearer token"));
-        }
-        let refresh = match v.get("refresh_token") {
-            None | Some(Value::Null) => None,
-            Some(r) => Some(SecretString::new(
-                r.as_str()
-                    .filter(|t| token_ok(t))
-                    .ok_or_else(|| failed(cx.name, "its refresh_token is not usable"))?
-                    .to_owned(),
-            )),
-        };
-        let now = crate::time::now().secs().max(0) as u64;
-        let expires_at = v["expires_in"].as_u64().map(|s| now + s.min(10 * 365 * 86_400));
-        let scope = v["scope"].as_str().map(str::to_owned);
-        Ok((SecretString::new(access.to_owned()), refresh, expires_at, scope))
+        token_answer(a.status, &zeroize::Zeroizing::new(a.body)).map_err(|e| failed(cx.name, e))
     }
 
     /// Starts a sign-in to the remote of `cx` (for `subject` on a per-agent remote): discovery,

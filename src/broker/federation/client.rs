@@ -300,7 +300,7 @@ fn relay(progress: Option<(&crate::broker::dispatch::Progress, u64)>, events_tex
 
 /// The last event id and the reconnection delay (`retry:`, default 1 s, at most 10 s) an event
 /// stream gave.
-fn resume_point(body: &[u8]) -> (Option<String>, Duration) {
+pub(crate) fn resume_point(body: &[u8]) -> (Option<String>, Duration) {
     let text = String::from_utf8_lossy(body);
     let (mut last, mut retry) = (None, Duration::from_secs(1));
     for line in text.lines().map(|l| l.trim_end_matches('\r')) {
@@ -375,7 +375,7 @@ async fn resume(
 }
 
 /// Where the last complete event of `buf` ends (after its blank line), if one has.
-fn events_end(buf: &[u8]) -> Option<usize> {
+pub(crate) fn events_end(buf: &[u8]) -> Option<usize> {
     let lf = buf.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
     let crlf = buf.windows(4).rposition(|w| w == b"\r\n\r\n").map(|i| i + 4);
     lf.max(crlf)
@@ -395,7 +395,7 @@ pub fn events(body: &[u8]) -> Vec<Value> {
 }
 
 /// The answer with `id` among `messages`.
-fn pick(messages: &[Value], id: u64) -> Option<Value> {
+pub(crate) fn pick(messages: &[Value], id: u64) -> Option<Value> {
     messages
         .iter()
         .find(|m| m["id"].as_u64() == Some(id) && (m.get("result").is_some() || m.get("error").is_some()))

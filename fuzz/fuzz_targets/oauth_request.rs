@@ -1,0 +1,3 @@
+//! `oauth_request`: the checks are `ephyr::fuzzing::oauth_request` (shared with the corpus replay test).
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ephyr::fuzzing::oauth_request(data));

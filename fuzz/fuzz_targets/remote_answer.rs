@@ -1,0 +1,3 @@
+//! `remote_answer`: the checks are `ephyr::fuzzing::remote_answer` (shared with the corpus replay test).
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ephyr::fuzzing::remote_answer(data));
