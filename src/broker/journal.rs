@@ -21,12 +21,13 @@
 //! start-up refuses with the offset rather than silently dropping revocations. The decision and
 //! the alternatives are in `docs/decisions/0006-task-state-journal.md`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::time::Duration;
 
 use super::Error;
 use super::blocking::BlockingPool;
@@ -229,8 +230,30 @@ pub struct Journal {
     path: PathBuf,
     pool: BlockingPool,
     file: RefCell<Option<File>>,
+    /// The file's length up to the last batch written and synced.
+    synced: Cell<u64>,
     pending: RefCell<Pending>,
     kick: event_listener::Event,
+}
+
+/// Most bytes of records that may wait while a write keeps failing; past it the journal fails
+/// for good (changes refused until a restart, which replays what is on disk).
+const MAX_STALLED: usize = 1 << 20;
+/// The first wait before a failed write is tried again, and the longest.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Opens `path` for appending, first cutting it back to `len` bytes (what a failed batch left
+/// after the last synced one goes).
+fn reopen(path: &Path, len: u64) -> Result<File, String> {
+    let f = OpenOptions::new().append(true).create(true).mode(0o600).open(path).map_err(|e| e.to_string())?;
+    let now = f.metadata().map_err(|e| e.to_string())?.len();
+    if now < len {
+        return Err(format!("{now} bytes, less than the {len} synced to it (changed by something else)"));
+    }
+    f.set_len(len).map_err(|e| e.to_string())?;
+    f.sync_all().map_err(|e| e.to_string())?;
+    Ok(f)
 }
 
 impl Journal {
@@ -242,10 +265,12 @@ impl Journal {
             .mode(0o600)
             .open(path)
             .map_err(|e| Error::Unavailable(format!("{}: {e}", path.display())))?;
+        let synced = f.metadata().map_err(|e| Error::Unavailable(format!("{}: {e}", path.display())))?.len();
         Ok(Rc::new(Journal {
             path: path.to_owned(),
             pool,
             file: RefCell::new(Some(f)),
+            synced: Cell::new(synced),
             pending: RefCell::default(),
             kick: event_listener::Event::new(),
         }))
@@ -265,8 +290,13 @@ impl Journal {
         Ok(Durable(rx))
     }
 
-    /// Writes batches until the journal fails. Spawn once.
+    /// Writes batches, in order. A batch whose write fails (a full disk, an I/O error) is cut
+    /// from the file and written again after a wait (1 s, doubling up to 30 s) until it lands:
+    /// nobody waiting for it is answered before, and what is queued meanwhile follows it, so the
+    /// records on disk stay in the order their changes were made. Past [`MAX_STALLED`] bytes
+    /// waiting, the journal fails for good. Spawn once.
     pub async fn run_flusher(self: Rc<Self>) {
+        let mut retry = RETRY_FIRST;
         loop {
             let listener = self.kick.listen();
             let (buf, waiters) = {
@@ -277,37 +307,62 @@ impl Journal {
                 listener.await;
                 continue;
             }
+            let len = buf.len() as u64;
             let file = self.file.borrow_mut().take();
-            let result = match file {
-                None => Err("the journal file is closed".to_string()),
-                Some(mut f) => self
-                    .pool
-                    .run(move || -> Result<File, String> {
-                        f.write_all(&buf).map_err(|e| e.to_string())?;
-                        f.sync_data().map_err(|e| e.to_string())?;
-                        Ok(f)
-                    })
-                    .await
-                    .unwrap_or_else(|| Err("the blocking pool stopped".into())),
-            };
+            let (path, synced) = (self.path.clone(), self.synced.get());
+            let result = self
+                .pool
+                .run(move || -> Result<File, (String, Vec<u8>)> {
+                    let mut f = match file {
+                        Some(f) => f,
+                        None => reopen(&path, synced).map_err(|e| (e, buf.clone()))?,
+                    };
+                    f.write_all(&buf).map_err(|e| (e.to_string(), buf.clone()))?;
+                    f.sync_data().map_err(|e| (e.to_string(), buf.clone()))?;
+                    Ok(f)
+                })
+                .await
+                .unwrap_or_else(|| Err(("the blocking pool stopped".into(), Vec::new())));
             match result {
                 Ok(f) => {
                     *self.file.borrow_mut() = Some(f);
+                    self.synced.set(synced + len);
+                    retry = RETRY_FIRST;
                     for w in waiters {
                         let _ = w.try_send(Ok(()));
                     }
                 }
-                Err(e) => {
+                Err((e, buf)) => {
                     let reason = format!("journal {} failed: {e}", self.path.display());
-                    log::error!("{reason}; refusing changes to its state until restart");
-                    let mut p = self.pending.borrow_mut();
-                    p.failed = Some(reason.clone());
-                    let later = std::mem::take(&mut p.waiters);
-                    drop(p);
-                    for w in waiters.into_iter().chain(later) {
-                        let _ = w.try_send(Err(reason.clone()));
+                    // Past the cap: fail for good. Else the batch goes back in front of what
+                    // came since; the file is reopened and cut back to its synced length before
+                    // the next try.
+                    let given_up = {
+                        let mut p = self.pending.borrow_mut();
+                        if buf.is_empty() || buf.len() + p.buf.len() > MAX_STALLED {
+                            p.failed = Some(reason.clone());
+                            let later = std::mem::take(&mut p.waiters);
+                            Some(waiters.into_iter().chain(later).collect::<Vec<_>>())
+                        } else {
+                            let mut again = buf;
+                            again.extend_from_slice(&p.buf);
+                            p.buf = again;
+                            let mut w = waiters;
+                            w.append(&mut p.waiters);
+                            p.waiters = w;
+                            None
+                        }
+                    };
+                    if let Some(told) = given_up {
+                        log::error!("{reason}; refusing changes to its state until restart");
+                        for w in told {
+                            let _ = w.try_send(Err(reason.clone()));
+                        }
+                        return;
                     }
-                    return;
+                    log::error!("{reason}; writing it again in {}s (its changes wait until then)", retry.as_secs());
+                    crate::broker::deadline::Deadline::after(retry).await;
+                    retry = (retry * 2).min(RETRY_MAX);
                 }
             }
         }
@@ -359,6 +414,58 @@ mod tests {
         assert!(e.contains("byte 8") && e.contains("corrupt"), "{e}");
         assert!(parse(b"garbage!").unwrap_err().contains("bad header"));
         assert!(parse(b"").unwrap().records.is_empty());
+    }
+
+    /// A full disk (a 64 KiB tmpfs; needs root, skipped otherwise): the write fails, nobody is
+    /// told anything, the partial write is cut, and once space returns the record lands once,
+    /// followed by what was queued meanwhile.
+    #[test]
+    fn a_write_on_a_full_disk_waits_for_space_and_lands_once() {
+        if !crate::broker::privileges::is_root() {
+            eprintln!("skipped: needs root to mount a tmpfs");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("ephyr-journal-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: cannot mount a tmpfs here");
+            return;
+        }
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _guard = Unmount(dir.clone());
+        let path = dir.join("tasks.journal");
+        rewrite(&path, &[b"a".to_vec()]).unwrap();
+        let filler = dir.join("filler");
+        {
+            let mut f = File::create(&filler).unwrap();
+            while f.write_all(&[0u8; 512]).is_ok() {}
+        }
+        let j = Journal::open(&path, BlockingPool::new(1, 4)).unwrap();
+        let ex = smol::LocalExecutor::new();
+        let record = vec![b'x'; 8 * 1024];
+        crate::broker::reactor::block_on(ex.run(async {
+            ex.spawn(j.clone().run_flusher()).detach();
+            let d1 = j.append(&record).unwrap();
+            let waited =
+                crate::broker::deadline::before(std::time::Instant::now() + Duration::from_millis(1500), d1.0.recv())
+                    .await;
+            assert!(waited.is_none(), "answered on a full disk: {waited:?}");
+            let d2 = j.append(b"c").unwrap();
+            std::fs::remove_file(&filler).unwrap();
+            d2.wait().await.unwrap();
+        }));
+        assert_eq!(read(&path).unwrap().records, vec![b"a".to_vec(), record, b"c".to_vec()]);
     }
 
     #[test]

@@ -158,7 +158,14 @@ struct State {
     from_seq: u64,
     /// The last line written and synced, and its hash (what a witness may vouch for).
     durable: (u64, [u8; 32]),
+    /// How long to wait before the next attempt to resume after a failure (doubles while
+    /// attempts keep failing, back to [`RESUME_FIRST`] after a batch is written).
+    backoff: Duration,
 }
+
+/// The first wait before resuming a failed log, and the longest.
+const RESUME_FIRST: Duration = Duration::from_secs(1);
+const RESUME_MAX: Duration = Duration::from_secs(30);
 
 /// What the log's end looked like when it was opened, when something is wrong with it: lines
 /// after the last checkpoint (written before a crash, or added by someone who can write the data
@@ -380,6 +387,7 @@ impl AuditLog {
                 signed_through,
                 from_seq: seq + 1,
                 durable: (seq, head),
+                backoff: RESUME_FIRST,
             }),
             kick: event_listener::Event::new(),
             urgent: event_listener::Event::new(),
@@ -473,6 +481,9 @@ impl AuditLog {
     /// The flusher: writes and syncs batches until the log fails. Spawn it once.
     pub async fn run_flusher(self: Rc<Self>) {
         loop {
+            if self.state.borrow().failed.is_some() {
+                self.resume().await;
+            }
             let listener = self.kick.listen();
             // Only events nobody waits for (`note`): let more gather, up to LINGER, so a stream
             // of read-only calls costs one write and one sync per LINGER, not one per call. An
@@ -531,6 +542,7 @@ impl AuditLog {
                         st.file = Some(file);
                         st.file_len += len;
                         st.durable = upto;
+                        st.backoff = RESUME_FIRST;
                         self.metrics.observe(
                             "ephyr_audit_write_duration_seconds",
                             &[],
@@ -547,6 +559,76 @@ impl AuditLog {
                 }
                 Err(e) => self.fail(format!("{}: {e}", self.dir.join(ACTIVE).display()), waiters),
             }
+        }
+    }
+
+    /// After a failed write (a full disk, an I/O error): waits, then cuts the active file back to
+    /// its last synced line (a batch that failed may have left part of itself) and resumes the
+    /// chain from that line, recording what happened. The lines that were lost were never
+    /// acknowledged: whoever waited for them was refused. Returns once the log takes records
+    /// again; while it waits, audited actions are refused with the reason.
+    async fn resume(&self) {
+        loop {
+            let wait = {
+                let mut st = self.state.borrow_mut();
+                let w = st.backoff;
+                st.backoff = (w * 2).min(RESUME_MAX);
+                w
+            };
+            crate::broker::deadline::Deadline::after(wait).await;
+            let (written, dir) = (self.state.borrow().file_len, self.dir.clone());
+            let reopened = self
+                .pool
+                .run(move || -> Result<(File, u64), String> {
+                    let path = dir.join(ACTIVE);
+                    let f = open_active(&dir)?;
+                    let len = f.metadata().map_err(io_ctx(&path))?.len();
+                    // Shorter than what was synced: a new file after a rotation that failed half
+                    // way (empty), or something else wrote it (not ours to repair).
+                    let keep = match len {
+                        l if l >= written => written,
+                        0 => 0,
+                        l => {
+                            return Err(format!(
+                                "{}: {l} bytes, less than the {written} synced to it; run `ephyr audit verify`",
+                                path.display()
+                            ));
+                        }
+                    };
+                    f.set_len(keep).map_err(io_ctx(&path))?;
+                    f.sync_all().map_err(io_ctx(&path))?;
+                    Ok((f, keep))
+                })
+                .await
+                .unwrap_or_else(|| Err("the blocking pool stopped".into()));
+            let (file, len) = match reopened {
+                Ok(x) => x,
+                Err(e) => {
+                    log::error!("audit log: cannot resume yet: {e}");
+                    self.state.borrow_mut().failed = Some(e);
+                    continue;
+                }
+            };
+            let (reason, lost) = {
+                let mut st = self.state.borrow_mut();
+                let (seq, head) = st.durable;
+                let lost = st.seq - seq;
+                if len == 0 && st.file_len > 0 {
+                    st.file_first_seq = seq + 1;
+                }
+                st.file = Some(file);
+                st.file_len = len;
+                st.seq = seq;
+                st.head = head;
+                (st.failed.take().unwrap_or_default(), lost)
+            };
+            log::warn!(
+                "audit log resumed after a failure ({reason}); {lost} line(s) nobody was told were durable were not written"
+            );
+            let e = Event::new(Kind::Broker, "audit_resumed")
+                .outcome(serde_json::json!({ "after": reason, "lost_lines": lost }));
+            let _ = self.append(&e, false);
+            return;
         }
     }
 

@@ -1,0 +1,417 @@
+#!/usr/bin/env python3
+"""Injected faults against a real `ephyr serve`; each case asserts its outcome and the reason given.
+
+Usage: scripts/faults.py [--bin PATH] [--rounds N] [CASE ...]     (as root; default: every case)
+
+Cases:
+  kill     the broker SIGKILLed at a random moment while agents create, delegate and revoke tasks,
+           N rounds (default 100) on one data dir: after each restart every acknowledged task,
+           delegation and revocation is there; at the end `ephyr audit verify` passes.
+  disk     the data dir on a small tmpfs filled up: a write that must be durable is refused with a
+           reason naming the disk, reads still work, nothing acknowledged is lost, and writes work
+           again once space returns (also after a restart: no file was corrupted).
+  signer   the signer worker SIGKILLed while certificates are being signed: requests in flight fail
+           with a clear error, no certificate is half-issued (each one printed parses), the worker
+           is replaced and the next request succeeds without a restart.
+  keeper   the signer's keeper SIGKILLed while task keys are being sealed: the broker stops with
+           exit code 70 and says why (the service manager restarts it); after the restart every
+           acknowledged task is there.
+  reload   50 policy reloads (alternating two policies) while agents call tools: no request fails
+           that either policy allows, and the last policy is the one in force.
+
+Figures and the exact runs are in docs/RELIABILITY.md. Exit 0 when every case passed.
+"""
+import argparse, http.client, json, os, random, shutil, signal, subprocess, sys, tempfile, threading, time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "perf"))
+from lab import Lab, free_port, run, wait_port  # noqa: E402
+
+META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+class Refused(Exception):
+    """A tool call answered with an error (the text is the reason)."""
+
+
+def call(port, credential, tool, args, timeout=10):
+    """One stateless `tools/call`; the tool's structured result, or Refused(reason)."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": tool, "arguments": args, "_meta": META}}
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("POST", "/mcp", body=json.dumps(body), headers={
+            "Authorization": f"Bearer {credential}", "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2026-07-28",
+            "Mcp-Method": "tools/call", "Mcp-Name": tool})
+        r = c.getresponse()
+        raw = r.read()
+    finally:
+        c.close()
+    try:
+        msg = json.loads(raw)
+    except ValueError:
+        raise Refused(f"HTTP {r.status}: {raw[:200]!r}")
+    if "error" in msg:
+        raise Refused(msg["error"].get("message", str(msg["error"])))
+    res = msg["result"]
+    text = res["content"][0]["text"] if res.get("content") else ""
+    if res.get("isError"):
+        raise Refused(text)
+    return res.get("structuredContent") or json.loads(text)
+
+
+def policy_for(keys, extra=""):
+    agents = "\n".join(f"""  {name}:
+    api_key_hash: "{k['api_key_hash']}"
+    ssh: {{"*": {{roles: [read]}}}}
+    can_delegate: true
+    rate_limit: 100000000/1s""" for name, k in keys.items())
+    return f"""limits: {{signer_rate: 1000000/1m}}
+roles:
+  read: {{principal: ephyr-read}}
+targets:
+  web: {{host: 10.0.0.1, allowed_roles: [read]}}
+{extra}agents:
+{agents}
+"""
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+
+
+class Broker:
+    """A lab with agents alice and bob, restartable on the same data dir."""
+
+    def __init__(self, binary, prefix, data=None):
+        self.lab = Lab(binary, prefix)
+        if data:
+            shutil.rmtree(self.lab.data)
+            os.makedirs(data, exist_ok=True)
+            run(binary, "init", "--data-dir", data, "--config-dir", self.lab.etc + "2")
+            self.lab.data = data
+        self.keys = {n: self.lab.agent_key(n) for n in ("alice", "bob")}
+        self.policy = policy_for(self.keys)
+        self.proc, self.port = None, None
+
+    def start(self, policy=None):
+        self.proc, self.port, _ = self.lab.serve(policy or self.policy)
+        self.lab.broker = self.proc
+        return self
+
+    def key(self, name):
+        return self.keys[name]["api_key"]
+
+    def status(self):
+        out = run(self.lab.binary, "status", "--json", "--socket", os.path.join(self.lab.work, "ephyr.sock"))
+        return json.loads(out.stdout)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+    def close(self):
+        self.stop()
+        self.lab.close()
+
+
+def case_kill(binary, rounds):
+    """SIGKILL during writes; every acknowledged write survives."""
+    b = Broker(binary, "ephyr-faults-kill-")
+    acked = {"tasks": {}, "children": {}, "revoked": set()}
+    errors = []
+    lock = threading.Lock()
+    try:
+        for rnd in range(rounds):
+            b.start()
+            alice = b.key("alice")
+            # What earlier rounds acknowledged is all there.
+            with lock:
+                sample = list(acked["tasks"].items())
+            random.shuffle(sample)
+            for tid, _ in sample[:20]:
+                info = call(b.port, alice, "task_info", {"task_id": tid})
+                check(info["task"]["id"] == tid, f"round {rnd}: acknowledged task {tid} lost")
+            for tid in list(acked["revoked"])[-20:]:
+                info = call(b.port, alice, "task_info", {"task_id": tid})
+                check(info["is_revoked"], f"round {rnd}: acknowledged revocation of {tid} lost")
+            stop = threading.Event()
+
+            def agent(seed):
+                rng = random.Random(seed)
+                while not stop.is_set():
+                    try:
+                        t = call(b.port, alice, "task_create", {"description": "fault", "ttl": "1h", "can_delegate": True}, timeout=5)
+                        with lock:
+                            acked["tasks"][t["task_id"]] = t["token"]
+                        if rng.random() < 0.6:
+                            c = call(b.port, t["token"], "task_delegate",
+                                     {"description": "child", "ttl": "30m", "agent": "bob"}, timeout=5)
+                            with lock:
+                                acked["tasks"][c["task_id"]] = c["token"]
+                                acked["children"][c["task_id"]] = t["task_id"]
+                        if rng.random() < 0.4:
+                            call(b.port, alice, "task_revoke", {"task_id": t["task_id"]}, timeout=5)
+                            with lock:
+                                acked["revoked"].add(t["task_id"])
+                    except (Refused, OSError, http.client.HTTPException, KeyError, ValueError) as e:
+                        if stop.is_set():
+                            return
+                        # A refusal while the broker runs is a failure, not the fault.
+                        if b.proc.poll() is None:
+                            errors.append(f"round {rnd}: {e!r}")
+                            return
+
+            threads = [threading.Thread(target=agent, args=(rnd * 10 + i,), daemon=True) for i in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(random.uniform(0.05, 0.5))
+            stop.set()
+            b.proc.send_signal(signal.SIGKILL)
+            b.proc.wait()
+            for t in threads:
+                t.join(10)
+            check(not errors, f"calls failed while the broker ran: {errors[:3]}")
+        b.start()
+        alice = b.key("alice")
+        for tid in acked["tasks"]:
+            info = call(b.port, alice, "task_info", {"task_id": tid})
+            check(info["task"]["id"] == tid, f"acknowledged task {tid} lost")
+        for tid in acked["revoked"]:
+            check(call(b.port, alice, "task_info", {"task_id": tid})["is_revoked"], f"revocation of {tid} lost")
+        for child, parent in acked["children"].items():
+            info = call(b.port, alice, "task_info", {"task_id": child})
+            check(info["task"]["parent_id"] == parent, f"delegation {parent} → {child} lost")
+            if parent in acked["revoked"]:
+                check(info["is_revoked"], f"child {child} of revoked {parent} not revoked (cascade)")
+        b.stop()
+        v = subprocess.run([binary, "audit", "verify", "--json", "--data-dir", b.lab.data], capture_output=True, text=True)
+        check(v.returncode == 0, f"audit verify after {rounds} kills: {v.stdout[-2000:]} {v.stderr[-2000:]}")
+        return (f"{rounds} SIGKILLs; {len(acked['tasks'])} acknowledged tasks ({len(acked['children'])} delegations), "
+                f"{len(acked['revoked'])} revocations: all there after restart; audit verify ok")
+    finally:
+        b.close()
+
+
+def case_disk(binary, _rounds):
+    """A full data dir: durable writes refused with the reason, nothing lost, recovery."""
+    if os.geteuid() != 0:
+        return "SKIPPED (needs root for the tmpfs)"
+    mnt = tempfile.mkdtemp(prefix="ephyr-faults-disk-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", mnt], check=True)
+    b = None
+    try:
+        b = Broker(binary, "ephyr-faults-disk-", data=os.path.join(mnt, "data"))
+        b.start()
+        alice = b.key("alice")
+        before = [call(b.port, alice, "task_create", {"description": "before", "ttl": "1h"})["task_id"] for _ in range(5)]
+        filler = os.path.join(mnt, "filler")
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            for size in (65536, 4096, 1):
+                try:
+                    while True:
+                        os.write(fd, b"\0" * size)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+        refused = None
+        for _ in range(20):
+            try:
+                call(b.port, alice, "task_create", {"description": "full", "ttl": "1h"})
+            except Refused as e:
+                refused = str(e)
+                break
+        check(refused is not None, "a task was acknowledged on a full disk twenty times")
+        check("space" in refused.lower() or "disk" in refused.lower() or "unavailable" in refused.lower(),
+              f"the refusal does not say why: {refused!r}")
+        # Reads still work.
+        for tid in before:
+            check(call(b.port, alice, "task_info", {"task_id": tid})["task"]["id"] == tid, "a read failed on a full disk")
+        os.remove(filler)
+        ok = None
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                ok = call(b.port, alice, "task_create", {"description": "after", "ttl": "1h"})["task_id"]
+                break
+            except Refused as e:
+                last = str(e)
+                time.sleep(0.5)
+        check(ok is not None, f"writes did not come back after space returned: {last!r}")
+        b.stop()
+        b.start()
+        alice = b.key("alice")
+        for tid in before + [ok]:
+            check(call(b.port, alice, "task_info", {"task_id": tid})["task"]["id"] == tid, f"{tid} lost after the restart")
+        b.stop()
+        v = subprocess.run([binary, "audit", "verify", "--json", "--data-dir", b.lab.data], capture_output=True, text=True)
+        check(v.returncode == 0, f"audit verify after a full disk: {v.stdout[-2000:]}")
+        return f"refused with {refused!r}; reads served; writes back after space returned; restart and audit verify ok"
+    finally:
+        if b:
+            b.close()
+        subprocess.run(["umount", "-l", mnt])
+        shutil.rmtree(mnt, ignore_errors=True)
+
+
+def keygen(dirname):
+    path = os.path.join(dirname, "id")
+    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path)
+    return path + ".pub"
+
+
+def case_signer(binary, rounds):
+    """The signer worker killed mid-signature, several times."""
+    b = Broker(binary, "ephyr-faults-signer-").start()
+    sock = os.path.join(b.lab.work, "ephyr.sock")
+    pub = keygen(b.lab.work)
+    results = []
+    try:
+        kills = max(3, rounds // 20)
+        for k in range(kills):
+            worker = b.status()["signer"]["worker_pid"]
+            stop = threading.Event()
+
+            def signer_load():
+                while not stop.is_set():
+                    p = subprocess.run([binary, "cert", "sign", "--socket", sock, "--public-key", pub,
+                                        "--principal", "ephyr-read"], capture_output=True, text=True)
+                    results.append((p.returncode, p.stdout, p.stderr))
+
+            threads = [threading.Thread(target=signer_load, daemon=True) for _ in range(3)]
+            for t in threads:
+                t.start()
+            time.sleep(random.uniform(0.1, 0.4))
+            os.kill(worker, signal.SIGKILL)
+            time.sleep(0.5)
+            stop.set()
+            for t in threads:
+                t.join(30)
+            check(b.proc.poll() is None, f"the broker stopped after a worker kill: {b.proc.returncode}")
+            st = b.status()
+            check(st["signer"]["worker_pid"] != worker, "the worker was not replaced")
+            check(st["signer"]["restarts"] == k + 1, f"restarts {st['signer']['restarts']} after {k + 1} kills")
+        failed = [r for r in results if r[0] != 0]
+        for code, out, err in results:
+            if code == 0:
+                cert = os.path.join(b.lab.work, "c-cert.pub")
+                with open(cert, "w") as f:
+                    f.write(out)
+                check(subprocess.run(["ssh-keygen", "-L", "-f", cert], capture_output=True).returncode == 0,
+                      "a certificate printed during a kill does not parse")
+            else:
+                check("signer" in err.lower(), f"a failure does not name the signer: {err!r}")
+        after = subprocess.run([binary, "cert", "sign", "--socket", sock, "--public-key", pub, "--principal", "ephyr-read"],
+                               capture_output=True, text=True)
+        check(after.returncode == 0, f"signing after the kills: {after.stderr}")
+        reasons = sorted({r[2].strip().splitlines()[-1] for r in failed}) if failed else []
+        return (f"{kills} worker kills during {len(results)} signatures: {len(failed)} failed closed "
+                f"({'; '.join(reasons)[:300]}), every issued certificate parses, service resumed without a restart")
+    finally:
+        b.close()
+
+
+def case_keeper(binary, _rounds):
+    """The keeper killed mid-seal: exit 70 with the reason; nothing acknowledged lost."""
+    b = Broker(binary, "ephyr-faults-keeper-").start()
+    try:
+        alice = b.key("alice")
+        keeper = b.status()["signer"]["keeper_pid"]
+        acked, stop = [], threading.Event()
+
+        def creator():
+            while not stop.is_set():
+                try:
+                    acked.append(call(b.port, alice, "task_create", {"description": "seal", "ttl": "1h"}, timeout=5)["task_id"])
+                except (Refused, OSError, http.client.HTTPException):
+                    if b.proc.poll() is None and not stop.is_set():
+                        time.sleep(0.01)
+
+        threads = [threading.Thread(target=creator, daemon=True) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        os.kill(keeper, signal.SIGKILL)
+        code = b.proc.wait(timeout=30)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        err = b.proc.stderr.read().decode(errors="replace")
+        check(code == 70, f"exit code {code} after the keeper was killed: {err[-1500:]}")
+        check("restart the ephyr service" in err, f"the broker did not say why it stopped: {err[-1500:]}")
+        b.start()
+        for tid in acked:
+            check(call(b.port, b.key("alice"), "task_info", {"task_id": tid})["task"]["id"] == tid, f"{tid} lost")
+        return f"exit 70 with the reason; {len(acked)} tasks acknowledged before the kill, all there after the restart"
+    finally:
+        b.close()
+
+
+def case_reload(binary, _rounds):
+    """Policy reloads in a burst under load."""
+    b = Broker(binary, "ephyr-faults-reload-").start()
+    sock = os.path.join(b.lab.work, "ephyr.sock")
+    try:
+        path = os.path.join(b.lab.etc, "bench.yaml")
+        other = b.policy.replace("web: {host: 10.0.0.1", "web: {host: 10.0.0.2")
+        errors, calls, stop = [], [0], threading.Event()
+
+        def agent():
+            while not stop.is_set():
+                try:
+                    targets = call(b.port, b.key("alice"), "list_targets", {})
+                    calls[0] += 1
+                    check("web" in json.dumps(targets), f"list_targets lost the target: {targets}")
+                except Exception as e:  # noqa: BLE001 - every failure is reported
+                    errors.append(repr(e))
+
+        threads = [threading.Thread(target=agent, daemon=True) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for i in range(50):
+            with open(path, "w") as f:
+                f.write(other if i % 2 == 0 else b.policy)
+            r = subprocess.run([binary, "policy", "reload", "--socket", sock], capture_output=True, text=True)
+            check(r.returncode == 0, f"reload {i}: {r.stderr}")
+        stop.set()
+        for t in threads:
+            t.join(10)
+        check(not errors, f"{len(errors)} calls failed during reloads: {errors[:3]}")
+        targets = call(b.port, b.key("alice"), "list_targets", {})
+        check("10.0.0.1" in json.dumps(targets), f"the last policy is not in force: {targets}")
+        return f"50 reloads under 8 agents: {calls[0]} calls, 0 failed; the last policy in force"
+    finally:
+        b.close()
+
+
+CASES = {"kill": case_kill, "disk": case_disk, "signer": case_signer, "keeper": case_keeper, "reload": case_reload}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bin", default="target/debug/ephyr")
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("cases", nargs="*", metavar="CASE", help=" | ".join(CASES))
+    a = ap.parse_args()
+    unknown = [c for c in a.cases if c not in CASES]
+    if unknown:
+        ap.error(f"unknown case {unknown[0]!r} (cases: {', '.join(CASES)})")
+    binary = os.path.abspath(a.bin)
+    failed = 0
+    for name in a.cases or list(CASES):
+        t0 = time.time()
+        try:
+            what = CASES[name](binary, a.rounds)
+            print(f"PASS {name} ({time.time() - t0:.0f} s): {what}", flush=True)
+        except Exception as e:  # noqa: BLE001 - a case's failure is reported, the others still run
+            failed += 1
+            print(f"FAIL {name} ({time.time() - t0:.0f} s): {e}", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
