@@ -267,9 +267,11 @@ impl Parsed {
             return Err(refuse(Reason::ParseError, n, "a redirection's descriptor number is too large"));
         }
         let pre = prescan(command);
-        if pre.here_doc {
+        if command.contains("<<") {
             // Refused anyway; and brush-parser 0.2.18 loops allocating on some unterminated ones
-            // (`c<<"'" #;`, found by the fuzz target): the parser never sees them.
+            // (`c<<"'" #;`) and unwraps past the end of input on one inside `${...}`, where quotes
+            // nest so that a `<<` that looks quoted is not (`a${x"y"<<o\ ...`; both found by the
+            // fuzz target): the parser never sees a `<<`, quoted or not.
             return Err(refuse(Reason::HereDocument, "<<", "here-documents and here-strings are not judged"));
         }
         if pre.openers > MAX_OPENERS {
@@ -325,14 +327,12 @@ struct Prescan {
     /// keywords, and `$(`, `${`, `` ` `` inside double quotes (conservative: it may count what is
     /// not one).
     openers: usize,
-    /// An unquoted `<<` (a here-document or here-string).
-    here_doc: bool,
 }
 
 fn prescan(s: &str) -> Prescan {
     let b = s.as_bytes();
     let (mut i, mut dq) = (0, false);
-    let mut out = Prescan { openers: 0, here_doc: false };
+    let mut out = Prescan { openers: 0 };
     while i < b.len() {
         match (b[i], dq) {
             (b'\\', _) => i += 1,
@@ -347,7 +347,6 @@ fn prescan(s: &str) -> Prescan {
                 }
             }
             (b'"', _) => dq = !dq,
-            (b'<', false) if b.get(i + 1) == Some(&b'<') => out.here_doc = true,
             (b'(' | b'{' | b'`', false) => out.openers += 1,
             (b'[', false) if b.get(i + 1) == Some(&b'[') => out.openers += 1,
             (b'`', true) => out.openers += 1,
