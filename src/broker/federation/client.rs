@@ -303,10 +303,13 @@ fn relay(progress: Option<(&crate::broker::dispatch::Progress, u64)>, events_tex
 pub(crate) fn resume_point(body: &[u8]) -> (Option<String>, Duration) {
     let text = String::from_utf8_lossy(body);
     let (mut last, mut retry) = (None, Duration::from_secs(1));
-    for line in text.lines().map(|l| l.trim_end_matches('\r')) {
+    // Lines end at CR, LF or CRLF (the event stream format): a lone CR ends a line too, so
+    // it can never reach the `Last-Event-ID` header (found by the remote_answer fuzz target).
+    for line in text.split(['\r', '\n']) {
         if let Some(v) = line.strip_prefix("id:") {
             let v = v.strip_prefix(' ').unwrap_or(v);
-            last = (!v.is_empty() && v.len() <= 256 && !v.contains('\0')).then(|| v.to_owned());
+            let usable = !v.is_empty() && v.len() <= 256 && !v.chars().any(char::is_control);
+            last = usable.then(|| v.to_owned());
         } else if let Some(ms) = line.strip_prefix("retry:").and_then(|v| v.trim().parse::<u64>().ok()) {
             retry = Duration::from_millis(ms).min(Duration::from_secs(10));
         }
