@@ -23,7 +23,7 @@ gnuplot is installed with apt first. Exit 0 on a pass. Figures and the runs: doc
 import argparse, http.client, json, os, random, shutil, statistics, subprocess, sys, tempfile, threading, time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "perf"))
-from lab import free_port, run, start_nginx, wait_port  # noqa: E402
+from lab import free_port, run, start_nginx, start_sshd, wait_port  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
@@ -117,17 +117,8 @@ def main():
         data, etc = os.path.join(work, "data"), os.path.join(work, "etc")
         run(binary, "init", "--data-dir", data, "--config-dir", etc)
         # sshd trusting the broker's CA.
-        os.makedirs("/run/sshd", exist_ok=True)
-        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(work, "host"))
-        sport = free_port()
-        with open(os.path.join(work, "sshd_config"), "w") as f:
-            f.write(f"Port {sport}\nListenAddress 127.0.0.1\nHostKey {work}/host\nPidFile {work}/sshd.pid\n"
-                    f"TrustedUserCAKeys {data}/keys/ca_key.pub\nAuthorizedKeysFile none\nUsePAM no\n"
-                    "StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-                    "MaxStartups 500\nMaxSessions 500\n")
-        procs.append(subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", os.path.join(work, "sshd_config")],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        fp = run("ssh-keygen", "-l", "-E", "sha256", "-f", os.path.join(work, "host.pub")).stdout.split()[1]
+        sshd, sport, fp = start_sshd(work, f"{data}/keys/ca_key.pub")
+        procs.append(sshd)
         # HTTP upstreams and the remote MCP server.
         nginx, nport = start_nginx(work, 1)
         procs.append(nginx)

@@ -57,6 +57,23 @@ class Lab:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
+def start_sshd(work, ca_pub, subsystem_sftp=False):
+    """An OpenSSH sshd on a free loopback port trusting the CA at `ca_pub` (certificates only; its
+    files in `work`); returns (process, port, host key fingerprint SHA256:...)."""
+    os.makedirs("/run/sshd", exist_ok=True)
+    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(work, "host"))
+    port = free_port()
+    sftp = "Subsystem sftp /usr/lib/openssh/sftp-server\n" if subsystem_sftp else ""
+    with open(os.path.join(work, "sshd_config"), "w") as f:
+        f.write(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {work}/host\nPidFile {work}/sshd.pid\n"
+                f"TrustedUserCAKeys {ca_pub}\nAuthorizedKeysFile none\nUsePAM no\nStrictModes no\n"
+                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nMaxStartups 500\nMaxSessions 500\n" + sftp)
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", os.path.join(work, "sshd_config")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fp = run("ssh-keygen", "-l", "-E", "sha256", "-f", os.path.join(work, "host.pub")).stdout.split()[1]
+    return proc, port, fp
+
+
 def start_nginx(work, cpu):
     """nginx on a free loopback port, one worker pinned to `cpu`, answering `return 200 "ok"` (the
     proxy's upstream in the load scripts); returns (process, port). Its files live in `work`."""

@@ -21,7 +21,7 @@ Run as root (users for sshd, the production privilege drop).
 import argparse, http.client, json, os, shutil, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lab import free_port, run  # noqa: E402
+from lab import free_port, run, start_sshd  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ephyr")
@@ -44,27 +44,7 @@ work = tempfile.mkdtemp(prefix="ephyr-ssh-bench-")
 os.chmod(work, 0o755)
 data, etc = os.path.join(work, "data"), os.path.join(work, "etc")
 run(binary, "init", "--data-dir", data, "--config-dir", etc)
-os.makedirs("/run/sshd", exist_ok=True)
-run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(work, "host"))
-sport = free_port()
-with open(os.path.join(work, "sshd_config"), "w") as f:
-    f.write(f"""Port {sport}
-ListenAddress 127.0.0.1
-HostKey {work}/host
-PidFile {work}/sshd.pid
-TrustedUserCAKeys {data}/keys/ca_key.pub
-AuthorizedKeysFile none
-UsePAM no
-StrictModes no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-MaxStartups 500
-MaxSessions 500
-Subsystem sftp /usr/lib/openssh/sftp-server
-""")
-sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", os.path.join(work, "sshd_config")],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-fp = run("ssh-keygen", "-l", "-E", "sha256", "-f", os.path.join(work, "host.pub")).stdout.split()[1]
+sshd, sport, fp = start_sshd(work, f"{data}/keys/ca_key.pub", subsystem_sftp=True)
 key_info = json.loads(run(binary, "keygen", "agent", "bench", "--json").stdout)
 sealed = ""
 if a.sealed:
