@@ -5,11 +5,33 @@
 //! given mode), write, `fsync`, `rename` over the target, `fsync` the directory. After a crash or
 //! power loss the target holds either the old or the new contents, never a torn mix, and the
 //! rename itself is durable (DESIGN.md invariant 10). The temporary file is removed on failure.
+//!
+//! Also here: cutting an append-only log (the audit log, a journal) back to the length it had
+//! after its last synced write, when a later write failed part way.
 
 use std::fs;
 use std::io::{self, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
+
+/// Cuts the append-only file `f` back to `synced` bytes (what a failed write left after them
+/// goes) and syncs it; the length it has now. A file shorter than that was changed by someone
+/// else and is not ours to repair, unless it is empty and `new_file_ok` (a log rotated away).
+pub fn cut_back(f: &std::fs::File, synced: u64, new_file_ok: bool) -> io::Result<u64> {
+    let keep = match f.metadata()?.len() {
+        len if len >= synced => synced,
+        0 if new_file_ok => 0,
+        len => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{len} bytes, less than the {synced} synced to it (changed by something else)"),
+            ));
+        }
+    };
+    f.set_len(keep)?;
+    f.sync_all()?;
+    Ok(keep)
+}
 
 /// Replaces `path` with `contents` atomically and durably, creating it with `mode`.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {

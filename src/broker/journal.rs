@@ -247,12 +247,7 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// after the last synced one goes).
 fn reopen(path: &Path, len: u64) -> Result<File, String> {
     let f = OpenOptions::new().append(true).create(true).mode(0o600).open(path).map_err(|e| e.to_string())?;
-    let now = f.metadata().map_err(|e| e.to_string())?.len();
-    if now < len {
-        return Err(format!("{now} bytes, less than the {len} synced to it (changed by something else)"));
-    }
-    f.set_len(len).map_err(|e| e.to_string())?;
-    f.sync_all().map_err(|e| e.to_string())?;
+    crate::files::cut_back(&f, len, false).map_err(|e| e.to_string())?;
     Ok(f)
 }
 
@@ -313,15 +308,19 @@ impl Journal {
             let result = self
                 .pool
                 .run(move || -> Result<File, (String, Vec<u8>)> {
-                    let mut f = match file {
-                        Some(f) => f,
-                        None => reopen(&path, synced).map_err(|e| (e, buf.clone()))?,
+                    let write = || -> Result<File, String> {
+                        let mut f = match file {
+                            Some(f) => f,
+                            None => reopen(&path, synced)?,
+                        };
+                        f.write_all(&buf).map_err(|e| e.to_string())?;
+                        f.sync_data().map_err(|e| e.to_string())?;
+                        Ok(f)
                     };
-                    f.write_all(&buf).map_err(|e| (e.to_string(), buf.clone()))?;
-                    f.sync_data().map_err(|e| (e.to_string(), buf.clone()))?;
-                    Ok(f)
+                    write().map_err(|e| (e, buf))
                 })
                 .await
+                // The batch is gone with the pool: nothing to write again (an empty batch below).
                 .unwrap_or_else(|| Err(("the blocking pool stopped".into(), Vec::new())));
             match result {
                 Ok(f) => {

@@ -582,21 +582,9 @@ impl AuditLog {
                 .run(move || -> Result<(File, u64), String> {
                     let path = dir.join(ACTIVE);
                     let f = open_active(&dir)?;
-                    let len = f.metadata().map_err(io_ctx(&path))?.len();
-                    // Shorter than what was synced: a new file after a rotation that failed half
-                    // way (empty), or something else wrote it (not ours to repair).
-                    let keep = match len {
-                        l if l >= written => written,
-                        0 => 0,
-                        l => {
-                            return Err(format!(
-                                "{}: {l} bytes, less than the {written} synced to it; run `ephyr audit verify`",
-                                path.display()
-                            ));
-                        }
-                    };
-                    f.set_len(keep).map_err(io_ctx(&path))?;
-                    f.sync_all().map_err(io_ctx(&path))?;
+                    // Empty after a rotation that failed half way: a new file.
+                    let keep = crate::files::cut_back(&f, written, true)
+                        .map_err(|e| format!("{}: {e}; run `ephyr audit verify`", path.display()))?;
                     Ok((f, keep))
                 })
                 .await
