@@ -495,6 +495,9 @@ fn literal_target(r: &ast::IoRedirect, raw: &str) -> Result<Word, Refusal> {
 
 /// A word's value after quote removal, refusing anything expanded on the target.
 fn word(raw: &str) -> Result<Word, Refusal> {
+    if let Some((reason, detail)) = nesting_expansion(raw) {
+        return Err(refuse(reason, raw, detail));
+    }
     let pieces = brush_parser::word::parse(raw, &options())
         .map_err(|e| refuse(Reason::ParseError, raw, format!("the word does not parse: {e}")))?;
     let mut out = Word { value: String::new(), glob: false };
@@ -505,6 +508,45 @@ fn word(raw: &str) -> Result<Word, Refusal> {
         return Err(refuse(Reason::ControlCharacter, raw, "a word may not contain a newline"));
     }
     Ok(out)
+}
+
+/// The first expansion outside quotes that the word parser could read in more than one way (an
+/// unquoted `~`; `$(`, `$((`, `${`, a backquote, `$'`, `$"` outside single quotes), found before
+/// the word parser sees the word. Each is refused anyway; and brush-parser 0.2.18's word grammar
+/// backtracks without memory: after a leading `~` it re-reads single-quoted `$((` and `${` as
+/// openers, so 96 bytes kept it busy for minutes, blocking the broker (found by the shell_command
+/// fuzz target). Up to that first opener, quoting is plain: a backslash escapes the next byte
+/// outside single quotes, single quotes do not nest and are literal in double quotes.
+fn nesting_expansion(raw: &str) -> Option<(Reason, &'static str)> {
+    let b = raw.as_bytes();
+    let (mut i, mut dq) = (0, false);
+    while i < b.len() {
+        match (b[i], b.get(i + 1)) {
+            (b'\\', _) => i += 1,
+            (b'\'', _) if !dq => {
+                i += 1;
+                while i < b.len() && b[i] != b'\'' {
+                    i += 1;
+                }
+            }
+            (b'"', _) => dq = !dq,
+            (b'~', _) if !dq => return Some((Reason::Expansion, "an unquoted $ or ~ is expanded on the target")),
+            (b'$', Some(b'$')) => i += 1,
+            (b'`', _) => return Some((Reason::CommandSubstitution, "command substitution is not judged")),
+            (b'$', Some(b'(')) if b.get(i + 2) == Some(&b'(') => {
+                return Some((Reason::Expansion, "arithmetic expansion is not judged"));
+            }
+            (b'$', Some(b'(')) => return Some((Reason::CommandSubstitution, "command substitution is not judged")),
+            (b'$', Some(b'{')) => return Some((Reason::Expansion, "the word is expanded on the target")),
+            (b'$', Some(b'\'')) if !dq => {
+                return Some((Reason::AnsiCQuote, "$'...' quoting is not judged (shells disagree on it)"));
+            }
+            (b'$', Some(b'"')) if !dq => return Some((Reason::Expansion, "the word is expanded on the target")),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 fn piece(raw: &str, p: &WordPiece, quoted: bool, out: &mut Word) -> Result<(), Refusal> {

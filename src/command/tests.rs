@@ -177,6 +177,29 @@ fn hostile_inputs_are_refused_without_panicking() {
             .unwrap();
     assert_eq!(outcome(&p, &unwrap), "here_document");
     assert_eq!(outcome(&p, "echo 'a<<b' \"c<<d\""), "here_document");
+    // Found by the fuzz target: brush-parser's word grammar backtracks without memory; after a
+    // leading `~` it re-read 297 bytes of single-quoted `${`, `$((` and backquotes as openers for
+    // 87 s (a fuzz build), the broker's one thread with it. An unquoted `~` and the first nesting
+    // opener outside single quotes are refused before the word parser sees the word.
+    let slow =
+        String::from_utf8(include_bytes!("../../fuzz/seeds/shell_command/slow-nested-expansions").to_vec()).unwrap();
+    assert_eq!(outcome(&p, &slow), "expansion");
+    for (cmd, reason) in [
+        ("echo ${a/$(b)/`c`}", "expansion"),
+        ("echo \"x$((1+$((2))))\"", "expansion"),
+        ("echo a`b`", "command_substitution"),
+        ("echo \"$(x)\"", "command_substitution"),
+        ("echo $'a\\'' x", "ansi_c_quote"),
+        ("echo $\"a\"", "expansion"),
+        ("echo \\$x \\`x\\`", "ok"),
+        ("echo '${a} $(b) `c` $((d))'", "ok"),
+        ("echo \"it's\" '$(x)'", "ok"),
+        ("echo a~b", "expansion"),
+        ("echo \"~\" '~' \\~", "ok"),
+        ("echo $$'x'", "expansion"),
+    ] {
+        assert_eq!(outcome(&p, cmd), reason, "{cmd}");
+    }
     for cmd in ["", " ", ";", "&&", "|", "\0", "ls\0rm", "'", "\"", "`", "$(", "\\", "ls \\", "a=b", ">x", "2>&1"] {
         assert_ne!(outcome(&p, cmd), "ok", "{cmd:?}");
     }
