@@ -16,6 +16,10 @@ Cases:
   keeper   the signer's keeper SIGKILLed while task keys are being sealed: the broker stops with
            exit code 70 and says why (the service manager restarts it); after the restart every
            acknowledged task is there.
+  hostile  an HTTP upstream and a remote MCP server that send garbage, close, stay silent, answer
+           late, send 64 MiB, never end a body or a header, or are down: each proxied request and
+           federated call fails within its timeout with a reason naming what happened, the broker's
+           memory does not follow what the peer sends, and both work again once the peer behaves.
   reload   50 policy reloads (alternating two policies) while agents call tools: no request fails
            that either policy allows, and the last policy is the one in force.
 
@@ -95,8 +99,8 @@ class Broker:
         self.policy = policy_for(self.keys)
         self.proc, self.port = None, None
 
-    def start(self, policy=None):
-        self.proc, self.port, _ = self.lab.serve(policy or self.policy)
+    def start(self, policy=None, env=None):
+        self.proc, self.port, _ = self.lab.serve(policy or self.policy, env=env)
         self.lab.broker = self.proc
         return self
 
@@ -388,7 +392,138 @@ def case_reload(binary, _rounds):
         b.close()
 
 
-CASES = {"kill": case_kill, "disk": case_disk, "signer": case_signer, "keeper": case_keeper, "reload": case_reload}
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(l for l in f if l.startswith("VmRSS")).split()[1])
+
+
+def start_hostile(port=0):
+    helper = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests/helpers/hostile_peer.py")
+    p = subprocess.Popen(["python3", helper, str(port)], stdout=subprocess.PIPE, text=True)
+    return p, int(p.stdout.readline().split()[1])
+
+
+def proxied(port, key, path, timeout=15):
+    """(status, body bytes read, whether the body ended cleanly) of a proxied GET."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path, headers={"Authorization": f"Bearer {key}"})
+        r = c.getresponse()
+        body, clean = b"", True
+        try:
+            while True:
+                d = r.read1(65536)
+                if not d:
+                    break
+                body += d
+        except (http.client.IncompleteRead, OSError) as e:
+            clean = isinstance(e, http.client.IncompleteRead) and False
+        return r.status, body, clean
+    finally:
+        c.close()
+
+
+def case_hostile(binary, _rounds):
+    """Hostile, slow and down upstreams and remotes."""
+    peer, pport = start_hostile()
+    b = Broker(binary, "ephyr-faults-hostile-")
+    alice = b.keys["alice"]
+    policy = f"""services:
+  hostile:
+    url: http://127.0.0.1:{pport}
+    credential: {{ type: bearer, secret: "env:HOSTILE_TOKEN" }}
+    read_timeout: 2s
+    max_response: 1MiB
+remotes:
+  bad: {{ url: "http://127.0.0.1:{pport}/mcp", timeout: 3s, max_response: 1MiB }}
+network:
+  allow: [127.0.0.1/32]
+agents:
+  alice:
+    api_key_hash: "{alice['api_key_hash']}"
+    services: {{ "*": {{}} }}
+    remotes: {{ bad: {{}} }}
+    rate_limit: 100000000/1s
+"""
+    b.start(policy, env={"HOSTILE_TOKEN": "sk-hostile-secret"})
+    key = b.key("alice")
+    seen = []
+    try:
+        check(proxied(b.port, key, "/v1/proxy/hostile/p/ok")[0] == 200, "the upstream does not work to begin with")
+        deadline = time.time() + 20
+        while True:
+            try:
+                check(call(b.port, key, "bad.act", {"mode": "ok"}) == {"done": True}, "ok call")
+                break
+            except (Refused, KeyError, TypeError) as e:
+                if time.time() > deadline:
+                    raise AssertionError(f"the remote's tool never worked: {e}")
+                time.sleep(0.5)
+        rss0 = rss_kib(b.proc.pid)
+        expect = {  # mode: (proxy status, words in the proxy's reason, words in the tool's reason)
+            "garbage": (502, "upstream", "bad"), "close": (502, "upstream", "bad"),
+            "silent": (504, "read_timeout", "bad"), "slow": (504, "read_timeout", "bad"),
+            "oversized": (502, "max_response", "bad"), "headers": (502, "upstream", "bad"),
+        }
+        for mode, (status, pwords, twords) in expect.items():
+            t = time.time()
+            st, body, _ = proxied(b.port, key, f"/v1/proxy/hostile/p/{mode}")
+            took = time.time() - t
+            check(st == status and pwords in body.decode(errors="replace"),
+                  f"proxy {mode}: {st} {body[:300]!r}")
+            check(took < 6, f"proxy {mode} took {took:.1f} s")
+            t = time.time()
+            try:
+                call(b.port, key, "bad.act", {"mode": mode}, timeout=20)
+                raise AssertionError(f"remote {mode}: the call succeeded")
+            except Refused as e:
+                reason = str(e)
+            took2 = time.time() - t
+            check(twords in reason, f"remote {mode}: {reason}")
+            check(took2 < 8, f"remote {mode} took {took2:.1f} s")
+            seen.append(f"{mode}: proxy {st} in {took:.1f} s, tool refused in {took2:.1f} s ({reason[:90]})")
+        # A body that never ends: cut at max_response, no clean end.
+        st, body, clean = proxied(b.port, key, "/v1/proxy/hostile/p/endless")
+        check(len(body) <= (1 << 20) + 65536, f"endless: {len(body)} bytes came through")
+        seen.append(f"endless: proxy {st}, cut after {len(body)} bytes")
+        t = time.time()
+        try:
+            call(b.port, key, "bad.act", {"mode": "endless"}, timeout=20)
+            raise AssertionError("remote endless: the call succeeded")
+        except Refused as e:
+            seen.append(f"endless: tool refused in {time.time() - t:.1f} s ({str(e)[:90]})")
+        rss1 = rss_kib(b.proc.pid)
+        check(rss1 - rss0 < 16 * 1024, f"RSS grew from {rss0} to {rss1} KiB with what the peer sent")
+        # Down: refused with a reason, then back once the peer is.
+        peer.kill()
+        peer.wait()
+        st, body, _ = proxied(b.port, key, "/v1/proxy/hostile/p/ok")
+        check(st == 502, f"proxy to a down upstream: {st} {body[:200]!r}")
+        try:
+            call(b.port, key, "bad.act", {"mode": "ok"})
+            raise AssertionError("remote down: the call succeeded")
+        except Refused as e:
+            check("is down" in str(e), f"remote down: {e}")
+            seen.append(f"down: proxy {st}, tool refused ({str(e)[:90]})")
+        peer, _ = start_hostile(pport)
+        check(proxied(b.port, key, "/v1/proxy/hostile/p/ok")[0] == 200, "the upstream did not come back")
+        deadline = time.time() + 20
+        while True:
+            try:
+                call(b.port, key, "bad.act", {"mode": "ok"})
+                break
+            except Refused as e:
+                if time.time() > deadline:
+                    raise AssertionError(f"the remote did not come back: {e}")
+                time.sleep(0.5)
+        check(b.proc.poll() is None, "the broker stopped")
+        return f"RSS {rss0} -> {rss1} KiB; " + "; ".join(seen)
+    finally:
+        peer.kill()
+        b.close()
+
+
+CASES = {"kill": case_kill, "disk": case_disk, "signer": case_signer, "keeper": case_keeper, "hostile": case_hostile, "reload": case_reload}
 
 
 def main():

@@ -863,7 +863,9 @@ fn a_broker_signs_in_to_a_remote_protected_by_oauth_and_keeps_the_tokens_sealed(
     assert_eq!(s["health"], "down", "{s}");
     assert!(s["login"]["*"]["why"].as_str().unwrap().contains("no operator has signed in"), "{s}");
     let v = call(&a.api, &worker, "b.task_info");
-    assert!(v["error"]["message"].as_str().unwrap().contains("unknown tool"), "not served: {v}");
+    let text = v["result"]["content"][0]["text"].as_str().unwrap_or_default();
+    assert!(v["result"]["isError"] == true && text.contains("remote \"b\" is down"), "not served: {v}");
+    assert!(!text.contains("no operator has signed in"), "the agent got the operator's reason: {v}");
     assert_eq!(audit_events(&a, "remote_login_needed").len(), 1, "told once");
 
     // A bad sign-in request changes nothing.
@@ -982,7 +984,8 @@ fn a_broker_signs_in_to_a_remote_protected_by_oauth_and_keeps_the_tokens_sealed(
     let a = start_a();
     let s = wait_status(&a, "refusing the forged file", |s| s["health"] == "down");
     assert!(s["error"].as_str().unwrap_or_default().contains("cannot be opened"), "{s}");
-    assert!(call(&a.api, &worker, "b.task_info")["error"].is_object());
+    let v = call(&a.api, &worker, "b.task_info");
+    assert!(v["result"]["isError"] == true && !v.to_string().contains("cannot be opened"), "{v}");
     // Signing out removes it.
     let r = local_request(&a.socket, "POST", "/v1/remotes/b/logout", b"");
     assert_eq!(r.status, 200, "{}", r.text());

@@ -982,6 +982,17 @@ impl Federation {
         })
     }
 
+    /// The remote `full` is namespaced under, if that remote is down (its tools are not served,
+    /// so the name resolves to nothing): a call gets that reason rather than "unknown tool". The
+    /// remote's own words are not passed on, only that it is down.
+    fn down(&self, policy: &Policy, full: &str) -> Option<String> {
+        let remotes = self.remotes.borrow();
+        policy.remotes.iter().filter(|(_, r)| r.enabled).find_map(|(name, r)| {
+            full.strip_prefix(r.tool_prefix.as_str())?.strip_prefix('.')?;
+            (remotes.get(name)?.health == Health::Down).then(|| name.clone())
+        })
+    }
+
     /// The remote and tool behind `full` if that tool is quarantined.
     fn quarantined(&self, policy: &Policy, full: &str) -> Option<(String, String)> {
         let remotes = self.remotes.borrow();
@@ -1174,7 +1185,13 @@ impl Federation {
         if let Some((remote, tool)) = self.quarantined(policy, full) {
             return Some(Err(quarantined_error(&remote, &tool)));
         }
-        let (remote, tool, tools, at) = self.resolve(policy, full)?;
+        let Some((remote, tool, tools, at)) = self.resolve(policy, full) else {
+            return self.down(policy, full).map(|remote| {
+                Err(Error::Unavailable(format!(
+                    "remote {remote:?} is down: its tools come back when it answers again (`ephyr status` says why)"
+                )))
+            });
+        };
         let def = &tools[at];
         let declared: Vec<&str> = def["inputSchema"]["properties"]
             .as_object()

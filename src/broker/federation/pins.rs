@@ -174,7 +174,92 @@ pub fn flags(def: &Value) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[a-z<> \u{200B}]{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z]{1,4}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A tool definition: pinned fields and a few that are not.
+    fn definition() -> impl Strategy<Value = Vec<(&'static str, Value)>> {
+        const FIELDS: [&str; 9] = [
+            "name",
+            "title",
+            "description",
+            "inputSchema",
+            "outputSchema",
+            "annotations",
+            "_meta",
+            "icons",
+            "execution",
+        ];
+        proptest::collection::btree_map(prop::sample::select(&FIELDS[..]), json_value(), 1..9)
+            .prop_map(|m| m.into_iter().collect())
+    }
+
+    fn object(fields: impl IntoIterator<Item = (&'static str, Value)>) -> Value {
+        Value::Object(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// A pin sees exactly its pinned fields: key order and unpinned fields never matter, any
+        /// change to a pinned field (a new value, one removed) is `Changed` with the pinned
+        /// definition for the review, and the review's diff shows a line for it.
+        #[test]
+        fn a_pin_sees_exactly_the_pinned_fields(
+            fields in definition(),
+            field in prop::sample::select(&PINNED_FIELDS[..]),
+            new in json_value(),
+            unpinned in json_value(),
+        ) {
+            let p = Pins::default();
+            let def = object(fields.clone());
+            prop_assert_eq!(p.check("r", "t", &def), Seen::New);
+            p.pin("r", "t", &def, "first use").unwrap();
+            prop_assert_eq!(p.check("r", "t", &def), Seen::Same);
+            prop_assert_eq!(p.check("r", "other", &def), Seen::New, "a pin belongs to one tool");
+            prop_assert_eq!(p.check("other", "t", &def), Seen::New, "and to one remote");
+            prop_assert_eq!(p.check("r", "t", &object(fields.iter().rev().cloned())), Seen::Same);
+            let mut m = def.as_object().unwrap().clone();
+            m.insert("_meta".into(), unpinned);
+            prop_assert_eq!(p.check("r", "t", &Value::Object(m.clone())), Seen::Same, "an unpinned field changed");
+            let before = def.get(field).cloned();
+            m.insert(field.into(), new.clone());
+            let changed = Value::Object(m.clone());
+            match p.check("r", "t", &changed) {
+                Seen::Same => prop_assert_eq!(before, Some(new)),
+                Seen::Changed(old) => {
+                    prop_assert_ne!(before, Some(new));
+                    prop_assert_eq!(&old, &Pins::hash(&def).0, "the review shows the pinned definition");
+                    prop_assert!(diff(&old, &changed).iter().any(|l| l.starts_with("- ") || l.starts_with("+ ")));
+                }
+                Seen::New => prop_assert!(false, "a pinned tool seen as new"),
+            }
+            if def.get(field).is_some() {
+                m.remove(field);
+                prop_assert!(matches!(p.check("r", "t", &Value::Object(m)), Seen::Changed(_)), "a pinned field removed");
+            }
+            // An approval pins the new definition; the old one is then the change.
+            p.pin("r", "t", &changed, "operator").unwrap();
+            prop_assert_eq!(p.check("r", "t", &changed), Seen::Same);
+            prop_assert_eq!(p.check("r", "t", &def) == Seen::Same, Pins::hash(&def).1 == Pins::hash(&changed).1);
+        }
+    }
 
     #[test]
     fn a_changed_definition_is_seen_and_its_diff_and_flags_shown() {
