@@ -23,7 +23,7 @@ gnuplot is installed with apt first. Exit 0 on a pass. Figures and the runs: doc
 import argparse, http.client, json, os, random, shutil, statistics, subprocess, sys, tempfile, threading, time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "perf"))
-from lab import free_port, run, start_nginx, start_sshd, wait_port  # noqa: E402
+from lab import free_port, rss_kib, run, start_nginx, start_sshd, wait_port  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
@@ -33,9 +33,7 @@ MIX = [("list_targets", 30), ("task_tree", 15), ("exec_oneshot", 10), ("exec_ses
 
 
 def proc_sample(pid):
-    with open(f"/proc/{pid}/status") as f:
-        rss = int(next(l for l in f if l.startswith("VmRSS")).split()[1])
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+    return rss_kib(pid), len(os.listdir(f"/proc/{pid}/fd"))
 
 
 class Client:

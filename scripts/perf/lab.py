@@ -96,6 +96,12 @@ http {{
     return proc, port
 
 
+def rss_kib(pid):
+    """VmRSS of process `pid`, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(l for l in f if l.startswith("VmRSS")).split()[1])
+
+
 def wait_port(port, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

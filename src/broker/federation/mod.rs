@@ -952,11 +952,9 @@ impl Federation {
     /// again now rather than after its backoff (a call has to reach it anyway), so an agent's
     /// call finds a remote that came back, its tools re-read and checked against their pins.
     pub async fn revive_for_call(&self, ports: Ports<'_>, policy: &Policy, full: &str) {
-        let Some((name, _)) = policy.remotes.iter().find(|(_, r)| {
-            r.enabled
-                && matches!(r.transport, Transport::Http(_))
-                && full.strip_prefix(r.tool_prefix.as_str()).is_some_and(|t| t.starts_with('.'))
-        }) else {
+        let Some((name, _, _)) =
+            namespaced(policy, full).find(|(_, r, _)| r.enabled && matches!(r.transport, Transport::Http(_)))
+        else {
             return;
         };
         let down = self.remotes.borrow().get(name).is_some_and(|s| matches!(s.health, Health::Down | Health::Degraded));
@@ -971,8 +969,7 @@ impl Federation {
     /// and the index in it: a call does not copy the definition).
     pub fn resolve<'p>(&self, policy: &'p Policy, full: &str) -> Option<(&'p str, String, Rc<Vec<Value>>, usize)> {
         let remotes = self.remotes.borrow();
-        policy.remotes.iter().filter(|(_, r)| r.enabled).find_map(|(name, r)| {
-            let tool = full.strip_prefix(r.tool_prefix.as_str())?.strip_prefix('.')?;
+        namespaced(policy, full).filter(|(_, r, _)| r.enabled).find_map(|(name, r, tool)| {
             if r.tools.as_ref().is_some_and(|allowed| !allowed.contains(tool)) {
                 return None;
             }
@@ -987,17 +984,15 @@ impl Federation {
     /// remote's own words are not passed on, only that it is down.
     fn down(&self, policy: &Policy, full: &str) -> Option<String> {
         let remotes = self.remotes.borrow();
-        policy.remotes.iter().filter(|(_, r)| r.enabled).find_map(|(name, r)| {
-            full.strip_prefix(r.tool_prefix.as_str())?.strip_prefix('.')?;
-            (remotes.get(name)?.health == Health::Down).then(|| name.clone())
-        })
+        namespaced(policy, full)
+            .filter(|(_, r, _)| r.enabled)
+            .find_map(|(name, _, _)| (remotes.get(name)?.health == Health::Down).then(|| name.clone()))
     }
 
     /// The remote and tool behind `full` if that tool is quarantined.
     fn quarantined(&self, policy: &Policy, full: &str) -> Option<(String, String)> {
         let remotes = self.remotes.borrow();
-        policy.remotes.iter().find_map(|(name, r)| {
-            let tool = full.strip_prefix(r.tool_prefix.as_str())?.strip_prefix('.')?;
+        namespaced(policy, full).find_map(|(name, _, tool)| {
             remotes.get(name)?.quarantined.contains_key(tool).then(|| (name.clone(), tool.to_owned()))
         })
     }
@@ -1143,8 +1138,7 @@ impl Federation {
     ) -> Option<Result<(Facts, Value), Error>> {
         let (remote, r, prompt) = {
             let remotes = self.remotes.borrow();
-            policy.remotes.iter().filter(|(_, r)| r.enabled).find_map(|(name, r)| {
-                let prompt = full.strip_prefix(r.tool_prefix.as_str())?.strip_prefix('.')?;
+            namespaced(policy, full).filter(|(_, r, _)| r.enabled).find_map(|(name, r, prompt)| {
                 remotes.get(name)?.prompts.iter().any(|p| p["name"] == prompt).then(|| (name, r, prompt.to_owned()))
             })?
         };
@@ -1384,6 +1378,14 @@ fn initialize_params() -> Value {
 fn overlaps(p: &str, d: &std::path::Path) -> bool {
     let (p, d) = (std::path::Path::new(p), d);
     p.starts_with(d) || d.starts_with(p)
+}
+
+/// The remotes whose namespace `full` (`<prefix>.<tool>`) is in, each with the tool's own name.
+fn namespaced<'p, 'f>(policy: &'p Policy, full: &'f str) -> impl Iterator<Item = (&'p String, &'p Remote, &'f str)> {
+    policy
+        .remotes
+        .iter()
+        .filter_map(move |(name, r)| Some((name, r, full.strip_prefix(r.tool_prefix.as_str())?.strip_prefix('.')?)))
 }
 
 fn quarantined_error(remote: &str, tool: &str) -> Error {
