@@ -184,6 +184,13 @@ fn hostile_inputs_are_refused_without_panicking() {
     let slow =
         String::from_utf8(include_bytes!("../../fuzz/seeds/shell_command/slow-nested-expansions").to_vec()).unwrap();
     assert_eq!(outcome(&p, &slow), "expansion");
+    // Found by the fuzz target: a `"` inside a comment made the prescan take the rest for
+    // quoted, so twenty `(` reached the parser, which took seconds over them.
+    let comment =
+        String::from_utf8(include_bytes!("../../fuzz/seeds/shell_command/slow-quote-in-comment").to_vec()).unwrap();
+    assert_eq!(outcome(&p, &comment), "too_deep");
+    assert_eq!(outcome(&p, "ls # a \"comment\"\n(((((x)))))"), "too_deep");
+    assert_eq!(outcome(&p, "ls a#\"b\""), "ok");
     for (cmd, reason) in [
         ("echo ${a/$(b)/`c`}", "expansion"),
         ("echo \"x$((1+$((2))))\"", "expansion"),
