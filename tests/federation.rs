@@ -902,8 +902,8 @@ fn the_remote_sandbox_confines_what_it_starts() {
     assert!(stderr(&o).contains("spec does not parse"), "{}", stderr(&o));
 }
 
-/// Cancellation passes through: a call cut by a revocation, or one the remote does not answer
-/// within its timeout, is cancelled at a session-era remote (`notifications/cancelled` with
+/// Cancellation passes through: a call cut by a revocation, one the remote does not answer
+/// within its timeout, or one whose caller closed its connection, is cancelled at a session-era remote (`notifications/cancelled` with
 /// the request's id); and a tool list change the remote announces on its GET stream is
 /// followed. The remote here records every message it receives.
 #[test]
@@ -957,6 +957,15 @@ agents:
     let e = tool_call(&b.api, &alice, "rec.wait", json!({"seconds": 4})).unwrap_err();
     assert!(e.contains("did not answer within 2s"), "{e}");
     cancelled_after_call(1);
+
+    // The caller closes its connection mid-call (a half-close counts: the broker reads it as
+    // the caller having gone).
+    let args = json!({"name": "rec.wait", "arguments": {"seconds": 1.8}});
+    let gone = mcp_stream(&b.api, &alice, "tools/call", Some("rec.wait"), args);
+    std::thread::sleep(Duration::from_millis(500));
+    gone.half_close();
+    cancelled_after_call(2);
+    drop(gone);
 
     // listChanged: the remote announces a new tool on its GET stream; the broker reads its
     // tools again within moments (not at the next 5-minute re-read) and serves it.

@@ -231,8 +231,9 @@ fn descriptors(pid: u32) -> (usize, usize) {
 
 /// The event loop (decision 0011): a descriptor is registered with the reactor for its whole
 /// life and removed when it is dropped. Connections that end every way a peer can end them —
-/// resets in the middle of a request line or a body, half-closes, pipelined requests abandoned
-/// unread, connects that never send — leave no open descriptor and no epoll registration
+/// resets in the middle of a request line or a body, half-closes (taken for a caller that has
+/// gone, and closed at once), pipelined requests abandoned unread, connects that never send —
+/// leave no open descriptor and no epoll registration
 /// behind, and the broker keeps answering.
 #[test]
 fn connections_that_end_every_way_leave_no_descriptor_or_registration_behind() {
@@ -255,8 +256,9 @@ fn connections_that_end_every_way_leave_no_descriptor_or_registration_behind() {
     let out = python("conn_endings.py").args([host, port, "60"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    // 60 rounds: clean 1 + keep-alive 3 + half-close 1 answers each.
-    assert_eq!(report["ok"], 300, "{report}");
+    // 60 rounds: clean 1 + keep-alive 3 answers each. A half-closed connection is closed by
+    // the broker, answered or not (the script fails on one left open).
+    assert_eq!(report["ok"], 240, "{report}");
     assert_eq!(report["ended"]["reset_body"], 60, "{report}");
 
     let after = poll_until(Duration::from_secs(10), || descriptors(pid), |d| *d == before);

@@ -45,6 +45,9 @@ const MAX_WAITERS: usize = 64;
 struct Direction {
     /// Last known readiness: set by an event, cleared when an operation finds it drained.
     ready: Cell<bool>,
+    /// An event reported the peer's end (RDHUP, HUP or ERR): no event follows it, so a short
+    /// read no longer proves the descriptor drained (the end of stream may still be unread).
+    ended: Cell<bool>,
     waiters: RefCell<Vec<Waker>>,
 }
 
@@ -236,6 +239,9 @@ impl Reactor {
                 let f = ev.flags;
                 use epoll::EventFlags as E;
                 if f.intersects(E::IN | E::RDHUP | E::HUP | E::ERR | E::PRI) {
+                    if f.intersects(E::RDHUP | E::HUP | E::ERR) {
+                        source.read.ended.set(true);
+                    }
                     source.read.fire(&mut wakers);
                 }
                 if f.intersects(E::OUT | E::HUP | E::ERR) {
@@ -405,10 +411,12 @@ impl<T: AsFd + Read + Unpin> futures_lite::AsyncRead for Io<T> {
         let (source, inner) = (&this.source, &mut this.inner);
         let r = source.read.poll_op(cx, || inner.read(buf));
         // Edge-triggered: a short read drained the descriptor, and more data will bring an
-        // event. (Not after 0 bytes: end of stream stays readable for whoever asks again.)
+        // event. (Not after 0 bytes: end of stream stays readable for whoever asks again; and
+        // not once an event has reported the peer's end: that end may still be unread.)
         if let Poll::Ready(Ok(n)) = r
             && n > 0
             && n < buf.len()
+            && !source.read.ended.get()
         {
             source.read.ready.set(false);
         }
@@ -515,6 +523,24 @@ mod tests {
             assert_eq!(conn.read(&mut buf).await.unwrap(), 0, "end of stream");
             assert_eq!(client.join().unwrap(), *b"ok");
         });
+    }
+
+    /// Found by tests/hardening.rs (one run in six): a request and the peer's FIN arrived
+    /// together, the event reporting both was taken in a turn before the read, and the read
+    /// returned the request short. Marking the socket drained then lost the end of stream: no
+    /// further event comes for it, so the connection waited forever for a close it had seen.
+    #[test]
+    fn an_end_of_stream_seen_before_a_short_read_is_not_lost() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut conn = Io::new(ours).unwrap();
+        theirs.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        theirs.shutdown(std::net::Shutdown::Write).unwrap();
+        // A turn takes the event (IN and RDHUP at once) before anyone reads.
+        block_on(crate::broker::deadline::Deadline::after(Duration::from_millis(20)));
+        let mut buf = [0u8; 4096];
+        assert_eq!(block_on(conn.read(&mut buf)).unwrap(), 18, "the request, short of the buffer");
+        let eof = block_on(crate::broker::deadline::within(Duration::from_secs(2), conn.read(&mut buf)));
+        assert_eq!(eof.map(|r| r.unwrap()), Some(0), "the end of stream is read, not waited for");
     }
 
     #[test]

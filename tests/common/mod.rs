@@ -579,6 +579,11 @@ impl HttpStream {
         HttpStream { stream: s, buf: Vec::new() }
     }
 
+    /// Shuts the connection's write side down (the request is whole; nothing more comes).
+    pub fn half_close(&self) {
+        self.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+
     /// Reads until `needle` has arrived (or panics after `timeout`); returns everything so far.
     pub fn read_until(&mut self, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
