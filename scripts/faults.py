@@ -22,13 +22,22 @@ Cases:
            memory does not follow what the peer sends, and both work again once the peer behaves.
   reload   50 policy reloads (alternating two policies) while agents call tools: no request fails
            that either policy allows, and the last policy is the one in force.
+  clock    the broker's wall clock stepped two hours forward, then back, while agents call tools
+           (libfaketime; the monotonic clock untouched, as in a real step): a 5-minute task
+           expires, a client whose clock did not step is told how far behind it is, a proof whose
+           nonce was forgotten while the clock was ahead is not taken again after the step back,
+           a fresh proof is, no agent call fails and the audit chain verifies.
 
 Figures and the exact runs are in docs/RELIABILITY.md. Exit 0 when every case passed.
 """
-import argparse, http.client, json, os, random, shutil, signal, subprocess, sys, tempfile, threading, time
+import argparse, base64, glob, http.client, json, os, random, re, shutil, signal, subprocess, sys, tempfile, threading, time
+import types
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "perf"))
 from lab import Lab, free_port, rss_kib, run, wait_port  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "helpers"))
+import pop_client  # noqa: E402
 
 META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
 
@@ -37,16 +46,20 @@ class Refused(Exception):
     """A tool call answered with an error (the text is the reason)."""
 
 
-def call(port, credential, tool, args, timeout=10):
+def tool_body(tool, args):
+    """The bytes of a stateless `tools/call` request (what a proof of possession signs)."""
+    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": tool, "arguments": args, "_meta": META}}).encode()
+
+
+def call(port, credential, tool, args, timeout=10, headers=None):
     """One stateless `tools/call`; the tool's structured result, or Refused(reason)."""
-    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-            "params": {"name": tool, "arguments": args, "_meta": META}}
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        c.request("POST", "/mcp", body=json.dumps(body), headers={
+        c.request("POST", "/mcp", body=tool_body(tool, args), headers={
             "Authorization": f"Bearer {credential}", "Content-Type": "application/json",
             "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2026-07-28",
-            "Mcp-Method": "tools/call", "Mcp-Name": tool})
+            "Mcp-Method": "tools/call", "Mcp-Name": tool, **(headers or {})})
         r = c.getresponse()
         raw = r.read()
     finally:
@@ -392,6 +405,130 @@ def case_reload(binary, _rounds):
         b.close()
 
 
+def faketime_lib():
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    check(found, "libfaketime is not installed (Debian: apt install faketime)")
+    return found[0]
+
+
+def proof(key, port, token, tool, args, client_now):
+    """An Ephyr-PoP header made by tests/helpers/pop_client.py on a client whose clock reads
+    `client_now` (Unix seconds)."""
+    pop_client.time = types.SimpleNamespace(time=lambda: client_now)
+    return {"Ephyr-PoP": pop_client.pop_header(key, "POST", f"http://127.0.0.1:{port}/mcp", "tools/call", tool,
+                                               tool_body(tool, args), token)}
+
+
+def refusal(fn):
+    """The reason `fn` (a call) is refused, or None if it is served."""
+    try:
+        fn()
+        return None
+    except Refused as e:
+        return str(e)
+
+
+def case_clock(binary, _rounds):
+    """The broker's wall clock stepped two hours forward and back under load (libfaketime, the
+    monotonic clock left alone as a real step leaves it)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    lib = faketime_lib()
+    b = Broker(binary, "ephyr-faults-clock-")
+    offset_file = os.path.join(b.lab.work, "clock-offset")
+
+    def step(secs):
+        with open(offset_file + ".new", "w") as f:
+            f.write(f"{secs:+d}\n")
+        os.replace(offset_file + ".new", offset_file)
+
+    step(0)
+    policy = b.policy.replace("limits: {", "limits: {task_ttl_max: 4h, ")
+    b.start(policy, env={"LD_PRELOAD": lib, "FAKETIME_TIMESTAMP_FILE": offset_file, "FAKETIME_CACHE_DURATION": "1",
+                         "DONT_FAKE_MONOTONIC": "1"})
+    alice = b.key("alice")
+    errors, calls, stop = [], [0], threading.Event()
+
+    def agent():
+        while not stop.is_set():
+            try:
+                call(b.port, alice, "list_targets", {})
+                calls[0] += 1
+            except Exception as e:  # noqa: BLE001 - every failure is reported
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=agent, daemon=True) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        keys = {n: Ed25519PrivateKey.generate() for n in "ABC"}
+        pub = {n: base64.urlsafe_b64encode(k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).rstrip(b"=").decode()
+               for n, k in keys.items()}
+
+        def task(n, ttl):
+            t = call(b.port, alice, "task_create", {"description": f"clock {n}", "ttl": ttl, "holder_pub_key": pub[n]})
+            return t["token"]
+
+        def signed(n, token, client_now, headers=None):
+            h = headers or proof(keys[n], b.port, token, "list_targets", {}, client_now)
+            return lambda: call(b.port, token, "list_targets", {}, headers=h)
+
+        tok_a, tok_c = task("A", "5m"), task("C", "3h")
+        t0 = time.time()
+        # A client 25 s ahead is inside the ±30 s window; its proof is taken once.
+        p1 = proof(keys["C"], b.port, tok_c, "list_targets", {}, t0 + 25)
+        check(refusal(signed("C", tok_c, 0, p1)) is None, "a proof 25 s ahead was refused")
+        again = refusal(signed("C", tok_c, 0, p1))
+        check(again and "replay" in again, f"the replayed proof: {again}")
+
+        # Two hours forward. The 5-minute task has expired; a client whose clock did not step is
+        # told by how much it is behind; one whose clock stepped too is served.
+        step(7200)
+        deadline = time.time() + 10
+        while True:
+            why_a = refusal(signed("A", tok_a, time.time() + 7200))
+            if why_a and "ahead of the broker's clock" not in why_a or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        check(why_a and "expired" in why_a, f"the 5-minute task two hours on: {why_a}")
+        tok_b = task("B", "5m")
+        behind = refusal(signed("B", tok_b, time.time()))
+        check(behind and re.search(r"\b(719\d|720\d)s behind the broker's clock", behind), f"an unstepped client: {behind}")
+        check(refusal(signed("B", tok_b, time.time() + 7200)) is None, "a client with the stepped clock was refused")
+        check(refusal(signed("C", tok_c, time.time() + 7200)) is None, "the 3-hour task was refused two hours on")
+
+        # The nonce of the first proof is forgotten at the next collection (every 30 s), which
+        # now sees its window long gone. Then the clock goes back: that proof is inside the
+        # window again (its ts is t0 + 25), and must still not be taken a second time.
+        time.sleep(max(0.0, t0 + 34 - time.time()))
+        step(0)
+        time.sleep(1.5)
+        replayed = refusal(signed("C", tok_c, 0, p1))
+        check(replayed and "clock went back" in replayed, f"the proof replayed after the clock went back: {replayed}")
+        # A fresh proof at the corrected time is served: the time the clock skipped over holds
+        # no forgotten window.
+        check(refusal(signed("C", tok_c, time.time())) is None, "a fresh proof after the step back was refused")
+        # The task that expired while the clock was ahead stays dead; the one made then lives
+        # two hours longer (its expiry was written in the clock of the time).
+        why_a = refusal(signed("A", tok_a, time.time()))
+        check(why_a is not None, "the task that expired while the clock was ahead came back")
+        check(refusal(signed("B", tok_b, time.time())) is None, "the task made while the clock was ahead was refused")
+        stop.set()
+        for t in threads:
+            t.join(10)
+        check(not errors, f"{len(errors)} agent calls failed across the steps: {errors[:3]}")
+        b.stop()
+        v = subprocess.run([binary, "audit", "verify", "--json", "--data-dir", b.lab.data], capture_output=True, text=True)
+        check(v.returncode == 0, f"audit verify after the steps: {v.stdout[-2000:]} {v.stderr[-2000:]}")
+        return (f"+2 h then back under 4 agents ({calls[0]} calls, 0 failed): 5-minute task expired ({why_a!r} after), "
+                f"unstepped client {behind!r}; replay after the step back refused ({replayed!r}); fresh proof served; "
+                "audit verify ok")
+    finally:
+        stop.set()
+        b.close()
+
+
 def start_hostile(port=0):
     helper = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests/helpers/hostile_peer.py")
     p = subprocess.Popen(["python3", helper, str(port)], stdout=subprocess.PIPE, text=True)
@@ -515,7 +652,8 @@ agents:
         b.close()
 
 
-CASES = {"kill": case_kill, "disk": case_disk, "signer": case_signer, "keeper": case_keeper, "hostile": case_hostile, "reload": case_reload}
+CASES = {"kill": case_kill, "disk": case_disk, "signer": case_signer, "keeper": case_keeper, "hostile": case_hostile,
+         "reload": case_reload, "clock": case_clock}
 
 
 def main():

@@ -1,8 +1,9 @@
 //! The injected faults of `scripts/faults.py` against the debug binary, with fewer rounds than
 //! the recorded runs (docs/RELIABILITY.md): the broker SIGKILLed during writes, a full data dir
 //! (the audit log and journals resume when space returns), the signer's worker and keeper
-//! killed under load, hostile, slow and down upstreams and remotes, and a burst of policy
-//! reloads. Each case asserts its outcome and reason.
+//! killed under load, hostile, slow and down upstreams and remotes, a burst of policy
+//! reloads, and the wall clock stepped forward and back. Each case asserts its outcome and
+//! reason.
 
 mod common;
 use common::require_root;
@@ -18,7 +19,7 @@ fn injected_faults_lose_nothing_acknowledged_and_the_service_recovers() {
         .output()
         .expect("python3 runs");
     let text = String::from_utf8_lossy(&out.stdout);
-    for case in ["kill", "disk", "signer", "keeper", "hostile", "reload"] {
+    for case in ["kill", "disk", "signer", "keeper", "hostile", "reload", "clock"] {
         assert!(
             text.contains(&format!("PASS {case} ")),
             "case {case}:\n{text}\n{}",

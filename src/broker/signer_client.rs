@@ -118,6 +118,12 @@ impl Launch {
             cmd.arg("--self-check");
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        // The key holder inherits no environment but the log level: nothing the broker's
+        // environment names (LD_PRELOAD, LD_LIBRARY_PATH, ...) is loaded beside the CA key.
+        cmd.env_clear();
+        if let Some(level) = std::env::var_os("EPHYR_LOG") {
+            cmd.env("EPHYR_LOG", level);
+        }
         os::pass_fd_on_exec(&mut cmd, theirs, CONTROL_FD);
         let child = cmd.spawn()?;
         // Dropping `cmd` closes our copy of the keeper's end, so its death reads as EOF here.

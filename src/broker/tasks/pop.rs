@@ -113,6 +113,10 @@ pub enum PopError {
     Replayed,
     /// Too many live nonces; retry shortly (fail closed rather than forget one).
     CacheFull,
+    /// The proof's window ends within a span whose nonces were already forgotten: only a
+    /// clock that went back lets such a proof into the window, and it cannot be told from a
+    /// replay.
+    Forgotten,
 }
 
 impl PopError {
@@ -126,6 +130,7 @@ impl PopError {
             PopError::Mismatch(_) => "pop_mismatch",
             PopError::Replayed => "pop_replayed",
             PopError::CacheFull => "pop_cache_full",
+            PopError::Forgotten => "pop_clock_went_back",
         }
     }
 
@@ -147,6 +152,11 @@ impl PopError {
             PopError::Mismatch(what) => format!("proof does not match this request: {what}"),
             PopError::Replayed => "proof nonce already used (replay)".into(),
             PopError::CacheFull => "too many recent proofs; retry in a few seconds".into(),
+            PopError::Forgotten => "proof timestamp falls in a time whose proofs' nonces this broker has \
+                                     already forgotten (the clock went back?), so it cannot be told \
+                                     from a replay; sign with the current time once the clock has \
+                                     passed that point"
+                .into(),
         };
         format!("proof of possession failed: {m}")
     }
@@ -306,15 +316,27 @@ fn check_dpop(jws: &str, f: &Facts<'_>, key: &[u8; 32], now: UnixMicros) -> Resu
     Ok(Checked { form: Form::Dpop, replay_key: replay_key(key, Form::Dpop, jti), until })
 }
 
-/// Nonces seen within their window.
+/// Most spans of forgotten windows kept; past it the two closest merge (a wider span refuses
+/// more, never less).
+const FORGOTTEN_SPANS: usize = 16;
+
+/// Nonces seen within their window, and the spans of windows already forgotten.
 #[derive(Debug, Default)]
 pub struct ReplayCache {
     seen: HashMap<[u8; 16], UnixMicros>,
+    /// Sorted, disjoint `[first, last]` ranges of the `until` of nonces pruned away (journaled
+    /// with the nonces). A proof whose window ends in one may be one whose nonce is gone:
+    /// refused, whatever the clock says now. A clock that only goes forward never reaches them
+    /// again; one stepped back would otherwise reopen those windows to replays.
+    forgotten: Vec<(UnixMicros, UnixMicros)>,
 }
 
 impl ReplayCache {
     /// Remembers `c`'s nonce, or refuses a replay (or a full cache).
     pub fn consume(&mut self, c: &Checked, now: UnixMicros) -> Result<(), PopError> {
+        if self.forgotten.iter().any(|(first, last)| (*first..=*last).contains(&c.until)) {
+            return Err(PopError::Forgotten);
+        }
         if let Some(until) = self.seen.get(&c.replay_key)
             && *until > now
         {
@@ -335,9 +357,58 @@ impl ReplayCache {
         self.seen.insert(key, until);
     }
 
-    /// Forgets nonces whose window has passed.
+    /// Restores a journaled span of forgotten windows.
+    pub fn restore_forgotten(&mut self, first: UnixMicros, last: UnixMicros) {
+        self.forget(first.min(last), first.max(last));
+    }
+
+    /// The spans of forgotten windows (for compaction).
+    pub fn forgotten(&self) -> &[(UnixMicros, UnixMicros)] {
+        &self.forgotten
+    }
+
+    /// Forgets nonces whose window has passed, remembering the spans their windows ended in
+    /// (ends further apart than a window start a new span: a clock stepped back onto the time
+    /// between them loses nothing).
     pub fn prune(&mut self, now: UnixMicros) {
-        self.seen.retain(|_, until| *until > now);
+        let mut gone = Vec::new();
+        self.seen.retain(|_, until| {
+            let keep = *until > now;
+            if !keep {
+                gone.push(*until);
+            }
+            keep
+        });
+        gone.sort_unstable();
+        let gap = i64::try_from((SKEW * 2).as_micros()).unwrap_or(i64::MAX);
+        let mut i = 0;
+        while i < gone.len() {
+            let mut j = i;
+            while j + 1 < gone.len() && gone[j + 1].0 - gone[j].0 <= gap {
+                j += 1;
+            }
+            self.forget(gone[i], gone[j]);
+            i = j + 1;
+        }
+    }
+
+    fn forget(&mut self, first: UnixMicros, last: UnixMicros) {
+        let spans = &mut self.forgotten;
+        spans.push((first, last));
+        spans.sort_unstable();
+        let mut merged: Vec<(UnixMicros, UnixMicros)> = Vec::with_capacity(spans.len());
+        for &(a, b) in spans.iter() {
+            match merged.last_mut() {
+                Some(m) if a <= m.1 => m.1 = m.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        while merged.len() > FORGOTTEN_SPANS {
+            let i = (1..merged.len()).min_by_key(|&i| merged[i].0.0 - merged[i - 1].1.0).unwrap_or(1);
+            let (_, b) = merged.remove(i);
+            merged[i - 1].1 = merged[i - 1].1.max(b);
+        }
+        *spans = merged;
     }
 
     /// Live entries (for compaction).
@@ -499,5 +570,57 @@ mod tests {
         let later = UnixMicros(NOW.0 + 40_000_000);
         cache.prune(later);
         assert!(cache.is_empty());
+    }
+
+    /// The clock steps back after a nonce was forgotten: the proof that used it is inside the
+    /// window again, and without the spans it would be taken a second time.
+    #[test]
+    fn a_clock_stepped_back_reopens_no_forgotten_window() {
+        let (kp, pk) = keypair(0x12);
+        let f = facts("a", b"{}");
+        let proof = |at: UnixMicros, nonce: &str| run(&ephyr_header(&kp, &f, at.secs(), nonce), &f, &pk, at).unwrap();
+        let mut cache = ReplayCache::default();
+        cache.consume(&proof(NOW, "nonce-0123456789abcdef"), NOW).unwrap();
+        // Two hours ahead (a clock stepped forward), a proof made then, and both forgotten.
+        let ahead = UnixMicros(NOW.0 + 7_200_000_000);
+        cache.consume(&proof(ahead, "nonce-ahead-0123456789"), ahead).unwrap();
+        cache.prune(UnixMicros(ahead.0 + 120_000_000));
+        assert!(cache.is_empty(), "forgotten two minutes on");
+        // The clock goes back to NOW: the captured proof passes the window check again, and
+        // is refused, as is any proof whose window ends in the same span.
+        for again in [proof(NOW, "nonce-0123456789abcdef"), proof(NOW, "nonce-fresh-0123456789ab")] {
+            let e = cache.consume(&again, NOW).unwrap_err();
+            assert_eq!(e.code(), "pop_clock_went_back", "{e:?}");
+            assert!(e.message().contains("clock went back"), "{}", e.message());
+        }
+        // Between the spans (the time the clock skipped) proofs are taken: a correct clock
+        // stepped back onto it loses nothing.
+        let between = UnixMicros(NOW.0 + 60_000_000);
+        cache.consume(&proof(between, "nonce-between-012345678"), between).unwrap();
+        // The spans survive a restart (compaction writes them; the journal restores them).
+        let mut restored = ReplayCache::default();
+        for (a, b) in cache.forgotten() {
+            restored.restore_forgotten(*a, *b);
+        }
+        assert_eq!(restored.consume(&proof(NOW, "nonce-0123456789abcdef"), NOW).unwrap_err(), PopError::Forgotten);
+        assert_eq!(restored.consume(&proof(ahead, "nonce-ahead-0123456789"), ahead).unwrap_err(), PopError::Forgotten);
+    }
+
+    /// Spans stay few whatever the history: the closest merge, so what is refused only grows.
+    #[test]
+    fn forgotten_spans_are_bounded_and_merge_conservatively() {
+        let mut cache = ReplayCache::default();
+        for i in 0..100i64 {
+            cache.forget(UnixMicros(i * 1_000), UnixMicros(i * 1_000 + 10 + (i % 7) * 100));
+        }
+        cache.forget(UnixMicros(10_000_000), UnixMicros(10_000_010));
+        let spans = cache.forgotten();
+        assert!(spans.len() <= FORGOTTEN_SPANS, "{}", spans.len());
+        assert!(spans.windows(2).all(|w| w[0].1 < w[1].0), "sorted and disjoint: {spans:?}");
+        for i in 0..100i64 {
+            let t = UnixMicros(i * 1_000 + 10);
+            assert!(spans.iter().any(|(a, b)| (*a..=*b).contains(&t)), "{t:?} still covered");
+        }
+        assert_eq!(spans.last(), Some(&(UnixMicros(10_000_000), UnixMicros(10_000_010))), "the far span kept apart");
     }
 }

@@ -192,6 +192,14 @@ pub enum Record {
         /// Expiry (µs).
         until: i64,
     },
+    /// A span of proof windows whose nonces were forgotten (pop::ReplayCache): written at
+    /// compaction, so a clock that goes back across a restart reopens none of them.
+    NonceForgotten {
+        /// First window end in the span (µs).
+        first: i64,
+        /// Last window end in the span (µs).
+        last: i64,
+    },
 }
 
 impl Record {

@@ -75,6 +75,9 @@ impl State {
                     .ok_or("nonce record: bad key")?;
                 self.replay.restore(k, UnixMicros(until));
             }
+            Record::NonceForgotten { first, last } => {
+                self.replay.restore_forgotten(UnixMicros(first), UnixMicros(last))
+            }
         }
         Ok(())
     }
@@ -112,6 +115,9 @@ impl State {
         }
         for (k, until) in self.replay.entries() {
             out.push(Record::Nonce { key: HEXLOWER.encode(k), until: until.0 }.encode());
+        }
+        for (first, last) in self.replay.forgotten() {
+            out.push(Record::NonceForgotten { first: first.0, last: last.0 }.encode());
         }
         out
     }
