@@ -274,3 +274,22 @@ fn waiters_are_woken_by_a_revocation_above_them_and_by_expiry() {
         "{waited:?}"
     );
 }
+
+/// The spans of forgotten proof nonces outlive a compaction and a restart: a journal compacted
+/// after the nonces were pruned still refuses their windows (a clock that goes back across a
+/// restart reopens none of them).
+#[test]
+fn forgotten_nonce_spans_survive_compaction() {
+    let mut st = State::default();
+    st.replay.restore([1; 16], T0);
+    st.replay.restore([2; 16], UnixMicros(T0.0 + 7_200_000_000));
+    st.collect(UnixMicros(T0.0 + 7_300_000_000));
+    assert!(st.replay.is_empty());
+    let mut back = State::default();
+    let mut trees = Vec::new();
+    for r in st.snapshot() {
+        back.apply(serde_json::from_slice(&r).unwrap(), &mut trees).unwrap();
+    }
+    assert_eq!(back.replay.forgotten().len(), 2, "two spans, two hours apart");
+    assert_eq!(back.replay.forgotten(), st.replay.forgotten());
+}
