@@ -492,6 +492,7 @@ def case_clock(binary, _rounds):
                 break
             time.sleep(0.2)
         check(why_a and "expired" in why_a, f"the 5-minute task two hours on: {why_a}")
+        expired = why_a
         tok_b = task("B", "5m")
         behind = refusal(signed("B", tok_b, time.time()))
         check(behind and re.search(r"\b(719\d|720\d)s behind the broker's clock", behind), f"an unstepped client: {behind}")
@@ -518,8 +519,8 @@ def case_clock(binary, _rounds):
         # no forgotten window.
         check(refusal(signed("C", tok_c, time.time())) is None, "a fresh proof after the step back was refused")
         # The task that expired while the clock was ahead stays dead.
-        why_a = refusal(signed("A", tok_a, time.time()))
-        check(why_a is not None, "the task that expired while the clock was ahead came back")
+        gone = refusal(signed("A", tok_a, time.time()))
+        check(gone is not None, "the task that expired while the clock was ahead came back")
         stop.set()
         for t in threads:
             t.join(10)
@@ -527,7 +528,7 @@ def case_clock(binary, _rounds):
         b.stop()
         v = subprocess.run([binary, "audit", "verify", "--json", "--data-dir", b.lab.data], capture_output=True, text=True)
         check(v.returncode == 0, f"audit verify after the steps: {v.stdout[-2000:]} {v.stderr[-2000:]}")
-        return (f"+2 h then back under 4 agents ({calls[0]} calls, 0 failed): 5-minute task expired ({why_a!r} after), "
+        return (f"+2 h then back under 4 agents ({calls[0]} calls, 0 failed): 5-minute task {expired!r}, gone after the step back ({gone!r}), "
                 f"unstepped client {behind!r}; replay after the step back refused ({replayed!r}); fresh proof served; "
                 "audit verify ok")
     finally:
