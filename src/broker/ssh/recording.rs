@@ -176,11 +176,14 @@ impl Store {
             if (total <= max_bytes && count <= max_files) || *old == name {
                 break;
             }
-            if fs::remove_file(self.dir.join(old)).is_ok() {
-                total -= len;
-                count -= 1;
-                rotated += 1;
+            match fs::remove_file(self.dir.join(old)) {
+                Ok(()) => rotated += 1,
+                // Another save, rotating at the same moment, removed it first.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(_) => continue,
             }
+            total -= len;
+            count -= 1;
         }
         Ok(Saved { sha256: digest(bytes), bytes: bytes.len() as u64, rotated })
     }
@@ -193,7 +196,12 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
         if name.strip_suffix(SUFFIX).is_some_and(id_ok) {
-            out.push((name, e.metadata()?.len()));
+            // Saves run on the pool's threads at once: one may rotate away what this one listed.
+            match e.metadata() {
+                Ok(m) => out.push((name, m.len())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(out)
@@ -307,6 +315,33 @@ mod tests {
         store.save("01ARZ3NDEKTSV4RRFFQ69G5FB1", &[b'z'; 500], 100, 10).unwrap();
         assert_eq!(list(&dir).unwrap(), ["01ARZ3NDEKTSV4RRFFQ69G5FB1"]);
         assert!(load(&dir, "../../etc/passwd").is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The pool saves recordings on several threads: one save rotating away a file another has
+    /// just listed is no error for either (found by the soak: "recordings: No such file or
+    /// directory" for a recording that was written, so its audit line said it was not).
+    #[test]
+    fn saves_on_several_threads_at_once_all_succeed_and_keep_the_caps() {
+        let dir = std::env::temp_dir().join(format!("ephyr-rec-threads-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let store = Store { dir: dir.clone() };
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let store = store.clone();
+                s.spawn(move || {
+                    for i in 0..150 {
+                        let id = format!("01ARZ3NDEKTSV4RRFF{t}{i:07}");
+                        if let Err(e) = store.save(&id, &[b'x'; 64], 1 << 20, 3) {
+                            panic!("save {id} on thread {t}: {e}");
+                        }
+                    }
+                });
+            }
+        });
+        let left = list(&dir).unwrap();
+        assert!((1..=3 + 3).contains(&left.len()), "{} recordings left for a cap of 3", left.len());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -293,3 +293,133 @@ fn forgotten_nonce_spans_survive_compaction() {
     assert_eq!(back.replay.forgotten().len(), 2, "two spans, two hours apart");
     assert_eq!(back.replay.forgotten(), st.replay.forgotten());
 }
+
+/// The revocation cascade as a property: any forest grown by creating roots, delegating from any
+/// task and revoking any task, compared after every step with a model (who is whose parent, who was
+/// revoked). A token works exactly when no task on its path from the root is revoked, and a
+/// refusal names the first revoked one from the root; delegating below a revoked task is refused;
+/// a revocation reports every task below it; and the journal reloads to the same answers.
+mod revocation_cascade {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Root,
+        Delegate(Index),
+        Revoke(Index),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            1 => Just(Op::Root),
+            5 => any::<Index>().prop_map(Op::Delegate),
+            2 => any::<Index>().prop_map(Op::Revoke),
+        ]
+    }
+
+    /// Task `i` is `id(i + 1)`; `parent[i]` its parent's index; `revoked[i]` set by a revocation
+    /// of `i` itself, never by the cascade (the store keeps one watermark per revoked task too).
+    #[derive(Default)]
+    struct Model {
+        parent: Vec<Option<usize>>,
+        revoked: Vec<bool>,
+        tokens: Vec<String>,
+    }
+
+    impl Model {
+        fn path(&self, i: usize) -> Vec<usize> {
+            let mut p = vec![i];
+            while let Some(up) = self.parent[*p.last().unwrap()] {
+                p.push(up);
+            }
+            p.reverse();
+            p
+        }
+        fn first_revoked(&self, i: usize) -> Option<usize> {
+            self.path(i).into_iter().find(|&x| self.revoked[x])
+        }
+        fn below(&self, i: usize) -> usize {
+            (0..self.parent.len()).filter(|&x| x != i && self.path(x).contains(&i)).count()
+        }
+    }
+
+    fn check(s: &TaskStore, m: &Model) -> Result<(), TestCaseError> {
+        for (i, token) in m.tokens.iter().enumerate() {
+            match (verify(s, token), m.first_revoked(i)) {
+                (Ok(v), None) => prop_assert_eq!(v.task, id(i as u8 + 1).to_string()),
+                (Err(e), Some(r)) => {
+                    let want = format!("task {} was revoked", id(r as u8 + 1));
+                    prop_assert!(e.contains(&want), "task {}: {} (want {})", i, e, want);
+                }
+                (got, want) => prop_assert!(false, "task {}: {:?}, model says revoked at {:?}", i, got, want),
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        #[test]
+        fn a_revocation_takes_exactly_the_subtree_and_survives_a_reload(ops in proptest::collection::vec(op(), 1..48)) {
+            static CASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("ephyr-cascade-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let unseal = |_ctx: String, sealed: Vec<u8>| async move { Ok(RootKey::from_bytes(&sealed)) };
+            let ex = Rc::new(smol::LocalExecutor::new());
+            let logs = journal::Files::new(dir.clone(), BlockingPool::new(1, 8), ex.clone());
+            let mut m = Model::default();
+            crate::broker::reactor::block_on(ex.run(async {
+                let (s, _) = TaskStore::load(&logs, T0, unseal).await.unwrap();
+                for op in &ops {
+                    let next = m.tokens.len() as u8 + 1;
+                    match op {
+                        Op::Root => {
+                            m.tokens.push(root_async(&s, next).await);
+                            m.parent.push(None);
+                            m.revoked.push(false);
+                        }
+                        Op::Delegate(_) | Op::Revoke(_) if m.tokens.is_empty() => continue,
+                        Op::Delegate(at) => {
+                            // Depth stays under the tokens' delegation_depth caveat (5).
+                            let fit: Vec<usize> = (0..m.tokens.len()).filter(|&i| m.path(i).len() < 5).collect();
+                            let p = fit[at.index(fit.len())];
+                            let parent = id(p as u8 + 1);
+                            let token = Macaroon::decode(&m.tokens[p]).unwrap();
+                            let got = s.delegate(parent, &token, id(next), new_task("alice", 600), T0).await;
+                            match (got, m.first_revoked(p)) {
+                                (Ok((_, t)), None) => {
+                                    m.tokens.push(t);
+                                    m.parent.push(Some(p));
+                                    m.revoked.push(false);
+                                }
+                                (Err(Error::Refused(e)), Some(_)) => prop_assert!(e.contains("is revoked"), "{}", e),
+                                (got, r) => prop_assert!(false, "delegating from {}: {:?}, revoked at {:?}", p, got.map(|x| x.1), r),
+                            }
+                        }
+                        Op::Revoke(at) => {
+                            let i = at.index(m.tokens.len());
+                            let got = s.revoke(id(i as u8 + 1), T0).await;
+                            if m.revoked[i] {
+                                prop_assert!(matches!(got, Err(Error::Refused(_))), "revoked twice: {:?}", got);
+                            } else {
+                                prop_assert_eq!(got.unwrap(), m.below(i), "the cascade count of {}", i);
+                                m.revoked[i] = true;
+                            }
+                        }
+                    }
+                    check(&s, &m)?;
+                }
+                Ok(())
+            }))?;
+            let (s, loaded) = crate::broker::reactor::block_on(TaskStore::load(&logs, T0, unseal)).unwrap();
+            prop_assert_eq!(loaded.tasks, m.tokens.len());
+            check(&s, &m)?;
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}
