@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Soak: a real `ephyr serve` under a mixed load for a long time, with flat memory and no errors.
 
-Usage: scripts/soak.py [--bin PATH] [--minutes 30] [--clients 64] [--png docs/soak.png]
+Usage: scripts/soak.py [--bin PATH] [--minutes 30] [--clients 64] [--feeds 2] [--png docs/soak.png]
                        [--rss-tolerance-kb 8192] [--fd-tolerance 16]
 
 Starts, as root: an OpenSSH sshd on loopback trusting the broker's CA, nginx and the test
@@ -11,10 +11,16 @@ suite's streaming upstream (tests/helpers/upstream.py) as HTTP upstreams, and
   tools/call list_targets 30 %, task create → delegate → revoke 15 %, one-shot exec on sshd 10 %,
   exec on the client's own kept SSH session 10 %, proxied GET through /v1/proxy 20 %,
   proxied event stream 5 %, federated tools/call (server-everything's echo) 10 %.
+Besides them, --feeds operators (viewer role, signed in to the console once) each keep the console's
+live audit feed (GET /events/audit) open, reading it for 20 s at a time, then close it and open a
+new one: a feed that cannot open, or brings no audit line in a 20-s turn, counts as an error.
 Every answer is checked (a JSON-RPC result without isError, an HTTP 200 with the upstream's
 body). Every 5 s it samples the broker's VmRSS and open descriptors.
 
-Pass: no unexpected error; after warm-up (the first fifth of the run) RSS stays within
+The state the load leaves behind lives 3 minutes (tasks, revoked ones too, and certificates are
+kept until they expire), so with the default 30 minutes it is in its steady state before warm-up
+ends. Pass: no unexpected error, and no ERROR line in the broker's log (kept in a file; a pipe
+nobody reads would fill up and block it); after warm-up (the first fifth of the run) RSS stays within
 --rss-tolerance-kb of its value at the end of warm-up and the descriptors within --fd-tolerance;
 `ephyr audit verify` passes on the data dir after a clean stop. Writes a CSV of 10-s windows
 (p50, p99, RSS, fds) next to the PNG, which gnuplot draws. What is missing of sshd, nginx and
@@ -91,6 +97,7 @@ def main():
     ap.add_argument("--bin", default="target/x86_64-unknown-linux-gnu/release/ephyr")
     ap.add_argument("--minutes", type=float, default=30)
     ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--feeds", type=int, default=2, help="console live audit feeds held open")
     ap.add_argument("--png", default="docs/soak.png")
     ap.add_argument("--rss-tolerance-kb", type=int, default=8192)
     ap.add_argument("--fd-tolerance", type=int, default=16)
@@ -132,7 +139,11 @@ def main():
             cwd=peers, env=dict(os.environ, PORT=str(eport)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_port(eport, 30)
         k = json.loads(run(binary, "keygen", "agent", "soak", "--json").stdout)
-        policy = f"""limits: {{max_certs_total: 100000, signer_rate: 1000000/1m, cert_ttl_max: 30m}}
+        op_pw = "soak viewer passphrase"
+        op_hash = next(ln.split(": ", 1)[1] for ln in subprocess.run(
+            [binary, "operator", "add", "watcher", "--role", "viewer"], input=op_pw, capture_output=True,
+            text=True, check=True).stdout.splitlines() if ln.strip().startswith("password_hash: "))
+        policy = f"""limits: {{max_certs_total: 100000, signer_rate: 1000000/1m, cert_ttl_max: 30m, cert_ttl_default: 3m}}
 network: {{ allow: [127.0.0.1/32] }}
 roles:
   read: {{principal: {USER}}}
@@ -143,6 +154,8 @@ services:
   sse: {{ url: "http://127.0.0.1:{uport}", credential: {{ type: bearer, secret: "env:SOAK_TOKEN" }} }}
 remotes:
   ev: {{ url: "http://127.0.0.1:{eport}/mcp" }}
+operators:
+  watcher: {{ role: viewer, password_hash: {op_hash} }}
 agents:
   soak:
     api_key_hash: "{k['api_key_hash']}"
@@ -157,12 +170,16 @@ agents:
         with open(path, "w") as f:
             f.write(policy)
         os.chmod(path, 0o644)
-        port = free_port()
+        port, dport = free_port(), free_port()
+        # The broker's log goes to a file: a pipe nobody reads until the end fills up and blocks it.
+        log_path = os.path.join(work, "broker.log")
+        log_file = open(log_path, "wb")
         broker = subprocess.Popen(
             [binary, "serve", "--config", path, "--data-dir", data, "--listen", f"127.0.0.1:{port}",
-             "--dashboard-listen", f"127.0.0.1:{free_port()}", "--socket", os.path.join(work, "ephyr.sock")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+             "--dashboard-listen", f"127.0.0.1:{dport}", "--socket", os.path.join(work, "ephyr.sock")],
+            stdout=subprocess.DEVNULL, stderr=log_file,
             env={**os.environ, "EPHYR_LOG": "warn", "SOAK_TOKEN": "sk-soak-secret"})
+        procs.append(broker)
         wait_port(port, 30)
         wait_port(nport, 30)
         key = k["api_key"]
@@ -194,8 +211,8 @@ agents:
                     if kind == "list_targets":
                         c.call("list_targets", {})
                     elif kind == "task_tree":
-                        t = c.call("task_create", {"description": "soak", "ttl": "10m", "can_delegate": True})
-                        c.call("task_delegate", {"description": "child", "ttl": "5m"}, credential=t["token"])
+                        t = c.call("task_create", {"description": "soak", "ttl": "3m", "can_delegate": True})
+                        c.call("task_delegate", {"description": "child", "ttl": "2m"}, credential=t["token"])
                         r = c.call("task_revoke", {"task_id": t["task_id"]})
                         assert r["cascade_count"] >= 1, r
                     elif kind == "exec_oneshot":
@@ -227,7 +244,46 @@ agents:
                 with lock:
                     samples.append((time.time() - t0, kind, (time.perf_counter() - start) * 1000, ok))
 
+        feed_lines, feed_skipped, signins = [0] * a.feeds, [0] * a.feeds, [0] * a.feeds
+
+        def feed(i):
+            # One operator at the console: sign in, hold the live audit feed for 20 s, start over.
+            origin, cookie = f"http://127.0.0.1:{dport}", None
+            while time.time() < end:
+                try:
+                    c = http.client.HTTPConnection("127.0.0.1", dport, timeout=30)
+                    if cookie is None:
+                        c.request("POST", "/login", body=f"name=watcher&password={op_pw.replace(' ', '+')}",
+                                  headers={"Origin": origin, "Content-Type": "application/x-www-form-urlencoded"})
+                        r = c.getresponse()
+                        r.read()
+                        cookie = (r.getheader("set-cookie") or "").split(";")[0]
+                        assert r.status == 303 and cookie, f"sign-in: HTTP {r.status}"
+                        signins[i] += 1
+                    c.request("GET", "/events/audit", headers={"Cookie": cookie})
+                    r = c.getresponse()
+                    assert r.status == 200, f"feed: HTTP {r.status} {r.read(200)!r}"
+                    opened, got = time.time(), 0
+                    turn_end = min(end, opened + 20)
+                    while time.time() < turn_end:
+                        line = r.readline()
+                        assert line, "the feed ended while the broker was running"
+                        if line.startswith(b"data: {"):
+                            json.loads(line[6:])
+                            got += 1
+                        if line.startswith(b"event: skipped"):
+                            feed_skipped[i] += 1  # a reader that fell behind: documented, counted
+                    c.close()
+                    assert got > 0 or turn_end - opened < 5, "a 20-s turn of the feed brought no audit line"
+                    feed_lines[i] += got
+                except Exception as e:  # noqa: BLE001 - counted and reported like the clients' failures
+                    cookie = None  # sign in again
+                    with lock:
+                        errors.append((time.time() - t0, "console_feed", repr(e)[:300]))
+                    time.sleep(1)
+
         threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(a.clients)]
+        threads += [threading.Thread(target=feed, args=(i,), daemon=True) for i in range(a.feeds)]
         for t in threads:
             t.start()
         res = []
@@ -238,8 +294,17 @@ agents:
         for t in threads:
             t.join(120)
         broker.terminate()
-        code = broker.wait(timeout=60)
-        err_text = broker.stderr.read().decode(errors="replace")
+        stopping = time.time()
+        try:
+            code = broker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+            code = f"no exit within 60 s of SIGTERM (killed; {broker.wait()})"
+        stop_s = time.time() - stopping
+        log_file.close()
+        with open(log_path, "rb") as f:
+            err_text = f.read().decode(errors="replace")
+        log_lines = err_text.splitlines()
         verify = subprocess.run([binary, "audit", "verify", "--json", "--data-dir", data], capture_output=True, text=True)
 
         # Windows of 10 s: p50/p99 over all calls, per-kind p99, RSS and fds.
@@ -273,11 +338,17 @@ agents:
                 lat.sort()
                 print(f"  {kname:13} {len(lat):8} calls  p50 {statistics.median(lat):7.1f} ms  "
                       f"p99 {lat[int(0.99 * (len(lat) - 1))]:7.1f} ms")
+        if a.feeds:
+            print(f"  console live feed: {a.feeds} operators ({sum(signins)} sign-ins), {sum(feed_lines)} audit "
+                  f"lines read, {sum(feed_skipped)} skipped notices")
         print(f"  broker RSS: {res[0][1]} KiB at start, {base_rss} KiB after warm-up, max {base_rss + rss_span} KiB "
               f"(+{rss_span} KiB; tolerance {a.rss_tolerance_kb}), {res[-1][1]} KiB at the end")
         print(f"  open descriptors: {base_fd} after warm-up, max {base_fd + fd_span} (+{fd_span}; tolerance "
               f"{a.fd_tolerance}), {res[-1][2]} at the end")
-        print(f"  audit verify: exit {verify.returncode}; broker exit {code}; plot {a.png}, data {csv}")
+        print(f"  audit verify: exit {verify.returncode}; broker exit {code} {stop_s:.1f} s after SIGTERM; "
+              f"{len(log_lines)} lines logged at warn and above; plot {a.png}, data {csv}")
+        for ln in log_lines[-5:]:
+            print(f"    log: {ln[:200]}")
         failed = []
         if errors:
             by_kind = {}
@@ -289,6 +360,9 @@ agents:
             failed.append(f"RSS grew {rss_span} KiB after warm-up")
         if fd_span > a.fd_tolerance:
             failed.append(f"descriptors grew by {fd_span} after warm-up")
+        errors_logged = [ln for ln in log_lines if " ERROR " in ln]
+        if errors_logged:
+            failed.append(f"{len(errors_logged)} ERROR lines in the broker's log (first: {errors_logged[0][:300]})")
         if verify.returncode != 0:
             failed.append(f"audit verify: {verify.stdout[-1000:]}")
         if code != 0:
