@@ -12,7 +12,10 @@ Cases:
            again once space returns (also after a restart: no file was corrupted).
   signer   the signer worker SIGKILLed while certificates are being signed: requests in flight fail
            with a clear error, no certificate is half-issued (each one printed parses), the worker
-           is replaced and the next request succeeds without a restart.
+           is replaced and the next request succeeds without a restart. Then kills placed inside a
+           signature and inside a seal (strace's fault injection kills the worker as it goes to
+           send an answer it has made): the request fails naming the worker, no certificate or
+           task comes of it, and the audit log holds exactly the certificates handed out.
   keeper   the signer's keeper SIGKILLed while task keys are being sealed: the broker stops with
            exit code 70 and says why (the service manager restarts it); after the restart every
            acknowledged task is there.
@@ -23,7 +26,8 @@ Cases:
   reload   50 policy reloads (alternating two policies) while agents call tools: no request fails
            that either policy allows, and the last policy is the one in force.
   clock    the broker's wall clock stepped two hours forward, then back, while agents call tools
-           (libfaketime; the monotonic clock untouched, as in a real step): a 5-minute task
+           (libfaketime, so a dynamically linked binary; the monotonic clock untouched, as in a
+           real step): a 5-minute task
            expires, a client whose clock did not step is told how far behind it is, a proof whose
            nonce was forgotten while the clock was ahead is not taken again after the step back,
            a fresh proof is, no agent call fails and the audit chain verifies.
@@ -325,11 +329,106 @@ def case_signer(binary, rounds):
         after = subprocess.run([binary, "cert", "sign", "--socket", sock, "--public-key", pub, "--principal", "ephyr-read"],
                                capture_output=True, text=True)
         check(after.returncode == 0, f"signing after the kills: {after.stderr}")
+        signed = sum(1 for r in results if r[0] == 0) + 1
         reasons = sorted({r[2].strip().splitlines()[-1] for r in failed}) if failed else []
+        inside = kills_inside(b, binary, sock, pub)
+        signed += inside["signed"]
+        # Nothing half-issued: the log holds one issuance per certificate handed out, no serial twice.
+        q = run(binary, "audit", "query", "--kind", "cert", "--json", "--data-dir", b.lab.data).stdout
+        issued = [json.loads(ln) for ln in q.splitlines() if '"cert_issued"' in ln]
+        serials = [e["outcome"]["serial"] for e in issued]
+        check(len(issued) == signed, f"{len(issued)} certificates in the audit log, {signed} handed out")
+        check(len(set(serials)) == len(serials), "a serial was issued twice")
+        v = subprocess.run([binary, "audit", "verify", "--json", "--data-dir", b.lab.data], capture_output=True, text=True)
+        check(v.returncode == 0, f"audit verify after the kills: {v.stdout[-2000:]} {v.stderr[-2000:]}")
         return (f"{kills} worker kills during {len(results)} signatures: {len(failed)} failed closed "
-                f"({'; '.join(reasons)[:300]}), every issued certificate parses, service resumed without a restart")
+                f"({'; '.join(reasons)[:300]}), every issued certificate parses; "
+                f"{inside['cert']} kills inside a signature and {inside['seal']} inside a seal (the answer made, "
+                f"not sent): refused with {inside['reasons']['cert']!r} and {inside['reasons']['seal']!r}, nothing "
+                f"issued or stored; "
+                f"{len(issued)} issuances logged for {signed} certificates handed out, serials unique, audit "
+                f"verify ok; service resumed without a restart")
     finally:
         b.close()
+
+
+def kill_on_answer(pid):
+    """Kills signer worker `pid` (SIGKILL, by strace's fault injection) as it enters its next
+    `sendto`: it has read a request and made the answer, and dies before sending it (the call is
+    also failed, so the answer cannot leave even before the signal lands). Returns the tracer once
+    the worker is traced."""
+    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(pid), "-e", "trace=sendto",
+                               "-e", "inject=sendto:error=EPIPE:signal=KILL"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        with open(f"/proc/{pid}/status") as f:
+            if re.search(r"^TracerPid:\s*[1-9]", f.read(), re.M):
+                return tracer
+        time.sleep(0.01)
+    tracer.kill()
+    raise AssertionError(f"strace did not attach to the signer worker {pid}: {tracer.stderr.read()[-500:]!r}")
+
+
+def replaced(b, old_pid, seconds=15):
+    """The signer's status once a worker other than `old_pid` is up (a new one starts after a
+    short back-off when several died in a row)."""
+    deadline = time.time() + seconds
+    while True:
+        st = b.status()["signer"]
+        if st.get("worker_pid") and st["worker_pid"] != old_pid:
+            return st
+        check(time.time() < deadline, f"no new signer worker {seconds} s after {old_pid} died: {st}")
+        time.sleep(0.05)
+
+
+def kills_inside(b, binary, sock, pub, want=2):
+    """`want` kills inside a certificate signature and `want` inside a task key's seal, each landing
+    between the worker reading the request and sending its answer (kill_on_answer). The request
+    fails closed naming the worker; no certificate reaches the caller, no task is stored; the next
+    worker serves the next request. A kill that lands on another request first (an audit
+    checkpoint's signature) is not counted and the round is done again."""
+    alice = b.key("alice")
+    replaced(b, None)
+    tasks_before = {t["id"] for t in call(b.port, alice, "task_list", {})["tasks"]}
+    done, reasons, signed, rounds = {"cert": 0, "seal": 0}, {}, 0, 0
+    while min(done.values()) < want:
+        rounds += 1
+        check(rounds <= 6 * want, f"{rounds} rounds for {want} kills inside each request kind: {done}")
+        what = "cert" if done["cert"] <= done["seal"] else "seal"
+        before = b.status()["signer"]
+        tracer = kill_on_answer(before["worker_pid"])
+        try:
+            if what == "cert":
+                p = subprocess.run([binary, "cert", "sign", "--socket", sock, "--public-key", pub,
+                                    "--principal", "ephyr-read"], capture_output=True, text=True, timeout=30)
+                failure = None if p.returncode == 0 else p.stderr
+                signed += p.returncode == 0
+                check(p.returncode == 0 or not p.stdout.strip(), f"a failed signature printed {p.stdout[:200]!r}")
+            else:
+                try:
+                    created = call(b.port, alice, "task_create", {"description": "seal", "ttl": "1h"}, timeout=30)
+                    failure, tasks_before = None, tasks_before | {created["task_id"]}
+                except Refused as e:
+                    failure = str(e)
+        finally:
+            tracer.wait(timeout=30)
+        after = replaced(b, before["worker_pid"])
+        check(after["restarts"] == before["restarts"] + 1, f"restarts {before['restarts']} -> {after['restarts']}")
+        if failure is None:
+            continue  # the kill landed on another request (a checkpoint) before ours
+        check("died while handling this request; nothing was issued" in failure,
+              f"a {what} whose worker died before answering: {failure!r}")
+        reasons[what] = failure.strip().splitlines()[-1]
+        done[what] += 1
+        tasks_now = {t["id"] for t in call(b.port, alice, "task_list", {})["tasks"]}
+        check(tasks_now == tasks_before, f"a task was stored for a failed seal: {tasks_now - tasks_before}")
+    # The replacement serves both kinds at once.
+    p = subprocess.run([binary, "cert", "sign", "--socket", sock, "--public-key", pub, "--principal", "ephyr-read"],
+                       capture_output=True, text=True)
+    check(p.returncode == 0, f"signing after the kills inside: {p.stderr}")
+    call(b.port, alice, "task_create", {"description": "after", "ttl": "1h"})
+    return {**done, "reasons": reasons, "signed": signed + 1}
 
 
 def case_keeper(binary, _rounds):
@@ -435,6 +534,12 @@ def case_clock(binary, _rounds):
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     lib = faketime_lib()
+    # libfaketime is an LD_PRELOAD library: a statically linked binary never loads it, and its
+    # clock would not step at all.
+    ldd = subprocess.run(["ldd", binary], capture_output=True, text=True)
+    check(ldd.returncode == 0 and "libc.so" in ldd.stdout,
+          f"{binary} is statically linked: libfaketime cannot step its clock (use a dynamically linked "
+          f"build, e.g. target/debug/ephyr)")
     b = Broker(binary, "ephyr-faults-clock-")
     offset_file = os.path.join(b.lab.work, "clock-offset")
 

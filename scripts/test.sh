@@ -22,7 +22,7 @@ fi
 
 step "system packages"
 apt_pkgs=(openssh-server openssh-client curl util-linux file procps python3 iproute2 prometheus valgrind chromium
-  mmdebstrap qemu-system-x86 e2fsprogs nftables dosfstools mtools fdisk ovmf faketime)
+  mmdebstrap qemu-system-x86 e2fsprogs nftables dosfstools mtools fdisk ovmf faketime strace)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
