@@ -354,6 +354,25 @@ fn prescan(s: &str) -> Prescan {
                 }
             }
             (b'"', _) => dq = !dq,
+            // An extended glob (`?(`, `*(`, `+(`, `@(`, `!(`): brush-parser's tokenizer takes it
+            // raw up to the matching `)`, quotes and escapes included, so a quote in it opens
+            // nothing (one that did hid the nesting after it from this count; found by the fuzz
+            // target).
+            (b'(', false) if i > 0 && b"?*+@!".contains(&b[i - 1]) => {
+                out.openers += 1;
+                let mut depth = 1;
+                while depth > 0 && i + 1 < b.len() {
+                    i += 1;
+                    match b[i] {
+                        b'(' => {
+                            depth += 1;
+                            out.openers += 1;
+                        }
+                        b')' => depth -= 1,
+                        _ => {}
+                    }
+                }
+            }
             (b'(' | b'{' | b'`', false) => out.openers += 1,
             (b'[', false) if b.get(i + 1) == Some(&b'[') => out.openers += 1,
             (b'`', true) => out.openers += 1,

@@ -191,6 +191,14 @@ fn hostile_inputs_are_refused_without_panicking() {
     assert_eq!(outcome(&p, &comment), "too_deep");
     assert_eq!(outcome(&p, "ls # a \"comment\"\n(((((x)))))"), "too_deep");
     assert_eq!(outcome(&p, "ls a#\"b\""), "ok");
+    // Found by the fuzz target: a `"` inside an extended glob (which the tokenizer takes raw)
+    // made the prescan take the rest for quoted, so forty `(` reached the parser.
+    let extglob =
+        String::from_utf8(include_bytes!("../../fuzz/seeds/shell_command/slow-quote-in-extglob").to_vec()).unwrap();
+    assert_eq!(outcome(&p, &extglob), "too_deep");
+    assert_eq!(outcome(&p, "ls ?(\")((((((x)))))"), "too_deep");
+    // Not counted: parens inside a closed extended glob, or quoted after it (a glob, not too deep).
+    assert_eq!(outcome(&p, "ls @(a|b) \"(((((\""), "glob");
     for (cmd, reason) in [
         ("echo ${a/$(b)/`c`}", "expansion"),
         ("echo \"x$((1+$((2))))\"", "expansion"),
