@@ -332,6 +332,10 @@ struct Prescan {
 fn prescan(s: &str) -> Prescan {
     let b = s.as_bytes();
     let (mut i, mut dq) = (0, false);
+    // Set at the first `` ` ``, `$(` or `${`: inside those the tokenizer takes a `#` as text, not
+    // as a comment, and every command with one is refused anyway, so from there on no comment is
+    // skipped (one that was hid the nesting after a backquote; found by the fuzz target).
+    let mut substituted = false;
     let mut out = Prescan { openers: 0 };
     while i < b.len() {
         match (b[i], dq) {
@@ -348,7 +352,7 @@ fn prescan(s: &str) -> Prescan {
             }
             // A comment runs to the end of the line: a quote in it opens nothing (one that did
             // hid the nesting after it from this count; found by the fuzz target).
-            (b'#', false) if i == 0 || b" \t\n;&|()<>".contains(&b[i - 1]) => {
+            (b'#', false) if !substituted && (i == 0 || b" \t\n;&|()<>".contains(&b[i - 1])) => {
                 while i + 1 < b.len() && b[i + 1] != b'\n' {
                     i += 1;
                 }
@@ -373,11 +377,20 @@ fn prescan(s: &str) -> Prescan {
                     }
                 }
             }
-            (b'(' | b'{' | b'`', false) => out.openers += 1,
+            (b'(' | b'{' | b'`', false) => {
+                substituted |= b[i] == b'`' || (i > 0 && b[i - 1] == b'$');
+                out.openers += 1;
+            }
             (b'[', false) if b.get(i + 1) == Some(&b'[') => out.openers += 1,
-            (b'`', true) => out.openers += 1,
+            (b'`', true) => {
+                substituted = true;
+                out.openers += 1;
+            }
             (_, false) if keyword_at(b, i) => out.openers += 1,
-            (b'$', true) if matches!(b.get(i + 1), Some(b'(' | b'{')) => out.openers += 1,
+            (b'$', true) if matches!(b.get(i + 1), Some(b'(' | b'{')) => {
+                substituted = true;
+                out.openers += 1;
+            }
             _ => {}
         }
         i += 1;

@@ -197,6 +197,15 @@ fn hostile_inputs_are_refused_without_panicking() {
         String::from_utf8(include_bytes!("../../fuzz/seeds/shell_command/slow-quote-in-extglob").to_vec()).unwrap();
     assert_eq!(outcome(&p, &extglob), "too_deep");
     assert_eq!(outcome(&p, "ls ?(\")((((((x)))))"), "too_deep");
+    // Found by the fuzz target: a `#` inside backquotes is text to the tokenizer, but the
+    // prescan skipped the rest of the line as a comment, closing backquote and nesting included.
+    let backquote =
+        String::from_utf8(include_bytes!("../../fuzz/seeds/shell_command/slow-comment-in-backquotes").to_vec())
+            .unwrap();
+    assert_eq!(outcome(&p, &backquote), "too_deep");
+    assert_eq!(outcome(&p, "ls `a\n#b` ((((((x))))))"), "too_deep");
+    assert_eq!(outcome(&p, "ls ${a\n#b} ((((((x))))))"), "too_deep");
+    assert_eq!(outcome(&p, "ls # (((((((\nls"), "ok");
     // Not counted: parens inside a closed extended glob, or quoted after it (a glob, not too deep).
     assert_eq!(outcome(&p, "ls @(a|b) \"(((((\""), "glob");
     for (cmd, reason) in [
