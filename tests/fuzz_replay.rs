@@ -77,8 +77,22 @@ fn mutate(rng: &mut Rng, base: &[u8], other: &[u8]) -> Vec<u8> {
     v
 }
 
+/// The checks run with the stack the broker's own thread has (8 MiB, Linux's default for a main
+/// thread), not the test harness's 2 MiB: a debug build's frames are several times larger, and
+/// one committed `shell_command` input (parsed in 65 ms by a release build) needs more than
+/// 2 MiB of them in brush-parser.
 #[test]
 fn every_fuzz_target_passes_its_corpus_and_mutations_of_it() {
+    std::thread::Builder::new()
+        .name("fuzz-replay".into())
+        .stack_size(8 << 20)
+        .spawn(replay_every_target)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+fn replay_every_target() {
     let mut failures = Vec::new();
     let mut total = 0;
     for &(name, check) in ephyr::fuzzing::TARGETS {
