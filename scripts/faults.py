@@ -208,8 +208,7 @@ def case_kill(binary, rounds):
             if parent in acked["revoked"]:
                 check(info["is_revoked"], f"child {child} of revoked {parent} not revoked (cascade)")
         b.stop()
-        v = subprocess.run([binary, "audit", "verify", "--json", "--data-dir", b.lab.data], capture_output=True, text=True)
-        check(v.returncode == 0, f"audit verify after {rounds} kills: {v.stdout[-2000:]} {v.stderr[-2000:]}")
+        audit_verified(binary, b.lab.data, f"after {rounds} kills")
         return (f"{rounds} SIGKILLs; {len(acked['tasks'])} acknowledged tasks ({len(acked['children'])} delegations), "
                 f"{len(acked['revoked'])} revocations: all there after restart; audit verify ok")
     finally:
@@ -269,8 +268,7 @@ def case_disk(binary, _rounds):
         for tid in before + [ok]:
             check(call(b.port, alice, "task_info", {"task_id": tid})["task"]["id"] == tid, f"{tid} lost after the restart")
         b.stop()
-        v = subprocess.run([binary, "audit", "verify", "--json", "--data-dir", b.lab.data], capture_output=True, text=True)
-        check(v.returncode == 0, f"audit verify after a full disk: {v.stdout[-2000:]}")
+        audit_verified(binary, b.lab.data, "after a full disk")
         return f"refused with {refused!r}; reads served; writes back after space returned; restart and audit verify ok"
     finally:
         if b:
@@ -283,6 +281,18 @@ def keygen(dirname):
     path = os.path.join(dirname, "id")
     run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path)
     return path + ".pub"
+
+
+def cert_sign(binary, sock, pub, timeout=60):
+    """One `ephyr cert sign` on the local socket (the completed process)."""
+    return subprocess.run([binary, "cert", "sign", "--socket", sock, "--public-key", pub, "--principal", "ephyr-read"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def audit_verified(binary, data, when):
+    """`ephyr audit verify` on `data` passes, or the case fails naming `when`."""
+    v = subprocess.run([binary, "audit", "verify", "--json", "--data-dir", data], capture_output=True, text=True)
+    check(v.returncode == 0, f"audit verify {when}: {v.stdout[-2000:]} {v.stderr[-2000:]}")
 
 
 def case_signer(binary, rounds):
@@ -299,8 +309,7 @@ def case_signer(binary, rounds):
 
             def signer_load():
                 while not stop.is_set():
-                    p = subprocess.run([binary, "cert", "sign", "--socket", sock, "--public-key", pub,
-                                        "--principal", "ephyr-read"], capture_output=True, text=True)
+                    p = cert_sign(binary, sock, pub)
                     results.append((p.returncode, p.stdout, p.stderr))
 
             threads = [threading.Thread(target=signer_load, daemon=True) for _ in range(3)]
@@ -326,8 +335,7 @@ def case_signer(binary, rounds):
                       "a certificate printed during a kill does not parse")
             else:
                 check("signer" in err.lower(), f"a failure does not name the signer: {err!r}")
-        after = subprocess.run([binary, "cert", "sign", "--socket", sock, "--public-key", pub, "--principal", "ephyr-read"],
-                               capture_output=True, text=True)
+        after = cert_sign(binary, sock, pub)
         check(after.returncode == 0, f"signing after the kills: {after.stderr}")
         signed = sum(1 for r in results if r[0] == 0) + 1
         reasons = sorted({r[2].strip().splitlines()[-1] for r in failed}) if failed else []
@@ -339,8 +347,7 @@ def case_signer(binary, rounds):
         serials = [e["outcome"]["serial"] for e in issued]
         check(len(issued) == signed, f"{len(issued)} certificates in the audit log, {signed} handed out")
         check(len(set(serials)) == len(serials), "a serial was issued twice")
-        v = subprocess.run([binary, "audit", "verify", "--json", "--data-dir", b.lab.data], capture_output=True, text=True)
-        check(v.returncode == 0, f"audit verify after the kills: {v.stdout[-2000:]} {v.stderr[-2000:]}")
+        audit_verified(binary, b.lab.data, "after the kills")
         return (f"{kills} worker kills during {len(results)} signatures: {len(failed)} failed closed "
                 f"({'; '.join(reasons)[:300]}), every issued certificate parses; "
                 f"{inside['cert']} kills inside a signature and {inside['seal']} inside a seal (the answer made, "
@@ -400,8 +407,7 @@ def kills_inside(b, binary, sock, pub, want=2):
         tracer = kill_on_answer(before["worker_pid"])
         try:
             if what == "cert":
-                p = subprocess.run([binary, "cert", "sign", "--socket", sock, "--public-key", pub,
-                                    "--principal", "ephyr-read"], capture_output=True, text=True, timeout=30)
+                p = cert_sign(binary, sock, pub)
                 failure = None if p.returncode == 0 else p.stderr
                 signed += p.returncode == 0
                 check(p.returncode == 0 or not p.stdout.strip(), f"a failed signature printed {p.stdout[:200]!r}")
@@ -424,8 +430,7 @@ def kills_inside(b, binary, sock, pub, want=2):
         tasks_now = {t["id"] for t in call(b.port, alice, "task_list", {})["tasks"]}
         check(tasks_now == tasks_before, f"a task was stored for a failed seal: {tasks_now - tasks_before}")
     # The replacement serves both kinds at once.
-    p = subprocess.run([binary, "cert", "sign", "--socket", sock, "--public-key", pub, "--principal", "ephyr-read"],
-                       capture_output=True, text=True)
+    p = cert_sign(binary, sock, pub)
     check(p.returncode == 0, f"signing after the kills inside: {p.stderr}")
     call(b.port, alice, "task_create", {"description": "after", "ttl": "1h"})
     return {**done, "reasons": reasons, "signed": signed + 1}
@@ -631,8 +636,7 @@ def case_clock(binary, _rounds):
             t.join(10)
         check(not errors, f"{len(errors)} agent calls failed across the steps: {errors[:3]}")
         b.stop()
-        v = subprocess.run([binary, "audit", "verify", "--json", "--data-dir", b.lab.data], capture_output=True, text=True)
-        check(v.returncode == 0, f"audit verify after the steps: {v.stdout[-2000:]} {v.stderr[-2000:]}")
+        audit_verified(binary, b.lab.data, "after the steps")
         return (f"+2 h then back under 4 agents ({calls[0]} calls, 0 failed): 5-minute task {expired!r}, gone after the step back ({gone!r}), "
                 f"unstepped client {behind!r}; replay after the step back refused ({replayed!r}); fresh proof served; "
                 "audit verify ok")
